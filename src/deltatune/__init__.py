@@ -1,0 +1,20 @@
+"""deltatune: every fine-tuning as a first-class, composable delta over a frozen base model."""
+
+__version__ = "0.1.0"
+
+from deltatune.delta import Delta  # noqa: E402
+from deltatune.io.delta_format import load_delta, save_delta  # noqa: E402
+from deltatune.methods import FullConfig, LoRAConfig, SparseConfig, get_method, make_config  # noqa: E402
+from deltatune.model import (  # noqa: E402
+    apply_delta,
+    attach,
+    detach,
+    merge_delta,
+    mixed_batch,
+    revert_delta,
+)
+
+__all__ = [
+    "Delta", "FullConfig", "LoRAConfig", "SparseConfig", "__version__", "apply_delta", "attach", "detach",
+    "get_method", "load_delta", "make_config", "merge_delta", "mixed_batch", "revert_delta", "save_delta",
+]

@@ -1,0 +1,93 @@
+"""``Delta``: module name → Part, plus method, config, base fingerprint, task heads and metrics.
+
+A delta is what a fine-tuning *is*: ``θ' = θ_base ⊕ Δ``.  Part names are the base model's own module
+paths (``bert.encoder.layer.0.attention.self.query``).  Task heads (e.g. a classifier created for
+the task) have no base value to be a delta of, so they are stored whole in ``heads``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from deltatune.parts.base import Part
+
+
+@dataclass
+class Delta:
+    method: str
+    config: dict[str, Any]
+    parts: dict[str, Part]
+    heads: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    fingerprint: dict[str, Any] | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def trainable_count(self) -> int:
+        """Scalars the method trains (parts), excluding task heads."""
+        return sum(p.trainable_count for p in self.parts.values())
+
+    @property
+    def head_count(self) -> int:
+        return sum(t.numel() for h in self.heads.values() for t in h.values())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts.values()) + sum(
+            t.numel() * t.element_size() for h in self.heads.values() for t in h.values()
+        )
+
+    def part_kinds(self) -> dict[str, int]:
+        kinds: dict[str, int] = {}
+        for p in self.parts.values():
+            kinds[p.kind] = kinds.get(p.kind, 0) + 1
+        return kinds
+
+    def layer_rows(self) -> list[dict[str, Any]]:
+        """Per-part accounting for ``deltatune info``: kind, trainable, bytes, density, norm."""
+        rows = []
+        for name, part in self.parts.items():
+            numel = _base_numel(part)
+            with torch.no_grad():
+                try:
+                    norm = float(part.delta_weight().float().norm())
+                except NotImplementedError:
+                    norm = float("nan")
+            rows.append({
+                "module": name, "kind": part.kind, "trainable": part.trainable_count, "bytes": part.nbytes,
+                "density": part.trainable_count / numel if numel else float("nan"), "delta_norm": norm,
+            })
+        return rows
+
+    def snapshot_heads(self, model: torch.nn.Module) -> None:
+        """Refresh ``heads`` from the live model (after training)."""
+        modules = dict(model.named_modules())
+        for name in self.heads:
+            self.heads[name] = {k: v.detach().clone() for k, v in modules[name].state_dict().items()}
+
+    def save(self, path: str | Path, **kw: Any) -> Path:
+        from deltatune.io.delta_format import save_delta
+
+        return save_delta(self, path, **kw)
+
+    @staticmethod
+    def load(path: str | Path) -> Delta:
+        from deltatune.io.delta_format import load_delta
+
+        return load_delta(path)
+
+
+def _base_numel(part: Part) -> int:
+    meta = part.meta()
+    if "weight_shape" in meta:
+        shape = meta["weight_shape"]
+        return int(torch.tensor(shape).prod())
+    if "in_features" in meta:
+        return int(meta["in_features"]) * int(meta["out_features"])
+    if "shapes" in meta:
+        return sum(int(torch.tensor(s).prod()) if s else 1 for s in meta["shapes"].values())
+    return 0

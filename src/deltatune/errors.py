@@ -1,0 +1,42 @@
+"""Typed errors. Every error names the file, tensor, module or field at fault and what was expected."""
+
+from __future__ import annotations
+
+
+class DeltaTuneError(Exception):
+    """Base class of every error deltatune raises on purpose."""
+
+
+class ConfigError(DeltaTuneError, ValueError):
+    """A configuration field is missing, unknown or out of range."""
+
+
+class TargetError(DeltaTuneError, ValueError):
+    """A target pattern matched no module (the message lists what is available)."""
+
+
+class FingerprintMismatch(DeltaTuneError):
+    """A delta was applied to a base model other than the one it was trained on."""
+
+
+class DeltaFormatError(DeltaTuneError):
+    """A delta directory is malformed: manifest fields, tensor files, shapes or dtypes."""
+
+
+class ShapeMismatch(DeltaFormatError):
+    """A tensor has a different shape or dtype than the manifest or the base module expects."""
+
+
+class DataError(DeltaTuneError, ValueError):
+    """A data file cannot be read as the task expects (missing file, column or label)."""
+
+
+class TrainingDiverged(DeltaTuneError, FloatingPointError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+    def __init__(self, step: int, loss: float, checkpoint: str | None) -> None:
+        self.step = step
+        self.loss = loss
+        self.checkpoint = checkpoint
+        where = f"; last good checkpoint kept at {checkpoint}" if checkpoint else "; no checkpoint was written yet"
+        super().__init__(f"loss is {loss} at optimizer step {step}{where}")

@@ -1,0 +1,83 @@
+"""Method registry: ``@register_method`` adds a method; nothing central changes per method.
+
+A method decides *which* modules get a part (targets), *how* parts are initialised, which training
+hooks it needs (prune/regrow, phase switches) and which optimiser suits it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from deltatune.config import parse_config
+from deltatune.errors import ConfigError
+from deltatune.parts.base import Part
+
+METHODS: dict[str, Method] = {}
+
+
+class TrainHook:
+    """Schedule hooks called by the training loop (and usable from a custom loop).
+
+    ``step`` is the number of optimiser steps completed so far.
+    """
+
+    def before_step(self, step: int) -> None:
+        """Before the micro-batches of optimiser step ``step``."""
+
+    def after_step(self, step: int) -> None:
+        """After ``optimizer.step()``; ``step`` is the new count of completed steps."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (exact resume)."""
+
+
+class Method:
+    name: ClassVar[str] = ""
+    config_cls: ClassVar[type] = object
+    summary: ClassVar[str] = ""
+
+    def create_parts(self, model: nn.Module, config: Any, exclude: list[str]) -> dict[str, Part]:
+        raise NotImplementedError
+
+    def hooks(self, model: nn.Module, delta: Any, config: Any, optimizer: torch.optim.Optimizer,
+              total_steps: int, grad_accum: int) -> list[TrainHook]:
+        return []
+
+    def optimizer(self, params: list[nn.Parameter], lr: float, weight_decay: float,
+                  config: Any) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+    def config_dict(self, config: Any) -> dict[str, Any]:
+        return asdict(config)
+
+    def parse(self, mapping: dict[str, Any]) -> Any:
+        return parse_config(self.config_cls, mapping, where=f"{self.name} config")
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: instantiate and register the method under ``cls.name``."""
+    if not cls.name or cls.name in METHODS:
+        raise ValueError(f"method name {cls.name!r} is empty or registered twice")
+    METHODS[cls.name] = cls()
+    return cls
+
+
+def get_method(name: str) -> Method:
+    from deltatune import methods  # noqa: F401  (registers the built-in methods)
+
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ConfigError(f"unknown method {name!r}; available: {sorted(METHODS)}") from None
+
+
+def make_config(method: str, mapping: dict[str, Any] | None = None) -> Any:
+    """Typed config for ``method`` from a (CLI/YAML) mapping."""
+    return get_method(method).parse(dict(mapping or {}))

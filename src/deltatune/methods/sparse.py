@@ -1,0 +1,107 @@
+"""SpIEL-style sparse fine-tuning (Ansell et al., "Scaling Sparse Fine-Tuning to LLMs", 2024).
+
+``k = density × (all base parameters)`` (or an exact ``num_tunable``) trainable scalars, split over
+the target matrices in proportion to their size, ``k_l = ⌊K·n_l/Σn⌋`` (the remainder goes to the
+largest fractional shares so ``Σk_l = K`` exactly).  The support starts random with values 0; every
+``reselection_steps`` steps the :class:`~deltatune.methods.spiel_selector.SpIELSelector` drops the
+smallest-|value| entries and regrows by accumulated gradient.  Optimiser state lives only on the
+active values (:class:`SparseAdamW`, per-element age for bias correction).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+import torch
+from torch import nn
+
+from deltatune.config import require
+from deltatune.errors import ConfigError
+from deltatune.fingerprint import base_parameters
+from deltatune.methods.registry import Method, TrainHook, register_method
+from deltatune.methods.sparse_optim import SparseAdamW
+from deltatune.methods.targets import select_modules
+from deltatune.parts.layers import layer_kind
+from deltatune.parts.sparse import SparsePart
+
+
+@dataclass
+class SparseConfig:
+    method: ClassVar[str] = "sparse"
+    density: float = field(default=0.01, metadata={"help": "trainable fraction of ALL base parameters"})
+    num_tunable: int | None = field(default=None, metadata={"help": "exact trainable count (overrides density)"})
+    targets: list[str] = field(default_factory=lambda: ["all-linear"], metadata={"help": "module-name patterns"})
+    regrow: bool = field(default=True, metadata={"help": "drop/regrow by accumulated gradient (SpIEL-AG)"})
+    reselection_steps: int = field(default=20, metadata={"help": "R: steps between drop/regrow events"})
+    accumulation_steps: int = field(default=5, metadata={"help": "A: steps of gradient accumulation per event"})
+    initial_reselection_rate: float = field(default=0.2, metadata={"help": "rho0: fraction replaced at an event"})
+    schedule: Literal["linear", "cosine"] = field(default="linear", metadata={"help": "decay of the rate"})
+    seed: int = field(default=0, metadata={"help": "seed of the random initial support"})
+
+    def __post_init__(self) -> None:
+        require(0.0 < self.density <= 1.0, f"sparse config.density must be in (0, 1], got {self.density}")
+        require(self.num_tunable is None or self.num_tunable > 0,
+                f"sparse config.num_tunable must be > 0, got {self.num_tunable}")
+        require(self.reselection_steps > self.accumulation_steps >= 1,
+                "sparse config needs reselection_steps > accumulation_steps ≥ 1, got "
+                f"{self.reselection_steps} and {self.accumulation_steps}")
+        require(0.0 <= self.initial_reselection_rate <= 1.0,
+                f"sparse config.initial_reselection_rate must be in [0, 1], got {self.initial_reselection_rate}")
+        require(self.schedule in ("linear", "cosine"), f"sparse config.schedule must be linear or cosine")
+
+
+def allocate(total: int, sizes: list[int]) -> list[int]:
+    """Split ``total`` over ``sizes`` proportionally (largest remainders), exact sum, each ≤ its size."""
+    n = sum(sizes)
+    shares = [total * s / n for s in sizes]
+    counts = [min(math.floor(x), s) for x, s in zip(shares, sizes, strict=True)]
+    order = sorted(range(len(sizes)), key=lambda i: shares[i] - math.floor(shares[i]), reverse=True)
+    left = total - sum(counts)
+    while left > 0:
+        progressed = False
+        for i in order:
+            if left and counts[i] < sizes[i]:
+                counts[i] += 1
+                left -= 1
+                progressed = True
+        if not progressed:
+            break
+    return counts
+
+
+@register_method
+class Sparse(Method):
+    name = "sparse"
+    config_cls = SparseConfig
+    summary = "SpIEL sparse fine-tuning: trainable values at sorted indices, drop/regrow by gradient"
+
+    def create_parts(self, model: nn.Module, config: SparseConfig, exclude: list[str]) -> dict[str, SparsePart]:
+        names = select_modules(model, config.targets, exclude)
+        sizes = [model.get_submodule(n).weight.numel() for n in names]
+        if config.num_tunable is not None:
+            total = config.num_tunable
+        else:
+            total = int(config.density * sum(p.numel() for _, p in base_parameters(model, exclude)))
+        if total > sum(sizes):
+            raise ConfigError(f"sparse config asks for {total} trainable values but the targets hold only {sum(sizes)}")
+        gen = torch.Generator().manual_seed(config.seed)
+        parts = {}
+        for name, size, k in zip(names, sizes, allocate(total, sizes), strict=True):
+            if k == 0:
+                continue
+            module = model.get_submodule(name)
+            idx = torch.randperm(size, generator=gen)[:k].to(module.weight.device)
+            parts[name] = SparsePart(tuple(module.weight.shape), idx, layer_kind(module))
+        return parts
+
+    def optimizer(self, params, lr, weight_decay, config):
+        return SparseAdamW(params, lr=lr, weight_decay=weight_decay)
+
+    def hooks(self, model, delta, config: SparseConfig, optimizer, total_steps, grad_accum) -> list[TrainHook]:
+        if not config.regrow:
+            return []
+        from deltatune.methods.spiel_selector import SpIELSelector
+
+        return [SpIELSelector(delta.parts, optimizer, config, total_steps, grad_accum)]

@@ -1,0 +1,136 @@
+"""The Part protocol: the delta of one module.
+
+A Part is a small ``nn.Module`` that owns its trainable tensors and knows how to
+
+* compute the wrapped module's output with the delta applied (``forward(x, base)``),
+* give its dense update in the base module's native layout (``delta_weight()``) where it is linear,
+* fold itself into the base module and out again (``merge_into`` / ``unmerge_from``),
+* serialise to flat tensors plus JSON metadata (``state`` / ``meta`` / ``from_state``),
+* apply *different* parts to different rows of one batch in one pass (``mixed_forward``).
+
+Math lives in pure tensor functions next to each Part; the Part only holds parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from deltatune.errors import ShapeMismatch
+from deltatune.parts.layers import LayerKind, functional_forward, layer_kind
+
+PART_KINDS: dict[str, type[Part]] = {}
+
+
+class Part(nn.Module):
+    """Base class of every delta kind; subclasses register themselves by ``kind``."""
+
+    kind: ClassVar[str] = ""
+    mergeable: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.kind:
+            PART_KINDS[cls.kind] = cls
+
+    # --- computation -------------------------------------------------------------------
+    def forward(self, x: Tensor, base: nn.Module) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def delta_weight(self) -> Tensor:
+        """Dense update of the base weight, native layout (``W' = W + ΔW``)."""
+        raise NotImplementedError(f"{self.kind} parts have no dense weight update")
+
+    def merge_into(self, base: nn.Module) -> None:
+        """``W ← W + ΔW`` in place, computed in fp32 and cast back."""
+        _add_to_weight(base, self.delta_weight(), sign=1.0)
+
+    def unmerge_from(self, base: nn.Module) -> None:
+        """``W ← W − ΔW`` in place (exact inverse of :meth:`merge_into` up to rounding)."""
+        _add_to_weight(base, self.delta_weight(), sign=-1.0)
+
+    @classmethod
+    def mixed_forward(
+        cls, x: Tensor, base: nn.Module, parts: Sequence[Part | None], row_ids: Tensor
+    ) -> Tensor:
+        """Output where row ``i`` of the batch uses ``parts[row_ids[i]]`` (``None``: the base).
+
+        Generic path: the base output plus, for each distinct part, the part's contribution on
+        its rows.  Kinds with a fused one-pass kernel (LoRA) override this.
+        """
+        out = base(x)
+        for pid, part in enumerate(parts):
+            if part is None:
+                continue
+            rows = (row_ids == pid).nonzero(as_tuple=True)[0]
+            if rows.numel():
+                sub = x.index_select(0, rows)
+                out = out.index_copy(0, rows, part(sub, base))
+        return out
+
+    # --- serialisation -------------------------------------------------------------------
+    def state(self) -> dict[str, Tensor]:
+        """Flat tensors to save (parameters and index buffers)."""
+        return {k: v.detach() for k, v in self.state_dict().items()}
+
+    def meta(self) -> dict[str, Any]:
+        """JSON metadata needed to rebuild the part (shapes, rank, scale, layer kind …)."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_state(cls, state: dict[str, Tensor], meta: dict[str, Any]) -> Part:
+        raise NotImplementedError
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(v.shape) for k, v in self.state_dict().items()}
+
+    def load_tensors(self, state: dict[str, Tensor], where: str) -> None:
+        """Copy ``state`` into this part, checking names and shapes (``where`` names the source)."""
+        expected = self.expected_shapes()
+        if set(state) != set(expected):
+            raise ShapeMismatch(f"{where}: tensors {sorted(state)} but a {self.kind} part needs {sorted(expected)}")
+        for name, shape in expected.items():
+            if tuple(state[name].shape) != shape:
+                raise ShapeMismatch(f"{where}.{name}: shape {tuple(state[name].shape)}, expected {shape}")
+        own = self.state_dict()
+        with torch.no_grad():
+            for name, tensor in state.items():
+                if tensor.dtype.is_floating_point != own[name].dtype.is_floating_point:
+                    raise ShapeMismatch(f"{where}.{name}: dtype {tensor.dtype}, expected {own[name].dtype}")
+                own[name].copy_(tensor)
+
+    # --- accounting -----------------------------------------------------------------------
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.state().values())
+
+    @property
+    def trainable_count(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def check_base(self, base: nn.Module, where: str) -> None:
+        """Raise :class:`ShapeMismatch` if this part cannot attach to ``base``."""
+
+
+def _add_to_weight(base: nn.Module, delta_native: Tensor, sign: float) -> None:
+    weight = base.weight
+    if tuple(weight.shape) != tuple(delta_native.shape):
+        raise ShapeMismatch(f"delta of shape {tuple(delta_native.shape)} for weight {tuple(weight.shape)}")
+    with torch.no_grad():
+        merged = weight.data.float() + sign * delta_native.to(device=weight.device, dtype=torch.float32)
+        weight.data.copy_(merged.to(weight.dtype))
+
+
+def base_layer_kind(base: nn.Module, where: str) -> LayerKind:
+    kind = layer_kind(base)
+    if kind is None:
+        raise ShapeMismatch(f"{where}: {type(base).__name__} is not a Linear, Conv1D or Embedding module")
+    return kind
+
+
+def forward_with_delta(base: nn.Module, kind: LayerKind, x: Tensor, delta_native: Tensor) -> Tensor:
+    """Base computation with ``W + ΔW`` (used when several parts are active at once)."""
+    return functional_forward(base, kind, x, base.weight + delta_native.to(base.weight.dtype))

@@ -1,0 +1,103 @@
+"""Dense part: a full-size update for every direct parameter of a module (full fine-tuning).
+
+``θ' = θ + Δθ`` for each of the module's own parameters (weight, bias, LayerNorm scale …); the
+forward runs the module with ``θ + Δθ`` through ``torch.func.functional_call``, so it works for any
+module type and the base tensors stay untouched.  A full fine-tuned checkpoint is this part on
+every module (``checkpoint − base``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from deltatune.errors import ShapeMismatch
+from deltatune.parts.base import Part
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "__")
+
+
+class DensePart(Part):
+    """One trainable zero-initialised tensor per direct parameter of the wrapped module."""
+
+    kind = "dense"
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.shapes = {k: tuple(int(s) for s in v) for k, v in shapes.items()}
+        self.deltas = nn.ParameterDict(
+            {_key(k): nn.Parameter(torch.zeros(v, dtype=dtype, device=device)) for k, v in self.shapes.items()}
+        )
+
+    @classmethod
+    def for_module(cls, module: nn.Module, dtype: torch.dtype | None = None) -> DensePart:
+        params = dict(module.named_parameters(recurse=False))
+        ref = next(iter(params.values()))
+        return cls({k: tuple(p.shape) for k, p in params.items()}, dtype=dtype or ref.dtype, device=ref.device)
+
+    def delta_for(self, name: str) -> Tensor:
+        return self.deltas[_key(name)]
+
+    def forward(self, x: Tensor, base: nn.Module) -> Tensor:
+        return self.forward_args(base, x)
+
+    def forward_args(self, base: nn.Module, *args: object, **kwargs: object) -> Tensor:
+        """The module's own forward (any signature) with ``θ + Δθ``."""
+        own = dict(base.named_parameters(recurse=False))
+        replaced = {k: own[k] + self.delta_for(k).to(own[k].dtype) for k in self.shapes}
+        return functional_call(base, replaced, args, kwargs)
+
+    def delta_weight(self) -> Tensor:
+        return self.delta_for("weight").float()
+
+    def merge_into(self, base: nn.Module) -> None:
+        self._add(base, 1.0)
+
+    def unmerge_from(self, base: nn.Module) -> None:
+        self._add(base, -1.0)
+
+    def _add(self, base: nn.Module, sign: float) -> None:
+        own = dict(base.named_parameters(recurse=False))
+        with torch.no_grad():
+            for k in self.shapes:
+                p = own[k]
+                p.data.copy_((p.data.float() + sign * self.delta_for(k).float().to(p.device)).to(p.dtype))
+
+    def state(self) -> dict[str, Tensor]:
+        return {k: self.delta_for(k).detach() for k in self.shapes}
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        return dict(self.shapes)
+
+    def load_tensors(self, state: dict[str, Tensor], where: str) -> None:
+        if set(state) != set(self.shapes):
+            raise ShapeMismatch(f"{where}: tensors {sorted(state)} but the dense part has {sorted(self.shapes)}")
+        with torch.no_grad():
+            for k, shape in self.shapes.items():
+                if tuple(state[k].shape) != shape:
+                    raise ShapeMismatch(f"{where}.{k}: shape {tuple(state[k].shape)}, expected {shape}")
+                self.delta_for(k).copy_(state[k])
+
+    def meta(self) -> dict[str, Any]:
+        return {"shapes": {k: list(v) for k, v in self.shapes.items()}}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Tensor], meta: dict[str, Any]) -> DensePart:
+        shapes = {k: tuple(v) for k, v in meta["shapes"].items()}
+        dtype = next(iter(state.values())).dtype if state else torch.float32
+        part = cls(shapes, dtype=dtype)
+        part.load_tensors(state, "dense")
+        return part
+
+    def check_base(self, base: nn.Module, where: str) -> None:
+        own = dict(base.named_parameters(recurse=False))
+        for k, shape in self.shapes.items():
+            if k not in own or tuple(own[k].shape) != shape:
+                got = tuple(own[k].shape) if k in own else "missing"
+                raise ShapeMismatch(f"{where}.{k}: dense delta of shape {shape}, base parameter is {got}")

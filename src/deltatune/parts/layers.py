@@ -1,0 +1,97 @@
+"""What a delta can attach to: ``nn.Linear``, GPT-2 ``Conv1D`` and ``nn.Embedding``.
+
+All three are a weight ``W`` applied to an input.  We name their geometry uniformly:
+
+* ``in_features`` / ``out_features`` of the map ``x ↦ y``;
+* the *native* weight layout: ``(out, in)`` for ``nn.Linear`` (``y = x Wᵀ + b``),
+  ``(in, out)`` for ``Conv1D`` (``y = x W + b``) and ``(in, out) = (num_embeddings, dim)``
+  for ``nn.Embedding`` (``y = W[ids]``).
+
+Parts keep their tensors in the ``(out, in)`` convention (LoRA ``B·A``) and convert with
+:func:`to_native` when merging, so the same Part works on every kind.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class LayerKind(StrEnum):
+    LINEAR = "linear"
+    CONV1D = "conv1d"
+    EMBEDDING = "embedding"
+
+
+def layer_kind(module: nn.Module) -> LayerKind | None:
+    """Return the kind of a supported module, or ``None``."""
+    if isinstance(module, nn.Linear):
+        return LayerKind.LINEAR
+    if isinstance(module, nn.Embedding):
+        return LayerKind.EMBEDDING
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        return LayerKind.CONV1D
+    return None
+
+
+def in_out_features(module: nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of the map the module computes."""
+    kind = layer_kind(module)
+    if kind is LayerKind.LINEAR:
+        return module.in_features, module.out_features
+    if kind is LayerKind.CONV1D:
+        return module.weight.shape[0], module.weight.shape[1]
+    if kind is LayerKind.EMBEDDING:
+        return module.num_embeddings, module.embedding_dim
+    raise TypeError(f"unsupported module type {type(module).__name__}")
+
+
+def is_transposed(kind: LayerKind) -> bool:
+    """True when the native weight is stored ``(in, out)``."""
+    return kind is not LayerKind.LINEAR
+
+
+def to_native(delta_out_in: Tensor, kind: LayerKind) -> Tensor:
+    """Convert a ``(out, in)`` update into the module's native weight layout."""
+    return delta_out_in.t() if is_transposed(kind) else delta_out_in
+
+
+def functional_forward(module: nn.Module, kind: LayerKind, x: Tensor, weight: Tensor) -> Tensor:
+    """Run ``module``'s computation with ``weight`` (native layout) in place of its own."""
+    if kind is LayerKind.LINEAR:
+        return F.linear(x, weight, module.bias)
+    if kind is LayerKind.CONV1D:
+        out = x.reshape(-1, x.shape[-1]) @ weight
+        if module.bias is not None:
+            out = out + module.bias
+        return out.reshape(*x.shape[:-1], weight.shape[1])
+    return F.embedding(
+        x, weight, module.padding_idx, module.max_norm, module.norm_type, module.scale_grad_by_freq, module.sparse
+    )
+
+
+def weight_grad(kind: LayerKind, x: Tensor, grad_out: Tensor, weight_shape: torch.Size) -> Tensor:
+    """Dense gradient of the native weight given input ``x`` and output gradient.
+
+    Linear: ``∂L/∂W = gᵀ x`` (out, in); Conv1D: ``xᵀ g`` (in, out); Embedding: rows of ``g``
+    summed into the looked-up ids.
+    """
+    g2 = grad_out.reshape(-1, grad_out.shape[-1])
+    if kind is LayerKind.LINEAR:
+        return g2.t() @ x.reshape(-1, x.shape[-1]).to(g2.dtype)
+    if kind is LayerKind.CONV1D:
+        return x.reshape(-1, x.shape[-1]).to(g2.dtype).t() @ g2
+    grad = torch.zeros(weight_shape, dtype=g2.dtype, device=g2.device)
+    return grad.index_add_(0, x.reshape(-1), g2)
+
+
+def input_grad(kind: LayerKind, grad_out: Tensor, weight: Tensor) -> Tensor | None:
+    """Gradient of the input: ``g W`` (Linear), ``g Wᵀ`` (Conv1D), none for Embedding ids."""
+    if kind is LayerKind.LINEAR:
+        return grad_out @ weight
+    if kind is LayerKind.CONV1D:
+        return grad_out @ weight.t()
+    return None

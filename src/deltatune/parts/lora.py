@@ -1,0 +1,156 @@
+"""Low-rank part: ``ΔW = s · B A`` (LoRA, Hu et al., ICLR 2022; rsLoRA, Kalajdzievski 2023).
+
+``A ∈ R^{r×d_in}``, ``B ∈ R^{d_out×r}``; the forward adds ``s · (dropout(x) Aᵀ) Bᵀ`` to the base
+output, so no dense ``ΔW`` is ever formed while training.  For embeddings the input is a token id
+and ``xAᵀ`` becomes the lookup ``A[:, ids]ᵀ`` (PEFT's ``lora_embedding_A/B`` convention).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from deltatune.errors import ShapeMismatch
+from deltatune.parts.base import Part, base_layer_kind
+from deltatune.parts.layers import LayerKind, in_out_features, to_native
+
+
+def lora_scale(alpha: float, rank: int, rslora: bool) -> float:
+    """``s = α / r`` (LoRA) or ``s = α / √r`` (rsLoRA)."""
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
+def lora_delta(a: Tensor, b: Tensor, scale: float) -> Tensor:
+    """``ΔW = s · B A`` in the ``(out, in)`` convention, computed in fp32."""
+    return scale * (b.float() @ a.float())
+
+
+def lora_hidden(x: Tensor, a: Tensor, kind: LayerKind) -> Tensor:
+    """``h = x Aᵀ`` (or ``A[:, ids]ᵀ`` for embedding ids)."""
+    if kind is LayerKind.EMBEDDING:
+        return F.embedding(x, a.t())
+    return F.linear(x.to(a.dtype), a)
+
+
+class LoRAPart(Part):
+    """Trainable ``A`` (kaiming-uniform or gaussian) and ``B`` (zeros), so ``ΔW = 0`` at start."""
+
+    kind = "lora"
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        scale: float,
+        layer: LayerKind = LayerKind.LINEAR,
+        dropout: float = 0.0,
+        init: str = "kaiming",
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.scale, self.layer, self.init = float(scale), LayerKind(layer), init
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout_p = dropout
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank, dtype=dtype, device=device))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """PEFT's defaults: ``A`` kaiming-uniform(a=√5) (or N(0, 1/r²) for ``gaussian``;
+        embeddings use ``A = 0, B ~ N(0, 1)``), ``B = 0``."""
+        with torch.no_grad():
+            if self.layer is LayerKind.EMBEDDING:
+                nn.init.zeros_(self.lora_A)
+                nn.init.normal_(self.lora_B)
+            elif self.init == "gaussian":
+                nn.init.normal_(self.lora_A, std=1.0 / self.rank)
+                nn.init.zeros_(self.lora_B)
+            else:
+                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+                nn.init.zeros_(self.lora_B)
+
+    def forward(self, x: Tensor, base: nn.Module) -> Tensor:
+        out = base(x)
+        inp = x if self.layer is LayerKind.EMBEDDING else self.dropout(x)
+        h = lora_hidden(inp, self.lora_A, self.layer)
+        return out + (F.linear(h, self.lora_B) * self.scale).to(out.dtype)
+
+    def delta_weight(self) -> Tensor:
+        return to_native(lora_delta(self.lora_A, self.lora_B, self.scale), self.layer)
+
+    @classmethod
+    def mixed_forward(
+        cls, x: Tensor, base: nn.Module, parts: Sequence[Part | None], row_ids: Tensor
+    ) -> Tensor:
+        """One pass over a batch whose rows use different LoRAs (BGMV-style gather).
+
+        Ranks are zero-padded to ``r_max`` and scales folded into ``B``; row ``i`` computes
+        ``y_i = base(x_i) + (x_i A_{a_i}ᵀ) B_{a_i}ᵀ`` with ``A``/``B`` gathered per row.  A ``None``
+        part contributes zeros (the base model).
+        """
+        out = base(x)
+        loras = [p for p in parts if p is not None]
+        if not loras:
+            return out
+        a_stack, b_stack = stack_lora_weights(parts, dtype=out.dtype if out.is_floating_point() else None)
+        a_rows, b_rows = a_stack[row_ids], b_stack[row_ids]  # (batch, r, in), (batch, out, r)
+        kind = loras[0].layer
+        if kind is LayerKind.EMBEDDING:
+            h = torch.gather(a_rows, 2, x.unsqueeze(1).expand(-1, a_rows.shape[1], -1)).transpose(1, 2)
+        else:
+            h = torch.einsum("b...i,bri->b...r", x.to(a_rows.dtype), a_rows)
+        return out + torch.einsum("b...r,bor->b...o", h, b_rows).to(out.dtype)
+
+    def meta(self) -> dict[str, Any]:
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "rank": self.rank,
+            "scale": self.scale,
+            "layer": str(self.layer),
+            "dropout": self.dropout_p,
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Tensor], meta: dict[str, Any]) -> LoRAPart:
+        part = cls(
+            meta["in_features"], meta["out_features"], meta["rank"], meta["scale"],
+            layer=LayerKind(meta["layer"]), dropout=meta.get("dropout", 0.0),
+            dtype=state["lora_A"].dtype,
+        )
+        part.load_tensors(state, "lora")
+        return part
+
+    def check_base(self, base: nn.Module, where: str) -> None:
+        kind = base_layer_kind(base, where)
+        if kind is not self.layer or in_out_features(base) != (self.in_features, self.out_features):
+            raise ShapeMismatch(
+                f"{where}: LoRA part for a {self.layer} {self.in_features}→{self.out_features} but the base "
+                f"module is a {kind} {in_out_features(base)[0]}→{in_out_features(base)[1]}"
+            )
+
+
+def stack_lora_weights(parts: Sequence[Part | None], dtype: torch.dtype | None) -> tuple[Tensor, Tensor]:
+    """Stack ``A`` as ``(n, r_max, in)`` and ``s·B`` as ``(n, out, r_max)``; ``None`` → zeros."""
+    loras = [p for p in parts if p is not None]
+    ref = loras[0]
+    r_max = max(p.rank for p in loras)
+    dt = dtype or ref.lora_A.dtype
+    a_stack = torch.zeros(len(parts), r_max, ref.in_features, dtype=dt, device=ref.lora_A.device)
+    b_stack = torch.zeros(len(parts), ref.out_features, r_max, dtype=dt, device=ref.lora_A.device)
+    for i, p in enumerate(parts):
+        if p is None:
+            continue
+        if not isinstance(p, LoRAPart):
+            raise TypeError(f"mixed LoRA batch got a {type(p).__name__}")
+        a_stack[i, : p.rank] = p.lora_A.to(dt)
+        b_stack[i, :, : p.rank] = (p.lora_B * p.scale).to(dt)
+    return a_stack, b_stack

@@ -1,0 +1,130 @@
+"""Sparse part: trainable values at sorted flat indices of the base weight (SpIEL).
+
+``W_eff = W + scatter(values at indices)`` (Ansell et al., "Scaling Sparse Fine-Tuning to Large
+Language Models", 2024).  The custom autograd function never stores a dense ``ΔW``: forward builds
+``W_eff`` transiently and runs the base computation; backward rebuilds it, returns the input
+gradient and gathers ``∂L/∂values = (∂L/∂W_eff)[indices]`` from the transient dense weight gradient,
+which lives for one layer at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from deltatune.errors import ShapeMismatch
+from deltatune.parts.base import Part, base_layer_kind
+from deltatune.parts.layers import LayerKind, functional_forward, input_grad, weight_grad
+
+GradObserver = Callable[[Tensor], None]
+
+
+def scatter_delta(shape: torch.Size | tuple[int, ...], indices: Tensor, values: Tensor) -> Tensor:
+    """Dense ``ΔW`` with ``ΔW.flat[indices] = values`` (fp32)."""
+    dense = torch.zeros(int(torch.tensor(shape).prod()), dtype=torch.float32, device=values.device)
+    return dense.index_add_(0, indices, values.float()).view(shape)
+
+
+def effective_weight(weight: Tensor, indices: Tensor, values: Tensor) -> Tensor:
+    """``W + scatter(values)`` as a fresh tensor in the weight's dtype (``W`` is untouched)."""
+    flat = weight.detach().reshape(-1).clone()
+    return flat.index_add_(0, indices, values.detach().to(weight.dtype)).view_as(weight)
+
+
+class _SparseDeltaFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, values: Tensor, indices: Tensor, weight: Tensor, base: nn.Module,
+                kind: LayerKind, observer: GradObserver | None) -> Tensor:
+        ctx.save_for_backward(x, values, indices, weight)
+        ctx.base, ctx.kind, ctx.observer = base, kind, observer
+        with torch.no_grad():
+            return functional_forward(base, kind, x, effective_weight(weight, indices, values))
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x, values, indices, weight = ctx.saved_tensors
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = input_grad(ctx.kind, grad_out, effective_weight(weight, indices, values))
+        grad_w = weight_grad(ctx.kind, x, grad_out, weight.shape)
+        if ctx.observer is not None:
+            ctx.observer(grad_w)
+        grad_values = grad_w.reshape(-1).index_select(0, indices).to(values.dtype)
+        return grad_x, grad_values, None, None, None, None, None
+
+
+class SparsePart(Part):
+    """``values`` (trainable, fp32) at ``indices`` (sorted int64 buffer) into the native weight."""
+
+    kind = "sparse"
+
+    def __init__(self, weight_shape: tuple[int, ...], indices: Tensor, layer: LayerKind = LayerKind.LINEAR,
+                 dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.weight_shape = tuple(int(s) for s in weight_shape)
+        self.layer = LayerKind(layer)
+        indices = indices.to(torch.int64)
+        self.register_buffer("indices", indices.sort().values)
+        self.values = nn.Parameter(torch.zeros(indices.numel(), dtype=dtype, device=indices.device))
+        self.grad_observer: GradObserver | None = None
+
+    @property
+    def numel_base(self) -> int:
+        n = 1
+        for s in self.weight_shape:
+            n *= s
+        return n
+
+    def forward(self, x: Tensor, base: nn.Module) -> Tensor:
+        if not torch.is_grad_enabled() or not self.values.requires_grad:
+            return functional_forward(base, self.layer, x, effective_weight(base.weight, self.indices, self.values))
+        return _SparseDeltaFunction.apply(x, self.values, self.indices, base.weight, base, self.layer,
+                                          self.grad_observer)
+
+    def delta_weight(self) -> Tensor:
+        return scatter_delta(self.weight_shape, self.indices, self.values)
+
+    def merge_into(self, base: nn.Module) -> None:
+        """``W.flat[indices] += values`` without forming a dense ``ΔW``."""
+        self._scatter(base, 1.0)
+
+    def unmerge_from(self, base: nn.Module) -> None:
+        self._scatter(base, -1.0)
+
+    def _scatter(self, base: nn.Module, sign: float) -> None:
+        w = base.weight
+        if tuple(w.shape) != self.weight_shape:
+            raise ShapeMismatch(f"sparse delta for weight {self.weight_shape} applied to {tuple(w.shape)}")
+        with torch.no_grad():
+            flat = w.data.view(-1)
+            picked = flat.index_select(0, self.indices).float() + sign * self.values.float()
+            flat.index_copy_(0, self.indices, picked.to(w.dtype))
+
+    def meta(self) -> dict[str, Any]:
+        return {"weight_shape": list(self.weight_shape), "layer": str(self.layer), "k": int(self.indices.numel())}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Tensor], meta: dict[str, Any]) -> SparsePart:
+        idx = state.get("indices")
+        if idx is None or "values" not in state:
+            raise ShapeMismatch(f"sparse part needs 'indices' and 'values', got {sorted(state)}")
+        if idx.dtype not in (torch.int32, torch.int64):
+            raise ShapeMismatch(f"sparse indices must be int32/int64, got {idx.dtype}")
+        numel = 1
+        for s in meta["weight_shape"]:
+            numel *= int(s)
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= numel):
+            raise ShapeMismatch(f"sparse indices out of range for weight {meta['weight_shape']}")
+        part = cls(tuple(meta["weight_shape"]), idx, LayerKind(meta["layer"]), dtype=state["values"].dtype)
+        order = idx.to(torch.int64).argsort()
+        part.load_tensors({"indices": idx.to(torch.int64)[order], "values": state["values"][order]}, "sparse")
+        return part
+
+    def check_base(self, base: nn.Module, where: str) -> None:
+        base_layer_kind(base, where)
+        if tuple(base.weight.shape) != self.weight_shape:
+            raise ShapeMismatch(f"{where}: sparse part for weight {self.weight_shape}, base has "
+                                f"{tuple(base.weight.shape)}")

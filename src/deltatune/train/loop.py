@@ -1,0 +1,270 @@
+"""The training loop, top to bottom, on accelerate (1 CPU … N processes with DDP).
+
+Per optimiser step: method hooks ``before_step`` → ``grad_accum`` micro-batches (forward, NaN/Inf
+check, backward; gradients synchronised only on the last) → optimiser and LR-schedule step →
+hooks ``after_step`` → periodic eval (keep-best) and checkpoint.  The data order is a seeded
+permutation per epoch, sharded by rank, so a resumed run sees exactly the batches it would have.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch import nn
+
+from deltatune.delta import Delta
+from deltatune.errors import TrainingDiverged
+from deltatune.io.delta_format import save_delta
+from deltatune.methods.registry import get_method
+from deltatune.model import attach
+from deltatune.train import checkpoint as ckpt
+from deltatune.train.config import TrainConfig
+from deltatune.train.evaluate import batches, evaluate
+from deltatune.train.tasks import Task, build_task
+
+
+@dataclass
+class TrainResult:
+    delta: Delta
+    delta_dir: Path
+    best_dir: Path | None
+    before: dict[str, float]
+    final: dict[str, float]
+    best: dict[str, float] | None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def lr_lambda(cfg: TrainConfig):
+    """Linear warm-up to 1, then linear/cosine decay to 0 (or constant)."""
+    warmup = int(cfg.warmup_ratio * cfg.max_steps)
+
+    def fn(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, cfg.max_steps - warmup)
+        if cfg.lr_schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        return max(0.0, 1.0 - progress)
+
+    return fn
+
+
+class ShardedBatches:
+    """Endless micro-batches: per-epoch permutation from ``seed + epoch``, rank ``r`` takes ``perm[r::world]``."""
+
+    def __init__(self, task: Task, batch_size: int, seed: int, rank: int, world: int, device: torch.device,
+                 epoch: int = 0, offset: int = 0) -> None:
+        self.task, self.batch_size, self.seed, self.rank, self.world = task, batch_size, seed, rank, world
+        self.device, self.epoch, self.offset = device, epoch, offset
+        n = len(task.train) // world
+        self.per_epoch = n // batch_size
+        if self.per_epoch == 0:
+            raise ValueError(f"{len(task.train)} training examples cannot fill one batch of {batch_size} per process")
+
+    def __iter__(self):
+        while True:
+            gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            perm = torch.randperm(len(self.task.train), generator=gen).tolist()[self.rank::self.world]
+            order = perm[self.offset * self.batch_size:self.per_epoch * self.batch_size]
+            for batch in batches(self.task.train, order, self.batch_size, self.task.pad_token_id, self.device):
+                self.offset += 1
+                yield batch
+            self.epoch, self.offset = self.epoch + 1, 0
+
+
+def _any_rank(flag: bool, accelerator: Accelerator) -> bool:
+    if accelerator.num_processes == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def delta_digest(delta: Delta) -> str:
+    h = hashlib.sha256()
+    for name in sorted(delta.parts):
+        for k, t in sorted(delta.parts[name].state().items()):
+            h.update(f"{name}.{k}".encode())
+            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    for name in sorted(delta.heads):
+        for k, t in sorted(delta.heads[name].items()):
+            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _rank_digests(digest: str, accelerator: Accelerator) -> list[str]:
+    if accelerator.num_processes == 1:
+        return [digest]
+    out: list[str] = [""] * accelerator.num_processes
+    dist.all_gather_object(out, digest)
+    return out
+
+
+def train(cfg: TrainConfig, method_config: Any) -> TrainResult:
+    """Train a delta of ``method_config.method`` on ``cfg.task``; write ``out_dir/delta`` (and ``best``)."""
+    accelerator = Accelerator()
+    set_seed(cfg.seed)
+    out = Path(cfg.out_dir)
+    log = _Logger(accelerator, out, cfg.progress)
+    task = build_task(cfg)
+    set_seed(cfg.seed)
+    model = task.load_model().to(accelerator.device)
+    model.train()
+    method = get_method(method_config.method)
+    delta = attach(model, method_config)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = method.optimizer(params, cfg.lr, cfg.weight_decay, method_config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    hooks = method.hooks(model, delta, method_config, optimizer, cfg.max_steps, cfg.grad_accum)
+    ddp_model, optimizer = accelerator.prepare(model, optimizer)
+    raw_model = accelerator.unwrap_model(ddp_model)
+
+    step, epoch, offset, history = 0, 0, 0, []
+    before, best = {}, None
+    if cfg.resume:
+        state = ckpt.load_checkpoint(out / "checkpoint")
+        ckpt.restore_trainable(raw_model, state["trainable"], out / "checkpoint")
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        for hook, hs in zip(hooks, state["hooks"], strict=True):
+            hook.load_state_dict(hs)
+        step, epoch, offset = state["step"], state["epoch"], state["offset"]
+        before, best, history = state["before"], state["best"], state["history"]
+        ckpt.set_rng_state(state["rng"][accelerator.process_index])
+        log.say(f"resumed from {out / 'checkpoint'} at step {step}")
+    elif cfg.eval_before:
+        before = evaluate(raw_model, task, cfg.eval_batch_size, accelerator.device)
+        log.say(f"before training: {_fmt(before)}")
+
+    data = ShardedBatches(task, cfg.batch_size, cfg.seed, accelerator.process_index, accelerator.num_processes,
+                          accelerator.device, epoch, offset)
+    stream = iter(data)
+    last_ckpt: str | None = str(out / "checkpoint") if (out / "checkpoint").exists() and cfg.resume else None
+    progress = log.progress(cfg.max_steps, step)
+    while step < cfg.max_steps:
+        for hook in hooks:
+            hook.before_step(step)
+        running = 0.0
+        for micro in range(cfg.grad_accum):
+            batch = next(stream)
+            sync = micro == cfg.grad_accum - 1
+            with nullcontext() if sync else accelerator.no_sync(ddp_model):
+                loss = ddp_model(**batch).loss / cfg.grad_accum
+                if _any_rank(not torch.isfinite(loss).item(), accelerator):
+                    raise TrainingDiverged(step + 1, float(loss.detach() * cfg.grad_accum), last_ckpt)
+                accelerator.backward(loss)
+            running += float(loss.detach())
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        for hook in hooks:
+            hook.after_step(step)
+        log.advance(progress, running)
+        record: dict[str, Any] = {"step": step, "loss": running, "lr": scheduler.get_last_lr()[0]}
+        if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps:
+            metrics = evaluate(raw_model, task, cfg.eval_batch_size, accelerator.device)
+            record["eval"] = metrics
+            log.say(f"step {step}: {_fmt(metrics)}")
+            if metrics and cfg.keep_best and _better(metrics, best, task):
+                best = {**metrics, "step": step}
+                delta.snapshot_heads(raw_model)
+                if accelerator.is_main_process:
+                    save_delta(delta, out / "best", metrics={"best": best, "before": before})
+        history.append(record)
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
+            _save_checkpoint(out, accelerator, raw_model, optimizer, scheduler, hooks, step, data,
+                             before, best, history)
+            last_ckpt = str(out / "checkpoint")
+    log.close(progress)
+
+    final = history[-1].get("eval", {}) if history else {}
+    delta.snapshot_heads(raw_model)
+    digests = _rank_digests(delta_digest(delta), accelerator)
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"ranks disagree on the trained delta: {digests}")
+    summary = {"before": before, "final": final, "best": best, "steps": step, "world_size": accelerator.num_processes,
+               "rank_digests_equal": True, "digest": digests[0], "train": asdict(cfg), "task": task.name}
+    if accelerator.is_main_process:
+        save_delta(delta, out / "delta", metrics=summary)
+        (out / "history.json").write_text(json.dumps(history, indent=1))
+        log.say(f"delta written to {out / 'delta'}")
+    accelerator.wait_for_everyone()
+    delta.metrics.update(summary)
+    best_dir = out / "best" if best else None
+    return TrainResult(delta, out / "delta", best_dir, before, final, best, history)
+
+
+def _save_checkpoint(out: Path, accelerator: Accelerator, model: nn.Module, optimizer, scheduler, hooks, step: int,
+                     data: ShardedBatches, before, best, history) -> None:
+    rngs = [ckpt.rng_state()]
+    if accelerator.num_processes > 1:
+        rngs = [None] * accelerator.num_processes
+        dist.all_gather_object(rngs, ckpt.rng_state())
+    if accelerator.is_main_process:
+        ckpt.save_checkpoint(out / "checkpoint", {
+            "trainable": ckpt.trainable_state(model), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "hooks": [h.state_dict() for h in hooks], "step": step,
+            "epoch": data.epoch, "offset": data.offset, "before": before, "best": best, "history": history,
+            "rng": rngs,
+        })
+    accelerator.wait_for_everyone()
+
+
+def _better(metrics: dict[str, float], best: dict[str, float] | None, task: Task) -> bool:
+    value = metrics.get(task.main_metric)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return False
+    if best is None:
+        return True
+    return value > best[task.main_metric] if task.greater_is_better else value < best[task.main_metric]
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+
+
+class _Logger:
+    """Prints and a rich progress bar on the main process only."""
+
+    def __init__(self, accelerator: Accelerator, out: Path, show_bar: bool) -> None:
+        self.main = accelerator.is_main_process
+        self.out, self.show_bar = out, show_bar
+
+    def say(self, text: str) -> None:
+        if self.main:
+            from rich.console import Console
+
+            Console(stderr=True).print(f"[bold]deltatune[/bold] {text}", highlight=False)
+
+    def progress(self, total: int, done: int):
+        if not (self.main and self.show_bar):
+            return None
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        bar = Progress(TextColumn("train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                       TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn(),
+                       console=None, transient=False)
+        bar.start()
+        bar.add_task("train", total=total, completed=done, loss=float("nan"))
+        return bar
+
+    def advance(self, bar, loss: float) -> None:
+        if bar is not None:
+            bar.update(bar.task_ids[0], advance=1, loss=loss)
+
+    def close(self, bar) -> None:
+        if bar is not None:
+            bar.stop()

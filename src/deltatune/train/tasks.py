@@ -1,0 +1,97 @@
+"""Build what a training run needs from a :class:`TrainConfig`: model, datasets, metric.
+
+GLUE tasks load ``AutoModelForSequenceClassification`` (``num_labels=1`` → regression for STS-B) and
+report the official metrics; ``text`` and ``jsonl`` load ``AutoModelForCausalLM`` and report eval
+loss and perplexity (prompt tokens masked from the loss for ``jsonl``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+from torch import nn
+
+from deltatune.errors import ConfigError, DataError
+from deltatune.train import glue, metrics, text
+from deltatune.train.config import TrainConfig
+
+LM_TASKS = ("text", "jsonl")
+
+
+@dataclass
+class Task:
+    name: str
+    train: datasets.Dataset
+    eval: datasets.Dataset | None
+    load_model: Callable[[], nn.Module]
+    score: Callable[[np.ndarray, np.ndarray, float], dict[str, float]]
+    main_metric: str
+    greater_is_better: bool
+    pad_token_id: int
+    is_lm: bool
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def build_task(cfg: TrainConfig, tokenizer: Any | None = None) -> Task:
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    _quiet_transformers()
+    path = cfg.model_path
+    if not Path(path).is_dir():
+        raise ConfigError(f"model {path!r} is not a local folder (deltatune loads models from disk only)")
+    tokenizer = tokenizer or AutoTokenizer.from_pretrained(path)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    if cfg.task in LM_TASKS:
+        return _lm_task(cfg, tokenizer, pad_id, lambda: AutoModelForCausalLM.from_pretrained(path))
+    spec = glue.get_task(cfg.task)
+    data_dir = Path(cfg.data) if cfg.data else glue.default_data_dir()
+    train = glue.tokenize_pairs(glue.read_glue_split(data_dir, spec.name, "train", cfg.train_limit), tokenizer,
+                                cfg.max_length)
+    dev = glue.tokenize_pairs(glue.read_glue_split(data_dir, spec.name, "dev", cfg.eval_limit), tokenizer,
+                              cfg.max_length)
+    if "train" not in spec.splits:
+        raise DataError(f"GLUE task {spec.name} has no train split here; choose another task")
+
+    def load() -> nn.Module:
+        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=spec.num_labels)
+
+    def score(preds: np.ndarray, labels: np.ndarray, loss: float) -> dict[str, float]:
+        return {**metrics.compute_metrics(spec.name, preds, labels), "loss": loss}
+
+    return Task(spec.name, train, dev, load, score, metrics.main_metric(spec.name), True, pad_id, False)
+
+
+def _lm_task(cfg: TrainConfig, tokenizer: Any, pad_id: int, load: Callable[[], nn.Module]) -> Task:
+    if not cfg.data:
+        raise ConfigError(f"task {cfg.task!r} needs --data pointing at the training file")
+    if cfg.task == "text":
+        blocks = text.text_blocks(Path(cfg.data), tokenizer, cfg.max_length)
+        n_eval = max(1, len(blocks) // 10)
+        if len(blocks) < 2:
+            raise DataError(f"{cfg.data}: too little text for even two blocks of {cfg.max_length} tokens")
+        train = blocks.select(range(len(blocks) - n_eval))
+        dev = blocks.select(range(len(blocks) - n_eval, len(blocks)))
+    else:
+        train = text.instruction_pairs(Path(cfg.data), tokenizer, cfg.max_length)
+        dev = text.instruction_pairs(Path(cfg.eval_data), tokenizer, cfg.max_length) if cfg.eval_data else None
+    if cfg.train_limit:
+        train = train.select(range(min(cfg.train_limit, len(train))))
+    if dev is not None and cfg.eval_limit:
+        dev = dev.select(range(min(cfg.eval_limit, len(dev))))
+
+    def score(_preds: np.ndarray, _labels: np.ndarray, loss: float) -> dict[str, float]:
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+    return Task(cfg.task, train, dev, load, score, "loss", False, pad_id, True)
