@@ -114,7 +114,7 @@ def _rank_digests(digest: str, accelerator: Accelerator) -> list[str]:
 
 def train(cfg: TrainConfig, method_config: Any) -> TrainResult:
     """Train a delta of ``method_config.method`` on ``cfg.task``; write ``out_dir/delta`` (and ``best``)."""
-    accelerator = Accelerator()
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     set_seed(cfg.seed)
     out = Path(cfg.out_dir)
     log = _Logger(accelerator, out, cfg.progress)

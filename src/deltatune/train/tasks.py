@@ -42,6 +42,7 @@ def _quiet_transformers() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
 
 
 def build_task(cfg: TrainConfig, tokenizer: Any | None = None) -> Task:

