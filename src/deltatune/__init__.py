@@ -4,6 +4,7 @@ __version__ = "0.1.0"
 
 from deltatune.delta import Delta  # noqa: E402
 from deltatune.io.delta_format import load_delta, save_delta  # noqa: E402
+from deltatune.io.peft_format import export_peft, load_peft_adapter  # noqa: E402
 from deltatune.methods import FullConfig, LoRAConfig, SparseConfig, get_method, make_config  # noqa: E402
 from deltatune.model import (  # noqa: E402
     apply_delta,
@@ -16,5 +17,6 @@ from deltatune.model import (  # noqa: E402
 
 __all__ = [
     "Delta", "FullConfig", "LoRAConfig", "SparseConfig", "__version__", "apply_delta", "attach", "detach",
+    "export_peft", "load_peft_adapter",
     "get_method", "load_delta", "make_config", "merge_delta", "mixed_batch", "revert_delta", "save_delta",
 ]

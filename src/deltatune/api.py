@@ -21,7 +21,14 @@ from deltatune.train.config import TrainConfig, default_model_path
 
 
 def as_delta(delta: Delta | str | Path) -> Delta:
-    return delta if isinstance(delta, Delta) else load_delta(delta)
+    """A :class:`Delta`, or a folder holding a deltatune delta or a PEFT LoRA adapter."""
+    if isinstance(delta, Delta):
+        return delta
+    if (Path(delta) / "adapter_config.json").is_file():
+        from deltatune.io.peft_format import load_peft_adapter
+
+        return load_peft_adapter(delta)
+    return load_delta(delta)
 
 
 def recorded_train_config(delta: Delta) -> dict[str, Any]:

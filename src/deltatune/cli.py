@@ -23,8 +23,8 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train, inspect, apply and export fine-tunings as deltas over a frozen base model.")
-out = Console()
-err = Console(stderr=True)
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
 
 
 def _split_sets(sets: list[str]) -> dict[str, str]:
@@ -85,6 +85,8 @@ def train(
              "batch_size": batch_size, "resume": resume or None}
     train_cfg, method_cfg = _train_configs(method, config, flags, set_ or [])
     result = run(train_cfg, method_cfg)
+    if not result.is_main:
+        return
     if result.before or result.final:
         key = next(iter(result.final or result.before))
         before = result.before.get(key, float("nan"))

@@ -21,15 +21,14 @@ def _coerce(value: Any, tp: Any, field: str) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            if type(None) in typing.get_args(tp):
-                return None
-        errors = []
+        is_none = value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
+        if is_none and type(None) in typing.get_args(tp):
+            return None
         for arg in args:
             try:
                 return _coerce(value, arg, field)
-            except ConfigError as exc:
-                errors.append(str(exc))
+            except ConfigError:
+                continue
         raise ConfigError(f"{field}: cannot read {value!r} as {tp}")
     if origin is typing.Literal:
         if value not in typing.get_args(tp):

@@ -52,7 +52,9 @@ def attach_parts(model: nn.Module, parts: dict[str, Part], name: str = DEFAULT, 
         try:
             base = get_module(model, module_name)
         except AttributeError:
-            raise TargetError(f"the delta has a part for {module_name!r}, which is not a module of this model") from None
+            raise TargetError(
+                f"the delta has a part for {module_name!r}, which is not a module of this model"
+            ) from None
         part.check_base(base, module_name)
         ref = next(base.parameters())
         part.to(ref.device)

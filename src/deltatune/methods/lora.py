@@ -34,7 +34,8 @@ class LoRAConfig:
         require(self.alpha > 0, f"lora config.alpha must be > 0, got {self.alpha}")
         require(0.0 <= self.dropout < 1.0, f"lora config.dropout must be in [0, 1), got {self.dropout}")
         require(len(self.targets) > 0, "lora config.targets is empty")
-        require(self.init in ("kaiming", "gaussian"), f"lora config.init must be kaiming or gaussian, got {self.init!r}")
+        require(self.init in ("kaiming", "gaussian"),
+                f"lora config.init must be kaiming or gaussian, got {self.init!r}")
 
     @property
     def scale(self) -> float:
@@ -46,6 +47,7 @@ class LoRA(Method):
     name = "lora"
     config_cls = LoRAConfig
     summary = "low-rank B·A update on target Linear/Conv1D/Embedding modules (LoRA, rsLoRA)"
+    default_lr = 5e-4
 
     def create_parts(self, model: nn.Module, config: LoRAConfig, exclude: list[str]) -> dict[str, LoRAPart]:
         parts = {}

@@ -42,6 +42,7 @@ class Method:
     name: ClassVar[str] = ""
     config_cls: ClassVar[type] = object
     summary: ClassVar[str] = ""
+    default_lr: ClassVar[float] = 1e-3
 
     def create_parts(self, model: nn.Module, config: Any, exclude: list[str]) -> dict[str, Part]:
         raise NotImplementedError

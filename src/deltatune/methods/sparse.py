@@ -49,7 +49,7 @@ class SparseConfig:
                 f"{self.reselection_steps} and {self.accumulation_steps}")
         require(0.0 <= self.initial_reselection_rate <= 1.0,
                 f"sparse config.initial_reselection_rate must be in [0, 1], got {self.initial_reselection_rate}")
-        require(self.schedule in ("linear", "cosine"), f"sparse config.schedule must be linear or cosine")
+        require(self.schedule in ("linear", "cosine"), "sparse config.schedule must be linear or cosine")
 
 
 def allocate(total: int, sizes: list[int]) -> list[int]:
@@ -76,6 +76,7 @@ class Sparse(Method):
     name = "sparse"
     config_cls = SparseConfig
     summary = "SpIEL sparse fine-tuning: trainable values at sorted indices, drop/regrow by gradient"
+    default_lr = 3e-3
 
     def create_parts(self, model: nn.Module, config: SparseConfig, exclude: list[str]) -> dict[str, SparsePart]:
         names = select_modules(model, config.targets, exclude)

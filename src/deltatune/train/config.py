@@ -31,7 +31,7 @@ class TrainConfig:
     max_steps: int = field(default=300, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=16, metadata={"help": "examples per micro-batch per process"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
+    lr: float | None = field(default=None, metadata={"help": "peak learning rate (default: the method's)"})
     weight_decay: float = field(default=0.0, metadata={"help": "decoupled weight decay (acts on the delta)"})
     warmup_ratio: float = field(default=0.06, metadata={"help": "fraction of steps of linear warm-up"})
     lr_schedule: Literal["linear", "cosine", "constant"] = field(default="linear", metadata={"help": "decay"})
@@ -51,7 +51,7 @@ class TrainConfig:
         require(self.max_steps >= 1, f"train config.max_steps must be ≥ 1, got {self.max_steps}")
         require(self.batch_size >= 1, f"train config.batch_size must be ≥ 1, got {self.batch_size}")
         require(self.grad_accum >= 1, f"train config.grad_accum must be ≥ 1, got {self.grad_accum}")
-        require(self.lr > 0, f"train config.lr must be > 0, got {self.lr}")
+        require(self.lr is None or self.lr > 0, f"train config.lr must be > 0, got {self.lr}")
         require(0.0 <= self.warmup_ratio < 1.0, f"train config.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         require(self.eval_every >= 0 and self.checkpoint_every >= 0,
                 "train config.eval_every and checkpoint_every must be ≥ 0")

@@ -42,6 +42,7 @@ class TrainResult:
     final: dict[str, float]
     best: dict[str, float] | None
     history: list[dict[str, Any]] = field(default_factory=list)
+    is_main: bool = True
 
 
 def lr_lambda(cfg: TrainConfig):
@@ -99,7 +100,8 @@ def delta_digest(delta: Delta) -> str:
             h.update(f"{name}.{k}".encode())
             h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     for name in sorted(delta.heads):
-        for k, t in sorted(delta.heads[name].items()):
+        for key, t in sorted(delta.heads[name].items()):
+            h.update(f"{name}.{key}".encode())
             h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
@@ -125,7 +127,8 @@ def train(cfg: TrainConfig, method_config: Any) -> TrainResult:
     method = get_method(method_config.method)
     delta = attach(model, method_config)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = method.optimizer(params, cfg.lr, cfg.weight_decay, method_config)
+    lr = cfg.lr if cfg.lr is not None else method.default_lr
+    optimizer = method.optimizer(params, lr, cfg.weight_decay, method_config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     hooks = method.hooks(model, delta, method_config, optimizer, cfg.max_steps, cfg.grad_accum)
     ddp_model, optimizer = accelerator.prepare(model, optimizer)
@@ -204,7 +207,7 @@ def train(cfg: TrainConfig, method_config: Any) -> TrainResult:
     accelerator.wait_for_everyone()
     delta.metrics.update(summary)
     best_dir = out / "best" if best else None
-    return TrainResult(delta, out / "delta", best_dir, before, final, best, history)
+    return TrainResult(delta, out / "delta", best_dir, before, final, best, history, accelerator.is_main_process)
 
 
 def _save_checkpoint(out: Path, accelerator: Accelerator, model: nn.Module, optimizer, scheduler, hooks, step: int,

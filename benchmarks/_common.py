@@ -1,0 +1,242 @@
+"""Small helpers shared by the benchmark scripts: isolation, timing, peak memory, reports.
+
+* :func:`run_isolated` runs one measurement in a fresh child process (so peaks and allocator caches
+  of one configuration never leak into the next);
+* :class:`PeakMemory` measures the peak memory *increase* over a baseline: CUDA
+  ``max_memory_allocated`` on a GPU, else the process's peak RSS (VmHWM, reset through
+  ``/proc/self/clear_refs`` where Linux allows it, ``ru_maxrss`` otherwise);
+* :class:`StepTimer` collects per-step wall times (synchronising CUDA) and summarises them;
+* :func:`machine_meta`, :func:`markdown_table` and :func:`write_report` produce ``FILE.json`` and
+  ``FILE.md`` side by side.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+_CONTEXT: Any = None
+
+
+# --- process isolation -----------------------------------------------------------------------
+def _context(preload: Sequence[str]) -> Any:
+    """A forkserver context (children fork from a clean server that pre-imported ``preload``), or spawn."""
+    global _CONTEXT
+    if _CONTEXT is None:
+        if sys.platform.startswith("linux"):
+            _CONTEXT = mp.get_context("forkserver")
+            _CONTEXT.set_forkserver_preload(list(preload))
+        else:
+            _CONTEXT = mp.get_context("spawn")
+    return _CONTEXT
+
+
+def _child(queue: Any, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    try:
+        queue.put(("ok", fn(*args)))
+    except BaseException:  # noqa: BLE001 - report everything to the parent
+        queue.put(("error", traceback.format_exc()))
+
+
+def run_isolated(fn: Callable[..., Any], *args: Any, preload: Sequence[str] = ("torch",)) -> Any:
+    """``fn(*args)`` in a fresh process; returns its (picklable) result or raises with its traceback.
+
+    ``fn`` must be a module-level function of an importable module (the script's ``__main__`` works
+    when it is guarded by ``if __name__ == "__main__"``).
+    """
+    ctx = _context(preload)
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(queue, fn, args))
+    proc.start()
+    try:
+        status, payload = queue.get()
+    finally:
+        proc.join()
+    if status != "ok":
+        raise RuntimeError(f"isolated run of {getattr(fn, '__name__', fn)} failed:\n{payload}")
+    return payload
+
+
+# --- memory ------------------------------------------------------------------------------------
+def _status_kb(field: str) -> int | None:
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def rss_mb() -> float:
+    """Current resident set size in MB (psutil where /proc is missing)."""
+    kb = _status_kb("VmRSS")
+    if kb is not None:
+        return kb / 1024
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def _maxrss_mb() -> float:
+    kb = _status_kb("VmHWM")
+    if kb is not None:
+        return kb / 1024
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark to the current RSS (Linux ≥ 4.0); False if not possible."""
+    try:
+        _CLEAR_REFS.write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+class PeakMemory:
+    """Peak memory increase (MB) between :meth:`start` and :meth:`peak_mb`.
+
+    On CUDA: ``max_memory_allocated − memory_allocated at start``.  On CPU: peak RSS − RSS at start;
+    when the peak mark cannot be reset, a peak reached *before* ``start`` hides smaller later peaks,
+    which ``reset_ok`` reports.
+    """
+
+    def __init__(self, device: Any = "cpu") -> None:
+        self.cuda = str(device).startswith("cuda")
+        self.base = 0.0
+        self.reset_ok = True
+
+    def start(self) -> None:
+        import gc
+
+        gc.collect()
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated() / 2**20
+        else:
+            self.reset_ok = _reset_peak_rss()
+            self.base = rss_mb()
+
+    def peak_mb(self) -> float:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() / 2**20 - self.base
+        return max(0.0, _maxrss_mb() - self.base)
+
+    @property
+    def method(self) -> str:
+        if self.cuda:
+            return "torch.cuda.max_memory_allocated increase"
+        return "peak RSS increase (VmHWM reset via clear_refs)" if self.reset_ok else "ru_maxrss - baseline RSS"
+
+
+# --- timing --------------------------------------------------------------------------------------
+class StepTimer:
+    """Wall time of each step; ``with timer.step(): ...``; CUDA is synchronised at both ends."""
+
+    def __init__(self, cuda: bool = False) -> None:
+        self.cuda = cuda
+        self.times: list[float] = []
+
+    def _sync(self) -> None:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+
+    def step(self) -> _Step:
+        return _Step(self)
+
+    def summary(self, skip: int = 0) -> dict[str, float]:
+        """Median / mean / min / max over the steps after the first ``skip`` (warm-up)."""
+        t = self.times[skip:] or self.times
+        return {"median_s": statistics.median(t), "mean_s": statistics.fmean(t), "min_s": min(t),
+                "max_s": max(t), "n": len(t)}
+
+
+class _Step:
+    def __init__(self, timer: StepTimer) -> None:
+        self.timer = timer
+
+    def __enter__(self) -> _Step:
+        self.timer._sync()
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.timer._sync()
+        self.timer.times.append(time.perf_counter() - self.t0)
+
+
+# --- reports --------------------------------------------------------------------------------------
+def machine_meta() -> dict[str, Any]:
+    import torch
+
+    meta: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or None,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    for mod in ("transformers", "peft"):
+        try:
+            meta[mod] = __import__(mod).__version__
+        except ImportError:
+            meta[mod] = None
+    return meta
+
+
+def ratio(value: float | None, ref: float | None) -> float | None:
+    if value is None or not ref:
+        return None
+    return round(value / ref, 3)
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1000 else f"{v:.0f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(_cell(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out: str | Path, meta: dict[str, Any], rows: list[dict[str, Any]], columns: Sequence[str],
+                 title: str = "") -> str:
+    """Write ``out`` (JSON: ``{"meta", "rows"}``) and the Markdown table beside it (``.md``); return it."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    md = (f"# {title}\n\n" if title else "") + markdown_table(rows, columns)
+    out.with_suffix(".md").write_text(md)
+    return md

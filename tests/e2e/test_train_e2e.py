@@ -1,0 +1,142 @@
+"""End-to-end on the real MiniLM and real GLUE/text data: train, resume, CLI verbs, causal LM."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import deltatune as dt
+from deltatune.errors import DataError
+from deltatune.methods.registry import TrainHook
+from deltatune.train import loop
+from deltatune.train.config import TrainConfig
+
+SMALL = dict(train_limit=600, eval_limit=64, eval_every=0, eval_before=False, max_length=32, batch_size=8,
+             progress=False)
+
+
+def test_exact_resume_matches_uninterrupted_run(tmp_path, monkeypatch, data_dir):
+    """Crash mid selection window, resume from the checkpoint: bit-identical final delta."""
+    from deltatune.methods import sparse as sparse_method
+
+    kw = dict(SMALL, max_steps=16, checkpoint_every=7, lr=3e-3)
+    mc = dt.SparseConfig(density=0.002, reselection_steps=6, accumulation_steps=2)
+    full = loop.train(TrainConfig(out_dir=str(tmp_path / "a"), **kw), mc)
+
+    armed = [True]
+
+    class Crash(TrainHook):
+        def after_step(self, step):
+            if armed[0] and step == 9:  # checkpoint at 7 is inside the window [6, 8)
+                raise KeyboardInterrupt
+
+    original = sparse_method.Sparse.hooks
+    monkeypatch.setattr(sparse_method.Sparse, "hooks", lambda self, *a, **k: original(self, *a, **k) + [Crash()])
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(TrainConfig(out_dir=str(tmp_path / "b"), **kw), mc)
+    armed[0] = False
+    resumed = loop.train(TrainConfig(out_dir=str(tmp_path / "b"), resume=True, **kw), mc)
+    assert resumed.delta.metrics["digest"] == full.delta.metrics["digest"]
+    a, b = dt.load_delta(tmp_path / "a" / "delta"), dt.load_delta(tmp_path / "b" / "delta")
+    for name in a.parts:
+        assert torch.equal(a.parts[name].indices, b.parts[name].indices)
+        assert torch.equal(a.parts[name].values, b.parts[name].values)
+
+
+def test_cli_train_info_eval_apply_export(tmp_path, data_dir, minilm_path):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from deltatune.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "run"
+    args = ["train", "--method", "lora", "--out", str(out), "--steps", "8", "--set", "r=4",
+            "--set", "targets=query,value"] + [f"--set={k}={v}" for k, v in SMALL.items()]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    delta_dir = out / "delta"
+    info = runner.invoke(app, ["info", str(delta_dir), "--json"])
+    assert info.exit_code == 0, info.output
+    described = json.loads(info.output)
+    assert described["method"] == "lora" and described["trainable"] == 6 * 2 * 4 * (384 + 384)
+    assert described["part_kinds"] == {"lora": 12}
+
+    ev = runner.invoke(app, ["eval", str(delta_dir), "--limit", "64"])
+    assert ev.exit_code == 0 and "accuracy" in ev.output
+
+    ckpt = tmp_path / "merged"
+    ap = runner.invoke(app, ["apply", str(delta_dir), "--out", str(ckpt), "--shard-size", "30MB"])
+    assert ap.exit_code == 0, ap.output
+    assert (ckpt / "model.safetensors.index.json").is_file()
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    batch = tok(["a fine film", "dull and slow"], padding=True, return_tensors="pt")
+    merged = AutoModelForSequenceClassification.from_pretrained(ckpt).eval()
+    base = AutoModelForSequenceClassification.from_pretrained(minilm_path, num_labels=2).eval()
+    dt.apply_delta(base, dt.load_delta(delta_dir))
+    with torch.no_grad():
+        assert torch.allclose(merged(**batch).logits, base(**batch).logits, atol=1e-5)
+
+    peft_dir = tmp_path / "peft"
+    ex = runner.invoke(app, ["export", str(delta_dir), "--format", "peft", "--out", str(peft_dir)])
+    assert ex.exit_code == 0, ex.output
+    fresh = AutoModelForSequenceClassification.from_pretrained(minilm_path, num_labels=2).eval()
+    peft_model = PeftModel.from_pretrained(fresh, peft_dir).eval()
+    with torch.no_grad():
+        assert torch.allclose(peft_model(**batch).logits, base(**batch).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("task", ["mrpc", "rte", "cola", "stsb", "wnli"])
+def test_every_glue_task_trains_with_its_metric(tmp_path, task, data_dir):
+    cfg = TrainConfig(task=task, out_dir=str(tmp_path), max_steps=2, train_limit=32, eval_limit=32,
+                      eval_every=0, eval_before=False, max_length=32, batch_size=8, progress=False)
+    result = loop.train(cfg, dt.LoRAConfig(r=2, targets=["query"]))
+    expected = {"mrpc": {"f1", "accuracy"}, "rte": {"accuracy"}, "cola": {"matthews"},
+                "stsb": {"pearson", "spearman"}, "wnli": {"accuracy"}}[task]
+    assert expected <= set(result.final)
+
+
+def test_qnli_has_no_train_split(tmp_path, data_dir):
+    with pytest.raises(DataError, match="QNLI|qnli"):
+        loop.train(TrainConfig(task="qnli", out_dir=str(tmp_path), max_steps=1, progress=False), dt.LoRAConfig())
+
+
+@pytest.fixture(scope="module")
+def tiny_lm_dir(tmp_path_factory, minilm_path):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tok = AutoTokenizer.from_pretrained(minilm_path)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      pad_token_id=tok.pad_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("method", ["lora", "sparse"])
+def test_causal_lm_on_plain_text_learns(tmp_path, tiny_lm_dir, data_dir, method):
+    text = tmp_path / "shakespeare.txt"
+    text.write_text((data_dir / "tinyshakespeare" / "input.txt").read_text()[:60_000])
+    cfg = TrainConfig(model=str(tiny_lm_dir), task="text", data=str(text), out_dir=str(tmp_path / "o"),
+                      max_steps=25, max_length=32, batch_size=8, eval_every=0, eval_limit=16, progress=False,
+                      lr=1e-2)
+    mc = dt.LoRAConfig(r=4) if method == "lora" else dt.SparseConfig(num_tunable=20_000)
+    result = loop.train(cfg, mc)
+    assert result.final["loss"] < result.before["loss"] - 0.05
+
+
+def test_jsonl_masks_prompt_and_trains(tmp_path, tiny_lm_dir):
+    rows = [{"prompt": f"Q: what is {i} plus {i}?", "response": f" A: {2 * i}"} for i in range(64)]
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    cfg = TrainConfig(model=str(tiny_lm_dir), task="jsonl", data=str(path), eval_data=str(path),
+                      out_dir=str(tmp_path / "o"), max_steps=20, max_length=32, batch_size=8, eval_every=0,
+                      eval_limit=16, progress=False, lr=1e-2)
+    result = loop.train(cfg, dt.LoRAConfig(r=4))
+    assert result.final["loss"] < result.before["loss"]

@@ -1,0 +1,108 @@
+"""SpIEL pieces: allocation, per-element-age AdamW, and the drop/regrow event."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from deltatune.methods.sparse import SparseConfig, allocate
+from deltatune.methods.sparse_optim import SparseAdamW
+from deltatune.methods.spiel_selector import SpIELSelector
+from deltatune.parts import SparsePart
+from deltatune.parts.layers import LayerKind
+
+
+def test_allocate_is_proportional_and_exact():
+    assert allocate(10, [100, 100, 200]) == [3, 2, 5] or allocate(10, [100, 100, 200]) == [2, 3, 5]
+    counts = allocate(1001, [7, 300, 5000, 123])
+    assert sum(counts) == 1001
+    assert all(c <= s for c, s in zip(counts, [7, 300, 5000, 123], strict=True))
+    assert allocate(5, [2, 2]) == [2, 2]  # capped by sizes
+
+
+def test_sparse_adamw_equals_adamw_without_regrowth():
+    """With every element the same age, per-element bias correction is AdamW's scalar one."""
+    torch.manual_seed(0)
+    a = nn.Parameter(torch.randn(20))
+    b = nn.Parameter(a.detach().clone())
+    opt_a = SparseAdamW([a], lr=1e-2, weight_decay=0.1)
+    opt_b = torch.optim.AdamW([b], lr=1e-2, weight_decay=0.1, eps=1e-8)
+    for step in range(5):
+        g = torch.randn(20, generator=torch.Generator().manual_seed(step))
+        a.grad, b.grad = g.clone(), g.clone()
+        opt_a.step()
+        opt_b.step()
+    assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_sparse_adamw_new_element_gets_fresh_bias_correction():
+    p = nn.Parameter(torch.zeros(2))
+    opt = SparseAdamW([p], lr=0.1)
+    for _ in range(3):
+        p.grad = torch.ones(2)
+        opt.step()
+    st = opt.state_of(p)
+    st["exp_avg"][1] = 0
+    st["exp_avg_sq"][1] = 0
+    st["age"][1] = 0
+    before = p.detach().clone()
+    p.grad = torch.ones(2)
+    opt.step()
+    # a fresh element's first Adam step is exactly lr·sign(g) (bias-corrected m/√v = 1)
+    assert torch.allclose(before[1] - p[1], torch.tensor(0.1), atol=1e-6)
+
+
+def _layer_and_part(k: int = 4):
+    torch.manual_seed(0)
+    base = nn.Linear(6, 5).requires_grad_(False)
+    part = SparsePart((5, 6), torch.arange(k), LayerKind.LINEAR)
+    return base, part
+
+
+def test_first_event_replaces_the_whole_random_support_with_top_gradient_positions():
+    base, part = _layer_and_part()
+    opt = SparseAdamW(part.parameters(), lr=1e-2)
+    cfg = SparseConfig(reselection_steps=10, accumulation_steps=2)
+    sel = SpIELSelector({"l": part}, opt, cfg, total_steps=100, grad_accum=1)
+    x = torch.randn(8, 6)
+    target_grad = None
+    for step in range(2):
+        sel.before_step(step)
+        out = part(x, base)
+        out.square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+        sel.after_step(step + 1)
+        if target_grad is None:
+            w = (base.weight + part.delta_weight()).detach().requires_grad_()
+            torch.nn.functional.linear(x, w, base.bias).square().sum().backward()
+            target_grad = w.grad
+    assert sel.events[0]["rate"] == 1.0 and sel.events[0]["step"] == 2
+    # every original index (0..3) was replaced; new ones are among the largest |∂L/∂W| positions
+    assert not set(part.indices.tolist()) & {0, 1, 2, 3}
+    assert part.indices.tolist() == sorted(part.indices.tolist())
+    top = set(target_grad.abs().reshape(-1).topk(8).indices.tolist())
+    assert set(part.indices.tolist()) <= top
+    assert torch.all(part.values == 0)
+    age = opt.state_of(part.values)["age"]
+    assert torch.all(age == 2)
+
+
+def test_later_event_drops_smallest_magnitudes_at_the_scheduled_rate():
+    base, part = _layer_and_part(k=10)
+    opt = SparseAdamW(part.parameters(), lr=1e-2)
+    cfg = SparseConfig(reselection_steps=4, accumulation_steps=1, initial_reselection_rate=0.5)
+    sel = SpIELSelector({"l": part}, opt, cfg, total_steps=20, grad_accum=1)
+    assert sel.rate(1) == 1.0
+    assert abs(sel.rate(5) - 0.5 * (1 - 5 / 20)) < 1e-12
+    with torch.no_grad():
+        part.values.copy_(torch.arange(1.0, 11.0))
+    kept_before = part.indices[part.values.abs() > 3].tolist()
+    sel.windows = None
+    sel.before_step(4)
+    part(torch.randn(8, 6), base)[:, 2:].square().sum().backward()  # gradient only off the support
+    sel.after_step(5)
+    # rate 0.375 → floor(10·0.375) = 3 smallest |values| (1, 2, 3) dropped, 3 grown with value 0
+    assert int((part.values == 0).sum()) == 3
+    assert set(kept_before) <= set(part.indices.tolist())
+    assert sel.events[-1]["moved"] == 3
