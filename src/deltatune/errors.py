@@ -34,9 +34,10 @@ class DataError(DeltaTuneError, ValueError):
 class TrainingDiverged(DeltaTuneError, FloatingPointError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
-    def __init__(self, step: int, loss: float, checkpoint: str | None) -> None:
+    def __init__(self, step: int, loss: float, checkpoint: str | None, tensor: str | None = None) -> None:
         self.step = step
         self.loss = loss
         self.checkpoint = checkpoint
         where = f"; last good checkpoint kept at {checkpoint}" if checkpoint else "; no checkpoint was written yet"
-        super().__init__(f"loss is {loss} at optimizer step {step}{where}")
+        what = f"trainable tensor {tensor!r} is not finite" if tensor else f"loss is {loss}"
+        super().__init__(f"{what} at optimizer step {step}{where}")

@@ -21,6 +21,7 @@ from deltatune.errors import DeltaFormatError, ShapeMismatch, TargetError
 from deltatune.fingerprint import check_fingerprint, fingerprint
 from deltatune.layer import DeltaLayer
 from deltatune.parts.base import Part
+from deltatune.parts.tied import TiedAlias
 
 DEFAULT = "default"
 
@@ -59,6 +60,26 @@ def attach_parts(model: nn.Module, parts: dict[str, Part], name: str = DEFAULT, 
         ref = next(base.parameters())
         part.to(ref.device)
         _wrapper(model, module_name).add(name, part, activate)
+        for alias in tied_aliases(model, module_name):
+            _wrapper(model, alias).add(name, TiedAlias(part, module_name), activate)
+
+
+def tied_aliases(model: nn.Module, name: str) -> list[str]:
+    """Other modules whose ``weight`` is the very tensor of module ``name`` (tied embeddings)."""
+    weight = getattr(get_module(model, name), "weight", None)
+    if weight is None:
+        return []
+    return [n for n, m in logical_modules(model) if n != name and getattr(m, "weight", None) is weight]
+
+
+def logical_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``(name, module)`` of the base model, seeing through ``DeltaLayer`` wrappers."""
+    wrapped = {id(m.base) for _, m in delta_layers(model)}
+    for n, m in model.named_modules():
+        if isinstance(m, DeltaLayer):
+            yield n, m.base
+        elif id(m) not in wrapped:
+            yield n, m
 
 
 def freeze_base(model: nn.Module, trainable_heads: Iterable[str] = ()) -> None:
@@ -149,7 +170,9 @@ def detach(model: nn.Module, name: str | None = None) -> dict[str, Part]:
     for module_name, layer in list(delta_layers(model)):
         for part_name in list(layer.parts):
             if name is None or part_name == name:
-                removed[module_name] = layer.remove(part_name)
+                part = layer.remove(part_name)
+                if not isinstance(part, TiedAlias):
+                    removed[module_name] = part
         if not len(layer.parts):
             model.set_submodule(module_name, layer.base)
     return removed

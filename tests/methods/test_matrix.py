@@ -24,7 +24,7 @@ import deltatune
 from deltatune.errors import DeltaFormatError
 from deltatune.fingerprint import base_parameters
 from deltatune.layer import DeltaLayer
-from deltatune.model import attach_parts, load_heads
+from deltatune.model import attach_parts, load_heads, tied_aliases
 from deltatune.parts import LoRAPart, SparsePart
 
 ARCHS = ("llama", "gpt2", "bert")
@@ -37,15 +37,6 @@ STEPS = 3
 LR = 1e-2
 INIT_TOL = 1e-6
 TOL = 1e-5
-
-TIED_FULL = ("BUG: methods/full.py Full.create_parts gives GPT-2's tied lm_head.weight "
-             "(= transformer.wte.weight) its own DensePart besides wte's: the shared tensor is counted and "
-             "trained twice and merging adds both deltas into the one tensor, so the merged model differs "
-             "from the attached one")
-TIED_MERGE = ("BUG: model.py merge_delta folds a delta on GPT-2's tied input embedding (transformer.wte) "
-              "into the weight it shares with lm_head, so merging also changes the output layer, which the "
-              "attached delta never did")
-
 
 # --------------------------------------------------------------------------------------------------
 # cases
@@ -196,7 +187,8 @@ def test_output_unchanged_at_init(case: Case) -> None:
     assert t.delta.method == case.method
     assert set(t.delta.heads) == set(HEADS[case.arch])
     wrapped = {n for n, m in t.model.named_modules() if isinstance(m, DeltaLayer)}
-    assert wrapped == set(t.delta.parts)
+    aliases = {a for n in t.delta.parts for a in tied_aliases(t.model, n)}  # GPT-2: lm_head shares wte.weight
+    assert wrapped == set(t.delta.parts) | aliases
 
 
 @pytest.mark.parametrize("case", params())
@@ -237,11 +229,9 @@ def test_save_load_apply_reproduces_trained_logits(case: Case, tmp_path) -> None
     assert max_diff(logits(fresh, t.inputs), t.after) <= TOL
 
 
-TIED_MERGE_CASES = {"full-gpt2": TIED_FULL, "lora-embedding-gpt2": TIED_MERGE,
-                    "sparse-embedding-gpt2": TIED_MERGE}
 
 
-@pytest.mark.parametrize("case", params(TIED_MERGE_CASES))
+@pytest.mark.parametrize("case", params())
 def test_detach_then_merge_into_fresh_base_matches(case: Case) -> None:
     t = trained(case)
     model, delta = copy.deepcopy((t.model, t.delta))
@@ -274,7 +264,7 @@ def test_revert_restores_base_weights(case: Case) -> None:
     assert worst <= 1e-6
 
 
-@pytest.mark.parametrize("case", params({"full-gpt2": TIED_FULL}))
+@pytest.mark.parametrize("case", params())
 def test_trainable_count(case: Case) -> None:
     t = trained(case)
     heads = HEADS[case.arch]

@@ -110,13 +110,34 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     if version > FORMAT_VERSION:
         raise DeltaFormatError(f"{file}: format_version {version} is newer than this deltatune reads "
                                f"({FORMAT_VERSION}); upgrade deltatune")
+    for key in ("config", "parts", "heads", "metrics"):
+        if not isinstance(manifest[key], dict):
+            raise DeltaFormatError(f"{file}: field {key!r} must be a JSON object, got {type(manifest[key]).__name__}")
+    if manifest["fingerprint"] is not None and not isinstance(manifest["fingerprint"], dict):
+        raise DeltaFormatError(f"{file}: field 'fingerprint' must be an object or null")
     for name, spec in manifest["parts"].items():
         if not isinstance(spec, dict) or set(spec) != PART_FIELDS:
             raise DeltaFormatError(f"{file}: part {name!r} must have exactly the fields {sorted(PART_FIELDS)}")
         if spec["kind"] not in PART_KINDS:
             raise DeltaFormatError(f"{file}: part {name!r} has unknown kind {spec['kind']!r}; "
                                    f"known kinds: {sorted(PART_KINDS)}")
+        if not isinstance(spec["meta"], dict) or not isinstance(spec["tensors"], dict):
+            raise DeltaFormatError(f"{file}: part {name!r}: 'meta' and 'tensors' must be JSON objects")
+        _check_specs(spec["tensors"], f"{file}: part {name!r}")
+    for head, spec in manifest["heads"].items():
+        if not isinstance(spec, dict):
+            raise DeltaFormatError(f"{file}: head {head!r} must map tensor names to specs")
+        _check_specs(spec, f"{file}: head {head!r}")
     return manifest
+
+
+def _check_specs(specs: dict[str, Any], where: str) -> None:
+    for tname, spec in specs.items():
+        ok = (isinstance(spec, dict) and isinstance(spec.get("dtype"), str) and isinstance(spec.get("shape"), list)
+              and all(isinstance(d, int) and d >= 0 for d in spec["shape"]))
+        if not ok:
+            raise DeltaFormatError(f"{where}: tensor {tname!r} needs {{'dtype': str, 'shape': [int, ...]}}, "
+                                   f"got {spec!r}")
 
 
 def _read_tensors(file: Path, expected: dict[str, dict[str, Any]]) -> dict[str, Tensor]:
@@ -159,8 +180,8 @@ def load_delta(path: str | Path) -> Delta:
         state = {k: tensors[f"{name}{SEP}{k}"] for k in spec["tensors"]}
         try:
             parts[name] = PART_KINDS[spec["kind"]].from_state(state, spec["meta"])
-        except (KeyError, TypeError) as exc:
-            raise DeltaFormatError(f"{path / MANIFEST}: part {name!r} metadata is incomplete ({exc})") from None
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DeltaFormatError(f"{path / MANIFEST}: part {name!r} metadata is invalid ({exc})") from None
         except ShapeMismatch as exc:
             raise ShapeMismatch(f"{path / PARTS_FILE}: part {name!r}: {exc}") from None
     head_expected = {f"{h}{SEP}{k}": s for h, spec in manifest["heads"].items() for k, s in spec.items()}

@@ -13,7 +13,8 @@ from torch import nn
 
 from deltatune.config import require
 from deltatune.methods.registry import Method, register_method
-from deltatune.methods.targets import modules_with_parameters, pattern_matches
+from deltatune.errors import TargetError
+from deltatune.methods.targets import modules_with_parameters, pattern_matches, summarise_names
 from deltatune.parts.dense import DensePart
 
 
@@ -37,5 +38,16 @@ class Full(Method):
     def create_parts(self, model: nn.Module, config: FullConfig, exclude: list[str]) -> dict[str, DensePart]:
         names = modules_with_parameters(model, exclude)
         if config.targets != ["all"]:
+            for pattern in config.targets:
+                if not any(pattern_matches(pattern, n) for n in names):
+                    raise TargetError(f"target pattern {pattern!r} matched no module with parameters. "
+                                      f"Available: {summarise_names(names)}")
             names = [n for n in names if any(pattern_matches(p, n) for p in config.targets)]
-        return {n: DensePart.for_module(model.get_submodule(n)) for n in names}
+        parts, seen = {}, set()
+        for n in names:
+            module = model.get_submodule(n)
+            own = [k for k, p in module.named_parameters(recurse=False) if id(p) not in seen]
+            seen.update(id(p) for p in module.parameters(recurse=False))
+            if own:  # a module whose weight is tied to an earlier one gets that part as an alias on attach
+                parts[n] = DensePart.for_module(module, names=own)
+        return parts

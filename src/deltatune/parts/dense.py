@@ -36,8 +36,9 @@ class DensePart(Part):
         )
 
     @classmethod
-    def for_module(cls, module: nn.Module, dtype: torch.dtype | None = None) -> DensePart:
-        params = dict(module.named_parameters(recurse=False))
+    def for_module(cls, module: nn.Module, dtype: torch.dtype | None = None,
+                   names: list[str] | None = None) -> DensePart:
+        params = {k: p for k, p in module.named_parameters(recurse=False) if names is None or k in names}
         ref = next(iter(params.values()))
         return cls({k: tuple(p.shape) for k, p in params.items()}, dtype=dtype or ref.dtype, device=ref.device)
 

@@ -188,6 +188,9 @@ def train(cfg: TrainConfig, method_config: Any) -> TrainResult:
                     save_delta(delta, out / "best", metrics={"best": best, "before": before})
         history.append(record)
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
+            bad = _first_non_finite(raw_model)
+            if _any_rank(bad is not None, accelerator):
+                raise TrainingDiverged(step, float("nan"), last_ckpt, tensor=bad)
             _save_checkpoint(out, accelerator, raw_model, optimizer, scheduler, hooks, step, data,
                              before, best, history)
             last_ckpt = str(out / "checkpoint")
@@ -224,6 +227,14 @@ def _save_checkpoint(out: Path, accelerator: Accelerator, model: nn.Module, opti
             "rng": rngs,
         })
     accelerator.wait_for_everyone()
+
+
+def _first_non_finite(model: nn.Module) -> str | None:
+    """Name of the first trainable tensor holding NaN/Inf (checked before a checkpoint is written)."""
+    for name, p in model.named_parameters():
+        if p.requires_grad and not torch.isfinite(p).all():
+            return name
+    return None
 
 
 def _better(metrics: dict[str, float], best: dict[str, float] | None, task: Task) -> bool:
