@@ -12,8 +12,8 @@ from typing import ClassVar
 from torch import nn
 
 from deltatune.config import require
-from deltatune.methods.registry import Method, register_method
 from deltatune.errors import TargetError
+from deltatune.methods.registry import Method, register_method
 from deltatune.methods.targets import modules_with_parameters, pattern_matches, summarise_names
 from deltatune.parts.dense import DensePart
 
