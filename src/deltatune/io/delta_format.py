@@ -20,6 +20,7 @@ from torch import Tensor
 from deltatune.delta import Delta
 from deltatune.errors import DeltaFormatError, ShapeMismatch
 from deltatune.io.atomic import atomic_dir
+from deltatune.io.json_io import read_json_object
 from deltatune.parts.base import PART_KINDS
 
 FORMAT = "deltatune.delta"
@@ -86,16 +87,7 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     """Read and validate ``manifest.json`` (fields, version, part kinds)."""
     path = Path(path)
     file = path / MANIFEST
-    if not path.is_dir():
-        raise DeltaFormatError(f"{path}: not a delta directory (it does not exist or is a file)")
-    if not file.is_file():
-        raise DeltaFormatError(f"{file}: missing; a delta directory holds {MANIFEST} and {PARTS_FILE}")
-    try:
-        manifest = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DeltaFormatError(f"{file}: not valid JSON ({exc})") from None
-    if not isinstance(manifest, dict):
-        raise DeltaFormatError(f"{file}: expected a JSON object")
+    manifest = read_json_object(file, "delta", f"{MANIFEST} and {PARTS_FILE}")
     missing = sorted(REQUIRED - set(manifest))
     unknown = sorted(set(manifest) - REQUIRED - OPTIONAL)
     if missing:

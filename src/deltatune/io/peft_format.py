@@ -38,6 +38,7 @@ from deltatune.delta import Delta
 from deltatune.errors import DeltaFormatError, ShapeMismatch, TargetError
 from deltatune.fingerprint import fingerprint
 from deltatune.io.atomic import atomic_dir
+from deltatune.io.json_io import read_json_object
 from deltatune.parts.base import base_layer_kind
 from deltatune.parts.layers import LayerKind, in_out_features
 from deltatune.parts.lora import LoRAPart
@@ -96,17 +97,7 @@ def _pattern_value(pattern: dict[str, Any], module: str, default: Any, where: st
 # --------------------------------------------------------------------------------------------------
 def _read_config(path: Path) -> dict[str, Any]:
     file = path / CONFIG_NAME
-    if not path.is_dir():
-        raise DeltaFormatError(f"{path}: not a PEFT adapter directory (it does not exist or is a file)")
-    if not file.is_file():
-        raise DeltaFormatError(f"{file}: missing; a PEFT adapter directory holds {CONFIG_NAME} and "
-                               f"{SAFETENSORS_NAME}")
-    try:
-        config = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DeltaFormatError(f"{file}: not valid JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise DeltaFormatError(f"{file}: expected a JSON object")
+    config = read_json_object(file, "PEFT adapter", f"{CONFIG_NAME} and {SAFETENSORS_NAME}")
     missing = [f for f in REQUIRED_FIELDS if f not in config]
     if missing:
         raise DeltaFormatError(f"{file}: missing field(s) {missing}")

@@ -76,7 +76,7 @@ class Sparse(Method):
     name = "sparse"
     config_cls = SparseConfig
     summary = "SpIEL sparse fine-tuning: trainable values at sorted indices, drop/regrow by gradient"
-    default_lr = 3e-3
+    default_lr = 5e-4
 
     def create_parts(self, model: nn.Module, config: SparseConfig, exclude: list[str]) -> dict[str, SparsePart]:
         names = select_modules(model, config.targets, exclude)

@@ -119,7 +119,7 @@ def train(cfg: TrainConfig, method_config: Any) -> TrainResult:
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     set_seed(cfg.seed)
     out = Path(cfg.out_dir)
-    log = _Logger(accelerator, out, cfg.progress)
+    log = _Logger(accelerator, cfg.progress)
     task = build_task(cfg)
     set_seed(cfg.seed)
     model = task.load_model().to(accelerator.device)
@@ -156,45 +156,47 @@ def train(cfg: TrainConfig, method_config: Any) -> TrainResult:
     stream = iter(data)
     last_ckpt: str | None = str(out / "checkpoint") if (out / "checkpoint").exists() and cfg.resume else None
     progress = log.progress(cfg.max_steps, step)
-    while step < cfg.max_steps:
-        for hook in hooks:
-            hook.before_step(step)
-        running = 0.0
-        for micro in range(cfg.grad_accum):
-            batch = next(stream)
-            sync = micro == cfg.grad_accum - 1
-            with nullcontext() if sync else accelerator.no_sync(ddp_model):
-                loss = ddp_model(**batch).loss / cfg.grad_accum
-                if _any_rank(not torch.isfinite(loss).item(), accelerator):
-                    raise TrainingDiverged(step + 1, float(loss.detach() * cfg.grad_accum), last_ckpt)
-                accelerator.backward(loss)
-            running += float(loss.detach())
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        for hook in hooks:
-            hook.after_step(step)
-        log.advance(progress, running)
-        record: dict[str, Any] = {"step": step, "loss": running, "lr": scheduler.get_last_lr()[0]}
-        if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps:
-            metrics = evaluate(raw_model, task, cfg.eval_batch_size, accelerator.device)
-            record["eval"] = metrics
-            log.say(f"step {step}: {_fmt(metrics)}")
-            if metrics and cfg.keep_best and _better(metrics, best, task):
-                best = {**metrics, "step": step}
-                delta.snapshot_heads(raw_model)
-                if accelerator.is_main_process:
-                    save_delta(delta, out / "best", metrics={"best": best, "before": before})
-        history.append(record)
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
-            bad = _first_non_finite(raw_model)
-            if _any_rank(bad is not None, accelerator):
-                raise TrainingDiverged(step, float("nan"), last_ckpt, tensor=bad)
-            _save_checkpoint(out, accelerator, raw_model, optimizer, scheduler, hooks, step, data,
-                             before, best, history)
-            last_ckpt = str(out / "checkpoint")
-    log.close(progress)
+    try:
+        while step < cfg.max_steps:
+            for hook in hooks:
+                hook.before_step(step)
+            running = 0.0
+            for micro in range(cfg.grad_accum):
+                batch = next(stream)
+                sync = micro == cfg.grad_accum - 1
+                with nullcontext() if sync else accelerator.no_sync(ddp_model):
+                    loss = ddp_model(**batch).loss / cfg.grad_accum
+                    if _any_rank(not torch.isfinite(loss).item(), accelerator):
+                        raise TrainingDiverged(step + 1, float(loss.detach() * cfg.grad_accum), last_ckpt)
+                    accelerator.backward(loss)
+                running += float(loss.detach())
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            for hook in hooks:
+                hook.after_step(step)
+            log.advance(progress, running)
+            record: dict[str, Any] = {"step": step, "loss": running, "lr": scheduler.get_last_lr()[0]}
+            if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps:
+                metrics = evaluate(raw_model, task, cfg.eval_batch_size, accelerator.device)
+                record["eval"] = metrics
+                log.say(f"step {step}: {_fmt(metrics)}")
+                if metrics and cfg.keep_best and _better(metrics, best, task):
+                    best = {**metrics, "step": step}
+                    delta.snapshot_heads(raw_model)
+                    if accelerator.is_main_process:
+                        save_delta(delta, out / "best", metrics={"best": best, "before": before})
+            history.append(record)
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
+                bad = _first_non_finite(raw_model)
+                if _any_rank(bad is not None, accelerator):
+                    raise TrainingDiverged(step, float("nan"), last_ckpt, tensor=bad)
+                _save_checkpoint(out, accelerator, raw_model, optimizer, scheduler, hooks, step, data,
+                                 before, best, history)
+                last_ckpt = str(out / "checkpoint")
+    finally:
+        log.close(progress)
 
     final = history[-1].get("eval", {}) if history else {}
     delta.snapshot_heads(raw_model)
@@ -253,9 +255,8 @@ def _fmt(metrics: dict[str, float]) -> str:
 class _Logger:
     """Prints and a rich progress bar on the main process only."""
 
-    def __init__(self, accelerator: Accelerator, out: Path, show_bar: bool) -> None:
-        self.main = accelerator.is_main_process
-        self.out, self.show_bar = out, show_bar
+    def __init__(self, accelerator: Accelerator, show_bar: bool) -> None:
+        self.main, self.show_bar = accelerator.is_main_process, show_bar
 
     def say(self, text: str) -> None:
         if self.main:
