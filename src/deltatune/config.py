@@ -80,10 +80,6 @@ def parse_config(cls: type[C], mapping: Mapping[str, Any], where: str = "config"
         raise ConfigError(f"{where}: {exc}") from None
 
 
-def config_to_dict(config: Any) -> dict[str, Any]:
-    return dataclasses.asdict(config)
-
-
 def describe_fields(cls: type) -> list[tuple[str, str, str, str]]:
     """``(name, type, default, help)`` rows for ``--help`` style listings."""
     hints = typing.get_type_hints(cls)

@@ -29,7 +29,6 @@ class Part(nn.Module):
     """Base class of every delta kind; subclasses register themselves by ``kind``."""
 
     kind: ClassVar[str] = ""
-    mergeable: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

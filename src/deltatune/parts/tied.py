@@ -17,8 +17,6 @@ from deltatune.parts.base import Part, base_layer_kind, forward_with_delta
 
 
 class TiedAlias(Part):
-    mergeable = False
-
     def __init__(self, owner: Part, owner_name: str) -> None:
         super().__init__()
         self.owner_name = owner_name
