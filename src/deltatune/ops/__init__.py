@@ -1,0 +1,1 @@
+"""Pure tensor operations on deltas: sparsification and merging (issue 3 builds on these)."""

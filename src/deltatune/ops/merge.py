@@ -1,0 +1,95 @@
+"""Merge task vectors ``τ_t`` of one tensor (pure functions; streaming planners call them per tensor).
+
+* :func:`task_arithmetic` — ``τ = λ·Σ_t w_t τ_t`` (÷ ``Σ w_t`` with ``normalize``); Ilharco et al.,
+  ICLR 2023.  Negation is a negative weight.
+* :func:`elect_sign` — ``γ = sgn(Σ_t w_t τ_t)`` (TIES "mass" rule); coordinates whose sum is exactly 0
+  get ``+1`` (mergekit) or the majority sign of the tensor (the TIES authors resolve it globally).
+* :func:`disjoint_merge` — per coordinate, average (weighted, over the agreeing models only) the
+  entries whose sign equals ``γ``; ``normalize=False`` sums them.
+* :func:`ties` — trim (:func:`magnitude_trim`) → elect → disjoint merge → ``λ``; Yadav et al.,
+  NeurIPS 2023.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from deltatune.errors import ConfigError
+from deltatune.ops.sparsify import magnitude_trim
+
+
+def _weights(n: int, weights: Sequence[float] | None) -> list[float]:
+    if weights is None:
+        return [1.0] * n
+    if len(weights) != n:
+        raise ConfigError(f"{len(weights)} weights for {n} task vectors")
+    return [float(w) for w in weights]
+
+
+def _stack(taus: Sequence[Tensor]) -> Tensor:
+    if not taus:
+        raise ConfigError("no task vectors to merge")
+    shapes = {tuple(t.shape) for t in taus}
+    if len(shapes) != 1:
+        raise ConfigError(f"task vectors of different shapes {sorted(shapes)}")
+    stacked = torch.stack([t.float() for t in taus])
+    if not torch.isfinite(stacked).all():
+        raise ConfigError("a task vector holds NaN or Inf")
+    return stacked
+
+
+def task_arithmetic(taus: Sequence[Tensor], weights: Sequence[float] | None = None, lam: float = 1.0,
+                    normalize: bool = False) -> Tensor:
+    stacked = _stack(taus)
+    w = torch.tensor(_weights(len(taus), weights)).view(-1, *[1] * (stacked.dim() - 1))
+    total = (w * stacked).sum(0)
+    if normalize:
+        denom = float(w.sum())
+        if denom == 0:
+            raise ConfigError("normalize=True but the weights sum to 0")
+        total = total / denom
+    return lam * total
+
+
+def elect_sign(weighted: Tensor, zero: Literal["plus", "majority"] = "plus") -> Tensor:
+    """``γ`` from the stacked, weighted task vectors ``(T, …)``; values in {−1, +1}."""
+    mass = weighted.sum(0)
+    sign = torch.sign(mass)
+    majority_negative = zero == "majority" and float(sign.sum()) < 0
+    fill = -1.0 if majority_negative else 1.0
+    return torch.where(sign == 0, torch.full_like(sign, fill), sign)
+
+
+def disjoint_merge(stacked: Tensor, sign: Tensor, weights: Sequence[float] | None = None,
+                   normalize: bool = True) -> Tensor:
+    """``Σ_{t∈A} w_t τ_t / Σ_{t∈A} w_t`` over ``A = {t : sgn(τ_t) = γ, τ_t ≠ 0}`` (0 where ``A`` is empty)."""
+    w = torch.tensor(_weights(stacked.shape[0], weights)).view(-1, *[1] * (stacked.dim() - 1))
+    agree = (torch.sign(stacked) == sign) & (stacked != 0)
+    total = (stacked * w * agree).sum(0)
+    if not normalize:
+        return total
+    denom = (w * agree).sum(0)
+    return torch.where(denom != 0, total / torch.where(denom != 0, denom, torch.ones_like(denom)),
+                       torch.zeros_like(total))
+
+
+def ties(taus: Sequence[Tensor], density: float = 0.2, weights: Sequence[float] | None = None,
+         lam: float = 1.0, preset: Literal["mergekit", "paper"] = "mergekit") -> Tensor:
+    """TIES on one tensor.
+
+    ``mergekit``: exact top-k per tensor, weights applied before the sign vote, zero sums → +1,
+    weighted disjoint mean.  ``paper``: threshold trim (ties keep extra entries), unweighted vote,
+    zero sums → the majority sign, plain disjoint mean (the authors trim and resolve signs over the
+    whole model; a streaming planner supplies that scope).
+    """
+    stacked = _stack(taus)
+    exact = preset == "mergekit"
+    trimmed = torch.stack([magnitude_trim(t, density, exact=exact) for t in stacked])
+    w = _weights(len(taus), weights if preset == "mergekit" else None)
+    wv = torch.tensor(w).view(-1, *[1] * (stacked.dim() - 1))
+    sign = elect_sign(trimmed * wv, zero="plus" if preset == "mergekit" else "majority")
+    return lam * disjoint_merge(trimmed, sign, w, normalize=True)

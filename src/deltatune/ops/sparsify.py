@@ -1,0 +1,67 @@
+"""Sparsify one task vector ``τ = θ_ft − θ₀`` (per tensor).
+
+* :func:`magnitude_trim` — keep the largest ``|τ|`` (TIES' trim, Yadav et al., NeurIPS 2023).
+  ``exact=True`` keeps exactly ``k = max(1, ⌊ρ·n⌋)`` entries (mergekit 0.1.5); ``exact=False`` keeps
+  ``|τ| ≥ t_k``, the k-th largest magnitude, so ties at the threshold keep extra entries (the
+  authors' code).
+* :func:`dare` — drop each entry with probability ``p = 1 − ρ`` and rescale the survivors
+  (Yu et al., "Language Models are Super Mario", ICML 2024): by ``1/(1−p)`` (paper) or so that the
+  L1 norm is unchanged (mergekit).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from deltatune.errors import ConfigError
+
+
+def _check_density(density: float) -> None:
+    if not 0.0 < density <= 1.0:
+        raise ConfigError(f"density must be in (0, 1], got {density}")
+
+
+def keep_count(n: int, density: float) -> int:
+    """``k = max(1, ⌊ρ·n⌋)`` entries kept out of ``n``."""
+    _check_density(density)
+    return max(1, int(density * n))
+
+
+def magnitude_trim(tau: Tensor, density: float, exact: bool = True) -> Tensor:
+    """``τ`` with all but the top-``k`` magnitudes zeroed (``kthvalue``/``topk``, no full sort)."""
+    k = keep_count(tau.numel(), density)
+    if k >= tau.numel():
+        return tau.clone()
+    flat = tau.reshape(-1)
+    mags = flat.abs().float()
+    if exact:
+        keep = torch.zeros_like(flat, dtype=torch.bool)
+        keep[mags.topk(k, sorted=False).indices] = True
+    else:
+        threshold = mags.kthvalue(flat.numel() - k + 1).values
+        keep = mags >= threshold
+    return torch.where(keep, flat, torch.zeros_like(flat)).view_as(tau)
+
+
+def dare(tau: Tensor, density: float, generator: torch.Generator | None = None,
+         rescale: Literal["inverse", "l1", "none"] = "inverse") -> Tensor:
+    """Drop-and-rescale: ``τ̃ = m ⊙ τ · s`` with ``m ~ Bernoulli(ρ)``.
+
+    ``s = 1/ρ`` (``inverse``, the paper: ``E[τ̃] = τ``), ``s = ‖τ‖₁ / ‖m⊙τ‖₁`` (``l1``, mergekit) or 1.
+    The mask is drawn in fp32 on the CPU from ``generator`` so results do not depend on device or
+    execution order when each tensor gets its own seeded generator.
+    """
+    _check_density(density)
+    keep = torch.rand(tau.shape, generator=generator, dtype=torch.float32) < density
+    kept = torch.where(keep.to(tau.device), tau, torch.zeros_like(tau))
+    if rescale == "inverse":
+        return kept / density
+    if rescale == "l1":
+        kept_l1 = kept.float().abs().sum()
+        if kept_l1 == 0:
+            return kept
+        return (kept.float() * (tau.float().abs().sum() / kept_l1)).to(tau.dtype)
+    return kept
