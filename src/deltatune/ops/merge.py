@@ -55,26 +55,40 @@ def task_arithmetic(taus: Sequence[Tensor], weights: Sequence[float] | None = No
     return lam * total
 
 
-def elect_sign(weighted: Tensor, zero: Literal["plus", "majority"] = "plus") -> Tensor:
-    """``γ`` from the stacked, weighted task vectors ``(T, …)``; values in {−1, +1}."""
-    mass = weighted.sum(0)
-    sign = torch.sign(mass)
-    majority_negative = zero == "majority" and float(sign.sum()) < 0
-    fill = -1.0 if majority_negative else 1.0
+def elect_sign(weighted: Tensor, zero: Literal["plus", "majority"] | float = "plus") -> Tensor:
+    """``γ`` from the stacked, weighted task vectors ``(T, …)``; values in {−1, +1}.
+
+    ``zero`` fills coordinates whose sum is exactly 0: ``plus`` (+1, mergekit), ``majority`` (the
+    majority sign of this tensor) or a given sign (the model-wide majority from a streaming pass).
+    """
+    sign = torch.sign(weighted.sum(0))
+    fill = {"plus": 1.0, "majority": -1.0 if float(sign.sum()) < 0 else 1.0}.get(zero) if isinstance(zero, str) \
+        else float(zero)
     return torch.where(sign == 0, torch.full_like(sign, fill), sign)
 
 
 def disjoint_merge(stacked: Tensor, sign: Tensor, weights: Sequence[float] | None = None,
-                   normalize: bool = True) -> Tensor:
-    """``Σ_{t∈A} w_t τ_t / Σ_{t∈A} w_t`` over ``A = {t : sgn(τ_t) = γ, τ_t ≠ 0}`` (0 where ``A`` is empty)."""
-    w = torch.tensor(_weights(stacked.shape[0], weights)).view(-1, *[1] * (stacked.dim() - 1))
-    agree = (torch.sign(stacked) == sign) & (stacked != 0)
-    total = (stacked * w * agree).sum(0)
-    if not normalize:
+                   normalize: bool = True, divide: Literal["weights", "count"] = "weights",
+                   mask_weighted: bool = False) -> Tensor:
+    """``Σ_{t∈A} w_t τ_t / D`` over ``A = {t : sgn(τ_t) = γ, τ_t ≠ 0}``.
+
+    ``D = Σ_{t∈A} w_t`` (``divide="weights"``; no division when ``normalize`` is false) or ``|A|``
+    (``"count"``, PEFT); ``D = 0`` divides by 1.  ``mask_weighted`` tests ``sgn(w_t τ_t)`` instead of
+    ``sgn(τ_t)`` (mergekit weighs before voting, so a negative weight flips membership).  Accumulates
+    task by task: temporaries stay at a few copies of one tensor.
+    """
+    w = _weights(stacked.shape[0], weights)
+    positive = sign > 0
+    total = torch.zeros_like(stacked[0], dtype=torch.float32)
+    denom = torch.zeros_like(total)
+    for wt, t in zip(w, stacked, strict=True):
+        signed = t * wt if (mask_weighted and wt < 0) else t
+        agree = torch.where(positive, signed > 0, signed < 0)
+        total.add_(torch.where(agree, t, 0.0), alpha=wt)
+        denom.add_(agree.to(denom.dtype), alpha=1.0 if divide == "count" else wt)
+    if divide == "weights" and not normalize:
         return total
-    denom = (w * agree).sum(0)
-    return torch.where(denom != 0, total / torch.where(denom != 0, denom, torch.ones_like(denom)),
-                       torch.zeros_like(total))
+    return total / torch.where(denom == 0, torch.ones_like(denom), denom)
 
 
 def ties(taus: Sequence[Tensor], density: float = 0.2, weights: Sequence[float] | None = None,
@@ -84,7 +98,7 @@ def ties(taus: Sequence[Tensor], density: float = 0.2, weights: Sequence[float] 
     ``mergekit``: exact top-k per tensor, weights applied before the sign vote, zero sums → +1,
     weighted disjoint mean.  ``paper``: threshold trim (ties keep extra entries), unweighted vote,
     zero sums → the majority sign, plain disjoint mean (the authors trim and resolve signs over the
-    whole model; a streaming planner supplies that scope).
+    whole model; the streaming engine supplies that scope).
     """
     stacked = _stack(taus)
     exact = preset == "mergekit"
@@ -92,4 +106,4 @@ def ties(taus: Sequence[Tensor], density: float = 0.2, weights: Sequence[float] 
     w = _weights(len(taus), weights if preset == "mergekit" else None)
     wv = torch.tensor(w).view(-1, *[1] * (stacked.dim() - 1))
     sign = elect_sign(trimmed * wv, zero="plus" if preset == "mergekit" else "majority")
-    return lam * disjoint_merge(trimmed, sign, w, normalize=True)
+    return lam * disjoint_merge(trimmed, sign, w, normalize=True, mask_weighted=exact)

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -37,12 +38,13 @@ def magnitude_trim(tau: Tensor, density: float, exact: bool = True) -> Tensor:
         return tau.clone()
     flat = tau.reshape(-1)
     mags = flat.abs().float()
-    if exact:
-        keep = torch.zeros_like(flat, dtype=torch.bool)
-        keep[mags.topk(k, sorted=False).indices] = True
-    else:
-        threshold = mags.kthvalue(flat.numel() - k + 1).values
-        keep = mags >= threshold
+    threshold = mags.kthvalue(flat.numel() - k + 1).values
+    keep = mags >= threshold
+    if exact:  # keep exactly k: everything above the threshold, then the first ties in flat order
+        keep = mags > threshold
+        missing = k - int(keep.sum())
+        if missing > 0:
+            keep[(mags == threshold).nonzero().squeeze(1)[:missing]] = True
     return torch.where(keep, flat, torch.zeros_like(flat)).view_as(tau)
 
 
@@ -65,3 +67,21 @@ def dare(tau: Tensor, density: float, generator: torch.Generator | None = None,
             return kept
         return (kept.float() * (tau.float().abs().sum() / kept_l1)).to(tau.dtype)
     return kept
+
+
+def require_finite(tensor: Tensor, what: str) -> None:
+    """Raise :class:`ConfigError` naming ``what`` when ``tensor`` holds NaN or ±Inf."""
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        raise ConfigError(f"{what} holds NaN or Inf")
+
+
+def stack_task_vectors(taus: Sequence[Tensor], what: str = "task vectors", min_count: int = 1) -> Tensor:
+    """Stack same-shape tensors into one fp32 ``(T, …)`` tensor, checking count, shapes and finiteness."""
+    if len(taus) < min_count:
+        raise ConfigError(f"need at least {min_count} {what}, got {len(taus)}")
+    shapes = {tuple(t.shape) for t in taus}
+    if len(shapes) != 1:
+        raise ConfigError(f"{what} have different shapes {sorted(shapes)}")
+    stacked = torch.stack([t.float() for t in taus])
+    require_finite(stacked, f"one of the {what}")
+    return stacked

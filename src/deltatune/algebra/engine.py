@@ -1,0 +1,266 @@
+"""The streaming merge driver: plan the tensors, gather global statistics, merge tensor by tensor, write.
+
+For every parameter the driver reads the inputs' task vectors (``θ_ft − θ₀`` from checkpoints, or a
+part's ``ΔW`` from deltas), runs the method's kernel and writes ``θ₀ + f(ℓ)·τ_m`` (``f`` = LiNeS'
+depth factor, 1 without it) to a sharded checkpoint, or collects ``τ_m`` into a delta.  Only one
+tensor group is resident at a time when reading checkpoints; global statistics (per-task top-k
+thresholds, PCB quantiles, the majority sign) come from extra streaming passes.  Random masks use a
+generator seeded from ``(seed, tensor name, input index)``, so results do not depend on order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from deltatune.algebra.checkpoint import CheckpointReader, is_checkpoint
+from deltatune.algebra.inputs import CheckpointInput, DeltaInput, VocabRule
+from deltatune.algebra.methods import MergeMethod, TensorJob, get_merge_method
+from deltatune.algebra.options import resolve_params
+from deltatune.algebra.output import collect_delta, merged_heads, write_checkpoint
+from deltatune.algebra.stats import gather_stats, lines_norms
+from deltatune.delta import Delta
+from deltatune.errors import ConfigError, FingerprintMismatch, ShapeMismatch
+from deltatune.ops import lines as lines_ops
+
+OUTPUTS = ("dense", "sparse", "lowrank", "checkpoint")
+
+
+def tensor_seed(seed: int, key: str, index: int) -> int:
+    """A stable 63-bit seed for ``(seed, tensor, input)`` (BLAKE2b, independent of Python's hash)."""
+    digest = hashlib.blake2b(f"{seed}\x00{key}\x00{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def _open_inputs(inputs: Sequence[Delta | str | Path], base: CheckpointReader | None, vocab: VocabRule
+                 ) -> list[DeltaInput] | list[CheckpointInput]:
+    from deltatune.api import as_delta
+
+    opened: list[Any] = []
+    for i, item in enumerate(inputs):
+        if isinstance(item, Delta):
+            opened.append(DeltaInput(item, f"input {i}"))
+        elif is_checkpoint(item) and not (Path(item) / "manifest.json").is_file():
+            if base is None:
+                raise ConfigError(f"{item} is a full checkpoint: merging checkpoints needs base (the checkpoint "
+                                  "they were fine-tuned from)")
+            opened.append(CheckpointInput(item, base, vocab))
+        else:
+            opened.append(DeltaInput(as_delta(item), str(item)))
+    if len({type(x) for x in opened}) > 1:
+        raise ConfigError("inputs mix full checkpoints and deltas; merge them separately (a delta can be written "
+                          "as a checkpoint with `deltatune apply`)")
+    return opened
+
+
+def _check_same_base(sources: list[Any], force: bool) -> dict[str, Any] | None:
+    prints = [s.fingerprint for s in sources]
+    first = prints[0]
+    for s, fp in zip(sources[1:], prints[1:], strict=True):
+        if fp != first and not force:
+            raise FingerprintMismatch(f"{sources[0].label} and {s.label} were trained on different base models "
+                                      f"({first} vs {fp}); pass force=True (CLI --force) to merge anyway")
+    return first
+
+
+def _plan_keys(sources: list[Any]) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {}
+    owner: dict[str, str] = {}
+    for s in sources:
+        for key in s.names():
+            shape = tuple(s.shape(key))
+            if key in shapes and shapes[key] != shape:
+                raise ShapeMismatch(f"tensor {key!r}: {owner[key]} has shape {shapes[key]}, {s.label} has {shape}")
+            shapes.setdefault(key, shape)
+            owner.setdefault(key, s.label)
+    return shapes
+
+
+def _base_lookup(base: CheckpointReader | None, shapes: dict[str, tuple[int, ...]], vocab: VocabRule,
+                 rows: dict[str, int]) -> Callable[[str], Tensor]:
+    """``key → θ₀`` (fp32), mapping a delta's module path onto the checkpoint's key names if needed."""
+    cache: dict[str, str] = {}
+
+    def resolve(key: str) -> str:
+        if key in cache:
+            return cache[key]
+        assert base is not None
+        candidates = [key] + [key.split(".", i)[-1] for i in range(1, key.count("."))]
+        found = next((c for c in candidates if c in base), None)
+        if found is None:
+            raise ShapeMismatch(f"base checkpoint {base.path} has no tensor for {key!r}")
+        cache[key] = found
+        return found
+
+    def get(key: str) -> Tensor:
+        if base is None:
+            raise ConfigError("this merge needs the base weights: pass base (CLI: base_model / base in the YAML)")
+        value = base.get_float(resolve(key))
+        want = rows.get(key)
+        if want is not None and want != value.shape[0]:
+            if want < value.shape[0]:
+                return value[:want]
+            fill = value.mean(0, keepdim=True).expand(want - value.shape[0], *value.shape[1:])
+            return torch.cat([value, fill])
+        if key in shapes and tuple(value.shape) != shapes[key]:
+            raise ShapeMismatch(f"base tensor {key!r} has shape {tuple(value.shape)}, the inputs have {shapes[key]}")
+        return value
+
+    return get
+
+
+def _vocab_rows(sources: list[Any], base: CheckpointReader | None, vocab: VocabRule) -> dict[str, int]:
+    if vocab == "error" or base is None or not isinstance(sources[0], CheckpointInput):
+        return {}
+    rows: dict[str, int] = {}
+    for key in sources[0].names():
+        sizes = {s.rows(key) for s in sources} | {base.shape(key)[0]}
+        if len(sizes) > 1:
+            rows[key] = base.shape(key)[0] if vocab == "truncate" else max(sizes)
+    return rows
+
+
+@dataclass
+class MergePlan:
+    """Everything a pass over the tensors needs: the inputs, the tensor names and shapes, the resolved
+    parameters, the base lookup, the seed and the global statistics gathered so far."""
+
+    sources: list[Any]
+    shapes: dict[str, tuple[int, ...]]
+    method: MergeMethod
+    params: dict[str, Any]
+    per_input: list[dict[str, Any]]
+    base_of: Callable[[str], Tensor]
+    seed: int
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def jobs(self, progress: str | None = None) -> Iterator[TensorJob]:
+        keys: Any = list(self.shapes)
+        if progress:
+            from rich.progress import track
+
+            keys = track(keys, description=progress, transient=True)
+        checkpoint = isinstance(self.sources[0], CheckpointInput)
+        for key in keys:
+            if checkpoint:
+                base_value = self.base_of(key)
+                taus = [s.tau(key, base_value) for s in self.sources]
+                base_fn: Callable[[], Tensor] = lambda v=base_value: v  # noqa: E731
+            else:
+                taus = [s.tau(key) if key in s.keys_set else torch.zeros(self.shapes[key]) for s in self.sources]
+                base_fn = lambda k=key: self.base_of(k)  # noqa: E731
+            yield TensorJob(key, taus, self.params, self.per_input, base_fn,
+                            lambda i, k=key: torch.Generator().manual_seed(tensor_seed(self.seed, k, i)), self.stats)
+
+    def visit(self, fn: Callable[[TensorJob], None], progress: bool = False) -> None:
+        for job in self.jobs("statistics" if progress else None):
+            fn(job)
+
+
+def merge(
+    inputs: Sequence[Delta | str | Path],
+    method: str,
+    *,
+    base: str | Path | None = None,
+    weights: Sequence[float] | None = None,
+    params: dict[str, Any] | None = None,
+    input_params: Sequence[dict[str, Any]] | None = None,
+    preset: str = "paper",
+    output: str = "dense",
+    out: str | Path | None = None,
+    rank: int | None = None,
+    seed: int = 0,
+    lines: dict[str, Any] | None = None,
+    target_base: str | Path | None = None,
+    vocab: VocabRule = "error",
+    heads: str = "auto",
+    out_dtype: torch.dtype | None = None,
+    shard_size: str | int = "5GB",
+    force: bool = False,
+    progress: bool = False,
+) -> Delta | Path:
+    """Merge deltas or fine-tuned checkpoints with ``method``; see the module docstring for the flow."""
+    spec = get_merge_method(method)
+    if output not in OUTPUTS:
+        raise ConfigError(f"output must be one of {list(OUTPUTS)}, got {output!r}")
+    if not inputs:
+        raise ConfigError("no inputs to merge")
+    if len(inputs) < spec.min_inputs or (spec.max_inputs is not None and len(inputs) > spec.max_inputs):
+        most = spec.max_inputs if spec.max_inputs is not None else "any"
+        raise ConfigError(f"{method} takes {spec.min_inputs}..{most} inputs, got {len(inputs)}")
+    if vocab not in ("error", "truncate", "extend"):
+        raise ConfigError(f"vocab must be 'error', 'truncate' or 'extend', got {vocab!r}")
+    if output == "checkpoint" and out is None:
+        raise ConfigError("output 'checkpoint' needs out (a directory to write)")
+    raw_inputs = [dict(p) for p in (input_params or [{} for _ in inputs])]
+    if len(raw_inputs) != len(inputs):
+        raise ConfigError(f"{len(raw_inputs)} input parameter sets for {len(inputs)} inputs")
+    if weights is not None:
+        if len(weights) != len(inputs):
+            raise ConfigError(f"{len(weights)} weights for {len(inputs)} inputs")
+        for p, w in zip(raw_inputs, weights, strict=True):
+            p.setdefault("weight", w)
+    resolved, per_input = resolve_params(method, spec.params, preset, params or {}, raw_inputs)
+    base_reader = CheckpointReader(base) if base is not None else None
+    sources = _open_inputs(inputs, base_reader, vocab)
+    checkpoint_inputs = isinstance(sources[0], CheckpointInput)
+    fingerprint = None if checkpoint_inputs else _check_same_base(sources, force)
+    shapes = _plan_keys(sources)
+    rows = _vocab_rows(sources, base_reader, vocab)
+    base_of = _base_lookup(base_reader, shapes, vocab, rows)
+    if spec.needs_base and base_reader is None:
+        raise ConfigError(f"{method} needs the base weights: pass base")
+    plan = MergePlan(sources, shapes, spec, resolved, per_input, base_of, seed)
+    plan.stats.update(gather_stats(spec, resolved, per_input, lambda fn: plan.visit(fn, progress)))
+    factor = _lines_factor(lines, plan)
+
+    def merged() -> Iterator[tuple[str, Tensor]]:
+        for job in plan.jobs(method if progress else None):
+            yield job.key, spec.kernel(job) * factor(job.key)
+
+    record = {"method": method, "preset": preset, "params": resolved, "inputs": per_input, "seed": seed,
+              "sources": [s.label for s in sources], "lines": lines}
+    if checkpoint_inputs and output == "checkpoint":
+        assert base_reader is not None
+        target = CheckpointReader(target_base) if target_base is not None else base_reader
+        return write_checkpoint(Path(out), merged(), target, rows, out_dtype, shard_size, record)
+    if checkpoint_inputs:
+        return collect_delta(merged(), None, output, rank, record, base_path=base, out=out)
+    result = collect_delta(merged(), sources, output, rank, record, fingerprint=fingerprint,
+                           heads=merged_heads(sources, per_input, heads), out=None)
+    if output == "checkpoint":
+        from deltatune.api import apply_to_checkpoint
+
+        apply_to_checkpoint(result, out, model=str(base) if base else None, force=force, shard_size=shard_size,
+                            dtype=out_dtype)
+        return Path(out)
+    if out is not None:
+        result.save(out)
+    return result
+
+
+def _lines_factor(lines: dict[str, Any] | None, plan: MergePlan) -> Callable[[str], float]:
+    """LiNeS (Wang et al., ICLR 2025, arXiv 2410.17146): ``λ(ℓ) = α + β·ℓ/(L − 1)`` per block ``ℓ``.
+
+    ``alpha: auto`` is the multi-task rule ``α = ‖Σ_t τ_t‖₁ / (T·‖τ_m‖₁)`` (one extra pass).
+    """
+    if not lines:
+        return lambda key: 1.0
+    unknown = set(lines) - {"alpha", "beta"}
+    if unknown or "beta" not in lines:
+        raise ConfigError(f"lines takes 'alpha' (a number or 'auto') and 'beta'; got {sorted(lines)}")
+    num_layers = lines_ops.count_layers(plan.shapes)
+    if num_layers < 1:
+        raise ConfigError("lines: no transformer blocks found in the tensor names (expected e.g. 'layers.3.')")
+    alpha = lines.get("alpha", "auto")
+    if alpha == "auto":
+        total, merged_l1 = lines_norms((job, plan.method.kernel(job)) for job in plan.jobs())
+        alpha = lines_ops.lines_multitask_alpha(total, merged_l1, len(plan.sources))
+    alpha, beta = float(alpha), float(lines["beta"])
+    return lambda key: lines_ops.lines_factor(lines_ops.layer_index(key, num_layers), num_layers, alpha, beta)

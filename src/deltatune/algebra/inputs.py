@@ -1,0 +1,135 @@
+"""Merge inputs as task vectors ``τ = θ_ft − θ₀``, keyed by parameter name and densified one tensor at a time.
+
+* :class:`DeltaInput` — a deltatune delta (or a PEFT adapter loaded as one): ``τ`` of
+  ``<module>.weight`` is the part's ``ΔW`` in the module's native layout (``B·A·s`` for LoRA, the
+  scattered values for a sparse part); dense parts give one key per parameter.
+* :class:`CheckpointInput` — a full fine-tuned checkpoint read lazily next to its base checkpoint
+  (mergekit's inputs): ``τ = θ_ft − θ₀`` in fp32 for every floating tensor both hold.
+
+Vocabulary mismatches (a fine-tune that added tokens) are an error unless ``vocab`` says how to
+align the rows of embedding-like tensors: ``truncate`` keeps the base's rows (new tokens dropped),
+``extend`` keeps every row, giving missing rows a zero delta and the base the mean of its rows.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from deltatune.algebra.checkpoint import CheckpointReader
+from deltatune.delta import Delta
+from deltatune.errors import DeltaFormatError, ShapeMismatch
+from deltatune.parts.dense import DensePart
+from deltatune.parts.tied import TiedAlias
+
+VocabRule = Literal["error", "truncate", "extend"]
+
+
+def _finite(tau: Tensor, where: str) -> Tensor:
+    if not torch.isfinite(tau).all():
+        bad = int((~torch.isfinite(tau)).sum())
+        raise DeltaFormatError(f"{where}: {bad} NaN/Inf value(s) in the task vector")
+    return tau
+
+
+class DeltaInput:
+    """A :class:`Delta` seen as ``{parameter name: τ}``."""
+
+    def __init__(self, delta: Delta, label: str) -> None:
+        self.delta, self.label = delta, label
+        self._keys: dict[str, tuple[str, str]] = {}
+        for module, part in delta.parts.items():
+            if isinstance(part, TiedAlias):
+                continue
+            params = list(part.shapes) if isinstance(part, DensePart) else ["weight"]
+            for p in params:
+                self._keys[f"{module}.{p}"] = (module, p)
+        self.keys_set = set(self._keys)
+
+    @property
+    def fingerprint(self) -> dict[str, Any] | None:
+        return self.delta.fingerprint
+
+    def names(self) -> list[str]:
+        return list(self._keys)
+
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        module, p = self._keys[key]
+        part = self.delta.parts[module]
+        if isinstance(part, DensePart):
+            return part.shapes[p]
+        meta = part.meta()
+        if "weight_shape" in meta:
+            return tuple(meta["weight_shape"])
+        return tuple(part.delta_weight().shape)
+
+    def layer_kind(self, key: str) -> str | None:
+        module, _ = self._keys[key]
+        return str(getattr(self.delta.parts[module], "layer", "")) or None
+
+    def tau(self, key: str) -> Tensor:
+        module, p = self._keys[key]
+        part = self.delta.parts[module]
+        with torch.no_grad():
+            value = part.delta_for(p) if isinstance(part, DensePart) else part.delta_weight()
+        return _finite(value.detach().float().clone(), f"{self.label}:{key}")
+
+
+def _is_vocab_axis(key: str) -> bool:
+    return any(s in key for s in ("embed", "lm_head", "wte", "word_embeddings", "output.weight"))
+
+
+class CheckpointInput:
+    """A fine-tuned checkpoint and its base, both read lazily: ``τ = θ_ft − θ₀`` per floating tensor."""
+
+    def __init__(self, finetuned: str | Path, base: CheckpointReader, vocab: VocabRule = "error") -> None:
+        self.label = str(finetuned)
+        self.reader = CheckpointReader(finetuned)
+        self.base, self.vocab = base, vocab
+        missing = [k for k in base.names() if base.is_floating(k) and k not in self.reader]
+        if missing:
+            raise ShapeMismatch(f"{self.label} lacks {len(missing)} tensor(s) of the base, e.g. {missing[:3]}")
+        for k in self.names():
+            self._check_shape(k)
+
+    fingerprint = None
+
+    def names(self) -> list[str]:
+        return [k for k in self.base.names() if self.base.is_floating(k)]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.base.shape(key)
+
+    def layer_kind(self, key: str) -> str | None:
+        return None
+
+    def _check_shape(self, key: str) -> None:
+        mine, base = self.reader.shape(key), self.base.shape(key)
+        if mine == base:
+            return
+        if self.vocab != "error" and _is_vocab_axis(key) and mine[1:] == base[1:]:
+            return
+        hint = " (a vocabulary mismatch: pass vocab='truncate' or 'extend' to align rows)" if (
+            _is_vocab_axis(key) and mine[1:] == base[1:]) else ""
+        raise ShapeMismatch(f"{self.label}: tensor {key!r} has shape {mine}, the base has {base}{hint}")
+
+    def rows(self, key: str) -> int:
+        return self.reader.shape(key)[0]
+
+    def tau(self, key: str, base_value: Tensor | None = None) -> Tensor:
+        """``θ_ft − θ₀`` in fp32 against ``base_value`` (the base tensor, already row-aligned by the engine).
+
+        Rows the fine-tune lacks get a zero delta; rows beyond ``base_value`` are dropped.
+        """
+        ft = self.reader.get_float(key)
+        b = base_value if base_value is not None else self.base.get_float(key)
+        if ft.shape == b.shape:
+            return _finite(ft.sub_(b), f"{self.label}:{key}")
+        m = min(ft.shape[0], b.shape[0])
+        tau = torch.zeros_like(b)
+        tau[:m] = ft[:m] - b[:m]
+        return _finite(tau, f"{self.label}:{key}")

@@ -1,0 +1,242 @@
+"""Merge methods: per-tensor kernels over task vectors ``τ_t`` plus the parameters each reads.
+
+Every kernel receives a :class:`TensorJob` for one parameter and returns the merged task vector
+``τ_m`` for it (the engine writes ``θ₀ + f_LiNeS(ℓ)·τ_m``).  The math lives in ``deltatune.ops``;
+kernels only pick the semantics chosen by the preset (see :mod:`deltatune.algebra.options`).
+
+* ``linear`` — model soup ``Σ w_t θ_t / Σ w_t`` (Wortsman et al., ICML 2022, arXiv 2203.05482).
+* ``task_arithmetic`` — ``λ·Σ w_t τ_t`` (Ilharco et al., ICLR 2023, arXiv 2212.04089).
+* ``ties`` — trim, elect sign, disjoint mean (Yadav et al., NeurIPS 2023, arXiv 2306.01708).
+* ``dare_linear`` / ``dare_ties`` — drop-and-rescale first (Yu et al., ICML 2024, arXiv 2311.03099).
+* ``breadcrumbs`` / ``breadcrumbs_ties`` — drop the largest γ and the smallest (Davari & Belilovsky,
+  ECCV 2024, arXiv 2312.06795).
+* ``della`` / ``della_linear`` — magnitude-ranked keep probabilities (Deep et al., arXiv 2406.11617).
+* ``pcb`` — parameter competition balancing (Du et al., NeurIPS 2024, arXiv 2410.02396).
+* ``model_stock`` — interpolate towards the base by the offsets' angle (Jang et al., ECCV 2024).
+* ``slerp`` — spherical interpolation of two models (mergekit).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from deltatune.algebra.options import MethodParams
+from deltatune.errors import ConfigError
+from deltatune.ops import breadcrumbs as bc
+from deltatune.ops import della as dl
+from deltatune.ops import geometry, pcb
+from deltatune.ops.merge import disjoint_merge, elect_sign
+from deltatune.ops.sparsify import dare, magnitude_trim
+
+
+@dataclass
+class TensorJob:
+    """One parameter's inputs: task vectors, resolved parameters, lazy base tensor and global statistics."""
+
+    key: str
+    taus: list[Tensor]
+    params: dict[str, Any]
+    inputs: list[dict[str, Any]]
+    base: Callable[[], Tensor]
+    generator: Callable[[int], torch.Generator]
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def weights(self) -> Tensor:
+        w = torch.tensor([p["weight"] for p in self.inputs], dtype=torch.float32)
+        return w.view(-1, *[1] * self.taus[0].dim())
+
+    @property
+    def lam(self) -> float:
+        return float(self.params.get("lambda", 1.0))
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    name: str
+    kernel: Callable[[TensorJob], Tensor]
+    params: MethodParams
+    needs_base: bool = False
+    min_inputs: int = 1
+    max_inputs: int | None = None
+    stats: tuple[str, ...] = ()
+
+
+def _weighted_sum(job: TensorJob, taus: Tensor) -> Tensor:
+    total = (job.weights * taus).sum(0)
+    if job.params.get("normalize"):
+        total = total / float(job.weights.sum())
+    return total
+
+
+def _consensus(job: TensorJob, taus: Tensor) -> Tensor:
+    """TIES sign election + disjoint merge (:mod:`deltatune.ops.merge`) of already-sparsified ``taus``."""
+    weighted = job.params["weighted_vote"]  # mergekit: w_t·τ_t replaces τ_t before the vote and the mask
+    fill: Any = 1.0
+    if job.params["sign_tie"] == "majority":
+        fill = job.stats.get("majority_sign", {}).get("value", "majority")
+    sign = elect_sign(taus * job.weights if weighted else taus, zero=fill)
+    return disjoint_merge(taus, sign, [p["weight"] for p in job.inputs], normalize=job.params.get("normalize", True),
+                          divide=job.params["divide"], mask_weighted=weighted)
+
+
+def _trim(job: TensorJob, i: int, tau: Tensor) -> Tensor:
+    density = job.inputs[i]["density"]
+    if density >= 1.0:
+        return tau
+    if job.params["scope"] == "global":
+        threshold = job.stats["thresholds"][i]
+        return torch.where(tau.abs() >= threshold, tau, torch.zeros_like(tau))
+    return magnitude_trim(tau, density, exact=job.params["k_rule"] == "count")
+
+
+def _dare(job: TensorJob, i: int, tau: Tensor) -> Tensor:
+    density = job.inputs[i]["density"]
+    if density >= 1.0:
+        return tau
+    return dare(tau, density, job.generator(i), rescale=job.params["rescale"])
+
+
+def _stack(parts: list[Tensor]) -> Tensor:
+    return torch.stack(parts)
+
+
+def linear(job: TensorJob) -> Tensor:
+    taus = _stack(job.taus)
+    if job.params["normalize"]:
+        return _weighted_sum(job, taus)
+    total_w = float(job.weights.sum())
+    mixed = (job.weights * taus).sum(0)
+    return mixed if abs(total_w - 1.0) < 1e-12 else mixed + (total_w - 1.0) * job.base()
+
+
+def task_arithmetic(job: TensorJob) -> Tensor:
+    return job.lam * _weighted_sum(job, _stack(job.taus))
+
+
+def _trimmed(job: TensorJob) -> Tensor:
+    return _stack([_trim(job, i, t) for i, t in enumerate(job.taus)])
+
+
+def _dared(job: TensorJob) -> Tensor:
+    return _stack([_dare(job, i, t) for i, t in enumerate(job.taus)])
+
+
+def ties(job: TensorJob) -> Tensor:
+    return job.lam * _consensus(job, _trimmed(job))
+
+
+def dare_linear(job: TensorJob) -> Tensor:
+    return job.lam * _weighted_sum(job, _dared(job))
+
+
+def dare_ties(job: TensorJob) -> Tensor:
+    return job.lam * _consensus(job, _dared(job))
+
+
+def _crumbs(job: TensorJob) -> Tensor:
+    return _stack([bc.breadcrumbs(t, job.inputs[i]["density"], job.inputs[i].get("gamma", 0.01),
+                                  scope="row" if job.params["scope"] == "row" else "tensor")
+                   for i, t in enumerate(job.taus)])
+
+
+def breadcrumbs(job: TensorJob) -> Tensor:
+    return job.lam * _weighted_sum(job, _crumbs(job))
+
+
+def breadcrumbs_ties(job: TensorJob) -> Tensor:
+    return job.lam * _consensus(job, _crumbs(job))
+
+
+def _della(job: TensorJob) -> Tensor:
+    rescale = "inverse_p" if job.params["rescale"] == "inverse" else "l1"
+    return _stack([dl.della(t, job.inputs[i]["density"], job.inputs[i].get("epsilon", 0.15), job.generator(i),
+                            rescale=rescale) for i, t in enumerate(job.taus)])
+
+
+def della(job: TensorJob) -> Tensor:
+    return job.lam * _consensus(job, _della(job))
+
+
+def della_linear(job: TensorJob) -> Tensor:
+    return job.lam * _weighted_sum(job, _della(job))
+
+
+def pcb_merge(job: TensorJob) -> Tensor:
+    lambdas = [p["weight"] for p in job.inputs]
+    ratio = job.inputs[0]["density"]
+    if any(p["density"] != ratio for p in job.inputs):
+        raise ConfigError("pcb: every input needs the same density (the kept ratio r)")
+    temperature = job.params["temperature"]
+    if job.params["scope"] != "global":
+        out = pcb.pcb(job.taus, ratio, temperature, lambdas,
+                      clip_quantiles=(job.params["clip_low"], job.params["clip_high"]), inter=job.params["inter"])
+        return job.lam * out
+    s = job.stats["pcb"]
+    clipped = _stack([pcb.pcb_clip(t, s["q_low"][i], s["q_high"][i]) for i, t in enumerate(job.taus)])
+    scores = pcb.pcb_scores(clipped, s["norm_lo"], s["norm_hi"], temperature, job.params["inter"],
+                            unclipped=_stack(job.taus))
+    return job.lam * pcb.pcb_merge(clipped, scores, s["score_threshold"], s["score_max"], lambdas)
+
+
+def model_stock(job: TensorJob) -> Tensor:
+    base = job.base()
+    merged = geometry.model_stock(base, [base + t for t in job.taus], filter_wise=job.params["filter_wise"])
+    return merged - base
+
+
+def slerp(job: TensorJob) -> Tensor:
+    base = job.base()
+    t = job.params.get("t")
+    if t is None:
+        raise ConfigError("slerp: parameter 't' (interpolation factor in [0, 1]) is required")
+    if len(job.taus) == 1:
+        return geometry.slerp(base, base + job.taus[0], t) - base
+    return geometry.slerp(base + job.taus[0], base + job.taus[1], t) - base
+
+
+_LAMBDA = {"weight", "lambda", "normalize"}
+_SPARSE = _LAMBDA | {"density"}
+METHODS: dict[str, MergeMethod] = {m.name: m for m in (
+    MergeMethod("linear", linear, MethodParams(frozenset({"weight", "normalize"}), {"normalize": True})),
+    MergeMethod("task_arithmetic", task_arithmetic, MethodParams(frozenset(_LAMBDA), {"normalize": False})),
+    MergeMethod("ties", ties, MethodParams(frozenset(_SPARSE), {"normalize": True}, sparsifies=True),
+                stats=("thresholds", "majority_sign")),
+    MergeMethod("dare_linear", dare_linear, MethodParams(frozenset(_SPARSE), {"normalize": False}, True)),
+    MergeMethod("dare_ties", dare_ties, MethodParams(frozenset(_SPARSE), {"normalize": False}, True),
+                stats=("majority_sign",)),
+    MergeMethod("breadcrumbs", breadcrumbs, MethodParams(frozenset(_SPARSE | {"gamma"}), {"normalize": False}, True)),
+    MergeMethod("breadcrumbs_ties", breadcrumbs_ties,
+                MethodParams(frozenset(_SPARSE | {"gamma"}), {"normalize": False}, True), stats=("majority_sign",)),
+    MergeMethod("della", della, MethodParams(frozenset(_SPARSE | {"epsilon"}), {"normalize": True}, True),
+                stats=("majority_sign",)),
+    MergeMethod("della_linear", della_linear,
+                MethodParams(frozenset(_SPARSE | {"epsilon"}), {"normalize": False}, True)),
+    MergeMethod("pcb", pcb_merge, MethodParams(
+        frozenset({"weight", "density", "lambda", "temperature", "inter", "clip_low", "clip_high"}),
+        {"temperature": None, "inter": "raw", "clip_low": 1e-4, "clip_high": 1 - 1e-4}, True), stats=("pcb",)),
+    MergeMethod("model_stock", model_stock, MethodParams(frozenset({"filter_wise"}), {"filter_wise": False}),
+                needs_base=True, min_inputs=2),
+    MergeMethod("slerp", slerp, MethodParams(frozenset({"t"}), {}), needs_base=True, max_inputs=2),
+)}
+
+
+SPARSIFIERS: dict[str, Callable[[TensorJob], Tensor]] = {
+    "ties": _trimmed, "dare_ties": _dared, "breadcrumbs_ties": _crumbs, "della": _della,
+}
+
+
+def sparsify_stack(method: MergeMethod, job: TensorJob) -> Tensor:
+    """The sparsified ``(T, …)`` stack a consensus method votes on (for the global majority-sign pass)."""
+    return SPARSIFIERS[method.name](job)
+
+
+def get_merge_method(name: str) -> MergeMethod:
+    if name not in METHODS:
+        raise ConfigError(f"unknown merge method {name!r}; available: {sorted(METHODS)}")
+    return METHODS[name]

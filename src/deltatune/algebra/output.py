@@ -1,0 +1,163 @@
+"""Where merged task vectors go: a sharded checkpoint ``θ₀ + τ_m`` (streamed), or a delta (dense, sparse
+or re-factorised low-rank parts), with the inputs' task heads handled explicitly."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from deltatune.algebra.checkpoint import CheckpointReader
+from deltatune.delta import Delta
+from deltatune.errors import ConfigError, ShapeMismatch
+from deltatune.io.atomic import atomic_dir
+from deltatune.io.shards import ShardWriter, parse_size
+from deltatune.parts.base import Part
+from deltatune.parts.dense import DensePart
+from deltatune.parts.layers import LayerKind, layer_kind
+from deltatune.parts.sparse import SparsePart
+
+RECORD_FILE = "deltatune_merge.json"
+
+
+def _aligned(value: Tensor, rows: int | None) -> Tensor:
+    if rows is None or rows == value.shape[0]:
+        return value
+    if rows < value.shape[0]:
+        return value[:rows]
+    return torch.cat([value, value.mean(0, keepdim=True).expand(rows - value.shape[0], *value.shape[1:])])
+
+
+def write_checkpoint(out: Path, merged: Iterable[tuple[str, Tensor]], target: CheckpointReader,
+                     rows: dict[str, int], out_dtype: torch.dtype | None, shard_size: str | int,
+                     record: dict[str, Any]) -> Path:
+    """Stream ``θ₀ + τ_m`` into sharded safetensors (atomically: a failure leaves nothing at ``out``).
+
+    Tensors the merge does not touch (integer buffers, …) are copied from ``target``.
+    """
+    with atomic_dir(out) as tmp:
+        writer = ShardWriter(tmp, parse_size(shard_size))
+        touched: set[str] = set()
+        for key, tau in merged:
+            if key not in target:
+                raise ShapeMismatch(f"target base {target.path} has no tensor {key!r}")
+            base = _aligned(target.get_float(key), rows.get(key))
+            if base.shape != tau.shape:
+                raise ShapeMismatch(f"tensor {key!r}: merged delta {tuple(tau.shape)} does not fit the target base "
+                                    f"{tuple(base.shape)}")
+            writer.add(key, base.add_(tau).to(out_dtype or target.dtype(key)))
+            touched.add(key)
+        for key in target.names():
+            if key not in touched:
+                writer.add(key, target.get(key))
+        writer.finish()
+        for name, data in target.extra_files():
+            if name == "config.json" and rows:
+                config = json.loads(data)
+                if "vocab_size" in config:
+                    config["vocab_size"] = max(rows.values())
+                data = json.dumps(config, indent=2).encode()
+            (tmp / name).write_bytes(data)
+        (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2, default=str))
+    return out
+
+
+def merged_heads(sources: Sequence[Any], per_input: list[dict[str, Any]], mode: str) -> dict[str, dict[str, Tensor]]:
+    """Task heads of the merged delta.
+
+    ``auto``: the weighted average when every input has the same heads (same names and shapes) and was
+    trained on the same task (a soup); otherwise none — each task keeps its own head.  ``first``: the
+    first input's heads; ``none``: no heads.
+    """
+    if mode not in ("auto", "first", "none"):
+        raise ConfigError(f"heads must be 'auto', 'first' or 'none', got {mode!r}")
+    deltas: list[Delta] = [s.delta for s in sources]
+    if mode == "none":
+        return {}
+    if mode == "first":
+        return {h: dict(t) for h, t in deltas[0].heads.items()}
+    layout = [{(h, k, tuple(v.shape)) for h, t in d.heads.items() for k, v in t.items()} for d in deltas]
+    tasks = {str((d.metrics.get("train") or {}).get("task")) for d in deltas}
+    if not deltas[0].heads or any(lay != layout[0] for lay in layout) or len(tasks) > 1:
+        return {}
+    w = [p["weight"] for p in per_input]
+    total = sum(w) or 1.0
+    return {h: {k: sum(wi * d.heads[h][k].float() for wi, d in zip(w, deltas, strict=True)) / total
+                for k in t} for h, t in deltas[0].heads.items()}
+
+
+def _sparse_part(tau: Tensor, kind: LayerKind) -> SparsePart:
+    indices = tau.reshape(-1).nonzero().squeeze(1)
+    part = SparsePart(tuple(tau.shape), indices, kind)
+    with torch.no_grad():
+        part.values.copy_(tau.reshape(-1)[part.indices])
+    return part
+
+
+def _dense_part(params: dict[str, Tensor]) -> DensePart:
+    part = DensePart({k: tuple(v.shape) for k, v in params.items()})
+    part.load_tensors(params, "merged")
+    return part
+
+
+def _layer_kinds(sources: Sequence[Any] | None, model: torch.nn.Module | None) -> dict[str, LayerKind | None]:
+    kinds: dict[str, LayerKind | None] = {}
+    if model is not None:
+        for name, module in model.named_modules():
+            kinds[name] = layer_kind(module)
+    for s in sources or []:
+        for module, part in s.delta.parts.items():
+            layer = getattr(part, "layer", None)
+            if layer is not None:
+                kinds[module] = LayerKind(layer)
+    return kinds
+
+
+def collect_delta(merged: Iterable[tuple[str, Tensor]], sources: Sequence[Any] | None, output: str,
+                  rank: int | None, record: dict[str, Any], fingerprint: dict[str, Any] | None = None,
+                  heads: dict[str, dict[str, Tensor]] | None = None, base_path: str | Path | None = None,
+                  out: str | Path | None = None) -> Delta:
+    """Group merged ``τ_m`` by module into parts: ``dense``, ``sparse`` (non-zeros only) or ``lowrank``."""
+    model = None
+    if sources is None:  # checkpoint inputs: the base model gives the fingerprint and the layer kinds
+        from deltatune.fingerprint import fingerprint as take_fingerprint
+
+        model = _load_base_model(base_path)
+        fingerprint = take_fingerprint(model)
+    kinds = _layer_kinds(sources, model)
+    by_module: dict[str, dict[str, Tensor]] = {}
+    for key, tau in merged:
+        module, param = key.rsplit(".", 1)
+        by_module.setdefault(module, {})[param] = tau.detach().clone()
+    parts: dict[str, Part] = {}
+    for module, params in by_module.items():
+        kind = kinds.get(module)
+        if output == "sparse" and set(params) == {"weight"} and kind is not None:
+            parts[module] = _sparse_part(params["weight"], kind)
+        else:
+            parts[module] = _dense_part(params)
+    delta = Delta(method="merge", config=record, parts=parts, heads=heads or {}, fingerprint=fingerprint,
+                  metrics={"merge": {k: record[k] for k in ("method", "preset", "sources")}})
+    if output == "lowrank":
+        if rank is None or rank < 1:
+            raise ConfigError("output 'lowrank' needs rank ≥ 1")
+        from deltatune.algebra.compress import compress_delta
+
+        delta = compress_delta(delta, "lowrank", rank=rank)
+    if out is not None:
+        delta.save(out)
+    return delta
+
+
+def _load_base_model(path: str | Path | None) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    if path is None:
+        raise ConfigError("a delta output from checkpoints needs base")
+    archs = getattr(AutoConfig.from_pretrained(path), "architectures", None) or []
+    causal = any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs)
+    return (AutoModelForCausalLM if causal else AutoModel).from_pretrained(path)

@@ -1,0 +1,49 @@
+"""``deltatune merge CONFIG.yaml [--out DIR]``: run a merge recipe (deltatune or mergekit YAML).
+
+Heavy imports happen inside the command so ``deltatune --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def merge_command(
+    config: Annotated[Path, typer.Argument(help="merge recipe (deltatune keys or a mergekit config)")],
+    out_dir: Annotated[str | None, typer.Option("--out", help="output folder (overrides 'out' in the recipe)")]
+    = None,
+    preset: Annotated[str | None, typer.Option(help="paper | mergekit | peft (overrides the recipe)")] = None,
+    output: Annotated[str | None, typer.Option(help="dense | sparse | lowrank | checkpoint")] = None,
+    seed: Annotated[int | None, typer.Option(help="seed for random masks (DARE, DELLA)")] = None,
+    force: Annotated[bool, typer.Option("--force", help="merge deltas of different bases anyway")] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="show progress bars")] = True,
+) -> None:
+    """Merge deltas or fine-tuned checkpoints as a recipe describes (mergekit YAML accepted)."""
+    from rich.console import Console
+
+    from deltatune.algebra.recipe import load_recipe, run_recipe
+    from deltatune.delta import Delta
+    from deltatune.errors import ConfigError
+
+    recipe = load_recipe(config)
+    for name, value in (("preset", preset), ("output", output), ("seed", seed)):
+        if value is not None:
+            setattr(recipe, name, value)
+    recipe.force = recipe.force or force
+    target = out_dir or recipe.out
+    if target is None:
+        raise ConfigError(f"{config}: no output folder: give --out or 'out' in the recipe")
+    start = time.perf_counter()
+    result = run_recipe(recipe, out=target, progress=progress)
+    err = Console(stderr=True, highlight=False)
+    if isinstance(result, Delta):
+        err.print(f"{recipe.method} ({recipe.preset}) of {len(recipe.inputs)} inputs → {len(result.parts)} parts, "
+                  f"{result.nbytes:,} bytes in {time.perf_counter() - start:.1f} s")
+    else:
+        err.print(f"{recipe.method} ({recipe.preset}) of {len(recipe.inputs)} inputs → checkpoint in "
+                  f"{time.perf_counter() - start:.1f} s")
+    Console(highlight=False).print(str(target))

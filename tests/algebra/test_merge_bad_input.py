@@ -1,0 +1,154 @@
+"""Bad merge input gets a typed error naming what is wrong; a failed write leaves nothing behind."""
+
+from __future__ import annotations
+
+import errno
+import json
+
+import pytest
+import torch
+from merge_fixtures import TINY, checkpoints, random_delta, save_finetune  # noqa: F401  (fixture)
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import deltatune
+from deltatune.algebra import load_recipe, merge
+from deltatune.algebra.checkpoint import CheckpointReader
+from deltatune.errors import ConfigError, DeltaFormatError, FingerprintMismatch, ShapeMismatch
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+LORA = deltatune.LoRAConfig(r=2, alpha=4.0)
+
+
+def fts(paths):
+    return [paths[f"ft{i}"] for i in range(3)]
+
+
+def test_deltas_of_different_bases_are_refused_unless_forced() -> None:
+    a, b = random_delta(LORA, seed=1), random_delta(LORA, seed=2, model_seed=1)
+    with pytest.raises(FingerprintMismatch, match="input 0 and input 1 were trained on different base models"):
+        merge([a, b], "task_arithmetic")
+    assert merge([a, b], "task_arithmetic", force=True).parts
+
+
+def test_checkpoint_of_another_shape_names_the_tensor(checkpoints, tmp_path) -> None:  # noqa: F811
+    LlamaForCausalLM(LlamaConfig(**{**TINY, "intermediate_size": 40})).save_pretrained(tmp_path / "other")
+    with pytest.raises(ShapeMismatch, match=r"mlp\.(down|gate|up)_proj\.weight.*has shape"):
+        merge([checkpoints["ft0"], tmp_path / "other"], "ties", base=checkpoints["base"], params={"density": 0.5},
+              output="checkpoint", out=tmp_path / "o")
+
+
+def test_vocabulary_mismatch_errors_then_aligns_on_request(checkpoints, tmp_path) -> None:  # noqa: F811
+    base = LlamaForCausalLM.from_pretrained(checkpoints["base"])
+    grown = save_finetune(base, tmp_path / "grown", seed=5, vocab=TINY["vocab_size"] + 8)
+    ins = [checkpoints["ft0"], grown]
+    with pytest.raises(ShapeMismatch, match="vocabulary mismatch.*vocab='truncate' or 'extend'"):
+        merge(ins, "task_arithmetic", base=checkpoints["base"], output="checkpoint", out=tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+    key = "model.embed_tokens.weight"
+    truncated = CheckpointReader(merge(ins, "task_arithmetic", base=checkpoints["base"], output="checkpoint",
+                                       out=tmp_path / "t", vocab="truncate"))
+    assert truncated.shape(key) == (TINY["vocab_size"], TINY["hidden_size"])
+    extended = CheckpointReader(merge(ins, "task_arithmetic", base=checkpoints["base"], output="checkpoint",
+                                      out=tmp_path / "e", vocab="extend"))
+    rows = TINY["vocab_size"] + 8
+    assert extended.shape(key) == (rows, TINY["hidden_size"])
+    assert json.loads((tmp_path / "e" / "config.json").read_text())["vocab_size"] == rows
+    b = CheckpointReader(checkpoints["base"]).get(key)
+    g = CheckpointReader(grown).get(key)
+    # new rows: base mean row + the grown model's delta against it; old rows: the usual sum of deltas
+    assert torch.allclose(extended.get(key)[-1], g[-1], atol=1e-6)
+    f0 = CheckpointReader(checkpoints["ft0"]).get(key)
+    assert torch.allclose(extended.get(key)[:3], b[:3] + (f0[:3] - b[:3]) + (g[:3] - b[:3]), atol=1e-6)
+
+
+def test_nan_in_an_input_names_input_and_tensor(tmp_path) -> None:
+    a = random_delta(LORA, seed=1)
+    module = next(iter(a.parts))
+    with torch.no_grad():
+        a.parts[module].lora_B[0, 0] = float("nan")
+    with pytest.raises(DeltaFormatError, match=rf"input 0:{module}\.weight: \d+ NaN/Inf"):
+        merge([a], "task_arithmetic")
+
+
+@pytest.mark.parametrize("density", [0.0, 1.5, -0.1])
+def test_density_outside_unit_interval_is_refused(density) -> None:
+    a = random_delta(LORA, seed=1)
+    with pytest.raises(ConfigError, match="density must be in"):
+        merge([a], "ties", params={"density": density})
+
+
+def test_missing_density_is_an_error_outside_the_mergekit_preset() -> None:
+    a = random_delta(LORA, seed=1)
+    with pytest.raises(ConfigError, match="explicit density"):
+        merge([a], "dare_ties")
+    assert merge([a], "dare_ties", preset="mergekit").parts  # mergekit's default: density 1.0
+
+
+def test_weights_summing_to_zero_under_normalize_are_refused() -> None:
+    a, b = random_delta(LORA, seed=1), random_delta(LORA, seed=2)
+    with pytest.raises(ConfigError, match="weights sum to 0"):
+        merge([a, b], "linear", weights=[1.0, -1.0])
+    assert merge([a, b], "task_arithmetic", weights=[1.0, -1.0]).parts  # negation needs normalize: false
+
+
+def test_disk_full_mid_write_leaves_no_partial_output(checkpoints, tmp_path, monkeypatch) -> None:  # noqa: F811
+    import deltatune.io.shards as shards
+
+    target = tmp_path / "out"
+    merge(fts(checkpoints), "task_arithmetic", base=checkpoints["base"], output="checkpoint", out=target)
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    real, calls = shards.save_file, []
+
+    def full_disk(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(shards, "save_file", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        merge(fts(checkpoints), "ties", base=checkpoints["base"], params={"density": 0.2}, output="checkpoint",
+              out=target, shard_size="30KB")
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("method: ties\ninputs: [a]\ndensity: 0.2\n", r"unknown key\(s\) \['density'\]"),
+    ("merge_method: ties\nmodels: [{model: a}]\nbase_model: b\nmerge_options: 1\n",
+     r"unknown key\(s\) \['merge_options'\]"),
+    ("merge_method: ties\nslices: []\n", "slices.*not supported"),
+    ("merge_method: ties\nmodels: [{model: 'a+lora'}]\n", "model\\+lora"),
+    ("method: ties\ninputs: [{path: a, strength: 2}]\n", None),
+])
+def test_recipe_keys_are_checked(tmp_path, text, message) -> None:
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    if message is not None:
+        with pytest.raises(ConfigError, match=message):
+            load_recipe(path)
+    else:
+        recipe = load_recipe(path)
+        a = random_delta(LORA, seed=1)
+        with pytest.raises(ConfigError, match="unknown per-input parameter 'strength'"):
+            merge([a], recipe.method, input_params=recipe.input_params, params={"density": 0.5})
+
+
+def test_unknown_method_parameter_and_list_values_are_refused() -> None:
+    a = random_delta(LORA, seed=1)
+    with pytest.raises(ConfigError, match="unknown merge method 'tie'"):
+        merge([a], "tie")
+    with pytest.raises(ConfigError, match="unknown parameter 'gamma'"):
+        merge([a], "ties", params={"density": 0.5, "gamma": 0.1})
+    with pytest.raises(ConfigError, match="per-layer gradients"):
+        merge([a], "ties", params={"density": [0.1, 0.5]})
+
+
+def test_mixed_inputs_and_missing_base_are_refused(checkpoints, tmp_path) -> None:  # noqa: F811
+    a = random_delta(LORA, seed=1)
+    with pytest.raises(ConfigError, match="mix full checkpoints and deltas"):
+        merge([a, checkpoints["ft0"]], "task_arithmetic", base=checkpoints["base"])
+    with pytest.raises(ConfigError, match="needs base"):
+        merge([checkpoints["ft0"]], "task_arithmetic", output="checkpoint", out=tmp_path / "o")
+    with pytest.raises(ConfigError, match="model_stock needs the base weights"):
+        merge([a, a], "model_stock")

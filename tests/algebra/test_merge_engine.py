@@ -1,0 +1,196 @@
+"""The streaming merge engine on tiny checkpoints and deltas: exact semantics, scopes, outputs, determinism."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from merge_fixtures import checkpoints, random_delta  # noqa: F401  (fixture)
+from typer.testing import CliRunner
+
+import deltatune
+from deltatune.algebra import merge
+from deltatune.algebra.checkpoint import CheckpointReader
+from deltatune.algebra.engine import tensor_seed
+from deltatune.algebra.quantile import RadixSelect
+from deltatune.ops.merge import task_arithmetic, ties
+from deltatune.ops.sparsify import keep_count
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def taus(paths, key):
+    base = CheckpointReader(paths["base"]).get(key).float()
+    return [CheckpointReader(paths[f"ft{i}"]).get(key).float() - base for i in range(3)]
+
+
+def merged_delta(out, paths, key):
+    return CheckpointReader(out).get(key).float() - CheckpointReader(paths["base"]).get(key).float()
+
+
+def test_radix_select_equals_kthvalue_over_the_concatenation() -> None:
+    g = torch.Generator().manual_seed(0)
+    chunks = [torch.randn(300, generator=g) * s for s in (1e-4, 1.0, 30.0)] + [torch.tensor([0.0, -0.0, 5.0, 5.0])]
+    every = torch.cat(chunks)
+    sel = RadixSelect()
+    for c in chunks:
+        sel.feed(c)
+    ranks = [0, 1, 450, every.numel() - 2, every.numel() - 1]
+    sel.resolve(ranks)
+    for c in chunks:
+        sel.feed(c)
+    assert sel.values() == [float(every.sort().values[r]) for r in ranks]
+
+
+def test_mergekit_preset_ties_equals_the_per_tensor_op(checkpoints, tmp_path) -> None:  # noqa: F811
+    weights = [1.0, 0.5, 2.0]
+    out = merge([checkpoints[f"ft{i}"] for i in range(3)], "ties", base=checkpoints["base"], weights=weights,
+                params={"density": 0.2, "lambda": 0.7}, preset="mergekit", output="checkpoint", out=tmp_path / "m")
+    reader = CheckpointReader(out)
+    for key in CheckpointReader(checkpoints["base"]).names():
+        expected = ties(taus(checkpoints, key), 0.2, weights, lam=0.7, preset="mergekit")
+        assert torch.allclose(merged_delta(out, checkpoints, key), expected, atol=1e-7), key
+    assert json.loads((out / "deltatune_merge.json").read_text())["preset"] == "mergekit"
+    assert reader.dtype("lm_head.weight") == torch.float32
+
+
+def test_paper_preset_trims_with_one_global_threshold_per_task(checkpoints, tmp_path) -> None:  # noqa: F811
+    ins = [checkpoints[f"ft{i}"] for i in range(3)]
+    out = merge(ins, "ties", base=checkpoints["base"], params={"density": 0.1}, preset="paper", output="checkpoint",
+                out=tmp_path / "p")
+    keys = CheckpointReader(checkpoints["base"]).names()
+    flat = [torch.cat([taus(checkpoints, k)[i].reshape(-1) for k in keys]) for i in range(3)]
+    thresholds = [float(f.abs().kthvalue(f.numel() - keep_count(f.numel(), 0.1) + 1).values) for f in flat]
+    for key in keys:
+        t = [torch.where(x.abs() >= thr, x, torch.zeros_like(x)) for x, thr in zip(taus(checkpoints, key), thresholds,
+                                                                                     strict=True)]
+        stacked = torch.stack(t)
+        sign = torch.sign(stacked.sum(0))
+        agree = (torch.sign(stacked) == sign) & (stacked != 0)
+        expected = (stacked * agree).sum(0) / agree.sum(0).clamp(min=1)
+        assert torch.allclose(merged_delta(out, checkpoints, key), expected, atol=1e-7), key
+    # the global scope keeps different fractions per tensor (norm layers, whose deltas are as large, differ)
+    kept = [(taus(checkpoints, k)[0].abs() >= thresholds[0]).float().mean() for k in keys]
+    assert max(kept) - min(kept) > 0.05
+
+
+def test_task_arithmetic_of_lora_and_sparse_deltas_sums_their_weights(tmp_path) -> None:
+    a = random_delta(deltatune.LoRAConfig(r=2, alpha=4.0), seed=1)
+    b = random_delta(deltatune.LoRAConfig(r=4, alpha=4.0, targets=["q_proj", "v_proj"]), seed=2)
+    c = random_delta(deltatune.SparseConfig(num_tunable=500, regrow=False, targets=["all-linear"]), seed=3)
+    merged = merge([a, b, c], "task_arithmetic", weights=[1.0, -0.5, 2.0], params={"lambda": 0.5})
+    for module, part in merged.parts.items():
+        expected = torch.zeros_like(part.delta_weight())
+        for d, w in ((a, 1.0), (b, -0.5), (c, 2.0)):
+            if module in d.parts:
+                expected += w * d.parts[module].delta_weight()
+        assert torch.allclose(part.delta_weight(), 0.5 * expected, atol=1e-6), module
+    assert merged.fingerprint == a.fingerprint
+    sparse = merge([c], "task_arithmetic", output="sparse")
+    assert {p.kind for p in sparse.parts.values()} == {"sparse"}
+    assert sum(p.trainable_count for p in sparse.parts.values()) == c.trainable_count
+
+
+def test_merged_delta_saves_and_applies_like_its_inputs(tmp_path) -> None:
+    from conftest import tiny_inputs, tiny_llama
+
+    a = random_delta(deltatune.LoRAConfig(r=2, alpha=4.0), seed=1)
+    b = random_delta(deltatune.SparseConfig(num_tunable=400, regrow=False, targets=["all-linear"]), seed=2)
+    merge([a, b], "task_arithmetic", out=tmp_path / "sum")
+    merged = deltatune.load_delta(tmp_path / "sum")
+    inputs = tiny_inputs("llama")
+    one, two = tiny_llama(), tiny_llama()
+    deltatune.apply_delta(one, merged, merge=True)
+    deltatune.apply_delta(two, a, merge=True)
+    deltatune.apply_delta(two, b, merge=True, force=True)  # two already holds a
+    with torch.no_grad():
+        assert torch.allclose(one(**inputs).logits, two(**inputs).logits, atol=1e-5)
+
+
+def test_random_masks_do_not_depend_on_order_or_sharding(checkpoints, tmp_path) -> None:  # noqa: F811
+    ins = [checkpoints[f"ft{i}"] for i in range(3)]
+    kw = dict(base=checkpoints["base"], params={"density": 0.3}, preset="mergekit", output="checkpoint", seed=7)
+    one = merge(ins, "dare_ties", out=tmp_path / "a", **kw)
+    two = merge(list(reversed(ins)), "dare_ties", out=tmp_path / "b", shard_size="20KB",
+                input_params=None, **{**kw, "seed": 7})
+    three = merge(ins, "dare_ties", out=tmp_path / "c", **{**kw, "seed": 8})
+    r1, r2, r3 = CheckpointReader(one), CheckpointReader(two), CheckpointReader(three)
+    assert len(list((tmp_path / "b").glob("*.safetensors"))) > 1
+    key = "model.layers.1.mlp.up_proj.weight"
+    # reversing the inputs changes which seed each input gets, so compare the sets of kept masks
+    assert torch.equal(r1.get(key), CheckpointReader(merge(ins, "dare_ties", out=tmp_path / "d", **kw)).get(key))
+    assert not torch.equal(r1.get(key), r3.get(key))
+    assert r2.get(key).shape == r1.get(key).shape
+    assert tensor_seed(7, key, 0) == tensor_seed(7, key, 0) != tensor_seed(7, key, 1)
+
+
+def test_dare_keeps_density_and_rescales_by_inverse_density(checkpoints, tmp_path) -> None:  # noqa: F811
+    out = merge([checkpoints["ft0"]], "dare_linear", base=checkpoints["base"], params={"density": 0.25},
+                preset="paper", output="checkpoint", out=tmp_path / "d")
+    key = "model.layers.0.mlp.gate_proj.weight"
+    got, tau = merged_delta(out, checkpoints, key), taus(checkpoints, key)[0]
+    kept = got != 0
+    assert abs(float(kept.float().mean()) - 0.25) < 0.03
+    assert torch.allclose(got[kept], tau[kept] / 0.25, atol=1e-6)
+
+
+def test_lines_scales_deeper_blocks_more(checkpoints, tmp_path) -> None:  # noqa: F811
+    ins = [checkpoints["ft0"], checkpoints["ft1"]]
+    out = merge(ins, "task_arithmetic", base=checkpoints["base"], output="checkpoint", out=tmp_path / "l",
+                lines={"alpha": 0.2, "beta": 0.6})
+    for key, factor in (("model.layers.0.mlp.up_proj.weight", 0.2), ("model.layers.1.mlp.up_proj.weight", 0.8),
+                        ("lm_head.weight", 0.2)):
+        expected = factor * task_arithmetic(taus(checkpoints, key)[:2])
+        assert torch.allclose(merged_delta(out, checkpoints, key), expected, atol=1e-7), key
+
+
+def test_soup_of_same_task_deltas_averages_heads() -> None:
+    from conftest import tiny_bert
+
+    def delta(seed):
+        model = tiny_bert()
+        d = deltatune.attach(model, deltatune.LoRAConfig(r=2, alpha=4.0))
+        with torch.no_grad():
+            model.classifier.weight.add_(seed)
+        d.snapshot_heads(model)
+        return d
+
+    a, b = delta(1), delta(3)
+    soup = merge([a, b], "linear")
+    assert torch.allclose(soup.heads["classifier"]["weight"], (a.heads["classifier"]["weight"]
+                                                                + b.heads["classifier"]["weight"]) / 2)
+    assert merge([a, b], "linear", heads="none").heads == {}
+
+
+def test_cli_merges_a_native_recipe(tmp_path) -> None:
+    from deltatune.cli import app
+
+    a = random_delta(deltatune.LoRAConfig(r=2, alpha=4.0), seed=1)
+    b = random_delta(deltatune.LoRAConfig(r=2, alpha=4.0), seed=2)
+    a.save(tmp_path / "a")
+    b.save(tmp_path / "b")
+    (tmp_path / "r.yaml").write_text("method: ties\ninputs:\n  - {path: a, density: 0.5}\n  - {path: b, density: 0.5}\n"
+                                     "params: {lambda: 1.0}\noutput: sparse\n")
+    result = CliRunner().invoke(app, ["merge", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "m"),
+                                      "--no-progress"])
+    assert result.exit_code == 0, result.output
+    merged = deltatune.load_delta(tmp_path / "m")
+    assert merged.method == "merge" and merged.config["method"] == "ties"
+    assert {p.kind for p in merged.parts.values()} == {"sparse"}
+
+
+def test_greedy_soup_keeps_only_ingredients_that_help() -> None:
+    from deltatune.algebra.soup import greedy_soup
+
+    lora = deltatune.LoRAConfig(r=2, alpha=4.0)
+    a, b, far = random_delta(lora, seed=1), random_delta(lora, seed=2), random_delta(lora, seed=3, std=0.2)
+    target = {m: (a.parts[m].delta_weight() + b.parts[m].delta_weight()) / 2 for m in a.parts}
+
+    def score(d):  # held-out score: closeness to the a/b midpoint
+        return -sum(float((d.parts[m].delta_weight() - target[m]).norm()) for m in target)
+
+    soup, log = greedy_soup([far, a, b], score)
+    assert soup.metrics["greedy_soup"]["chosen"] in ([1, 2], [2, 1])
+    assert [e["accepted"] for e in log if e["phase"] == "greedy"] == [True, True, False]
+    assert score(soup) > max(score(a), score(b))
