@@ -1,4 +1,4 @@
-"""``deltatune <verb>``: train, eval, info, apply, export, methods.
+"""``deltatune <verb>``: train, eval, info, apply, export, methods, merge, compress, rebase.
 
 Every flag maps onto a typed config (``TrainConfig`` or the method's dataclass); ``--set key=value``
 reaches any field of either, and ``--config run.yaml`` loads ``{train: {...}, method: {name: ..., ...}}``.
@@ -16,6 +16,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from deltatune.commands.compress import compress_command
+from deltatune.commands.merge import merge_command
+from deltatune.commands.rebase import rebase_command
 from deltatune.errors import ConfigError, DeltaTuneError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -189,6 +192,11 @@ def methods() -> None:
         for row in describe_fields(method.config_cls):
             table.add_row(*row)
         out.print(table)
+
+
+app.command("compress")(compress_command)
+app.command("merge")(merge_command)
+app.command("rebase")(rebase_command)
 
 
 def main() -> None:

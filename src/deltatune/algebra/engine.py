@@ -207,6 +207,8 @@ def merge(
         for p, w in zip(raw_inputs, weights, strict=True):
             p.setdefault("weight", w)
     resolved, per_input = resolve_params(method, spec.params, preset, params or {}, raw_inputs)
+    if base is None and method == "linear" and all(not isinstance(x, Delta) and is_checkpoint(x) for x in inputs):
+        base = inputs[0]  # a soup of checkpoints needs no base: Σ w θ_t / Σ w = θ_1 + Σ w (θ_t − θ_1) / Σ w
     base_reader = CheckpointReader(base) if base is not None else None
     sources = _open_inputs(inputs, base_reader, vocab)
     checkpoint_inputs = isinstance(sources[0], CheckpointInput)

@@ -147,7 +147,7 @@ def collect_delta(merged: Iterable[tuple[str, Tensor]], sources: Sequence[Any] |
             raise ConfigError("output 'lowrank' needs rank ≥ 1")
         from deltatune.algebra.compress import compress_delta
 
-        delta = compress_delta(delta, "lowrank", rank=rank)
+        delta = compress_delta(delta, "lowrank", rank=rank, layer_kinds=kinds)
     if out is not None:
         delta.save(out)
     return delta

@@ -96,8 +96,8 @@ def _mergekit(doc: dict[str, Any], root: Path, where: str) -> MergeRecipe:
         if not isinstance(entry, dict) or "model" not in entry or set(entry) - {"model", "parameters"}:
             raise ConfigError(f"{where}: models[{i}] must have 'model' and optional 'parameters', got {entry!r}")
         path = _path(entry["model"], f"{where}: models[{i}].model", root)
-        if base is not None and Path(path).resolve() == Path(base).resolve():
-            continue  # mergekit lets the base appear among the models; it contributes no task vector
+        if base is not None and Path(path).resolve() == Path(base).resolve() and doc.get("merge_method") != "linear":
+            continue  # the base may appear among the models: no task vector (linear averages it in, as mergekit)
         inputs.append(path)
         params.append(dict(entry.get("parameters") or {}))
     gparams = dict(doc.get("parameters") or {})

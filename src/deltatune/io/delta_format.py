@@ -25,6 +25,7 @@ from deltatune.parts.base import PART_KINDS
 
 FORMAT = "deltatune.delta"
 FORMAT_VERSION = 1
+COMPACT_FORMAT = "deltatune.compact"  # io/compact_format.py: codec-compressed tensors, same manifest idea
 MANIFEST = "manifest.json"
 PARTS_FILE = "parts.safetensors"
 HEADS_FILE = "heads.safetensors"
@@ -161,9 +162,23 @@ def _read_tensors(file: Path, expected: dict[str, dict[str, Any]]) -> dict[str, 
     return out
 
 
+def _stored_format(path: Path) -> Any:
+    """The manifest's ``format`` field, or ``None`` when it cannot be read (``read_manifest`` then explains)."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest.get("format") if isinstance(manifest, dict) else None
+
+
 def load_delta(path: str | Path) -> Delta:
-    """Load and validate a delta directory written by :func:`save_delta`."""
+    """Load and validate a delta directory written by :func:`save_delta` (or, dispatching on the manifest's
+    ``format``, a compact one written by :func:`deltatune.io.compact_format.save_compact`)."""
     path = Path(path)
+    if _stored_format(path) == COMPACT_FORMAT:
+        from deltatune.io.compact_format import load_compact
+
+        return load_compact(path)
     manifest = read_manifest(path)
     expected = {f"{n}{SEP}{k}": s for n, spec in manifest["parts"].items() for k, s in spec["tensors"].items()}
     tensors = _read_tensors(path / PARTS_FILE, expected)

@@ -19,6 +19,8 @@ from torch import Tensor
 
 from deltatune.errors import ConfigError
 
+L1_EPS = 1e-7
+
 
 def _check_density(density: float) -> None:
     if not 0.0 < density <= 1.0:
@@ -61,9 +63,9 @@ def dare(tau: Tensor, density: float, generator: torch.Generator | None = None,
     kept = torch.where(keep.to(tau.device), tau, torch.zeros_like(tau))
     if rescale == "inverse":
         return kept / density
-    if rescale == "l1":
+    if rescale == "l1":  # mergekit leaves near-zero updates unscaled (‖·‖₁ < 1e-7 on either side)
         kept_l1 = kept.float().abs().sum()
-        if kept_l1 == 0:
+        if kept_l1 < L1_EPS or tau.float().abs().sum() < L1_EPS:
             return kept
         return (kept.float() * (tau.float().abs().sum() / kept_l1)).to(tau.dtype)
     return kept

@@ -1,0 +1,454 @@
+"""Compress a whole :class:`Delta` (lossy) into another :class:`Delta`; store it with
+:func:`deltatune.io.compact_format.save_compact` (lossless) to get the bytes down.
+
+Methods (the tensor math is in :mod:`deltatune.ops.compress`):
+
+* ``compeft`` — ComPEFT (Yadav et al., arXiv 2311.13171): ``τ̂ = α·σ·sgn(τ)·1[|τ| ≥ t_k]``.  With
+  ``scope="global"`` (the paper) ``σ`` and the top-k threshold ``t_k`` are computed over *all* the
+  update's entries (exact streaming statistics, no concatenation), with ``scope="tensor"`` per tensor.
+  ``α`` is swept over ``alphas`` by ``eval_fn`` (higher is better) when given and ``alpha`` is None.
+* ``dare`` — DARE (Yu et al., ICML 2024, arXiv 2311.03099): Bernoulli(ρ) mask, rescale ``1/ρ``.
+* ``darex-q`` — DAREx-q (Deng et al., ICLR 2025, arXiv 2410.09344): the same mask, rescale ``1/q``; with
+  ``q=None`` the grid ``[ρ … 1]`` is scored by ``calibration_fn`` (lower is better; see
+  :func:`output_change_score` for the paper's unlabelled last-layer proxy).
+* ``magnitude`` — keep the top-ρ magnitudes (global or per tensor), values unchanged.
+* ``quantize`` — ``dtype`` int8 (absmax; one scale per tensor, or per row with ``scope="row"``), bf16
+  or fp16.
+* ``lowrank`` — every part becomes a rank-``rank`` :class:`LoRAPart` with scale 1 (SVD split as
+  ``√S`` on both factors), exportable with ``deltatune export --format peft``.
+
+What each part becomes: LoRA parts are compressed in their factors ``A``/``B`` (``target="factors"``,
+the default, as ComPEFT) or as ``ΔW = s·B A`` (``target="product"`` → a :class:`SparsePart`); sparse
+parts act on their values and drop entries that became 0; dense parts stay :class:`DensePart` holding
+the sparsified tensors — a :class:`SparsePart` cannot hold a module's bias or LayerNorm deltas, and
+the dense part does not record the layer kind a sparse part needs — and the compact format stores
+them sparsely, so the bytes on disk are the same.  Heads are copied unchanged (they are not deltas).
+Random masks use a generator seeded from ``(seed, tensor name)`` by BLAKE2b.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from deltatune.algebra.quantile import RadixSelect
+from deltatune.delta import Delta
+from deltatune.errors import ConfigError
+from deltatune.ops import compress as ops
+from deltatune.ops.sparsify import dare, keep_count
+from deltatune.parts.base import Part
+from deltatune.parts.dense import DensePart
+from deltatune.parts.layers import LayerKind, is_transposed, layer_kind, to_native
+from deltatune.parts.lora import LoRAPart, lora_delta
+from deltatune.parts.sparse import SparsePart
+
+METHODS = ("compeft", "dare", "darex-q", "magnitude", "quantize", "lowrank")
+DEFAULT_ALPHAS = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 10.0)
+Q_GRID_STEPS = 10
+EXACT_SVD_MAX_DIM = 1024
+FEED_BATCH = 1 << 22
+
+
+@dataclass
+class _Slot:
+    """One tensor the method acts on: ``key`` names it (seeds, errors), ``get`` reads it."""
+
+    key: str
+    get: Callable[[], Tensor]
+
+
+def _slots(name: str, part: Part, target: str) -> list[_Slot]:
+    if isinstance(part, LoRAPart):
+        if target == "product":
+            return [_Slot(name, lambda: to_native(lora_delta(part.lora_A.detach(), part.lora_B.detach(), part.scale),
+                                                  part.layer))]
+        return [_Slot(f"{name}.lora_A", lambda: part.lora_A.detach()),
+                _Slot(f"{name}.lora_B", lambda: part.lora_B.detach())]
+    if isinstance(part, SparsePart):
+        return [_Slot(name, lambda: part.values.detach())]
+    if isinstance(part, DensePart):
+        return [_Slot(f"{name}.{p}", lambda p=p: part.delta_for(p).detach()) for p in part.shapes]
+    raise ConfigError(f"part {name!r} is a {part.kind} part; compress handles lora, sparse and dense parts")
+
+
+def _rebuild(name: str, part: Part, target: str, new: dict[str, Tensor]) -> Part:
+    """The compressed part from the compressed slot tensors."""
+    with torch.no_grad():
+        if isinstance(part, LoRAPart) and target != "product":
+            a, b = new[f"{name}.lora_A"], new[f"{name}.lora_B"]
+            out = LoRAPart(part.in_features, part.out_features, part.rank, part.scale, layer=part.layer,
+                           dropout=part.dropout_p, dtype=a.dtype)
+            out.load_tensors({"lora_A": a, "lora_B": b.to(a.dtype)}, name)
+            return out
+        if isinstance(part, LoRAPart | SparsePart):
+            values = new[name].reshape(-1)
+            keep = values != 0
+            if isinstance(part, LoRAPart):
+                shape = tuple(new[name].shape)
+                indices = keep.nonzero().reshape(-1)
+            else:
+                shape, indices = part.weight_shape, part.indices[keep]
+            out = SparsePart(shape, indices, part.layer, dtype=values.dtype)
+            out.values.copy_(values[keep])
+            return out
+        dtypes = {new[f"{name}.{p}"].dtype for p in part.shapes}
+        out = DensePart(part.shapes, dtype=dtypes.pop() if len(dtypes) == 1 else torch.float32)
+        out.load_tensors({p: new[f"{name}.{p}"] for p in part.shapes}, name)
+        return out
+
+
+def _finite(t: Tensor, key: str) -> Tensor:
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise ConfigError(f"{key}: the delta holds NaN or Inf values; it cannot be compressed")
+    return t
+
+
+class _Moments:
+    """Streaming count/mean/M2 in fp64 (Chan et al.'s pairwise update) for the global ``σ``."""
+
+    def __init__(self) -> None:
+        self.n, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def add(self, t: Tensor) -> None:
+        x = t.detach().double().reshape(-1)
+        n_b = x.numel()
+        if n_b == 0:
+            return
+        mean_b = float(x.mean())
+        m2_b = float(((x - mean_b) ** 2).sum())
+        n = self.n + n_b
+        d = mean_b - self.mean
+        self.mean += d * n_b / n
+        self.m2 += m2_b + d * d * self.n * n_b / n
+        self.n = n
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.m2 / (self.n - 1)) if self.n > 1 else 0.0
+
+
+def _global_stats(slots: list[_Slot], density: float, need_sigma: bool) -> dict[str, float]:
+    """Global ``σ`` (Bessel) and the k-th largest ``|τ|`` over every slot, ``k = max(1, ⌊ρ·N⌋)``."""
+    moments, select = _Moments(), RadixSelect()
+
+    def feed_all(first: bool) -> None:  # small tensors are fed in batches: one histogram per ~4M values
+        buffer: list[Tensor] = []
+        size = 0
+        for s in slots:
+            t = s.get()
+            if first and need_sigma:
+                moments.add(t)
+            buffer.append(t.detach().abs().float().reshape(-1))
+            size += t.numel()
+            if size >= FEED_BATCH:
+                select.feed(torch.cat(buffer))
+                buffer, size = [], 0
+        if buffer:
+            select.feed(torch.cat(buffer))
+
+    feed_all(first=True)
+    if select.count == 0:
+        return {"sigma": 0.0, "threshold": 0.0}
+    k = keep_count(select.count, density)
+    select.resolve([select.count - k])
+    feed_all(first=False)
+    return {"sigma": moments.std, "threshold": select.values()[0], "entries": select.count, "k": k}
+
+
+def _post_cast(t: Tensor, dtype: str | None, per_row: bool = False) -> Tensor:
+    if dtype is None:
+        return t
+    if dtype == "int8":
+        return ops.dequantize_int8(*ops.quantize_int8(t, per_row=per_row))
+    return ops.cast_values(t, dtype)
+
+
+def _validate(method: str, density: float | None, alpha: float | None, q: float | None, dtype: str | None,
+              rank: int | None, scope: str, target: str, alphas: Sequence[float]) -> None:
+    if method not in METHODS:
+        raise ConfigError(f"unknown compression method {method!r}; methods: {', '.join(METHODS)}")
+    sparsifying = method in ("compeft", "dare", "darex-q", "magnitude")
+    if sparsifying:
+        ops.check_density(density)
+    elif density is not None:
+        raise ConfigError(f"density does not apply to {method}")
+    if alpha is not None:
+        if method != "compeft":
+            raise ConfigError(f"alpha applies only to compeft, not {method}")
+        ops.check_alpha(alpha)
+    if method == "compeft":
+        if not alphas:
+            raise ConfigError("alphas must list at least one α")
+        for a in alphas:
+            ops.check_alpha(a)
+    if q is not None:
+        if method != "darex-q":
+            raise ConfigError(f"q applies only to darex-q, not {method}")
+        ops.check_q(q)
+    if method == "lowrank":
+        ops.check_rank(rank)
+    elif rank is not None:
+        raise ConfigError(f"rank applies only to lowrank, not {method}")
+    allowed = {"compeft": (), "quantize": ("int8", "bf16", "fp16"), "lowrank": ("bf16", "fp16")}.get(
+        method, ("int8", "bf16", "fp16"))
+    if method == "quantize" and dtype is None:
+        raise ConfigError("quantize needs dtype: int8, bf16 or fp16")
+    if dtype is not None and dtype not in allowed:
+        why = "compeft stores ternary values (sign bits + one scale)" if method == "compeft" else \
+            f"{method} takes dtype in {allowed}"
+        raise ConfigError(f"dtype {dtype!r} does not apply: {why}")
+    scopes = ("global", "tensor", "row") if method == "quantize" else ("global", "tensor")
+    if scope not in scopes:
+        raise ConfigError(f"scope must be one of {scopes} for {method}, got {scope!r}")
+    if target not in ("auto", "factors", "product"):
+        raise ConfigError(f"target must be auto, factors or product, got {target!r}")
+    if target == "product" and not sparsifying:
+        raise ConfigError(f"target 'product' applies to compeft, dare, darex-q and magnitude, not {method}")
+
+
+def _density(slots_out: dict[str, Tensor], entries: int) -> dict[str, Any]:
+    kept = sum(int((t != 0).sum()) for t in slots_out.values())
+    return {"kept": kept, "entries": entries, "density_achieved": kept / entries if entries else 0.0}
+
+
+def _assemble(delta: Delta, parts: dict[str, Part], step: dict[str, Any], result: dict[str, Any],
+              method: str | None = None, config: dict[str, Any] | None = None) -> Delta:
+    cfg = copy.deepcopy(delta.config) if config is None else config
+    cfg["compression"] = [*copy.deepcopy(delta.config.get("compression", [])), step]
+    metrics = copy.deepcopy(delta.metrics)
+    metrics["compression"] = [*copy.deepcopy(delta.metrics.get("compression", [])), result]
+    return Delta(method=method or delta.method, config=cfg, parts=parts,
+                 heads={h: {k: v.detach().clone() for k, v in t.items()} for h, t in delta.heads.items()},
+                 fingerprint=copy.deepcopy(delta.fingerprint), metrics=metrics)
+
+
+def compress_delta(
+    delta: Delta,
+    method: str,
+    *,
+    density: float | None = None,
+    alpha: float | None = None,
+    q: float | None = None,
+    dtype: str | None = None,
+    rank: int | None = None,
+    scope: str = "global",
+    seed: int = 0,
+    target: str = "auto",
+    eval_fn: Callable[[Delta], float] | None = None,
+    alphas: Sequence[float] = DEFAULT_ALPHAS,
+    calibration_fn: Callable[[Delta], float] | None = None,
+    model: nn.Module | None = None,
+    layer_kinds: Mapping[str, LayerKind | None] | None = None,
+) -> Delta:
+    """A compressed copy of ``delta`` (the input is not modified); see the module docstring.
+
+    ``dtype`` rounds the kept values of dare/darex-q/magnitude (int8 with one scale per tensor) and is
+    the target of ``quantize``; ``model`` (the base) is needed only by ``lowrank`` on dense parts, to
+    know each module's layer kind (or ``layer_kinds``, module name → kind, when the caller knows them).
+    ``config["compression"]`` and ``metrics["compression"]`` get one
+    entry per compression step (method, parameters, seed; density achieved, σ, threshold, sweeps).
+    """
+    _validate(method, density, alpha, q, dtype, rank, scope, target, alphas)
+    step: dict[str, Any] = {"method": method, "density": density, "alpha": alpha, "q": q, "dtype": dtype,
+                            "rank": rank, "scope": scope, "seed": int(seed), "target": target}
+    if method == "lowrank":
+        return _lowrank(delta, int(rank), dtype, int(seed), model, step, layer_kinds)
+    tgt = "product" if target == "product" else "factors"
+    slots = [s for name, part in delta.parts.items() for s in _slots(name, part, tgt)]
+    entries = sum(_finite(s.get(), s.key).numel() for s in slots)
+    result: dict[str, Any] = {"method": method}
+
+    def build(fn: Callable[[_Slot], Tensor]) -> tuple[dict[str, Part], dict[str, Tensor]]:
+        new = {s.key: fn(s) for s in slots}
+        parts = {name: _rebuild(name, part, tgt, new) for name, part in delta.parts.items()}
+        return parts, new
+
+    if method in ("compeft", "magnitude"):
+        assert density is not None
+        if scope == "global":
+            stats = _global_stats(slots, density, need_sigma=method == "compeft")
+            result.update({k: v for k, v in stats.items() if k != "sigma" or method == "compeft"})
+            sigma_of, thr_of = (lambda s: stats["sigma"]), (lambda s: stats["threshold"])
+        else:
+            sigma_of = lambda s: ops.sample_std(s.get())  # noqa: E731
+            thr_of = lambda s: ops.kth_largest_abs(s.get(), keep_count(s.get().numel(), density))  # noqa: E731
+        if method == "magnitude":
+            def trim(s: _Slot) -> Tensor:
+                t = s.get()
+                if t.numel() == 0:
+                    return t.clone()
+                keep = (t.abs().float() >= thr_of(s)) & (t != 0)
+                return _post_cast(torch.where(keep, t, torch.zeros((), dtype=t.dtype)), dtype)
+            parts, new = build(trim)
+        else:
+            def ternary(a: float) -> tuple[dict[str, Part], dict[str, Tensor]]:
+                return build(lambda s: ops.compeft(s.get(), density, a, sigma=sigma_of(s),
+                                                   threshold=thr_of(s) if s.get().numel() else 0.0))
+            if alpha is None and eval_fn is not None:
+                sweep: dict[str, float] = {}
+                best: tuple[float, float, tuple[dict[str, Part], dict[str, Tensor]]] | None = None
+                for a in alphas:
+                    built = ternary(float(a))
+                    score = float(eval_fn(_assemble(delta, built[0], step, result)))
+                    sweep[repr(float(a))] = score
+                    if not math.isnan(score) and (best is None or score > best[0]):
+                        best = (score, float(a), built)
+                if best is None:
+                    raise ConfigError(f"eval_fn returned NaN for every α in {list(alphas)}")
+                result.update({"alpha": best[1], "alpha_sweep": sweep})
+                parts, new = best[2]
+            else:
+                a = 1.0 if alpha is None else float(alpha)
+                result["alpha"] = a
+                parts, new = ternary(a)
+            if scope == "tensor":
+                result["sigma"] = {s.key: sigma_of(s) for s in slots}
+    elif method == "dare":
+        parts, new = build(lambda s: _post_cast(
+            dare(s.get(), density, ops.generator_for(seed, s.key), rescale="inverse"), dtype))
+    elif method == "darex-q":
+        masked = {s.key: dare(s.get(), density, ops.generator_for(seed, s.key), rescale="none")
+                  for s in slots}
+
+        def rescaled(qv: float) -> tuple[dict[str, Part], dict[str, Tensor]]:
+            return build(lambda s: _post_cast((masked[s.key].float() / qv).to(masked[s.key].dtype), dtype))
+
+        if q is None:
+            if calibration_fn is None:
+                raise ConfigError("darex-q needs q, or calibration_fn to choose it (e.g. output_change_score)")
+            choice = ops.choose_q(ops.q_grid(density, Q_GRID_STEPS),
+                                  lambda qv: calibration_fn(_assemble(delta, rescaled(qv)[0], step, result)))
+            result.update({"q": choice.q, "q_sweep": {repr(k): v for k, v in choice.scores.items()}})
+            qv = choice.q
+        else:
+            qv = float(q)
+            result["q"] = qv
+        parts, new = rescaled(qv)
+    else:  # quantize
+        def quant(s: _Slot) -> Tensor:
+            t = s.get()
+            return _post_cast(t, dtype, per_row=scope == "row")
+        parts, new = build(quant)
+    result.update(_density(new, entries))
+    return _assemble(delta, parts, step, result)
+
+
+# --------------------------------------------------------------------------------------------------
+# low rank
+# --------------------------------------------------------------------------------------------------
+def _out_in(native: Tensor, kind: LayerKind) -> Tensor:
+    return native.t() if is_transposed(kind) else native
+
+
+def _lowrank(delta: Delta, rank: int, dtype: str | None, seed: int, model: nn.Module | None,
+             step: dict[str, Any], layer_kinds: Mapping[str, LayerKind | None] | None = None) -> Delta:
+    from deltatune.model import get_module
+
+    parts: dict[str, Part] = {}
+    per_module: dict[str, dict[str, Any]] = {}
+    dropped: list[str] = []
+    for name, part in delta.parts.items():
+        if isinstance(part, LoRAPart):
+            kind, total = part.layer, ops.factor_norm_sq(part.lora_A, part.lora_B, part.scale)
+            a, b = ops.lowrank_refactor(part.lora_A, part.lora_B, part.scale, rank)
+        else:
+            if isinstance(part, SparsePart):
+                kind, native = part.layer, part.delta_weight().detach()
+            elif isinstance(part, DensePart):
+                if layer_kinds is not None and name in layer_kinds:
+                    found = layer_kinds[name]
+                elif model is None:
+                    raise ConfigError(f"lowrank on dense part {name!r} needs model= (the base) to know whether the "
+                                      "module is a Linear, Conv1D or Embedding")
+                else:
+                    try:
+                        found = layer_kind(get_module(model, name))
+                    except AttributeError:
+                        raise ConfigError(f"dense part {name!r} is not a module of the model given") from None
+                if found is None or "weight" not in part.shapes or len(part.shapes["weight"]) != 2:
+                    dropped.extend(f"{name}.{p}" for p in part.shapes)
+                    continue
+                kind, native = found, part.delta_for("weight").detach().float()
+                dropped.extend(f"{name}.{p}" for p in part.shapes if p != "weight")
+            else:
+                raise ConfigError(f"part {name!r} is a {part.kind} part; lowrank handles lora, sparse and dense")
+            w = _finite(_out_in(native, kind), name)
+            total = float(w.double().pow(2).sum())
+            how = "exact" if min(w.shape) <= EXACT_SVD_MAX_DIM else "randomized"
+            a, b = ops.lowrank_factorize(w, rank, method=how, seed=ops.stable_seed(seed, name))
+        if total == 0.0:
+            dropped.append(name)
+            continue
+        r = a.shape[0]
+        kept = ops.factor_norm_sq(a, b)
+        per_module[name] = {"rank": r, "relative_error": math.sqrt(max(total - kept, 0.0) / total)}
+        new = LoRAPart(a.shape[1], b.shape[0], r, 1.0, layer=kind, dtype=torch.float32)
+        new.load_tensors({"lora_A": a.contiguous(), "lora_B": b.contiguous()}, name)
+        if dtype is not None:
+            new = new.to(ops.FLOAT_DTYPES[dtype])
+        parts[name] = new
+    if dropped:
+        warnings.warn(f"lowrank: {len(dropped)} tensor(s) have no low-rank form in a LoRA (biases, norms, zero "
+                      f"deltas) and were dropped: {dropped[:6]}{' …' if len(dropped) > 6 else ''}", stacklevel=3)
+    max_rank = max((p["rank"] for p in per_module.values()), default=0)
+    config = {"r": max_rank, "alpha": float(max_rank), "dropout": 0.0, "targets": sorted(parts), "rslora": False,
+              "init": "kaiming", "source": {"method": delta.method, "config": copy.deepcopy(delta.config)}}
+    result = {"method": "lowrank", "modules": per_module, "dropped": dropped}
+    return _assemble(delta, parts, step, result, method="lora", config=config)
+
+
+# --------------------------------------------------------------------------------------------------
+# DAREx-q calibration
+# --------------------------------------------------------------------------------------------------
+def output_change_score(model: nn.Module, reference: Delta, batch: dict[str, Tensor]) -> Callable[[Delta], float]:
+    """DAREx-q's unlabelled proxy: ``score(Δ') = mean |h_L(θ₀ ⊕ Δ') − h_L(θ₀ ⊕ Δ)|`` on one batch.
+
+    ``h_L`` is the last hidden layer's output (``hidden_states[-1]``; the logits when the model returns no
+    hidden states).  ``model`` is the bare base; each candidate is attached, run and detached again, and
+    the reference's task heads are loaded once (candidates share them).
+    """
+    from deltatune.model import attach_parts, detach, load_heads
+
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    load_heads(model, reference)
+    model.eval()
+    name = "__darex_q_calibration__"
+
+    def last_layer(d: Delta) -> Tensor:
+        attach_parts(model, d.parts, name)
+        try:
+            with torch.no_grad():
+                out = model(**inputs, output_hidden_states=True)
+        finally:
+            detach(model, name)
+        hidden = getattr(out, "hidden_states", None)
+        return (hidden[-1] if hidden else out.logits).float()
+
+    ref = last_layer(reference)
+    return lambda candidate: float((last_layer(candidate) - ref).abs().mean())
+
+
+def calibration_batch(delta: Delta, model: str | None = None, size: int = 16) -> dict[str, Tensor]:
+    """The first ``size`` training examples of the task the delta was trained on, padded into one batch."""
+    from deltatune.api import base_model_path, recorded_train_config
+    from deltatune.train.collate import pad_collate
+    from deltatune.train.config import TrainConfig
+    from deltatune.train.tasks import build_task
+
+    rec = recorded_train_config(delta)
+    if not rec.get("task"):
+        raise ConfigError("the delta records no training task to draw a calibration batch from; pass q")
+    cfg = TrainConfig(model=base_model_path(delta, model), task=rec["task"], data=rec.get("data"),
+                      eval_data=rec.get("eval_data"), train_limit=size, eval_limit=1,
+                      max_length=int(rec.get("max_length", 128)))
+    task = build_task(cfg)
+    rows = task.train.select(range(min(size, len(task.train))))
+    keys = ("input_ids", "attention_mask", "token_type_ids")
+    return pad_collate([{k: r[k] for k in keys if k in r} for r in rows], task.pad_token_id)

@@ -1,0 +1,94 @@
+"""``deltatune compress DELTA --method compeft --density 0.1 [--alpha A] [--q Q] [--dtype int8|bf16|fp16]
+[--rank R] [--scope global|tensor|row] [--target factors|product] [--seed S] [--model DIR] [--out DIR]``.
+
+Compresses a delta (ComPEFT, DARE, DAREx-q, magnitude, quantisation or a low-rank LoRA extraction; see
+:mod:`deltatune.algebra.compress`) and writes it in the compact format (the normal format for
+``lowrank``, so ``deltatune export --format peft`` reads it directly), then prints the bytes before and
+after.  Heavy imports happen inside the command so ``deltatune --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def compress_command(
+    delta: Annotated[Path, typer.Argument(help="delta folder (deltatune, compact or PEFT LoRA)")],
+    method: Annotated[str, typer.Option(help="compeft, dare, darex-q, magnitude, quantize or lowrank")] = "compeft",
+    density: Annotated[float | None, typer.Option(help="fraction of entries kept (compeft, dare, darex-q, "
+                                                       "magnitude)")] = None,
+    alpha: Annotated[float | None, typer.Option(help="compeft: values become ±alpha·σ (default 1)")] = None,
+    q: Annotated[float | None, typer.Option("--q", help="darex-q: rescale 1/q, q in [density, 1] (default: "
+                                                       "calibrated on a batch of the training task)")] = None,
+    dtype: Annotated[str | None, typer.Option(help="int8, bf16 or fp16 (quantize; rounds dare/magnitude "
+                                                   "values)")] = None,
+    rank: Annotated[int | None, typer.Option(help="lowrank: rank of every LoRA part")] = None,
+    scope: Annotated[str | None, typer.Option(help="global or tensor statistics (quantize: tensor or row "
+                                                   "scales; default row)")] = None,
+    target: Annotated[str, typer.Option(help="LoRA parts: factors (A and B) or product (B·A → sparse)")] = "auto",
+    seed: Annotated[int, typer.Option(help="seed of the random masks (dare, darex-q) and randomized SVD")] = 0,
+    model: Annotated[str | None, typer.Option(help="base-model folder (lowrank on dense deltas, darex-q "
+                                                   "calibration; default: as trained)")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="folder to write (default: DELTA-METHOD)")] = None,
+) -> None:
+    """Compress a delta and report original vs compressed bytes on disk."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from deltatune.algebra.compress import calibration_batch, compress_delta, output_change_score
+    from deltatune.api import as_delta, load_base_for
+    from deltatune.io.compact_format import save_compact
+    from deltatune.ops.compress import check_density
+    from deltatune.parts.dense import DensePart
+
+    d = as_delta(delta)
+    base, calibration_fn = None, None
+    if method == "lowrank" and any(isinstance(p, DensePart) for p in d.parts.values()):
+        base = load_base_for(d, model)
+    if method == "darex-q" and q is None:
+        check_density(density)  # before loading the base model and the calibration data
+        base = load_base_for(d, model)
+        calibration_fn = output_change_score(base, d, calibration_batch(d, model))
+    if scope is None:
+        scope = "row" if method == "quantize" else "global"
+    compressed = compress_delta(d, method, density=density, alpha=alpha, q=q, dtype=dtype, rank=rank, scope=scope,
+                                seed=seed, target=target, calibration_fn=calibration_fn, model=base)
+    out_dir = out_dir or delta.with_name(f"{delta.name}-{method}")
+    report = None
+    if method == "lowrank":
+        compressed.save(out_dir)
+        new_bytes = _dir_bytes(out_dir)
+    else:
+        report = save_compact(compressed, out_dir)
+        new_bytes = report.total_bytes
+    old_bytes = _dir_bytes(delta)
+    result = compressed.metrics["compression"][-1]
+    table = Table(show_header=False, box=None)
+    rows = [("method", method), ("original bytes", f"{old_bytes:,}"), ("compressed bytes", f"{new_bytes:,}"),
+            ("ratio", f"{old_bytes / new_bytes:.2f}×")]
+    if "density_achieved" in result:
+        rows.append(("density", f"{result['density_achieved']:.4%}"))
+    for key in ("alpha", "q", "sigma", "threshold"):
+        if isinstance(result.get(key), float):
+            rows.append((key, f"{result[key]:.6g}"))
+    if method == "lowrank":
+        errors = [m["relative_error"] for m in result["modules"].values()]
+        rows.append(("max relative error", f"{max(errors, default=0.0):.4f}"))
+    for key, value in rows:
+        table.add_row(f"[bold]{key}[/bold]", value)
+    out = Console(highlight=False)
+    out.print(table)
+    if report is not None:
+        parts = Table("component", "bytes", title="compact format", title_justify="left")
+        for name, size in report.by_component().items():
+            if size:
+                parts.add_row(name, f"{size:,}")
+        out.print(parts)
+    out.print(str(out_dir))

@@ -1,0 +1,41 @@
+"""``deltatune rebase DELTA --to NEW_BASE [--from OLD_BASE] [--force] --out DIR``.
+
+Moves a fine-tuning onto an updated base (fine-tuning transfer, Lin et al., arXiv 2503.20110:
+``θ'_v2 = θ_v2 + (θ_ft,v1 − θ_v1)``).  ``DELTA`` is a deltatune delta folder or a PEFT LoRA folder
+(the rebased delta is written to ``--out``), or a full fine-tuned checkpoint folder (then ``--from`` is
+required and ``--out`` receives a full checkpoint of the new base).  Heavy imports happen inside the
+command so ``deltatune --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def rebase_command(
+    delta: Annotated[Path, typer.Argument(help="delta folder, PEFT LoRA folder, or fine-tuned checkpoint folder")],
+    to: Annotated[str, typer.Option("--to", help="new base-model folder")],
+    out_dir: Annotated[Path, typer.Option("--out", help="folder to write (delta, or checkpoint for checkpoints)")],
+    from_: Annotated[str | None, typer.Option("--from", help="base the delta was trained on (fingerprint checked)")]
+    = None,
+    force: Annotated[bool, typer.Option("--force", help="skip the old-base fingerprint check")] = False,
+) -> None:
+    """Transfer a delta (or a fine-tuned checkpoint) to a new base: θ_new + (θ_ft − θ_old)."""
+    from rich.console import Console
+
+    from deltatune.algebra.checkpoint import is_checkpoint
+    from deltatune.algebra.rebase import rebase_checkpoint, rebase_delta
+    from deltatune.errors import ConfigError
+
+    is_delta = (delta / "manifest.json").is_file() or (delta / "adapter_config.json").is_file()
+    if not is_delta and is_checkpoint(delta):
+        if from_ is None:
+            raise ConfigError(f"{delta} is a full checkpoint: its delta is θ_ft − θ_old, so --from OLD_BASE "
+                              "(the checkpoint it was fine-tuned from) is required")
+        written = rebase_checkpoint(delta, to, from_, out_dir)
+    else:
+        written = rebase_delta(delta, to, old_base=from_, force=force).save(out_dir)
+    Console(highlight=False).print(str(written))

@@ -1,0 +1,372 @@
+"""Compose: attach == merge == compose_deltas == θ₀ + ΣΔ by hand; exact revert; push/pop; errors."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+import torch
+from conftest import TINY_MODELS, tiny_inputs
+from torch import nn
+
+from deltatune.algebra.compose import DeltaStack, compose, compose_deltas, sum_lora, sum_sparse
+from deltatune.delta import Delta
+from deltatune.errors import ConfigError, FingerprintMismatch, ShapeMismatch
+from deltatune.fingerprint import fingerprint
+from deltatune.layer import DeltaLayer
+from deltatune.model import apply_delta, get_module
+from deltatune.parts.dense import DensePart
+from deltatune.parts.layers import in_out_features, layer_kind
+from deltatune.parts.lora import LoRAPart
+from deltatune.parts.sparse import SparsePart
+
+# modules per tiny model: LoRA targets, sparse targets, dense (weight only) targets that overlap them,
+# and dense (every parameter: bias, norms) targets no other delta touches.  GPT-2's lm_head is tied to wte.
+SPEC = {
+    "llama": dict(lora=["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj", "lm_head"],
+                  sparse=["model.layers.0.self_attn.q_proj", "model.embed_tokens", "model.layers.1.mlp.down_proj"],
+                  dense_w=["model.layers.0.self_attn.q_proj", "lm_head"],
+                  dense_all=["model.norm", "model.layers.1.self_attn.o_proj"]),
+    "gpt2": dict(lora=["transformer.h.0.attn.c_attn", "lm_head"],
+                 sparse=["transformer.wte", "transformer.h.0.attn.c_attn"],
+                 dense_w=["transformer.h.0.attn.c_attn", "transformer.wte"],
+                 dense_all=["transformer.h.1.mlp.c_proj", "transformer.ln_f"]),
+    "bert": dict(lora=["bert.encoder.layer.0.attention.self.query", "bert.embeddings.word_embeddings"],
+                 sparse=["bert.encoder.layer.0.attention.self.query", "bert.embeddings.word_embeddings",
+                         "bert.encoder.layer.1.output.dense"],
+                 dense_w=["bert.encoder.layer.0.attention.self.query"],
+                 dense_all=["bert.encoder.layer.1.attention.output.LayerNorm", "bert.pooler.dense"]),
+}
+
+
+def _randn(shape, gen: torch.Generator, std: float) -> torch.Tensor:
+    return torch.randn(shape, generator=gen) * std
+
+
+def lora_part(module: nn.Module, rank: int, scale: float, gen: torch.Generator) -> LoRAPart:
+    fin, fout = in_out_features(module)
+    part = LoRAPart(fin, fout, rank, scale, layer=layer_kind(module))
+    with torch.no_grad():
+        part.lora_A.copy_(_randn((rank, fin), gen, 0.2))
+        part.lora_B.copy_(_randn((fout, rank), gen, 0.2))
+    return part
+
+
+def sparse_part(module: nn.Module, k: int, gen: torch.Generator) -> SparsePart:
+    w = module.weight
+    part = SparsePart(tuple(w.shape), torch.randperm(w.numel(), generator=gen)[:k], layer=layer_kind(module))
+    with torch.no_grad():
+        part.values.copy_(_randn((k,), gen, 0.1))
+    return part
+
+
+def dense_part(module: nn.Module, gen: torch.Generator, names: list[str] | None = None) -> DensePart:
+    part = DensePart.for_module(module, names=names)
+    with torch.no_grad():
+        for k in part.shapes:
+            part.delta_for(k).copy_(_randn(part.shapes[k], gen, 0.02))
+    return part
+
+
+def make_deltas(model: nn.Module, arch: str, seed: int = 0) -> list[Delta]:
+    """A LoRA, a sparse and a dense delta (the dense one carries the task head, if any) on ``model``."""
+    gen = torch.Generator().manual_seed(seed)
+    spec = SPEC[arch]
+    heads = [h for h in ("classifier", "score") if h in dict(model.named_children())]
+    fp_plain = fingerprint(model)
+    lora = Delta("lora", {}, {m: lora_part(get_module(model, m), 2, 0.5, gen) for m in spec["lora"]},
+                 fingerprint=fp_plain)
+    sparse = Delta("sparse", {}, {m: sparse_part(get_module(model, m), 40, gen) for m in spec["sparse"]},
+                   fingerprint=fp_plain)
+    dense_parts = {m: dense_part(get_module(model, m), gen, ["weight"]) for m in spec["dense_w"]}
+    dense_parts.update({m: dense_part(get_module(model, m), gen) for m in spec["dense_all"]})
+    head_tensors = {h: {k: _randn(v.shape, gen, 0.5) for k, v in model.get_submodule(h).state_dict().items()}
+                    for h in heads}
+    dense = Delta("full", {}, dense_parts, heads=head_tensors, fingerprint=fingerprint(model, exclude=heads))
+    return [lora, sparse, dense]
+
+
+def by_hand(model: nn.Module, deltas: list[Delta]) -> nn.Module:
+    """θ₀ + Σ_t Δ_t written into a copy's tensors directly (heads loaded), the reference for every mode."""
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for d in deltas:
+            for name, part in d.parts.items():
+                module = ref.get_submodule(name)
+                if isinstance(part, DensePart):
+                    for k in part.shapes:
+                        getattr(module, k).add_(part.delta_for(k))
+                else:
+                    module.weight.add_(part.delta_weight())
+            for head, tensors in d.heads.items():
+                ref.get_submodule(head).load_state_dict(tensors)
+    return ref
+
+
+def state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_state(model: nn.Module, expected: dict[str, torch.Tensor]) -> None:
+    got = model.state_dict()
+    assert set(got) == set(expected)
+    for k, v in expected.items():
+        assert torch.equal(got[k], v), f"{k} differs"
+
+
+def logits(model: nn.Module, arch: str) -> torch.Tensor:
+    inputs = {k: v for k, v in tiny_inputs(arch).items() if k != "labels"}
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+@pytest.mark.parametrize("arch", sorted(TINY_MODELS))
+def test_attach_merge_and_compose_deltas_agree_and_revert_exactly(arch, one_thread):
+    model = TINY_MODELS[arch]()
+    base = state(model)
+    deltas = make_deltas(model, arch)
+    expected = logits(by_hand(model, deltas), arch)
+    assert (expected - logits(model, arch)).abs().max() > 1e-3  # the deltas do change the output
+
+    for mode in ("attach", "merge"):
+        with compose(model, deltas, mode=mode) as stack:
+            assert len(stack) == 3
+            assert torch.allclose(logits(model, arch), expected, atol=1e-5), mode
+        assert not any(isinstance(m, DeltaLayer) for m in model.modules())
+        assert_same_state(model, base)
+
+    combined = compose_deltas(deltas)
+    # bert: the dense delta carries the classifier head, so its fingerprint (head excluded) is the sum's
+    assert combined.fingerprint == deltas[2].fingerprint and combined.heads.keys() == deltas[2].heads.keys()
+    for mode in ("attach", "merge"):
+        with DeltaStack(model, mode=mode) as stack:
+            stack.push(combined)
+            assert torch.allclose(logits(model, arch), expected, atol=1e-5), mode
+        assert_same_state(model, base)
+
+
+def test_gpt2_tied_embedding_sees_the_sum_in_both_modules(one_thread):
+    """A LoRA on lm_head and a sparse delta on wte (the same tensor): both modules see both deltas."""
+    model = TINY_MODELS["gpt2"]()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    deltas = make_deltas(model, "gpt2")[:2]
+    total = sum(d.parts[m].delta_weight() for d, m in zip(deltas, ["lm_head", "transformer.wte"], strict=True))
+    ids = torch.tensor([[3, 7, 11]])
+    with compose(model, deltas, mode="attach"):
+        emb = model.transformer.wte(ids)
+        head = model.lm_head(emb)
+    w = model.transformer.wte.weight + total
+    assert torch.allclose(emb, w[ids], atol=1e-6)
+    assert torch.allclose(head, emb @ w.t(), atol=1e-5)
+
+
+def test_compose_deltas_lora_concatenates_ranks_exactly():
+    gen = torch.Generator().manual_seed(0)
+    lin = nn.Linear(5, 3)
+    p1, p2 = lora_part(lin, 2, 0.5, gen), lora_part(lin, 3, 2.0, gen)
+    out = sum_lora([p1, p2], "m")
+    assert out.rank == 5 and out.scale == 1.0
+    assert torch.equal(out.lora_A, torch.cat([p1.lora_A, p2.lora_A]))
+    assert torch.equal(out.lora_B, torch.cat([p1.lora_B * 0.5, p2.lora_B * 2.0], dim=1))
+    assert torch.allclose(out.delta_weight(), 0.5 * p1.lora_B @ p1.lora_A + 2.0 * p2.lora_B @ p2.lora_A, atol=1e-6)
+    same = sum_lora([p1, lora_part(lin, 1, 0.5, gen)], "m")
+    assert same.scale == 0.5 and same.rank == 3  # a shared scale is kept, B is concatenated as is
+
+
+def test_compose_deltas_sparse_unites_indices_and_adds_values():
+    a = SparsePart((2, 4), torch.tensor([4, 1]))
+    b = SparsePart((2, 4), torch.tensor([7, 4]))
+    with torch.no_grad():
+        a.values.copy_(torch.tensor([1.0, 2.0]))  # sorted indices [1, 4] → values at 1: 1, at 4: 2
+        b.values.copy_(torch.tensor([10.0, 20.0]))  # sorted [4, 7] → at 4: 10, at 7: 20
+    out = sum_sparse([a, b], "m")
+    assert out.indices.tolist() == [1, 4, 7]
+    assert out.values.tolist() == [1.0, 12.0, 20.0]
+
+
+def test_compose_deltas_mixed_kinds_become_dense_with_every_parameter():
+    gen = torch.Generator().manual_seed(0)
+    lin = nn.Linear(4, 3)
+    lora, dense = lora_part(lin, 2, 1.0, gen), dense_part(lin, gen)
+    sparse = SparsePart((3, 4), torch.tensor([0, 11]))
+    with torch.no_grad():
+        sparse.values.copy_(torch.tensor([1.0, -1.0]))
+    d = compose_deltas([Delta("a", {}, {"m": lora}), Delta("b", {}, {"m": dense}), Delta("c", {}, {"m": sparse})])
+    part = d.parts["m"]
+    assert isinstance(part, DensePart) and set(part.shapes) == {"weight", "bias"}
+    hand = lora.lora_B @ lora.lora_A + dense.delta_for("weight")
+    hand[0, 0] += 1.0
+    hand[2, 3] -= 1.0
+    assert torch.allclose(part.delta_for("weight"), hand, atol=1e-6)
+    assert torch.equal(part.delta_for("bias"), dense.delta_for("bias"))
+    assert d.method == "compose" and [c["method"] for c in d.config["inputs"]] == ["a", "b", "c"]
+
+
+def test_compose_deltas_single_parts_are_independent_copies():
+    gen = torch.Generator().manual_seed(0)
+    part = lora_part(nn.Linear(4, 3), 2, 1.0, gen)
+    d = compose_deltas([Delta("lora", {}, {"m": part})])
+    assert d.parts["m"] is not part and torch.equal(d.parts["m"].lora_B, part.lora_B)
+    with torch.no_grad():
+        d.parts["m"].lora_B.add_(1.0)
+    assert not torch.equal(d.parts["m"].lora_B, part.lora_B)
+
+
+def test_compose_deltas_checks_fingerprints_shapes_and_heads():
+    m0, m1 = TINY_MODELS["llama"](0), TINY_MODELS["llama"](1)
+    gen = torch.Generator().manual_seed(0)
+    q = "model.layers.0.self_attn.q_proj"
+    d0 = Delta("lora", {}, {q: lora_part(get_module(m0, q), 2, 1.0, gen)}, fingerprint=fingerprint(m0))
+    d1 = Delta("lora", {}, {q: lora_part(get_module(m1, q), 2, 1.0, gen)}, fingerprint=fingerprint(m1))
+    with pytest.raises(FingerprintMismatch, match=r"delta #0 \(lora\) and delta #2 \(lora\).*values"):
+        compose_deltas([d0, Delta("lora", {}, {}), d1])
+    with pytest.raises(FingerprintMismatch, match="'en' and 'de'"):
+        compose_deltas([d0, d1], names=["'en'", "'de'"])
+    assert compose_deltas([d0, Delta("peft", {}, {})]).fingerprint == d0.fingerprint  # None: unknown, not compared
+
+    wide = Delta("lora", {}, {q: lora_part(nn.Linear(64, 32), 2, 1.0, gen)})
+    with pytest.raises(ShapeMismatch, match=f"{q}: LoRA parts.*64→64.*64→32"):
+        compose_deltas([d0, wide])
+    s1, s2 = SparsePart((4, 4), torch.tensor([0])), SparsePart((4, 5), torch.tensor([0]))
+    with pytest.raises(ShapeMismatch, match="m: sparse parts for weights"):
+        compose_deltas([Delta("s", {}, {"m": s1}), Delta("s", {}, {"m": s2})])
+    d5 = DensePart({"weight": (3, 3)})
+    with pytest.raises(ShapeMismatch, match=r"m.weight: deltas of shapes \[\(4, 4\), \(3, 3\)\]"):
+        compose_deltas([Delta("s", {}, {"m": s1}), Delta("f", {}, {"m": d5})])
+
+    h1 = {"classifier": {"weight": torch.zeros(2, 3)}}
+    h2 = {"classifier": {"weight": torch.ones(2, 3)}}
+    assert compose_deltas([Delta("a", {}, {}, heads=h1), Delta("b", {}, {}, heads=copy.deepcopy(h1))]).heads
+    with pytest.raises(ConfigError, match="different task heads 'classifier'"):
+        compose_deltas([Delta("a", {}, {}, heads=h1), Delta("b", {}, {}, heads=h2)])
+    with pytest.raises(ConfigError, match="at least one"):
+        compose_deltas([])
+
+
+@pytest.mark.parametrize("mode", ["attach", "merge"])
+def test_push_pop_in_every_order_restores_each_state_exactly(mode, one_thread):
+    model = TINY_MODELS["llama"]()
+    deltas = make_deltas(model, "llama")
+    base = state(model)
+    for order in itertools.permutations(range(3)):
+        stack = DeltaStack(model, mode=mode)
+        states = [base]
+        for i in order:
+            stack.push(deltas[i])
+            states.append(state(model))
+        expected = logits(by_hand(TINY_MODELS["llama"](), deltas), "llama")
+        assert torch.allclose(logits(model, "llama"), expected, atol=1e-5)
+        for i in reversed(order):
+            assert stack.pop() is deltas[i]
+            states.pop()
+            assert_same_state(model, states[-1])
+    # interleaved: push a, push b, pop, push c, pop, pop
+    stack = DeltaStack(model, mode=mode)
+    stack.push(deltas[0])
+    after_a = state(model)
+    stack.push(deltas[1])
+    stack.pop()
+    assert_same_state(model, after_a)
+    stack.push(deltas[2])
+    stack.pop()
+    assert_same_state(model, after_a)
+    stack.pop()
+    assert_same_state(model, base)
+    with pytest.raises(ConfigError, match="empty"):
+        stack.pop()
+
+
+@pytest.mark.parametrize("mode", ["attach", "merge"])
+def test_revert_after_an_exception_inside_the_context(mode, one_thread):
+    model = TINY_MODELS["bert"]()
+    base = state(model)
+    deltas = make_deltas(model, "bert")
+    with pytest.raises(RuntimeError, match="boom"), compose(model, deltas, mode=mode):
+        assert not torch.equal(model.classifier.weight, base["classifier.weight"])  # the head was loaded
+        raise RuntimeError("boom")
+    assert_same_state(model, base)
+    assert not any(isinstance(m, DeltaLayer) for m in model.modules())
+
+
+@pytest.mark.parametrize("mode", ["attach", "merge"])
+def test_a_failing_push_leaves_the_model_as_it_was(mode):
+    model = TINY_MODELS["llama"]()
+    base = state(model)
+    deltas = make_deltas(model, "llama")
+    bad = Delta("sparse", {}, {"model.layers.0.self_attn.q_proj": SparsePart((64, 65), torch.tensor([1]))})
+    with pytest.raises(ShapeMismatch, match="delta #1 \\(sparse\\):model.layers.0.self_attn.q_proj"):
+        compose(model, [deltas[0], bad], mode=mode)
+    assert_same_state(model, base)
+    assert not any(isinstance(m, DeltaLayer) for m in model.modules())
+
+
+def test_push_checks_fingerprint_against_the_untouched_base_and_force_skips_it():
+    model = TINY_MODELS["llama"]()
+    base = state(model)
+    fp = fingerprint(model)
+    lora, sparse, _ = make_deltas(model, "llama")
+    stack = DeltaStack(model, mode="merge")
+    stack.push(lora)  # touches lm_head.weight, the first tensor the fingerprint samples
+    assert fingerprint(model) != fp
+    stack.push(sparse)  # still matches: checked against the base before the stack touched it
+    other = copy.copy(sparse)
+    other.fingerprint = fingerprint(TINY_MODELS["llama"](1))
+    with pytest.raises(FingerprintMismatch, match=r"delta #2 \(sparse\) was trained on another base.*values"):
+        stack.push(other)
+    stack.revert()
+    assert_same_state(model, base)
+    forced = DeltaStack(model, mode="merge", force=True)
+    forced.push(other)
+    forced.revert()
+    assert_same_state(model, base)
+
+
+def test_merge_snapshot_memory_is_what_the_docstring_says():
+    model = TINY_MODELS["llama"]()
+    q = "model.layers.0.self_attn.q_proj"
+    gen = torch.Generator().manual_seed(0)
+    stack = DeltaStack(model, mode="merge")
+    stack.push(Delta("sparse", {}, {q: sparse_part(get_module(model, q), 40, gen)}))
+    assert stack.snapshot_bytes == 40 * 4  # only the 40 original fp32 values
+    stack.push(Delta("lora", {}, {q: lora_part(get_module(model, q), 2, 1.0, gen)}))
+    assert stack.snapshot_bytes == 40 * 4 + 64 * 64 * 4  # plus the whole (bias-free) 64×64 weight
+    stack.revert()
+    assert stack.snapshot_bytes == 0
+
+
+def test_attach_refuses_a_dense_bias_delta_on_a_shared_module_but_merge_takes_it():
+    model = TINY_MODELS["bert"]()
+    base = state(model)
+    q = "bert.encoder.layer.0.attention.self.query"
+    gen = torch.Generator().manual_seed(0)
+    lora = Delta("lora", {}, {q: lora_part(get_module(model, q), 2, 1.0, gen)})
+    full = Delta("full", {}, {q: dense_part(get_module(model, q), gen)})  # weight and bias
+    with pytest.raises(ConfigError, match=f"module '{q}' already has an active part.*mode='merge'"):
+        compose(model, [lora, full], mode="attach")
+    assert_same_state(model, base)
+    with compose(model, [lora, full], mode="merge"):
+        hand = base[f"{q}.bias"] + full.parts[q].delta_for("bias")
+        assert torch.allclose(get_module(model, q).bias, hand)
+    assert_same_state(model, base)
+
+
+def test_composed_heads_must_agree_and_apply_delta_of_the_sum_matches():
+    model = TINY_MODELS["bert"]()
+    deltas = make_deltas(model, "bert")
+    clash = copy.copy(deltas[2])
+    clash.heads = {"classifier": {k: v + 1 for k, v in deltas[2].heads["classifier"].items()}}
+    with pytest.raises(ConfigError, match="different task heads 'classifier'"):
+        compose(model, [deltas[2], clash])
+    combined = compose_deltas(deltas)
+    ref = logits(by_hand(model, deltas), "bert")
+    apply_delta(model, combined)
+    assert torch.allclose(logits(model, "bert"), ref, atol=1e-5)
+
+
+def test_bad_mode_and_names():
+    model = TINY_MODELS["llama"]()
+    with pytest.raises(ConfigError, match="'attach' or 'merge'"):
+        DeltaStack(model, mode="add")
+    with pytest.raises(ConfigError, match="1 names for 0 deltas"):
+        compose(model, [], names=["x"])
