@@ -94,3 +94,16 @@ def tiny_inputs(name: str, batch: int = 3, seq: int = 7, seed: int = 1) -> dict[
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     inputs["labels"] = torch.randint(0, 3, (batch,), generator=g) if name == "bert" else ids.clone()
     return inputs
+
+
+def randomize_delta(model, config, seed: int, std: float):
+    """``attach(model, config)`` with every part tensor drawn from N(0, std²) (seeded)."""
+    import deltatune
+
+    delta = deltatune.attach(model, config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for part in delta.parts.values():
+            for p in part.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return delta

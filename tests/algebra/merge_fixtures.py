@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import randomize_delta, tiny_llama
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import deltatune
@@ -44,11 +44,4 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
 
 def random_delta(config, seed: int, std: float = 0.02, model_seed: int = 0) -> deltatune.Delta:
     """A delta on tiny Llama with random non-zero tensors."""
-    model = tiny_llama(model_seed)
-    delta = deltatune.attach(model, config)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for part in delta.parts.values():
-            for p in part.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-    return delta
+    return randomize_delta(tiny_llama(model_seed), config, seed, std)

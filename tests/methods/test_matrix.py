@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import TINY_MODELS, tiny_inputs
+from conftest import TINY_MODELS, randomize_delta, tiny_inputs
 from torch import nn
 
 import deltatune
@@ -343,13 +343,7 @@ MIXED = ["a", None, "b"]
 
 def saved_random_delta(arch: str, config: Any, seed: int, std: float, tmp_path, name: str) -> deltatune.Delta:
     """A delta on a fresh base copy with random (non-zero) part tensors, saved and loaded back."""
-    model = TINY_MODELS[arch]()
-    delta = deltatune.attach(model, config)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for part in delta.parts.values():
-            for p in part.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * std)
+    delta = randomize_delta(TINY_MODELS[arch](), config, seed, std)
     return deltatune.load_delta(deltatune.save_delta(delta, tmp_path / name))
 
 
