@@ -92,20 +92,20 @@ def test_weights_summing_to_zero_under_normalize_are_refused() -> None:
 
 
 def test_disk_full_mid_write_leaves_no_partial_output(checkpoints, tmp_path, monkeypatch) -> None:  # noqa: F811
-    import deltatune.io.shards as shards
+    from deltatune.io.shards import PlannedShardWriter
 
     target = tmp_path / "out"
     merge(fts(checkpoints), "task_arithmetic", base=checkpoints["base"], output="checkpoint", out=target)
     before = {p.name: p.read_bytes() for p in target.iterdir()}
-    real, calls = shards.save_file, []
+    real, calls = PlannedShardWriter.add, []
 
-    def full_disk(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
+    def full_disk(self, name, tensor):
+        calls.append(name)
+        if len(calls) == 7:  # part-way through the second shard
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(*args, **kwargs)
+        return real(self, name, tensor)
 
-    monkeypatch.setattr(shards, "save_file", full_disk)
+    monkeypatch.setattr(PlannedShardWriter, "add", full_disk)
     with pytest.raises(OSError, match="No space left"):
         merge(fts(checkpoints), "ties", base=checkpoints["base"], params={"density": 0.2}, output="checkpoint",
               out=target, shard_size="30KB")
@@ -152,3 +152,15 @@ def test_mixed_inputs_and_missing_base_are_refused(checkpoints, tmp_path) -> Non
         merge([checkpoints["ft0"]], "task_arithmetic", output="checkpoint", out=tmp_path / "o")
     with pytest.raises(ConfigError, match="model_stock needs the base weights"):
         merge([a, a], "model_stock")
+
+
+def test_truncated_checkpoint_shard_names_the_file(checkpoints, tmp_path) -> None:  # noqa: F811
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(checkpoints["ft0"], broken)
+    data = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data[: len(data) - 100])
+    with pytest.raises(DeltaFormatError, match=r"broken/model\.safetensors: tensor .* does not hold"):
+        merge([broken], "task_arithmetic", base=checkpoints["base"], output="checkpoint", out=tmp_path / "o")
+    assert not (tmp_path / "o").exists()

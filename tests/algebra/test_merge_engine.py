@@ -194,3 +194,21 @@ def test_greedy_soup_keeps_only_ingredients_that_help() -> None:
     assert soup.metrics["greedy_soup"]["chosen"] in ([1, 2], [2, 1])
     assert [e["accepted"] for e in log if e["phase"] == "greedy"] == [True, True, False]
     assert score(soup) > max(score(a), score(b))
+
+
+def test_streamed_shards_load_in_transformers_and_safetensors(checkpoints, tmp_path) -> None:  # noqa: F811
+    from safetensors.torch import load_file
+    from transformers import LlamaForCausalLM
+
+    out = merge([checkpoints["ft0"], checkpoints["ft1"]], "task_arithmetic", base=checkpoints["base"],
+                output="checkpoint", out=tmp_path / "m", shard_size="30KB", out_dtype=torch.bfloat16)
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) >= 2 and (out / "model.safetensors.index.json").is_file()
+    on_disk = {k: v for f in shards for k, v in load_file(f).items()}
+    model = LlamaForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, on_disk[name]), name
+    key = "model.layers.0.self_attn.k_proj.weight"
+    expected = (CheckpointReader(checkpoints["base"]).get(key).float()
+                + task_arithmetic(taus(checkpoints, key)[:2])).to(torch.bfloat16)
+    assert torch.equal(on_disk[key], expected)

@@ -2,8 +2,8 @@
 
 A checkpoint is a folder with ``model.safetensors``, or ``model.safetensors.index.json`` and the shards
 its ``weight_map`` names (or any ``*.safetensors`` files), or a single ``.safetensors`` file.  Only the
-header of each shard is read up front; :meth:`CheckpointReader.get` materialises one tensor from the
-mmap'd shard, so memory stays bounded by the largest tensor, never the model.
+header of each shard is read up front; :meth:`CheckpointReader.get` reads one tensor's bytes, so memory
+stays bounded by the tensors in use, never the model.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from deltatune.errors import ConfigError, DeltaFormatError
@@ -52,65 +51,90 @@ def _shard_files(root: Path) -> list[Path]:
     return files
 
 
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+FLOATING = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+
+
+def _read_header(shard: Path) -> tuple[dict[str, dict], int]:
+    """Parse a safetensors header: ``(entries, offset of the data section)``, validated against the file size."""
+    size = shard.stat().st_size
+    try:
+        with open(shard, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or n > size - 8:
+                raise ValueError(f"header length {n} does not fit a file of {size} bytes")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError) as exc:
+        raise DeltaFormatError(f"{shard}: cannot read as safetensors ({exc})") from None
+    header.pop("__metadata__", None)
+    data_start = 8 + n
+    for name, entry in header.items():
+        try:
+            begin, end = (int(x) for x in entry["data_offsets"])
+            numel = 1
+            for d in entry["shape"]:
+                numel *= int(d)
+            width = torch.empty(0, dtype=DTYPES[entry["dtype"]]).element_size()
+        except (KeyError, TypeError, ValueError):
+            raise DeltaFormatError(f"{shard}: tensor {name!r} has a malformed header entry {entry!r}") from None
+        if end - begin != numel * width or data_start + end > size:
+            raise DeltaFormatError(f"{shard}: tensor {name!r} needs bytes {begin}..{end} of the data section, "
+                                   f"which the file ({size} bytes) does not hold as {entry['dtype']}{entry['shape']}")
+    return header, data_start
+
+
 class CheckpointReader:
-    """``name → tensor`` view of a checkpoint; tensors are read on demand from mmap'd shards."""
+    """``name → tensor`` view of a checkpoint; each tensor is read on demand with ``pread``.
+
+    Explicit reads (rather than a memory map) keep the process's resident memory to the tensors in
+    use: a mapped shard's pages would stay resident, and counted, once touched.
+    """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self._handles: dict[Path, object] = {}
-        self._where: dict[str, Path] = {}
-        self._shape: dict[str, tuple[int, ...]] = {}
-        self._dtype: dict[str, str] = {}
+        self._entries: dict[str, tuple[Path, dict, int]] = {}
         for shard in _shard_files(self.path):
-            handle = self._open(shard)
-            for name in handle.keys():  # noqa: SIM118  (safe_open is not a dict)
-                if name in self._where:
+            header, data_start = _read_header(shard)
+            for name, entry in header.items():
+                if name in self._entries:
                     raise DeltaFormatError(f"{self.path}: tensor {name!r} appears in two shards")
-                sl = handle.get_slice(name)
-                self._where[name] = shard
-                self._shape[name] = tuple(int(d) for d in sl.get_shape())
-                self._dtype[name] = sl.get_dtype()
-
-    def _open(self, shard: Path):
-        if shard not in self._handles:
-            try:
-                self._handles[shard] = safe_open(str(shard), framework="pt")
-            except (SafetensorError, OSError) as exc:
-                raise DeltaFormatError(f"{shard}: cannot read as safetensors ({exc})") from None
-        return self._handles[shard]
+                self._entries[name] = (shard, entry, data_start)
 
     def names(self) -> list[str]:
-        return list(self._where)
+        return list(self._entries)
 
     def __contains__(self, name: str) -> bool:
-        return name in self._where
+        return name in self._entries
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return self._shape[name]
+        return tuple(int(d) for d in self._entries[name][1]["shape"])
 
     def is_floating(self, name: str) -> bool:
-        return self._dtype[name].upper() in ("F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2")
-
-    def get(self, name: str) -> Tensor:
-        if name not in self._where:
-            raise DeltaFormatError(f"{self.path}: no tensor named {name!r}")
-        try:
-            return self._open(self._where[name]).get_tensor(name)
-        except SafetensorError as exc:
-            raise DeltaFormatError(f"{self._where[name]}: cannot read tensor {name!r} ({exc})") from None
-
-    def get_float(self, name: str) -> Tensor:
-        """The tensor as a new fp32 tensor, safe to modify in place.
-
-        ``get`` may return a view of the private memory map: writing into it would change what later
-        reads of the same tensor return, so fp32 tensors are cloned here.
-        """
-        t = self.get(name)
-        return t.clone() if t.dtype == torch.float32 else t.float()
+        return self._entries[name][1]["dtype"] in FLOATING
 
     def dtype(self, name: str) -> torch.dtype:
-        return {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}.get(
-            self._dtype[name].upper(), torch.float32)
+        return DTYPES[self._entries[name][1]["dtype"]]
+
+    def get(self, name: str) -> Tensor:
+        """A new tensor (its own memory) with the stored values."""
+        if name not in self._entries:
+            raise DeltaFormatError(f"{self.path}: no tensor named {name!r}")
+        shard, entry, data_start = self._entries[name]
+        begin, end = (int(x) for x in entry["data_offsets"])
+        buf = bytearray(end - begin)
+        with open(shard, "rb", buffering=0) as f:
+            f.seek(data_start + begin)
+            got = f.readinto(memoryview(buf))
+        if got != end - begin:
+            raise DeltaFormatError(f"{shard}: tensor {name!r} is truncated ({got} of {end - begin} bytes)")
+        flat = torch.frombuffer(buf, dtype=self.dtype(name)) if buf else torch.empty(0, dtype=self.dtype(name))
+        return flat.reshape(self.shape(name))
+
+    def get_float(self, name: str) -> Tensor:
+        """The tensor as fp32 (a new tensor, safe to modify in place)."""
+        return self.get(name).float()
 
     def extra_files(self) -> list[tuple[str, bytes]]:
         """``config.json``, tokenizer and generation files to copy next to a merged checkpoint."""

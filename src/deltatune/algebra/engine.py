@@ -151,10 +151,10 @@ class MergePlan:
             if checkpoint:
                 base_value = self.base_of(key)
                 taus = [s.tau(key, base_value) for s in self.sources]
-                base_fn: Callable[[], Tensor] = lambda v=base_value: v  # noqa: E731
+                del base_value  # re-read on demand: most methods never need θ₀ itself
             else:
                 taus = [s.tau(key) if key in s.keys_set else torch.zeros(self.shapes[key]) for s in self.sources]
-                base_fn = lambda k=key: self.base_of(k)  # noqa: E731
+            base_fn: Callable[[], Tensor] = lambda k=key: self.base_of(k)  # noqa: E731
             yield TensorJob(key, taus, self.params, self.per_input, base_fn,
                             lambda i, k=key: torch.Generator().manual_seed(tensor_seed(self.seed, k, i)), self.stats)
 
@@ -224,14 +224,17 @@ def merge(
 
     def merged() -> Iterator[tuple[str, Tensor]]:
         for job in plan.jobs(method if progress else None):
-            yield job.key, spec.kernel(job) * factor(job.key)
+            out = spec.kernel(job)
+            job.taus.clear()  # free the inputs before the output is written
+            scale = factor(job.key)
+            yield job.key, out if scale == 1.0 else out.mul_(scale)
 
     record = {"method": method, "preset": preset, "params": resolved, "inputs": per_input, "seed": seed,
               "sources": [s.label for s in sources], "lines": lines}
     if checkpoint_inputs and output == "checkpoint":
         assert base_reader is not None
         target = CheckpointReader(target_base) if target_base is not None else base_reader
-        return write_checkpoint(Path(out), merged(), target, rows, out_dtype, shard_size, record)
+        return write_checkpoint(Path(out), merged(), target, shapes, rows, out_dtype, shard_size, record)
     if checkpoint_inputs:
         return collect_delta(merged(), None, output, rank, record, base_path=base, out=out)
     result = collect_delta(merged(), sources, output, rank, record, fingerprint=fingerprint,

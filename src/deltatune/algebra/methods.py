@@ -18,7 +18,7 @@ kernels only pick the semantics chosen by the preset (see :mod:`deltatune.algebr
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +31,7 @@ from deltatune.ops import breadcrumbs as bc
 from deltatune.ops import della as dl
 from deltatune.ops import geometry, pcb
 from deltatune.ops.merge import disjoint_merge, elect_sign
-from deltatune.ops.sparsify import dare, magnitude_trim
+from deltatune.ops.sparsify import dare, magnitude_trim_
 
 
 @dataclass
@@ -45,11 +45,6 @@ class TensorJob:
     base: Callable[[], Tensor]
     generator: Callable[[int], torch.Generator]
     stats: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def weights(self) -> Tensor:
-        w = torch.tensor([p["weight"] for p in self.inputs], dtype=torch.float32)
-        return w.view(-1, *[1] * self.taus[0].dim())
 
     @property
     def lam(self) -> float:
@@ -67,32 +62,51 @@ class MergeMethod:
     stats: tuple[str, ...] = ()
 
 
-def _weighted_sum(job: TensorJob, taus: Tensor) -> Tensor:
-    total = (job.weights * taus).sum(0)
+CHUNK = 1 << 20
+
+
+def _weighted_sum(job: TensorJob, taus: Sequence[Tensor]) -> Tensor:
+    """``Σ_t w_t τ_t`` (÷ ``Σ_t w_t`` when ``normalize``), accumulated in place."""
+    total = torch.zeros_like(taus[0])
+    for p, t in zip(job.inputs, taus, strict=True):
+        total.add_(t, alpha=p["weight"])
     if job.params.get("normalize"):
-        total = total / float(job.weights.sum())
+        total.div_(sum(p["weight"] for p in job.inputs))
     return total
 
 
-def _consensus(job: TensorJob, taus: Tensor) -> Tensor:
-    """TIES sign election + disjoint merge (:mod:`deltatune.ops.merge`) of already-sparsified ``taus``."""
+def _consensus(job: TensorJob, taus: Sequence[Tensor]) -> Tensor:
+    """TIES sign election + disjoint merge (:mod:`deltatune.ops.merge`) of already-sparsified ``taus``.
+
+    Runs over chunks of ``CHUNK`` entries so its temporaries stay small next to the inputs.
+    """
+    weights = [p["weight"] for p in job.inputs]
     weighted = job.params["weighted_vote"]  # mergekit: w_t·τ_t replaces τ_t before the vote and the mask
     fill: Any = 1.0
     if job.params["sign_tie"] == "majority":
-        fill = job.stats.get("majority_sign", {}).get("value", "majority")
-    sign = elect_sign(taus * job.weights if weighted else taus, zero=fill)
-    return disjoint_merge(taus, sign, [p["weight"] for p in job.inputs], normalize=job.params.get("normalize", True),
-                          divide=job.params["divide"], mask_weighted=weighted)
+        fill = job.stats.get("majority_sign", {}).get("value")
+        if fill is None:  # no global pass: this tensor's own majority sign
+            total = sum(t * w if weighted else t for t, w in zip(taus, weights, strict=True))
+            fill = -1.0 if float(torch.sign(total).sum()) < 0 else 1.0
+    flats = [t.reshape(-1) for t in taus]
+    out = torch.empty_like(flats[0])
+    for start in range(0, out.numel(), CHUNK):
+        part = [f[start:start + CHUNK] for f in flats]
+        vote = [p * w for p, w in zip(part, weights, strict=True)] if weighted else part
+        sign = elect_sign(vote, zero=fill)
+        out[start:start + CHUNK] = disjoint_merge(part, sign, weights, normalize=job.params.get("normalize", True),
+                                                  divide=job.params["divide"], mask_weighted=weighted)
+    return out.view_as(taus[0])
 
 
 def _trim(job: TensorJob, i: int, tau: Tensor) -> Tensor:
+    """Trim ``τ_i`` in place (the job owns it): global threshold, or per-tensor top-k."""
     density = job.inputs[i]["density"]
     if density >= 1.0:
         return tau
     if job.params["scope"] == "global":
-        threshold = job.stats["thresholds"][i]
-        return torch.where(tau.abs() >= threshold, tau, torch.zeros_like(tau))
-    return magnitude_trim(tau, density, exact=job.params["k_rule"] == "count")
+        return tau.masked_fill_(tau.abs() < job.stats["thresholds"][i], 0.0)
+    return magnitude_trim_(tau, density, exact=job.params["k_rule"] == "count")
 
 
 def _dare(job: TensorJob, i: int, tau: Tensor) -> Tensor:
@@ -107,28 +121,27 @@ def _stack(parts: list[Tensor]) -> Tensor:
 
 
 def linear(job: TensorJob) -> Tensor:
-    taus = _stack(job.taus)
-    if job.params["normalize"]:
-        return _weighted_sum(job, taus)
-    total_w = float(job.weights.sum())
-    mixed = (job.weights * taus).sum(0)
-    return mixed if abs(total_w - 1.0) < 1e-12 else mixed + (total_w - 1.0) * job.base()
+    mixed = _weighted_sum(job, job.taus)
+    total_w = sum(p["weight"] for p in job.inputs)
+    if job.params["normalize"] or abs(total_w - 1.0) < 1e-12:
+        return mixed
+    return mixed.add_(job.base(), alpha=total_w - 1.0)
 
 
 def task_arithmetic(job: TensorJob) -> Tensor:
-    return job.lam * _weighted_sum(job, _stack(job.taus))
+    return _weighted_sum(job, job.taus).mul_(job.lam)
 
 
-def _trimmed(job: TensorJob) -> Tensor:
-    return _stack([_trim(job, i, t) for i, t in enumerate(job.taus)])
+def _trimmed(job: TensorJob) -> list[Tensor]:
+    return [_trim(job, i, t) for i, t in enumerate(job.taus)]
 
 
-def _dared(job: TensorJob) -> Tensor:
-    return _stack([_dare(job, i, t) for i, t in enumerate(job.taus)])
+def _dared(job: TensorJob) -> list[Tensor]:
+    return [_dare(job, i, t) for i, t in enumerate(job.taus)]
 
 
 def ties(job: TensorJob) -> Tensor:
-    return job.lam * _consensus(job, _trimmed(job))
+    return _consensus(job, _trimmed(job)).mul_(job.lam)
 
 
 def dare_linear(job: TensorJob) -> Tensor:
@@ -139,8 +152,8 @@ def dare_ties(job: TensorJob) -> Tensor:
     return job.lam * _consensus(job, _dared(job))
 
 
-def _crumbs(job: TensorJob) -> Tensor:
-    return _stack([bc.breadcrumbs(t, job.inputs[i]["density"], job.inputs[i].get("gamma", 0.01),
+def _crumbs(job: TensorJob) -> list[Tensor]:
+    return ([bc.breadcrumbs(t, job.inputs[i]["density"], job.inputs[i].get("gamma", 0.01),
                                   scope="row" if job.params["scope"] == "row" else "tensor")
                    for i, t in enumerate(job.taus)])
 
@@ -153,9 +166,9 @@ def breadcrumbs_ties(job: TensorJob) -> Tensor:
     return job.lam * _consensus(job, _crumbs(job))
 
 
-def _della(job: TensorJob) -> Tensor:
+def _della(job: TensorJob) -> list[Tensor]:
     rescale = "inverse_p" if job.params["rescale"] == "inverse" else "l1"
-    return _stack([dl.della(t, job.inputs[i]["density"], job.inputs[i].get("epsilon", 0.15), job.generator(i),
+    return ([dl.della(t, job.inputs[i]["density"], job.inputs[i].get("epsilon", 0.15), job.generator(i),
                             rescale=rescale) for i, t in enumerate(job.taus)])
 
 
@@ -231,7 +244,7 @@ SPARSIFIERS: dict[str, Callable[[TensorJob], Tensor]] = {
 }
 
 
-def sparsify_stack(method: MergeMethod, job: TensorJob) -> Tensor:
+def sparsify_stack(method: MergeMethod, job: TensorJob) -> list[Tensor]:
     """The sparsified ``(T, …)`` stack a consensus method votes on (for the global majority-sign pass)."""
     return SPARSIFIERS[method.name](job)
 

@@ -15,7 +15,7 @@ from deltatune.algebra.checkpoint import CheckpointReader
 from deltatune.delta import Delta
 from deltatune.errors import ConfigError, ShapeMismatch
 from deltatune.io.atomic import atomic_dir
-from deltatune.io.shards import ShardWriter, parse_size
+from deltatune.io.shards import PlannedShardWriter, parse_size
 from deltatune.parts.base import Part
 from deltatune.parts.dense import DensePart
 from deltatune.parts.layers import LayerKind, layer_kind
@@ -33,26 +33,31 @@ def _aligned(value: Tensor, rows: int | None) -> Tensor:
 
 
 def write_checkpoint(out: Path, merged: Iterable[tuple[str, Tensor]], target: CheckpointReader,
-                     rows: dict[str, int], out_dtype: torch.dtype | None, shard_size: str | int,
-                     record: dict[str, Any]) -> Path:
+                     shapes: dict[str, tuple[int, ...]], rows: dict[str, int], out_dtype: torch.dtype | None,
+                     shard_size: str | int, record: dict[str, Any]) -> Path:
     """Stream ``θ₀ + τ_m`` into sharded safetensors (atomically: a failure leaves nothing at ``out``).
 
-    Tensors the merge does not touch (integer buffers, …) are copied from ``target``.
+    Every output tensor's name, dtype and shape is known before the merge starts, so each shard's header
+    is written first and tensors go to disk as they are merged (:class:`PlannedShardWriter`).  Tensors
+    the merge does not touch (integer buffers, …) are copied from ``target``.
     """
+    plan = []
+    for key, shape in shapes.items():
+        if key not in target:
+            raise ShapeMismatch(f"target base {target.path} has no tensor {key!r}")
+        want = (rows[key], *shape[1:]) if key in rows else tuple(shape)
+        if key not in rows and target.shape(key) != want:
+            raise ShapeMismatch(f"tensor {key!r}: the merged delta has shape {want}, the target base "
+                                f"{target.path} has {target.shape(key)}")
+        plan.append((key, out_dtype or target.dtype(key), want))
+    plan += [(k, target.dtype(k), target.shape(k)) for k in target.names() if k not in shapes]
     with atomic_dir(out) as tmp:
-        writer = ShardWriter(tmp, parse_size(shard_size))
-        touched: set[str] = set()
+        writer = PlannedShardWriter(tmp, plan, parse_size(shard_size))
         for key, tau in merged:
-            if key not in target:
-                raise ShapeMismatch(f"target base {target.path} has no tensor {key!r}")
             base = _aligned(target.get_float(key), rows.get(key))
-            if base.shape != tau.shape:
-                raise ShapeMismatch(f"tensor {key!r}: merged delta {tuple(tau.shape)} does not fit the target base "
-                                    f"{tuple(base.shape)}")
             writer.add(key, base.add_(tau).to(out_dtype or target.dtype(key)))
-            touched.add(key)
         for key in target.names():
-            if key not in touched:
+            if key not in shapes:
                 writer.add(key, target.get(key))
         writer.finish()
         for name, data in target.extra_files():

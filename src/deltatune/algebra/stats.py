@@ -77,9 +77,10 @@ def gather_stats(method: MergeMethod, params: dict[str, Any], inputs: list[dict[
 
         def count_signs(job: TensorJob) -> None:
             job.stats = stats
-            stacked = sparsify_stack(method, job)
-            vote = stacked * job.weights if params["weighted_vote"] else stacked
-            total[0] += float(torch.sign(vote.sum(0)).sum())
+            sparse = sparsify_stack(method, job)
+            weights = [p["weight"] for p in inputs] if params["weighted_vote"] else [1.0] * len(sparse)
+            vote = sum(t * w for t, w in zip(sparse, weights, strict=True))
+            total[0] += float(torch.sign(vote).sum())
 
         visit(count_signs)
         stats["majority_sign"] = {"value": -1.0 if total[0] < 0 else 1.0}

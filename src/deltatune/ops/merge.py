@@ -55,19 +55,27 @@ def task_arithmetic(taus: Sequence[Tensor], weights: Sequence[float] | None = No
     return lam * total
 
 
-def elect_sign(weighted: Tensor, zero: Literal["plus", "majority"] | float = "plus") -> Tensor:
-    """``γ`` from the stacked, weighted task vectors ``(T, …)``; values in {−1, +1}.
+def _tie_fill(sign: Tensor, rule: str) -> float:
+    if rule == "plus":
+        return 1.0
+    return -1.0 if float(sign.sum()) < 0 else 1.0
+
+
+def elect_sign(weighted: Tensor | Sequence[Tensor], zero: Literal["plus", "majority"] | float = "plus") -> Tensor:
+    """``γ`` from the (stacked or listed) weighted task vectors; values in {−1, +1}.
 
     ``zero`` fills coordinates whose sum is exactly 0: ``plus`` (+1, mergekit), ``majority`` (the
     majority sign of this tensor) or a given sign (the model-wide majority from a streaming pass).
     """
-    sign = torch.sign(weighted.sum(0))
-    fill = {"plus": 1.0, "majority": -1.0 if float(sign.sum()) < 0 else 1.0}.get(zero) if isinstance(zero, str) \
-        else float(zero)
-    return torch.where(sign == 0, torch.full_like(sign, fill), sign)
+    total = torch.zeros_like(weighted[0], dtype=torch.float32)
+    for t in weighted:
+        total.add_(t)
+    sign = torch.sign(total)
+    fill = float(zero) if not isinstance(zero, str) else _tie_fill(sign, zero)
+    return sign.masked_fill_(sign == 0, fill)
 
 
-def disjoint_merge(stacked: Tensor, sign: Tensor, weights: Sequence[float] | None = None,
+def disjoint_merge(stacked: Tensor | Sequence[Tensor], sign: Tensor, weights: Sequence[float] | None = None,
                    normalize: bool = True, divide: Literal["weights", "count"] = "weights",
                    mask_weighted: bool = False) -> Tensor:
     """``Σ_{t∈A} w_t τ_t / D`` over ``A = {t : sgn(τ_t) = γ, τ_t ≠ 0}``.
@@ -77,7 +85,7 @@ def disjoint_merge(stacked: Tensor, sign: Tensor, weights: Sequence[float] | Non
     ``sgn(τ_t)`` (mergekit weighs before voting, so a negative weight flips membership).  Accumulates
     task by task: temporaries stay at a few copies of one tensor.
     """
-    w = _weights(stacked.shape[0], weights)
+    w = _weights(len(stacked), weights)
     positive = sign > 0
     total = torch.zeros_like(stacked[0], dtype=torch.float32)
     denom = torch.zeros_like(total)

@@ -34,20 +34,31 @@ def keep_count(n: int, density: float) -> int:
 
 
 def magnitude_trim(tau: Tensor, density: float, exact: bool = True) -> Tensor:
-    """``τ`` with all but the top-``k`` magnitudes zeroed (``kthvalue``/``topk``, no full sort)."""
+    """``τ`` with all but the top-``k`` magnitudes zeroed (``kthvalue``, no full sort)."""
+    return magnitude_trim_(tau.clone(), density, exact)
+
+
+def magnitude_trim_(tau: Tensor, density: float, exact: bool = True) -> Tensor:
+    """In-place :func:`magnitude_trim` (the streaming engine owns its task vectors; saves one copy).
+
+    Threshold ``t_k`` = the k-th largest ``|τ|``; ``exact`` keeps everything above it and then the first
+    entries equal to it in flat order until ``k`` are kept, otherwise every entry ``≥ t_k``.
+    """
     k = keep_count(tau.numel(), density)
     if k >= tau.numel():
-        return tau.clone()
-    flat = tau.reshape(-1)
+        return tau
+    flat = tau.view(-1)
     mags = flat.abs().float()
     threshold = mags.kthvalue(flat.numel() - k + 1).values
-    keep = mags >= threshold
-    if exact:  # keep exactly k: everything above the threshold, then the first ties in flat order
-        keep = mags > threshold
-        missing = k - int(keep.sum())
+    if exact:
+        drop = mags <= threshold
+        missing = k - (flat.numel() - int(drop.sum()))
         if missing > 0:
-            keep[(mags == threshold).nonzero().squeeze(1)[:missing]] = True
-    return torch.where(keep, flat, torch.zeros_like(flat)).view_as(tau)
+            drop[(mags == threshold).nonzero().squeeze(1)[:missing]] = False
+    else:
+        drop = mags < threshold
+    del mags
+    return flat.masked_fill_(drop, 0.0).view_as(tau)
 
 
 def dare(tau: Tensor, density: float, generator: torch.Generator | None = None,
