@@ -4,9 +4,10 @@ Lin et al., "Efficient Model Development through Fine-tuning Transfer" (arXiv 25
 ``Δ = θ_ft,v1 − θ_v1`` of a fine-tuning of version 1 added to an updated version 2 gives most of the
 fine-tuned quality without training on v2.  Here v1 is MiniLM, v2 = v1 + N(0, (0.1·std)²) per tensor
 (a simulated base update), Δ a LoRA delta (plus its classifier head) trained for 60 steps on v1.
-Measured at this setting (first 400 dev rows): v1 + Δ ≈ 0.80, v2 + rebased Δ ≈ 0.79, v2 with only
-Δ's head ≈ 0.52, bare v2 ≈ 0.53.  The margins below are 6+ standard errors of a 400-row accuracy
-(≈ 0.025), so the test cannot pass by chance.
+Measured at this setting (first 400 dev rows, 2-core CPU): v1 + Δ 0.79, v2 + rebased Δ 0.77, v2 with
+only Δ's head 0.54, bare v2 0.55 (on all 872 rows: 0.80 / 0.79 / 0.52 / 0.54).  A 15-point margin is
+over 4 standard errors of the difference of two 400-row accuracies (≈ 0.035), so the transfer
+assertions cannot pass by chance; the observed gaps are about 22 points.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def test_rebased_delta_on_updated_base_keeps_the_fine_tuning(tmp_path, data_dir,
 
     on_v2, bare_v2, head_v2 = accuracy(transferred), accuracy(v2), accuracy(head_only)
     scores = dict(on_v1=on_v1, on_v2=on_v2, bare_v2=bare_v2, head_only_v2=head_v2)
-    assert on_v1 > 0.75, scores  # the delta learned SST-2 on v1
+    assert on_v1 > 0.72, scores  # the delta learned SST-2 on v1
     assert on_v2 > bare_v2 + 0.15, scores  # transfer: far above the bare updated base
     assert on_v2 > head_v2 + 0.15, scores  # and the transferred body, not just the head, carries it
     assert on_v2 > on_v1 - 0.05, scores  # close to the fine-tuning on the base it was trained on

@@ -122,7 +122,7 @@ def logits(model: nn.Module, arch: str) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("arch", sorted(TINY_MODELS))
-def test_attach_merge_and_compose_deltas_agree_and_revert_exactly(arch, one_thread):
+def test_attach_merge_and_compose_deltas_agree_and_revert_exactly(arch, one_thread, tmp_path):
     model = TINY_MODELS[arch]()
     base = state(model)
     deltas = make_deltas(model, arch)
@@ -136,7 +136,8 @@ def test_attach_merge_and_compose_deltas_agree_and_revert_exactly(arch, one_thre
         assert not any(isinstance(m, DeltaLayer) for m in model.modules())
         assert_same_state(model, base)
 
-    combined = compose_deltas(deltas)
+    combined = compose_deltas(deltas).save(tmp_path / "sum")  # the sum survives a save/load round trip
+    combined = Delta.load(combined)
     # bert: the dense delta carries the classifier head, so its fingerprint (head excluded) is the sum's
     assert combined.fingerprint == deltas[2].fingerprint and combined.heads.keys() == deltas[2].heads.keys()
     for mode in ("attach", "merge"):

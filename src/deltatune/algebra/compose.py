@@ -98,7 +98,8 @@ def fingerprint_diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     return [k for k in FINGERPRINT_KEYS if a.get(k) != b.get(k)]
 
 
-def _describe_diff(a: dict[str, Any], b: dict[str, Any], a_name: str, b_name: str) -> str:
+def describe_fingerprint_diff(a: dict[str, Any], b: dict[str, Any], a_name: str, b_name: str) -> str:
+    """``"same architecture, different weights (values: A has …, B has …)"``-style explanation."""
     diffs = fingerprint_diff(a, b)
     what = ("same architecture, different weights" if diffs == ["values"] else "different architectures")
     detail = ", ".join(f"{k}: {a_name} has {a.get(k)!r}, {b_name} has {b.get(k)!r}" for k in diffs)
@@ -162,7 +163,8 @@ class DeltaStack:
     * ``merge``: ``W ← W + ΔW_t`` in place.  Memory cost of the exact revert: a sparse part copies the
       ``k`` original values at its indices (``k`` × element size); any other part copies every direct
       parameter of the module it touches (e.g. one ``d_out × d_in`` weight plus bias per LoRA target), once
-      per pushed delta; task heads are copied whole.  :attr:`snapshot_bytes` reports the total.
+      per pushed delta; task heads are copied whole.  Copies live on the tensors' own device;
+      :attr:`snapshot_bytes` reports the total.
 
     Fingerprints are checked against the base as it was before the stack touched it (unless
     ``force``), so a delta can be pushed onto merged ones.  Use as a context manager to revert on exit.
@@ -198,7 +200,7 @@ class DeltaStack:
             if fingerprint_diff(delta.fingerprint, actual):
                 raise FingerprintMismatch(
                     f"{where} was trained on another base model than the one being composed on: "
-                    f"{_describe_diff(delta.fingerprint, actual, where, 'the model')}. "
+                    f"{describe_fingerprint_diff(delta.fingerprint, actual, where, 'the model')}. "
                     "Pass force=True to compose it anyway, or rebase it first (`deltatune rebase`)."
                 )
         _check_fits(self.model, delta, where)
@@ -451,7 +453,7 @@ def _check_fingerprints(deltas: Sequence[Delta], names: Sequence[str]) -> dict[s
         a, b = deltas[j].fingerprint, deltas[i].fingerprint
         raise FingerprintMismatch(
             f"{names[j]} and {names[i]} were trained on different base models: "
-            f"{_describe_diff(a, b, names[j], names[i])}; rebase one of them first (`deltatune rebase`)"
+            f"{describe_fingerprint_diff(a, b, names[j], names[i])}; rebase one of them first (`deltatune rebase`)"
         )
     union = frozenset(h for d in deltas for h in d.heads)
     return dict(deltas[first[union]].fingerprint) if union in first else None

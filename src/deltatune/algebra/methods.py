@@ -92,7 +92,8 @@ def _consensus(job: TensorJob, taus: Sequence[Tensor]) -> Tensor:
     out = torch.empty_like(flats[0])
     for start in range(0, out.numel(), CHUNK):
         part = [f[start:start + CHUNK] for f in flats]
-        vote = [p * w for p, w in zip(part, weights, strict=True)] if weighted else part
+        unit = not weighted or all(w == 1.0 for w in weights)
+        vote = part if unit else [p * w for p, w in zip(part, weights, strict=True)]
         sign = elect_sign(vote, zero=fill)
         out[start:start + CHUNK] = disjoint_merge(part, sign, weights, normalize=job.params.get("normalize", True),
                                                   divide=job.params["divide"], mask_weighted=weighted)

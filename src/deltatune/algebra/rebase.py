@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import nn
 
-from deltatune.algebra.compose import _describe_diff, clone_part, fingerprint_diff
+from deltatune.algebra.compose import clone_part, describe_fingerprint_diff, fingerprint_diff
 from deltatune.delta import Delta
 from deltatune.errors import ConfigError, FingerprintMismatch, ShapeMismatch, TargetError
 from deltatune.fingerprint import fingerprint
@@ -98,7 +98,7 @@ def rebase_delta(delta: Delta | str | Path, new_base: BaseLike, old_base: BaseLi
         elif not force and fingerprint_diff(old_fp, actual):
             old_name = _base_name(old_base, "old base")
             raise FingerprintMismatch(
-                f"{where} was not trained on {old_name}: {_describe_diff(old_fp, actual, where, old_name)}. "
+                f"{where} was not trained on {old_name}: {describe_fingerprint_diff(old_fp, actual, where, old_name)}. "
                 "Name the base it was trained on, or pass force=True (CLI --force)"
             )
     new_model = _load_base(new_base, d)

@@ -86,17 +86,16 @@ def disjoint_merge(stacked: Tensor | Sequence[Tensor], sign: Tensor, weights: Se
     task by task: temporaries stay at a few copies of one tensor.
     """
     w = _weights(len(stacked), weights)
-    positive = sign > 0
     total = torch.zeros_like(stacked[0], dtype=torch.float32)
     denom = torch.zeros_like(total)
     for wt, t in zip(w, stacked, strict=True):
-        signed = t * wt if (mask_weighted and wt < 0) else t
-        agree = torch.where(positive, signed > 0, signed < 0)
-        total.add_(torch.where(agree, t, 0.0), alpha=wt)
-        denom.add_(agree.to(denom.dtype), alpha=1.0 if divide == "count" else wt)
+        signed = torch.sign(t) if not (mask_weighted and wt < 0) else -torch.sign(t)
+        agree = (signed == sign).to(total.dtype)  # sign is ±1, so zeros never agree
+        total.addcmul_(t, agree, value=wt)
+        denom.add_(agree, alpha=1.0 if divide == "count" else wt)
     if divide == "weights" and not normalize:
         return total
-    return total / torch.where(denom == 0, torch.ones_like(denom), denom)
+    return total.div_(denom.masked_fill_(denom == 0, 1.0))
 
 
 def ties(taus: Sequence[Tensor], density: float = 0.2, weights: Sequence[float] | None = None,
