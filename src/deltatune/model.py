@@ -47,6 +47,9 @@ def delta_layers(model: nn.Module) -> Iterator[tuple[str, DeltaLayer]]:
             yield name, module
 
 
+TIED_SUFFIX = "@tied:"
+
+
 def attach_parts(model: nn.Module, parts: dict[str, Part], name: str = DEFAULT, activate: bool = True) -> None:
     """Wrap each target module and add its part under ``name``, on the base module's device."""
     for module_name, part in parts.items():
@@ -61,7 +64,9 @@ def attach_parts(model: nn.Module, parts: dict[str, Part], name: str = DEFAULT, 
         part.to(ref.device)
         _wrapper(model, module_name).add(name, part, activate)
         for alias in tied_aliases(model, module_name):
-            _wrapper(model, alias).add(name, TiedAlias(part, module_name), activate)
+            # a tied module with a part of its own keeps it and sees this one too, under its own name
+            alias_name = name if alias not in parts else f"{name}{TIED_SUFFIX}{module_name.replace('.', '_')}"
+            _wrapper(model, alias).add(alias_name, TiedAlias(part, module_name), activate)
 
 
 def tied_aliases(model: nn.Module, name: str) -> list[str]:
@@ -169,7 +174,7 @@ def detach(model: nn.Module, name: str | None = None) -> dict[str, Part]:
     removed: dict[str, Part] = {}
     for module_name, layer in list(delta_layers(model)):
         for part_name in list(layer.parts):
-            if name is None or part_name == name:
+            if name is None or part_name == name or part_name.startswith(f"{name}{TIED_SUFFIX}"):
                 part = layer.remove(part_name)
                 if not isinstance(part, TiedAlias):
                     removed[module_name] = part

@@ -212,3 +212,32 @@ def test_streamed_shards_load_in_transformers_and_safetensors(checkpoints, tmp_p
     expected = (CheckpointReader(checkpoints["base"]).get(key).float()
                 + task_arithmetic(taus(checkpoints, key)[:2])).to(torch.bfloat16)
     assert torch.equal(on_disk[key], expected)
+
+
+def test_parts_on_both_tied_modules_attach_like_they_merge() -> None:
+    """GPT-2's lm_head shares wte's weight: with a part on each, both modules must see W + Δ_wte + Δ_head."""
+    from conftest import tiny_gpt2, tiny_inputs
+
+    from deltatune.parts.dense import DensePart
+
+    model = tiny_gpt2()
+    g = torch.Generator().manual_seed(0)
+    parts = {}
+    for name in ("transformer.wte", "lm_head"):
+        part = DensePart.for_module(model.get_submodule(name), names=["weight"])
+        with torch.no_grad():
+            part.delta_for("weight").copy_(torch.randn(part.shapes["weight"], generator=g) * 0.05)
+        parts[name] = part
+    inputs = tiny_inputs("gpt2")
+    from deltatune.model import attach_parts
+
+    attach_parts(model, parts, "d")
+    with torch.no_grad():
+        attached = model(**inputs).logits
+    deltatune.detach(model)
+    merged = tiny_gpt2()
+    for name, part in parts.items():
+        part.merge_into(merged.get_submodule(name))
+    with torch.no_grad():
+        assert torch.allclose(attached, merged(**inputs).logits, atol=1e-5)
+    assert not any("DeltaLayer" in type(m).__name__ for m in model.modules())
