@@ -127,10 +127,11 @@ class CheckpointInput:
 
         Rows the fine-tune lacks get a zero delta; rows beyond ``base_value`` are dropped.
         """
-        ft = self.reader.get_float(key)
+        ft = self.reader.get(key)
         b = base_value if base_value is not None else self.base.get_float(key)
-        if ft.shape == b.shape:
-            return _finite(ft.sub_(b), f"{self.label}:{key}")
+        if ft.shape == b.shape:  # one pass: bf16/fp16 − fp32 promotes to fp32
+            return _finite(torch.sub(ft, b), f"{self.label}:{key}")
+        ft = ft.float()
         m = min(ft.shape[0], b.shape[0])
         tau = torch.zeros_like(b)
         tau[:m] = ft[:m] - b[:m]

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -50,7 +49,7 @@ def magnitude_trim_(tau: Tensor, density: float, exact: bool = True) -> Tensor:
         return tau
     flat = tau.view(-1)
     mags = flat.abs()
-    threshold = kth_largest(mags, k)
+    threshold = mags.kthvalue(flat.numel() - k + 1).values
     if exact:
         drop = mags <= threshold
         missing = k - (flat.numel() - int(drop.sum()))
@@ -60,36 +59,6 @@ def magnitude_trim_(tau: Tensor, density: float, exact: bool = True) -> Tensor:
         drop = mags < threshold
     del mags
     return flat.masked_fill_(drop, 0.0).view_as(tau)
-
-
-SAMPLE = 1 << 16
-
-
-def kth_largest(values: Tensor, k: int) -> Tensor:
-    """The k-th largest entry of ``values`` (exactly ``torch.kthvalue(n − k + 1)``), without selecting over
-    all ``n`` entries when ``n`` is large (over 4 M: a few element-wise passes beat one selection).
-
-    A strided sample of 65,536 entries brackets the answer (±6 binomial standard deviations of rank);
-    one pass counts the entries above the bracket and gathers those inside it, and ``kthvalue`` runs on
-    that small band only.  If the bracket misses (it should not), the full ``kthvalue`` decides.
-    """
-    flat = values.reshape(-1)
-    n = flat.numel()
-    if n <= 64 * SAMPLE:
-        return flat.kthvalue(n - k + 1).values
-    sample = flat[:: n // SAMPLE][:SAMPLE]
-    m = sample.numel()
-    rank = (n - k) / n * m   # ascending rank of the answer within the sample
-    margin = 6.0 * math.sqrt(m * 0.25) + 2
-    lo_rank, hi_rank = int(max(rank - margin, 0)), int(min(rank + margin, m - 1))
-    ordered = sample.sort().values
-    lo, hi = ordered[lo_rank], ordered[hi_rank]
-    above = int((flat > hi).sum())
-    band = flat[(flat >= lo) & (flat <= hi)]
-    inside = k - above
-    if lo_rank > 0 and hi_rank < m - 1 and 0 < inside <= band.numel():
-        return band.kthvalue(band.numel() - inside + 1).values
-    return flat.kthvalue(n - k + 1).values
 
 
 def dare(tau: Tensor, density: float, generator: torch.Generator | None = None,
