@@ -241,3 +241,17 @@ def test_parts_on_both_tied_modules_attach_like_they_merge() -> None:
     with torch.no_grad():
         assert torch.allclose(attached, merged(**inputs).logits, atol=1e-5)
     assert not any("DeltaLayer" in type(m).__name__ for m in model.modules())
+
+
+def test_radix_select_on_magnitudes_batches_small_tensors() -> None:
+    g = torch.Generator().manual_seed(1)
+    chunks = [torch.randn(n, generator=g).abs() * s for n, s in ((5, 1.0), (70_000, 1e-3), (3, 0.0), (400, 9.0))]
+    every = torch.cat(chunks)
+    sel = RadixSelect(nonnegative=True)
+    for c in chunks:
+        sel.feed(c)
+    ranks = [0, 2, 3, 35_000, every.numel() - 1]
+    sel.resolve(ranks)
+    for c in chunks:
+        sel.feed(c)
+    assert sel.values() == [float(every.sort().values[r]) for r in ranks]

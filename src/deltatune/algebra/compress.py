@@ -53,7 +53,6 @@ METHODS = ("compeft", "dare", "darex-q", "magnitude", "quantize", "lowrank")
 DEFAULT_ALPHAS = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 10.0)
 Q_GRID_STEPS = 10
 EXACT_SVD_MAX_DIM = 1024
-FEED_BATCH = 1 << 22
 
 
 @dataclass
@@ -136,22 +135,14 @@ class _Moments:
 
 def _global_stats(slots: list[_Slot], density: float, need_sigma: bool) -> dict[str, float]:
     """Global ``σ`` (Bessel) and the k-th largest ``|τ|`` over every slot, ``k = max(1, ⌊ρ·N⌋)``."""
-    moments, select = _Moments(), RadixSelect()
+    moments, select = _Moments(), RadixSelect(nonnegative=True)
 
-    def feed_all(first: bool) -> None:  # small tensors are fed in batches: one histogram per ~4M values
-        buffer: list[Tensor] = []
-        size = 0
+    def feed_all(first: bool) -> None:
         for s in slots:
             t = s.get()
             if first and need_sigma:
                 moments.add(t)
-            buffer.append(t.detach().abs().float().reshape(-1))
-            size += t.numel()
-            if size >= FEED_BATCH:
-                select.feed(torch.cat(buffer))
-                buffer, size = [], 0
-        if buffer:
-            select.feed(torch.cat(buffer))
+            select.feed(t.detach().abs())
 
     feed_all(first=True)
     if select.count == 0:

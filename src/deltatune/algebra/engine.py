@@ -23,7 +23,7 @@ from deltatune.algebra.checkpoint import CheckpointReader, is_checkpoint
 from deltatune.algebra.inputs import CheckpointInput, DeltaInput, VocabRule
 from deltatune.algebra.methods import MergeMethod, TensorJob, get_merge_method
 from deltatune.algebra.options import resolve_params
-from deltatune.algebra.output import collect_delta, merged_heads, write_checkpoint
+from deltatune.algebra.output import collect_delta, merged_heads, save_output, write_checkpoint
 from deltatune.algebra.stats import gather_stats, lines_norms
 from deltatune.delta import Delta
 from deltatune.errors import ConfigError, FingerprintMismatch, ShapeMismatch
@@ -246,7 +246,7 @@ def merge(
                             dtype=out_dtype)
         return Path(out)
     if out is not None:
-        result.save(out)
+        save_output(result, out, output)
     return result
 
 

@@ -1,5 +1,6 @@
 """Where merged task vectors go: a sharded checkpoint ``θ₀ + τ_m`` (streamed), or a delta (dense, sparse
-or re-factorised low-rank parts), with the inputs' task heads handled explicitly."""
+or re-factorised low-rank parts; ``sparse`` is saved in the compact format), with the inputs' task heads
+handled explicitly."""
 
 from __future__ import annotations
 
@@ -154,8 +155,19 @@ def collect_delta(merged: Iterable[tuple[str, Tensor]], sources: Sequence[Any] |
 
         delta = compress_delta(delta, "lowrank", rank=rank, layer_kinds=kinds)
     if out is not None:
-        delta.save(out)
+        save_output(delta, out, output)
     return delta
+
+
+def save_output(delta: Delta, out: str | Path, output: str) -> None:
+    """``sparse`` outputs go to the compact format (only non-zeros stored, for every tensor kind, biases
+    and norms included); the others to the standard delta format."""
+    if output == "sparse":
+        from deltatune.io.compact_format import save_compact
+
+        save_compact(delta, out)
+    else:
+        delta.save(out)
 
 
 def _load_base_model(path: str | Path | None) -> torch.nn.Module:

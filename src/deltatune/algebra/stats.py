@@ -27,8 +27,8 @@ Visit = Callable[[Callable[[TensorJob], None]], None]
 
 
 def _two_pass(visit: Visit, n_inputs: int, values: Callable[[TensorJob, int], torch.Tensor],
-              ranks: Callable[[int, int], list[int]]) -> list[list[float]]:
-    selects = [RadixSelect() for _ in range(n_inputs)]
+              ranks: Callable[[int, int], list[int]], nonnegative: bool = False) -> list[list[float]]:
+    selects = [RadixSelect(nonnegative) for _ in range(n_inputs)]
 
     def feed(job: TensorJob) -> None:
         for i in range(n_inputs):
@@ -48,13 +48,13 @@ def gather_stats(method: MergeMethod, params: dict[str, Any], inputs: list[dict[
     n = len(inputs)
     if "thresholds" in method.stats and params["scope"] == "global":
         found = _two_pass(visit, n, lambda job, i: job.taus[i].abs(),
-                          lambda i, count: [count - keep_count(count, inputs[i]["density"])])
+                          lambda i, count: [count - keep_count(count, inputs[i]["density"])], nonnegative=True)
         stats["thresholds"] = [v[0] for v in found]
     if "pcb" in method.stats and params["scope"] == "global":
         lo, hi = params["clip_low"], params["clip_high"]
         clips = _two_pass(visit, n, lambda job, i: job.taus[i].abs(),
                           lambda i, count: [min(max(int(count * lo), 0), count - 1),
-                                           min(max(int(count * hi - 1), 0), count - 1)])
+                                           min(max(int(count * hi - 1), 0), count - 1)], nonnegative=True)
         s: dict[str, Any] = {"q_low": [c[0] for c in clips], "q_high": [c[1] for c in clips]}
         s["norm_lo"] = torch.tensor(s["q_low"])
         s["norm_hi"] = torch.tensor(s["q_high"])

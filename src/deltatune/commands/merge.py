@@ -41,8 +41,9 @@ def merge_command(
     result = run_recipe(recipe, out=target, progress=progress)
     err = Console(stderr=True, highlight=False)
     if isinstance(result, Delta):
-        err.print(f"{recipe.method} ({recipe.preset}) of {len(recipe.inputs)} inputs → {len(result.parts)} parts, "
-                  f"{result.nbytes:,} bytes in {time.perf_counter() - start:.1f} s")
+        disk = sum(f.stat().st_size for f in Path(target).rglob("*") if f.is_file())
+        err.print(f"{recipe.method} ({recipe.preset}) of {len(recipe.inputs)} inputs → {recipe.output} delta, "
+                  f"{len(result.parts)} parts, {disk:,} bytes on disk, in {time.perf_counter() - start:.1f} s")
     else:
         err.print(f"{recipe.method} ({recipe.preset}) of {len(recipe.inputs)} inputs → checkpoint in "
                   f"{time.perf_counter() - start:.1f} s")
