@@ -296,7 +296,7 @@ def test_a_failing_push_leaves_the_model_as_it_was(mode):
     base = state(model)
     deltas = make_deltas(model, "llama")
     bad = Delta("sparse", {}, {"model.layers.0.self_attn.q_proj": SparsePart((64, 65), torch.tensor([1]))})
-    with pytest.raises(ShapeMismatch, match="delta #1 \\(sparse\\):model.layers.0.self_attn.q_proj"):
+    with pytest.raises(ShapeMismatch, match="delta #1 \\(sparse\\): module 'model.layers.0.self_attn.q_proj'"):
         compose(model, [deltas[0], bad], mode=mode)
     assert_same_state(model, base)
     assert not any(isinstance(m, DeltaLayer) for m in model.modules())

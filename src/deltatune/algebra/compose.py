@@ -106,14 +106,23 @@ def describe_fingerprint_diff(a: dict[str, Any], b: dict[str, Any], a_name: str,
     return f"{what} ({detail})"
 
 
-def _check_fits(model: nn.Module, delta: Delta, where: str) -> None:
-    """Every part's module exists and has the part's shape and layer kind (ShapeMismatch / TargetError)."""
+def check_fits(delta: Delta, model: nn.Module, where: str) -> None:
+    """Every part fits its module of ``model`` (ShapeMismatch naming the module) and every head its module."""
     for name, part in delta.parts.items():
         try:
-            base = get_module(model, name)
+            module = get_module(model, name)
         except AttributeError:
-            raise TargetError(f"{where} has a part for {name!r}, which is not a module of this model") from None
-        part.check_base(base, f"{where}:{name}")
+            raise TargetError(f"{where}: the model has no module {name!r} for the delta's part") from None
+        part.check_base(module, f"{where}: module {name!r}")
+    for head, tensors in delta.heads.items():
+        try:
+            own = model.get_submodule(head).state_dict()
+        except AttributeError:
+            raise TargetError(f"{where}: the model has no module {head!r} for the delta's task head") from None
+        for k, t in tensors.items():
+            if k not in own or tuple(own[k].shape) != tuple(t.shape):
+                got = tuple(own[k].shape) if k in own else "missing"
+                raise ShapeMismatch(f"{where}: head tensor {head}.{k} has shape {tuple(t.shape)}, the model has {got}")
 
 
 def _summable(part: Part, base: nn.Module) -> bool:
@@ -203,7 +212,7 @@ class DeltaStack:
                     f"{describe_fingerprint_diff(delta.fingerprint, actual, where, 'the model')}. "
                     "Pass force=True to compose it anyway, or rebase it first (`deltatune rebase`)."
                 )
-        _check_fits(self.model, delta, where)
+        check_fits(delta, self.model, where)
         self._check_heads(delta, where)
         if self.mode == "attach":
             self._check_summable(delta, where)

@@ -19,11 +19,10 @@ from typing import Any
 
 from torch import nn
 
-from deltatune.algebra.compose import clone_part, describe_fingerprint_diff, fingerprint_diff
+from deltatune.algebra.compose import check_fits, clone_part, describe_fingerprint_diff, fingerprint_diff
 from deltatune.delta import Delta
-from deltatune.errors import ConfigError, FingerprintMismatch, ShapeMismatch, TargetError
+from deltatune.errors import ConfigError, FingerprintMismatch
 from deltatune.fingerprint import fingerprint
-from deltatune.model import get_module
 
 BaseLike = nn.Module | str | Path
 
@@ -45,26 +44,6 @@ def _model_path(base: BaseLike) -> str | None:
         return str(base)
     path = getattr(getattr(base, "config", None), "name_or_path", None)
     return str(path) if path else None
-
-
-def check_fits(delta: Delta, model: nn.Module, where: str) -> None:
-    """Every part fits its module of ``model`` (ShapeMismatch naming the module) and every head its module."""
-    for name, part in delta.parts.items():
-        try:
-            module = get_module(model, name)
-        except AttributeError:
-            raise TargetError(f"{where}: the new base has no module {name!r} for the delta's part") from None
-        part.check_base(module, f"{where}: module {name!r}")
-    for head, tensors in delta.heads.items():
-        try:
-            own = model.get_submodule(head).state_dict()
-        except AttributeError:
-            raise TargetError(f"{where}: the new base has no module {head!r} for the delta's task head") from None
-        for k, t in tensors.items():
-            if k not in own or tuple(own[k].shape) != tuple(t.shape):
-                got = tuple(own[k].shape) if k in own else "missing"
-                raise ShapeMismatch(f"{where}: head tensor {head}.{k} has shape {tuple(t.shape)}, the new base "
-                                    f"has {got}")
 
 
 def rebase_delta(delta: Delta | str | Path, new_base: BaseLike, old_base: BaseLike | None = None,

@@ -41,7 +41,7 @@ from deltatune.io.compact_codecs import (
     encode_tensor,
     shape_numel,
 )
-from deltatune.io.delta_format import COMPACT_FORMAT, _json_default
+from deltatune.io.delta_format import COMPACT_FORMAT, _json_default, check_manifest_fields
 from deltatune.io.json_io import read_json_object
 from deltatune.parts.base import PART_KINDS
 from deltatune.parts.sparse import SparsePart
@@ -196,31 +196,8 @@ def read_compact_manifest(path: str | Path) -> dict[str, Any]:
     """Read and validate the manifest's top-level fields."""
     file = Path(path) / MANIFEST
     manifest = read_json_object(file, "compact delta", f"{MANIFEST} and {DATA_FILE}")
-    missing, unknown = sorted(REQUIRED - set(manifest)), sorted(set(manifest) - REQUIRED - OPTIONAL)
-    if missing or unknown:
-        raise DeltaFormatError(f"{file}: missing field(s) {missing}, unknown field(s) {unknown}")
-    if manifest["format"] != FORMAT:
-        raise DeltaFormatError(f"{file}: field 'format' is {manifest['format']!r}, expected {FORMAT!r}")
-    version = manifest["format_version"]
-    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
-        raise DeltaFormatError(f"{file}: format_version {version!r} is not one this deltatune reads "
-                               f"(1..{FORMAT_VERSION})")
-    for key in ("config", "parts", "heads", "metrics", "blobs"):
-        if not isinstance(manifest[key], dict):
-            raise DeltaFormatError(f"{file}: field {key!r} must be a JSON object")
-    if manifest["fingerprint"] is not None and not isinstance(manifest["fingerprint"], dict):
-        raise DeltaFormatError(f"{file}: field 'fingerprint' must be an object or null")
-    for name, spec in manifest["parts"].items():
-        if not isinstance(spec, dict) or set(spec) != {"kind", "meta", "tensors"}:
-            raise DeltaFormatError(f"{file}: part {name!r} must have exactly the fields kind, meta, tensors")
-        if spec["kind"] not in PART_KINDS:
-            raise DeltaFormatError(f"{file}: part {name!r} has unknown kind {spec['kind']!r}; known: "
-                                   f"{sorted(PART_KINDS)}")
-        if not isinstance(spec["meta"], dict) or not isinstance(spec["tensors"], dict):
-            raise DeltaFormatError(f"{file}: part {name!r}: 'meta' and 'tensors' must be JSON objects")
-    for head, spec in manifest["heads"].items():
-        if not isinstance(spec, dict):
-            raise DeltaFormatError(f"{file}: head {head!r} must map tensor names to entries")
+    check_manifest_fields(manifest, file, FORMAT, FORMAT_VERSION, REQUIRED, OPTIONAL,
+                          ("config", "parts", "heads", "metrics", "blobs"))
     for dtype, count in manifest["blobs"].items():
         if dtype not in BLOB_DTYPES or isinstance(count, bool) or not isinstance(count, int) or count < 0:
             raise DeltaFormatError(f"{file}: field 'blobs' entry {dtype!r}: {count!r} is not a known dtype with a "

@@ -84,26 +84,25 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"cannot write {type(obj).__name__} into a delta manifest")
 
 
-def read_manifest(path: str | Path) -> dict[str, Any]:
-    """Read and validate ``manifest.json`` (fields, version, part kinds)."""
-    path = Path(path)
-    file = path / MANIFEST
-    manifest = read_json_object(file, "delta", f"{MANIFEST} and {PARTS_FILE}")
-    missing = sorted(REQUIRED - set(manifest))
-    unknown = sorted(set(manifest) - REQUIRED - OPTIONAL)
+def check_manifest_fields(manifest: dict[str, Any], file: Path, fmt: str, version_max: int,
+                          required: set[str], optional: set[str], objects: tuple[str, ...]) -> None:
+    """The checks every delta manifest shares: field names, format and version, JSON-object fields, the
+    fingerprint, and each part's ``kind``/``meta``/``tensors`` (shared by the standard and compact formats)."""
+    missing = sorted(required - set(manifest))
+    unknown = sorted(set(manifest) - required - optional)
     if missing:
         raise DeltaFormatError(f"{file}: missing field(s) {missing}")
     if unknown:
-        raise DeltaFormatError(f"{file}: unknown field(s) {unknown}; known fields: {sorted(REQUIRED | OPTIONAL)}")
-    if manifest["format"] != FORMAT:
-        raise DeltaFormatError(f"{file}: field 'format' is {manifest['format']!r}, expected {FORMAT!r}")
+        raise DeltaFormatError(f"{file}: unknown field(s) {unknown}; known fields: {sorted(required | optional)}")
+    if manifest["format"] != fmt:
+        raise DeltaFormatError(f"{file}: field 'format' is {manifest['format']!r}, expected {fmt!r}")
     version = manifest["format_version"]
-    if not isinstance(version, int) or version < 1:
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise DeltaFormatError(f"{file}: field 'format_version' must be a positive integer, got {version!r}")
-    if version > FORMAT_VERSION:
+    if version > version_max:
         raise DeltaFormatError(f"{file}: format_version {version} is newer than this deltatune reads "
-                               f"({FORMAT_VERSION}); upgrade deltatune")
-    for key in ("config", "parts", "heads", "metrics"):
+                               f"({version_max}); upgrade deltatune")
+    for key in objects:
         if not isinstance(manifest[key], dict):
             raise DeltaFormatError(f"{file}: field {key!r} must be a JSON object, got {type(manifest[key]).__name__}")
     if manifest["fingerprint"] is not None and not isinstance(manifest["fingerprint"], dict):
@@ -116,10 +115,21 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
                                    f"known kinds: {sorted(PART_KINDS)}")
         if not isinstance(spec["meta"], dict) or not isinstance(spec["tensors"], dict):
             raise DeltaFormatError(f"{file}: part {name!r}: 'meta' and 'tensors' must be JSON objects")
-        _check_specs(spec["tensors"], f"{file}: part {name!r}")
     for head, spec in manifest["heads"].items():
         if not isinstance(spec, dict):
-            raise DeltaFormatError(f"{file}: head {head!r} must map tensor names to specs")
+            raise DeltaFormatError(f"{file}: head {head!r} must map tensor names to entries")
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """Read and validate ``manifest.json`` (fields, version, part kinds, tensor specs)."""
+    path = Path(path)
+    file = path / MANIFEST
+    manifest = read_json_object(file, "delta", f"{MANIFEST} and {PARTS_FILE}")
+    check_manifest_fields(manifest, file, FORMAT, FORMAT_VERSION, REQUIRED, OPTIONAL,
+                          ("config", "parts", "heads", "metrics"))
+    for name, spec in manifest["parts"].items():
+        _check_specs(spec["tensors"], f"{file}: part {name!r}")
+    for head, spec in manifest["heads"].items():
         _check_specs(spec, f"{file}: head {head!r}")
     return manifest
 
