@@ -308,3 +308,27 @@ def write_report(out: str | Path, meta: dict[str, Any], rows: list[dict[str, Any
     md = (f"# {title}\n\n" if title else "") + markdown_table(rows, columns)
     out.with_suffix(".md").write_text(md)
     return md
+
+
+def write_sections(out: str | Path, meta: dict[str, Any], sections: Sequence[dict[str, Any]], title: str = "") -> str:
+    """Like :func:`write_report` for a report of several tables.
+
+    Each section is ``{"title", "rows", "columns"}`` plus optional ``"notes"`` (bullets printed above the
+    table).  ``out`` gets ``{"meta", "rows" (every section's rows, in order), "sections" (title, columns,
+    notes)}``; the ``.md`` beside it one ``##`` heading, notes and table per section (booleans shown as
+    yes/no).  Returns the Markdown.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = [r for s in sections for r in s["rows"]]
+    index = [{"title": s["title"], "columns": list(s["columns"]), "notes": list(s.get("notes", []))}
+             for s in sections]
+    out.write_text(json.dumps({"meta": meta, "rows": rows, "sections": index}, indent=2, default=str) + "\n")
+    md = f"# {title}\n\n" if title else ""
+    for s in sections:
+        md += f"## {s['title']}\n\n"
+        md += "".join(f"- {line}\n" for line in s.get("notes", [])) + ("\n" if s.get("notes") else "")
+        shown = [{k: ("yes" if v else "no") if isinstance(v, bool) else v for k, v in r.items()} for r in s["rows"]]
+        md += markdown_table(shown, s["columns"]) + "\n"
+    out.with_suffix(".md").write_text(md)
+    return md
