@@ -29,28 +29,20 @@ from deltatune.errors import DeltaFormatError, ShapeMismatch
 from deltatune.io.atomic import atomic_dir
 from deltatune.io.compact_codecs import (
     BLOB_DTYPES,
-    FLOAT_CODECS,
     TORCH_DTYPES,
-    UNSIGNED,
-    VALUE_ORDER,
     Blobs,
-    GroupsFn,
     Reader,
     decode_entry,
     encode_indexed,
     encode_tensor,
     shape_numel,
 )
-from deltatune.io.delta_format import COMPACT_FORMAT, _json_default, check_manifest_fields
+from deltatune.io.delta_format import COMPACT_FORMAT, _json_default, check_manifest_fields, part_from_state
 from deltatune.io.json_io import read_json_object
-from deltatune.parts.base import PART_KINDS
 from deltatune.parts.sparse import SparsePart
 
-__all__ = [
-    "BLOB_DTYPES", "DATA_FILE", "FLOAT_CODECS", "FORMAT", "FORMAT_VERSION", "MANIFEST", "OPTIONAL", "REQUIRED",
-    "TORCH_DTYPES", "UNSIGNED", "VALUE_ORDER", "CompactReport", "GroupsFn", "TensorBytes", "compact_report",
-    "load_compact", "read_compact_manifest", "save_compact",
-]
+__all__ = ["DATA_FILE", "MANIFEST", "CompactReport", "TensorBytes", "compact_report", "load_compact",
+           "read_compact_manifest", "save_compact"]
 
 FORMAT = COMPACT_FORMAT
 FORMAT_VERSION = 1
@@ -278,12 +270,7 @@ def load_compact(path: str | Path) -> Delta:
         state: dict[str, Tensor] = {}
         for tname, entry in spec["tensors"].items():
             state.update(decode_entry(tname, entry, reader, f"{path / MANIFEST}: part {name!r} tensor {tname!r}"))
-        try:
-            parts[name] = PART_KINDS[spec["kind"]].from_state(state, spec["meta"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise DeltaFormatError(f"{path / MANIFEST}: part {name!r} metadata is invalid ({exc})") from None
-        except ShapeMismatch as exc:
-            raise ShapeMismatch(f"{path / MANIFEST}: part {name!r}: {exc}") from None
+        parts[name] = part_from_state(name, spec, state, path / MANIFEST, path / MANIFEST)
     heads = {}
     for head, spec in manifest["heads"].items():
         heads[head] = {}

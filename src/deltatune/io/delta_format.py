@@ -21,7 +21,7 @@ from deltatune.delta import Delta
 from deltatune.errors import DeltaFormatError, ShapeMismatch
 from deltatune.io.atomic import atomic_dir
 from deltatune.io.json_io import read_json_object
-from deltatune.parts.base import PART_KINDS
+from deltatune.parts.base import PART_KINDS, Part
 
 FORMAT = "deltatune.delta"
 FORMAT_VERSION = 1
@@ -120,6 +120,17 @@ def check_manifest_fields(manifest: dict[str, Any], file: Path, fmt: str, versio
             raise DeltaFormatError(f"{file}: head {head!r} must map tensor names to entries")
 
 
+def part_from_state(name: str, spec: dict[str, Any], state: dict[str, Tensor], manifest_file: Path,
+                    tensor_file: Path) -> Part:
+    """Rebuild part ``name`` from its decoded tensors, naming the file at fault in any error."""
+    try:
+        return PART_KINDS[spec["kind"]].from_state(state, spec["meta"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DeltaFormatError(f"{manifest_file}: part {name!r} metadata is invalid ({exc})") from None
+    except ShapeMismatch as exc:
+        raise ShapeMismatch(f"{tensor_file}: part {name!r}: {exc}") from None
+
+
 def read_manifest(path: str | Path) -> dict[str, Any]:
     """Read and validate ``manifest.json`` (fields, version, part kinds, tensor specs)."""
     path = Path(path)
@@ -195,12 +206,7 @@ def load_delta(path: str | Path) -> Delta:
     parts = {}
     for name, spec in manifest["parts"].items():
         state = {k: tensors[f"{name}{SEP}{k}"] for k in spec["tensors"]}
-        try:
-            parts[name] = PART_KINDS[spec["kind"]].from_state(state, spec["meta"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise DeltaFormatError(f"{path / MANIFEST}: part {name!r} metadata is invalid ({exc})") from None
-        except ShapeMismatch as exc:
-            raise ShapeMismatch(f"{path / PARTS_FILE}: part {name!r}: {exc}") from None
+        parts[name] = part_from_state(name, spec, state, path / MANIFEST, path / PARTS_FILE)
     head_expected = {f"{h}{SEP}{k}": s for h, spec in manifest["heads"].items() for k, s in spec.items()}
     head_tensors = _read_tensors(path / HEADS_FILE, head_expected)
     heads = {h: {k: head_tensors[f"{h}{SEP}{k}"] for k in spec} for h, spec in manifest["heads"].items()}
