@@ -10,7 +10,8 @@ import torch
 from conftest import TINY_MODELS, tiny_inputs
 from torch import nn
 
-from deltatune.algebra.compose import DeltaStack, compose, compose_deltas, sum_lora, sum_sparse
+from deltatune.algebra.compose import DeltaStack, compose
+from deltatune.algebra.sum_deltas import compose_deltas, sum_lora, sum_sparse
 from deltatune.delta import Delta
 from deltatune.errors import ConfigError, FingerprintMismatch, ShapeMismatch
 from deltatune.fingerprint import fingerprint

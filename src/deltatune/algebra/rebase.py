@@ -19,7 +19,8 @@ from typing import Any
 
 from torch import nn
 
-from deltatune.algebra.compose import check_fits, clone_part, describe_fingerprint_diff, fingerprint_diff
+from deltatune.algebra.compose import check_fits, describe_fingerprint_diff, fingerprint_diff
+from deltatune.algebra.sum_deltas import clone_part
 from deltatune.delta import Delta
 from deltatune.errors import ConfigError, FingerprintMismatch
 from deltatune.fingerprint import fingerprint
