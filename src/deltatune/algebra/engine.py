@@ -10,7 +10,6 @@ generator seeded from ``(seed, tensor name, input index)``, so results do not de
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,19 +22,19 @@ from deltatune.algebra.checkpoint import CheckpointReader, is_checkpoint
 from deltatune.algebra.inputs import CheckpointInput, DeltaInput, VocabRule
 from deltatune.algebra.methods import MergeMethod, TensorJob, get_merge_method
 from deltatune.algebra.options import resolve_params
-from deltatune.algebra.output import collect_delta, merged_heads, save_output, write_checkpoint
+from deltatune.algebra.output import align_rows, collect_delta, merged_heads, save_output, write_checkpoint
 from deltatune.algebra.stats import gather_stats, lines_norms
 from deltatune.delta import Delta
 from deltatune.errors import ConfigError, FingerprintMismatch, ShapeMismatch
 from deltatune.ops import lines as lines_ops
+from deltatune.ops.compress import stable_seed
 
 OUTPUTS = ("dense", "sparse", "lowrank", "checkpoint")
 
 
 def tensor_seed(seed: int, key: str, index: int) -> int:
-    """A stable 63-bit seed for ``(seed, tensor, input)`` (BLAKE2b, independent of Python's hash)."""
-    digest = hashlib.blake2b(f"{seed}\x00{key}\x00{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+    """A stable 63-bit seed for ``(seed, tensor, input)``: :func:`stable_seed` of ``"<tensor>\\0<input>"``."""
+    return stable_seed(seed, f"{key}\x00{index}")
 
 
 def _open_inputs(inputs: Sequence[Delta | str | Path], base: CheckpointReader | None, vocab: VocabRule
@@ -82,8 +81,8 @@ def _plan_keys(sources: list[Any]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _base_lookup(base: CheckpointReader | None, shapes: dict[str, tuple[int, ...]], vocab: VocabRule,
-                 rows: dict[str, int]) -> Callable[[str], Tensor]:
+def _base_lookup(base: CheckpointReader | None, shapes: dict[str, tuple[int, ...]], rows: dict[str, int]
+                 ) -> Callable[[str], Tensor]:
     """``key → θ₀`` (fp32), mapping a delta's module path onto the checkpoint's key names if needed."""
     cache: dict[str, str] = {}
 
@@ -102,12 +101,8 @@ def _base_lookup(base: CheckpointReader | None, shapes: dict[str, tuple[int, ...
         if base is None:
             raise ConfigError("this merge needs the base weights: pass base (CLI: base_model / base in the YAML)")
         value = base.get_float(resolve(key))
-        want = rows.get(key)
-        if want is not None and want != value.shape[0]:
-            if want < value.shape[0]:
-                return value[:want]
-            fill = value.mean(0, keepdim=True).expand(want - value.shape[0], *value.shape[1:])
-            return torch.cat([value, fill])
+        if key in rows:
+            return align_rows(value, rows[key])
         if key in shapes and tuple(value.shape) != shapes[key]:
             raise ShapeMismatch(f"base tensor {key!r} has shape {tuple(value.shape)}, the inputs have {shapes[key]}")
         return value
@@ -215,7 +210,7 @@ def merge(
     fingerprint = None if checkpoint_inputs else _check_same_base(sources, force)
     shapes = _plan_keys(sources)
     rows = _vocab_rows(sources, base_reader, vocab)
-    base_of = _base_lookup(base_reader, shapes, vocab, rows)
+    base_of = _base_lookup(base_reader, shapes, rows)
     if spec.needs_base and base_reader is None:
         raise ConfigError(f"{method} needs the base weights: pass base")
     plan = MergePlan(sources, shapes, spec, resolved, per_input, base_of, seed)

@@ -69,10 +69,6 @@ class DeltaInput:
             return tuple(meta["weight_shape"])
         return tuple(part.delta_weight().shape)
 
-    def layer_kind(self, key: str) -> str | None:
-        module, _ = self._keys[key]
-        return str(getattr(self.delta.parts[module], "layer", "")) or None
-
     def tau(self, key: str) -> Tensor:
         module, p = self._keys[key]
         part = self.delta.parts[module]
@@ -105,9 +101,6 @@ class CheckpointInput:
 
     def shape(self, key: str) -> tuple[int, ...]:
         return self.base.shape(key)
-
-    def layer_kind(self, key: str) -> str | None:
-        return None
 
     def _check_shape(self, key: str) -> None:
         mine, base = self.reader.shape(key), self.base.shape(key)

@@ -25,7 +25,8 @@ from deltatune.parts.sparse import SparsePart
 RECORD_FILE = "deltatune_merge.json"
 
 
-def _aligned(value: Tensor, rows: int | None) -> Tensor:
+def align_rows(value: Tensor, rows: int | None) -> Tensor:
+    """``value`` with ``rows`` rows: truncated, or extended by copies of its mean row (new tokens)."""
     if rows is None or rows == value.shape[0]:
         return value
     if rows < value.shape[0]:
@@ -55,7 +56,7 @@ def write_checkpoint(out: Path, merged: Iterable[tuple[str, Tensor]], target: Ch
     with atomic_dir(out) as tmp:
         writer = PlannedShardWriter(tmp, plan, parse_size(shard_size))
         for key, tau in merged:
-            base = _aligned(target.get_float(key), rows.get(key))
+            base = align_rows(target.get_float(key), rows.get(key))
             writer.add(key, base.add_(tau).to(out_dtype or target.dtype(key)))
         for key in target.names():
             if key not in shapes:
