@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from deltatune.errors import ConfigError
-from deltatune.ops.sparsify import magnitude_trim
+from deltatune.ops.sparsify import magnitude_trim, stack_task_vectors
 
 
 def _weights(n: int, weights: Sequence[float] | None) -> list[float]:
@@ -30,21 +30,9 @@ def _weights(n: int, weights: Sequence[float] | None) -> list[float]:
     return [float(w) for w in weights]
 
 
-def _stack(taus: Sequence[Tensor]) -> Tensor:
-    if not taus:
-        raise ConfigError("no task vectors to merge")
-    shapes = {tuple(t.shape) for t in taus}
-    if len(shapes) != 1:
-        raise ConfigError(f"task vectors of different shapes {sorted(shapes)}")
-    stacked = torch.stack([t.float() for t in taus])
-    if not torch.isfinite(stacked).all():
-        raise ConfigError("a task vector holds NaN or Inf")
-    return stacked
-
-
 def task_arithmetic(taus: Sequence[Tensor], weights: Sequence[float] | None = None, lam: float = 1.0,
                     normalize: bool = False) -> Tensor:
-    stacked = _stack(taus)
+    stacked = stack_task_vectors(taus)
     w = torch.tensor(_weights(len(taus), weights)).view(-1, *[1] * (stacked.dim() - 1))
     total = (w * stacked).sum(0)
     if normalize:
@@ -107,7 +95,7 @@ def ties(taus: Sequence[Tensor], density: float = 0.2, weights: Sequence[float] 
     zero sums → the majority sign, plain disjoint mean (the authors trim and resolve signs over the
     whole model; the streaming engine supplies that scope).
     """
-    stacked = _stack(taus)
+    stacked = stack_task_vectors(taus)
     exact = preset == "mergekit"
     trimmed = torch.stack([magnitude_trim(t, density, exact=exact) for t in stacked])
     w = _weights(len(taus), weights if preset == "mergekit" else None)
