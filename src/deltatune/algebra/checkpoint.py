@@ -117,20 +117,31 @@ class CheckpointReader:
     def dtype(self, name: str) -> torch.dtype:
         return DTYPES[self._entries[name][1]["dtype"]]
 
-    def get(self, name: str) -> Tensor:
-        """A new tensor (its own memory) with the stored values."""
+    def get(self, name: str, into: Tensor | None = None) -> Tensor:
+        """The stored values: a new tensor, or a view of ``into`` (a tensor of the stored dtype and shape,
+        e.g. a :class:`~deltatune.algebra.workspace.Workspace` buffer) filled in place."""
         if name not in self._entries:
             raise DeltaFormatError(f"{self.path}: no tensor named {name!r}")
         shard, entry, data_start = self._entries[name]
         begin, end = (int(x) for x in entry["data_offsets"])
-        buf = bytearray(end - begin)
-        with open(shard, "rb", buffering=0) as f:
-            f.seek(data_start + begin)
-            got = f.readinto(memoryview(buf))
+        dtype, shape = self.dtype(name), self.shape(name)
+        if into is None:
+            into = torch.empty(shape, dtype=dtype)
+        elif into.dtype != dtype or tuple(into.shape) != shape or not into.is_contiguous():
+            raise ValueError(f"{name}: buffer {into.dtype}{list(into.shape)} cannot hold {dtype}{list(shape)}")
+        got = 0
+        if end > begin:
+            raw = memoryview(into.view(-1).view(torch.uint8).numpy())
+            with open(shard, "rb", buffering=0) as f:
+                f.seek(data_start + begin)
+                while got < end - begin:
+                    n = f.readinto(raw[got:])
+                    if not n:
+                        break
+                    got += n
         if got != end - begin:
             raise DeltaFormatError(f"{shard}: tensor {name!r} is truncated ({got} of {end - begin} bytes)")
-        flat = torch.frombuffer(buf, dtype=self.dtype(name)) if buf else torch.empty(0, dtype=self.dtype(name))
-        return flat.reshape(self.shape(name))
+        return into
 
     def get_float(self, name: str) -> Tensor:
         """The tensor as fp32 (a new tensor, safe to modify in place)."""

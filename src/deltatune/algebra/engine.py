@@ -24,6 +24,7 @@ from deltatune.algebra.methods import MergeMethod, TensorJob, get_merge_method
 from deltatune.algebra.options import resolve_params
 from deltatune.algebra.output import align_rows, collect_delta, merged_heads, save_output, write_checkpoint
 from deltatune.algebra.stats import gather_stats, lines_norms
+from deltatune.algebra.workspace import Workspace
 from deltatune.delta import Delta
 from deltatune.errors import ConfigError, FingerprintMismatch, ShapeMismatch
 from deltatune.ops import lines as lines_ops
@@ -82,8 +83,10 @@ def _plan_keys(sources: list[Any]) -> dict[str, tuple[int, ...]]:
 
 
 def _base_lookup(base: CheckpointReader | None, shapes: dict[str, tuple[int, ...]], rows: dict[str, int]
-                 ) -> Callable[[str], Tensor]:
-    """``key → θ₀`` (fp32), mapping a delta's module path onto the checkpoint's key names if needed."""
+                 ) -> Callable[..., Tensor]:
+    """``key → θ₀``, mapping a delta's module path onto the checkpoint's key names if needed.
+
+    fp32: a new tensor, or with a ``workspace`` a view of its ``"base"`` buffer."""
     cache: dict[str, str] = {}
 
     def resolve(key: str) -> str:
@@ -97,10 +100,14 @@ def _base_lookup(base: CheckpointReader | None, shapes: dict[str, tuple[int, ...
         cache[key] = found
         return found
 
-    def get(key: str) -> Tensor:
+    def get(key: str, workspace: Workspace | None = None) -> Tensor:
         if base is None:
             raise ConfigError("this merge needs the base weights: pass base (CLI: base_model / base in the YAML)")
-        value = base.get_float(resolve(key))
+        name = resolve(key)
+        if workspace is not None and key not in rows:
+            value = workspace.read_float(base, name, "base")
+        else:
+            value = base.get_float(name)
         if key in rows:
             return align_rows(value, rows[key])
         if key in shapes and tuple(value.shape) != shapes[key]:
@@ -124,16 +131,18 @@ def _vocab_rows(sources: list[Any], base: CheckpointReader | None, vocab: VocabR
 @dataclass
 class MergePlan:
     """Everything a pass over the tensors needs: the inputs, the tensor names and shapes, the resolved
-    parameters, the base lookup, the seed and the global statistics gathered so far."""
+    parameters, the base lookup, the seed and the global statistics gathered so far.  With a
+    ``workspace``, checkpoint task vectors are views of reused buffers, valid until the next job."""
 
     sources: list[Any]
     shapes: dict[str, tuple[int, ...]]
     method: MergeMethod
     params: dict[str, Any]
     per_input: list[dict[str, Any]]
-    base_of: Callable[[str], Tensor]
+    base_of: Callable[..., Tensor]
     seed: int
     stats: dict[str, Any] = field(default_factory=dict)
+    workspace: Workspace | None = None
 
     def jobs(self, progress: str | None = None) -> Iterator[TensorJob]:
         keys: Any = list(self.shapes)
@@ -144,8 +153,8 @@ class MergePlan:
         checkpoint = isinstance(self.sources[0], CheckpointInput)
         for key in keys:
             if checkpoint:
-                base_value = self.base_of(key)
-                taus = [s.tau(key, base_value) for s in self.sources]
+                base_value = self.base_of(key, self.workspace)
+                taus = [s.tau(key, base_value, self.workspace, i) for i, s in enumerate(self.sources)]
                 del base_value  # re-read on demand: most methods never need θ₀ itself
             else:
                 taus = [s.tau(key) if key in s.keys_set else torch.zeros(self.shapes[key]) for s in self.sources]
@@ -213,7 +222,9 @@ def merge(
     base_of = _base_lookup(base_reader, shapes, rows)
     if spec.needs_base and base_reader is None:
         raise ConfigError(f"{method} needs the base weights: pass base")
-    plan = MergePlan(sources, shapes, spec, resolved, per_input, base_of, seed)
+    streamed = checkpoint_inputs and output == "checkpoint"  # every merged tensor is written before the next
+    plan = MergePlan(sources, shapes, spec, resolved, per_input, base_of, seed,
+                     workspace=Workspace() if streamed else None)
     plan.stats.update(gather_stats(spec, resolved, per_input, lambda fn: plan.visit(fn, progress)))
     factor = _lines_factor(lines, plan)
 
@@ -226,10 +237,11 @@ def merge(
 
     record = {"method": method, "preset": preset, "params": resolved, "inputs": per_input, "seed": seed,
               "sources": [s.label for s in sources], "lines": lines}
-    if checkpoint_inputs and output == "checkpoint":
+    if streamed:
         assert base_reader is not None
         target = CheckpointReader(target_base) if target_base is not None else base_reader
-        return write_checkpoint(Path(out), merged(), target, shapes, rows, out_dtype, shard_size, record)
+        return write_checkpoint(Path(out), merged(), target, shapes, rows, out_dtype, shard_size, record,
+                                plan.workspace)
     if checkpoint_inputs:
         return collect_delta(merged(), None, output, rank, record, base_path=base, out=out)
     result = collect_delta(merged(), sources, output, rank, record, fingerprint=fingerprint,
@@ -260,7 +272,7 @@ def _lines_factor(lines: dict[str, Any] | None, plan: MergePlan) -> Callable[[st
         raise ConfigError("lines: no transformer blocks found in the tensor names (expected e.g. 'layers.3.')")
     alpha = lines.get("alpha", "auto")
     if alpha == "auto":
-        total, merged_l1 = lines_norms((job, plan.method.kernel(job)) for job in plan.jobs())
+        total, merged_l1 = lines_norms(plan.jobs(), plan.method.kernel)
         alpha = lines_ops.lines_multitask_alpha(total, merged_l1, len(plan.sources))
     alpha, beta = float(alpha), float(lines["beta"])
     return lambda key: lines_ops.lines_factor(lines_ops.layer_index(key, num_layers), num_layers, alpha, beta)

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from deltatune.algebra.checkpoint import CheckpointReader
+from deltatune.algebra.workspace import NARROW_FLOATS, Workspace
 from deltatune.delta import Delta
 from deltatune.errors import DeltaFormatError, ShapeMismatch
 from deltatune.parts.dense import DensePart
@@ -115,13 +116,22 @@ class CheckpointInput:
     def rows(self, key: str) -> int:
         return self.reader.shape(key)[0]
 
-    def tau(self, key: str, base_value: Tensor | None = None) -> Tensor:
-        """``θ_ft − θ₀`` in fp32 against ``base_value`` (the base tensor, already row-aligned by the engine).
+    def tau(self, key: str, base_value: Tensor | None = None, workspace: Workspace | None = None,
+            slot: int = 0) -> Tensor:
+        """``θ_ft − θ₀`` in fp32 against ``base_value`` (the base tensor in fp32, already row-aligned by the
+        engine).
 
-        Rows the fine-tune lacks get a zero delta; rows beyond ``base_value`` are dropped.
+        With a ``workspace`` the fine-tune is read into its ``"raw"`` buffer and ``τ`` lands in
+        ``("tau", slot)``: ``fp32(θ_ft) − fp32(θ₀)``, the same values as a fresh subtraction.  Rows the
+        fine-tune lacks get a zero delta; rows beyond ``base_value`` are dropped.
         """
-        ft = self.reader.get(key)
         b = base_value if base_value is not None else self.base.get_float(key)
+        shape = self.reader.shape(key)
+        if workspace is not None and shape == tuple(b.shape) and self.reader.dtype(key) in NARROW_FLOATS:
+            ft = self.reader.get(key, into=workspace.take("raw", shape, self.reader.dtype(key)))
+            tau = workspace.take(("tau", slot), shape, torch.float32)
+            return _finite(tau.copy_(ft).sub_(b.float()), f"{self.label}:{key}")
+        ft, b = self.reader.get(key), b.float()
         if ft.shape == b.shape:  # one pass: bf16/fp16 − fp32 promotes to fp32
             return _finite(torch.sub(ft, b), f"{self.label}:{key}")
         ft = ft.float()

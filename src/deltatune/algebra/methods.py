@@ -30,8 +30,8 @@ from deltatune.errors import ConfigError
 from deltatune.ops import breadcrumbs as bc
 from deltatune.ops import della as dl
 from deltatune.ops import geometry, pcb
-from deltatune.ops.merge import disjoint_merge, elect_sign
-from deltatune.ops.sparsify import dare, magnitude_trim_
+from deltatune.ops.merge import consensus_merge
+from deltatune.ops.sparsify import dare_, magnitude_trim_
 
 
 @dataclass
@@ -62,13 +62,14 @@ class MergeMethod:
     stats: tuple[str, ...] = ()
 
 
-CHUNK = 1 << 20
+CHUNK = 1 << 18
 
 
 def _weighted_sum(job: TensorJob, taus: Sequence[Tensor]) -> Tensor:
     """``Σ_t w_t τ_t`` (÷ ``Σ_t w_t`` when ``normalize``), accumulated in place."""
-    total = torch.zeros_like(taus[0])
-    for p, t in zip(job.inputs, taus, strict=True):
+    first = job.inputs[0]["weight"]  # accumulate into τ_0 (the job owns it): 0 + w·τ_0 = w·τ_0
+    total = taus[0] if first == 1.0 else taus[0].mul_(first)
+    for p, t in zip(job.inputs[1:], taus[1:], strict=True):
         total.add_(t, alpha=p["weight"])
     if job.params.get("normalize"):
         total.div_(sum(p["weight"] for p in job.inputs))
@@ -78,7 +79,8 @@ def _weighted_sum(job: TensorJob, taus: Sequence[Tensor]) -> Tensor:
 def _consensus(job: TensorJob, taus: Sequence[Tensor]) -> Tensor:
     """TIES sign election + disjoint merge (:mod:`deltatune.ops.merge`) of already-sparsified ``taus``.
 
-    Runs over chunks of ``CHUNK`` entries so its temporaries stay small next to the inputs.
+    Runs over chunks of ``CHUNK`` entries so its temporaries stay small (and in cache) next to the
+    inputs, and writes the result over ``taus[0]``.
     """
     weights = [p["weight"] for p in job.inputs]
     weighted = job.params["weighted_vote"]  # mergekit: w_t·τ_t replaces τ_t before the vote and the mask
@@ -89,14 +91,11 @@ def _consensus(job: TensorJob, taus: Sequence[Tensor]) -> Tensor:
             total = sum(t * w if weighted else t for t, w in zip(taus, weights, strict=True))
             fill = -1.0 if float(torch.sign(total).sum()) < 0 else 1.0
     flats = [t.reshape(-1) for t in taus]
-    out = torch.empty_like(flats[0])
+    out = flats[0]  # the job owns its task vectors: each chunk of τ_0 is read before it is overwritten
     for start in range(0, out.numel(), CHUNK):
-        part = [f[start:start + CHUNK] for f in flats]
-        unit = not weighted or all(w == 1.0 for w in weights)
-        vote = part if unit else [p * w for p, w in zip(part, weights, strict=True)]
-        sign = elect_sign(vote, zero=fill)
-        out[start:start + CHUNK] = disjoint_merge(part, sign, weights, normalize=job.params.get("normalize", True),
-                                                  divide=job.params["divide"], mask_weighted=weighted)
+        consensus_merge([f[start:start + CHUNK] for f in flats], weights, fill,
+                        normalize=job.params.get("normalize", True), divide=job.params["divide"],
+                        weighted_vote=weighted, out=out[start:start + CHUNK])
     return out.view_as(taus[0])
 
 
@@ -114,7 +113,7 @@ def _dare(job: TensorJob, i: int, tau: Tensor) -> Tensor:
     density = job.inputs[i]["density"]
     if density >= 1.0:
         return tau
-    return dare(tau, density, job.generator(i), rescale=job.params["rescale"])
+    return dare_(tau, density, job.generator(i), rescale=job.params["rescale"])  # the job owns τ
 
 
 def _stack(parts: list[Tensor]) -> Tensor:
@@ -146,11 +145,11 @@ def ties(job: TensorJob) -> Tensor:
 
 
 def dare_linear(job: TensorJob) -> Tensor:
-    return job.lam * _weighted_sum(job, _dared(job))
+    return _weighted_sum(job, _dared(job)).mul_(job.lam)
 
 
 def dare_ties(job: TensorJob) -> Tensor:
-    return job.lam * _consensus(job, _dared(job))
+    return _consensus(job, _dared(job)).mul_(job.lam)
 
 
 def _crumbs(job: TensorJob) -> list[Tensor]:
@@ -160,11 +159,11 @@ def _crumbs(job: TensorJob) -> list[Tensor]:
 
 
 def breadcrumbs(job: TensorJob) -> Tensor:
-    return job.lam * _weighted_sum(job, _crumbs(job))
+    return _weighted_sum(job, _crumbs(job)).mul_(job.lam)
 
 
 def breadcrumbs_ties(job: TensorJob) -> Tensor:
-    return job.lam * _consensus(job, _crumbs(job))
+    return _consensus(job, _crumbs(job)).mul_(job.lam)
 
 
 def _della(job: TensorJob) -> list[Tensor]:
@@ -174,11 +173,11 @@ def _della(job: TensorJob) -> list[Tensor]:
 
 
 def della(job: TensorJob) -> Tensor:
-    return job.lam * _consensus(job, _della(job))
+    return _consensus(job, _della(job)).mul_(job.lam)
 
 
 def della_linear(job: TensorJob) -> Tensor:
-    return job.lam * _weighted_sum(job, _della(job))
+    return _weighted_sum(job, _della(job)).mul_(job.lam)
 
 
 def pcb_merge(job: TensorJob) -> Tensor:

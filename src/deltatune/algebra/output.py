@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from deltatune.algebra.checkpoint import CheckpointReader
+from deltatune.algebra.workspace import Workspace
 from deltatune.delta import Delta
 from deltatune.errors import ConfigError, ShapeMismatch
 from deltatune.io.atomic import atomic_dir
@@ -36,12 +37,13 @@ def align_rows(value: Tensor, rows: int | None) -> Tensor:
 
 def write_checkpoint(out: Path, merged: Iterable[tuple[str, Tensor]], target: CheckpointReader,
                      shapes: dict[str, tuple[int, ...]], rows: dict[str, int], out_dtype: torch.dtype | None,
-                     shard_size: str | int, record: dict[str, Any]) -> Path:
+                     shard_size: str | int, record: dict[str, Any], workspace: Workspace | None = None) -> Path:
     """Stream ``θ₀ + τ_m`` into sharded safetensors (atomically: a failure leaves nothing at ``out``).
 
     Every output tensor's name, dtype and shape is known before the merge starts, so each shard's header
     is written first and tensors go to disk as they are merged (:class:`PlannedShardWriter`).  Tensors
-    the merge does not touch (integer buffers, …) are copied from ``target``.
+    the merge does not touch (integer buffers, …) are copied from ``target``.  With a ``workspace``,
+    ``τ_m`` is updated in place and the base and the cast output use its ``"base"`` and ``"raw"`` buffers.
     """
     plan = []
     for key, shape in shapes.items():
@@ -56,8 +58,13 @@ def write_checkpoint(out: Path, merged: Iterable[tuple[str, Tensor]], target: Ch
     with atomic_dir(out) as tmp:
         writer = PlannedShardWriter(tmp, plan, parse_size(shard_size))
         for key, tau in merged:
-            base = align_rows(target.get_float(key), rows.get(key))
-            writer.add(key, base.add_(tau).to(out_dtype or target.dtype(key)))
+            dtype = out_dtype or target.dtype(key)
+            if workspace is None or key in rows or tau.dtype != torch.float32:
+                writer.add(key, align_rows(target.get_float(key), rows.get(key)).add_(tau).to(dtype))
+                continue
+            merged_value = tau.add_(workspace.read_float(target, key, "base"))  # θ₀ + τ_m, as above
+            writer.add(key, merged_value if dtype == torch.float32 else
+                       workspace.take("raw", merged_value.shape, dtype).copy_(merged_value))
         for key in target.names():
             if key not in shapes:
                 writer.add(key, target.get(key))

@@ -87,10 +87,11 @@ def gather_stats(method: MergeMethod, params: dict[str, Any], inputs: list[dict[
     return stats
 
 
-def lines_norms(jobs: Iterable[tuple[TensorJob, torch.Tensor]]) -> tuple[float, float]:
-    """``(Σ_keys ‖Σ_t τ_t‖₁, Σ_keys ‖τ_m‖₁)`` for LiNeS' multi-task α."""
+def lines_norms(jobs: Iterable[TensorJob], kernel: Callable[[TensorJob], torch.Tensor]) -> tuple[float, float]:
+    """``(Σ_keys ‖Σ_t τ_t‖₁, Σ_keys ‖τ_m‖₁)`` for LiNeS' multi-task α (``Σ_t τ_t`` before the kernel,
+    which may trim its task vectors in place)."""
     total = merged = 0.0
-    for job, out in jobs:
+    for job in jobs:
         total += float(torch.stack(job.taus).sum(0).abs().sum())
-        merged += float(out.abs().sum())
+        merged += float(kernel(job).abs().sum())
     return total, merged

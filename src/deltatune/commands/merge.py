@@ -26,8 +26,11 @@ def merge_command(
     from rich.console import Console
 
     from deltatune.algebra.recipe import load_recipe, run_recipe
+    from deltatune.commands.allocator import keep_freed_memory
     from deltatune.delta import Delta
     from deltatune.errors import ConfigError
+
+    keep_freed_memory()
 
     recipe = load_recipe(config)
     for name, value in (("preset", preset), ("output", output), ("seed", seed)):

@@ -28,6 +28,7 @@ def rebase_command(
 
     from deltatune.algebra.checkpoint import is_checkpoint
     from deltatune.algebra.rebase import rebase_checkpoint, rebase_delta
+    from deltatune.commands.allocator import keep_freed_memory
     from deltatune.errors import ConfigError
 
     is_delta = (delta / "manifest.json").is_file() or (delta / "adapter_config.json").is_file()
@@ -35,6 +36,7 @@ def rebase_command(
         if from_ is None:
             raise ConfigError(f"{delta} is a full checkpoint: its delta is θ_ft − θ_old, so --from OLD_BASE "
                               "(the checkpoint it was fine-tuned from) is required")
+        keep_freed_memory()
         written = rebase_checkpoint(delta, to, from_, out_dir)
     else:
         written = rebase_delta(delta, to, old_base=from_, force=force).save(out_dir)

@@ -6,6 +6,7 @@
   get ``+1`` (mergekit) or the majority sign of the tensor (the TIES authors resolve it globally).
 * :func:`disjoint_merge` — per coordinate, average (weighted, over the agreeing models only) the
   entries whose sign equals ``γ``; ``normalize=False`` sums them.
+* :func:`consensus_merge` — the two above fused into float arithmetic (the streaming engine's kernel).
 * :func:`ties` — trim (:func:`magnitude_trim`) → elect → disjoint merge → ``λ``; Yadav et al.,
   NeurIPS 2023.
 """
@@ -84,6 +85,38 @@ def disjoint_merge(stacked: Tensor | Sequence[Tensor], sign: Tensor, weights: Se
     if divide == "weights" and not normalize:
         return total
     return total.div_(denom.masked_fill_(denom == 0, 1.0))
+
+
+def consensus_merge(parts: Sequence[Tensor], weights: Sequence[float] | None = None, fill: float = 1.0,
+                    normalize: bool = True, divide: Literal["weights", "count"] = "weights",
+                    weighted_vote: bool = False, out: Tensor | None = None) -> Tensor:
+    """:func:`elect_sign` then :func:`disjoint_merge`, fused, with the same values (tested bit for bit).
+
+    ``γ = sgn(Σ_t v_t)`` with ``v_t = w_t τ_t`` (``weighted_vote``, mergekit) or ``τ_t``, and zero sums
+    filled with ``fill``; then ``y_t = max(γ·v_t, 0)`` is ``|v_t|`` exactly where ``t`` agrees, so
+    ``Σ_{t∈A} w_t τ_t = γ·Σ_t (y_t or w_t·y_t)`` and ``|A|`` or ``Σ_{t∈A} w_t`` accumulate ``sgn(y_t)``.
+    Only float arithmetic (no boolean masks, which are several times slower on CPU); the result goes
+    to ``out`` when given (it may alias ``parts[0]``, which is read first).
+    """
+    w = _weights(len(parts), weights)
+    votes = parts if not weighted_vote or all(x == 1.0 for x in w) else [p * x for p, x in zip(parts, w, strict=True)]
+    sign = votes[0] + votes[1] if len(votes) > 1 else votes[0].float().clone()
+    for v in votes[2:]:
+        sign.add_(v)
+    sign.sign_()
+    sign.add_(sign.abs().sub_(1.0).mul_(-float(fill)))  # zero sums → fill
+    total = torch.zeros_like(sign)
+    denom = torch.zeros_like(sign)
+    for p, v, wt in zip(parts, votes, w, strict=True):
+        agreeing = (v if weighted_vote else p) * sign
+        agreeing.clamp_(min=0.0)
+        denom.add_(agreeing.sign(), alpha=1.0 if divide == "count" else wt)
+        total.add_(agreeing if weighted_vote or wt == 1.0 else agreeing.mul_(wt))
+    if divide == "weights" and not normalize:
+        result = total.mul_(sign)
+        return result if out is None else out.copy_(result)
+    denom.add_(denom.sign().abs_().sub_(1.0).neg_())  # D = 0 → 1
+    return torch.div(total, denom, out=out).mul_(sign)
 
 
 def ties(taus: Sequence[Tensor], density: float = 0.2, weights: Sequence[float] | None = None,

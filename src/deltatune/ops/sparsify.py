@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from deltatune.errors import ConfigError
+from deltatune.ops.topk import CHUNK, chunks, kth_largest_abs, trim_below_
 
 L1_EPS = 1e-7
 
@@ -34,52 +35,66 @@ def keep_count(n: int, density: float) -> int:
 
 
 def magnitude_trim(tau: Tensor, density: float, exact: bool = True) -> Tensor:
-    """``τ`` with all but the top-``k`` magnitudes zeroed (``kthvalue``, no full sort)."""
+    """``τ`` with all but the top-``k`` magnitudes zeroed (exact selection, no full sort)."""
     return magnitude_trim_(tau.clone(), density, exact)
 
 
 def magnitude_trim_(tau: Tensor, density: float, exact: bool = True) -> Tensor:
     """In-place :func:`magnitude_trim` (the streaming engine owns its task vectors; saves one copy).
 
-    Threshold ``t_k`` = the k-th largest ``|τ|``; ``exact`` keeps everything above it and then the first
-    entries equal to it in flat order until ``k`` are kept, otherwise every entry ``≥ t_k``.
+    Threshold ``t_k`` = the k-th largest ``|τ|`` (:func:`deltatune.ops.topk.kth_largest_abs`, exact,
+    no sort); ``exact`` keeps everything above it and then the first entries equal to it in flat order
+    until ``k`` are kept, otherwise every entry ``≥ t_k``.
     """
     k = keep_count(tau.numel(), density)
     if k >= tau.numel():
         return tau
     flat = tau.view(-1)
-    mags = flat.abs()
-    threshold = mags.kthvalue(flat.numel() - k + 1).values
-    if exact:
-        drop = mags <= threshold
-        missing = k - (flat.numel() - int(drop.sum()))
-        if missing > 0:
-            drop[(mags == threshold).nonzero().squeeze(1)[:missing]] = False
-    else:
-        drop = mags < threshold
-    del mags
-    return flat.masked_fill_(drop, 0.0).view_as(tau)
+    top = kth_largest_abs(flat, k)
+    trim_below_(flat, top.threshold, keep_ties=k - top.above if exact else None, ties=top.ties)
+    return tau
 
 
 def dare(tau: Tensor, density: float, generator: torch.Generator | None = None,
          rescale: Literal["inverse", "l1", "none"] = "inverse") -> Tensor:
-    """Drop-and-rescale: ``τ̃ = m ⊙ τ · s`` with ``m ~ Bernoulli(ρ)``.
+    """Drop-and-rescale: ``τ̃ = m ⊙ τ · s`` with ``m ~ Bernoulli(ρ)`` (a new tensor; see :func:`dare_`)."""
+    return dare_(tau.clone(memory_format=torch.contiguous_format), density, generator, rescale)
+
+
+def dare_(tau: Tensor, density: float, generator: torch.Generator | None = None,
+          rescale: Literal["inverse", "l1", "none"] = "inverse") -> Tensor:
+    """In-place drop-and-rescale of a contiguous ``τ``: ``τ ← m ⊙ τ · s``, ``m_i = [u_i < ρ]``, ``u ~ U[0, 1)``.
 
     ``s = 1/ρ`` (``inverse``, the paper: ``E[τ̃] = τ``), ``s = ‖τ‖₁ / ‖m⊙τ‖₁`` (``l1``, mergekit) or 1.
-    The mask is drawn in fp32 on the CPU from ``generator`` so results do not depend on device or
-    execution order when each tensor gets its own seeded generator.
+    ``u`` is drawn in fp32 on the CPU from ``generator``, chunk by chunk (the same stream as one
+    ``torch.rand(τ.shape)``), so results do not depend on device or execution order when each tensor
+    gets its own seeded generator.  The mask is applied as a 0/1 factor (``sign(max(ρ − u, 0))``), so a
+    dropped entry becomes ``±0``.
     """
     _check_density(density)
-    keep = torch.rand(tau.shape, generator=generator, dtype=torch.float32) < density
-    kept = torch.where(keep.to(tau.device), tau, torch.zeros_like(tau))
-    if rescale == "inverse":
-        return kept / density
-    if rescale == "l1":  # mergekit leaves near-zero updates unscaled (‖·‖₁ < 1e-7 on either side)
-        kept_l1 = kept.float().abs().sum()
-        if kept_l1 < L1_EPS or tau.float().abs().sum() < L1_EPS:
-            return kept
-        return (kept.float() * (tau.float().abs().sum() / kept_l1)).to(tau.dtype)
-    return kept
+    flat = tau.view(-1)
+    scratch = torch.empty(min(CHUNK, flat.numel()), dtype=torch.float32)
+    norm_before = _l1(flat, scratch) if rescale == "l1" else None
+    for chunk in chunks(flat):
+        keep = torch.rand(chunk.numel(), generator=generator, out=scratch[:chunk.numel()])
+        torch.threshold_(keep.sub_(density).neg_(), 0.0, 0.0).sign_()  # 1 where u < ρ, else 0
+        chunk.mul_(keep.to(chunk.device))
+        if rescale == "inverse":
+            chunk.div_(density)
+    if norm_before is not None:  # mergekit leaves near-zero updates unscaled (‖·‖₁ < 1e-7 on either side)
+        norm_after = _l1(flat, scratch)
+        if norm_after >= L1_EPS and norm_before >= L1_EPS:
+            flat.mul_(norm_before / norm_after)
+    return tau
+
+
+def _l1(flat: Tensor, scratch: Tensor) -> float:
+    """``‖x‖₁`` accumulated chunk by chunk in fp64 (``scratch``: one chunk, no full-size temporary)."""
+    total = 0.0
+    for c in chunks(flat):
+        out = scratch[:c.numel()] if scratch.dtype == c.dtype else None
+        total += float(torch.abs(c, out=out).sum(dtype=torch.float64))
+    return total
 
 
 def require_finite(tensor: Tensor, what: str) -> None:
