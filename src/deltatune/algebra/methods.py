@@ -109,11 +109,6 @@ def _trim(job: TensorJob, i: int, tau: Tensor) -> Tensor:
     return magnitude_trim_(tau, density, exact=job.params["k_rule"] == "count")
 
 
-def _dare(job: TensorJob, i: int, tau: Tensor) -> Tensor:
-    density = job.inputs[i]["density"]
-    if density >= 1.0:
-        return tau
-    return dare_(tau, density, job.generator(i), rescale=job.params["rescale"])  # the job owns τ
 
 
 def _stack(parts: list[Tensor]) -> Tensor:
@@ -137,7 +132,11 @@ def _trimmed(job: TensorJob) -> list[Tensor]:
 
 
 def _dared(job: TensorJob) -> list[Tensor]:
-    return [_dare(job, i, t) for i, t in enumerate(job.taus)]
+    """DARE on every input, in place (the job owns its task vectors); a density of 1 keeps τ."""
+    for i, (p, tau) in enumerate(zip(job.inputs, job.taus, strict=True)):
+        if p["density"] < 1.0:
+            dare_(tau, p["density"], job.generator(i), rescale=job.params["rescale"])
+    return job.taus
 
 
 def ties(job: TensorJob) -> Tensor:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from deltatune.errors import ConfigError
-from deltatune.ops.topk import CHUNK, chunks, kth_largest_abs, trim_below_
+from deltatune.ops.topk import CHUNK, kth_largest_abs, trim_below_
 
 L1_EPS = 1e-7
 
@@ -68,33 +68,26 @@ def dare_(tau: Tensor, density: float, generator: torch.Generator | None = None,
     ``s = 1/ρ`` (``inverse``, the paper: ``E[τ̃] = τ``), ``s = ‖τ‖₁ / ‖m⊙τ‖₁`` (``l1``, mergekit) or 1.
     ``u`` is drawn in fp32 on the CPU from ``generator``, chunk by chunk (the same stream as one
     ``torch.rand(τ.shape)``), so results do not depend on device or execution order when each tensor
-    gets its own seeded generator.  The mask is applied as a 0/1 factor (``sign(max(ρ − u, 0))``), so a
-    dropped entry becomes ``±0``.
+    gets its own seeded generator.  The mask is applied as a 0/1 factor, so a dropped entry becomes
+    ``±0``; ``‖·‖₁`` is summed per chunk while the chunk is in cache.
     """
     _check_density(density)
     flat = tau.view(-1)
-    scratch = torch.empty(min(CHUNK, flat.numel()), dtype=torch.float32)
-    norm_before = _l1(flat, scratch) if rescale == "l1" else None
-    for chunk in chunks(flat):
-        keep = torch.rand(chunk.numel(), generator=generator, out=scratch[:chunk.numel()])
-        torch.threshold_(keep.sub_(density).neg_(), 0.0, 0.0).sign_()  # 1 where u < ρ, else 0
-        chunk.mul_(keep.to(chunk.device))
+    uniform = torch.empty(min(CHUNK, flat.numel()), dtype=torch.float32)
+    before = after = 0.0
+    for start in range(0, flat.numel(), CHUNK):
+        chunk = flat[start:start + CHUNK]
+        u = torch.rand(chunk.numel(), generator=generator, out=uniform[:chunk.numel()])
+        if rescale == "l1":
+            before += float(chunk.abs().sum())
+        chunk.mul_(torch.lt(u, density, out=u).to(chunk.device))  # u ← [u < ρ] as 0/1
         if rescale == "inverse":
             chunk.div_(density)
-    if norm_before is not None:  # mergekit leaves near-zero updates unscaled (‖·‖₁ < 1e-7 on either side)
-        norm_after = _l1(flat, scratch)
-        if norm_after >= L1_EPS and norm_before >= L1_EPS:
-            flat.mul_(norm_before / norm_after)
+        elif rescale == "l1":
+            after += float(chunk.abs().sum())
+    if rescale == "l1" and after >= L1_EPS and before >= L1_EPS:  # mergekit leaves near-zero updates unscaled
+        flat.mul_(before / after)
     return tau
-
-
-def _l1(flat: Tensor, scratch: Tensor) -> float:
-    """``‖x‖₁`` accumulated chunk by chunk in fp64 (``scratch``: one chunk, no full-size temporary)."""
-    total = 0.0
-    for c in chunks(flat):
-        out = scratch[:c.numel()] if scratch.dtype == c.dtype else None
-        total += float(torch.abs(c, out=out).sum(dtype=torch.float64))
-    return total
 
 
 def require_finite(tensor: Tensor, what: str) -> None:
