@@ -200,11 +200,17 @@ app.command("rebase")(rebase_command)
 
 
 def main() -> None:
+    from deltatune.commands.process import exit_now_if_done, reset_teardown
+
+    reset_teardown()
     try:
         app()
     except DeltaTuneError as exc:
         err.print(f"[bold red]error[/bold red] ({type(exc).__name__}): {exc}")
         raise SystemExit(2) from None
+    except SystemExit as exc:
+        exit_now_if_done(exc.code)  # streaming commands: skip the interpreter's teardown (see process.py)
+        raise
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from deltatune.algebra.checkpoint import CheckpointReader
 from deltatune.algebra.methods import TensorJob
 from deltatune.algebra.stats import lines_norms
 from deltatune.algebra.workspace import Workspace
-from deltatune.commands.allocator import keep_freed_memory
+from deltatune.commands.process import keep_freed_memory
 from deltatune.errors import DeltaFormatError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -98,3 +98,26 @@ def test_cli_keeps_freed_memory_on_glibc() -> None:
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         pytest.skip("mallopt is glibc's")
     assert keep_freed_memory() is True
+
+
+def test_cli_process_ends_after_writing_and_reporting(checkpoints, tmp_path) -> None:  # noqa: F811
+    """The console entry point skips interpreter teardown after a merge: output complete, exit status 0;
+    a failing run still reports its error with status 2."""
+    import subprocess
+    import sys
+
+    recipe = tmp_path / "ties.yml"
+    recipe.write_text(f"merge_method: ties\nbase_model: {checkpoints['base']}\nmodels:\n"
+                      + "".join(f"  - model: {checkpoints[f'ft{i}']}\n    parameters: {{weight: 1.0, density: 0.3}}\n"
+                                for i in range(3))
+                      + "parameters: {normalize: true}\ndtype: float32\n")
+    cmd = [sys.executable, "-m", "deltatune.cli", "merge", str(recipe), "--out", str(tmp_path / "m"), "--no-progress"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith(str(tmp_path / "m")) and "checkpoint in" in done.stderr
+    in_process = merge([checkpoints[f"ft{i}"] for i in range(3)], "ties", base=checkpoints["base"],
+                       params={"density": 0.3}, preset="mergekit", output="checkpoint", out=tmp_path / "api")
+    _same_checkpoints(tmp_path / "m", in_process)
+    bad = subprocess.run(cmd[:4] + [str(tmp_path / "missing.yml"), "--out", str(tmp_path / "x")],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "error" in bad.stderr

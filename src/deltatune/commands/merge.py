@@ -26,7 +26,7 @@ def merge_command(
     from rich.console import Console
 
     from deltatune.algebra.recipe import load_recipe, run_recipe
-    from deltatune.commands.allocator import keep_freed_memory
+    from deltatune.commands.process import keep_freed_memory, skip_teardown
     from deltatune.delta import Delta
     from deltatune.errors import ConfigError
 
@@ -51,3 +51,4 @@ def merge_command(
         err.print(f"{recipe.method} ({recipe.preset}) of {len(recipe.inputs)} inputs → checkpoint in "
                   f"{time.perf_counter() - start:.1f} s")
     Console(highlight=False).print(str(target))
+    skip_teardown()

@@ -28,7 +28,7 @@ def rebase_command(
 
     from deltatune.algebra.checkpoint import is_checkpoint
     from deltatune.algebra.rebase import rebase_checkpoint, rebase_delta
-    from deltatune.commands.allocator import keep_freed_memory
+    from deltatune.commands.process import keep_freed_memory, skip_teardown
     from deltatune.errors import ConfigError
 
     is_delta = (delta / "manifest.json").is_file() or (delta / "adapter_config.json").is_file()
@@ -41,3 +41,4 @@ def rebase_command(
     else:
         written = rebase_delta(delta, to, old_base=from_, force=force).save(out_dir)
     Console(highlight=False).print(str(written))
+    skip_teardown()
