@@ -42,7 +42,7 @@ def merge_command(
         raise ConfigError(f"{config}: no output folder: give --out or 'out' in the recipe")
     start = time.perf_counter()
     result = run_recipe(recipe, out=target, progress=progress)
-    err = Console(stderr=True, highlight=False)
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
     if isinstance(result, Delta):
         disk = sum(f.stat().st_size for f in Path(target).rglob("*") if f.is_file())
         err.print(f"{recipe.method} ({recipe.preset}) of {len(recipe.inputs)} inputs → {recipe.output} delta, "
