@@ -32,6 +32,7 @@ from deltatune.ops import della as dl
 from deltatune.ops import geometry, pcb
 from deltatune.ops.merge import consensus_merge
 from deltatune.ops.sparsify import dare_, magnitude_trim_
+from deltatune.ops.topk import CHUNK, trim_below_
 
 
 @dataclass
@@ -60,9 +61,6 @@ class MergeMethod:
     min_inputs: int = 1
     max_inputs: int | None = None
     stats: tuple[str, ...] = ()
-
-
-CHUNK = 1 << 18
 
 
 def _weighted_sum(job: TensorJob, taus: Sequence[Tensor]) -> Tensor:
@@ -105,10 +103,9 @@ def _trim(job: TensorJob, i: int, tau: Tensor) -> Tensor:
     if density >= 1.0:
         return tau
     if job.params["scope"] == "global":
-        return tau.masked_fill_(tau.abs() < job.stats["thresholds"][i], 0.0)
+        trim_below_(tau.view(-1), job.stats["thresholds"][i])  # keep |τ| ≥ the task's model-wide t_k
+        return tau
     return magnitude_trim_(tau, density, exact=job.params["k_rule"] == "count")
-
-
 
 
 def _stack(parts: list[Tensor]) -> Tensor:
