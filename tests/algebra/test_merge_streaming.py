@@ -121,3 +121,17 @@ def test_cli_process_ends_after_writing_and_reporting(checkpoints, tmp_path) -> 
     bad = subprocess.run(cmd[:4] + [str(tmp_path / "missing.yml"), "--out", str(tmp_path / "x")],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "error" in bad.stderr
+
+
+def test_workspace_reads_a_tensor_once_until_its_buffer_is_taken(checkpoints, monkeypatch) -> None:  # noqa: F811
+    reader = CheckpointReader(checkpoints["base"])
+    key = "model.layers.0.mlp.up_proj.weight"
+    reads = []
+    get = reader.get
+    monkeypatch.setattr(reader, "get", lambda name, into=None: reads.append(name) or get(name, into))
+    ws = Workspace()
+    first = ws.read_float(reader, key, "base")
+    again = ws.read_float(reader, key, "base")
+    assert len(reads) == 1 and again.data_ptr() == first.data_ptr() and torch.equal(again, get(key).float())
+    ws.take("base", (2,), torch.float32)  # someone else's use of the buffer: the next read is real
+    assert torch.equal(ws.read_float(reader, key, "base"), get(key).float()) and len(reads) == 2

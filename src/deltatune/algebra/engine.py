@@ -155,10 +155,10 @@ class MergePlan:
             if checkpoint:
                 base_value = self.base_of(key, self.workspace)
                 taus = [s.tau(key, base_value, self.workspace, i) for i, s in enumerate(self.sources)]
-                del base_value  # re-read on demand: most methods never need θ₀ itself
+                del base_value  # a workspace keeps it for job.base() and the writer; otherwise re-read on demand
             else:
                 taus = [s.tau(key) if key in s.keys_set else torch.zeros(self.shapes[key]) for s in self.sources]
-            base_fn: Callable[[], Tensor] = lambda k=key: self.base_of(k)  # noqa: E731
+            base_fn: Callable[[], Tensor] = lambda k=key: self.base_of(k, self.workspace)  # noqa: E731
             yield TensorJob(key, taus, self.params, self.per_input, base_fn,
                             lambda i, k=key: torch.Generator().manual_seed(tensor_seed(self.seed, k, i)), self.stats)
 

@@ -128,9 +128,8 @@ class CheckpointInput:
         b = base_value if base_value is not None else self.base.get_float(key)
         shape = self.reader.shape(key)
         if workspace is not None and shape == tuple(b.shape) and self.reader.dtype(key) in NARROW_FLOATS:
-            ft = self.reader.get(key, into=workspace.take("raw", shape, self.reader.dtype(key)))
-            tau = workspace.take(("tau", slot), shape, torch.float32)
-            return _finite(tau.copy_(ft).sub_(b.float()), f"{self.label}:{key}")
+            tau = workspace.read_fp32(self.reader, key, ("tau", slot)).sub_(b)
+            return _finite(tau, f"{self.label}:{key}")
         ft, b = self.reader.get(key), b.float()
         if ft.shape == b.shape:  # one pass: bf16/fp16 − fp32 promotes to fp32
             return _finite(torch.sub(ft, b), f"{self.label}:{key}")

@@ -32,7 +32,7 @@ from deltatune.ops import della as dl
 from deltatune.ops import geometry, pcb
 from deltatune.ops.merge import consensus_merge
 from deltatune.ops.sparsify import dare_, magnitude_trim_
-from deltatune.ops.topk import CHUNK, trim_below_
+from deltatune.ops.topk import chunks, trim_below_
 
 
 @dataclass
@@ -77,7 +77,7 @@ def _weighted_sum(job: TensorJob, taus: Sequence[Tensor]) -> Tensor:
 def _consensus(job: TensorJob, taus: Sequence[Tensor]) -> Tensor:
     """TIES sign election + disjoint merge (:mod:`deltatune.ops.merge`) of already-sparsified ``taus``.
 
-    Runs over chunks of ``CHUNK`` entries so its temporaries stay small (and in cache) next to the
+    Runs over :func:`~deltatune.ops.topk.chunks` so its temporaries stay small (and in cache) next to the
     inputs, and writes the result over ``taus[0]``.
     """
     weights = [p["weight"] for p in job.inputs]
@@ -90,10 +90,9 @@ def _consensus(job: TensorJob, taus: Sequence[Tensor]) -> Tensor:
             fill = -1.0 if float(torch.sign(total).sum()) < 0 else 1.0
     flats = [t.reshape(-1) for t in taus]
     out = flats[0]  # the job owns its task vectors: each chunk of τ_0 is read before it is overwritten
-    for start in range(0, out.numel(), CHUNK):
-        consensus_merge([f[start:start + CHUNK] for f in flats], weights, fill,
-                        normalize=job.params.get("normalize", True), divide=job.params["divide"],
-                        weighted_vote=weighted, out=out[start:start + CHUNK])
+    for parts in zip(*(chunks(f) for f in flats), strict=True):
+        consensus_merge(list(parts), weights, fill, normalize=job.params.get("normalize", True),
+                        divide=job.params["divide"], weighted_vote=weighted, out=parts[0])
     return out.view_as(taus[0])
 
 

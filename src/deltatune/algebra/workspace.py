@@ -30,9 +30,9 @@ class Workspace:
 
     def __init__(self) -> None:
         self._buffers: dict[Hashable, Tensor] = {}
+        self._holds: dict[Hashable, tuple[str, str]] = {}  # role → (checkpoint, tensor) last read into it
 
-    def take(self, role: Hashable, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> Tensor:
-        """An uninitialised ``dtype`` tensor of ``shape`` backed by ``role``'s buffer."""
+    def _view(self, role: Hashable, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> Tensor:
         nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
         buffer = self._buffers.get(role)
         if buffer is None or buffer.numel() < nbytes:
@@ -40,15 +40,30 @@ class Workspace:
             buffer = self._buffers[role] = torch.empty(max(nbytes, 1), dtype=torch.uint8)
         return buffer[:nbytes].view(dtype).view(tuple(shape))
 
-    def read_float(self, reader: CheckpointReader, name: str, role: Hashable) -> Tensor:
+    def take(self, role: Hashable, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> Tensor:
+        """An uninitialised ``dtype`` tensor of ``shape`` backed by ``role``'s buffer."""
+        self._holds.pop(role, None)
+        return self._view(role, shape, dtype)
+
+    def read_fp32(self, reader: CheckpointReader, name: str, role: Hashable) -> Tensor:
         """``reader``'s tensor ``name`` as fp32 in ``role``'s buffer (read through the shared ``"raw"``
         buffer when stored narrower): the values of :meth:`CheckpointReader.get_float`, without fresh
-        allocations."""
+        allocations; the caller may modify it."""
         shape, dtype = reader.shape(name), reader.dtype(name)
         if dtype == torch.float32:
             return reader.get(name, into=self.take(role, shape, dtype))
         raw = reader.get(name, into=self.take("raw", shape, dtype))
         return self.take(role, shape, torch.float32).copy_(raw)
+
+    def read_float(self, reader: CheckpointReader, name: str, role: Hashable) -> Tensor:
+        """:meth:`read_fp32`, except that asking again for what ``role`` already holds reads nothing (the
+        writer's ``θ₀ + τ_m`` reuses the base read for ``τ``); callers must not modify the returned view."""
+        source = (str(reader.path), name)
+        if self._holds.get(role) == source:
+            return self._view(role, reader.shape(name), torch.float32)
+        value = self.read_fp32(reader, name, role)
+        self._holds[role] = source
+        return value
 
     @property
     def nbytes(self) -> int:

@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 
 
-def _dir_bytes(path: Path) -> int:
+def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
@@ -64,11 +64,11 @@ def compress_command(
     report = None
     if method == "lowrank":
         compressed.save(out_dir)
-        new_bytes = _dir_bytes(out_dir)
+        new_bytes = dir_bytes(out_dir)
     else:
         report = save_compact(compressed, out_dir)
         new_bytes = report.total_bytes
-    old_bytes = _dir_bytes(delta)
+    old_bytes = dir_bytes(delta)
     result = compressed.metrics["compression"][-1]
     table = Table(show_header=False, box=None)
     rows = [("method", method), ("original bytes", f"{old_bytes:,}"), ("compressed bytes", f"{new_bytes:,}"),

@@ -26,6 +26,7 @@ def merge_command(
     from rich.console import Console
 
     from deltatune.algebra.recipe import load_recipe, run_recipe
+    from deltatune.commands.compress import dir_bytes
     from deltatune.commands.process import keep_freed_memory, skip_teardown
     from deltatune.delta import Delta
     from deltatune.errors import ConfigError
@@ -44,7 +45,7 @@ def merge_command(
     result = run_recipe(recipe, out=target, progress=progress)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     if isinstance(result, Delta):
-        disk = sum(f.stat().st_size for f in Path(target).rglob("*") if f.is_file())
+        disk = dir_bytes(Path(target))
         err.print(f"{recipe.method} ({recipe.preset}) of {len(recipe.inputs)} inputs → {recipe.output} delta, "
                   f"{len(result.parts)} parts, {disk:,} bytes on disk, in {time.perf_counter() - start:.1f} s")
     else:

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from deltatune.errors import ConfigError
+from deltatune.ops import topk
 from deltatune.ops.sparsify import dare, keep_count
 
 INT8_MAX = 127
@@ -81,11 +82,11 @@ def sample_std(values: Tensor) -> float:
 
 
 def kth_largest_abs(values: Tensor, k: int) -> float:
-    """The k-th largest ``|x|`` (``1 ≤ k ≤ n``)."""
-    mags = values.detach().reshape(-1).abs().float()
-    if not 1 <= k <= mags.numel():
-        raise ConfigError(f"k must be in [1, {mags.numel()}], got {k}")
-    return float(mags.kthvalue(mags.numel() - k + 1).values)
+    """The k-th largest ``|x|`` (``1 ≤ k ≤ n``), by :func:`deltatune.ops.topk.kth_largest_abs`."""
+    flat = values.detach().reshape(-1).float()
+    if not 1 <= k <= flat.numel():
+        raise ConfigError(f"k must be in [1, {flat.numel()}], got {k}")
+    return topk.kth_largest_abs(flat, k).threshold
 
 
 def compeft(tau_values: Tensor, density: float, alpha: float, sigma: float | None = None,

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from deltatune.errors import ConfigError
-from deltatune.ops.topk import CHUNK, kth_largest_abs, trim_below_
+from deltatune.ops.topk import CHUNK, chunks, kth_largest_abs, trim_below_
 
 L1_EPS = 1e-7
 
@@ -75,8 +75,7 @@ def dare_(tau: Tensor, density: float, generator: torch.Generator | None = None,
     flat = tau.view(-1)
     uniform = torch.empty(min(CHUNK, flat.numel()), dtype=torch.float32)
     before = after = 0.0
-    for start in range(0, flat.numel(), CHUNK):
-        chunk = flat[start:start + CHUNK]
+    for chunk in chunks(flat):
         u = torch.rand(chunk.numel(), generator=generator, out=uniform[:chunk.numel()])
         if rescale == "l1":
             before += float(chunk.abs().sum())
