@@ -41,3 +41,25 @@ class TrainingDiverged(DeltaTuneError, FloatingPointError):
         where = f"; last good checkpoint kept at {checkpoint}" if checkpoint else "; no checkpoint was written yet"
         what = f"trainable tensor {tensor!r} is not finite" if tensor else f"loss is {loss}"
         super().__init__(f"{what} at optimizer step {step}{where}")
+
+
+class IntegrityError(DeltaFormatError):
+    """A stored digest does not match the content read back (bit rot, tampering, a partial copy)."""
+
+
+class NonFiniteError(DeltaFormatError):
+    """A tensor or a stored number holds NaN or ±Inf where a finite value is required."""
+
+
+class OutputExists(DeltaTuneError, FileExistsError):
+    """An output path already holds something that is not an earlier output of the same kind.
+
+    Pass ``--overwrite`` (``overwrite=True``) to replace it anyway."""
+
+
+class DiskFull(DeltaTuneError, OSError):
+    """The disk filled up (ENOSPC) while writing; the previous output, if any, is left intact."""
+
+
+class InputTooLarge(DeltaTuneError, ValueError):
+    """An input exceeds a safety bound (expanded YAML size, number of inputs, tensor element count)."""

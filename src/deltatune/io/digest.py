@@ -1,0 +1,61 @@
+"""Content digests: SHA-256 over tensor names, dtypes, shapes and bytes, and over canonical JSON.
+
+Every format deltatune writes stores ``digests = {"tensors": {name: hex}, "manifest": hex}``; loading
+recomputes and compares them (``verify=False`` skips it).  The tensor digest covers the *name* and the
+metadata as well as the bytes, so a bit flip anywhere (a value, a dtype, a shape or a part name) fails
+the check instead of silently moving an update to another layer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from deltatune.errors import IntegrityError
+
+DIGEST_FIELD = "digests"
+
+
+def tensor_digest(name: str, tensor: Tensor | np.ndarray) -> str:
+    """``sha256(name ‖ 0 ‖ dtype ‖ 0 ‖ shape ‖ 0 ‖ bytes)`` of one tensor (torch or numpy, any device)."""
+    h = hashlib.sha256()
+    if isinstance(tensor, Tensor):
+        t = tensor.detach().to("cpu").contiguous()
+        dtype, shape = str(t.dtype).removeprefix("torch."), list(t.shape)
+        data = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
+    else:
+        a = np.ascontiguousarray(tensor)
+        dtype, shape, data = str(a.dtype), list(a.shape), a.reshape(-1).view(np.uint8)
+    h.update(name.encode("utf-8"))
+    h.update(b"\0" + dtype.encode() + b"\0" + json.dumps(shape).encode() + b"\0")
+    h.update(memoryview(data) if not isinstance(data, bytes) else data)
+    return h.hexdigest()
+
+
+def json_digest(obj: Any) -> str:
+    """SHA-256 of ``obj`` as canonical JSON (sorted keys, no whitespace, NaN refused)."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """Digest of a manifest without its own ``digests`` field's ``manifest`` entry (the tensor digests are
+    covered, so they cannot be swapped either)."""
+    body = dict(manifest)
+    digests = dict(body.get(DIGEST_FIELD) or {})
+    digests.pop("manifest", None)
+    body[DIGEST_FIELD] = digests
+    return json_digest(body)
+
+
+def verify_tensor(file: Any, name: str, tensor: Tensor | np.ndarray, expected: str) -> None:
+    """Raise :class:`IntegrityError` naming ``file`` and ``name`` unless the digest matches."""
+    got = tensor_digest(name, tensor)
+    if got != expected:
+        raise IntegrityError(f"{file}: tensor {name!r} fails its SHA-256 check (stored {expected[:12]}…, "
+                             f"read {got[:12]}…); the file is corrupt or was modified")
