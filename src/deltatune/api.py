@@ -6,6 +6,8 @@ is omitted, the one recorded at training time (or the embedded MiniLM) is used.
 
 from __future__ import annotations
 
+import math
+import numbers
 from pathlib import Path
 from typing import Any
 
@@ -13,22 +15,24 @@ import torch
 from torch import nn
 
 from deltatune.delta import Delta
-from deltatune.errors import ConfigError
+from deltatune.errors import ConfigError, NonFiniteError
 from deltatune.io.delta_format import load_delta
 from deltatune.io.shards import parse_size, write_sharded
 from deltatune.model import apply_delta
 from deltatune.train.config import TrainConfig, default_model_path
 
 
-def as_delta(delta: Delta | str | Path) -> Delta:
-    """A :class:`Delta`, or a folder holding a deltatune delta or a PEFT LoRA adapter."""
+def as_delta(delta: Delta | str | Path, verify: bool = True) -> Delta:
+    """A :class:`Delta`, or a folder holding a deltatune delta or a PEFT LoRA adapter.
+
+    ``verify=False`` skips the content-digest check of a folder (faster; CLI ``--no-verify``)."""
     if isinstance(delta, Delta):
         return delta
     if (Path(delta) / "adapter_config.json").is_file():
         from deltatune.io.peft_format import load_peft_adapter
 
-        return load_peft_adapter(delta)
-    return load_delta(delta)
+        return load_peft_adapter(delta, verify=verify)
+    return load_delta(delta, verify=verify)
 
 
 def recorded_train_config(delta: Delta) -> dict[str, Any]:
@@ -62,12 +66,15 @@ def load_base_for(delta: Delta, model: str | None = None) -> nn.Module:
 
 def evaluate_delta(delta: Delta | str | Path, model: str | None = None, task: str | None = None,
                    data: str | None = None, limit: int | None = None, batch_size: int = 64,
-                   with_base: bool = False) -> dict[str, dict[str, float]]:
-    """Task metrics of base + delta (and of the bare base when ``with_base``)."""
+                   with_base: bool = False, verify: bool = True) -> dict[str, dict[str, float]]:
+    """Task metrics of base + delta (and of the bare base when ``with_base``).
+
+    A NaN or infinite metric is an error, not a result: :class:`NonFiniteError` names the metric and row.
+    """
     from deltatune.train.evaluate import evaluate
     from deltatune.train.tasks import build_task
 
-    d = as_delta(delta)
+    d = as_delta(delta, verify=verify)
     rec = recorded_train_config(d)
     cfg = TrainConfig(model=base_model_path(d, model), task=task or rec.get("task", "sst2"),
                       data=data or rec.get("data"), eval_data=rec.get("eval_data"), eval_limit=limit,
@@ -80,17 +87,31 @@ def evaluate_delta(delta: Delta | str | Path, model: str | None = None, task: st
         results["base"] = evaluate(net, built, batch_size, torch.device("cpu"))
     apply_delta(net, d, where=str(delta) if not isinstance(delta, Delta) else "delta")
     results["delta"] = evaluate(net, built, batch_size, torch.device("cpu"))
+    check_finite_metrics(results, str(delta) if not isinstance(delta, Delta) else "the delta")
     return results
+
+
+def check_finite_metrics(results: dict[str, dict[str, float]], where: str) -> None:
+    """Raise :class:`NonFiniteError` naming the first metric (and model row) that is NaN or ±Inf."""
+    for row, metrics in results.items():
+        for key, value in metrics.items():
+            if isinstance(value, numbers.Real) and not math.isfinite(value):
+                raise NonFiniteError(f"evaluating {where[:80]}: metric {key!r} of model {row!r} is {value}; "
+                                     "the model's outputs are not finite (a damaged or diverged delta?)")
 
 
 def apply_to_checkpoint(delta: Delta | str | Path, out: str | Path, model: str | None = None,
                         shard_size: str | int = "2GB", force: bool = False,
-                        dtype: torch.dtype | None = None) -> list[str]:
+                        dtype: torch.dtype | None = None, overwrite: bool = False, verify: bool = True) -> list[str]:
     """Write base + delta as a full sharded safetensors checkpoint (config and tokenizer included).
 
-    Tied tensors are written once (``transformers`` re-ties them on load).
+    Tied tensors are written once (``transformers`` re-ties them on load).  An existing ``out`` must be an
+    earlier checkpoint output unless ``overwrite`` (:class:`~deltatune.errors.OutputExists`).
     """
-    d = as_delta(delta)
+    from deltatune.io.outputs import CHECKPOINT_KIND, guard_output
+
+    guard_output(out, CHECKPOINT_KIND, overwrite)  # before the base model is loaded and merged
+    d = as_delta(delta, verify=verify)
     net = load_base_for(d, model)
     apply_delta(net, d, merge=True, force=force, where=str(delta) if not isinstance(delta, Delta) else "delta")
     seen: set[int] = set()
@@ -105,7 +126,7 @@ def apply_to_checkpoint(delta: Delta | str | Path, out: str | Path, model: str |
 
     extra = [("config.json", net.config.to_json_string().encode())]
     extra += _tokenizer_files(base_model_path(d, model))
-    return write_sharded(out, tensors(), parse_size(shard_size), extra)
+    return write_sharded(out, tensors(), parse_size(shard_size), extra, overwrite=overwrite)
 
 
 def _tokenizer_files(path: str) -> list[tuple[str, bytes]]:
@@ -114,9 +135,9 @@ def _tokenizer_files(path: str) -> list[tuple[str, bytes]]:
     return [(n, (Path(path) / n).read_bytes()) for n in names if (Path(path) / n).is_file()]
 
 
-def describe(delta: Delta | str | Path) -> dict[str, Any]:
+def describe(delta: Delta | str | Path, verify: bool = True) -> dict[str, Any]:
     """What ``deltatune info`` prints: method, counts, bytes, fingerprint, metrics, per-layer rows."""
-    d = as_delta(delta)
+    d = as_delta(delta, verify=verify)
     return {
         "method": d.method,
         "config": d.config,

@@ -2,6 +2,10 @@
 
 Every flag maps onto a typed config (``TrainConfig`` or the method's dataclass); ``--set key=value``
 reaches any field of either, and ``--config run.yaml`` loads ``{train: {...}, method: {name: ..., ...}}``.
+Every command that writes refuses an existing folder that is not its own earlier output unless
+``--overwrite``; every command that reads deltas checks their digests unless ``--no-verify``.  Any
+failure ends with exit status 2 and one line on stderr (``deltatune --debug CMD`` prints the traceback;
+see :mod:`deltatune.commands.failure`).
 """
 
 from __future__ import annotations
@@ -17,9 +21,12 @@ from rich.console import Console
 from rich.table import Table
 
 from deltatune.commands.compress import compress_command
+from deltatune.commands.failure import report_failure, set_debug
 from deltatune.commands.merge import merge_command
+from deltatune.commands.options import NoVerify, Overwrite
 from deltatune.commands.rebase import rebase_command
-from deltatune.errors import ConfigError, DeltaTuneError
+from deltatune.config import brief, read_yaml
+from deltatune.errors import ConfigError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -28,6 +35,12 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Train, inspect, apply and export fine-tunings as deltas over a frozen base model.")
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
+
+
+@app.callback()
+def _options(debug: Annotated[bool, typer.Option("--debug", help="on error, print the full traceback "
+                                                                  "(also DELTATUNE_DEBUG=1)")] = False) -> None:
+    set_debug(debug)
 
 
 def _split_sets(sets: list[str]) -> dict[str, str]:
@@ -40,6 +53,23 @@ def _split_sets(sets: list[str]) -> dict[str, str]:
     return pairs
 
 
+def _read_run_yaml(config_file: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``{train: {...}, method: {name: ..., ...}}`` from a bounded, safe YAML read (see ``config.read_yaml``)."""
+    doc = read_yaml(config_file) or {}
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{config_file}: expected a mapping with 'train' and 'method', got {brief(doc)}")
+    unknown = sorted(set(doc) - {"train", "method"}, key=str)
+    if unknown:
+        raise ConfigError(f"{config_file}: unknown top-level key(s) {brief(unknown)}; expected 'train' and 'method'")
+    sections = []
+    for section in ("train", "method"):
+        value = doc.get(section) or {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{config_file}: '{section}' must be a mapping of fields, got {brief(value)}")
+        sections.append(dict(value))
+    return sections[0], sections[1]
+
+
 def _train_configs(method: str, config_file: Path | None, flags: dict[str, Any], sets: list[str]):
     from deltatune.config import parse_config
     from deltatune.methods import get_method
@@ -48,18 +78,10 @@ def _train_configs(method: str, config_file: Path | None, flags: dict[str, Any],
     train_map: dict[str, Any] = {}
     method_map: dict[str, Any] = {}
     if config_file is not None:
-        import yaml
-
-        try:
-            doc = yaml.safe_load(config_file.read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"{config_file}: cannot read YAML ({exc})") from None
-        unknown = sorted(set(doc) - {"train", "method"})
-        if unknown:
-            raise ConfigError(f"{config_file}: unknown top-level key(s) {unknown}; expected 'train' and 'method'")
-        train_map.update(doc.get("train") or {})
-        method_map.update(doc.get("method") or {})
+        train_map, method_map = _read_run_yaml(config_file)
     method = method_map.pop("name", None) or method
+    if not isinstance(method, str):
+        raise ConfigError(f"{config_file}: method.name must be a string, got {brief(method)}")
     train_map.update({k: v for k, v in flags.items() if v is not None})
     train_fields = {f.name for f in fields(TrainConfig)}
     for key, value in _split_sets(sets).items():
@@ -80,20 +102,22 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="continue from OUT/checkpoint")] = False,
     config: Annotated[Path | None, typer.Option(help="YAML file with train: and method: sections")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="key=value for any train or method field")] = None,
+    overwrite: Overwrite = False,
 ) -> None:
     """Train a delta; writes OUT/delta (final), OUT/best (best eval) and OUT/checkpoint (resume)."""
     from deltatune.train.loop import train as run
 
     flags = {"task": task, "model": model, "data": data, "out_dir": out_dir, "max_steps": steps, "lr": lr,
-             "batch_size": batch_size, "resume": resume or None}
+             "batch_size": batch_size, "resume": resume or None, "overwrite": overwrite or None}
     train_cfg, method_cfg = _train_configs(method, config, flags, set_ or [])
     result = run(train_cfg, method_cfg)
     if not result.is_main:
         return
     if result.before or result.final:
         key = next(iter(result.final or result.before))
-        before = result.before.get(key, float("nan"))
-        err.print(f"[bold]{key}[/bold]: before {before:.4f} → after {result.final.get(key, float('nan')):.4f}")
+        before, after = (f"{v:.4f}" if v is not None else "undefined"
+                         for v in (result.before.get(key), result.final.get(key)))
+        err.print(f"[bold]{key}[/bold]: before {before} → after {after}")
     out.print(str(result.delta_dir))
 
 
@@ -105,11 +129,12 @@ def eval_(
     data: Annotated[str | None, typer.Option(help="data folder or file (default: as trained)")] = None,
     limit: Annotated[int | None, typer.Option(help="first N eval examples")] = None,
     base: Annotated[bool, typer.Option("--base", help="also evaluate the bare base model")] = False,
+    verify: NoVerify = True,
 ) -> None:
-    """Evaluate base + delta on the task's dev data with its official metric."""
+    """Evaluate base + delta on the task's dev data with its official metric (a NaN metric is an error)."""
     from deltatune.api import evaluate_delta
 
-    results = evaluate_delta(delta, model=model, task=task, data=data, limit=limit, with_base=base)
+    results = evaluate_delta(delta, model=model, task=task, data=data, limit=limit, with_base=base, verify=verify)
     keys = sorted({k for r in results.values() for k in r})
     table = Table("model", *keys)
     for name, metrics in results.items():
@@ -122,11 +147,12 @@ def info(
     delta: Annotated[Path, typer.Argument(help="delta folder")],
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
     layers: Annotated[bool, typer.Option("--layers/--no-layers", help="per-layer table")] = True,
+    verify: NoVerify = True,
 ) -> None:
     """Parts, trainable count, bytes, density per layer and the base fingerprint."""
     from deltatune.api import describe
 
-    d = describe(delta)
+    d = describe(delta, verify=verify)
     if as_json:
         out.print_json(json.dumps(d, default=str))
         return
@@ -153,11 +179,14 @@ def apply(
     model: Annotated[str | None, typer.Option(help="base-model folder (default: as trained)")] = None,
     shard_size: Annotated[str, typer.Option(help="max shard size, e.g. 500MB, 2GB")] = "2GB",
     force: Annotated[bool, typer.Option("--force", help="skip the base fingerprint check")] = False,
+    overwrite: Overwrite = False,
+    verify: NoVerify = True,
 ) -> None:
     """Write base + delta as a full sharded safetensors checkpoint (loads with from_pretrained)."""
     from deltatune.api import apply_to_checkpoint
 
-    names = apply_to_checkpoint(delta, out_dir, model=model, shard_size=shard_size, force=force)
+    names = apply_to_checkpoint(delta, out_dir, model=model, shard_size=shard_size, force=force,
+                                overwrite=overwrite, verify=verify)
     err.print(f"wrote {len(names)} shard(s)")
     out.print(str(out_dir))
 
@@ -168,15 +197,19 @@ def export(
     out_dir: Annotated[Path, typer.Option("--out", help="folder to write")],
     format: Annotated[str, typer.Option(help="peft")] = "peft",
     base_name: Annotated[str | None, typer.Option(help="base_model_name_or_path written for PEFT")] = None,
+    overwrite: Overwrite = False,
+    verify: NoVerify = True,
 ) -> None:
     """Export a LoRA delta in PEFT's adapter format (loads in PEFT and vLLM)."""
     from deltatune.api import as_delta, base_model_path
+    from deltatune.io.outputs import PEFT_KIND, guard_output
     from deltatune.io.peft_format import export_peft
 
     if format != "peft":
-        raise ConfigError(f"--format {format!r} is not supported; formats: peft")
-    d = as_delta(delta)
-    export_peft(d, out_dir, base_model_name_or_path=base_name or base_model_path(d, None))
+        raise ConfigError(f"--format {format[:40]!r} is not supported; formats: peft")
+    guard_output(out_dir, PEFT_KIND, overwrite)
+    d = as_delta(delta, verify=verify)
+    export_peft(d, out_dir, base_model_name_or_path=base_name or base_model_path(d, None), overwrite=overwrite)
     out.print(str(out_dir))
 
 
@@ -200,17 +233,18 @@ app.command("rebase")(rebase_command)
 
 
 def main() -> None:
+    """The console entry point: every failure ends with exit status 2 and one line on stderr."""
     from deltatune.commands.process import exit_now_if_done, reset_teardown
 
     reset_teardown()
+    set_debug(False)
     try:
         app()
-    except DeltaTuneError as exc:
-        err.print(f"[bold red]error[/bold red] ({type(exc).__name__}): {exc}")
-        raise SystemExit(2) from None
     except SystemExit as exc:
         exit_now_if_done(exc.code)  # streaming commands: skip the interpreter's teardown (see process.py)
         raise
+    except Exception as exc:  # noqa: BLE001  (reported in one line, or as a traceback with --debug)
+        raise SystemExit(report_failure(exc)) from None
 
 
 if __name__ == "__main__":

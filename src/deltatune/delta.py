@@ -7,6 +7,7 @@ the task) have no base value to be a delta of, so they are stored whole in ``hea
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,25 +70,27 @@ class Delta:
         for name in self.heads:
             self.heads[name] = {k: v.detach().clone() for k, v in modules[name].state_dict().items()}
 
-    def save(self, path: str | Path, **kw: Any) -> Path:
+    def save(self, path: str | Path, metrics: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
+        """Write this delta with :func:`~deltatune.io.delta_format.save_delta` (``overwrite`` replaces a
+        directory that is not an earlier delta)."""
         from deltatune.io.delta_format import save_delta
 
-        return save_delta(self, path, **kw)
+        return save_delta(self, path, metrics=metrics, overwrite=overwrite)
 
     @staticmethod
-    def load(path: str | Path) -> Delta:
+    def load(path: str | Path, verify: bool = True) -> Delta:
+        """Read a delta directory; ``verify`` checks every stored SHA-256 digest."""
         from deltatune.io.delta_format import load_delta
 
-        return load_delta(path)
+        return load_delta(path, verify=verify)
 
 
 def _base_numel(part: Part) -> int:
     meta = part.meta()
     if "weight_shape" in meta:
-        shape = meta["weight_shape"]
-        return int(torch.tensor(shape).prod())
+        return math.prod(int(s) for s in meta["weight_shape"])
     if "in_features" in meta:
         return int(meta["in_features"]) * int(meta["out_features"])
     if "shapes" in meta:
-        return sum(int(torch.tensor(s).prod()) if s else 1 for s in meta["shapes"].values())
+        return sum(math.prod(int(d) for d in s) for s in meta["shapes"].values())
     return 0

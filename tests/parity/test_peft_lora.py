@@ -13,6 +13,7 @@ import warnings
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -29,7 +30,7 @@ from transformers import (  # noqa: E402
 
 from deltatune.delta import Delta  # noqa: E402
 from deltatune.errors import DeltaFormatError, ShapeMismatch  # noqa: E402
-from deltatune.io.peft_format import export_peft, load_peft_adapter  # noqa: E402
+from deltatune.io.peft_format import DIGEST_METADATA_KEY, export_peft, load_peft_adapter  # noqa: E402
 from deltatune.methods.lora import LoRAConfig  # noqa: E402
 from deltatune.model import apply_delta, attach, get_module, merge_delta  # noqa: E402
 from deltatune.parts import LoRAPart, SparsePart  # noqa: E402
@@ -412,17 +413,49 @@ def test_bad_tensor_keys(small_adapter):
     assert "q_proj" in str(err.value) and "adapter_model.safetensors" in str(err.value)
 
 
-def test_bin_weights_and_old_modules_to_save_keys(minilm, tmp_path):
-    """``adapter_model.bin`` is read too, and so is the older ``<module>.modules_to_save.<tensor>`` key."""
+def test_old_modules_to_save_keys(minilm, tmp_path):
+    """The older ``<module>.modules_to_save.<tensor>`` key is read too (an adapter PEFT wrote: no digests)."""
     model = copy.deepcopy(minilm)
     torch.manual_seed(33)
     delta = attach(model, LoRAConfig(r=2, targets=["query"]))
     _randomise(delta, seed=34)
     path = export_peft(delta, tmp_path / "adapter")
-    tensors = load_file(str(path / "adapter_model.safetensors"))
+    file = path / "adapter_model.safetensors"
+    tensors = load_file(str(file))
     renamed = {k.replace("classifier.", "classifier.modules_to_save."): v for k, v in tensors.items()}
-    torch.save(renamed, path / "adapter_model.bin")
-    (path / "adapter_model.safetensors").unlink()
+    save_file(renamed, str(file), metadata={"format": "pt"})
     back = load_peft_adapter(path, model=copy.deepcopy(minilm))
     _assert_same_delta(delta, back)
     assert get_module(model, "classifier") is model.classifier
+
+
+def test_export_carries_digests_that_peft_ignores(llama, tmp_path):
+    """The digests live in the safetensors metadata: PEFT loads the export, deltatune verifies it."""
+    inputs = _inputs(llama)
+    model = copy.deepcopy(llama)
+    torch.manual_seed(35)
+    delta = attach(model, LoRAConfig(r=2, alpha=4, targets=["k_proj", "embed_tokens"]))
+    _randomise(delta, seed=36)
+    theirs, _ = _peft_roundtrip_from(llama, delta, tmp_path, inputs)
+    assert _maxdiff(_logits(model, inputs), theirs) <= TOL
+    with safe_open(str(tmp_path / "adapter" / "adapter_model.safetensors"), framework="pt") as fh:
+        record = json.loads(fh.metadata()[DIGEST_METADATA_KEY])
+        assert sorted(record["tensors"]) == sorted(fh.keys())
+    _assert_same_delta(delta, load_peft_adapter(tmp_path / "adapter", model=copy.deepcopy(llama)))
+
+
+def test_peft_rslora_adapter_scale_and_resave(llama, tmp_path):
+    """rsLoRA: the scale is α/√r per module; an adapter PEFT re-saves (no digests) still loads the same."""
+    torch.manual_seed(37)
+    cfg = LoraConfig(r=9, lora_alpha=6, use_rslora=True, target_modules=["q_proj", "up_proj"],
+                     rank_pattern={"up_proj": 4}, init_lora_weights=False)
+    get_peft_model(copy.deepcopy(llama), cfg).save_pretrained(str(tmp_path / "peft"))
+    delta = load_peft_adapter(tmp_path / "peft", model=copy.deepcopy(llama))
+    assert delta.parts["model.layers.0.self_attn.q_proj"].scale == pytest.approx(6 / 3.0)
+    assert delta.parts["model.layers.1.mlp.up_proj"].scale == pytest.approx(6 / 2.0)
+    export_peft(delta, tmp_path / "ours")
+    resaved = PeftModel.from_pretrained(copy.deepcopy(llama), str(tmp_path / "ours"))
+    resaved.save_pretrained(str(tmp_path / "resaved"))
+    with safe_open(str(tmp_path / "resaved" / "adapter_model.safetensors"), framework="pt") as fh:
+        assert DIGEST_METADATA_KEY not in (fh.metadata() or {})
+    _assert_same_delta(delta, load_peft_adapter(tmp_path / "resaved"))

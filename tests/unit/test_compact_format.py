@@ -18,6 +18,7 @@ from deltatune.algebra.compress import compress_delta
 from deltatune.delta import Delta
 from deltatune.errors import ConfigError, DeltaFormatError, ShapeMismatch
 from deltatune.io.compact_format import DATA_FILE, MANIFEST, compact_report, load_compact, save_compact
+from deltatune.io.outputs import MARKER
 from deltatune.ops.compress import dequantize_int8, quantize_int8
 from deltatune.parts import SparsePart
 from deltatune.parts.dense import DensePart
@@ -106,7 +107,7 @@ def test_byte_accounting_equals_file_sizes_component_by_component(tmp_path):
     delta = compress_delta(_lora(tiny_gpt2()), "compeft", density=0.1)
     report = save_compact(delta, tmp_path / "c")
     files = {p.name: p.stat().st_size for p in (tmp_path / "c").iterdir()}
-    assert set(files) == {MANIFEST, DATA_FILE} and report.files == files
+    assert set(files) == {MANIFEST, DATA_FILE, MARKER} and report.files == files
     assert report.total_bytes == sum(files.values())
     assert report.manifest_bytes == files[MANIFEST]
     assert report.payload_bytes + report.header_bytes == files[DATA_FILE]
@@ -187,7 +188,10 @@ def test_bf16_values_and_bitmask_at_high_density(tmp_path):
 
 
 def test_save_refuses_duplicate_sparse_indices_and_replaces_atomically(tmp_path):
-    part = SparsePart((4, 4), torch.tensor([1, 1, 3]))
+    with pytest.raises(ShapeMismatch, match="occurs more than once"):
+        SparsePart((4, 4), torch.tensor([1, 1, 3]))
+    part = SparsePart((4, 4), torch.tensor([1, 2, 3]))
+    part.indices[1] = 1  # corrupted after construction: the writer still refuses it
     with pytest.raises(DeltaFormatError, match="unique, sorted"):
         save_compact(Delta("x", {}, {"m": part}), tmp_path / "c")
     assert not (tmp_path / "c").exists()
@@ -284,7 +288,7 @@ def test_corruption_is_reported(saved, name):
     damage, error, match = CORRUPTIONS[name]
     damage(saved)
     with pytest.raises(error, match=match):
-        load_compact(saved)
+        load_compact(saved, verify=False)
 
 
 def test_report_detects_extra_files(saved):

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from deltatune.errors import ShapeMismatch
 from deltatune.parts import DensePart, LoRAPart, SparsePart
 from deltatune.parts.layers import LayerKind
 from deltatune.parts.lora import lora_scale
@@ -133,7 +134,9 @@ def test_sparse_indices_are_sorted_and_state_roundtrips():
     with torch.no_grad():
         part.values.copy_(torch.tensor([1.0, 2.0, 3.0]))
     shuffled = {"indices": torch.tensor([14, 2, 9]), "values": torch.tensor([3.0, 1.0, 2.0])}
-    back = SparsePart.from_state(shuffled, part.meta())
+    with pytest.raises(ShapeMismatch, match="not sorted"):  # stored indices are never silently re-sorted
+        SparsePart.from_state(shuffled, part.meta())
+    back = SparsePart.from_state(part.state(), part.meta())
     assert back.indices.tolist() == [2, 9, 14]
     assert back.values.tolist() == [1.0, 2.0, 3.0]
     assert math.isclose(back.nbytes, 3 * 8 + 3 * 4)

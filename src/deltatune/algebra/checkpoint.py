@@ -8,13 +8,13 @@ stays bounded by the tensors in use, never the model.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from deltatune.errors import ConfigError, DeltaFormatError
+from deltatune.io.json_io import parse_json
 
 INDEX = "model.safetensors.index.json"
 COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -37,9 +37,11 @@ def _shard_files(root: Path) -> list[Path]:
     index = root / INDEX
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = parse_json(index.read_text(encoding="utf-8"), str(index))["weight_map"]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise DeltaFormatError(f"{index}: not a safetensors index with a 'weight_map' ({exc})") from None
+        if not isinstance(weight_map, dict):
+            raise DeltaFormatError(f"{index}: 'weight_map' must map tensor names to shard files")
         files = sorted({root / str(f) for f in weight_map.values()})
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
@@ -65,9 +67,11 @@ def _read_header(shard: Path) -> tuple[dict[str, dict], int]:
             n = int.from_bytes(f.read(8), "little")
             if size < 8 or n > size - 8:
                 raise ValueError(f"header length {n} does not fit a file of {size} bytes")
-            header = json.loads(f.read(n))
+            header = parse_json(f.read(n).decode("utf-8"), str(shard))
     except (OSError, ValueError) as exc:
         raise DeltaFormatError(f"{shard}: cannot read as safetensors ({exc})") from None
+    if not isinstance(header, dict):
+        raise DeltaFormatError(f"{shard}: safetensors header must be a JSON object")
     header.pop("__metadata__", None)
     data_start = 8 + n
     for name, entry in header.items():

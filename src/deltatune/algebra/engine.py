@@ -10,7 +10,7 @@ generator seeded from ``(seed, tensor name, input index)``, so results do not de
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,10 +21,11 @@ from torch import Tensor
 from deltatune.algebra.checkpoint import CheckpointReader, is_checkpoint
 from deltatune.algebra.inputs import CheckpointInput, DeltaInput, VocabRule
 from deltatune.algebra.methods import MergeMethod, TensorJob, get_merge_method
-from deltatune.algebra.options import resolve_params
+from deltatune.algebra.options import check_input_count, resolve_params
 from deltatune.algebra.output import align_rows, collect_delta, merged_heads, save_output, write_checkpoint
 from deltatune.algebra.stats import gather_stats, lines_norms
 from deltatune.algebra.workspace import Workspace
+from deltatune.config import brief, finite_float
 from deltatune.delta import Delta
 from deltatune.errors import ConfigError, FingerprintMismatch, ShapeMismatch
 from deltatune.ops import lines as lines_ops
@@ -38,8 +39,10 @@ def tensor_seed(seed: int, key: str, index: int) -> int:
     return stable_seed(seed, f"{key}\x00{index}")
 
 
-def _open_inputs(inputs: Sequence[Delta | str | Path], base: CheckpointReader | None, vocab: VocabRule
-                 ) -> list[DeltaInput] | list[CheckpointInput]:
+def _open_inputs(inputs: Sequence[Delta | str | Path], base: CheckpointReader | None, vocab: VocabRule,
+                 verify: bool = True) -> list[DeltaInput] | list[CheckpointInput]:
+    """Each input as a :class:`DeltaInput` or :class:`CheckpointInput` (delta folders digest-checked unless
+    ``verify`` is false)."""
     from deltatune.api import as_delta
 
     opened: list[Any] = []
@@ -52,7 +55,7 @@ def _open_inputs(inputs: Sequence[Delta | str | Path], base: CheckpointReader | 
                                   "they were fine-tuned from)")
             opened.append(CheckpointInput(item, base, vocab))
         else:
-            opened.append(DeltaInput(as_delta(item), str(item)))
+            opened.append(DeltaInput(as_delta(item, verify=verify), str(item)))
     if len({type(x) for x in opened}) > 1:
         raise ConfigError("inputs mix full checkpoints and deltas; merge them separately (a delta can be written "
                           "as a checkpoint with `deltatune apply`)")
@@ -65,7 +68,8 @@ def _check_same_base(sources: list[Any], force: bool) -> dict[str, Any] | None:
     for s, fp in zip(sources[1:], prints[1:], strict=True):
         if fp != first and not force:
             raise FingerprintMismatch(f"{sources[0].label} and {s.label} were trained on different base models "
-                                      f"({first} vs {fp}); pass force=True (CLI --force) to merge anyway")
+                                      f"({brief(first)} vs {brief(fp)}); pass force=True (CLI --force) to merge "
+                                      "anyway")
     return first
 
 
@@ -188,18 +192,25 @@ def merge(
     shard_size: str | int = "5GB",
     force: bool = False,
     progress: bool = False,
+    verify: bool = True,
+    overwrite: bool = False,
 ) -> Delta | Path:
-    """Merge deltas or fine-tuned checkpoints with ``method``; see the module docstring for the flow."""
+    """Merge deltas or fine-tuned checkpoints with ``method``; see the module docstring for the flow.
+
+    ``verify=False`` skips the digest check of delta folders (CLI ``--no-verify``); an existing ``out`` must be
+    an earlier output of the same kind unless ``overwrite`` (:class:`~deltatune.errors.OutputExists`); at most
+    :data:`~deltatune.algebra.options.MAX_INPUTS` inputs (:class:`~deltatune.errors.InputTooLarge`)."""
     spec = get_merge_method(method)
     if output not in OUTPUTS:
-        raise ConfigError(f"output must be one of {list(OUTPUTS)}, got {output!r}")
+        raise ConfigError(f"output must be one of {list(OUTPUTS)}, got {brief(output)}")
     if not inputs:
         raise ConfigError("no inputs to merge")
+    check_input_count(len(inputs), f"merge ({method})")
     if len(inputs) < spec.min_inputs or (spec.max_inputs is not None and len(inputs) > spec.max_inputs):
         most = spec.max_inputs if spec.max_inputs is not None else "any"
         raise ConfigError(f"{method} takes {spec.min_inputs}..{most} inputs, got {len(inputs)}")
     if vocab not in ("error", "truncate", "extend"):
-        raise ConfigError(f"vocab must be 'error', 'truncate' or 'extend', got {vocab!r}")
+        raise ConfigError(f"vocab must be 'error', 'truncate' or 'extend', got {brief(vocab)}")
     if output == "checkpoint" and out is None:
         raise ConfigError("output 'checkpoint' needs out (a directory to write)")
     raw_inputs = [dict(p) for p in (input_params or [{} for _ in inputs])]
@@ -214,7 +225,7 @@ def merge(
     if base is None and method == "linear" and all(not isinstance(x, Delta) and is_checkpoint(x) for x in inputs):
         base = inputs[0]  # a soup of checkpoints needs no base: Σ w θ_t / Σ w = θ_1 + Σ w (θ_t − θ_1) / Σ w
     base_reader = CheckpointReader(base) if base is not None else None
-    sources = _open_inputs(inputs, base_reader, vocab)
+    sources = _open_inputs(inputs, base_reader, vocab, verify)
     checkpoint_inputs = isinstance(sources[0], CheckpointInput)
     fingerprint = None if checkpoint_inputs else _check_same_base(sources, force)
     shapes = _plan_keys(sources)
@@ -241,20 +252,31 @@ def merge(
         assert base_reader is not None
         target = CheckpointReader(target_base) if target_base is not None else base_reader
         return write_checkpoint(Path(out), merged(), target, shapes, rows, out_dtype, shard_size, record,
-                                plan.workspace)
+                                plan.workspace, overwrite=overwrite)
     if checkpoint_inputs:
-        return collect_delta(merged(), None, output, rank, record, base_path=base, out=out)
+        return collect_delta(merged(), None, output, rank, record, base_path=base, out=out, overwrite=overwrite)
     result = collect_delta(merged(), sources, output, rank, record, fingerprint=fingerprint,
                            heads=merged_heads(sources, per_input, heads), out=None)
     if output == "checkpoint":
         from deltatune.api import apply_to_checkpoint
 
         apply_to_checkpoint(result, out, model=str(base) if base else None, force=force, shard_size=shard_size,
-                            dtype=out_dtype)
+                            dtype=out_dtype, overwrite=overwrite)
         return Path(out)
     if out is not None:
-        save_output(result, out, output)
+        save_output(result, out, output, overwrite=overwrite)
     return result
+
+
+def lines_params(lines: Any, where: str) -> tuple[float | str, float]:
+    """LiNeS' ``(alpha, beta)`` from ``{alpha: number | 'auto', beta: number}`` (finite numbers), else
+    :class:`ConfigError` naming ``where``."""
+    if not isinstance(lines, Mapping) or set(lines) - {"alpha", "beta"} or "beta" not in lines:
+        raise ConfigError(f"{where}: takes 'alpha' (a number or 'auto') and 'beta'; got {brief(lines)}")
+    alpha = lines.get("alpha", "auto")
+    if alpha != "auto":
+        alpha = finite_float(alpha, f"{where}.alpha")
+    return alpha, finite_float(lines["beta"], f"{where}.beta")
 
 
 def _lines_factor(lines: dict[str, Any] | None, plan: MergePlan) -> Callable[[str], float]:
@@ -264,15 +286,12 @@ def _lines_factor(lines: dict[str, Any] | None, plan: MergePlan) -> Callable[[st
     """
     if not lines:
         return lambda key: 1.0
-    unknown = set(lines) - {"alpha", "beta"}
-    if unknown or "beta" not in lines:
-        raise ConfigError(f"lines takes 'alpha' (a number or 'auto') and 'beta'; got {sorted(lines)}")
+    alpha, beta = lines_params(lines, "lines")
     num_layers = lines_ops.count_layers(plan.shapes)
     if num_layers < 1:
         raise ConfigError("lines: no transformer blocks found in the tensor names (expected e.g. 'layers.3.')")
-    alpha = lines.get("alpha", "auto")
     if alpha == "auto":
         total, merged_l1 = lines_norms(plan.jobs(), plan.method.kernel)
         alpha = lines_ops.lines_multitask_alpha(total, merged_l1, len(plan.sources))
-    alpha, beta = float(alpha), float(lines["beta"])
+    alpha = float(alpha)
     return lambda key: lines_ops.lines_factor(lines_ops.layer_index(key, num_layers), num_layers, alpha, beta)

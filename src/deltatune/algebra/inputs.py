@@ -22,19 +22,21 @@ from torch import Tensor
 from deltatune.algebra.checkpoint import CheckpointReader
 from deltatune.algebra.workspace import NARROW_FLOATS, Workspace
 from deltatune.delta import Delta
-from deltatune.errors import DeltaFormatError, ShapeMismatch
+from deltatune.errors import NonFiniteError, ShapeMismatch
 from deltatune.parts.dense import DensePart
+from deltatune.parts.layers import is_transposed
+from deltatune.parts.lora import LoRAPart
 from deltatune.parts.tied import TiedAlias
 
 VocabRule = Literal["error", "truncate", "extend"]
 
 
 def _finite(tau: Tensor, where: str) -> Tensor:
-    """``tau`` unchanged, or :class:`DeltaFormatError` if it holds NaN/Inf (one reduction: a non-finite
+    """``tau`` unchanged, or :class:`NonFiniteError` if it holds NaN/Inf (one reduction: a non-finite
     entry makes the sum non-finite; finite task vectors never sum past fp32's range)."""
     if not torch.isfinite(tau.sum()):
         bad = int((~torch.isfinite(tau)).sum())
-        raise DeltaFormatError(f"{where}: {bad} NaN/Inf value(s) in the task vector")
+        raise NonFiniteError(f"{where}: {bad} NaN/Inf value(s) in the task vector")
     return tau
 
 
@@ -61,21 +63,31 @@ class DeltaInput:
 
 
     def shape(self, key: str) -> tuple[int, ...]:
+        """The native shape of ``τ`` for ``key``, from the part's metadata (never densified: planning a merge
+        of many LoRA inputs once computed every ``B·A`` just for its shape)."""
         module, p = self._keys[key]
         part = self.delta.parts[module]
         if isinstance(part, DensePart):
             return part.shapes[p]
+        if isinstance(part, LoRAPart):
+            out_in = (part.out_features, part.in_features)
+            return out_in[::-1] if is_transposed(part.layer) else out_in
         meta = part.meta()
         if "weight_shape" in meta:
             return tuple(meta["weight_shape"])
         return tuple(part.delta_weight().shape)
 
     def tau(self, key: str) -> Tensor:
+        """``τ`` for ``key`` in fp32, owned by the caller (kernels work in place): a copy only when the part
+        returned its own storage (a dense part's tensor); a LoRA's fresh ``B·A`` is not copied again."""
         module, p = self._keys[key]
         part = self.delta.parts[module]
         with torch.no_grad():
-            value = part.delta_for(p) if isinstance(part, DensePart) else part.delta_weight()
-        return _finite(value.detach().float().clone(), f"{self.label}:{key}")
+            value = (part.delta_for(p) if isinstance(part, DensePart) else part.delta_weight()).detach().float()
+        stored = {t.untyped_storage().data_ptr() for t in (*part.parameters(), *part.buffers())}
+        if value.untyped_storage().data_ptr() in stored:
+            value = value.clone()
+        return _finite(value, f"{self.label}:{key}")
 
 
 def _is_vocab_axis(key: str) -> bool:

@@ -15,6 +15,9 @@ option                    ``paper`` (authors' code)        ``mergekit`` (0.1.5) 
 Breadcrumbs ``scope``     ``row``                          ``tensor``                 ``tensor``
 density default           required                         1.0 (no sparsification)    required
 ========================  ===============================  =========================  ===================
+
+Every number must be finite (a NaN weight or λ would write an all-NaN merge) and at most
+:data:`MAX_INPUTS` inputs are merged at once.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from deltatune.errors import ConfigError
+from deltatune.config import brief, finite_float
+from deltatune.errors import ConfigError, InputTooLarge
 
 PRESETS = ("paper", "mergekit", "peft")
 SEMANTICS = {
@@ -40,6 +44,20 @@ CHOICES = {"scope": ("global", "tensor", "row"), "k_rule": ("threshold", "count"
 PER_INPUT = {"weight", "density", "gamma", "epsilon"}
 NUMERIC = {"weight", "density", "gamma", "epsilon", "lambda", "t", "temperature", "clip_low", "clip_high"}
 BOOLEAN = {"normalize", "weighted_vote", "filter_wise", "int8_mask"}
+MAX_INPUTS = 256
+"""The most inputs one merge takes.  A merge's cost is linear in its inputs but heavy per input: every
+statistics pass and the merge pass densify each input's task vector tensor by tensor, and each tensor's
+job holds one dense task vector per input (MiniLM LoRA r=8 deltas on every linear layer, one core: about
+0.03 s CPU and 6.5 MB per input with task arithmetic, 0.13 s and 12 MB with global TIES; 1,000 TIES
+inputs would need about 12 GB).  256 is far above published merges (model soups: ≤ 72 ingredients; TIES,
+DARE, PCB, LiNeS: ≤ 20 tasks) and bounds such a merge to about 35 s and 3 GB; beyond it, merge in groups."""
+
+
+def check_input_count(count: int, where: str, limit: int = MAX_INPUTS) -> None:
+    """:class:`InputTooLarge` unless ``count ≤ limit`` (``where`` names the recipe or call)."""
+    if count > limit:
+        raise InputTooLarge(f"{where}: {count} inputs; at most {limit} can be merged at once (each input is "
+                            "densified tensor by tensor and held in memory with the others): merge in groups")
 
 
 @dataclass(frozen=True)
@@ -51,20 +69,30 @@ class MethodParams:
     sparsifies: bool = False
 
 
-def _coerce(key: str, value: Any, where: str) -> Any:
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def coerce_param(key: str, value: Any, where: str) -> Any:
+    """``value`` checked for merge parameter ``key``: a finite number, a boolean or one of the choices."""
     if isinstance(value, list):
-        raise ConfigError(f"{where}: {key!r} is a list; per-layer gradients and filters are not supported "
+        raise ConfigError(f"{where}: {brief(key)} is a list; per-layer gradients and filters are not supported "
                           "— give one value (per input if needed)")
     if key in NUMERIC:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{where}: {key!r} must be a number, got {value!r}")
-        return float(value)
+        if isinstance(value, str):  # text is not a number here; YAML 1.1 reads 1e-3 (no dot) as text
+            hint = " (YAML reads 1e-3 as text: write 1.0e-3)" if _looks_numeric(value) else ""
+            raise ConfigError(f"{where}: {key!r} must be a number, got {brief(value)}{hint}")
+        return finite_float(value, f"{where}: {key!r}")
     if key in BOOLEAN:
         if not isinstance(value, bool):
-            raise ConfigError(f"{where}: {key!r} must be true or false, got {value!r}")
+            raise ConfigError(f"{where}: {key!r} must be true or false, got {brief(value)}")
         return value
     if key in CHOICES and value not in CHOICES[key]:
-        raise ConfigError(f"{where}: {key!r} must be one of {list(CHOICES[key])}, got {value!r}")
+        raise ConfigError(f"{where}: {key!r} must be one of {list(CHOICES[key])}, got {brief(value)}")
     return value
 
 
@@ -72,23 +100,23 @@ def resolve_params(method: str, spec: MethodParams, preset: str, global_params: 
                    input_params: list[Mapping[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """``(global, per-input)`` parameter dicts: explicit values, then the method's and preset's defaults."""
     if preset not in PRESETS:
-        raise ConfigError(f"preset must be one of {list(PRESETS)}, got {preset!r}")
+        raise ConfigError(f"preset must be one of {list(PRESETS)}, got {brief(preset)}")
     allowed = spec.keys | set(SEMANTICS[preset]) | {"int8_mask"}
     for key in global_params:
         if key not in allowed:
-            raise ConfigError(f"{method}: unknown parameter {key!r}; accepted: {sorted(spec.keys)}")
+            raise ConfigError(f"{method}: unknown parameter {brief(key)}; accepted: {sorted(spec.keys)}")
     merged: dict[str, Any] = {**SEMANTICS[preset], **spec.defaults}
     if method.startswith("breadcrumbs") and "scope" not in global_params:
         merged["scope"] = "row" if preset == "paper" else "tensor"
-    merged.update({k: _coerce(k, v, method) for k, v in global_params.items()})
+    merged.update({k: coerce_param(k, v, method) for k, v in global_params.items()})
     per_input = []
     for i, params in enumerate(input_params):
         for key in params:
             if key not in PER_INPUT or key not in spec.keys | {"weight"}:
-                raise ConfigError(f"{method}: input {i}: unknown per-input parameter {key!r}; accepted: "
+                raise ConfigError(f"{method}: input {i}: unknown per-input parameter {brief(key)}; accepted: "
                                   f"{sorted(PER_INPUT & (spec.keys | {'weight'}))}")
         own = {k: merged[k] for k in PER_INPUT if k in merged}
-        own.update({k: _coerce(k, v, f"{method} input {i}") for k, v in params.items()})
+        own.update({k: coerce_param(k, v, f"{method} input {i}") for k, v in params.items()})
         own.setdefault("weight", 1.0)
         if spec.sparsifies and "density" not in own:
             if preset != "mergekit":
@@ -104,6 +132,6 @@ def resolve_params(method: str, spec: MethodParams, preset: str, global_params: 
         total = sum(p["weight"] for p in per_input)
         if abs(total) < 1e-12:
             weights = [p["weight"] for p in per_input]
-            raise ConfigError(f"{method}: normalize is true but the weights sum to 0 ({weights}); "
+            raise ConfigError(f"{method}: normalize is true but the weights sum to 0 ({brief(weights)}); "
                               "set normalize: false for negation")
     return merged, per_input

@@ -17,6 +17,7 @@ from deltatune.algebra.workspace import Workspace
 from deltatune.delta import Delta
 from deltatune.errors import ConfigError, ShapeMismatch
 from deltatune.io.atomic import atomic_dir
+from deltatune.io.outputs import CHECKPOINT_KIND, COMPACT_KIND, DELTA_KIND
 from deltatune.io.shards import PlannedShardWriter, parse_size
 from deltatune.parts.base import Part
 from deltatune.parts.dense import DensePart
@@ -24,6 +25,15 @@ from deltatune.parts.layers import LayerKind, layer_kind
 from deltatune.parts.sparse import SparsePart
 
 RECORD_FILE = "deltatune_merge.json"
+#: The output kind (see :func:`deltatune.io.atomic.atomic_dir`) each merge ``output`` is written as.
+OUTPUT_KINDS = {"checkpoint": CHECKPOINT_KIND, "sparse": COMPACT_KIND, "dense": DELTA_KIND, "lowrank": DELTA_KIND}
+
+
+def output_kind(output: str) -> str:
+    """The kind of folder a merge with ``output`` writes ("checkpoint", "compact" or "delta")."""
+    if output not in OUTPUT_KINDS:
+        raise ConfigError(f"output must be one of {list(OUTPUT_KINDS)}, got {str(output)[:40]!r}")
+    return OUTPUT_KINDS[output]
 
 
 def align_rows(value: Tensor, rows: int | None) -> Tensor:
@@ -37,13 +47,15 @@ def align_rows(value: Tensor, rows: int | None) -> Tensor:
 
 def write_checkpoint(out: Path, merged: Iterable[tuple[str, Tensor]], target: CheckpointReader,
                      shapes: dict[str, tuple[int, ...]], rows: dict[str, int], out_dtype: torch.dtype | None,
-                     shard_size: str | int, record: dict[str, Any], workspace: Workspace | None = None) -> Path:
+                     shard_size: str | int, record: dict[str, Any], workspace: Workspace | None = None,
+                     overwrite: bool = False) -> Path:
     """Stream ``θ₀ + τ_m`` into sharded safetensors (atomically: a failure leaves nothing at ``out``).
 
     Every output tensor's name, dtype and shape is known before the merge starts, so each shard's header
     is written first and tensors go to disk as they are merged (:class:`PlannedShardWriter`).  Tensors
     the merge does not touch (integer buffers, …) are copied from ``target``.  With a ``workspace``,
     ``τ_m`` is updated in place and the base and the cast output use its ``"base"`` and ``"raw"`` buffers.
+    An existing ``out`` must be an earlier checkpoint output unless ``overwrite``.
     """
     plan = []
     for key, shape in shapes.items():
@@ -55,7 +67,7 @@ def write_checkpoint(out: Path, merged: Iterable[tuple[str, Tensor]], target: Ch
                                 f"{target.path} has {target.shape(key)}")
         plan.append((key, out_dtype or target.dtype(key), want))
     plan += [(k, target.dtype(k), target.shape(k)) for k in target.names() if k not in shapes]
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, CHECKPOINT_KIND, overwrite=overwrite) as tmp:
         writer = PlannedShardWriter(tmp, plan, parse_size(shard_size))
         for key, tau in merged:
             dtype = out_dtype or target.dtype(key)
@@ -134,7 +146,7 @@ def _layer_kinds(sources: Sequence[Any] | None, model: torch.nn.Module | None) -
 def collect_delta(merged: Iterable[tuple[str, Tensor]], sources: Sequence[Any] | None, output: str,
                   rank: int | None, record: dict[str, Any], fingerprint: dict[str, Any] | None = None,
                   heads: dict[str, dict[str, Tensor]] | None = None, base_path: str | Path | None = None,
-                  out: str | Path | None = None) -> Delta:
+                  out: str | Path | None = None, overwrite: bool = False) -> Delta:
     """Group merged ``τ_m`` by module into parts: ``dense``, ``sparse`` (non-zeros only) or ``lowrank``."""
     model = None
     if sources is None:  # checkpoint inputs: the base model gives the fingerprint and the layer kinds
@@ -163,19 +175,20 @@ def collect_delta(merged: Iterable[tuple[str, Tensor]], sources: Sequence[Any] |
 
         delta = compress_delta(delta, "lowrank", rank=rank, layer_kinds=kinds)
     if out is not None:
-        save_output(delta, out, output)
+        save_output(delta, out, output, overwrite=overwrite)
     return delta
 
 
-def save_output(delta: Delta, out: str | Path, output: str) -> None:
+def save_output(delta: Delta, out: str | Path, output: str, overwrite: bool = False) -> None:
     """``sparse`` outputs go to the compact format (only non-zeros stored, for every tensor kind, biases
-    and norms included); the others to the standard delta format."""
+    and norms included); the others to the standard delta format.  An existing ``out`` must be an earlier
+    output of the same kind unless ``overwrite``."""
     if output == "sparse":
         from deltatune.io.compact_format import save_compact
 
-        save_compact(delta, out)
+        save_compact(delta, out, overwrite=overwrite)
     else:
-        delta.save(out)
+        delta.save(out, overwrite=overwrite)
 
 
 def _load_base_model(path: str | Path | None) -> torch.nn.Module:

@@ -48,7 +48,7 @@ def _model_path(base: BaseLike) -> str | None:
 
 
 def rebase_delta(delta: Delta | str | Path, new_base: BaseLike, old_base: BaseLike | None = None,
-                 force: bool = False) -> Delta:
+                 force: bool = False, verify: bool = True) -> Delta:
     """A copy of ``delta`` for ``new_base``: ``Δ`` unchanged, fingerprint of the new base.
 
     ``old_base`` (model or folder) is the base the delta claims to come from: its fingerprint must match
@@ -60,7 +60,7 @@ def rebase_delta(delta: Delta | str | Path, new_base: BaseLike, old_base: BaseLi
     from deltatune.api import as_delta
 
     where = f"delta {str(delta)!r}" if not isinstance(delta, Delta) else "the delta"
-    d = as_delta(delta)
+    d = as_delta(delta, verify=verify)
     heads = list(d.heads)
     old_fp: dict[str, Any] | None = d.fingerprint
     if old_base is None:
@@ -102,7 +102,7 @@ def rebase_delta(delta: Delta | str | Path, new_base: BaseLike, old_base: BaseLi
 
 
 def rebase_checkpoint(checkpoint: str | Path, new_base: str | Path, old_base: str | Path, out: str | Path,
-                      progress: bool = False) -> Path:
+                      progress: bool = False, overwrite: bool = False) -> Path:
     """``θ_v2 + (θ_ft − θ_v1)`` for a full fine-tuned checkpoint, written to ``out`` as a checkpoint.
 
     Task arithmetic with one input and λ = 1 on ``old_base``, written onto ``new_base`` (the merge
@@ -114,4 +114,4 @@ def rebase_checkpoint(checkpoint: str | Path, new_base: str | Path, old_base: st
         raise ConfigError("rebasing a full checkpoint needs the merge engine (deltatune.algebra.merge), "
                           "which this installation does not have") from None
     return Path(merge([checkpoint], "task_arithmetic", base=old_base, output="checkpoint", out=out,
-                      target_base=new_base, progress=progress))
+                      target_base=new_base, progress=progress, overwrite=overwrite))

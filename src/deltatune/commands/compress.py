@@ -1,5 +1,6 @@
 """``deltatune compress DELTA --method compeft --density 0.1 [--alpha A] [--q Q] [--dtype int8|bf16|fp16]
-[--rank R] [--scope global|tensor|row] [--target factors|product] [--seed S] [--model DIR] [--out DIR]``.
+[--rank R] [--scope global|tensor|row] [--target factors|product] [--seed S] [--model DIR] [--out DIR]
+[--overwrite] [--no-verify]``.
 
 Compresses a delta (ComPEFT, DARE, DAREx-q, magnitude, quantisation or a low-rank LoRA extraction; see
 :mod:`deltatune.algebra.compress`) and writes it in the compact format (the normal format for
@@ -14,9 +15,14 @@ from typing import Annotated
 
 import typer
 
+from deltatune.commands.options import NoVerify, Overwrite
+
 
 def dir_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    """Bytes of the files under ``path`` (the output marker, bookkeeping of a few dozen bytes, excluded)."""
+    from deltatune.io.outputs import MARKER
+
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and p.name != MARKER)
 
 
 def compress_command(
@@ -37,6 +43,8 @@ def compress_command(
     model: Annotated[str | None, typer.Option(help="base-model folder (lowrank on dense deltas, darex-q "
                                                    "calibration; default: as trained)")] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="folder to write (default: DELTA-METHOD)")] = None,
+    overwrite: Overwrite = False,
+    verify: NoVerify = True,
 ) -> None:
     """Compress a delta and report original vs compressed bytes on disk."""
     from rich.console import Console
@@ -45,10 +53,13 @@ def compress_command(
     from deltatune.algebra.compress import calibration_batch, compress_delta, output_change_score
     from deltatune.api import as_delta, load_base_for
     from deltatune.io.compact_format import save_compact
+    from deltatune.io.outputs import COMPACT_KIND, DELTA_KIND, guard_output
     from deltatune.ops.compress import check_density
     from deltatune.parts.dense import DensePart
 
-    d = as_delta(delta)
+    out_dir = out_dir or delta.with_name(f"{delta.name}-{method}")
+    guard_output(out_dir, DELTA_KIND if method == "lowrank" else COMPACT_KIND, overwrite)  # before the work
+    d = as_delta(delta, verify=verify)
     base, calibration_fn = None, None
     if method == "lowrank" and any(isinstance(p, DensePart) for p in d.parts.values()):
         base = load_base_for(d, model)
@@ -60,13 +71,12 @@ def compress_command(
         scope = "row" if method == "quantize" else "global"
     compressed = compress_delta(d, method, density=density, alpha=alpha, q=q, dtype=dtype, rank=rank, scope=scope,
                                 seed=seed, target=target, calibration_fn=calibration_fn, model=base)
-    out_dir = out_dir or delta.with_name(f"{delta.name}-{method}")
     report = None
     if method == "lowrank":
-        compressed.save(out_dir)
+        compressed.save(out_dir, overwrite=overwrite)
         new_bytes = dir_bytes(out_dir)
     else:
-        report = save_compact(compressed, out_dir)
+        report = save_compact(compressed, out_dir, overwrite=overwrite)
         new_bytes = report.total_bytes
     old_bytes = dir_bytes(delta)
     result = compressed.metrics["compression"][-1]

@@ -1,15 +1,21 @@
-"""``deltatune merge CONFIG.yaml [--out DIR]``: run a merge recipe (deltatune or mergekit YAML).
+"""``deltatune merge CONFIG.yaml [--out DIR] [--overwrite] [--no-verify]``: run a merge recipe (deltatune or
+mergekit YAML).
 
-Heavy imports happen inside the command so ``deltatune --help`` stays fast.
+The output folder (``--out`` or the recipe's ``out:``) is checked before merging: an existing folder that
+is not an earlier output of the same kind is refused unless ``--overwrite``.  Heavy imports happen inside
+the command so ``deltatune --help`` stays fast.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from deltatune.commands.options import NoVerify, Overwrite
 
 
 def merge_command(
@@ -21,15 +27,19 @@ def merge_command(
     seed: Annotated[int | None, typer.Option(help="seed for random masks (DARE, DELLA)")] = None,
     force: Annotated[bool, typer.Option("--force", help="merge deltas of different bases anyway")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="show progress bars")] = True,
+    overwrite: Overwrite = False,
+    verify: NoVerify = True,
 ) -> None:
     """Merge deltas or fine-tuned checkpoints as a recipe describes (mergekit YAML accepted)."""
     from rich.console import Console
 
+    from deltatune.algebra.output import output_kind
     from deltatune.algebra.recipe import load_recipe, run_recipe
     from deltatune.commands.compress import dir_bytes
     from deltatune.commands.process import keep_freed_memory, skip_teardown
     from deltatune.delta import Delta
     from deltatune.errors import ConfigError
+    from deltatune.io.outputs import guard_output
 
     keep_freed_memory()
 
@@ -38,11 +48,14 @@ def merge_command(
         if value is not None:
             setattr(recipe, name, value)
     recipe.force = recipe.force or force
+    if not verify:
+        recipe = dataclasses.replace(recipe, verify=False)
     target = out_dir or recipe.out
     if target is None:
         raise ConfigError(f"{config}: no output folder: give --out or 'out' in the recipe")
+    guard_output(target, output_kind(recipe.output), overwrite)  # before any input is read
     start = time.perf_counter()
-    result = run_recipe(recipe, out=target, progress=progress)
+    result = run_recipe(recipe, out=target, progress=progress, overwrite=overwrite)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     if isinstance(result, Delta):
         disk = dir_bytes(Path(target))

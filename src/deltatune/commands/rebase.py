@@ -1,4 +1,4 @@
-"""``deltatune rebase DELTA --to NEW_BASE [--from OLD_BASE] [--force] --out DIR``.
+"""``deltatune rebase DELTA --to NEW_BASE [--from OLD_BASE] [--force] --out DIR [--overwrite] [--no-verify]``.
 
 Moves a fine-tuning onto an updated base (fine-tuning transfer, Lin et al., arXiv 2503.20110:
 ``θ'_v2 = θ_v2 + (θ_ft,v1 − θ_v1)``).  ``DELTA`` is a deltatune delta folder or a PEFT LoRA folder
@@ -14,6 +14,8 @@ from typing import Annotated
 
 import typer
 
+from deltatune.commands.options import NoVerify, Overwrite
+
 
 def rebase_command(
     delta: Annotated[Path, typer.Argument(help="delta folder, PEFT LoRA folder, or fine-tuned checkpoint folder")],
@@ -22,6 +24,8 @@ def rebase_command(
     from_: Annotated[str | None, typer.Option("--from", help="base the delta was trained on (fingerprint checked)")]
     = None,
     force: Annotated[bool, typer.Option("--force", help="skip the old-base fingerprint check")] = False,
+    overwrite: Overwrite = False,
+    verify: NoVerify = True,
 ) -> None:
     """Transfer a delta (or a fine-tuned checkpoint) to a new base: θ_new + (θ_ft − θ_old)."""
     from rich.console import Console
@@ -30,15 +34,19 @@ def rebase_command(
     from deltatune.algebra.rebase import rebase_checkpoint, rebase_delta
     from deltatune.commands.process import keep_freed_memory, skip_teardown
     from deltatune.errors import ConfigError
+    from deltatune.io.outputs import CHECKPOINT_KIND, DELTA_KIND, guard_output
 
     is_delta = (delta / "manifest.json").is_file() or (delta / "adapter_config.json").is_file()
     if not is_delta and is_checkpoint(delta):
         if from_ is None:
             raise ConfigError(f"{delta} is a full checkpoint: its delta is θ_ft − θ_old, so --from OLD_BASE "
                               "(the checkpoint it was fine-tuned from) is required")
+        guard_output(out_dir, CHECKPOINT_KIND, overwrite)
         keep_freed_memory()
-        written = rebase_checkpoint(delta, to, from_, out_dir)
+        written = rebase_checkpoint(delta, to, from_, out_dir, overwrite=overwrite)
     else:
-        written = rebase_delta(delta, to, old_base=from_, force=force).save(out_dir)
+        guard_output(out_dir, DELTA_KIND, overwrite)
+        rebased = rebase_delta(delta, to, old_base=from_, force=force, verify=verify)
+        written = rebased.save(out_dir, overwrite=overwrite)
     Console(highlight=False).print(str(written))
     skip_teardown()

@@ -9,7 +9,15 @@ codec ``ternary``/``int8``/``bf16``/``fp16``/``fp32``/``fp64``/``raw``) chosen a
 All components of one numpy dtype are concatenated into one safetensors tensor named by the dtype
 (``uint8``, ``float32`` …); the manifest holds ``[dtype, offset, count]`` for each component, so
 per-tensor overhead is a few dozen bytes of JSON.  :class:`CompactReport` accounts for every byte:
-component payloads, the safetensors header and the manifest add up to the files' sizes.
+component payloads, the safetensors header, the manifest and the output marker add up to the files' sizes.
+
+Integrity: the manifest's optional ``digests`` field (as in the standard format, see
+:mod:`deltatune.io.digest`) holds the SHA-256 of every *decoded* tensor (``parts/<module>::<tensor>``,
+``heads/<head>::<tensor>``; a sparse part's ``indices`` and ``values``) and of the manifest itself, so a
+flipped bit in a part name, a codec field or a payload byte fails the load with :class:`IntegrityError`
+(``verify=False`` skips the check; a manifest without ``digests`` loads unverified).  Non-finite
+numbers and tensors are refused (:class:`NonFiniteError`); part metadata is checked against the shapes the
+entries decode to before anything is decoded, and no entry may claim more than ``MAX_NUMEL`` entries.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ from safetensors.numpy import save_file
 from torch import Tensor
 
 from deltatune.delta import Delta
-from deltatune.errors import DeltaFormatError, ShapeMismatch
+from deltatune.errors import DeltaFormatError, DeltaTuneError, InputTooLarge, ShapeMismatch
 from deltatune.io.atomic import atomic_dir
 from deltatune.io.compact_codecs import (
     BLOB_DTYPES,
@@ -37,8 +45,19 @@ from deltatune.io.compact_codecs import (
     encode_tensor,
     shape_numel,
 )
-from deltatune.io.delta_format import COMPACT_FORMAT, _json_default, check_manifest_fields, part_from_state
+from deltatune.io.delta_format import (
+    COMPACT_FORMAT,
+    HEADER_DTYPES,
+    check_manifest_fields,
+    check_part_meta,
+    json_ready,
+    part_from_state,
+    prepare_tensors,
+)
+from deltatune.io.digest import DIGEST_FIELD, build_digests, digest_key, read_digests, verify_manifest, verify_tensor
 from deltatune.io.json_io import read_json_object
+from deltatune.io.outputs import MARKER as OUTPUT_MARKER
+from deltatune.parts.meta_checks import MAX_NUMEL, check_finite, short
 from deltatune.parts.sparse import SparsePart
 
 __all__ = ["DATA_FILE", "MANIFEST", "CompactReport", "TensorBytes", "compact_report", "load_compact",
@@ -49,7 +68,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 DATA_FILE = "data.safetensors"
 REQUIRED = {"format", "format_version", "method", "config", "fingerprint", "parts", "heads", "metrics", "blobs"}
-OPTIONAL = {"created_by"}
+OPTIONAL = {"created_by", DIGEST_FIELD}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -81,6 +100,8 @@ class CompactReport:
     header_bytes: int
     manifest_bytes: int
     files: dict[str, int] = field(default_factory=dict)
+    marker_bytes: int = 0  # the output marker that deltatune.io.atomic.atomic_dir writes into every output
+
 
     @property
     def payload_bytes(self) -> int:
@@ -88,7 +109,7 @@ class CompactReport:
 
     @property
     def total_bytes(self) -> int:
-        return self.payload_bytes + self.header_bytes + self.manifest_bytes
+        return self.payload_bytes + self.header_bytes + self.manifest_bytes + self.marker_bytes
 
     def by_component(self) -> dict[str, int]:
         """Bytes per codec component over all tensors, plus ``header`` and ``manifest``."""
@@ -99,11 +120,14 @@ class CompactReport:
                 out[key] = out.get(key, 0) + b
         out["safetensors header"] = self.header_bytes
         out["manifest.json"] = self.manifest_bytes
+        if self.marker_bytes:
+            out[OUTPUT_MARKER] = self.marker_bytes
         return out
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": str(self.path), "total_bytes": self.total_bytes, "payload_bytes": self.payload_bytes,
-                "header_bytes": self.header_bytes, "manifest_bytes": self.manifest_bytes, "files": self.files,
+                "header_bytes": self.header_bytes, "manifest_bytes": self.manifest_bytes,
+                "marker_bytes": self.marker_bytes, "files": self.files,
                 "by_component": self.by_component(),
                 "tensors": [{"name": t.name, "layout": t.layout, "index_codec": t.index_codec,
                              "values_codec": t.values_codec, "numel": t.numel, "nnz": t.nnz,
@@ -136,11 +160,12 @@ def _build_report(path: Path, manifest: dict[str, Any]) -> CompactReport:
     with open(data, "rb") as fh:
         header = 8 + int.from_bytes(fh.read(8), "little")
     files = {p.name: p.stat().st_size for p in sorted(path.iterdir()) if p.is_file()}
-    report = CompactReport(path, tensors, header, files[MANIFEST], files)
+    report = CompactReport(path, tensors, header, files[MANIFEST], files, files.get(OUTPUT_MARKER, 0))
     if report.total_bytes != sum(files.values()):
         raise DeltaFormatError(f"{path}: files hold {sum(files.values())} bytes but the manifest accounts for "
                                f"{report.total_bytes} (payload {report.payload_bytes}, header {header}, manifest "
-                               f"{files[MANIFEST]}); the directory is damaged or has extra files")
+                               f"{files[MANIFEST]}, marker {report.marker_bytes}); the directory is damaged or has "
+                               "extra files")
     return report
 
 
@@ -153,32 +178,44 @@ def compact_report(path: str | Path) -> CompactReport:
 # --------------------------------------------------------------------------------------------------
 # save
 # --------------------------------------------------------------------------------------------------
-def save_compact(delta: Delta, path: str | Path) -> CompactReport:
-    """Write ``delta`` in the compact format (atomically) and return its exact byte accounting."""
+def save_compact(delta: Delta, path: str | Path, overwrite: bool = False) -> CompactReport:
+    """Write ``delta`` in the compact format (atomically) and return its exact byte accounting.
+
+    An existing ``path`` that is not an earlier compact delta is refused unless ``overwrite``; NaN/±Inf
+    in a tensor, the config or the metrics raise :class:`NonFiniteError` and write nothing."""
     from deltatune import __version__
 
     path = Path(path)
     blobs = Blobs()
     parts: dict[str, Any] = {}
+    digested: dict[str, Tensor] = {}
     for name, part in delta.parts.items():
+        state = {k: v.detach().to("cpu").contiguous() for k, v in part.state().items()}
+        digested.update({digest_key("parts", name, k): v for k, v in state.items()})
+        prepare_tensors({k: state[k] for k in state}, f"{path}: part {name!r}")
         if isinstance(part, SparsePart):
-            tensors = {"values": encode_indexed(part.indices, part.values, part.weight_shape,
+            tensors = {"values": encode_indexed(state["indices"], state["values"], part.weight_shape,
                                                  f"part {name!r}", blobs)}
         else:
-            tensors = {k: encode_tensor(v, blobs) for k, v in part.state().items()}
+            tensors = {k: encode_tensor(v, blobs) for k, v in state.items()}
         parts[name] = {"kind": part.kind, "meta": part.meta(), "tensors": tensors}
-    heads = {h: {k: encode_tensor(v, blobs) for k, v in t.items()} for h, t in delta.heads.items()}
-    manifest = {
+    heads = {}
+    for h, t in delta.heads.items():
+        state = {k: v.detach().to("cpu").contiguous() for k, v in t.items()}
+        prepare_tensors(state, f"{path}: head {h!r}")
+        digested.update({digest_key("heads", h, k): v for k, v in state.items()})
+        heads[h] = {k: encode_tensor(v, blobs) for k, v in state.items()}
+    manifest = json_ready({
         "format": FORMAT, "format_version": FORMAT_VERSION, "created_by": f"deltatune {__version__}",
         "method": delta.method, "config": delta.config, "fingerprint": delta.fingerprint, "metrics": delta.metrics,
         "parts": parts, "heads": heads, "blobs": dict(blobs.sizes),
-    }
-    text = json.dumps(manifest, separators=(",", ":"), default=_json_default)  # insertion order: parts keep theirs
-    with atomic_dir(path) as tmp:
+    }, str(path / MANIFEST))
+    manifest[DIGEST_FIELD] = build_digests(manifest, digested)
+    text = json.dumps(manifest, separators=(",", ":"), allow_nan=False)  # insertion order: parts keep theirs
+    with atomic_dir(path, "compact", overwrite=overwrite) as tmp:
         save_file(blobs.arrays(), str(tmp / DATA_FILE), metadata={"format": FORMAT})
         (tmp / MANIFEST).write_text(text)
-        report = _build_report(tmp, manifest)
-    return CompactReport(path, report.tensors, report.header_bytes, report.manifest_bytes, report.files)
+    return _build_report(path, manifest)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -196,6 +233,7 @@ def read_compact_manifest(path: str | Path) -> dict[str, Any]:
                                    "count ≥ 0")
     for _, entry, where in _entries(manifest):
         _check_entry(entry, f"{file}: {where}")
+    read_digests(manifest, file)
     return manifest
 
 
@@ -208,13 +246,14 @@ def _check_int(value: Any, where: str, what: str) -> int:
 def _check_entry(entry: Any, where: str) -> None:
     if not isinstance(entry, dict):
         raise DeltaFormatError(f"{where}: must be a JSON object")
-    if entry.get("dtype") not in TORCH_DTYPES:
-        raise DeltaFormatError(f"{where}: unknown dtype {entry.get('dtype')!r}; known: {sorted(TORCH_DTYPES)}")
+    if not isinstance(entry.get("dtype"), str) or entry["dtype"] not in TORCH_DTYPES:
+        raise DeltaFormatError(f"{where}: unknown dtype {short(entry.get('dtype'))}; known: {sorted(TORCH_DTYPES)}")
     shape = entry.get("shape")
     if not isinstance(shape, list):
         raise DeltaFormatError(f"{where}: 'shape' must be a list of integers")
     for d in shape:
         _check_int(d, where, "every shape entry")
+    _check_numel(shape, where, "'shape'")
     layout = entry.get("layout")
     if layout not in ("dense", "sparse", "indexed"):
         raise DeltaFormatError(f"{where}: unknown layout {layout!r}; known: dense, sparse, indexed")
@@ -232,12 +271,35 @@ def _check_entry(entry: Any, where: str) -> None:
     if layout != "dense":
         nnz = _check_int(entry.get("nnz"), where, "'nnz'")
         domain = entry.get("domain") if layout == "indexed" else shape
-        if not isinstance(domain, list) or not all(isinstance(d, int) and d >= 0 for d in domain):
-            raise DeltaFormatError(f"{where}: 'domain' must be a list of integers")
+        if not isinstance(domain, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                   for d in domain):
+            raise DeltaFormatError(f"{where}: 'domain' must be a list of integers, got {short(domain)}")
+        _check_numel(domain, where, "'domain'")
         if nnz > shape_numel(domain):
             raise DeltaFormatError(f"{where}: nnz {nnz} exceeds the {shape_numel(domain)} positions of {domain}")
         if layout == "indexed" and (shape != [nnz] or not isinstance(entry.get("index_tensor"), str)):
             raise DeltaFormatError(f"{where}: an indexed entry needs shape [nnz] and an 'index_tensor' name")
+
+
+def _check_numel(shape: list[int], where: str, what: str) -> None:
+    """A decoded tensor (or the weight an index set refers to) stays within :data:`MAX_NUMEL` entries; a
+    ``sparse`` entry's dense size is not backed by bytes in the file, so this bounds its allocation."""
+    if len(shape) > 8 or shape_numel(shape) > MAX_NUMEL:
+        raise InputTooLarge(f"{where}: {what} {short(shape)} has more than {MAX_NUMEL} entries or 8 dimensions")
+
+
+def _decoded_shapes(tensors: dict[str, Any], where: str) -> dict[str, list[int]]:
+    """The tensors (name → shape) the validated entries of one part decode to (before decoding anything)."""
+    shapes: dict[str, list[int]] = {}
+    for tname, entry in tensors.items():
+        names = {tname: entry["shape"]}
+        if entry["layout"] == "indexed":
+            names[entry["index_tensor"]] = [entry["nnz"]]
+        for k, shape in names.items():
+            if k in shapes or len(names) != (2 if entry["layout"] == "indexed" else 1):
+                raise DeltaFormatError(f"{where}: tensor name {short(k)} is used twice")
+            shapes[k] = shape
+    return shapes
 
 def _read_blobs(path: Path, expected: dict[str, int]) -> dict[str, np.ndarray]:
     file = path / DATA_FILE
@@ -247,12 +309,21 @@ def _read_blobs(path: Path, expected: dict[str, int]) -> dict[str, np.ndarray]:
         with safe_open(str(file), framework="numpy") as fh:
             keys = set(fh.keys())
             if keys != set(expected):
-                raise DeltaFormatError(f"{file}: holds {sorted(keys)}, the manifest's 'blobs' lists {sorted(expected)}")
+                raise DeltaFormatError(f"{file}: holds {short(sorted(keys))}, the manifest's 'blobs' lists "
+                                       f"{sorted(expected)}")
+            for k, count in expected.items():
+                header = fh.get_slice(k)
+                shape, dtype = header.get_shape(), HEADER_DTYPES.get(header.get_dtype(), header.get_dtype())
+                if list(shape) != [count] or dtype != k:
+                    raise ShapeMismatch(f"{file}: blob {k!r} is {short(dtype)}{short(shape)}, the manifest says "
+                                        f"{k}[{count}]")
             blobs = {k: fh.get_tensor(k) for k in expected}
     except SafetensorError as exc:
-        raise DeltaFormatError(f"{file}: truncated or corrupt safetensors file ({exc})") from None
-    except (OSError, ValueError, RuntimeError, TypeError) as exc:
-        raise DeltaFormatError(f"{file}: cannot be read as safetensors ({exc})") from None
+        raise DeltaFormatError(f"{file}: truncated or corrupt safetensors file ({short(str(exc))})") from None
+    except DeltaTuneError:
+        raise
+    except (OSError, ValueError, RuntimeError, TypeError, OverflowError) as exc:
+        raise DeltaFormatError(f"{file}: cannot be read as safetensors ({short(str(exc))})") from None
     for k, count in expected.items():
         if blobs[k].dtype.name != k or blobs[k].ndim != 1 or blobs[k].size != count:
             raise ShapeMismatch(f"{file}: blob {k!r} is {blobs[k].dtype.name}{list(blobs[k].shape)}, the manifest "
@@ -260,23 +331,50 @@ def _read_blobs(path: Path, expected: dict[str, int]) -> dict[str, np.ndarray]:
     return blobs
 
 
-def load_compact(path: str | Path) -> Delta:
-    """Load and validate a compact delta directory (every count, range and codec is checked)."""
+def load_compact(path: str | Path, verify: bool = True) -> Delta:
+    """Load and validate a compact delta directory (every count, range and codec is checked).
+
+    Order: manifest fields, types and finite numbers; each part's meta against the shapes its entries
+    decode to; the manifest digest (``verify``); then the blobs (header first), and each decoded tensor's
+    digest (``verify``) and finiteness before the parts are rebuilt.  A manifest without ``digests``
+    (written before they existed) loads unverified."""
     path = Path(path)
+    file = path / MANIFEST
     manifest = read_compact_manifest(path)
+    keys: set[str] = set()
+    for name, spec in manifest["parts"].items():
+        shapes = _decoded_shapes(spec["tensors"], f"{file}: part {name!r}")
+        check_part_meta(name, spec, shapes, file)
+        keys.update(digest_key("parts", name, k) for k in shapes)
+    for head, spec in manifest["heads"].items():
+        for tname, entry in spec.items():
+            if entry["layout"] == "indexed":
+                raise DeltaFormatError(f"{file}: head {head!r} tensor {tname!r}: heads cannot use the indexed layout")
+            keys.add(digest_key("heads", head, tname))
+    digests = read_digests(manifest, file) if verify else None
+    if digests is not None:
+        verify_manifest(file, manifest, keys)
     reader = Reader(path / DATA_FILE, _read_blobs(path, manifest["blobs"]))
+
+    def decode(group: str, owner: str, tname: str, entry: dict[str, Any], where: str) -> dict[str, Tensor]:
+        out = decode_entry(tname, entry, reader, where)
+        for k, t in out.items():
+            if digests is not None:
+                verify_tensor(file, digest_key(group, owner, k), t, digests[digest_key(group, owner, k)])
+            check_finite(t, f"{where} ({k!r})")
+        return out
+
     parts = {}
     for name, spec in manifest["parts"].items():
         state: dict[str, Tensor] = {}
         for tname, entry in spec["tensors"].items():
-            state.update(decode_entry(tname, entry, reader, f"{path / MANIFEST}: part {name!r} tensor {tname!r}"))
-        parts[name] = part_from_state(name, spec, state, path / MANIFEST, path / MANIFEST)
+            state.update(decode("parts", name, tname, entry, f"{file}: part {name!r} tensor {tname!r}"))
+        parts[name] = part_from_state(name, spec, state, file, file)
     heads = {}
     for head, spec in manifest["heads"].items():
         heads[head] = {}
         for tname, entry in spec.items():
-            where = f"{path / MANIFEST}: head {head!r} tensor {tname!r}"
-            heads[head].update(decode_entry(tname, entry, reader, where))
+            heads[head].update(decode("heads", head, tname, entry, f"{file}: head {head!r} tensor {tname!r}"))
     reader.check_coverage()
     return Delta(method=manifest["method"], config=manifest["config"], parts=parts, heads=heads,
                  fingerprint=manifest["fingerprint"], metrics=manifest["metrics"])

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from deltatune.errors import IntegrityError
+from deltatune.parts.meta_checks import short
 
 DIGEST_FIELD = "digests"
 
@@ -59,3 +60,48 @@ def verify_tensor(file: Any, name: str, tensor: Tensor | np.ndarray, expected: s
     if got != expected:
         raise IntegrityError(f"{file}: tensor {name!r} fails its SHA-256 check (stored {expected[:12]}…, "
                              f"read {got[:12]}…); the file is corrupt or was modified")
+
+
+def digest_key(group: str, owner: str, tensor: str) -> str:
+    """The name a tensor is digested under: ``parts/<module>::<tensor>`` or ``heads/<head>::<tensor>``."""
+    return f"{group}/{owner}::{tensor}"
+
+
+def build_digests(manifest: dict[str, Any], tensors: dict[str, Tensor]) -> dict[str, Any]:
+    """The ``digests`` field for ``manifest`` (JSON-ready, without a ``digests`` field) and ``tensors``
+    (digest key → tensor): each tensor's digest, then the manifest's, which covers the tensor digests."""
+    digests: dict[str, Any] = {"tensors": {k: tensor_digest(k, t) for k, t in tensors.items()}}
+    digests["manifest"] = manifest_digest({**manifest, DIGEST_FIELD: digests})
+    return digests
+
+
+def _is_hex(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def read_digests(manifest: dict[str, Any], file: Any) -> dict[str, str] | None:
+    """The stored tensor digests after checking the field's structure, or ``None`` when the manifest has
+    no ``digests`` field (a format-version-1 file written before digests existed: it loads unverified)."""
+    if DIGEST_FIELD not in manifest:
+        return None
+    field = manifest[DIGEST_FIELD]
+    ok = (isinstance(field, dict) and set(field) == {"tensors", "manifest"} and _is_hex(field["manifest"])
+          and isinstance(field["tensors"], dict) and all(_is_hex(v) for v in field["tensors"].values()))
+    if not ok:
+        raise IntegrityError(f"{file}: field {DIGEST_FIELD!r} must be {{'tensors': {{name: sha256}}, "
+                             f"'manifest': sha256}} with 64-digit lowercase hex digests")
+    return field["tensors"]
+
+
+def verify_manifest(file: Any, manifest: dict[str, Any], expected_keys: set[str]) -> None:
+    """Check the manifest's own digest and that the stored tensor digests name exactly ``expected_keys``."""
+    got = manifest_digest(manifest)
+    stored = manifest[DIGEST_FIELD]["manifest"]
+    if got != stored:
+        raise IntegrityError(f"{file}: the manifest fails its SHA-256 check (stored {stored[:12]}…, read "
+                             f"{got[:12]}…); names, metadata or config were modified")
+    keys = set(manifest[DIGEST_FIELD]["tensors"])
+    if keys != expected_keys:
+        missing, extra = sorted(expected_keys - keys)[:3], sorted(keys - expected_keys)[:3]
+        raise IntegrityError(f"{file}: digests do not match the tensors (no digest for {short(missing)}, digest "
+                             f"for unknown {short(extra)})")

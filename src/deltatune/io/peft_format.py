@@ -1,8 +1,8 @@
 """PEFT LoRA adapters: read them as a :class:`Delta` and write LoRA deltas in PEFT's layout.
 
-A PEFT adapter directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` (or
-``adapter_model.bin``).  Tensor keys are ``base_model.model.<module>.<name>`` with the adapter name
-removed (checked against PEFT 0.21.2):
+A PEFT adapter directory holds ``adapter_config.json`` and ``adapter_model.safetensors``.  Tensor
+keys are ``base_model.model.<module>.<name>`` with the adapter name removed (checked against PEFT
+0.21.2):
 
 * ``<module>.lora_A.weight`` ``(r, in)`` and ``<module>.lora_B.weight`` ``(out, r)`` for ``nn.Linear``
   and GPT-2 ``Conv1D`` (``fan_in_fan_out``; ``in``/``out`` of the map, as in :class:`LoRAPart`);
@@ -17,6 +17,13 @@ removed (checked against PEFT 0.21.2):
 The scale of module ``m`` is ``α_m / r_m`` (``α_m / √r_m`` with ``use_rslora``), where ``r_m`` and
 ``α_m`` come from ``rank_pattern`` / ``alpha_pattern`` when a key matches (PEFT's rule: the first key
 ``k`` with ``re.match(rf"(.*\\.)?({k})$", m)``), else from ``r`` / ``lora_alpha``.
+
+Nothing is trusted: ``adapter_config.json`` is checked against PEFT's ``LoraConfig`` schema (types,
+finite numbers, variants a plain ``s·B·A`` part cannot represent), tensor dtypes and shapes are checked
+from the safetensors header (against each other, the config and the base model) before any tensor data
+is read, and values must be finite.  The pickle-based ``adapter_model.bin`` is refused, not loaded.
+:func:`export_peft` records a SHA-256 digest of every tensor and of the config in the safetensors
+metadata (``deltatune.digests``, which PEFT ignores); loading verifies it when present.
 """
 
 from __future__ import annotations
@@ -26,136 +33,163 @@ import math
 import re
 import warnings
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from deltatune.delta import Delta
-from deltatune.errors import DeltaFormatError, ShapeMismatch, TargetError
+from deltatune.errors import (
+    DeltaFormatError,
+    IntegrityError,
+    NonFiniteError,
+    ShapeMismatch,
+    TargetError,
+)
 from deltatune.fingerprint import fingerprint
 from deltatune.io.atomic import atomic_dir
-from deltatune.io.json_io import read_json_object
+from deltatune.io.digest import DIGEST_FIELD, tensor_digest, verify_tensor
+from deltatune.io.peft_config import (
+    CONFIG_NAME,
+    AdapterConfig,
+    config_digest,
+    finite_number,
+    pattern_value,
+    read_adapter_config,
+)
 from deltatune.parts.base import base_layer_kind
 from deltatune.parts.layers import LayerKind, in_out_features
-from deltatune.parts.lora import LoRAPart
+from deltatune.parts.lora import LoRAPart, lora_scale
+from deltatune.parts.meta_checks import check_finite, short
 
-CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
-REQUIRED_FIELDS = ("peft_type", "r", "lora_alpha")
+# Safetensors metadata key of the digests written by :func:`export_peft` (PEFT ignores the metadata).
+DIGEST_METADATA_KEY = f"deltatune.{DIGEST_FIELD}"
 # PEFT's ``EMBEDDING_LAYER_NAMES``: layers whose base weight PEFT may save alongside the adapter.
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
-# LoRA variants and extras whose adapters a plain ``s·B·A`` part cannot represent.
-UNSUPPORTED_FIELDS = {
-    "use_dora": "DoRA (a learned magnitude vector on top of B·A)",
-    "lora_bias": "a trainable bias on lora_B",
-    "use_qalora": "QALoRA (GPTQ input pooling)",
-    "use_bdlora": "BD-LoRA (block-diagonal factors)",
-    "layer_replication": "layer replication (changes the model's structure)",
-    "trainable_token_indices": "trainable tokens (embedding rows stored separately)",
-    "alora_invocation_tokens": "activated LoRA (depends on invocation tokens)",
-    "target_parameters": "LoRA on raw nn.Parameters",
-    "kasa_config": "KaSA (SVD truncation of the base weight)",
-    "monteclora_config": "MonteCLoRA (variational LoRA)",
-    "arrow_config": "Arrow routing over several LoRAs",
-}
-# Initialisations that rewrite the base weights: the adapter is relative to that *modified* base.
-BASE_MUTATING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
+# Dtypes a LoRA factor may have (safetensors header names → torch).
+FACTOR_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 
 
 # --------------------------------------------------------------------------------------------------
-# PEFT's pattern rule
+# adapter_model.safetensors: the header first, tensor data only once it is validated
 # --------------------------------------------------------------------------------------------------
-def pattern_key(keys: list[str], module: str, where: str = "pattern") -> str | None:
-    """The first key of a PEFT ``rank_pattern``/``alpha_pattern`` that matches ``module``, or ``None``.
+@dataclass(frozen=True)
+class TensorInfo:
+    """A tensor's entry in the safetensors header: dtype name (``F32``, ``BF16``, ``I32`` …) and shape."""
 
-    Same rule as ``peft.utils.other.get_pattern_key`` (0.21.2): the key is a regular expression that
-    must match the whole name or a dot-separated suffix of it.
-    """
-    for key in keys:
-        try:
-            if re.match(rf"(.*\.)?({key})$", module):
-                return key
-        except re.error as exc:
-            raise DeltaFormatError(f"{where}: key {key!r} is not a valid regular expression "
-                                   f"({exc})") from None
-    return None
+    dtype: str
+    shape: tuple[int, ...]
 
 
-def _pattern_value(pattern: dict[str, Any], module: str, default: Any, where: str) -> Any:
-    key = pattern_key(list(pattern), module, where)
-    return default if key is None else pattern[key]
+# What safetensors / torch raise on a corrupt or truncated file.
+_READ_ERRORS = (SafetensorError, OSError, ValueError, RuntimeError, TypeError, OverflowError)
 
 
-# --------------------------------------------------------------------------------------------------
-# loading
-# --------------------------------------------------------------------------------------------------
-def _read_config(path: Path) -> dict[str, Any]:
-    file = path / CONFIG_NAME
-    config = read_json_object(file, "PEFT adapter", f"{CONFIG_NAME} and {SAFETENSORS_NAME}")
-    missing = [f for f in REQUIRED_FIELDS if f not in config]
-    if missing:
-        raise DeltaFormatError(f"{file}: missing field(s) {missing}")
-    if config["peft_type"] != "LORA":
-        raise DeltaFormatError(f"{file}: peft_type is {config['peft_type']!r}; deltatune reads only LORA "
-                               "adapters")
-    r, alpha = config["r"], config["lora_alpha"]
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise DeltaFormatError(f"{file}: field 'r' must be a positive integer, got {r!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, int | float):
-        raise DeltaFormatError(f"{file}: field 'lora_alpha' must be a number, got {alpha!r}")
-    for name, what in UNSUPPORTED_FIELDS.items():
-        if config.get(name):
-            raise DeltaFormatError(f"{file}: field {name!r} is {config[name]!r}: {what} is not supported; "
-                                   "only plain LoRA/rsLoRA adapters convert to a deltatune delta")
-    bias = config.get("bias", "none")
-    if bias not in (None, "none"):
-        raise DeltaFormatError(f"{file}: field 'bias' is {bias!r}; only 'none' is supported (trained base "
-                               "biases are not part of a LoRA delta)")
-    init = config.get("init_lora_weights", True)
-    if isinstance(init, str) and init.lower().startswith(BASE_MUTATING_INITS):
-        raise DeltaFormatError(f"{file}: init_lora_weights is {init!r}, which rewrites the base weights, so "
-                               "the adapter only fits that modified base; save it with PEFT's "
-                               "path_initial_model_for_weight_conversion to get a plain LoRA")
-    for name in ("rank_pattern", "alpha_pattern"):
-        pattern = config.get(name) or {}
-        if not isinstance(pattern, dict) or not all(
-            isinstance(v, int | float) and not isinstance(v, bool) for v in pattern.values()
-        ):
-            raise DeltaFormatError(f"{file}: field {name!r} must map patterns to numbers, got {pattern!r}")
-    for name in ("rank_pattern", "alpha_pattern"):
-        for key in config.get(name) or {}:
-            pattern_key([key], "", f"{file}: field {name!r}")
-    modules_to_save = config.get("modules_to_save") or []
-    if isinstance(modules_to_save, str) or not all(isinstance(m, str) for m in modules_to_save):
-        raise DeltaFormatError(f"{file}: field 'modules_to_save' must be a list of module names, "
-                               f"got {modules_to_save!r}")
-    return config
+def _corrupt(file: Path, exc: BaseException) -> DeltaFormatError:
+    return DeltaFormatError(f"{file}: truncated or corrupt safetensors file ({str(exc)[:80]})")
 
 
-def _read_tensors(path: Path) -> tuple[Path, dict[str, Tensor]]:
+def _weights_file(path: Path) -> Path:
+    """The adapter's safetensors file; the pickle ``adapter_model.bin`` is refused with how to convert it."""
     st, bin_ = path / SAFETENSORS_NAME, path / BIN_NAME
     if st.is_file():
-        try:
-            return st, load_file(str(st))
-        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            raise DeltaFormatError(f"{st}: truncated or corrupt safetensors file ({exc})") from None
+        return st
     if bin_.is_file():
-        try:
-            state = torch.load(bin_, map_location="cpu", weights_only=True)
-        except Exception as exc:  # torch.load raises many exception types on bad input
-            raise DeltaFormatError(f"{bin_}: cannot be read as a weights-only torch file ({exc})") from None
-        if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-            raise DeltaFormatError(f"{bin_}: expected a dict of tensors")
-        return bin_, state
-    raise DeltaFormatError(f"{path}: holds neither {SAFETENSORS_NAME} nor {BIN_NAME}")
+        raise DeltaFormatError(
+            f"{bin_}: deltatune does not load pickle files (unpickling can run arbitrary code). Convert it once, "
+            f"where you trust it: PeftModel.from_pretrained(base, dir).save_pretrained(out, "
+            f"safe_serialization=True) writes {SAFETENSORS_NAME}")
+    raise DeltaFormatError(f"{path}: holds no {SAFETENSORS_NAME}")
 
 
+def read_header(file: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Every tensor's dtype and shape, and the metadata, from the safetensors header (no tensor data)."""
+    try:
+        with safe_open(str(file), framework="pt") as fh:
+            metadata = dict(fh.metadata() or {})
+            infos = {}
+            keys = fh.keys()
+            for key in keys:
+                sl = fh.get_slice(key)
+                infos[key] = TensorInfo(str(sl.get_dtype()), tuple(int(d) for d in sl.get_shape()))
+    except _READ_ERRORS as exc:
+        raise _corrupt(file, exc) from None
+    return infos, metadata
+
+
+def _read_values(file: Path, keys: list[str], record: dict[str, Any] | None) -> dict[str, Tensor]:
+    """Read ``keys``; with a digest ``record``, check each tensor against it."""
+    try:
+        with safe_open(str(file), framework="pt") as fh:
+            values = {key: fh.get_tensor(key) for key in keys}
+    except _READ_ERRORS as exc:
+        raise _corrupt(file, exc) from None
+    if record is not None:
+        for key, value in values.items():
+            verify_tensor(file, key, value, record["tensors"][key])
+    return values
+
+
+def _check_finite(where: Any, key: str, value: Tensor) -> None:
+    """``NonFiniteError`` naming ``key`` when a floating tensor holds NaN or ±Inf (fp8 checked in fp32)."""
+    fp8 = value.is_floating_point() and value.element_size() == 1
+    check_finite(value.float() if fp8 else value, f"{where}: tensor {key!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# digests (written by export_peft; PEFT's own adapters have none)
+# --------------------------------------------------------------------------------------------------
+def _stored_record(file: Path, metadata: dict[str, str]) -> dict[str, Any] | None:
+    """The digest record in the safetensors metadata, or ``None`` for an adapter PEFT wrote.
+
+    A record under a damaged key (another key whose name mentions digests or whose value holds a
+    ``"tensors"`` map) is an :class:`IntegrityError`, not a reason to skip the check.
+    """
+    text = metadata.get(DIGEST_METADATA_KEY)
+    if text is None:
+        damaged = [k for k, v in metadata.items() if "digest" in k.lower() or '"tensors"' in v]
+        if damaged:
+            raise IntegrityError(f"{file}: metadata key {short(damaged[0])} looks like a damaged "
+                                 f"{DIGEST_METADATA_KEY!r} digest record (corrupt or modified)")
+        return None
+    try:
+        record = json.loads(text)
+    except (ValueError, RecursionError):
+        record = None
+    ok = (isinstance(record, dict) and isinstance(record.get("config"), str)
+          and isinstance(record.get("tensors"), dict) and all(isinstance(v, str) for v in record["tensors"].values()))
+    if not ok:
+        raise IntegrityError(f"{file}: metadata {DIGEST_METADATA_KEY!r} is not a digest record (corrupt or "
+                             "modified)")
+    return record
+
+
+def _verify_record(file: Path, cfg: AdapterConfig, infos: dict[str, TensorInfo], record: dict[str, Any]) -> None:
+    """The tensor names and the config must be the ones recorded at export (values are checked on read)."""
+    stored = record["tensors"]
+    missing, extra = sorted(set(stored) - set(infos)), sorted(set(infos) - set(stored))
+    if missing or extra:
+        raise IntegrityError(f"{file}: tensors differ from the recorded digests (missing {short(missing[:3])}, "
+                             f"unrecorded {short(extra[:3])}); the file is corrupt or was modified")
+    try:
+        got = config_digest(cfg.raw)
+    except (ValueError, TypeError, RecursionError):
+        got = None
+    if got != record["config"]:
+        raise IntegrityError(f"{file.parent / CONFIG_NAME}: differs from the digest recorded in {file.name} at "
+                             "export (edited or corrupt); pass verify=False (--no-verify) to load it anyway")
+
+
+# --------------------------------------------------------------------------------------------------
+# tensor keys → LoRA factors, heads and saved base weights (names only)
+# --------------------------------------------------------------------------------------------------
 _LORA_SUFFIXES = {
     ".lora_A.weight": ("A", False),
     ".lora_B.weight": ("B", False),
@@ -167,6 +201,16 @@ _EXPLAINED_SUFFIXES = {
     ".lora_B.bias": "a lora_B bias (lora_bias is not supported)",
     ".lora_A.bias": "a lora_A bias (not supported)",
 }
+
+
+@dataclass
+class _Layout:
+    """Where each tensor key goes."""
+
+    factors: dict[str, dict[str, str]]  # module → {"A": key, "B": key}
+    embedding: dict[str, bool]  # module → lora_embedding_* (True) or lora_A/B.weight (False)
+    heads: dict[str, dict[str, str]]  # modules_to_save module → {tensor name: key}
+    base_copies: list[tuple[str, str, str]]  # (module, tensor name, key) of PEFT's saved base weights
 
 
 def _head_split(rest: str, modules_to_save: list[str]) -> tuple[str, str] | None:
@@ -208,194 +252,244 @@ def _is_base_copy(module: str, targets: set[str], embeddings: set[str], tensor: 
     return module in embeddings or any(re.match(rf"(.*\.)?{e}$", module) for e in EMBEDDING_LAYER_NAMES)
 
 
-def _check_base_copy(model: nn.Module | None, module: str, tensor: str, value: Tensor, file: Path,
-                     key: str) -> None:
-    """A base weight PEFT saved next to the adapter must equal the model's (it is not part of the delta)."""
+def _classify(file: Path, keys: list[str], modules_to_save: list[str], embeddings: set[str]) -> _Layout:
+    layout = _Layout({}, {}, {}, [])
+    others: list[tuple[str, str]] = []
+    for key in keys:
+        if not key.startswith(PREFIX):
+            raise DeltaFormatError(f"{file}: unknown tensor key {short(key)} (PEFT keys start with {PREFIX!r})")
+        rest = key[len(PREFIX):]
+        for suffix, why in _EXPLAINED_SUFFIXES.items():
+            if rest.endswith(suffix):
+                raise DeltaFormatError(f"{file}: tensor {short(key)} is {why}")
+        for suffix, (which, emb) in _LORA_SUFFIXES.items():
+            if rest.endswith(suffix):
+                module = rest[: -len(suffix)]
+                if not module:
+                    raise DeltaFormatError(f"{file}: tensor {short(key)} names no module")
+                if layout.embedding.setdefault(module, emb) != emb:
+                    raise DeltaFormatError(f"{file}: module {short(module)} has both lora_A/B and "
+                                           "lora_embedding_A/B tensors")
+                if which in layout.factors.setdefault(module, {}):
+                    raise DeltaFormatError(f"{file}: module {short(module)} has two lora_{which} tensors")
+                layout.factors[module][which] = key
+                break
+        else:
+            others.append((key, rest))
+    targets = set(layout.factors)
+    for key, rest in others:
+        split = _head_split(rest, modules_to_save) if modules_to_save else None
+        if split is not None:
+            layout.heads.setdefault(split[0], {})[split[1]] = key
+            continue
+        module, _, tensor = rest.rpartition(".")
+        if module.endswith(".base_layer"):
+            module, tensor = module.removesuffix(".base_layer"), "base_layer." + tensor
+        if module and _is_base_copy(module, targets, embeddings, tensor):
+            layout.base_copies.append((module, tensor, key))
+            continue
+        raise DeltaFormatError(f"{file}: unknown tensor key {short(key)} (not a LoRA factor, a modules_to_save "
+                               f"tensor of {short(modules_to_save)} or a saved embedding base weight)")
+    if not layout.factors:
+        raise DeltaFormatError(f"{file}: no LoRA tensors (lora_A/lora_B or lora_embedding_A/B) found")
+    for module, got in layout.factors.items():
+        for which in ("A", "B"):
+            if which not in got:
+                raise DeltaFormatError(f"{file}: {short(next(iter(got.values())))} has no matching lora_{which} "
+                                       f"tensor for {short(module)}")
+    return layout
+
+
+# --------------------------------------------------------------------------------------------------
+# shapes and dtypes from the header, against each other, the config and the model
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _PartSpec:
+    """A LoRA part as the header, the config and the model describe it, before any data is read."""
+
+    module: str
+    key_a: str
+    key_b: str
+    layer: LayerKind
+    in_features: int
+    out_features: int
+    rank: int
+    scale: float
+    dtype: torch.dtype
+
+
+def _model_module(model: nn.Module, module: str, file: Path, what: str) -> nn.Module:
     from deltatune.model import get_module
 
-    if model is None:
-        warnings.warn(f"{file}: {key!r} is a copy of a base weight (PEFT saves targeted or resized embedding "
-                      "layers); it is not part of the delta and was not checked: pass model= to check it",
-                      stacklevel=3)
-        return
     try:
-        base = get_module(model, module)
+        return get_module(model, module)
     except AttributeError:
-        raise TargetError(f"{file}: {key!r} is a base weight of {module!r}, which is not a module of this "
+        raise TargetError(f"{file}: the adapter has {what} for {short(module)}, which is not a module of this "
                           "model") from None
-    own = base.state_dict().get(tensor.removeprefix("base_layer."))
-    if own is None or tuple(own.shape) != tuple(value.shape):
-        got = "missing" if own is None else tuple(own.shape)
-        raise ShapeMismatch(f"{file}: {key!r} is a saved base weight of {module!r} with shape "
-                            f"{tuple(value.shape)}, the model has {got} (resized vocabulary?)")
+
+
+def _part_spec(module: str, keys: dict[str, str], embedding: bool, infos: dict[str, TensorInfo],
+               cfg: AdapterConfig, model: nn.Module | None, file: Path) -> _PartSpec:
+    key_a, key_b = keys["A"], keys["B"]
+    a, b = infos[key_a], infos[key_b]
+    for key, info in ((key_a, a), (key_b, b)):
+        if info.dtype not in FACTOR_DTYPES:
+            raise DeltaFormatError(f"{file}: tensor {short(key)} has dtype {short(info.dtype)}; LoRA factors "
+                                   f"must be floating point ({', '.join(FACTOR_DTYPES)})")
+    if len(a.shape) != 2 or len(b.shape) != 2 or 0 in a.shape + b.shape:
+        raise ShapeMismatch(f"{file}: {module!r}: LoRA factors must be non-empty 2-D, got {key_a} {list(a.shape)} "
+                            f"and {key_b} {list(b.shape)}")
+    rank = a.shape[0]
+    if rank != b.shape[1]:
+        raise ShapeMismatch(f"{file}: {module!r}: rank mismatch, {key_a} has rank {rank} ({list(a.shape)}) but "
+                            f"{key_b} has rank {b.shape[1]} ({list(b.shape)})")
+    cfg_file = file.parent / CONFIG_NAME
+    r_cfg = pattern_value(cfg.rank_pattern, module, cfg.r, f"{cfg_file}: field 'rank_pattern'")
+    alpha = pattern_value(cfg.alpha_pattern, module, cfg.alpha, f"{cfg_file}: field 'alpha_pattern'")
+    if r_cfg != rank:
+        raise DeltaFormatError(f"{cfg_file}: module {module!r} has rank {short(r_cfg)} by field 'r'/'rank_pattern' "
+                               f"but its tensors in {file.name} have rank {rank}")
+    scale = lora_scale(alpha, rank, cfg.rslora)
+    if model is not None:
+        base = _model_module(model, module, file, "LoRA tensors")
+        layer = base_layer_kind(base, f"{file}: {module}")
+        d_in, d_out = in_out_features(base)
+        if embedding != (layer is LayerKind.EMBEDDING):
+            stored = "embedding" if embedding else "linear"
+            raise ShapeMismatch(f"{file}: {module!r} is a {layer} module in the model but the adapter stores "
+                                f"{stored} LoRA tensors for it")
+        if a.shape != (rank, d_in) or b.shape != (d_out, rank):
+            raise ShapeMismatch(f"{file}: {module!r}: the model's {layer} module maps {d_in}→{d_out}, so LoRA rank "
+                                f"{rank} needs A {[rank, d_in]} and B {[d_out, rank]}; the adapter has {key_a} "
+                                f"{list(a.shape)} and {key_b} {list(b.shape)}")
+    else:
+        d_in, d_out = a.shape[1], b.shape[0]
+        layer = LayerKind.CONV1D if cfg.fan_in_fan_out else LayerKind.LINEAR
+        layer = LayerKind.EMBEDDING if embedding else layer
+    dtype = torch.promote_types(FACTOR_DTYPES[a.dtype], FACTOR_DTYPES[b.dtype])
+    return _PartSpec(module, key_a, key_b, layer, d_in, d_out, rank, scale, dtype)
+
+
+def _is_float(dtype: str) -> bool:
+    """Whether a safetensors dtype name is a floating type (``F16``, ``BF16``, ``F8_E4M3`` …)."""
+    return dtype.startswith("F") or dtype == "BF16"
+
+
+def _check_heads_against(model: nn.Module, layout: _Layout, infos: dict[str, TensorInfo], file: Path) -> None:
+    """Heads and saved base weights must have the shapes and dtype kinds of the model's own tensors."""
+    for head, tensors in layout.heads.items():
+        own = _model_module(model, head, file, "modules_to_save tensors").state_dict()
+        for name, key in tensors.items():
+            info = infos[key]
+            if name not in own or tuple(own[name].shape) != info.shape:
+                got = list(own[name].shape) if name in own else "missing"
+                raise ShapeMismatch(f"{file}: modules_to_save tensor {head}.{name} has shape {list(info.shape)}, "
+                                    f"the model has {got}")
+            if _is_float(info.dtype) != own[name].is_floating_point():
+                raise ShapeMismatch(f"{file}: modules_to_save tensor {head}.{name} has dtype {info.dtype}, the "
+                                    f"model has {own[name].dtype}")
+    for module, tensor, key in layout.base_copies:
+        own = _model_module(model, module, file, "a saved base weight").state_dict().get(
+            tensor.removeprefix("base_layer."))
+        info = infos[key]
+        if own is None or tuple(own.shape) != info.shape or not _is_float(info.dtype):
+            got = "missing" if own is None else f"{own.dtype} {list(own.shape)}"
+            raise ShapeMismatch(f"{file}: {key!r} is a saved base weight of {module!r} ({info.dtype} "
+                                f"{list(info.shape)}), the model has {got} (resized vocabulary?)")
+
+
+def _check_base_copy(model: nn.Module, module: str, tensor: str, value: Tensor, file: Path, key: str) -> None:
+    """A base weight PEFT saved next to the adapter must equal the model's (it is not part of the delta)."""
+    own = _model_module(model, module, file, "a saved base weight").state_dict()[tensor.removeprefix("base_layer.")]
     if not torch.equal(own.detach().cpu().to(value.dtype), value):
         raise DeltaFormatError(f"{file}: {key!r} holds a base weight of {module!r} that differs from this "
                                "model's (resized or retrained embeddings?); a LoRA delta cannot carry "
                                "base-weight changes")
 
 
-def load_peft_adapter(path: str | Path, model: nn.Module | None = None) -> Delta:
+def _build_part(spec: _PartSpec, values: dict[str, Tensor], dropout: float, file: Path) -> LoRAPart:
+    part = LoRAPart(spec.in_features, spec.out_features, spec.rank, spec.scale, layer=spec.layer, dropout=dropout,
+                    dtype=spec.dtype)
+    part.load_tensors({"lora_A": values[spec.key_a].to(spec.dtype), "lora_B": values[spec.key_b].to(spec.dtype)},
+                      f"{file}: {spec.module}")
+    return part
+
+
+# --------------------------------------------------------------------------------------------------
+# loading
+# --------------------------------------------------------------------------------------------------
+def load_peft_adapter(path: str | Path, model: nn.Module | None = None, verify: bool = True) -> Delta:
     """Read a PEFT LoRA adapter directory as a ``"lora"`` :class:`Delta`.
 
     Supports plain LoRA and rsLoRA on ``nn.Linear``, GPT-2 ``Conv1D`` and ``nn.Embedding`` modules,
     with ``rank_pattern``/``alpha_pattern`` and ``modules_to_save`` (those become ``Delta.heads``).
     DoRA, ``lora_bias``, trained biases and the other variants raise :class:`DeltaFormatError`, as do
-    unknown tensor keys and inconsistent ranks.
+    unknown tensor keys, config fields of the wrong type, non-floating factors and inconsistent ranks;
+    NaN/±Inf numbers raise :class:`NonFiniteError`.  ``adapter_model.bin`` (pickle) is refused.
 
     With ``model`` (the base model, unwrapped or with deltatune layers), each part takes its layer kind
     and ``in``/``out`` features from the model's module, shapes are checked (:class:`ShapeMismatch`
-    naming the module) and the delta gets the model's fingerprint.  Without it, the kind is inferred
-    (``lora_embedding_*`` → embedding, else ``fan_in_fan_out`` → Conv1D, else Linear), and the
-    fingerprint is ``None``: PEFT records no fingerprint of its base, so :func:`deltatune.model.apply_delta`
-    then cannot check that the delta meets the right base model.
+    naming the module) before any tensor data is read, and the delta gets the model's fingerprint.
+    Without it, the kind is inferred (``lora_embedding_*`` → embedding, else ``fan_in_fan_out`` →
+    Conv1D, else Linear), and the fingerprint is ``None``: PEFT records no fingerprint of its base, so
+    :func:`deltatune.model.apply_delta` then cannot check that the delta meets the right base model.
+
+    With ``verify`` (the default), an adapter written by :func:`export_peft` is checked against the
+    digests it carries (:class:`IntegrityError` naming the tensor or the config); adapters written by
+    PEFT carry none and load unchecked.
     """
-    from deltatune.model import get_module
-
     path = Path(path)
-    config = _read_config(path)
-    cfg_file = path / CONFIG_NAME
-    file, state = _read_tensors(path)
-    modules_to_save = list(config.get("modules_to_save") or [])
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
-    rslora = bool(config.get("use_rslora", False))
-    fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
-    dropout = float(config.get("lora_dropout", 0.0) or 0.0)
-
-    # 1. classify every key
-    factors: dict[str, dict[str, tuple[str, Tensor]]] = {}
-    is_embedding: dict[str, bool] = {}
-    others: list[tuple[str, str, Tensor]] = []
-    for key, value in state.items():
-        if not key.startswith(PREFIX):
-            raise DeltaFormatError(f"{file}: unknown tensor key {key!r} (PEFT keys start with {PREFIX!r})")
-        rest = key[len(PREFIX):]
-        for suffix, why in _EXPLAINED_SUFFIXES.items():
-            if rest.endswith(suffix):
-                raise DeltaFormatError(f"{file}: tensor {key!r} is {why}")
-        for suffix, (which, emb) in _LORA_SUFFIXES.items():
-            if rest.endswith(suffix):
-                module = rest[: -len(suffix)]
-                if module in is_embedding and is_embedding[module] != emb:
-                    raise DeltaFormatError(f"{file}: module {module!r} has both lora_A/B and "
-                                           "lora_embedding_A/B tensors")
-                is_embedding[module] = emb
-                if which in factors.setdefault(module, {}):
-                    raise DeltaFormatError(f"{file}: tensor {key!r} appears twice")
-                factors[module][which] = (key, value)
-                break
-        else:
-            others.append((key, rest, value))
-
-    # 2. heads (modules_to_save) and saved base weights
-    targets = set(factors)
-    embeddings = _embedding_names(model)
-    heads: dict[str, dict[str, Tensor]] = {}
-    for key, rest, value in others:
-        split = _head_split(rest, modules_to_save) if modules_to_save else None
-        if split is not None:
-            heads.setdefault(split[0], {})[split[1]] = value
-            continue
-        module, _, tensor = rest.rpartition(".")
-        if module.endswith(".base_layer"):
-            module, tensor = module.removesuffix(".base_layer"), "base_layer." + tensor
-        if module and _is_base_copy(module, targets, embeddings, tensor):
-            _check_base_copy(model, module, tensor, value, file, key)
-            continue
-        raise DeltaFormatError(f"{file}: unknown tensor key {key!r} (not a LoRA factor, a modules_to_save "
-                               f"tensor of {modules_to_save} or a saved embedding base weight)")
-    if not factors:
-        raise DeltaFormatError(f"{file}: no LoRA tensors (lora_A/lora_B or lora_embedding_A/B) found")
-
-    # 3. parts
-    parts: dict[str, LoRAPart] = {}
-    for module in sorted(factors):
-        got = factors[module]
-        for which in ("A", "B"):
-            if which not in got:
-                other = next(iter(got.values()))[0]
-                raise DeltaFormatError(f"{file}: {other!r} has no matching lora_{which} tensor for "
-                                       f"{module!r}")
-        (key_a, a), (key_b, b) = got["A"], got["B"]
-        if a.dim() != 2 or b.dim() != 2:
-            raise ShapeMismatch(f"{file}: {module!r}: LoRA factors must be 2-D, got {key_a} {tuple(a.shape)} "
-                                f"and {key_b} {tuple(b.shape)}")
-        if a.shape[0] != b.shape[1]:
-            raise DeltaFormatError(f"{file}: {module!r}: rank mismatch, {key_a} has rank {a.shape[0]} "
-                                   f"({tuple(a.shape)}) but {key_b} has rank {b.shape[1]} ({tuple(b.shape)})")
-        rank = a.shape[0]
-        r_cfg = _pattern_value(rank_pattern, module, config["r"], f"{cfg_file}: field 'rank_pattern'")
-        alpha = _pattern_value(alpha_pattern, module, config["lora_alpha"],
-                               f"{cfg_file}: field 'alpha_pattern'")
-        if int(r_cfg) != rank:
-            raise DeltaFormatError(f"{cfg_file}: module {module!r} has rank {r_cfg} by field "
-                                   f"'r'/'rank_pattern' but its tensors in {file.name} have rank {rank}")
-        scale = alpha / math.sqrt(rank) if rslora else alpha / rank
-        if model is not None:
-            try:
-                base = get_module(model, module)
-            except AttributeError:
-                raise TargetError(f"{file}: the adapter has LoRA tensors for {module!r}, which is not a "
-                                  "module of this model") from None
-            kind = base_layer_kind(base, f"{file}: {module}")
-            d_in, d_out = in_out_features(base)
-            if is_embedding[module] != (kind is LayerKind.EMBEDDING):
-                stored = "embedding" if is_embedding[module] else "linear"
-                raise ShapeMismatch(f"{file}: {module!r} is a {kind} module in the model but the adapter "
-                                    f"stores {stored} LoRA tensors for it")
-            if tuple(a.shape) != (rank, d_in) or tuple(b.shape) != (d_out, rank):
-                raise ShapeMismatch(
-                    f"{file}: {module!r}: the model's {kind} module maps {d_in}→{d_out}, so LoRA rank {rank} "
-                    f"needs A {(rank, d_in)} and B {(d_out, rank)}; the adapter has {key_a} {tuple(a.shape)} "
-                    f"and {key_b} {tuple(b.shape)}"
-                )
-        else:
-            d_in, d_out = a.shape[1], b.shape[0]
-            if is_embedding[module]:
-                kind = LayerKind.EMBEDDING
-            else:
-                kind = LayerKind.CONV1D if fan_in_fan_out else LayerKind.LINEAR
-        dtype = a.dtype if a.dtype.is_floating_point else torch.float32
-        part = LoRAPart(d_in, d_out, rank, scale, layer=kind, dropout=dropout, dtype=dtype)
-        part.load_tensors({"lora_A": a.to(dtype), "lora_B": b.to(dtype)}, f"{file}: {module}")
-        parts[module] = part
-
-    # 4. heads against the model
+    cfg = read_adapter_config(path)
+    file = _weights_file(path)
+    infos, metadata = read_header(file)
+    layout = _classify(file, list(infos), cfg.modules_to_save, _embedding_names(model))
+    specs = [_part_spec(m, layout.factors[m], layout.embedding[m], infos, cfg, model, file)
+             for m in sorted(layout.factors)]
     if model is not None:
-        for head, tensors in heads.items():
-            try:
-                own = model.get_submodule(head).state_dict()
-            except AttributeError:
-                raise TargetError(f"{file}: modules_to_save module {head!r} is not a module of this "
-                                  "model") from None
-            for name, value in tensors.items():
-                if name not in own or tuple(own[name].shape) != tuple(value.shape):
-                    got = tuple(own[name].shape) if name in own else "missing"
-                    raise ShapeMismatch(f"{file}: modules_to_save tensor {head}.{name} has shape "
-                                        f"{tuple(value.shape)}, the model has {got}")
-    missing_heads = [m for m in modules_to_save if not any(h.endswith(m) for h in heads)]
+        _check_heads_against(model, layout, infos, file)
+    record = _stored_record(file, metadata) if verify else None
+    if record is not None:
+        _verify_record(file, cfg, infos, record)
+        wanted = list(infos)  # every recorded tensor is checked
+    else:
+        wanted = [k for s in specs for k in (s.key_a, s.key_b)] + [k for t in layout.heads.values() for k in t.values()]
+        wanted += [key for _, _, key in layout.base_copies] if model is not None else []
+    values = _read_values(file, wanted, record)
+    for key in wanted:
+        _check_finite(file, key, values[key])
+
+    heads = {head: {name: values[key] for name, key in tensors.items()} for head, tensors in layout.heads.items()}
+    for module, tensor, key in layout.base_copies:
+        if model is None:
+            warnings.warn(f"{file}: {key!r} is a copy of a base weight (PEFT saves targeted or resized embedding "
+                          "layers); it is not part of the delta and was not checked: pass model= to check it",
+                          stacklevel=2)
+        else:
+            _check_base_copy(model, module, tensor, values[key], file, key)
+    parts = {s.module: _build_part(s, values, cfg.dropout, file) for s in specs}
+
+    missing_heads = [m for m in cfg.modules_to_save if not any(h.endswith(m) for h in heads)]
     if missing_heads and model is not None:
         present = [m for m in missing_heads if any(n.endswith(m) for n, _ in model.named_modules() if n)]
         if present:
-            warnings.warn(f"{cfg_file}: modules_to_save {present} have no tensors in {file.name}",
+            warnings.warn(f"{path / CONFIG_NAME}: modules_to_save {present} have no tensors in {file.name}",
                           stacklevel=2)
-
     delta_config = {
-        "r": int(config["r"]),
-        "alpha": float(config["lora_alpha"]),
-        "dropout": dropout,
+        "r": cfg.r,
+        "alpha": cfg.alpha,
+        "dropout": cfg.dropout,
         "targets": sorted(parts),
-        "rslora": rslora,
+        "rslora": cfg.rslora,
         "init": "kaiming",
     }
     fp = fingerprint(model, exclude=list(heads)) if model is not None else None
-    return Delta(method="lora", config=delta_config, parts=dict(parts), heads=heads, fingerprint=fp)
+    return Delta(method="lora", config=delta_config, parts=parts, heads=heads, fingerprint=fp)
 
 
 # --------------------------------------------------------------------------------------------------
 # export
 # --------------------------------------------------------------------------------------------------
-def _number(x: float) -> int | float:
+def _json_number(x: float) -> int | float:
     """JSON-friendly: integral floats as ints (PEFT annotates ``r``/``lora_alpha`` as int)."""
     return int(x) if float(x).is_integer() else float(x)
 
@@ -406,16 +500,17 @@ def _patterns(values: dict[str, Any], default: Any) -> dict[str, Any]:
     if not differing:
         return {}
     ordered = dict(sorted(differing.items(), key=lambda kv: (-len(kv[0]), kv[0])))
-    if all(_pattern_value(ordered, m, default, "export") == v for m, v in values.items()):
+    if all(pattern_value(ordered, m, default, "export") == v for m, v in values.items()):
         return ordered
     escaped = {re.escape(m): v for m, v in ordered.items()}
-    if all(_pattern_value(escaped, m, default, "export") == v for m, v in values.items()):
+    if all(pattern_value(escaped, m, default, "export") == v for m, v in values.items()):
         return escaped
     raise DeltaFormatError("cannot express the per-module ranks/scales as PEFT rank_pattern/alpha_pattern "
                            "(module names that are suffixes of one another)")
 
 
-def export_peft(delta: Delta, path: str | Path, base_model_name_or_path: str | None = None) -> Path:
+def export_peft(delta: Delta, path: str | Path, base_model_name_or_path: str | None = None,
+                overwrite: bool = False) -> Path:
     """Write a LoRA ``delta`` as a PEFT adapter directory (``PeftModel.from_pretrained`` loads it).
 
     ``r`` is the largest rank and ``lora_alpha`` the most common ``α`` among the modules of that rank
@@ -424,7 +519,10 @@ def export_peft(delta: Delta, path: str | Path, base_model_name_or_path: str | N
     so every module keeps exactly its own scale.  Heads are written as ``modules_to_save`` tensors.
     ``task_type`` is left ``null`` (the delta does not record the model class), so load it with
     :class:`peft.PeftModel`.
-    The directory is replaced atomically.
+    The safetensors metadata ``deltatune.digests`` records a SHA-256 digest of every tensor and of the
+    config, which :func:`load_peft_adapter` verifies (PEFT ignores it).  Non-finite scales or values are
+    refused (:class:`NonFiniteError`).  The directory is written atomically; an existing ``path`` that
+    is not an earlier PEFT export is refused (:class:`OutputExists`) unless ``overwrite``.
     """
     path = Path(path)
     if not delta.parts:
@@ -436,11 +534,17 @@ def export_peft(delta: Delta, path: str | Path, base_model_name_or_path: str | N
     parts: dict[str, LoRAPart] = dict(delta.parts)  # type: ignore[arg-type]
     rslora = bool(delta.config.get("rslora", False))
     ranks = {n: p.rank for n, p in parts.items()}
-    alphas = {n: _number(p.scale * (math.sqrt(p.rank) if rslora else p.rank)) for n, p in parts.items()}
+    alphas: dict[str, int | float] = {}
+    for name, part in parts.items():
+        alpha = part.scale * (math.sqrt(part.rank) if rslora else part.rank)
+        if not math.isfinite(alpha):
+            raise NonFiniteError(f"cannot export to {path}: part {name!r} has scale {part.scale} (lora_alpha {alpha})")
+        alphas[name] = _json_number(alpha)
     r = max(ranks.values())
     lora_alpha = Counter(alphas[n] for n in sorted(parts) if ranks[n] == r).most_common(1)[0][0]
     dropouts = {p.dropout_p for p in parts.values()}
-    dropout = float(delta.config.get("dropout", max(dropouts)))
+    dropout = finite_number(delta.config.get("dropout", max(dropouts)), f"cannot export to {path}: delta config "
+                            "field 'dropout'")
     kinds = {p.layer for p in parts.values()}
     config = {
         "peft_type": "LORA",
@@ -479,7 +583,11 @@ def export_peft(delta: Delta, path: str | Path, base_model_name_or_path: str | N
             raise DeltaFormatError(f"head {head!r} has no tensors; call delta.snapshot_heads(model) first")
         for k, v in head_tensors.items():
             tensors[f"{PREFIX}{head}.{k}"] = v.detach().to("cpu").contiguous()
-    with atomic_dir(path) as tmp:
-        save_file(tensors, str(tmp / SAFETENSORS_NAME), metadata={"format": "pt"})
+    for key, value in tensors.items():
+        _check_finite(f"cannot export to {path}", key, value)
+    record = {"tensors": {k: tensor_digest(k, v) for k, v in tensors.items()}, "config": config_digest(config)}
+    metadata = {"format": "pt", DIGEST_METADATA_KEY: json.dumps(record, sort_keys=True)}
+    with atomic_dir(path, "peft", overwrite=overwrite) as tmp:
+        save_file(tensors, str(tmp / SAFETENSORS_NAME), metadata=metadata)
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))  # keep pattern order
     return path

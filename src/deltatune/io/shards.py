@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from deltatune.io.atomic import atomic_dir
+from deltatune.io.outputs import CHECKPOINT_KIND
 
 INDEX = "model.safetensors.index.json"
 
@@ -153,9 +154,11 @@ class PlannedShardWriter:
 
 
 def write_sharded(out: str | Path, tensors: Iterable[tuple[str, Tensor]], max_shard_bytes: int,
-                  extra_files: Iterable[tuple[str, bytes]] = ()) -> list[str]:
-    """Write ``(name, tensor)`` pairs as a sharded checkpoint in ``out`` (atomic), plus extra files."""
-    with atomic_dir(out) as tmp:
+                  extra_files: Iterable[tuple[str, bytes]] = (), overwrite: bool = False) -> list[str]:
+    """Write ``(name, tensor)`` pairs as a sharded checkpoint in ``out`` (atomic), plus extra files.
+
+    An existing ``out`` must be an earlier checkpoint output unless ``overwrite`` (see :func:`atomic_dir`)."""
+    with atomic_dir(out, CHECKPOINT_KIND, overwrite=overwrite) as tmp:
         writer = ShardWriter(tmp, max_shard_bytes)
         for name, tensor in tensors:
             writer.add(name, tensor)

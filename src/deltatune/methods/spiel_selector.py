@@ -55,9 +55,12 @@ class _Window:
                 "samples": self.samples}
 
     @classmethod
-    def from_state(cls, st: dict[str, Any]) -> _Window:
+    def from_state(cls, st: dict[str, Any], device: torch.device) -> _Window:
+        """Rebuild from :meth:`state` (a checkpoint holds CPU tensors; they move to the part's ``device``)."""
         w = cls()
-        w.candidates, w.grad_sum, w.grad_sq, w.samples = st["candidates"], st["grad_sum"], st["grad_sq"], st["samples"]
+        w.candidates, w.grad_sum, w.grad_sq = (None if st[k] is None else st[k].to(device)
+                                               for k in ("candidates", "grad_sum", "grad_sq"))
+        w.samples = st["samples"]
         return w
 
 
@@ -177,5 +180,6 @@ class SpIELSelector(TrainHook):
         if state["windows"] is None:
             self._close()
         else:
-            self.windows = {n: _Window.from_state(st) for n, st in state["windows"].items()}
+            self.windows = {n: _Window.from_state(st, self.parts[n].indices.device)
+                            for n, st in state["windows"].items()}
             self._install()

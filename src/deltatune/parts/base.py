@@ -80,7 +80,16 @@ class Part(nn.Module):
         raise NotImplementedError
 
     @classmethod
+    def expected_state(cls, meta: Any) -> dict[str, tuple[int, ...]]:
+        """Validate ``meta`` (types, ranges, finiteness) and return the tensor shapes it implies.
+
+        Loaders compare these with a file's header before reading any tensor; raises a typed
+        :class:`~deltatune.errors.DeltaFormatError` naming the field."""
+        raise NotImplementedError
+
+    @classmethod
     def from_state(cls, state: dict[str, Tensor], meta: dict[str, Any]) -> Part:
+        """Rebuild a part from its tensors and metadata (both validated first)."""
         raise NotImplementedError
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:

@@ -14,8 +14,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from deltatune.errors import ShapeMismatch
+from deltatune.errors import DeltaFormatError, ShapeMismatch
 from deltatune.parts.base import Part
+from deltatune.parts.meta_checks import check_keys, check_shape, check_state, short
 
 
 def _key(name: str) -> str:
@@ -89,10 +90,23 @@ class DensePart(Part):
         return {"shapes": {k: list(v) for k, v in self.shapes.items()}}
 
     @classmethod
+    def expected_state(cls, meta: Any) -> dict[str, tuple[int, ...]]:
+        shapes = check_keys(meta, {"shapes"})["shapes"]
+        if not isinstance(shapes, dict) or not shapes:
+            raise DeltaFormatError(f"meta field 'shapes' must be a non-empty object, got {short(shapes)}")
+        for k in shapes:
+            if not k.isidentifier():
+                raise DeltaFormatError(f"meta field 'shapes' names {short(k)}, not a parameter name")
+        return {k: check_shape(v, f"meta field 'shapes.{k}'") for k, v in shapes.items()}
+
+    @classmethod
     def from_state(cls, state: dict[str, Tensor], meta: dict[str, Any]) -> DensePart:
-        shapes = {k: tuple(v) for k, v in meta["shapes"].items()}
-        dtype = next(iter(state.values())).dtype if state else torch.float32
-        part = cls(shapes, dtype=dtype)
+        shapes = cls.expected_state(meta)
+        check_state(state, shapes, cls.kind)
+        dtypes = {t.dtype for t in state.values()}
+        if len(dtypes) > 1:
+            raise ShapeMismatch(f"dense tensors mix dtypes {sorted(map(str, dtypes))}")
+        part = cls(shapes, dtype=dtypes.pop())
         part.load_tensors(state, "dense")
         return part
 

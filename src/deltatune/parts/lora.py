@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from deltatune.errors import ShapeMismatch
 from deltatune.parts.base import Part, base_layer_kind
 from deltatune.parts.layers import LayerKind, in_out_features, to_native
+from deltatune.parts.meta_checks import check_keys, check_shape, check_state, meta_int, meta_layer, meta_number
 
 
 def lora_scale(alpha: float, rank: int, rslora: bool) -> float:
@@ -120,10 +121,22 @@ class LoRAPart(Part):
         }
 
     @classmethod
+    def expected_state(cls, meta: Any) -> dict[str, tuple[int, ...]]:
+        meta = check_keys(meta, {"in_features", "out_features", "rank", "scale", "layer"}, {"dropout"})
+        d_in, d_out, rank = meta_int(meta, "in_features"), meta_int(meta, "out_features"), meta_int(meta, "rank")
+        meta_number(meta, "scale")
+        meta_layer(meta)
+        if "dropout" in meta:
+            meta_number(meta, "dropout", 0.0, 0.999)
+        check_shape([rank, d_in], "lora_A"), check_shape([d_out, rank], "lora_B")
+        return {"lora_A": (rank, d_in), "lora_B": (d_out, rank)}
+
+    @classmethod
     def from_state(cls, state: dict[str, Tensor], meta: dict[str, Any]) -> LoRAPart:
+        check_state(state, cls.expected_state(meta), cls.kind)
         part = cls(
             meta["in_features"], meta["out_features"], meta["rank"], meta["scale"],
-            layer=LayerKind(meta["layer"]), dropout=meta.get("dropout", 0.0),
+            layer=LayerKind(meta["layer"]), dropout=float(meta.get("dropout", 0.0)),
             dtype=state["lora_A"].dtype,
         )
         part.load_tensors(state, "lora")

@@ -9,15 +9,17 @@ which lives for one layer at a time.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from deltatune.errors import ShapeMismatch
+from deltatune.errors import DeltaFormatError, ShapeMismatch
 from deltatune.parts.base import Part, base_layer_kind
 from deltatune.parts.layers import LayerKind, functional_forward, input_grad, weight_grad
+from deltatune.parts.meta_checks import check_keys, check_shape, check_state, meta_int, meta_layer
 
 GradObserver = Callable[[Tensor], None]
 
@@ -56,8 +58,36 @@ class _SparseDeltaFunction(torch.autograd.Function):
         return grad_x, grad_values, None, None, None, None, None
 
 
+def check_indices(indices: Tensor, numel: int, what: str, require_sorted: bool) -> None:
+    """Raise :class:`ShapeMismatch` unless ``indices`` is a 1-D integer tensor of distinct positions in
+    ``[0, numel)`` (and, with ``require_sorted``, strictly increasing).
+
+    The one rule every path relies on: the forward pass sums duplicate positions while a merge keeps the
+    last, so duplicates are refused rather than resolved, and stored indices are never silently re-sorted."""
+    if indices.dtype not in (torch.int32, torch.int64) or indices.dim() != 1:
+        raise ShapeMismatch(f"{what} must be a 1-D int32/int64 tensor, got {indices.dtype}{list(indices.shape)}")
+    if not indices.numel():
+        return
+    lo, hi = int(indices.min()), int(indices.max())
+    if lo < 0 or hi >= numel:
+        raise ShapeMismatch(f"{what}: index {lo if lo < 0 else hi} is out of range for a weight of {numel} entries")
+    idx = indices.to(torch.int64)
+    step = idx[1:] - idx[:-1]
+    if require_sorted and bool((step < 0).any()):
+        pos = int((step < 0).nonzero()[0]) + 1
+        raise ShapeMismatch(f"{what} are not sorted: position {pos} holds {int(idx[pos])} after {int(idx[pos - 1])}")
+    ordered = idx if require_sorted else idx.sort().values
+    dup = (ordered[1:] == ordered[:-1]).nonzero()
+    if dup.numel():
+        raise ShapeMismatch(f"{what}: index {int(ordered[int(dup[0])])} occurs more than once")
+
+
 class SparsePart(Part):
-    """``values`` (trainable, fp32) at ``indices`` (sorted int64 buffer) into the native weight."""
+    """``values`` (trainable, fp32) at ``indices`` (sorted int64 buffer) into the native weight.
+
+    Construction takes any order of *distinct* in-range positions (values start at zero, so sorting them
+    is harmless); :meth:`from_state` takes stored indices only strictly increasing.  Duplicates and
+    out-of-range positions raise :class:`ShapeMismatch` on both paths."""
 
     kind = "sparse"
 
@@ -66,6 +96,7 @@ class SparsePart(Part):
         super().__init__()
         self.weight_shape = tuple(int(s) for s in weight_shape)
         self.layer = LayerKind(layer)
+        check_indices(indices, self.numel_base, "sparse indices", require_sorted=False)
         indices = indices.to(torch.int64)
         self.register_buffer("indices", indices.sort().values)
         self.values = nn.Parameter(torch.zeros(indices.numel(), dtype=dtype, device=indices.device))
@@ -73,10 +104,7 @@ class SparsePart(Part):
 
     @property
     def numel_base(self) -> int:
-        n = 1
-        for s in self.weight_shape:
-            n *= s
-        return n
+        return math.prod(self.weight_shape)
 
     def forward(self, x: Tensor, base: nn.Module) -> Tensor:
         if not torch.is_grad_enabled() or not self.values.requires_grad:
@@ -107,20 +135,25 @@ class SparsePart(Part):
         return {"weight_shape": list(self.weight_shape), "layer": str(self.layer), "k": int(self.indices.numel())}
 
     @classmethod
+    def expected_state(cls, meta: Any) -> dict[str, tuple[int, ...]]:
+        meta = check_keys(meta, {"weight_shape", "layer", "k"})
+        shape = check_shape(meta["weight_shape"], "meta field 'weight_shape'", min_dim=1)
+        meta_layer(meta)
+        k = meta_int(meta, "k", minimum=0)
+        if k > math.prod(shape):
+            raise DeltaFormatError(f"meta field 'k' is {k}, more than the {math.prod(shape)} entries of the weight "
+                                   f"{list(shape)}")
+        return {"indices": (k,), "values": (k,)}
+
+    @classmethod
     def from_state(cls, state: dict[str, Tensor], meta: dict[str, Any]) -> SparsePart:
-        idx = state.get("indices")
-        if idx is None or "values" not in state:
-            raise ShapeMismatch(f"sparse part needs 'indices' and 'values', got {sorted(state)}")
-        if idx.dtype not in (torch.int32, torch.int64):
-            raise ShapeMismatch(f"sparse indices must be int32/int64, got {idx.dtype}")
-        numel = 1
-        for s in meta["weight_shape"]:
-            numel *= int(s)
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= numel):
-            raise ShapeMismatch(f"sparse indices out of range for weight {meta['weight_shape']}")
-        part = cls(tuple(meta["weight_shape"]), idx, LayerKind(meta["layer"]), dtype=state["values"].dtype)
-        order = idx.to(torch.int64).argsort()
-        part.load_tensors({"indices": idx.to(torch.int64)[order], "values": state["values"][order]}, "sparse")
+        """Rebuild from stored indices, which must be strictly increasing and inside the weight."""
+        check_state(state, cls.expected_state(meta), cls.kind, int_tensors=frozenset({"indices"}))
+        shape = tuple(meta["weight_shape"])
+        idx = state["indices"]
+        check_indices(idx, math.prod(shape), "sparse indices", require_sorted=True)
+        part = cls(shape, idx, LayerKind(meta["layer"]), dtype=state["values"].dtype)
+        part.load_tensors({"indices": idx.to(torch.int64), "values": state["values"]}, "sparse")
         return part
 
     def check_base(self, base: nn.Module, where: str) -> None:

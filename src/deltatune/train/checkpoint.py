@@ -1,27 +1,45 @@
 """Resumable training state: trainable tensors, optimizer, scheduler, hooks, RNGs and position.
 
-Written atomically to ``out_dir/checkpoint`` (a crash mid-save keeps the previous checkpoint), so a
-resumed run continues bit-for-bit where the interrupted one stopped (CPU).
+A checkpoint is a directory ``out_dir/checkpoint`` holding ``tensors.safetensors`` (every tensor and
+NumPy array of the state) and ``state.json`` (everything else, with references to those tensors, see
+:mod:`deltatune.train.state_codec`, plus SHA-256 digests of each tensor and of the JSON itself).
+Nothing is unpickled, so a planted file cannot run code; the digests turn a flipped bit into an
+:class:`IntegrityError` naming the tensor.  It is written with ``atomic_dir`` (a crash mid-save keeps
+the previous checkpoint, and :func:`load_checkpoint` first completes or rolls back an interrupted
+swap), so a resumed run continues bit-for-bit where the interrupted one stopped (CPU).
 """
 
 from __future__ import annotations
 
+import json
+import math
 import random
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
 
-from deltatune.errors import DeltaFormatError
-from deltatune.io.atomic import atomic_dir
+from deltatune.errors import DeltaFormatError, IntegrityError, NonFiniteError
+from deltatune.io.atomic import atomic_dir, recover_dir
+from deltatune.io.digest import DIGEST_FIELD, manifest_digest, tensor_digest, verify_tensor
 from deltatune.layer import DeltaLayer
+from deltatune.train.state_codec import decode, encode
 
-STATE_FILE = "state.pt"
+FORMAT = "deltatune.train_checkpoint"
+FORMAT_VERSION = 1
+OUTPUT_KIND = "train_checkpoint"
+STATE_FILE = "state.json"
+TENSOR_FILE = "tensors.safetensors"
+LEGACY_FILE = "state.pt"
+FIELDS = {"format", "format_version", "state", DIGEST_FIELD}
+STATE_FIELDS = {"trainable", "optimizer", "scheduler", "hooks", "step", "epoch", "offset", "before", "best",
+                "history", "rng"}
 
 
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+def trainable_state(model: nn.Module) -> dict[str, Tensor]:
     """Trainable parameters plus the buffers of attached parts (sparse indices)."""
     state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     for lname, layer in model.named_modules():
@@ -33,42 +51,148 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def rng_state() -> dict[str, Any]:
+    """This process's RNG states: torch CPU (uint8 tensor), CUDA (one per device), ``random`` and NumPy."""
     state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    with atomic_dir(path) as tmp:
-        torch.save(payload, tmp / STATE_FILE)
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    file = Path(path) / STATE_FILE
-    if not file.is_file():
-        raise DeltaFormatError(f"{file}: no checkpoint to resume from")
+def set_rng_state(state: dict[str, Any], where: Path) -> None:
+    """Restore :func:`rng_state`'s result; a malformed entry raises :class:`DeltaFormatError` naming ``where``."""
     try:
-        return torch.load(file, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a corrupt file
-        raise DeltaFormatError(f"{file}: unreadable checkpoint ({exc})") from None
+        torch.set_rng_state(state["torch"])
+        random.setstate(state["python"])
+        np.random.set_state(state["numpy"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise DeltaFormatError(f"{where}: RNG state is malformed ({str(exc)[:80]})") from None
 
 
-def restore_trainable(model: nn.Module, state: dict[str, torch.Tensor], where: Path) -> None:
+def save_checkpoint(path: Path, payload: dict[str, Any], overwrite: bool = False) -> None:
+    """Write ``payload`` (the fields of :data:`STATE_FIELDS`) to the directory ``path`` atomically.
+
+    An earlier checkpoint at ``path`` is replaced; anything else there only with ``overwrite=True``.
+    """
+    tree, tensors = encode(payload, where=str(path))
+    _check_finite(tensors, path)
+    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "state": tree,
+                DIGEST_FIELD: {"tensors": {ref: tensor_digest(ref, t) for ref, t in tensors.items()}}}
+    manifest[DIGEST_FIELD]["manifest"] = manifest_digest(manifest)
+    with atomic_dir(path, OUTPUT_KIND, overwrite=overwrite) as tmp:
+        save_file(tensors, str(tmp / TENSOR_FILE), metadata={"format": FORMAT})
+        (tmp / STATE_FILE).write_text(json.dumps(manifest, allow_nan=False))
+
+
+def load_checkpoint(path: Path, verify: bool = True) -> dict[str, Any]:
+    """The state :func:`save_checkpoint` wrote, its digests checked unless ``verify=False``.
+
+    An old pickle checkpoint (``state.pt``) is refused without being opened.
+    """
+    path = Path(path)
+    recover_dir(path)
+    file = path / STATE_FILE
+    if not file.is_file():
+        if (path / LEGACY_FILE).exists():
+            raise DeltaFormatError(f"{path / LEGACY_FILE}: checkpoint is in the old pickle format, which deltatune "
+                                   f"no longer loads because unpickling can run code; start the run again")
+        raise DeltaFormatError(f"{file}: no checkpoint to resume from")
+    manifest = _read_manifest(file)
+    tensor_file = path / TENSOR_FILE
+    try:
+        tensors = load_file(str(tensor_file))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a damaged file
+        raise DeltaFormatError(f"{tensor_file}: unreadable tensor file ({str(exc)[:80]})") from None
+    if verify:
+        _verify(manifest, tensors, file, tensor_file)
+    _check_finite(tensors, tensor_file)
+    state = decode(manifest["state"], tensors, where=str(file))
+    _check_state(state, file)
+    return state
+
+
+def _read_manifest(file: Path) -> dict[str, Any]:
+    def refuse(constant: str) -> None:
+        raise DeltaFormatError(f"{file}: holds the non-standard JSON constant {constant}")
+
+    def finite(text: str) -> float:
+        value = float(text)
+        if not math.isfinite(value):
+            raise NonFiniteError(f"{file}: holds the out-of-range number {text[:40]}")
+        return value
+
+    try:
+        manifest = json.loads(file.read_text(encoding="utf-8"), parse_constant=refuse, parse_float=finite)
+    except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, an int of > 4300 digits, deep nesting
+        raise DeltaFormatError(f"{file}: not valid JSON ({str(exc)[:80]})") from None
+    if not isinstance(manifest, dict) or set(manifest) != FIELDS:
+        got = sorted(manifest) if isinstance(manifest, dict) else type(manifest).__name__
+        raise DeltaFormatError(f"{file}: expected an object with the fields {sorted(FIELDS)}, got {got}")
+    if manifest["format"] != FORMAT:
+        raise DeltaFormatError(f"{file}: field 'format' is {str(manifest['format'])[:80]!r}, expected {FORMAT!r}")
+    if manifest["format_version"] != FORMAT_VERSION or type(manifest["format_version"]) is not int:
+        raise DeltaFormatError(f"{file}: format_version {str(manifest['format_version'])[:20]} is not "
+                               f"{FORMAT_VERSION}, the one this deltatune reads")
+    return manifest
+
+
+def _verify(manifest: dict[str, Any], tensors: dict[str, Tensor], file: Path, tensor_file: Path) -> None:
+    digests = manifest[DIGEST_FIELD]
+    stored = digests.get("tensors") if isinstance(digests, dict) else None
+    if not isinstance(stored, dict) or not isinstance(digests.get("manifest"), str):
+        raise DeltaFormatError(f"{file}: field {DIGEST_FIELD!r} must hold 'tensors' and 'manifest' digests")
+    if manifest_digest(manifest) != digests["manifest"]:
+        raise IntegrityError(f"{file}: the state fails its SHA-256 check; the file is corrupt or was modified")
+    missing, extra = sorted(set(stored) - set(tensors)), sorted(set(tensors) - set(stored))
+    if missing or extra:
+        raise IntegrityError(f"{tensor_file}: tensors {str(missing or extra)[:80]} are "
+                             f"{'missing' if missing else 'not in the digests'}")
+    for ref, t in tensors.items():
+        verify_tensor(tensor_file, ref, t, stored[ref])
+
+
+def _check_finite(tensors: dict[str, Tensor], file: Path) -> None:
+    """Every floating-point tensor of a checkpoint is finite (trainable values, optimizer moments, sums)."""
+    for ref, t in tensors.items():
+        if (t.is_floating_point() or t.is_complex()) and t.numel():
+            wide = t if t.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) or t.is_complex() \
+                else t.float()
+            if not bool(torch.isfinite(wide).all()):
+                raise NonFiniteError(f"{file}: tensor {ref[:80]!r} holds NaN or ±Inf")
+
+
+def _check_state(state: Any, file: Path) -> None:
+    """The top-level fields the training loop relies on, with their types."""
+    if not isinstance(state, dict) or set(state) != STATE_FIELDS:
+        got = sorted(map(str, state)) if isinstance(state, dict) else type(state).__name__
+        raise DeltaFormatError(f"{file}: state must have the fields {sorted(STATE_FIELDS)}, got {str(got)[:80]}")
+    for key in ("step", "epoch", "offset"):
+        if type(state[key]) is not int or state[key] < 0:
+            raise DeltaFormatError(f"{file}: state field {key!r} must be an integer ≥ 0, got {state[key]!r:.40}")
+    expect = {"trainable": dict, "optimizer": dict, "scheduler": dict, "hooks": list, "before": dict,
+              "history": list, "rng": list}
+    for key, kind in expect.items():
+        if not isinstance(state[key], kind):
+            raise DeltaFormatError(f"{file}: state field {key!r} must be a {kind.__name__}")
+    if state["best"] is not None and not isinstance(state["best"], dict):
+        raise DeltaFormatError(f"{file}: state field 'best' must be a dict or null")
+    bad = [k for k, v in state["trainable"].items() if not (isinstance(k, str) and isinstance(v, Tensor))]
+    if bad:
+        raise DeltaFormatError(f"{file}: state field 'trainable' maps {str(bad[:3])[:80]} to non-tensors")
+    if not state["rng"] or not all(isinstance(r, dict) for r in state["rng"]):
+        raise DeltaFormatError(f"{file}: state field 'rng' must be a non-empty list of per-process RNG states")
+
+
+def restore_trainable(model: nn.Module, state: dict[str, Tensor], where: Path) -> None:
+    """Copy the checkpoint's trainable tensors into ``model`` (names and shapes must match)."""
     own = dict(model.named_parameters()) | dict(model.named_buffers())
     missing = sorted(set(trainable_state(model)) - set(state))
     if missing:
         raise DeltaFormatError(f"{where}: checkpoint lacks {missing[:5]} — was it written by another method?")
     with torch.no_grad():
         for name, tensor in state.items():
-            if name not in own or own[name].shape != tensor.shape:
-                raise DeltaFormatError(f"{where}: checkpoint tensor {name!r} does not fit this model")
+            if name not in own or own[name].shape != tensor.shape or own[name].dtype != tensor.dtype:
+                raise DeltaFormatError(f"{where}: checkpoint tensor {name[:80]!r} does not fit this model "
+                                       f"(name, shape or dtype)")
             own[name].copy_(tensor)

@@ -44,6 +44,8 @@ class TrainConfig:
     checkpoint_every: int = field(default=100, metadata={"help": "write a resumable checkpoint every N steps"})
     keep_best: bool = field(default=True, metadata={"help": "save the best eval delta to out_dir/best"})
     resume: bool = field(default=False, metadata={"help": "continue from out_dir/checkpoint"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing out_dir that is not an "
+                                                              "earlier training run"})
     seed: int = field(default=0, metadata={"help": "seed of data order, init and dropout"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 

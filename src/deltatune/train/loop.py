@@ -23,14 +23,20 @@ from accelerate.utils import set_seed
 from torch import nn
 
 from deltatune.delta import Delta
-from deltatune.errors import TrainingDiverged
+from deltatune.errors import DeltaFormatError, TrainingDiverged
+from deltatune.io.atomic import atomic_file, guard_output, recover_dir
 from deltatune.io.delta_format import save_delta
+from deltatune.io.outputs import write_marker
 from deltatune.methods.registry import get_method
 from deltatune.model import attach
 from deltatune.train import checkpoint as ckpt
 from deltatune.train.config import TrainConfig
 from deltatune.train.evaluate import batches, evaluate
 from deltatune.train.tasks import Task, build_task
+
+RUN_KIND = "train_run"
+#: What a run folder holds; its marker lists these, so a later run may replace them (and nothing else).
+RUN_ENTRIES = ("delta", "best", "checkpoint", "history.json")
 
 
 @dataclass
@@ -115,10 +121,21 @@ def _rank_digests(digest: str, accelerator: Accelerator) -> list[str]:
 
 
 def train(cfg: TrainConfig, method_config: Any) -> TrainResult:
-    """Train a delta of ``method_config.method`` on ``cfg.task``; write ``out_dir/delta`` (and ``best``)."""
+    """Train a delta of ``method_config.method`` on ``cfg.task``; write ``out_dir/delta`` (and ``best``).
+
+    A new run (not ``resume``) refuses an ``out_dir`` that holds anything but an earlier run, unless
+    ``cfg.overwrite``.  Its subfolders (``delta``, ``best``, ``checkpoint``) are then the run's own and are
+    replaced without a further check (``overwrite=True``).
+    """
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    set_seed(cfg.seed)
     out = Path(cfg.out_dir)
+    if not cfg.resume:
+        guard_output(out, RUN_KIND, cfg.overwrite)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            out.mkdir(parents=True, exist_ok=True)
+            write_marker(out, RUN_KIND, RUN_ENTRIES)
+    set_seed(cfg.seed)
     log = _Logger(accelerator, cfg.progress)
     task = build_task(cfg)
     set_seed(cfg.seed)
@@ -137,18 +154,12 @@ def train(cfg: TrainConfig, method_config: Any) -> TrainResult:
     step, epoch, offset, history = 0, 0, 0, []
     before, best = {}, None
     if cfg.resume:
-        state = ckpt.load_checkpoint(out / "checkpoint")
-        ckpt.restore_trainable(raw_model, state["trainable"], out / "checkpoint")
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        for hook, hs in zip(hooks, state["hooks"], strict=True):
-            hook.load_state_dict(hs)
+        state = _resume(out / "checkpoint", raw_model, optimizer, scheduler, hooks, accelerator)
         step, epoch, offset = state["step"], state["epoch"], state["offset"]
         before, best, history = state["before"], state["best"], state["history"]
-        ckpt.set_rng_state(state["rng"][accelerator.process_index])
         log.say(f"resumed from {out / 'checkpoint'} at step {step}")
     elif cfg.eval_before:
-        before = evaluate(raw_model, task, cfg.eval_batch_size, accelerator.device)
+        before = _defined(evaluate(raw_model, task, cfg.eval_batch_size, accelerator.device))
         log.say(f"before training: {_fmt(before)}")
 
     data = ShardedBatches(task, cfg.batch_size, cfg.seed, accelerator.process_index, accelerator.num_processes,
@@ -179,14 +190,14 @@ def train(cfg: TrainConfig, method_config: Any) -> TrainResult:
             log.advance(progress, running)
             record: dict[str, Any] = {"step": step, "loss": running, "lr": scheduler.get_last_lr()[0]}
             if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps:
-                metrics = evaluate(raw_model, task, cfg.eval_batch_size, accelerator.device)
+                metrics = _defined(evaluate(raw_model, task, cfg.eval_batch_size, accelerator.device))
                 record["eval"] = metrics
                 log.say(f"step {step}: {_fmt(metrics)}")
                 if metrics and cfg.keep_best and _better(metrics, best, task):
                     best = {**metrics, "step": step}
                     delta.snapshot_heads(raw_model)
                     if accelerator.is_main_process:
-                        save_delta(delta, out / "best", metrics={"best": best, "before": before})
+                        save_delta(delta, out / "best", metrics={"best": best, "before": before}, overwrite=True)
             history.append(record)
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
                 bad = _first_non_finite(raw_model)
@@ -206,13 +217,37 @@ def train(cfg: TrainConfig, method_config: Any) -> TrainResult:
     summary = {"before": before, "final": final, "best": best, "steps": step, "world_size": accelerator.num_processes,
                "rank_digests_equal": True, "digest": digests[0], "train": asdict(cfg), "task": task.name}
     if accelerator.is_main_process:
-        save_delta(delta, out / "delta", metrics=summary)
-        (out / "history.json").write_text(json.dumps(history, indent=1))
+        save_delta(delta, out / "delta", metrics=summary, overwrite=True)
+        with atomic_file(out / "history.json") as tmp:
+            tmp.write_text(json.dumps(history, indent=1))
         log.say(f"delta written to {out / 'delta'}")
     accelerator.wait_for_everyone()
     delta.metrics.update(summary)
     best_dir = out / "best" if best else None
     return TrainResult(delta, out / "delta", best_dir, before, final, best, history, accelerator.is_main_process)
+
+
+def _resume(where: Path, model: nn.Module, optimizer, scheduler, hooks, accelerator: Accelerator) -> dict[str, Any]:
+    """Load the checkpoint at ``where`` into the model, optimizer, scheduler, hooks and RNGs; return its state."""
+    if accelerator.is_main_process:
+        recover_dir(where)  # roll back an interrupted swap once, before every rank reads the checkpoint
+    accelerator.wait_for_everyone()
+    state = ckpt.load_checkpoint(where)
+    if len(state["hooks"]) != len(hooks) or len(state["rng"]) != accelerator.num_processes:
+        raise DeltaFormatError(f"{where}: checkpoint has {len(state['hooks'])} hook state(s) for "
+                               f"{len(state['rng'])} process(es); this run has {len(hooks)} for "
+                               f"{accelerator.num_processes} — was it written by another method or world size?")
+    ckpt.restore_trainable(model, state["trainable"], where)
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        for hook, hs in zip(hooks, state["hooks"], strict=True):
+            hook.load_state_dict(hs)
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
+        raise DeltaFormatError(f"{where}: optimizer, scheduler or hook state does not fit this run "
+                               f"({str(exc)[:80]})") from None
+    ckpt.set_rng_state(state["rng"][accelerator.process_index], where)
+    return state
 
 
 def _save_checkpoint(out: Path, accelerator: Accelerator, model: nn.Module, optimizer, scheduler, hooks, step: int,
@@ -222,7 +257,7 @@ def _save_checkpoint(out: Path, accelerator: Accelerator, model: nn.Module, opti
         rngs = [None] * accelerator.num_processes
         dist.all_gather_object(rngs, ckpt.rng_state())
     if accelerator.is_main_process:
-        ckpt.save_checkpoint(out / "checkpoint", {
+        ckpt.save_checkpoint(out / "checkpoint", overwrite=True, payload={
             "trainable": ckpt.trainable_state(model), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "hooks": [h.state_dict() for h in hooks], "step": step,
             "epoch": data.epoch, "offset": data.offset, "before": before, "best": best, "history": history,
@@ -248,8 +283,14 @@ def _better(metrics: dict[str, float], best: dict[str, float] | None, task: Task
     return value > best[task.main_metric] if task.greater_is_better else value < best[task.main_metric]
 
 
-def _fmt(metrics: dict[str, float]) -> str:
-    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+def _defined(metrics: dict[str, float]) -> dict[str, float | None]:
+    """Metrics with undefined values as ``None``: a correlation of constant predictions is NaN, which is not an
+    error during training (the loss is checked separately) but cannot be stored in a manifest (finite JSON only)."""
+    return {k: v if v is None or math.isfinite(v) else None for k, v in metrics.items()}
+
+
+def _fmt(metrics: dict[str, float | None]) -> str:
+    return ", ".join(f"{k} {'undefined' if v is None else f'{v:.4f}'}" for k, v in metrics.items())
 
 
 class _Logger:

@@ -1,0 +1,242 @@
+"""PEFT ``adapter_config.json``: checked against PEFT 0.21's ``LoraConfig`` schema before anything is used.
+
+Every field deltatune reads must have the type PEFT annotates (``r`` a positive integer, not a bool;
+``lora_alpha`` and the pattern values finite numbers; ``fan_in_fan_out`` a real bool; …).  Other PEFT
+methods, LoRA variants and initialisations that a plain ``s·B·A`` part cannot represent are refused,
+saying what and why.  A wrong type raises :class:`DeltaFormatError`, NaN/±Inf :class:`NonFiniteError`,
+both naming the file and the field.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from deltatune.errors import DeltaFormatError, NonFiniteError
+from deltatune.io.digest import json_digest
+from deltatune.io.json_io import read_json_object
+from deltatune.parts.meta_checks import short
+
+CONFIG_NAME = "adapter_config.json"
+REQUIRED_FIELDS = ("peft_type", "r", "lora_alpha")
+# LoRA variants and extras whose adapters a plain ``s·B·A`` part cannot represent.
+UNSUPPORTED_FIELDS = {
+    "use_dora": "DoRA (a learned magnitude vector on top of B·A)",
+    "lora_bias": "a trainable bias on lora_B",
+    "use_qalora": "QALoRA (GPTQ input pooling)",
+    "use_bdlora": "BD-LoRA (block-diagonal factors)",
+    "layer_replication": "layer replication (changes the model's structure)",
+    "megatron_config": "Megatron tensor-parallel LoRA layers",
+    "trainable_token_indices": "trainable tokens (embedding rows stored separately)",
+    "alora_invocation_tokens": "activated LoRA (depends on invocation tokens)",
+    "target_parameters": "LoRA on raw nn.Parameters",
+    "kasa_config": "KaSA (SVD truncation of the base weight)",
+    "monteclora_config": "MonteCLoRA (variational LoRA)",
+    "arrow_config": "Arrow routing over several LoRAs",
+}
+# Initialisations that rewrite the base weights: the adapter is relative to that *modified* base.
+BASE_MUTATING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
+# Initialisations after which the adapter is a plain ``s·B·A`` on the unchanged base.
+PLAIN_INITS = ("gaussian", "eva", "orthogonal", "mica")
+# Why other PEFT methods are not a LoRA delta.
+OTHER_PEFT_TYPES = {
+    "IA3": "it scales activations instead of adding a low-rank update",
+    "ADALORA": "it stores an SVD-form update (lora_E, ranknum) instead of B·A",
+    "LOHA": "its update is a Hadamard product of factor pairs, not B·A",
+    "LOKR": "its update is a Kronecker product, not B·A",
+    "PROMPT_TUNING": "it learns virtual tokens and changes no weight",
+    "P_TUNING": "it learns virtual tokens and changes no weight",
+    "PREFIX_TUNING": "it learns key/value prefixes and changes no weight",
+}
+# Every field of PEFT 0.21.2's ``LoraConfig`` (with ``PeftConfig``'s); others come from another version.
+KNOWN_FIELDS = frozenset((
+    "alora_invocation_tokens", "alpha_pattern", "arrow_config", "auto_mapping", "base_model_name_or_path",
+    "bias", "corda_config", "ensure_weight_tying", "eva_config", "exclude_modules", "fan_in_fan_out",
+    "inference_mode", "init_lora_weights", "kasa_config", "layer_replication", "layers_pattern",
+    "layers_to_transform", "loftq_config", "lora_alpha", "lora_bias", "lora_dropout", "lora_ga_config",
+    "megatron_config", "megatron_core", "modules_to_save", "monteclora_config", "peft_type", "peft_version",
+    "qalora_group_size", "r", "rank_pattern", "revision", "runtime_config", "target_modules",
+    "target_parameters", "task_type", "trainable_token_indices", "use_bdlora", "use_dora", "use_qalora",
+    "use_rslora", "velora_config",
+))
+
+
+# --------------------------------------------------------------------------------------------------
+# PEFT's pattern rule
+# --------------------------------------------------------------------------------------------------
+def pattern_key(keys: list[str], module: str, where: str = "pattern") -> str | None:
+    """The first key of a PEFT ``rank_pattern``/``alpha_pattern`` that matches ``module``, or ``None``.
+
+    Same rule as ``peft.utils.other.get_pattern_key`` (0.21.2): the key is a regular expression that
+    must match the whole name or a dot-separated suffix of it.
+    """
+    for key in keys:
+        try:
+            if re.match(rf"(.*\.)?({key})$", module):
+                return key
+        except (re.error, RecursionError, OverflowError) as exc:
+            raise DeltaFormatError(f"{where}: key {short(key)} is not a valid regular expression "
+                                   f"({str(exc)[:80]})") from None
+    return None
+
+
+def pattern_value(pattern: dict[str, Any], module: str, default: Any, where: str) -> Any:
+    """``pattern``'s value for ``module`` under PEFT's first-match rule, else ``default``."""
+    key = pattern_key(list(pattern), module, where)
+    return default if key is None else pattern[key]
+
+
+# --------------------------------------------------------------------------------------------------
+# adapter_config.json against PEFT's LoraConfig schema
+# --------------------------------------------------------------------------------------------------
+def _is_str_list(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+_IS_BOOL: tuple[Callable[[Any], bool], str] = (lambda v: isinstance(v, bool), "true or false")
+_STR_OR_NONE: tuple[Callable[[Any], bool], str] = (lambda v: v is None or isinstance(v, str), "a string or null")
+_NAMES: tuple[Callable[[Any], bool], str] = (
+    lambda v: v is None or isinstance(v, str) or _is_str_list(v), "a string, a list of strings or null")
+# Field → (check, what is expected), after PEFT 0.21.2's ``LoraConfig`` annotations.
+FIELD_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "peft_type": (lambda v: isinstance(v, str), "a string"),
+    "task_type": _STR_OR_NONE,
+    "base_model_name_or_path": _STR_OR_NONE,
+    "revision": _STR_OR_NONE,
+    "inference_mode": _IS_BOOL,
+    "fan_in_fan_out": _IS_BOOL,
+    "use_rslora": _IS_BOOL,
+    "use_dora": _IS_BOOL,
+    "lora_bias": _IS_BOOL,
+    "use_qalora": _IS_BOOL,
+    "ensure_weight_tying": _IS_BOOL,
+    "bias": (lambda v: isinstance(v, str), "'none', 'all' or 'lora_only'"),
+    "init_lora_weights": (lambda v: isinstance(v, bool | str), "true, false or an initialisation name"),
+    "target_modules": _NAMES,
+    "exclude_modules": _NAMES,
+    "layers_pattern": _NAMES,
+    "layers_to_transform": (lambda v: v is None or _is_int(v) or (isinstance(v, list) and all(map(_is_int, v))),
+                            "an integer, a list of integers or null"),
+    "modules_to_save": (lambda v: v is None or _is_str_list(v), "a list of module names or null"),
+    "rank_pattern": (lambda v: v is None or isinstance(v, dict), "an object {pattern: rank} or null"),
+    "alpha_pattern": (lambda v: v is None or isinstance(v, dict), "an object {pattern: alpha} or null"),
+}
+
+
+def finite_number(value: Any, where: str) -> float:
+    """``value`` as a finite float; ``DeltaFormatError`` for a non-number, ``NonFiniteError`` for NaN/±Inf."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise DeltaFormatError(f"{where} must be a number, got {short(value)}")
+    try:
+        out = float(value)
+    except OverflowError:
+        out = math.inf
+    if not math.isfinite(out):
+        raise NonFiniteError(f"{where} must be a finite number, got {short(value)}")
+    return out
+
+
+def _positive_int(value: Any, where: str) -> int:
+    if not _is_int(value) or value < 1:
+        raise DeltaFormatError(f"{where} must be a positive integer, got {short(value)}")
+    return value
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """The fields of a PEFT ``adapter_config.json`` that deltatune reads, validated."""
+
+    raw: dict[str, Any]
+    r: int
+    alpha: float
+    rank_pattern: dict[str, int]
+    alpha_pattern: dict[str, float]
+    modules_to_save: list[str]
+    rslora: bool
+    fan_in_fan_out: bool
+    dropout: float
+
+
+def _check_variants(config: dict[str, Any], file: Path) -> None:
+    """Refuse other PEFT methods, LoRA variants and inits a plain ``s·B·A`` part cannot represent."""
+    peft_type = config["peft_type"]
+    if peft_type != "LORA":
+        why = OTHER_PEFT_TYPES.get(peft_type, "only LoRA is a low-rank update s·B·A of existing weights")
+        raise DeltaFormatError(f"{file}: peft_type is {short(peft_type)}; deltatune reads only LORA adapters "
+                               f"({why})")
+    for name, what in UNSUPPORTED_FIELDS.items():
+        if config.get(name):
+            raise DeltaFormatError(f"{file}: field {name!r} is {short(config[name])}: {what} is not supported; "
+                                   "only plain LoRA/rsLoRA adapters convert to a deltatune delta")
+    bias = config.get("bias", "none")
+    if bias != "none":
+        raise DeltaFormatError(f"{file}: field 'bias' is {short(bias)}; only 'none' is supported (trained base "
+                               "biases are not part of a LoRA delta)")
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(BASE_MUTATING_INITS):
+        raise DeltaFormatError(f"{file}: init_lora_weights is {short(init)}, which rewrites the base weights, "
+                               "so the adapter only fits that modified base; save it with PEFT's "
+                               "path_initial_model_for_weight_conversion to get a plain LoRA")
+    if isinstance(init, str) and init not in PLAIN_INITS:
+        raise DeltaFormatError(f"{file}: init_lora_weights is {short(init)}, not one PEFT 0.21 knows; "
+                               f"expected true, false or one of {list(PLAIN_INITS)}")
+    unknown = sorted(k for k, v in config.items() if k not in KNOWN_FIELDS and v not in (None, False, 0, "", [], {}))
+    if unknown:
+        warnings.warn(f"{file}: fields {short(unknown)} are not in PEFT 0.21's LoraConfig and were ignored "
+                      "(as PEFT ignores them)", stacklevel=4)
+
+
+def _read_patterns(config: dict[str, Any], file: Path) -> tuple[dict[str, int], dict[str, float]]:
+    ranks: dict[str, int] = {}
+    for key, value in (config.get("rank_pattern") or {}).items():
+        ranks[key] = _positive_int(value, f"{file}: field 'rank_pattern' entry {short(key)}")
+    alphas: dict[str, float] = {}
+    for key, value in (config.get("alpha_pattern") or {}).items():
+        alphas[key] = finite_number(value, f"{file}: field 'alpha_pattern' entry {short(key)}")
+    for name, pattern in (("rank_pattern", ranks), ("alpha_pattern", alphas)):
+        for key in pattern:
+            pattern_key([key], "", f"{file}: field {name!r}")
+    return ranks, alphas
+
+
+def read_adapter_config(path: Path) -> AdapterConfig:
+    """Read ``path/adapter_config.json`` and check it against PEFT 0.21's ``LoraConfig`` schema."""
+    file = path / CONFIG_NAME
+    config = read_json_object(file, "PEFT adapter", f"{CONFIG_NAME} and adapter_model.safetensors")
+    missing = [f for f in REQUIRED_FIELDS if f not in config]
+    if missing:
+        raise DeltaFormatError(f"{file}: missing field(s) {missing}")
+    for name, (check, expected) in FIELD_TYPES.items():
+        if name in config and not check(config[name]):
+            raise DeltaFormatError(f"{file}: field {name!r} must be {expected}, got {short(config[name])}")
+    _check_variants(config, file)
+    r = _positive_int(config["r"], f"{file}: field 'r'")
+    alpha = finite_number(config["lora_alpha"], f"{file}: field 'lora_alpha'")
+    dropout = finite_number(config.get("lora_dropout", 0.0), f"{file}: field 'lora_dropout'")
+    if not 0.0 <= dropout < 1.0:
+        raise DeltaFormatError(f"{file}: field 'lora_dropout' must be in [0, 1), got {dropout}")
+    rank_pattern, alpha_pattern = _read_patterns(config, file)
+    modules_to_save = list(config.get("modules_to_save") or [])
+    if "" in modules_to_save:
+        raise DeltaFormatError(f"{file}: field 'modules_to_save' holds an empty module name")
+    return AdapterConfig(raw=config, r=r, alpha=alpha, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
+                         modules_to_save=modules_to_save, rslora=config.get("use_rslora", False),
+                         fan_in_fan_out=config.get("fan_in_fan_out", False), dropout=dropout)
+
+
+def config_digest(config: dict[str, Any]) -> str:
+    """Digest of an adapter config; pattern dicts as ordered pairs, since PEFT's first match depends on order."""
+    body = dict(config)
+    for name in ("rank_pattern", "alpha_pattern"):
+        if isinstance(body.get(name), dict):
+            body[name] = [list(kv) for kv in body[name].items()]
+    return json_digest(body)
