@@ -1,7 +1,8 @@
 """Fuzz every loader with seeded mutants and report what each mutant ended in.
 
 For each target (``tests/fuzz/targets.py``: the delta, compact and PEFT formats with and without digest
-verification, training checkpoints, merge recipes in both forms, the training config) this makes
+verification, training checkpoints and what `train --resume` restores from them, merge recipes in both
+forms and a real merge per recipe, the training config) this makes
 ``--mutants`` mutated copies of small real originals and loads each in a memory-capped worker process
 (``tests/fuzz/runner.py``).  Columns:
 
@@ -99,7 +100,7 @@ def main() -> None:
         records, skipped = run_fuzz(originals, plan(targets, args.mutants, args.seed), args.workers,
                                     args.timeout, args.mem_mb, progress=True)
         fuzz_s = time.perf_counter() - t0
-    rows = [_row(s) for s in summarise(records)]
+    rows = sorted((_row(s) for s in summarise(records)), key=lambda r: targets.index(r["target"]))
     rows.append(_total(rows))
     failures = signatures(records)
     meta = {**machine_meta(), "mutants_per_target": args.mutants, "seed": args.seed, "workers": args.workers,

@@ -38,18 +38,18 @@ def yaml_alias_bomb(levels: int = 9, width: int = 9) -> str:
     return "[" + ", ".join(items) + "]"
 
 
-HUGE_DIGITS = "1" + "0" * 5000  # beyond Python's 4300-digit int-from-text limit
+HUGE_DIGITS = "1" + "0" * 5000  # beyond Python's 4300-digit int-from-text limit (3e38: near float32 max)
 
 JSON_VALUES: list[Any] = [
     Raw("NaN", "nan"), Raw("Infinity", "inf"), Raw("-Infinity", "-inf"), 2**40, 2**63, 2**64 + 1, -(2**63) - 1,
-    Raw(HUGE_DIGITS, "int5000digits"), Raw("1e400", "1e400"), 1e308, -1e308, 5e-324, -1, 0, -0.0, 0.5, 1.5,
+    Raw(HUGE_DIGITS, "int5000digits"), Raw("1e400", "1e400"), 1e308, -1e308, 3e38, 5e-324, -1, 0, -0.0, 0.5, 1.5,
     True, False, None, "", "x", "0", "NaN", "../../../../tmp/x", "a::b", "\ud800", "\u202eé\u0000",
     {}, [], {"k": 1}, [1, 2, 3], Raw(deep_nesting(100_000), "deep-nesting"), "A" * 100_000,
     Raw("[" + ",".join(["0"] * 100_000) + "]", "long-list"),
 ]
 YAML_VALUES: list[Any] = [
     Raw(".nan", "nan"), Raw(".inf", "inf"), Raw("-.inf", "-inf"), Raw("1.0e+400", "1e400"), 2**40, 2**63,
-    Raw(HUGE_DIGITS, "int5000digits"), 1e308, -1, 0, 0.5, True, None, "", "x", "NaN", "\ud800",
+    Raw(HUGE_DIGITS, "int5000digits"), 1e308, 3e38, -1, 0, 0.5, True, None, "", "x", "NaN", "\ud800",
     Raw("2001-12-14", "date"), Raw("0x7fffffff", "hex-int"), Raw("yes", "yes"), Raw("!!binary aGVsbG8=", "binary"),
     Raw("!!python/object/apply:os.getcwd []", "python-tag"), Raw("!!set {a, b}", "set"),
     {}, [], {"k": 1}, [1, 2, 3], Raw(deep_nesting(20_000), "deep-nesting"), "A" * 100_000,

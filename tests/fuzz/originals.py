@@ -9,6 +9,7 @@ adapters (Linear, Conv1D and embedding LoRA, ``modules_to_save``), training chec
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -121,21 +122,40 @@ def tiny_jsonl(path: Path, n: int = 24) -> Path:
     return path
 
 
+def train_config(model: Path, data: Path, out: Path, resume: bool = False):
+    """The 3-step run (a checkpoint after steps 1 and 2) whose checkpoints the fuzzer mutates."""
+    from deltatune.train.config import TrainConfig
+
+    return TrainConfig(model=str(model), task="jsonl", data=str(data), eval_data=str(data), out_dir=str(out),
+                       max_steps=3, batch_size=4, max_length=24, eval_every=0, eval_before=False, eval_limit=4,
+                       checkpoint_every=1, progress=False, lr=1e-2, resume=resume)
+
+
 def checkpoints(root: Path) -> list[Path]:
     """Checkpoints of real 3-step runs (checkpoint after steps 1 and 2) of the sparse and LoRA methods."""
-    from deltatune.train.config import TrainConfig
     from deltatune.train.loop import train
 
     model = tiny_lm(root / "tiny-lm")
     data = tiny_jsonl(root / "train.jsonl")
     out = []
-    for name, mc in (("sparse", dt.SparseConfig(num_tunable=2000, reselection_steps=2, accumulation_steps=1)),
-                     ("lora", dt.LoRAConfig(r=2))):
-        cfg = TrainConfig(model=str(model), task="jsonl", data=str(data), eval_data=str(data),
-                          out_dir=str(root / name), max_steps=3, batch_size=4, max_length=24, eval_every=0,
-                          eval_before=False, eval_limit=4, checkpoint_every=1, progress=False, lr=1e-2)
-        train(cfg, mc)
+    for name in RESUME_METHODS:
+        mc = dt.make_config(name, RESUME_METHODS[name])
+        train(train_config(model, data, root / name), mc)
         out.append(root / name / "checkpoint")
+    return out
+
+
+def resume_checkpoints(root: Path) -> list[Path]:
+    """The training checkpoints again, each with ``run.json`` naming the model, data and method that resume
+    it (the resume target rebuilds that run once per worker; ``run.json`` itself is never mutated)."""
+    out = []
+    for ckpt in checkpoints(root / "runs"):
+        folder = root / ckpt.parent.name
+        shutil.copytree(ckpt, folder)
+        run = {"model": str(root / "runs" / "tiny-lm"), "data": str(root / "runs" / "train.jsonl"),
+               "method": ckpt.parent.name}
+        (folder / "run.json").write_text(json.dumps(run))
+        out.append(folder)
     return out
 
 
@@ -179,7 +199,9 @@ def train_configs(root: Path) -> list[Path]:
     return [_text_folder(root / "config", "run.yaml", TRAIN_CONFIG)]
 
 
+RESUME_METHODS = {"sparse": dict(num_tunable=2000, reselection_steps=2, accumulation_steps=1), "lora": dict(r=2)}
 BUILDERS = {"deltas": deltas, "compacts": compacts, "pefts": pefts, "checkpoints": checkpoints,
+            "resume_checkpoints": resume_checkpoints,
             "recipes_native": recipes_native, "recipes_mergekit": recipes_mergekit, "recipes_merge": recipes_merge,
             "train_configs": train_configs}
 

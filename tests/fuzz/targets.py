@@ -9,6 +9,7 @@ other values, but they must be valid (:func:`fuzz.snapshot.invariant_violation`)
 from __future__ import annotations
 
 import inspect
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -100,6 +101,56 @@ def run_merge_recipe(path: Path) -> Any:
     return run_recipe(load(path / "recipe.yaml"), out=str(scratch), overwrite=True)
 
 
+_RUNS: dict[str, tuple[Any, ...]] = {}
+
+
+def _run_objects(run: dict[str, str]) -> tuple[Any, ...]:
+    """Model, optimizer, scheduler, hooks and accelerator of the run that wrote a checkpoint, built as
+    :func:`deltatune.train.loop.train` builds them (once per worker and method)."""
+    import torch
+    from accelerate import Accelerator
+
+    import deltatune as dt
+    from deltatune.train.loop import lr_lambda
+    from deltatune.train.tasks import build_task
+    from fuzz.originals import RESUME_METHODS, train_config
+
+    if run["method"] not in _RUNS:
+        cfg = train_config(Path(run["model"]), Path(run["data"]), Path(run["model"]).parent, resume=True)
+        mc = dt.make_config(run["method"], RESUME_METHODS[run["method"]])
+        method = dt.get_method(run["method"])
+        model = build_task(cfg).load_model().train()
+        delta = dt.attach(model, mc)
+        optimizer = method.optimizer([p for p in model.parameters() if p.requires_grad], cfg.lr, cfg.weight_decay,
+                                     mc)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+        hooks = method.hooks(model, delta, mc, optimizer, cfg.max_steps, cfg.grad_accum)
+        _RUNS[run["method"]] = (model, optimizer, scheduler, hooks, Accelerator(cpu=True))
+    return _RUNS[run["method"]]
+
+
+def resume_noverify(path: Path) -> Any:
+    """What ``train --resume`` restores from a checkpoint read with ``verify=False`` (trainable tensors,
+    optimizer, scheduler, hook and RNG states), through the loop's own ``_resume``."""
+    import functools
+    import random
+    from unittest import mock
+
+    import numpy as np
+    import torch
+
+    from deltatune.train import checkpoint as ckpt
+    from deltatune.train.loop import _resume
+
+    model, optimizer, scheduler, hooks, accelerator = _run_objects(json.loads((path / "run.json").read_text()))
+    unverified = functools.partial(ckpt.load_checkpoint, verify=False)
+    with mock.patch.object(ckpt, "load_checkpoint", unverified):
+        state = _resume(path, model, optimizer, scheduler, hooks, accelerator)
+    return {"state": state, "trainable": ckpt.trainable_state(model), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "hooks": [h.state_dict() for h in hooks],
+            "rng": [torch.get_rng_state(), random.getstate(), np.random.get_state()]}
+
+
 def load_train_config(path: Path) -> Any:
     """``deltatune train --config FILE`` without flags: the (TrainConfig, method config) pair it parses."""
     from deltatune.cli import _train_configs
@@ -123,6 +174,7 @@ TARGETS: dict[str, Target] = {t.name: t for t in [
     Target("checkpoint", _folder_loader("checkpoint", None), True, "checkpoints", _CKPT),
     Target("checkpoint-noverify", _folder_loader("checkpoint", False), False, "checkpoints", _CKPT,
            verify=False),
+    Target("resume-noverify", resume_noverify, False, "resume_checkpoints", {**_CKPT, "run.json": 0.0}),
     Target("recipe-native", load_recipe, False, "recipes_native"),
     Target("recipe-mergekit", load_recipe, False, "recipes_mergekit"),
     Target("recipe-merge", run_merge_recipe, False, "recipes_merge", {"recipe.yaml": 12.0}),

@@ -1,8 +1,8 @@
 """The fuzzing suite: seeded mutants of every loader's inputs must end in a typed error or load to the
 original's exact numbers (digest-protected formats), or to valid values (recipes, configs, verify=False).
 
-Default tier: 40 mutants per target (520 in all, about 20 s on 2 cores).  Slow tier
-(``-m slow``): 1,000 per target (13,000 in all).  A failure lists each bad mutant with its target,
+Default tier: 40 mutants per target (560 in all, about 20 s on 2 cores).  Slow tier
+(``-m slow``): 1,000 per target (14,000 in all).  A failure lists each bad mutant with its target,
 seed, mutation and exception; ``python benchmarks/fuzz.py --target T --replay SEED`` re-runs one in
 the foreground with the full traceback.
 """

@@ -273,7 +273,7 @@ def test_non_finite_tensors_are_refused_at_save_and_load(saved: Path, tmp_path: 
 def test_out_of_range_json_number_is_refused(saved: Path) -> None:
     file = saved / ckpt.STATE_FILE
     file.write_text(file.read_text().replace('"step": 3', '"step": 1e400'))
-    with pytest.raises(NonFiniteError, match="out-of-range number 1e400"):
+    with pytest.raises(NonFiniteError, match="number 1e400 overflows"):
         ckpt.load_checkpoint(saved, verify=False)
 
 
@@ -389,3 +389,12 @@ def test_resume_after_a_crash_mid_swap_is_exact(tmp_path: Path, minilm_path: str
     resumed = train(_cfg(out, minilm_path, data_dir, max_steps=3, resume=True), method)
     assert resumed.delta.metrics["digest"] == full.delta.metrics["digest"]
     assert not [p.name for p in out.iterdir() if p.name.startswith(".checkpoint.")]
+
+
+@pytest.mark.parametrize("python_state", [(3, (-1,) * 625, None), (3, (2**64,) * 625, None), ""],
+                         ids=["negative-word", "word-too-large", "empty-string"])
+def test_malformed_python_rng_state_is_a_format_error(tmp_path: Path, python_state) -> None:
+    state = {"torch": torch.get_rng_state(), "python": python_state, "numpy": np.random.get_state()}
+    with pytest.raises(DeltaFormatError, match="RNG state is malformed"):
+        ckpt.set_rng_state(state, tmp_path / "c")
+

@@ -154,6 +154,7 @@ def test_wrong_types_are_config_errors_naming_the_field(tmp_path, text: str, fie
     ("{path: a, weighd: -.inf}", "", r"inputs\[1\].*'weighd'"),
     ("a", "params: {lambda: .nan}\n", r"params.*'lambda'"),
     ("a", "params: {lambda: 1e999}\n", r"params.*'lambda'"),
+    ("{path: a, weight: 1.0e+308}", "", r"inputs\[1\].*'weight'.*float32 range"),  # finite, overflows fp32
     ("a", "params: {normalize: 1}\n", r"params.*'normalize'"),
     ("a", "lines: {alpha: 1.0, beta: .nan}\n", r"lines\.beta"),
     ("a", "lines: {alpha: .inf, beta: 1}\n", r"lines\.alpha"),
@@ -163,6 +164,12 @@ def test_non_finite_numbers_are_refused_naming_input_and_field(tmp_path, entry: 
     with pytest.raises(ConfigError, match=field) as err:
         load_recipe(path)
     assert str(path) in str(err.value)
+
+
+def test_an_input_path_too_long_for_the_file_system_is_a_config_error(tmp_path) -> None:
+    a = randomize_delta(tiny_llama(0), LORA, 1, 0.02)
+    with pytest.raises(ConfigError, match="cannot be inspected"):
+        merge([a, tmp_path / ("x" * 100_000)], "task_arithmetic")
 
 
 def test_mergekit_parameters_must_be_finite(tmp_path) -> None:

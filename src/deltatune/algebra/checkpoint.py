@@ -24,9 +24,12 @@ COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "toke
 def is_checkpoint(path: str | Path) -> bool:
     """True for a folder (or file) holding full-model safetensors rather than a delta or an adapter."""
     p = Path(path)
-    if p.is_file():
-        return p.suffix == ".safetensors"
-    return p.is_dir() and ((p / "model.safetensors").is_file() or (p / INDEX).is_file())
+    try:
+        if p.is_file():
+            return p.suffix == ".safetensors"
+        return p.is_dir() and ((p / "model.safetensors").is_file() or (p / INDEX).is_file())
+    except OSError as exc:  # a name too long for the file system, a permission error on a parent
+        raise ConfigError(f"input {str(path)[:80]!r} cannot be inspected ({exc.strerror or exc})") from None
 
 
 def _shard_files(root: Path) -> list[Path]:

@@ -77,6 +77,9 @@ def _looks_numeric(text: str) -> bool:
     return True
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 def coerce_param(key: str, value: Any, where: str) -> Any:
     """``value`` checked for merge parameter ``key``: a finite number, a boolean or one of the choices."""
     if isinstance(value, list):
@@ -86,7 +89,10 @@ def coerce_param(key: str, value: Any, where: str) -> Any:
         if isinstance(value, str):  # text is not a number here; YAML 1.1 reads 1e-3 (no dot) as text
             hint = " (YAML reads 1e-3 as text: write 1.0e-3)" if _looks_numeric(value) else ""
             raise ConfigError(f"{where}: {key!r} must be a number, got {brief(value)}{hint}")
-        return finite_float(value, f"{where}: {key!r}")
+        number = finite_float(value, f"{where}: {key!r}")
+        if abs(number) > FLOAT32_MAX:  # merges compute in fp32: a larger weight or λ would overflow there
+            raise ConfigError(f"{where}: {key!r} is {brief(value)}, beyond the float32 range (±3.4e38) merges use")
+        return number
     if key in BOOLEAN:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: {key!r} must be true or false, got {brief(value)}")

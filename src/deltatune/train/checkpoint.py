@@ -12,7 +12,6 @@ swap), so a resumed run continues bit-for-bit where the interrupted one stopped 
 from __future__ import annotations
 
 import json
-import math
 import random
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from torch import Tensor, nn
 from deltatune.errors import DeltaFormatError, IntegrityError, NonFiniteError
 from deltatune.io.atomic import atomic_dir, recover_dir
 from deltatune.io.digest import DIGEST_FIELD, manifest_digest, tensor_digest, verify_tensor
+from deltatune.io.json_io import parse_json
 from deltatune.layer import DeltaLayer
 from deltatune.train.state_codec import decode, encode
 
@@ -66,7 +66,7 @@ def set_rng_state(state: dict[str, Any], where: Path) -> None:
         np.random.set_state(state["numpy"])
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+    except (KeyError, IndexError, TypeError, ValueError, OverflowError, RuntimeError) as exc:
         raise DeltaFormatError(f"{where}: RNG state is malformed ({str(exc)[:80]})") from None
 
 
@@ -113,19 +113,11 @@ def load_checkpoint(path: Path, verify: bool = True) -> dict[str, Any]:
 
 
 def _read_manifest(file: Path) -> dict[str, Any]:
-    def refuse(constant: str) -> None:
-        raise DeltaFormatError(f"{file}: holds the non-standard JSON constant {constant}")
-
-    def finite(text: str) -> float:
-        value = float(text)
-        if not math.isfinite(value):
-            raise NonFiniteError(f"{file}: holds the out-of-range number {text[:40]}")
-        return value
-
     try:
-        manifest = json.loads(file.read_text(encoding="utf-8"), parse_constant=refuse, parse_float=finite)
-    except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, an int of > 4300 digits, deep nesting
-        raise DeltaFormatError(f"{file}: not valid JSON ({str(exc)[:80]})") from None
+        text = file.read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DeltaFormatError(f"{file}: cannot read as UTF-8 JSON ({str(exc)[:80]})") from None
+    manifest = parse_json(text, str(file))  # typed errors for NaN/Infinity, overflow, deep nesting
     if not isinstance(manifest, dict) or set(manifest) != FIELDS:
         got = sorted(manifest) if isinstance(manifest, dict) else type(manifest).__name__
         raise DeltaFormatError(f"{file}: expected an object with the fields {sorted(FIELDS)}, got {got}")
