@@ -137,12 +137,6 @@ def _read_values(file: Path, keys: list[str], record: dict[str, Any] | None) -> 
     return values
 
 
-def _check_finite(where: Any, key: str, value: Tensor) -> None:
-    """``NonFiniteError`` naming ``key`` when a floating tensor holds NaN or ±Inf (fp8 checked in fp32)."""
-    fp8 = value.is_floating_point() and value.element_size() == 1
-    check_finite(value.float() if fp8 else value, f"{where}: tensor {key!r}")
-
-
 # --------------------------------------------------------------------------------------------------
 # digests (written by export_peft; PEFT's own adapters have none)
 # --------------------------------------------------------------------------------------------------
@@ -456,7 +450,7 @@ def load_peft_adapter(path: str | Path, model: nn.Module | None = None, verify: 
         wanted += [key for _, _, key in layout.base_copies] if model is not None else []
     values = _read_values(file, wanted, record)
     for key in wanted:
-        _check_finite(file, key, values[key])
+        check_finite(values[key], f"{file}: tensor {key!r}")
 
     heads = {head: {name: values[key] for name, key in tensors.items()} for head, tensors in layout.heads.items()}
     for module, tensor, key in layout.base_copies:
@@ -584,7 +578,7 @@ def export_peft(delta: Delta, path: str | Path, base_model_name_or_path: str | N
         for k, v in head_tensors.items():
             tensors[f"{PREFIX}{head}.{k}"] = v.detach().to("cpu").contiguous()
     for key, value in tensors.items():
-        _check_finite(f"cannot export to {path}", key, value)
+        check_finite(value, f"cannot export to {path}: tensor {key!r}")
     record = {"tensors": {k: tensor_digest(k, v) for k, v in tensors.items()}, "config": config_digest(config)}
     metadata = {"format": "pt", DIGEST_METADATA_KEY: json.dumps(record, sort_keys=True)}
     with atomic_dir(path, "peft", overwrite=overwrite) as tmp:

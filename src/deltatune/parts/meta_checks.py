@@ -101,7 +101,12 @@ def check_state(state: dict[str, Tensor], expected: dict[str, tuple[int, ...]], 
 
 
 def check_finite(t: Tensor, what: str) -> None:
-    """Raise :class:`NonFiniteError` naming ``what`` if the float tensor ``t`` holds NaN or ±Inf."""
-    if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
-        bad = int((~torch.isfinite(t)).sum())
-        raise NonFiniteError(f"{what}: {bad} of {t.numel()} values are NaN or ±Inf")
+    """Raise :class:`NonFiniteError` naming ``what`` if the float (or complex) tensor ``t`` holds NaN or ±Inf.
+
+    fp8 tensors are checked in fp32 (``torch.isfinite`` has no fp8 kernel)."""
+    if not (t.is_floating_point() or t.is_complex()) or not t.numel():
+        return
+    wide = t.float() if t.is_floating_point() and t.element_size() == 1 else t
+    finite = torch.isfinite(wide)
+    if not bool(finite.all()):
+        raise NonFiniteError(f"{what}: {int((~finite).sum())} of {t.numel()} values are NaN or ±Inf")

@@ -21,11 +21,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from deltatune.errors import DeltaFormatError, IntegrityError, NonFiniteError
+from deltatune.errors import DeltaFormatError, IntegrityError
 from deltatune.io.atomic import atomic_dir, recover_dir
 from deltatune.io.digest import DIGEST_FIELD, manifest_digest, tensor_digest, verify_tensor
 from deltatune.io.json_io import parse_json
 from deltatune.layer import DeltaLayer
+from deltatune.parts.meta_checks import check_finite
 from deltatune.train.state_codec import decode, encode
 
 FORMAT = "deltatune.train_checkpoint"
@@ -147,11 +148,7 @@ def _verify(manifest: dict[str, Any], tensors: dict[str, Tensor], file: Path, te
 def _check_finite(tensors: dict[str, Tensor], file: Path) -> None:
     """Every floating-point tensor of a checkpoint is finite (trainable values, optimizer moments, sums)."""
     for ref, t in tensors.items():
-        if (t.is_floating_point() or t.is_complex()) and t.numel():
-            wide = t if t.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) or t.is_complex() \
-                else t.float()
-            if not bool(torch.isfinite(wide).all()):
-                raise NonFiniteError(f"{file}: tensor {ref[:80]!r} holds NaN or ±Inf")
+        check_finite(t, f"{file}: tensor {ref[:80]!r}")
 
 
 def _check_state(state: Any, file: Path) -> None:
