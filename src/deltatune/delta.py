@@ -7,7 +7,6 @@ the task) have no base value to be a delta of, so they are stored whole in ``hea
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,7 +51,7 @@ class Delta:
         """Per-part accounting for ``deltatune info``: kind, trainable, bytes, density, norm."""
         rows = []
         for name, part in self.parts.items():
-            numel = _base_numel(part)
+            numel = part.covered_entries()
             with torch.no_grad():
                 try:
                     norm = float(part.delta_weight().float().norm())
@@ -84,13 +83,3 @@ class Delta:
 
         return load_delta(path, verify=verify)
 
-
-def _base_numel(part: Part) -> int:
-    meta = part.meta()
-    if "weight_shape" in meta:
-        return math.prod(int(s) for s in meta["weight_shape"])
-    if "in_features" in meta:
-        return int(meta["in_features"]) * int(meta["out_features"])
-    if "shapes" in meta:
-        return sum(math.prod(int(d) for d in s) for s in meta["shapes"].values())
-    return 0

@@ -63,3 +63,12 @@ class DiskFull(DeltaTuneError, OSError):
 
 class InputTooLarge(DeltaTuneError, ValueError):
     """An input exceeds a safety bound (expanded YAML size, number of inputs, tensor element count)."""
+
+
+class NotMergeable(DeltaTuneError, ValueError):
+    """An operation that folds deltas into weights (merge, compose, compress, rebase, apply with merging) was
+    given a part kind that lacks the capability it needs; ``module`` and ``kind`` name the first such part."""
+
+    def __init__(self, message: str, module: str = "", kind: str = "") -> None:
+        super().__init__(message)
+        self.module, self.kind = module, kind

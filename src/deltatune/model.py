@@ -21,6 +21,7 @@ from deltatune.errors import DeltaFormatError, ShapeMismatch, TargetError
 from deltatune.fingerprint import check_fingerprint, fingerprint
 from deltatune.layer import DeltaLayer
 from deltatune.parts.base import Part
+from deltatune.parts.capabilities import require_capability
 from deltatune.parts.tied import TiedAlias
 
 DEFAULT = "default"
@@ -145,7 +146,12 @@ def load_heads(model: nn.Module, delta: Delta, where: str = "delta") -> None:
 
 def apply_delta(model: nn.Module, delta: Delta, name: str = DEFAULT, merge: bool = False, force: bool = False,
                 where: str = "delta") -> None:
-    """Check the base fingerprint, load task heads, then attach (or merge) the delta's parts."""
+    """Check the base fingerprint, load task heads, then attach (or merge) the delta's parts.
+
+    With ``merge`` every part must be additive (:class:`~deltatune.errors.NotMergeable`, before anything is
+    written)."""
+    if merge:
+        require_capability(delta, "additive", f"apply with merging ({where})")
     if not force:
         check_fingerprint(delta.fingerprint, model, delta.heads, where)
     load_heads(model, delta, where)
@@ -156,7 +162,9 @@ def apply_delta(model: nn.Module, delta: Delta, name: str = DEFAULT, merge: bool
 
 
 def merge_delta(model: nn.Module, delta: Delta, where: str = "delta") -> None:
-    """``W ← W + ΔW`` for every part, into the (unwrapped) base modules."""
+    """``W ← W + ΔW`` for every part, into the (unwrapped) base modules (every part must be additive:
+    :class:`~deltatune.errors.NotMergeable` before any weight is written)."""
+    require_capability(delta, "additive", f"merge ({where})")
     for module_name, part in delta.parts.items():
         base = get_module(model, module_name)
         part.check_base(base, f"{where}:{module_name}")
@@ -176,7 +184,7 @@ def detach(model: nn.Module, name: str | None = None) -> dict[str, Part]:
         for part_name in list(layer.parts):
             if name is None or part_name == name or part_name.startswith(f"{name}{TIED_SUFFIX}"):
                 part = layer.remove(part_name)
-                if not isinstance(part, TiedAlias):
+                if not part.is_alias:
                     removed[module_name] = part
         if not len(layer.parts):
             model.set_submodule(module_name, layer.base)

@@ -27,9 +27,8 @@ from deltatune.errors import ConfigError, FingerprintMismatch, ShapeMismatch, Ta
 from deltatune.fingerprint import fingerprint
 from deltatune.model import attach_parts, delta_layers, detach, get_module, load_heads, tied_aliases
 from deltatune.parts.base import Part
-from deltatune.parts.dense import DensePart
+from deltatune.parts.capabilities import require_capability
 from deltatune.parts.layers import layer_kind
-from deltatune.parts.sparse import SparsePart
 
 Mode = Literal["attach", "merge"]
 FINGERPRINT_KEYS = ("model_type", "num_params", "shapes", "values")
@@ -68,11 +67,15 @@ class _Snapshot:
 
 
 def _snapshot_parts(model: nn.Module, parts: dict[str, Part], snap: _Snapshot) -> None:
-    """A sparse part saves only ``W.flat[indices]``; any other part saves every direct parameter of its module."""
+    """A part whose merge writes known entries (:meth:`~deltatune.parts.base.Part.merge_sites`, e.g. a sparse
+    part's ``W.flat[indices]``) saves only those; any other part saves every direct parameter of its module."""
     for name, part in parts.items():
         base = get_module(model, name)
-        if isinstance(part, SparsePart):
-            snap.take_at(base.weight, part.indices)
+        sites = part.merge_sites()
+        if sites is not None:
+            own = dict(base.named_parameters(recurse=False))
+            for p, indices in sites.items():
+                snap.take_at(own[p], indices)
         else:
             for p in base.parameters(recurse=False):
                 snap.take_whole(p)
@@ -126,11 +129,7 @@ def check_fits(delta: Delta, model: nn.Module, where: str) -> None:
 def _summable(part: Part, base: nn.Module) -> bool:
     """Can ``DeltaLayer`` sum this part with others through ``delta_weight()``?  (Linear/Conv1D/Embedding
     weight only: a dense delta of a bias or of a LayerNorm has no place in that sum.)"""
-    if layer_kind(base) is None:
-        return False
-    if isinstance(part, DensePart):
-        return set(part.shapes) == {"weight"}
-    return True
+    return layer_kind(base) is not None and set(part.touched_parameters()) == {"weight"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -182,8 +181,9 @@ class DeltaStack:
 
     # --- push / pop ---------------------------------------------------------------------------
     def push(self, delta: Delta, where: str | None = None) -> None:
-        """Compose ``delta`` on top of the stack (checks fingerprint, shapes and heads first)."""
+        """Compose ``delta`` on top of the stack (checks capabilities, fingerprint, shapes and heads first)."""
         where = where or f"delta #{len(self._entries)} ({delta.method})"
+        require_capability(delta, "additive", f"compose ({where})")
         heads = tuple(delta.heads)
         if not self.force and delta.fingerprint:
             actual = self._base_fingerprint(heads)

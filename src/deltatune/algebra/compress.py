@@ -44,10 +44,9 @@ from deltatune.errors import ConfigError
 from deltatune.ops import compress as ops
 from deltatune.ops.sparsify import dare, keep_count
 from deltatune.parts.base import Part
-from deltatune.parts.dense import DensePart
-from deltatune.parts.layers import LayerKind, is_transposed, layer_kind, to_native
-from deltatune.parts.lora import LoRAPart, lora_delta
-from deltatune.parts.sparse import SparsePart
+from deltatune.parts.capabilities import require_capability
+from deltatune.parts.layers import LayerKind, is_transposed, layer_kind
+from deltatune.parts.lora import LoRAPart
 
 METHODS = ("compeft", "dare", "darex-q", "magnitude", "quantize", "lowrank")
 DEFAULT_ALPHAS = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 10.0)
@@ -63,44 +62,25 @@ class _Slot:
     get: Callable[[], Tensor]
 
 
+def _key(name: str, suffix: str) -> str:
+    return f"{name}.{suffix}" if suffix else name
+
+
 def _slots(name: str, part: Part, target: str) -> list[_Slot]:
-    if isinstance(part, LoRAPart):
-        if target == "product":
-            return [_Slot(name, lambda: to_native(lora_delta(part.lora_A.detach(), part.lora_B.detach(), part.scale),
-                                                  part.layer))]
-        return [_Slot(f"{name}.lora_A", lambda: part.lora_A.detach()),
-                _Slot(f"{name}.lora_B", lambda: part.lora_B.detach())]
-    if isinstance(part, SparsePart):
-        return [_Slot(name, lambda: part.values.detach())]
-    if isinstance(part, DensePart):
-        return [_Slot(f"{name}.{p}", lambda p=p: part.delta_for(p).detach()) for p in part.shapes]
-    raise ConfigError(f"part {name!r} is a {part.kind} part; compress handles lora, sparse and dense parts")
+    """One slot per tensor of the part's :meth:`~deltatune.parts.base.Part.values_view` (read lazily: a
+    LoRA product ``s·B A`` is formed only when read)."""
+    product = target == "product"
+    try:
+        suffixes = part.value_names(product)
+    except NotImplementedError:
+        raise ConfigError(f"part {name!r} is a {part.kind} part, which has no values to compress") from None
+    return [_Slot(_key(name, k), lambda k=k: part.values_view(product)[k]) for k in suffixes]
 
 
 def _rebuild(name: str, part: Part, target: str, new: dict[str, Tensor]) -> Part:
-    """The compressed part from the compressed slot tensors."""
-    with torch.no_grad():
-        if isinstance(part, LoRAPart) and target != "product":
-            a, b = new[f"{name}.lora_A"], new[f"{name}.lora_B"]
-            out = LoRAPart(part.in_features, part.out_features, part.rank, part.scale, layer=part.layer,
-                           dropout=part.dropout_p, dtype=a.dtype)
-            out.load_tensors({"lora_A": a, "lora_B": b.to(a.dtype)}, name)
-            return out
-        if isinstance(part, LoRAPart | SparsePart):
-            values = new[name].reshape(-1)
-            keep = values != 0
-            if isinstance(part, LoRAPart):
-                shape = tuple(new[name].shape)
-                indices = keep.nonzero().reshape(-1)
-            else:
-                shape, indices = part.weight_shape, part.indices[keep]
-            out = SparsePart(shape, indices, part.layer, dtype=values.dtype)
-            out.values.copy_(values[keep])
-            return out
-        dtypes = {new[f"{name}.{p}"].dtype for p in part.shapes}
-        out = DensePart(part.shapes, dtype=dtypes.pop() if len(dtypes) == 1 else torch.float32)
-        out.load_tensors({p: new[f"{name}.{p}"] for p in part.shapes}, name)
-        return out
+    """The compressed part from the compressed slot tensors (:meth:`~deltatune.parts.base.Part.with_values`)."""
+    values = {k: new[_key(name, k)] for k in part.value_names(target == "product")}
+    return part.with_values(values, product=target == "product", where=name)
 
 
 def _finite(t: Tensor, key: str) -> Tensor:
@@ -247,6 +227,7 @@ def compress_delta(
     entry per compression step (method, parameters, seed; density achieved, σ, threshold, sweeps).
     """
     _validate(method, density, alpha, q, dtype, rank, scope, target, alphas)
+    require_capability(delta, "additive", f"compress ({method})")
     step: dict[str, Any] = {"method": method, "density": density, "alpha": alpha, "q": q, "dtype": dtype,
                             "rank": rank, "scope": scope, "seed": int(seed), "target": target}
     if method == "lowrank":
@@ -338,38 +319,45 @@ def _out_in(native: Tensor, kind: LayerKind) -> Tensor:
     return native.t() if is_transposed(kind) else native
 
 
-def _lowrank(delta: Delta, rank: int, dtype: str | None, seed: int, model: nn.Module | None,
-             step: dict[str, Any], layer_kinds: Mapping[str, LayerKind | None] | None = None) -> Delta:
+def _module_layer_kind(name: str, part: Part, model: nn.Module | None,
+                       layer_kinds: Mapping[str, LayerKind | None] | None) -> LayerKind | None:
+    """The layer kind of module ``name`` for a part that does not record one: from ``layer_kinds``, else from
+    the base ``model``."""
     from deltatune.model import get_module
 
+    if layer_kinds is not None and name in layer_kinds:
+        return layer_kinds[name]
+    if model is None:
+        raise ConfigError(f"lowrank on {part.kind} part {name!r} needs model= (the base) to know whether the "
+                          "module is a Linear, Conv1D or Embedding")
+    try:
+        return layer_kind(get_module(model, name))
+    except AttributeError:
+        raise ConfigError(f"{part.kind} part {name!r} is not a module of the model given") from None
+
+
+def _lowrank(delta: Delta, rank: int, dtype: str | None, seed: int, model: nn.Module | None,
+             step: dict[str, Any], layer_kinds: Mapping[str, LayerKind | None] | None = None) -> Delta:
     parts: dict[str, Part] = {}
     per_module: dict[str, dict[str, Any]] = {}
     dropped: list[str] = []
     for name, part in delta.parts.items():
-        if isinstance(part, LoRAPart):
-            kind, total = part.layer, ops.factor_norm_sq(part.lora_A, part.lora_B, part.scale)
-            a, b = ops.lowrank_refactor(part.lora_A, part.lora_B, part.scale, rank)
+        factors = part.factors()
+        if factors is not None:
+            fa, fb, fs = factors
+            kind, total = part.layer_kind(), ops.factor_norm_sq(fa, fb, fs)
+            a, b = ops.lowrank_refactor(fa, fb, fs, rank)
         else:
-            if isinstance(part, SparsePart):
-                kind, native = part.layer, part.delta_weight().detach()
-            elif isinstance(part, DensePart):
-                if layer_kinds is not None and name in layer_kinds:
-                    found = layer_kinds[name]
-                elif model is None:
-                    raise ConfigError(f"lowrank on dense part {name!r} needs model= (the base) to know whether the "
-                                      "module is a Linear, Conv1D or Embedding")
-                else:
-                    try:
-                        found = layer_kind(get_module(model, name))
-                    except AttributeError:
-                        raise ConfigError(f"dense part {name!r} is not a module of the model given") from None
-                if found is None or "weight" not in part.shapes or len(part.shapes["weight"]) != 2:
-                    dropped.extend(f"{name}.{p}" for p in part.shapes)
+            params = part.update_shapes()
+            kind = part.layer_kind()
+            if kind is None:
+                found = _module_layer_kind(name, part, model, layer_kinds)
+                if found is None or "weight" not in params or len(params["weight"]) != 2:
+                    dropped.extend(f"{name}.{p}" for p in params)
                     continue
-                kind, native = found, part.delta_for("weight").detach().float()
-                dropped.extend(f"{name}.{p}" for p in part.shapes if p != "weight")
-            else:
-                raise ConfigError(f"part {name!r} is a {part.kind} part; lowrank handles lora, sparse and dense")
+                kind = found
+                dropped.extend(f"{name}.{p}" for p in params if p != "weight")
+            native = part.update("weight").detach().float()
             w = _finite(_out_in(native, kind), name)
             total = float(w.double().pow(2).sum())
             how = "exact" if min(w.shape) <= EXACT_SVD_MAX_DIM else "randomized"

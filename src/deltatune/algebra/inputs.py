@@ -23,10 +23,7 @@ from deltatune.algebra.checkpoint import CheckpointReader
 from deltatune.algebra.workspace import NARROW_FLOATS, Workspace
 from deltatune.delta import Delta
 from deltatune.errors import NonFiniteError, ShapeMismatch
-from deltatune.parts.dense import DensePart
-from deltatune.parts.layers import is_transposed
-from deltatune.parts.lora import LoRAPart
-from deltatune.parts.tied import TiedAlias
+from deltatune.parts.capabilities import require_capability
 
 VocabRule = Literal["error", "truncate", "extend"]
 
@@ -41,16 +38,19 @@ def _finite(tau: Tensor, where: str) -> Tensor:
 
 
 class DeltaInput:
-    """A :class:`Delta` seen as ``{parameter name: τ}``."""
+    """A :class:`Delta` seen as ``{parameter name: τ}``: ``τ`` of ``<module>.<p>`` is ``part.update(p)``.
+
+    Every part must be additive (:class:`~deltatune.errors.NotMergeable` otherwise, before any tensor is read).
+    """
 
     def __init__(self, delta: Delta, label: str) -> None:
+        require_capability(delta, "additive", f"merge ({label})")
         self.delta, self.label = delta, label
         self._keys: dict[str, tuple[str, str]] = {}
         for module, part in delta.parts.items():
-            if isinstance(part, TiedAlias):
+            if part.is_alias:
                 continue
-            params = list(part.shapes) if isinstance(part, DensePart) else ["weight"]
-            for p in params:
+            for p in part.touched_parameters():
                 self._keys[f"{module}.{p}"] = (module, p)
         self.keys_set = set(self._keys)
 
@@ -66,16 +66,7 @@ class DeltaInput:
         """The native shape of ``τ`` for ``key``, from the part's metadata (never densified: planning a merge
         of many LoRA inputs once computed every ``B·A`` just for its shape)."""
         module, p = self._keys[key]
-        part = self.delta.parts[module]
-        if isinstance(part, DensePart):
-            return part.shapes[p]
-        if isinstance(part, LoRAPart):
-            out_in = (part.out_features, part.in_features)
-            return out_in[::-1] if is_transposed(part.layer) else out_in
-        meta = part.meta()
-        if "weight_shape" in meta:
-            return tuple(meta["weight_shape"])
-        return tuple(part.delta_weight().shape)
+        return self.delta.parts[module].update_shapes()[p]
 
     def tau(self, key: str) -> Tensor:
         """``τ`` for ``key`` in fp32, owned by the caller (kernels work in place): a copy only when the part
@@ -83,7 +74,7 @@ class DeltaInput:
         module, p = self._keys[key]
         part = self.delta.parts[module]
         with torch.no_grad():
-            value = (part.delta_for(p) if isinstance(part, DensePart) else part.delta_weight()).detach().float()
+            value = part.update(p).detach().float()
         stored = {t.untyped_storage().data_ptr() for t in (*part.parameters(), *part.buffers())}
         if value.untyped_storage().data_ptr() in stored:
             value = value.clone()

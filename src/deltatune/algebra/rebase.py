@@ -24,6 +24,7 @@ from deltatune.algebra.sum_deltas import clone_part
 from deltatune.delta import Delta
 from deltatune.errors import ConfigError, FingerprintMismatch
 from deltatune.fingerprint import fingerprint
+from deltatune.parts.capabilities import require_capability
 
 BaseLike = nn.Module | str | Path
 
@@ -54,13 +55,15 @@ def rebase_delta(delta: Delta | str | Path, new_base: BaseLike, old_base: BaseLi
     ``old_base`` (model or folder) is the base the delta claims to come from: its fingerprint must match
     the delta's (:class:`FingerprintMismatch` naming both, unless ``force``).  Without ``old_base`` nothing
     can be checked, so ``force=True`` is required (:class:`ConfigError` otherwise).  Every part must fit
-    the new base (:class:`ShapeMismatch` naming the module).  Heads are kept; ``metrics["rebased_from"]``
+    the new base (:class:`ShapeMismatch` naming the module) and be additive (:class:`NotMergeable`: a base-independent
+    ``Δ`` is what transfers).  Heads are kept; ``metrics["rebased_from"]``
     holds the old fingerprint and ``metrics["train"]["model"]`` the new base's folder when known.
     """
     from deltatune.api import as_delta
 
     where = f"delta {str(delta)!r}" if not isinstance(delta, Delta) else "the delta"
     d = as_delta(delta, verify=verify)
+    require_capability(d, "additive", f"rebase ({where})")
     heads = list(d.heads)
     old_fp: dict[str, Any] | None = d.fingerprint
     if old_base is None:

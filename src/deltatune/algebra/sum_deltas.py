@@ -15,69 +15,18 @@ from torch import Tensor
 from deltatune.algebra.compose import describe_fingerprint_diff, fingerprint_diff, same_tensors
 from deltatune.delta import Delta
 from deltatune.errors import ConfigError, FingerprintMismatch, ShapeMismatch
-from deltatune.parts.base import Part
+from deltatune.parts.base import Part, promote_dtypes
+from deltatune.parts.capabilities import require_capability
 from deltatune.parts.dense import DensePart
-from deltatune.parts.lora import LoRAPart
-from deltatune.parts.sparse import SparsePart
+from deltatune.parts.lora import sum_lora
+from deltatune.parts.sparse import sum_sparse
 
-
-def _promote(tensors: Sequence[Tensor]) -> torch.dtype:
-    dtype = tensors[0].dtype
-    for t in tensors[1:]:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
-
-
-def sum_lora(parts: Sequence[LoRAPart], where: str) -> LoRAPart:
-    """``Σ_t s_t B_t A_t = B A`` with ``A = [A_1; …; A_n]`` (ranks stacked) and ``B = [s_1 B_1 | … | s_n B_n]``,
-    scale 1 — exact, rank ``Σ r_t``.  When every scale is the same ``s``, ``B = [B_1 | … | B_n]`` keeps ``s``."""
-    ref = parts[0]
-    for p in parts[1:]:
-        if (p.layer, p.in_features, p.out_features) != (ref.layer, ref.in_features, ref.out_features):
-            raise ShapeMismatch(f"{where}: LoRA parts for a {ref.layer} {ref.in_features}→{ref.out_features} and a "
-                                f"{p.layer} {p.in_features}→{p.out_features} cannot be summed")
-    dtype = _promote([t for p in parts for t in (p.lora_A, p.lora_B)])
-    same_scale = all(p.scale == ref.scale for p in parts)
-    a = torch.cat([p.lora_A.detach().to(dtype) for p in parts], dim=0)
-    if same_scale:
-        b = torch.cat([p.lora_B.detach().to(dtype) for p in parts], dim=1)
-        scale = ref.scale
-    else:
-        b = torch.cat([(p.lora_B.detach().float() * p.scale).to(dtype) for p in parts], dim=1)
-        scale = 1.0
-    dropout = ref.dropout_p if all(p.dropout_p == ref.dropout_p for p in parts) else 0.0
-    out = LoRAPart(ref.in_features, ref.out_features, a.shape[0], scale, layer=ref.layer, dropout=dropout,
-                   dtype=dtype, device=a.device)
-    with torch.no_grad():
-        out.lora_A.copy_(a)
-        out.lora_B.copy_(b)
-    return out
-
-
-def sum_sparse(parts: Sequence[SparsePart], where: str) -> SparsePart:
-    """Union of the index sets; values at a shared index are added (in the promoted dtype)."""
-    ref = parts[0]
-    for p in parts[1:]:
-        if (p.weight_shape, p.layer) != (ref.weight_shape, ref.layer):
-            raise ShapeMismatch(f"{where}: sparse parts for weights {ref.weight_shape} ({ref.layer}) and "
-                                f"{p.weight_shape} ({p.layer}) cannot be summed")
-    dtype = _promote([p.values for p in parts])
-    device = ref.values.device
-    idx = torch.cat([p.indices.to(device) for p in parts])
-    vals = torch.cat([p.values.detach().to(device=device, dtype=dtype) for p in parts])
-    uniq, inverse = torch.unique(idx, sorted=True, return_inverse=True)
-    summed = torch.zeros(uniq.numel(), dtype=dtype, device=device).index_add_(0, inverse, vals)
-    out = SparsePart(ref.weight_shape, uniq, ref.layer, dtype=dtype)
-    with torch.no_grad():
-        out.values.copy_(summed)
-    return out
+__all__ = ["clone_part", "compose_deltas", "sum_dense", "sum_lora", "sum_parts", "sum_sparse"]
 
 
 def _dense_tensors(part: Part, where: str) -> dict[str, Tensor]:
-    if isinstance(part, DensePart):
-        return {k: part.delta_for(k).detach() for k in part.shapes}
     try:
-        return {"weight": part.delta_weight().detach()}
+        return {k: v.detach() for k, v in part.updates(None).items()}
     except NotImplementedError:
         raise ConfigError(f"{where}: a {part.kind} part has no additive weight update, so it cannot be "
                           "summed") from None
@@ -94,7 +43,7 @@ def sum_dense(parts: Sequence[Part], where: str) -> DensePart:
         if any(t.shape != ts[0].shape for t in ts):
             raise ShapeMismatch(f"{where}.{k}: deltas of shapes {[tuple(t.shape) for t in ts]} cannot be summed")
         shapes[k] = tuple(ts[0].shape)
-    dtype = _promote([t for ts in per_param.values() for t in ts])
+    dtype = promote_dtypes([t for ts in per_param.values() for t in ts])
     device = next(iter(per_param.values()))[0].device
     out = DensePart(shapes, dtype=dtype, device=device)
     with torch.no_grad():
@@ -107,12 +56,11 @@ def sum_dense(parts: Sequence[Part], where: str) -> DensePart:
 
 
 def sum_parts(parts: Sequence[Part], where: str) -> Part:
-    """The sum of several parts on one module, in the most compact exact form."""
-    if all(isinstance(p, LoRAPart) for p in parts):
-        return sum_lora(parts, where)  # type: ignore[arg-type]
-    if all(isinstance(p, SparsePart) for p in parts):
-        return sum_sparse(parts, where)  # type: ignore[arg-type]
-    return sum_dense(parts, where)
+    """The sum of several parts on one module, in the most compact exact form: the first part's
+    :meth:`~deltatune.parts.base.Part.sum_with` (e.g. LoRA ranks concatenated, sparse index sets united),
+    else :func:`sum_dense`."""
+    same_kind = parts[0].sum_with(parts[1:], where)
+    return same_kind if same_kind is not None else sum_dense(parts, where)
 
 
 def clone_part(part: Part) -> Part:
@@ -150,7 +98,8 @@ def _check_fingerprints(deltas: Sequence[Delta], names: Sequence[str]) -> dict[s
 def compose_deltas(deltas: Sequence[Delta], names: Sequence[str] | None = None) -> Delta:
     """One :class:`Delta` equal to ``Σ_t Δ_t``; applying it equals composing the inputs.
 
-    Per module: LoRA + LoRA → ranks concatenated (exact); sparse + sparse → index union with summed values;
+    Every part must be additive (:class:`~deltatune.errors.NotMergeable`).  Per module: LoRA + LoRA → ranks
+    concatenated (exact); sparse + sparse → index union with summed values;
     any other mix → a dense part.  All known fingerprints must agree (:class:`FingerprintMismatch` naming
     the two deltas; a ``None`` fingerprint, e.g. from a PEFT import, is unknown and not compared), LoRA and
     sparse geometry must agree (:class:`ShapeMismatch`), and a task head carried by several deltas must be
@@ -161,6 +110,8 @@ def compose_deltas(deltas: Sequence[Delta], names: Sequence[str] | None = None) 
     names = list(names) if names is not None else [f"delta #{i} ({d.method})" for i, d in enumerate(deltas)]
     if len(names) != len(deltas):
         raise ConfigError(f"{len(names)} names for {len(deltas)} deltas")
+    for name, d in zip(names, deltas, strict=True):
+        require_capability(d, "additive", f"compose ({name})")
     fp = _check_fingerprints(deltas, names)
     heads: dict[str, dict[str, Tensor]] = {}
     head_owner: dict[str, str] = {}

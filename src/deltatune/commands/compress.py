@@ -55,13 +55,12 @@ def compress_command(
     from deltatune.io.compact_format import save_compact
     from deltatune.io.outputs import COMPACT_KIND, DELTA_KIND, guard_output
     from deltatune.ops.compress import check_density
-    from deltatune.parts.dense import DensePart
 
     out_dir = out_dir or delta.with_name(f"{delta.name}-{method}")
     guard_output(out_dir, DELTA_KIND if method == "lowrank" else COMPACT_KIND, overwrite)  # before the work
     d = as_delta(delta, verify=verify)
     base, calibration_fn = None, None
-    if method == "lowrank" and any(isinstance(p, DensePart) for p in d.parts.values()):
+    if method == "lowrank" and any(p.factors() is None and p.layer_kind() is None for p in d.parts.values()):
         base = load_base_for(d, model)
     if method == "darex-q" and q is None:
         check_density(density)  # before loading the base model and the calibration data

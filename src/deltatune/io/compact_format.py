@@ -57,8 +57,8 @@ from deltatune.io.delta_format import (
 from deltatune.io.digest import DIGEST_FIELD, build_digests, digest_key, read_digests, verify_manifest, verify_tensor
 from deltatune.io.json_io import read_json_object
 from deltatune.io.outputs import MARKER as OUTPUT_MARKER
+from deltatune.parts.base import Part
 from deltatune.parts.meta_checks import MAX_NUMEL, check_finite, short
-from deltatune.parts.sparse import SparsePart
 
 __all__ = ["DATA_FILE", "MANIFEST", "CompactReport", "TensorBytes", "compact_report", "load_compact",
            "read_compact_manifest", "save_compact"]
@@ -178,6 +178,24 @@ def compact_report(path: str | Path) -> CompactReport:
 # --------------------------------------------------------------------------------------------------
 # save
 # --------------------------------------------------------------------------------------------------
+def _encode_part(name: str, part: Part, state: dict[str, Tensor], blobs: Blobs) -> dict[str, Any]:
+    """Manifest entries of one part: tensors the part stores at flat indices
+    (:meth:`~deltatune.parts.base.Part.index_layout`) use the indexed layout and consume their index tensor;
+    every other tensor is encoded on its own."""
+    layout = part.index_layout()
+    index_names = {iname for iname, _ in layout.values()}
+    tensors: dict[str, Any] = {}
+    for k, v in state.items():
+        if k in layout:
+            iname, domain = layout[k]
+            entry = encode_indexed(state[iname], v, domain, f"part {name!r}", blobs)
+            entry["index_tensor"] = iname
+            tensors[k] = entry
+        elif k not in index_names:
+            tensors[k] = encode_tensor(v, blobs)
+    return tensors
+
+
 def save_compact(delta: Delta, path: str | Path, overwrite: bool = False) -> CompactReport:
     """Write ``delta`` in the compact format (atomically) and return its exact byte accounting.
 
@@ -193,11 +211,7 @@ def save_compact(delta: Delta, path: str | Path, overwrite: bool = False) -> Com
         state = {k: v.detach().to("cpu").contiguous() for k, v in part.state().items()}
         digested.update({digest_key("parts", name, k): v for k, v in state.items()})
         prepare_tensors({k: state[k] for k in state}, f"{path}: part {name!r}")
-        if isinstance(part, SparsePart):
-            tensors = {"values": encode_indexed(state["indices"], state["values"], part.weight_shape,
-                                                 f"part {name!r}", blobs)}
-        else:
-            tensors = {k: encode_tensor(v, blobs) for k, v in state.items()}
+        tensors = _encode_part(name, part, state, blobs)
         parts[name] = {"kind": part.kind, "meta": part.meta(), "tensors": tensors}
     heads = {}
     for h, t in delta.heads.items():

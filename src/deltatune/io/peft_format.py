@@ -521,7 +521,7 @@ def export_peft(delta: Delta, path: str | Path, base_model_name_or_path: str | N
     path = Path(path)
     if not delta.parts:
         raise DeltaFormatError("the delta has no parts; a PEFT adapter needs at least one LoRA module")
-    bad = sorted(f"{n} ({p.kind})" for n, p in delta.parts.items() if not isinstance(p, LoRAPart))
+    bad = sorted(f"{n} ({p.kind})" for n, p in delta.parts.items() if p.kind != LoRAPart.kind)
     if bad:
         raise DeltaFormatError(f"only LoRA deltas export to PEFT; parts {bad[:5]} are not LoRA. Extract a "
                                "low-rank approximation (SVD of each ΔW) into a LoRA delta first")

@@ -6,13 +6,21 @@ A Part is a small ``nn.Module`` that owns its trainable tensors and knows how to
 * give its dense update in the base module's native layout (``delta_weight()``) where it is linear,
 * fold itself into the base module and out again (``merge_into`` / ``unmerge_from``),
 * serialise to flat tensors plus JSON metadata (``state`` / ``meta`` / ``from_state``),
-* apply *different* parts to different rows of one batch in one pass (``mixed_forward``).
+* apply *different* parts to different rows of one batch in one pass (``mixed_forward``),
+* carry its own algebra, so nothing outside ``parts/`` asks which class a part is: class-level
+  capabilities (``additive``, ``base_dependent``, ``mixed_rows``, ``has_aux_loss``, ``is_alias``), its
+  update ``{parameter: Δ}`` (``updates`` / ``update`` / ``update_shapes`` / ``touched_parameters``), a
+  values view and rebuild for compression (``values_view`` / ``value_names`` / ``with_values``), a sum
+  with parts of its kind (``sum_with``), the base entries it covers (``covered_entries``), what a merge
+  writes (``merge_sites``), the layer kind it knows (``layer_kind``), an optional factored form
+  (``factors``) and its indexed storage (``index_layout``).
 
 Math lives in pure tensor functions next to each Part; the Part only holds parameters.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -26,9 +34,25 @@ PART_KINDS: dict[str, type[Part]] = {}
 
 
 class Part(nn.Module):
-    """Base class of every delta kind; subclasses register themselves by ``kind``."""
+    """Base class of every delta kind; subclasses register themselves by ``kind``.
+
+    Capabilities (class level, checked up front by the operations that need them, see
+    :func:`deltatune.parts.capabilities.require_capability`):
+
+    * ``additive`` — mergeable as ``θ ← θ + Δθ`` (merge, compose, compress, rebase, apply with merging);
+    * ``base_dependent`` — ``Δθ`` depends on the base module's tensors (``updates`` needs ``base``);
+    * ``mixed_rows`` — rows of one batch may use different parts of this kind (``mixed_forward``);
+    * ``has_aux_loss`` — the part contributes an auxiliary training loss;
+    * ``is_alias`` — the part owns no tensors and stands for another one (tied weights): never saved or
+      merged on its own.
+    """
 
     kind: ClassVar[str] = ""
+    additive: ClassVar[bool] = False
+    base_dependent: ClassVar[bool] = False
+    mixed_rows: ClassVar[bool] = False
+    has_aux_loss: ClassVar[bool] = False
+    is_alias: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -43,6 +67,70 @@ class Part(nn.Module):
         """Dense update of the base weight, native layout (``W' = W + ΔW``)."""
         raise NotImplementedError(f"{self.kind} parts have no dense weight update")
 
+    # --- algebra ---------------------------------------------------------------------------
+    def updates(self, base: nn.Module | None = None) -> dict[str, Tensor]:
+        """The update ``{parameter name: Δθ}`` of the base module's direct parameters, native layout:
+        ``θ' = θ + Δθ`` for each entry.  ``base`` is needed only by base-dependent kinds.  An entry may share
+        storage with the part's own tensors (callers that write in place copy it first)."""
+        raise NotImplementedError(f"{self.kind} parts have no additive parameter update")
+
+    def update(self, name: str, base: nn.Module | None = None) -> Tensor:
+        """One entry ``Δθ_name`` of :meth:`updates` (kinds with several entries compute only this one)."""
+        return self.updates(base)[name]
+
+    def update_shapes(self) -> dict[str, tuple[int, ...]]:
+        """``{parameter name: shape of Δθ}`` from the part's metadata, without computing any update."""
+        return {k: tuple(v.shape) for k, v in self.updates(None).items()}
+
+    def touched_parameters(self) -> tuple[str, ...]:
+        """Names of the base module's parameters this part updates."""
+        return tuple(self.update_shapes())
+
+    def covered_entries(self) -> int:
+        """Entries of the base tensors this part updates, ``Σ_θ numel(θ)`` (the denominator of its density;
+        0 for a kind without a parameter update)."""
+        try:
+            return sum(math.prod(s) for s in self.update_shapes().values())
+        except NotImplementedError:
+            return 0
+
+    def layer_kind(self) -> LayerKind | None:
+        """The base layer kind the part was built for, where it records one (``None``: unknown)."""
+        return None
+
+    def factors(self) -> tuple[Tensor, Tensor, float] | None:
+        """``(A, B, s)`` with ``ΔW = s · B A`` in the ``(out, in)`` convention where the kind is factored."""
+        return None
+
+    def merge_sites(self) -> dict[str, Tensor] | None:
+        """``{parameter: flat indices}`` of the only entries :meth:`merge_into` writes, or ``None`` when it may
+        write whole tensors (an exact revert must then copy every direct parameter of the module)."""
+        return None
+
+    def index_layout(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """Stored tensors that hold values at flat indices: ``{values name: (indices name, domain shape)}``."""
+        return {}
+
+    def values_view(self, product: bool = False) -> dict[str, Tensor]:
+        """The tensors compression may sparsify or quantize, keyed by a suffix of the module name (``""``: the
+        module name itself).  With ``product``, a factored kind gives its update ``ΔW`` instead of factors.
+        Views, not copies: callers do not write into them."""
+        raise NotImplementedError(f"{self.kind} parts have no values view")
+
+    def value_names(self, product: bool = False) -> tuple[str, ...]:
+        """The keys of :meth:`values_view` without computing it."""
+        return tuple(self.values_view(product))
+
+    def with_values(self, values: dict[str, Tensor], product: bool = False, where: str = "part") -> Part:
+        """A new part rebuilt from (compressed) ``values`` shaped like :meth:`values_view` (same ``product``)."""
+        raise NotImplementedError(f"{self.kind} parts cannot be rebuilt from values")
+
+    def sum_with(self, others: Sequence[Part], where: str) -> Part | None:
+        """``Δ = Δ_self + Σ Δ_other`` as one part of this kind when that is exact, else ``None`` (the caller
+        then sums the :meth:`updates` densely)."""
+        return None
+
+    # --- merging -------------------------------------------------------------------------
     def merge_into(self, base: nn.Module) -> None:
         """``W ← W + ΔW`` in place, computed in fp32 and cast back."""
         _add_to_weight(base, self.delta_weight(), sign=1.0)
@@ -130,6 +218,14 @@ def _add_to_weight(base: nn.Module, delta_native: Tensor, sign: float) -> None:
     with torch.no_grad():
         merged = weight.data.float() + sign * delta_native.to(device=weight.device, dtype=torch.float32)
         weight.data.copy_(merged.to(weight.dtype))
+
+
+def promote_dtypes(tensors: Sequence[Tensor]) -> torch.dtype:
+    """The dtype every tensor of ``tensors`` promotes to (``torch.promote_types`` folded left)."""
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
 
 
 def base_layer_kind(base: nn.Module, where: str) -> LayerKind:

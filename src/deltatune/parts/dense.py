@@ -27,6 +27,7 @@ class DensePart(Part):
     """One trainable zero-initialised tensor per direct parameter of the wrapped module."""
 
     kind = "dense"
+    additive, base_dependent, mixed_rows, has_aux_loss = True, False, True, False
 
     def __init__(self, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None) -> None:
@@ -57,6 +58,29 @@ class DensePart(Part):
 
     def delta_weight(self) -> Tensor:
         return self.delta_for("weight").float()
+
+    # --- algebra ---------------------------------------------------------------------------
+    def updates(self, base: nn.Module | None = None) -> dict[str, Tensor]:
+        """``{parameter: Δθ}`` for every parameter the part holds: the part's own tensors (not copies)."""
+        return {k: self.delta_for(k) for k in self.shapes}
+
+    def update(self, name: str, base: nn.Module | None = None) -> Tensor:
+        return self.delta_for(name)
+
+    def update_shapes(self) -> dict[str, tuple[int, ...]]:
+        return dict(self.shapes)
+
+    def values_view(self, product: bool = False) -> dict[str, Tensor]:
+        """``{parameter: Δθ}`` (detached; the same with or without ``product``)."""
+        return {p: self.delta_for(p).detach() for p in self.shapes}
+
+    def with_values(self, values: dict[str, Tensor], product: bool = False, where: str = "dense") -> Part:
+        """A dense part holding ``values`` (their common dtype, fp32 when they differ)."""
+        dtypes = {values[p].dtype for p in self.shapes}
+        with torch.no_grad():
+            out = DensePart(self.shapes, dtype=dtypes.pop() if len(dtypes) == 1 else torch.float32)
+            out.load_tensors({p: values[p] for p in self.shapes}, where)
+        return out
 
     def merge_into(self, base: nn.Module) -> None:
         self._add(base, 1.0)

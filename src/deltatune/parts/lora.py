@@ -16,9 +16,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deltatune.errors import ShapeMismatch
-from deltatune.parts.base import Part, base_layer_kind
-from deltatune.parts.layers import LayerKind, in_out_features, to_native
+from deltatune.parts.base import Part, base_layer_kind, promote_dtypes
+from deltatune.parts.layers import LayerKind, in_out_features, is_transposed, to_native
 from deltatune.parts.meta_checks import check_keys, check_shape, check_state, meta_int, meta_layer, meta_number
+from deltatune.parts.sparse import sparse_from_dense
 
 
 def lora_scale(alpha: float, rank: int, rslora: bool) -> float:
@@ -42,6 +43,7 @@ class LoRAPart(Part):
     """Trainable ``A`` (kaiming-uniform or gaussian) and ``B`` (zeros), so ``ΔW = 0`` at start."""
 
     kind = "lora"
+    additive, base_dependent, mixed_rows, has_aux_loss = True, False, True, False
 
     def __init__(
         self,
@@ -86,6 +88,50 @@ class LoRAPart(Part):
 
     def delta_weight(self) -> Tensor:
         return to_native(lora_delta(self.lora_A, self.lora_B, self.scale), self.layer)
+
+    # --- algebra ---------------------------------------------------------------------------
+    def updates(self, base: nn.Module | None = None) -> dict[str, Tensor]:
+        """``{"weight": s · B A}`` in the native layout, fp32 (the base is not needed)."""
+        return {"weight": self.delta_weight()}
+
+    def update_shapes(self) -> dict[str, tuple[int, ...]]:
+        out_in = (self.out_features, self.in_features)
+        return {"weight": out_in[::-1] if is_transposed(self.layer) else out_in}
+
+    def layer_kind(self) -> LayerKind | None:
+        return self.layer
+
+    def factors(self) -> tuple[Tensor, Tensor, float] | None:
+        """``(A, B, s)``: ``ΔW = s · B A``."""
+        return self.lora_A, self.lora_B, self.scale
+
+    def values_view(self, product: bool = False) -> dict[str, Tensor]:
+        """``{"lora_A": A, "lora_B": B}``, or with ``product`` ``{"": s · B A}`` (native layout, fp32)."""
+        if product:
+            return {"": to_native(lora_delta(self.lora_A.detach(), self.lora_B.detach(), self.scale), self.layer)}
+        return {"lora_A": self.lora_A.detach(), "lora_B": self.lora_B.detach()}
+
+    def value_names(self, product: bool = False) -> tuple[str, ...]:
+        return ("",) if product else ("lora_A", "lora_B")
+
+    def with_values(self, values: dict[str, Tensor], product: bool = False, where: str = "lora") -> Part:
+        """Same geometry with new factors; with ``product``, a :class:`SparsePart` of the non-zero entries of
+        the (compressed) ``ΔW``."""
+        if product:
+            return sparse_from_dense(values[""], self.layer)
+        a, b = values["lora_A"], values["lora_B"]
+        with torch.no_grad():
+            out = LoRAPart(self.in_features, self.out_features, self.rank, self.scale, layer=self.layer,
+                           dropout=self.dropout_p, dtype=a.dtype)
+            out.load_tensors({"lora_A": a, "lora_B": b.to(a.dtype)}, where)
+        return out
+
+    def sum_with(self, others: Sequence[Part], where: str) -> Part | None:
+        """Ranks concatenated (:func:`sum_lora`, exact) when every part is a plain LoRA part, else ``None``."""
+        parts = [self, *others]
+        if not all(type(p) is LoRAPart for p in parts):
+            return None
+        return sum_lora(parts, where)  # type: ignore[arg-type]
 
     @classmethod
     def mixed_forward(
@@ -149,6 +195,32 @@ class LoRAPart(Part):
                 f"{where}: LoRA part for a {self.layer} {self.in_features}→{self.out_features} but the base "
                 f"module is a {kind} {in_out_features(base)[0]}→{in_out_features(base)[1]}"
             )
+
+
+def sum_lora(parts: Sequence[LoRAPart], where: str) -> LoRAPart:
+    """``Σ_t s_t B_t A_t = B A`` with ``A = [A_1; …; A_n]`` (ranks stacked) and ``B = [s_1 B_1 | … | s_n B_n]``,
+    scale 1 — exact, rank ``Σ r_t``.  When every scale is the same ``s``, ``B = [B_1 | … | B_n]`` keeps ``s``."""
+    ref = parts[0]
+    for p in parts[1:]:
+        if (p.layer, p.in_features, p.out_features) != (ref.layer, ref.in_features, ref.out_features):
+            raise ShapeMismatch(f"{where}: LoRA parts for a {ref.layer} {ref.in_features}→{ref.out_features} and a "
+                                f"{p.layer} {p.in_features}→{p.out_features} cannot be summed")
+    dtype = promote_dtypes([t for p in parts for t in (p.lora_A, p.lora_B)])
+    same_scale = all(p.scale == ref.scale for p in parts)
+    a = torch.cat([p.lora_A.detach().to(dtype) for p in parts], dim=0)
+    if same_scale:
+        b = torch.cat([p.lora_B.detach().to(dtype) for p in parts], dim=1)
+        scale = ref.scale
+    else:
+        b = torch.cat([(p.lora_B.detach().float() * p.scale).to(dtype) for p in parts], dim=1)
+        scale = 1.0
+    dropout = ref.dropout_p if all(p.dropout_p == ref.dropout_p for p in parts) else 0.0
+    out = LoRAPart(ref.in_features, ref.out_features, a.shape[0], scale, layer=ref.layer, dropout=dropout,
+                   dtype=dtype, device=a.device)
+    with torch.no_grad():
+        out.lora_A.copy_(a)
+        out.lora_B.copy_(b)
+    return out
 
 
 def stack_lora_weights(parts: Sequence[Part | None], dtype: torch.dtype | None) -> tuple[Tensor, Tensor]:

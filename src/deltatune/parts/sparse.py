@@ -10,14 +10,14 @@ which lives for one layer at a time.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from deltatune.errors import DeltaFormatError, ShapeMismatch
-from deltatune.parts.base import Part, base_layer_kind
+from deltatune.parts.base import Part, base_layer_kind, promote_dtypes
 from deltatune.parts.layers import LayerKind, functional_forward, input_grad, weight_grad
 from deltatune.parts.meta_checks import check_keys, check_shape, check_state, meta_int, meta_layer
 
@@ -90,6 +90,7 @@ class SparsePart(Part):
     out-of-range positions raise :class:`ShapeMismatch` on both paths."""
 
     kind = "sparse"
+    additive, base_dependent, mixed_rows, has_aux_loss = True, False, True, False
 
     def __init__(self, weight_shape: tuple[int, ...], indices: Tensor, layer: LayerKind = LayerKind.LINEAR,
                  dtype: torch.dtype = torch.float32) -> None:
@@ -114,6 +115,45 @@ class SparsePart(Part):
 
     def delta_weight(self) -> Tensor:
         return scatter_delta(self.weight_shape, self.indices, self.values)
+
+    # --- algebra ---------------------------------------------------------------------------
+    def updates(self, base: nn.Module | None = None) -> dict[str, Tensor]:
+        """``{"weight": ΔW}`` with ``ΔW.flat[indices] = values`` (dense, fp32; the base is not needed)."""
+        return {"weight": self.delta_weight()}
+
+    def update_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {"weight": self.weight_shape}
+
+    def layer_kind(self) -> LayerKind | None:
+        return self.layer
+
+    def merge_sites(self) -> dict[str, Tensor] | None:
+        """A merge writes only ``W.flat[indices]``."""
+        return {"weight": self.indices}
+
+    def index_layout(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """``values`` sit at the flat ``indices`` of the weight."""
+        return {"values": ("indices", self.weight_shape)}
+
+    def values_view(self, product: bool = False) -> dict[str, Tensor]:
+        """``{"": values}`` (the same with or without ``product``)."""
+        return {"": self.values.detach()}
+
+    def with_values(self, values: dict[str, Tensor], product: bool = False, where: str = "sparse") -> Part:
+        """The same index set with new ``values``; entries that became exactly 0 are dropped."""
+        vals = values[""].reshape(-1)
+        keep = vals != 0
+        with torch.no_grad():
+            out = SparsePart(self.weight_shape, self.indices[keep], self.layer, dtype=vals.dtype)
+            out.values.copy_(vals[keep])
+        return out
+
+    def sum_with(self, others: Sequence[Part], where: str) -> Part | None:
+        """Union of the index sets (:func:`sum_sparse`, exact) when every part is a plain sparse part."""
+        parts = [self, *others]
+        if not all(type(p) is SparsePart for p in parts):
+            return None
+        return sum_sparse(parts, where)  # type: ignore[arg-type]
 
     def merge_into(self, base: nn.Module) -> None:
         """``W.flat[indices] += values`` without forming a dense ``ΔW``."""
@@ -161,3 +201,32 @@ class SparsePart(Part):
         if tuple(base.weight.shape) != self.weight_shape:
             raise ShapeMismatch(f"{where}: sparse part for weight {self.weight_shape}, base has "
                                 f"{tuple(base.weight.shape)}")
+
+
+def sparse_from_dense(delta: Tensor, layer: LayerKind) -> SparsePart:
+    """A :class:`SparsePart` holding the non-zero entries of the native-layout ``ΔW`` (``delta``)."""
+    values = delta.reshape(-1)
+    keep = values != 0
+    with torch.no_grad():
+        out = SparsePart(tuple(delta.shape), keep.nonzero().reshape(-1), layer, dtype=values.dtype)
+        out.values.copy_(values[keep])
+    return out
+
+
+def sum_sparse(parts: Sequence[SparsePart], where: str) -> SparsePart:
+    """Union of the index sets; values at a shared index are added (in the promoted dtype)."""
+    ref = parts[0]
+    for p in parts[1:]:
+        if (p.weight_shape, p.layer) != (ref.weight_shape, ref.layer):
+            raise ShapeMismatch(f"{where}: sparse parts for weights {ref.weight_shape} ({ref.layer}) and "
+                                f"{p.weight_shape} ({p.layer}) cannot be summed")
+    dtype = promote_dtypes([p.values for p in parts])
+    device = ref.values.device
+    idx = torch.cat([p.indices.to(device) for p in parts])
+    vals = torch.cat([p.values.detach().to(device=device, dtype=dtype) for p in parts])
+    uniq, inverse = torch.unique(idx, sorted=True, return_inverse=True)
+    summed = torch.zeros(uniq.numel(), dtype=dtype, device=device).index_add_(0, inverse, vals)
+    out = SparsePart(ref.weight_shape, uniq, ref.layer, dtype=dtype)
+    with torch.no_grad():
+        out.values.copy_(summed)
+    return out

@@ -17,6 +17,11 @@ from deltatune.parts.base import Part, base_layer_kind, forward_with_delta
 
 
 class TiedAlias(Part):
+    """The owner's weight update seen from a module that shares its weight (no tensors of its own)."""
+
+    additive, base_dependent, mixed_rows, has_aux_loss = True, False, True, False
+    is_alias = True
+
     def __init__(self, owner: Part, owner_name: str) -> None:
         super().__init__()
         self.owner_name = owner_name
@@ -31,6 +36,13 @@ class TiedAlias(Part):
 
     def delta_weight(self) -> Tensor:
         return self.owner.delta_weight()
+
+    def updates(self, base: nn.Module | None = None) -> dict[str, Tensor]:
+        """``{"weight": ΔW_owner}``: the alias sees only the owner's (shared) weight update."""
+        return {"weight": self.owner.delta_weight()}
+
+    def update_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {"weight": self.owner.update_shapes()["weight"]}
 
     def merge_into(self, base: nn.Module) -> None:
         """No-op: the owner merges into the shared tensor once."""
