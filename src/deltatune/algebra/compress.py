@@ -31,13 +31,22 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from deltatune.algebra.compress_config import (
+    COMPRESSORS,
+    CONFIGS,
+    DEFAULT_ALPHAS,
+    CompressConfig,
+    parse_compress_options,
+    register_compressor,
+    step_record,
+)
 from deltatune.algebra.quantile import RadixSelect
 from deltatune.delta import Delta
 from deltatune.errors import ConfigError
@@ -48,8 +57,7 @@ from deltatune.parts.capabilities import require_capability
 from deltatune.parts.layers import LayerKind, is_transposed, layer_kind
 from deltatune.parts.lora import LoRAPart
 
-METHODS = ("compeft", "dare", "darex-q", "magnitude", "quantize", "lowrank")
-DEFAULT_ALPHAS = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 10.0)
+METHODS = tuple(CONFIGS)
 Q_GRID_STEPS = 10
 EXACT_SVD_MAX_DIM = 1024
 
@@ -141,49 +149,6 @@ def _post_cast(t: Tensor, dtype: str | None, per_row: bool = False) -> Tensor:
     return ops.cast_values(t, dtype)
 
 
-def _validate(method: str, density: float | None, alpha: float | None, q: float | None, dtype: str | None,
-              rank: int | None, scope: str, target: str, alphas: Sequence[float]) -> None:
-    if method not in METHODS:
-        raise ConfigError(f"unknown compression method {method!r}; methods: {', '.join(METHODS)}")
-    sparsifying = method in ("compeft", "dare", "darex-q", "magnitude")
-    if sparsifying:
-        ops.check_density(density)
-    elif density is not None:
-        raise ConfigError(f"density does not apply to {method}")
-    if alpha is not None:
-        if method != "compeft":
-            raise ConfigError(f"alpha applies only to compeft, not {method}")
-        ops.check_alpha(alpha)
-    if method == "compeft":
-        if not alphas:
-            raise ConfigError("alphas must list at least one α")
-        for a in alphas:
-            ops.check_alpha(a)
-    if q is not None:
-        if method != "darex-q":
-            raise ConfigError(f"q applies only to darex-q, not {method}")
-        ops.check_q(q)
-    if method == "lowrank":
-        ops.check_rank(rank)
-    elif rank is not None:
-        raise ConfigError(f"rank applies only to lowrank, not {method}")
-    allowed = {"compeft": (), "quantize": ("int8", "bf16", "fp16"), "lowrank": ("bf16", "fp16")}.get(
-        method, ("int8", "bf16", "fp16"))
-    if method == "quantize" and dtype is None:
-        raise ConfigError("quantize needs dtype: int8, bf16 or fp16")
-    if dtype is not None and dtype not in allowed:
-        why = "compeft stores ternary values (sign bits + one scale)" if method == "compeft" else \
-            f"{method} takes dtype in {allowed}"
-        raise ConfigError(f"dtype {dtype!r} does not apply: {why}")
-    scopes = ("global", "tensor", "row") if method == "quantize" else ("global", "tensor")
-    if scope not in scopes:
-        raise ConfigError(f"scope must be one of {scopes} for {method}, got {scope!r}")
-    if target not in ("auto", "factors", "product"):
-        raise ConfigError(f"target must be auto, factors or product, got {target!r}")
-    if target == "product" and not sparsifying:
-        raise ConfigError(f"target 'product' applies to compeft, dare, darex-q and magnitude, not {method}")
-
-
 def _density(slots_out: dict[str, Tensor], entries: int) -> dict[str, Any]:
     kept = sum(int((t != 0).sum()) for t in slots_out.values())
     return {"kept": kept, "entries": entries, "density_achieved": kept / entries if entries else 0.0}
@@ -200,38 +165,60 @@ def _assemble(delta: Delta, parts: dict[str, Part], step: dict[str, Any], result
                  fingerprint=copy.deepcopy(delta.fingerprint), metrics=metrics)
 
 
+@dataclass
+class CompressContext:
+    """What a compression method may need besides its options: scoring functions and the base's layers."""
+
+    eval_fn: Callable[[Delta], float] | None = None
+    calibration_fn: Callable[[Delta], float] | None = None
+    model: nn.Module | None = None
+    layer_kinds: Mapping[str, LayerKind | None] | None = None
+
+
 def compress_delta(
     delta: Delta,
     method: str,
     *,
-    density: float | None = None,
-    alpha: float | None = None,
-    q: float | None = None,
-    dtype: str | None = None,
-    rank: int | None = None,
-    scope: str = "global",
-    seed: int = 0,
-    target: str = "auto",
     eval_fn: Callable[[Delta], float] | None = None,
-    alphas: Sequence[float] = DEFAULT_ALPHAS,
     calibration_fn: Callable[[Delta], float] | None = None,
     model: nn.Module | None = None,
     layer_kinds: Mapping[str, LayerKind | None] | None = None,
+    **options: Any,
 ) -> Delta:
     """A compressed copy of ``delta`` (the input is not modified); see the module docstring.
 
-    ``dtype`` rounds the kept values of dare/darex-q/magnitude (int8 with one scale per tensor) and is
-    the target of ``quantize``; ``model`` (the base) is needed only by ``lowrank`` on dense parts, to
-    know each module's layer kind (or ``layer_kinds``, module name → kind, when the caller knows them).
-    ``config["compression"]`` and ``metrics["compression"]`` get one
-    entry per compression step (method, parameters, seed; density achieved, σ, threshold, sweeps).
+    ``options`` are the method's typed config (:mod:`deltatune.algebra.compress_config`: ``density``,
+    ``alpha``, ``alphas``, ``q``, ``dtype``, ``rank``, ``scope``, ``target``, ``seed`` as the method takes
+    them), parsed by :func:`deltatune.config.parse_config`: an option the method does not take is a
+    :class:`ConfigError` listing its fields.  ``dtype`` rounds the kept values of dare/darex-q/magnitude
+    (int8 with one scale per tensor) and is the target of ``quantize``; ``model`` (the base) is needed only
+    by ``lowrank`` on dense parts, to know each module's layer kind (or ``layer_kinds``, module name → kind,
+    when the caller knows them).  ``config["compression"]`` and ``metrics["compression"]`` get one entry per
+    compression step (method, parameters, seed; density achieved, σ, threshold, sweeps).
     """
-    _validate(method, density, alpha, q, dtype, rank, scope, target, alphas)
+    cfg = parse_compress_options(method, options)
     require_capability(delta, "additive", f"compress ({method})")
-    step: dict[str, Any] = {"method": method, "density": density, "alpha": alpha, "q": q, "dtype": dtype,
-                            "rank": rank, "scope": scope, "seed": int(seed), "target": target}
-    if method == "lowrank":
-        return _lowrank(delta, int(rank), dtype, int(seed), model, step, layer_kinds)
+    return COMPRESSORS[method].run(delta, cfg, CompressContext(eval_fn, calibration_fn, model, layer_kinds),
+                                   step_record(method, cfg))
+
+
+@register_compressor("lowrank")
+def _run_lowrank(delta: Delta, cfg: CompressConfig, ctx: CompressContext, step: dict[str, Any]) -> Delta:
+    return _lowrank(delta, int(cfg.rank), cfg.dtype, int(cfg.seed), ctx.model, step, ctx.layer_kinds)
+
+
+@register_compressor("compeft")
+@register_compressor("magnitude")
+@register_compressor("dare")
+@register_compressor("darex-q")
+@register_compressor("quantize")
+def _run_values(delta: Delta, cfg: CompressConfig, ctx: CompressContext, step: dict[str, Any]) -> Delta:
+    """The methods that act on each part's values (sparsify, rescale, round)."""
+    method = step["method"]
+    density, dtype, scope, target, seed = (getattr(cfg, k, None) for k in ("density", "dtype", "scope", "target",
+                                                                          "seed"))
+    alpha, q, alphas = getattr(cfg, "alpha", None), getattr(cfg, "q", None), getattr(cfg, "alphas", DEFAULT_ALPHAS)
+    eval_fn, calibration_fn = ctx.eval_fn, ctx.calibration_fn
     tgt = "product" if target == "product" else "factors"
     slots = [s for name, part in delta.parts.items() for s in _slots(name, part, tgt)]
     entries = sum(_finite(s.get(), s.key).numel() for s in slots)

@@ -19,13 +19,15 @@ import torch
 from torch import Tensor
 
 from deltatune.algebra.checkpoint import CheckpointReader, is_checkpoint
+from deltatune.algebra.delta_checkpoint import streamable_base
 from deltatune.algebra.inputs import CheckpointInput, DeltaInput, VocabRule
 from deltatune.algebra.methods import MergeMethod, TensorJob, get_merge_method
 from deltatune.algebra.options import check_input_count, resolve_params
 from deltatune.algebra.output import align_rows, collect_delta, merged_heads, save_output, write_checkpoint
+from deltatune.algebra.spec import MergeSpec
 from deltatune.algebra.stats import gather_stats, lines_norms
 from deltatune.algebra.workspace import Workspace
-from deltatune.config import brief, finite_float
+from deltatune.config import brief, finite_float, parse_config
 from deltatune.delta import Delta
 from deltatune.errors import ConfigError, FingerprintMismatch, ShapeMismatch
 from deltatune.ops import lines as lines_ops
@@ -171,35 +173,33 @@ class MergePlan:
             fn(job)
 
 
-def merge(
-    inputs: Sequence[Delta | str | Path],
-    method: str,
-    *,
-    base: str | Path | None = None,
-    weights: Sequence[float] | None = None,
-    params: dict[str, Any] | None = None,
-    input_params: Sequence[dict[str, Any]] | None = None,
-    preset: str = "paper",
-    output: str = "dense",
-    out: str | Path | None = None,
-    rank: int | None = None,
-    seed: int = 0,
-    lines: dict[str, Any] | None = None,
-    target_base: str | Path | None = None,
-    vocab: VocabRule = "error",
-    heads: str = "auto",
-    out_dtype: torch.dtype | None = None,
-    shard_size: str | int = "5GB",
-    force: bool = False,
-    progress: bool = False,
-    verify: bool = True,
-    overwrite: bool = False,
-) -> Delta | Path:
-    """Merge deltas or fine-tuned checkpoints with ``method``; see the module docstring for the flow.
+def merge(inputs: Sequence[Delta | str | Path], method: str, **options: Any) -> Delta | Path:
+    """Merge deltas or fine-tuned checkpoints with ``method``: :func:`run_merge` of the :class:`MergeSpec`
+    built from ``options`` by :func:`~deltatune.config.parse_config` (so an unknown option or a bad value is the
+    :class:`ConfigError` a YAML recipe gets).
+
+    Options (see :class:`~deltatune.algebra.spec.MergeSpec`): ``base``, ``weights``, ``params``,
+    ``input_params``, ``preset``, ``output``, ``out``, ``rank``, ``seed``, ``lines``, ``target_base``,
+    ``vocab``, ``heads``, ``out_dtype``, ``shard_size``, ``force``, ``progress``, ``verify``, ``overwrite``.
+    """
+    fields = {"inputs": list(inputs), "method": method, **options}
+    if fields.get("weights") is not None:
+        fields["weights"] = list(fields["weights"])
+    return run_merge(parse_config(MergeSpec, fields, "merge"))
+
+
+def run_merge(recipe: MergeSpec) -> Delta | Path:
+    """Run the merge ``recipe`` describes; see the module docstring for the flow.
 
     ``verify=False`` skips the digest check of delta folders (CLI ``--no-verify``); an existing ``out`` must be
     an earlier output of the same kind unless ``overwrite`` (:class:`~deltatune.errors.OutputExists`); at most
     :data:`~deltatune.algebra.options.MAX_INPUTS` inputs (:class:`~deltatune.errors.InputTooLarge`)."""
+    inputs, method, base, weights, params = recipe.inputs, recipe.method, recipe.base, recipe.weights, recipe.params
+    input_params, preset, output, out, rank = (recipe.input_params, recipe.preset, recipe.output, recipe.out,
+                                               recipe.rank)
+    seed, lines, target_base, vocab, heads = recipe.seed, recipe.lines, recipe.target_base, recipe.vocab, recipe.heads
+    out_dtype, shard_size, force, progress = recipe.out_dtype, recipe.shard_size, recipe.force, recipe.progress
+    verify, overwrite = recipe.verify, recipe.overwrite
     spec = get_merge_method(method)
     if output not in OUTPUTS:
         raise ConfigError(f"output must be one of {list(OUTPUTS)}, got {brief(output)}")
@@ -255,8 +255,14 @@ def merge(
                                 plan.workspace, overwrite=overwrite)
     if checkpoint_inputs:
         return collect_delta(merged(), None, output, rank, record, base_path=base, out=out, overwrite=overwrite)
-    result = collect_delta(merged(), sources, output, rank, record, fingerprint=fingerprint,
-                           heads=merged_heads(sources, per_input, heads), out=None)
+    heads_out = merged_heads(sources, per_input, heads)
+    if output == "checkpoint":  # stream θ₀ + τ_m through the shard writer when the model path would match
+        reader = streamable_base(base, list(shapes), heads_out, out_dtype, fingerprint, force, "delta")
+        if reader is not None:
+            return write_checkpoint(Path(out), merged(), reader, shapes, {}, None, shard_size, record,
+                                    overwrite=overwrite)
+    result = collect_delta(merged(), sources, output, rank, record, fingerprint=fingerprint, heads=heads_out,
+                           out=None)
     if output == "checkpoint":
         from deltatune.api import apply_to_checkpoint
 

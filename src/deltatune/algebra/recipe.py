@@ -34,8 +34,9 @@ from typing import Any, Literal
 
 import torch
 
-from deltatune.algebra.engine import lines_params, merge
+from deltatune.algebra.engine import lines_params, run_merge
 from deltatune.algebra.options import BOOLEAN, CHOICES, MAX_INPUTS, NUMERIC, check_input_count, coerce_param
+from deltatune.algebra.spec import MergeSpec
 from deltatune.config import brief, finite_float, parse_config, read_yaml
 from deltatune.delta import Delta
 from deltatune.errors import ConfigError
@@ -72,6 +73,15 @@ class MergeRecipe:
     force: bool = False
     target_base: str | None = None
     verify: bool = True
+
+    def to_spec(self, out: str | None = None, progress: bool = False, overwrite: bool = False) -> MergeSpec:
+        """The :class:`MergeSpec` the engine runs (``out`` overrides the recipe's); fields are already typed."""
+        return MergeSpec(inputs=list(self.inputs), method=self.method, base=self.base, params=self.params,
+                         input_params=self.input_params, preset=self.preset, output=self.output,
+                         out=out or self.out, rank=self.rank, seed=self.seed, lines=self.lines,
+                         target_base=self.target_base, vocab=self.vocab, heads=self.heads,
+                         out_dtype=DTYPES[self.out_dtype] if self.out_dtype else None, shard_size=self.shard_size,
+                         force=self.force, progress=progress, verify=self.verify, overwrite=overwrite)
 
 
 def _exists(path: Path) -> bool:
@@ -231,9 +241,4 @@ def run_recipe(recipe: MergeRecipe, out: str | None = None, progress: bool = Fal
                ) -> Delta | Path:
     """Run ``recipe`` through :func:`deltatune.algebra.merge` (``out`` overrides the recipe's; an existing output
     folder is replaced only if it is an earlier output of the same kind, or with ``overwrite``)."""
-    return merge(recipe.inputs, recipe.method, base=recipe.base, params=recipe.params,
-                 input_params=recipe.input_params, preset=recipe.preset, output=recipe.output,
-                 out=out or recipe.out, rank=recipe.rank, seed=recipe.seed, lines=recipe.lines,
-                 target_base=recipe.target_base, vocab=recipe.vocab, heads=recipe.heads,
-                 out_dtype=DTYPES[recipe.out_dtype] if recipe.out_dtype else None, shard_size=recipe.shard_size,
-                 force=recipe.force, progress=progress, verify=recipe.verify, overwrite=overwrite)
+    return run_merge(recipe.to_spec(out=out, progress=progress, overwrite=overwrite))

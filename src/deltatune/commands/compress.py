@@ -5,11 +5,15 @@
 Compresses a delta (ComPEFT, DARE, DAREx-q, magnitude, quantisation or a low-rank LoRA extraction; see
 :mod:`deltatune.algebra.compress`) and writes it in the compact format (the normal format for
 ``lowrank``, so ``deltatune export --format peft`` reads it directly), then prints the bytes before and
-after.  Heavy imports happen inside the command so ``deltatune --help`` stays fast.
+after.  The flags given become the method's typed options through the same parse as
+:func:`deltatune.algebra.compress.compress_delta` (:func:`deltatune.algebra.compress_config.parse_compress_options`):
+a flag the method does not take is an error that lists the method's options.  Heavy imports happen inside the
+command so ``deltatune --help`` stays fast.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Annotated
 
@@ -38,7 +42,8 @@ def compress_command(
     rank: Annotated[int | None, typer.Option(help="lowrank: rank of every LoRA part")] = None,
     scope: Annotated[str | None, typer.Option(help="global or tensor statistics (quantize: tensor or row "
                                                    "scales; default row)")] = None,
-    target: Annotated[str, typer.Option(help="LoRA parts: factors (A and B) or product (B·A → sparse)")] = "auto",
+    target: Annotated[str | None, typer.Option(help="LoRA parts: factors (A and B) or product (B·A → sparse; "
+                                                    "compeft, dare, darex-q, magnitude)")] = None,
     seed: Annotated[int, typer.Option(help="seed of the random masks (dare, darex-q) and randomized SVD")] = 0,
     model: Annotated[str | None, typer.Option(help="base-model folder (lowrank on dense deltas, darex-q "
                                                    "calibration; default: as trained)")] = None,
@@ -46,16 +51,33 @@ def compress_command(
     overwrite: Overwrite = False,
     verify: NoVerify = True,
 ) -> None:
-    """Compress a delta and report original vs compressed bytes on disk."""
+    """Compress a delta and report original vs compressed bytes on disk.
+
+    Options by method: compeft (density, alpha, scope, target, seed); magnitude (density, dtype, scope, target,
+    seed); dare (density, dtype, scope, target, seed); darex-q (density, q, dtype, scope, target, seed);
+    quantize (dtype, scope, target, seed); lowrank (rank, dtype, scope, target, seed).
+    """
     from rich.console import Console
     from rich.table import Table
 
     from deltatune.algebra.compress import calibration_batch, compress_delta, output_change_score
+    from deltatune.algebra.compress_config import CONFIGS, options_help, parse_compress_options
     from deltatune.api import as_delta, load_base_for
+    from deltatune.errors import ConfigError
     from deltatune.io.compact_format import save_compact
     from deltatune.io.outputs import COMPACT_KIND, DELTA_KIND, guard_output
-    from deltatune.ops.compress import check_density
 
+    if scope is None and method == "quantize":
+        scope = "row"
+    flags = {"density": density, "alpha": alpha, "q": q, "dtype": dtype, "rank": rank, "scope": scope,
+             "target": target, "seed": seed}
+    try:
+        config = parse_compress_options(method, flags)  # before the output folder and the delta are touched
+    except ConfigError as exc:
+        if method not in CONFIGS:
+            raise
+        raise ConfigError(f"{exc}\n{method} options:\n{options_help(method)}") from None
+    options = dataclasses.asdict(config)
     out_dir = out_dir or delta.with_name(f"{delta.name}-{method}")
     guard_output(out_dir, DELTA_KIND if method == "lowrank" else COMPACT_KIND, overwrite)  # before the work
     d = as_delta(delta, verify=verify)
@@ -63,13 +85,9 @@ def compress_command(
     if method == "lowrank" and any(p.factors() is None and p.layer_kind() is None for p in d.parts.values()):
         base = load_base_for(d, model)
     if method == "darex-q" and q is None:
-        check_density(density)  # before loading the base model and the calibration data
         base = load_base_for(d, model)
         calibration_fn = output_change_score(base, d, calibration_batch(d, model))
-    if scope is None:
-        scope = "row" if method == "quantize" else "global"
-    compressed = compress_delta(d, method, density=density, alpha=alpha, q=q, dtype=dtype, rank=rank, scope=scope,
-                                seed=seed, target=target, calibration_fn=calibration_fn, model=base)
+    compressed = compress_delta(d, method, calibration_fn=calibration_fn, model=base, **options)
     report = None
     if method == "lowrank":
         compressed.save(out_dir, overwrite=overwrite)
