@@ -488,3 +488,17 @@ def test_wrong_typed_manifest_field_is_a_typed_error(tmp_path, fmt, name) -> Non
             _load(fmt, path, verify=verify)
         assert str(path / "manifest.json") in str(err.value)
         assert len(str(err.value)) < 400
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_negative_zeros_left_by_a_mask_verify_after_the_round_trip(tmp_path, fmt: str) -> None:
+    """A DARE mask multiplies negative values by 0 and leaves −0.0; the compact format's sparse layouts store
+    only non-zeros and decode +0.0 (the same update), so its digests are of the sign-less form."""
+    delta = _delta()
+    with torch.no_grad():
+        a = delta.parts[LORA].lora_A
+        a.copy_(torch.where(torch.rand(a.shape, generator=torch.Generator().manual_seed(1)) < 0.8,
+                            a * 0.0, a))  # mostly zeros, half of them −0.0: the sparse layout is chosen
+    assert bool((torch.signbit(a) & (a == 0)).any())
+    loaded = _load(fmt, _save(fmt, delta, tmp_path / fmt))  # verify=True
+    assert torch.equal(loaded.parts[LORA].lora_A, delta.parts[LORA].lora_A)

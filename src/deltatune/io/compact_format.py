@@ -178,6 +178,13 @@ def compact_report(path: str | Path) -> CompactReport:
 # --------------------------------------------------------------------------------------------------
 # save
 # --------------------------------------------------------------------------------------------------
+def _signless_zeros(t: Tensor) -> Tensor:
+    """``t`` with −0.0 as +0.0 (``x + 0.0``; IEEE gives +0 for −0 + +0), the form digests are taken of: the
+    sparse layouts store only non-zeros, so a −0.0 left by a DARE mask decodes as +0.0 — numerically the same
+    update, but other bytes."""
+    return t + 0.0 if t.is_floating_point() else t
+
+
 def _encode_part(name: str, part: Part, state: dict[str, Tensor], blobs: Blobs) -> dict[str, Any]:
     """Manifest entries of one part: tensors the part stores at flat indices
     (:meth:`~deltatune.parts.base.Part.index_layout`) use the indexed layout and consume their index tensor;
@@ -209,7 +216,7 @@ def save_compact(delta: Delta, path: str | Path, overwrite: bool = False) -> Com
     digested: dict[str, Tensor] = {}
     for name, part in delta.parts.items():
         state = {k: v.detach().to("cpu").contiguous() for k, v in part.state().items()}
-        digested.update({digest_key("parts", name, k): v for k, v in state.items()})
+        digested.update({digest_key("parts", name, k): _signless_zeros(v) for k, v in state.items()})
         prepare_tensors({k: state[k] for k in state}, f"{path}: part {name!r}")
         tensors = _encode_part(name, part, state, blobs)
         parts[name] = {"kind": part.kind, "meta": part.meta(), "tensors": tensors}
@@ -217,7 +224,7 @@ def save_compact(delta: Delta, path: str | Path, overwrite: bool = False) -> Com
     for h, t in delta.heads.items():
         state = {k: v.detach().to("cpu").contiguous() for k, v in t.items()}
         prepare_tensors(state, f"{path}: head {h!r}")
-        digested.update({digest_key("heads", h, k): v for k, v in state.items()})
+        digested.update({digest_key("heads", h, k): _signless_zeros(v) for k, v in state.items()})
         heads[h] = {k: encode_tensor(v, blobs) for k, v in state.items()}
     manifest = json_ready({
         "format": FORMAT, "format_version": FORMAT_VERSION, "created_by": f"deltatune {__version__}",
@@ -374,7 +381,8 @@ def load_compact(path: str | Path, verify: bool = True) -> Delta:
         out = decode_entry(tname, entry, reader, where)
         for k, t in out.items():
             if digests is not None:
-                verify_tensor(file, digest_key(group, owner, k), t, digests[digest_key(group, owner, k)])
+                key = digest_key(group, owner, k)
+                verify_tensor(file, key, _signless_zeros(t), digests[key])
             check_finite(t, f"{where} ({k!r})")
         return out
 
