@@ -69,17 +69,15 @@ def evaluate_delta(delta: Delta | str | Path, model: str | None = None, task: st
                    with_base: bool = False, verify: bool = True) -> dict[str, dict[str, float]]:
     """Task metrics of base + delta (and of the bare base when ``with_base``).
 
-    A NaN or infinite metric is an error, not a result: :class:`NonFiniteError` names the metric and row.
+    For a ``classify``/``regress`` delta, ``data`` is the file to evaluate; the task, columns and label map
+    come from the delta's ``task_info`` (without ``data``: the recorded eval file, else the recorded seeded
+    hold-out of the training file).  A NaN or infinite metric is an error, not a result:
+    :class:`NonFiniteError` names the metric and row.
     """
     from deltatune.train.evaluate import evaluate
-    from deltatune.train.tasks import build_task
 
     d = as_delta(delta, verify=verify)
-    rec = recorded_train_config(d)
-    cfg = TrainConfig(model=base_model_path(d, model), task=task or rec.get("task", "sst2"),
-                      data=data or rec.get("data"), eval_data=rec.get("eval_data"), eval_limit=limit,
-                      train_limit=1, max_length=rec.get("max_length", 128))
-    built = build_task(cfg)
+    built = _eval_task(d, model, task, data, limit)
     torch.manual_seed(0)
     net = built.load_model()
     results = {}
@@ -89,6 +87,54 @@ def evaluate_delta(delta: Delta | str | Path, model: str | None = None, task: st
     results["delta"] = evaluate(net, built, batch_size, torch.device("cpu"))
     check_finite_metrics(results, str(delta) if not isinstance(delta, Delta) else "the delta")
     return results
+
+
+def _eval_task(d: Delta, model: str | None, task: str | None, data: str | None, limit: int | None):
+    """The :class:`~deltatune.train.tasks.Task` to evaluate ``d`` on, as recorded at training time."""
+    from deltatune.train.tasks import build_task
+    from deltatune.train.user_data import USER_TASKS
+
+    rec = recorded_train_config(d)
+    name = task or rec.get("task", "sst2")
+    common = dict(model=base_model_path(d, model), task=name, eval_limit=limit, max_length=rec.get("max_length", 128))
+    if name not in USER_TASKS:
+        cfg = TrainConfig(data=data or rec.get("data"), eval_data=rec.get("eval_data"), train_limit=1, **common)
+        return build_task(cfg)
+    info = d.metrics.get("task_info")
+    if not isinstance(info, dict) or info.get("task") != name:
+        raise ConfigError(f"the delta records no {name!r} task_info (columns and label map); it was trained on "
+                          f"task {rec.get('task')!r}")
+    cfg = TrainConfig(data=rec.get("data") or data, eval_data=data or rec.get("eval_data"),
+                      seed=int(rec.get("seed", 0)), **common)
+    return build_task(cfg, recorded=info)
+
+
+@torch.no_grad()
+def classification_report(delta: Delta | str | Path, data: str | None = None, model: str | None = None,
+                          limit: int | None = None, batch_size: int = 64,
+                          verify: bool = True) -> dict[str, dict[str, float]]:
+    """Per-class ``{label name: {precision, recall, f1, support}}`` of a ``classify`` delta on ``data`` (default:
+    its recorded eval rows), label names as in the training file."""
+    import numpy as np
+
+    from deltatune.train.evaluate import batches
+    from deltatune.train.metrics import per_class_report
+
+    d = as_delta(delta, verify=verify)
+    if (d.metrics.get("task_info") or {}).get("task") != "classify":
+        raise ConfigError(f"{str(delta)[:80]}: a per-class report needs a delta trained with --task classify")
+    built = _eval_task(d, model, "classify", data, limit)
+    torch.manual_seed(0)
+    net = built.load_model()
+    apply_delta(net, d, where=str(delta) if not isinstance(delta, Delta) else "delta")
+    net.eval()
+    logits, labels = [], []
+    for batch in batches(built.eval, list(range(len(built.eval))), batch_size, built.pad_token_id,
+                         torch.device("cpu")):
+        logits.append(net(**batch).logits.float().numpy())
+        labels.append(batch["labels"].numpy())
+    names = [str(n) for n in d.metrics["task_info"]["label_names"]]
+    return per_class_report(np.concatenate(logits), np.concatenate(labels), names)
 
 
 def check_finite_metrics(results: dict[str, dict[str, float]], where: str) -> None:
@@ -109,9 +155,11 @@ def apply_to_checkpoint(delta: Delta | str | Path, out: str | Path, model: str |
     earlier checkpoint output unless ``overwrite`` (:class:`~deltatune.errors.OutputExists`).
     """
     from deltatune.io.outputs import CHECKPOINT_KIND, guard_output
+    from deltatune.parts.capabilities import require_capability
 
     guard_output(out, CHECKPOINT_KIND, overwrite)  # before the base model is loaded and merged
     d = as_delta(delta, verify=verify)
+    require_capability(d, "additive", "apply with merging")  # before the base model is loaded
     net = load_base_for(d, model)
     apply_delta(net, d, merge=True, force=force, where=str(delta) if not isinstance(delta, Delta) else "delta")
     seen: set[int] = set()

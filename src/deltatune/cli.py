@@ -92,9 +92,15 @@ def _train_configs(method: str, config_file: Path | None, flags: dict[str, Any],
 @app.command()
 def train(
     method: Annotated[str, typer.Option(help="sparse, lora or full (see `deltatune methods`)")] = "sparse",
-    task: Annotated[str | None, typer.Option(help="GLUE task name, 'text' or 'jsonl'")] = None,
+    task: Annotated[str | None, typer.Option(help="GLUE task name, 'text', 'jsonl', 'classify' or 'regress'")] = None,
     model: Annotated[str | None, typer.Option(help="local base-model folder (default: embedded MiniLM)")] = None,
-    data: Annotated[str | None, typer.Option(help="GLUE data folder or text/JSONL file")] = None,
+    data: Annotated[str | None, typer.Option(help="GLUE data folder, text/JSONL file, or the training file "
+                                                  "(CSV, TSV, JSON, JSONL, Parquet, save_to_disk folder)")] = None,
+    eval_data: Annotated[str | None, typer.Option(help="eval file (default for classify/regress: a seeded "
+                                                       "10% hold-out of --data)")] = None,
+    text_column: Annotated[str | None, typer.Option(help="text column (default 'text')")] = None,
+    text_pair_column: Annotated[str | None, typer.Option(help="second text column, for sentence pairs")] = None,
+    label_column: Annotated[str | None, typer.Option(help="label column (default 'label')")] = None,
     out_dir: Annotated[str | None, typer.Option("--out", help="output folder")] = None,
     steps: Annotated[int | None, typer.Option(help="optimizer steps")] = None,
     lr: Annotated[float | None, typer.Option(help="peak learning rate")] = None,
@@ -107,8 +113,10 @@ def train(
     """Train a delta; writes OUT/delta (final), OUT/best (best eval) and OUT/checkpoint (resume)."""
     from deltatune.train.loop import train as run
 
-    flags = {"task": task, "model": model, "data": data, "out_dir": out_dir, "max_steps": steps, "lr": lr,
-             "batch_size": batch_size, "resume": resume or None, "overwrite": overwrite or None}
+    flags = {"task": task, "model": model, "data": data, "eval_data": eval_data, "text_column": text_column,
+             "text_pair_column": text_pair_column, "label_column": label_column, "out_dir": out_dir,
+             "max_steps": steps, "lr": lr, "batch_size": batch_size, "resume": resume or None,
+             "overwrite": overwrite or None}
     train_cfg, method_cfg = _train_configs(method, config, flags, set_ or [])
     result = run(train_cfg, method_cfg)
     if not result.is_main:
@@ -129,12 +137,22 @@ def eval_(
     data: Annotated[str | None, typer.Option(help="data folder or file (default: as trained)")] = None,
     limit: Annotated[int | None, typer.Option(help="first N eval examples")] = None,
     base: Annotated[bool, typer.Option("--base", help="also evaluate the bare base model")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the delta's metrics as one JSON object keyed by "
+                                                         "metric name (with --base, the base's under 'base')")] = False,
     verify: NoVerify = True,
 ) -> None:
-    """Evaluate base + delta on the task's dev data with its official metric (a NaN metric is an error)."""
+    """Evaluate base + delta on the task's dev data with its official metric (a NaN metric is an error).
+
+    For a classify/regress delta, --data is the file to evaluate; task, columns and label map are as trained."""
     from deltatune.api import evaluate_delta
 
     results = evaluate_delta(delta, model=model, task=task, data=data, limit=limit, with_base=base, verify=verify)
+    if as_json:
+        doc: dict[str, Any] = dict(results["delta"])
+        if "base" in results:
+            doc["base"] = results["base"]
+        print(json.dumps(doc))
+        return
     keys = sorted({k for r in results.values() for k in r})
     table = Table("model", *keys)
     for name, metrics in results.items():

@@ -206,6 +206,17 @@ def test_merge_delta_and_apply_with_merging_refuse_before_writing(mixed):
     _unchanged(model, before)
 
 
+def test_apply_to_checkpoint_refuses_before_loading_the_base(mixed, tmp_path, monkeypatch):
+    import deltatune.api as api
+
+    _, delta, _ = mixed
+    monkeypatch.setattr(api, "load_base_for", lambda *a, **k: pytest.fail("the base was loaded"))
+    with pytest.raises(NotMergeable) as exc:
+        api.apply_to_checkpoint(delta, tmp_path / "out")
+    _refused(exc)
+    assert not (tmp_path / "out").exists()
+
+
 def test_attaching_without_merging_still_works(mixed):
     model, delta, _ = mixed
     x = torch.randn(3, 4)

@@ -24,9 +24,17 @@ def default_model_path() -> str:
 class TrainConfig:
     model: str | None = field(default=None, metadata={"help": "local model folder (default: embedded MiniLM)"})
     task: str = field(default="sst2", metadata={"help": "GLUE task (sst2, mrpc, rte, cola, stsb, wnli, qnli), "
-                                                        "'text' (plain text LM) or 'jsonl' (prompt/response)"})
-    data: str | None = field(default=None, metadata={"help": "GLUE data folder, or the text/JSONL file"})
-    eval_data: str | None = field(default=None, metadata={"help": "JSONL eval file (jsonl task)"})
+                                                        "'text' (plain text LM), 'jsonl' (prompt/response), "
+                                                        "'classify' or 'regress' (your own labelled file)"})
+    data: str | None = field(default=None, metadata={"help": "GLUE data folder, the text/JSONL file, or the "
+                                                             "training file (CSV, TSV, JSON, JSONL, Parquet, "
+                                                             "save_to_disk folder; PATH:SPLIT picks a split)"})
+    eval_data: str | None = field(default=None, metadata={"help": "eval file (jsonl, classify, regress; without "
+                                                                  "it classify/regress hold out 10% of --data)"})
+    text_column: str = field(default="text", metadata={"help": "classify/regress: column of the (first) text"})
+    text_pair_column: str | None = field(default=None, metadata={"help": "classify/regress: column of the "
+                                                                         "second text of a sentence pair"})
+    label_column: str = field(default="label", metadata={"help": "classify/regress: column of the label"})
     out_dir: str = field(default="runs/default", metadata={"help": "where delta/, best/ and checkpoint/ go"})
     max_steps: int = field(default=300, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=16, metadata={"help": "examples per micro-batch per process"})

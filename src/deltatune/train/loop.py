@@ -197,7 +197,8 @@ def train(cfg: TrainConfig, method_config: Any) -> TrainResult:
                     best = {**metrics, "step": step}
                     delta.snapshot_heads(raw_model)
                     if accelerator.is_main_process:
-                        save_delta(delta, out / "best", metrics={"best": best, "before": before}, overwrite=True)
+                        save_delta(delta, out / "best", metrics={"best": best, "before": before, **_task_info(task)},
+                                   overwrite=True)
             history.append(record)
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
                 bad = _first_non_finite(raw_model)
@@ -215,7 +216,8 @@ def train(cfg: TrainConfig, method_config: Any) -> TrainResult:
     if len(set(digests)) != 1:
         raise RuntimeError(f"ranks disagree on the trained delta: {digests}")
     summary = {"before": before, "final": final, "best": best, "steps": step, "world_size": accelerator.num_processes,
-               "rank_digests_equal": True, "digest": digests[0], "train": asdict(cfg), "task": task.name}
+               "rank_digests_equal": True, "digest": digests[0], "train": asdict(cfg), "task": task.name,
+               **_task_info(task)}
     if accelerator.is_main_process:
         save_delta(delta, out / "delta", metrics=summary, overwrite=True)
         with atomic_file(out / "history.json") as tmp:
@@ -225,6 +227,11 @@ def train(cfg: TrainConfig, method_config: Any) -> TrainResult:
     delta.metrics.update(summary)
     best_dir = out / "best" if best else None
     return TrainResult(delta, out / "delta", best_dir, before, final, best, history, accelerator.is_main_process)
+
+
+def _task_info(task: Task) -> dict[str, Any]:
+    """``{"task_info": ...}`` (columns, label map of classify/regress) for the delta's metrics, else ``{}``."""
+    return {"task_info": task.info} if task.info is not None else {}
 
 
 def _resume(where: Path, model: nn.Module, optimizer, scheduler, hooks, accelerator: Accelerator) -> dict[str, Any]:

@@ -8,6 +8,13 @@ Notation: ``TP, TN, FP, FN`` are the binary confusion counts with class 1 as the
 * Pearson   = sum((x - mean x)(y - mean y)) / sqrt(sum((x - mean x)^2) sum((y - mean y)^2))
               (NaN when either input is constant, as scipy)
 * Spearman  = Pearson of the ranks of x and y, tied values taking the average of their ranks
+
+Multi-class (``--task classify``), per class ``c`` with ``TP_c, FP_c, FN_c`` one-vs-rest counts:
+
+* precision_c = TP_c / (TP_c + FP_c), recall_c = TP_c / (TP_c + FN_c), F1_c = 2 TP_c / (2 TP_c + FP_c + FN_c)
+  (each 0.0 when its denominator is 0)
+* macro-F1    = mean of F1_c over the classes present in the labels or the predictions (sklearn's
+  ``f1_score(average="macro")``)
 """
 
 from __future__ import annotations
@@ -153,3 +160,65 @@ def compute_metrics(task_name: str, logits_or_preds: np.ndarray, labels: np.ndar
     y = y.astype(np.int64)
     funcs = {"accuracy": accuracy, "f1": f1_binary, "matthews": matthews_corrcoef}
     return {name: funcs[name](preds, y) for name in _CLASSIFICATION_METRICS[key]}
+
+
+def _class_preds(logits_or_preds: np.ndarray, what: str) -> np.ndarray:
+    out = np.asarray(logits_or_preds)
+    if out.ndim == 2:
+        return np.argmax(out, axis=-1).astype(np.int64)
+    if out.ndim == 1:
+        return out.astype(np.int64)
+    raise DataError(f"{what}: expected logits (n, num_labels) or predictions (n,), got {tuple(out.shape)}")
+
+
+def _per_class_counts(preds: np.ndarray, labels: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    """``(len(classes), 3)`` one-vs-rest counts ``TP, FP, FN`` per class."""
+    p, y = _pair(preds, labels, "per-class counts")
+    tp = np.array([np.sum((p == c) & (y == c)) for c in classes], dtype=np.int64)
+    fp = np.array([np.sum((p == c) & (y != c)) for c in classes], dtype=np.int64)
+    fn = np.array([np.sum((p != c) & (y == c)) for c in classes], dtype=np.int64)
+    return np.stack([tp, fp, fn], axis=1).reshape(len(classes), 3)
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    return np.where(den > 0, num / np.maximum(den, 1), 0.0).astype(np.float64)
+
+
+def macro_f1(preds: np.ndarray, labels: np.ndarray) -> float:
+    """Unweighted mean of the per-class F1 ``2 TP_c / (2 TP_c + FP_c + FN_c)`` over the classes present in
+    ``labels`` or ``preds`` (as sklearn's ``average="macro"``)."""
+    p, y = _pair(preds, labels, "macro_f1")
+    classes = np.union1d(p, y)
+    tp, fp, fn = _per_class_counts(p, y, classes).T
+    return float(np.mean(_ratio(2 * tp, 2 * tp + fp + fn)))
+
+
+def per_class_report(logits_or_preds: np.ndarray, labels: np.ndarray,
+                     label_names: list[str]) -> dict[str, dict[str, float]]:
+    """``{label name: {precision, recall, f1, support}}`` for every class of the label map (class ``i`` is
+    ``label_names[i]``; a class absent from both labels and predictions has all zeros)."""
+    p = _class_preds(logits_or_preds, "per_class_report")
+    y = np.asarray(labels).reshape(-1).astype(np.int64)
+    classes = np.arange(len(label_names))
+    tp, fp, fn = _per_class_counts(p, y, classes).T
+    precision, recall, f1 = _ratio(tp, tp + fp), _ratio(tp, tp + fn), _ratio(2 * tp, 2 * tp + fp + fn)
+    return {str(name): {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+                        "support": int(tp[i] + fn[i])} for i, name in enumerate(label_names)}
+
+
+def user_metrics(task: str, logits_or_preds: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """``classify``: ``{"accuracy", "macro_f1"}`` of ``argmax(logits)``; ``regress``: ``{"pearson", "spearman"}``
+    of the squeezed predictions ``(n,)`` or ``(n, 1)``."""
+    y = np.asarray(labels).reshape(-1)
+    if task == "regress":
+        preds = np.asarray(logits_or_preds).astype(np.float64)
+        if preds.ndim == 2 and preds.shape[1] == 1:
+            preds = preds[:, 0]
+        if preds.ndim != 1:
+            raise DataError(f"regress: expected predictions of shape (n,) or (n, 1), got {tuple(preds.shape)}")
+        return {"pearson": pearson(preds, y), "spearman": spearman(preds, y)}
+    if task != "classify":
+        raise DataError(f"unknown user task {task!r}; known: classify, regress")
+    preds = _class_preds(logits_or_preds, "classify")
+    y = y.astype(np.int64)
+    return {"accuracy": accuracy(preds, y), "macro_f1": macro_f1(preds, y)}

@@ -2,7 +2,8 @@
 
 GLUE tasks load ``AutoModelForSequenceClassification`` (``num_labels=1`` → regression for STS-B) and
 report the official metrics; ``text`` and ``jsonl`` load ``AutoModelForCausalLM`` and report eval
-loss and perplexity (prompt tokens masked from the loss for ``jsonl``).
+loss and perplexity (prompt tokens masked from the loss for ``jsonl``); ``classify`` and ``regress`` read a
+user's own files (:mod:`deltatune.train.user_data`) and record their columns and label map in ``Task.info``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 from torch import nn
 
 from deltatune.errors import ConfigError, DataError
-from deltatune.train import glue, metrics, text
+from deltatune.train import glue, metrics, text, user_data
 from deltatune.train.config import TrainConfig
 
 LM_TASKS = ("text", "jsonl")
@@ -35,6 +36,9 @@ class Task:
     greater_is_better: bool
     pad_token_id: int
     is_lm: bool
+    info: dict[str, Any] | None = None
+    """classify/regress: the :class:`~deltatune.train.user_data.TaskInfo` as a dict, saved as the delta's
+    ``metrics["task_info"]`` (columns, label map) so that ``eval`` needs only ``--data``."""
 
 
 def _quiet_transformers() -> None:
@@ -45,7 +49,8 @@ def _quiet_transformers() -> None:
     datasets.disable_progress_bars()
 
 
-def build_task(cfg: TrainConfig, tokenizer: Any | None = None) -> Task:
+def build_task(cfg: TrainConfig, tokenizer: Any | None = None, recorded: dict[str, Any] | None = None) -> Task:
+    """The task of ``cfg``; ``recorded`` is a delta's ``task_info`` (classify/regress eval: reuse its label map)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     _quiet_transformers()
@@ -56,6 +61,8 @@ def build_task(cfg: TrainConfig, tokenizer: Any | None = None) -> Task:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     if cfg.task in LM_TASKS:
         return _lm_task(cfg, tokenizer, pad_id, lambda: AutoModelForCausalLM.from_pretrained(path))
+    if cfg.task in user_data.USER_TASKS:
+        return _user_task(cfg, tokenizer, pad_id, recorded)
     spec = glue.get_task(cfg.task)
     data_dir = Path(cfg.data) if cfg.data else glue.default_data_dir()
     train = glue.tokenize_pairs(glue.read_glue_split(data_dir, spec.name, "train", cfg.train_limit), tokenizer,
@@ -85,7 +92,7 @@ def _lm_task(cfg: TrainConfig, tokenizer: Any, pad_id: int, load: Callable[[], n
     else:
         train = text.instruction_pairs(Path(cfg.data), tokenizer, cfg.max_length)
         dev = text.instruction_pairs(Path(cfg.eval_data), tokenizer, cfg.max_length) if cfg.eval_data else None
-    if cfg.train_limit:
+    if train is not None and cfg.train_limit:
         train = train.select(range(min(cfg.train_limit, len(train))))
     if dev is not None and cfg.eval_limit:
         dev = dev.select(range(min(cfg.eval_limit, len(dev))))
@@ -94,3 +101,64 @@ def _lm_task(cfg: TrainConfig, tokenizer: Any, pad_id: int, load: Callable[[], n
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
     return Task(cfg.task, train, dev, load, score, "loss", False, pad_id, True)
+
+
+def _say(message: str) -> None:
+    """One line on stderr, from the main process only (``RANK`` 0 or unset)."""
+    import os
+
+    from rich.console import Console
+
+    if os.environ.get("RANK", "0") != "0":
+        return
+    Console(stderr=True, highlight=False).print(f"[bold]deltatune[/bold] {message}")
+
+
+def _user_task(cfg: TrainConfig, tokenizer: Any, pad_id: int, recorded: dict[str, Any] | None) -> Task:
+    """classify/regress on the user's files: label map from the training file (or ``recorded``), eval rows
+    from ``cfg.eval_data`` or a seeded hold-out of ``cfg.data`` (seed = ``cfg.seed``)."""
+    from transformers import AutoModelForSequenceClassification
+
+    if not cfg.data:
+        raise ConfigError(f"task {cfg.task!r} needs --data pointing at the training file")
+    train_table = None
+    if recorded is not None:
+        info = user_data.TaskInfo.from_dict(recorded, "delta")
+    else:
+        train_table = user_data.read_table(cfg.data, (cfg.text_column, cfg.label_column))
+        info = user_data.task_info(cfg.task, train_table, cfg.data, cfg.text_column, cfg.text_pair_column,
+                                   cfg.label_column)
+    if cfg.eval_data:
+        columns = (info.text_column, info.label_column)
+        dev = user_data.to_examples(user_data.read_table(cfg.eval_data, columns), info, cfg.eval_data)
+        train = None if recorded is not None else user_data.to_examples(train_table, info, cfg.data)
+    else:
+        table = train_table if train_table is not None else \
+            user_data.read_table(cfg.data, (info.text_column, info.label_column))
+        train, dev = user_data.hold_out(user_data.to_examples(table, info, cfg.data), cfg.seed, cfg.data)
+        if recorded is not None:
+            train = None  # evaluating a delta: only the held-out rows are needed
+        else:
+            _say(f"held out {len(dev)} of {len(train) + len(dev)} rows of {cfg.data} for evaluation "
+                 f"({user_data.HOLDOUT_FRACTION:.0%}, seed {cfg.seed}); pass --eval-data to use a file instead")
+    if train is not None and cfg.train_limit:
+        train = train.select(range(min(cfg.train_limit, len(train))))
+    if cfg.eval_limit:
+        dev = dev.select(range(min(cfg.eval_limit, len(dev))))
+    dev = glue.tokenize_pairs(dev, tokenizer, cfg.max_length)
+    train = dev if train is None else glue.tokenize_pairs(train, tokenizer, cfg.max_length)
+    names = [str(n) for n in info.label_names] if info.label_names is not None else None
+    path = cfg.model_path
+
+    def load() -> nn.Module:
+        if names is None:
+            return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
+        return AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=info.num_labels, id2label=dict(enumerate(names)),
+            label2id={n: i for i, n in enumerate(names)})
+
+    def score(preds: np.ndarray, labels: np.ndarray, loss: float) -> dict[str, float]:
+        return {**metrics.user_metrics(cfg.task, preds, labels), "loss": loss}
+
+    main = "accuracy" if cfg.task == "classify" else "pearson"
+    return Task(cfg.task, train, dev, load, score, main, True, pad_id, False, info.to_dict())

@@ -1,0 +1,228 @@
+"""A user's own labelled files for ``--task classify`` and ``--task regress``, read through ``datasets``.
+
+Formats, chosen by the path: ``.csv``; ``.tsv`` (tab-separated); ``.json`` / ``.jsonl`` (JSON Lines or a JSON
+list of records); ``.parquet``; a folder written by ``datasets.save_to_disk``.  ``PATH:SPLIT`` picks a split of a
+saved ``DatasetDict`` folder, or of a JSON file holding an object of splits (``SPLIT`` may join several with
+``+``, e.g. CLINC150's ``data_full.json:train+oos_train``); rows of such a split may be ``[text, label]`` pairs,
+read as the columns the task uses (``--text-column``, ``--label-column``: ``text`` and ``label`` by default).
+
+Every file is turned into the columns ``text_a``, ``text_b`` (None without a pair column) and ``label``:
+
+* **classify**: ``label`` is the class id, an index into ``label_names``.  The label order is stable and
+  documented: **the sorted unique labels of the training file** (all rows, before any hold-out or limit) —
+  numbers in numeric order, strings in code-point order (``sorted`` on ``str``).  The names are kept as
+  spelled in the file (int or str) and saved with the delta, so eval files map by the same table.
+* **regress**: ``label`` is the float32 value of the label column.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+from deltatune.errors import DataError
+
+USER_TASKS = ("classify", "regress")
+LABEL_ORDER = "sorted unique labels of the training file (numbers numerically, strings by code point)"
+HOLDOUT_FRACTION = 0.1
+_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """What ``eval`` (and later ``predict``) needs to read new files as the delta was trained: saved in the
+    delta's ``metrics["task_info"]``."""
+
+    task: str
+    text_column: str
+    text_pair_column: str | None
+    label_column: str
+    label_names: list[Any] | None
+    num_labels: int
+    label_order: str = LABEL_ORDER
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str) -> TaskInfo:
+        try:
+            return cls(**{k: data[k] for k in ("task", "text_column", "text_pair_column", "label_column",
+                                                 "label_names", "num_labels")})
+        except (KeyError, TypeError) as exc:
+            raise DataError(f"{where}: task_info is incomplete ({exc}); was the delta trained by deltatune?") from None
+
+
+def _split_spec(spec: str) -> tuple[Path, str | None]:
+    """``PATH`` or ``PATH:SPLIT`` (the split suffix only when ``PATH`` itself does not exist)."""
+    path = Path(spec)
+    if path.exists():
+        return path, None
+    head, sep, split = spec.rpartition(":")
+    if sep and head and Path(head).exists() and split:
+        return Path(head), split
+    raise DataError(f"data file {spec!r} not found")
+
+
+def _json_splits(path: Path, split: str, pair_columns: tuple[str, str]) -> datasets.Dataset:
+    """Rows of one or more splits (``a+b``) of a JSON object of splits; ``[text, label]`` rows become columns."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: not a JSON file ({str(exc)[:80]})") from None
+    if not isinstance(doc, dict):
+        raise DataError(f"{path}: {path.name}:{split} needs a JSON object of splits, got a {type(doc).__name__}")
+    rows: list[Any] = []
+    for name in split.split("+"):
+        if name not in doc or not isinstance(doc[name], list):
+            raise DataError(f"{path}: no split {name!r} (splits: {sorted(k for k in doc if isinstance(doc[k], list))})")
+        rows.extend(doc[name])
+    if rows and all(isinstance(r, list) and len(r) == 2 for r in rows):
+        text, label = pair_columns
+        return datasets.Dataset.from_dict({text: [r[0] for r in rows], label: [r[1] for r in rows]})
+    if all(isinstance(r, dict) for r in rows):
+        return datasets.Dataset.from_list(rows)
+    raise DataError(f"{path}:{split}: rows must all be [text, label] pairs or all be objects")
+
+
+def read_table(spec: str, pair_columns: tuple[str, str] = ("text", "label")) -> datasets.Dataset:
+    """One table from a CSV/TSV/JSON/JSONL/Parquet file or a ``save_to_disk`` folder (``PATH[:SPLIT]``);
+    ``[text, label]`` rows of a JSON split become the columns ``pair_columns``.
+
+    Raises DataError for a missing or unreadable file, an unknown extension, a folder of several splits
+    without ``:SPLIT``, or a table with no rows."""
+    path, split = _split_spec(spec)
+    if path.is_dir():
+        try:
+            loaded = datasets.load_from_disk(str(path))
+        except (FileNotFoundError, ValueError, OSError) as exc:
+            raise DataError(f"{path}: not a folder written by datasets.save_to_disk ({str(exc)[:80]})") from None
+        if isinstance(loaded, datasets.DatasetDict):
+            if split is None or split not in loaded:
+                raise DataError(f"{path}: holds splits {sorted(loaded)}; pick one as {path}:SPLIT")
+            loaded = loaded[split]
+        table = loaded
+    elif split is not None and path.suffix.lower() == ".json":
+        table = _json_splits(path, split, pair_columns)
+    else:
+        builder = _BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise DataError(f"{path}: unknown data format {path.suffix!r}; use one of {sorted(_BUILDERS)} "
+                            "or a folder written by datasets.save_to_disk")
+        if path.stat().st_size == 0:
+            raise DataError(f"{path}: file is empty")
+        kwargs = {"sep": "\t"} if path.suffix.lower() == ".tsv" else {}
+        datasets.disable_progress_bars()
+        try:
+            table = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+        except Exception as exc:  # noqa: BLE001  (pandas/pyarrow raise many kinds; all mean "cannot read")
+            if "corresponds to no data" in str(exc):  # a header without rows
+                raise DataError(f"{spec}: has no rows") from None
+            raise DataError(f"{path}: cannot be read as {path.suffix[1:].upper()} "
+                            f"({type(exc).__name__}: {str(exc)[:120]})") from None
+    if len(table) == 0:
+        raise DataError(f"{spec}: has no rows")
+    return table
+
+
+def require_columns(table: datasets.Dataset, columns: list[str], where: str) -> None:
+    """DataError naming the file and listing its columns when one of ``columns`` is missing."""
+    for column in columns:
+        if column not in table.column_names:
+            raise DataError(f"{where}: no column {column!r} (columns: {table.column_names}); "
+                            "choose one with --text-column / --text-pair-column / --label-column")
+
+
+def label_names(table: datasets.Dataset, column: str, where: str) -> list[Any]:
+    """The sorted unique labels of a training table (see the module docstring for the order)."""
+    values = list(table[column])
+    for row, value in enumerate(values):
+        if value is None or (isinstance(value, str) and not value.strip()):
+            raise DataError(f"{where}: row {row + 1}, column {column!r}: missing label")
+        if isinstance(value, float) and value.is_integer():
+            continue
+        if not isinstance(value, (str, int)) or isinstance(value, bool):
+            raise DataError(f"{where}: row {row + 1}, column {column!r}: label {value!r} is not a string or integer")
+    unique = {int(v) if isinstance(v, float) else v for v in values}
+    kinds = {type(v) for v in unique}
+    if len(kinds) > 1:
+        raise DataError(f"{where}: column {column!r} mixes label types {sorted(k.__name__ for k in kinds)}")
+    return sorted(unique)
+
+
+def _class_ids(values: list[Any], names: list[Any], column: str, where: str) -> list[int]:
+    lookup = {str(n): i for i, n in enumerate(names)}
+    ids = []
+    for row, value in enumerate(values):
+        key = str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+        if key not in lookup:
+            shown = names if len(names) <= 20 else [*names[:20], "…"]
+            raise DataError(f"{where}: row {row + 1}, column {column!r}: label {value!r} is not in the training "
+                            f"label map ({len(names)} labels: {shown})")
+        ids.append(lookup[key])
+    return ids
+
+
+def _floats(values: list[Any], column: str, where: str) -> list[float]:
+    out = []
+    for row, value in enumerate(values):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = float("nan")
+        if isinstance(value, bool) or number != number or number in (float("inf"), float("-inf")):
+            raise DataError(f"{where}: row {row + 1}, column {column!r}: regression label {value!r} is not a "
+                            "finite number")
+        out.append(number)
+    return out
+
+
+def _texts(values: list[Any], column: str, where: str) -> list[str]:
+    for row, value in enumerate(values):
+        if value is None:
+            raise DataError(f"{where}: row {row + 1}, column {column!r}: missing text")
+    return [str(v) for v in values]
+
+
+def to_examples(table: datasets.Dataset, info: TaskInfo, where: str) -> datasets.Dataset:
+    """Columns ``text_a``, ``text_b``, ``label`` (class id or float) ready for ``glue.tokenize_pairs``."""
+    pair = info.text_pair_column
+    require_columns(table, [info.text_column, *([pair] if pair else []), info.label_column], where)
+    raw = list(table[info.label_column])
+    if info.task == "classify":
+        labels: list[Any] = _class_ids(raw, info.label_names or [], info.label_column, where)
+    else:
+        labels = _floats(raw, info.label_column, where)
+    text_a = _texts(table[info.text_column], info.text_column, where)
+    text_b = _texts(table[pair], pair, where) if pair else [None] * len(text_a)
+    features = datasets.Features({"text_a": datasets.Value("string"), "text_b": datasets.Value("string"),
+                                  "label": datasets.Value("int64" if info.task == "classify" else "float32")})
+    return datasets.Dataset.from_dict({"text_a": text_a, "text_b": text_b, "label": labels}, features=features)
+
+
+def task_info(task: str, table: datasets.Dataset, where: str, text_column: str, text_pair_column: str | None,
+              label_column: str) -> TaskInfo:
+    """The :class:`TaskInfo` of a training table: its columns and (classify) label map."""
+    require_columns(table, [text_column, *([text_pair_column] if text_pair_column else []), label_column], where)
+    if task == "classify":
+        names = label_names(table, label_column, where)
+        if len(names) < 2:
+            raise DataError(f"{where}: column {label_column!r} has {len(names)} distinct label(s); "
+                            "classification needs at least 2")
+        return TaskInfo(task, text_column, text_pair_column, label_column, names, len(names))
+    return TaskInfo(task, text_column, text_pair_column, label_column, None, 1)
+
+
+def hold_out(examples: datasets.Dataset, seed: int, where: str) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """A seeded ``HOLDOUT_FRACTION`` split ``(train, held_out)``; at least one row each side."""
+    n = len(examples)
+    if n < 2:
+        raise DataError(f"{where}: {n} row(s) cannot be split into training and held-out evaluation rows; "
+                        "pass --eval-data")
+    n_eval = min(n - 1, max(1, round(HOLDOUT_FRACTION * n)))
+    parts = examples.train_test_split(test_size=n_eval, seed=seed, shuffle=True)
+    return parts["train"], parts["test"]
