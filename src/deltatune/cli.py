@@ -233,13 +233,16 @@ def export(
 
 @app.command()
 def methods() -> None:
-    """List methods and their config fields (usable as --set key=value)."""
+    """List methods, their capabilities and config fields (usable as --set key=value)."""
     from deltatune.config import describe_fields
     from deltatune.methods import METHODS, get_method
 
     get_method("lora")
     for name, method in sorted(METHODS.items()):
-        table = Table("field", "type", "default", "meaning", title=f"{name}: {method.summary}", title_justify="left")
+        caps = ", ".join(f"{c}={'yes' if v else 'no'}" for c, v in method.capabilities().items())
+        kinds = ", ".join(k.kind for k in method.part_kinds)
+        table = Table("field", "type", "default", "meaning", title=f"{name}: {method.summary}\nparts: {kinds}; {caps}",
+                      title_justify="left")
         for row in describe_fields(method.config_cls):
             table.add_row(*row)
         out.print(table)

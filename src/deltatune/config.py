@@ -144,9 +144,20 @@ def describe_fields(cls: type) -> list[tuple[str, str, str, str]]:
             default = repr(f.default_factory())
         else:
             default = "required"
-        tp = getattr(hints[f.name], "__name__", None) or str(hints[f.name]).replace("typing.", "")
-        rows.append((f.name, tp, default, f.metadata.get("help", "")))
+        rows.append((f.name, _type_name(hints[f.name]), default, f.metadata.get("help", "")))
     return rows
+
+
+def _type_name(tp: Any) -> str:
+    """A readable type: ``Literal`` fields list their choices (``one of: a, b``), optionals end in ``| None``."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        return "one of: " + ", ".join(str(c) for c in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        return " | ".join(_type_name(a) for a in args if a is not type(None)) + (
+            " | None" if type(None) in args else "")
+    return getattr(tp, "__name__", None) if origin is None else str(tp).replace("typing.", "")
 
 
 def require(cond: bool, message: str) -> None:

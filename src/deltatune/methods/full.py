@@ -33,6 +33,7 @@ class Full(Method):
     name = "full"
     config_cls = FullConfig
     summary = "full fine-tuning: a dense delta on every parameter (the quality ceiling)"
+    part_kinds = (DensePart,)
     default_lr = 5e-5
 
     def create_parts(self, model: nn.Module, config: FullConfig, exclude: list[str]) -> dict[str, DensePart]:

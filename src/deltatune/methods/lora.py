@@ -47,6 +47,7 @@ class LoRA(Method):
     name = "lora"
     config_cls = LoRAConfig
     summary = "low-rank B·A update on target Linear/Conv1D/Embedding modules (LoRA, rsLoRA)"
+    part_kinds = (LoRAPart,)
     default_lr = 5e-4
 
     def create_parts(self, model: nn.Module, config: LoRAConfig, exclude: list[str]) -> dict[str, LoRAPart]:

@@ -43,6 +43,15 @@ class Method:
     config_cls: ClassVar[type] = object
     summary: ClassVar[str] = ""
     default_lr: ClassVar[float] = 1e-3
+    #: the part kinds this method creates; its capabilities are theirs (see :meth:`capabilities`)
+    part_kinds: ClassVar[tuple[type[Part], ...]] = ()
+
+    @classmethod
+    def capabilities(cls) -> dict[str, bool]:
+        """Each part capability (``additive``, ``base_dependent`` …) that every part kind of the method has."""
+        from deltatune.parts.capabilities import CAPABILITIES
+
+        return {c: bool(cls.part_kinds) and all(bool(getattr(k, c)) for k in cls.part_kinds) for c in CAPABILITIES}
 
     def create_parts(self, model: nn.Module, config: Any, exclude: list[str]) -> dict[str, Part]:
         raise NotImplementedError

@@ -76,6 +76,7 @@ class Sparse(Method):
     name = "sparse"
     config_cls = SparseConfig
     summary = "SpIEL sparse fine-tuning: trainable values at sorted indices, drop/regrow by gradient"
+    part_kinds = (SparsePart,)
     default_lr = 5e-4
 
     def create_parts(self, model: nn.Module, config: SparseConfig, exclude: list[str]) -> dict[str, SparsePart]:
