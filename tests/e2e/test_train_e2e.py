@@ -140,3 +140,48 @@ def test_jsonl_masks_prompt_and_trains(tmp_path, tiny_lm_dir):
                       eval_limit=16, progress=False, lr=1e-2)
     result = loop.train(cfg, dt.LoRAConfig(r=4))
     assert result.final["loss"] < result.before["loss"]
+
+
+def test_resume_is_exact_when_a_schedule_changes_what_trains(tmp_path, monkeypatch, data_dir):
+    """A hook freezes every LoRA A after step 3; a crash at step 7 resumes from the step-5 checkpoint. The frozen
+    A (trained for 3 steps) must come back from the checkpoint, and the hook's state must be restored before the
+    trainable tensors are: the resumed delta equals the uninterrupted one bit for bit."""
+    from deltatune.methods import lora as lora_method
+
+    class FreezeA(TrainHook):
+        def __init__(self, delta) -> None:
+            self.delta, self.frozen = delta, False
+
+        def _freeze(self) -> None:
+            self.frozen = True
+            for part in self.delta.parts.values():
+                part.lora_A.requires_grad_(False)
+
+        def after_step(self, step):
+            if step == 3:
+                self._freeze()
+
+        def state_dict(self):
+            return {"frozen": self.frozen}
+
+        def load_state_dict(self, state):
+            if state["frozen"]:
+                self._freeze()
+
+    armed = [False]
+
+    class Crash(TrainHook):
+        def after_step(self, step):
+            if armed[0] and step == 7:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(lora_method.LoRA, "hooks", lambda self, model, delta, *a, **k: [FreezeA(delta), Crash()])
+    kw = dict(SMALL, max_steps=9, checkpoint_every=5, lr=3e-3)
+    mc = dt.LoRAConfig(r=2, targets=["query", "value"])
+    full = loop.train(TrainConfig(out_dir=str(tmp_path / "a"), **kw), mc)
+    armed[0] = True
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(TrainConfig(out_dir=str(tmp_path / "b"), **kw), mc)
+    armed[0] = False
+    resumed = loop.train(TrainConfig(out_dir=str(tmp_path / "b"), resume=True, **kw), mc)
+    assert resumed.delta.metrics["digest"] == full.delta.metrics["digest"]

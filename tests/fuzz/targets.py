@@ -125,7 +125,7 @@ def _run_objects(run: dict[str, str]) -> tuple[Any, ...]:
                                      mc)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
         hooks = method.hooks(model, delta, mc, optimizer, cfg.max_steps, cfg.grad_accum)
-        _RUNS[run["method"]] = (model, optimizer, scheduler, hooks, Accelerator(cpu=True))
+        _RUNS[run["method"]] = (model, delta, optimizer, scheduler, hooks, Accelerator(cpu=True))
     return _RUNS[run["method"]]
 
 
@@ -142,11 +142,11 @@ def resume_noverify(path: Path) -> Any:
     from deltatune.train import checkpoint as ckpt
     from deltatune.train.loop import _resume
 
-    model, optimizer, scheduler, hooks, accelerator = _run_objects(json.loads((path / "run.json").read_text()))
+    model, delta, optimizer, scheduler, hooks, accelerator = _run_objects(json.loads((path / "run.json").read_text()))
     unverified = functools.partial(ckpt.load_checkpoint, verify=False)
     with mock.patch.object(ckpt, "load_checkpoint", unverified):
-        state = _resume(path, model, optimizer, scheduler, hooks, accelerator)
-    return {"state": state, "trainable": ckpt.trainable_state(model), "optimizer": optimizer.state_dict(),
+        state = _resume(path, model, delta, optimizer, scheduler, hooks, accelerator)
+    return {"state": state, "trainable": ckpt.trainable_state(model, delta), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "hooks": [h.state_dict() for h in hooks],
             "rng": [torch.get_rng_state(), random.getstate(), np.random.get_state()]}
 

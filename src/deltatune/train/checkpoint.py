@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from deltatune.delta import Delta
 from deltatune.errors import DeltaFormatError, IntegrityError
 from deltatune.io.atomic import atomic_dir, recover_dir
 from deltatune.io.digest import DIGEST_FIELD, manifest_digest, tensor_digest, verify_tensor
@@ -40,15 +41,24 @@ STATE_FIELDS = {"trainable", "optimizer", "scheduler", "hooks", "step", "epoch",
                 "history", "rng"}
 
 
-def trainable_state(model: nn.Module) -> dict[str, Tensor]:
-    """Trainable parameters plus the buffers of attached parts (sparse indices)."""
-    state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    for lname, layer in model.named_modules():
-        if isinstance(layer, DeltaLayer):
-            for pname, part in layer.parts.items():
-                for bname, buf in part.named_buffers():
-                    state[f"{lname}.parts.{pname}.{bname}"] = buf.detach().clone()
-    return state
+def trainable_state(model: nn.Module, delta: Delta | None = None) -> dict[str, Tensor]:
+    """What a resumed run must get back, by the model's tensor names: every tensor of every part of ``delta``
+    (parameters and buffers, training or frozen right now — so a schedule that changes what trains resumes
+    exactly), the live tensors of its task heads, and any other parameter that trains.  Without ``delta``,
+    the parts are found as the :class:`DeltaLayer` s of ``model``."""
+    names: dict[int, str] = {}
+    for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        names.setdefault(id(t), name)
+    if delta is not None:
+        parts = list(delta.parts.values())
+        heads = [model.get_submodule(h) for h in delta.heads]
+    else:
+        parts = [p for m in model.modules() if isinstance(m, DeltaLayer) for p in m.parts.values()]
+        heads = []
+    tensors = [t for part in parts for t in (*part.parameters(), *part.buffers())]
+    tensors += [t for head in heads for t in (*head.parameters(), *head.buffers())]
+    tensors += [p for p in model.parameters() if p.requires_grad]
+    return {names[id(t)]: t.detach().clone() for t in tensors if id(t) in names}
 
 
 def rng_state() -> dict[str, Any]:
@@ -173,10 +183,10 @@ def _check_state(state: Any, file: Path) -> None:
         raise DeltaFormatError(f"{file}: state field 'rng' must be a non-empty list of per-process RNG states")
 
 
-def restore_trainable(model: nn.Module, state: dict[str, Tensor], where: Path) -> None:
-    """Copy the checkpoint's trainable tensors into ``model`` (names and shapes must match)."""
+def restore_trainable(model: nn.Module, state: dict[str, Tensor], where: Path, delta: Delta | None = None) -> None:
+    """Copy the checkpoint's tensors (:func:`trainable_state`) into ``model`` (names and shapes must match)."""
     own = dict(model.named_parameters()) | dict(model.named_buffers())
-    missing = sorted(set(trainable_state(model)) - set(state))
+    missing = sorted(set(trainable_state(model, delta)) - set(state))
     if missing:
         raise DeltaFormatError(f"{where}: checkpoint lacks {missing[:5]} — was it written by another method?")
     with torch.no_grad():

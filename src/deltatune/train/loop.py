@@ -154,7 +154,7 @@ def train(cfg: TrainConfig, method_config: Any) -> TrainResult:
     step, epoch, offset, history = 0, 0, 0, []
     before, best = {}, None
     if cfg.resume:
-        state = _resume(out / "checkpoint", raw_model, optimizer, scheduler, hooks, accelerator)
+        state = _resume(out / "checkpoint", raw_model, delta, optimizer, scheduler, hooks, accelerator)
         step, epoch, offset = state["step"], state["epoch"], state["offset"]
         before, best, history = state["before"], state["best"], state["history"]
         log.say(f"resumed from {out / 'checkpoint'} at step {step}")
@@ -204,7 +204,7 @@ def train(cfg: TrainConfig, method_config: Any) -> TrainResult:
                 bad = _first_non_finite(raw_model)
                 if _any_rank(bad is not None, accelerator):
                     raise TrainingDiverged(step, float("nan"), last_ckpt, tensor=bad)
-                _save_checkpoint(out, accelerator, raw_model, optimizer, scheduler, hooks, step, data,
+                _save_checkpoint(out, accelerator, raw_model, delta, optimizer, scheduler, hooks, step, data,
                                  before, best, history)
                 last_ckpt = str(out / "checkpoint")
     finally:
@@ -234,8 +234,10 @@ def _task_info(task: Task) -> dict[str, Any]:
     return {"task_info": task.info} if task.info is not None else {}
 
 
-def _resume(where: Path, model: nn.Module, optimizer, scheduler, hooks, accelerator: Accelerator) -> dict[str, Any]:
-    """Load the checkpoint at ``where`` into the model, optimizer, scheduler, hooks and RNGs; return its state."""
+def _resume(where: Path, model: nn.Module, delta: Delta, optimizer, scheduler, hooks,
+            accelerator: Accelerator) -> dict[str, Any]:
+    """Load the checkpoint at ``where`` into the hooks (first: a schedule may change what trains), the delta's
+    tensors, the optimizer, scheduler and RNGs; return its state."""
     if accelerator.is_main_process:
         recover_dir(where)  # roll back an interrupted swap once, before every rank reads the checkpoint
     accelerator.wait_for_everyone()
@@ -244,28 +246,31 @@ def _resume(where: Path, model: nn.Module, optimizer, scheduler, hooks, accelera
         raise DeltaFormatError(f"{where}: checkpoint has {len(state['hooks'])} hook state(s) for "
                                f"{len(state['rng'])} process(es); this run has {len(hooks)} for "
                                f"{accelerator.num_processes} — was it written by another method or world size?")
-    ckpt.restore_trainable(model, state["trainable"], where)
     try:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
         for hook, hs in zip(hooks, state["hooks"], strict=True):
             hook.load_state_dict(hs)
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
-        raise DeltaFormatError(f"{where}: optimizer, scheduler or hook state does not fit this run "
+        raise DeltaFormatError(f"{where}: hook state does not fit this run ({str(exc)[:80]})") from None
+    ckpt.restore_trainable(model, state["trainable"], where, delta)
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
+        raise DeltaFormatError(f"{where}: optimizer or scheduler state does not fit this run "
                                f"({str(exc)[:80]})") from None
     ckpt.set_rng_state(state["rng"][accelerator.process_index], where)
     return state
 
 
-def _save_checkpoint(out: Path, accelerator: Accelerator, model: nn.Module, optimizer, scheduler, hooks, step: int,
-                     data: ShardedBatches, before, best, history) -> None:
+def _save_checkpoint(out: Path, accelerator: Accelerator, model: nn.Module, delta: Delta, optimizer, scheduler,
+                     hooks, step: int, data: ShardedBatches, before, best, history) -> None:
     rngs = [ckpt.rng_state()]
     if accelerator.num_processes > 1:
         rngs = [None] * accelerator.num_processes
         dist.all_gather_object(rngs, ckpt.rng_state())
     if accelerator.is_main_process:
         ckpt.save_checkpoint(out / "checkpoint", overwrite=True, payload={
-            "trainable": ckpt.trainable_state(model), "optimizer": optimizer.state_dict(),
+            "trainable": ckpt.trainable_state(model, delta), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "hooks": [h.state_dict() for h in hooks], "step": step,
             "epoch": data.epoch, "offset": data.offset, "before": before, "best": best, "history": history,
             "rng": rngs,
