@@ -127,7 +127,15 @@ class Part(nn.Module):
 
     def sum_with(self, others: Sequence[Part], where: str) -> Part | None:
         """``Δ = Δ_self + Σ Δ_other`` as one part of this kind when that is exact, else ``None`` (the caller
-        then sums the :meth:`updates` densely)."""
+        then sums the :meth:`updates` densely).  Only parts of exactly this class are summed as one (a subclass
+        may carry state, e.g. a magnitude, that the parent's sum would drop): see :meth:`sum_same_class`."""
+        parts = [self, *others]
+        if any(type(p) is not type(self) for p in parts):
+            return None
+        return self.sum_same_class(parts, where)
+
+    def sum_same_class(self, parts: Sequence[Part], where: str) -> Part | None:
+        """The exact sum of ``parts`` (all of this class), or ``None`` when the kind has none."""
         return None
 
     # --- merging -------------------------------------------------------------------------

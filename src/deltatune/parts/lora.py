@@ -126,11 +126,8 @@ class LoRAPart(Part):
             out.load_tensors({"lora_A": a, "lora_B": b.to(a.dtype)}, where)
         return out
 
-    def sum_with(self, others: Sequence[Part], where: str) -> Part | None:
-        """Ranks concatenated (:func:`sum_lora`, exact) when every part is a plain LoRA part, else ``None``."""
-        parts = [self, *others]
-        if not all(type(p) is LoRAPart for p in parts):
-            return None
+    def sum_same_class(self, parts: Sequence[Part], where: str) -> Part | None:
+        """Ranks concatenated (:func:`sum_lora`, exact)."""
         return sum_lora(parts, where)  # type: ignore[arg-type]
 
     @classmethod

@@ -148,11 +148,8 @@ class SparsePart(Part):
             out.values.copy_(vals[keep])
         return out
 
-    def sum_with(self, others: Sequence[Part], where: str) -> Part | None:
-        """Union of the index sets (:func:`sum_sparse`, exact) when every part is a plain sparse part."""
-        parts = [self, *others]
-        if not all(type(p) is SparsePart for p in parts):
-            return None
+    def sum_same_class(self, parts: Sequence[Part], where: str) -> Part | None:
+        """Union of the index sets (:func:`sum_sparse`, exact)."""
         return sum_sparse(parts, where)  # type: ignore[arg-type]
 
     def merge_into(self, base: nn.Module) -> None:
