@@ -96,13 +96,15 @@ def save_checkpoint(path: Path, payload: dict[str, Any], overwrite: bool = False
         (tmp / STATE_FILE).write_text(json.dumps(manifest, allow_nan=False))
 
 
-def load_checkpoint(path: Path, verify: bool = True) -> dict[str, Any]:
+def load_checkpoint(path: Path, verify: bool = True, recover: bool = True) -> dict[str, Any]:
     """The state :func:`save_checkpoint` wrote, its digests checked unless ``verify=False``.
 
+    An interrupted swap is rolled back first (``recover=False`` when the caller did that once for all ranks).
     An old pickle checkpoint (``state.pt``) is refused without being opened.
     """
     path = Path(path)
-    recover_dir(path)
+    if recover:
+        recover_dir(path)
     file = path / STATE_FILE
     if not file.is_file():
         if (path / LEGACY_FILE).exists():

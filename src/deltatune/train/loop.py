@@ -241,7 +241,7 @@ def _resume(where: Path, model: nn.Module, delta: Delta, optimizer, scheduler, h
     if accelerator.is_main_process:
         recover_dir(where)  # roll back an interrupted swap once, before every rank reads the checkpoint
     accelerator.wait_for_everyone()
-    state = ckpt.load_checkpoint(where)
+    state = ckpt.load_checkpoint(where, recover=False)  # rolled back above, once
     if len(state["hooks"]) != len(hooks) or len(state["rng"]) != accelerator.num_processes:
         raise DeltaFormatError(f"{where}: checkpoint has {len(state['hooks'])} hook state(s) for "
                                f"{len(state['rng'])} process(es); this run has {len(hooks)} for "

@@ -172,12 +172,12 @@ def _class_preds(logits_or_preds: np.ndarray, what: str) -> np.ndarray:
 
 
 def _per_class_counts(preds: np.ndarray, labels: np.ndarray, classes: np.ndarray) -> np.ndarray:
-    """``(len(classes), 3)`` one-vs-rest counts ``TP, FP, FN`` per class."""
-    p, y = _pair(preds, labels, "per-class counts")
+    """``(len(classes), 3)`` one-vs-rest counts ``TP, FP, FN`` per class (``preds``/``labels`` already paired)."""
+    p, y = preds, labels
     tp = np.array([np.sum((p == c) & (y == c)) for c in classes], dtype=np.int64)
     fp = np.array([np.sum((p == c) & (y != c)) for c in classes], dtype=np.int64)
     fn = np.array([np.sum((p != c) & (y == c)) for c in classes], dtype=np.int64)
-    return np.stack([tp, fp, fn], axis=1).reshape(len(classes), 3)
+    return np.stack([tp, fp, fn], axis=1)
 
 
 def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
@@ -197,8 +197,8 @@ def per_class_report(logits_or_preds: np.ndarray, labels: np.ndarray,
                      label_names: list[str]) -> dict[str, dict[str, float]]:
     """``{label name: {precision, recall, f1, support}}`` for every class of the label map (class ``i`` is
     ``label_names[i]``; a class absent from both labels and predictions has all zeros)."""
-    p = _class_preds(logits_or_preds, "per_class_report")
-    y = np.asarray(labels).reshape(-1).astype(np.int64)
+    p, y = _pair(_class_preds(logits_or_preds, "per_class_report"),
+                 np.asarray(labels).reshape(-1).astype(np.int64), "per_class_report")
     classes = np.arange(len(label_names))
     tp, fp, fn = _per_class_counts(p, y, classes).T
     precision, recall, f1 = _ratio(tp, tp + fp), _ratio(tp, tp + fn), _ratio(2 * tp, 2 * tp + fp + fn)
