@@ -61,8 +61,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from deltatune.errors import DeltaFormatError, ShapeMismatch
-from deltatune.parts.sparse import check_indices
+from deltatune.errors import DeltaFormatError
 
 BLOB_DTYPES = ("uint8", "uint16", "uint32", "uint64", "int8", "int16", "int32", "int64", "float16", "float32",
                "float64", "bool")
@@ -220,16 +219,6 @@ def _index_choices(idx: np.ndarray, domain: int) -> list[_Choice]:
     return [best, _Choice(mask_bytes, {"codec": "bitmask"}, {"mask": packed})]
 
 
-def _checked(idx: Tensor, domain: int, where: str) -> Tensor:
-    """``idx`` after the rule every sparse path shares (:func:`~deltatune.parts.sparse.check_indices`):
-    strictly increasing and inside ``[0, domain)``; the codecs guarantee it, this makes it explicit."""
-    try:
-        check_indices(idx, domain, "decoded indices", require_sorted=True)
-    except ShapeMismatch as exc:
-        raise ShapeMismatch(f"{where}: {exc}") from None
-    return idx
-
-
 def _decode_index(codec: dict[str, Any], nnz: int, domain: int, r: Reader, where: str) -> Tensor:
     name = codec["codec"]
     if name == "gaps":
@@ -247,7 +236,7 @@ def _decode_index(codec: dict[str, Any], nnz: int, domain: int, r: Reader, where
         idx = np.cumsum(g.astype(np.int64) + 1) - 1
         if nnz and int(idx[-1]) >= domain:
             raise DeltaFormatError(f"{where}: index {int(idx[-1])} out of range for {domain} positions")
-        return _checked(torch.from_numpy(idx.astype(np.int64)), domain, where)
+        return torch.from_numpy(idx.astype(np.int64))
     if name == "bitmask":
         _only(codec, {"mask"}, where)
         packed = r.take(codec, "mask", ("uint8",), (domain + 7) // 8, where)
@@ -257,7 +246,7 @@ def _decode_index(codec: dict[str, Any], nnz: int, domain: int, r: Reader, where
         idx = np.flatnonzero(bits[:domain])
         if idx.size != nnz:
             raise DeltaFormatError(f"{where}: bitmask marks {idx.size} positions, nnz is {nnz}")
-        return _checked(torch.from_numpy(idx.astype(np.int64)), domain, where)
+        return torch.from_numpy(idx.astype(np.int64))
     raise DeltaFormatError(f"{where}: unknown index codec {name!r}; known: gaps, bitmask")
 
 

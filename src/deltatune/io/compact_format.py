@@ -56,6 +56,7 @@ from deltatune.io.delta_format import (
 )
 from deltatune.io.digest import DIGEST_FIELD, build_digests, digest_key, read_digests, verify_manifest, verify_tensor
 from deltatune.io.json_io import read_json_object
+from deltatune.io.outputs import COMPACT_KIND
 from deltatune.io.outputs import MARKER as OUTPUT_MARKER
 from deltatune.parts.base import Part
 from deltatune.parts.meta_checks import MAX_NUMEL, check_finite, short
@@ -233,7 +234,7 @@ def save_compact(delta: Delta, path: str | Path, overwrite: bool = False) -> Com
     }, str(path / MANIFEST))
     manifest[DIGEST_FIELD] = build_digests(manifest, digested)
     text = json.dumps(manifest, separators=(",", ":"), allow_nan=False)  # insertion order: parts keep theirs
-    with atomic_dir(path, "compact", overwrite=overwrite) as tmp:
+    with atomic_dir(path, COMPACT_KIND, overwrite=overwrite) as tmp:
         save_file(blobs.arrays(), str(tmp / DATA_FILE), metadata={"format": FORMAT})
         (tmp / MANIFEST).write_text(text)
     return _build_report(path, manifest)

@@ -34,6 +34,7 @@ from deltatune.errors import DeltaFormatError, DeltaTuneError, NonFiniteError, S
 from deltatune.io.atomic import atomic_dir
 from deltatune.io.digest import DIGEST_FIELD, build_digests, digest_key, read_digests, verify_manifest, verify_tensor
 from deltatune.io.json_io import read_json_object
+from deltatune.io.outputs import DELTA_KIND
 from deltatune.parts.base import PART_KINDS, Part
 from deltatune.parts.meta_checks import check_finite, short
 
@@ -113,7 +114,7 @@ def save_delta(delta: Delta, path: str | Path, metrics: dict[str, Any] | None = 
         "metrics": {**delta.metrics, **(metrics or {})},
     }, f"{path / MANIFEST}")
     manifest[DIGEST_FIELD] = build_digests(manifest, digested)
-    with atomic_dir(path, "delta", overwrite=overwrite) as tmp:
+    with atomic_dir(path, DELTA_KIND, overwrite=overwrite) as tmp:
         save_file(part_tensors, str(tmp / PARTS_FILE), metadata={"format": FORMAT})
         if head_tensors:
             save_file(head_tensors, str(tmp / HEADS_FILE), metadata={"format": FORMAT})

@@ -53,6 +53,7 @@ from deltatune.errors import (
 from deltatune.fingerprint import fingerprint
 from deltatune.io.atomic import atomic_dir
 from deltatune.io.digest import DIGEST_FIELD, tensor_digest, verify_tensor
+from deltatune.io.outputs import PEFT_KIND
 from deltatune.io.peft_config import (
     CONFIG_NAME,
     AdapterConfig,
@@ -581,7 +582,7 @@ def export_peft(delta: Delta, path: str | Path, base_model_name_or_path: str | N
         check_finite(value, f"cannot export to {path}: tensor {key!r}")
     record = {"tensors": {k: tensor_digest(k, v) for k, v in tensors.items()}, "config": config_digest(config)}
     metadata = {"format": "pt", DIGEST_METADATA_KEY: json.dumps(record, sort_keys=True)}
-    with atomic_dir(path, "peft", overwrite=overwrite) as tmp:
+    with atomic_dir(path, PEFT_KIND, overwrite=overwrite) as tmp:
         save_file(tensors, str(tmp / SAFETENSORS_NAME), metadata=metadata)
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))  # keep pattern order
     return path
