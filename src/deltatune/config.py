@@ -133,6 +133,14 @@ def parse_config(cls: type[C], mapping: Mapping[str, Any], where: str = "config"
         raise ConfigError(f"{where}: {str(exc)[:200]}") from None
 
 
+def option(text: str, default: Any = None, *, default_factory: Any = None) -> Any:
+    """A config dataclass field with ``default`` (or ``default_factory``) and the ``--help`` line that
+    :func:`describe_fields` shows."""
+    if default_factory is not None:
+        return dataclasses.field(default_factory=default_factory, metadata={"help": text})
+    return dataclasses.field(default=default, metadata={"help": text})
+
+
 def describe_fields(cls: type) -> list[tuple[str, str, str, str]]:
     """``(name, type, default, help)`` rows for ``--help`` style listings."""
     hints = typing.get_type_hints(cls)

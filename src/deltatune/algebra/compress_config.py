@@ -11,10 +11,10 @@ YAML recipe or a training config, naming the method's valid fields.  Range check
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
-from deltatune.config import describe_fields, parse_config, require
+from deltatune.config import describe_fields, option, parse_config, require
 from deltatune.errors import ConfigError
 from deltatune.ops import compress as ops
 
@@ -23,13 +23,6 @@ STEP_KEYS = ("density", "alpha", "q", "dtype", "rank", "scope", "seed", "target"
 """The options every ``config["compression"]`` step records (absent ones as ``None``, scope/target defaults)."""
 
 Dtype = Literal["int8", "bf16", "fp16"]
-
-
-def _help(text: str, default: Any = None, **kwargs: Any) -> Any:
-    """A dataclass field with ``default`` and a ``--help`` line."""
-    if "default_factory" in kwargs:
-        return field(default_factory=kwargs["default_factory"], metadata={"help": text})
-    return field(default=default, metadata={"help": text})
 
 
 _DENSITY = "fraction of entries kept, in (0, 1]"
@@ -42,13 +35,13 @@ _ROUND = "round the kept values to int8 (absmax), bf16 or fp16"
 class CompeftConfig:
     """ComPEFT: ``τ̂ = α·σ·sgn(τ)·1[|τ| ≥ t_k]`` (ternary values plus one scale)."""
 
-    density: float | None = _help(_DENSITY)
-    alpha: float | None = _help("values become ±alpha·σ (default 1, or swept over alphas by eval_fn)")
-    alphas: list[float] = _help("α values an eval_fn sweep tries", default_factory=lambda: list(DEFAULT_ALPHAS))
-    scope: Literal["global", "tensor"] = _help("σ and the top-k threshold over all entries or per tensor",
+    density: float | None = option(_DENSITY)
+    alpha: float | None = option("values become ±alpha·σ (default 1, or swept over alphas by eval_fn)")
+    alphas: list[float] = option("α values an eval_fn sweep tries", default_factory=lambda: list(DEFAULT_ALPHAS))
+    scope: Literal["global", "tensor"] = option("σ and the top-k threshold over all entries or per tensor",
                                                "global")
-    target: Literal["auto", "factors", "product"] = _help(_TARGET, "auto")
-    seed: int = _help(_SEED, 0)
+    target: Literal["auto", "factors", "product"] = option(_TARGET, "auto")
+    seed: int = option(_SEED, 0)
 
     def __post_init__(self) -> None:
         ops.check_density(self.density)
@@ -63,11 +56,11 @@ class CompeftConfig:
 class MagnitudeConfig:
     """Keep the top-ρ magnitudes (globally or per tensor), values unchanged."""
 
-    density: float | None = _help(_DENSITY)
-    dtype: Dtype | None = _help(_ROUND)
-    scope: Literal["global", "tensor"] = _help("top-k threshold over all entries or per tensor", "global")
-    target: Literal["auto", "factors", "product"] = _help(_TARGET, "auto")
-    seed: int = _help(_SEED, 0)
+    density: float | None = option(_DENSITY)
+    dtype: Dtype | None = option(_ROUND)
+    scope: Literal["global", "tensor"] = option("top-k threshold over all entries or per tensor", "global")
+    target: Literal["auto", "factors", "product"] = option(_TARGET, "auto")
+    seed: int = option(_SEED, 0)
 
     def __post_init__(self) -> None:
         ops.check_density(self.density)
@@ -77,11 +70,11 @@ class MagnitudeConfig:
 class DareConfig:
     """DARE: a Bernoulli(ρ) mask, kept values rescaled by ``1/ρ``."""
 
-    density: float | None = _help(_DENSITY)
-    dtype: Dtype | None = _help(_ROUND)
-    scope: Literal["global", "tensor"] = _help("accepted for symmetry; DARE's mask is per entry", "global")
-    target: Literal["auto", "factors", "product"] = _help(_TARGET, "auto")
-    seed: int = _help(_SEED, 0)
+    density: float | None = option(_DENSITY)
+    dtype: Dtype | None = option(_ROUND)
+    scope: Literal["global", "tensor"] = option("accepted for symmetry; DARE's mask is per entry", "global")
+    target: Literal["auto", "factors", "product"] = option(_TARGET, "auto")
+    seed: int = option(_SEED, 0)
 
     def __post_init__(self) -> None:
         ops.check_density(self.density)
@@ -91,12 +84,12 @@ class DareConfig:
 class DarexQConfig:
     """DAREx-q: DARE's mask, kept values rescaled by ``1/q`` (q calibrated when not given)."""
 
-    density: float | None = _help(_DENSITY)
-    q: float | None = _help("rescale 1/q, q in (0, 1] (default: calibrated by calibration_fn)")
-    dtype: Dtype | None = _help(_ROUND)
-    scope: Literal["global", "tensor"] = _help("accepted for symmetry; the mask is per entry", "global")
-    target: Literal["auto", "factors", "product"] = _help(_TARGET, "auto")
-    seed: int = _help(_SEED, 0)
+    density: float | None = option(_DENSITY)
+    q: float | None = option("rescale 1/q, q in (0, 1] (default: calibrated by calibration_fn)")
+    dtype: Dtype | None = option(_ROUND)
+    scope: Literal["global", "tensor"] = option("accepted for symmetry; the mask is per entry", "global")
+    target: Literal["auto", "factors", "product"] = option(_TARGET, "auto")
+    seed: int = option(_SEED, 0)
 
     def __post_init__(self) -> None:
         ops.check_density(self.density)
@@ -108,11 +101,11 @@ class DarexQConfig:
 class QuantizeConfig:
     """Quantise the values: int8 (absmax; one scale per tensor, or per row with ``scope=row``), bf16, fp16."""
 
-    dtype: Dtype | None = _help("int8, bf16 or fp16 (required)")
-    scope: Literal["global", "tensor", "row"] = _help("int8 scales: one per tensor (global, tensor) or per row",
+    dtype: Dtype | None = option("int8, bf16 or fp16 (required)")
+    scope: Literal["global", "tensor", "row"] = option("int8 scales: one per tensor (global, tensor) or per row",
                                                       "global")
-    target: Literal["auto", "factors"] = _help("LoRA parts are quantised in their factors", "auto")
-    seed: int = _help("unused (recorded)", 0)
+    target: Literal["auto", "factors"] = option("LoRA parts are quantised in their factors", "auto")
+    seed: int = option("unused (recorded)", 0)
 
     def __post_init__(self) -> None:
         require(self.dtype is not None, "quantize needs dtype: int8, bf16 or fp16")
@@ -122,11 +115,11 @@ class QuantizeConfig:
 class LowrankConfig:
     """Every part becomes a rank-``rank`` LoRA part with scale 1 (SVD split as ``√S`` on both factors)."""
 
-    rank: int | None = _help("rank of every LoRA part (≥ 1, required)")
-    dtype: Literal["bf16", "fp16"] | None = _help("store the factors in bf16 or fp16")
-    scope: Literal["global", "tensor"] = _help("unused (recorded)", "global")
-    target: Literal["auto", "factors"] = _help("unused (recorded)", "auto")
-    seed: int = _help("seed of the randomized SVD (matrices larger than 1024 on both sides)", 0)
+    rank: int | None = option("rank of every LoRA part (≥ 1, required)")
+    dtype: Literal["bf16", "fp16"] | None = option("store the factors in bf16 or fp16")
+    scope: Literal["global", "tensor"] = option("unused (recorded)", "global")
+    target: Literal["auto", "factors"] = option("unused (recorded)", "auto")
+    seed: int = option("seed of the randomized SVD (matrices larger than 1024 on both sides)", 0)
 
     def __post_init__(self) -> None:
         ops.check_rank(self.rank)

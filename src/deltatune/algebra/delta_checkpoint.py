@@ -61,14 +61,15 @@ def _check_fingerprint(model: nn.Module, reader: CheckpointReader, expected: dic
     return True
 
 
-def streamable_base(base: str | Path | None, keys: list[str], heads: dict[str, Any], out_dtype: torch.dtype | None,
-                    expected: dict[str, Any] | None, force: bool, where: str) -> CheckpointReader | None:
-    """The base reader when a delta merge into a checkpoint can stream (see the module docstring), else
-    ``None``.  Checks the inputs' base fingerprint as applying the delta would (unless ``force``):
-    :class:`~deltatune.errors.FingerprintMismatch` before anything is written."""
-    if base is None or heads or out_dtype is not None:
+def streamable_base(reader: CheckpointReader | None, keys: list[str], heads: dict[str, Any],
+                    out_dtype: torch.dtype | None, expected: dict[str, Any] | None, force: bool,
+                    where: str) -> CheckpointReader | None:
+    """The base checkpoint's ``reader`` (already open) when a delta merge into a checkpoint can stream (see the
+    module docstring), else ``None``.  Checks the inputs' base fingerprint as applying the delta would (unless
+    ``force``): :class:`~deltatune.errors.FingerprintMismatch` before anything is written."""
+    if reader is None or heads or out_dtype is not None:
         return None
-    reader = CheckpointReader(base)
+    base = reader.path
     stored = set(reader.names())
     if any(k not in stored for k in keys):
         return None

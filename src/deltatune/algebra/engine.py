@@ -257,7 +257,7 @@ def run_merge(recipe: MergeSpec) -> Delta | Path:
         return collect_delta(merged(), None, output, rank, record, base_path=base, out=out, overwrite=overwrite)
     heads_out = merged_heads(sources, per_input, heads)
     if output == "checkpoint":  # stream θ₀ + τ_m through the shard writer when the model path would match
-        reader = streamable_base(base, list(shapes), heads_out, out_dtype, fingerprint, force, "delta")
+        reader = streamable_base(base_reader, list(shapes), heads_out, out_dtype, fingerprint, force, "delta")
         if reader is not None:
             return write_checkpoint(Path(out), merged(), reader, shapes, {}, None, shard_size, record,
                                     overwrite=overwrite)

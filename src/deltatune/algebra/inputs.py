@@ -47,11 +47,14 @@ class DeltaInput:
         require_capability(delta, "additive", f"merge ({label})")
         self.delta, self.label = delta, label
         self._keys: dict[str, tuple[str, str]] = {}
+        self._stored: dict[str, frozenset[int]] = {}  # per module: storages its part owns (see tau)
         for module, part in delta.parts.items():
             if part.is_alias:
                 continue
             for p in part.touched_parameters():
                 self._keys[f"{module}.{p}"] = (module, p)
+            self._stored[module] = frozenset(t.untyped_storage().data_ptr()
+                                             for t in (*part.parameters(), *part.buffers()))
         self.keys_set = set(self._keys)
 
     @property
@@ -75,8 +78,7 @@ class DeltaInput:
         part = self.delta.parts[module]
         with torch.no_grad():
             value = part.update(p).detach().float()
-        stored = {t.untyped_storage().data_ptr() for t in (*part.parameters(), *part.buffers())}
-        if value.untyped_storage().data_ptr() in stored:
+        if value.untyped_storage().data_ptr() in self._stored[module]:
             value = value.clone()
         return _finite(value, f"{self.label}:{key}")
 

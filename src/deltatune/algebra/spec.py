@@ -10,20 +10,19 @@ parameters themselves (``params``, ``weights``, ``input_params``) are checked pe
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from deltatune.config import brief, require
+from deltatune.config import brief, option, require
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 VocabRule = Literal["error", "truncate", "extend"]
 
 
 def _opt(default: Any, text: str, **kwargs: Any) -> Any:
-    if "default_factory" in kwargs:
-        return field(default_factory=kwargs["default_factory"], metadata={"help": text})
-    return field(default=default, metadata={"help": text})
+    """:func:`deltatune.config.option` with the default first (reads better in this long field list)."""
+    return option(text, default, **kwargs)
 
 
 @dataclass
