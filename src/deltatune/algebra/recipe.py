@@ -29,24 +29,20 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
-
 from deltatune.algebra.engine import lines_params, run_merge
 from deltatune.algebra.options import BOOLEAN, CHOICES, MAX_INPUTS, NUMERIC, check_input_count, coerce_param
-from deltatune.algebra.spec import MergeSpec
+from deltatune.algebra.spec import DTYPE_NAMES, MergeSpec
 from deltatune.config import brief, finite_float, parse_config, read_yaml
 from deltatune.delta import Delta
 from deltatune.errors import ConfigError
 
-NATIVE = {"method", "preset", "base", "inputs", "params", "output", "out", "rank", "seed", "lines", "vocab",
-          "heads", "out_dtype", "shard_size", "force", "target_base", "verify"}
 MERGEKIT = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source"}
 MERGEKIT_REFUSED = {"slices": "layer slices (frankenmerges)", "modules": "per-module configurations",
                     "tokenizer": "tokenizer surgery", "chat_template": "chat templates"}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CHECKED = NUMERIC | BOOLEAN | set(CHOICES)
 
 
@@ -75,13 +71,14 @@ class MergeRecipe:
     verify: bool = True
 
     def to_spec(self, out: str | None = None, progress: bool = False, overwrite: bool = False) -> MergeSpec:
-        """The :class:`MergeSpec` the engine runs (``out`` overrides the recipe's); fields are already typed."""
-        return MergeSpec(inputs=list(self.inputs), method=self.method, base=self.base, params=self.params,
-                         input_params=self.input_params, preset=self.preset, output=self.output,
-                         out=out or self.out, rank=self.rank, seed=self.seed, lines=self.lines,
-                         target_base=self.target_base, vocab=self.vocab, heads=self.heads,
-                         out_dtype=DTYPES[self.out_dtype] if self.out_dtype else None, shard_size=self.shard_size,
-                         force=self.force, progress=progress, verify=self.verify, overwrite=overwrite)
+        """The :class:`MergeSpec` the engine runs (``out`` overrides the recipe's); every recipe field is a spec
+        field of the same name, already typed (``MergeSpec`` turns the ``out_dtype`` name into a torch dtype)."""
+        values = {f.name: getattr(self, f.name) for f in dataclass_fields(self)}
+        values.update(inputs=list(self.inputs), out=out or self.out, progress=progress, overwrite=overwrite)
+        return MergeSpec(**values)
+
+
+NATIVE = {f.name for f in dataclass_fields(MergeRecipe)} - {"input_params"}  # the keys of a deltatune recipe
 
 
 def _exists(path: Path) -> bool:
@@ -120,8 +117,8 @@ def _same_path(a: str, b: str) -> bool:
 def _dtype(value: Any, where: str) -> str | None:
     if value is None:
         return None
-    if not isinstance(value, str) or value not in DTYPES:
-        raise ConfigError(f"{where}: dtype must be one of {sorted(DTYPES)}, got {brief(value)}")
+    if not isinstance(value, str) or value not in DTYPE_NAMES:
+        raise ConfigError(f"{where}: dtype must be one of {sorted(DTYPE_NAMES)}, got {brief(value)}")
     return value
 
 
