@@ -83,7 +83,7 @@ def _gather_windows(w: _Window) -> tuple[Tensor, Tensor, Tensor]:
 class SpIELSelector(TrainHook):
     def __init__(self, parts: dict[str, SparsePart], optimizer: torch.optim.Optimizer, config: Any,
                  total_steps: int, grad_accum: int) -> None:
-        self.parts = {n: p for n, p in parts.items() if p.kind == SparsePart.kind}
+        self.parts = dict(parts)  # the sparse method's delta holds only sparse parts
         self.optimizer = optimizer
         self.R, self.A = config.reselection_steps, config.accumulation_steps
         self.rho0, self.schedule = config.initial_reselection_rate, config.schedule

@@ -97,9 +97,9 @@ class SparsePart(Part):
         super().__init__()
         self.weight_shape = tuple(int(s) for s in weight_shape)
         self.layer = LayerKind(layer)
-        check_indices(indices, self.numel_base, "sparse indices", require_sorted=False)
-        indices = indices.to(torch.int64)
-        self.register_buffer("indices", indices.sort().values)
+        indices = indices.sort().values  # sorted once; the check then needs no sort of its own
+        check_indices(indices, self.numel_base, "sparse indices", require_sorted=True)
+        self.register_buffer("indices", indices.to(torch.int64))
         self.values = nn.Parameter(torch.zeros(indices.numel(), dtype=dtype, device=indices.device))
         self.grad_observer: GradObserver | None = None
 
