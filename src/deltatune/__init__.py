@@ -4,7 +4,8 @@ __version__ = "0.1.0"
 
 from deltatune.delta import Delta  # noqa: E402
 from deltatune.io.delta_format import load_delta, save_delta  # noqa: E402
-from deltatune.io.peft_format import export_peft, load_peft_adapter  # noqa: E402
+from deltatune.io.peft_export import export_peft  # noqa: E402
+from deltatune.io.peft_format import load_peft_adapter  # noqa: E402
 from deltatune.methods import FullConfig, LoRAConfig, SparseConfig, get_method, make_config  # noqa: E402
 from deltatune.model import (  # noqa: E402
     apply_delta,

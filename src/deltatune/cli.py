@@ -221,7 +221,7 @@ def export(
     """Export a LoRA delta in PEFT's adapter format (loads in PEFT and vLLM)."""
     from deltatune.api import as_delta, base_model_path
     from deltatune.io.outputs import PEFT_KIND, guard_output
-    from deltatune.io.peft_format import export_peft
+    from deltatune.io.peft_export import export_peft
 
     if format != "peft":
         raise ConfigError(f"--format {format[:40]!r} is not supported; formats: peft")

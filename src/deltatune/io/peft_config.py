@@ -18,11 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from deltatune.errors import DeltaFormatError, NonFiniteError
-from deltatune.io.digest import json_digest
+from deltatune.io.digest import DIGEST_FIELD, json_digest
 from deltatune.io.json_io import read_json_object
 from deltatune.parts.meta_checks import short
 
 CONFIG_NAME = "adapter_config.json"
+SAFETENSORS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."  # how PEFT prefixes module names in the adapter's tensor keys
+# Safetensors metadata key of the digests written by ``export_peft`` (PEFT ignores the metadata).
+DIGEST_METADATA_KEY = f"deltatune.{DIGEST_FIELD}"
 REQUIRED_FIELDS = ("peft_type", "r", "lora_alpha")
 # LoRA variants and extras whose adapters a plain ``s·B·A`` part cannot represent.
 UNSUPPORTED_FIELDS = {

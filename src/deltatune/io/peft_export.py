@@ -1,0 +1,139 @@
+"""Write a LoRA delta as a PEFT 0.21 adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``).
+
+The reading side (schema, header-first validation, digests) is :mod:`deltatune.io.peft_format`; the
+config schema and the names both sides share are in :mod:`deltatune.io.peft_config`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save_file
+from torch import Tensor
+
+from deltatune.delta import Delta
+from deltatune.errors import DeltaFormatError, NonFiniteError
+from deltatune.io.atomic import atomic_dir
+from deltatune.io.digest import tensor_digest
+from deltatune.io.outputs import PEFT_KIND
+from deltatune.io.peft_config import (
+    CONFIG_NAME,
+    DIGEST_METADATA_KEY,
+    PREFIX,
+    SAFETENSORS_NAME,
+    config_digest,
+    finite_number,
+    pattern_value,
+)
+from deltatune.parts.layers import LayerKind
+from deltatune.parts.lora import LoRAPart
+from deltatune.parts.meta_checks import check_finite
+
+
+def _json_number(x: float) -> int | float:
+    """JSON-friendly: integral floats as ints (PEFT annotates ``r``/``lora_alpha`` as int)."""
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def _patterns(values: dict[str, Any], default: Any) -> dict[str, Any]:
+    """Pattern dict giving each module in ``values`` its own value under PEFT's first-match rule."""
+    differing = {m: v for m, v in values.items() if v != default}
+    if not differing:
+        return {}
+    ordered = dict(sorted(differing.items(), key=lambda kv: (-len(kv[0]), kv[0])))
+    if all(pattern_value(ordered, m, default, "export") == v for m, v in values.items()):
+        return ordered
+    escaped = {re.escape(m): v for m, v in ordered.items()}
+    if all(pattern_value(escaped, m, default, "export") == v for m, v in values.items()):
+        return escaped
+    raise DeltaFormatError("cannot express the per-module ranks/scales as PEFT rank_pattern/alpha_pattern "
+                           "(module names that are suffixes of one another)")
+
+
+def export_peft(delta: Delta, path: str | Path, base_model_name_or_path: str | None = None,
+                overwrite: bool = False) -> Path:
+    """Write a LoRA ``delta`` as a PEFT adapter directory (``PeftModel.from_pretrained`` loads it).
+
+    ``r`` is the largest rank and ``lora_alpha`` the most common ``α`` among the modules of that rank
+    (``α = s·r``, or ``s·√r`` with ``use_rslora`` when the delta's config says ``rslora``); modules
+    whose rank or scale differ get full-module-name entries in ``rank_pattern`` / ``alpha_pattern``,
+    so every module keeps exactly its own scale.  Heads are written as ``modules_to_save`` tensors.
+    ``task_type`` is left ``null`` (the delta does not record the model class), so load it with
+    :class:`peft.PeftModel`.
+    The safetensors metadata ``deltatune.digests`` records a SHA-256 digest of every tensor and of the
+    config, which :func:`load_peft_adapter` verifies (PEFT ignores it).  Non-finite scales or values are
+    refused (:class:`NonFiniteError`).  The directory is written atomically; an existing ``path`` that
+    is not an earlier PEFT export is refused (:class:`OutputExists`) unless ``overwrite``.
+    """
+    path = Path(path)
+    if not delta.parts:
+        raise DeltaFormatError("the delta has no parts; a PEFT adapter needs at least one LoRA module")
+    bad = sorted(f"{n} ({p.kind})" for n, p in delta.parts.items() if p.kind != LoRAPart.kind)
+    if bad:
+        raise DeltaFormatError(f"only LoRA deltas export to PEFT; parts {bad[:5]} are not LoRA. Extract a "
+                               "low-rank approximation (SVD of each ΔW) into a LoRA delta first")
+    parts: dict[str, LoRAPart] = dict(delta.parts)  # type: ignore[arg-type]
+    rslora = bool(delta.config.get("rslora", False))
+    ranks = {n: p.rank for n, p in parts.items()}
+    alphas: dict[str, int | float] = {}
+    for name, part in parts.items():
+        alpha = part.scale * (math.sqrt(part.rank) if rslora else part.rank)
+        if not math.isfinite(alpha):
+            raise NonFiniteError(f"cannot export to {path}: part {name!r} has scale {part.scale} (lora_alpha {alpha})")
+        alphas[name] = _json_number(alpha)
+    r = max(ranks.values())
+    lora_alpha = Counter(alphas[n] for n in sorted(parts) if ranks[n] == r).most_common(1)[0][0]
+    dropouts = {p.dropout_p for p in parts.values()}
+    dropout = finite_number(delta.config.get("dropout", max(dropouts)), f"cannot export to {path}: delta config "
+                            "field 'dropout'")
+    kinds = {p.layer for p in parts.values()}
+    config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "revision": None,
+        "inference_mode": True,
+        "r": r,
+        "lora_alpha": lora_alpha,
+        "lora_dropout": dropout,
+        "use_rslora": rslora,
+        "target_modules": sorted(parts),
+        "exclude_modules": None,
+        "rank_pattern": _patterns(ranks, r),
+        "alpha_pattern": _patterns(alphas, lora_alpha),
+        "fan_in_fan_out": LayerKind.CONV1D in kinds,
+        "bias": "none",
+        "modules_to_save": sorted(delta.heads) or None,
+        "init_lora_weights": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "use_dora": False,
+        "lora_bias": False,
+    }
+    tensors: dict[str, Tensor] = {}
+    for name, part in parts.items():
+        a, b = (t.detach().to("cpu").contiguous() for t in (part.lora_A, part.lora_B))
+        if part.layer is LayerKind.EMBEDDING:
+            tensors[f"{PREFIX}{name}.lora_embedding_A"] = a
+            tensors[f"{PREFIX}{name}.lora_embedding_B"] = b
+        else:
+            tensors[f"{PREFIX}{name}.lora_A.weight"] = a
+            tensors[f"{PREFIX}{name}.lora_B.weight"] = b
+    for head, head_tensors in delta.heads.items():
+        if not head_tensors:
+            raise DeltaFormatError(f"head {head!r} has no tensors; call delta.snapshot_heads(model) first")
+        for k, v in head_tensors.items():
+            tensors[f"{PREFIX}{head}.{k}"] = v.detach().to("cpu").contiguous()
+    for key, value in tensors.items():
+        check_finite(value, f"cannot export to {path}: tensor {key!r}")
+    record = {"tensors": {k: tensor_digest(k, v) for k, v in tensors.items()}, "config": config_digest(config)}
+    metadata = {"format": "pt", DIGEST_METADATA_KEY: json.dumps(record, sort_keys=True)}
+    with atomic_dir(path, PEFT_KIND, overwrite=overwrite) as tmp:
+        save_file(tensors, str(tmp / SAFETENSORS_NAME), metadata=metadata)
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))  # keep pattern order
+    return path
