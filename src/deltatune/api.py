@@ -115,9 +115,7 @@ def classification_report(delta: Delta | str | Path, data: str | None = None, mo
                           verify: bool = True) -> dict[str, dict[str, float]]:
     """Per-class ``{label name: {precision, recall, f1, support}}`` of a ``classify`` delta on ``data`` (default:
     its recorded eval rows), label names as in the training file."""
-    import numpy as np
-
-    from deltatune.train.evaluate import batches
+    from deltatune.train.evaluate import eval_outputs
     from deltatune.train.metrics import per_class_report
 
     d = as_delta(delta, verify=verify)
@@ -127,14 +125,9 @@ def classification_report(delta: Delta | str | Path, data: str | None = None, mo
     torch.manual_seed(0)
     net = built.load_model()
     apply_delta(net, d, where=str(delta) if not isinstance(delta, Delta) else "delta")
-    net.eval()
-    logits, labels = [], []
-    for batch in batches(built.eval, list(range(len(built.eval))), batch_size, built.pad_token_id,
-                         torch.device("cpu")):
-        logits.append(net(**batch).logits.float().numpy())
-        labels.append(batch["labels"].numpy())
+    logits, labels, _ = eval_outputs(net, built, batch_size, torch.device("cpu"))
     names = [str(n) for n in d.metrics["task_info"]["label_names"]]
-    return per_class_report(np.concatenate(logits), np.concatenate(labels), names)
+    return per_class_report(logits, labels, names)
 
 
 def check_finite_metrics(results: dict[str, dict[str, float]], where: str) -> None:

@@ -21,10 +21,10 @@ def batches(ds: datasets.Dataset, order: list[int], batch_size: int, pad_id: int
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, task: Task, batch_size: int, device: torch.device) -> dict[str, float]:
-    """Task metrics on ``task.eval``; token-weighted mean loss for language modelling."""
-    if task.eval is None or len(task.eval) == 0:
-        return {}
+def eval_outputs(model: nn.Module, task: Task, batch_size: int, device: torch.device
+                 ) -> tuple[np.ndarray, np.ndarray, float]:
+    """``(logits, labels, loss)`` over ``task.eval`` in eval mode (the model's mode is restored); the loss is
+    the token-weighted mean for language modelling, whose logits and labels are left empty."""
     was_training = model.training
     model.eval()
     preds, labels, loss_sum, weight = [], [], 0.0, 0
@@ -39,7 +39,13 @@ def evaluate(model: nn.Module, task: Task, batch_size: int, device: torch.device
         loss_sum += float(out.loss) * n
         weight += n
     model.train(was_training)
-    loss = loss_sum / max(weight, 1)
     if task.is_lm:
-        return task.score(np.empty(0), np.empty(0), loss)
-    return task.score(np.concatenate(preds), np.concatenate(labels), loss)
+        return np.empty(0), np.empty(0), loss_sum / max(weight, 1)
+    return np.concatenate(preds), np.concatenate(labels), loss_sum / max(weight, 1)
+
+
+def evaluate(model: nn.Module, task: Task, batch_size: int, device: torch.device) -> dict[str, float]:
+    """Task metrics on ``task.eval``; token-weighted mean loss for language modelling."""
+    if task.eval is None or len(task.eval) == 0:
+        return {}
+    return task.score(*eval_outputs(model, task, batch_size, device))
