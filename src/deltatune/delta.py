@@ -41,6 +41,16 @@ class Delta:
             t.numel() * t.element_size() for h in self.heads.values() for t in h.values()
         )
 
+    @property
+    def has_aux_loss(self) -> bool:
+        return any(p.has_aux_loss for p in self.parts.values())
+
+    def aux_loss(self) -> Tensor | None:
+        """``Σ_p λ_p L_p``: the auxiliary losses of the parts' last forward (each already weighted by its
+        coefficient, e.g. a mixture's load-balancing loss), or ``None`` when no part has one."""
+        losses = [loss for p in self.parts.values() if p.has_aux_loss and (loss := p.aux_loss()) is not None]
+        return torch.stack([loss.float() for loss in losses]).sum() if losses else None
+
     def part_kinds(self) -> dict[str, int]:
         kinds: dict[str, int] = {}
         for p in self.parts.values():

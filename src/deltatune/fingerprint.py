@@ -22,7 +22,7 @@ SAMPLED_VALUES = 256
 
 def base_parameters(model: nn.Module, exclude: Iterable[str] = ()) -> Iterator[tuple[str, Tensor]]:
     """``(original name, tensor)`` of the base model's parameters, seen through any ``DeltaLayer``."""
-    from deltatune.layer import DeltaLayer
+    from deltatune.layer import DeltaLayer, ModelParts
 
     skip = tuple(exclude)
 
@@ -33,7 +33,8 @@ def base_parameters(model: nn.Module, exclude: Iterable[str] = ()) -> Iterator[t
         for name, p in module.named_parameters(recurse=False):
             yield prefix + name, p
         for name, child in module.named_children():
-            yield from walk(child, f"{prefix}{name}.")
+            if not isinstance(child, ModelParts):  # model-level parts are delta, not base
+                yield from walk(child, f"{prefix}{name}.")
 
     seen: set[int] = set()
     for name, p in walk(model, ""):

@@ -13,47 +13,105 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
-import torch
 from torch import nn
 
 from deltatune.delta import Delta
 from deltatune.errors import DeltaFormatError, ShapeMismatch, TargetError
 from deltatune.fingerprint import check_fingerprint, fingerprint
-from deltatune.layer import DeltaLayer
-from deltatune.parts.base import Part
+from deltatune.layer import DeltaLayer, ModelParts
+from deltatune.parts.base import MODEL_LEVEL, Part
 from deltatune.parts.capabilities import require_capability
+from deltatune.parts.head import RoutedHead
 from deltatune.parts.tied import TiedAlias
+from deltatune.routing import Routing, routed
 
 DEFAULT = "default"
 
 
+def physical_path(model: nn.Module, name: str) -> str:
+    """The attribute path of the module the base model calls ``name``, through any ``DeltaLayer`` wrappers on
+    the way (``mlp.gate_proj`` is ``mlp.base.gate_proj`` once ``mlp`` is wrapped): parts nest."""
+    if not name:
+        return ""
+    module, path = model, []
+    for component in name.split("."):
+        if isinstance(module, DeltaLayer):
+            module, path = module.base, [*path, "base"]
+        module = module.get_submodule(component)
+        path.append(component)
+    return ".".join(path)
+
+
 def get_module(model: nn.Module, name: str) -> nn.Module:
-    """The module at ``name``, seen through any ``DeltaLayer`` wrapper (its ``base``)."""
-    module = model.get_submodule(name) if name else model
+    """The base module at ``name`` (its logical path), seen through any ``DeltaLayer`` wrapper."""
+    module = model.get_submodule(physical_path(model, name)) if name else model
     return module.base if isinstance(module, DeltaLayer) else module
 
 
 def _wrapper(model: nn.Module, name: str) -> DeltaLayer:
-    module = model.get_submodule(name)
+    path = physical_path(model, name)
+    module = model.get_submodule(path)
     if isinstance(module, DeltaLayer):
         return module
     layer = DeltaLayer(module)
-    model.set_submodule(name, layer)
+    model.set_submodule(path, layer)
     return layer
 
 
+def _walk(model: nn.Module) -> Iterator[tuple[str, nn.Module, DeltaLayer | None]]:
+    """``(logical name, base module, its wrapper or None)`` for every module of the base model, once each."""
+    seen: set[int] = set()
+    stack: list[tuple[str, nn.Module]] = [("", model)]
+    while stack:
+        name, module = stack.pop()
+        layer = module if isinstance(module, DeltaLayer) else None
+        base = layer.base if layer is not None else module
+        if id(base) in seen:
+            continue
+        seen.add(id(base))
+        yield name, base, layer
+        children = [(f"{name}.{n}" if name else n, c) for n, c in base.named_children()
+                    if not isinstance(c, ModelParts)]
+        stack.extend(reversed(children))
+
+
 def delta_layers(model: nn.Module) -> Iterator[tuple[str, DeltaLayer]]:
-    for name, module in model.named_modules():
-        if isinstance(module, DeltaLayer):
-            yield name, module
+    """``(logical name, wrapper)`` of every wrapped module."""
+    for name, _, layer in _walk(model):
+        if layer is not None:
+            yield name, layer
+
+
+def logical_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``(name, module)`` of the base model, seeing through ``DeltaLayer`` wrappers (parts not included)."""
+    for name, base, _ in _walk(model):
+        yield name, base
+
+
+def model_parts(model: nn.Module, create: bool = False) -> ModelParts | None:
+    """The model's container of model-level parts (created and hooked on demand)."""
+    container = getattr(model, ModelParts.ATTRIBUTE, None)
+    if container is None and create:
+        container = ModelParts()
+        model.add_module(ModelParts.ATTRIBUTE, container)
+        container.hook(model)
+    return container
 
 
 TIED_SUFFIX = "@tied:"
 
 
 def attach_parts(model: nn.Module, parts: dict[str, Part], name: str = DEFAULT, activate: bool = True) -> None:
-    """Wrap each target module and add its part under ``name``, on the base module's device."""
+    """Wrap each target module and add its part under ``name``, on the base module's device.
+
+    A model-level part (stored under the module name ``""``) goes to the model's :class:`ModelParts`."""
     for module_name, part in parts.items():
+        if part.model_level:
+            part.check_base(model, "model")
+            ref = next(model.parameters())
+            part.to(ref.device)
+            model_parts(model, create=True).add(name, part, activate)
+            continue
         try:
             base = get_module(model, module_name)
         except AttributeError:
@@ -61,8 +119,9 @@ def attach_parts(model: nn.Module, parts: dict[str, Part], name: str = DEFAULT, 
                 f"the delta has a part for {module_name!r}, which is not a module of this model"
             ) from None
         part.check_base(base, module_name)
-        ref = next(base.parameters())
-        part.to(ref.device)
+        ref = next(base.parameters(), None)
+        if ref is not None:
+            part.to(ref.device)
         _wrapper(model, module_name).add(name, part, activate)
         for alias in tied_aliases(model, module_name):
             # a tied module with a part of its own keeps it and sees this one too, under its own name
@@ -78,22 +137,13 @@ def tied_aliases(model: nn.Module, name: str) -> list[str]:
     return [n for n, m in logical_modules(model) if n != name and getattr(m, "weight", None) is weight]
 
 
-def logical_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """``(name, module)`` of the base model, seeing through ``DeltaLayer`` wrappers."""
-    wrapped = {id(m.base) for _, m in delta_layers(model)}
-    for n, m in model.named_modules():
-        if isinstance(m, DeltaLayer):
-            yield n, m.base
-        elif id(m) not in wrapped:
-            yield n, m
-
-
 def freeze_base(model: nn.Module, trainable_heads: Iterable[str] = ()) -> None:
     """Base tensors frozen; every attached part and every named head module trainable."""
     for p in model.parameters():
         p.requires_grad_(False)
-    for _, layer in delta_layers(model):
-        for part in layer.parts.values():
+    containers = [layer for _, layer in delta_layers(model)] + [c for c in [model_parts(model)] if c is not None]
+    for container in containers:
+        for part in container.parts.values():
             for p in part.parameters():
                 p.requires_grad_(True)
     for head in trainable_heads:
@@ -130,23 +180,45 @@ def default_heads(model: nn.Module) -> list[str]:
     return []
 
 
-def load_heads(model: nn.Module, delta: Delta, where: str = "delta") -> None:
+def check_heads(model: nn.Module, delta: Delta, where: str = "delta") -> None:
+    """Every head of ``delta`` is a module of ``model`` with tensors of the same names and shapes."""
     for head, tensors in delta.heads.items():
         try:
-            module = model.get_submodule(head)
+            module = model.get_submodule(physical_path(model, head))
         except AttributeError:
             raise TargetError(f"{where}: head {head!r} is not a module of this model") from None
-        own = module.state_dict()
+        own = (module.base if isinstance(module, DeltaLayer) else module).state_dict()
         for k, t in tensors.items():
             if k not in own or own[k].shape != t.shape:
                 got = tuple(own[k].shape) if k in own else "missing"
                 raise ShapeMismatch(f"{where}: head tensor {head}.{k} has shape {tuple(t.shape)}, model has {got}")
-        module.load_state_dict(tensors, strict=True)
+
+
+def load_heads(model: nn.Module, delta: Delta, where: str = "delta") -> None:
+    """Load ``delta``'s task heads into the model's head modules (merging; training)."""
+    check_heads(model, delta, where)
+    for head, tensors in delta.heads.items():
+        get_module(model, head).load_state_dict(tensors, strict=True)
+
+
+def attach_heads(model: nn.Module, delta: Delta, name: str = DEFAULT, activate: bool = True,
+                 where: str = "delta") -> None:
+    """Attach ``delta``'s task heads as routable parts under ``name`` (:class:`RoutedHead`): the model's own
+    head modules are untouched, rows of a mixed batch may use different heads, detaching restores them."""
+    check_heads(model, delta, where)
+    for head, tensors in delta.heads.items():
+        if tensors:
+            ref = next(get_module(model, head).parameters(), None)
+            part = RoutedHead(tensors)
+            if ref is not None:
+                part.to(ref.device)
+            _wrapper(model, head).add(name, part, activate)
 
 
 def apply_delta(model: nn.Module, delta: Delta, name: str = DEFAULT, merge: bool = False, force: bool = False,
                 where: str = "delta") -> None:
-    """Check the base fingerprint, load task heads, then attach (or merge) the delta's parts.
+    """Check the base fingerprint, then attach the delta's parts and task heads under ``name`` (or merge the
+    parts and load the heads).
 
     With ``merge`` every part must be additive (:class:`~deltatune.errors.NotMergeable`, before anything is
     written)."""
@@ -154,11 +226,13 @@ def apply_delta(model: nn.Module, delta: Delta, name: str = DEFAULT, merge: bool
         require_capability(delta, "additive", f"apply with merging ({where})")
     if not force:
         check_fingerprint(delta.fingerprint, model, delta.heads, where)
-    load_heads(model, delta, where)
     if merge:
+        load_heads(model, delta, where)
         merge_delta(model, delta, where=where)
     else:
+        check_heads(model, delta, where)
         attach_parts(model, delta.parts, name)
+        attach_heads(model, delta, name, where=where)
 
 
 def merge_delta(model: nn.Module, delta: Delta, where: str = "delta") -> None:
@@ -178,36 +252,58 @@ def revert_delta(model: nn.Module, delta: Delta) -> None:
 
 
 def detach(model: nn.Module, name: str | None = None) -> dict[str, Part]:
-    """Remove parts (all, or those under ``name``); unwrap layers that have none left."""
+    """Remove parts (all, or those under ``name``); unwrap layers that have none left.  Returns the removed
+    parts that a delta owns, by module name (aliases and routed heads are dropped)."""
     removed: dict[str, Part] = {}
-    for module_name, layer in list(delta_layers(model)):
-        for part_name in list(layer.parts):
-            if name is None or part_name == name or part_name.startswith(f"{name}{TIED_SUFFIX}"):
-                part = layer.remove(part_name)
-                if not part.is_alias:
-                    removed[module_name] = part
+
+    def wanted(part_name: str) -> bool:
+        return name is None or part_name == name or part_name.startswith(f"{name}{TIED_SUFFIX}")
+
+    container = model_parts(model)
+    if container is not None:
+        for part_name in [n for n in container.parts if wanted(n)]:
+            removed[MODEL_LEVEL] = container.remove(part_name)
+        if not len(container.parts):
+            container.unhook()
+            delattr(model, ModelParts.ATTRIBUTE)
+    # innermost first, so that every wrapper's path is still valid when it is unwrapped
+    for module_name, layer in sorted(delta_layers(model), key=lambda item: -item[0].count(".")):
+        for part_name in [n for n in layer.parts if wanted(n)]:
+            part = layer.remove(part_name)
+            if not part.is_alias:
+                removed[module_name] = part
         if not len(layer.parts):
-            model.set_submodule(module_name, layer.base)
+            model.set_submodule(physical_path(model, module_name), layer.base)
     return removed
 
 
 @contextmanager
 def mixed_batch(model: nn.Module, names: Sequence[str | None]):
-    """Within the block, row ``i`` of every forward uses the delta ``names[i]`` (``None``: base)."""
-    unique = list(dict.fromkeys(names))
-    row_ids = torch.tensor([unique.index(n) for n in names], dtype=torch.long)
-    layers = list(delta_layers(model))
-    known = {p for _, layer in layers for p in layer.parts}
-    missing = [n for n in unique if n is not None and n not in known]
+    """Within the block, row ``i`` of every forward uses the delta ``names[i]`` (``None``: the base).
+
+    Builds a per-row :class:`~deltatune.routing.Routing` and makes it current (see :func:`routed_batch` for a
+    routing the caller built, e.g. per token)."""
+    with routed_batch(model, Routing.per_row(names)) as routing:
+        yield routing
+
+
+@contextmanager
+def routed_batch(model: nn.Module, routing: Routing):
+    """Run the block's forwards with ``routing`` (every name must be attached, every part mixed-row capable)."""
+    attached: dict[str, list[Part]] = {}
+    containers = [layer for _, layer in delta_layers(model)] + [c for c in [model_parts(model)] if c is not None]
+    for container in containers:
+        for part_name, part in container.parts.items():
+            attached.setdefault(part_name, []).append(part)
+    missing = [n for n in routing.names if n is not None and n not in attached]
     if missing:
-        raise DeltaFormatError(f"no delta named {missing} is attached; attached: {sorted(known)}")
-    for _, layer in layers:
-        layer.route(unique, row_ids)
-    try:
-        yield
-    finally:
-        for _, layer in layers:
-            layer.route(None)
+        raise DeltaFormatError(f"no delta named {missing} is attached; attached: {sorted(attached)}")
+    for n in routing.names:
+        if n is not None:
+            require_capability({f"{n}[{i}]": p for i, p in enumerate(attached[n])}, "mixed_rows",
+                               f"a mixed batch using {n!r}")
+    with routed(routing):
+        yield routing
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -107,8 +107,9 @@ def test_delta_on_same_architecture_other_weights(minilm) -> None:
 
     deltatune.apply_delta(other, delta, force=True)
     wrapped = {n for n, m in other.named_modules() if isinstance(m, DeltaLayer)}
-    assert wrapped == set(delta.parts)
-    assert torch.equal(other.classifier.weight, delta.heads["classifier"]["weight"])
+    assert wrapped == set(delta.parts) | set(delta.heads)  # heads attach as routable parts
+    head = other.classifier.parts["default"].tensors()
+    assert torch.equal(head["weight"], delta.heads["classifier"]["weight"])
     assert dict(base_parameters(other, delta.heads))[name] is p  # the base itself is not touched
 
 
@@ -225,7 +226,7 @@ MANIFEST_CASES: list[tuple[str, Callable[[dict[str, Any]], Any], list[str], str 
     ("newer-version", lambda m: m.update(format_version=2), ["format_version", "2"], None),
     ("version-not-int", lambda m: m.update(format_version="1"), ["'format_version'"], None),
     ("wrong-format", lambda m: m.update(format="peft"), ["'format'", "'peft'"], None),
-    ("unknown-kind", lambda m: _first_part(m).update(kind="dora"), ["unknown kind", "'dora'", QUERY0], None),
+    ("unknown-kind", lambda m: _first_part(m).update(kind="vera"), ["unknown kind", "'vera'", QUERY0], None),
     ("part-extra-field", lambda m: _first_part(m).update(extra=1), [QUERY0, "kind"], None),
     ("meta-incomplete", lambda m: _first_part(m)["meta"].pop("rank"), [QUERY0, "rank"], None),
     ("parts-not-object", lambda m: m.update(parts=[]), ["'parts'"], None),
@@ -304,8 +305,8 @@ def test_bad_config_value(method: str, mapping: dict[str, Any], field: str) -> N
 
 
 def test_unknown_method() -> None:
-    with pytest.raises(ConfigError, match="'dora'") as err:
-        deltatune.make_config("dora", {})
+    with pytest.raises(ConfigError, match="'vera'") as err:
+        deltatune.make_config("vera", {})
     assert "lora" in str(err.value)
 
 

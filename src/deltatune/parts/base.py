@@ -31,6 +31,8 @@ from deltatune.errors import ShapeMismatch
 from deltatune.parts.layers import LayerKind, functional_forward, layer_kind
 
 PART_KINDS: dict[str, type[Part]] = {}
+#: The part name of a model-level part (the model root's module path).
+MODEL_LEVEL = ""
 
 
 class Part(nn.Module):
@@ -43,8 +45,17 @@ class Part(nn.Module):
     * ``base_dependent`` — ``Δθ`` depends on the base module's tensors (``updates`` needs ``base``);
     * ``mixed_rows`` — rows of one batch may use different parts of this kind (``mixed_forward``);
     * ``has_aux_loss`` — the part contributes an auxiliary training loss;
-    * ``is_alias`` — the part owns no tensors and stands for another one (tied weights): never saved or
-      merged on its own.
+    * ``is_alias`` — the part owns no tensors and stands for another one (tied weights, routed task heads):
+      never saved or merged on its own;
+    * ``model_level`` — the part acts on the whole model's inputs and outputs (virtual tokens) through forward
+      hooks, not on one module; it is stored under the module name ``""`` (:data:`MODEL_LEVEL`) and every
+      operation that needs per-module deltas refuses it (it is not additive).
+
+    How a layer uses its active parts (:class:`deltatune.layer.DeltaLayer`): additive parts are *summed*
+    (``θ + Σ Δθ`` through :meth:`updates`; one part alone runs its own :meth:`forward`); non-additive parts
+    (adapters, mixtures, routed heads) are *chained* after them, in attach order: each one's ``forward(x,
+    base)`` gets as ``base`` a callable computing everything inside it, which also exposes the wrapped
+    module's attributes (``base.weight``, ``base.gate_proj`` …).
     """
 
     kind: ClassVar[str] = ""
@@ -53,6 +64,7 @@ class Part(nn.Module):
     mixed_rows: ClassVar[bool] = False
     has_aux_loss: ClassVar[bool] = False
     is_alias: ClassVar[bool] = False
+    model_level: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -61,7 +73,13 @@ class Part(nn.Module):
 
     # --- computation -------------------------------------------------------------------
     def forward(self, x: Tensor, base: nn.Module) -> Tensor:  # pragma: no cover - abstract
+        """The wrapped module's output with this part applied; ``base(x)`` computes the output without it."""
         raise NotImplementedError
+
+    def aux_loss(self) -> Tensor | None:
+        """The auxiliary loss of the last training forward, already weighted by its coefficient (kinds with
+        ``has_aux_loss``; e.g. a mixture's load-balancing loss), or ``None``.  The training loop adds it."""
+        return None
 
     def delta_weight(self) -> Tensor:
         """Dense update of the base weight, native layout (``W' = W + ΔW``)."""
@@ -149,12 +167,14 @@ class Part(nn.Module):
 
     @classmethod
     def mixed_forward(
-        cls, x: Tensor, base: nn.Module, parts: Sequence[Part | None], row_ids: Tensor
+        cls, x: Tensor, base: nn.Module, parts: Sequence[Part | None], row_ids: Tensor,
+        cache: dict[Any, Any] | None = None,
     ) -> Tensor:
         """Output where row ``i`` of the batch uses ``parts[row_ids[i]]`` (``None``: the base).
 
-        Generic path: the base output plus, for each distinct part, the part's contribution on
-        its rows.  Kinds with a fused one-pass kernel (LoRA) override this.
+        Generic path: the base output, and for each distinct part its own output on its rows.  Kinds with a
+        fused one-pass kernel (LoRA) override this; ``cache`` is the routing context's store for weights they
+        prepare once per batch (see :class:`deltatune.routing.Routing`).
         """
         out = base(x)
         for pid, part in enumerate(parts):
@@ -163,7 +183,7 @@ class Part(nn.Module):
             rows = (row_ids == pid).nonzero(as_tuple=True)[0]
             if rows.numel():
                 sub = x.index_select(0, rows)
-                out = out.index_copy(0, rows, part(sub, base))
+                out = out.index_copy(0, rows, part(sub, base).to(out.dtype))
         return out
 
     # --- serialisation -------------------------------------------------------------------

@@ -132,26 +132,39 @@ class LoRAPart(Part):
 
     @classmethod
     def mixed_forward(
-        cls, x: Tensor, base: nn.Module, parts: Sequence[Part | None], row_ids: Tensor
+        cls, x: Tensor, base: nn.Module, parts: Sequence[Part | None], row_ids: Tensor,
+        cache: dict[Any, Any] | None = None,
     ) -> Tensor:
-        """One pass over a batch whose rows use different LoRAs (BGMV-style gather).
+        """One pass over a batch whose rows (or tokens) use different LoRAs (BGMV-style gather).
 
         Ranks are zero-padded to ``r_max`` and scales folded into ``B``; row ``i`` computes
         ``y_i = base(x_i) + (x_i A_{a_i}ᵀ) B_{a_i}ᵀ`` with ``A``/``B`` gathered per row.  A ``None``
-        part contributes zeros (the base model).
+        part contributes zeros (the base model).  Per-token ids (``(batch, seq)``) gather per token.  The
+        stacked weights are prepared once per routing context (``cache``) when no gradient flows.
         """
         out = base(x)
         loras = [p for p in parts if p is not None]
         if not loras:
             return out
-        a_stack, b_stack = stack_lora_weights(parts, dtype=out.dtype if out.is_floating_point() else None)
-        a_rows, b_rows = a_stack[row_ids], b_stack[row_ids]  # (batch, r, in), (batch, out, r)
-        kind = loras[0].layer
-        if kind is LayerKind.EMBEDDING:
-            h = torch.gather(a_rows, 2, x.unsqueeze(1).expand(-1, a_rows.shape[1], -1)).transpose(1, 2)
+        dtype = out.dtype if out.is_floating_point() else None
+        reuse = cache is not None and not (torch.is_grad_enabled() and any(
+            t.requires_grad for p in loras for t in (p.lora_A, p.lora_B)))
+        key = ("stack", dtype)
+        if reuse and key in cache:
+            a_stack, b_stack = cache[key]
         else:
-            h = torch.einsum("b...i,bri->b...r", x.to(a_rows.dtype), a_rows)
-        return out + torch.einsum("b...r,bor->b...o", h, b_rows).to(out.dtype)
+            a_stack, b_stack = stack_lora_weights(parts, dtype=dtype)
+            if reuse:
+                cache[key] = (a_stack, b_stack)
+        xs, ids = x, row_ids
+        if row_ids.dim() == 2:  # per token: every token is a row of one
+            xs, ids = x.reshape(-1, 1, *x.shape[2:]), row_ids.reshape(-1)
+        a_rows, b_rows = a_stack[ids], b_stack[ids]  # (rows, r, in), (rows, out, r)
+        if loras[0].layer is LayerKind.EMBEDDING:
+            h = torch.gather(a_rows, 2, xs.unsqueeze(1).expand(-1, a_rows.shape[1], -1)).transpose(1, 2)
+        else:
+            h = torch.einsum("b...i,bri->b...r", xs.to(a_rows.dtype), a_rows)
+        return out + torch.einsum("b...r,bor->b...o", h, b_rows).reshape(out.shape).to(out.dtype)
 
     def meta(self) -> dict[str, Any]:
         return {

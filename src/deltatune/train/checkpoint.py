@@ -26,7 +26,7 @@ from deltatune.errors import DeltaFormatError, IntegrityError
 from deltatune.io.atomic import atomic_dir, recover_dir
 from deltatune.io.digest import DIGEST_FIELD, manifest_digest, tensor_digest, verify_tensor
 from deltatune.io.json_io import parse_json
-from deltatune.layer import DeltaLayer
+from deltatune.layer import DeltaLayer, ModelParts
 from deltatune.parts.meta_checks import check_finite
 from deltatune.train.state_codec import decode, encode
 
@@ -53,7 +53,7 @@ def trainable_state(model: nn.Module, delta: Delta | None = None) -> dict[str, T
         parts = list(delta.parts.values())
         heads = [model.get_submodule(h) for h in delta.heads]
     else:
-        parts = [p for m in model.modules() if isinstance(m, DeltaLayer) for p in m.parts.values()]
+        parts = [p for m in model.modules() if isinstance(m, DeltaLayer | ModelParts) for p in m.parts.values()]
         heads = []
     tensors = [t for part in parts for t in (*part.parameters(), *part.buffers())]
     tensors += [t for head in heads for t in (*head.parameters(), *head.buffers())]

@@ -171,12 +171,17 @@ def train(cfg: TrainConfig, method_config: Any) -> TrainResult:
         while step < cfg.max_steps:
             for hook in hooks:
                 hook.before_step(step)
-            running = 0.0
+            running, running_aux = 0.0, 0.0
             for micro in range(cfg.grad_accum):
                 batch = next(stream)
                 sync = micro == cfg.grad_accum - 1
                 with nullcontext() if sync else accelerator.no_sync(ddp_model):
-                    loss = ddp_model(**batch).loss / cfg.grad_accum
+                    loss = ddp_model(**batch).loss
+                    aux = delta.aux_loss()  # parts' auxiliary losses (e.g. load balancing), coefficients applied
+                    if aux is not None:
+                        running_aux += float(aux.detach()) / cfg.grad_accum
+                        loss = loss + aux
+                    loss = loss / cfg.grad_accum
                     if _any_rank(not torch.isfinite(loss).item(), accelerator):
                         raise TrainingDiverged(step + 1, float(loss.detach() * cfg.grad_accum), last_ckpt)
                     accelerator.backward(loss)
@@ -189,6 +194,8 @@ def train(cfg: TrainConfig, method_config: Any) -> TrainResult:
                 hook.after_step(step)
             log.advance(progress, running)
             record: dict[str, Any] = {"step": step, "loss": running, "lr": scheduler.get_last_lr()[0]}
+            if delta.has_aux_loss:
+                record["aux_loss"] = running_aux
             if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps:
                 metrics = _defined(evaluate(raw_model, task, cfg.eval_batch_size, accelerator.device))
                 record["eval"] = metrics

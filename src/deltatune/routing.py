@@ -1,0 +1,87 @@
+"""The routing context of a mixed batch: which delta each row (or token) uses, owned by the caller.
+
+A batch whose rows use *different* deltas is described by a :class:`Routing` — the delta names, a delta id
+per row (``(batch,)``) or per token (``(batch, seq)``), and a cache where part kinds keep the batched weights
+they prepare (a LoRA kind stacks its ``A``/``B`` once per layer, not once per forward).  Layers *read* the
+current routing; they never store it.  :func:`routed` makes a routing current for a block of code
+(thread- and task-local, through a :class:`contextvars.ContextVar`), so two callers never see each other's.
+
+``None`` as a name means the bare base model.  The serving engine, :func:`deltatune.model.mixed_batch` and
+``predict``/``generate`` all use this one mechanism.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from deltatune.errors import ConfigError
+
+
+@dataclass
+class Routing:
+    """``names[ids[i]]`` is the delta of row ``i`` (``ids`` of shape ``(batch,)``) or of token ``(i, t)``
+    (``ids`` of shape ``(batch, seq)``); ``cache`` holds per-layer, per-kind prepared weights."""
+
+    names: list[str | None]
+    ids: Tensor
+    cache: dict[Any, Any] = field(default_factory=dict)
+
+    @classmethod
+    def per_row(cls, row_names: Sequence[str | None]) -> Routing:
+        """One delta name per row; rows with the same name share an id."""
+        names = list(dict.fromkeys(row_names))
+        return cls(names, torch.tensor([names.index(n) for n in row_names], dtype=torch.long))
+
+    @classmethod
+    def per_token(cls, token_names: Sequence[Sequence[str | None]]) -> Routing:
+        """One delta name per token (rows of equal length)."""
+        flat = [n for row in token_names for n in row]
+        names = list(dict.fromkeys(flat))
+        lengths = {len(row) for row in token_names}
+        if len(lengths) != 1:
+            raise ConfigError(f"per-token routing needs rows of one length, got lengths {sorted(lengths)}")
+        ids = torch.tensor([[names.index(n) for n in row] for row in token_names], dtype=torch.long)
+        return cls(names, ids)
+
+    @property
+    def per_token_ids(self) -> bool:
+        return self.ids.dim() == 2
+
+    def row_names(self) -> list[str | None]:
+        """The delta of each row (per-row routing only)."""
+        if self.per_token_ids:
+            raise ConfigError("this routing assigns deltas per token, not per row")
+        return [self.names[i] for i in self.ids.tolist()]
+
+    def ids_for(self, x: Tensor) -> Tensor:
+        """The ids on ``x``'s device, checked against ``x``'s leading dimensions."""
+        ids = self.ids.to(x.device)
+        if tuple(x.shape[: ids.dim()]) != tuple(ids.shape):
+            raise ConfigError(f"routing has ids of shape {tuple(ids.shape)} but a layer got input of shape "
+                              f"{tuple(x.shape)}; the batch does not match the routing")
+        return ids
+
+
+_CURRENT: ContextVar[Routing | None] = ContextVar("deltatune_routing", default=None)
+
+
+def current_routing() -> Routing | None:
+    """The routing of the enclosing :func:`routed` block, or ``None`` (every layer uses its active parts)."""
+    return _CURRENT.get()
+
+
+@contextmanager
+def routed(routing: Routing | None) -> Iterator[Routing | None]:
+    """Make ``routing`` current inside the block (restoring the previous one after it)."""
+    token = _CURRENT.set(routing)
+    try:
+        yield routing
+    finally:
+        _CURRENT.reset(token)
