@@ -36,11 +36,11 @@ def as_delta(delta: Delta | str | Path, verify: bool = True) -> Delta:
 
 
 def recorded_train_config(delta: Delta) -> dict[str, Any]:
-    return dict(delta.metrics.get("train") or {})
+    return dict(delta.provenance.train or {})
 
 
 def base_model_path(delta: Delta, model: str | None) -> str:
-    return model or recorded_train_config(delta).get("model") or default_model_path()
+    return model or delta.provenance.base or default_model_path()
 
 
 def load_base_for(delta: Delta, model: str | None = None) -> nn.Module:
@@ -100,13 +100,13 @@ def _eval_task(d: Delta, model: str | None, task: str | None, data: str | None, 
     if name not in USER_TASKS:
         cfg = TrainConfig(data=data or rec.get("data"), eval_data=rec.get("eval_data"), train_limit=1, **common)
         return build_task(cfg)
-    info = d.metrics.get("task_info")
+    info = d.provenance.task
     if not isinstance(info, dict) or info.get("task") != name:
         raise ConfigError(f"the delta records no {name!r} task_info (columns and label map); it was trained on "
                           f"task {rec.get('task')!r}")
     cfg = TrainConfig(data=rec.get("data") or data, eval_data=data or rec.get("eval_data"),
                       seed=int(rec.get("seed", 0)), **common)
-    return build_task(cfg, recorded=info)
+    return build_task(cfg, recorded={k: v for k, v in info.items() if k != "name"})
 
 
 @torch.no_grad()
@@ -119,14 +119,14 @@ def classification_report(delta: Delta | str | Path, data: str | None = None, mo
     from deltatune.train.metrics import per_class_report
 
     d = as_delta(delta, verify=verify)
-    if (d.metrics.get("task_info") or {}).get("task") != "classify":
+    if (d.provenance.task or {}).get("task") != "classify":
         raise ConfigError(f"{str(delta)[:80]}: a per-class report needs a delta trained with --task classify")
     built = _eval_task(d, model, "classify", data, limit)
     torch.manual_seed(0)
     net = built.load_model()
     apply_delta(net, d, where=str(delta) if not isinstance(delta, Delta) else "delta")
     logits, labels, _ = eval_outputs(net, built, batch_size, torch.device("cpu"))
-    names = [str(n) for n in d.metrics["task_info"]["label_names"]]
+    names = [str(n) for n in d.provenance.task["label_names"]]
     return per_class_report(logits, labels, names)
 
 

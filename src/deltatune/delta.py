@@ -1,8 +1,10 @@
 """``Delta``: module name → Part, plus method, config, base fingerprint, task heads and metrics.
 
-A delta is what a fine-tuning *is*: ``θ' = θ_base ⊕ Δ``.  Part names are the base model's own module
-paths (``bert.encoder.layer.0.attention.self.query``).  Task heads (e.g. a classifier created for
-the task) have no base value to be a delta of, so they are stored whole in ``heads``.
+A delta is what a fine-tuning *is*: ``θ' = θ_base ⊕ Δ``.  Where it came from (base, task, training config,
+parents of a merge or composition) is its typed :class:`~deltatune.provenance.Provenance`.
+Part names are the base model's own module paths (``bert.encoder.layer.0.attention.self.query``).  Task heads
+(e.g. a classifier created for the task) have no base value to be a delta of, so they are stored whole in
+``heads``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 from torch import Tensor
 
 from deltatune.parts.base import Part
+from deltatune.provenance import Provenance
 
 
 @dataclass
@@ -25,6 +28,7 @@ class Delta:
     heads: dict[str, dict[str, Tensor]] = field(default_factory=dict)
     fingerprint: dict[str, Any] | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
+    provenance: Provenance = field(default_factory=Provenance)
 
     @property
     def trainable_count(self) -> int:

@@ -41,7 +41,8 @@ def test_cli_classify_csv_then_eval_json_with_only_data(tmp_path, minilm_path):
     assert res.exit_code == 0, res.output
     assert "held out 4 of 40 rows" in res.output
     manifest = json.loads((out / "delta" / "manifest.json").read_text())
-    info = manifest["metrics"]["task_info"]
+    info = manifest["provenance"]["task"]
+    assert info["name"] == "classify" and "task_info" not in manifest["metrics"]
     assert info["label_names"] == ["anger", "fear", "joy"] and info["text_pair_column"] == "second"
     assert manifest["metrics"]["final"].keys() == {"accuracy", "macro_f1", "loss"}
 
@@ -77,7 +78,7 @@ def test_regress_parquet_eval_file_pearson_spearman(tmp_path, minilm_path):
 
     result = loop.train(cfg, dt.LoRAConfig(r=2))
     assert result.final.keys() == {"pearson", "spearman", "loss"}
-    assert result.delta.metrics["task_info"]["num_labels"] == 1
+    assert result.delta.provenance.task["num_labels"] == 1
     metrics = api.evaluate_delta(result.delta_dir)["delta"]
     assert metrics["pearson"] == pytest.approx(result.final["pearson"], abs=1e-5)
     bad = tmp_path / "bad.csv"

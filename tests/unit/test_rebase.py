@@ -20,6 +20,7 @@ from deltatune.io.delta_format import load_delta
 from deltatune.io.peft_format import export_peft
 from deltatune.model import apply_delta, get_module
 from deltatune.parts.lora import LoRAPart
+from deltatune.provenance import Provenance
 
 TARGETS = ["bert.encoder.layer.0.attention.self.query", "bert.encoder.layer.1.attention.self.value"]
 
@@ -45,7 +46,8 @@ def lora_delta(model: nn.Module) -> Delta:
         parts[name] = part
     heads = {"classifier": {k: torch.randn(v.shape, generator=gen) for k, v in model.classifier.state_dict().items()}}
     return Delta("lora", {"r": 2}, parts, heads=heads, fingerprint=fingerprint(model, exclude=["classifier"]),
-                 metrics={"train": {"model": "/old/base", "task": "mnli"}, "final": {"accuracy": 0.5}})
+                 metrics={"final": {"accuracy": 0.5}},
+                 provenance=Provenance("train", "/old/base", {"name": "mnli"}, {"model": "/old/base", "task": "mnli"}))
 
 
 @pytest.fixture
@@ -62,7 +64,8 @@ def test_rebase_relabels_the_delta_and_it_applies_on_the_new_base(bases):
     moved = rebase_delta(delta, v2, old_base=v1)
     assert moved.fingerprint == fingerprint(v2, exclude=["classifier"]) != delta.fingerprint
     assert moved.metrics["rebased_from"] == delta.fingerprint
-    assert moved.metrics["final"] == {"accuracy": 0.5} and moved.metrics["train"]["task"] == "mnli"
+    assert moved.metrics["final"] == {"accuracy": 0.5} and moved.provenance.task_name == "mnli"
+    assert moved.provenance.operation == "rebase" and moved.provenance.parents[0]["fingerprint"] == delta.fingerprint
     assert moved.heads.keys() == {"classifier"}
     assert torch.equal(moved.heads["classifier"]["weight"], delta.heads["classifier"]["weight"])
     for name in TARGETS:  # Δ itself is unchanged, and an independent copy
@@ -150,7 +153,7 @@ def test_cli_rebase_checks_and_writes_a_delta_for_the_new_base(saved):
     moved = load_delta(out)
     v2 = BertForSequenceClassification.from_pretrained(saved / "v2")
     assert moved.fingerprint == fingerprint(v2, exclude=["classifier"])
-    assert moved.metrics["train"]["model"] == str(saved / "v2")  # `deltatune eval/apply` now find the new base
+    assert moved.provenance.base == moved.provenance.train["model"] == str(saved / "v2")  # eval/apply find it
     apply_delta(v2, moved)
 
     wrong = runner.invoke(app, ["rebase", str(saved / "delta"), "--to", str(saved / "v2"), "--from",

@@ -56,6 +56,7 @@ from deltatune.parts.base import Part
 from deltatune.parts.capabilities import require_capability
 from deltatune.parts.layers import LayerKind, is_transposed, layer_kind
 from deltatune.parts.lora import LoRAPart
+from deltatune.provenance import Provenance
 
 METHODS = tuple(CONFIGS)
 Q_GRID_STEPS = 10
@@ -162,7 +163,15 @@ def _assemble(delta: Delta, parts: dict[str, Part], step: dict[str, Any], result
     metrics["compression"] = [*copy.deepcopy(delta.metrics.get("compression", [])), result]
     return Delta(method=method or delta.method, config=cfg, parts=parts,
                  heads={h: {k: v.detach().clone() for k, v in t.items()} for h, t in delta.heads.items()},
-                 fingerprint=copy.deepcopy(delta.fingerprint), metrics=metrics)
+                 fingerprint=copy.deepcopy(delta.fingerprint), metrics=metrics, provenance=_provenance(delta))
+
+
+def _provenance(delta: Delta) -> Provenance:
+    """Compressing keeps the base, task and training record (the delta still serves that task) and records
+    the uncompressed delta as its parent."""
+    out = delta.provenance.derived("compress", [delta])
+    out.train = copy.deepcopy(delta.provenance.train)
+    return out
 
 
 @dataclass

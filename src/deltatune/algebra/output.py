@@ -23,6 +23,7 @@ from deltatune.parts.base import Part
 from deltatune.parts.dense import DensePart
 from deltatune.parts.layers import LayerKind, layer_kind
 from deltatune.parts.sparse import SparsePart
+from deltatune.provenance import Provenance
 
 RECORD_FILE = "deltatune_merge.json"
 #: The output kind (see :func:`deltatune.io.atomic.atomic_dir`) each merge ``output`` is written as.
@@ -107,7 +108,7 @@ def merged_heads(sources: Sequence[Any], per_input: list[dict[str, Any]], mode: 
     if mode == "first":
         return {h: dict(t) for h, t in deltas[0].heads.items()}
     layout = [{(h, k, tuple(v.shape)) for h, t in d.heads.items() for k, v in t.items()} for d in deltas]
-    tasks = {str((d.metrics.get("train") or {}).get("task")) for d in deltas}
+    tasks = {str(d.provenance.task_name) for d in deltas}
     if not deltas[0].heads or any(lay != layout[0] for lay in layout) or len(tasks) > 1:
         return {}
     w = [p["weight"] for p in per_input]
@@ -166,8 +167,11 @@ def collect_delta(merged: Iterable[tuple[str, Tensor]], sources: Sequence[Any] |
             parts[module] = _sparse_part(params["weight"], kind)
         else:
             parts[module] = _dense_part(params)
+    parents = [s.delta for s in sources or []]
+    provenance = (parents[0].provenance.derived("merge", parents) if parents
+                  else Provenance(operation="merge", base=str(base_path) if base_path else None))
     delta = Delta(method="merge", config=record, parts=parts, heads=heads or {}, fingerprint=fingerprint,
-                  metrics={"merge": {k: record[k] for k in ("method", "preset", "sources")}})
+                  metrics={"merge": {k: record[k] for k in ("method", "preset", "sources")}}, provenance=provenance)
     if output == "lowrank":
         if rank is None or rank < 1:
             raise ConfigError("output 'lowrank' needs rank ≥ 1")

@@ -88,12 +88,11 @@ def rebase_delta(delta: Delta | str | Path, new_base: BaseLike, old_base: BaseLi
     check_fits(d, new_model, where)
     metrics = copy.deepcopy(d.metrics)
     metrics["rebased_from"] = dict(old_fp) if old_fp else None
-    if isinstance(metrics.get("train"), dict):  # where `deltatune eval/apply` find the base by default
-        new_path = _model_path(new_base)
-        if new_path:
-            metrics["train"]["model"] = new_path
-        else:
-            metrics["train"].pop("model", None)
+    provenance = d.provenance.derived("rebase", [d])
+    provenance.base = _model_path(new_base) or None  # where `deltatune eval/apply` find the base by default
+    provenance.train = copy.deepcopy(d.provenance.train)
+    if provenance.train is not None:
+        provenance.train["model"] = provenance.base
     return Delta(
         method=d.method,
         config=copy.deepcopy(d.config),
@@ -101,6 +100,7 @@ def rebase_delta(delta: Delta | str | Path, new_base: BaseLike, old_base: BaseLi
         heads={h: {k: v.detach().clone() for k, v in t.items()} for h, t in d.heads.items()},
         fingerprint=fingerprint(new_model, exclude=heads),
         metrics=metrics,
+        provenance=provenance,
     )
 
 

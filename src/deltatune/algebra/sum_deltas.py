@@ -134,4 +134,5 @@ def compose_deltas(deltas: Sequence[Delta], names: Sequence[str] | None = None) 
         heads=heads,
         fingerprint=fp,
         metrics={"composed_from": list(names)},
+        provenance=deltas[0].provenance.derived("compose", list(deltas)),
     )

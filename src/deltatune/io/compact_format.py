@@ -51,6 +51,7 @@ from deltatune.io.delta_format import (
     check_manifest_fields,
     check_part_meta,
     json_ready,
+    manifest_provenance,
     part_from_state,
     prepare_tensors,
 )
@@ -69,7 +70,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 DATA_FILE = "data.safetensors"
 REQUIRED = {"format", "format_version", "method", "config", "fingerprint", "parts", "heads", "metrics", "blobs"}
-OPTIONAL = {"created_by", DIGEST_FIELD}
+OPTIONAL = {"created_by", DIGEST_FIELD, "provenance"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -230,6 +231,7 @@ def save_compact(delta: Delta, path: str | Path, overwrite: bool = False) -> Com
     manifest = json_ready({
         "format": FORMAT, "format_version": FORMAT_VERSION, "created_by": f"deltatune {__version__}",
         "method": delta.method, "config": delta.config, "fingerprint": delta.fingerprint, "metrics": delta.metrics,
+        "provenance": delta.provenance.to_json(),
         "parts": parts, "heads": heads, "blobs": dict(blobs.sizes),
     }, str(path / MANIFEST))
     manifest[DIGEST_FIELD] = build_digests(manifest, digested)
@@ -400,4 +402,5 @@ def load_compact(path: str | Path, verify: bool = True) -> Delta:
             heads[head].update(decode("heads", head, tname, entry, f"{file}: head {head!r} tensor {tname!r}"))
     reader.check_coverage()
     return Delta(method=manifest["method"], config=manifest["config"], parts=parts, heads=heads,
-                 fingerprint=manifest["fingerprint"], metrics=manifest["metrics"])
+                 fingerprint=manifest["fingerprint"], metrics=manifest["metrics"],
+                 provenance=manifest_provenance(manifest, file))

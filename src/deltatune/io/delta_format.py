@@ -37,6 +37,7 @@ from deltatune.io.json_io import read_json_object
 from deltatune.io.outputs import DELTA_KIND
 from deltatune.parts.base import PART_KINDS, Part
 from deltatune.parts.meta_checks import check_finite, short
+from deltatune.provenance import Provenance
 
 FORMAT = "deltatune.delta"
 FORMAT_VERSION = 1
@@ -46,7 +47,7 @@ PARTS_FILE = "parts.safetensors"
 HEADS_FILE = "heads.safetensors"
 SEP = "::"
 REQUIRED = {"format", "format_version", "method", "config", "fingerprint", "parts", "heads", "metrics"}
-OPTIONAL = {"created_by", DIGEST_FIELD}
+OPTIONAL = {"created_by", DIGEST_FIELD, "provenance"}
 PART_FIELDS = {"kind", "meta", "tensors"}
 
 
@@ -112,6 +113,7 @@ def save_delta(delta: Delta, path: str | Path, metrics: dict[str, Any] | None = 
         "parts": parts_manifest,
         "heads": {h: {k: _tensor_spec(v) for k, v in t.items()} for h, t in delta.heads.items()},
         "metrics": {**delta.metrics, **(metrics or {})},
+        "provenance": delta.provenance.to_json(),
     }, f"{path / MANIFEST}")
     manifest[DIGEST_FIELD] = build_digests(manifest, digested)
     with atomic_dir(path, DELTA_KIND, overwrite=overwrite) as tmp:
@@ -120,6 +122,13 @@ def save_delta(delta: Delta, path: str | Path, metrics: dict[str, Any] | None = 
             save_file(head_tensors, str(tmp / HEADS_FILE), metadata={"format": FORMAT})
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False))
     return path
+
+
+def manifest_provenance(manifest: dict[str, Any], file: Path) -> Provenance:
+    """The manifest's ``provenance`` (validated), or one rebuilt from the metrics of a delta saved before it."""
+    if "provenance" in manifest:
+        return Provenance.from_json(manifest["provenance"], str(file))
+    return Provenance.from_metrics(manifest["metrics"])
 
 
 def _json_default(obj: Any) -> Any:
@@ -175,6 +184,8 @@ def check_manifest_fields(manifest: dict[str, Any], file: Path, fmt: str, versio
     if manifest["fingerprint"] is not None and not isinstance(manifest["fingerprint"], dict):
         raise DeltaFormatError(f"{file}: field 'fingerprint' must be an object or null")
     check_json_values(manifest, str(file))
+    if "provenance" in manifest:
+        Provenance.from_json(manifest["provenance"], str(file))
     for name, spec in manifest["parts"].items():
         if not isinstance(spec, dict) or set(spec) != PART_FIELDS:
             raise DeltaFormatError(f"{file}: part {short(name)} must have exactly the fields {sorted(PART_FIELDS)}")
@@ -322,4 +333,5 @@ def load_delta(path: str | Path, verify: bool = True) -> Delta:
     head_tensors = _read_tensors(path / HEADS_FILE, head_expected, head_names, digests)
     heads = {h: {k: head_tensors[f"{h}{SEP}{k}"] for k in spec} for h, spec in manifest["heads"].items()}
     return Delta(method=manifest["method"], config=manifest["config"], parts=parts, heads=heads,
-                 fingerprint=manifest["fingerprint"], metrics=manifest["metrics"])
+                 fingerprint=manifest["fingerprint"], metrics=manifest["metrics"],
+                 provenance=manifest_provenance(manifest, file))

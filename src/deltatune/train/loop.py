@@ -29,6 +29,7 @@ from deltatune.io.delta_format import save_delta
 from deltatune.io.outputs import write_marker
 from deltatune.methods.registry import get_method
 from deltatune.model import attach
+from deltatune.provenance import Provenance
 from deltatune.train import checkpoint as ckpt
 from deltatune.train.config import TrainConfig
 from deltatune.train.evaluate import batches, evaluate
@@ -143,6 +144,7 @@ def train(cfg: TrainConfig, method_config: Any) -> TrainResult:
     model.train()
     method = get_method(method_config.method)
     delta = attach(model, method_config)
+    delta.provenance = train_provenance(cfg, task)
     params = [p for p in model.parameters() if p.requires_grad]
     lr = cfg.lr if cfg.lr is not None else method.default_lr
     optimizer = method.optimizer(params, lr, cfg.weight_decay, method_config)
@@ -204,7 +206,7 @@ def train(cfg: TrainConfig, method_config: Any) -> TrainResult:
                     best = {**metrics, "step": step}
                     delta.snapshot_heads(raw_model)
                     if accelerator.is_main_process:
-                        save_delta(delta, out / "best", metrics={"best": best, "before": before, **_task_info(task)},
+                        save_delta(delta, out / "best", metrics={"best": best, "before": before},
                                    overwrite=True)
             history.append(record)
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
@@ -223,8 +225,7 @@ def train(cfg: TrainConfig, method_config: Any) -> TrainResult:
     if len(set(digests)) != 1:
         raise RuntimeError(f"ranks disagree on the trained delta: {digests}")
     summary = {"before": before, "final": final, "best": best, "steps": step, "world_size": accelerator.num_processes,
-               "rank_digests_equal": True, "digest": digests[0], "train": asdict(cfg), "task": task.name,
-               **_task_info(task)}
+               "rank_digests_equal": True, "digest": digests[0]}
     if accelerator.is_main_process:
         save_delta(delta, out / "delta", metrics=summary, overwrite=True)
         with atomic_file(out / "history.json") as tmp:
@@ -236,9 +237,10 @@ def train(cfg: TrainConfig, method_config: Any) -> TrainResult:
     return TrainResult(delta, out / "delta", best_dir, before, final, best, history, accelerator.is_main_process)
 
 
-def _task_info(task: Task) -> dict[str, Any]:
-    """``{"task_info": ...}`` (columns, label map of classify/regress) for the delta's metrics, else ``{}``."""
-    return {"task_info": task.info} if task.info is not None else {}
+def train_provenance(cfg: TrainConfig, task: Task) -> Provenance:
+    """Base, task (name, and for a user's data its columns and label map) and training configuration."""
+    return Provenance(operation="train", base=cfg.model, task={"name": task.name, **(task.info or {})},
+                      train=asdict(cfg))
 
 
 def _resume(where: Path, model: nn.Module, delta: Delta, optimizer, scheduler, hooks,

@@ -1,0 +1,89 @@
+"""``Provenance``: where a delta came from, as a typed field of the delta (not inside its metrics).
+
+* ``operation`` — what made it: ``train``, ``merge``, ``compose``, ``compress``, ``rebase``, ``import`` (a PEFT
+  adapter) or ``attach`` (built in Python);
+* ``base`` — the base model's path or name, where known (``deltatune eval/apply`` load it by default);
+* ``task`` — the task trained on: its name and, for a user's own data, the columns and the label map;
+* ``train`` — the training configuration (``TrainConfig`` as a mapping);
+* ``parents`` — for merges, compositions, compressions and rebases: one record per input delta (its method,
+  operation, base, task and fingerprint), in input order.
+
+Saved in the manifest's ``provenance`` field and validated on load (typed :class:`DeltaFormatError` naming the
+field).  A delta saved before this field existed gets one rebuilt from its metrics (``train``, ``task_info``).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from deltatune.errors import DeltaFormatError
+
+OPERATIONS = ("train", "merge", "compose", "compress", "rebase", "import", "attach")
+FIELDS = {"operation", "base", "task", "train", "parents"}
+PARENT_FIELDS = ("method", "operation", "base", "task", "fingerprint")
+
+
+@dataclass
+class Provenance:
+    operation: str = "attach"
+    base: str | None = None
+    task: dict[str, Any] | None = None
+    train: dict[str, Any] | None = None
+    parents: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def task_name(self) -> str | None:
+        return None if self.task is None else self.task.get("name")
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def derived(self, operation: str, parents: list[Any]) -> Provenance:
+        """A provenance for a delta made by ``operation`` from the deltas ``parents`` (keeping base and task when
+        every parent agrees on them)."""
+        bases = {p.provenance.base for p in parents}
+        tasks = [p.provenance.task for p in parents]
+        return Provenance(operation=operation, base=bases.pop() if len(bases) == 1 else None,
+                          task=copy.deepcopy(tasks[0]) if tasks and all(t == tasks[0] for t in tasks) else None,
+                          parents=[parent_record(p) for p in parents])
+
+    @classmethod
+    def from_json(cls, value: Any, where: str) -> Provenance:
+        """Validate a manifest's ``provenance`` field (types of every entry)."""
+        if not isinstance(value, dict) or set(value) != FIELDS:
+            got = sorted(value) if isinstance(value, dict) else type(value).__name__
+            raise DeltaFormatError(f"{where}: field 'provenance' must have exactly the fields {sorted(FIELDS)}, "
+                                   f"got {str(got)[:120]}")
+        if value["operation"] not in OPERATIONS:
+            raise DeltaFormatError(f"{where}: provenance.operation is {str(value['operation'])[:40]!r}; expected one "
+                                   f"of {list(OPERATIONS)}")
+        if value["base"] is not None and not isinstance(value["base"], str):
+            raise DeltaFormatError(f"{where}: provenance.base must be a string or null")
+        for key in ("task", "train"):
+            if value[key] is not None and not isinstance(value[key], dict):
+                raise DeltaFormatError(f"{where}: provenance.{key} must be an object or null")
+        if value["task"] is not None and not isinstance(value["task"].get("name"), str):
+            raise DeltaFormatError(f"{where}: provenance.task.name must be a string")
+        parents = value["parents"]
+        if not isinstance(parents, list) or not all(isinstance(p, dict) for p in parents):
+            raise DeltaFormatError(f"{where}: provenance.parents must be a list of objects")
+        return cls(**copy.deepcopy(value))
+
+    @classmethod
+    def from_metrics(cls, metrics: dict[str, Any]) -> Provenance:
+        """The provenance of a delta saved before the field existed, from its ``train``/``task_info`` metrics."""
+        train = metrics.get("train") if isinstance(metrics.get("train"), dict) else None
+        info = metrics.get("task_info") if isinstance(metrics.get("task_info"), dict) else {}
+        name = (train or {}).get("task") or info.get("task")
+        task = {"name": str(name), **info} if name else None
+        base = (train or {}).get("model")
+        return cls(operation="train" if train else "attach", base=base if isinstance(base, str) else None,
+                   task=task, train=copy.deepcopy(train))
+
+
+def parent_record(delta: Any) -> dict[str, Any]:
+    """What a derived delta records about one input: method, operation, base, task and fingerprint."""
+    return {"method": delta.method, "operation": delta.provenance.operation, "base": delta.provenance.base,
+            "task": copy.deepcopy(delta.provenance.task), "fingerprint": copy.deepcopy(delta.fingerprint)}
