@@ -22,7 +22,7 @@ through forward hooks on the whole model.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -160,6 +160,9 @@ class DeltaLayer(nn.Module):
         if all(p is None for p in parts):
             return self.base(*args, **kwargs)
         call = Call.of(args, kwargs)
+        batch = routing.ids.shape[0]
+        if call.x.dim() and call.x.shape[0] == 1 and batch > 1:  # broadcast over the batch (position ids)
+            call = replace(call, x=call.x.expand(batch, *call.x.shape[1:]))
         ids = routing.ids_for(call.x)
         kinds = {type(p) for p in parts if p is not None}
         if len(kinds) == 1 and call.plain:
@@ -169,7 +172,8 @@ class DeltaLayer(nn.Module):
             return cls.mixed_forward(call.x, base, parts, ids, cache)
         # several kinds, or extra arguments: each part on its rows (on the whole batch when the other
         # arguments cannot be split by rows), then the rows kept
-        out = self.base(*args, **kwargs)
+        a, k = call.arguments(call.x)
+        out = self.base(*a, **k)
         flat_ids = ids.reshape(-1)
         for pid, part in enumerate(parts):
             if part is None or not bool((flat_ids == pid).any()):

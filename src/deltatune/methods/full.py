@@ -34,6 +34,7 @@ class Full(Method):
     config_cls = FullConfig
     summary = "full fine-tuning: a dense delta on every parameter (the quality ceiling)"
     part_kinds = (DensePart,)
+    examples = {"": {}}
     default_lr = 5e-5
 
     def create_parts(self, model: nn.Module, config: FullConfig, exclude: list[str]) -> dict[str, DensePart]:

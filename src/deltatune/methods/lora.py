@@ -48,6 +48,8 @@ class LoRA(Method):
     config_cls = LoRAConfig
     summary = "low-rank B·A update on target Linear/Conv1D/Embedding modules (LoRA, rsLoRA)"
     part_kinds = (LoRAPart,)
+    examples = {"": {"r": 2, "alpha": 4.0}, "rslora": {"r": 4, "alpha": 4.0, "rslora": True},
+                "embedding": {"r": 2, "alpha": 4.0, "targets": ["type:Embedding"]}}
     default_lr = 5e-4
 
     def create_parts(self, model: nn.Module, config: LoRAConfig, exclude: list[str]) -> dict[str, LoRAPart]:

@@ -45,6 +45,11 @@ class Method:
     default_lr: ClassVar[float] = 1e-3
     #: the part kinds this method creates; its capabilities are theirs (see :meth:`capabilities`)
     part_kinds: ClassVar[tuple[type[Part], ...]] = ()
+    #: small configs ``{variant: mapping}`` valid on every supported architecture; the registry-driven contract
+    #: tests (tests/methods/test_matrix.py) train each one on tiny Llama, GPT-2 and BERT models
+    examples: ClassVar[dict[str, dict[str, Any]]] = {"": {}}
+    #: whether the model's outputs are unchanged right after attaching (false for virtual tokens)
+    identity_at_init: ClassVar[bool] = True
 
     @classmethod
     def capabilities(cls) -> dict[str, bool]:

@@ -77,6 +77,9 @@ class Sparse(Method):
     config_cls = SparseConfig
     summary = "SpIEL sparse fine-tuning: trainable values at sorted indices, drop/regrow by gradient"
     part_kinds = (SparsePart,)
+    examples = {"": {"num_tunable": 777, "regrow": False},
+                "embedding": {"num_tunable": 777, "regrow": False, "targets": ["type:Embedding"]},
+                "regrow": {"num_tunable": 777, "reselection_steps": 2, "accumulation_steps": 1}}
     default_lr = 5e-4
 
     def create_parts(self, model: nn.Module, config: SparseConfig, exclude: list[str]) -> dict[str, SparsePart]:
