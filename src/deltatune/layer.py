@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from deltatune.errors import ConfigError
-from deltatune.parts.base import Part
+from deltatune.parts.base import Part, route_rows
 from deltatune.routing import Routing, current_routing
 
 INPUT_KEYWORDS = ("hidden_states", "input", "x", "input_ids")
@@ -174,20 +174,14 @@ class DeltaLayer(nn.Module):
         # arguments cannot be split by rows), then the rows kept
         a, k = call.arguments(call.x)
         out = self.base(*a, **k)
-        flat_ids = ids.reshape(-1)
-        for pid, part in enumerate(parts):
-            if part is None or not bool((flat_ids == pid).any()):
+        runs = [None if p is None else self.stack([p], call) for p in parts]
+        if call.plain:
+            return route_rows(call.x, out, ids, runs)
+        for pid, run in enumerate(runs):
+            if run is None or not bool((ids == pid).any()):
                 continue
-            run = self.stack([part], call)
-            if call.plain:
-                lead = ids.dim()
-                rows = (flat_ids == pid).nonzero(as_tuple=True)[0]
-                xs = call.x.reshape(-1, *call.x.shape[lead:]).index_select(0, rows)
-                flat = out.reshape(-1, *out.shape[lead:])
-                out = flat.index_copy(0, rows, run(xs).to(out.dtype)).reshape(out.shape)
-            else:
-                mask = (ids == pid).reshape(*ids.shape, *([1] * (first(out).dim() - ids.dim())))
-                out = replace_first(out, torch.where(mask, first(run(call.x)).to(first(out).dtype), first(out)))
+            mask = (ids == pid).reshape(*ids.shape, *([1] * (first(out).dim() - ids.dim())))
+            out = replace_first(out, torch.where(mask, first(run(call.x)).to(first(out).dtype), first(out)))
         return out
 
 

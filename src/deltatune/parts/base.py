@@ -176,15 +176,8 @@ class Part(nn.Module):
         fused one-pass kernel (LoRA) override this; ``cache`` is the routing context's store for weights they
         prepare once per batch (see :class:`deltatune.routing.Routing`).
         """
-        out = base(x)
-        for pid, part in enumerate(parts):
-            if part is None:
-                continue
-            rows = (row_ids == pid).nonzero(as_tuple=True)[0]
-            if rows.numel():
-                sub = x.index_select(0, rows)
-                out = out.index_copy(0, rows, part(sub, base).to(out.dtype))
-        return out
+        runs = [None if p is None else (lambda sub, p=p: p(sub, base)) for p in parts]
+        return route_rows(x, base(x), row_ids, runs)
 
     # --- serialisation -------------------------------------------------------------------
     def state(self) -> dict[str, Tensor]:
@@ -237,6 +230,22 @@ class Part(nn.Module):
 
     def check_base(self, base: nn.Module, where: str) -> None:
         """Raise :class:`ShapeMismatch` if this part cannot attach to ``base``."""
+
+
+def route_rows(x: Tensor, out: Tensor, ids: Tensor, runs: Sequence[Any]) -> Tensor:
+    """``out`` with the rows (``ids`` of shape ``(batch,)``) or tokens (``(batch, seq)``) of id ``k`` replaced by
+    ``runs[k](x on those rows)`` (``None``: keep ``out``).  Rows are gathered along the flattened leading dims."""
+    lead = ids.dim()
+    flat_ids = ids.reshape(-1)
+    xs = x.reshape(-1, *x.shape[lead:])
+    flat = out.reshape(-1, *out.shape[lead:])
+    for pid, run in enumerate(runs):
+        if run is None:
+            continue
+        rows = (flat_ids == pid).nonzero(as_tuple=True)[0]
+        if rows.numel():
+            flat = flat.index_copy(0, rows, run(xs.index_select(0, rows)).to(flat.dtype))
+    return flat.reshape(out.shape)
 
 
 def _add_to_weight(base: nn.Module, delta_native: Tensor, sign: float) -> None:

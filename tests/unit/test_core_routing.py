@@ -1,0 +1,233 @@
+"""The core's attachment and routing, independent of any one method: modules called with keyword arguments
+and returning tuples, nested part paths, additive parts summed and non-additive parts chained, per-token
+routing, routable task heads, targets by type/role/predicate, auxiliary losses."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+from conftest import randomize_delta, tiny_bert, tiny_inputs, tiny_llama
+from torch import Tensor, nn
+
+import deltatune
+from deltatune.delta import Delta
+from deltatune.errors import TargetError
+from deltatune.layer import DeltaLayer, first, replace_first
+from deltatune.methods.targets import select_modules
+from deltatune.model import attach_parts, detach, get_module, physical_path, routed_batch
+from deltatune.parts import LoRAPart, SparsePart
+from deltatune.parts.base import Part
+from deltatune.routing import Routing, current_routing
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class Scale(Part):
+    """A test-only chained part (unregistered kind): multiplies the module's main output by ``factor``."""
+
+    additive, mixed_rows, has_aux_loss = False, True, True
+
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = nn.Parameter(torch.tensor(float(factor)))
+        self._aux: Tensor | None = None
+
+    def forward(self, x: Tensor, base: Any) -> Any:
+        out = base(x)
+        self._aux = (self.factor - 1.0) ** 2
+        return replace_first(out, first(out) * self.factor)
+
+    def aux_loss(self) -> Tensor | None:
+        return self._aux
+
+
+def logits(model: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
+    with torch.no_grad():
+        return model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+
+
+def test_a_part_on_a_module_called_with_keywords_and_returning_a_tuple() -> None:
+    """Llama attention is called as ``self_attn(hidden_states=…, position_embeddings=…, attention_mask=…)`` and
+    returns ``(output, weights)``: a chained part sees ``hidden_states`` and its output replaces the first item."""
+    model, ref = tiny_llama(), tiny_llama()
+    inputs = tiny_inputs("llama")
+    name = "model.layers.0.self_attn"
+    attach_parts(model, {name: Scale(1.5)}, "s")
+    handle = ref.get_submodule(name).register_forward_hook(lambda m, a, out: (out[0] * 1.5, *out[1:]))
+    assert torch.allclose(logits(model, inputs), logits(ref, inputs), atol=1e-6)
+    handle.remove()
+    detach(model)
+    assert torch.equal(logits(model, inputs), logits(ref, inputs))
+
+
+def test_mixed_batch_through_a_keyword_module_matches_rows_alone() -> None:
+    model = tiny_llama()
+    name = "model.layers.1.self_attn"
+    attach_parts(model, {name: Scale(0.5)}, "s")
+    inputs = tiny_inputs("llama", batch=3)
+    with deltatune.mixed_batch(model, ["s", None, "s"]):
+        mixed = logits(model, inputs)
+    for i, routed in enumerate(["s", None, "s"]):
+        alone = tiny_llama()
+        if routed:
+            attach_parts(alone, {name: Scale(0.5)}, "s")
+        assert torch.allclose(mixed[i:i + 1], logits(alone, {k: v[i:i + 1] for k, v in inputs.items()}), atol=1e-6)
+
+
+def test_parts_nest_and_chain_in_attach_order() -> None:
+    """A chained part on ``mlp`` and a LoRA on ``mlp.down_proj`` coexist, both act, in either attach order."""
+    inputs = tiny_inputs("llama")
+    lora = randomize_delta(tiny_llama(), deltatune.LoRAConfig(r=2, targets=["layers.0.mlp.down_proj"]), 3, 0.2)
+    for order in ("outer-first", "inner-first"):
+        model = tiny_llama()
+        outer = {"model.layers.0.mlp": Scale(2.0)}
+        if order == "outer-first":
+            attach_parts(model, outer, "s")
+        attach_parts(model, lora.parts, "l")
+        if order == "inner-first":
+            attach_parts(model, outer, "s")
+        assert physical_path(model, "model.layers.0.mlp.down_proj") == "model.layers.0.mlp.base.down_proj"
+        assert isinstance(get_module(model, "model.layers.0.mlp.down_proj"), nn.Linear)
+        ref = tiny_llama()
+        attach_parts(ref, lora.parts, "l")
+        hook = ref.model.layers[0].mlp.register_forward_hook(lambda m, a, out: out * 2.0)
+        assert torch.allclose(logits(model, inputs), logits(ref, inputs), atol=1e-6), order
+        hook.remove()
+        removed = detach(model)
+        assert set(removed) == {"model.layers.0.mlp", "model.layers.0.mlp.down_proj"}
+        assert not any(isinstance(m, DeltaLayer) for m in model.modules())
+        assert torch.equal(logits(model, inputs), logits(tiny_llama(), inputs))
+
+
+def test_several_active_additive_parts_are_summed_with_bias_and_norm_deltas() -> None:
+    """θ + Σ Δθ through the module's own forward: a dense delta of a LayerNorm and of a bias sums with LoRA."""
+    model, ref = tiny_bert(), tiny_bert()
+    full = randomize_delta(tiny_bert(), deltatune.FullConfig(), 1, 0.01)
+    lora = randomize_delta(tiny_bert(), deltatune.LoRAConfig(r=2), 2, 0.1)
+    attach_parts(model, full.parts, "full")
+    attach_parts(model, lora.parts, "lora")
+    deltatune.merge_delta(ref, full)
+    deltatune.merge_delta(ref, lora)
+    inputs = tiny_inputs("bert")
+    assert torch.allclose(logits(model, inputs), logits(ref, inputs), atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["lora", "sparse"])
+def test_per_token_routing_in_one_layer(kind: str) -> None:
+    """Token (i, t) uses ``names[ids[i, t]]``: equal to each part's output on that token."""
+    torch.manual_seed(0)
+    base = nn.Linear(16, 8)
+    if kind == "lora":
+        a, b = LoRAPart(16, 8, 2, 1.0), LoRAPart(16, 8, 3, 0.5)
+    else:
+        a = SparsePart((8, 16), torch.tensor([1, 5, 40, 99]))
+        b = SparsePart((8, 16), torch.tensor([0, 7, 64]))
+    with torch.no_grad():
+        for p in [*a.parameters(), *b.parameters()]:
+            p.normal_()
+    layer = DeltaLayer(base)
+    layer.add("a", a)
+    layer.add("b", b)
+    x = torch.randn(2, 5, 16)
+    names = [["a", None, "b", "a", "b"], [None, "b", "b", "a", None]]
+    routing = Routing.per_token(names)
+    model = nn.Sequential(layer)
+    with torch.no_grad(), routed_batch(model, routing):
+        got = model(x)
+        with torch.no_grad():
+            expect = torch.stack([torch.stack([
+                (base(x[i, t]) if n is None else {"a": a, "b": b}[n](x[i, t:t + 1], base)[0])
+                for t, n in enumerate(row)]) for i, row in enumerate(names)])
+    assert current_routing() is None
+    assert torch.allclose(got, expect, atol=1e-6)
+
+
+def test_lora_stacks_its_weights_once_per_routing_context() -> None:
+    model = tiny_llama()
+    for i, name in enumerate(["a", "b"]):
+        attach_parts(model, randomize_delta(tiny_llama(), deltatune.LoRAConfig(r=2 + i), i, 0.1).parts, name)
+    inputs = tiny_inputs("llama")
+    with torch.no_grad(), deltatune.mixed_batch(model, ["a", "b", None]) as routing:
+        first_out = logits(model, inputs)
+        cached = dict(routing.cache)
+        second = logits(model, inputs)
+    assert cached and all(("stack", torch.float32) in v for v in cached.values())
+    assert torch.equal(first_out, second)
+
+
+def test_two_classifier_heads_share_a_batch() -> None:
+    """Task heads are routable: rows of one batch use different classifier heads (and the base's own)."""
+    deltas = {}
+    for i, name in enumerate(["a", "b"]):
+        d = randomize_delta(tiny_bert(), deltatune.LoRAConfig(r=2), 10 + i, 0.1)
+        d.heads["classifier"] = {k: torch.randn_like(v) for k, v in d.heads["classifier"].items()}
+        deltas[name] = d
+    model = tiny_bert()
+    own_head = copy.deepcopy(model.classifier.state_dict())
+    for name, d in deltas.items():
+        deltatune.apply_delta(model, d, name=name)
+    assert all(torch.equal(model.classifier.base.state_dict()[k], v) for k, v in own_head.items())
+    inputs = tiny_inputs("bert", batch=3)
+    rows = ["a", "b", None]
+    with deltatune.mixed_batch(model, rows):
+        mixed = logits(model, inputs)
+    for i, name in enumerate(rows):
+        alone = tiny_bert()
+        if name:
+            deltatune.apply_delta(alone, deltas[name])
+        assert torch.allclose(mixed[i:i + 1], logits(alone, {k: v[i:i + 1] for k, v in inputs.items()}), atol=1e-6)
+    deltatune.detach(model, "a")
+    deltatune.detach(model, "b")
+    assert torch.equal(logits(model, inputs), logits(tiny_bert(), inputs))
+
+
+def test_targets_by_type_role_and_predicate() -> None:
+    llama, bert = tiny_llama(), tiny_bert()
+    assert select_modules(llama, ["type:RMSNorm"], kinds=None) == [
+        n for n, m in llama.named_modules() if type(m).__name__ == "LlamaRMSNorm"]
+    assert select_modules(bert, ["type:LayerNorm"], kinds=None) == [
+        n for n, m in bert.named_modules() if isinstance(m, nn.LayerNorm)]
+    assert select_modules(llama, ["role:mlp"], kinds=None) == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    assert select_modules(bert, ["role:attention"], kinds=None) == [
+        f"bert.encoder.layer.{i}.attention" for i in range(2)]
+    wide = select_modules(llama, [lambda n, m: isinstance(m, nn.Linear) and m.out_features == 128])
+    assert wide and all(llama.get_submodule(n).out_features == 128 for n in wide)
+    # targets resolve on a model that already carries parts (logical names, through the wrappers)
+    deltatune.attach(llama, deltatune.LoRAConfig(r=2))
+    assert select_modules(llama, ["role:mlp"], kinds=None) == ["model.layers.0.mlp", "model.layers.1.mlp"]
+
+
+@pytest.mark.parametrize(("target", "listed"), [
+    ("type:Conv2d", "LlamaRMSNorm"),
+    ("role:mlp", "roles present"),
+    ("type:RMSNorm", "Linear"),  # an RMSNorm is no Linear/Conv1D/Embedding: LoRA cannot take it
+])
+def test_a_target_matching_nothing_lists_what_exists(target: str, listed: str) -> None:
+    model = tiny_bert() if target == "role:mlp" else tiny_llama()
+    kinds = None if target != "type:RMSNorm" else select_modules.__defaults__[1]
+    with pytest.raises(TargetError, match="matched no") as err:
+        select_modules(model, [target], kinds=kinds)
+    assert listed in str(err.value)
+    with pytest.raises(TargetError, match="matched no"):
+        deltatune.attach(tiny_llama(), deltatune.LoRAConfig(targets=["type:Conv2d"]))
+
+
+def test_predicate_matching_nothing_is_named() -> None:
+    def nothing(name: str, module: nn.Module) -> bool:
+        return False
+
+    with pytest.raises(TargetError, match="'nothing'"):
+        select_modules(tiny_llama(), [nothing])
+
+
+def test_aux_losses_are_summed_from_the_parts() -> None:
+    model = tiny_llama()
+    parts = {"model.layers.0.mlp": Scale(1.5), "model.layers.1.mlp": Scale(0.5)}
+    attach_parts(model, parts, "s")
+    delta = Delta("test", {}, parts)
+    assert delta.has_aux_loss and delta.aux_loss() is None  # no forward yet
+    logits(model, tiny_inputs("llama"))
+    assert torch.allclose(delta.aux_loss(), torch.tensor(0.25 + 0.25))
