@@ -337,19 +337,22 @@ def test_merge_snapshot_memory_is_what_the_docstring_says():
     assert stack.snapshot_bytes == 0
 
 
-def test_attach_refuses_a_dense_bias_delta_on_a_shared_module_but_merge_takes_it():
+def test_a_dense_bias_delta_and_a_lora_on_one_module_compose_in_both_modes():
+    """The layer sums every additive update (θ + Σ Δθ through the module's own forward), so a dense delta of a
+    weight *and bias* stacks with a LoRA in attach mode and gives what merging gives."""
     model = TINY_MODELS["bert"]()
     base = state(model)
     q = "bert.encoder.layer.0.attention.self.query"
     gen = torch.Generator().manual_seed(0)
     lora = Delta("lora", {}, {q: lora_part(get_module(model, q), 2, 1.0, gen)})
     full = Delta("full", {}, {q: dense_part(get_module(model, q), gen)})  # weight and bias
-    with pytest.raises(ConfigError, match=f"module '{q}' already has an active part.*mode='merge'"):
-        compose(model, [lora, full], mode="attach")
-    assert_same_state(model, base)
     with compose(model, [lora, full], mode="merge"):
         hand = base[f"{q}.bias"] + full.parts[q].delta_for("bias")
         assert torch.allclose(get_module(model, q).bias, hand)
+        merged = logits(model, "bert")
+    assert_same_state(model, base)
+    with compose(model, [lora, full], mode="attach"):
+        assert torch.allclose(logits(model, "bert"), merged, atol=1e-5)
     assert_same_state(model, base)
 
 

@@ -25,10 +25,9 @@ from torch import Tensor, nn
 from deltatune.delta import Delta
 from deltatune.errors import ConfigError, FingerprintMismatch, ShapeMismatch, TargetError
 from deltatune.fingerprint import fingerprint
-from deltatune.model import attach_parts, delta_layers, detach, get_module, load_heads, tied_aliases
+from deltatune.model import attach_parts, delta_layers, detach, get_module, load_heads
 from deltatune.parts.base import Part
 from deltatune.parts.capabilities import require_capability
-from deltatune.parts.layers import layer_kind
 
 Mode = Literal["attach", "merge"]
 FINGERPRINT_KEYS = ("model_type", "num_params", "shapes", "values")
@@ -126,12 +125,6 @@ def check_fits(delta: Delta, model: nn.Module, where: str) -> None:
                 raise ShapeMismatch(f"{where}: head tensor {head}.{k} has shape {tuple(t.shape)}, the model has {got}")
 
 
-def _summable(part: Part, base: nn.Module) -> bool:
-    """Can ``DeltaLayer`` sum this part with others through ``delta_weight()``?  (Linear/Conv1D/Embedding
-    weight only: a dense delta of a bias or of a LayerNorm has no place in that sum.)"""
-    return layer_kind(base) is not None and set(part.touched_parameters()) == {"weight"}
-
-
 # --------------------------------------------------------------------------------------------------
 # DeltaStack
 # --------------------------------------------------------------------------------------------------
@@ -195,8 +188,6 @@ class DeltaStack:
                 )
         check_fits(delta, self.model, where)
         self._check_heads(delta, where)
-        if self.mode == "attach":
-            self._check_summable(delta, where)
         snap = _Snapshot()
         _snapshot_heads(self.model, heads, snap)
         name: str | None = None
@@ -274,26 +265,6 @@ class DeltaStack:
                     raise ConfigError(
                         f"{where} and an earlier composed delta carry different task heads {head!r}; heads are "
                         "replaced, not summed, so they cannot be composed"
-                    )
-
-    def _check_summable(self, delta: Delta, where: str) -> None:
-        """In attach mode a module with several active parts sums their ``delta_weight()``; refuse parts
-        that cannot enter that sum (dense deltas of biases / LayerNorms) rather than drop them silently."""
-        active: dict[str, list[Part]] = {}
-        for name, layer in delta_layers(self.model):
-            active[name] = [layer.parts[n] for n in layer.active]
-        for module_name, part in delta.parts.items():
-            names = [module_name, *tied_aliases(self.model, module_name)]
-            for name in names:
-                others = active.get(name, [])
-                if not others:
-                    continue
-                base = get_module(self.model, name)
-                if not all(_summable(p, base) for p in [part, *others]):
-                    raise ConfigError(
-                        f"{where}: module {name!r} already has an active part, and a dense delta of a bias or of a "
-                        f"non-Linear/Conv1D/Embedding module cannot be summed with it in attach mode; use "
-                        f"mode='merge' or compose_deltas()"
                     )
 
 
