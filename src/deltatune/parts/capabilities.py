@@ -14,6 +14,7 @@ CAPABILITIES: dict[str, str] = {
     "base_dependent": "base-dependent (its update depends on the base weights)",
     "mixed_rows": "usable in mixed-row batches",
     "has_aux_loss": "a source of an auxiliary loss",
+    "model_level": "model-level (acting on the whole model's inputs, e.g. virtual tokens)",
 }
 
 
