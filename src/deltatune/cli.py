@@ -241,8 +241,9 @@ def methods() -> None:
     for name, method in sorted(METHODS.items()):
         caps = ", ".join(f"{c}={'yes' if v else 'no'}" for c, v in method.capabilities().items())
         kinds = ", ".join(k.kind for k in method.part_kinds)
-        table = Table("field", "type", "default", "meaning", title=f"{name}: {method.summary}\nparts: {kinds}; {caps}",
-                      title_justify="left")
+        out.print(f"{name}: {method.summary}", markup=False)  # at the console's width, not the table's
+        out.print(f"parts: {kinds}; {caps}", markup=False)
+        table = Table("field", "type", "default", "meaning")
         for row in describe_fields(method.config_cls):
             table.add_row(*row)
         out.print(table)

@@ -9,15 +9,48 @@ Part names are the base model's own module paths (``bert.encoder.layer.0.attenti
 
 from __future__ import annotations
 
+from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from deltatune.parts.base import Part
 from deltatune.provenance import Provenance
+
+
+def _head_tensors(module: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+class LiveHeads(MutableMapping[str, dict[str, Tensor]]):
+    """``{head: {tensor name: tensor}}`` read from live head modules at each access (copies, so a caller never
+    writes into the model).  Assigning a head replaces its live view by the given tensors."""
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        self.modules = dict(modules)
+        self.fixed: dict[str, dict[str, Tensor]] = {}
+
+    def __getitem__(self, name: str) -> dict[str, Tensor]:
+        if name in self.fixed:
+            return self.fixed[name]
+        return _head_tensors(self.modules[name])
+
+    def __setitem__(self, name: str, tensors: dict[str, Tensor]) -> None:
+        self.fixed[name] = tensors
+        self.modules.setdefault(name, nn.Identity())
+
+    def __delitem__(self, name: str) -> None:
+        del self.modules[name]
+        self.fixed.pop(name, None)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.modules)
+
+    def __len__(self) -> int:
+        return len(self.modules)
 
 
 @dataclass
@@ -25,7 +58,7 @@ class Delta:
     method: str
     config: dict[str, Any]
     parts: dict[str, Part]
-    heads: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    heads: MutableMapping[str, dict[str, Tensor]] = field(default_factory=dict)
     fingerprint: dict[str, Any] | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     provenance: Provenance = field(default_factory=Provenance)
@@ -78,10 +111,15 @@ class Delta:
         return rows
 
     def snapshot_heads(self, model: torch.nn.Module) -> None:
-        """Refresh ``heads`` from the live model (after training)."""
-        modules = dict(model.named_modules())
-        for name in self.heads:
-            self.heads[name] = {k: v.detach().clone() for k, v in modules[name].state_dict().items()}
+        """Freeze ``heads`` to the current tensors of ``model``'s head modules (a plain dict from now on)."""
+        from deltatune.model import get_module
+
+        self.heads = {name: _head_tensors(get_module(model, name)) for name in self.heads}
+
+    def bind_heads(self, modules: dict[str, nn.Module]) -> None:
+        """Make ``heads`` read the live head modules: every read (and so every save or export) sees the tensors
+        as they are now, so a delta saved from any training loop carries its trained heads."""
+        self.heads = LiveHeads(modules)
 
     def save(self, path: str | Path, metrics: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
         """Write this delta with :func:`~deltatune.io.delta_format.save_delta` (``overwrite`` replaces a

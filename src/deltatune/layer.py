@@ -72,11 +72,16 @@ class Inner:
     module and the parts before it); ``call`` holds the call's other arguments; attributes read through to
     the wrapped ``module``."""
 
-    def __init__(self, module: nn.Module, fn: Callable[[Tensor], Any], call: Call | None = None) -> None:
+    def __init__(self, module: nn.Module, fn: Callable[[Tensor, Call], Any], call: Call) -> None:
         self.module, self.fn, self.call = module, fn, call
 
     def __call__(self, x: Tensor) -> Any:
-        return self.fn(x)
+        return self.fn(x, self.call)
+
+    def with_call(self, call: Call) -> Inner:
+        """The same inner computation run with ``call``'s other arguments (e.g. a parallel adapter's shifted
+        residual); parts inside see ``call`` too."""
+        return Inner(self.module, self.fn, call)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.__dict__["module"], name)
@@ -134,25 +139,19 @@ class DeltaLayer(nn.Module):
         """``f(x)``: the module called like ``call`` with ``parts`` — additive ones summed, then the others
         chained in order."""
         module = self.base
+        additive = [p for p in parts if p.additive]
 
-        def bare(x: Tensor) -> Any:
-            a, k = call.arguments(x)
-            return module(*a, **k)
-
-        def summed(x: Tensor) -> Any:
-            a, k = call.arguments(x)
+        def summed(x: Tensor, c: Call) -> Any:
+            if len(additive) == 1 and c.plain:
+                return additive[0](x, module)  # a part alone runs its own (fast) forward
+            a, k = c.arguments(x)
             return functional_call(module, sum_updates(module, additive), a, k)
 
-        additive = [p for p in parts if p.additive]
-        stage: Callable[[Tensor], Any] = bare
-        if len(additive) == 1 and call.plain:
-            stage = _own(additive[0], module)  # a part alone runs its own (fast) forward
-        elif additive:
-            stage = summed
+        stage: Callable[[Tensor, Call], Any] = summed if additive else _bare(module)
         for part in parts:
             if not part.additive:
-                stage = _own(part, Inner(module, stage, call))
-        return stage
+                stage = _chained(part, module, stage)
+        return lambda x: stage(x, call)
 
     # --- a routed forward: each row (token) its own delta --------------------------------------------
     def _routed(self, routing: Routing, args: tuple, kwargs: dict[str, Any]) -> Any:
@@ -168,7 +167,7 @@ class DeltaLayer(nn.Module):
         if len(kinds) == 1 and call.plain:
             cls = kinds.pop()
             cache = routing.cache.setdefault((id(self), cls.kind), {})
-            base = self.base if cls.additive else Inner(self.base, self.base, call)
+            base = self.base if cls.additive else Inner(self.base, _bare(self.base), call)
             return cls.mixed_forward(call.x, base, parts, ids, cache)
         # several kinds, or extra arguments: each part on its rows (on the whole batch when the other
         # arguments cannot be split by rows), then the rows kept
@@ -185,8 +184,15 @@ class DeltaLayer(nn.Module):
         return out
 
 
-def _own(part: Part, base: nn.Module | Inner) -> Callable[[Tensor], Any]:
-    return lambda x: part(x, base)
+def _bare(module: nn.Module) -> Callable[[Tensor, Call], Any]:
+    def run(x: Tensor, c: Call) -> Any:
+        a, k = c.arguments(x)
+        return module(*a, **k)
+    return run
+
+
+def _chained(part: Part, module: nn.Module, inner: Callable[[Tensor, Call], Any]) -> Callable[[Tensor, Call], Any]:
+    return lambda x, c: part(x, Inner(module, inner, c))
 
 
 class ModelParts(nn.Module):

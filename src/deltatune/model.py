@@ -110,6 +110,7 @@ def attach_parts(model: nn.Module, parts: dict[str, Part], name: str = DEFAULT, 
             part.check_base(model, "model")
             ref = next(model.parameters())
             part.to(ref.device)
+            part.train(model.training)  # a part joins in the model's mode: no dropout in an eval model
             model_parts(model, create=True).add(name, part, activate)
             continue
         try:
@@ -122,6 +123,7 @@ def attach_parts(model: nn.Module, parts: dict[str, Part], name: str = DEFAULT, 
         ref = next(base.parameters(), None)
         if ref is not None:
             part.to(ref.device)
+        part.train(base.training)
         _wrapper(model, module_name).add(name, part, activate)
         for alias in tied_aliases(model, module_name):
             # a tied module with a part of its own keeps it and sees this one too, under its own name
@@ -165,9 +167,8 @@ def attach(model: nn.Module, config, heads: Sequence[str] | None = None, name: s
     parts = method.create_parts(model, config, exclude=heads)
     attach_parts(model, parts, name)
     freeze_base(model, heads)
-    delta = Delta(method=config.method, config=method.config_dict(config), parts=parts, fingerprint=fp,
-                  heads={h: {} for h in heads})
-    delta.snapshot_heads(model)
+    delta = Delta(method=config.method, config=method.config_dict(config), parts=parts, fingerprint=fp)
+    delta.bind_heads({h: get_module(model, h) for h in heads})  # saved as they are when saved: never stale
     return delta
 
 

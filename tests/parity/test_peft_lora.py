@@ -338,13 +338,12 @@ def test_deltatune_mixed_ranks_to_peft(llama, tmp_path):
 # --------------------------------------------------------------------------------------------------
 # errors
 # --------------------------------------------------------------------------------------------------
-def test_dora_adapter_is_rejected(llama, tmp_path):
+def test_dora_adapter_loads_as_dora(llama, tmp_path):
+    """DoRA adapters are a LoRA variant deltatune reads (parity: tests/parity/test_peft_dora.py)."""
     torch.manual_seed(30)
     cfg = LoraConfig(r=4, target_modules=["q_proj"], use_dora=True, init_lora_weights=False)
     get_peft_model(copy.deepcopy(llama), cfg).save_pretrained(str(tmp_path))
-    with pytest.raises(DeltaFormatError, match="use_dora") as err:
-        load_peft_adapter(tmp_path)
-    assert "adapter_config.json" in str(err.value)
+    assert load_peft_adapter(tmp_path).method == "dora"
 
 
 def test_non_lora_delta_does_not_export(tmp_path):
@@ -385,7 +384,7 @@ def _edit_config(path, **changes) -> None:
 
 
 @pytest.mark.parametrize(("changes", "match"), [
-    ({"peft_type": "IA3"}, "peft_type is 'IA3'"),
+    ({"peft_type": "LOHA"}, "peft_type is 'LOHA'"),
     ({"r": None}, r"missing field\(s\) \['r'\]"),
     ({"lora_alpha": None}, "lora_alpha"),
     ({"peft_type": None}, "peft_type"),

@@ -208,7 +208,7 @@ def test_truncated_safetensors_is_a_typed_error(adapter):
     ({"modules_to_save": "classifier"}, DeltaFormatError, "'modules_to_save' must be a list of module names"),
     ({"modules_to_save": [""]}, DeltaFormatError, "'modules_to_save' holds an empty module name"),
     ({"peft_type": 7}, DeltaFormatError, "'peft_type' must be a string, got 7"),
-    ({"peft_type": "IA3"}, DeltaFormatError, "peft_type is 'IA3'; deltatune reads only LORA.*scales activations"),
+    ({"peft_type": "LOHA"}, DeltaFormatError, "peft_type is 'LOHA'; deltatune reads only LORA.*Hadamard product"),
     ({"peft_type": "VERA"}, DeltaFormatError, "peft_type is 'VERA'; deltatune reads only LORA"),
     ({"bias": "all"}, DeltaFormatError, "'bias' is 'all'; only 'none'"),
     ({"bias": None}, DeltaFormatError, "'bias' must be"),

@@ -315,6 +315,13 @@ def _out_in(native: Tensor, kind: LayerKind) -> Tensor:
     return native.t() if is_transposed(kind) else native
 
 
+def _module_of(model: nn.Module | None, name: str) -> nn.Module | None:
+    """The base module ``name`` of ``model`` (what a base-dependent part's update reads), or ``None``."""
+    from deltatune.model import get_module
+
+    return None if model is None else get_module(model, name)
+
+
 def _module_layer_kind(name: str, part: Part, model: nn.Module | None,
                        layer_kinds: Mapping[str, LayerKind | None] | None) -> LayerKind | None:
     """The layer kind of module ``name`` for a part that does not record one: from ``layer_kinds``, else from
@@ -353,7 +360,7 @@ def _lowrank(delta: Delta, rank: int, dtype: str | None, seed: int, model: nn.Mo
                     continue
                 kind = found
                 dropped.extend(f"{name}.{p}" for p in params if p != "weight")
-            native = part.update("weight").detach().float()
+            native = part.update("weight", _module_of(model, name) if part.base_dependent else None).detach().float()
             w = _finite(_out_in(native, kind), name)
             total = float(w.double().pow(2).sum())
             how = "exact" if min(w.shape) <= EXACT_SVD_MAX_DIM else "randomized"

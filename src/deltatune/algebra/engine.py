@@ -29,7 +29,7 @@ from deltatune.algebra.stats import gather_stats, lines_norms
 from deltatune.algebra.workspace import Workspace
 from deltatune.config import brief, finite_float, parse_config
 from deltatune.delta import Delta
-from deltatune.errors import ConfigError, FingerprintMismatch, ShapeMismatch
+from deltatune.errors import ConfigError, FingerprintMismatch, NotMergeable, ShapeMismatch
 from deltatune.ops import lines as lines_ops
 from deltatune.ops.compress import stable_seed
 
@@ -163,7 +163,8 @@ class MergePlan:
                 taus = [s.tau(key, base_value, self.workspace, i) for i, s in enumerate(self.sources)]
                 del base_value  # a workspace keeps it for job.base() and the writer; otherwise re-read on demand
             else:
-                taus = [s.tau(key) if key in s.keys_set else torch.zeros(self.shapes[key]) for s in self.sources]
+                taus = [s.tau(key, self.base_of) if key in s.keys_set else torch.zeros(self.shapes[key])
+                        for s in self.sources]
             base_fn: Callable[[], Tensor] = lambda k=key: self.base_of(k, self.workspace)  # noqa: E731
             yield TensorJob(key, taus, self.params, self.per_input, base_fn,
                             lambda i, k=key: torch.Generator().manual_seed(tensor_seed(self.seed, k, i)), self.stats)
@@ -233,6 +234,13 @@ def run_merge(recipe: MergeSpec) -> Delta | Path:
     base_of = _base_lookup(base_reader, shapes, rows)
     if spec.needs_base and base_reader is None:
         raise ConfigError(f"{method} needs the base weights: pass base")
+    dependent = [(s, m) for s in sources if isinstance(s, DeltaInput) for m in s.base_dependent]
+    if dependent and base_reader is None:
+        source, module = dependent[0]
+        kind = source.delta.parts[module].kind
+        raise NotMergeable(f"merge ({source.label}): module {module!r} holds a {kind!r} part, whose update depends "
+                           f"on the base weights; pass base (CLI: base_model / base in the YAML); nothing was written",
+                           module=module, kind=kind)
     streamed = checkpoint_inputs and output == "checkpoint"  # every merged tensor is written before the next
     plan = MergePlan(sources, shapes, spec, resolved, per_input, base_of, seed,
                      workspace=Workspace() if streamed else None)

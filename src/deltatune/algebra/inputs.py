@@ -13,6 +13,7 @@ align the rows of embedding-like tensors: ``truncate`` keeps the base's rows (ne
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -71,16 +72,40 @@ class DeltaInput:
         module, p = self._keys[key]
         return self.delta.parts[module].update_shapes()[p]
 
-    def tau(self, key: str) -> Tensor:
+    @property
+    def base_dependent(self) -> list[str]:
+        """Modules whose part's update depends on the base weights (DoRA, (IA)³, SSF)."""
+        return [m for m, p in self.delta.parts.items() if p.base_dependent and not p.is_alias]
+
+    def tau(self, key: str, base_of: Callable[[str], Tensor] | None = None) -> Tensor:
         """``τ`` for ``key`` in fp32, owned by the caller (kernels work in place): a copy only when the part
-        returned its own storage (a dense part's tensor); a LoRA's fresh ``B·A`` is not copied again."""
+        returned its own storage (a dense part's tensor); a LoRA's fresh ``B·A`` is not copied again.  A
+        base-dependent part computes its update from the base tensors ``base_of("<module>.<p>")``."""
         module, p = self._keys[key]
         part = self.delta.parts[module]
+        base = BaseTensors(module, base_of) if part.base_dependent and base_of is not None else None
         with torch.no_grad():
-            value = part.update(p).detach().float()
+            value = part.update(p, base).detach().float()
         if value.untyped_storage().data_ptr() in self._stored[module]:
             value = value.clone()
         return _finite(value, f"{self.label}:{key}")
+
+
+class BaseTensors:
+    """A base module seen through its tensors only (``.weight``, ``.bias`` …, fp32, read on demand from a merge's
+    base checkpoint): what a base-dependent part's ``updates(base)`` reads.  A tensor the base lacks reads as
+    ``None`` (a Linear without bias)."""
+
+    def __init__(self, module: str, base_of: Callable[[str], Tensor]) -> None:
+        self._module, self._base_of = module, base_of
+
+    def __getattr__(self, name: str) -> Tensor | None:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        try:
+            return self._base_of(f"{self._module}.{name}")
+        except ShapeMismatch:
+            return None
 
 
 def _is_vocab_axis(key: str) -> bool:

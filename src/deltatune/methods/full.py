@@ -15,6 +15,7 @@ from deltatune.config import require
 from deltatune.errors import TargetError
 from deltatune.methods.registry import Method, register_method
 from deltatune.methods.targets import modules_with_parameters, pattern_matches, summarise_names
+from deltatune.model import get_module
 from deltatune.parts.dense import DensePart
 
 
@@ -47,7 +48,7 @@ class Full(Method):
             names = [n for n in names if any(pattern_matches(p, n) for p in config.targets)]
         parts, seen = {}, set()
         for n in names:
-            module = model.get_submodule(n)
+            module = get_module(model, n)
             own = [k for k, p in module.named_parameters(recurse=False) if id(p) not in seen]
             seen.update(id(p) for p in module.parameters(recurse=False))
             if own:  # a module whose weight is tied to an earlier one gets that part as an alias on attach

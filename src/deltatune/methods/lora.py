@@ -14,6 +14,7 @@ from torch import nn
 from deltatune.config import require
 from deltatune.methods.registry import Method, register_method
 from deltatune.methods.targets import select_modules
+from deltatune.model import get_module
 from deltatune.parts.layers import in_out_features, layer_kind
 from deltatune.parts.lora import LoRAPart, lora_scale
 
@@ -55,7 +56,7 @@ class LoRA(Method):
     def create_parts(self, model: nn.Module, config: LoRAConfig, exclude: list[str]) -> dict[str, LoRAPart]:
         parts = {}
         for name in select_modules(model, config.targets, exclude):
-            module = model.get_submodule(name)
+            module = get_module(model, name)
             d_in, d_out = in_out_features(module)
             ref = module.weight
             parts[name] = LoRAPart(d_in, d_out, config.r, config.scale, layer=layer_kind(module),

@@ -23,6 +23,7 @@ from deltatune.fingerprint import base_parameters
 from deltatune.methods.registry import Method, TrainHook, register_method
 from deltatune.methods.sparse_optim import SparseAdamW
 from deltatune.methods.targets import select_modules
+from deltatune.model import get_module
 from deltatune.parts.layers import layer_kind
 from deltatune.parts.sparse import SparsePart
 
@@ -84,7 +85,7 @@ class Sparse(Method):
 
     def create_parts(self, model: nn.Module, config: SparseConfig, exclude: list[str]) -> dict[str, SparsePart]:
         names = select_modules(model, config.targets, exclude)
-        sizes = [model.get_submodule(n).weight.numel() for n in names]
+        sizes = [get_module(model, n).weight.numel() for n in names]
         if config.num_tunable is not None:
             total = config.num_tunable
         else:
@@ -96,7 +97,7 @@ class Sparse(Method):
         for name, size, k in zip(names, sizes, allocate(total, sizes), strict=True):
             if k == 0:
                 continue
-            module = model.get_submodule(name)
+            module = get_module(model, name)
             idx = torch.randperm(size, generator=gen)[:k].to(module.weight.device)
             parts[name] = SparsePart(tuple(module.weight.shape), idx, layer_kind(module))
         return parts

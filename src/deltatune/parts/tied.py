@@ -32,14 +32,15 @@ class TiedAlias(Part):
         return self._owner[0]
 
     def forward(self, x: Tensor, base: nn.Module) -> Tensor:
-        return forward_with_delta(base, base_layer_kind(base, self.owner_name), x, self.owner.delta_weight())
+        return forward_with_delta(base, base_layer_kind(base, self.owner_name), x, self.owner.update("weight", base))
 
     def delta_weight(self) -> Tensor:
         return self.owner.delta_weight()
 
     def updates(self, base: nn.Module | None = None) -> dict[str, Tensor]:
-        """``{"weight": ΔW_owner}``: the alias sees only the owner's (shared) weight update."""
-        return {"weight": self.owner.delta_weight()}
+        """``{"weight": ΔW_owner}``: the alias sees only the owner's (shared) weight update (computed with this
+        module's weight, which *is* the owner's)."""
+        return {"weight": self.owner.update("weight", base)}
 
     def update_shapes(self) -> dict[str, tuple[int, ...]]:
         return {"weight": self.owner.update_shapes()["weight"]}
