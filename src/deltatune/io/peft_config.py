@@ -1,26 +1,35 @@
-"""PEFT ``adapter_config.json``: checked against PEFT 0.21's ``LoraConfig`` schema before anything is used.
+"""PEFT ``adapter_config.json``: which reader loads the adapter, and PEFT 0.21's ``LoraConfig`` schema.
 
-Every field deltatune reads must have the type PEFT annotates (``r`` a positive integer, not a bool;
-``lora_alpha`` and the pattern values finite numbers; ``fan_in_fan_out`` a real bool; …).  Other PEFT
-methods, LoRA variants and initialisations that a plain ``s·B·A`` part cannot represent are refused,
-saying what and why.  A wrong type raises :class:`DeltaFormatError`, NaN/±Inf :class:`NonFiniteError`,
-both naming the file and the field.
+:func:`load_peft_adapter` reads only ``peft_type`` (:func:`read_peft_type`) and dispatches to the reader that
+:data:`PEFT_READERS` registers for it (each PEFT method's reader lives in its own file and is imported when
+used); a type without a reader is a :class:`DeltaFormatError` saying why deltatune cannot represent it.
+For LoRA adapters (:func:`read_adapter_config`), every field deltatune reads must have the type PEFT
+annotates (``r`` a positive integer, not a bool; ``lora_alpha`` and the pattern values finite numbers;
+``fan_in_fan_out`` a real bool; …).  LoRA variants and initialisations that neither a plain ``s·B·A`` part nor a
+DoRA part (``use_dora``) can represent are refused, saying what and why.  A wrong type raises
+:class:`DeltaFormatError`, NaN/±Inf :class:`NonFiniteError`, both naming the file and the field.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from deltatune.errors import DeltaFormatError, NonFiniteError
 from deltatune.io.digest import DIGEST_FIELD, json_digest
 from deltatune.io.json_io import read_json_object
 from deltatune.parts.meta_checks import short
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from deltatune.delta import Delta
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -28,9 +37,8 @@ PREFIX = "base_model.model."  # how PEFT prefixes module names in the adapter's 
 # Safetensors metadata key of the digests written by ``export_peft`` (PEFT ignores the metadata).
 DIGEST_METADATA_KEY = f"deltatune.{DIGEST_FIELD}"
 REQUIRED_FIELDS = ("peft_type", "r", "lora_alpha")
-# LoRA variants and extras whose adapters a plain ``s·B·A`` part cannot represent.
+# LoRA variants and extras whose adapters neither a plain ``s·B·A`` part nor a DoRA part can represent.
 UNSUPPORTED_FIELDS = {
-    "use_dora": "DoRA (a learned magnitude vector on top of B·A)",
     "lora_bias": "a trainable bias on lora_B",
     "use_qalora": "QALoRA (GPTQ input pooling)",
     "use_bdlora": "BD-LoRA (block-diagonal factors)",
@@ -47,9 +55,8 @@ UNSUPPORTED_FIELDS = {
 BASE_MUTATING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
 # Initialisations after which the adapter is a plain ``s·B·A`` on the unchanged base.
 PLAIN_INITS = ("gaussian", "eva", "orthogonal", "mica")
-# Why other PEFT methods are not a LoRA delta.
+# Why PEFT methods without a deltatune reader are not a LoRA delta.
 OTHER_PEFT_TYPES = {
-    "IA3": "it scales activations instead of adding a low-rank update",
     "ADALORA": "it stores an SVD-form update (lora_E, ranknum) instead of B·A",
     "LOHA": "its update is a Hadamard product of factor pairs, not B·A",
     "LOKR": "its update is a Kronecker product, not B·A",
@@ -168,19 +175,21 @@ class AdapterConfig:
     rslora: bool
     fan_in_fan_out: bool
     dropout: float
+    dora: bool = False  # use_dora: every module also has a lora_magnitude_vector
 
 
 def _check_variants(config: dict[str, Any], file: Path) -> None:
-    """Refuse other PEFT methods, LoRA variants and inits a plain ``s·B·A`` part cannot represent."""
+    """Refuse other PEFT methods, LoRA variants and inits that neither a plain ``s·B·A`` part nor a DoRA part
+    can represent."""
     peft_type = config["peft_type"]
     if peft_type != "LORA":
         why = OTHER_PEFT_TYPES.get(peft_type, "only LoRA is a low-rank update s·B·A of existing weights")
-        raise DeltaFormatError(f"{file}: peft_type is {short(peft_type)}; deltatune reads only LORA adapters "
+        raise DeltaFormatError(f"{file}: peft_type is {short(peft_type)}; this reader reads only LORA adapters "
                                f"({why})")
     for name, what in UNSUPPORTED_FIELDS.items():
         if config.get(name):
             raise DeltaFormatError(f"{file}: field {name!r} is {short(config[name])}: {what} is not supported; "
-                                   "only plain LoRA/rsLoRA adapters convert to a deltatune delta")
+                                   "only plain LoRA/rsLoRA and DoRA adapters convert to a deltatune delta")
     bias = config.get("bias", "none")
     if bias != "none":
         raise DeltaFormatError(f"{file}: field 'bias' is {short(bias)}; only 'none' is supported (trained base "
@@ -212,6 +221,18 @@ def _read_patterns(config: dict[str, Any], file: Path) -> tuple[dict[str, int], 
     return ranks, alphas
 
 
+def read_peft_type(path: Path) -> str:
+    """The ``peft_type`` of ``path/adapter_config.json`` (present and a string), read before any method's schema."""
+    file = path / CONFIG_NAME
+    config = read_json_object(file, "PEFT adapter", f"{CONFIG_NAME} and adapter_model.safetensors")
+    if "peft_type" not in config:
+        raise DeltaFormatError(f"{file}: missing field(s) ['peft_type']")
+    check, expected = FIELD_TYPES["peft_type"]
+    if not check(config["peft_type"]):
+        raise DeltaFormatError(f"{file}: field 'peft_type' must be {expected}, got {short(config['peft_type'])}")
+    return config["peft_type"]
+
+
 def read_adapter_config(path: Path) -> AdapterConfig:
     """Read ``path/adapter_config.json`` and check it against PEFT 0.21's ``LoraConfig`` schema."""
     file = path / CONFIG_NAME
@@ -234,7 +255,8 @@ def read_adapter_config(path: Path) -> AdapterConfig:
         raise DeltaFormatError(f"{file}: field 'modules_to_save' holds an empty module name")
     return AdapterConfig(raw=config, r=r, alpha=alpha, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
                          modules_to_save=modules_to_save, rslora=config.get("use_rslora", False),
-                         fan_in_fan_out=config.get("fan_in_fan_out", False), dropout=dropout)
+                         fan_in_fan_out=config.get("fan_in_fan_out", False), dropout=dropout,
+                         dora=config.get("use_dora", False))
 
 
 def config_digest(config: dict[str, Any]) -> str:
@@ -244,3 +266,50 @@ def config_digest(config: dict[str, Any]) -> str:
         if isinstance(body.get(name), dict):
             body[name] = [list(kv) for kv in body[name].items()]
     return json_digest(body)
+
+
+# --------------------------------------------------------------------------------------------------
+# dispatch on peft_type
+# --------------------------------------------------------------------------------------------------
+def lazy_peft_function(module: str, function: str, what: str) -> Callable[..., Any]:
+    """``module.function``, imported on first call: each PEFT method's reader and writer live in their own file.
+    A missing module is a :class:`DeltaFormatError` saying which (not an ``ImportError`` from deep inside)."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+            raise DeltaFormatError(f"PEFT {what} adapters need {module}, which this deltatune installation "
+                                   "lacks") from None
+        return getattr(mod, function)(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = function
+    return call
+
+
+#: ``peft_type`` → ``reader(path, model=None, verify=True) -> Delta`` for that PEFT method's adapters.
+PEFT_READERS: dict[str, Callable[..., Delta]] = {
+    "LORA": lazy_peft_function("deltatune.io.peft_format", "load_lora_adapter", "LORA"),
+    "IA3": lazy_peft_function("deltatune.io.peft_ia3", "load_ia3_adapter", "IA3"),
+}
+
+
+def load_peft_adapter(path: str | Path, model: nn.Module | None = None, verify: bool = True) -> Delta:
+    """Read a PEFT adapter directory as a :class:`~deltatune.delta.Delta`, with the reader :data:`PEFT_READERS`
+    has for its ``peft_type`` (``LORA``: :func:`deltatune.io.peft_format.load_lora_adapter`, plain LoRA, rsLoRA
+    and DoRA; ``IA3``: ``deltatune.io.peft_ia3.load_ia3_adapter``).
+
+    A ``peft_type`` without a reader is a :class:`DeltaFormatError` naming it and why deltatune cannot represent
+    it.  ``model`` (the base model: shapes checked against it, fingerprint taken) and ``verify`` (check the digests
+    an export recorded) are passed to the reader.
+    """
+    path = Path(path)
+    peft_type = read_peft_type(path)
+    reader = PEFT_READERS.get(peft_type)
+    if reader is None:
+        why = OTHER_PEFT_TYPES.get(peft_type, "no deltatune part kind represents its tensors")
+        raise DeltaFormatError(f"{path / CONFIG_NAME}: peft_type is {short(peft_type)}; deltatune reads only "
+                               f"{' and '.join(PEFT_READERS)} adapters ({why})")
+    return reader(path, model=model, verify=verify)

@@ -1,7 +1,10 @@
-"""Write a LoRA delta as a PEFT 0.21 adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``).
+"""Write a delta as a PEFT 0.21 adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``).
 
-The reading side (schema, header-first validation, digests) is :mod:`deltatune.io.peft_format`; the
-config schema and the names both sides share are in :mod:`deltatune.io.peft_config`.
+:func:`export_peft` dispatches on the delta's part kinds through :data:`PEFT_WRITERS`: ``lora`` and ``dora``
+parts are written here (:func:`export_lora`: a ``LoraConfig``, with ``use_dora`` and ``lora_magnitude_vector``
+tensors for DoRA), ``ia3`` parts by ``deltatune.io.peft_ia3.export_ia3``.  The reading side (schema,
+header-first validation, digests) is :mod:`deltatune.io.peft_format`; the config schema, the dispatch on
+``peft_type`` and the names both sides share are in :mod:`deltatune.io.peft_config`.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import json
 import math
 import re
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +32,10 @@ from deltatune.io.peft_config import (
     SAFETENSORS_NAME,
     config_digest,
     finite_number,
+    lazy_peft_function,
     pattern_value,
 )
+from deltatune.parts.dora import DoRAPart
 from deltatune.parts.layers import LayerKind
 from deltatune.parts.lora import LoRAPart
 from deltatune.parts.meta_checks import check_finite
@@ -55,14 +61,16 @@ def _patterns(values: dict[str, Any], default: Any) -> dict[str, Any]:
                            "(module names that are suffixes of one another)")
 
 
-def export_peft(delta: Delta, path: str | Path, base_model_name_or_path: str | None = None,
+def export_lora(delta: Delta, path: str | Path, base_model_name_or_path: str | None = None,
                 overwrite: bool = False) -> Path:
-    """Write a LoRA ``delta`` as a PEFT adapter directory (``PeftModel.from_pretrained`` loads it).
+    """Write a LoRA or DoRA ``delta`` as a PEFT adapter directory (``PeftModel.from_pretrained`` loads it).
 
     ``r`` is the largest rank and ``lora_alpha`` the most common ``α`` among the modules of that rank
     (``α = s·r``, or ``s·√r`` with ``use_rslora`` when the delta's config says ``rslora``); modules
     whose rank or scale differ get full-module-name entries in ``rank_pattern`` / ``alpha_pattern``,
-    so every module keeps exactly its own scale.  Heads are written as ``modules_to_save`` tensors.
+    so every module keeps exactly its own scale.  A delta of DoRA parts gets ``use_dora`` and each module's
+    magnitude as ``<module>.lora_magnitude_vector``; PEFT's ``use_dora`` holds for every module, so a delta
+    mixing LoRA and DoRA parts is refused.  Heads are written as ``modules_to_save`` tensors.
     ``task_type`` is left ``null`` (the delta does not record the model class), so load it with
     :class:`peft.PeftModel`.
     The safetensors metadata ``deltatune.digests`` records a SHA-256 digest of every tensor and of the
@@ -73,11 +81,16 @@ def export_peft(delta: Delta, path: str | Path, base_model_name_or_path: str | N
     path = Path(path)
     if not delta.parts:
         raise DeltaFormatError("the delta has no parts; a PEFT adapter needs at least one LoRA module")
-    bad = sorted(f"{n} ({p.kind})" for n, p in delta.parts.items() if p.kind != LoRAPart.kind)
+    kinds = sorted({p.kind for p in delta.parts.values()})
+    bad = sorted(f"{n} ({p.kind})" for n, p in delta.parts.items() if p.kind not in (LoRAPart.kind, DoRAPart.kind))
     if bad:
-        raise DeltaFormatError(f"only LoRA deltas export to PEFT; parts {bad[:5]} are not LoRA. Extract a "
-                               "low-rank approximation (SVD of each ΔW) into a LoRA delta first")
-    parts: dict[str, LoRAPart] = dict(delta.parts)  # type: ignore[arg-type]
+        raise DeltaFormatError(f"only LoRA and DoRA deltas export to a PEFT LoraConfig; parts {bad[:5]} are "
+                               "neither. Extract a low-rank approximation (SVD of each ΔW) into a LoRA delta first")
+    if len(kinds) > 1:
+        raise DeltaFormatError(f"the delta mixes LoRA and DoRA parts ({kinds}), but PEFT's use_dora holds for every "
+                               "module of an adapter; export them as two deltas")
+    dora = kinds == [DoRAPart.kind]
+    parts: dict[str, LoRAPart | DoRAPart] = dict(delta.parts)  # type: ignore[arg-type]
     rslora = bool(delta.config.get("rslora", False))
     ranks = {n: p.rank for n, p in parts.items()}
     alphas: dict[str, int | float] = {}
@@ -112,7 +125,7 @@ def export_peft(delta: Delta, path: str | Path, base_model_name_or_path: str | N
         "init_lora_weights": True,
         "layers_to_transform": None,
         "layers_pattern": None,
-        "use_dora": False,
+        "use_dora": dora,
         "lora_bias": False,
     }
     tensors: dict[str, Tensor] = {}
@@ -124,6 +137,8 @@ def export_peft(delta: Delta, path: str | Path, base_model_name_or_path: str | N
         else:
             tensors[f"{PREFIX}{name}.lora_A.weight"] = a
             tensors[f"{PREFIX}{name}.lora_B.weight"] = b
+        if dora:
+            tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = part.magnitude.detach().to("cpu").contiguous()
     for head, head_tensors in delta.heads.items():
         if not head_tensors:
             raise DeltaFormatError(f"head {head!r} has no tensors; call delta.snapshot_heads(model) first")
@@ -137,3 +152,33 @@ def export_peft(delta: Delta, path: str | Path, base_model_name_or_path: str | N
         save_file(tensors, str(tmp / SAFETENSORS_NAME), metadata=metadata)
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))  # keep pattern order
     return path
+
+
+#: part kind → ``writer(delta, path, base_model_name_or_path=None, overwrite=False) -> Path`` of the PEFT method
+#: whose adapters hold that kind.
+PEFT_WRITERS: dict[str, Callable[..., Path]] = {
+    LoRAPart.kind: export_lora,
+    DoRAPart.kind: export_lora,
+    "ia3": lazy_peft_function("deltatune.io.peft_ia3", "export_ia3", "IA3"),
+}
+
+
+def export_peft(delta: Delta, path: str | Path, base_model_name_or_path: str | None = None,
+                overwrite: bool = False) -> Path:
+    """Write ``delta`` as a PEFT adapter directory with the writer :data:`PEFT_WRITERS` has for its part kinds:
+    :func:`export_lora` for ``lora``/``dora`` parts (a ``LoraConfig``), ``deltatune.io.peft_ia3.export_ia3`` for
+    ``ia3`` parts.  A kind without a writer, or kinds of two PEFT methods in one delta, is a
+    :class:`DeltaFormatError` before anything is written."""
+    if not delta.parts:
+        raise DeltaFormatError("the delta has no parts; a PEFT adapter needs at least one adapted module")
+    bad = sorted(f"{n} ({p.kind})" for n, p in delta.parts.items() if p.kind not in PEFT_WRITERS)
+    if bad:
+        raise DeltaFormatError(f"parts {bad[:5]} have no PEFT writer: only LoRA deltas export to PEFT, with their "
+                               f"DoRA and (IA)³ relatives (part kinds {sorted(PEFT_WRITERS)}). Extract a low-rank "
+                               "approximation (SVD of each ΔW) into a LoRA delta first")
+    writers = {PEFT_WRITERS[p.kind] for p in delta.parts.values()}
+    if len(writers) > 1:
+        kinds = sorted({p.kind for p in delta.parts.values()})
+        raise DeltaFormatError(f"the delta mixes part kinds {kinds} of different PEFT methods; one PEFT adapter "
+                               "holds one method, so export them as separate deltas")
+    return writers.pop()(delta, path, base_model_name_or_path=base_model_name_or_path, overwrite=overwrite)

@@ -1,4 +1,8 @@
-"""PEFT LoRA adapters: read them as a :class:`Delta` and write LoRA deltas in PEFT's layout.
+"""PEFT adapters: read them as a :class:`Delta` (LoRA and DoRA here; other methods through :data:`PEFT_READERS`).
+
+:func:`load_peft_adapter` (:mod:`deltatune.io.peft_config`) reads the config's ``peft_type`` and dispatches to the
+reader registered for it in :data:`PEFT_READERS`: :func:`load_lora_adapter` here for ``LORA``, ``IA3`` in
+:mod:`deltatune.io.peft_ia3`.  Writing is :mod:`deltatune.io.peft_export`.
 
 A PEFT adapter directory holds ``adapter_config.json`` and ``adapter_model.safetensors``.  Tensor
 keys are ``base_model.model.<module>.<name>`` with the adapter name removed (checked against PEFT
@@ -8,6 +12,8 @@ keys are ``base_model.model.<module>.<name>`` with the adapter name removed (che
   and GPT-2 ``Conv1D`` (``fan_in_fan_out``; ``in``/``out`` of the map, as in :class:`LoRAPart`);
 * ``<module>.lora_embedding_A`` ``(r, num_embeddings)`` and ``<module>.lora_embedding_B``
   ``(embedding_dim, r)`` for ``nn.Embedding`` (no ``.weight``);
+* with ``use_dora``, ``<module>.lora_magnitude_vector`` ``(out,)`` for every module (no ``.weight``; ``out`` is
+  ``embedding_dim`` for an embedding): the adapter becomes a ``"dora"`` delta of :class:`DoRAPart`;
 * ``modules_to_save`` tensors as ``<module>.<tensor>`` (0.21.2 removes the wrapper's
   ``modules_to_save.<adapter>`` segment on save; the older ``<module>.modules_to_save.<tensor>`` is
   also read);
@@ -51,15 +57,18 @@ from deltatune.io.digest import verify_tensor
 from deltatune.io.peft_config import (
     CONFIG_NAME,
     DIGEST_METADATA_KEY,
+    PEFT_READERS,
     PREFIX,
     SAFETENSORS_NAME,
     AdapterConfig,
     config_digest,
+    load_peft_adapter,
     pattern_value,
     read_adapter_config,
 )
 from deltatune.io.peft_export import export_peft
-from deltatune.parts.base import base_layer_kind
+from deltatune.parts.base import Part, base_layer_kind
+from deltatune.parts.dora import DoRAPart
 from deltatune.parts.layers import LayerKind, in_out_features
 from deltatune.parts.lora import LoRAPart, lora_scale
 from deltatune.parts.meta_checks import check_finite, short
@@ -184,8 +193,8 @@ _LORA_SUFFIXES = {
     ".lora_embedding_A": ("A", True),
     ".lora_embedding_B": ("B", True),
 }
+MAGNITUDE_SUFFIX = ".lora_magnitude_vector"  # DoRA's m (use_dora), one per module, no ``.weight``
 _EXPLAINED_SUFFIXES = {
-    ".lora_magnitude_vector": "a DoRA magnitude vector (DoRA is not supported)",
     ".lora_B.bias": "a lora_B bias (lora_bias is not supported)",
     ".lora_A.bias": "a lora_A bias (not supported)",
 }
@@ -195,7 +204,7 @@ _EXPLAINED_SUFFIXES = {
 class _Layout:
     """Where each tensor key goes."""
 
-    factors: dict[str, dict[str, str]]  # module → {"A": key, "B": key}
+    factors: dict[str, dict[str, str]]  # module → {"A": key, "B": key} (and "M": key with use_dora)
     embedding: dict[str, bool]  # module → lora_embedding_* (True) or lora_A/B.weight (False)
     heads: dict[str, dict[str, str]]  # modules_to_save module → {tensor name: key}
     base_copies: list[tuple[str, str, str]]  # (module, tensor name, key) of PEFT's saved base weights
@@ -240,9 +249,11 @@ def _is_base_copy(module: str, targets: set[str], embeddings: set[str], tensor: 
     return module in embeddings or any(re.match(rf"(.*\.)?{e}$", module) for e in EMBEDDING_LAYER_NAMES)
 
 
-def _classify(file: Path, keys: list[str], modules_to_save: list[str], embeddings: set[str]) -> _Layout:
+def _classify(file: Path, keys: list[str], modules_to_save: list[str], embeddings: set[str],
+              dora: bool = False) -> _Layout:
     layout = _Layout({}, {}, {}, [])
     others: list[tuple[str, str]] = []
+    magnitudes: dict[str, str] = {}
     for key in keys:
         if not key.startswith(PREFIX):
             raise DeltaFormatError(f"{file}: unknown tensor key {short(key)} (PEFT keys start with {PREFIX!r})")
@@ -250,6 +261,12 @@ def _classify(file: Path, keys: list[str], modules_to_save: list[str], embedding
         for suffix, why in _EXPLAINED_SUFFIXES.items():
             if rest.endswith(suffix):
                 raise DeltaFormatError(f"{file}: tensor {short(key)} is {why}")
+        if rest.endswith(MAGNITUDE_SUFFIX):
+            if not dora:
+                raise DeltaFormatError(f"{file}: tensor {short(key)} is a DoRA magnitude vector, but "
+                                       f"{CONFIG_NAME} has use_dora false; set use_dora only if the adapter is DoRA")
+            magnitudes[rest[: -len(MAGNITUDE_SUFFIX)]] = key
+            continue
         for suffix, (which, emb) in _LORA_SUFFIXES.items():
             if rest.endswith(suffix):
                 module = rest[: -len(suffix)]
@@ -285,7 +302,24 @@ def _classify(file: Path, keys: list[str], modules_to_save: list[str], embedding
             if which not in got:
                 raise DeltaFormatError(f"{file}: {short(next(iter(got.values())))} has no matching lora_{which} "
                                        f"tensor for {short(module)}")
+    if dora:
+        _pair_magnitudes(file, layout, magnitudes)
     return layout
+
+
+def _pair_magnitudes(file: Path, layout: _Layout, magnitudes: dict[str, str]) -> None:
+    """With ``use_dora``, every LoRA module has exactly one magnitude vector and every vector a LoRA module."""
+    stray = sorted(set(magnitudes) - set(layout.factors))
+    if stray:
+        raise DeltaFormatError(f"{file}: DoRA magnitude vector {short(magnitudes[stray[0]])} has no lora_A/lora_B "
+                               f"tensors for {short(stray[0])}")
+    lacking = sorted(set(layout.factors) - set(magnitudes))
+    if lacking:
+        raise DeltaFormatError(f"{file.parent / CONFIG_NAME}: field 'use_dora' is True: DoRA needs a "
+                               f"lora_magnitude_vector for every module, but {file.name} has none for "
+                               f"{short(lacking[0])}; a DoRA adapter without its magnitudes is not supported")
+    for module, key in magnitudes.items():
+        layout.factors[module]["M"] = key
 
 
 # --------------------------------------------------------------------------------------------------
@@ -298,6 +332,7 @@ class _PartSpec:
     module: str
     key_a: str
     key_b: str
+    key_m: str | None  # DoRA's magnitude vector (use_dora), else None
     layer: LayerKind
     in_features: int
     out_features: int
@@ -355,7 +390,17 @@ def _part_spec(module: str, keys: dict[str, str], embedding: bool, infos: dict[s
         layer = LayerKind.CONV1D if cfg.fan_in_fan_out else LayerKind.LINEAR
         layer = LayerKind.EMBEDDING if embedding else layer
     dtype = torch.promote_types(FACTOR_DTYPES[a.dtype], FACTOR_DTYPES[b.dtype])
-    return _PartSpec(module, key_a, key_b, layer, d_in, d_out, rank, scale, dtype)
+    key_m = keys.get("M")
+    if key_m is not None:
+        m = infos[key_m]
+        if m.dtype not in FACTOR_DTYPES:
+            raise DeltaFormatError(f"{file}: tensor {short(key_m)} has dtype {short(m.dtype)}; a DoRA magnitude "
+                                   f"must be floating point ({', '.join(FACTOR_DTYPES)})")
+        if m.shape != (d_out,):
+            raise ShapeMismatch(f"{file}: {module!r}: the DoRA magnitude {key_m} has shape {list(m.shape)}, but the "
+                                f"module has {d_out} output features, so it must be {[d_out]}")
+        dtype = torch.promote_types(dtype, FACTOR_DTYPES[m.dtype])
+    return _PartSpec(module, key_a, key_b, key_m, layer, d_in, d_out, rank, scale, dtype)
 
 
 def _is_float(dtype: str) -> bool:
@@ -395,23 +440,28 @@ def _check_base_copy(model: nn.Module, module: str, tensor: str, value: Tensor, 
                                "base-weight changes")
 
 
-def _build_part(spec: _PartSpec, values: dict[str, Tensor], dropout: float, file: Path) -> LoRAPart:
-    part = LoRAPart(spec.in_features, spec.out_features, spec.rank, spec.scale, layer=spec.layer, dropout=dropout,
-                    dtype=spec.dtype)
-    part.load_tensors({"lora_A": values[spec.key_a].to(spec.dtype), "lora_B": values[spec.key_b].to(spec.dtype)},
-                      f"{file}: {spec.module}")
+def _build_part(spec: _PartSpec, values: dict[str, Tensor], dropout: float, file: Path) -> Part:
+    """A :class:`LoRAPart`, or a :class:`DoRAPart` when the spec has a magnitude vector."""
+    tensors = {"lora_A": values[spec.key_a].to(spec.dtype), "lora_B": values[spec.key_b].to(spec.dtype)}
+    cls: type[LoRAPart] | type[DoRAPart] = LoRAPart
+    if spec.key_m is not None:
+        cls, tensors["magnitude"] = DoRAPart, values[spec.key_m].to(spec.dtype)
+    part = cls(spec.in_features, spec.out_features, spec.rank, spec.scale, layer=spec.layer, dropout=dropout,
+               dtype=spec.dtype)
+    part.load_tensors(tensors, f"{file}: {spec.module}")
     return part
 
 
 # --------------------------------------------------------------------------------------------------
 # loading
 # --------------------------------------------------------------------------------------------------
-def load_peft_adapter(path: str | Path, model: nn.Module | None = None, verify: bool = True) -> Delta:
-    """Read a PEFT LoRA adapter directory as a ``"lora"`` :class:`Delta`.
+def load_lora_adapter(path: str | Path, model: nn.Module | None = None, verify: bool = True) -> Delta:
+    """Read a PEFT LoRA adapter directory (``peft_type`` ``LORA``) as a ``"lora"`` or ``"dora"`` :class:`Delta`.
 
     Supports plain LoRA and rsLoRA on ``nn.Linear``, GPT-2 ``Conv1D`` and ``nn.Embedding`` modules,
-    with ``rank_pattern``/``alpha_pattern`` and ``modules_to_save`` (those become ``Delta.heads``).
-    DoRA, ``lora_bias``, trained biases and the other variants raise :class:`DeltaFormatError`, as do
+    with ``rank_pattern``/``alpha_pattern`` and ``modules_to_save`` (those become ``Delta.heads``);
+    with ``use_dora`` every module also needs its ``lora_magnitude_vector`` and becomes a :class:`DoRAPart`.
+    ``lora_bias``, trained biases and the other variants raise :class:`DeltaFormatError`, as do
     unknown tensor keys, config fields of the wrong type, non-floating factors and inconsistent ranks;
     NaN/±Inf numbers raise :class:`NonFiniteError`.  ``adapter_model.bin`` (pickle) is refused.
 
@@ -430,7 +480,7 @@ def load_peft_adapter(path: str | Path, model: nn.Module | None = None, verify: 
     cfg = read_adapter_config(path)
     file = _weights_file(path)
     infos, metadata = read_header(file)
-    layout = _classify(file, list(infos), cfg.modules_to_save, _embedding_names(model))
+    layout = _classify(file, list(infos), cfg.modules_to_save, _embedding_names(model), cfg.dora)
     specs = [_part_spec(m, layout.factors[m], layout.embedding[m], infos, cfg, model, file)
              for m in sorted(layout.factors)]
     if model is not None:
@@ -440,7 +490,8 @@ def load_peft_adapter(path: str | Path, model: nn.Module | None = None, verify: 
         _verify_record(file, cfg, infos, record)
         wanted = list(infos)  # every recorded tensor is checked
     else:
-        wanted = [k for s in specs for k in (s.key_a, s.key_b)] + [k for t in layout.heads.values() for k in t.values()]
+        wanted = [k for s in specs for k in (s.key_a, s.key_b, s.key_m) if k is not None]
+        wanted += [k for t in layout.heads.values() for k in t.values()]
         wanted += [key for _, _, key in layout.base_copies] if model is not None else []
     values = _read_values(file, wanted, record)
     for key in wanted:
@@ -471,7 +522,9 @@ def load_peft_adapter(path: str | Path, model: nn.Module | None = None, verify: 
         "init": "kaiming",
     }
     fp = fingerprint(model, exclude=list(heads)) if model is not None else None
-    return Delta(method="lora", config=delta_config, parts=parts, heads=heads, fingerprint=fp)
+    method = "dora" if cfg.dora else "lora"
+    return Delta(method=method, config=delta_config, parts=parts, heads=heads, fingerprint=fp)
 
 
-__all__ = ["DIGEST_METADATA_KEY", "export_peft", "load_peft_adapter", "read_header"]
+__all__ = ["DIGEST_METADATA_KEY", "PEFT_READERS", "export_peft", "load_lora_adapter", "load_peft_adapter",
+           "read_header"]
