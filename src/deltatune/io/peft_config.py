@@ -60,7 +60,6 @@ OTHER_PEFT_TYPES = {
     "ADALORA": "it stores an SVD-form update (lora_E, ranknum) instead of B·A",
     "LOHA": "its update is a Hadamard product of factor pairs, not B·A",
     "LOKR": "its update is a Kronecker product, not B·A",
-    "PROMPT_TUNING": "it learns virtual tokens and changes no weight",
     "P_TUNING": "it learns virtual tokens and changes no weight",
     "PREFIX_TUNING": "it learns key/value prefixes and changes no weight",
 }
@@ -293,6 +292,7 @@ def lazy_peft_function(module: str, function: str, what: str) -> Callable[..., A
 PEFT_READERS: dict[str, Callable[..., Delta]] = {
     "LORA": lazy_peft_function("deltatune.io.peft_format", "load_lora_adapter", "LORA"),
     "IA3": lazy_peft_function("deltatune.io.peft_ia3", "load_ia3_adapter", "IA3"),
+    "PROMPT_TUNING": lazy_peft_function("deltatune.io.peft_prompt", "load_prompt_adapter", "PROMPT_TUNING"),
 }
 
 

@@ -160,6 +160,7 @@ PEFT_WRITERS: dict[str, Callable[..., Path]] = {
     LoRAPart.kind: export_lora,
     DoRAPart.kind: export_lora,
     "ia3": lazy_peft_function("deltatune.io.peft_ia3", "export_ia3", "IA3"),
+    "prompt": lazy_peft_function("deltatune.io.peft_prompt", "export_prompt", "PROMPT_TUNING"),
 }
 
 
