@@ -8,7 +8,13 @@ Rows per model (every row runs in its own fresh process, same seed, same batches
 * ``deltatune_sparse`` deltatune ``SparseConfig(num_tunable=<LoRA's count on those targets>)``, SparseAdamW and
                        the SpIEL drop/regrow hooks (``before_step``/``after_step`` inside the timed step);
 * ``deltatune_full``   deltatune ``FullConfig()`` (dense delta on every module), AdamW;
-* ``full_native``      plain HF full fine-tuning (every parameter trainable), AdamW.
+* ``full_native``      plain HF full fine-tuning (every parameter trainable), AdamW;
+* ``peft_dora`` / ``deltatune_dora``  DoRA r=8 α=8 on the LoRA targets (PEFT ``use_dora=True``), AdamW;
+* ``peft_ia3`` / ``deltatune_ia3``    (IA)³ on the model type's default targets (keys, values, FFN down
+                       projection; the same for both), AdamW.
+
+``step_vs_peft_same`` / ``peak_vs_peft_same`` compare a deltatune row with PEFT's row of the same method
+(``deltatune_lora`` with ``peft_lora``, ``deltatune_dora`` with ``peft_dora``, ``deltatune_ia3`` with ``peft_ia3``).
 
 Models: MiniLM-L6 (real weights, SST-2 batches, dev accuracy after training), a ~54M-parameter random Llama
 (random-token causal-LM batches) and, only with ``--gpu`` on a CUDA machine, a ~1.1B random Llama in bf16.
@@ -40,9 +46,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import PeakMemory, StepTimer, machine_meta, ratio, run_lockstep, write_report  # noqa: E402
 
-CONFIGS = ("peft_lora", "deltatune_lora", "deltatune_sparse", "deltatune_full", "full_native")
+CONFIGS = ("peft_lora", "deltatune_lora", "deltatune_sparse", "deltatune_full", "full_native",
+           "peft_dora", "deltatune_dora", "peft_ia3", "deltatune_ia3")
 COLUMNS = ("name", "model", "step_s", "step_mean_s", "peak_mb", "trainable", "dev_metric",
-           "step_vs_peft_lora", "peak_vs_peft_lora", "device")
+           "step_vs_peft_lora", "peak_vs_peft_lora", "step_vs_peft_same", "peak_vs_peft_same", "device")
+#: the PEFT row a deltatune row is compared with (same method)
+PEFT_SAME = {"deltatune_lora": "peft_lora", "deltatune_dora": "peft_dora", "deltatune_ia3": "peft_ia3"}
 RANK = 8
 PRELOAD = ("torch", "transformers", "transformers.models.bert.modeling_bert",
            "transformers.models.llama.modeling_llama", "peft", "deltatune")
@@ -55,7 +64,8 @@ LLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, 
 
 def settings(quick: bool) -> dict[str, dict[str, Any]]:
     """Per-model workload; one learning rate per method family (LoRA, sparse SpIEL, full), constant."""
-    lrs = {"lora": 5e-4, "sparse": 5e-4, "full": 1e-4}  # best of benchmarks/sst2_lr_sweep.py (full: fixed)
+    # best of benchmarks/sst2_lr_sweep.py (full: fixed); DoRA as LoRA; (IA)³ deltatune's default
+    lrs = {"lora": 5e-4, "sparse": 5e-4, "full": 1e-4, "ia3": 3e-3}
     return {
         "minilm": dict(steps=30 if quick else 300, warmup=5 if quick else 10, batch=16, max_length=64, lrs=lrs),
         "llama_50m": dict(steps=10 if quick else 25, warmup=2 if quick else 3, batch=4, seq=64 if quick else 128,
@@ -141,18 +151,22 @@ def setup(name: str, model, targets: list[str], heads: list[str], lrs: dict[str,
     """(model to call, optimizer, SpIEL-style hooks) for one configuration."""
     import torch
 
-    from deltatune import FullConfig, LoRAConfig, SparseConfig, attach, get_method
+    from deltatune import FullConfig, LoRAConfig, SparseConfig, attach, get_method, make_config
     from deltatune.model import trainable_parameters
 
     lora_count = sum(RANK * (m.in_features + m.out_features) for m in map(model.get_submodule, targets))
-    if name == "peft_lora":
-        from peft import LoraConfig, get_peft_model
+    if name in ("peft_lora", "peft_dora", "peft_ia3"):
+        from peft import IA3Config, LoraConfig, get_peft_model
 
-        cfg = LoraConfig(r=RANK, lora_alpha=RANK, lora_dropout=0.0, target_modules=targets,
-                         modules_to_save=heads or None)
+        if name == "peft_ia3":
+            cfg, lr = IA3Config(modules_to_save=heads or None), lrs["ia3"]  # the model type's default targets
+        else:
+            cfg = LoraConfig(r=RANK, lora_alpha=RANK, lora_dropout=0.0, target_modules=targets,
+                             modules_to_save=heads or None, use_dora=name == "peft_dora")
+            lr = lrs["lora"]
         model = get_peft_model(model, cfg)
         params = [p for p in model.parameters() if p.requires_grad]
-        return model, torch.optim.AdamW(params, lr=lrs["lora"], weight_decay=0.0), []
+        return model, torch.optim.AdamW(params, lr=lr, weight_decay=0.0), []
     if name == "full_native":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -161,6 +175,8 @@ def setup(name: str, model, targets: list[str], heads: list[str], lrs: dict[str,
         "deltatune_lora": (lambda: LoRAConfig(r=RANK, alpha=RANK, targets=targets), lrs["lora"]),
         "deltatune_sparse": (lambda: SparseConfig(num_tunable=lora_count, targets=targets), lrs["sparse"]),
         "deltatune_full": (lambda: FullConfig(), lrs["full"]),
+        "deltatune_dora": (lambda: make_config("dora", {"r": RANK, "alpha": RANK, "targets": targets}), lrs["lora"]),
+        "deltatune_ia3": (lambda: make_config("ia3", {}), lrs["ia3"]),  # the model type's default targets
     }[name]
     config = config()
     delta = attach(model, config)
@@ -305,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
         ref = next((r for r in rows if r["model"] == row["model"] and r["name"] == "peft_lora"), None)
         row["step_vs_peft_lora"] = ratio(row["step_s"], ref and ref["step_s"])
         row["peak_vs_peft_lora"] = ratio(row["peak_mb"], ref and ref["peak_mb"])
+        same = next((r for r in rows if r["model"] == row["model"] and r["name"] == PEFT_SAME.get(row["name"])), None)
+        row["step_vs_peft_same"] = ratio(row["step_s"], same and same["step_s"])
+        row["peak_vs_peft_same"] = ratio(row["peak_mb"], same and same["peak_mb"])
     rows = [{c: r.get(c) for c in COLUMNS} | r for r in rows]
     meta["wall_s"] = round(time.perf_counter() - t_start, 1)
     md = write_report(args.out, meta, rows, COLUMNS, title=f"train_step ({'quick' if args.quick else 'full'}, "
