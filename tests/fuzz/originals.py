@@ -1,7 +1,8 @@
 """The original (valid) files every mutant starts from: small real outputs of deltatune's own writers.
 
 Each builder writes its originals under ``root`` and returns their folders: deltas of three methods on
-three tiny architectures (LoRA with a task head, sparse, full), compact deltas with several codecs, PEFT
+three tiny architectures (LoRA with a task head, sparse, full) and one of every other registered method,
+compact deltas with several codecs, PEFT
 adapters (Linear, Conv1D and embedding LoRA, ``modules_to_save``), training checkpoints from real
 3-step runs, recipes in both forms and a training config.
 """
@@ -75,9 +76,25 @@ def _deltas() -> dict[str, Delta]:
     return {"bert-lora": lora, "llama-sparse": sparse, "gpt2-full": full, "gpt2-lora": gpt_lora}
 
 
+def method_deltas() -> dict[str, Delta]:
+    """One delta of every other registered method (its default example, random values) on tiny BERT: each
+    part kind's metadata and tensors are fuzzed too."""
+    from deltatune.methods import METHODS
+
+    out = {}
+    for i, (name, method) in enumerate(sorted(METHODS.items())):
+        if name not in ("lora", "sparse", "full"):
+            model = tiny_bert()
+            delta = randomize_delta(model, dt.make_config(name, dict(method.examples[""])), seed=10 + i, std=0.02)
+            delta.snapshot_heads(model)
+            out[f"bert-{name}"] = delta
+    return out
+
+
 def deltas(root: Path) -> list[Path]:
-    made = _deltas()
-    return [made[k].save(root / k) for k in ("bert-lora", "llama-sparse", "gpt2-full")]
+    made = _deltas() | method_deltas()
+    keys = ["bert-lora", "llama-sparse", "gpt2-full", *(k for k in made if k.startswith("bert-") and k != "bert-lora")]
+    return [made[k].save(root / k) for k in keys]
 
 
 def compacts(root: Path) -> list[Path]:
