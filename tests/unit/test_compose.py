@@ -375,3 +375,29 @@ def test_bad_mode_and_names():
         DeltaStack(model, mode="add")
     with pytest.raises(ConfigError, match="1 names for 0 deltas"):
         compose(model, [], names=["x"])
+
+
+@pytest.mark.parametrize("method", ["dora", "ia3", "ssf"])
+def test_merge_mode_gives_base_dependent_parts_the_base_as_attach_mode_does(method):
+    """A base-dependent delta pushed onto a merged LoRA on the same modules: its update is computed from the
+    base weights (θ₀ + Δ_lora + Δ_m(θ₀)), as attach mode computes it, and the revert is still exact."""
+    from conftest import randomize_delta
+
+    import deltatune as dt
+
+    model = TINY_MODELS["llama"]()
+    base = state(model)
+    lora = randomize_delta(TINY_MODELS["llama"](), dt.LoRAConfig(r=2, targets=["k_proj", "v_proj", "down_proj"]),
+                           1, 0.2)
+    other = randomize_delta(TINY_MODELS["llama"](), dt.make_config(method, {}), 2, 0.02)
+    with torch.no_grad():  # around the identity, as trained deltas are: ΔW stays a small change
+        for part in other.parts.values():
+            for name, p in part.named_parameters():
+                if "scale" in name or "ia3" in name:
+                    p.add_(1.0)
+    with compose(model, [lora, other], mode="attach"):
+        attached = logits(model, "llama")
+    with compose(model, [lora, other], mode="merge"):
+        merged = logits(model, "llama")
+    assert torch.allclose(merged, attached, atol=1e-5)
+    assert_same_state(model, base)

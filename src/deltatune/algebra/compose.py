@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any, Literal
 
 import torch
@@ -58,6 +59,15 @@ class _Snapshot:
                 tensor.data.view(-1).index_copy_(0, idx, values)
             for tensor, copy in self.whole:
                 tensor.data.copy_(copy)
+
+    def restore_into(self, tensor: Tensor, value: Tensor) -> None:
+        """Write into ``value`` (a copy of ``tensor``) what this snapshot saved of ``tensor``."""
+        for t, idx, values in self.at:
+            if t is tensor:
+                value.view(-1).index_copy_(0, idx, values)
+        for t, copy in self.whole:
+            if t is tensor:
+                value.copy_(copy)
 
     @property
     def nbytes(self) -> int:
@@ -172,6 +182,26 @@ class DeltaStack:
         """Bytes held to make :meth:`revert` exact."""
         return sum(e.snapshot.nbytes for e in self._entries)
 
+    def _before_stack(self, tensor: Tensor) -> Tensor:
+        """The value ``tensor`` had before this stack wrote into it (its snapshots undone, latest first)."""
+        value = tensor.detach().clone()
+        for entry in reversed(self._entries):
+            entry.snapshot.restore_into(tensor, value)
+        return value
+
+    def _merge_part(self, part: Part, module: nn.Module) -> None:
+        """``θ ← θ + Δθ``.  A base-dependent part's ``Δθ`` is computed from the module's tensors as they were
+        before the stack (as attach mode computes it), not from what earlier merged deltas made of them."""
+        if not part.base_dependent:
+            part.merge_into(module)
+            return
+        own = dict(module.named_parameters(recurse=False))
+        before = SimpleNamespace(**{n: self._before_stack(p) for n, p in own.items()})
+        with torch.no_grad():
+            for name, delta in part.updates(before).items():
+                p = own[name]
+                p.data.copy_((p.data.float() + delta.to(device=p.device, dtype=torch.float32)).to(p.dtype))
+
     # --- push / pop ---------------------------------------------------------------------------
     def push(self, delta: Delta, where: str | None = None) -> None:
         """Compose ``delta`` on top of the stack (checks capabilities, fingerprint, shapes and heads first)."""
@@ -196,7 +226,7 @@ class DeltaStack:
             if self.mode == "merge":
                 _snapshot_parts(self.model, delta.parts, snap)
                 for module_name, part in delta.parts.items():
-                    part.merge_into(get_module(self.model, module_name))
+                    self._merge_part(part, get_module(self.model, module_name))
             else:
                 name = self._fresh_name()
                 attach_parts(self.model, delta.parts, name)
