@@ -15,9 +15,10 @@ from deltatune.model import (  # noqa: E402
     mixed_batch,
     revert_delta,
 )
+from deltatune.prediction import predict  # noqa: E402
 
 __all__ = [
     "Delta", "FullConfig", "LoRAConfig", "SparseConfig", "__version__", "apply_delta", "attach", "detach",
     "export_peft", "load_peft_adapter",
-    "get_method", "load_delta", "make_config", "merge_delta", "mixed_batch", "revert_delta", "save_delta",
+    "get_method", "load_delta", "make_config", "merge_delta", "mixed_batch", "predict", "revert_delta", "save_delta",
 ]

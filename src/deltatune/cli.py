@@ -161,6 +161,36 @@ def eval_(
 
 
 @app.command()
+def predict(
+    delta: Annotated[list[Path] | None, typer.Argument(help="delta folder(s)")] = None,
+    also: Annotated[list[Path] | None, typer.Option(
+        "--delta", help="another delta (repeatable); all share one mixed batch, each row routed to its delta")] = None,
+    data: Annotated[str, typer.Option(
+        help="file of inputs (CSV, TSV, JSON, JSONL, Parquet, save_to_disk folder)")] = "",
+    out: Annotated[Path | None, typer.Option(help="JSON Lines output (default: print to the terminal)")] = None,
+    top_k: Annotated[int, typer.Option("--top-k", help="also list the k most probable labels")] = 1,
+    model: Annotated[str | None, typer.Option(help="base-model folder (default: as trained)")] = None,
+    batch_size: Annotated[int, typer.Option(help="rows per forward pass")] = 32,
+    verify: NoVerify = True,
+) -> None:
+    """Predict a label for every row of --data: one JSON line per input, in input order, with the label (spelled as
+    in the training file) and its probability; the text columns and label map are as trained."""
+    from deltatune.prediction import predict as run_predict
+
+    deltas = [*(delta or []), *(also or [])]
+    if not deltas:
+        raise ConfigError("predict needs a delta folder (argument or --delta)")
+    if not data:
+        raise ConfigError("predict needs --data FILE")
+    rows = run_predict(deltas, data, out=out, model=model, top_k=top_k, batch_size=batch_size, verify=verify)
+    if out is None:
+        for row in rows:
+            print(json.dumps(row, ensure_ascii=False))
+    else:
+        err.print(f"{len(rows)} predictions written to {out}")
+
+
+@app.command()
 def info(
     delta: Annotated[Path, typer.Argument(help="delta folder")],
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,

@@ -1,0 +1,133 @@
+"""``predict``: run classification deltas on the rows of a user's file, one JSON line per input, in input order.
+
+What a delta needs to read a new file is in its provenance: the task (a user's ``classify`` task with its text
+columns and label map, or a GLUE classification task with its columns), so ``data`` is the only input.  Each
+line holds ``label`` (the predicted label, spelled as in the training file) and ``score`` (its softmax
+probability), and with ``top_k > 1`` the ``top`` labels with their scores.
+
+Several deltas in one run share one base model and one pass per batch: the rows of a batch are
+``(input, delta)`` pairs, each routed to its own delta and its own task head through the routing context
+(:mod:`deltatune.routing`); deltas whose heads have different label counts run in separate passes (a batch's
+logits have one width).  A line then holds one such object per delta, under the delta's name.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from deltatune.api import as_delta, base_model_path, load_base_for
+from deltatune.delta import Delta
+from deltatune.errors import ConfigError, DataError
+from deltatune.io.atomic import atomic_file
+from deltatune.model import apply_delta, mixed_batch
+
+
+@dataclass(frozen=True)
+class Reading:
+    """How one delta reads a row: its text columns and its label names (index = class id)."""
+
+    text_column: str
+    text_pair_column: str | None
+    label_names: list[str]
+    num_labels: int
+
+
+def reading_of(delta: Delta, where: str) -> Reading:
+    """The columns and label names a classification delta was trained with (typed error when it has none)."""
+    from deltatune.train.glue import GLUE_TASKS
+
+    task = delta.provenance.task or {}
+    head = next((h for h in ("classifier", "score") if h in delta.heads), None)
+    if head is None or "weight" not in delta.heads[head]:
+        raise DataError(f"{where}: the delta has no classification head (heads: {sorted(delta.heads)}); predict "
+                        "needs a delta trained on a classification task")
+    width = int(delta.heads[head]["weight"].shape[0])
+    if task.get("task") == "classify" and task.get("label_names"):
+        names = [str(n) for n in task["label_names"]]
+        return Reading(task["text_column"], task.get("text_pair_column"), names, len(names))
+    glue = GLUE_TASKS.get(str(task.get("name")))
+    if glue is not None and not glue.is_regression and isinstance(glue.text_a, str):
+        names = list(glue.label_names) or [str(i) for i in range(glue.num_labels)]
+        text_b = glue.text_b if isinstance(glue.text_b, str) else None
+        return Reading(glue.text_a, text_b, names, glue.num_labels)
+    raise DataError(f"{where}: the delta records no classification task with a label map (task: "
+                    f"{task.get('name')!r}, head of {width} outputs); predict needs a delta trained with --task "
+                    "classify or on a GLUE classification task")
+
+
+def _name(item: Delta | str | Path, index: int) -> str:
+    """A delta's name in the output: its folder's name (the run's name for a run's ``delta``/``best`` folder)."""
+    if isinstance(item, Delta):
+        return f"delta{index}"
+    path = Path(item)
+    return path.parent.name if path.name in ("delta", "best") and path.parent.name else path.name
+
+
+def predict(deltas: Sequence[Delta | str | Path] | Delta | str | Path, data: str, out: str | Path | None = None,
+            model: str | None = None, top_k: int = 1, batch_size: int = 32, max_length: int = 128,
+            verify: bool = True) -> list[dict[str, Any]]:
+    """Predict the label of every row of ``data`` with each delta; write JSON Lines to ``out`` when given.
+
+    Returns one dict per input row, in input order: ``{"label", "score"[, "top"]}`` for one delta, or
+    ``{delta name: {...}}`` for several."""
+    from transformers import AutoTokenizer
+
+    from deltatune.train.user_data import read_table, require_columns
+
+    items = list(deltas) if isinstance(deltas, (list, tuple)) else [deltas]
+    if not items:
+        raise ConfigError("predict needs at least one delta")
+    if top_k < 1:
+        raise ConfigError(f"top_k must be ≥ 1, got {top_k}")
+    names = [_name(item, i) for i, item in enumerate(items)]
+    if len(set(names)) != len(names):
+        names = [f"{n}#{i}" for i, n in enumerate(names)]
+    loaded = [as_delta(item, verify=verify) for item in items]
+    readings = [reading_of(d, str(item)) for d, item in zip(loaded, items, strict=True)]
+    table = read_table(data)
+    for r in readings:
+        require_columns(table, [r.text_column, *([r.text_pair_column] if r.text_pair_column else [])], data)
+    path = base_model_path(loaded[0], model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    results: list[dict[str, Any]] = [{} for _ in range(len(table))]
+    groups: dict[int, list[int]] = {}
+    for j, r in enumerate(readings):
+        groups.setdefault(r.num_labels, []).append(j)
+    for members in groups.values():
+        net = load_base_for(loaded[members[0]], path).eval()
+        for j in members:
+            apply_delta(net, loaded[j], name=names[j], where=str(items[j]))
+        pairs = [(i, j) for i in range(len(table)) for j in members]
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start:start + batch_size]
+            texts = [(str(table[i][readings[j].text_column]),
+                      str(table[i][readings[j].text_pair_column]) if readings[j].text_pair_column else None)
+                     for i, j in chunk]
+            firsts, seconds = [a for a, _ in texts], [b for _, b in texts]
+            batch = tokenizer(firsts, seconds if any(b is not None for b in seconds) else None, padding=True,
+                              truncation=True, max_length=max_length, return_tensors="pt")
+            with torch.no_grad(), mixed_batch(net, [names[j] for _, j in chunk]):
+                probs = net(**batch).logits.float().softmax(-1)
+            for (i, j), p in zip(chunk, probs, strict=True):
+                results[i][names[j]] = _entry(p, readings[j].label_names, top_k)
+    rows = [r[names[0]] for r in results] if len(items) == 1 else results
+    if out is not None:
+        with atomic_file(Path(out)) as tmp:
+            tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return rows
+
+
+def _entry(probs: torch.Tensor, label_names: list[str], top_k: int) -> dict[str, Any]:
+    k = min(top_k, probs.numel())
+    scores, ids = probs.topk(k)
+    entry: dict[str, Any] = {"label": label_names[int(ids[0])], "score": round(float(scores[0]), 6)}
+    if top_k > 1:
+        entry["top"] = [{"label": label_names[int(i)], "score": round(float(s), 6)} for s, i in zip(scores, ids,
+                                                                                                    strict=True)]
+    return entry
