@@ -112,8 +112,10 @@ class DeltaLayer(nn.Module):
         self.base = base
         self.parts = nn.ModuleDict()
         self.active: list[str] = []
+        self.train(base.training)
 
     def add(self, name: str, part: Part, activate: bool = True) -> None:
+        part.train(self.training)  # a part joins in the layer's mode: no dropout in an eval model
         self.parts[name] = part
         if activate and name not in self.active:
             self.active.append(name)
@@ -124,6 +126,10 @@ class DeltaLayer(nn.Module):
         if name in self.active:
             self.active.remove(name)
         return part
+
+    def nests(self) -> bool:
+        """Whether wrapped modules sit inside this one (their routing needs the whole batch)."""
+        return any(isinstance(m, DeltaLayer) for m in self.base.modules())
 
     # --- a plain forward: the active parts ----------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -164,7 +170,8 @@ class DeltaLayer(nn.Module):
             call = replace(call, x=call.x.expand(batch, *call.x.shape[1:]))
         ids = routing.ids_for(call.x)
         kinds = {type(p) for p in parts if p is not None}
-        if len(kinds) == 1 and call.plain:
+        rows_apart = call.plain and not self.nests()  # rows may be run apart: nothing inside routes them again
+        if len(kinds) == 1 and rows_apart:
             cls = kinds.pop()
             cache = routing.cache.setdefault((id(self), cls.kind), {})
             base = self.base if cls.additive else Inner(self.base, _bare(self.base), call)
@@ -174,7 +181,7 @@ class DeltaLayer(nn.Module):
         a, k = call.arguments(call.x)
         out = self.base(*a, **k)
         runs = [None if p is None else self.stack([p], call) for p in parts]
-        if call.plain:
+        if rows_apart:
             return route_rows(call.x, out, ids, runs)
         for pid, run in enumerate(runs):
             if run is None or not bool((ids == pid).any()):
@@ -214,6 +221,7 @@ class ModelParts(nn.Module):
         self._pending: list[tuple[type[Part], Any]] = []
 
     def add(self, name: str, part: Part, activate: bool = True) -> None:
+        part.train(self.training)
         self.parts[name] = part
         if activate and name not in self.active:
             self.active.append(name)
@@ -226,6 +234,7 @@ class ModelParts(nn.Module):
         return part
 
     def hook(self, model: nn.Module) -> None:
+        self.train(model.training)
         self._handles = [model.register_forward_pre_hook(self._pre, with_kwargs=True),
                          model.register_forward_hook(self._post, with_kwargs=True)]
 

@@ -53,10 +53,14 @@ class Method:
 
     @classmethod
     def capabilities(cls) -> dict[str, bool]:
-        """Each part capability (``additive``, ``base_dependent`` …) that every part kind of the method has."""
+        """The method's part capabilities: ``additive`` and ``mixed_rows`` when every part kind has them (a delta
+        merges only if all its parts do), the others (``base_dependent``, ``has_aux_loss`` …) when any has."""
         from deltatune.parts.capabilities import CAPABILITIES
 
-        return {c: bool(cls.part_kinds) and all(bool(getattr(k, c)) for k in cls.part_kinds) for c in CAPABILITIES}
+        every = ("additive", "mixed_rows")
+        kinds = cls.part_kinds
+        return {c: bool(kinds) and (all if c in every else any)(bool(getattr(k, c)) for k in kinds)
+                for c in CAPABILITIES}
 
     def create_parts(self, model: nn.Module, config: Any, exclude: list[str]) -> dict[str, Part]:
         raise NotImplementedError
