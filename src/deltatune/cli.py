@@ -191,6 +191,46 @@ def predict(
 
 
 @app.command()
+def generate(
+    delta: Annotated[list[Path] | None, typer.Argument(help="causal-LM delta folder(s)")] = None,
+    also: Annotated[list[Path] | None, typer.Option(
+        "--delta", help="another delta (repeatable); all share one batch, each row routed to its delta")] = None,
+    prompt: Annotated[list[str] | None, typer.Option(help="a prompt (repeatable)")] = None,
+    prompts: Annotated[Path | None, typer.Option(help="a file of prompts, one per line")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="tokens to generate at most")] = 64,
+    temperature: Annotated[float, typer.Option(help="0: greedy; > 0: sampling temperature")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="nucleus sampling mass")] = 1.0,
+    top_k: Annotated[int, typer.Option("--top-k", help="sample from the k most probable tokens (0: all)")] = 0,
+    seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
+    stop: Annotated[list[str] | None, typer.Option(help="stop string (repeatable); the text ends before it")] = None,
+    model: Annotated[str | None, typer.Option(help="base-model folder (default: as trained)")] = None,
+    verify: NoVerify = True,
+) -> None:
+    """Continue prompts with causal-LM deltas (one JSON line per prompt; a single prompt and delta streams its
+    tokens to the terminal as they come)."""
+    from deltatune.generation import generate as run_generate
+
+    deltas = [*(delta or []), *(also or [])]
+    texts = list(prompt or [])
+    if prompts is not None:
+        try:
+            texts += [line for line in prompts.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{prompts}: cannot read the prompts ({str(exc)[:80]})") from None
+    if not deltas or not texts:
+        raise ConfigError("generate needs a delta folder (argument or --delta) and --prompt or --prompts FILE")
+    single = len(deltas) == 1 and len(texts) == 1
+    rows = run_generate(deltas, texts, model=model, max_new_tokens=max_new_tokens, temperature=temperature,
+                        top_p=top_p, top_k=top_k, seed=seed, stop=stop or (), verify=verify,
+                        stream=(lambda piece: print(piece, end="", flush=True)) if single else None)
+    if single:
+        print()
+        return
+    for row in rows:
+        print(json.dumps(row, ensure_ascii=False))
+
+
+@app.command()
 def info(
     delta: Annotated[Path, typer.Argument(help="delta folder")],
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,

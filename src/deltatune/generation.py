@@ -1,0 +1,113 @@
+"""``generate``: continue prompts with causal-LM deltas, greedy or sampled, several deltas in one batch.
+
+Rows are ``(prompt, delta)`` pairs, left-padded into one batch and run by ``transformers``' ``generate`` inside a
+routing context (:mod:`deltatune.routing`), so every decoding step routes each row to its own delta; with one
+delta it is a plain batched generation.  Greedy when ``temperature`` is 0, else sampled with ``temperature``,
+``top_p`` and ``top_k`` from ``seed``.  Generation stops at ``max_new_tokens`` or at any of the ``stop`` strings
+(the text is cut before it).  With one row, ``stream`` receives the text as it is produced.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from deltatune.api import as_delta, base_model_path, load_base_for
+from deltatune.delta import Delta
+from deltatune.errors import ConfigError
+from deltatune.model import apply_delta, mixed_batch
+
+
+def _name(item: Delta | str | Path, index: int) -> str:
+    if isinstance(item, Delta):
+        return f"delta{index}"
+    path = Path(item)
+    return path.parent.name if path.name in ("delta", "best") and path.parent.name else path.name
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """``text`` up to (not including) the first occurrence of any stop string."""
+    ends = [i for s in stop if s and (i := text.find(s)) >= 0]
+    return text[:min(ends)] if ends else text
+
+
+class _Stream:
+    """A ``transformers`` streamer for one row: decodes the new tokens and hands each new piece of text on."""
+
+    def __init__(self, tokenizer: Any, prompt_tokens: int, emit: Callable[[str], None], stop: Sequence[str]) -> None:
+        self.tokenizer, self.emit, self.stop = tokenizer, emit, stop
+        self.skip, self.ids, self.shown = prompt_tokens, [], ""
+
+    def put(self, value: torch.Tensor) -> None:
+        tokens = value.reshape(-1).tolist()
+        if self.skip:
+            taken = min(self.skip, len(tokens))
+            self.skip -= taken
+            tokens = tokens[taken:]
+        self.ids.extend(tokens)
+        text = cut_at_stop(self.tokenizer.decode(self.ids, skip_special_tokens=True), self.stop)
+        if len(text) > len(self.shown) and not text.endswith("\ufffd"):
+            self.emit(text[len(self.shown):])
+            self.shown = text
+
+    def end(self) -> None:
+        """Nothing buffered: every piece was emitted as it was decoded."""
+
+
+def generate(deltas: Sequence[Delta | str | Path] | Delta | str | Path, prompts: Sequence[str] | str,
+             model: str | None = None, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+             top_k: int = 0, seed: int = 0, stop: Sequence[str] = (), stream: Callable[[str], None] | None = None,
+             verify: bool = True) -> list[dict[str, Any]]:
+    """Continue each prompt with each delta.  Returns one dict per prompt: ``{"prompt", "text"}`` for one delta,
+    or ``{"prompt", <delta name>: text, …}`` for several."""
+    from transformers import AutoTokenizer
+
+    items = list(deltas) if isinstance(deltas, (list, tuple)) else [deltas]
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not items or not prompts:
+        raise ConfigError("generate needs at least one delta and one prompt")
+    if max_new_tokens < 1 or temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+        raise ConfigError(f"generate needs max_new_tokens ≥ 1, temperature ≥ 0, 0 < top_p ≤ 1 and top_k ≥ 0; got "
+                          f"{max_new_tokens}, {temperature}, {top_p}, {top_k}")
+    names = [_name(item, i) for i, item in enumerate(items)]
+    if len(set(names)) != len(names):
+        names = [f"{n}#{i}" for i, n in enumerate(names)]
+    loaded = [as_delta(item, verify=verify) for item in items]
+    for item, d in zip(items, loaded, strict=True):
+        if d.heads:
+            raise ConfigError(f"{item}: the delta has a task head ({sorted(d.heads)}); generate needs a causal-LM "
+                              "delta (use predict for classifiers)")
+    path = base_model_path(loaded[0], model)
+    net = load_base_for(loaded[0], path).eval()
+    if not (hasattr(net, "can_generate") and net.can_generate()):
+        raise ConfigError(f"{path}: not a causal language model ({type(net).__name__}); generate needs one")
+    for name, d, item in zip(names, loaded, items, strict=True):
+        apply_delta(net, d, name=name, where=str(item))
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    rows = [(i, j) for i in range(len(prompts)) for j in range(len(items))]
+    encoded = tokenizer([prompts[i] for i, _ in rows], return_tensors="pt", padding=True)
+    batch = {k: encoded[k] for k in ("input_ids", "attention_mask")}  # no token types for a decoder
+    sampling = temperature > 0
+    options: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=sampling,
+                                   pad_token_id=tokenizer.pad_token_id)
+    if sampling:
+        options.update(temperature=temperature, top_p=top_p, top_k=top_k or None)
+    if stop:
+        options.update(stop_strings=list(stop), tokenizer=tokenizer)
+    if stream is not None and len(rows) == 1:
+        options["streamer"] = _Stream(tokenizer, int(batch["input_ids"].shape[1]), stream, stop)
+    torch.manual_seed(seed)
+    with torch.no_grad(), mixed_batch(net, [names[j] for _, j in rows]):
+        out = net.generate(**batch, **options)
+    new = out[:, batch["input_ids"].shape[1]:]
+    texts = [cut_at_stop(tokenizer.decode(t, skip_special_tokens=True), stop) for t in new]
+    results: list[dict[str, Any]] = [{"prompt": p} for p in prompts]
+    for (i, j), text in zip(rows, texts, strict=True):
+        results[i]["text" if len(items) == 1 else names[j]] = text
+    return results
