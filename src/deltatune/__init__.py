@@ -3,6 +3,7 @@
 __version__ = "0.1.0"
 
 from deltatune.delta import Delta  # noqa: E402
+from deltatune.generation import generate  # noqa: E402
 from deltatune.io.delta_format import load_delta, save_delta  # noqa: E402
 from deltatune.io.peft_export import export_peft  # noqa: E402
 from deltatune.io.peft_format import load_peft_adapter  # noqa: E402
@@ -19,6 +20,6 @@ from deltatune.prediction import predict  # noqa: E402
 
 __all__ = [
     "Delta", "FullConfig", "LoRAConfig", "SparseConfig", "__version__", "apply_delta", "attach", "detach",
-    "export_peft", "load_peft_adapter",
+    "export_peft", "generate", "load_peft_adapter",
     "get_method", "load_delta", "make_config", "merge_delta", "mixed_batch", "predict", "revert_delta", "save_delta",
 ]
