@@ -359,8 +359,8 @@ def test_magnitude_shape_checked_without_a_model(dora_adapter):
 # --------------------------------------------------------------------------------------------------
 def test_peft_type_without_a_reader_says_what_and_why(dora_adapter):
     _edit_config(dora_adapter, peft_type="LOHA")
-    with pytest.raises(DeltaFormatError, match=r"peft_type is 'LOHA'; deltatune reads only LORA and IA3 adapters "
-                                               r"\(its update is a Hadamard product") as err:
+    with pytest.raises(DeltaFormatError, match=r"peft_type is 'LOHA'; deltatune reads only LORA, IA3 and "
+                                               r"PROMPT_TUNING adapters \(its update is a Hadamard product") as err:
         load_peft_adapter(dora_adapter)
     assert "adapter_config.json" in str(err.value)
     _edit_config(dora_adapter, peft_type="SOMETHING_NEW")
@@ -407,7 +407,8 @@ def test_export_refuses_kinds_without_a_writer_and_mixed_methods(tmp_path, monke
     with pytest.raises(DeltaFormatError, match="mixes LoRA and DoRA parts.*use_dora holds for every module"):
         export_peft(Delta(method="mix", config={}, parts=parts), tmp_path / "a")
     parts = dict(_one_part_delta(k) for k in ("dora", "sparse"))
-    with pytest.raises(DeltaFormatError, match=r"v_proj \(sparse\)'\] have no PEFT writer.*\['dora', 'ia3', 'lora'\]"):
+    with pytest.raises(DeltaFormatError,
+                       match=r"v_proj \(sparse\)'\] have no PEFT writer.*\['dora', 'ia3', 'lora', 'prompt'\]"):
         export_peft(Delta(method="mix", config={}, parts=parts), tmp_path / "a")
     written = []
     monkeypatch.setitem(peft_export.PEFT_WRITERS, "sparse", lambda delta, path, **kw: written.append(path))

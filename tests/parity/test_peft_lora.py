@@ -349,7 +349,7 @@ def test_dora_adapter_loads_as_dora(llama, tmp_path):
 def test_non_lora_delta_does_not_export(tmp_path):
     sparse = SparsePart((64, 64), torch.tensor([0, 5, 77]))
     delta = Delta(method="sparse", config={}, parts={"model.layers.0.self_attn.q_proj": sparse})
-    with pytest.raises(DeltaFormatError, match="only LoRA deltas export to PEFT"):
+    with pytest.raises(DeltaFormatError, match="have no PEFT writer: LoRA, DoRA, .IA.³ and prompt"):
         export_peft(delta, tmp_path / "adapter")
     assert not (tmp_path / "adapter").exists()
 

@@ -1,8 +1,12 @@
-"""PEFT ``adapter_config.json``: which reader loads the adapter, and PEFT 0.21's ``LoraConfig`` schema.
+"""PEFT ``adapter_config.json``: which reader loads the adapter, the checks every method's schema shares, and
+PEFT 0.21's ``LoraConfig`` schema.
 
 :func:`load_peft_adapter` reads only ``peft_type`` (:func:`read_peft_type`) and dispatches to the reader that
 :data:`PEFT_READERS` registers for it (each PEFT method's reader lives in its own file and is imported when
 used); a type without a reader is a :class:`DeltaFormatError` saying why deltatune cannot represent it.
+Every method's config reader uses :func:`read_config_file`, :func:`check_field_types` (with the field checks
+:data:`SHARED_FIELD_TYPES`, :data:`IS_BOOL`, :data:`NAMES` …), :func:`read_modules_to_save` and
+:func:`warn_unknown_fields`; the adapter's tensor file is :mod:`deltatune.io.peft_files`.
 For LoRA adapters (:func:`read_adapter_config`), every field deltatune reads must have the type PEFT
 annotates (``r`` a positive integer, not a bool; ``lora_alpha`` and the pattern values finite numbers;
 ``fan_in_fan_out`` a real bool; …).  LoRA variants and initialisations that neither a plain ``s·B·A`` part nor a
@@ -102,9 +106,14 @@ def pattern_value(pattern: dict[str, Any], module: str, default: Any, where: str
 
 
 # --------------------------------------------------------------------------------------------------
-# adapter_config.json against PEFT's LoraConfig schema
+# adapter_config.json: what every PEFT method's schema checks the same way
 # --------------------------------------------------------------------------------------------------
-def _is_str_list(v: Any) -> bool:
+#: A field check: (predicate on the JSON value, what is expected, for the error).
+FieldCheck = tuple[Callable[[Any], bool], str]
+
+
+def is_str_list(v: Any) -> bool:
+    """Whether ``v`` is a JSON list of strings."""
     return isinstance(v, list) and all(isinstance(x, str) for x in v)
 
 
@@ -112,31 +121,85 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-_IS_BOOL: tuple[Callable[[Any], bool], str] = (lambda v: isinstance(v, bool), "true or false")
-_STR_OR_NONE: tuple[Callable[[Any], bool], str] = (lambda v: v is None or isinstance(v, str), "a string or null")
-_NAMES: tuple[Callable[[Any], bool], str] = (
-    lambda v: v is None or isinstance(v, str) or _is_str_list(v), "a string, a list of strings or null")
+IS_STR: FieldCheck = (lambda v: isinstance(v, str), "a string")
+IS_BOOL: FieldCheck = (lambda v: isinstance(v, bool), "true or false")
+STR_OR_NONE: FieldCheck = (lambda v: v is None or isinstance(v, str), "a string or null")
+NAMES: FieldCheck = (lambda v: v is None or isinstance(v, str) or is_str_list(v), "a string, a list of strings or null")
+MODULE_NAMES: FieldCheck = (lambda v: v is None or is_str_list(v), "a list of module names or null")
+#: The fields PEFT 0.21.2's ``LoraConfig`` and ``IA3Config`` share, after their annotations.
+SHARED_FIELD_TYPES: dict[str, FieldCheck] = {
+    "peft_type": IS_STR,
+    "task_type": STR_OR_NONE,
+    "base_model_name_or_path": STR_OR_NONE,
+    "revision": STR_OR_NONE,
+    "inference_mode": IS_BOOL,
+    "fan_in_fan_out": IS_BOOL,
+    "target_modules": NAMES,
+    "exclude_modules": NAMES,
+    "modules_to_save": MODULE_NAMES,
+}
+
+
+def read_config_file(path: Path, required: tuple[str, ...] = (), types: dict[str, FieldCheck] | None = None
+                     ) -> tuple[Path, dict[str, Any]]:
+    """``path/adapter_config.json`` and the JSON object it holds, with the ``required`` fields present and the
+    fields of ``types`` of their types (:func:`check_field_types`); a missing folder or file, anything but a JSON
+    object, a missing field or a wrong type is a :class:`DeltaFormatError`."""
+    file = path / CONFIG_NAME
+    config = read_json_object(file, "PEFT adapter", f"{CONFIG_NAME} and {SAFETENSORS_NAME}")
+    missing = [f for f in required if f not in config]
+    if missing:
+        raise DeltaFormatError(f"{file}: missing field(s) {missing}")
+    check_field_types(config, types or {}, file)
+    return file, config
+
+
+def check_field_types(config: dict[str, Any], types: dict[str, FieldCheck], file: Path) -> None:
+    """Every field of ``types`` present in ``config`` must pass its check (:class:`DeltaFormatError` naming the
+    field, what was expected and what it holds)."""
+    for name, (check, expected) in types.items():
+        if name in config and not check(config[name]):
+            raise DeltaFormatError(f"{file}: field {name!r} must be {expected}, got {short(config[name])}")
+
+
+def read_modules_to_save(config: dict[str, Any], file: Path) -> list[str]:
+    """The config's ``modules_to_save`` (a list of non-empty module names or null) as a list."""
+    check, expected = MODULE_NAMES
+    value = config.get("modules_to_save")
+    if not check(value):
+        raise DeltaFormatError(f"{file}: field 'modules_to_save' must be {expected}, got {short(value)}")
+    names = list(value or [])
+    if "" in names:
+        raise DeltaFormatError(f"{file}: field 'modules_to_save' holds an empty module name")
+    return names
+
+
+def warn_unknown_fields(config: dict[str, Any], known: frozenset[str], schema: str, file: Path,
+                        stacklevel: int) -> None:
+    """Warn about set fields that PEFT 0.21's ``schema`` (``LoraConfig`` …) lacks (PEFT ignores them, and so does
+    deltatune); ``stacklevel`` as for :func:`warnings.warn` called where this is called."""
+    unknown = sorted(k for k, v in config.items() if k not in known and v not in (None, False, 0, "", [], {}))
+    if unknown:
+        warnings.warn(f"{file}: fields {short(unknown)} are not in PEFT 0.21's {schema} and were ignored "
+                      "(as PEFT ignores them)", stacklevel=stacklevel + 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# adapter_config.json against PEFT's LoraConfig schema
+# --------------------------------------------------------------------------------------------------
 # Field → (check, what is expected), after PEFT 0.21.2's ``LoraConfig`` annotations.
-FIELD_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "peft_type": (lambda v: isinstance(v, str), "a string"),
-    "task_type": _STR_OR_NONE,
-    "base_model_name_or_path": _STR_OR_NONE,
-    "revision": _STR_OR_NONE,
-    "inference_mode": _IS_BOOL,
-    "fan_in_fan_out": _IS_BOOL,
-    "use_rslora": _IS_BOOL,
-    "use_dora": _IS_BOOL,
-    "lora_bias": _IS_BOOL,
-    "use_qalora": _IS_BOOL,
-    "ensure_weight_tying": _IS_BOOL,
+FIELD_TYPES: dict[str, FieldCheck] = {
+    **SHARED_FIELD_TYPES,
+    "use_rslora": IS_BOOL,
+    "use_dora": IS_BOOL,
+    "lora_bias": IS_BOOL,
+    "use_qalora": IS_BOOL,
+    "ensure_weight_tying": IS_BOOL,
     "bias": (lambda v: isinstance(v, str), "'none', 'all' or 'lora_only'"),
     "init_lora_weights": (lambda v: isinstance(v, bool | str), "true, false or an initialisation name"),
-    "target_modules": _NAMES,
-    "exclude_modules": _NAMES,
-    "layers_pattern": _NAMES,
+    "layers_pattern": NAMES,
     "layers_to_transform": (lambda v: v is None or _is_int(v) or (isinstance(v, list) and all(map(_is_int, v))),
                             "an integer, a list of integers or null"),
-    "modules_to_save": (lambda v: v is None or _is_str_list(v), "a list of module names or null"),
     "rank_pattern": (lambda v: v is None or isinstance(v, dict), "an object {pattern: rank} or null"),
     "alpha_pattern": (lambda v: v is None or isinstance(v, dict), "an object {pattern: alpha} or null"),
 }
@@ -201,10 +264,7 @@ def _check_variants(config: dict[str, Any], file: Path) -> None:
     if isinstance(init, str) and init not in PLAIN_INITS:
         raise DeltaFormatError(f"{file}: init_lora_weights is {short(init)}, not one PEFT 0.21 knows; "
                                f"expected true, false or one of {list(PLAIN_INITS)}")
-    unknown = sorted(k for k, v in config.items() if k not in KNOWN_FIELDS and v not in (None, False, 0, "", [], {}))
-    if unknown:
-        warnings.warn(f"{file}: fields {short(unknown)} are not in PEFT 0.21's LoraConfig and were ignored "
-                      "(as PEFT ignores them)", stacklevel=4)
+    warn_unknown_fields(config, KNOWN_FIELDS, "LoraConfig", file, stacklevel=4)
 
 
 def _read_patterns(config: dict[str, Any], file: Path) -> tuple[dict[str, int], dict[str, float]]:
@@ -222,26 +282,13 @@ def _read_patterns(config: dict[str, Any], file: Path) -> tuple[dict[str, int], 
 
 def read_peft_type(path: Path) -> str:
     """The ``peft_type`` of ``path/adapter_config.json`` (present and a string), read before any method's schema."""
-    file = path / CONFIG_NAME
-    config = read_json_object(file, "PEFT adapter", f"{CONFIG_NAME} and adapter_model.safetensors")
-    if "peft_type" not in config:
-        raise DeltaFormatError(f"{file}: missing field(s) ['peft_type']")
-    check, expected = FIELD_TYPES["peft_type"]
-    if not check(config["peft_type"]):
-        raise DeltaFormatError(f"{file}: field 'peft_type' must be {expected}, got {short(config['peft_type'])}")
+    _, config = read_config_file(path, ("peft_type",), {"peft_type": IS_STR})
     return config["peft_type"]
 
 
 def read_adapter_config(path: Path) -> AdapterConfig:
     """Read ``path/adapter_config.json`` and check it against PEFT 0.21's ``LoraConfig`` schema."""
-    file = path / CONFIG_NAME
-    config = read_json_object(file, "PEFT adapter", f"{CONFIG_NAME} and adapter_model.safetensors")
-    missing = [f for f in REQUIRED_FIELDS if f not in config]
-    if missing:
-        raise DeltaFormatError(f"{file}: missing field(s) {missing}")
-    for name, (check, expected) in FIELD_TYPES.items():
-        if name in config and not check(config[name]):
-            raise DeltaFormatError(f"{file}: field {name!r} must be {expected}, got {short(config[name])}")
+    file, config = read_config_file(path, REQUIRED_FIELDS, FIELD_TYPES)
     _check_variants(config, file)
     r = _positive_int(config["r"], f"{file}: field 'r'")
     alpha = finite_number(config["lora_alpha"], f"{file}: field 'lora_alpha'")
@@ -249,11 +296,8 @@ def read_adapter_config(path: Path) -> AdapterConfig:
     if not 0.0 <= dropout < 1.0:
         raise DeltaFormatError(f"{file}: field 'lora_dropout' must be in [0, 1), got {dropout}")
     rank_pattern, alpha_pattern = _read_patterns(config, file)
-    modules_to_save = list(config.get("modules_to_save") or [])
-    if "" in modules_to_save:
-        raise DeltaFormatError(f"{file}: field 'modules_to_save' holds an empty module name")
     return AdapterConfig(raw=config, r=r, alpha=alpha, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
-                         modules_to_save=modules_to_save, rslora=config.get("use_rslora", False),
+                         modules_to_save=read_modules_to_save(config, file), rslora=config.get("use_rslora", False),
                          fan_in_fan_out=config.get("fan_in_fan_out", False), dropout=dropout,
                          dora=config.get("use_dora", False))
 
@@ -299,7 +343,8 @@ PEFT_READERS: dict[str, Callable[..., Delta]] = {
 def load_peft_adapter(path: str | Path, model: nn.Module | None = None, verify: bool = True) -> Delta:
     """Read a PEFT adapter directory as a :class:`~deltatune.delta.Delta`, with the reader :data:`PEFT_READERS`
     has for its ``peft_type`` (``LORA``: :func:`deltatune.io.peft_format.load_lora_adapter`, plain LoRA, rsLoRA
-    and DoRA; ``IA3``: ``deltatune.io.peft_ia3.load_ia3_adapter``).
+    and DoRA; ``IA3``: ``deltatune.io.peft_ia3.load_ia3_adapter``; ``PROMPT_TUNING``:
+    ``deltatune.io.peft_prompt.load_prompt_adapter``).
 
     A ``peft_type`` without a reader is a :class:`DeltaFormatError` naming it and why deltatune cannot represent
     it.  ``model`` (the base model: shapes checked against it, fingerprint taken) and ``verify`` (check the digests
@@ -310,6 +355,8 @@ def load_peft_adapter(path: str | Path, model: nn.Module | None = None, verify: 
     reader = PEFT_READERS.get(peft_type)
     if reader is None:
         why = OTHER_PEFT_TYPES.get(peft_type, "no deltatune part kind represents its tensors")
+        *others, last = PEFT_READERS
+        readable = f"{', '.join(others)} and {last}" if others else last
         raise DeltaFormatError(f"{path / CONFIG_NAME}: peft_type is {short(peft_type)}; deltatune reads only "
-                               f"{' and '.join(PEFT_READERS)} adapters ({why})")
+                               f"{readable} adapters ({why})")
     return reader(path, model=model, verify=verify)

@@ -2,14 +2,15 @@
 
 :func:`export_peft` dispatches on the delta's part kinds through :data:`PEFT_WRITERS`: ``lora`` and ``dora``
 parts are written here (:func:`export_lora`: a ``LoraConfig``, with ``use_dora`` and ``lora_magnitude_vector``
-tensors for DoRA), ``ia3`` parts by ``deltatune.io.peft_ia3.export_ia3``.  The reading side (schema,
-header-first validation, digests) is :mod:`deltatune.io.peft_format`; the config schema, the dispatch on
-``peft_type`` and the names both sides share are in :mod:`deltatune.io.peft_config`.
+tensors for DoRA), ``ia3`` parts by ``deltatune.io.peft_ia3.export_ia3``, ``prompt`` parts by
+``deltatune.io.peft_prompt.export_prompt``.  The reading side (schema, header-first validation, digests) is
+:mod:`deltatune.io.peft_format`; the config schema, the dispatch on ``peft_type`` and the names both sides share
+are in :mod:`deltatune.io.peft_config`; writing the folder (digests, atomically) is
+:func:`deltatune.io.peft_files.write_adapter`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections import Counter
@@ -17,28 +18,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import save_file
 from torch import Tensor
 
 from deltatune.delta import Delta
 from deltatune.errors import DeltaFormatError, NonFiniteError
-from deltatune.io.atomic import atomic_dir
-from deltatune.io.digest import tensor_digest
-from deltatune.io.outputs import PEFT_KIND
-from deltatune.io.peft_config import (
-    CONFIG_NAME,
-    DIGEST_METADATA_KEY,
-    PREFIX,
-    SAFETENSORS_NAME,
-    config_digest,
-    finite_number,
-    lazy_peft_function,
-    pattern_value,
-)
+from deltatune.io.peft_config import PREFIX, finite_number, lazy_peft_function, pattern_value
+from deltatune.io.peft_files import exported_config_base, head_tensors, write_adapter
 from deltatune.parts.dora import DoRAPart
 from deltatune.parts.layers import LayerKind
 from deltatune.parts.lora import LoRAPart
-from deltatune.parts.meta_checks import check_finite
 
 
 def _json_number(x: float) -> int | float:
@@ -106,11 +94,7 @@ def export_lora(delta: Delta, path: str | Path, base_model_name_or_path: str | N
                             "field 'dropout'")
     kinds = {p.layer for p in parts.values()}
     config = {
-        "peft_type": "LORA",
-        "task_type": None,
-        "base_model_name_or_path": base_model_name_or_path,
-        "revision": None,
-        "inference_mode": True,
+        **exported_config_base("LORA", base_model_name_or_path),
         "r": r,
         "lora_alpha": lora_alpha,
         "lora_dropout": dropout,
@@ -139,19 +123,8 @@ def export_lora(delta: Delta, path: str | Path, base_model_name_or_path: str | N
             tensors[f"{PREFIX}{name}.lora_B.weight"] = b
         if dora:
             tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = part.magnitude.detach().to("cpu").contiguous()
-    for head, head_tensors in delta.heads.items():
-        if not head_tensors:
-            raise DeltaFormatError(f"head {head!r} has no tensors; call delta.snapshot_heads(model) first")
-        for k, v in head_tensors.items():
-            tensors[f"{PREFIX}{head}.{k}"] = v.detach().to("cpu").contiguous()
-    for key, value in tensors.items():
-        check_finite(value, f"cannot export to {path}: tensor {key!r}")
-    record = {"tensors": {k: tensor_digest(k, v) for k, v in tensors.items()}, "config": config_digest(config)}
-    metadata = {"format": "pt", DIGEST_METADATA_KEY: json.dumps(record, sort_keys=True)}
-    with atomic_dir(path, PEFT_KIND, overwrite=overwrite) as tmp:
-        save_file(tensors, str(tmp / SAFETENSORS_NAME), metadata=metadata)
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))  # keep pattern order
-    return path
+    tensors.update(head_tensors(delta.heads, PREFIX))
+    return write_adapter(path, config, tensors, overwrite)
 
 
 #: part kind → ``writer(delta, path, base_model_name_or_path=None, overwrite=False) -> Path`` of the PEFT method
@@ -168,15 +141,16 @@ def export_peft(delta: Delta, path: str | Path, base_model_name_or_path: str | N
                 overwrite: bool = False) -> Path:
     """Write ``delta`` as a PEFT adapter directory with the writer :data:`PEFT_WRITERS` has for its part kinds:
     :func:`export_lora` for ``lora``/``dora`` parts (a ``LoraConfig``), ``deltatune.io.peft_ia3.export_ia3`` for
-    ``ia3`` parts.  A kind without a writer, or kinds of two PEFT methods in one delta, is a
-    :class:`DeltaFormatError` before anything is written."""
+    ``ia3`` parts, ``deltatune.io.peft_prompt.export_prompt`` for a ``prompt`` part.  A kind without a writer, or
+    kinds of two PEFT methods in one delta, is a :class:`DeltaFormatError` before anything is written."""
     if not delta.parts:
         raise DeltaFormatError("the delta has no parts; a PEFT adapter needs at least one adapted module")
     bad = sorted(f"{n} ({p.kind})" for n, p in delta.parts.items() if p.kind not in PEFT_WRITERS)
     if bad:
-        raise DeltaFormatError(f"parts {bad[:5]} have no PEFT writer: only LoRA deltas export to PEFT, with their "
-                               f"DoRA and (IA)³ relatives (part kinds {sorted(PEFT_WRITERS)}). Extract a low-rank "
-                               "approximation (SVD of each ΔW) into a LoRA delta first")
+        raise DeltaFormatError(f"parts {bad[:5]} have no PEFT writer: LoRA, DoRA, (IA)³ and prompt-tuning deltas "
+                               f"export to PEFT (part kinds {sorted(PEFT_WRITERS)}). For an additive delta, extract a "
+                               "low-rank approximation (SVD of each ΔW) into a LoRA delta first (`deltatune compress "
+                               "--method lowrank`)")
     writers = {PEFT_WRITERS[p.kind] for p in delta.parts.values()}
     if len(writers) > 1:
         kinds = sorted({p.kind for p in delta.parts.values()})

@@ -29,159 +29,57 @@ finite numbers, variants a plain ``s·B·A`` part cannot represent), tensor dtyp
 from the safetensors header (against each other, the config and the base model) before any tensor data
 is read, and values must be finite.  The pickle-based ``adapter_model.bin`` is refused, not loaded.
 :func:`export_peft` records a SHA-256 digest of every tensor and of the config in the safetensors
-metadata (``deltatune.digests``, which PEFT ignores); loading verifies it when present.
+metadata (``deltatune.digests``, which PEFT ignores); loading verifies it when present.  Those checks, the
+same for every PEFT method, are :mod:`deltatune.io.peft_files`; this module holds what is LoRA's own (tensor
+keys, factor shapes against the config and the model, PEFT's saved base weights).
 """
 
 from __future__ import annotations
 
-import json
 import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
 from deltatune.delta import Delta
-from deltatune.errors import (
-    DeltaFormatError,
-    IntegrityError,
-    ShapeMismatch,
-    TargetError,
-)
+from deltatune.errors import DeltaFormatError, ShapeMismatch
 from deltatune.fingerprint import fingerprint
-from deltatune.io.digest import verify_tensor
 from deltatune.io.peft_config import (
     CONFIG_NAME,
     DIGEST_METADATA_KEY,
     PEFT_READERS,
-    PREFIX,
-    SAFETENSORS_NAME,
     AdapterConfig,
-    config_digest,
     load_peft_adapter,
     pattern_value,
     read_adapter_config,
 )
 from deltatune.io.peft_export import export_peft
+from deltatune.io.peft_files import (
+    FLOAT_DTYPES,
+    TensorInfo,
+    check_heads,
+    head_split,
+    head_values,
+    is_float,
+    model_module,
+    module_before,
+    read_header,
+    strip_prefix,
+    verified_record,
+    weights_file,
+)
+from deltatune.io.peft_files import read_values as _read_values  # module-level name: tests swap it out
 from deltatune.parts.base import Part, base_layer_kind
 from deltatune.parts.dora import DoRAPart
 from deltatune.parts.layers import LayerKind, in_out_features
 from deltatune.parts.lora import LoRAPart, lora_scale
-from deltatune.parts.meta_checks import check_finite, short
+from deltatune.parts.meta_checks import short
 
-BIN_NAME = "adapter_model.bin"
 # PEFT's ``EMBEDDING_LAYER_NAMES``: layers whose base weight PEFT may save alongside the adapter.
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
-# Dtypes a LoRA factor may have (safetensors header names → torch).
-FACTOR_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
-
-
-# --------------------------------------------------------------------------------------------------
-# adapter_model.safetensors: the header first, tensor data only once it is validated
-# --------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class TensorInfo:
-    """A tensor's entry in the safetensors header: dtype name (``F32``, ``BF16``, ``I32`` …) and shape."""
-
-    dtype: str
-    shape: tuple[int, ...]
-
-
-# What safetensors / torch raise on a corrupt or truncated file.
-_READ_ERRORS = (SafetensorError, OSError, ValueError, RuntimeError, TypeError, OverflowError)
-
-
-def _corrupt(file: Path, exc: BaseException) -> DeltaFormatError:
-    return DeltaFormatError(f"{file}: truncated or corrupt safetensors file ({str(exc)[:80]})")
-
-
-def _weights_file(path: Path) -> Path:
-    """The adapter's safetensors file; the pickle ``adapter_model.bin`` is refused with how to convert it."""
-    st, bin_ = path / SAFETENSORS_NAME, path / BIN_NAME
-    if st.is_file():
-        return st
-    if bin_.is_file():
-        raise DeltaFormatError(
-            f"{bin_}: deltatune does not load pickle files (unpickling can run arbitrary code). Convert it once, "
-            f"where you trust it: PeftModel.from_pretrained(base, dir).save_pretrained(out, "
-            f"safe_serialization=True) writes {SAFETENSORS_NAME}")
-    raise DeltaFormatError(f"{path}: holds no {SAFETENSORS_NAME}")
-
-
-def read_header(file: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Every tensor's dtype and shape, and the metadata, from the safetensors header (no tensor data)."""
-    try:
-        with safe_open(str(file), framework="pt") as fh:
-            metadata = dict(fh.metadata() or {})
-            infos = {}
-            keys = fh.keys()
-            for key in keys:
-                sl = fh.get_slice(key)
-                infos[key] = TensorInfo(str(sl.get_dtype()), tuple(int(d) for d in sl.get_shape()))
-    except _READ_ERRORS as exc:
-        raise _corrupt(file, exc) from None
-    return infos, metadata
-
-
-def _read_values(file: Path, keys: list[str], record: dict[str, Any] | None) -> dict[str, Tensor]:
-    """Read ``keys``; with a digest ``record``, check each tensor against it."""
-    try:
-        with safe_open(str(file), framework="pt") as fh:
-            values = {key: fh.get_tensor(key) for key in keys}
-    except _READ_ERRORS as exc:
-        raise _corrupt(file, exc) from None
-    if record is not None:
-        for key, value in values.items():
-            verify_tensor(file, key, value, record["tensors"][key])
-    return values
-
-
-# --------------------------------------------------------------------------------------------------
-# digests (written by export_peft; PEFT's own adapters have none)
-# --------------------------------------------------------------------------------------------------
-def _stored_record(file: Path, metadata: dict[str, str]) -> dict[str, Any] | None:
-    """The digest record in the safetensors metadata, or ``None`` for an adapter PEFT wrote.
-
-    A record under a damaged key (another key whose name mentions digests or whose value holds a
-    ``"tensors"`` map) is an :class:`IntegrityError`, not a reason to skip the check.
-    """
-    text = metadata.get(DIGEST_METADATA_KEY)
-    if text is None:
-        damaged = [k for k, v in metadata.items() if "digest" in k.lower() or '"tensors"' in v]
-        if damaged:
-            raise IntegrityError(f"{file}: metadata key {short(damaged[0])} looks like a damaged "
-                                 f"{DIGEST_METADATA_KEY!r} digest record (corrupt or modified)")
-        return None
-    try:
-        record = json.loads(text)
-    except (ValueError, RecursionError):
-        record = None
-    ok = (isinstance(record, dict) and isinstance(record.get("config"), str)
-          and isinstance(record.get("tensors"), dict) and all(isinstance(v, str) for v in record["tensors"].values()))
-    if not ok:
-        raise IntegrityError(f"{file}: metadata {DIGEST_METADATA_KEY!r} is not a digest record (corrupt or "
-                             "modified)")
-    return record
-
-
-def _verify_record(file: Path, cfg: AdapterConfig, infos: dict[str, TensorInfo], record: dict[str, Any]) -> None:
-    """The tensor names and the config must be the ones recorded at export (values are checked on read)."""
-    stored = record["tensors"]
-    missing, extra = sorted(set(stored) - set(infos)), sorted(set(infos) - set(stored))
-    if missing or extra:
-        raise IntegrityError(f"{file}: tensors differ from the recorded digests (missing {short(missing[:3])}, "
-                             f"unrecorded {short(extra[:3])}); the file is corrupt or was modified")
-    try:
-        got = config_digest(cfg.raw)
-    except (ValueError, TypeError, RecursionError):
-        got = None
-    if got != record["config"]:
-        raise IntegrityError(f"{file.parent / CONFIG_NAME}: differs from the digest recorded in {file.name} at "
-                             "export (edited or corrupt); pass verify=False (--no-verify) to load it anyway")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -208,21 +106,6 @@ class _Layout:
     embedding: dict[str, bool]  # module → lora_embedding_* (True) or lora_A/B.weight (False)
     heads: dict[str, dict[str, str]]  # modules_to_save module → {tensor name: key}
     base_copies: list[tuple[str, str, str]]  # (module, tensor name, key) of PEFT's saved base weights
-
-
-def _head_split(rest: str, modules_to_save: list[str]) -> tuple[str, str] | None:
-    """``(module, tensor)`` if ``rest`` is a tensor of a ``modules_to_save`` module.
-
-    PEFT's rule: the module name ends with an entry (no dot boundary).
-    """
-    pieces = rest.split(".")
-    for i in range(1, len(pieces)):
-        module = ".".join(pieces[:i])
-        if any(module.endswith(m) for m in modules_to_save):
-            tensor = ".".join(pieces[i:])
-            tensor = tensor.removeprefix("modules_to_save.")
-            return module, tensor
-    return None
 
 
 def _embedding_names(model: nn.Module | None) -> set[str]:
@@ -255,9 +138,7 @@ def _classify(file: Path, keys: list[str], modules_to_save: list[str], embedding
     others: list[tuple[str, str]] = []
     magnitudes: dict[str, str] = {}
     for key in keys:
-        if not key.startswith(PREFIX):
-            raise DeltaFormatError(f"{file}: unknown tensor key {short(key)} (PEFT keys start with {PREFIX!r})")
-        rest = key[len(PREFIX):]
+        rest = strip_prefix(key, file)
         for suffix, why in _EXPLAINED_SUFFIXES.items():
             if rest.endswith(suffix):
                 raise DeltaFormatError(f"{file}: tensor {short(key)} is {why}")
@@ -269,9 +150,7 @@ def _classify(file: Path, keys: list[str], modules_to_save: list[str], embedding
             continue
         for suffix, (which, emb) in _LORA_SUFFIXES.items():
             if rest.endswith(suffix):
-                module = rest[: -len(suffix)]
-                if not module:
-                    raise DeltaFormatError(f"{file}: tensor {short(key)} names no module")
+                module = module_before(suffix, rest, key, file)
                 if layout.embedding.setdefault(module, emb) != emb:
                     raise DeltaFormatError(f"{file}: module {short(module)} has both lora_A/B and "
                                            "lora_embedding_A/B tensors")
@@ -283,7 +162,7 @@ def _classify(file: Path, keys: list[str], modules_to_save: list[str], embedding
             others.append((key, rest))
     targets = set(layout.factors)
     for key, rest in others:
-        split = _head_split(rest, modules_to_save) if modules_to_save else None
+        split = head_split(rest, modules_to_save) if modules_to_save else None
         if split is not None:
             layout.heads.setdefault(split[0], {})[split[1]] = key
             continue
@@ -341,24 +220,14 @@ class _PartSpec:
     dtype: torch.dtype
 
 
-def _model_module(model: nn.Module, module: str, file: Path, what: str) -> nn.Module:
-    from deltatune.model import get_module
-
-    try:
-        return get_module(model, module)
-    except AttributeError:
-        raise TargetError(f"{file}: the adapter has {what} for {short(module)}, which is not a module of this "
-                          "model") from None
-
-
 def _part_spec(module: str, keys: dict[str, str], embedding: bool, infos: dict[str, TensorInfo],
                cfg: AdapterConfig, model: nn.Module | None, file: Path) -> _PartSpec:
     key_a, key_b = keys["A"], keys["B"]
     a, b = infos[key_a], infos[key_b]
     for key, info in ((key_a, a), (key_b, b)):
-        if info.dtype not in FACTOR_DTYPES:
+        if info.dtype not in FLOAT_DTYPES:
             raise DeltaFormatError(f"{file}: tensor {short(key)} has dtype {short(info.dtype)}; LoRA factors "
-                                   f"must be floating point ({', '.join(FACTOR_DTYPES)})")
+                                   f"must be floating point ({', '.join(FLOAT_DTYPES)})")
     if len(a.shape) != 2 or len(b.shape) != 2 or 0 in a.shape + b.shape:
         raise ShapeMismatch(f"{file}: {module!r}: LoRA factors must be non-empty 2-D, got {key_a} {list(a.shape)} "
                             f"and {key_b} {list(b.shape)}")
@@ -374,7 +243,7 @@ def _part_spec(module: str, keys: dict[str, str], embedding: bool, infos: dict[s
                                f"but its tensors in {file.name} have rank {rank}")
     scale = lora_scale(alpha, rank, cfg.rslora)
     if model is not None:
-        base = _model_module(model, module, file, "LoRA tensors")
+        base = model_module(model, module, file, "LoRA tensors")
         layer = base_layer_kind(base, f"{file}: {module}")
         d_in, d_out = in_out_features(base)
         if embedding != (layer is LayerKind.EMBEDDING):
@@ -389,43 +258,27 @@ def _part_spec(module: str, keys: dict[str, str], embedding: bool, infos: dict[s
         d_in, d_out = a.shape[1], b.shape[0]
         layer = LayerKind.CONV1D if cfg.fan_in_fan_out else LayerKind.LINEAR
         layer = LayerKind.EMBEDDING if embedding else layer
-    dtype = torch.promote_types(FACTOR_DTYPES[a.dtype], FACTOR_DTYPES[b.dtype])
+    dtype = torch.promote_types(FLOAT_DTYPES[a.dtype], FLOAT_DTYPES[b.dtype])
     key_m = keys.get("M")
     if key_m is not None:
         m = infos[key_m]
-        if m.dtype not in FACTOR_DTYPES:
+        if m.dtype not in FLOAT_DTYPES:
             raise DeltaFormatError(f"{file}: tensor {short(key_m)} has dtype {short(m.dtype)}; a DoRA magnitude "
-                                   f"must be floating point ({', '.join(FACTOR_DTYPES)})")
+                                   f"must be floating point ({', '.join(FLOAT_DTYPES)})")
         if m.shape != (d_out,):
             raise ShapeMismatch(f"{file}: {module!r}: the DoRA magnitude {key_m} has shape {list(m.shape)}, but the "
                                 f"module has {d_out} output features, so it must be {[d_out]}")
-        dtype = torch.promote_types(dtype, FACTOR_DTYPES[m.dtype])
+        dtype = torch.promote_types(dtype, FLOAT_DTYPES[m.dtype])
     return _PartSpec(module, key_a, key_b, key_m, layer, d_in, d_out, rank, scale, dtype)
 
 
-def _is_float(dtype: str) -> bool:
-    """Whether a safetensors dtype name is a floating type (``F16``, ``BF16``, ``F8_E4M3`` …)."""
-    return dtype.startswith("F") or dtype == "BF16"
-
-
-def _check_heads_against(model: nn.Module, layout: _Layout, infos: dict[str, TensorInfo], file: Path) -> None:
-    """Heads and saved base weights must have the shapes and dtype kinds of the model's own tensors."""
-    for head, tensors in layout.heads.items():
-        own = _model_module(model, head, file, "modules_to_save tensors").state_dict()
-        for name, key in tensors.items():
-            info = infos[key]
-            if name not in own or tuple(own[name].shape) != info.shape:
-                got = list(own[name].shape) if name in own else "missing"
-                raise ShapeMismatch(f"{file}: modules_to_save tensor {head}.{name} has shape {list(info.shape)}, "
-                                    f"the model has {got}")
-            if _is_float(info.dtype) != own[name].is_floating_point():
-                raise ShapeMismatch(f"{file}: modules_to_save tensor {head}.{name} has dtype {info.dtype}, the "
-                                    f"model has {own[name].dtype}")
+def _check_base_copies_against(model: nn.Module, layout: _Layout, infos: dict[str, TensorInfo], file: Path) -> None:
+    """PEFT's saved base weights must have the shapes of the model's own tensors and be floating point."""
     for module, tensor, key in layout.base_copies:
-        own = _model_module(model, module, file, "a saved base weight").state_dict().get(
+        own = model_module(model, module, file, "a saved base weight").state_dict().get(
             tensor.removeprefix("base_layer."))
         info = infos[key]
-        if own is None or tuple(own.shape) != info.shape or not _is_float(info.dtype):
+        if own is None or tuple(own.shape) != info.shape or not is_float(info.dtype):
             got = "missing" if own is None else f"{own.dtype} {list(own.shape)}"
             raise ShapeMismatch(f"{file}: {key!r} is a saved base weight of {module!r} ({info.dtype} "
                                 f"{list(info.shape)}), the model has {got} (resized vocabulary?)")
@@ -433,7 +286,7 @@ def _check_heads_against(model: nn.Module, layout: _Layout, infos: dict[str, Ten
 
 def _check_base_copy(model: nn.Module, module: str, tensor: str, value: Tensor, file: Path, key: str) -> None:
     """A base weight PEFT saved next to the adapter must equal the model's (it is not part of the delta)."""
-    own = _model_module(model, module, file, "a saved base weight").state_dict()[tensor.removeprefix("base_layer.")]
+    own = model_module(model, module, file, "a saved base weight").state_dict()[tensor.removeprefix("base_layer.")]
     if not torch.equal(own.detach().cpu().to(value.dtype), value):
         raise DeltaFormatError(f"{file}: {key!r} holds a base weight of {module!r} that differs from this "
                                "model's (resized or retrained embeddings?); a LoRA delta cannot carry "
@@ -478,26 +331,24 @@ def load_lora_adapter(path: str | Path, model: nn.Module | None = None, verify: 
     """
     path = Path(path)
     cfg = read_adapter_config(path)
-    file = _weights_file(path)
+    file = weights_file(path)
     infos, metadata = read_header(file)
     layout = _classify(file, list(infos), cfg.modules_to_save, _embedding_names(model), cfg.dora)
     specs = [_part_spec(m, layout.factors[m], layout.embedding[m], infos, cfg, model, file)
              for m in sorted(layout.factors)]
     if model is not None:
-        _check_heads_against(model, layout, infos, file)
-    record = _stored_record(file, metadata) if verify else None
+        check_heads(model, layout.heads, infos, file)
+        _check_base_copies_against(model, layout, infos, file)
+    record = verified_record(file, metadata, cfg.raw, infos, verify)
     if record is not None:
-        _verify_record(file, cfg, infos, record)
         wanted = list(infos)  # every recorded tensor is checked
     else:
         wanted = [k for s in specs for k in (s.key_a, s.key_b, s.key_m) if k is not None]
         wanted += [k for t in layout.heads.values() for k in t.values()]
         wanted += [key for _, _, key in layout.base_copies] if model is not None else []
     values = _read_values(file, wanted, record)
-    for key in wanted:
-        check_finite(values[key], f"{file}: tensor {key!r}")
 
-    heads = {head: {name: values[key] for name, key in tensors.items()} for head, tensors in layout.heads.items()}
+    heads = head_values(layout.heads, values)
     for module, tensor, key in layout.base_copies:
         if model is None:
             warnings.warn(f"{file}: {key!r} is a copy of a base weight (PEFT saves targeted or resized embedding "

@@ -12,46 +12,53 @@ Nothing is trusted, as for LoRA (:mod:`deltatune.io.peft_format`): the config is
 ``IA3Config`` fields and types; tensor names, dtypes and shapes are checked from the safetensors header
 (against the config's feedforward rule and the base model, when given) before any tensor data is read; values
 must be finite; the pickle ``adapter_model.bin`` is refused.  :func:`export_ia3` writes atomically and records
-SHA-256 digests of every tensor and of the config in the safetensors metadata, which loading verifies.
+SHA-256 digests of every tensor and of the config in the safetensors metadata, which loading verifies.  Those
+steps, the same for every PEFT method, are :mod:`deltatune.io.peft_files`.
 """
 
 from __future__ import annotations
 
-import json
 import re
-import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from deltatune.delta import Delta
 from deltatune.errors import DeltaFormatError, ShapeMismatch
 from deltatune.fingerprint import fingerprint
-from deltatune.io.atomic import atomic_dir
-from deltatune.io.digest import tensor_digest
-from deltatune.io.json_io import read_json_object
-from deltatune.io.outputs import PEFT_KIND
-from deltatune.io.peft_config import CONFIG_NAME, DIGEST_METADATA_KEY, PREFIX, SAFETENSORS_NAME, config_digest
-from deltatune.io.peft_format import (
-    FACTOR_DTYPES,
+from deltatune.io.peft_config import (
+    IS_BOOL,
+    NAMES,
+    PREFIX,
+    SHARED_FIELD_TYPES,
+    STR_OR_NONE,
+    FieldCheck,
+    read_config_file,
+    read_modules_to_save,
+    warn_unknown_fields,
+)
+from deltatune.io.peft_files import (
+    FLOAT_DTYPES,
     TensorInfo,
-    _check_heads_against,
-    _head_split,
-    _Layout,
-    _model_module,
-    _read_values,
-    _stored_record,
-    _verify_record,
-    _weights_file,
+    check_heads,
+    exported_config_base,
+    head_split,
+    head_tensors,
+    head_values,
+    model_module,
+    module_before,
     read_header,
+    read_values,
+    strip_prefix,
+    verified_record,
+    weights_file,
+    write_adapter,
 )
 from deltatune.parts.ia3 import IA3Part
 from deltatune.parts.layers import LayerKind, in_out_features, layer_kind
-from deltatune.parts.meta_checks import check_finite, short
+from deltatune.parts.meta_checks import short
 
 PEFT_TYPE = "IA3"
 SUFFIX = ".ia3_l"
@@ -68,30 +75,13 @@ FOREIGN_SUFFIXES = {
     ".hada_w1_a": "a LoHa factor", ".lokr_w1": "a LoKr factor", ".vera_lambda_b": "a VeRA vector",
 }
 
-
-def _is_str_list(v: Any) -> bool:
-    return isinstance(v, list) and all(isinstance(x, str) for x in v)
-
-
-_BOOL: tuple[Callable[[Any], bool], str] = (lambda v: isinstance(v, bool), "true or false")
-_STR_OR_NONE: tuple[Callable[[Any], bool], str] = (lambda v: v is None or isinstance(v, str), "a string or null")
-_NAMES: tuple[Callable[[Any], bool], str] = (
-    lambda v: v is None or isinstance(v, str) or _is_str_list(v), "a string, a list of strings or null")
 # Field → (check, what is expected), after PEFT 0.21.2's ``IA3Config`` annotations.
-FIELD_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "peft_type": (lambda v: isinstance(v, str), "a string"),
-    "task_type": _STR_OR_NONE,
-    "peft_version": _STR_OR_NONE,
-    "base_model_name_or_path": _STR_OR_NONE,
-    "revision": _STR_OR_NONE,
+FIELD_TYPES: dict[str, FieldCheck] = {
+    **SHARED_FIELD_TYPES,
+    "peft_version": STR_OR_NONE,
     "auto_mapping": (lambda v: v is None or isinstance(v, dict), "an object or null"),
-    "inference_mode": _BOOL,
-    "fan_in_fan_out": _BOOL,
-    "init_ia3_weights": _BOOL,
-    "target_modules": _NAMES,
-    "exclude_modules": _NAMES,
-    "feedforward_modules": _NAMES,
-    "modules_to_save": (lambda v: v is None or _is_str_list(v), "a list of module names or null"),
+    "init_ia3_weights": IS_BOOL,
+    "feedforward_modules": NAMES,
 }
 
 
@@ -120,13 +110,7 @@ class IA3AdapterConfig:
 
 def read_ia3_config(path: Path) -> IA3AdapterConfig:
     """Read ``path/adapter_config.json`` and check it against PEFT 0.21.2's ``IA3Config`` schema."""
-    file = path / CONFIG_NAME
-    config = read_json_object(file, "PEFT adapter", f"{CONFIG_NAME} and {SAFETENSORS_NAME}")
-    if "peft_type" not in config:
-        raise DeltaFormatError(f"{file}: missing field 'peft_type'")
-    for name, (check, expected) in FIELD_TYPES.items():
-        if name in config and not check(config[name]):
-            raise DeltaFormatError(f"{file}: field {name!r} must be {expected}, got {short(config[name])}")
+    file, config = read_config_file(path, ("peft_type",), FIELD_TYPES)
     if config["peft_type"] != PEFT_TYPE:
         raise DeltaFormatError(f"{file}: peft_type is {short(config['peft_type'])}; this reader takes IA3 adapters "
                                "only")
@@ -140,13 +124,8 @@ def read_ia3_config(path: Path) -> IA3AdapterConfig:
     if isinstance(feedforward, list) and "" in feedforward:
         raise DeltaFormatError(f"{file}: field 'feedforward_modules' holds an empty module name (it would match "
                                "every module)")
-    modules_to_save = list(config.get("modules_to_save") or [])
-    if "" in modules_to_save:
-        raise DeltaFormatError(f"{file}: field 'modules_to_save' holds an empty module name")
-    unknown = sorted(k for k, v in config.items() if k not in KNOWN_FIELDS and v not in (None, False, 0, "", [], {}))
-    if unknown:
-        warnings.warn(f"{file}: fields {short(unknown)} are not in PEFT 0.21's IA3Config and were ignored "
-                      "(as PEFT ignores them)", stacklevel=3)
+    modules_to_save = read_modules_to_save(config, file)
+    warn_unknown_fields(config, KNOWN_FIELDS, "IA3Config", file, stacklevel=3)
     return IA3AdapterConfig(raw=config, feedforward=feedforward, fan_in_fan_out=config.get("fan_in_fan_out", False),
                             modules_to_save=modules_to_save)
 
@@ -154,40 +133,36 @@ def read_ia3_config(path: Path) -> IA3AdapterConfig:
 # --------------------------------------------------------------------------------------------------
 # tensor keys and shapes, from the header
 # --------------------------------------------------------------------------------------------------
-def _classify(file: Path, keys: list[str], modules_to_save: list[str]) -> tuple[dict[str, str], _Layout]:
-    """``{module: ia3_l key}`` and the heads; any other key is an error naming it."""
+def _classify(file: Path, keys: list[str], modules_to_save: list[str]
+              ) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
+    """``{module: ia3_l key}`` and the heads ``{module: {tensor name: key}}``; any other key is an error naming it."""
     vectors: dict[str, str] = {}
-    layout = _Layout({}, {}, {}, [])
+    heads: dict[str, dict[str, str]] = {}
     for key in keys:
-        if not key.startswith(PREFIX):
-            raise DeltaFormatError(f"{file}: unknown tensor key {short(key)} (PEFT keys start with {PREFIX!r})")
-        rest = key[len(PREFIX):]
+        rest = strip_prefix(key, file)
         if rest.endswith(SUFFIX):
-            module = rest[: -len(SUFFIX)]
-            if not module:
-                raise DeltaFormatError(f"{file}: tensor {short(key)} names no module")
-            vectors[module] = key
+            vectors[module_before(SUFFIX, rest, key, file)] = key
             continue
         foreign = next((why for suffix, why in FOREIGN_SUFFIXES.items() if rest.endswith(suffix)), None)
         if foreign is not None:
             raise DeltaFormatError(f"{file}: tensor {short(key)} is {foreign}, which an IA3 adapter does not hold "
                                    "(a mixed or mislabelled adapter?)")
-        split = _head_split(rest, modules_to_save) if modules_to_save else None
+        split = head_split(rest, modules_to_save) if modules_to_save else None
         if split is None:
             raise DeltaFormatError(f"{file}: unknown tensor key {short(key)} (not an IA3 vector "
                                    f"'<module>{SUFFIX}' or a modules_to_save tensor of {short(modules_to_save)})")
-        layout.heads.setdefault(split[0], {})[split[1]] = key
+        heads.setdefault(split[0], {})[split[1]] = key
     if not vectors:
         raise DeltaFormatError(f"{file}: no IA3 tensors ('<module>{SUFFIX}') found")
-    return vectors, layout
+    return vectors, heads
 
 
 def _part_for(module: str, key: str, info: TensorInfo, cfg: IA3AdapterConfig, model: nn.Module | None,
               file: Path) -> IA3Part:
     """An (empty) :class:`IA3Part` for ``module`` from its header entry, the config and the model."""
-    if info.dtype not in FACTOR_DTYPES:
+    if info.dtype not in FLOAT_DTYPES:
         raise DeltaFormatError(f"{file}: tensor {short(key)} has dtype {short(info.dtype)}; IA3 vectors must be "
-                               f"floating point ({', '.join(FACTOR_DTYPES)})")
+                               f"floating point ({', '.join(FLOAT_DTYPES)})")
     shape = info.shape
     if len(shape) != 2 or 1 not in shape or 0 in shape:
         raise ShapeMismatch(f"{file}: {short(key)} has shape {list(shape)}; PEFT stores an IA3 vector as (out, 1) "
@@ -206,12 +181,12 @@ def _part_for(module: str, key: str, info: TensorInfo, cfg: IA3AdapterConfig, mo
                             f"{'(1, in)' if feedforward else '(out, 1)'}; {short(key)} has {list(shape)}")
     n = max(shape)
     position = "input" if feedforward else "output"
-    dtype = FACTOR_DTYPES[info.dtype]
+    dtype = FLOAT_DTYPES[info.dtype]
     if model is None:
         layer = LayerKind.CONV1D if cfg.fan_in_fan_out else LayerKind.LINEAR
         d_in, d_out = (n, None) if feedforward else (None, n)
         return IA3Part(d_in, d_out, position, layer, None, dtype=dtype)  # type: ignore[arg-type]
-    base = _model_module(model, module, file, "an IA3 vector")
+    base = model_module(model, module, file, "an IA3 vector")
     layer = layer_kind(base)
     if layer not in (LayerKind.LINEAR, LayerKind.CONV1D):
         raise ShapeMismatch(f"{file}: the adapter scales {module!r}, a {type(base).__name__} in the model; IA3 "
@@ -246,22 +221,17 @@ def load_ia3_adapter(path: str | Path, model: nn.Module | None = None, verify: b
     """
     path = Path(path)
     cfg = read_ia3_config(path)
-    file = _weights_file(path)
+    file = weights_file(path)
     infos, metadata = read_header(file)
-    vectors, layout = _classify(file, list(infos), cfg.modules_to_save)
+    vectors, head_keys = _classify(file, list(infos), cfg.modules_to_save)
     parts = {m: _part_for(m, vectors[m], infos[vectors[m]], cfg, model, file) for m in sorted(vectors)}
     if model is not None:
-        _check_heads_against(model, layout, infos, file)
-    record = _stored_record(file, metadata) if verify else None
-    if record is not None:
-        _verify_record(file, cfg, infos, record)  # type: ignore[arg-type]
-    wanted = list(infos)
-    values = _read_values(file, wanted, record)
-    for key in wanted:
-        check_finite(values[key], f"{file}: tensor {key!r}")
+        check_heads(model, head_keys, infos, file)
+    record = verified_record(file, metadata, cfg.raw, infos, verify)
+    values = read_values(file, list(infos), record)
     for module, part in parts.items():
         part.load_tensors({"ia3_l": values[vectors[module]].reshape(-1).to(part.ia3_l.dtype)}, f"{file}: {module}")
-    heads = {head: {name: values[key] for name, key in tensors.items()} for head, tensors in layout.heads.items()}
+    heads = head_values(head_keys, values)
     config = {"targets": sorted(parts), "feedforward": sorted(m for m, p in parts.items() if p.position == "input")}
     fp = fingerprint(model, exclude=list(heads)) if model is not None else None
     return Delta(method="ia3", config=config, parts=parts, heads=heads, fingerprint=fp)  # type: ignore[arg-type]
@@ -296,18 +266,13 @@ def export_ia3(delta: Delta, path: str | Path, base_model_name_or_path: str | No
     if bad:
         raise DeltaFormatError(f"only (IA)³ deltas export to a PEFT IA3 adapter; parts {bad[:5]} are not ia3")
     parts: dict[str, IA3Part] = dict(delta.parts)  # type: ignore[arg-type]
-    heads = sorted(delta.heads)
     config = {
-        "peft_type": PEFT_TYPE,
-        "task_type": None,
-        "base_model_name_or_path": base_model_name_or_path,
-        "revision": None,
-        "inference_mode": True,
+        **exported_config_base(PEFT_TYPE, base_model_name_or_path),
         "target_modules": sorted(parts),
         "exclude_modules": None,
         "feedforward_modules": _feedforward_field(parts),
         "fan_in_fan_out": any(p.layer is LayerKind.CONV1D for p in parts.values()),
-        "modules_to_save": heads or None,
+        "modules_to_save": sorted(delta.heads) or None,
         "init_ia3_weights": True,
     }
     tensors: dict[str, Tensor] = {}
@@ -315,19 +280,8 @@ def export_ia3(delta: Delta, path: str | Path, base_model_name_or_path: str | No
         vector = part.ia3_l.detach().to("cpu")
         shape = (1, -1) if part.position == "input" else (-1, 1)
         tensors[f"{PREFIX}{name}{SUFFIX}"] = vector.reshape(shape).contiguous()
-    for head in heads:
-        if not delta.heads[head]:
-            raise DeltaFormatError(f"head {head!r} has no tensors; call delta.snapshot_heads(model) first")
-        for k, v in delta.heads[head].items():
-            tensors[f"{PREFIX}{head}.{k}"] = v.detach().to("cpu").contiguous()
-    for key, value in tensors.items():
-        check_finite(value, f"cannot export to {path}: tensor {key!r}")
-    record = {"tensors": {k: tensor_digest(k, v) for k, v in tensors.items()}, "config": config_digest(config)}
-    metadata = {"format": "pt", DIGEST_METADATA_KEY: json.dumps(record, sort_keys=True)}
-    with atomic_dir(path, PEFT_KIND, overwrite=overwrite) as tmp:
-        save_file(tensors, str(tmp / SAFETENSORS_NAME), metadata=metadata)
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))
-    return path
+    tensors.update(head_tensors(delta.heads, PREFIX))
+    return write_adapter(path, config, tensors, overwrite)
 
 
 __all__ = ["export_ia3", "load_ia3_adapter", "read_ia3_config"]

@@ -14,40 +14,44 @@ safetensors header (against the config and, with ``model``, the model's embeddin
 before any tensor data is read, and values must be finite.  Encoder-decoder prompts
 (``num_transformer_submodules = 2``) and span (question-answering) heads are refused, saying why.
 :func:`export_prompt` records a SHA-256 digest of every tensor and of the config in the safetensors metadata
-(``deltatune.digests``, which PEFT ignores); loading verifies it when present.
+(``deltatune.digests``, which PEFT ignores); loading verifies it when present.  Those steps, the same for every
+PEFT method, are :mod:`deltatune.io.peft_files`.
 """
 
 from __future__ import annotations
 
-import json
-import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from deltatune.delta import Delta
-from deltatune.errors import DeltaFormatError, IntegrityError, ShapeMismatch, TargetError
+from deltatune.errors import DeltaFormatError, ShapeMismatch
 from deltatune.fingerprint import fingerprint
-from deltatune.io.atomic import atomic_dir
-from deltatune.io.digest import tensor_digest, verify_tensor
-from deltatune.io.json_io import read_json_object
-from deltatune.io.outputs import PEFT_KIND
-from deltatune.io.peft_config import CONFIG_NAME, DIGEST_METADATA_KEY, SAFETENSORS_NAME, config_digest
+from deltatune.io.peft_config import CONFIG_NAME, read_config_file, read_modules_to_save, warn_unknown_fields
+from deltatune.io.peft_files import (
+    FLOAT_DTYPES,
+    TensorInfo,
+    check_heads,
+    exported_config_base,
+    head_split,
+    head_tensors,
+    head_values,
+    read_header,
+    read_values,
+    verified_record,
+    weights_file,
+    write_adapter,
+)
 from deltatune.methods.prompt_tuning import PromptTuningConfig
 from deltatune.parts.base import MODEL_LEVEL
-from deltatune.parts.meta_checks import check_finite, short
+from deltatune.parts.meta_checks import short
 from deltatune.parts.prompt import PromptPart, input_embedding, model_context
 
 PEFT_TYPE = "PROMPT_TUNING"
 PROMPT_KEY = "prompt_embeddings"
 HEAD_PREFIX = "base_model."  # modules_to_save keys of a prompt-learning adapter
-BIN_NAME = "adapter_model.bin"
-FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 # PEFT task types whose prompted forward deltatune reproduces, and the ones it refuses (why).
 TASK_TYPES = (None, "CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "FEATURE_EXTRACTION")
 REFUSED_TASKS = {
@@ -62,7 +66,6 @@ KNOWN_FIELDS = frozenset((
     "prompt_tuning_init", "prompt_tuning_init_text", "revision", "task_type", "token_dim", "tokenizer_kwargs",
     "tokenizer_name_or_path",
 ))
-_READ_ERRORS = (SafetensorError, OSError, ValueError, RuntimeError, TypeError, OverflowError)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -86,8 +89,7 @@ def _optional(config: dict[str, Any], name: str, types: type | tuple[type, ...],
 
 def read_prompt_config(path: Path) -> dict[str, Any]:
     """``path/adapter_config.json`` checked against PEFT 0.21's ``PromptTuningConfig`` schema."""
-    file = path / CONFIG_NAME
-    config = read_json_object(file, "PEFT adapter", f"{CONFIG_NAME} and {SAFETENSORS_NAME}")
+    file, config = read_config_file(path)
     peft_type = config.get("peft_type")
     if peft_type != PEFT_TYPE:
         raise DeltaFormatError(f"{file}: peft_type is {short(peft_type)}; this reader takes {PEFT_TYPE} adapters "
@@ -113,13 +115,8 @@ def read_prompt_config(path: Path) -> dict[str, Any]:
     if not isinstance(config.get("inference_mode", True), bool):
         raise DeltaFormatError(f"{file}: field 'inference_mode' must be true or false, got "
                                f"{short(config['inference_mode'])}")
-    heads = _optional(config, "modules_to_save", list, "a list of module names", file) or []
-    if not all(isinstance(h, str) and h for h in heads):
-        raise DeltaFormatError(f"{file}: field 'modules_to_save' must hold non-empty module names, got {short(heads)}")
-    unknown = sorted(k for k, v in config.items() if k not in KNOWN_FIELDS and v not in (None, False, 0, "", [], {}))
-    if unknown:
-        warnings.warn(f"{file}: fields {short(unknown)} are not in PEFT 0.21's PromptTuningConfig and were ignored "
-                      "(as PEFT ignores them)", stacklevel=3)
+    read_modules_to_save(config, file)
+    warn_unknown_fields(config, KNOWN_FIELDS, "PromptTuningConfig", file, stacklevel=3)
     return config
 
 
@@ -136,66 +133,20 @@ def _delta_config(config: dict[str, Any], file: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 # adapter_model.safetensors
 # --------------------------------------------------------------------------------------------------
-def _weights_file(path: Path) -> Path:
-    st, bin_ = path / SAFETENSORS_NAME, path / BIN_NAME
-    if st.is_file():
-        return st
-    if bin_.is_file():
-        raise DeltaFormatError(f"{bin_}: deltatune does not load pickle files (unpickling can run arbitrary code); "
-                               f"re-save the adapter with save_pretrained(..., safe_serialization=True)")
-    raise DeltaFormatError(f"{path}: holds no {SAFETENSORS_NAME}")
-
-
-def _header(file: Path) -> tuple[dict[str, tuple[str, tuple[int, ...]]], dict[str, str]]:
-    """``{key: (dtype name, shape)}`` and the metadata, from the header alone."""
-    try:
-        with safe_open(str(file), framework="pt") as fh:
-            metadata = dict(fh.metadata() or {})
-            keys = fh.keys()
-            infos = {k: (str(fh.get_slice(k).get_dtype()), tuple(int(d) for d in fh.get_slice(k).get_shape()))
-                     for k in keys}
-    except _READ_ERRORS as exc:
-        raise DeltaFormatError(f"{file}: truncated or corrupt safetensors file ({str(exc)[:80]})") from None
-    return infos, metadata
-
-
-def _head_split(key: str, modules_to_save: list[str], file: Path) -> tuple[str, str]:
-    """``(module, tensor)`` of a ``modules_to_save`` key (PEFT's rule: the module name ends with an entry)."""
-    if key.startswith(HEAD_PREFIX):
-        pieces = key[len(HEAD_PREFIX):].split(".")
-        for i in range(1, len(pieces)):
-            module = ".".join(pieces[:i])
-            if any(module.endswith(m) for m in modules_to_save):
-                return module, ".".join(pieces[i:]).removeprefix("modules_to_save.")
-    raise DeltaFormatError(f"{file}: unknown tensor key {short(key)}: a prompt-tuning adapter holds "
-                           f"{PROMPT_KEY!r} and the modules_to_save {short(modules_to_save)} as "
-                           f"'{HEAD_PREFIX}<module>.<tensor>'")
-
-
-def _record(file: Path, metadata: dict[str, str]) -> dict[str, Any] | None:
-    """The digest record :func:`export_prompt` wrote, ``None`` for an adapter PEFT wrote."""
-    text = metadata.get(DIGEST_METADATA_KEY)
-    if text is None:
-        damaged = [k for k, v in metadata.items() if "digest" in k.lower() or '"tensors"' in v]
-        if damaged:
-            raise IntegrityError(f"{file}: metadata key {short(damaged[0])} looks like a damaged "
-                                 f"{DIGEST_METADATA_KEY!r} digest record (corrupt or modified)")
-        return None
-    try:
-        record = json.loads(text)
-    except (ValueError, RecursionError):
-        record = None
-    ok = (isinstance(record, dict) and isinstance(record.get("config"), str)
-          and isinstance(record.get("tensors"), dict) and all(isinstance(v, str) for v in record["tensors"].values()))
-    if not ok:
-        raise IntegrityError(f"{file}: metadata {DIGEST_METADATA_KEY!r} is not a digest record (corrupt or modified)")
-    return record
+def _head_key(key: str, modules_to_save: list[str], file: Path) -> tuple[str, str]:
+    """``(module, tensor)`` of a ``modules_to_save`` key ``base_model.<module>.<tensor>``; any other key is an
+    error naming it."""
+    split = head_split(key[len(HEAD_PREFIX):], modules_to_save) if key.startswith(HEAD_PREFIX) else None
+    if split is None:
+        raise DeltaFormatError(f"{file}: unknown tensor key {short(key)}: a prompt-tuning adapter holds "
+                               f"{PROMPT_KEY!r} and the modules_to_save {short(modules_to_save)} as "
+                               f"'{HEAD_PREFIX}<module>.<tensor>'")
+    return split
 
 
 def _check_model(model: nn.Module, tokens: int, dim: int, heads: dict[str, dict[str, str]],
-                 infos: dict[str, tuple[str, tuple[int, ...]]], file: Path) -> None:
-    from deltatune.model import get_module
-
+                 infos: dict[str, TensorInfo], file: Path) -> None:
+    """The prompt's token dimension and length against the model's embeddings and context, then the heads."""
     own_dim = input_embedding(model, str(file)).weight.shape[1]
     if own_dim != dim:
         raise ShapeMismatch(f"{file}: {PROMPT_KEY!r} has token dimension {dim}, the model's input embeddings {own_dim}")
@@ -203,18 +154,7 @@ def _check_model(model: nn.Module, tokens: int, dim: int, heads: dict[str, dict[
     if context is not None and tokens >= context[0]:
         raise ShapeMismatch(f"{file}: a prompt of {tokens} virtual tokens leaves no room for input in the model's "
                             f"context of {context[0]} positions (config.{context[1]})")
-    for head, tensors in heads.items():
-        try:
-            own = get_module(model, head).state_dict()
-        except AttributeError:
-            raise TargetError(f"{file}: modules_to_save tensors for {short(head)}, which is not a module of this "
-                              "model") from None
-        for name, key in tensors.items():
-            dtype, shape = infos[key]
-            if name not in own or tuple(own[name].shape) != shape:
-                got = list(own[name].shape) if name in own else "missing"
-                raise ShapeMismatch(f"{file}: modules_to_save tensor {head}.{name} has shape {list(shape)}, the "
-                                    f"model has {got}")
+    check_heads(model, heads, infos, file)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -230,19 +170,19 @@ def load_prompt_adapter(path: str | Path, model: nn.Module | None = None, verify
     adapter written by :func:`export_prompt` is checked against its digests (:class:`IntegrityError`)."""
     path = Path(path)
     config = read_prompt_config(path)
-    file = _weights_file(path)
-    infos, metadata = _header(file)
+    file = weights_file(path)
+    infos, metadata = read_header(file)
     if PROMPT_KEY not in infos:
         raise DeltaFormatError(f"{file}: no {PROMPT_KEY!r} tensor (keys: {short(sorted(infos))})")
     modules_to_save = list(config.get("modules_to_save") or [])
     heads: dict[str, dict[str, str]] = {}
     for key in sorted(infos):
         if key != PROMPT_KEY:
-            module, tensor = _head_split(key, modules_to_save, file)
+            module, tensor = _head_key(key, modules_to_save, file)
             if tensor in heads.setdefault(module, {}):
                 raise DeltaFormatError(f"{file}: two tensors for {module}.{tensor}")
             heads[module][tensor] = key
-    dtype, shape = infos[PROMPT_KEY]
+    dtype, shape = infos[PROMPT_KEY].dtype, infos[PROMPT_KEY].shape
     tokens, dim = config["num_virtual_tokens"], config.get("token_dim")
     if dtype not in FLOAT_DTYPES:
         raise DeltaFormatError(f"{file}: {PROMPT_KEY!r} has dtype {short(dtype)}; it must be floating point "
@@ -252,36 +192,20 @@ def load_prompt_adapter(path: str | Path, model: nn.Module | None = None, verify
                             f"num_virtual_tokens={tokens} and token_dim={dim}")
     for tensors in heads.values():
         for key in tensors.values():
-            if infos[key][0] not in FLOAT_DTYPES:
-                raise DeltaFormatError(f"{file}: head tensor {key!r} has dtype {infos[key][0]}, not floating point")
+            if infos[key].dtype not in FLOAT_DTYPES:
+                raise DeltaFormatError(f"{file}: head tensor {key!r} has dtype {infos[key].dtype}, not floating "
+                                       "point")
     if model is not None:
         _check_model(model, tokens, shape[1], heads, infos, file)
-    record = _record(file, metadata) if verify else None
-    if record is not None:
-        missing, extra = sorted(set(record["tensors"]) - set(infos)), sorted(set(infos) - set(record["tensors"]))
-        if missing or extra:
-            raise IntegrityError(f"{file}: tensors differ from the recorded digests (missing {short(missing[:3])}, "
-                                 f"unrecorded {short(extra[:3])}); the file is corrupt or was modified")
-        if config_digest(config) != record["config"]:
-            raise IntegrityError(f"{path / CONFIG_NAME}: differs from the digest recorded in {file.name} at export "
-                                 "(edited or corrupt); pass verify=False to load it anyway")
-    try:
-        with safe_open(str(file), framework="pt") as fh:
-            values = {key: fh.get_tensor(key) for key in infos}
-    except _READ_ERRORS as exc:
-        raise DeltaFormatError(f"{file}: truncated or corrupt safetensors file ({str(exc)[:80]})") from None
-    for key, value in values.items():
-        if record is not None:
-            verify_tensor(file, key, value, record["tensors"][key])
-        check_finite(value, f"{file}: tensor {key!r}")
+    record = verified_record(file, metadata, config, infos, verify)
+    values = read_values(file, list(infos), record)
 
     prompt = values[PROMPT_KEY]
     part = PromptPart(tokens, shape[1], dtype=prompt.dtype)
     part.load_tensors({PROMPT_KEY: prompt}, f"{file}: {PROMPT_KEY}")
-    head_values = {h: {n: values[k] for n, k in t.items()} for h, t in heads.items()}
-    fp = fingerprint(model, exclude=list(head_values)) if model is not None else None
+    fp = fingerprint(model, exclude=list(heads)) if model is not None else None
     return Delta(method="prompt_tuning", config=_delta_config(config, path / CONFIG_NAME),
-                 parts={MODEL_LEVEL: part}, heads=head_values, fingerprint=fp)
+                 parts={MODEL_LEVEL: part}, heads=head_values(heads, values), fingerprint=fp)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -312,11 +236,7 @@ def export_prompt(delta: Delta, path: str | Path, base_model_name_or_path: str |
     if init == "text" and isinstance(text, str) and isinstance(tokenizer, str):
         peft_init = "TEXT"
     config = {
-        "peft_type": PEFT_TYPE,
-        "task_type": task_type,
-        "base_model_name_or_path": base_model_name_or_path,
-        "revision": None,
-        "inference_mode": True,
+        **exported_config_base(PEFT_TYPE, base_model_name_or_path, task_type),
         "num_virtual_tokens": part.num_virtual_tokens,
         "token_dim": part.dim,
         "num_transformer_submodules": 1,
@@ -329,19 +249,8 @@ def export_prompt(delta: Delta, path: str | Path, base_model_name_or_path: str |
         "tokenizer_kwargs": None,
     }
     tensors: dict[str, Tensor] = {PROMPT_KEY: part.prompt_embeddings.detach().to("cpu").contiguous()}
-    for head, head_tensors in delta.heads.items():
-        if not head_tensors:
-            raise DeltaFormatError(f"head {head!r} has no tensors; call delta.snapshot_heads(model) first")
-        for k, v in head_tensors.items():
-            tensors[f"{HEAD_PREFIX}{head}.{k}"] = v.detach().to("cpu").contiguous()
-    for key, value in tensors.items():
-        check_finite(value, f"cannot export to {path}: tensor {key!r}")
-    record = {"tensors": {k: tensor_digest(k, v) for k, v in tensors.items()}, "config": config_digest(config)}
-    metadata = {"format": "pt", DIGEST_METADATA_KEY: json.dumps(record, sort_keys=True)}
-    with atomic_dir(path, PEFT_KIND, overwrite=overwrite) as tmp:
-        save_file(tensors, str(tmp / SAFETENSORS_NAME), metadata=metadata)
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))
-    return path
+    tensors.update(head_tensors(delta.heads, HEAD_PREFIX))
+    return write_adapter(path, config, tensors, overwrite)
 
 
 __all__ = ["export_prompt", "load_prompt_adapter", "read_prompt_config"]
