@@ -108,15 +108,18 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="continue from OUT/checkpoint")] = False,
     config: Annotated[Path | None, typer.Option(help="YAML file with train: and method: sections")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="key=value for any train or method field")] = None,
+    report_to: Annotated[list[str] | None, typer.Option(help="experiment tracker (repeatable): tensorboard, wandb, "
+                                                             "mlflow; OUT/metrics.jsonl is always written")] = None,
     overwrite: Overwrite = False,
 ) -> None:
-    """Train a delta; writes OUT/delta (final), OUT/best (best eval) and OUT/checkpoint (resume)."""
+    """Train a delta; writes OUT/delta (final), OUT/best (best eval), OUT/checkpoint (resume) and
+    OUT/metrics.jsonl (one line per step and per evaluation)."""
     from deltatune.train.loop import train as run
 
     flags = {"task": task, "model": model, "data": data, "eval_data": eval_data, "text_column": text_column,
              "text_pair_column": text_pair_column, "label_column": label_column, "out_dir": out_dir,
              "max_steps": steps, "lr": lr, "batch_size": batch_size, "resume": resume or None,
-             "overwrite": overwrite or None}
+             "overwrite": overwrite or None, "report_to": report_to or None}
     train_cfg, method_cfg = _train_configs(method, config, flags, set_ or [])
     result = run(train_cfg, method_cfg)
     if not result.is_main:

@@ -56,6 +56,8 @@ class TrainConfig:
                                                               "earlier training run"})
     seed: int = field(default=0, metadata={"help": "seed of data order, init and dropout"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    report_to: list[str] = field(default_factory=list, metadata={"help": "experiment trackers: tensorboard, wandb, "
+                                                                          "mlflow (metrics.jsonl is always written)"})
 
     def __post_init__(self) -> None:
         require(self.max_steps >= 1, f"train config.max_steps must be ≥ 1, got {self.max_steps}")
@@ -66,6 +68,9 @@ class TrainConfig:
         require(self.eval_every >= 0 and self.checkpoint_every >= 0,
                 "train config.eval_every and checkpoint_every must be ≥ 0")
         require(self.max_length >= 2, f"train config.max_length must be ≥ 2, got {self.max_length}")
+        from deltatune.train.tracking import check_trackers
+
+        check_trackers(self.report_to)
 
     @property
     def model_path(self) -> str:

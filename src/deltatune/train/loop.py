@@ -34,10 +34,11 @@ from deltatune.train import checkpoint as ckpt
 from deltatune.train.config import TrainConfig
 from deltatune.train.evaluate import batches, evaluate
 from deltatune.train.tasks import Task, build_task
+from deltatune.train.tracking import METRICS_FILE, RunLog
 
 RUN_KIND = "train_run"
 #: What a run folder holds; its marker lists these, so a later run may replace them (and nothing else).
-RUN_ENTRIES = ("delta", "best", "checkpoint", "history.json")
+RUN_ENTRIES = ("delta", "best", "checkpoint", "history.json", METRICS_FILE, "logs")
 
 
 @dataclass
@@ -128,8 +129,9 @@ def train(cfg: TrainConfig, method_config: Any) -> TrainResult:
     ``cfg.overwrite``.  Its subfolders (``delta``, ``best``, ``checkpoint``) are then the run's own and are
     replaced without a further check (``overwrite=True``).
     """
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     out = Path(cfg.out_dir)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=cfg.report_to or None,
+                              project_dir=str(out / "logs"))
     if not cfg.resume:
         guard_output(out, RUN_KIND, cfg.overwrite)
         accelerator.wait_for_everyone()
@@ -164,6 +166,9 @@ def train(cfg: TrainConfig, method_config: Any) -> TrainResult:
         before = _defined(evaluate(raw_model, task, cfg.eval_batch_size, accelerator.device))
         log.say(f"before training: {_fmt(before)}")
 
+    run_log = RunLog(out, accelerator, asdict(cfg), step if cfg.resume else None)
+    if before and not cfg.resume:
+        run_log.record({"step": 0, "eval": before})
     data = ShardedBatches(task, cfg.batch_size, cfg.seed, accelerator.process_index, accelerator.num_processes,
                           accelerator.device, epoch, offset)
     stream = iter(data)
@@ -209,6 +214,7 @@ def train(cfg: TrainConfig, method_config: Any) -> TrainResult:
                         save_delta(delta, out / "best", metrics={"best": best, "before": before},
                                    overwrite=True)
             history.append(record)
+            run_log.record(record)
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
                 bad = _first_non_finite(raw_model)
                 if _any_rank(bad is not None, accelerator):
@@ -218,6 +224,7 @@ def train(cfg: TrainConfig, method_config: Any) -> TrainResult:
                 last_ckpt = str(out / "checkpoint")
     finally:
         log.close(progress)
+        run_log.close()
 
     final = history[-1].get("eval", {}) if history else {}
     delta.snapshot_heads(raw_model)
