@@ -1,0 +1,156 @@
+"""deltatune inside a training loop of your own: a plain PyTorch loop, HF ``Trainer`` or TRL's ``SFTTrainer``.
+
+A method may need more than ``loss.backward(); optimizer.step()``: its own optimizer (SpIEL's
+:class:`~deltatune.methods.sparse_optim.SparseAdamW`, whose per-element ages restart when a coordinate regrows)
+and schedule hooks around each optimiser step (SpIEL's drop and regrow), and its parts may add an auxiliary loss
+(MixLoRA's load balancing).  Missing them costs quality silently, so both routes get them from one place:
+
+* a plain loop — :func:`prepare` gives the method's optimizer and a :class:`Schedule`; wrap each optimiser step in
+  ``with schedule.step(step):`` and add ``delta.aux_loss()`` to the loss when it is not ``None``::
+
+      optimizer, schedule = deltatune.train.integration.prepare(model, delta, lr=5e-4, total_steps=300)
+      for step, batch in enumerate(batches):
+          with schedule.step(step):
+              loss = model(**batch).loss
+              aux = delta.aux_loss()
+              (loss if aux is None else loss + aux).backward()
+              optimizer.step()
+              optimizer.zero_grad()
+
+* ``Trainer`` / ``SFTTrainer`` — pass ``optimizers=(optimizer, None)`` from :func:`prepare` (or let the callback
+  warn that the trainer's own optimizer is not the method's) and ``callbacks=[DeltaTuneCallback(delta, …)]``: it
+  runs the hooks at ``on_step_begin`` / ``on_step_end`` (the same points: before the micro-batches of a step,
+  after ``optimizer.step``), adds the auxiliary loss through :func:`add_aux_loss`, and saves the delta in
+  deltatune's format with every trainer checkpoint and at the end.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from deltatune.delta import Delta
+from deltatune.methods.registry import TrainHook, get_method
+
+
+def method_config(delta: Delta) -> Any:
+    """The delta's typed method config (rebuilt from ``delta.config``)."""
+    return get_method(delta.method).parse(dict(delta.config))
+
+
+def make_optimizer(model: nn.Module, delta: Delta, lr: float | None = None, weight_decay: float = 0.0,
+                   config: Any = None) -> torch.optim.Optimizer:
+    """The method's own optimizer over ``model``'s trainable parameters (parts and task heads)."""
+    method = get_method(delta.method)
+    config = config or method_config(delta)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return method.optimizer(params, lr if lr is not None else method.default_lr, weight_decay, config)
+
+
+class Schedule:
+    """The method's schedule hooks for one run; ``with schedule.step(step):`` around optimiser step ``step``
+    (0-based, the number of steps completed before it)."""
+
+    def __init__(self, hooks: list[TrainHook]) -> None:
+        self.hooks = hooks
+        self.calls = 0
+
+    @contextmanager
+    def step(self, step: int) -> Iterator[None]:
+        for hook in self.hooks:
+            hook.before_step(step)
+        yield
+        for hook in self.hooks:
+            hook.after_step(step + 1)
+        self.calls += 1
+
+    def state_dict(self) -> list[dict[str, Any]]:
+        return [h.state_dict() for h in self.hooks]
+
+    def load_state_dict(self, states: list[dict[str, Any]]) -> None:
+        for hook, state in zip(self.hooks, states, strict=True):
+            hook.load_state_dict(state)
+
+
+def schedule_for(model: nn.Module, delta: Delta, optimizer: torch.optim.Optimizer, total_steps: int,
+                 grad_accum: int = 1, config: Any = None) -> Schedule:
+    """The method's hooks for ``optimizer`` over ``total_steps`` steps, warning when ``optimizer`` is not the
+    method's own (e.g. a trainer's AdamW where SpIEL expects SparseAdamW)."""
+    method = get_method(delta.method)
+    config = config or method_config(delta)
+    expected = type(method.optimizer([nn.Parameter(torch.zeros(1))], 1e-3, 0.0, config))
+    if not isinstance(optimizer, expected):
+        warnings.warn(f"the {delta.method} method trains with {expected.__name__}, but the loop's optimizer is "
+                      f"{type(optimizer).__name__}; pass deltatune.train.integration.make_optimizer(model, delta) "
+                      "(Trainer: optimizers=(optimizer, None)) to train as deltatune does", stacklevel=3)
+    return Schedule(method.hooks(model, delta, config, optimizer, total_steps, grad_accum))
+
+
+def prepare(model: nn.Module, delta: Delta, lr: float | None = None, total_steps: int = 1, grad_accum: int = 1,
+            weight_decay: float = 0.0) -> tuple[torch.optim.Optimizer, Schedule]:
+    """The method's optimizer and its schedule for a loop of ``total_steps`` optimiser steps (one call)."""
+    config = method_config(delta)
+    optimizer = make_optimizer(model, delta, lr, weight_decay, config)
+    return optimizer, schedule_for(model, delta, optimizer, total_steps, grad_accum, config)
+
+
+def add_aux_loss(model: nn.Module, delta: Delta) -> Any:
+    """Make ``model``'s returned loss include the delta's auxiliary losses (a forward hook; returns its handle).
+    For trainers, which call ``model(**inputs).loss`` themselves."""
+    def hook(module: nn.Module, args: Any, output: Any) -> Any:
+        aux = delta.aux_loss() if module.training else None
+        if aux is not None and getattr(output, "loss", None) is not None:
+            output.loss = output.loss + aux.to(output.loss.dtype)
+        return output
+
+    return model.register_forward_hook(hook)
+
+
+def _callback_base() -> type:
+    from transformers import TrainerCallback
+
+    return TrainerCallback
+
+
+class DeltaTuneCallback(_callback_base()):  # type: ignore[misc]
+    """HF ``Trainer`` (and TRL ``SFTTrainer``) callback: the method's hooks around every optimiser step, the parts'
+    auxiliary losses in the loss, and the delta saved in deltatune's format — into ``<checkpoint>/delta`` with every
+    trainer checkpoint and into ``save_to`` (default ``<output_dir>/delta``) at the end."""
+
+    def __init__(self, delta: Delta, save_to: str | Path | None = None) -> None:
+        self.delta, self.save_to = delta, save_to
+        self.schedule: Schedule | None = None
+        self._aux = None
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper around the real one
+        self.schedule = schedule_for(model, self.delta, optimizer, state.max_steps,
+                                     args.gradient_accumulation_steps)
+        if self.delta.has_aux_loss and self._aux is None:
+            self._aux = add_aux_loss(model, self.delta)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        for hook in self.schedule.hooks:
+            hook.before_step(state.global_step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        for hook in self.schedule.hooks:
+            hook.after_step(state.global_step)
+        self.schedule.calls += 1
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.delta.save(Path(args.output_dir) / f"checkpoint-{state.global_step}" / "delta", overwrite=True)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._aux is not None:
+            self._aux.remove()
+            self._aux = None
+        if state.is_world_process_zero:
+            self.delta.save(self.save_to or Path(args.output_dir) / "delta", overwrite=True)
