@@ -125,3 +125,38 @@ def test_a_trainer_optimizer_that_is_not_the_methods_is_warned(tmp_path, minilm_
 
         schedule_for(model, delta, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]), 4)
     assert any("SparseAdamW" in str(w.message) and "AdamW" in str(w.message) for w in caught)
+
+
+def test_trl_sft_trainer_with_the_callback(tmp_path, minilm_path):
+    """TRL's SFTTrainer trains a deltatune LoRA on a causal LM; the callback saves it, and the saved delta on a
+    fresh base reproduces the trained model's logits."""
+    trl = pytest.importorskip("trl")
+    import datasets
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    def base() -> LlamaForCausalLM:
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(vocab_size=30522, hidden_size=32, intermediate_size=64,
+                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    tokenizer.eos_token = "[SEP]"  # a WordPiece tokenizer stands in for an LM's: SFT appends EOS
+    model = base()
+    delta = deltatune.attach(model, deltatune.LoRAConfig(r=2))
+    rows = datasets.Dataset.from_dict({"text": [f"{WORDS[i % 3]} and a day {i}" for i in range(24)]})
+    args = trl.SFTConfig(output_dir=str(tmp_path / "sft"), per_device_train_batch_size=4, max_steps=3,
+                         learning_rate=1e-2, save_strategy="no", report_to=[], use_cpu=True, logging_strategy="no",
+                         max_length=16, bf16=False)
+    callback = DeltaTuneCallback(delta)
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer,
+                             callbacks=[callback], optimizers=(make_optimizer(model, delta, 1e-2), None))
+    trainer.train()
+    assert callback.schedule.calls == 3
+    saved = deltatune.load_delta(tmp_path / "sft" / "delta")
+    fresh = base()
+    deltatune.apply_delta(fresh, saved)
+    ids = tokenizer(["happy glad day"], return_tensors="pt")["input_ids"]
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(fresh(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5)
+        assert not torch.allclose(base()(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-4)
