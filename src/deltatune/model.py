@@ -224,26 +224,32 @@ def apply_delta(model: nn.Module, delta: Delta, name: str = DEFAULT, merge: bool
     With ``merge`` every part must be additive (:class:`~deltatune.errors.NotMergeable`, before anything is
     written)."""
     if merge:
-        require_capability(delta, "additive", f"apply with merging ({where})")
+        merge_delta(model, delta, where=where, force=force)
+        return
     if not force:
         check_fingerprint(delta.fingerprint, model, delta.heads, where)
-    if merge:
-        load_heads(model, delta, where)
-        merge_delta(model, delta, where=where)
-    else:
-        check_heads(model, delta, where)
-        attach_parts(model, delta.parts, name)
-        attach_heads(model, delta, name, where=where)
+    check_heads(model, delta, where)
+    attach_parts(model, delta.parts, name)
+    attach_heads(model, delta, name, where=where)
 
 
-def merge_delta(model: nn.Module, delta: Delta, where: str = "delta") -> None:
-    """``W ← W + ΔW`` for every part, into the (unwrapped) base modules (every part must be additive:
-    :class:`~deltatune.errors.NotMergeable` before any weight is written)."""
+def merge_delta(model: nn.Module, delta: Delta, where: str = "delta", force: bool = False,
+                heads: bool = True) -> None:
+    """``W ← W + ΔW`` for every part, into the (unwrapped) base modules, and the delta's task heads loaded.
+
+    Checked before any weight is written: every part is additive (:class:`~deltatune.errors.NotMergeable`), the
+    model is the base the delta was trained on (:class:`~deltatune.errors.FingerprintMismatch` unless ``force``;
+    a model that already holds a merged delta is no longer that base: pass ``force`` to stack merges, or use
+    :func:`deltatune.algebra.compose`), and the heads fit.  ``heads=False`` leaves the model's heads alone."""
     require_capability(delta, "additive", f"merge ({where})")
+    if not force:
+        check_fingerprint(delta.fingerprint, model, delta.heads, where)
     for module_name, part in delta.parts.items():
-        base = get_module(model, module_name)
-        part.check_base(base, f"{where}:{module_name}")
-        part.merge_into(base)
+        part.check_base(get_module(model, module_name), f"{where}:{module_name}")
+    if heads:
+        load_heads(model, delta, where)
+    for module_name, part in delta.parts.items():
+        part.merge_into(get_module(model, module_name))
 
 
 def revert_delta(model: nn.Module, delta: Delta) -> None:
