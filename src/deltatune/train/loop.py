@@ -23,7 +23,7 @@ from accelerate.utils import set_seed
 from torch import nn
 
 from deltatune.delta import Delta
-from deltatune.errors import DeltaFormatError, TrainingDiverged
+from deltatune.errors import DataError, DeltaFormatError, TrainingDiverged
 from deltatune.io.atomic import atomic_file, guard_output, recover_dir
 from deltatune.io.delta_format import save_delta
 from deltatune.io.outputs import write_marker
@@ -80,7 +80,8 @@ class ShardedBatches:
         n = len(task.train) // world
         self.per_epoch = n // batch_size
         if self.per_epoch == 0:
-            raise ValueError(f"{len(task.train)} training examples cannot fill one batch of {batch_size} per process")
+            raise DataError(f"{len(task.train)} training example(s) cannot fill one batch of {batch_size} per process "
+                            f"({world} process(es)); lower --batch-size or give more data")
 
     def __iter__(self):
         while True:

@@ -55,11 +55,14 @@ def build_task(cfg: TrainConfig, tokenizer: Any | None = None, recorded: dict[st
 
     _quiet_transformers()
     path = cfg.model_path
-    if not Path(path).is_dir():
-        raise ConfigError(f"model {path!r} is not a local folder (deltatune loads models from disk only)")
+    config = model_config(path)
     tokenizer = tokenizer or AutoTokenizer.from_pretrained(path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     if cfg.task in LM_TASKS:
+        if not is_causal_lm(config):
+            raise ConfigError(f"task {cfg.task!r} trains a causal language model, but {path} is a "
+                              f"{config.model_type} model ({', '.join(config.architectures or ['no architecture'])}) "
+                              "that cannot generate text; use a decoder (Llama, GPT-2 …) or a classification task")
         return _lm_task(cfg, tokenizer, pad_id, lambda: AutoModelForCausalLM.from_pretrained(path))
     if cfg.task in user_data.USER_TASKS:
         return _user_task(cfg, tokenizer, pad_id, recorded)
@@ -77,6 +80,33 @@ def build_task(cfg: TrainConfig, tokenizer: Any | None = None, recorded: dict[st
         return {**metrics.compute_metrics(spec.name, preds, labels), "loss": loss}
 
     return Task(spec.name, train, dev, load, score, metrics.main_metric(spec.name), True, pad_id, False)
+
+
+def model_config(path: str) -> Any:
+    """The ``transformers`` config of the model folder ``path`` (a :class:`ConfigError` saying what the folder is
+    when it is not a model: missing, a data folder, an unreadable config)."""
+    from transformers import AutoConfig
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ConfigError(f"model {path!r} is not a local folder (deltatune loads models from disk only)")
+    if not (folder / "config.json").is_file():
+        found = sorted(p.name for p in folder.iterdir())[:8]
+        raise ConfigError(f"model folder {path} has no config.json, so it is not a transformers model (it holds "
+                          f"{found}); pass the base model's folder as --model, data as --data")
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"model folder {path}: its config.json cannot be read by transformers "
+                          f"({str(exc)[:120]})") from None
+
+
+def is_causal_lm(config: Any) -> bool:
+    """Whether a model config describes a text generator (a decoder with an LM head); a config that names no
+    architecture is given the benefit of the doubt."""
+    archs = config.architectures or []
+    return not archs or bool(getattr(config, "is_decoder", False)) or any(
+        a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
 
 
 def _lm_task(cfg: TrainConfig, tokenizer: Any, pad_id: int, load: Callable[[], nn.Module]) -> Task:
