@@ -18,7 +18,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 from deltatune.commands.compress import compress_command
 from deltatune.commands.failure import report_failure, set_debug
@@ -31,7 +31,7 @@ from deltatune.errors import ConfigError
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Train, inspect, apply and export fine-tunings as deltas over a frozen base model.")
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -256,7 +256,7 @@ def info(
         head.add_row(f"[bold]{key}[/bold]", json.dumps(value) if isinstance(value, dict) else str(value))
     out.print(head)
     if layers:
-        table = Table("module", "kind", "trainable", "bytes", "density", "‖Δ‖")
+        table = Table(Column("module", overflow="fold"), "kind", "trainable", "bytes", "density", "‖Δ‖")
         for row in d["layers"]:
             table.add_row(row["module"], row["kind"], str(row["trainable"]), str(row["bytes"]),
                           f"{row['density']:.4%}", f"{row['delta_norm']:.4g}")
