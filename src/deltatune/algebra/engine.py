@@ -265,10 +265,9 @@ def run_merge(recipe: MergeSpec) -> Delta | Path:
         return collect_delta(merged(), None, output, rank, record, base_path=base, out=out, overwrite=overwrite)
     heads_out = merged_heads(sources, per_input, heads)
     if output == "checkpoint":  # stream θ₀ + τ_m through the shard writer when the model path would match
-        reader = streamable_base(base_reader, list(shapes), heads_out, out_dtype, fingerprint, force, "delta")
-        if reader is not None:
-            return write_checkpoint(Path(out), merged(), reader, shapes, {}, None, shard_size, record,
-                                    overwrite=overwrite)
+        stream = streamable_base(base_reader, shapes, heads_out, out_dtype, fingerprint, force, "delta")
+        if stream is not None:
+            return stream.write(Path(out), merged(), shard_size, record, overwrite=overwrite)
     result = collect_delta(merged(), sources, output, rank, record, fingerprint=fingerprint, heads=heads_out,
                            out=None)
     if output == "checkpoint":

@@ -5,7 +5,7 @@ handled explicitly."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,33 @@ def write_checkpoint(out: Path, merged: Iterable[tuple[str, Tensor]], target: Ch
     ``τ_m`` is updated in place and the base and the cast output use its ``"base"`` and ``"raw"`` buffers.
     An existing ``out`` must be an earlier checkpoint output unless ``overwrite``.
     """
+    plan = _checkpoint_plan(target, shapes, rows, out_dtype)
+    tensors = _checkpoint_tensors(merged, target, shapes, rows, out_dtype, workspace)
+    return write_planned(out, plan, tensors, shard_size, lambda: _target_files(target, rows), record, overwrite)
+
+
+def write_planned(out: Path, plan: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                  tensors: Iterable[tuple[str, Tensor]], shard_size: str | int,
+                  files: Callable[[], Iterable[tuple[str, bytes]]], record: dict[str, Any],
+                  overwrite: bool = False) -> Path:
+    """The shard writer of streamed merges: ``tensors`` (final values, in ``plan`` order: ``(name, dtype,
+    shape)``) into sharded safetensors at ``out``, then ``files()`` (config, tokenizer) and the merge
+    ``record``, atomically (a failure leaves nothing at ``out``; an existing ``out`` must be an earlier
+    checkpoint output unless ``overwrite``)."""
+    with atomic_dir(out, CHECKPOINT_KIND, overwrite=overwrite) as tmp:
+        writer = PlannedShardWriter(tmp, plan, parse_size(shard_size))
+        for key, value in tensors:
+            writer.add(key, value)
+        writer.finish()
+        for name, data in files():
+            (tmp / name).write_bytes(data)
+        (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2, default=str))
+    return out
+
+
+def _checkpoint_plan(target: CheckpointReader, shapes: dict[str, tuple[int, ...]], rows: dict[str, int],
+                     out_dtype: torch.dtype | None) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """``(name, dtype, shape)`` of every output tensor: the merged ones, then the rest of ``target``."""
     plan = []
     for key, shape in shapes.items():
         if key not in target:
@@ -67,30 +94,37 @@ def write_checkpoint(out: Path, merged: Iterable[tuple[str, Tensor]], target: Ch
             raise ShapeMismatch(f"tensor {key!r}: the merged delta has shape {want}, the target base "
                                 f"{target.path} has {target.shape(key)}")
         plan.append((key, out_dtype or target.dtype(key), want))
-    plan += [(k, target.dtype(k), target.shape(k)) for k in target.names() if k not in shapes]
-    with atomic_dir(out, CHECKPOINT_KIND, overwrite=overwrite) as tmp:
-        writer = PlannedShardWriter(tmp, plan, parse_size(shard_size))
-        for key, tau in merged:
-            dtype = out_dtype or target.dtype(key)
-            if workspace is None or key in rows or tau.dtype != torch.float32:
-                writer.add(key, align_rows(target.get_float(key), rows.get(key)).add_(tau).to(dtype))
-                continue
-            merged_value = tau.add_(workspace.read_float(target, key, "base"))  # θ₀ + τ_m, as above
-            writer.add(key, merged_value if dtype == torch.float32 else
-                       workspace.take("raw", merged_value.shape, dtype).copy_(merged_value))
-        for key in target.names():
-            if key not in shapes:
-                writer.add(key, target.get(key))
-        writer.finish()
-        for name, data in target.extra_files():
-            if name == "config.json" and rows:
-                config = json.loads(data)
-                if "vocab_size" in config:
-                    config["vocab_size"] = max(rows.values())
-                data = json.dumps(config, indent=2).encode()
-            (tmp / name).write_bytes(data)
-        (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2, default=str))
-    return out
+    return plan + [(k, target.dtype(k), target.shape(k)) for k in target.names() if k not in shapes]
+
+
+def _checkpoint_tensors(merged: Iterable[tuple[str, Tensor]], target: CheckpointReader,
+                        shapes: dict[str, tuple[int, ...]], rows: dict[str, int], out_dtype: torch.dtype | None,
+                        workspace: Workspace | None) -> Iterator[tuple[str, Tensor]]:
+    """``θ₀ + τ_m`` of each merged tensor (cast to ``out_dtype``), then ``target``'s untouched tensors."""
+    for key, tau in merged:
+        dtype = out_dtype or target.dtype(key)
+        if workspace is None or key in rows or tau.dtype != torch.float32:
+            yield key, align_rows(target.get_float(key), rows.get(key)).add_(tau).to(dtype)
+            continue
+        merged_value = tau.add_(workspace.read_float(target, key, "base"))  # θ₀ + τ_m, as above
+        yield key, (merged_value if dtype == torch.float32 else
+                    workspace.take("raw", merged_value.shape, dtype).copy_(merged_value))
+    for key in target.names():
+        if key not in shapes:
+            yield key, target.get(key)
+
+
+def _target_files(target: CheckpointReader, rows: dict[str, int]) -> list[tuple[str, bytes]]:
+    """``target``'s config and tokenizer files; with grown/cut rows, ``vocab_size`` set to the new row count."""
+    files = []
+    for name, data in target.extra_files():
+        if name == "config.json" and rows:
+            config = json.loads(data)
+            if "vocab_size" in config:
+                config["vocab_size"] = max(rows.values())
+            data = json.dumps(config, indent=2).encode()
+        files.append((name, data))
+    return files
 
 
 def merged_heads(sources: Sequence[Any], per_input: list[dict[str, Any]], mode: str) -> dict[str, dict[str, Tensor]]:
