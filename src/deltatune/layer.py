@@ -106,16 +106,16 @@ def sum_updates(module: nn.Module, parts: Sequence[Part]) -> dict[str, Tensor]:
     return {k: own[k] + v.to(own[k].dtype) for k, v in total.items()}
 
 
-class DeltaLayer(nn.Module):
-    def __init__(self, base: nn.Module) -> None:
+class PartHolder(nn.Module):
+    """Named parts and the names a plain forward uses (``active``); parts take the holder's train/eval mode."""
+
+    def __init__(self) -> None:
         super().__init__()
-        self.base = base
         self.parts = nn.ModuleDict()
         self.active: list[str] = []
-        self.train(base.training)
 
     def add(self, name: str, part: Part, activate: bool = True) -> None:
-        part.train(self.training)  # a part joins in the layer's mode: no dropout in an eval model
+        part.train(self.training)  # a part joins in the holder's mode: no dropout in an eval model
         self.parts[name] = part
         if activate and name not in self.active:
             self.active.append(name)
@@ -126,6 +126,13 @@ class DeltaLayer(nn.Module):
         if name in self.active:
             self.active.remove(name)
         return part
+
+
+class DeltaLayer(PartHolder):
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.base = base
+        self.train(base.training)
 
     def nests(self) -> bool:
         """Whether wrapped modules sit inside this one (their routing needs the whole batch)."""
@@ -202,7 +209,7 @@ def _chained(part: Part, module: nn.Module, inner: Callable[[Tensor, Call], Any]
     return lambda x, c: part(x, Inner(module, inner, c))
 
 
-class ModelParts(nn.Module):
+class ModelParts(PartHolder):
     """Model-level parts (virtual tokens) of a model, run by forward hooks on the model itself.
 
     Registered on the model as ``deltatune_model_parts`` so that its tensors train and move with the model;
@@ -215,23 +222,8 @@ class ModelParts(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.parts = nn.ModuleDict()
-        self.active: list[str] = []
         self._handles: list[Any] = []
         self._pending: list[tuple[type[Part], Any]] = []
-
-    def add(self, name: str, part: Part, activate: bool = True) -> None:
-        part.train(self.training)
-        self.parts[name] = part
-        if activate and name not in self.active:
-            self.active.append(name)
-
-    def remove(self, name: str) -> Part:
-        part = self.parts[name]
-        del self.parts[name]
-        if name in self.active:
-            self.active.remove(name)
-        return part
 
     def hook(self, model: nn.Module) -> None:
         self.train(model.training)

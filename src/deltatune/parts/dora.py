@@ -26,7 +26,6 @@ with other DoRA parts (the algebra sums the dense updates, given the base), and 
 
 from __future__ import annotations
 
-import math
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -38,7 +37,7 @@ from torch import Tensor, nn
 from deltatune.errors import ConfigError, NotMergeable, ShapeMismatch
 from deltatune.parts.base import Part, base_layer_kind
 from deltatune.parts.layers import LayerKind, in_out_features, is_transposed, to_native
-from deltatune.parts.lora import lora_delta, lora_hidden
+from deltatune.parts.lora import init_lora_factors, lora_delta, lora_hidden
 from deltatune.parts.meta_checks import check_keys, check_shape, check_state, meta_int, meta_layer, meta_number
 
 
@@ -126,16 +125,7 @@ class DoRAPart(Part):
     def reset_parameters(self) -> None:
         """PEFT's LoRA defaults for ``A``/``B`` (see :class:`~deltatune.parts.lora.LoRAPart`); ``m`` is set from
         the base by :meth:`init_magnitude`."""
-        with torch.no_grad():
-            if self.layer is LayerKind.EMBEDDING:
-                nn.init.zeros_(self.lora_A)
-                nn.init.normal_(self.lora_B)
-            elif self.init == "gaussian":
-                nn.init.normal_(self.lora_A, std=1.0 / self.rank)
-                nn.init.zeros_(self.lora_B)
-            else:
-                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-                nn.init.zeros_(self.lora_B)
+        init_lora_factors(self.lora_A, self.lora_B, self.layer, self.init)
 
     def init_magnitude(self, base: nn.Module) -> None:
         """``m ← ‖W + s·B A‖_c`` (PEFT's ``DoraLinearLayer.update_layer``), so that ``W' = W``."""

@@ -39,6 +39,21 @@ def lora_hidden(x: Tensor, a: Tensor, kind: LayerKind) -> Tensor:
     return F.linear(x.to(a.dtype), a)
 
 
+def init_lora_factors(a: Tensor, b: Tensor, layer: LayerKind, init: str) -> None:
+    """PEFT's LoRA initialisation, in place: ``A`` kaiming-uniform(a=√5) (or N(0, 1/r²) for ``gaussian``), ``B = 0``;
+    embeddings use ``A = 0, B ~ N(0, 1)``.  ``ΔW = B A = 0`` either way."""
+    with torch.no_grad():
+        if layer is LayerKind.EMBEDDING:
+            nn.init.zeros_(a)
+            nn.init.normal_(b)
+        elif init == "gaussian":
+            nn.init.normal_(a, std=1.0 / a.shape[0])
+            nn.init.zeros_(b)
+        else:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            nn.init.zeros_(b)
+
+
 class LoRAPart(Part):
     """Trainable ``A`` (kaiming-uniform or gaussian) and ``B`` (zeros), so ``ΔW = 0`` at start."""
 
@@ -67,18 +82,8 @@ class LoRAPart(Part):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """PEFT's defaults: ``A`` kaiming-uniform(a=√5) (or N(0, 1/r²) for ``gaussian``;
-        embeddings use ``A = 0, B ~ N(0, 1)``), ``B = 0``."""
-        with torch.no_grad():
-            if self.layer is LayerKind.EMBEDDING:
-                nn.init.zeros_(self.lora_A)
-                nn.init.normal_(self.lora_B)
-            elif self.init == "gaussian":
-                nn.init.normal_(self.lora_A, std=1.0 / self.rank)
-                nn.init.zeros_(self.lora_B)
-            else:
-                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-                nn.init.zeros_(self.lora_B)
+        """PEFT's defaults (:func:`init_lora_factors`)."""
+        init_lora_factors(self.lora_A, self.lora_B, self.layer, self.init)
 
     def forward(self, x: Tensor, base: nn.Module) -> Tensor:
         out = base(x)
