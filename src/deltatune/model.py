@@ -98,6 +98,12 @@ def model_parts(model: nn.Module, create: bool = False) -> ModelParts | None:
     return container
 
 
+def holders(model: nn.Module) -> list[DeltaLayer | ModelParts]:
+    """Every holder of attached parts: the wrapped modules' layers and the model-level container."""
+    container = model_parts(model)
+    return [layer for _, layer in delta_layers(model)] + ([container] if container is not None else [])
+
+
 TIED_SUFFIX = "@tied:"
 
 
@@ -143,8 +149,7 @@ def freeze_base(model: nn.Module, trainable_heads: Iterable[str] = ()) -> None:
     """Base tensors frozen; every attached part and every named head module trainable."""
     for p in model.parameters():
         p.requires_grad_(False)
-    containers = [layer for _, layer in delta_layers(model)] + [c for c in [model_parts(model)] if c is not None]
-    for container in containers:
+    for container in holders(model):
         for part in container.parts.values():
             for p in part.parameters():
                 p.requires_grad_(True)
@@ -298,8 +303,7 @@ def mixed_batch(model: nn.Module, names: Sequence[str | None]):
 def routed_batch(model: nn.Module, routing: Routing):
     """Run the block's forwards with ``routing`` (every name must be attached, every part mixed-row capable)."""
     attached: dict[str, list[Part]] = {}
-    containers = [layer for _, layer in delta_layers(model)] + [c for c in [model_parts(model)] if c is not None]
-    for container in containers:
+    for container in holders(model):
         for part_name, part in container.parts.items():
             attached.setdefault(part_name, []).append(part)
     missing = [n for n in routing.names if n is not None and n not in attached]
