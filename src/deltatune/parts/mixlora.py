@@ -34,6 +34,7 @@ the method's hook); without one every token counts.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
@@ -148,9 +149,23 @@ def unwrap(module: nn.Module) -> nn.Module:
     return module.base if isinstance(module, DeltaLayer) else module
 
 
+#: BertOutput module → (a weak reference to) its layer, remembered from the link's calls: a recomputation outside
+#: the link's call (gradient checkpointing re-runs the layer during backward) still finds the sibling
+_PARENTS: weakref.WeakKeyDictionary[nn.Module, weakref.ref] = weakref.WeakKeyDictionary()
+
+
+def parent_layer(output: nn.Module) -> nn.Module | None:
+    """The layer whose ``output`` is ``output``: from the enclosing link's call, else as last seen by it."""
+    layer = (_LAYERS.get() or {}).get(id(output))
+    if layer is None and output in _PARENTS:
+        layer = _PARENTS[output]()
+    return layer
+
+
 @contextmanager
 def ffn_parent(layer: nn.Module) -> Iterator[None]:
     """Within the block, the mixture part on ``layer.output`` finds its sibling ``layer.intermediate``."""
+    _PARENTS[unwrap(layer.output)] = weakref.ref(layer)
     known = _LAYERS.get() or {}
     handle = _LAYERS.set({**known, id(unwrap(layer.output)): layer})
     try:
@@ -283,7 +298,7 @@ class MixLoRAPart(Part):
         if a is None:
             raise TargetError("a BERT mixlora part acts on a module called as output(h, ffn_input) (BertOutput), "
                               "but this call had no second tensor argument")
-        layer = (_LAYERS.get() or {}).get(id(base.module))
+        layer = parent_layer(base.module)
         if layer is None:
             raise TargetError("a BERT mixlora part on a BertOutput module ran without the mixlora_link part of its "
                               "enclosing layer (which lends it the layer's intermediate module): attach the whole "
