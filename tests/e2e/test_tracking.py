@@ -57,3 +57,17 @@ def test_unknown_or_missing_tracker_is_a_config_error(tmp_path, minilm_path):
     with pytest.raises(ConfigError, match="unknown tracker 'nope'"):
         _config(tmp_path, minilm_path, report_to=["nope"])
     assert flatten({"step": 3, "loss": 1.0, "eval": {"accuracy": 0.5}}) == {"loss": 1.0, "eval/accuracy": 0.5}
+
+
+def test_bf16_mixed_precision_run(tmp_path, minilm_path):
+    """``mixed_precision="bf16"``: the loop trains under bf16 autocast (CPU here); the delta stays fp32 and its
+    loss tracks the fp32 run's."""
+    import torch
+
+    fp32 = loop.train(_config(tmp_path, minilm_path, out_dir=str(tmp_path / "fp32"), eval_every=0),
+                      deltatune.LoRAConfig(r=2))
+    bf16 = loop.train(_config(tmp_path, minilm_path, out_dir=str(tmp_path / "bf16"), eval_every=0,
+                              mixed_precision="bf16"), deltatune.LoRAConfig(r=2))
+    assert all(t.dtype == torch.float32 for p in bf16.delta.parts.values() for t in p.state().values())
+    assert bf16.history[-1]["loss"] == pytest.approx(fp32.history[-1]["loss"], rel=0.05)
+    assert bf16.history[-1]["loss"] != fp32.history[-1]["loss"]  # autocast really ran

@@ -48,9 +48,11 @@ class _SparseDeltaFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         x, values, indices, weight = ctx.saved_tensors
+        grad_out = grad_out.to(weight.dtype)  # under autocast the output (and its gradient) is low precision
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = input_grad(ctx.kind, grad_out, effective_weight(weight, indices, values))
+            grad_x = None if grad_x is None else grad_x.to(x.dtype)
         grad_w = weight_grad(ctx.kind, x, grad_out, weight.shape)
         if ctx.observer is not None:
             ctx.observer(grad_w)

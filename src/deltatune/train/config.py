@@ -56,6 +56,8 @@ class TrainConfig:
                                                               "earlier training run"})
     seed: int = field(default=0, metadata={"help": "seed of data order, init and dropout"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    mixed_precision: Literal["no", "bf16"] = field(default="no", metadata={
+        "help": "bf16: forward and backward under bf16 autocast (CPU or GPU); the delta stays fp32"})
     report_to: list[str] = field(default_factory=list, metadata={"help": "experiment trackers: tensorboard, wandb, "
                                                                           "mlflow (metrics.jsonl is always written)"})
 
@@ -68,6 +70,8 @@ class TrainConfig:
         require(self.eval_every >= 0 and self.checkpoint_every >= 0,
                 "train config.eval_every and checkpoint_every must be ≥ 0")
         require(self.max_length >= 2, f"train config.max_length must be ≥ 2, got {self.max_length}")
+        require(self.mixed_precision in ("no", "bf16"),
+                f"train config.mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}")
         from deltatune.train.tracking import check_trackers
 
         check_trackers(self.report_to)

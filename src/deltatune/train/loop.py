@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from torch import nn
 
@@ -131,8 +132,9 @@ def train(cfg: TrainConfig, method_config: Any) -> TrainResult:
     replaced without a further check (``overwrite=True``).
     """
     out = Path(cfg.out_dir)
+    AcceleratorState._reset_state()  # each run its own precision/trackers (the process group, if any, is kept)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=cfg.report_to or None,
-                              project_dir=str(out / "logs"))
+                              project_dir=str(out / "logs"), mixed_precision=cfg.mixed_precision)
     if not cfg.resume:
         guard_output(out, RUN_KIND, cfg.overwrite)
         accelerator.wait_for_everyone()
