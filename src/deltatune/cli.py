@@ -122,6 +122,7 @@ def train(
              "overwrite": overwrite or None, "report_to": report_to or None}
     train_cfg, method_cfg = _train_configs(method, config, flags, set_ or [])
     result = run(train_cfg, method_cfg)
+    _end_process_group()
     if not result.is_main:
         return
     if result.before or result.final:
@@ -130,6 +131,16 @@ def train(
                          for v in (result.before.get(key), result.final.get(key)))
         err.print(f"[bold]{key}[/bold]: before {before} → after {after}")
     out.print(str(result.delta_dir))
+
+
+def _end_process_group() -> None:
+    """Tear the process group down before the interpreter exits (a multi-process run whose gloo/MPI threads
+    outlive it can abort at exit, after its work is done)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 @app.command("eval")

@@ -132,7 +132,8 @@ def train(cfg: TrainConfig, method_config: Any) -> TrainResult:
     replaced without a further check (``overwrite=True``).
     """
     out = Path(cfg.out_dir)
-    AcceleratorState._reset_state()  # each run its own precision/trackers (the process group, if any, is kept)
+    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != cfg.mixed_precision:
+        AcceleratorState._reset_state()  # a later run in this process asks another precision (process group kept)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=cfg.report_to or None,
                               project_dir=str(out / "logs"), mixed_precision=cfg.mixed_precision)
     if not cfg.resume:
