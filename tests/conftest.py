@@ -107,3 +107,22 @@ def randomize_delta(model, config, seed: int, std: float):
             for p in part.parameters():
                 p.copy_(torch.randn(p.shape, generator=g) * std)
     return delta
+
+
+# --- helpers the method tests share ---------------------------------------------------------------
+def logits(model, inputs):
+    """The model's logits on ``inputs`` (labels dropped), no gradient, a copy."""
+    with torch.no_grad():
+        return model(**{k: v for k, v in inputs.items() if k != "labels"}).logits.detach().clone()
+
+
+def max_diff(a, b):
+    """Largest absolute difference, in fp32."""
+    return (a.float() - b.float()).abs().max().item()
+
+
+def base_state(model, heads):
+    """Copies of the base parameters (through any wrapper), task heads excluded."""
+    from deltatune.fingerprint import base_parameters
+
+    return {n: p.detach().clone() for n, p in base_parameters(model, heads)}

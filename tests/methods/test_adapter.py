@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_MODELS, randomize_delta, tiny_inputs
+from conftest import TINY_MODELS, base_state, logits, max_diff, randomize_delta, tiny_inputs
 from torch import nn
 
 import deltatune
@@ -49,19 +49,6 @@ EXPECTED_SITES = {  # per layer N, what each placement wraps (the method file's 
 }
 CASES = [(a, p) for a in ARCHS for p in PLACEMENTS]
 IDS = [f"{p}-{a}" for a, p in CASES]
-
-
-def logits(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**{k: v for k, v in inputs.items() if k != "labels"}).logits.detach().clone()
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.float() - b.float()).abs().max().item()
-
-
-def base_state(model: nn.Module, heads: list[str]) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in base_parameters(model, heads)}
 
 
 def train_steps(model: nn.Module, inputs: dict[str, torch.Tensor], steps: int = 3, lr: float = 1e-2) -> None:

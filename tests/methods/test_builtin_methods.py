@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import TINY_MODELS, randomize_delta, tiny_inputs
+from conftest import TINY_MODELS, base_state, logits, max_diff, randomize_delta, tiny_inputs
 from torch import nn
 
 import deltatune
@@ -81,19 +81,6 @@ def params(xfail: dict[str, str] | None = None) -> list[Any]:
 # --------------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------------
-def logits(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**{k: v for k, v in inputs.items() if k != "labels"}).logits.detach().clone()
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.float() - b.float()).abs().max().item()
-
-
-def base_state(model: nn.Module, heads: list[str]) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in base_parameters(model, heads)}
-
-
 def base_count(model: nn.Module, heads: list[str]) -> int:
     """Every base parameter (tied tensors once), task heads excluded — independent of deltatune."""
     return sum(p.numel() for n, p in model.named_parameters()

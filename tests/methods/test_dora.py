@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_MODELS, tiny_inputs
+from conftest import TINY_MODELS, logits, max_diff, tiny_inputs
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -32,15 +32,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # --------------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------------
-def logits(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**{k: v for k, v in inputs.items() if k != "labels"}).logits.detach().clone()
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.float() - b.float()).abs().max().item()
-
-
 def randomize(delta: deltatune.Delta, seed: int, std: float = 0.1, mag: float = 0.3) -> deltatune.Delta:
     """Non-zero ``A``/``B`` (N(0, std²)) and a magnitude ``m ⊙ (1 + mag·N(0, 1))`` (seeded)."""
     g = torch.Generator().manual_seed(seed)

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import TINY_MODELS, randomize_delta, tiny_inputs
+from conftest import TINY_MODELS, base_state, logits, max_diff, randomize_delta, tiny_inputs
 from torch import nn
 
 import deltatune
@@ -57,19 +57,6 @@ class Case:
 CASES = [Case(name, variant, arch) for name in sorted(METHODS) for variant in METHODS[name].examples
          for arch in ARCHS]
 IDS = [c.id for c in CASES]
-
-
-def logits(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**{k: v for k, v in inputs.items() if k != "labels"}).logits.detach().clone()
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.float() - b.float()).abs().max().item()
-
-
-def base_state(model: nn.Module, heads: list[str]) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in base_parameters(model, heads)}
 
 
 def train_steps(model: nn.Module, delta: deltatune.Delta, config: Any, inputs, steps: int, start: int = 0,

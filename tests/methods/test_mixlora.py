@@ -14,7 +14,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_MODELS, randomize_delta, tiny_inputs
+from conftest import TINY_MODELS, logits, max_diff, randomize_delta, tiny_inputs
 from torch import nn
 
 import deltatune
@@ -43,15 +43,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def small(**kw) -> MixLoRAConfig:
     return MixLoRAConfig(**{**SMALL, **kw})
-
-
-def logits(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**{k: v for k, v in inputs.items() if k != "labels"}).logits.detach().clone()
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.float() - b.float()).abs().max().item()
 
 
 def mixtures(delta: deltatune.Delta) -> list[MixLoRAPart]:

@@ -14,7 +14,7 @@ import json
 
 import pytest
 import torch
-from conftest import TINY_MODELS, tiny_inputs
+from conftest import TINY_MODELS, max_diff, tiny_inputs
 from torch import nn
 
 import deltatune
@@ -62,10 +62,6 @@ def reference(base: nn.Module, prompt: torch.Tensor, inputs: dict[str, torch.Ten
     out = base(**kw)
     logits = out.logits[:, n:] if out.logits.dim() == 3 else out.logits
     return logits, out.loss
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.float() - b.float()).abs().max().item()
 
 
 def attached(arch: str, n: int = 4, seed: int = 0) -> tuple[nn.Module, nn.Module, deltatune.Delta]:

@@ -9,7 +9,7 @@ import copy
 
 import pytest
 import torch
-from conftest import TINY_MODELS, tiny_inputs
+from conftest import TINY_MODELS, logits, max_diff, tiny_inputs
 from torch import nn
 from torch.func import functional_call
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
@@ -32,15 +32,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 ARCHS = ("llama", "gpt2", "bert")
 HEADS = {"llama": [], "gpt2": [], "bert": ["classifier"]}
 TOL = 1e-5
-
-
-def logits(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**{k: v for k, v in inputs.items() if k != "labels"}).logits.detach().clone()
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.float() - b.float()).abs().max().item()
 
 
 def randomise(delta: Delta, seed: int, std: float = 0.2) -> Delta:
