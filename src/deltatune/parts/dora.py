@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from deltatune.errors import ConfigError, NotMergeable, ShapeMismatch
 from deltatune.parts.base import Part, base_layer_kind
 from deltatune.parts.layers import LayerKind, in_out_features, is_transposed, to_native
-from deltatune.parts.lora import init_lora_factors, lora_delta, lora_hidden
+from deltatune.parts.lora import LowRankFactors, lora_delta, lora_hidden
 from deltatune.parts.meta_checks import check_keys, check_shape, check_state, meta_int, meta_layer, meta_number
 
 
@@ -81,7 +81,7 @@ def unmerge_dora(merged_out_in: Tensor, a: Tensor, b: Tensor, scale: float, magn
 # --------------------------------------------------------------------------------------------------
 # the part
 # --------------------------------------------------------------------------------------------------
-class DoRAPart(Part):
+class DoRAPart(LowRankFactors):
     """Trainable ``A`` (kaiming-uniform or gaussian), ``B`` (zeros) and magnitude ``m`` (``‖W‖_c`` from the base,
     :meth:`init_magnitude`); embeddings use ``A = 0, B ~ N(0, 1)`` as in PEFT."""
 
@@ -100,17 +100,10 @@ class DoRAPart(Part):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> None:
-        super().__init__()
-        self.in_features, self.out_features, self.rank = in_features, out_features, rank
-        self.scale, self.layer, self.init = float(scale), LayerKind(layer), init
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.dropout_p = dropout
-        self.lora_A = nn.Parameter(torch.empty(rank, in_features, dtype=dtype, device=device))
-        self.lora_B = nn.Parameter(torch.zeros(out_features, rank, dtype=dtype, device=device))
+        super().__init__(in_features, out_features, rank, scale, layer, dropout, init, dtype, device)
         self.magnitude = nn.Parameter(torch.ones(out_features, dtype=dtype, device=device))
         # norms recorded by merge_into, per base module (a stack: merges of one part may be stacked)
         self._merged_norms: weakref.WeakKeyDictionary[nn.Module, list[Tensor]] = weakref.WeakKeyDictionary()
-        self.reset_parameters()
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickle / deepcopy without the merge records (weak references to modules of this process)."""
@@ -121,11 +114,6 @@ class DoRAPart(Part):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._merged_norms = weakref.WeakKeyDictionary()
-
-    def reset_parameters(self) -> None:
-        """PEFT's LoRA defaults for ``A``/``B`` (see :class:`~deltatune.parts.lora.LoRAPart`); ``m`` is set from
-        the base by :meth:`init_magnitude`."""
-        init_lora_factors(self.lora_A, self.lora_B, self.layer, self.init)
 
     def init_magnitude(self, base: nn.Module) -> None:
         """``m ← ‖W + s·B A‖_c`` (PEFT's ``DoraLinearLayer.update_layer``), so that ``W' = W``."""

@@ -54,11 +54,10 @@ def init_lora_factors(a: Tensor, b: Tensor, layer: LayerKind, init: str) -> None
             nn.init.zeros_(b)
 
 
-class LoRAPart(Part):
-    """Trainable ``A`` (kaiming-uniform or gaussian) and ``B`` (zeros), so ``ΔW = 0`` at start."""
-
-    kind = "lora"
-    additive, base_dependent, mixed_rows, has_aux_loss = True, False, True, False
+class LowRankFactors(Part):
+    """The factors ``A`` ``(r, in)`` and ``B`` ``(out, r)`` with scale ``s``, dropout on the branch input and PEFT's
+    initialisation (:func:`init_lora_factors`): what LoRA and DoRA hold in common.  No ``kind``: each subclass is a
+    kind of its own (a DoRA part is never a LoRA part)."""
 
     def __init__(
         self,
@@ -79,11 +78,18 @@ class LoRAPart(Part):
         self.dropout_p = dropout
         self.lora_A = nn.Parameter(torch.empty(rank, in_features, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank, dtype=dtype, device=device))
-        self.reset_parameters()
+        init_lora_factors(self.lora_A, self.lora_B, self.layer, self.init)
 
     def reset_parameters(self) -> None:
         """PEFT's defaults (:func:`init_lora_factors`)."""
         init_lora_factors(self.lora_A, self.lora_B, self.layer, self.init)
+
+
+class LoRAPart(LowRankFactors):
+    """Trainable ``A`` (kaiming-uniform or gaussian) and ``B`` (zeros), so ``ΔW = 0`` at start."""
+
+    kind = "lora"
+    additive, base_dependent, mixed_rows, has_aux_loss = True, False, True, False
 
     def forward(self, x: Tensor, base: nn.Module) -> Tensor:
         out = base(x)
