@@ -28,6 +28,7 @@ from deltatune.errors import ConfigError, FingerprintMismatch, ShapeMismatch, Ta
 from deltatune.fingerprint import fingerprint
 from deltatune.model import attach_parts, delta_layers, detach, get_module, load_heads
 from deltatune.parts.base import Part
+from deltatune.parts.bias import ADDED as ADDED_MARK
 from deltatune.parts.capabilities import require_capability
 
 Mode = Literal["attach", "merge"]
@@ -43,6 +44,7 @@ class _Snapshot:
 
     whole: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # (live tensor, copy)
     at: list[tuple[Tensor, Tensor, Tensor]] = field(default_factory=list)  # (live tensor, flat indices, copy)
+    added: list[tuple[nn.Module, str]] = field(default_factory=list)  # parameters a merge creates (BitFit on Llama)
 
     def take_whole(self, tensor: Tensor) -> None:
         if not any(t is tensor for t, _ in self.whole):
@@ -59,6 +61,10 @@ class _Snapshot:
                 tensor.data.view(-1).index_copy_(0, idx, values)
             for tensor, copy in self.whole:
                 tensor.data.copy_(copy)
+        for module, name in self.added:
+            setattr(module, name, None)
+            if hasattr(module, ADDED_MARK):
+                delattr(module, ADDED_MARK)
 
     def restore_into(self, tensor: Tensor, value: Tensor) -> None:
         """Write into ``value`` (a copy of ``tensor``) what this snapshot saved of ``tensor``."""
@@ -81,6 +87,7 @@ def _snapshot_parts(model: nn.Module, parts: dict[str, Part], snap: _Snapshot) -
     for name, part in parts.items():
         base = get_module(model, name)
         sites = part.merge_sites()
+        snap.added.extend((base, p) for p in part.update_shapes() if getattr(base, p, None) is None)
         if sites is not None:
             own = dict(base.named_parameters(recurse=False))
             for p, indices in sites.items():

@@ -1,0 +1,171 @@
+"""Train a delta *on top of* other deltas, and use it over the same or other ones (LT-SFT's language + task deltas,
+Ansell et al., ACL 2022, arXiv 2110.07560: the task delta is trained with the source-language delta applied, and
+at test time the target-language delta is applied instead: ``θ = θ₀ + φ_lang_tgt + φ_task``).
+
+* Training (``deltatune train --on DELTA …``, :attr:`TrainConfig.on`): :func:`prepare_stack` checks every
+  underlying delta against the pristine base (:class:`~deltatune.errors.FingerprintMismatch` for another base),
+  merges their parts into the base in order (their task heads are not loaded: the new run trains its own), and
+  returns a :class:`Stack`.  The new delta belongs to the *pristine* base (its fingerprint is taken before the
+  merge), and its provenance lists each underlying delta as a parent with ``role: "on"``, its path and a digest of
+  its content.  The :class:`StackGuard` hook stores those digests in every training checkpoint, so a resumed run
+  whose underlying delta is gone or changed stops (:class:`UnderlyingDeltaMissing` / :class:`UnderlyingDeltaChanged`).
+* Inference: :func:`apply_stacked` puts the recorded underlying deltas (found by path, digest checked) or others
+  given explicitly (``on=[…]``: swapping the language delta) and then the stacked delta on a model, as a
+  :class:`~deltatune.algebra.compose.DeltaStack` (attach or merge; ``revert()`` restores the base bit for bit).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from deltatune.algebra.compose import DeltaStack, Mode, compose
+from deltatune.delta import Delta
+from deltatune.errors import ConfigError, FingerprintMismatch
+from deltatune.fingerprint import check_fingerprint, fingerprint
+from deltatune.methods.registry import TrainHook
+from deltatune.model import default_heads, merge_delta
+from deltatune.parts.capabilities import require_capability
+from deltatune.provenance import parent_record
+
+ROLE = "on"
+
+
+class UnderlyingDeltaMissing(ConfigError):
+    """A delta that another was trained on top of cannot be found where it was recorded."""
+
+
+class UnderlyingDeltaChanged(FingerprintMismatch):
+    """A delta that another was trained on top of has changed since (its content digest differs)."""
+
+
+def content_digest(delta: Delta) -> str:
+    """SHA-256 of a delta's parts and heads (names and bytes), the fingerprint of an underlying delta."""
+    from deltatune.train.loop import delta_digest
+
+    return delta_digest(delta)
+
+
+def load_underlying(path: str | Path, where: str) -> Delta:
+    """The delta at ``path`` (:class:`UnderlyingDeltaMissing` when there is none)."""
+    from deltatune.api import as_delta
+
+    p = Path(path)
+    if not ((p / "manifest.json").is_file() or (p / "adapter_config.json").is_file()):
+        raise UnderlyingDeltaMissing(f"{where}: no delta at {str(path)[:200]!r} (a folder with manifest.json or a "
+                                     "PEFT adapter_config.json)")
+    return as_delta(p)
+
+
+@dataclass
+class Stack:
+    """The underlying deltas of a training run, in order, with their paths and content digests."""
+
+    paths: list[str]
+    deltas: list[Delta]
+    digests: list[str]
+    base_fingerprint: dict[str, Any]
+
+    def records(self) -> list[dict[str, Any]]:
+        return [{**parent_record(d), "role": ROLE, "path": p, "digest": g}
+                for p, d, g in zip(self.paths, self.deltas, self.digests, strict=True)]
+
+    def record(self, delta: Delta) -> None:
+        """Make ``delta`` (trained on this stack) belong to the pristine base and name its underlying deltas."""
+        delta.fingerprint = dict(self.base_fingerprint)
+        delta.provenance.parents = [*self.records(), *delta.provenance.parents]
+
+    def guard(self) -> StackGuard:
+        return StackGuard(self)
+
+
+def prepare_stack(model: nn.Module, on: Sequence[str | Path], heads: Sequence[str] | None = None) -> Stack | None:
+    """Merge the deltas at ``on`` (in order) into ``model``'s base weights; ``None`` when ``on`` is empty.
+
+    Every underlying delta is checked against the pristine base first (another base:
+    :class:`FingerprintMismatch`; a kind that cannot be merged: :class:`NotMergeable`), before any weight is
+    written."""
+    if not on:
+        return None
+    heads = list(default_heads(model) if heads is None else heads)
+    base_fp = fingerprint(model, exclude=heads)
+    paths = [str(Path(p).resolve()) for p in on]
+    deltas = [load_underlying(p, f"--on #{i + 1}") for i, p in enumerate(paths)]
+    for i, d in enumerate(deltas):
+        where = f"underlying delta {paths[i]}"
+        require_capability(d, "additive", f"training on top of {where}")
+        check_fingerprint(d.fingerprint, model, sorted({*d.heads, *heads}), where)
+    for i, d in enumerate(deltas):
+        merge_delta(model, d, where=f"underlying delta {paths[i]}", force=True, heads=False)
+    return Stack(paths, deltas, [content_digest(d) for d in deltas], base_fp)
+
+
+class StackGuard(TrainHook):
+    """Stores the underlying deltas' paths and digests in training checkpoints; on resume, refuses a stack that is
+    not the one the run started on (a missing, changed, added or removed underlying delta)."""
+
+    def __init__(self, stack: Stack) -> None:
+        self.stack = stack
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"on": [{"path": p, "digest": g} for p, g in zip(self.stack.paths, self.stack.digests, strict=True)]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        recorded = [(r["path"], r["digest"]) for r in state["on"]]
+        current = list(zip(self.stack.paths, self.stack.digests, strict=True))
+        if [p for p, _ in recorded] != [p for p, _ in current]:
+            raise UnderlyingDeltaChanged(f"the checkpoint was trained on top of {[p for p, _ in recorded]}, this run "
+                                         f"on {[p for p, _ in current]}; resume with the same --on deltas")
+        for (path, old), (_, new) in zip(recorded, current, strict=True):
+            if old != new:
+                raise UnderlyingDeltaChanged(f"underlying delta {path} changed since the run started (content digest "
+                                             f"{old[:12]}… then, {new[:12]}… now); resuming would train on another "
+                                             "stack")
+
+
+def recorded_stack(delta: Delta) -> list[dict[str, Any]]:
+    """The underlying-delta records of a stacked delta's provenance (empty for a delta trained on the bare base)."""
+    return [p for p in delta.provenance.parents if p.get("role") == ROLE]
+
+
+def resolve_underlying(delta: Delta, where: str = "the delta") -> list[Delta]:
+    """The deltas ``delta`` was trained on top of, loaded from their recorded paths and checked unchanged
+    (:class:`UnderlyingDeltaMissing`, :class:`UnderlyingDeltaChanged`)."""
+    out = []
+    for rec in recorded_stack(delta):
+        d = load_underlying(rec["path"], f"{where} was trained on top of {rec['path']}")
+        digest = content_digest(d)
+        if digest != rec["digest"]:
+            raise UnderlyingDeltaChanged(f"{where} was trained on top of {rec['path']}, which changed since (content "
+                                         f"digest {rec['digest'][:12]}… then, {digest[:12]}… now); pass the "
+                                         "underlying deltas explicitly (on=[…]) to use others")
+        out.append(d)
+    return out
+
+
+def _headless(d: Delta) -> Delta:
+    """The delta without task heads or fingerprint (checked separately): an underlying delta adds only its parts."""
+    return dataclasses.replace(d, heads={}, fingerprint=None)
+
+
+def apply_stacked(model: nn.Module, delta: Delta, on: Sequence[Delta] | None = None, mode: Mode = "attach",
+                  force: bool = False, where: str = "the delta") -> DeltaStack:
+    """``θ = θ₀ + Σ_on Δ + Δ_delta`` on ``model`` (underlying task heads ignored; ``delta``'s heads loaded).
+
+    ``on=None``: the deltas recorded in ``delta``'s provenance (by path, digest checked); ``on=[…]``: these
+    instead (swap the underlying delta).  Every delta must belong to ``model``'s base
+    (:class:`FingerprintMismatch` unless ``force``).  Returns the :class:`DeltaStack`: ``revert()`` (or leaving a
+    ``with`` block) restores the base bit for bit."""
+    under = resolve_underlying(delta, where) if on is None else list(on)
+    if not force:
+        heads = default_heads(model)
+        for i, d in enumerate(under):
+            check_fingerprint(d.fingerprint, model, sorted({*d.heads, *heads}), f"underlying delta #{i + 1} "
+                              f"({d.method})")
+    return compose(model, [*map(_headless, under), delta], mode=mode, force=force,
+                   names=[*(f"underlying delta #{i + 1}" for i in range(len(under))), where])

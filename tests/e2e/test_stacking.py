@@ -1,0 +1,212 @@
+"""Composition as a workflow: train a delta on top of others (``train --on``, ``TrainConfig.on``), use it over the
+recorded or swapped underlying deltas, sum several sparse deltas and revert to the base bit for bit, and the
+``deltatune compose`` verb; bad stacks are typed errors."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+
+import pytest
+import torch
+from conftest import TINY_MODELS, base_state, logits, max_diff, randomize_delta, tiny_inputs
+from typer.testing import CliRunner
+
+import deltatune as dt
+from deltatune.algebra.compose import compose
+from deltatune.errors import ConfigError, FingerprintMismatch
+from deltatune.fingerprint import base_parameters
+from deltatune.train import loop
+from deltatune.train.config import TrainConfig
+from deltatune.train.stacking import (
+    UnderlyingDeltaChanged,
+    UnderlyingDeltaMissing,
+    apply_stacked,
+    content_digest,
+    prepare_stack,
+    resolve_underlying,
+)
+
+SMALL = dict(task="sst2", train_limit=32, eval_limit=16, eval_every=0, eval_before=False, max_length=24,
+             batch_size=8, progress=False, checkpoint_every=0, lr=1e-3)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _same_base(model, ref, heads) -> bool:
+    return all(torch.equal(p, ref[n]) for n, p in base_parameters(model, heads))
+
+
+@pytest.fixture(scope="module")
+def small_base(tmp_path_factory, minilm_path) -> str:
+    """A one-layer BERT (hidden 32) with MiniLM's vocabulary and tokenizer, saved as a model folder: the real
+    training loop and data at a fraction of MiniLM's cost."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    folder = tmp_path_factory.mktemp("small_base")
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64, num_labels=2)
+    BertForSequenceClassification(cfg).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        shutil.copy(f"{minilm_path}/{name}", folder / name)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def stacked(tmp_path_factory, data_dir, small_base):
+    """A (random-sparse, SST-2) → B trained on top of A with the CLI (lt-sft) → C (another SST-2 delta)."""
+    from deltatune.cli import app
+
+    root = tmp_path_factory.mktemp("stack")
+    small = dict(SMALL, model=small_base)
+    a = loop.train(TrainConfig(out_dir=str(root / "a"), max_steps=2, **small), dt.make_config(
+        "random-sparse", {"num_tunable": 4000}))
+    c = loop.train(TrainConfig(out_dir=str(root / "c"), max_steps=2, seed=1, **small), dt.make_config(
+        "random-sparse", {"num_tunable": 4000, "seed": 3}))
+    args = ["train", "--method", "lt-sft", "--out", str(root / "b"), "--steps", "3", "--on", str(a.delta_dir),
+            "--set", "num_tunable=3000", "--set", "full_steps=1"] + [f"--set={k}={v}" for k, v in small.items()]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    return root, a.delta_dir, root / "b" / "delta", c.delta_dir
+
+
+def _classifier(path):
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    return AutoModelForSequenceClassification.from_pretrained(path, num_labels=2).eval()
+
+
+def _batch(tokenizer):
+    return dict(tokenizer(["a fine film", "dull and slow", "it is what it is"], padding=True, return_tensors="pt"))
+
+
+def test_train_on_records_the_underlying_delta_and_the_pristine_base(stacked) -> None:
+    _, a_dir, b_dir, _ = stacked
+    a, b = dt.load_delta(a_dir), dt.load_delta(b_dir)
+    parents = b.provenance.parents
+    assert len(parents) == 1 and parents[0]["role"] == "on"
+    assert parents[0]["path"] == str(a_dir.resolve()) and parents[0]["digest"] == content_digest(a)
+    assert b.provenance.train["on"] == [str(a_dir)]
+    assert b.fingerprint == a.fingerprint, "a stacked delta belongs to the pristine base"
+    assert {p.kind for p in b.parts.values()} == {"sparse"}
+
+
+def test_stacked_delta_over_recorded_and_swapped_underlying_deltas(stacked, small_base, tokenizer) -> None:
+    _, a_dir, b_dir, c_dir = stacked
+    a, b, c = dt.load_delta(a_dir), dt.load_delta(b_dir), dt.load_delta(c_dir)
+    batch = _batch(tokenizer)
+    model = _classifier(small_base)
+    ref = base_state(model, ["classifier"])
+    for under in (None, [c]):  # recorded (A), then swapped (C)
+        expected = _classifier(small_base)
+        dt.merge_delta(expected, under[0] if under else a, heads=False)
+        dt.apply_delta(expected, b, force=True)
+        for mode in ("attach", "merge"):
+            with apply_stacked(model, b, on=under, mode=mode):
+                got = model(**batch).logits
+                assert max_diff(got, expected(**batch).logits) <= 1e-5, (under, mode)
+            assert _same_base(model, ref, ["classifier"]), f"{mode}: the base was not restored bit for bit"
+
+
+def test_missing_or_changed_underlying_delta_is_refused(stacked, tmp_path) -> None:
+    _, a_dir, b_dir, _ = stacked
+    b = dt.load_delta(b_dir)
+    moved = tmp_path / "a"
+    shutil.copytree(a_dir, moved)
+    b.provenance.parents[0]["path"] = str(moved)
+    assert len(resolve_underlying(b)) == 1
+    shutil.rmtree(moved)
+    with pytest.raises(UnderlyingDeltaMissing):
+        resolve_underlying(b)
+    changed = dt.load_delta(a_dir)
+    with torch.no_grad():
+        next(iter(changed.parts.values())).values.add_(1e-3)
+    changed.save(moved)
+    with pytest.raises(UnderlyingDeltaChanged):
+        resolve_underlying(b)
+
+
+def test_resuming_a_stacked_run_on_a_changed_underlying_delta_stops(stacked, tmp_path, small_base) -> None:
+    _, a_dir, _, _ = stacked
+    under = tmp_path / "under"
+    shutil.copytree(a_dir, under)
+    cfg = dict(SMALL, model=small_base, out_dir=str(tmp_path / "run"), max_steps=3, checkpoint_every=2, on=[str(under)])
+    mc = dt.make_config("random-sparse", {"num_tunable": 1000})
+    loop.train(TrainConfig(**cfg), mc)
+    changed = dt.load_delta(under)
+    with torch.no_grad():
+        next(iter(changed.parts.values())).values.mul_(2)
+    changed.save(under, overwrite=True)
+    with pytest.raises(UnderlyingDeltaChanged, match="changed since the run started"):
+        loop.train(TrainConfig(**cfg, resume=True), mc)
+    shutil.rmtree(under)
+    with pytest.raises(UnderlyingDeltaMissing):
+        loop.train(TrainConfig(**cfg, resume=True), mc)
+
+
+def test_sum_of_sparse_deltas_applies_and_reverts_bit_exactly_and_compose_verb(stacked, tmp_path, small_base,
+                                                                                  tokenizer) -> None:
+    from deltatune.cli import app
+
+    _, a_dir, b_dir, c_dir = stacked
+    deltas = [dt.load_delta(p) for p in (a_dir, b_dir, c_dir)]
+    batch = _batch(tokenizer)
+    model = _classifier(small_base)
+    ref = base_state(model, ["classifier"])
+    heads_kept = [deltas[0], *(copy.copy(d) for d in deltas[1:])]
+    for d in heads_kept[1:]:
+        d.heads = {}
+    with compose(model, heads_kept, mode="merge", force=True) as stack:
+        merged = model(**batch).logits
+        assert len(stack) == 3
+    assert _same_base(model, ref, ["classifier"])
+    res = CliRunner().invoke(app, ["compose", str(a_dir), str(b_dir), str(c_dir), "--heads-of", "1", "--out",
+                                   str(tmp_path / "sum")])
+    assert res.exit_code == 0, res.output
+    total = dt.load_delta(tmp_path / "sum")
+    assert {p.kind for p in total.parts.values()} == {"sparse"}
+    assert sum(p.indices.numel() for p in total.parts.values()) <= sum(
+        p.indices.numel() for d in deltas for p in d.parts.values())
+    fresh = _classifier(small_base)
+    dt.merge_delta(fresh, total, force=True)
+    assert max_diff(fresh(**batch).logits, merged) <= 1e-5
+    res = CliRunner().invoke(app, ["compose", str(a_dir), str(c_dir), "--out", str(tmp_path / "clash")])
+    assert res.exit_code != 0 and isinstance(res.exception, ConfigError)  # two different SST-2 heads
+
+
+def test_stacking_or_composing_deltas_of_another_base_is_refused(tmp_path) -> None:
+    other = randomize_delta(TINY_MODELS["bert"](seed=1), dt.SparseConfig(num_tunable=200, regrow=False), 0, 0.1)
+    other.save(tmp_path / "other")
+    mine = randomize_delta(TINY_MODELS["bert"](), dt.SparseConfig(num_tunable=200, regrow=False), 1, 0.1)
+    mine.save(tmp_path / "mine")
+    model = TINY_MODELS["bert"]()
+    ref = base_state(model, ["classifier"])
+    with pytest.raises(FingerprintMismatch):
+        prepare_stack(model, [tmp_path / "mine", tmp_path / "other"])
+    assert _same_base(model, ref, ["classifier"]), "nothing is merged before every check passed"
+    from deltatune.commands.compose import compose_paths
+
+    with pytest.raises(FingerprintMismatch):
+        compose_paths([tmp_path / "mine", tmp_path / "other"], heads_of=1)
+    with pytest.raises(UnderlyingDeltaMissing):
+        prepare_stack(model, [tmp_path / "nowhere"])
+    with pytest.raises(ConfigError):
+        compose_paths([tmp_path / "mine"])
+
+
+def test_prepare_stack_merges_in_order_and_keeps_the_new_runs_head() -> None:
+    model = TINY_MODELS["bert"]()
+    inputs = tiny_inputs("bert")
+    d = randomize_delta(TINY_MODELS["bert"](), dt.SparseConfig(num_tunable=300, regrow=False), 2, 0.2)
+    head = {k: v.clone() for k, v in model.classifier.state_dict().items()}
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        d.save(tmp + "/d")
+        expected = copy.deepcopy(model)
+        dt.merge_delta(expected, d, heads=False)
+        stack = prepare_stack(model, [tmp + "/d"])
+    assert stack is not None and len(stack.deltas) == 1
+    assert max_diff(logits(model, inputs), logits(expected, inputs)) == 0.0
+    assert all(torch.equal(model.classifier.state_dict()[k], v) for k, v in head.items())

@@ -1,0 +1,178 @@
+"""BitFit (existing and added biases), DSEE (low rank + sparse on a decomposition support) and the random-subset
+sparse baseline: what each trains, exact merges, the math against dense references, and bad input."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import TINY_MODELS, logits, max_diff, randomize_delta, tiny_inputs
+
+import deltatune
+from deltatune.algebra.sum_deltas import compose_deltas
+from deltatune.errors import ConfigError, DeltaFormatError, TargetError
+from deltatune.methods import get_method
+from deltatune.methods.dsee import sparse_support
+from deltatune.parts.bias import BiasPart
+from deltatune.parts.dsee import DSEEPart
+from deltatune.parts.layers import LayerKind
+from deltatune.parts.sparse import SparsePart
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _train(model, delta, config, inputs, steps=3, lr=1e-2):
+    method = get_method(config.method)
+    opt = method.optimizer([p for p in model.parameters() if p.requires_grad], lr, 0.0, config)
+    hooks = method.hooks(model, delta, config, opt, steps, 1)
+    model.train()
+    for step in range(steps):
+        for h in hooks:
+            h.before_step(step)
+        model(**inputs).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        for h in hooks:
+            h.after_step(step + 1)
+    model.eval()
+    return opt
+
+
+# --- BitFit ---------------------------------------------------------------------------------------
+def test_bitfit_trains_exactly_the_biases_of_bert() -> None:
+    model = TINY_MODELS["bert"]()
+    biases = {n.rsplit(".", 1)[0]: p.numel() for n, p in model.named_parameters()
+              if n.endswith(".bias") and not n.startswith("classifier")}
+    delta = deltatune.attach(model, deltatune.make_config("bitfit", {}))
+    assert set(delta.parts) == set(biases)
+    assert all(p.has_bias for p in delta.parts.values())
+    assert delta.trainable_count == sum(biases.values())
+
+
+def test_bitfit_adds_biases_to_llama_and_a_merge_revert_removes_them() -> None:
+    model = TINY_MODELS["llama"]()
+    base = copy.deepcopy(model)
+    inputs = tiny_inputs("llama")
+    delta = deltatune.attach(model, deltatune.make_config("bitfit", {}))
+    assert delta.parts and not any(p.has_bias for p in delta.parts.values())
+    assert "lm_head" not in delta.parts
+    _train(model, delta, deltatune.make_config("bitfit", {}), inputs)
+    after = logits(model, inputs)
+    fresh = copy.deepcopy(base)
+    deltatune.merge_delta(fresh, delta)
+    q = fresh.model.layers[0].self_attn.q_proj
+    assert q.bias is not None and torch.equal(q.bias, delta.parts["model.layers.0.self_attn.q_proj"].bias_delta)
+    assert max_diff(logits(fresh, inputs), after) <= 1e-5
+    deltatune.merge_delta(fresh, delta, force=True)  # stacked twice, reverted twice
+    deltatune.revert_delta(fresh, delta)
+    assert q.bias is not None
+    deltatune.revert_delta(fresh, delta)
+    assert q.bias is None and dict(fresh.named_parameters()).keys() == dict(base.named_parameters()).keys()
+    assert max_diff(logits(fresh, inputs), logits(base, inputs)) <= 1e-6
+
+
+def test_bitfit_deltas_sum_exactly_and_bad_targets_are_refused() -> None:
+    a = randomize_delta(TINY_MODELS["gpt2"](), deltatune.make_config("bitfit", {}), 1, 0.1)
+    b = randomize_delta(TINY_MODELS["gpt2"](), deltatune.make_config("bitfit", {}), 2, 0.1)
+    total = compose_deltas([a, b])
+    for name, part in total.parts.items():
+        assert isinstance(part, BiasPart)
+        assert torch.equal(part.bias_delta, a.parts[name].bias_delta + b.parts[name].bias_delta)
+    with pytest.raises(TargetError, match="matched no module with a bias"):
+        deltatune.attach(TINY_MODELS["bert"](), deltatune.make_config("bitfit", {"targets": ["nonexistent"]}))
+    with pytest.raises(TargetError, match="no module with a bias"):
+        deltatune.attach(TINY_MODELS["llama"](), deltatune.make_config("bitfit", {"add_missing": False}))
+
+
+def test_bias_part_meta_is_checked() -> None:
+    with pytest.raises(DeltaFormatError):
+        BiasPart.expected_state({"features": 4, "has_bias": "yes"})
+    with pytest.raises(DeltaFormatError):
+        BiasPart.expected_state({"features": 0, "has_bias": True})
+
+
+# --- DSEE -----------------------------------------------------------------------------------------
+def test_sparse_support_recovers_planted_spikes_beside_a_low_rank_matrix() -> None:
+    g = torch.Generator().manual_seed(0)
+    low = torch.randn(40, 3, generator=g) @ torch.randn(3, 30, generator=g)
+    spikes = torch.randperm(1200, generator=g)[:15].sort().values
+    w = low.reshape(-1).clone()
+    w[spikes] += 25.0 * torch.sign(torch.randn(15, generator=g))
+    got = sparse_support(w.view(40, 30), 15, rank=3, iters=3)
+    assert torch.equal(got, spikes)
+
+
+@pytest.mark.parametrize("layer", [LayerKind.LINEAR, LayerKind.CONV1D])
+def test_dsee_forward_and_gradients_equal_the_dense_reference(layer: LayerKind) -> None:
+    torch.manual_seed(0)
+    if layer is LayerKind.LINEAR:
+        module = torch.nn.Linear(6, 5)
+    else:
+        from transformers.pytorch_utils import Conv1D
+
+        module = Conv1D(5, 6)
+    idx = torch.tensor([0, 7, 13, 29])
+    part = DSEEPart(6, 5, 2, 1.5, tuple(module.weight.shape), idx, layer)
+    with torch.no_grad():
+        part.lora_B.normal_()
+        part.values.normal_()
+    x = torch.randn(3, 6)
+    out = part(x, module)
+    dw = part.delta_weight()
+    low = 1.5 * part.lora_B.detach() @ part.lora_A.detach()
+    expect = low if layer is LayerKind.LINEAR else low.t()
+    sparse = torch.zeros(dw.numel()).index_put_((idx,), part.values.detach()).view(dw.shape)
+    assert torch.allclose(dw - expect, sparse, atol=1e-6)
+    dense = torch.zeros_like(module.weight, requires_grad=True)
+    w_eff = module.weight.detach() + dw.detach() + dense
+    ref = x @ w_eff.t() + module.bias if layer is LayerKind.LINEAR else x @ w_eff + module.bias
+    assert max_diff(out, ref) <= 1e-5
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    ref.backward(grad)
+    assert torch.allclose(part.values.grad, dense.grad.reshape(-1)[idx], atol=1e-5)
+    assert part.lora_A.grad is not None and part.lora_B.grad is not None
+
+
+def test_dsee_round_trip_compress_form_and_bad_input(tmp_path) -> None:
+    model = TINY_MODELS["llama"]()
+    config = deltatune.make_config("dsee", {"r": 2, "num_sparse": 10})
+    delta = randomize_delta(model, config, 3, 0.1)
+    assert set(delta.parts) == {f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")}
+    loaded = deltatune.load_delta(deltatune.save_delta(delta, tmp_path / "d"))
+    for name, part in delta.parts.items():
+        assert torch.equal(loaded.parts[name].delta_weight(), part.delta_weight())
+        dense = part.values_view(product=True)
+        sparse = part.with_values(dense, product=True)
+        assert isinstance(sparse, SparsePart) and torch.equal(sparse.delta_weight(), part.delta_weight())
+    with pytest.raises(ConfigError, match="more than the"):
+        deltatune.attach(TINY_MODELS["llama"](), deltatune.make_config("dsee", {"num_sparse": 10**7}))
+    for bad in ({"r": 0}, {"num_sparse": 0}, {"selection": "best"}, {"alpha": -1.0}, {"dropout": 1.0}):
+        with pytest.raises(ConfigError):
+            deltatune.make_config("dsee", bad)
+    meta = next(iter(delta.parts.values())).meta()
+    with pytest.raises(DeltaFormatError):
+        DSEEPart.expected_state({**meta, "k": 10**6})
+    with pytest.raises(DeltaFormatError):
+        DSEEPart.expected_state({**meta, "weight_shape": [3, 3]})
+
+
+# --- random-subset sparse ------------------------------------------------------------------------
+def test_random_sparse_keeps_its_support_and_refuses_bad_budgets() -> None:
+    model = TINY_MODELS["gpt2"]()
+    config = deltatune.make_config("random-sparse", {"num_tunable": 500, "seed": 4})
+    delta = deltatune.attach(model, config)
+    support = {n: p.indices.clone() for n, p in delta.parts.items()}
+    assert sum(v.numel() for v in support.values()) == 500
+    opt = _train(model, delta, config, tiny_inputs("gpt2"))
+    assert all(torch.equal(delta.parts[n].indices, support[n]) for n in support)
+    assert type(opt) is torch.optim.AdamW
+    assert sum(s["exp_avg"].numel() for s in opt.state.values()) == 500
+    again = deltatune.attach(TINY_MODELS["gpt2"](), config)
+    assert all(torch.equal(again.parts[n].indices, support[n]) for n in support), "the seed fixes the support"
+    for bad in ({"density": 0.0}, {"density": 1.01}, {"num_tunable": 0}):
+        with pytest.raises(ConfigError):
+            deltatune.make_config("random-sparse", bad)
+    with pytest.raises(ConfigError, match="targets hold only"):
+        deltatune.attach(TINY_MODELS["gpt2"](), deltatune.make_config("random-sparse", {"num_tunable": 10**8}))

@@ -1,0 +1,216 @@
+"""LT-SFT: the three phases happen at the right steps, the final delta holds exactly K entries at the top-K positions
+of phase 1's |Δ|, it merges exactly, and bad budgets are typed errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import TINY_MODELS, base_state, logits, max_diff, tiny_inputs
+
+import deltatune
+from deltatune.errors import ConfigError
+from deltatune.fingerprint import base_parameters
+from deltatune.methods import get_method
+from deltatune.methods.lt_sft import LTSFTAdamW, top_k_positions
+from deltatune.parts.dense import DensePart
+from deltatune.parts.sparse import SparsePart
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _run(model, delta, config, inputs, steps, total, weight_decay=0.0, observe=None):
+    method = get_method(config.method)
+    opt = method.optimizer([p for p in model.parameters() if p.requires_grad], 1e-2, weight_decay, config)
+    hooks = method.hooks(model, delta, config, opt, total, 1)
+    model.train()
+    for step in range(steps):
+        for h in hooks:
+            h.before_step(step)
+        model(**inputs).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if observe is not None:
+            observe(step + 1)
+        for h in hooks:
+            h.after_step(step + 1)
+    model.eval()
+    return opt, hooks
+
+
+def test_top_k_positions_equals_topk_of_the_concatenation() -> None:
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(7, 5, generator=g), "b": torch.randn(13, generator=g), "c": torch.randn(3, 4, 2,
+                                                                                                     generator=g)}
+    flat = torch.cat([t.reshape(-1) for t in tensors.values()])
+    offsets = {"a": 0, "b": 35, "c": 48}
+    for k in (1, 10, 40, flat.numel()):
+        got = top_k_positions(tensors, k)
+        assert sum(v.numel() for v in got.values()) == k
+        picked = torch.cat([got[n] + offsets[n] for n in tensors]).sort().values
+        assert torch.equal(picked, flat.abs().topk(k).indices.sort().values)
+        assert all(torch.equal(v, v.sort().values) for v in got.values())
+
+
+def test_top_k_positions_breaks_ties_in_order_and_keeps_exactly_k() -> None:
+    tensors = {"a": torch.tensor([0.0, 2.0, 1.0, 1.0]), "b": torch.tensor([1.0, 3.0, 1.0])}
+    got = top_k_positions(tensors, 4)
+    assert got["a"].tolist() == [1, 2, 3] and got["b"].tolist() == [1]
+    got = top_k_positions({"a": torch.zeros(5)}, 2)  # nothing moved: still exactly k, first positions
+    assert got["a"].tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
+def test_phases_switch_at_the_step_and_keep_the_top_k_of_phase_one(arch: str) -> None:
+    model = TINY_MODELS[arch]()
+    base = copy.deepcopy(model)
+    inputs = tiny_inputs(arch)
+    config = deltatune.make_config("lt-sft", {"num_tunable": 500, "full_steps": 2})
+    delta = deltatune.attach(model, config)
+    seen: dict[int, dict] = {}
+
+    def observe(step: int) -> None:  # after optimizer.step, before the hooks run
+        seen[step] = {n: (type(p), p.delta_for("weight").detach().clone() if isinstance(p, DensePart) else None)
+                      for n, p in delta.parts.items()}
+
+    _run(model, delta, config, inputs, 2, total=4, observe=observe)
+    assert all(kind is SparsePart for kind in map(type, delta.parts.values())), "no switch after step 2"
+    assert all(kind is DensePart for kind, _ in seen[1].values()) and all(k is DensePart for k, _ in seen[2].values())
+    phase1 = {n: d for n, (_, d) in seen[2].items()}
+    flat = torch.cat([d.reshape(-1) for d in phase1.values()])
+    want = set(flat.abs().topk(500).indices.tolist())
+    offsets, start = {}, 0
+    for n, d in phase1.items():
+        offsets[n], start = start, start + d.numel()
+    got = {offsets[n] + i for n, p in delta.parts.items() for i in p.indices.tolist()}
+    assert got == want
+    assert all(torch.count_nonzero(p.values) == 0 for p in delta.parts.values()), "not rewound to θ₀"
+    if arch != "bert":  # no head: the rewound model is the base
+        assert max_diff(logits(model, inputs), logits(base, inputs)) == 0.0
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    heads = {id(p) for h in delta.heads for p in model.get_submodule(h).parameters()}
+    assert trainable == {id(p.values) for p in delta.parts.values()} | heads
+
+
+def test_final_delta_has_k_entries_at_the_support_and_merges_exactly(tmp_path) -> None:
+    arch = "bert"
+    model = TINY_MODELS[arch]()
+    base = copy.deepcopy(model)
+    inputs = tiny_inputs(arch)
+    config = deltatune.make_config("lt-sft", {"num_tunable": 300, "full_steps": 1})
+    delta = deltatune.attach(model, config)
+    opt, hooks = _run(model, delta, config, inputs, 1, total=3)
+    support = {n: p.indices.clone() for n, p in delta.parts.items()}
+    _run_rest(model, delta, opt, hooks, inputs, 1, 3, weight_decay=0.1)
+    assert sum(p.indices.numel() for p in delta.parts.values()) == 300
+    assert {n: p.indices for n, p in delta.parts.items()}.keys() == support.keys()
+    assert all(torch.equal(delta.parts[n].indices, support[n]) for n in support)
+    assert all(torch.count_nonzero(p.values) > 0 for p in delta.parts.values())
+    # optimiser state only for the K values and the head
+    states = [opt.state[p] for g in opt.param_groups for p in g["params"] if opt.state[p]]
+    assert sum(s["exp_avg"].numel() for s in states) == 300 + sum(
+        p.numel() for h in delta.heads for p in model.get_submodule(h).parameters())
+    after = logits(model, inputs)
+    delta.snapshot_heads(model)
+    loaded = deltatune.load_delta(deltatune.save_delta(delta, tmp_path / "d"))
+    for p in loaded.parts.values():
+        assert p.kind == "sparse" and torch.equal(p.indices, p.indices.sort().values)
+    fresh = copy.deepcopy(base)
+    ref = base_state(base, ["classifier"])
+    deltatune.merge_delta(fresh, loaded)
+    assert max_diff(logits(fresh, inputs), after) <= 1e-5
+    changed = sum(int(torch.count_nonzero(p != ref[n])) for n, p in base_parameters(fresh, ["classifier"]))
+    assert changed <= 300, "weight decay or the merge moved entries outside the support"
+    deltatune.revert_delta(fresh, loaded)
+    assert max(max_diff(p, ref[n]) for n, p in base_parameters(fresh, ["classifier"])) <= 1e-6
+
+
+def _run_rest(model, delta, opt, hooks, inputs, start, stop, weight_decay):
+    for g in opt.param_groups:
+        g["weight_decay"] = weight_decay
+    model.train()
+    for step in range(start, stop):
+        for h in hooks:
+            h.before_step(step)
+        model(**inputs).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        for h in hooks:
+            h.after_step(step + 1)
+    model.eval()
+
+
+def test_l1_pull_adds_the_sign_subgradient_once_per_step() -> None:
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.0]))
+    opt = LTSFTAdamW([p], lr=0.0)
+    opt.l1_weight, opt.l1_params = 0.5, {id(p)}
+    p.grad = torch.zeros(3)
+    opt.step()
+    assert p.grad.tolist() == [0.5, -0.5, 0.0]
+
+
+@pytest.mark.parametrize("bad", [{"density": 0.0}, {"density": 1.5}, {"density": -0.1}, {"num_tunable": 0},
+                                 {"full_fraction": 1.0}, {"full_steps": 0}, {"l1_full": -1.0}])
+def test_bad_config_is_a_config_error(bad: dict) -> None:
+    with pytest.raises(ConfigError):
+        deltatune.make_config("lt-sft", bad)
+
+
+def test_budget_larger_than_the_targets_and_no_masked_phase_are_refused() -> None:
+    model = TINY_MODELS["llama"]()
+    with pytest.raises(ConfigError, match="targets hold only"):
+        deltatune.attach(model, deltatune.make_config("lt-sft", {"num_tunable": 10**9}))
+    model = TINY_MODELS["llama"]()
+    config = deltatune.make_config("lt-sft", {"num_tunable": 10, "full_steps": 3})
+    delta = deltatune.attach(model, config)
+    method = get_method("lt-sft")
+    opt = method.optimizer([p for p in model.parameters() if p.requires_grad], 1e-3, 0.0, config)
+    with pytest.raises(ConfigError, match="leaving none for the masked phase"):
+        method.hooks(model, delta, config, opt, 3, 1)
+
+
+def test_training_loop_writes_a_sparse_delta_of_k_entries(tmp_path, data_dir) -> None:
+    from deltatune.train import loop
+    from deltatune.train.config import TrainConfig
+
+    cfg = TrainConfig(out_dir=str(tmp_path / "run"), task="sst2", max_steps=4, train_limit=32, eval_limit=16,
+                      eval_every=0, eval_before=False, max_length=24, batch_size=8, progress=False,
+                      checkpoint_every=0, lr=1e-3)
+    result = loop.train(cfg, deltatune.make_config("lt-sft", {"density": 0.001, "full_steps": 2}))
+    saved = deltatune.load_delta(result.delta_dir)
+    assert {p.kind for p in saved.parts.values()} == {"sparse"}
+    entries = sum(p.indices.numel() for p in saved.parts.values())
+    assert entries == int(0.001 * sum(m.weight.numel() for _, m in _minilm_linears(saved)))
+    assert saved.metrics["steps"] == 4
+
+
+def _minilm_linears(delta):
+    from deltatune.api import load_base_for
+    from deltatune.methods.targets import select_modules
+    from deltatune.model import get_module
+
+    net = load_base_for(delta)
+    names = select_modules(net, ["all-linear"], list(delta.heads))
+    return [(n, get_module(net, n)) for n in names]
+
+
+def test_plain_loop_through_prepare_switches_inside_the_delta_group() -> None:
+    from deltatune.train.integration import prepare
+
+    model = TINY_MODELS["bert"]()
+    inputs = tiny_inputs("bert")
+    delta = deltatune.attach(model, deltatune.make_config("lt-sft", {"num_tunable": 200, "full_steps": 2}))
+    optimizer, schedule = prepare(model, delta, lr=1e-2, total_steps=4)
+    heads = {id(p) for p in model.classifier.parameters()}
+    model.train()
+    for step in range(4):
+        with schedule.step(step):
+            model(**inputs).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    values = {id(p.values) for p in delta.parts.values()}
+    groups = [{id(p) for p in g["params"]} for g in optimizer.param_groups]
+    assert values in groups and all(g == values or g <= heads for g in groups)
+    assert sum(p.indices.numel() for p in delta.parts.values()) == 200
+    assert all(torch.count_nonzero(p.values) for p in delta.parts.values())
