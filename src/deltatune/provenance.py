@@ -20,7 +20,7 @@ from typing import Any
 
 from deltatune.errors import DeltaFormatError
 
-OPERATIONS = ("train", "merge", "compose", "compress", "rebase", "import", "attach")
+OPERATIONS = ("train", "merge", "compose", "compress", "rebase", "import", "attach", "half_reset")
 FIELDS = {"operation", "base", "task", "train", "parents"}
 PARENT_FIELDS = ("method", "operation", "base", "task", "fingerprint")
 
