@@ -4,8 +4,9 @@
 the target matrices in proportion to their size, ``k_l = ⌊K·n_l/Σn⌋`` (the remainder goes to the
 largest fractional shares so ``Σk_l = K`` exactly).  The support starts random with values 0; every
 ``reselection_steps`` steps the :class:`~deltatune.methods.spiel_selector.SpIELSelector` drops the
-smallest-|value| entries and regrows by accumulated gradient.  Optimiser state lives only on the
-active values (:class:`SparseAdamW`, per-element age for bias correction).
+smallest-|value| entries and regrows by accumulated gradient (``regrow_by="grad"``, SpIEL-AG) or by SM3
+row/column accumulators of the active entries' squared gradients (``regrow_by="momentum"``, SpIEL-MA).
+Optimiser state lives only on the active values (:class:`SparseAdamW`, per-element age for bias correction).
 """
 
 from __future__ import annotations
@@ -34,7 +35,10 @@ class SparseConfig:
     density: float = field(default=0.01, metadata={"help": "trainable fraction of ALL base parameters"})
     num_tunable: int | None = field(default=None, metadata={"help": "exact trainable count (overrides density)"})
     targets: list[str] = field(default_factory=lambda: ["all-linear"], metadata={"help": "module-name patterns"})
-    regrow: bool = field(default=True, metadata={"help": "drop/regrow by accumulated gradient (SpIEL-AG)"})
+    regrow: bool = field(default=True, metadata={"help": "drop/regrow during training"})
+    regrow_by: Literal["grad", "momentum"] = field(default="grad", metadata={
+        "help": "growth criterion: grad (accumulated gradients, SpIEL-AG) or momentum (SM3 row/column "
+                "accumulators, SpIEL-MA: O(d_in + d_out) memory, no dense gradient)"})
     reselection_steps: int = field(default=20, metadata={"help": "R: steps between drop/regrow events"})
     accumulation_steps: int = field(default=5, metadata={"help": "A: steps of gradient accumulation per event"})
     initial_reselection_rate: float = field(default=0.2, metadata={"help": "rho0: fraction replaced at an event"})
@@ -51,6 +55,8 @@ class SparseConfig:
         require(0.0 <= self.initial_reselection_rate <= 1.0,
                 f"sparse config.initial_reselection_rate must be in [0, 1], got {self.initial_reselection_rate}")
         require(self.schedule in ("linear", "cosine"), "sparse config.schedule must be linear or cosine")
+        require(self.regrow_by in ("grad", "momentum"),
+                f"sparse config.regrow_by must be grad or momentum, got {self.regrow_by!r}")
 
 
 def allocate(total: int, sizes: list[int]) -> list[int]:
@@ -76,11 +82,13 @@ def allocate(total: int, sizes: list[int]) -> list[int]:
 class Sparse(Method):
     name = "sparse"
     config_cls = SparseConfig
-    summary = "SpIEL sparse fine-tuning: trainable values at sorted indices, drop/regrow by gradient"
+    summary = "SpIEL sparse fine-tuning: values at sorted indices, drop/regrow by gradient or SM3 momentum"
     part_kinds = (SparsePart,)
     examples = {"": {"num_tunable": 777, "regrow": False},
                 "embedding": {"num_tunable": 777, "regrow": False, "targets": ["type:Embedding"]},
-                "regrow": {"num_tunable": 777, "reselection_steps": 2, "accumulation_steps": 1}}
+                "regrow": {"num_tunable": 777, "reselection_steps": 2, "accumulation_steps": 1},
+                "momentum": {"num_tunable": 777, "reselection_steps": 2, "accumulation_steps": 1,
+                             "regrow_by": "momentum"}}
     default_lr = 5e-4
 
     def create_parts(self, model: nn.Module, config: SparseConfig, exclude: list[str]) -> dict[str, SparsePart]:
@@ -108,6 +116,7 @@ class Sparse(Method):
     def hooks(self, model, delta, config: SparseConfig, optimizer, total_steps, grad_accum) -> list[TrainHook]:
         if not config.regrow:
             return []
-        from deltatune.methods.spiel_selector import SpIELSelector
+        from deltatune.methods.spiel_selector import MomentumSelector, SpIELSelector
 
-        return [SpIELSelector(delta.parts, optimizer, config, total_steps, grad_accum)]
+        selector = MomentumSelector if config.regrow_by == "momentum" else SpIELSelector
+        return [selector(delta.parts, optimizer, config, total_steps, grad_accum)]

@@ -1,9 +1,13 @@
 """AdamW with a per-element step count ("age"), for dynamic-sparsity deltas (SpIEL's SftAdamW).
 
-For each element: ``age ← age + 1``, ``m ← β₁m + (1−β₁)g``, ``v ← β₂v + (1−β₂)g²``,
+For each trained element: ``age ← age + 1``, ``m ← β₁m + (1−β₁)g``, ``v ← β₂v + (1−β₂)g²``,
 ``θ ← θ − η·λ·θ − η·(m / (1−β₁^age)) / (√(v / (1−β₂^age)) + ε)``.
 A newly grown coordinate gets its own bias correction because its age restarts
 (Ansell et al., 2024, §3; decoupled decay pulls the *delta* towards zero, i.e. towards the base).
+
+A parameter may train only a subset of its elements (:meth:`SparseAdamW.set_active`: LIFT's mask, SaRA's
+progressive reselection): its moments and ages then exist only for those positions, and neither the Adam step
+nor the weight decay touches any other element.
 """
 
 from __future__ import annotations
@@ -11,20 +15,90 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from deltatune.errors import ConfigError
+
+STATE_KEYS = ("exp_avg", "exp_avg_sq", "age")
+
+
+def remap_state(state: dict[str, Tensor], old_keys: Tensor, new_keys: Tensor) -> dict[str, Tensor]:
+    """Per-element state re-indexed from the sorted key set ``old_keys`` to the sorted ``new_keys``: an element
+    whose key is in both keeps its moments and age; a new key starts at zero (age 0, so its bias correction
+    starts afresh)."""
+    out = {}
+    pos = torch.searchsorted(old_keys, new_keys).clamp_(max=max(old_keys.numel() - 1, 0))
+    hit = old_keys[pos] == new_keys if old_keys.numel() else torch.zeros_like(new_keys, dtype=torch.bool)
+    for key in STATE_KEYS:
+        fresh = torch.zeros(new_keys.numel(), dtype=torch.float32, device=new_keys.device)
+        if old_keys.numel():
+            fresh[hit] = state[key][pos[hit]].to(fresh.device)
+        out[key] = fresh
+    return out
+
 
 class SparseAdamW(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0) -> None:
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+        #: ``{parameter: sorted flat positions}`` of parameters that train only some elements
+        self.active: dict[Tensor, Tensor] = {}
 
     def state_of(self, p: Tensor) -> dict[str, Tensor]:
-        """Moments and age of ``p``, created (zeros) on first use."""
+        """Moments and age of ``p`` (one entry per trained element), created (zeros) on first use."""
         st = self.state[p]
         if not st:
-            st["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
-            st["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
-            st["age"] = torch.zeros_like(p, dtype=torch.float32)
+            n = self.active[p].numel() if p in self.active else p.numel()
+            for key in STATE_KEYS:
+                st[key] = torch.zeros(n, dtype=torch.float32, device=p.device) if p in self.active \
+                    else torch.zeros_like(p, dtype=torch.float32)
         return st
+
+    def set_active(self, p: Tensor, positions: Tensor | None, old_keys: Tensor | None = None,
+                   new_keys: Tensor | None = None) -> None:
+        """Train only ``p.flatten()[positions]`` (sorted, distinct; ``None``: every element).
+
+        Existing state is carried over by key: ``old_keys`` names the currently trained elements and ``new_keys``
+        the ones in ``positions`` (e.g. flat indices into the base weight, stable while ``p`` is re-laid out);
+        without keys the positions themselves are the keys.  Elements that stop training lose their state."""
+        if positions is not None:
+            positions = positions.to(device=p.device, dtype=torch.int64)
+            if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= p.numel()):
+                raise ConfigError(f"optimizer: active positions out of range for a parameter of {p.numel()} "
+                                  "elements")
+        st = self.state.get(p)
+        if st:
+            before = self.active.get(p)
+            if old_keys is None:
+                old_keys = before if before is not None else torch.arange(p.numel(), device=p.device)
+            if new_keys is None:
+                new_keys = positions if positions is not None else torch.arange(p.numel(), device=p.device)
+            moved = remap_state({k: st[k].reshape(-1) for k in STATE_KEYS}, old_keys.to(p.device),
+                                new_keys.to(p.device))
+            for k in STATE_KEYS:
+                st[k] = moved[k] if positions is not None else moved[k].view_as(p)
+        if positions is None:
+            self.active.pop(p, None)
+        else:
+            self.active[p] = positions
+
+    def replace_param(self, old: Tensor, new: Tensor) -> None:
+        """Put ``new`` in ``old``'s place in its parameter group, keeping its state and active positions (a
+        tensor re-laid out to another size must be a new leaf: autograd keeps a leaf's shape)."""
+        for group in self.param_groups:
+            group["params"] = [new if q is old else q for q in group["params"]]
+        if old in self.state:
+            self.state[new] = self.state.pop(old)
+        if old in self.active:
+            self.active[new] = self.active.pop(old)
+
+    def forget(self, p: Tensor) -> None:
+        """Drop every state of ``p`` (it stopped training)."""
+        self.state.pop(p, None)
+        self.active.pop(p, None)
+
+    def state_bytes(self) -> int:
+        """Bytes of optimiser state held now."""
+        return sum(t.numel() * t.element_size() for st in self.state.values() for t in st.values()
+                   if isinstance(t, Tensor))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -38,7 +112,8 @@ class SparseAdamW(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                g = p.grad.float()
+                positions = self.active.get(p)
+                g = p.grad.float() if positions is None else p.grad.reshape(-1).index_select(0, positions).float()
                 st = self.state_of(p)
                 m, v, age = st["exp_avg"], st["exp_avg_sq"], st["age"]
                 age.add_(1)
@@ -47,9 +122,12 @@ class SparseAdamW(torch.optim.Optimizer):
                 bc1 = 1 - torch.pow(b1, age)
                 bc2 = 1 - torch.pow(b2, age)
                 update = (m / bc1) / ((v / bc2).sqrt_().add_(eps))
-                p32 = p.float()
+                p32 = p.float() if positions is None else p.reshape(-1).index_select(0, positions).float()
                 if wd:
                     p32.mul_(1 - lr * wd)
                 p32.add_(update, alpha=-lr)
-                p.copy_(p32.to(p.dtype))
+                if positions is None:
+                    p.copy_(p32.to(p.dtype))
+                else:
+                    p.view(-1).index_copy_(0, positions, p32.to(p.dtype))
         return loss

@@ -14,6 +14,10 @@ backwards accumulate ``Σg`` and ``Σg²`` at those candidates.  At the event, w
 
 Under DDP each rank accumulates at its own candidates; at the event the candidates and sums of all
 ranks are gathered and merged by index, so every rank takes the same decision.
+
+:class:`MomentumSelector` ("SpIEL-MA") keeps the drop rule and schedule but grows by SM3 row/column
+accumulators of the active values' squared gradients (``O(d_out + d_in)`` per matrix, no window, no dense
+gradient): the inactive entries of largest ``r_i · c_j`` grow.
 """
 
 from __future__ import annotations
@@ -146,7 +150,7 @@ class SpIELSelector(TrainHook):
             return 0
         grow = gsum.abs().topk(n).indices
         slots = part.values.detach().abs().topk(n, largest=False).indices
-        part.indices[slots] = cand[grow]
+        part.indices[slots] = cand[grow].to(part.indices.dtype)
         part.values.data[slots] = 0
         if isinstance(self.optimizer, SparseAdamW):
             st = self.optimizer.state_of(part.values)
@@ -183,3 +187,102 @@ class SpIELSelector(TrainHook):
             self.windows = {n: _Window.from_state(st, self.parts[n].indices.device)
                             for n, st in state["windows"].items()}
             self._install()
+
+
+# --- SpIEL-MA: momentum-approximation growth ----------------------------------------------------------
+
+
+def sm3_update(row: Tensor, col: Tensor, rows: Tensor, cols: Tensor, grad: Tensor) -> None:
+    """One SM3-II step of the row/column accumulators of a matrix, over its active entries (in place).
+
+    For each active ``(i, j)`` with gradient ``g``: ``ν = min(r_i, c_j) + g²``; then ``r_i ← max_{j active in row
+    i} ν`` and ``c_j ← max_{i active in column j} ν`` (rows/columns without an active entry keep their value).
+    Anil et al., "Memory-Efficient Adaptive Optimization" (SM3, NeurIPS 2019), as used by SpIEL-MA (Ansell et
+    al., 2024, §3.2): ``O(d_out + d_in)`` memory, from the active entries' gradients only."""
+    g = grad.float()
+    nu = torch.minimum(row[rows], col[cols]) + g * g
+    row.scatter_reduce_(0, rows, nu, "amax", include_self=False)
+    col.scatter_reduce_(0, cols, nu, "amax", include_self=False)
+
+
+def sm3_scores(row: Tensor, col: Tensor) -> Tensor:
+    """Growth score of every entry, ``r_i · c_j`` (the SM3 estimate of its squared-gradient accumulator), flat."""
+    return torch.outer(row, col).reshape(-1)
+
+
+class SM3Accumulator:
+    """Row and column accumulators of one sparse part's matrix (the weight as ``(shape[0], rest)``)."""
+
+    def __init__(self, shape: tuple[int, ...], device: torch.device) -> None:
+        self.cols = math.prod(shape[1:]) if len(shape) > 1 else 1
+        self.row = torch.zeros(shape[0], dtype=torch.float32, device=device)
+        self.col = torch.zeros(self.cols, dtype=torch.float32, device=device)
+
+    def observe(self, indices: Tensor, grad_values: Tensor) -> None:
+        indices = indices.long()
+        sm3_update(self.row, self.col, indices // self.cols, indices % self.cols, grad_values)
+
+    def reduce(self) -> None:
+        """Under DDP, every rank takes the mean of the ranks' accumulators (the same decision everywhere)."""
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            for t in (self.row, self.col):
+                dist.all_reduce(t)
+                t.div_(dist.get_world_size())
+
+
+class MomentumSelector(SpIELSelector):
+    """SpIEL-MA: the same drop rule and schedule (events after ``A + j·R`` steps), but growth picks the inactive
+    entries of largest ``r_i · c_j`` from SM3 accumulators fed by the active values' gradients at every backward
+    — no selection window, no dense gradient, ``O(d_out + d_in)`` extra memory per matrix.  Grown entries start
+    with zero moments and age 0 (their own bias correction)."""
+
+    def __init__(self, parts: dict[str, SparsePart], optimizer: torch.optim.Optimizer, config: Any,
+                 total_steps: int, grad_accum: int) -> None:
+        super().__init__(parts, optimizer, config, total_steps, grad_accum)
+        self.acc = {n: SM3Accumulator(p.weight_shape, p.values.device) for n, p in self.parts.items()}
+        self.handles = [p.values.register_hook(lambda g, n=n: self._observe(n, g)) for n, p in self.parts.items()]
+
+    def _observe(self, name: str, grad: Tensor) -> None:
+        self.acc[name].observe(self.parts[name].indices, grad.detach())
+
+    def before_step(self, step: int) -> None:
+        """No selection window: the accumulators see every backward."""
+
+    def after_step(self, step: int) -> None:
+        if step >= self.A and (step - self.A) % self.R == 0 and step <= self.T:
+            self._grow_by_momentum(step)
+
+    @torch.no_grad()
+    def _grow_by_momentum(self, step: int) -> None:
+        rate, moved = self.rate(step), 0
+        for name, part in self.parts.items():
+            acc = self.acc[name]
+            acc.reduce()
+            score = sm3_scores(acc.row, acc.col)
+            score[part.indices] = -math.inf
+            n = min(math.floor(part.indices.numel() * rate), part.numel_base - part.indices.numel())
+            if n <= 0:
+                continue
+            grow = score.topk(n).indices
+            slots = part.values.detach().abs().topk(n, largest=False).indices
+            part.indices[slots] = grow.to(part.indices.dtype)
+            part.values.data[slots] = 0
+            if isinstance(self.optimizer, SparseAdamW):
+                st = self.optimizer.state_of(part.values)
+                for key in ("exp_avg", "exp_avg_sq", "age"):
+                    st[key][slots] = 0
+            self._sort(part)
+            moved += n
+        self.events.append({"step": step, "rate": rate, "moved": moved})
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"events": list(self.events), "acc": {n: (a.row.cpu(), a.col.cpu()) for n, a in self.acc.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.events = list(state["events"])
+        for name, (row, col) in state["acc"].items():
+            acc = self.acc[name]
+            if row.shape != acc.row.shape or col.shape != acc.col.shape:
+                raise ValueError(f"{name}: accumulators of shapes {tuple(row.shape)}, {tuple(col.shape)}")
+            acc.row.copy_(row)
+            acc.col.copy_(col)

@@ -1,0 +1,220 @@
+"""LISA: Layerwise Importance Sampled AdamW (Pan et al., NeurIPS 2024).
+
+Everything outside the transformer blocks (embeddings, final norm, LM head) always trains; of the ``L`` blocks,
+``γ`` (``layers``) drawn uniformly without replacement train, re-drawn every ``K`` (``interval``) steps
+(LMFlow's released sampler; the paper motivates importance sampling, the code samples uniformly).
+
+As a delta: a dense part per trained module, created *lazily* the first time its block is drawn, so the delta
+and the memory hold only blocks that were ever trained.  When a block is re-frozen its part stays (its ``Δ`` is
+part of the result) but stops training, and its optimiser state is really freed (the reference implementation
+keeps it: OptimalScale/LMFlow#729, #768).  The optimiser holds one parameter group, re-listed at every draw as
+``always-trained + active blocks`` in a fixed order, so a resumed run rebuilds exactly the same optimiser.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from deltatune.config import require
+from deltatune.errors import ConfigError, TargetError
+from deltatune.layer import PartHolder
+from deltatune.methods.lift import require_single_process, unwrap_optimizer
+from deltatune.methods.registry import Method, TrainHook, register_method
+from deltatune.methods.targets import modules_with_parameters
+from deltatune.model import attach_parts, get_module
+from deltatune.parts.dense import DensePart
+
+#: where each architecture keeps its blocks (PEFT-style per-model_type defaults); others: the largest ModuleList
+LAYER_PATHS = {"llama": "model.layers", "gpt2": "transformer.h", "bert": "bert.encoder.layer",
+               "mistral": "model.layers", "qwen2": "model.layers", "gemma": "model.layers", "phi3": "model.layers"}
+
+
+@dataclass
+class LisaConfig:
+    method: ClassVar[str] = "lisa"
+    layers: int = field(default=2, metadata={"help": "γ: blocks trained at a time"})
+    interval: int = field(default=20, metadata={"help": "K: steps between draws of the trained blocks"})
+    train_outside: bool = field(default=True, metadata={"help": "always train what is outside the blocks "
+                                                                "(embeddings, final norm, LM head)"})
+    layers_path: str | None = field(default=None, metadata={"help": "module path of the blocks' ModuleList "
+                                                                    "(default: by model type)"})
+    seed: int = field(default=0, metadata={"help": "seed of the draws (draw s uses seed and s)"})
+
+    def __post_init__(self) -> None:
+        require(self.layers >= 1, f"lisa config.layers must be ≥ 1, got {self.layers}")
+        require(self.interval >= 1, f"lisa config.interval must be ≥ 1, got {self.interval}")
+
+
+def find_blocks(model: nn.Module, path: str | None) -> tuple[str, int]:
+    """``(path, number)`` of the model's transformer blocks: ``path``, the model type's default, else the
+    largest ``nn.ModuleList``."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    path = path or LAYER_PATHS.get(model_type)
+    if path is None:
+        lists = [(n, len(m)) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
+        if not lists:
+            raise TargetError("lisa: the model has no ModuleList of blocks; give config.layers_path")
+        return max(lists, key=lambda item: item[1])
+    try:
+        blocks = get_module(model, path)
+    except AttributeError:
+        raise TargetError(f"lisa: {path!r} is not a module of this model; give config.layers_path") from None
+    if not isinstance(blocks, nn.ModuleList):
+        raise TargetError(f"lisa: {path!r} is a {type(blocks).__name__}, not the ModuleList of blocks")
+    return path, len(blocks)
+
+
+def draw(n_blocks: int, gamma: int, seed: int, step: int) -> list[int]:
+    """The sorted ``γ`` blocks trained from step ``step`` on: uniform without replacement, seeded by
+    ``(seed, step)`` so a resumed run draws the same ones."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return sorted(torch.randperm(n_blocks, generator=gen)[:gamma].tolist())
+
+
+class BlockPlan:
+    """Which modules (with parameters of their own) are always trained and which belong to each block."""
+
+    def __init__(self, model: nn.Module, config: LisaConfig, exclude: list[str]) -> None:
+        self.path, self.n = find_blocks(model, config.layers_path)
+        if config.layers > self.n:
+            raise ConfigError(f"lisa config.layers is {config.layers}, but the model has {self.n} blocks")
+        names = modules_with_parameters(model, exclude)
+        self.blocks: list[list[str]] = [[] for _ in range(self.n)]
+        self.outside: list[str] = []
+        for name in names:
+            if name.startswith(f"{self.path}."):
+                self.blocks[int(name[len(self.path) + 1:].split(".")[0])].append(name)
+            elif config.train_outside:
+                self.outside.append(name)
+
+
+def dense_parts(model: nn.Module, names: list[str], seen: set[int]) -> dict[str, DensePart]:
+    """A dense part per module owning parameters not already in ``seen`` (a tied weight gets its first owner's
+    part as an alias on attach), updating ``seen``."""
+    parts = {}
+    for n in names:
+        module = get_module(model, n)
+        own = [k for k, p in module.named_parameters(recurse=False) if id(p) not in seen]
+        seen.update(id(p) for p in module.parameters(recurse=False))
+        if own:
+            parts[n] = DensePart.for_module(module, names=own)
+    return parts
+
+
+@register_method
+class Lisa(Method):
+    name = "lisa"
+    config_cls = LisaConfig
+    summary = "LISA: embeddings and head always train, plus γ random blocks re-drawn every K steps (lazy parts)"
+    part_kinds = (DensePart,)
+    examples = {"": {"layers": 1, "interval": 20}, "blocks-only": {"layers": 2, "train_outside": False}}
+    default_lr = 5e-5
+
+    def create_parts(self, model: nn.Module, config: LisaConfig, exclude: list[str]) -> dict[str, DensePart]:
+        plan = BlockPlan(model, config, exclude)
+        seen = {id(p) for h in exclude for p in model.get_submodule(h).parameters()}
+        parts = dense_parts(model, plan.outside, seen)
+        for b in draw(plan.n, config.layers, config.seed, 0):
+            parts.update(dense_parts(model, plan.blocks[b], seen))
+        if not parts:
+            raise TargetError("lisa: nothing to train (no parameters outside the blocks and in the drawn blocks)")
+        return parts
+
+    def hooks(self, model, delta, config: LisaConfig, optimizer, total_steps, grad_accum) -> list[TrainHook]:
+        return [LisaSampler(model, delta, optimizer, config, total_steps)]
+
+
+def holder_name(model: nn.Module, part: nn.Module) -> str:
+    """The name the delta's parts are attached under (found from one of its parts)."""
+    for module in model.modules():
+        if isinstance(module, PartHolder):
+            for key, p in module.parts.items():
+                if p is part:
+                    return key
+    raise ConfigError("lisa: the delta's parts are not attached to this model")
+
+
+class LisaSampler(TrainHook):
+    """Draws the trained blocks before steps ``K, 2K, …``; creates parts of blocks drawn for the first time,
+    freezes the parts of blocks left out and frees their optimiser state."""
+
+    def __init__(self, model: nn.Module, delta: Any, optimizer: torch.optim.Optimizer, config: LisaConfig,
+                 total_steps: int) -> None:
+        require_single_process("lisa")  # lazily created parameters would not be registered with DDP
+        self.model, self.delta, self.config = model, delta, config
+        self.optimizer = unwrap_optimizer(optimizer)
+        self.total = max(1, total_steps)
+        exclude = list(delta.heads)
+        self.plan = BlockPlan(model, config, exclude)
+        self.name = holder_name(model, next(iter(delta.parts.values())))
+        self.active = draw(self.plan.n, config.layers, config.seed, 0)
+        self.visited = list(self.active)
+        self._seen = {id(p) for h in exclude for p in model.get_submodule(h).parameters()}
+        self._seen |= {id(p) for n in delta.parts for p in get_module(model, n).parameters(recurse=False)}
+        block_params = {id(p) for part in self._parts(self.active) for p in part.parameters()}
+        # an index, not the dict: Optimizer.load_state_dict replaces the group dicts
+        groups = self.optimizer.param_groups
+        self.group = next((i for i, g in enumerate(groups) if any(id(p) in block_params for p in g["params"])), 0)
+        self.always = [p for p in groups[self.group]["params"] if id(p) not in block_params]
+        self._relist()
+
+    def _parts(self, blocks) -> list[DensePart]:
+        return [self.delta.parts[n] for b in blocks for n in self.plan.blocks[b] if n in self.delta.parts]
+
+    def _relist(self) -> None:
+        """The group's parameters: always-trained, then the active blocks' (block order); state of any other
+        parameter freed."""
+        params = self.always + [p for part in self._parts(self.active) for p in part.parameters()]
+        keep = {id(p) for p in params}
+        for p in list(self.optimizer.state):
+            if id(p) not in keep:
+                del self.optimizer.state[p]
+        self.optimizer.param_groups[self.group]["params"] = params
+
+    def before_step(self, step: int) -> None:
+        if step and step % self.config.interval == 0 and step < self.total:
+            self.switch(draw(self.plan.n, self.config.layers, self.config.seed, step))
+
+    def switch(self, blocks: list[int]) -> None:
+        """Train ``blocks`` (and what is always trained) from now on."""
+        for part in self._parts(set(self.active) - set(blocks)):
+            for p in part.parameters():
+                p.requires_grad_(False)
+                p.grad = None
+        new = [b for b in blocks if b not in self.visited]
+        if new:
+            parts = {}
+            for b in new:
+                parts.update(dense_parts(self.model, self.plan.blocks[b], self._seen))
+            attach_parts(self.model, parts, self.name)
+            self.delta.parts.update(parts)
+            self.visited = sorted(set(self.visited) | set(new))
+        for part in self._parts(blocks):
+            for p in part.parameters():
+                p.requires_grad_(True)
+        self.active = list(blocks)
+        self._relist()
+
+    def state_bytes(self) -> int:
+        """Bytes of optimiser state held now."""
+        return sum(t.numel() * t.element_size() for st in self.optimizer.state.values() for t in st.values()
+                   if isinstance(t, Tensor))
+
+    # --- exact resume ---------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"active": list(self.active), "visited": list(self.visited)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Create the parts of every block visited so far and train the active ones (before the trainable
+        tensors and the optimiser are restored)."""
+        active, visited = [int(b) for b in state["active"]], [int(b) for b in state["visited"]]
+        if any(not 0 <= b < self.plan.n for b in [*active, *visited]):
+            raise ValueError(f"lisa: blocks {active} / {visited} do not fit a model of {self.plan.n} blocks")
+        for b in visited:
+            if b not in self.visited:
+                self.switch([b])
+        self.switch(active)

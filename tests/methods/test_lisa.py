@@ -1,0 +1,171 @@
+"""LISA: embeddings and head always train, γ blocks re-drawn every K steps; parts created lazily; the optimizer
+state of re-frozen blocks really freed; the final delta holds every block ever trained; exact resume across a
+re-draw."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import TINY_MODELS, logits, max_diff, tiny_inputs
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import deltatune
+from deltatune.errors import ConfigError, TargetError
+from deltatune.methods import get_method
+from deltatune.methods.lisa import draw, find_blocks
+from deltatune.train import checkpoint as ckpt
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+N_BLOCKS = 6
+
+
+def llama6() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=N_BLOCKS,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg)
+
+
+def blocks_of(delta) -> set[int]:
+    return {int(n.split(".")[2]) for n in delta.parts if n.startswith("model.layers.")}
+
+
+def setup(config_map: dict, total: int = 40):
+    model = llama6()
+    config = deltatune.make_config("lisa", config_map)
+    delta = deltatune.attach(model, config)
+    method = get_method("lisa")
+    opt = method.optimizer([p for p in model.parameters() if p.requires_grad], 1e-2, 0.1, config)
+    (sampler,) = method.hooks(model, delta, config, opt, total, 1)
+    return model, delta, opt, sampler
+
+
+def run(model, delta, opt, sampler, start: int, steps: int):
+    inputs = tiny_inputs("llama")
+    model.train()
+    for step in range(start, start + steps):
+        sampler.before_step(step)
+        model(**inputs).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sampler.after_step(step + 1)
+
+
+def test_blocks_are_found_for_each_architecture():
+    assert find_blocks(TINY_MODELS["llama"](), None) == ("model.layers", 2)
+    assert find_blocks(TINY_MODELS["gpt2"](), None) == ("transformer.h", 2)
+    assert find_blocks(TINY_MODELS["bert"](), None) == ("bert.encoder.layer", 2)
+    with pytest.raises(TargetError, match="not a module"):
+        find_blocks(TINY_MODELS["llama"](), "model.nothing")
+    with pytest.raises(TargetError, match="not the ModuleList"):
+        find_blocks(TINY_MODELS["llama"](), "model.norm")
+
+
+def test_draws_are_seeded_distinct_and_change():
+    draws = [draw(N_BLOCKS, 2, 0, s) for s in range(0, 100, 10)]
+    assert all(len(set(d)) == 2 and d == sorted(d) for d in draws)
+    assert draws == [draw(N_BLOCKS, 2, 0, s) for s in range(0, 100, 10)]
+    assert len({tuple(d) for d in draws}) > 1
+
+
+def test_parts_are_created_lazily_for_the_drawn_blocks_only():
+    model, delta, opt, sampler = setup({"layers": 2, "interval": 2})
+    outside = {"model.embed_tokens", "model.norm", "lm_head"}
+    assert outside <= set(delta.parts)
+    assert blocks_of(delta) == set(draw(N_BLOCKS, 2, 0, 0)) == set(sampler.active)
+    full = sum(p.numel() for p in llama6().parameters())
+    assert delta.trainable_count < 0.6 * full
+
+
+def test_redraw_changes_the_blocks_frees_state_and_freezes_the_old_ones():
+    model, delta, opt, sampler = setup({"layers": 2, "interval": 2}, total=40)
+    run(model, delta, opt, sampler, 0, 2)
+    first = list(sampler.active)
+    old = [p for n, part in delta.parts.items() if n.startswith("model.layers.") for p in part.parameters()]
+    old_values = [p.detach().clone() for p in old]
+    step = next(s for s in range(2, 40, 2) if set(draw(N_BLOCKS, 2, 0, s)) - set(first))
+    run(model, delta, opt, sampler, 2, step - 2)  # up to (not including) the step with a new draw
+    old_values = [p.detach().clone() for p in old]
+    run(model, delta, opt, sampler, step, 1)  # the re-draw happens before this step
+    assert sampler.active == draw(N_BLOCKS, 2, 0, step) and set(sampler.active) != set(first)
+    assert blocks_of(delta) == set(first) | set(sampler.active)
+    # left-out blocks: frozen, no gradient, no optimizer state, Δ unchanged by the step (weight decay 0.1 too)
+    left = [b for b in first if b not in sampler.active]
+    frozen = [p for n, part in delta.parts.items() if n.startswith(tuple(f"model.layers.{b}." for b in left))
+              for p in part.parameters()]
+    assert frozen and all(not p.requires_grad and p.grad is None for p in frozen)
+    assert not any(p in opt.state for p in frozen)
+    for p, v in zip(old, old_values, strict=True):
+        if any(p is q for q in frozen):
+            assert torch.equal(p.detach(), v)
+    # optimizer state exists exactly for what trains now, and its bytes are AdamW's 2 moments + step
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert {id(p) for p in opt.state} == {id(p) for p in trainable}
+    assert {id(p) for p in opt.param_groups[0]["params"]} == {id(p) for p in trainable}
+    moments = 2 * sum(p.numel() * p.element_size() for p in trainable)
+    assert moments <= sampler.state_bytes() <= moments + 8 * len(trainable)
+    # a leaky sampler (LMFlow) would still hold the left blocks' moments on top
+    leaked = 2 * sum(p.numel() * p.element_size() for p in frozen)
+    assert sampler.state_bytes() < moments + leaked
+
+
+def test_delta_holds_every_trained_block_and_reproduces_outputs(tmp_path):
+    model, delta, opt, sampler = setup({"layers": 1, "interval": 1}, total=8)
+    base = llama6()
+    run(model, delta, opt, sampler, 0, 8)
+    assert len(blocks_of(delta)) > 1
+    loaded = deltatune.load_delta(deltatune.save_delta(delta, tmp_path / "d"))
+    assert set(loaded.parts) == set(delta.parts)
+    fresh = copy.deepcopy(base)
+    deltatune.apply_delta(fresh, loaded)
+    inputs = tiny_inputs("llama")
+    assert max_diff(logits(fresh, inputs), logits(model.eval(), inputs)) <= 1e-5
+    merged = copy.deepcopy(base)
+    deltatune.merge_delta(merged, loaded)
+    assert max_diff(logits(merged, inputs), logits(model, inputs)) <= 1e-5
+
+
+def test_resume_across_a_redraw_is_bit_exact(tmp_path):
+    cfg = {"layers": 2, "interval": 2}
+    straight = setup(cfg, total=8)
+    run(*straight, 0, 8)
+
+    first = setup(cfg, total=8)
+    run(*first, 0, 3)
+    model, delta, opt, sampler = first
+    payload = {"trainable": ckpt.trainable_state(model, delta), "optimizer": opt.state_dict(), "scheduler": {},
+               "hooks": [sampler.state_dict()], "step": 3, "epoch": 0, "offset": 0, "before": {}, "best": None,
+               "history": [], "rng": [ckpt.rng_state()]}
+    ckpt.save_checkpoint(tmp_path / "ckpt", payload)
+
+    model2, delta2, opt2, sampler2 = setup(cfg, total=8)
+    state = ckpt.load_checkpoint(tmp_path / "ckpt")
+    sampler2.load_state_dict(state["hooks"][0])
+    ckpt.restore_trainable(model2, state["trainable"], tmp_path, delta2)
+    opt2.load_state_dict(state["optimizer"])
+    run(model2, delta2, opt2, sampler2, 3, 5)
+    assert set(delta2.parts) == set(straight[1].parts)
+    for name, part in straight[1].parts.items():
+        for k, v in part.state().items():
+            assert torch.equal(delta2.parts[name].state()[k], v), f"{name}.{k} differs after resuming"
+
+
+@pytest.mark.parametrize("bad", [{"layers": 0}, {"interval": 0}])
+def test_bad_config_is_a_typed_error(bad):
+    with pytest.raises(ConfigError, match="lisa config"):
+        deltatune.make_config("lisa", bad)
+
+
+def test_more_layers_than_blocks_is_refused():
+    with pytest.raises(ConfigError, match="2 blocks"):
+        deltatune.attach(TINY_MODELS["gpt2"](), deltatune.make_config("lisa", {"layers": 3}))
+
+
+@pytest.mark.slow
+def test_minilm_run_resumes_bit_exactly_across_a_redraw(tmp_path, monkeypatch, data_dir):
+    from schedule_resume import crash_and_resume
+
+    delta = crash_and_resume(tmp_path, monkeypatch, "lisa", {"layers": 1, "interval": 2})
+    assert len({n.split(".")[3] for n in delta.parts if n.startswith("bert.encoder.layer.")}) > 1
