@@ -72,3 +72,8 @@ class NotMergeable(DeltaTuneError, ValueError):
     def __init__(self, message: str, module: str = "", kind: str = "") -> None:
         super().__init__(message)
         self.module, self.kind = module, kind
+
+
+class OutputNotWritable(DeltaTuneError, PermissionError):
+    """A report or plot folder cannot be written (no permission, or a parent is a file); the message names the
+    folder and the reason.  Raised before any work is done."""

@@ -75,7 +75,7 @@ def _check_same_base(sources: list[Any], force: bool) -> dict[str, Any] | None:
     return first
 
 
-def _plan_keys(sources: list[Any]) -> dict[str, tuple[int, ...]]:
+def plan_keys(sources: list[Any]) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {}
     owner: dict[str, str] = {}
     for s in sources:
@@ -88,7 +88,7 @@ def _plan_keys(sources: list[Any]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _base_lookup(base: CheckpointReader | None, shapes: dict[str, tuple[int, ...]], rows: dict[str, int]
+def base_lookup(base: CheckpointReader | None, shapes: dict[str, tuple[int, ...]], rows: dict[str, int]
                  ) -> Callable[..., Tensor]:
     """``key → θ₀``, mapping a delta's module path onto the checkpoint's key names if needed.
 
@@ -229,9 +229,9 @@ def run_merge(recipe: MergeSpec) -> Delta | Path:
     sources = _open_inputs(inputs, base_reader, vocab, verify)
     checkpoint_inputs = isinstance(sources[0], CheckpointInput)
     fingerprint = None if checkpoint_inputs else _check_same_base(sources, force)
-    shapes = _plan_keys(sources)
+    shapes = plan_keys(sources)
     rows = _vocab_rows(sources, base_reader, vocab)
-    base_of = _base_lookup(base_reader, shapes, rows)
+    base_of = base_lookup(base_reader, shapes, rows)
     if spec.needs_base and base_reader is None:
         raise ConfigError(f"{method} needs the base weights: pass base")
     dependent = [(s, m) for s in sources if isinstance(s, DeltaInput) for m in s.base_dependent]

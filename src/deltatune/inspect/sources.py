@@ -1,0 +1,160 @@
+"""The inputs of ``deltatune inspect`` as task vectors, read one tensor at a time.
+
+Deltas (deltatune folders, PEFT LoRA folders or :class:`~deltatune.delta.Delta` objects) become
+:class:`~deltatune.algebra.inputs.DeltaInput` (``τ`` = the part's ``updates(base)``, so any additive kind works);
+full fine-tuned checkpoints become :class:`~deltatune.algebra.inputs.CheckpointInput` against ``--base``
+(``τ = θ_ft − θ₀`` read lazily, never the whole checkpoint).  Base tensors come from the base checkpoint through
+the merge engine's lookup (a delta's module path is matched to the checkpoint's key names).  At any time the
+process holds the base tensor, one ``τ`` per input and a few SVD factors of that one tensor.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from deltatune.algebra.checkpoint import CheckpointReader, is_checkpoint
+from deltatune.algebra.engine import base_lookup, plan_keys
+from deltatune.algebra.inputs import CheckpointInput, DeltaInput
+from deltatune.algebra.options import check_input_count
+from deltatune.config import brief
+from deltatune.delta import Delta
+from deltatune.errors import ConfigError, FingerprintMismatch
+from deltatune.inspect.options import InspectOptions
+from deltatune.parts.capabilities import require_capability
+
+
+@dataclass
+class Sources:
+    """Opened inputs: ``sources[i]`` labelled ``labels[i]``; ``shapes`` the union of their tensors; ``base_of``
+    reads a base tensor (fp32) when ``base`` is set; ``head_dim`` from the base's config (for head placement)."""
+
+    sources: list[Any]
+    labels: list[str]
+    kinds: list[str]
+    shapes: dict[str, tuple[int, ...]]
+    base: CheckpointReader | None
+    base_of: Callable[..., Tensor]
+    head_dim: int | None
+    notes: list[str]
+    described: list[dict[str, Any]]
+
+    def base_tensor(self, key: str) -> Tensor | None:
+        return self.base_of(key) if self.base is not None else None
+
+    def taus(self, key: str, base_value: Tensor | None) -> list[Tensor | None]:
+        """``τ_i`` of ``key`` for every input (``None`` where input ``i`` leaves the tensor alone)."""
+        out: list[Tensor | None] = []
+        for s in self.sources:
+            if isinstance(s, CheckpointInput):
+                out.append(s.tau(key, base_value))
+            else:
+                out.append(s.tau(key, self.base_of if self.base is not None else None) if key in s.keys_set
+                           else None)
+        return out
+
+
+def default_labels(items: Sequence[Delta | str | Path]) -> list[str]:
+    """A short name per input: the folder's name (its parent's for a run's ``delta``/``best``), ``delta i`` for an
+    object; the full paths when the short names collide."""
+    def short(i: int, x: Delta | str | Path) -> str:
+        if isinstance(x, Delta):
+            return f"delta {i}"
+        p = Path(x)
+        return f"{p.parent.name}/{p.name}" if p.name in ("delta", "best") and p.parent.name else p.name or str(p)
+
+    names = [short(i, x) for i, x in enumerate(items)]
+    if len(set(names)) == len(names):
+        return names
+    return [str(x) if not isinstance(x, Delta) else f"delta {i}" for i, x in enumerate(items)]
+
+
+def _is_full_checkpoint(item: Any) -> bool:
+    return not isinstance(item, Delta) and is_checkpoint(item) and not (Path(item) / "manifest.json").is_file()
+
+
+def _head_dim(base: CheckpointReader | None) -> int | None:
+    """``hidden / heads`` (or ``head_dim``) from the base folder's ``config.json``; ``None`` when unknown."""
+    if base is None or not (base.path / "config.json").is_file():
+        return None
+    try:
+        config = json.loads((base.path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if isinstance(config.get("head_dim"), int) and config["head_dim"] > 0:
+        return config["head_dim"]
+    hidden = config.get("hidden_size", config.get("n_embd"))
+    heads = config.get("num_attention_heads", config.get("n_head"))
+    if isinstance(hidden, int) and isinstance(heads, int) and heads > 0 and hidden % heads == 0:
+        return hidden // heads
+    return None
+
+
+def _check_same_base(deltas: list[Delta], labels: list[str], force: bool) -> None:
+    """:class:`FingerprintMismatch` when two deltas were trained on different bases (unless ``force``)."""
+    first = deltas[0].fingerprint
+    for d, label in zip(deltas[1:], labels[1:], strict=True):
+        if d.fingerprint != first and not force:
+            raise FingerprintMismatch(f"inspect: {labels[0]} and {label} were trained on different base models "
+                                      f"({brief(first)} vs {brief(d.fingerprint)}); comparing their deltas would "
+                                      "compare unrelated weights. Inspect them separately, or pass --force")
+
+
+def open_sources(items: Sequence[Delta | str | Path], opts: InspectOptions) -> Sources:
+    """Open ``items`` (see the module docstring); typed errors before any tensor is read:
+    :class:`ConfigError` (no input, a mix of checkpoints and deltas, a checkpoint without ``base``, label count),
+    :class:`FingerprintMismatch` (deltas of different bases), :class:`NotMergeable` (a non-additive part),
+    :class:`~deltatune.errors.ShapeMismatch` (one tensor with two shapes)."""
+    from deltatune.api import as_delta, base_model_path
+
+    if not items:
+        raise ConfigError("inspect: no inputs (give one or more delta folders or checkpoints)")
+    check_input_count(len(items), "inspect")
+    labels = list(opts.labels) if opts.labels else default_labels(items)
+    if len(labels) != len(items):
+        raise ConfigError(f"inspect: {len(labels)} labels for {len(items)} inputs")
+    full = [_is_full_checkpoint(x) for x in items]
+    notes: list[str] = []
+    if any(full) and not all(full):
+        raise ConfigError("inspect: the inputs mix full checkpoints and deltas; inspect them separately (or write "
+                          "the delta as a checkpoint with `deltatune apply`)")
+    if all(full):
+        if opts.base is None:
+            raise ConfigError(f"inspect: {items[0]} is a full checkpoint; its delta is θ_ft − θ₀, so --base (the "
+                              "checkpoint it was fine-tuned from) is required")
+        base = CheckpointReader(opts.base)
+        sources: list[Any] = [CheckpointInput(x, base) for x in items]
+        kinds = ["checkpoint"] * len(items)
+        described = [{"label": lab, "path": str(x), "kind": "checkpoint"} for lab, x in zip(labels, items, strict=True)]
+    else:
+        deltas = [as_delta(x, verify=opts.verify) for x in items]
+        for d, label in zip(deltas, labels, strict=True):
+            require_capability(d, "additive", f"inspect ({label})")
+        _check_same_base(deltas, labels, opts.force)
+        base_path = opts.base or base_model_path(deltas[0], None)
+        if opts.base is None and not is_checkpoint(base_path):
+            notes.append(f"base {base_path!r} (recorded by the delta) is not a local checkpoint: the numbers "
+                         "relative to W (relative norm, intruders, alignment) are left out; pass --base")
+            base = None
+        else:
+            base = CheckpointReader(base_path)
+        sources = [DeltaInput(d, label) for d, label in zip(deltas, labels, strict=True)]
+        dependent = [(lab, m) for s, lab in zip(sources, labels, strict=True) for m in s.base_dependent]
+        if dependent and base is None:
+            raise ConfigError(f"inspect ({dependent[0][0]}): module {dependent[0][1]!r} holds a part whose update "
+                              "depends on the base weights; pass --base")
+        heads = sorted({h for d in deltas for h in d.heads})
+        if heads:
+            notes.append(f"task heads {heads} are new modules, not updates of base weights: not inspected")
+        kinds = ["delta"] * len(items)
+        described = [{"label": lab, "path": None if isinstance(x, Delta) else str(x), "kind": "delta",
+                      "method": d.method, "part_kinds": d.part_kinds(), "trainable": d.trainable_count}
+                     for lab, x, d in zip(labels, items, deltas, strict=True)]
+    shapes = plan_keys(sources)
+    base_of = base_lookup(base, shapes, {})
+    return Sources(sources, labels, kinds, shapes, base, base_of, _head_dim(base), notes, described)
