@@ -1,0 +1,516 @@
+"""The serving engine: continuous batching of many deltas over one base model, on a KV cache.
+
+Each :meth:`Engine.step`
+
+1. admits waiting requests while the batch has room, and drops cancelled ones (their slot is free at once);
+2. runs one batch of encoding requests (embeddings, classification), each row routed to its own delta and head;
+3. runs **one decode step for every running request** in one forward: the rows' KV caches are kept left-padded in
+   one ``DynamicCache`` (:class:`~deltatune.serve.kv.BatchKV`), each row has its own positions, and the routing
+   context (:mod:`deltatune.routing`) sends row ``i`` through the delta it leased when it started — every part
+   kind, additive or chained, and its task head;
+4. **prefills** at most ``prefill_chunk`` prompt tokens in all, first come first served: whole prompts that fit
+   run together in one left-padded forward (each row routed to its delta); a longer prompt goes on in chunks on
+   its own cache, one chunk per step, so it never stalls the running rows' decoding.  A prompt whose last chunk
+   is done samples its first token and joins the decode batch at the next step.
+
+Requests join and leave the batch at every step.  A row on the bare base is routed to ``None``: every wrapped
+layer runs its base module alone for it.  Outputs go to each request's ``sink`` from the engine's thread.
+
+Why not ``transformers``' own continuous batching (``generate_batch`` / ``ContinuousBatchingManager``)?  It runs on
+CPU (checked with transformers 5.25 on a tiny Llama), but it packs all requests' tokens into one row of a paged
+cache and runs its own loop in its own thread: there is no per-step hook where the caller could say which
+request (hence which delta) each packed token belongs to, so per-request delta routing would need patching its
+private batch preparation — and per-token routing cannot serve model-level parts or chain adapters cheaply.  A
+small scheduler that owns the loop keeps routing per *row*, which every part kind supports.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter, deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import DynamicCache
+
+from deltatune.config import require
+from deltatune.model import detach
+from deltatune.routing import Routing, routed
+from deltatune.serve.errors import BadRequest, EngineStopped
+from deltatune.serve.kv import BatchKV
+from deltatune.serve.requests import EncodeRequest, EncodeResult, GenerateRequest, Output, TokenLogprob
+from deltatune.serve.sampling import Choice, SamplingParams, choose, make_generator, safe_prefix, stop_cut
+from deltatune.serve.store import DeltaStore, Lease
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Batch bounds of the engine."""
+
+    max_batch: int = field(default=16, metadata={"help": "generation requests running at once (decode rows)"})
+    prefill_chunk: int = field(default=128, metadata={"help": "prompt tokens prefilled per step, over all requests"})
+    max_waiting: int = field(default=4096, metadata={"help": "requests queued before new ones are refused"})
+    encode_batch: int = field(default=32, metadata={"help": "encoding requests run in one forward"})
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "prefill_chunk", "max_waiting", "encode_batch"):
+            value = getattr(self, name)
+            require(isinstance(value, int) and value >= 1, f"EngineConfig.{name} must be an integer ≥ 1, got {value!r}")
+
+
+@dataclass
+class _Seq:
+    """A generation request inside the engine."""
+
+    req: GenerateRequest
+    lease: Lease
+    generator: torch.Generator
+    pos: int = 0  # prompt tokens prefilled
+    cache: DynamicCache | None = None
+    generated: list[int] = field(default_factory=list)
+    sent: str = ""
+    done: bool = False
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.req.params
+
+
+def _routing(keys: list[str | None]) -> Routing | None:
+    """The per-row routing of a batch; ``None`` when every row is on the bare base: deltas are attached inactive,
+    so an unrouted forward runs the base modules alone and a base row costs nothing extra."""
+    return None if all(k is None for k in keys) else Routing.per_row(keys)
+
+
+def eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
+    """The end-of-sequence ids of the model's generation config and of the tokenizer."""
+    ids: set[int] = set()
+    for value in (getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+                  getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return ids
+
+
+class Engine:
+    """Continuous batching over ``model`` with the deltas of ``store`` (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, store: DeltaStore, config: EngineConfig | None = None,
+                 eos: set[int] | None = None) -> None:
+        self.model, self.tokenizer, self.store = model.eval(), tokenizer, store
+        self.config = config or EngineConfig()
+        self.eos = eos_ids(model, tokenizer) if eos is None else set(eos)
+        self.lock = store.lock  # held while the model runs: deltas attach and detach between steps
+        self.classifier = type(model).__name__.endswith("ForSequenceClassification")
+        self.generative = bool(getattr(model, "can_generate", lambda: False)())
+        self.max_positions = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
+        self._queue = threading.Condition()
+        self._waiting: deque[_Seq] = deque()
+        self._encodes: deque[tuple[EncodeRequest, Lease]] = deque()
+        self._cancelled: set[str] = set()
+        self._inflight: set[str] = set()  # ids submitted and not finished (what pending() counts)
+        self.finished: Counter[str] = Counter()  # generation requests finished, by reason
+        self._prefilling: list[_Seq] = []
+        self._running: list[_Seq] = []
+        self._kv = BatchKV(model.config)
+        self._routing: Routing | None = None
+        self._routing_version = -1  # the store's version the routing was built for; -1: rebuild it
+        self._jobs: list[Any] = []  # co-served training jobs (deltatune.serve.coserve.CoTrainJob)
+        self._used = 0  # inference tokens of the current step
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.steps = 0
+
+    # --- submitting ----------------------------------------------------------------------------------
+    def submit(self, req: GenerateRequest) -> str:
+        """Queue a generation request (the delta is leased now: :class:`UnknownDelta` for an unknown name)."""
+        if not self.generative:
+            raise BadRequest(f"{type(self.model).__name__} is not a causal language model; it cannot generate")
+        if not req.prompt_ids:
+            raise BadRequest("the prompt is empty (no tokens)", "prompt")
+        if self.max_positions is not None and len(req.prompt_ids) + req.params.max_tokens > self.max_positions:
+            raise BadRequest(f"prompt ({len(req.prompt_ids)} tokens) + max_tokens ({req.params.max_tokens}) exceeds "
+                             f"the model's context of {self.max_positions} positions", "max_tokens")
+        lease = self.store.acquire(req.delta)  # the store's lock before the queue's, never the other way
+        with self._queue:
+            refused = self._refusal()
+            if refused is None:
+                self._waiting.append(_Seq(req, lease, make_generator(req.params.seed)))
+                self._inflight.add(req.request_id)
+                self._queue.notify_all()
+        if refused is not None:
+            self.store.release(lease)
+            raise refused
+        return req.request_id
+
+    def submit_encode(self, req: EncodeRequest) -> str:
+        if not req.input_ids:
+            raise BadRequest("the input is empty (no tokens)", "input")
+        lease = self.store.acquire(req.delta)
+        with self._queue:
+            refused = self._refusal()
+            if refused is None:
+                self._encodes.append((req, lease))
+                self._inflight.add(req.request_id)
+                self._queue.notify_all()
+        if refused is not None:
+            self.store.release(lease)
+            raise refused
+        return req.request_id
+
+    def _refusal(self) -> Exception | None:
+        """Why a new request cannot be queued now (called with the queue's lock held), or ``None``."""
+        if self._stopping:
+            return EngineStopped("the engine is shutting down")
+        if len(self._waiting) + len(self._encodes) >= self.config.max_waiting:
+            return BadRequest(f"{self.config.max_waiting} requests are already waiting; retry later", status=429)
+        return None
+
+    def cancel(self, request_id: str) -> None:
+        """Stop a request (a client went away): its slot is freed at the next step."""
+        with self._queue:
+            self._cancelled.add(request_id)
+            self._queue.notify_all()
+
+    def pending(self) -> int:
+        """Generation and encoding requests not finished yet."""
+        with self._queue:
+            return len(self._inflight)
+
+    # --- the loop --------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Run steps in a background thread until :meth:`stop`."""
+        if self._thread is not None:
+            return
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="deltatune-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._queue:
+            self._stopping = True
+            self._queue.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        for seq in [*self._waiting, *self._prefilling, *self._running]:
+            self._finish(seq, "cancelled", error="the engine stopped")
+        self._waiting.clear()
+        self._prefilling, self._running = [], []
+        self._kv.keep([])
+        while self._encodes:
+            req, lease = self._encodes.popleft()
+            self.store.release(lease)
+            self._inflight.discard(req.request_id)
+            if req.sink is not None:
+                req.sink(EncodeResult(req.request_id, error="the engine stopped"))
+
+    def _loop(self) -> None:
+        while True:
+            with self._queue:
+                while not self._stopping and not self._has_work():
+                    self._queue.wait(timeout=0.5)
+                if self._stopping:
+                    return
+            self.step()
+
+    def _has_requests(self) -> bool:
+        return bool(self._waiting or self._encodes or self._prefilling or self._running or self._cancelled)
+
+    def _has_work(self) -> bool:
+        return self._has_requests() or bool(self._jobs)
+
+    def add_job(self, job: Any) -> None:
+        """Run a co-served training job (:class:`~deltatune.serve.coserve.CoTrainJob`) with what each step leaves of
+        its token budget, until it is done."""
+        with self._queue:
+            self._jobs.append(job)
+            self._queue.notify_all()
+
+    def run_until_idle(self, max_steps: int = 1_000_000) -> None:
+        """Step in the caller's thread until every request has finished (no background thread running); co-served
+        jobs advance meanwhile but are not waited for."""
+        require(self._thread is None, "run_until_idle steps in the caller's thread; the engine thread is running")
+        for _ in range(max_steps):
+            if not self._has_requests():
+                return
+            self.step()
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """One scheduling step (see the module docstring)."""
+        with self._queue:
+            cancelled, self._cancelled = self._cancelled, set()
+            room = self.config.max_batch - len(self._running) - len(self._prefilling)
+            while room > 0 and self._waiting:
+                self._prefilling.append(self._waiting.popleft())
+                room -= 1
+            encodes = [self._encodes.popleft() for _ in range(min(len(self._encodes), self.config.encode_batch))]
+            waiting = [s for s in self._waiting if s.req.request_id in cancelled]
+            for seq in waiting:
+                self._waiting.remove(seq)
+        for seq in waiting:
+            self._finish(seq, "cancelled")
+        with self.lock:
+            self.steps += 1
+            self._used = 0
+            try:
+                self._drop(cancelled)
+                if encodes:
+                    self._encode(encodes)
+                if self._running:
+                    self._decode()
+                if self._prefilling:
+                    self._prefill()
+            except Exception as exc:  # noqa: BLE001 - a failing step fails its requests, never the engine
+                self._fail_all(f"{type(exc).__name__}: {exc}")
+            if self._jobs:
+                self._train()
+
+    def _train(self) -> None:
+        """Co-served jobs get what the step's inference left of their token budget (inference first)."""
+        from deltatune.serve.coserve import train_budget
+
+        with torch.inference_mode(False):
+            for job in list(self._jobs):
+                try:
+                    job.step(train_budget(job.config.step_tokens, self._used))
+                except Exception as exc:  # noqa: BLE001 - a failing job stops, serving goes on
+                    job.error, job.done = f"{type(exc).__name__}: {exc}", True
+                    detach(self.model, job.key)
+                if job.done:
+                    with self._queue:
+                        self._jobs.remove(job)
+
+    def _drop(self, cancelled: set[str]) -> None:
+        if not cancelled:
+            return
+        for seq in [s for s in self._prefilling if s.req.request_id in cancelled]:
+            self._prefilling.remove(seq)
+            self._finish(seq, "cancelled")
+        gone = [i for i, s in enumerate(self._running) if s.req.request_id in cancelled]
+        for i in gone:
+            self._finish(self._running[i], "cancelled")
+        if gone:
+            self._keep([i for i in range(len(self._running)) if i not in gone])
+
+    def _keep(self, rows: list[int]) -> None:
+        self._kv.keep(rows)
+        self._running = [self._running[i] for i in rows]
+        self._routing_version = -1
+
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _decode(self) -> None:
+        if self._routing_version != self.store.version:
+            self._routing = _routing([s.lease.key for s in self._running])
+            self._routing_version = self.store.version
+        device = self._device()
+        tokens = torch.tensor([[s.generated[-1]] for s in self._running], device=device)
+        mask, positions = self._kv.step_inputs()
+        with routed(self._routing):
+            logits = self.model(input_ids=tokens, attention_mask=mask.to(device), position_ids=positions.to(device),
+                                cache=self._kv.cache, use_cache=True).logits[:, -1].float().cpu()
+        self._kv.advance()
+        self._used += len(self._running)
+        keep = [i for i, seq in enumerate(self._running) if not self._token(seq, logits[i])]
+        if len(keep) < len(self._running):
+            self._keep(keep)
+
+    def _prefill(self) -> None:
+        """Whole prompts that fit the step's budget are prefilled together (one left-padded forward); a longer
+        prompt goes on in chunks on its own cache, one chunk per step."""
+        budget = self.config.prefill_chunk
+        together: list[_Seq] = []
+        chunked: list[tuple[_Seq, int]] = []
+        for seq in self._prefilling:  # first come, first served: the budget goes in admission order
+            if budget <= 0:
+                break
+            left = len(seq.req.prompt_ids) - seq.pos
+            if seq.pos == 0 and seq.cache is None and left <= budget:
+                together.append(seq)
+            else:
+                chunked.append((seq, min(budget, left)))
+            budget -= min(budget, left)
+        self._used += self.config.prefill_chunk - budget
+        if together:
+            self._prefill_together(together)
+        device = self._device()
+        for seq, n in chunked:
+            prompt, start = seq.req.prompt_ids, seq.pos
+            if seq.cache is None:
+                seq.cache = DynamicCache(config=self.model.config)
+            with routed(_routing([seq.lease.key])):
+                logits = self.model(input_ids=torch.tensor([prompt[start:start + n]], device=device),
+                                    attention_mask=torch.ones(1, start + n, dtype=torch.long, device=device),
+                                    position_ids=torch.arange(start, start + n, device=device)[None],
+                                    cache=seq.cache, use_cache=True, logits_to_keep=1).logits
+            seq.pos += n
+            if seq.pos < len(prompt):
+                continue
+            self._prefilling.remove(seq)
+            if not self._token(seq, logits[0, -1].float().cpu()):
+                self._kv.add(seq.cache, [len(prompt)])
+                self._running.append(seq)
+                self._routing_version = -1
+            seq.cache = None
+
+    def _prefill_together(self, seqs: list[_Seq]) -> None:
+        device = self._device()
+        lengths = [len(s.req.prompt_ids) for s in seqs]
+        width = max(lengths)
+        pad = getattr(self.tokenizer, "pad_token_id", None) or 0
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        positions = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, (seq, n) in enumerate(zip(seqs, lengths, strict=True)):
+            ids[i, width - n:] = torch.tensor(seq.req.prompt_ids)
+            mask[i, width - n:] = 1
+            positions[i, width - n:] = torch.arange(n)
+        cache = DynamicCache(config=self.model.config)
+        with routed(_routing([s.lease.key for s in seqs])):
+            logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                position_ids=positions.to(device), cache=cache, use_cache=True,
+                                logits_to_keep=1).logits[:, -1].float().cpu()
+        joined = []
+        for i, (seq, n) in enumerate(zip(seqs, lengths, strict=True)):
+            seq.pos = n
+            self._prefilling.remove(seq)
+            if not self._token(seq, logits[i]):
+                joined.append(i)
+                self._running.append(seq)
+        if joined:
+            self._kv.add(cache, lengths, joined)
+            self._routing_version = -1
+
+    # --- outputs ---------------------------------------------------------------------------------------
+    def _token(self, seq: _Seq, logits: Tensor) -> bool:
+        """Sample ``seq``'s next token from ``logits``, send what it adds, and say whether ``seq`` finished."""
+        params = seq.params
+        choice = choose(logits, params, seq.generator)
+        seq.generated.append(choice.token)
+        text, stopped = stop_cut(self._decode_text(seq.generated), params.stop)
+        reason = None
+        if stopped or (choice.token in self.eos and not params.ignore_eos):
+            reason = "stop"
+        elif len(seq.generated) >= params.max_tokens or (
+                self.max_positions is not None and len(seq.req.prompt_ids) + len(seq.generated) >= self.max_positions):
+            reason = "length"
+        shown = text if reason else safe_prefix(text, params.stop)
+        piece = shown[len(seq.sent):] if shown.startswith(seq.sent) and len(shown) > len(seq.sent) else ""
+        seq.sent += piece
+        out = Output(seq.req.request_id, piece, [choice.token], self._logprobs(choice, params),
+                     prompt_tokens=len(seq.req.prompt_ids), completion_tokens=len(seq.generated))
+        if reason:
+            self._finish(seq, reason, out)
+        else:
+            self._send(seq, out)
+        return reason is not None
+
+    def _decode_text(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def _logprobs(self, choice: Choice, params: SamplingParams) -> list[TokenLogprob]:
+        if params.logprobs is None:
+            return []
+        return [TokenLogprob(self._decode_text([choice.token]), choice.token, choice.logprob,
+                             [(self._decode_text([t]), lp) for t, lp in choice.top])]
+
+    def _send(self, seq: _Seq, out: Output) -> None:
+        if seq.req.sink is not None:
+            seq.req.sink(out)
+
+    def _finish(self, seq: _Seq, reason: str, out: Output | None = None, error: str | None = None) -> None:
+        if seq.done:
+            return
+        seq.done = True
+        seq.cache = None
+        self.store.release(seq.lease)
+        with self._queue:
+            self._inflight.discard(seq.req.request_id)
+            self.finished[reason] += 1
+        out = out or Output(seq.req.request_id, prompt_tokens=len(seq.req.prompt_ids),
+                            completion_tokens=len(seq.generated))
+        out.finish_reason, out.error = reason, error
+        self._send(seq, out)
+
+    def _fail_all(self, message: str) -> None:
+        """A step raised: every request in flight ends with ``error`` and the batch starts empty."""
+        with self.lock:
+            for seq in [*self._prefilling, *self._running]:
+                self._finish(seq, "error", error=message)
+            self._prefilling, self._running = [], []
+            self._kv.keep([])
+            self._routing_version = -1
+
+    # --- encoders ----------------------------------------------------------------------------------------
+    def _encode(self, items: list[tuple[EncodeRequest, Lease]]) -> None:
+        for task in ("embed", "classify"):
+            group = [(r, lease) for r, lease in items if r.task == task]
+            if not group:
+                continue
+            try:
+                results = self._encode_group(task, group)
+            except Exception as exc:  # noqa: BLE001 - the group's requests fail, the server goes on
+                results = [EncodeResult(r.request_id, error=f"{type(exc).__name__}: {exc}") for r, _ in group]
+            for (req, lease), result in zip(group, results, strict=True):
+                self.store.release(lease)
+                with self._queue:
+                    self._inflight.discard(req.request_id)
+                if req.sink is not None:
+                    req.sink(result)
+
+    def _encode_group(self, task: str, group: list[tuple[EncodeRequest, Lease]]) -> list[EncodeResult]:
+        device = self._device()
+        width = max(len(r.input_ids) for r, _ in group)
+        pad = getattr(self.tokenizer, "pad_token_id", None) or 0
+        ids = torch.full((len(group), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(group), width), dtype=torch.long)
+        types = torch.zeros((len(group), width), dtype=torch.long)
+        for i, (r, _) in enumerate(group):
+            ids[i, :len(r.input_ids)] = torch.tensor(r.input_ids)
+            mask[i, :len(r.input_ids)] = 1
+            if r.token_type_ids:
+                types[i, :len(r.token_type_ids)] = torch.tensor(r.token_type_ids)
+        kwargs: dict[str, Any] = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+        if any(r.token_type_ids for r, _ in group):
+            kwargs["token_type_ids"] = types.to(device)
+        with routed(_routing([lease.key for _, lease in group])):
+            out = self.model(**kwargs, output_hidden_states=task == "embed")
+        if task == "classify":
+            probs = out.logits.float().softmax(-1).cpu()
+            return [EncodeResult(r.request_id, probs=probs[i].tolist(), tokens=len(r.input_ids))
+                    for i, (r, _) in enumerate(group)]
+        hidden = out.hidden_states[-1].float().cpu()
+        weights = mask[..., None].float()
+        pooled = torch.nn.functional.normalize((hidden * weights).sum(1) / weights.sum(1), dim=-1)
+        return [EncodeResult(r.request_id, embedding=pooled[i].tolist(), tokens=len(r.input_ids))
+                for i, (r, _) in enumerate(group)]
+
+    # --- convenience ---------------------------------------------------------------------------------------
+    def generate(self, prompts: Sequence[Sequence[int]], deltas: Sequence[str | None],
+                 params: SamplingParams | Sequence[SamplingParams]) -> list[Output]:
+        """Run the requests to the end in the caller's thread; one merged :class:`Output` per request."""
+        many = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        results = [Output("") for _ in prompts]
+
+        def sink_for(i: int):
+            def sink(out: Output) -> None:
+                r = results[i]
+                r.request_id, r.text = out.request_id, r.text + out.text
+                r.token_ids += out.token_ids
+                r.logprobs += out.logprobs
+                r.finish_reason, r.error = out.finish_reason, out.error
+                r.prompt_tokens, r.completion_tokens = out.prompt_tokens, out.completion_tokens
+            return sink
+
+        for i, (prompt, delta, p) in enumerate(zip(prompts, deltas, many, strict=True)):
+            self.submit(GenerateRequest(list(prompt), p, delta, sink_for(i)))
+        self.run_until_idle()
+        return results

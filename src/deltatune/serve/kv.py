@@ -1,0 +1,92 @@
+"""The running batch's KV cache: one ``DynamicCache`` whose rows are left-padded to a common length.
+
+Rows have different histories, so row ``i`` holds ``lengths[i]`` real positions at the *right* end of the cache
+and padding before them; the attention mask hides the padding and every row gets its own position ids.  The
+cache grows by one column per decode step inside the model's forward (no copy of the history); it is rebuilt
+only when rows join (their prefilled cache is left-padded to the batch's length, or the batch to theirs) or
+leave (their rows are dropped and the columns that became padding for every row are trimmed).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from transformers import DynamicCache
+
+
+def _layers(cache: DynamicCache) -> list[tuple[Tensor, Tensor]]:
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _left_pad(t: Tensor, width: int) -> Tensor:
+    if width == 0:
+        return t
+    pad = t.new_zeros(*t.shape[:-2], width, t.shape[-1])
+    return torch.cat([pad, t], dim=-2)
+
+
+class BatchKV:
+    """Left-padded KV cache of the decode batch, with each row's real length."""
+
+    def __init__(self, config) -> None:
+        self.config = config
+        self.cache: DynamicCache | None = None
+        self.lengths: list[int] = []
+
+    @property
+    def rows(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def width(self) -> int:
+        return 0 if self.cache is None else self.cache.get_seq_length()
+
+    def add(self, new: DynamicCache, lengths: list[int], rows: list[int] | None = None) -> None:
+        """Append prefilled rows: ``new`` is a left-padded cache whose row ``i`` holds ``lengths[i]`` real positions
+        (``rows``: only those rows of it, in that order)."""
+        if rows is not None:
+            index = torch.tensor(rows, dtype=torch.long, device=new.layers[0].keys.device)
+            lengths = [lengths[i] for i in rows]
+            cut = new.get_seq_length() - max(lengths)
+            data = [(k.index_select(0, index)[..., cut:, :], v.index_select(0, index)[..., cut:, :])
+                    for k, v in _layers(new)]
+        else:
+            data = _layers(new)
+        if not lengths:
+            return
+        incoming = data[0][0].shape[-2]
+        if self.cache is None:
+            self.cache, self.lengths = DynamicCache(ddp_cache_data=data, config=self.config), list(lengths)
+            return
+        width = max(self.width, incoming)
+        old = _layers(self.cache)
+        merged = [(torch.cat([_left_pad(ok, width - self.width), _left_pad(nk, width - incoming)]),
+                   torch.cat([_left_pad(ov, width - self.width), _left_pad(nv, width - incoming)]))
+                  for (ok, ov), (nk, nv) in zip(old, data, strict=True)]
+        self.cache = DynamicCache(ddp_cache_data=merged, config=self.config)
+        self.lengths += list(lengths)
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only ``rows`` (in that order) and trim the columns that are now padding for all of them."""
+        if not rows:
+            self.cache, self.lengths = None, []
+            return
+        assert self.cache is not None
+        lengths = [self.lengths[i] for i in rows]
+        cut = self.width - max(lengths)
+        index = torch.tensor(rows, dtype=torch.long, device=self.cache.layers[0].keys.device)
+        data = [(k.index_select(0, index)[..., cut:, :], v.index_select(0, index)[..., cut:, :])
+                for k, v in _layers(self.cache)]
+        self.cache, self.lengths = DynamicCache(ddp_cache_data=data, config=self.config), lengths
+
+    def step_inputs(self) -> tuple[Tensor, Tensor]:
+        """``(attention_mask (rows, width + 1), position_ids (rows, 1))`` for the next decode step."""
+        width = self.width
+        lengths = torch.tensor(self.lengths, dtype=torch.long)
+        columns = torch.arange(width + 1)
+        mask = (columns[None, :] >= (width - lengths)[:, None]).long()
+        return mask, lengths[:, None]
+
+    def advance(self) -> None:
+        """Every row gained the position the last step wrote."""
+        self.lengths = [n + 1 for n in self.lengths]

@@ -1,0 +1,100 @@
+"""Request bodies of the OpenAI-compatible API (pydantic models) and the OpenAI error shape.
+
+Fields the OpenAI API defines keep its names and defaults (``temperature`` defaults to 1, as there); ``top_k`` is
+an extension, as in vLLM.  Unknown fields are ignored, as OpenAI-compatible servers do, so that newer clients
+keep working; every known field is typed and bounded.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from deltatune.serve.sampling import MAX_LOGPROBS
+
+#: Most prompts (or inputs) one request may carry.
+MAX_ITEMS = 64
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore", str_strip_whitespace=False)
+
+
+class _Sampling(_Body):
+    model: str = Field(min_length=1, max_length=256)
+    temperature: float = Field(default=1.0, ge=0.0, le=100.0, allow_inf_nan=False)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    top_k: int = Field(default=0, ge=0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    n: int = Field(default=1, ge=1, le=1)
+    ignore_eos: bool = False
+
+    def stop_strings(self) -> tuple[str, ...]:
+        items = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return tuple(s for s in items if s)
+
+
+class CompletionBody(_Sampling):
+    prompt: str | list[str] = Field(min_length=1)
+    max_tokens: int | None = Field(default=16)
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    echo: Literal[False] = False
+
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+
+class Message(_Body):
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[dict[str, Any]] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):  # OpenAI's content parts: only text parts are read
+            return "".join(str(p.get("text", "")) for p in self.content if p.get("type") == "text")
+        return self.content or ""
+
+
+class ChatBody(_Sampling):
+    messages: list[Message] = Field(min_length=1, max_length=1024)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+
+
+class EmbeddingBody(_Body):
+    model: str = Field(min_length=1, max_length=256)
+    input: str | list[str] = Field(min_length=1)
+    encoding_format: Literal["float", "base64"] = "float"
+
+    def inputs(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)
+
+
+class ClassificationBody(EmbeddingBody):
+    top_k: int | None = Field(default=None, ge=1)
+
+
+class LoadBody(_Body):
+    """``{"lora_name", "lora_path"}`` as vLLM takes them, or ``{"name", "path"}``."""
+
+    name: str | None = Field(default=None, max_length=128)
+    path: str | None = Field(default=None, max_length=4096)
+    lora_name: str | None = Field(default=None, max_length=128)
+    lora_path: str | None = Field(default=None, max_length=4096)
+
+    def delta_name(self) -> str | None:
+        return self.name or self.lora_name
+
+    def delta_path(self) -> str | None:
+        return self.path or self.lora_path
+
+
+def error_body(message: str, status: int, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    """OpenAI's error shape: ``{"error": {"message", "type", "param", "code"}}``."""
+    kind = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 413: "invalid_request_error",
+            429: "rate_limit_error"}.get(status, "invalid_request_error" if status < 500 else "server_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}

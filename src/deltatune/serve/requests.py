@@ -1,0 +1,76 @@
+"""What goes into the engine (generation and encoding requests) and what comes out (outputs, per event)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from deltatune.serve.sampling import SamplingParams
+
+
+@dataclass
+class TokenLogprob:
+    """One generated token: its text, id, logprob (raw logits) and the top alternatives ``[(text, logprob)]``."""
+
+    token: str
+    token_id: int
+    logprob: float
+    top: list[tuple[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class Output:
+    """One event of a generation request: the text and tokens produced since the previous event; the last event
+    has ``finish_reason`` (``stop``, ``length``, ``cancelled`` or ``error``)."""
+
+    request_id: str
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    error: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+Sink = Callable[[Output], None]
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass
+class GenerateRequest:
+    """Continue ``prompt_ids`` with the delta ``delta`` (``None`` or the base's name: the bare base)."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    delta: str | None = None
+    sink: Sink | None = None
+    request_id: str = field(default_factory=new_id)
+
+
+@dataclass
+class EncodeResult:
+    """An encoding request's result: a unit-norm embedding or class probabilities (or an error)."""
+
+    request_id: str
+    embedding: list[float] | None = None
+    probs: list[float] | None = None
+    tokens: int = 0
+    error: str | None = None
+
+
+@dataclass
+class EncodeRequest:
+    """Embed ``input_ids`` (mean of the last hidden states, unit norm) or classify it with the delta's head."""
+
+    input_ids: list[int]
+    task: Literal["embed", "classify"]
+    delta: str | None = None
+    sink: Callable[[EncodeResult], None] | None = None
+    token_type_ids: list[int] | None = None
+    request_id: str = field(default_factory=new_id)

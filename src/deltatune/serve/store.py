@@ -1,0 +1,216 @@
+"""The delta store: which deltas a server holds, attached to its one base model, bounded in bytes.
+
+A delta is *registered* under a public name with its source (a folder — deltatune, compact or PEFT adapter
+format, read by :func:`deltatune.api.as_delta` — or a live :class:`~deltatune.delta.Delta`), and *resident*
+when its parts are attached to the model (never active: only rows routed to it use it).  Resident deltas form
+an LRU cache bounded by ``max_bytes``; a registered delta that was evicted is loaded again on its next request.
+``preload`` makes a delta resident when it is registered.
+
+Every resident copy is attached under its own key (``name@n``).  A request *leases* the key it started with
+(:meth:`DeltaStore.acquire`), so loading a new version under the same name, or unloading the name, never changes
+the delta of a request already running: the old copy is detached when its last lease is released.  Attaching
+and detaching take ``lock``, the lock the engine holds while it runs the model, so the model never changes
+during a forward.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+from deltatune.delta import Delta
+from deltatune.fingerprint import check_fingerprint
+from deltatune.model import attach_heads, attach_parts, check_heads, detach
+from deltatune.parts.capabilities import require_capability
+from deltatune.serve.errors import BadRequest, UnknownDelta
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+
+
+@dataclass
+class Entry:
+    """One resident copy of a delta."""
+
+    name: str
+    key: str
+    delta: Delta
+    nbytes: int
+    users: int = 0
+    retired: bool = False
+    loaded_at: float = field(default_factory=time.time)
+
+
+@dataclass
+class Lease:
+    """A request's hold on one resident copy (``key`` is ``None`` for the bare base)."""
+
+    key: str | None
+    entry: Entry | None = None
+    released: bool = False
+
+
+class DeltaStore:
+    def __init__(self, model: nn.Module, base_name: str, max_bytes: int | None = None, verify: bool = True,
+                 lock: threading.RLock | None = None) -> None:
+        self.model, self.base_name, self.max_bytes, self.verify = model, base_name, max_bytes, verify
+        self.lock = lock or threading.RLock()
+        self._sources: dict[str, str | Delta] = {}
+        self._resident: OrderedDict[str, Entry] = OrderedDict()  # least recently used first
+        self._retiring: list[Entry] = []
+        self._count = 0
+        #: Bumped whenever the model's attached parts change (the engine then rebuilds its routing).
+        self.version = 0
+
+    # --- what the server holds (read without the lock: the HTTP handlers must not wait for a model step) ---
+    def names(self) -> list[str]:
+        """Every registered delta (resident or not)."""
+        return list(self._sources)  # one C-level copy: atomic under the GIL
+
+    def source(self, name: str) -> str | None:
+        src = self._sources.get(name)
+        return None if src is None or isinstance(src, Delta) else str(src)
+
+    def resident(self) -> dict[str, int]:
+        """``{name: bytes}`` of the deltas attached now (retiring copies excluded)."""
+        return {n: e.nbytes for n, e in list(self._resident.items())}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for e in list(self._resident.values())) + sum(e.nbytes for e in list(self._retiring))
+
+    def attached_keys(self) -> list[str]:
+        return [e.key for e in list(self._resident.values())] + [e.key for e in list(self._retiring)]
+
+    def label_names(self, name: str | None) -> list[str] | None:
+        """The class names a classification delta was trained with (``None`` when it records none)."""
+        from deltatune.errors import DataError
+        from deltatune.prediction import reading_of
+
+        entry = self._resident.get(name) if name is not None else None
+        src = self._sources.get(name) if name is not None else None
+        delta = entry.delta if entry is not None else src if isinstance(src, Delta) else None
+        if delta is None:
+            return None
+        try:
+            return reading_of(delta, name or "delta").label_names
+        except DataError:
+            return None
+
+    # --- registration ---------------------------------------------------------------------------------
+    def add(self, name: str, source: str | Path | Delta, preload: bool = True) -> None:
+        """Register ``source`` under ``name`` (replacing what the name held: running requests keep their copy);
+        with ``preload`` read and attach it now (errors then surface here, before the name is registered)."""
+        if not isinstance(name, str) or not NAME.match(name) or name == self.base_name:
+            raise BadRequest(f"delta name {name!r} must match {NAME.pattern} and differ from the base model's name "
+                             f"{self.base_name!r}", "name")
+        src: str | Delta = source if isinstance(source, Delta) else str(source)
+        delta = self._read(name, src) if preload else None
+        with self.lock:
+            old = self._resident.pop(name, None)
+            if old is not None:
+                self._retire(old)
+            self._sources[name] = src
+            if delta is not None:
+                self._attach(name, delta)
+
+    def remove(self, name: str) -> None:
+        """Forget ``name``: new requests for it get :class:`UnknownDelta`; running ones finish with their copy."""
+        with self.lock:
+            if name not in self._sources:
+                raise UnknownDelta(name, self.names())
+            del self._sources[name]
+            entry = self._resident.pop(name, None)
+            if entry is not None:
+                self._retire(entry)
+
+    # --- leases ---------------------------------------------------------------------------------------
+    def acquire(self, name: str | None) -> Lease:
+        """A lease on ``name``'s current copy (loading it when it was evicted); the base name or ``None``: the
+        bare base (no lease needed)."""
+        if name is None or name == self.base_name:
+            return Lease(None)
+        with self.lock:
+            if name not in self._sources:
+                raise UnknownDelta(name, [self.base_name, *self.names()])
+            entry = self._resident.get(name)
+            if entry is None:
+                entry = self._attach(name, self._read(name, self._sources[name]))
+            self._resident.move_to_end(name)
+            entry.users += 1
+            return Lease(entry.key, entry)
+
+    def release(self, lease: Lease) -> None:
+        if lease.released or lease.entry is None:
+            lease.released = True
+            return
+        with self.lock:
+            lease.released = True
+            entry = lease.entry
+            entry.users -= 1
+            if entry.retired and entry.users == 0:
+                self._detach(entry)
+            elif not entry.retired:
+                self._evict()
+
+    # --- internals -------------------------------------------------------------------------------------
+    def _read(self, name: str, src: str | Delta) -> Delta:
+        from deltatune.api import as_delta
+
+        if not isinstance(src, Delta) and (Path(src) / "adapter_config.json").is_file():
+            from deltatune.io.peft_format import load_peft_adapter
+
+            delta = load_peft_adapter(src, model=self.model, verify=self.verify)  # shapes checked against the base
+        else:
+            delta = as_delta(src, verify=self.verify)
+        where = f"delta {name!r}" + ("" if isinstance(src, Delta) else f" ({src})")
+        require_capability(delta, "mixed_rows", f"serving {where}")
+        if any(p.model_level for p in delta.parts.values()):
+            raise BadRequest(f"{where}: model-level parts (virtual tokens) need the whole sequence in every "
+                             "forward and cannot continue from a KV cache; the engine does not serve them", "path")
+        check_fingerprint(delta.fingerprint, self.model, delta.heads, where)
+        check_heads(self.model, delta, where)
+        return delta
+
+    def _attach(self, name: str, delta: Delta) -> Entry:
+        self._count += 1
+        key = f"{name}@{self._count}"
+        attach_parts(self.model, delta.parts, key, activate=False)
+        attach_heads(self.model, delta, key, activate=False)
+        self.model.eval()
+        self.version += 1
+        entry = Entry(name, key, delta, delta.nbytes + sum(t.numel() * t.element_size() for h in delta.heads.values()
+                                                             for t in h.values()))
+        self._resident[name] = entry
+        self._evict(keep=name)
+        return entry
+
+    def _retire(self, entry: Entry) -> None:
+        entry.retired = True
+        if entry.users == 0:
+            self._detach(entry)
+        else:
+            self._retiring.append(entry)
+
+    def _detach(self, entry: Entry) -> None:
+        detach(self.model, entry.key)
+        self.version += 1
+        if entry in self._retiring:
+            self._retiring.remove(entry)
+
+    def _evict(self, keep: str | None = None) -> None:
+        """Detach least recently used idle deltas until the resident bytes fit ``max_bytes``."""
+        if self.max_bytes is None:
+            return
+        for name in list(self._resident):
+            if self.nbytes <= self.max_bytes:
+                return
+            entry = self._resident[name]
+            if name != keep and entry.users == 0:
+                del self._resident[name]
+                self._detach(entry)
