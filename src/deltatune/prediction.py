@@ -1,5 +1,8 @@
 """``predict``: run classification deltas on the rows of a user's file, one JSON line per input, in input order.
 
+Token-classification deltas (``--task tokens``) give per-word tags instead: see
+:mod:`deltatune.train.tokens_predict`.
+
 What a delta needs to read a new file is in its provenance: the task (a user's ``classify`` task with its text
 columns and label map, or a GLUE classification task with its columns), so ``data`` is the only input.  Each
 line holds ``label`` (the predicted label, spelled as in the training file) and ``score`` (its softmax
@@ -43,11 +46,7 @@ def reading_of(delta: Delta, where: str) -> Reading:
     from deltatune.train.glue import GLUE_TASKS
 
     task = delta.provenance.task or {}
-    head = next((h for h in ("classifier", "score") if h in delta.heads), None)
-    if head is None or "weight" not in delta.heads[head]:
-        raise DataError(f"{where}: the delta has no classification head (heads: {sorted(delta.heads)}); predict "
-                        "needs a delta trained on a classification task")
-    width = int(delta.heads[head]["weight"].shape[0])
+    width = head_width(delta, where)
     if task.get("task") == "classify" and task.get("label_names"):
         names = [str(n) for n in task["label_names"]]
         return Reading(task["text_column"], task.get("text_pair_column"), names, len(names))
@@ -59,6 +58,22 @@ def reading_of(delta: Delta, where: str) -> Reading:
     raise DataError(f"{where}: the delta records no classification task with a label map (task: "
                     f"{task.get('name')!r}, head of {width} outputs); predict needs a delta trained with --task "
                     "classify or on a GLUE classification task")
+
+
+def head_width(delta: Delta, where: str) -> int:
+    """Outputs of the delta's classification head (``classifier`` / ``score``); DataError when it has none (a
+    causal-LM or chat delta, a delta saved without heads)."""
+    head = next((h for h in ("classifier", "score") if h in delta.heads), None)
+    if head is None or "weight" not in delta.heads[head]:
+        task = (delta.provenance.task or {}).get("name") or (delta.provenance.task or {}).get("task")
+        raise DataError(f"{where}: the delta has no classification head (heads: {sorted(delta.heads)}; task: "
+                        f"{task!r}); predict needs a delta trained on a classification task (classify, tokens, "
+                        "GLUE); for a causal-LM delta use `deltatune generate`")
+    return int(delta.heads[head]["weight"].shape[0])
+
+
+def _is_tokens(delta: Delta) -> bool:
+    return (delta.provenance.task or {}).get("task") == "tokens"
 
 
 def _name(item: Delta | str | Path, index: int) -> str:
@@ -89,6 +104,9 @@ def predict(deltas: Sequence[Delta | str | Path] | Delta | str | Path, data: str
     if len(set(names)) != len(names):
         names = [f"{n}#{i}" for i, n in enumerate(names)]
     loaded = [as_delta(item, verify=verify) for item in items]
+    if any(_is_tokens(d) for d in loaded):
+        return _predict_tokens(loaded, [str(item) for item in items], names, data, out, model, top_k, batch_size,
+                               max_length)
     readings = [reading_of(d, str(item)) for d, item in zip(loaded, items, strict=True)]
     table = read_table(data)
     for r in readings:
@@ -116,11 +134,35 @@ def predict(deltas: Sequence[Delta | str | Path] | Delta | str | Path, data: str
                 probs = net(**batch).logits.float().softmax(-1)
             for (i, j), p in zip(chunk, probs, strict=True):
                 results[i][names[j]] = _entry(p, readings[j].label_names, top_k)
-    rows = [r[names[0]] for r in results] if len(items) == 1 else results
+    return _write(results, names, out)
+
+
+def _write(results: list[dict[str, Any]], names: list[str], out: str | Path | None) -> list[dict[str, Any]]:
+    """Rows as returned (one delta: its entries; several: ``{name: entry}``), written as JSON Lines to ``out``."""
+    rows = [r[names[0]] for r in results] if len(names) == 1 else results
     if out is not None:
         with atomic_file(Path(out)) as tmp:
             tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return rows
+
+
+def _predict_tokens(loaded: list[Delta], wheres: list[str], names: list[str], data: str, out: str | Path | None,
+                    model: str | None, top_k: int, batch_size: int, max_length: int) -> list[dict[str, Any]]:
+    """Token-classification deltas: per-word tags (:mod:`deltatune.train.tokens_predict`)."""
+    from deltatune.train.tokens_predict import predict_tokens, token_reading
+
+    for d, where in zip(loaded, wheres, strict=True):
+        if not _is_tokens(d):
+            raise ConfigError(f"{where}: predict cannot mix token-classification deltas with deltas of task "
+                              f"{(d.provenance.task or {}).get('name')!r} in one run (their models differ); run "
+                              "them separately")
+    if top_k != 1:
+        raise ConfigError("--top-k applies to sentence classification; token deltas give each word its most "
+                          "probable tag and its score")
+    readings = [token_reading(d, head_width(d, w), w) for d, w in zip(loaded, wheres, strict=True)]
+    path = base_model_path(loaded[0], model)
+    results = predict_tokens(loaded, readings, names, wheres, data, path, batch_size, max_length)
+    return _write(results, names, out)
 
 
 def _entry(probs: torch.Tensor, label_names: list[str], top_k: int) -> dict[str, Any]:

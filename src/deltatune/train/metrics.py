@@ -15,6 +15,8 @@ Multi-class (``--task classify``), per class ``c`` with ``TP_c, FP_c, FN_c`` one
   (each 0.0 when its denominator is 0)
 * macro-F1    = mean of F1_c over the classes present in the labels or the predictions (sklearn's
   ``f1_score(average="macro")``)
+
+Entity-level precision / recall / F1 of ``--task tokens`` are in :mod:`deltatune.train.entities`.
 """
 
 from __future__ import annotations

@@ -3,7 +3,9 @@
 GLUE tasks load ``AutoModelForSequenceClassification`` (``num_labels=1`` → regression for STS-B) and
 report the official metrics; ``text`` and ``jsonl`` load ``AutoModelForCausalLM`` and report eval
 loss and perplexity (prompt tokens masked from the loss for ``jsonl``); ``classify`` and ``regress`` read a
-user's own files (:mod:`deltatune.train.user_data`) and record their columns and label map in ``Task.info``.
+user's own files (:mod:`deltatune.train.user_data`) and record their columns and label map in ``Task.info``;
+``tokens`` (:mod:`deltatune.train.tokens`, ``AutoModelForTokenClassification``, entity-level F1) and ``chat``
+(:mod:`deltatune.train.chat`, a causal LM trained on the assistant turns only) do the same for their files.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from deltatune.errors import ConfigError, DataError
 from deltatune.train import glue, metrics, text, user_data
 from deltatune.train.config import TrainConfig
 
-LM_TASKS = ("text", "jsonl")
+LM_TASKS = ("text", "jsonl", "chat")
 
 
 @dataclass
@@ -63,7 +65,15 @@ def build_task(cfg: TrainConfig, tokenizer: Any | None = None, recorded: dict[st
             raise ConfigError(f"task {cfg.task!r} trains a causal language model, but {path} is a "
                               f"{config.model_type} model ({', '.join(config.architectures or ['no architecture'])}) "
                               "that cannot generate text; use a decoder (Llama, GPT-2 …) or a classification task")
+        if cfg.task == "chat":
+            from deltatune.train.chat import build_chat_task
+
+            return build_chat_task(cfg, tokenizer, pad_id, recorded)
         return _lm_task(cfg, tokenizer, pad_id, lambda: AutoModelForCausalLM.from_pretrained(path))
+    if cfg.task == "tokens":
+        from deltatune.train.tokens import build_tokens_task
+
+        return build_tokens_task(cfg, tokenizer, pad_id, recorded)
     if cfg.task in user_data.USER_TASKS:
         return _user_task(cfg, tokenizer, pad_id, recorded)
     spec = glue.get_task(cfg.task)
@@ -155,9 +165,10 @@ def _user_task(cfg: TrainConfig, tokenizer: Any, pad_id: int, recorded: dict[str
     if recorded is not None:
         info = user_data.TaskInfo.from_dict(recorded, "delta")
     else:
-        train_table = user_data.read_table(cfg.data, (cfg.text_column, cfg.label_column))
-        info = user_data.task_info(cfg.task, train_table, cfg.data, cfg.text_column, cfg.text_pair_column,
-                                   cfg.label_column)
+        text_column, label_column = cfg.text_column or "text", cfg.label_column or "label"
+        train_table = user_data.read_table(cfg.data, (text_column, label_column))
+        info = user_data.task_info(cfg.task, train_table, cfg.data, text_column, cfg.text_pair_column,
+                                   label_column)
     if cfg.eval_data:
         columns = (info.text_column, info.label_column)
         dev = user_data.to_examples(user_data.read_table(cfg.eval_data, columns), info, cfg.eval_data)

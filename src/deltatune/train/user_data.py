@@ -26,7 +26,9 @@ import datasets
 
 from deltatune.errors import DataError
 
-USER_TASKS = ("classify", "regress")
+USER_TASKS = ("classify", "regress", "tokens", "chat")
+"""Tasks on a user's own files whose columns (and label map) are saved in the delta's provenance: ``tokens`` is
+read by :mod:`deltatune.train.tokens`, ``chat`` by :mod:`deltatune.train.chat`."""
 LABEL_ORDER = "sorted unique labels of the training file (numbers numerically, strings by code point)"
 HOLDOUT_FRACTION = 0.1
 _BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
