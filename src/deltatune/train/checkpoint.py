@@ -41,6 +41,17 @@ STATE_FIELDS = {"trainable", "optimizer", "scheduler", "hooks", "step", "epoch",
                 "history", "rng"}
 
 
+_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.",)
+
+
+def portable_name(name: str) -> str:
+    """``name`` without the prefixes FSDP's wrappers add (``layer.0._fsdp_wrapped_module.attention…`` →
+    ``layer.0.attention…``), so a checkpoint written under one launch route resumes under another."""
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
 def trainable_state(model: nn.Module, delta: Delta | None = None) -> dict[str, Tensor]:
     """What a resumed run must get back, by the model's tensor names: every tensor of every part of ``delta``
     (parameters and buffers, training or frozen right now — so a schedule that changes what trains resumes
@@ -48,7 +59,7 @@ def trainable_state(model: nn.Module, delta: Delta | None = None) -> dict[str, T
     the parts are found as the :class:`DeltaLayer` s of ``model``."""
     names: dict[int, str] = {}
     for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
-        names.setdefault(id(t), name)
+        names.setdefault(id(t), portable_name(name))
     if delta is not None:
         parts = list(delta.parts.values())
         heads = [model.get_submodule(h) for h in delta.heads]
@@ -187,7 +198,7 @@ def _check_state(state: Any, file: Path) -> None:
 
 def restore_trainable(model: nn.Module, state: dict[str, Tensor], where: Path, delta: Delta | None = None) -> None:
     """Copy the checkpoint's tensors (:func:`trainable_state`) into ``model`` (names and shapes must match)."""
-    own = dict(model.named_parameters()) | dict(model.named_buffers())
+    own = {portable_name(n): t for n, t in [*model.named_parameters(), *model.named_buffers()]}
     missing = sorted(set(trainable_state(model, delta)) - set(state))
     if missing:
         raise DeltaFormatError(f"{where}: checkpoint lacks {missing[:5]} — was it written by another method?")
