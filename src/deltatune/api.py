@@ -18,7 +18,7 @@ from deltatune.delta import Delta
 from deltatune.errors import ConfigError, NonFiniteError
 from deltatune.io.delta_format import load_delta
 from deltatune.io.shards import parse_size, write_sharded
-from deltatune.model import apply_delta
+from deltatune.model import DEFAULT, apply_delta
 from deltatune.train.config import TrainConfig, default_model_path
 
 
@@ -57,6 +57,10 @@ def load_base_for(delta: Delta, model: str | None = None) -> nn.Module:
     if head is not None:
         weight = delta.heads[head].get("weight")
         num_labels = int(weight.shape[0]) if weight is not None else 2
+        if (delta.provenance.task or {}).get("task") == "tokens":
+            from transformers import AutoModelForTokenClassification
+
+            return AutoModelForTokenClassification.from_pretrained(path, num_labels=num_labels)
         return AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
     archs = getattr(AutoConfig.from_pretrained(path), "architectures", None) or []
     if any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs):
@@ -83,7 +87,9 @@ def evaluate_delta(delta: Delta | str | Path, model: str | None = None, task: st
     results = {}
     if with_base:
         results["base"] = evaluate(net, built, batch_size, torch.device("cpu"))
-    apply_delta(net, d, where=str(delta) if not isinstance(delta, Delta) else "delta")
+    from deltatune.train.stacking import attach_for_use
+
+    attach_for_use(net, d, DEFAULT, where=str(delta) if not isinstance(delta, Delta) else "delta")
     results["delta"] = evaluate(net, built, batch_size, torch.device("cpu"))
     check_finite_metrics(results, str(delta) if not isinstance(delta, Delta) else "the delta")
     return results
@@ -124,7 +130,9 @@ def classification_report(delta: Delta | str | Path, data: str | None = None, mo
     built = _eval_task(d, model, "classify", data, limit)
     torch.manual_seed(0)
     net = built.load_model()
-    apply_delta(net, d, where=str(delta) if not isinstance(delta, Delta) else "delta")
+    from deltatune.train.stacking import attach_for_use
+
+    attach_for_use(net, d, DEFAULT, where=str(delta) if not isinstance(delta, Delta) else "delta")
     logits, labels, _ = eval_outputs(net, built, batch_size, torch.device("cpu"))
     names = [str(n) for n in d.provenance.task["label_names"]]
     return per_class_report(logits, labels, names)
@@ -144,17 +152,27 @@ def apply_to_checkpoint(delta: Delta | str | Path, out: str | Path, model: str |
                         dtype: torch.dtype | None = None, overwrite: bool = False, verify: bool = True) -> list[str]:
     """Write base + delta as a full sharded safetensors checkpoint (config and tokenizer included).
 
+    The config records the class written (``architectures``: ``BertForSequenceClassification`` for a delta with a
+    classifier head) and the label names of the delta's task (``id2label``/``label2id``), so
+    ``AutoModelForSequenceClassification.from_pretrained(out)`` gives the classifier with its labels.  A merged
+    delta that keeps several tasks' heads is refused (pick one with
+    :func:`deltatune.algebra.task_heads.for_task`).
     Tied tensors are written once (``transformers`` re-ties them on load).  An existing ``out`` must be an
     earlier checkpoint output unless ``overwrite`` (:class:`~deltatune.errors.OutputExists`).
     """
+    from deltatune.algebra.labels import describe_classifier
+    from deltatune.algebra.task_heads import require_one_task
     from deltatune.io.outputs import CHECKPOINT_KIND, guard_output
     from deltatune.parts.capabilities import require_capability
 
     guard_output(out, CHECKPOINT_KIND, overwrite)  # before the base model is loaded and merged
     d = as_delta(delta, verify=verify)
+    where = str(delta) if not isinstance(delta, Delta) else "delta"
     require_capability(d, "additive", "apply with merging")  # before the base model is loaded
+    require_one_task(d, f"apply {where}")
     net = load_base_for(d, model)
-    apply_delta(net, d, merge=True, force=force, where=str(delta) if not isinstance(delta, Delta) else "delta")
+    apply_delta(net, d, merge=True, force=force, where=where)
+    describe_classifier(net, d.provenance.task)  # a classifier comes back as one, with its label names
     seen: set[int] = set()
 
     def tensors():

@@ -221,6 +221,14 @@ def attach_heads(model: nn.Module, delta: Delta, name: str = DEFAULT, activate: 
             _wrapper(model, head).add(name, part, activate)
 
 
+def _require_one_task(delta: Delta, where: str) -> None:
+    """A merge that kept several tasks' heads (``classifier@sst2``, ``classifier@mrpc``) goes on a model one task
+    at a time: :class:`ConfigError` pointing at :func:`deltatune.algebra.task_heads.for_task`."""
+    from deltatune.algebra.task_heads import require_one_task
+
+    require_one_task(delta, where, holder="a model")
+
+
 def apply_delta(model: nn.Module, delta: Delta, name: str = DEFAULT, merge: bool = False, force: bool = False,
                 where: str = "delta") -> None:
     """Check the base fingerprint, then attach the delta's parts and task heads under ``name`` (or merge the
@@ -231,6 +239,7 @@ def apply_delta(model: nn.Module, delta: Delta, name: str = DEFAULT, merge: bool
     if merge:
         merge_delta(model, delta, where=where, force=force)
         return
+    _require_one_task(delta, where)
     if not force:
         check_fingerprint(delta.fingerprint, model, delta.heads, where)
     check_heads(model, delta, where)
@@ -247,6 +256,8 @@ def merge_delta(model: nn.Module, delta: Delta, where: str = "delta", force: boo
     a model that already holds a merged delta is no longer that base: pass ``force`` to stack merges, or use
     :func:`deltatune.algebra.compose`), and the heads fit.  ``heads=False`` leaves the model's heads alone."""
     require_capability(delta, "additive", f"merge ({where})")
+    if heads:
+        _require_one_task(delta, where)
     if not force:
         check_fingerprint(delta.fingerprint, model, delta.heads, where)
     for module_name, part in delta.parts.items():

@@ -28,7 +28,8 @@ from deltatune.api import as_delta, base_model_path, load_base_for
 from deltatune.delta import Delta
 from deltatune.errors import ConfigError, DataError
 from deltatune.io.atomic import atomic_file
-from deltatune.model import apply_delta, mixed_batch
+from deltatune.model import mixed_batch
+from deltatune.train.stacking import attach_for_use, recorded_stack
 
 
 @dataclass(frozen=True)
@@ -103,24 +104,24 @@ def predict(deltas: Sequence[Delta | str | Path] | Delta | str | Path, data: str
     names = [_name(item, i) for i, item in enumerate(items)]
     if len(set(names)) != len(names):
         names = [f"{n}#{i}" for i, n in enumerate(names)]
-    loaded = [as_delta(item, verify=verify) for item in items]
+    names, wheres, loaded = _one_task_each(names, [str(item) for item in items],
+                                           [as_delta(item, verify=verify) for item in items])
     if any(_is_tokens(d) for d in loaded):
-        return _predict_tokens(loaded, [str(item) for item in items], names, data, out, model, top_k, batch_size,
-                               max_length)
-    readings = [reading_of(d, str(item)) for d, item in zip(loaded, items, strict=True)]
+        return _predict_tokens(loaded, wheres, names, data, out, model, top_k, batch_size, max_length)
+    readings = [reading_of(d, where) for d, where in zip(loaded, wheres, strict=True)]
     table = read_table(data)
     for r in readings:
         require_columns(table, [r.text_column, *([r.text_pair_column] if r.text_pair_column else [])], data)
     path = base_model_path(loaded[0], model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     results: list[dict[str, Any]] = [{} for _ in range(len(table))]
-    groups: dict[int, list[int]] = {}
-    for j, r in enumerate(readings):
-        groups.setdefault(r.num_labels, []).append(j)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for j, r in enumerate(readings):  # a stacked delta changes the base beneath it: a model of its own
+        groups.setdefault((r.num_labels, j if recorded_stack(loaded[j]) else -1), []).append(j)
     for members in groups.values():
         net = load_base_for(loaded[members[0]], path).eval()
         for j in members:
-            apply_delta(net, loaded[j], name=names[j], where=str(items[j]))
+            attach_for_use(net, loaded[j], names[j], where=wheres[j])
         pairs = [(i, j) for i in range(len(table)) for j in members]
         for start in range(0, len(pairs), batch_size):
             chunk = pairs[start:start + batch_size]
@@ -135,6 +136,19 @@ def predict(deltas: Sequence[Delta | str | Path] | Delta | str | Path, data: str
             for (i, j), p in zip(chunk, probs, strict=True):
                 results[i][names[j]] = _entry(p, readings[j].label_names, top_k)
     return _write(results, names, out)
+
+
+def _one_task_each(names: list[str], wheres: list[str],
+                   loaded: list[Delta]) -> tuple[list[str], list[str], list[Delta]]:
+    """Each delta as one task: a merge that kept several tasks' heads becomes one entry per task, named
+    ``NAME/TASK`` (:func:`deltatune.algebra.task_heads.for_task`)."""
+    from deltatune.algebra.task_heads import for_task, task_names
+
+    out: list[tuple[str, str, Delta]] = []
+    for name, where, d in zip(names, wheres, loaded, strict=True):
+        tasks = task_names(d)
+        out += [(f"{name}/{t}", f"{where} ({t})", for_task(d, t)) for t in tasks] or [(name, where, d)]
+    return [n for n, _, _ in out], [w for _, w, _ in out], [d for _, _, d in out]
 
 
 def _write(results: list[dict[str, Any]], names: list[str], out: str | Path | None) -> list[dict[str, Any]]:

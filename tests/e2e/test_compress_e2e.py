@@ -50,7 +50,7 @@ def test_compeft_trained_lora_is_8x_smaller(tmp_path, data_dir, minilm, tokenize
                         dt.LoRAConfig(r=8, targets=["query", "key", "value", "dense"]))
     delta_dir = Path(result.delta_dir)
     delta = dt.load_delta(delta_dir)
-    compressed = compress_delta(delta, "compeft", density=0.1)
+    compressed = compress_delta(delta, "compeft", density=0.1, alpha=1.0)
     report = save_compact(compressed, tmp_path / "compact")
     assert report.total_bytes == _dir_bytes(tmp_path / "compact")
     original = _dir_bytes(delta_dir)
@@ -81,7 +81,7 @@ def test_compeft_full_delta_is_8x_smaller(tmp_path, minilm, tokenizer):
                 t.copy_(torch.randn(t.shape, generator=g) * 1e-3)
     dt.detach(minilm)
     delta.save(tmp_path / "full")
-    compressed = compress_delta(delta, "compeft", density=0.1)
+    compressed = compress_delta(delta, "compeft", density=0.1, alpha=1.0)
     bias = compressed.parts["bert.encoder.layer.0.attention.self.query"].delta_for("bias")
     assert 0 < int((bias != 0).sum()) < bias.numel()  # biases and norms are part of the update, as in ComPEFT
     report = save_compact(compressed, tmp_path / "compact")

@@ -151,7 +151,7 @@ def command(env: Env, name: str, out: Path, which: str) -> list[str]:
     if name == "export":
         return ["export", str(src), "--out", str(out)]
     if name == "compress":
-        return ["compress", str(src), "--method", "compeft", "--density", "0.2", "--out", str(out)]
+        return ["compress", str(src), "--method", "compeft", "--density", "0.2", "--alpha", "1", "--out", str(out)]
     if name == "merge":
         return ["merge", str(env.root / f"merge-{which}.yaml"), "--out", str(out), "--no-progress"]
     if name == "train":

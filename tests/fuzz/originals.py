@@ -103,7 +103,7 @@ def compacts(root: Path) -> list[Path]:
 
     made = _deltas()
     cases = {"lora-int8": (made["gpt2-lora"], dict(method="quantize", dtype="int8", scope="row")),
-             "sparse-compeft": (made["llama-sparse"], dict(method="compeft", density=0.3, scope="tensor")),
+             "sparse-compeft": (made["llama-sparse"], dict(method="compeft", density=0.3, scope="tensor", alpha=1.0)),
              "full-magnitude": (made["gpt2-full"], dict(method="magnitude", density=0.05)),
              "bert-lora-plain": (made["bert-lora"], None)}
     out = []

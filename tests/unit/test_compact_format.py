@@ -58,13 +58,13 @@ def _full(model) -> Delta:
 
 
 CASES = {
-    "lora-compeft": (tiny_gpt2, _lora, dict(method="compeft", density=0.1)),
+    "lora-compeft": (tiny_gpt2, _lora, dict(method="compeft", density=0.1, alpha=1.0)),
     "lora-product-dare": (tiny_gpt2, _lora, dict(method="dare", density=0.2, target="product", dtype="bf16")),
     "lora-int8-row": (tiny_gpt2, _lora, dict(method="quantize", dtype="int8", scope="row")),
-    "sparse-compeft": (tiny_bert, _sparse, dict(method="compeft", density=0.3, scope="tensor")),
+    "sparse-compeft": (tiny_bert, _sparse, dict(method="compeft", density=0.3, scope="tensor", alpha=1.0)),
     "sparse-darex-q-int8": (tiny_bert, _sparse, dict(method="darex-q", density=0.5, q=0.8, dtype="int8")),
     "dense-magnitude": (tiny_llama, _full, dict(method="magnitude", density=0.05)),
-    "dense-compeft": (tiny_llama, _full, dict(method="compeft", density=0.1)),
+    "dense-compeft": (tiny_llama, _full, dict(method="compeft", density=0.1, alpha=1.0)),
     "dense-fp16": (tiny_llama, _full, dict(method="quantize", dtype="fp16")),
     "dense-uncompressed": (tiny_llama, _full, None),
 }
@@ -104,7 +104,7 @@ def test_round_trip_is_exact_and_merges_identically(tmp_path, case):
 
 
 def test_byte_accounting_equals_file_sizes_component_by_component(tmp_path):
-    delta = compress_delta(_lora(tiny_gpt2()), "compeft", density=0.1)
+    delta = compress_delta(_lora(tiny_gpt2()), "compeft", density=0.1, alpha=1.0)
     report = save_compact(delta, tmp_path / "c")
     files = {p.name: p.stat().st_size for p in (tmp_path / "c").iterdir()}
     assert set(files) == {MANIFEST, DATA_FILE, MARKER} and report.files == files
@@ -307,10 +307,10 @@ def test_cli_compress_compact_and_lowrank_export(tmp_path, monkeypatch):
     source.save(tmp_path / "d")
     runner = CliRunner()
     res = runner.invoke(app, ["compress", str(tmp_path / "d"), "--method", "compeft", "--density", "0.1",
-                              "--out", str(tmp_path / "c")])
+                              "--alpha", "1", "--out", str(tmp_path / "c")])
     assert res.exit_code == 0, res.output
     assert "ratio" in res.output and "ternary.signs" in res.output
-    expected = compress_delta(dt.load_delta(tmp_path / "d"), "compeft", density=0.1)
+    expected = compress_delta(dt.load_delta(tmp_path / "d"), "compeft", density=0.1, alpha=1.0)
     _states_equal(expected, dt.load_delta(tmp_path / "c"))
     report = compact_report(tmp_path / "c")
     assert f"{report.total_bytes:,}" in res.output

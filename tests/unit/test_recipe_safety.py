@@ -275,7 +275,7 @@ def test_every_failure_is_typed(tmp_path) -> None:
 def test_planning_does_not_densify_and_inputs_are_left_intact(monkeypatch) -> None:
     """Planning reads LoRA shapes from metadata (no ``B·A`` per input just for a shape, a cost once paid by
     every input of a large merge), and in-place kernels never touch the inputs' own tensors."""
-    from deltatune.algebra.engine import _plan_keys
+    from deltatune.algebra.engine import plan_keys
     from deltatune.algebra.inputs import DeltaInput
     from deltatune.parts import LoRAPart
 
@@ -286,7 +286,7 @@ def test_planning_does_not_densify_and_inputs_are_left_intact(monkeypatch) -> No
     calls: list[int] = []
     real = LoRAPart.delta_weight
     monkeypatch.setattr(LoRAPart, "delta_weight", lambda self: calls.append(1) or real(self))
-    shapes = _plan_keys([DeltaInput(lora, "a")])
+    shapes = plan_keys([DeltaInput(lora, "a")])
     assert not calls and shapes["model.layers.0.mlp.down_proj.weight"] == (64, 128)
     monkeypatch.undo()
     own = [(m, k, v) for d in (lora, full) for m, p in d.parts.items() for k, v in p.state_dict().items()]

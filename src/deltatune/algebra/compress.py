@@ -6,7 +6,9 @@ Methods (the tensor math is in :mod:`deltatune.ops.compress`):
 * ``compeft`` — ComPEFT (Yadav et al., arXiv 2311.13171): ``τ̂ = α·σ·sgn(τ)·1[|τ| ≥ t_k]``.  With
   ``scope="global"`` (the paper) ``σ`` and the top-k threshold ``t_k`` are computed over *all* the
   update's entries (exact streaming statistics, no concatenation), with ``scope="tensor"`` per tensor.
-  ``α`` is swept over ``alphas`` by ``eval_fn`` (higher is better) when given and ``alpha`` is None.
+  ``α`` is swept over ``alphas`` by ``eval_fn`` (higher is better) when given and ``alpha`` is None; with
+  neither, :class:`~deltatune.algebra.compress_calibration.CalibrationNeeded` (no lossy default: α = 1 can take
+  a delta to chance; :func:`~deltatune.algebra.compress_calibration.calibrated_compress` sweeps on eval data).
 * ``dare`` — DARE (Yu et al., ICML 2024, arXiv 2311.03099): Bernoulli(ρ) mask, rescale ``1/ρ``.
 * ``darex-q`` — DAREx-q (Deng et al., ICLR 2025, arXiv 2410.09344): the same mask, rescale ``1/q``; with
   ``q=None`` the grid ``[ρ … 1]`` is scored by ``calibration_fn`` (lower is better; see
@@ -38,6 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from deltatune.algebra.compress_calibration import CalibrationNeeded
 from deltatune.algebra.compress_config import (
     COMPRESSORS,
     CONFIGS,
@@ -48,6 +51,7 @@ from deltatune.algebra.compress_config import (
     step_record,
 )
 from deltatune.algebra.quantile import RadixSelect
+from deltatune.algebra.task_heads import CONFIG_KEY
 from deltatune.delta import Delta
 from deltatune.errors import ConfigError
 from deltatune.ops import compress as ops
@@ -273,7 +277,13 @@ def _run_values(delta: Delta, cfg: CompressConfig, ctx: CompressContext, step: d
                 result.update({"alpha": best[1], "alpha_sweep": sweep})
                 parts, new = best[2]
             else:
-                a = 1.0 if alpha is None else float(alpha)
+                if alpha is None:
+                    raise CalibrationNeeded(
+                        "compress (compeft): alpha has no safe default (α = 1 can take a delta to chance); pass "
+                        "alpha, or eval_fn to sweep alphas (deltatune.algebra.compress_calibration."
+                        "calibrated_compress does it on the delta's recorded eval data or a data file; CLI: "
+                        "--alpha A or --data FILE)")
+                a = float(alpha)
                 result["alpha"] = a
                 parts, new = ternary(a)
             if scope == "tensor":
@@ -290,7 +300,9 @@ def _run_values(delta: Delta, cfg: CompressConfig, ctx: CompressContext, step: d
 
         if q is None:
             if calibration_fn is None:
-                raise ConfigError("darex-q needs q, or calibration_fn to choose it (e.g. output_change_score)")
+                raise CalibrationNeeded("compress (darex-q): needs q, or calibration_fn to choose it (e.g. "
+                                        "output_change_score; deltatune.algebra.compress_calibration."
+                                        "calibrated_compress calibrates it on eval data; CLI: --q Q or --data FILE)")
             choice = ops.choose_q(ops.q_grid(density, Q_GRID_STEPS),
                                   lambda qv: calibration_fn(_assemble(delta, rescaled(qv)[0], step, result)))
             result.update({"q": choice.q, "q_sweep": {repr(k): v for k, v in choice.scores.items()}})
@@ -382,6 +394,8 @@ def _lowrank(delta: Delta, rank: int, dtype: str | None, seed: int, model: nn.Mo
     max_rank = max((p["rank"] for p in per_module.values()), default=0)
     config = {"r": max_rank, "alpha": float(max_rank), "dropout": 0.0, "targets": sorted(parts), "rslora": False,
               "init": "kaiming", "source": {"method": delta.method, "config": copy.deepcopy(delta.config)}}
+    if CONFIG_KEY in delta.config:  # a multi-task merge's kept heads stay selectable (for_task)
+        config[CONFIG_KEY] = copy.deepcopy(delta.config[CONFIG_KEY])
     result = {"method": "lowrank", "modules": per_module, "dropped": dropped}
     return _assemble(delta, parts, step, result, method="lora", config=config)
 

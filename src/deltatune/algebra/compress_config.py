@@ -36,7 +36,7 @@ class CompeftConfig:
     """ComPEFT: ``τ̂ = α·σ·sgn(τ)·1[|τ| ≥ t_k]`` (ternary values plus one scale)."""
 
     density: float | None = option(_DENSITY)
-    alpha: float | None = option("values become ±alpha·σ (default 1, or swept over alphas by eval_fn)")
+    alpha: float | None = option("values become ±alpha·σ (default: the best of alphas on eval data)")
     alphas: list[float] = option("α values an eval_fn sweep tries", default_factory=lambda: list(DEFAULT_ALPHAS))
     scope: Literal["global", "tensor"] = option("σ and the top-k threshold over all entries or per tensor",
                                                "global")
@@ -85,7 +85,7 @@ class DarexQConfig:
     """DAREx-q: DARE's mask, kept values rescaled by ``1/q`` (q calibrated when not given)."""
 
     density: float | None = option(_DENSITY)
-    q: float | None = option("rescale 1/q, q in (0, 1] (default: calibrated by calibration_fn)")
+    q: float | None = option("rescale 1/q, q in (0, 1] (default: the best of [density … 1] on eval data)")
     dtype: Dtype | None = option(_ROUND)
     scope: Literal["global", "tensor"] = option("accepted for symmetry; the mask is per entry", "global")
     target: Literal["auto", "factors", "product"] = option(_TARGET, "auto")

@@ -19,8 +19,11 @@ rows when the merge keeps a ``classifier``/``score`` head) is built on the ``met
 * a merged parameter: ``θ = (θ₀.float() + τ_m.float()).to(T_n)`` (the fp32 sum cast back of ``merge_into``);
   a task-head tensor: the merged head copied into ``T_n`` (``load_state_dict``); any other: ``θ₀``;
   then ``θ.to(out_dtype)`` for floating tensors when ``out_dtype`` is set;
-* ``config.json``: the config ``from_pretrained`` leaves on the model (``dtype`` = ``D``; ``num_labels``,
-  ``id2label``/``label2id`` of a classifier; the base's ``architectures``), as ``to_json_string()``.
+* ``config.json``: the config ``from_pretrained`` leaves on the model (``dtype`` = ``D``; ``num_labels``), with
+  ``architectures`` = the class written and a classifier's ``id2label``/``label2id`` = the label names of the heads'
+  task (:func:`deltatune.algebra.labels.describe_classifier`, as the model path records them), as
+  ``to_json_string()``.  A merge keeping several inputs' heads is refused before anything is merged
+  (:func:`deltatune.algebra.task_heads.require_one_task`).
 
 :func:`streamable_base` returns ``None`` — the caller falls back to the model path, which loads the whole base —
 only where the streamed output could differ from it (see :func:`_refusal` and :func:`_tensor_sources`):
@@ -48,7 +51,9 @@ import torch
 from torch import Tensor, nn
 
 from deltatune.algebra.checkpoint import INDEX, CheckpointReader
+from deltatune.algebra.labels import describe_classifier
 from deltatune.algebra.output import write_planned
+from deltatune.algebra.task_heads import require_one_task
 from deltatune.fingerprint import SAMPLED_TENSORS, base_parameters, check_fingerprint
 from deltatune.io.json_io import parse_json
 
@@ -296,11 +301,13 @@ def streamable_base(reader: CheckpointReader | None, shapes: dict[str, tuple[int
 
     Checks the inputs' base fingerprint as applying the delta would (unless ``force``):
     :class:`~deltatune.errors.FingerprintMismatch` before anything is written."""
+    require_one_task(heads, where)  # before anything is merged: a checkpoint holds one head per module
     if reader is None or not _follows_the_loader():
         return None
     model = _meta_model(reader, heads)
     if model is None:
         return None
+    describe_classifier(model, getattr(heads, "task", None))  # as apply_to_checkpoint records it
     stored, head_tensors = _checkpoint_names(model, reader), _head_tensors(model, heads)
     if stored is None or head_tensors is None:
         return None

@@ -1,9 +1,10 @@
 """Where merged task vectors go: a sharded checkpoint ``θ₀ + τ_m`` (streamed), or a delta (dense, sparse
 or re-factorised low-rank parts; ``sparse`` is saved in the compact format), with the inputs' task heads
-handled explicitly."""
+handled explicitly (averaged for a soup, kept per input otherwise: :mod:`deltatune.algebra.task_heads`)."""
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 from torch import Tensor
 
 from deltatune.algebra.checkpoint import CheckpointReader
+from deltatune.algebra.task_heads import CONFIG_KEY, TaskHeads, keep_heads
 from deltatune.algebra.workspace import Workspace
 from deltatune.delta import Delta
 from deltatune.errors import ConfigError, ShapeMismatch
@@ -127,28 +129,31 @@ def _target_files(target: CheckpointReader, rows: dict[str, int]) -> list[tuple[
     return files
 
 
-def merged_heads(sources: Sequence[Any], per_input: list[dict[str, Any]], mode: str) -> dict[str, dict[str, Tensor]]:
-    """Task heads of the merged delta.
+def merged_heads(sources: Sequence[Any], per_input: list[dict[str, Any]], mode: str) -> TaskHeads:
+    """Task heads of the merged delta (:mod:`deltatune.algebra.task_heads`), never dropped silently.
 
     ``auto``: the weighted average when every input has the same heads (same names and shapes) and was
-    trained on the same task (a soup); otherwise none — each task keeps its own head.  ``first``: the
-    first input's heads; ``none``: no heads.
+    trained on the same task (a soup); otherwise every input's heads are kept side by side, each under
+    ``<head>@<input name>`` (inputs trained on different tasks: each task keeps its own head, and
+    :func:`~deltatune.algebra.task_heads.for_task` picks one).  ``first``: the first input's heads;
+    ``none``: no heads.  The result's ``task`` is the task the heads' label names come from (``None`` for
+    kept heads: each has its own, recorded in ``kept``).
     """
     if mode not in ("auto", "first", "none"):
         raise ConfigError(f"heads must be 'auto', 'first' or 'none', got {mode!r}")
     deltas: list[Delta] = [s.delta for s in sources]
-    if mode == "none":
-        return {}
+    if mode == "none" or not any(d.heads for d in deltas):
+        return TaskHeads()
     if mode == "first":
-        return {h: dict(t) for h, t in deltas[0].heads.items()}
+        return TaskHeads({h: dict(t) for h, t in deltas[0].heads.items()}, task=deltas[0].provenance.task)
     layout = [{(h, k, tuple(v.shape)) for h, t in d.heads.items() for k, v in t.items()} for d in deltas]
-    tasks = {str(d.provenance.task_name) for d in deltas}
-    if not deltas[0].heads or any(lay != layout[0] for lay in layout) or len(tasks) > 1:
-        return {}
+    tasks = [d.provenance.task for d in deltas]
+    if any(lay != layout[0] for lay in layout) or any(t != tasks[0] for t in tasks):
+        return keep_heads(deltas, [s.label for s in sources])
     w = [p["weight"] for p in per_input]
     total = sum(w) or 1.0
-    return {h: {k: sum(wi * d.heads[h][k].float() for wi, d in zip(w, deltas, strict=True)) / total
-                for k in t} for h, t in deltas[0].heads.items()}
+    return TaskHeads({h: {k: sum(wi * d.heads[h][k].float() for wi, d in zip(w, deltas, strict=True)) / total
+                          for k in t} for h, t in deltas[0].heads.items()}, task=tasks[0])
 
 
 def _sparse_part(tau: Tensor, kind: LayerKind) -> SparsePart:
@@ -204,7 +209,12 @@ def collect_delta(merged: Iterable[tuple[str, Tensor]], sources: Sequence[Any] |
     parents = [s.delta for s in sources or []]
     provenance = (parents[0].provenance.derived("merge", parents) if parents
                   else Provenance(operation="merge", base=str(base_path) if base_path else None))
-    delta = Delta(method="merge", config=record, parts=parts, heads=heads or {}, fingerprint=fingerprint,
+    kept = getattr(heads, "kept", None)
+    if kept:  # each input's task (columns, label map) beside its kept head
+        record = {**record, CONFIG_KEY: kept}
+    if getattr(heads, "task", None) is not None:  # the task the heads' label names come from (heads="first")
+        provenance.task = copy.deepcopy(heads.task)
+    delta = Delta(method="merge", config=record, parts=parts, heads=dict(heads or {}), fingerprint=fingerprint,
                   metrics={"merge": {k: record[k] for k in ("method", "preset", "sources")}}, provenance=provenance)
     if output == "lowrank":
         if rank is None or rank < 1:

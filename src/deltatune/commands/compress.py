@@ -1,6 +1,11 @@
 """``deltatune compress DELTA --method compeft --density 0.1 [--alpha A] [--q Q] [--dtype int8|bf16|fp16]
-[--rank R] [--scope global|tensor|row] [--target factors|product] [--seed S] [--model DIR] [--out DIR]
-[--overwrite] [--no-verify]``.
+[--rank R] [--scope global|tensor|row] [--target factors|product] [--seed S] [--model DIR] [--data FILE]
+[--calibration-rows N] [--out DIR] [--overwrite] [--no-verify]``.
+
+ComPEFT's ``--alpha`` and DAREx-q's ``--q`` have no lossy default: when not given they are calibrated on the
+delta's own eval data (recorded in its provenance) or on ``--data``, by the task's metric
+(:mod:`deltatune.algebra.compress_calibration`); a delta with no recorded task is refused with a message saying
+to pass ``--alpha``/``--q``.
 
 Compresses a delta (ComPEFT, DARE, DAREx-q, magnitude, quantisation or a low-rank LoRA extraction; see
 :mod:`deltatune.algebra.compress`) and writes it in the compact format (the normal format for
@@ -34,9 +39,10 @@ def compress_command(
     method: Annotated[str, typer.Option(help="compeft, dare, darex-q, magnitude, quantize or lowrank")] = "compeft",
     density: Annotated[float | None, typer.Option(help="fraction of entries kept (compeft, dare, darex-q, "
                                                        "magnitude)")] = None,
-    alpha: Annotated[float | None, typer.Option(help="compeft: values become ±alpha·σ (default 1)")] = None,
-    q: Annotated[float | None, typer.Option("--q", help="darex-q: rescale 1/q, q in [density, 1] (default: "
-                                                       "calibrated on a batch of the training task)")] = None,
+    alpha: Annotated[float | None, typer.Option(help="compeft: values become ±alpha·σ (default: the best of 0.5 … "
+                                                     "10 on the eval data)")] = None,
+    q: Annotated[float | None, typer.Option("--q", help="darex-q: rescale 1/q, q in [density, 1] (default: the best "
+                                                       "of a grid on the eval data)")] = None,
     dtype: Annotated[str | None, typer.Option(help="int8, bf16 or fp16 (quantize; rounds dare/magnitude "
                                                    "values)")] = None,
     rank: Annotated[int | None, typer.Option(help="lowrank: rank of every LoRA part")] = None,
@@ -45,8 +51,12 @@ def compress_command(
     target: Annotated[str | None, typer.Option(help="LoRA parts: factors (A and B) or product (B·A → sparse; "
                                                     "compeft, dare, darex-q, magnitude)")] = None,
     seed: Annotated[int, typer.Option(help="seed of the random masks (dare, darex-q) and randomized SVD")] = 0,
-    model: Annotated[str | None, typer.Option(help="base-model folder (lowrank on dense deltas, darex-q "
-                                                   "calibration; default: as trained)")] = None,
+    model: Annotated[str | None, typer.Option(help="base-model folder (lowrank on dense deltas, calibration; "
+                                                   "default: as trained)")] = None,
+    data: Annotated[str | None, typer.Option(help="compeft/darex-q: eval file to calibrate alpha/q on (default: "
+                                                  "the delta's recorded eval data)")] = None,
+    calibration_rows: Annotated[int, typer.Option(help="eval rows scored per calibration candidate (a seeded "
+                                                       "sample)")] = 500,
     out_dir: Annotated[Path | None, typer.Option("--out", help="folder to write (default: DELTA-METHOD)")] = None,
     overwrite: Overwrite = False,
     verify: NoVerify = True,
@@ -60,7 +70,8 @@ def compress_command(
     from rich.console import Console
     from rich.table import Table
 
-    from deltatune.algebra.compress import calibration_batch, compress_delta, output_change_score
+    from deltatune.algebra.compress import compress_delta
+    from deltatune.algebra.compress_calibration import calibrated_compress, needs_calibration
     from deltatune.algebra.compress_config import CONFIGS, options_help, parse_compress_options
     from deltatune.api import as_delta, load_base_for
     from deltatune.errors import ConfigError
@@ -81,13 +92,13 @@ def compress_command(
     out_dir = out_dir or delta.with_name(f"{delta.name}-{method}")
     guard_output(out_dir, DELTA_KIND if method == "lowrank" else COMPACT_KIND, overwrite)  # before the work
     d = as_delta(delta, verify=verify)
-    base, calibration_fn = None, None
+    base = None
     if method == "lowrank" and any(p.factors() is None and p.layer_kind() is None for p in d.parts.values()):
         base = load_base_for(d, model)
-    if method == "darex-q" and q is None:
-        base = load_base_for(d, model)
-        calibration_fn = output_change_score(base, d, calibration_batch(d, model))
-    compressed = compress_delta(d, method, calibration_fn=calibration_fn, model=base, **options)
+    if needs_calibration(method, options):  # no lossy default: alpha / q chosen on eval data (or refused)
+        compressed = calibrated_compress(d, method, data=data, model=model, limit=calibration_rows, **options)
+    else:
+        compressed = compress_delta(d, method, model=base, **options)
     report = None
     if method == "lowrank":
         compressed.save(out_dir, overwrite=overwrite)
@@ -105,6 +116,11 @@ def compress_command(
     for key in ("alpha", "q", "sigma", "threshold"):
         if isinstance(result.get(key), float):
             rows.append((key, f"{result[key]:.6g}"))
+    if "calibrated_on" in result:
+        where = result["calibrated_on"]
+        sweep = result.get("alpha_sweep") or result.get("q_sweep") or {}
+        rows.append(("calibrated on", f"{where['rows']} rows of {where['data']} ({where['metric']})"))
+        rows.append(("candidates", ", ".join(f"{float(k):.3g}: {v:.4f}" for k, v in sweep.items())))
     if method == "lowrank":
         errors = [m["relative_error"] for m in result["modules"].values()]
         rows.append(("max relative error", f"{max(errors, default=0.0):.4f}"))

@@ -35,6 +35,7 @@ def merge_command(
 
     from deltatune.algebra.output import output_kind
     from deltatune.algebra.recipe import load_recipe, run_recipe
+    from deltatune.algebra.task_heads import task_names
     from deltatune.commands.compress import dir_bytes
     from deltatune.commands.process import keep_freed_memory, skip_teardown
     from deltatune.delta import Delta
@@ -61,6 +62,14 @@ def merge_command(
         disk = dir_bytes(Path(target))
         err.print(f"{recipe.method} ({recipe.preset}) of {len(recipe.inputs)} inputs → {recipe.output} delta, "
                   f"{len(result.parts)} parts, {disk:,} bytes on disk, in {time.perf_counter() - start:.1f} s")
+        kept = task_names(result)
+        if kept:
+            err.print(f"the inputs were trained on different tasks: each keeps its own head ({', '.join(kept)}); "
+                      "pick one with deltatune.algebra.task_heads.for_task(delta, NAME)")
+        elif result.heads:
+            err.print(f"task heads: {', '.join(result.heads)}")
+        else:
+            err.print("task heads: none")
     else:
         err.print(f"{recipe.method} ({recipe.preset}) of {len(recipe.inputs)} inputs → checkpoint in "
                   f"{time.perf_counter() - start:.1f} s")

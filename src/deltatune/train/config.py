@@ -25,21 +25,30 @@ class TrainConfig:
     model: str | None = field(default=None, metadata={"help": "local model folder (default: embedded MiniLM)"})
     task: str = field(default="sst2", metadata={"help": "GLUE task (sst2, mrpc, rte, cola, stsb, wnli, qnli), "
                                                         "'text' (plain text LM), 'jsonl' (prompt/response), "
-                                                        "'classify' or 'regress' (your own labelled file)"})
+                                                        "'classify' or 'regress' (your own labelled file), "
+                                                        "'tokens' (BIO tags: CoNLL columns or JSON lists), "
+                                                        "'chat' (messages, loss on assistant turns)"})
     data: str | None = field(default=None, metadata={"help": "GLUE data folder, the text/JSONL file, or the "
                                                              "training file (CSV, TSV, JSON, JSONL, Parquet, "
                                                              "save_to_disk folder; PATH:SPLIT picks a split)"})
-    eval_data: str | None = field(default=None, metadata={"help": "eval file (jsonl, classify, regress; without "
-                                                                  "it classify/regress hold out 10% of --data)"})
-    text_column: str = field(default="text", metadata={"help": "classify/regress: column of the (first) text"})
+    eval_data: str | None = field(default=None, metadata={"help": "eval file (jsonl and your own files; without "
+                                                                  "it classify, regress, tokens and chat hold out "
+                                                                  "10% of --data)"})
+    text_column: str | None = field(default=None, metadata={
+        "help": "column of the (first) text (classify/regress, default 'text'), of token lists (tokens, default "
+                "'tokens') or of message lists (chat, default 'messages')"})
     text_pair_column: str | None = field(default=None, metadata={"help": "classify/regress: column of the "
                                                                          "second text of a sentence pair"})
-    label_column: str = field(default="label", metadata={"help": "classify/regress: column of the label"})
+    label_column: str | None = field(default=None, metadata={
+        "help": "column of the label (classify/regress, default 'label') or of tag lists (tokens, default 'tags')"})
     out_dir: str = field(default="runs/default", metadata={"help": "where delta/, best/ and checkpoint/ go"})
     max_steps: int = field(default=300, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=16, metadata={"help": "examples per micro-batch per process"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     lr: float | None = field(default=None, metadata={"help": "peak learning rate (default: the method's)"})
+    head_lr: float | None = field(default=None, metadata={"help": "peak learning rate of fresh task heads, in "
+                                                                  "their own optimizer group (default: 10 × lr, at "
+                                                                  "most 2e-2)"})
     weight_decay: float = field(default=0.0, metadata={"help": "decoupled weight decay (acts on the delta)"})
     warmup_ratio: float = field(default=0.06, metadata={"help": "fraction of steps of linear warm-up"})
     lr_schedule: Literal["linear", "cosine", "constant"] = field(default="linear", metadata={"help": "decay"})
@@ -58,6 +67,8 @@ class TrainConfig:
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
     mixed_precision: Literal["no", "bf16"] = field(default="no", metadata={
         "help": "bf16: forward and backward under bf16 autocast (CPU or GPU); the delta stays fp32"})
+    on: list[str] = field(default_factory=list, metadata={"help": "delta folder(s) to train on top of: merged into "
+                                                                   "the base first, in order (train --on)"})
     report_to: list[str] = field(default_factory=list, metadata={"help": "experiment trackers: tensorboard, wandb, "
                                                                           "mlflow (metrics.jsonl is always written)"})
 
@@ -66,6 +77,7 @@ class TrainConfig:
         require(self.batch_size >= 1, f"train config.batch_size must be ≥ 1, got {self.batch_size}")
         require(self.grad_accum >= 1, f"train config.grad_accum must be ≥ 1, got {self.grad_accum}")
         require(self.lr is None or self.lr > 0, f"train config.lr must be > 0, got {self.lr}")
+        require(self.head_lr is None or self.head_lr > 0, f"train config.head_lr must be > 0, got {self.head_lr}")
         require(0.0 <= self.warmup_ratio < 1.0, f"train config.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         require(self.eval_every >= 0 and self.checkpoint_every >= 0,
                 "train config.eval_every and checkpoint_every must be ≥ 0")

@@ -1,9 +1,10 @@
 """The training loop, top to bottom, on accelerate (1 CPU … N processes with DDP).
 
-Per optimiser step: method hooks ``before_step`` → ``grad_accum`` micro-batches (forward, NaN/Inf
-check, backward; gradients synchronised only on the last) → optimiser and LR-schedule step →
-hooks ``after_step`` → periodic eval (keep-best) and checkpoint.  The data order is a seeded
-permutation per epoch, sharded by rank, so a resumed run sees exactly the batches it would have.
+The delta's parameters train at ``lr`` and the task heads in their own optimizer group at ``head_lr`` (default
+10 × ``lr``, at most 2e-2: a fresh head starts at random).  Per optimiser step: method hooks ``before_step`` →
+``grad_accum`` micro-batches (forward, NaN/Inf check, backward; gradients synchronised only on the last) →
+optimiser and LR-schedule step → hooks ``after_step`` → periodic eval (keep-best) and checkpoint.  The data
+order is a seeded permutation per epoch, sharded by rank, so a resumed run sees exactly the batches it would have.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,8 +34,11 @@ from deltatune.methods.registry import get_method
 from deltatune.model import attach
 from deltatune.provenance import Provenance
 from deltatune.train import checkpoint as ckpt
+from deltatune.train import fsdp, zero
 from deltatune.train.config import TrainConfig
 from deltatune.train.evaluate import batches, evaluate
+from deltatune.train.integration import param_groups
+from deltatune.train.stacking import prepare_stack
 from deltatune.train.tasks import Task, build_task
 from deltatune.train.tracking import METRICS_FILE, RunLog
 
@@ -124,12 +129,14 @@ def _rank_digests(digest: str, accelerator: Accelerator) -> list[str]:
     return out
 
 
-def train(cfg: TrainConfig, method_config: Any) -> TrainResult:
+def train(cfg: TrainConfig, method_config: Any,
+          on_eval: Callable[[int, dict[str, float | None]], None] | None = None) -> TrainResult:
     """Train a delta of ``method_config.method`` on ``cfg.task``; write ``out_dir/delta`` (and ``best``).
 
     A new run (not ``resume``) refuses an ``out_dir`` that holds anything but an earlier run, unless
     ``cfg.overwrite``.  Its subfolders (``delta``, ``best``, ``checkpoint``) are then the run's own and are
-    replaced without a further check (``overwrite=True``).
+    replaced without a further check (``overwrite=True``).  ``on_eval(step, metrics)`` is called after each
+    evaluation (``deltatune search`` reports them to its pruner; raising there stops the run).
     """
     out = Path(cfg.out_dir)
     if AcceleratorState._shared_state and AcceleratorState().mixed_precision != cfg.mixed_precision:
@@ -148,16 +155,25 @@ def train(cfg: TrainConfig, method_config: Any) -> TrainResult:
     set_seed(cfg.seed)
     model = task.load_model().to(accelerator.device)
     model.train()
+    stack = prepare_stack(model, cfg.on)  # `train --on DELTA`: the underlying deltas merged into the base first
     method = get_method(method_config.method)
     delta = attach(model, method_config)
     delta.provenance = train_provenance(cfg, task)
-    params = [p for p in model.parameters() if p.requires_grad]
+    if stack is not None:
+        stack.record(delta)  # the pristine base's fingerprint; the underlying deltas as parents (path, digest)
     lr = cfg.lr if cfg.lr is not None else method.default_lr
-    optimizer = method.optimizer(params, lr, cfg.weight_decay, method_config)
+    groups = param_groups(model, delta, lr, cfg.head_lr)  # task heads in their own group, at their own LR
+    optimizer = method.optimizer(groups, lr, cfg.weight_decay, method_config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     hooks = method.hooks(model, delta, method_config, optimizer, cfg.max_steps, cfg.grad_accum)
-    ddp_model, optimizer = accelerator.prepare(model, optimizer)
+    hooks += [stack.guard()] if stack is not None else []  # a resumed run checks its underlying deltas
+    if fsdp.requested():  # `accelerate launch` with an FSDP config: the frozen base is sharded (train/fsdp.py)
+        ddp_model, optimizer = fsdp.shard(accelerator, model, optimizer), accelerator.prepare(optimizer)
+    else:
+        zero.configure(accelerator, cfg.grad_accum, hooks, cfg.batch_size)  # a DeepSpeed launch: refuse what breaks
+        ddp_model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(ddp_model)
+    eval_model = ddp_model if fsdp.requested() else raw_model  # FSDP gathers its shards in its own forward
 
     step, epoch, offset, history = 0, 0, 0, []
     before, best = {}, None
@@ -167,7 +183,7 @@ def train(cfg: TrainConfig, method_config: Any) -> TrainResult:
         before, best, history = state["before"], state["best"], state["history"]
         log.say(f"resumed from {out / 'checkpoint'} at step {step}")
     elif cfg.eval_before:
-        before = _defined(evaluate(raw_model, task, cfg.eval_batch_size, accelerator.device))
+        before = _defined(evaluate(eval_model, task, cfg.eval_batch_size, accelerator.device))
         log.say(f"before training: {_fmt(before)}")
 
     run_log = RunLog(out, accelerator, asdict(cfg), step if cfg.resume else None)
@@ -205,12 +221,16 @@ def train(cfg: TrainConfig, method_config: Any) -> TrainResult:
                 hook.after_step(step)
             log.advance(progress, running)
             record: dict[str, Any] = {"step": step, "loss": running, "lr": scheduler.get_last_lr()[0]}
+            if len(optimizer.param_groups) > 1:
+                record["head_lr"] = scheduler.get_last_lr()[-1]
             if delta.has_aux_loss:
                 record["aux_loss"] = running_aux
             if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps:
-                metrics = _defined(evaluate(raw_model, task, cfg.eval_batch_size, accelerator.device))
+                metrics = _defined(evaluate(eval_model, task, cfg.eval_batch_size, accelerator.device))
                 record["eval"] = metrics
                 log.say(f"step {step}: {_fmt(metrics)}")
+                if on_eval is not None:
+                    on_eval(step, metrics)
                 if metrics and cfg.keep_best and _better(metrics, best, task):
                     best = {**metrics, "step": step}
                     delta.snapshot_heads(raw_model)

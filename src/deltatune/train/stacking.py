@@ -169,3 +169,16 @@ def apply_stacked(model: nn.Module, delta: Delta, on: Sequence[Delta] | None = N
                               f"({d.method})")
     return compose(model, [*map(_headless, under), delta], mode=mode, force=force,
                    names=[*(f"underlying delta #{i + 1}" for i in range(len(under))), where])
+
+
+def attach_for_use(model: nn.Module, delta: Delta, name: str, where: str = "the delta") -> None:
+    """Put ``delta`` on ``model`` to run it, under ``name`` (so :func:`deltatune.mixed_batch` can route to it): its
+    parts attached and heads loaded after the fingerprint check, then — for a stacked delta — the deltas it was
+    trained on (recorded, digest-checked) merged into the base beneath it.  The model then computes
+    ``θ₀ + Σ_on Δ + Δ_delta`` for every row: a stacked delta needs a model of its own in a mixed batch."""
+    from deltatune.model import apply_delta
+
+    under = resolve_underlying(delta, where)
+    apply_delta(model, delta, name=name, where=where)
+    for u in under:
+        merge_delta(model, _headless(u), where=f"{where} (underlying)", force=True, heads=False)
