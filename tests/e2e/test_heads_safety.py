@@ -204,3 +204,20 @@ def test_the_loop_trains_the_head_at_head_lr(minilm_path, tmp_path, monkeypatch)
     assert result.delta.provenance.train["head_lr"] == 2e-2
     with pytest.raises(ConfigError, match="head_lr"):
         TrainConfig(head_lr=0.0)
+
+
+def test_predict_on_a_multi_task_merge_answers_once_per_kept_task(runs, minilm_path, tmp_path):
+    """``predict`` expands a merge that kept several heads into one entry per task (``NAME/TASK``), each equal to
+    predicting with :func:`for_task`'s view; applying the merged delta whole is refused with the way out."""
+    merge([runs["feel"], runs["mood"]], "linear", output="dense", out=tmp_path / "m")
+    merged = deltatune.load_delta(tmp_path / "m")
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in _rows(FEELINGS, 4, start=700)))
+    rows = predict(tmp_path / "m", str(inputs))
+    assert set(rows[0]) == {"m/feel", "m/mood"}
+    views = predict([for_task(merged, "feel"), for_task(merged, "mood")], str(inputs))
+    for row, view in zip(rows, views, strict=True):
+        assert row["m/feel"]["label"] == view["delta0"]["label"] and row["m/mood"]["label"] == view["delta1"]["label"]
+        assert abs(row["m/feel"]["score"] - view["delta0"]["score"]) < 1e-5
+    with pytest.raises(ConfigError, match="for_task"):
+        apply_delta(load_base_for(merged).eval(), merged)

@@ -5,6 +5,7 @@ recorded or swapped underlying deltas, sum several sparse deltas and revert to t
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 
 import pytest
@@ -210,3 +211,32 @@ def test_prepare_stack_merges_in_order_and_keeps_the_new_runs_head() -> None:
     assert stack is not None and len(stack.deltas) == 1
     assert max_diff(logits(model, inputs), logits(expected, inputs)) == 0.0
     assert all(torch.equal(model.classifier.state_dict()[k], v) for k, v in head.items())
+
+
+def test_eval_and_predict_of_a_stacked_delta_use_its_underlying_delta(stacked, small_base, tokenizer,
+                                                                        tmp_path) -> None:
+    """``evaluate_delta`` and ``predict`` on B run θ₀ + Δ_A + Δ_B (A from B's provenance), not θ₀ + Δ_B."""
+    from deltatune.api import _eval_task, evaluate_delta
+    from deltatune.prediction import predict
+    from deltatune.train.evaluate import evaluate
+
+    _, a_dir, b_dir, _ = stacked
+    a, b = dt.load_delta(a_dir), dt.load_delta(b_dir)
+    texts = ["a fine film", "dull and slow", "it is what it is"]
+    expected = _classifier(small_base)
+    dt.merge_delta(expected, a, heads=False)
+    dt.apply_delta(expected, b, force=True)
+    want = expected(**_batch(tokenizer)).logits.softmax(-1)
+    data = tmp_path / "in.jsonl"
+    data.write_text("".join(json.dumps({"sentence": t}) + "\n" for t in texts))
+    rows = predict(b_dir, str(data), model=small_base)
+    got = torch.tensor([r["score"] for r in rows])
+    assert max_diff(got, want.max(-1).values) <= 1e-5
+    alone = _classifier(small_base)  # B without A gives other outputs: the test can tell the two apart
+    dt.apply_delta(alone, b)
+    assert max_diff(alone(**_batch(tokenizer)).logits.softmax(-1), want) > 1e-6
+    metrics = evaluate_delta(b_dir, model=small_base, limit=16)["delta"]
+    net = _classifier(small_base)
+    with apply_stacked(net, b):
+        ref = evaluate(net, _eval_task(b, small_base, None, None, 16), 64, torch.device("cpu"))
+    assert metrics == ref
