@@ -20,11 +20,15 @@ import typer
 from rich.console import Console
 from rich.table import Column, Table
 
+from deltatune.commands.compose import compose_command
 from deltatune.commands.compress import compress_command
 from deltatune.commands.failure import report_failure, set_debug
+from deltatune.commands.inspect import inspect_command
 from deltatune.commands.merge import merge_command
 from deltatune.commands.options import NoVerify, Overwrite
 from deltatune.commands.rebase import rebase_command
+from deltatune.commands.search import search_command
+from deltatune.commands.serve import serve_command
 from deltatune.config import brief, read_yaml
 from deltatune.errors import ConfigError
 
@@ -92,24 +96,31 @@ def _train_configs(method: str, config_file: Path | None, flags: dict[str, Any],
 @app.command()
 def train(
     method: Annotated[str, typer.Option(help="sparse, lora or full (see `deltatune methods`)")] = "sparse",
-    task: Annotated[str | None, typer.Option(help="GLUE task name, 'text', 'jsonl', 'classify' or 'regress'")] = None,
+    task: Annotated[str | None, typer.Option(help="GLUE task name, 'text', 'jsonl', 'classify', "
+                                                         "'regress', 'tokens' or 'chat'")] = None,
     model: Annotated[str | None, typer.Option(help="local base-model folder (default: embedded MiniLM)")] = None,
     data: Annotated[str | None, typer.Option(help="GLUE data folder, text/JSONL file, or the training file "
                                                   "(CSV, TSV, JSON, JSONL, Parquet, save_to_disk folder)")] = None,
-    eval_data: Annotated[str | None, typer.Option(help="eval file (default for classify/regress: a seeded "
-                                                       "10% hold-out of --data)")] = None,
-    text_column: Annotated[str | None, typer.Option(help="text column (default 'text')")] = None,
+    eval_data: Annotated[str | None, typer.Option(help="eval file (default for classify, regress and tokens: a "
+                                                       "seeded 10% hold-out of --data)")] = None,
+    text_column: Annotated[str | None, typer.Option(help="text column (default 'text'; tokens: 'tokens', chat: "
+                                                         "'messages')")] = None,
     text_pair_column: Annotated[str | None, typer.Option(help="second text column, for sentence pairs")] = None,
-    label_column: Annotated[str | None, typer.Option(help="label column (default 'label')")] = None,
+    label_column: Annotated[str | None, typer.Option(help="label column (default 'label'; tokens: 'tags')")] = None,
     out_dir: Annotated[str | None, typer.Option("--out", help="output folder")] = None,
     steps: Annotated[int | None, typer.Option(help="optimizer steps")] = None,
     lr: Annotated[float | None, typer.Option(help="peak learning rate")] = None,
+    head_lr: Annotated[float | None, typer.Option(help="learning rate of fresh task heads (default: 10 × lr, at "
+                                                       "most 2e-2, never below lr)")] = None,
     batch_size: Annotated[int | None, typer.Option(help="micro-batch size per process")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue from OUT/checkpoint")] = False,
     config: Annotated[Path | None, typer.Option(help="YAML file with train: and method: sections")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="key=value for any train or method field")] = None,
     report_to: Annotated[list[str] | None, typer.Option(help="experiment tracker (repeatable): tensorboard, wandb, "
                                                              "mlflow; OUT/metrics.jsonl is always written")] = None,
+    on: Annotated[list[str] | None, typer.Option("--on", help="delta folder to train on top of (repeatable): "
+                                                             "merged into the base first, recorded with its digest")]
+    = None,
     overwrite: Overwrite = False,
 ) -> None:
     """Train a delta; writes OUT/delta (final), OUT/best (best eval), OUT/checkpoint (resume) and
@@ -118,8 +129,8 @@ def train(
 
     flags = {"task": task, "model": model, "data": data, "eval_data": eval_data, "text_column": text_column,
              "text_pair_column": text_pair_column, "label_column": label_column, "out_dir": out_dir,
-             "max_steps": steps, "lr": lr, "batch_size": batch_size, "resume": resume or None,
-             "overwrite": overwrite or None, "report_to": report_to or None}
+             "max_steps": steps, "lr": lr, "head_lr": head_lr, "batch_size": batch_size, "resume": resume or None,
+             "overwrite": overwrite or None, "report_to": report_to or None, "on": on or None}
     train_cfg, method_cfg = _train_configs(method, config, flags, set_ or [])
     result = run(train_cfg, method_cfg)
     _end_process_group()
@@ -157,7 +168,8 @@ def eval_(
 ) -> None:
     """Evaluate base + delta on the task's dev data with its official metric (a NaN metric is an error).
 
-    For a classify/regress delta, --data is the file to evaluate; task, columns and label map are as trained."""
+    For a classify, regress, tokens or chat delta, --data is the file to evaluate; task, columns and label map are
+    as trained."""
     from deltatune.api import evaluate_delta
 
     results = evaluate_delta(delta, model=model, task=task, data=data, limit=limit, with_base=base, verify=verify)
@@ -218,6 +230,12 @@ def generate(
     seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
     stop: Annotated[list[str] | None, typer.Option(help="stop string (repeatable); the text ends before it")] = None,
     model: Annotated[str | None, typer.Option(help="base-model folder (default: as trained)")] = None,
+    proxy_tuned: Annotated[list[str] | None, typer.Option(
+        "--proxy-tuned", help="proxy tuning: a delta over a small base (repeatable, EFT); steers the large model "
+                              "(the deltas' base or --model) by small tuned − small base")] = None,
+    proxy_base: Annotated[str | None, typer.Option(help="the small base folder (default: as trained)")] = None,
+    proxy_scale: Annotated[list[float] | None, typer.Option(help="α per --proxy-tuned (default 1.0)")] = None,
+    proxy_mode: Annotated[str, typer.Option(help="logits (proxy tuning) or logprobs (EFT)")] = "logits",
     verify: NoVerify = True,
 ) -> None:
     """Continue prompts with causal-LM deltas (one JSON line per prompt; a single prompt and delta streams its
@@ -231,11 +249,19 @@ def generate(
             texts += [line for line in prompts.read_text(encoding="utf-8").splitlines() if line.strip()]
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{prompts}: cannot read the prompts ({str(exc)[:80]})") from None
-    if not deltas or not texts:
-        raise ConfigError("generate needs a delta folder (argument or --delta) and --prompt or --prompts FILE")
-    single = len(deltas) == 1 and len(texts) == 1
+    proxy = None
+    if proxy_tuned:
+        from deltatune.config import parse_config
+        from deltatune.proxy import ProxyConfig
+
+        proxy = parse_config(ProxyConfig, {"tuned": proxy_tuned, "scale": proxy_scale or [1.0], "base": proxy_base,
+                                           "mode": proxy_mode}, "proxy")
+    if not (deltas or (proxy and model)) or not texts:
+        raise ConfigError("generate needs a delta folder (argument or --delta; with --proxy-tuned, --model will do) "
+                          "and --prompt or --prompts FILE")
+    single = len(deltas) <= 1 and len(texts) == 1
     rows = run_generate(deltas, texts, model=model, max_new_tokens=max_new_tokens, temperature=temperature,
-                        top_p=top_p, top_k=top_k, seed=seed, stop=stop or (), verify=verify,
+                        top_p=top_p, top_k=top_k, seed=seed, stop=stop or (), verify=verify, proxy=proxy,
                         stream=(lambda piece: print(piece, end="", flush=True)) if single else None)
     if single:
         print()
@@ -336,6 +362,10 @@ def methods() -> None:
 app.command("compress")(compress_command)
 app.command("merge")(merge_command)
 app.command("rebase")(rebase_command)
+app.command("serve")(serve_command)
+app.command("compose")(compose_command)
+app.command("inspect")(inspect_command)
+app.command("search")(search_command)
 
 
 def main() -> None:

@@ -60,15 +60,17 @@ class _Stream:
 def generate(deltas: Sequence[Delta | str | Path] | Delta | str | Path, prompts: Sequence[str] | str,
              model: str | None = None, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
              top_k: int = 0, seed: int = 0, stop: Sequence[str] = (), stream: Callable[[str], None] | None = None,
-             verify: bool = True) -> list[dict[str, Any]]:
+             verify: bool = True, proxy: Any | None = None) -> list[dict[str, Any]]:
     """Continue each prompt with each delta.  Returns one dict per prompt: ``{"prompt", "text"}`` for one delta,
-    or ``{"prompt", <delta name>: text, …}`` for several."""
+    or ``{"prompt", <delta name>: text, …}`` for several.  ``proxy`` (a :class:`deltatune.proxy.ProxyConfig`)
+    steers every row with small proxy models (proxy tuning / EFT); then ``deltas`` may be empty and ``model``
+    names the large base."""
     from transformers import AutoTokenizer
 
     items = list(deltas) if isinstance(deltas, (list, tuple)) else [deltas]
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    if not items or not prompts:
-        raise ConfigError("generate needs at least one delta and one prompt")
+    if (not items and (proxy is None or model is None)) or not prompts:
+        raise ConfigError("generate needs at least one delta (or, with proxy tuning, --model) and one prompt")
     if max_new_tokens < 1 or temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
         raise ConfigError(f"generate needs max_new_tokens ≥ 1, temperature ≥ 0, 0 < top_p ≤ 1 and top_k ≥ 0; got "
                           f"{max_new_tokens}, {temperature}, {top_p}, {top_k}")
@@ -80,8 +82,8 @@ def generate(deltas: Sequence[Delta | str | Path] | Delta | str | Path, prompts:
         if d.heads:
             raise ConfigError(f"{item}: the delta has a task head ({sorted(d.heads)}); generate needs a causal-LM "
                               "delta (use predict for classifiers)")
-    path = base_model_path(loaded[0], model)
-    net = load_base_for(loaded[0], path).eval()
+    path = base_model_path(loaded[0], model) if loaded else str(model)
+    net = load_base_for(loaded[0], path).eval() if loaded else _plain_lm(path)
     if not (hasattr(net, "can_generate") and net.can_generate()):
         raise ConfigError(f"{path}: not a causal language model ({type(net).__name__}); generate needs one")
     for name, d, item in zip(names, loaded, items, strict=True):
@@ -90,7 +92,7 @@ def generate(deltas: Sequence[Delta | str | Path] | Delta | str | Path, prompts:
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    rows = [(i, j) for i in range(len(prompts)) for j in range(len(items))]
+    rows = [(i, j) for i in range(len(prompts)) for j in range(max(1, len(items)))]
     encoded = tokenizer([prompts[i] for i, _ in rows], return_tensors="pt", padding=True)
     batch = {k: encoded[k] for k in ("input_ids", "attention_mask")}  # no token types for a decoder
     sampling = temperature > 0
@@ -102,12 +104,25 @@ def generate(deltas: Sequence[Delta | str | Path] | Delta | str | Path, prompts:
         options.update(stop_strings=list(stop), tokenizer=tokenizer)
     if stream is not None and len(rows) == 1:
         options["streamer"] = _Stream(tokenizer, int(batch["input_ids"].shape[1]), stream, stop)
+    if proxy is not None:  # the large model's logits steered by small tuned − small base (deltatune.proxy)
+        from transformers import LogitsProcessorList
+
+        from deltatune.proxy import proxy_processor
+
+        options["logits_processor"] = LogitsProcessorList([proxy_processor(
+            proxy, net, tokenizer, path, batch["attention_mask"], verify)])
     torch.manual_seed(seed)
-    with torch.no_grad(), mixed_batch(net, [names[j] for _, j in rows]):
+    with torch.no_grad(), mixed_batch(net, [names[j] if items else None for _, j in rows]):
         out = net.generate(**batch, **options)
     new = out[:, batch["input_ids"].shape[1]:]
     texts = [cut_at_stop(tokenizer.decode(t, skip_special_tokens=True), stop) for t in new]
     results: list[dict[str, Any]] = [{"prompt": p} for p in prompts]
     for (i, j), text in zip(rows, texts, strict=True):
-        results[i]["text" if len(items) == 1 else names[j]] = text
+        results[i]["text" if len(items) <= 1 else names[j]] = text
     return results
+
+
+def _plain_lm(path: str) -> torch.nn.Module:
+    from deltatune.proxy import load_plain_lm
+
+    return load_plain_lm(path)

@@ -1,0 +1,1 @@
+"""``deltatune search``: multi-objective configuration search (metric vs trainable parameters) with optuna."""
