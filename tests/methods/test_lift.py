@@ -161,8 +161,8 @@ def test_trained_delta_roundtrips_and_its_size_on_disk_is_exact(tmp_path):
     path = deltatune.save_delta(delta, tmp_path / "d")
     raw = (path / PARTS_FILE).read_bytes()
     header = struct.unpack("<Q", raw[:8])[0]
-    assert len(raw) - 8 - header == delta.nbytes == sum(p.indices.numel() * (8 + 4) for p in delta.parts.values())
-    assert all(v["dtype"] in ("I64", "F32") for k, v in json.loads(raw[8:8 + header]).items() if k != "__metadata__")
+    assert len(raw) - 8 - header == delta.nbytes == sum(p.indices.numel() * (4 + 4) for p in delta.parts.values())
+    assert all(v["dtype"] in ("I32", "F32") for k, v in json.loads(raw[8:8 + header]).items() if k != "__metadata__")
     fresh = TINY_MODELS["gpt2"]()
     deltatune.apply_delta(fresh, deltatune.load_delta(path))
     assert max_diff(logits(fresh, tiny_inputs("gpt2")), logits(model.eval(), tiny_inputs("gpt2"))) <= 1e-5

@@ -333,7 +333,7 @@ def test_delta_file_with_bad_sparse_indices(tmp_path, indices) -> None:
 
     path = _save("delta", _delta(), tmp_path / "d")
     tensors = load_file(str(path / "parts.safetensors"))
-    tensors[f"{SPARSE}::indices"] = torch.tensor(indices)
+    tensors[f"{SPARSE}::indices"] = torch.tensor(indices, dtype=tensors[f"{SPARSE}::indices"].dtype)
     save_file(tensors, str(path / "parts.safetensors"))
     with pytest.raises(IntegrityError):
         load_delta(path)

@@ -218,7 +218,9 @@ def save_compact(delta: Delta, path: str | Path, overwrite: bool = False) -> Com
     digested: dict[str, Tensor] = {}
     for name, part in delta.parts.items():
         state = {k: v.detach().to("cpu").contiguous() for k, v in part.state().items()}
-        digested.update({digest_key("parts", name, k): _signless_zeros(v) for k, v in state.items()})
+        index_names = {iname for iname, _ in part.index_layout().values()}  # decoded as int64 (int32 in memory)
+        digested.update({digest_key("parts", name, k): v.long() if k in index_names else _signless_zeros(v)
+                         for k, v in state.items()})
         prepare_tensors({k: state[k] for k in state}, f"{path}: part {name!r}")
         tensors = _encode_part(name, part, state, blobs)
         parts[name] = {"kind": part.kind, "meta": part.meta(), "tensors": tensors}

@@ -4,6 +4,10 @@
 forward runs the module with ``θ + Δθ`` through ``torch.func.functional_call``, so it works for any
 module type and the base tensors stay untouched.  A full fine-tuned checkpoint is this part on
 every module (``checkpoint − base``).
+
+On ``nn.Linear`` and GPT-2 ``Conv1D`` the weight goes through :class:`_DenseLinearFunction`, which forms
+``W + ΔW`` transiently in the forward and again in the backward instead of keeping the sum alive for the
+backward (autograd through ``W + ΔW`` would save that copy for every module until its backward runs).
 """
 
 from __future__ import annotations
@@ -16,11 +20,47 @@ from torch.func import functional_call
 
 from deltatune.errors import DeltaFormatError, ShapeMismatch
 from deltatune.parts.base import Part
+from deltatune.parts.layers import LayerKind, input_grad, layer_kind, weight_grad
 from deltatune.parts.meta_checks import check_keys, check_shape, check_state, short
 
 
 def _key(name: str) -> str:
     return name.replace(".", "__")
+
+
+class _DenseLinearFunction(torch.autograd.Function):
+    """``y = x·(W + ΔW)ᵀ + b`` (Linear; ``x·(W + ΔW) + b`` for Conv1D) saving ``x``, ``W`` and ``ΔW`` by reference.
+
+    Backward: ``∂L/∂x = g·(W + ΔW)`` (the sum rebuilt, transient), ``∂L/∂ΔW = ∂L/∂W = gᵀx`` (Linear; ``xᵀg``
+    for Conv1D), ``∂L/∂b = Σ_tokens g``.  The same gradients as autograd through the sum; only the copy that
+    autograd would save per module is gone.  Gradients are computed in the weight's dtype (as under autocast
+    the output gradient may be lower precision) and returned in each input's dtype."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, delta: Tensor, weight: Tensor, bias: Tensor | None, kind: LayerKind) -> Tensor:
+        ctx.save_for_backward(x, delta, weight)
+        ctx.kind, ctx.bias_dtype = kind, None if bias is None else bias.dtype
+        w = weight + delta.to(weight.dtype)
+        if kind is LayerKind.LINEAR:
+            return torch.nn.functional.linear(x, w, bias)
+        out = x.reshape(-1, x.shape[-1]) @ w
+        out = out if bias is None else out + bias
+        return out.reshape(*x.shape[:-1], w.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x, delta, weight = ctx.saved_tensors
+        g = grad_out.to(weight.dtype)
+        grad_x = grad_delta = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = input_grad(ctx.kind, g, weight + delta.to(weight.dtype)).to(x.dtype)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            grad_w = weight_grad(ctx.kind, x, g, weight.shape)
+            grad_delta = grad_w.to(delta.dtype) if ctx.needs_input_grad[1] else None
+            grad_weight = grad_w if ctx.needs_input_grad[2] else None
+        if ctx.needs_input_grad[3]:
+            grad_bias = g.reshape(-1, g.shape[-1]).sum(0).to(ctx.bias_dtype)
+        return grad_x, grad_delta, grad_weight, grad_bias, None
 
 
 class DensePart(Part):
@@ -48,6 +88,13 @@ class DensePart(Part):
         return self.deltas[_key(name)]
 
     def forward(self, x: Tensor, base: nn.Module) -> Tensor:
+        kind = layer_kind(base)
+        if kind in (LayerKind.LINEAR, LayerKind.CONV1D) and "weight" in self.shapes and set(self.shapes) <= {
+                "weight", "bias"}:
+            bias = base.bias
+            if bias is not None and "bias" in self.shapes:
+                bias = bias + self.delta_for("bias").to(bias.dtype)
+            return _DenseLinearFunction.apply(x, self.delta_for("weight"), base.weight, bias, kind)
         return self.forward_args(base, x)
 
     def forward_args(self, base: nn.Module, *args: object, **kwargs: object) -> Tensor:

@@ -1,0 +1,138 @@
+"""The sparse backward computes only the k needed weight-gradient entries (SDDMM), equal to the dense reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+import deltatune.parts.sparse as sparse_mod
+from deltatune.parts.layers import LayerKind, weight_grad
+from deltatune.parts.sparse import (
+    SAMPLED_GRAD_MAX_DENSITY,
+    SparsePart,
+    _SparseDeltaFunction,
+    sampled_weight_grad,
+    use_sampled_grad,
+)
+
+
+def _support(numel: int, k: int, seed: int) -> torch.Tensor:
+    return torch.randperm(numel, generator=torch.Generator().manual_seed(seed))[:k].sort().values
+
+
+def _base(kind: LayerKind, d_in: int, d_out: int, dtype: torch.dtype = torch.float32) -> nn.Module:
+    torch.manual_seed(0)
+    module = nn.Linear(d_in, d_out) if kind is LayerKind.LINEAR else Conv1D(d_out, d_in)
+    with torch.no_grad():
+        module.weight.normal_()
+        module.bias.normal_()
+    return module.to(dtype).requires_grad_(False)
+
+
+@pytest.mark.parametrize("kind", [LayerKind.LINEAR, LayerKind.CONV1D])
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_sampled_grad_equals_dense_gather(kind, index_dtype):
+    d_in, d_out, tokens = 24, 40, 37
+    shape = (d_out, d_in) if kind is LayerKind.LINEAR else (d_in, d_out)
+    g = torch.Generator().manual_seed(1)
+    x, grad_out = torch.randn(3, tokens, d_in, generator=g), torch.randn(3, tokens, d_out, generator=g)
+    idx = _support(d_in * d_out, 50, 2).to(index_dtype)
+    got = sampled_weight_grad(kind, x, grad_out, shape, idx)
+    ref = weight_grad(kind, x, grad_out, torch.Size(shape)).reshape(-1)[idx.long()]
+    assert got.dtype == torch.float32 and got.shape == ref.shape
+    assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+    got64 = sampled_weight_grad(kind, x.double(), grad_out.double(), shape, idx)
+    ref64 = weight_grad(kind, x.double(), grad_out.double(), torch.Size(shape)).reshape(-1)[idx.long()]
+    assert got64.dtype == torch.float64 and torch.allclose(got64, ref64, rtol=1e-12, atol=1e-12)
+    # the entries are where they belong: a 1-entry support picks exactly that (r, c) of the dense gradient
+    one = sampled_weight_grad(kind, x, grad_out, shape, idx[7:8])
+    assert torch.allclose(one, ref[7:8], rtol=1e-5, atol=0)
+
+
+def test_embedding_sampled_grad_equals_dense_gather():
+    vocab, dim = 50, 8
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 20, (2, 9), generator=g)  # rows 20..49 are never looked up
+    grad_out = torch.randn(2, 9, dim, generator=g)
+    idx = _support(vocab * dim, 120, 4).to(torch.int32)
+    got = sampled_weight_grad(LayerKind.EMBEDDING, ids, grad_out, (vocab, dim), idx)
+    ref = weight_grad(LayerKind.EMBEDDING, ids, grad_out, torch.Size((vocab, dim))).reshape(-1)[idx.long()]
+    assert torch.allclose(got, ref, rtol=1e-6, atol=1e-7)
+    assert bool((ref == 0).any()) and bool((ref != 0).any())
+
+
+def _values_grad(part: SparsePart, base: nn.Module, x: torch.Tensor, observer, autocast: bool = False) -> torch.Tensor:
+    part.values.grad = None
+    part.grad_observer = observer
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):  # forward only, as in training
+        out = part(x, base)
+    (out * torch.linspace(-1, 1, out.shape[-1], dtype=out.dtype)).sum().backward()
+    return part.values.grad.clone()
+
+
+@pytest.mark.parametrize("kind", [LayerKind.LINEAR, LayerKind.CONV1D])
+def test_part_backward_never_forms_dense_gradient_outside_a_window(kind, monkeypatch):
+    d_in, d_out = 32, 48
+    base = _base(kind, d_in, d_out)
+    part = SparsePart(tuple(base.weight.shape), _support(d_in * d_out, 30, 5), kind)  # density 2 %
+    with torch.no_grad():
+        part.values.normal_()
+    x = torch.randn(4, 6, d_in, requires_grad=True)
+    seen: list[tuple[int, ...]] = []
+    dense = _values_grad(part, base, x, lambda gw: seen.append(tuple(gw.shape)))  # an observer: the dense path
+    assert seen == [tuple(base.weight.shape)]
+
+    def no_dense(*args, **kwargs):
+        raise AssertionError("dense weight gradient formed outside a selection window")
+
+    monkeypatch.setattr(sparse_mod, "weight_grad", no_dense)
+    x.grad = None
+    sampled = _values_grad(part, base, x, None)
+    assert (sampled - dense).abs().max() <= 1e-5 * dense.abs().max()
+    # the reference: autograd through W + scatter(values)
+    vals = part.values.detach().clone().requires_grad_(True)
+    w = base.weight + sparse_mod.scatter_delta(base.weight.shape, part.indices, vals)
+    out = nn.functional.linear(x, w, base.bias) if kind is LayerKind.LINEAR else x @ w + base.bias
+    (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+    assert (sampled - vals.grad).abs().max() <= 1e-5 * vals.grad.abs().max()
+
+
+@pytest.mark.parametrize("kind", [LayerKind.LINEAR, LayerKind.CONV1D])
+def test_gradcheck_float64(kind, monkeypatch):
+    d_in, d_out = 5, 7
+    base = _base(kind, d_in, d_out, torch.float64)
+    idx = _support(d_in * d_out, 6, 6).to(torch.int32)
+    x = torch.randn(2, 3, d_in, dtype=torch.float64, requires_grad=True)
+    values = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    weight = base.weight.detach().clone()
+    fn = lambda x_, v_: _SparseDeltaFunction.apply(x_, v_, idx, weight, base, kind, None)  # noqa: E731
+    monkeypatch.setattr(sparse_mod, "SAMPLED_GRAD_MAX_DENSITY", 1.0)  # 6 of 35 entries: take the sampled path
+    monkeypatch.setattr(sparse_mod, "weight_grad", None)  # … and only that one
+    assert torch.autograd.gradcheck(fn, (x, values), eps=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("kind", [LayerKind.LINEAR, LayerKind.CONV1D])
+def test_bf16_autocast_sampled_equals_dense(kind, monkeypatch):
+    d_in, d_out = 32, 64
+    base = _base(kind, d_in, d_out)
+    part = SparsePart(tuple(base.weight.shape), _support(d_in * d_out, 40, 7), kind)
+    x = torch.randn(3, 5, d_in, requires_grad=True)
+    dense = _values_grad(part, base, x, lambda gw: None, autocast=True)
+    sampled = _values_grad(part, base, x, None, autocast=True)
+    assert sampled.dtype == torch.float32
+    assert (sampled - dense).abs().max() <= 1e-5 * dense.abs().max()
+
+
+def test_dense_path_above_the_density_threshold(monkeypatch):
+    base = _base(LayerKind.LINEAR, 8, 8)
+    assert not use_sampled_grad(LayerKind.LINEAR, 64, 64)
+    assert use_sampled_grad(LayerKind.LINEAR, int(SAMPLED_GRAD_MAX_DENSITY * 6400), 6400)
+    assert use_sampled_grad(LayerKind.EMBEDDING, 64, 64)
+    part = SparsePart((8, 8), torch.arange(64), LayerKind.LINEAR)  # density 1: one matmul beats 64 dot products
+    calls = []
+    monkeypatch.setattr(sparse_mod, "sampled_weight_grad", lambda *a: calls.append(a))
+    x = torch.randn(2, 8)
+    part(x, base).sum().backward()
+    assert not calls and part.values.grad.shape == (64,)
