@@ -11,7 +11,9 @@ Rows per model (every row runs in its own fresh process, same seed, same batches
 * ``full_native``      plain HF full fine-tuning (every parameter trainable), AdamW;
 * ``peft_dora`` / ``deltatune_dora``  DoRA r=8 α=8 on the LoRA targets (PEFT ``use_dora=True``), AdamW;
 * ``peft_ia3`` / ``deltatune_ia3``    (IA)³ on the model type's default targets (keys, values, FFN down
-                       projection; the same for both), AdamW.
+                       projection; the same for both), AdamW;
+* ``deltatune_s2ft``   S2FT at LoRA's trainable count (attention-output heads and FFN-down channels), AdamW;
+* ``deltatune_lisa``   LISA, γ = 2 blocks re-drawn every 20 steps, plus everything outside the blocks, AdamW.
 
 ``step_vs_peft_same`` / ``peak_vs_peft_same`` compare a deltatune row with PEFT's row of the same method
 (``deltatune_lora`` with ``peft_lora``, ``deltatune_dora`` with ``peft_dora``, ``deltatune_ia3`` with ``peft_ia3``).
@@ -47,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import PeakMemory, StepTimer, machine_meta, ratio, run_lockstep, write_report  # noqa: E402
 
 CONFIGS = ("peft_lora", "deltatune_lora", "deltatune_sparse", "deltatune_full", "full_native",
-           "peft_dora", "deltatune_dora", "peft_ia3", "deltatune_ia3")
+           "peft_dora", "deltatune_dora", "peft_ia3", "deltatune_ia3", "deltatune_s2ft", "deltatune_lisa")
 COLUMNS = ("name", "model", "step_s", "step_mean_s", "peak_mb", "trainable", "dev_metric",
            "step_vs_peft_lora", "peak_vs_peft_lora", "step_vs_peft_same", "peak_vs_peft_same", "device")
 #: the PEFT row a deltatune row is compared with (same method)
@@ -152,6 +154,7 @@ def setup(name: str, model, targets: list[str], heads: list[str], lrs: dict[str,
     import torch
 
     from deltatune import FullConfig, LoRAConfig, SparseConfig, attach, get_method, make_config
+    from deltatune.methods.s2ft import budget_config
     from deltatune.model import trainable_parameters
 
     lora_count = sum(RANK * (m.in_features + m.out_features) for m in map(model.get_submodule, targets))
@@ -177,6 +180,8 @@ def setup(name: str, model, targets: list[str], heads: list[str], lrs: dict[str,
         "deltatune_full": (lambda: FullConfig(), lrs["full"]),
         "deltatune_dora": (lambda: make_config("dora", {"r": RANK, "alpha": RANK, "targets": targets}), lrs["lora"]),
         "deltatune_ia3": (lambda: make_config("ia3", {}), lrs["ia3"]),  # the model type's default targets
+        "deltatune_s2ft": (lambda: budget_config(model, lora_count), lrs["sparse"]),  # LoRA's trainable count
+        "deltatune_lisa": (lambda: make_config("lisa", {"layers": 2}), lrs["full"]),  # γ = 2 blocks + outside
     }[name]
     config = config()
     delta = attach(model, config)
