@@ -126,3 +126,18 @@ def base_state(model, heads):
     from deltatune.fingerprint import base_parameters
 
     return {n: p.detach().clone() for n, p in base_parameters(model, heads)}
+
+
+def hooked_steps(model, opt, hooks, inputs, start: int, stop: int, observe=None) -> None:
+    """Optimizer steps ``start … stop-1`` as the training loop takes them: every hook's ``before_step``, forward
+    and backward, ``step``, ``zero_grad``, ``observe(step + 1)`` when given, every hook's ``after_step``."""
+    for step in range(start, stop):
+        for h in hooks:
+            h.before_step(step)
+        model(**inputs).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if observe is not None:
+            observe(step + 1)
+        for h in hooks:
+            h.after_step(step + 1)

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from conftest import TINY_MODELS, logits, max_diff, randomize_delta, tiny_inputs
+from conftest import TINY_MODELS, hooked_steps, logits, max_diff, randomize_delta, tiny_inputs
 
 import deltatune
 from deltatune.algebra.sum_deltas import compose_deltas
@@ -27,14 +27,7 @@ def _train(model, delta, config, inputs, steps=3, lr=1e-2):
     opt = method.optimizer([p for p in model.parameters() if p.requires_grad], lr, 0.0, config)
     hooks = method.hooks(model, delta, config, opt, steps, 1)
     model.train()
-    for step in range(steps):
-        for h in hooks:
-            h.before_step(step)
-        model(**inputs).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        for h in hooks:
-            h.after_step(step + 1)
+    hooked_steps(model, opt, hooks, inputs, 0, steps)
     model.eval()
     return opt
 

@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from conftest import TINY_MODELS, logits, max_diff, randomize_delta, tiny_inputs
+from conftest import TINY_MODELS, hooked_steps, logits, max_diff, randomize_delta, tiny_inputs
 
 import deltatune
 from deltatune.errors import ConfigError
@@ -33,13 +33,7 @@ def _hooked(arch: str, config: HFTConfig, lr: float = 1e-2, weight_decay: float 
 
 def _step(model, delta, opt, hooks, step: int, inputs) -> None:
     model.train()
-    for h in hooks:
-        h.before_step(step)
-    model(**inputs).loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    for h in hooks:
-        h.after_step(step + 1)
+    hooked_steps(model, opt, hooks, inputs, step, step + 1)
 
 
 def _snapshot(delta) -> dict[str, dict[str, torch.Tensor]]:

@@ -9,7 +9,7 @@ import struct
 
 import pytest
 import torch
-from conftest import TINY_MODELS, logits, max_diff, tiny_inputs
+from conftest import TINY_MODELS, hooked_steps, logits, max_diff, tiny_inputs
 from torch import nn
 
 import deltatune
@@ -78,14 +78,8 @@ def _trained(steps: int, interval: int, wd: float = 0.0, lr: float = 5e-2, arch:
     model.train()
 
     def run(n: int, start: int) -> None:
-        for step in range(start, start + n):
-            for h in hooks:
-                h.before_step(step)
-            model(**inputs).loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            for h in hooks:
-                h.after_step(step + 1)
+        hooked_steps(model, opt, hooks, inputs, start, start + n)
+
     run(steps, 0)
     return model, delta, opt, hooks, run
 

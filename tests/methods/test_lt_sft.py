@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from conftest import TINY_MODELS, base_state, logits, max_diff, tiny_inputs
+from conftest import TINY_MODELS, base_state, hooked_steps, logits, max_diff, tiny_inputs
 
 import deltatune
 from deltatune.errors import ConfigError
@@ -25,16 +25,7 @@ def _run(model, delta, config, inputs, steps, total, weight_decay=0.0, observe=N
     opt = method.optimizer([p for p in model.parameters() if p.requires_grad], 1e-2, weight_decay, config)
     hooks = method.hooks(model, delta, config, opt, total, 1)
     model.train()
-    for step in range(steps):
-        for h in hooks:
-            h.before_step(step)
-        model(**inputs).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if observe is not None:
-            observe(step + 1)
-        for h in hooks:
-            h.after_step(step + 1)
+    hooked_steps(model, opt, hooks, inputs, 0, steps, observe)
     model.eval()
     return opt, hooks
 
@@ -130,14 +121,7 @@ def _run_rest(model, delta, opt, hooks, inputs, start, stop, weight_decay):
     for g in opt.param_groups:
         g["weight_decay"] = weight_decay
     model.train()
-    for step in range(start, stop):
-        for h in hooks:
-            h.before_step(step)
-        model(**inputs).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        for h in hooks:
-            h.after_step(step + 1)
+    hooked_steps(model, opt, hooks, inputs, start, stop)
     model.eval()
 
 
