@@ -186,12 +186,8 @@ def build_chat_task(cfg: Any, tokenizer: Any, pad_id: int, recorded: dict[str, A
         if recorded is not None:
             train = None
         else:
-            _say(f"held out {len(dev)} of {len(every)} conversations of {cfg.data} for evaluation "
-                 f"({user_data.HOLDOUT_FRACTION:.0%}, seed {cfg.seed}); pass --eval-data to use a file instead")
-    if train is not None and cfg.train_limit:
-        train = train.select(range(min(cfg.train_limit, len(train))))
-    if cfg.eval_limit:
-        dev = dev.select(range(min(cfg.eval_limit, len(dev))))
+            _say(user_data.held_out_note(len(dev), len(every), "conversations", cfg))
+    train, dev = user_data.limited(train, cfg.train_limit), user_data.limited(dev, cfg.eval_limit)
     path = cfg.model_path
 
     def load() -> Any:

@@ -132,10 +132,7 @@ def _lm_task(cfg: TrainConfig, tokenizer: Any, pad_id: int, load: Callable[[], n
     else:
         train = text.instruction_pairs(Path(cfg.data), tokenizer, cfg.max_length)
         dev = text.instruction_pairs(Path(cfg.eval_data), tokenizer, cfg.max_length) if cfg.eval_data else None
-    if train is not None and cfg.train_limit:
-        train = train.select(range(min(cfg.train_limit, len(train))))
-    if dev is not None and cfg.eval_limit:
-        dev = dev.select(range(min(cfg.eval_limit, len(dev))))
+    train, dev = user_data.limited(train, cfg.train_limit), user_data.limited(dev, cfg.eval_limit)
 
     def score(_preds: np.ndarray, _labels: np.ndarray, loss: float) -> dict[str, float]:
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
@@ -180,12 +177,8 @@ def _user_task(cfg: TrainConfig, tokenizer: Any, pad_id: int, recorded: dict[str
         if recorded is not None:
             train = None  # evaluating a delta: only the held-out rows are needed
         else:
-            _say(f"held out {len(dev)} of {len(train) + len(dev)} rows of {cfg.data} for evaluation "
-                 f"({user_data.HOLDOUT_FRACTION:.0%}, seed {cfg.seed}); pass --eval-data to use a file instead")
-    if train is not None and cfg.train_limit:
-        train = train.select(range(min(cfg.train_limit, len(train))))
-    if cfg.eval_limit:
-        dev = dev.select(range(min(cfg.eval_limit, len(dev))))
+            _say(user_data.held_out_note(len(dev), len(train) + len(dev), "rows", cfg))
+    train, dev = user_data.limited(train, cfg.train_limit), user_data.limited(dev, cfg.eval_limit)
     dev = glue.tokenize_pairs(dev, tokenizer, cfg.max_length)
     train = dev if train is None else glue.tokenize_pairs(train, tokenizer, cfg.max_length)
     names = [str(n) for n in info.label_names] if info.label_names is not None else None

@@ -307,8 +307,7 @@ def build_tokens_task(cfg: Any, tokenizer: Any, pad_id: int, recorded: dict[str,
         dev_rows = every.subset(list(held["i"]))
         train_rows = None if recorded is not None else every.subset(list(kept["i"]))
         if recorded is None:
-            _say(f"held out {len(dev_rows)} of {len(every)} sentences of {cfg.data} for evaluation "
-                 f"({user_data.HOLDOUT_FRACTION:.0%}, seed {cfg.seed}); pass --eval-data to use a file instead")
+            _say(user_data.held_out_note(len(dev_rows), len(every), "sentences", cfg))
     if train_rows is not None and cfg.train_limit:
         train_rows = train_rows.subset(list(range(min(cfg.train_limit, len(train_rows)))))
     if cfg.eval_limit:

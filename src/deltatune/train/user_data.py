@@ -228,3 +228,16 @@ def hold_out(examples: datasets.Dataset, seed: int, where: str) -> tuple[dataset
     n_eval = min(n - 1, max(1, round(HOLDOUT_FRACTION * n)))
     parts = examples.train_test_split(test_size=n_eval, seed=seed, shuffle=True)
     return parts["train"], parts["test"]
+
+
+def limited(rows: datasets.Dataset | None, limit: int | None) -> datasets.Dataset | None:
+    """The first ``limit`` rows of ``rows`` (``train_limit``/``eval_limit``); all of them without a limit."""
+    if rows is None or not limit:
+        return rows
+    return rows.select(range(min(limit, len(rows))))
+
+
+def held_out_note(held: int, total: int, unit: str, cfg: Any) -> str:
+    """The line a run prints when it evaluates on a seeded hold-out of ``cfg.data`` rather than ``--eval-data``."""
+    return (f"held out {held} of {total} {unit} of {cfg.data} for evaluation ({HOLDOUT_FRACTION:.0%}, seed "
+            f"{cfg.seed}); pass --eval-data to use a file instead")
