@@ -18,7 +18,11 @@ from torch import nn
 from deltatune.config import require
 from deltatune.errors import TargetError
 from deltatune.methods.registry import Method, register_method
-from deltatune.methods.targets import modules_with_parameters, output_layer_names, pattern_matches, summarise_names
+from deltatune.methods.targets import (
+    modules_with_parameters,
+    narrow_names,
+    output_layer_names,
+)
 from deltatune.model import get_module
 from deltatune.parts.bias import BiasPart, has_bias, output_features
 from deltatune.parts.layers import LayerKind, layer_kind
@@ -65,12 +69,7 @@ class BitFit(Method):
         if not names:
             raise TargetError("bitfit: the model has no module with a bias (set add_missing=true to add biases to "
                               "its Linear layers)")
-        if config.targets != ["all"]:
-            for pattern in config.targets:
-                if not any(pattern_matches(pattern, n) for n in names):
-                    raise TargetError(f"bitfit target pattern {pattern!r} matched no module with a bias. "
-                                      f"Available: {summarise_names(names)}")
-            names = [n for n in names if any(pattern_matches(p, n) for p in config.targets)]
+        names = narrow_names(names, config.targets, "module with a bias", who="bitfit target")
         parts = {}
         for name in names:
             module = get_module(model, name)

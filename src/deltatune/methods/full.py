@@ -12,9 +12,8 @@ from typing import ClassVar
 from torch import nn
 
 from deltatune.config import require
-from deltatune.errors import TargetError
 from deltatune.methods.registry import Method, register_method
-from deltatune.methods.targets import modules_with_parameters, pattern_matches, summarise_names
+from deltatune.methods.targets import modules_with_parameters, narrow_names
 from deltatune.model import get_module
 from deltatune.parts.dense import DensePart
 
@@ -40,12 +39,7 @@ class Full(Method):
 
     def create_parts(self, model: nn.Module, config: FullConfig, exclude: list[str]) -> dict[str, DensePart]:
         names = modules_with_parameters(model, exclude)
-        if config.targets != ["all"]:
-            for pattern in config.targets:
-                if not any(pattern_matches(pattern, n) for n in names):
-                    raise TargetError(f"target pattern {pattern!r} matched no module with parameters. "
-                                      f"Available: {summarise_names(names)}")
-            names = [n for n in names if any(pattern_matches(p, n) for p in config.targets)]
+        names = narrow_names(names, config.targets, "module with parameters")
         parts, seen = {}, set()
         for n in names:
             module = get_module(model, n)

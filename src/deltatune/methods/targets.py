@@ -153,3 +153,14 @@ def modules_with_parameters(model: nn.Module, exclude: Iterable[str] = ()) -> li
     exclude = list(exclude)
     return [n for n, m in logical_modules(model)
             if n and any(True for _ in m.parameters(recurse=False)) and not _excluded(n, exclude)]
+
+
+def narrow_names(names: list[str], patterns: Sequence[str], what: str, who: str = "target") -> list[str]:
+    """The ``names`` matching any of ``patterns`` (``["all"]``: every name); a pattern matching none raises
+    :class:`TargetError` naming it and listing ``names`` (``what`` says what they are, e.g. "module with a bias")."""
+    if list(patterns) == ["all"]:
+        return names
+    for pattern in patterns:
+        if not any(pattern_matches(pattern, n) for n in names):
+            raise TargetError(f"{who} pattern {pattern!r} matched no {what}. Available: {summarise_names(names)}")
+    return [n for n in names if any(pattern_matches(p, n) for p in patterns)]
