@@ -39,6 +39,7 @@ from transformers import DynamicCache
 from deltatune.config import require
 from deltatune.model import detach
 from deltatune.routing import Routing, routed
+from deltatune.serve.encode import encode_group, row_routing
 from deltatune.serve.errors import BadRequest, EngineStopped
 from deltatune.serve.kv import BatchKV
 from deltatune.serve.requests import EncodeRequest, EncodeResult, GenerateRequest, Output, TokenLogprob
@@ -77,12 +78,6 @@ class _Seq:
     @property
     def params(self) -> SamplingParams:
         return self.req.params
-
-
-def _routing(keys: list[str | None]) -> Routing | None:
-    """The per-row routing of a batch; ``None`` when every row is on the bare base: deltas are attached inactive,
-    so an unrouted forward runs the base modules alone and a base row costs nothing extra."""
-    return None if all(k is None for k in keys) else Routing.per_row(keys)
 
 
 def eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
@@ -309,7 +304,7 @@ class Engine:
 
     def _decode(self) -> None:
         if self._routing_version != self.store.version:
-            self._routing = _routing([s.lease.key for s in self._running])
+            self._routing = row_routing([s.lease.key for s in self._running])
             self._routing_version = self.store.version
         device = self._device()
         tokens = torch.tensor([[s.generated[-1]] for s in self._running], device=device)
@@ -346,7 +341,7 @@ class Engine:
             prompt, start = seq.req.prompt_ids, seq.pos
             if seq.cache is None:
                 seq.cache = DynamicCache(config=self.model.config)
-            with routed(_routing([seq.lease.key])):
+            with routed(row_routing([seq.lease.key])):
                 logits = self.model(input_ids=torch.tensor([prompt[start:start + n]], device=device),
                                     attention_mask=torch.ones(1, start + n, dtype=torch.long, device=device),
                                     position_ids=torch.arange(start, start + n, device=device)[None],
@@ -374,7 +369,7 @@ class Engine:
             mask[i, width - n:] = 1
             positions[i, width - n:] = torch.arange(n)
         cache = DynamicCache(config=self.model.config)
-        with routed(_routing([s.lease.key for s in seqs])):
+        with routed(row_routing([s.lease.key for s in seqs])):
             logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device),
                                 position_ids=positions.to(device), cache=cache, use_cache=True,
                                 logits_to_keep=1).logits[:, -1].float().cpu()
@@ -456,7 +451,9 @@ class Engine:
             if not group:
                 continue
             try:
-                results = self._encode_group(task, group)
+                pad = getattr(self.tokenizer, "pad_token_id", None) or 0
+                results = encode_group(self.model, pad, self._device(), task,
+                                       [(r, lease.key) for r, lease in group])
             except Exception as exc:  # noqa: BLE001 - the group's requests fail, the server goes on
                 results = [EncodeResult(r.request_id, error=f"{type(exc).__name__}: {exc}") for r, _ in group]
             for (req, lease), result in zip(group, results, strict=True):
@@ -465,33 +462,6 @@ class Engine:
                     self._inflight.discard(req.request_id)
                 if req.sink is not None:
                     req.sink(result)
-
-    def _encode_group(self, task: str, group: list[tuple[EncodeRequest, Lease]]) -> list[EncodeResult]:
-        device = self._device()
-        width = max(len(r.input_ids) for r, _ in group)
-        pad = getattr(self.tokenizer, "pad_token_id", None) or 0
-        ids = torch.full((len(group), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(group), width), dtype=torch.long)
-        types = torch.zeros((len(group), width), dtype=torch.long)
-        for i, (r, _) in enumerate(group):
-            ids[i, :len(r.input_ids)] = torch.tensor(r.input_ids)
-            mask[i, :len(r.input_ids)] = 1
-            if r.token_type_ids:
-                types[i, :len(r.token_type_ids)] = torch.tensor(r.token_type_ids)
-        kwargs: dict[str, Any] = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
-        if any(r.token_type_ids for r, _ in group):
-            kwargs["token_type_ids"] = types.to(device)
-        with routed(_routing([lease.key for _, lease in group])):
-            out = self.model(**kwargs, output_hidden_states=task == "embed")
-        if task == "classify":
-            probs = out.logits.float().softmax(-1).cpu()
-            return [EncodeResult(r.request_id, probs=probs[i].tolist(), tokens=len(r.input_ids))
-                    for i, (r, _) in enumerate(group)]
-        hidden = out.hidden_states[-1].float().cpu()
-        weights = mask[..., None].float()
-        pooled = torch.nn.functional.normalize((hidden * weights).sum(1) / weights.sum(1), dim=-1)
-        return [EncodeResult(r.request_id, embedding=pooled[i].tolist(), tokens=len(r.input_ids))
-                for i, (r, _) in enumerate(group)]
 
     # --- convenience ---------------------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Sequence[int]], deltas: Sequence[str | None],

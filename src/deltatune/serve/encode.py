@@ -1,0 +1,48 @@
+"""Encoder requests of the serving engine: one padded forward for a group of embedding or classification
+requests, each row routed to its own delta (and task head)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from deltatune.routing import Routing, routed
+from deltatune.serve.requests import EncodeRequest, EncodeResult
+
+
+def row_routing(keys: Sequence[str | None]) -> Routing | None:
+    """The per-row routing of a batch; ``None`` when every row is on the bare base: deltas are attached inactive,
+    so an unrouted forward runs the base modules alone and a base row costs nothing extra."""
+    return None if all(k is None for k in keys) else Routing.per_row(list(keys))
+
+
+@torch.no_grad()
+def encode_group(model: nn.Module, pad_id: int, device: torch.device, task: str,
+                 group: Sequence[tuple[EncodeRequest, str | None]]) -> list[EncodeResult]:
+    """``task`` "classify": the softmax of each row's logits; "embed": the mean of the last hidden states over the
+    row's tokens, L2-normalised.  ``group`` pairs each request with its delta key (``None``: the base)."""
+    width = max(len(r.input_ids) for r, _ in group)
+    ids = torch.full((len(group), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(group), width), dtype=torch.long)
+    types = torch.zeros((len(group), width), dtype=torch.long)
+    for i, (r, _) in enumerate(group):
+        ids[i, :len(r.input_ids)] = torch.tensor(r.input_ids)
+        mask[i, :len(r.input_ids)] = 1
+        if r.token_type_ids:
+            types[i, :len(r.token_type_ids)] = torch.tensor(r.token_type_ids)
+    kwargs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+    if any(r.token_type_ids for r, _ in group):
+        kwargs["token_type_ids"] = types.to(device)
+    with routed(row_routing([key for _, key in group])):
+        out = model(**kwargs, output_hidden_states=task == "embed")
+    if task == "classify":
+        probs = out.logits.float().softmax(-1).cpu()
+        return [EncodeResult(r.request_id, probs=probs[i].tolist(), tokens=len(r.input_ids))
+                for i, (r, _) in enumerate(group)]
+    hidden = out.hidden_states[-1].float().cpu()
+    weights = mask[..., None].float()
+    pooled = torch.nn.functional.normalize((hidden * weights).sum(1) / weights.sum(1), dim=-1)
+    return [EncodeResult(r.request_id, embedding=pooled[i].tolist(), tokens=len(r.input_ids))
+            for i, (r, _) in enumerate(group)]
