@@ -1,8 +1,10 @@
 """Does ``deltatune search`` find a configuration at ≤ LoRA r=8's parameter count that beats LoRA r=8 on MiniLM/MRPC?
 
 1. Search (20 trials by default) over the registered PEFT methods with their default budgets, layers
-   {all, top:3, bottom:3} and modules {method default, [query, value]}; every trial trains ``--steps`` steps and is
-   scored on the FIRST half of the MRPC dev rows (``eval_limit``), pruned by optuna's median pruner.
+   {all, top:3, bottom:3} and modules {method default, [query, value]}, restricted to configurations with at most
+   LoRA r=8's trainable parameters (``max_params``; draws above it train nothing and do not count); every trial
+   trains ``--steps`` steps and is scored on the FIRST half of the MRPC dev rows (``eval_limit``),
+   pruned by optuna's median pruner.
 2. Retrain LoRA r=8 and every front configuration with at most LoRA r=8's trainable parameters (``--seeds``
    seeds each) and score their final deltas on the SECOND half of the dev rows, which the search never saw.
 3. Write ``--report`` (JSON): the front, the winner, its parameter count and cost (search wall time).
@@ -77,16 +79,16 @@ def main() -> None:
     from deltatune.methods.registry import METHODS, get_method
 
     get_method("lora")
+    probe = parse_config(TrainConfig, {**train_map, "out_dir": "/tmp/unused"}, "probe")
+    lora8 = Resolver(build_task(probe).load_model()).resolve("lora", {"r": 8}, "all", "default")
     space = parse_config(SearchSpace, {"methods": {m: {} for m in sorted(METHODS) if m not in SKIP},
-                                       "layers": ["all", "top:3", "bottom:3"],
+                                       "layers": ["all", "top:3", "bottom:3"], "max_params": lora8.params,
                                        "modules": ["default", ["query", "value"]], "trials": args.trials}, "search")
     start = time.time()
     result = run_search(space, train_map, out, out / "study.db")
     search_seconds = time.time() - start
     save_front(result, out)
     rows = front_rows(result)
-    probe = parse_config(TrainConfig, {**train_map, "out_dir": "/tmp/unused"}, "probe")
-    lora8 = Resolver(build_task(probe).load_model()).resolve("lora", {"r": 8}, "all", "default")
     baseline = retrain("lora-r8", {"name": "lora", "r": 8}, train_map, args.seeds, out / "final", half)
     contenders = [retrain(f"trial-{r['trial']}", r["method"], train_map, args.seeds, out / "final", half)
                   for r in rows if r["params"] <= lora8.params]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -153,6 +154,7 @@ def test_cli_search_front_resume_and_train_config(tmp_path, data_dir, one_thread
     """3 real trials on MiniLM/MRPC (4 steps each), the front saved, a resume adds one trial, a front config
     trains with `deltatune train --config`, and another search's storage is refused."""
     from deltatune.cli import _train_configs, app
+    from deltatune.search.study import counted_trials
 
     doc = {"train": TRAIN, "search": {"methods": {"lora": {"r": [1, 4]}, "bitfit": {}}, "layers": ["all", "top:2"],
                                       "modules": ["default", ["query", "value"]], "trials": 3, "seed": 1}}
@@ -163,7 +165,7 @@ def test_cli_search_front_resume_and_train_config(tmp_path, data_dir, one_thread
     res = runner.invoke(app, ["search", str(cfg), "--out", str(out)])
     assert res.exit_code == 0, res.output
     study = optuna.load_study(study_name="deltatune-search", storage=open_storage(out / "study.db"))
-    assert len(study.trials) == 3
+    assert counted_trials(study) == 3  # trained trials (repeats of a configuration are not trained again)
     front = json.loads((out / "front.json").read_text())
     assert front["front"] and (out / "front.png").read_bytes()[:4] == b"\x89PNG"
     assert not (out / "trials" / "0000").exists()  # run folders removed without --keep-runs
@@ -176,7 +178,7 @@ def test_cli_search_front_resume_and_train_config(tmp_path, data_dir, one_thread
         assert method_cfg.method == row["method"]["name"] and train_cfg.max_steps == TRAIN["max_steps"]
     res = runner.invoke(app, ["search", str(cfg), "--out", str(out), "--trials", "4"])
     assert res.exit_code == 0, res.output
-    assert len(optuna.load_study(study_name="deltatune-search", storage=open_storage(out / "study.db")).trials) == 4
+    assert counted_trials(optuna.load_study(study_name="deltatune-search", storage=open_storage(out / "study.db"))) == 4
     res = runner.invoke(app, ["train", "--config", front["front"][0]["config"], "--out", str(tmp_path / "t"),
                               "--set", "max_steps=2", "--set", "progress=false"])
     assert res.exit_code == 0, res.output
@@ -184,3 +186,34 @@ def test_cli_search_front_resume_and_train_config(tmp_path, data_dir, one_thread
     cfg.write_text(yaml.safe_dump(doc))
     res = runner.invoke(app, ["search", str(cfg), "--out", str(out)])
     assert res.exit_code != 0 and isinstance(res.exception, StudyMismatch)
+
+
+def test_repeated_configuration_is_not_trained_again(tmp_path, data_dir, one_thread):
+    """A space with one configuration: the first trial trains, later draws of the same config are recorded as
+    duplicates with its values, do not count toward the budget, and the search stops with a message."""
+    from deltatune.search.study import counted_trials, run_search
+
+    said: list[str] = []
+    sp = space(methods={"lora": {"r": [1]}}, layers=["all"], modules=["default"], trials=2, pruner="none")
+    result = run_search(sp, FAST, tmp_path, tmp_path / "study.db", say=said.append)
+    trained = [t for t in result.study.trials if "duplicate_of" not in t.user_attrs]
+    repeats = [t for t in result.study.trials if "duplicate_of" in t.user_attrs]
+    assert len(trained) == 1 and trained[0].state == optuna.trial.TrialState.COMPLETE
+    assert len(repeats) == 5 and all(t.values == trained[0].values for t in repeats)  # 3 × trials draws in all
+    assert counted_trials(result.study) == 1 and any("fewer distinct configurations" in m for m in said)
+    assert sum("not trained again" in m for m in said) == 5
+
+
+def test_trials_left_running_by_a_killed_search_are_failed_and_not_counted(tmp_path, data_dir, one_thread):
+    from deltatune.search.study import STUDY, counted_trials, run_search
+
+    sp = space(methods={"lora": {"r": [1]}}, layers=["all"], modules=["default"], trials=1, pruner="none")
+    run_search(sp, dict(FAST, max_steps=1), tmp_path, tmp_path / "study.db",
+               say=lambda _: None)
+    study = optuna.load_study(study_name=STUDY, storage=open_storage(tmp_path / "study.db"))
+    stale = study.ask()  # what a search killed mid-trial leaves behind
+    said: list[str] = []
+    result = run_search(dataclasses.replace(sp, trials=2), dict(FAST, max_steps=1), tmp_path,
+                        tmp_path / "study.db", say=said.append)
+    assert result.study.trials[stale.number].state == optuna.trial.TrialState.FAIL
+    assert any("interrupted search" in m for m in said) and counted_trials(result.study) == 1

@@ -7,6 +7,14 @@ optimiser step and peak accelerator memory (minimised).  The sampler is optuna's
 Pruning: optuna's ``Trial.report``/``should_prune`` are single-objective only, so each trial has a twin in a
 companion single-objective study (same storage, name ``<study>:pruning``) that receives the intermediate eval
 metric after every ``eval_every`` steps; the configured optuna pruner (median, hyperband) decides there.
+
+Repeats: TPE may sample a configuration it has already trained (same method, budget, layers and modules
+resolve to the same config).  Such a trial is not trained again: it records ``duplicate_of`` and returns the
+earlier trial's values, and it does not count toward ``trials``; neither does a draw that is not a valid
+configuration (or exceeds ``max_params``), which trains nothing.  At most ``3 × trials`` samples are drawn, so a
+space with fewer distinct valid configurations than ``trials`` ends early, with a message.  A search runs in one
+process at a time: on resume, trials left RUNNING by a killed search are marked FAIL and
+do not count toward ``trials``.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from deltatune.search.space import SearchSpace, StudyMismatch, modules_label
 STUDY = "deltatune-search"
 FINGERPRINT_ATTR = "deltatune_space_fingerprint"
 SEARCH_KIND = "search_run"
+ABANDONED_ATTR = "deltatune_abandoned_trials"
 
 
 @dataclass
@@ -84,9 +93,34 @@ def _pruner(name: str) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def _finished(study: optuna.Study) -> int:
+def counted_trials(study: optuna.Study) -> int:
+    """Finished trials that count toward the budget (repeats and invalid configurations, which train nothing, do
+    not)."""
     done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
-    return len(study.get_trials(deepcopy=False, states=done))
+    abandoned = set(study.user_attrs.get(ABANDONED_ATTR, []))
+    return sum("duplicate_of" not in t.user_attrs and "invalid" not in t.user_attrs and t.number not in abandoned
+               for t in study.get_trials(deepcopy=False, states=done))
+
+
+def _earlier_run(study: optuna.Study, config: dict[str, Any]) -> optuna.trial.FrozenTrial | None:
+    """The first complete trial that trained exactly ``config`` (its resolved method config), if any."""
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        if t.user_attrs.get("method_config") == config and "duplicate_of" not in t.user_attrs:
+            return t
+    return None
+
+
+def abandon_stale(study: optuna.Study, say: Callable[[str], None]) -> int:
+    """Mark trials left RUNNING by a killed search as FAIL; returns how many."""
+    stale = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    for t in stale:
+        study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+    if stale:
+        study.set_user_attr(ABANDONED_ATTR, [*study.user_attrs.get(ABANDONED_ATTR, []), *(t.number for t in stale)])
+    if stale:
+        say(f"{len(stale)} trial(s) left running by an interrupted search marked failed: "
+            f"{[t.number for t in stale]}")
+    return len(stale)
 
 
 def run_search(space: SearchSpace, train: dict[str, Any], out: Path, storage_path: str | Path,
@@ -117,6 +151,8 @@ def run_search(space: SearchSpace, train: dict[str, Any], out: Path, storage_pat
     prune_name = f"{STUDY}:pruning"
     prune_study = optuna.create_study(study_name=prune_name, storage=storage, direction=metric_dir,
                                       pruner=_pruner(space.pruner), load_if_exists=True)
+    abandon_stale(study, say)
+    abandon_stale(prune_study, lambda _: None)
     choices = space.method_choices()
     layer_labels = [str(x) for x in space.layers]
     module_by_label = {modules_label(m): m for m in space.modules}
@@ -134,8 +170,17 @@ def run_search(space: SearchSpace, train: dict[str, Any], out: Path, storage_pat
             say(f"trial {trial.number}: {method} {budget_choice} layers={layers} modules={mod_label} is not a "
                 f"valid configuration ({str(exc)[:100]})")
             raise optuna.TrialPruned(f"invalid configuration: {str(exc)[:200]}") from None
-        trial.set_user_attr("method_config", {"name": method, **cand.mapping})
+        config = {"name": method, **cand.mapping}
+        trial.set_user_attr("method_config", config)
         trial.set_user_attr("params", cand.params)
+        earlier = _earlier_run(study, config)
+        if earlier is not None:
+            trial.set_user_attr("duplicate_of", earlier.number)
+            for key in ("step_time", *(k for k in earlier.user_attrs if k.startswith("eval@"))):
+                if key in earlier.user_attrs:
+                    trial.set_user_attr(key, earlier.user_attrs[key])
+            say(f"trial {trial.number}: same configuration as trial {earlier.number}, not trained again")
+            return tuple(earlier.values)
         if space.max_params is not None and cand.params > space.max_params:
             trial.set_user_attr("invalid", f"{cand.params} > max_params {space.max_params}")
             raise optuna.TrialPruned(f"{cand.params} trainable parameters > max_params {space.max_params}")
@@ -187,16 +232,20 @@ def run_search(space: SearchSpace, train: dict[str, Any], out: Path, storage_pat
             f"{cand.params} params")
         return tuple(measured[o] for o in space.objectives)
 
-    remaining = budget - _finished(study)
-    callbacks = [lambda st, _trial: on_trial(_finished(st))] if on_trial is not None else []
+    callbacks = [lambda st, _trial: on_trial(counted_trials(st))] if on_trial is not None else []
     if on_trial is not None:
-        on_trial(_finished(study))
-    if remaining > 0:
-        study.optimize(objective, n_trials=remaining if space.trials else None,
-                       timeout=space.minutes * 60 if space.minutes else None,
-                       catch=(Exception,), callbacks=callbacks, show_progress_bar=False)
-    else:
-        say(f"the study already holds {budget - remaining} finished trial(s) of {budget}: nothing to run")
+        on_trial(counted_trials(study))
+    if counted_trials(study) >= budget:
+        say(f"the study already holds {counted_trials(study)} finished trial(s) of {budget}: nothing to run")
+    deadline = time.monotonic() + space.minutes * 60 if space.minutes else None
+    draws, max_draws = 0, 3 * (budget - counted_trials(study)) if space.trials else None
+    while counted_trials(study) < budget and (deadline is None or time.monotonic() < deadline):
+        if max_draws is not None and draws >= max_draws:
+            say(f"stopped after {draws} draws: the search space seems to hold fewer distinct configurations "
+                f"than trials ({counted_trials(study)} distinct trained)")
+            break
+        study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=callbacks, show_progress_bar=False)
+        draws += 1
     return SearchResult(study, directions, list(space.objectives), task.main_metric, dict(train))
 
 
