@@ -296,11 +296,14 @@ def info(
         table = Table(Column("module", overflow="fold"), "kind", "trainable", "bytes", "density", "‖Δ‖")
         for row in d["layers"]:
             table.add_row(row["module"], row["kind"], str(row["trainable"]), str(row["bytes"]),
-                          f"{row['density']:.4%}", f"{row['delta_norm']:.4g}")
+                          f"{row['density']:.4%}", "–" if row["delta_norm"] is None else f"{row['delta_norm']:.4g}")
         out.print(table)
 
 
 @app.command()
+        if any(row["delta_norm"] is None for row in d["layers"]):
+            out.print("‖Δ‖ –: the update depends on the base weights (DoRA, (IA)³) or is not a weight update "
+                      "(adapters, prompts, mixtures); `deltatune inspect DELTA --base MODEL` measures it")
 def apply(
     delta: Annotated[Path, typer.Argument(help="delta folder")],
     out_dir: Annotated[Path, typer.Option("--out", help="checkpoint folder to write")],

@@ -99,14 +99,9 @@ class Delta:
         rows = []
         for name, part in self.parts.items():
             numel = part.covered_entries()
-            with torch.no_grad():
-                try:
-                    norm = float(part.delta_weight().float().norm())
-                except NotImplementedError:
-                    norm = float("nan")
             rows.append({
                 "module": name, "kind": part.kind, "trainable": part.trainable_count, "bytes": part.nbytes,
-                "density": part.trainable_count / numel if numel else float("nan"), "delta_norm": norm,
+                "density": part.trainable_count / numel if numel else float("nan"), "delta_norm": _update_norm(part),
             })
         return rows
 
@@ -135,3 +130,12 @@ class Delta:
 
         return load_delta(path, verify=verify)
 
+
+def _update_norm(part: Part) -> float | None:
+    """``‖Δθ‖₂`` over every entry the part adds to its module's parameters; ``None`` where the file alone cannot
+    tell: base-dependent kinds (DoRA, (IA)³: Δθ depends on θ) and kinds that are not a parameter update
+    (adapters, prompts, mixtures)."""
+    if not part.additive or part.base_dependent:
+        return None
+    with torch.no_grad():
+        return float(sum(u.float().pow(2).sum() for u in part.updates().values()) ** 0.5)
