@@ -217,3 +217,32 @@ def test_trials_left_running_by_a_killed_search_are_failed_and_not_counted(tmp_p
                         tmp_path / "study.db", say=said.append)
     assert result.study.trials[stale.number].state == optuna.trial.TrialState.FAIL
     assert any("interrupted search" in m for m in said) and counted_trials(result.study) == 1
+
+
+def test_peak_memory_measures_a_block():
+    import torch
+
+    from deltatune.search.peak import PeakMemory, cpu_peak_supported
+
+    if not (torch.cuda.is_available() or cpu_peak_supported()):
+        pytest.skip("no CUDA and no /proc/self/clear_refs")
+    with PeakMemory() as small:
+        pass
+    with PeakMemory() as big:
+        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        del block
+    assert big.bytes >= 60 * 2**20 > small.bytes
+
+
+def test_peak_memory_objective_on_cpu(tmp_path, data_dir, one_thread):
+    from deltatune.search.peak import cpu_peak_supported
+    from deltatune.search.study import run_search
+
+    if not cpu_peak_supported():
+        pytest.skip("no /proc/self/clear_refs")
+    sp = space(methods={"lora": {"r": [1]}}, layers=["all"], modules=["default"], trials=1, pruner="none",
+               objectives=["metric", "params", "peak_memory"])
+    result = run_search(sp, FAST, tmp_path, tmp_path / "study.db", say=lambda _: None)
+    (trial,) = [t for t in result.study.trials if "duplicate_of" not in t.user_attrs]
+    assert result.directions == ["maximize", "minimize", "minimize"]
+    assert trial.values[2] == trial.user_attrs["peak_memory"] > 1e6  # training MiniLM needs megabytes at least

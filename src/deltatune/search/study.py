@@ -2,7 +2,8 @@
 
 Objectives (AutoPEFT, Zhou et al. TACL 2024 §3.2): the task's main metric on the eval rows (maximised, or
 minimised for a loss-like metric) and the delta's trainable scalars (minimised); optionally seconds per
-optimiser step and peak accelerator memory (minimised).  The sampler is optuna's multi-objective TPE.
+optimiser step and peak memory (minimised; CUDA allocator peak, or on CPU the peak resident set above the start,
+see :mod:`deltatune.search.peak`).  The sampler is optuna's multi-objective TPE.
 
 Pruning: optuna's ``Trial.report``/``should_prune`` are single-objective only, so each trial has a twin in a
 companion single-objective study (same storage, name ``<study>:pruning``) that receives the intermediate eval
@@ -31,6 +32,7 @@ import torch
 
 from deltatune.errors import ConfigError, DeltaTuneError
 from deltatune.search.candidates import Candidate, Resolver, check_space
+from deltatune.search.peak import PeakMemory, cpu_peak_supported
 from deltatune.search.space import SearchSpace, StudyMismatch, modules_label
 
 STUDY = "deltatune-search"
@@ -139,8 +141,9 @@ def run_search(space: SearchSpace, train: dict[str, Any], out: Path, storage_pat
     task = build_task(probe)
     resolver = Resolver(task.load_model().eval())
     check_space(space, resolver)
-    if "peak_memory" in space.objectives and not torch.cuda.is_available():
-        raise ConfigError("search.objectives: peak_memory is measured on a CUDA device; none is available")
+    if "peak_memory" in space.objectives and not (torch.cuda.is_available() or cpu_peak_supported()):
+        raise ConfigError("search.objectives: peak_memory needs a CUDA device or Linux's /proc/self/clear_refs "
+                          "(peak resident set); neither is available here")
     metric_dir = "maximize" if task.greater_is_better else "minimize"
     directions = [metric_dir if o == "metric" else "minimize" for o in space.objectives]
     storage = open_storage(storage_path)
@@ -204,11 +207,10 @@ def run_search(space: SearchSpace, train: dict[str, Any], out: Path, storage_pat
                 say(f"trial {trial.number}: {cand.method} pruned at step {step} ({task.main_metric} {value:.4f})")
                 raise optuna.TrialPruned(f"pruned at step {step}: {task.main_metric} {value:.4f}")
 
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         try:
-            result = run_train(cfg, cand.config, on_eval=on_eval)
+            with PeakMemory() as peak:
+                result = run_train(cfg, cand.config, on_eval=on_eval)
         except optuna.TrialPruned:
             prune_study.tell(twin, state=optuna.trial.TrialState.PRUNED)
             raise
@@ -226,8 +228,9 @@ def run_search(space: SearchSpace, train: dict[str, Any], out: Path, storage_pat
             raise DeltaTuneError(f"trial {trial.number}: no {task.main_metric} was measured ({scores})")
         prune_study.tell(twin, float(value))
         measured = {"metric": float(value), "params": float(cand.params), "step_time": seconds,
-                    "peak_memory": float(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else 0.0}
+                    "peak_memory": float(peak.bytes)}
         trial.set_user_attr("step_time", seconds)
+        trial.set_user_attr("peak_memory", peak.bytes)
         say(f"trial {trial.number}: {cand.method} {_short(cand.mapping)} → {task.main_metric} {value:.4f}, "
             f"{cand.params} params")
         return tuple(measured[o] for o in space.objectives)
