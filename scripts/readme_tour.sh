@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Run the README's CLI tour on the inputs of scripts/make_examples.sh, printing each command and its output.
+# Run the README's CLI tour (and examples/hf_trainer.py) on the inputs of scripts/make_examples.sh, printing
+# each command and its output.
 # Usage: bash scripts/readme_tour.sh [WORKDIR]   (outputs go to WORKDIR, default runs/tour; E and MINILM from
 # runs/examples/env.sh unless already set). Exits non-zero if a command fails that should succeed, or succeeds
 # where the tour shows an error.
@@ -20,6 +21,9 @@ fails() { echo "\$ $*"; if eval "$@"; then echo "!! SHOULD HAVE FAILED: $*"; bad
 ok deltatune info '$E/sst2-sparse/delta' --no-layers
 ok deltatune eval '$E/sst2-sparse/delta' --base
 ok deltatune predict '$E/sst2-sparse/delta' --data examples/reviews.csv --top-k 2
+ok deltatune generate '$E/shakespeare-full/delta' --prompt '"ROMEO:"' --max-new-tokens 20
+ok python examples/hf_trainer.py --model '$MINILM' --out hf-sst2
+ok deltatune eval hf-sst2/delta --task sst2
 ok deltatune apply '$E/sst2-sparse/delta' --out merged --shard-size 50MB
 ok deltatune export '$E/sst2-lora/delta' --format peft --out peft-adapter/
 ok deltatune merge '$E/ties.yaml' --out merged-ties/ --no-progress

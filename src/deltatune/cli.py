@@ -236,10 +236,13 @@ def generate(
     proxy_base: Annotated[str | None, typer.Option(help="the small base folder (default: as trained)")] = None,
     proxy_scale: Annotated[list[float] | None, typer.Option(help="α per --proxy-tuned (default 1.0)")] = None,
     proxy_mode: Annotated[str, typer.Option(help="logits (proxy tuning) or logprobs (EFT)")] = "logits",
+    raw: Annotated[bool, typer.Option("--raw", help="send each prompt as is (a delta trained with --task chat "
+                                                    "otherwise gets it as a user turn in the chat template)")] = False,
     verify: NoVerify = True,
 ) -> None:
     """Continue prompts with causal-LM deltas (one JSON line per prompt; a single prompt and delta streams its
-    tokens to the terminal as they come)."""
+    tokens to the terminal as they come). A --task chat delta gets each prompt as one user turn in the tokenizer's
+    chat template, with the generation prompt; --raw turns that off."""
     from deltatune.generation import generate as run_generate
 
     deltas = [*(delta or []), *(also or [])]
@@ -261,7 +264,7 @@ def generate(
                           "and --prompt or --prompts FILE")
     single = len(deltas) <= 1 and len(texts) == 1
     rows = run_generate(deltas, texts, model=model, max_new_tokens=max_new_tokens, temperature=temperature,
-                        top_p=top_p, top_k=top_k, seed=seed, stop=stop or (), verify=verify, proxy=proxy,
+                        top_p=top_p, top_k=top_k, seed=seed, stop=stop or (), verify=verify, proxy=proxy, raw=raw,
                         stream=(lambda piece: print(piece, end="", flush=True)) if single else None)
     if single:
         print()
@@ -298,12 +301,12 @@ def info(
             table.add_row(row["module"], row["kind"], str(row["trainable"]), str(row["bytes"]),
                           f"{row['density']:.4%}", "–" if row["delta_norm"] is None else f"{row['delta_norm']:.4g}")
         out.print(table)
-
-
-@app.command()
         if any(row["delta_norm"] is None for row in d["layers"]):
             out.print("‖Δ‖ –: the update depends on the base weights (DoRA, (IA)³) or is not a weight update "
                       "(adapters, prompts, mixtures); `deltatune inspect DELTA --base MODEL` measures it")
+
+
+@app.command()
 def apply(
     delta: Annotated[Path, typer.Argument(help="delta folder")],
     out_dir: Annotated[Path, typer.Option("--out", help="checkpoint folder to write")],

@@ -5,10 +5,19 @@ routing context (:mod:`deltatune.routing`), so every decoding step routes each r
 delta it is a plain batched generation.  Greedy when ``temperature`` is 0, else sampled with ``temperature``,
 ``top_p`` and ``top_k`` from ``seed``.  Generation stops at ``max_new_tokens`` or at any of the ``stop`` strings
 (the text is cut before it).  With one row, ``stream`` receives the text as it is produced.
+
+**Chat deltas.** A delta trained with ``--task chat`` (its provenance task is ``chat``) learnt conversations in the
+tokenizer's chat template, so its rows get the prompt as one user turn in that template with the generation
+prompt (``apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)``), tokenized
+without added special tokens as in training (the template writes BOS and its markers itself).  ``raw=True`` sends
+the prompt as given, as for every other delta.  A base tokenizer without a template is a :class:`ConfigError`; a
+template other than the one trained with (``chat_template_sha256`` in the provenance) is warned about.
 """
 
 from __future__ import annotations
 
+import hashlib
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +41,50 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     """``text`` up to (not including) the first occurrence of any stop string."""
     ends = [i for s in stop if s and (i := text.find(s)) >= 0]
     return text[:min(ends)] if ends else text
+
+
+def is_chat_delta(delta: Delta) -> bool:
+    """Whether ``delta`` was trained with ``--task chat`` (its provenance says so)."""
+    task = delta.provenance.task or {}
+    return task.get("task") == "chat" or task.get("name") == "chat"
+
+
+def check_chat_template(tokenizer: Any, delta: Delta, where: str, model: str) -> None:
+    """ConfigError when ``tokenizer`` has no chat template for the chat delta at ``where``; a warning when its
+    template is not the one the delta was trained with."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        raise ConfigError(f"{where}: the delta was trained with --task chat, but the tokenizer of {model} has no chat "
+                          "template to format the prompt with; pass --raw (raw=True) to send the prompt as is")
+    trained = (delta.provenance.task or {}).get("chat_template_sha256")
+    if trained and hashlib.sha256(str(template).encode()).hexdigest() != trained:
+        warnings.warn(f"{where}: the tokenizer of {model} has another chat template than the delta was trained with "
+                      f"(sha256 {str(trained)[:12]}…); the prompt is formatted with the tokenizer's", stacklevel=3)
+
+
+def chat_prompt(tokenizer: Any, prompt: str) -> str:
+    """``prompt`` as one user turn in the tokenizer's chat template, ending with the generation prompt."""
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    except Exception as exc:  # noqa: BLE001  (jinja2 raises TemplateError and whatever the template raises)
+        raise ConfigError(f"the chat template cannot render the prompt {prompt[:40]!r} as a user turn "
+                          f"({type(exc).__name__}: {str(exc)[:120]}); pass --raw to send it as is") from None
+    if not isinstance(text, str):
+        raise ConfigError(f"the chat template returned {type(text).__name__}, not text")
+    return text
+
+
+def encode_rows(tokenizer: Any, texts: Sequence[str], special: Sequence[bool]) -> dict[str, torch.Tensor]:
+    """Left-padded ``input_ids`` and ``attention_mask`` of ``texts``, each tokenized with or without the
+    tokenizer's special tokens (``special``)."""
+    ids = [list(tokenizer(t, add_special_tokens=s)["input_ids"]) for t, s in zip(texts, special, strict=True)]
+    width = max(len(x) for x in ids)
+    if width == 0:
+        raise ConfigError("every prompt is empty after tokenization; give at least one token to continue")
+    pad = tokenizer.pad_token_id
+    return {"input_ids": torch.tensor([[pad] * (width - len(x)) + x for x in ids], dtype=torch.long),
+            "attention_mask": torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], dtype=torch.long)}
 
 
 class _Stream:
@@ -60,11 +113,12 @@ class _Stream:
 def generate(deltas: Sequence[Delta | str | Path] | Delta | str | Path, prompts: Sequence[str] | str,
              model: str | None = None, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
              top_k: int = 0, seed: int = 0, stop: Sequence[str] = (), stream: Callable[[str], None] | None = None,
-             verify: bool = True, proxy: Any | None = None) -> list[dict[str, Any]]:
+             verify: bool = True, proxy: Any | None = None, raw: bool = False) -> list[dict[str, Any]]:
     """Continue each prompt with each delta.  Returns one dict per prompt: ``{"prompt", "text"}`` for one delta,
-    or ``{"prompt", <delta name>: text, …}`` for several.  ``proxy`` (a :class:`deltatune.proxy.ProxyConfig`)
-    steers every row with small proxy models (proxy tuning / EFT); then ``deltas`` may be empty and ``model``
-    names the large base."""
+    or ``{"prompt", <delta name>: text, …}`` for several.  A delta trained with ``--task chat`` gets each prompt
+    as one user turn in the tokenizer's chat template (module docstring) unless ``raw``.  ``proxy`` (a
+    :class:`deltatune.proxy.ProxyConfig`) steers every row with small proxy models (proxy tuning / EFT); then
+    ``deltas`` may be empty and ``model`` names the large base."""
     from transformers import AutoTokenizer
 
     items = list(deltas) if isinstance(deltas, (list, tuple)) else [deltas]
@@ -92,9 +146,15 @@ def generate(deltas: Sequence[Delta | str | Path] | Delta | str | Path, prompts:
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    chat = [is_chat_delta(d) and not raw for d in loaded]
+    for d, item, templated in zip(loaded, items, chat, strict=True):
+        if templated:
+            check_chat_template(tokenizer, d, str(item), path)
     rows = [(i, j) for i in range(len(prompts)) for j in range(max(1, len(items)))]
-    encoded = tokenizer([prompts[i] for i, _ in rows], return_tensors="pt", padding=True)
-    batch = {k: encoded[k] for k in ("input_ids", "attention_mask")}  # no token types for a decoder
+    templated_rows = [bool(chat) and chat[j] for _, j in rows]
+    batch = encode_rows(tokenizer, [chat_prompt(tokenizer, prompts[i]) if t else prompts[i]
+                                    for (i, _), t in zip(rows, templated_rows, strict=True)],
+                        [not t for t in templated_rows])  # no token types for a decoder
     sampling = temperature > 0
     options: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=sampling,
                                    pad_token_id=tokenizer.pad_token_id)

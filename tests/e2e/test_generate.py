@@ -112,3 +112,112 @@ def test_bad_input(setup, tmp_path):
     clf.save(tmp_path / "clf")
     with pytest.raises(ConfigError, match="task head"):
         generate(tmp_path / "clf", "x")
+
+
+# --- chat deltas: the prompt goes in as one user turn of the tokenizer's chat template ------------------------------
+TURNS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def chat_setup(tmp_path_factory, minilm_path):
+    """A tiny Llama whose tokenizer (MiniLM's + turn tokens) has a chat template, a LoRA delta trained on it with
+    ``task chat`` by deltatune's loop (2 steps, then its tensors randomized so that it visibly matters) and a plain
+    delta of the same base."""
+    from deltatune.train import loop
+    from deltatune.train.config import TrainConfig
+
+    root = tmp_path_factory.mktemp("genchat")
+    tok = AutoTokenizer.from_pretrained(minilm_path)
+    tok.add_special_tokens({"additional_special_tokens": TURNS})
+    tok.chat_template = TEMPLATE
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    LlamaForCausalLM(cfg).save_pretrained(root / "base")
+    tok.save_pretrained(root / "base")
+    data = root / "chats.jsonl"
+    data.write_text("".join(__import__("json").dumps({"messages": [
+        {"role": "user", "content": f"count {i}"}, {"role": "assistant", "content": f"{i} {i + 1}"}]}) + "\n"
+        for i in range(12)))
+    trained = loop.train(TrainConfig(model=str(root / "base"), task="chat", data=str(data), out_dir=str(root / "run"),
+                                     max_steps=2, batch_size=4, max_length=32, eval_every=0, eval_before=False,
+                                     checkpoint_every=0, keep_best=False, progress=False),
+                         deltatune.LoRAConfig(r=2)).delta
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for part in trained.parts.values():
+            for p in part.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.6)
+    chat_delta = trained.save(root / "chat")
+    plain = randomize_delta(LlamaForCausalLM.from_pretrained(root / "base"), deltatune.LoRAConfig(r=2), seed=7, std=0.6)
+    plain.provenance.base = str(root / "base")
+    return root, tok, chat_delta, plain.save(root / "plain")
+
+
+def _greedy_on_ids(root, delta_path, ids: list[int], steps: int) -> str:
+    tok = AutoTokenizer.from_pretrained(root / "base")
+    model = LlamaForCausalLM.from_pretrained(root / "base").eval()
+    deltatune.apply_delta(model, deltatune.load_delta(delta_path))
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        for _ in range(steps):
+            x = torch.cat([x, model(input_ids=x).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    return tok.decode(x[0, len(ids):], skip_special_tokens=True)
+
+
+def test_a_chat_delta_sees_the_prompt_in_its_chat_template(chat_setup):
+    root, tok, chat_delta, _ = chat_setup
+    assert deltatune.load_delta(chat_delta).provenance.task["task"] == "chat"  # what training records
+    prompt = "what is two and two"
+    templated = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                        add_generation_prompt=True)
+    assert templated == f"<|user|>{prompt}<|end|><|assistant|>"
+    by_hand_chat = _greedy_on_ids(root, chat_delta, tok(templated, add_special_tokens=False)["input_ids"], 6)
+    by_hand_raw = _greedy_on_ids(root, chat_delta, tok(prompt)["input_ids"], 6)
+    assert by_hand_chat != by_hand_raw  # the two inputs lead somewhere else: the comparison below can fail
+    assert generate(chat_delta, prompt, max_new_tokens=6) == [{"prompt": prompt, "text": by_hand_chat}]
+    assert generate(chat_delta, prompt, max_new_tokens=6, raw=True) == [{"prompt": prompt, "text": by_hand_raw}]
+
+
+def test_cli_generate_templates_a_chat_delta_and_raw_turns_it_off(chat_setup):
+    from deltatune.cli import app
+
+    _, _, chat_delta, _ = chat_setup
+    runner = CliRunner()
+    chat = runner.invoke(app, ["generate", str(chat_delta), "--prompt", "hi there", "--max-new-tokens", "5"])
+    raw = runner.invoke(app, ["generate", str(chat_delta), "--prompt", "hi there", "--max-new-tokens", "5", "--raw"])
+    assert chat.exit_code == 0 and raw.exit_code == 0, chat.output + raw.output
+    assert chat.stdout == generate(chat_delta, "hi there", max_new_tokens=5)[0]["text"] + "\n"
+    assert raw.stdout == generate(chat_delta, "hi there", max_new_tokens=5, raw=True)[0]["text"] + "\n"
+    assert chat.stdout != raw.stdout
+
+
+def test_a_chat_and_a_plain_delta_in_one_batch_each_get_their_own_format(chat_setup):
+    _, _, chat_delta, plain = chat_setup
+    prompts = ["hello", "a longer prompt about the weather"]
+    together = generate([chat_delta, plain], prompts, max_new_tokens=5)
+    for name, path in (("chat", chat_delta), ("plain", plain)):
+        assert [row[name] for row in together] == [generate(path, p, max_new_tokens=5)[0]["text"] for p in prompts]
+    raw = generate([chat_delta, plain], prompts, max_new_tokens=5, raw=True)
+    assert [row["chat"] for row in raw] == [generate(chat_delta, p, max_new_tokens=5, raw=True)[0]["text"]
+                                            for p in prompts]
+    assert [row["plain"] for row in raw] == [row["plain"] for row in together]  # nothing changes for a plain delta
+
+
+def test_a_chat_delta_without_a_template_or_with_another_one(chat_setup, tmp_path):
+    root, tok, chat_delta, _ = chat_setup
+    bare = AutoTokenizer.from_pretrained(root / "base")
+    bare.chat_template = None
+    LlamaForCausalLM.from_pretrained(root / "base").save_pretrained(tmp_path / "no-template")
+    bare.save_pretrained(tmp_path / "no-template")
+    with pytest.raises(ConfigError, match="trained with --task chat.*no chat template.*--raw"):
+        generate(chat_delta, "hi", model=str(tmp_path / "no-template"), max_new_tokens=2)
+    assert generate(chat_delta, "hi", model=str(tmp_path / "no-template"), max_new_tokens=2, raw=True)
+    other = AutoTokenizer.from_pretrained(root / "base")
+    other.chat_template = TEMPLATE.replace("<|end|>", "\n<|end|>")
+    LlamaForCausalLM.from_pretrained(root / "base").save_pretrained(tmp_path / "other")
+    other.save_pretrained(tmp_path / "other")
+    with pytest.warns(UserWarning, match="another chat template than the delta was trained with"):
+        generate(chat_delta, "hi", model=str(tmp_path / "other"), max_new_tokens=2)
