@@ -1,5 +1,6 @@
-"""benchmarks/glue.py: the run plan (LR sweep at seed 0, then seeds at the best LR), the resumable runs file, the
-budget rules and the aggregation, without training (a fake executor); plus one tiny real run in fresh processes."""
+"""benchmarks/glue.py and glue_plan.py: the run plan (LR sweep at seed 0, then seeds at the best LR), the
+resumable runs file, the budget rules and the aggregation, without training (a fake executor); plus one tiny
+real run in fresh processes."""
 
 from __future__ import annotations
 
@@ -14,13 +15,14 @@ BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 sys.path.insert(0, str(BENCH))  # the script's children unpickle `glue.run_one` by module name
 
 import glue  # noqa: E402
+import glue_plan  # noqa: E402
 
-S = glue.Settings(steps=5, seeds=3, lr_mults=(0.5, 1.0, 2.0))
+S = glue_plan.Settings(steps=5, seeds=3, lr_mults=(0.5, 1.0, 2.0))
 LRS = [1e-4, 2e-4, 4e-4]
-G = glue.Group("sparse", "sst2", "r8")
+G = glue_plan.Group("sparse", "sst2", "r8")
 
 
-def record(run: glue.Run, metric: float | None, error: str | None = None, **extra) -> dict:
+def record(run: glue_plan.Run, metric: float | None, error: str | None = None, **extra) -> dict:
     rec = {"key": run.key, "method": run.method, "task": run.task, "budget": run.budget, "lr": run.lr,
            "seed": run.seed, "metric_name": "accuracy", "metric": metric, "trainable": 100, "step_s": 0.1,
            "step_mean_s": 0.12, "peak_mb": 50.0}
@@ -29,64 +31,64 @@ def record(run: glue.Run, metric: float | None, error: str | None = None, **extr
     return rec | extra
 
 
-def seed0(group: glue.Group, lr: float, s: glue.Settings = S) -> glue.Run:
-    return glue._make_run(group, lr, 0, s)
+def seed0(group: glue_plan.Group, lr: float, s: glue_plan.Settings = S) -> glue_plan.Run:
+    return glue_plan._make_run(group, lr, 0, s)
 
 
 def test_plan_runs_fixed_methods_once_per_task() -> None:
-    groups = glue.plan_groups(["lora", "sparse", "bitfit"], ["sst2", "rte"], ["r8", "r32"])
+    groups = glue_plan.plan_groups(["lora", "sparse", "bitfit"], ["sst2", "rte"], ["r8", "r32"])
     assert len(groups) == 2 * (2 * 2 + 1)
-    assert [g for g in groups if g.method == "bitfit"] == [glue.Group("bitfit", "sst2", "fixed"),
-                                                           glue.Group("bitfit", "rte", "fixed")]
-    assert glue.total_runs(len(groups), 3, 3) == len(groups) * 5
-    assert glue.sweep_lrs(5e-4, (0.5, 1.0, 2.0)) == [2.5e-4, 5e-4, 1e-3]
+    assert [g for g in groups if g.method == "bitfit"] == [glue_plan.Group("bitfit", "sst2", "fixed"),
+                                                           glue_plan.Group("bitfit", "rte", "fixed")]
+    assert glue_plan.total_runs(len(groups), 3, 3) == len(groups) * 5
+    assert glue_plan.sweep_lrs(5e-4, (0.5, 1.0, 2.0)) == [2.5e-4, 5e-4, 1e-3]
 
 
 def test_sweep_first_then_seeds_at_the_best_seed0_lr() -> None:
     records: dict[str, dict] = {}
-    todo = glue.pending_runs(G, LRS, records, S)
+    todo = glue_plan.pending_runs(G, LRS, records, S)
     assert [(r.lr, r.seed) for r in todo] == [(lr, 0) for lr in LRS]
-    assert glue.choose_lr(G, LRS, records, S) is None
-    assert glue.remaining(G, LRS, records, S) == 5
+    assert glue_plan.choose_lr(G, LRS, records, S) is None
+    assert glue_plan.remaining(G, LRS, records, S) == 5
     for run, score in zip(todo[:2], (0.7, 0.9), strict=True):
         records[run.key] = record(run, score)
-    assert glue.choose_lr(G, LRS, records, S) is None  # sweep incomplete: no choice yet
-    assert [r.lr for r in glue.pending_runs(G, LRS, records, S)] == [4e-4]
+    assert glue_plan.choose_lr(G, LRS, records, S) is None  # sweep incomplete: no choice yet
+    assert [r.lr for r in glue_plan.pending_runs(G, LRS, records, S)] == [4e-4]
     records[todo[2].key] = record(todo[2], 0.8)
-    assert glue.choose_lr(G, LRS, records, S) == 2e-4
-    todo = glue.pending_runs(G, LRS, records, S)
+    assert glue_plan.choose_lr(G, LRS, records, S) == 2e-4
+    todo = glue_plan.pending_runs(G, LRS, records, S)
     assert [(r.lr, r.seed) for r in todo] == [(2e-4, 1), (2e-4, 2)]
-    assert glue.remaining(G, LRS, records, S) == 2
+    assert glue_plan.remaining(G, LRS, records, S) == 2
     for run in todo:
         records[run.key] = record(run, 0.85)
-    assert glue.pending_runs(G, LRS, records, S) == []
-    assert glue.remaining(G, LRS, records, S) == 0
+    assert glue_plan.pending_runs(G, LRS, records, S) == []
+    assert glue_plan.remaining(G, LRS, records, S) == 0
 
 
 def test_lr_choice_failed_runs_lose_and_ties_take_the_first() -> None:
     records = {seed0(G, LRS[0]).key: record(seed0(G, LRS[0]), 0.6),
                seed0(G, LRS[1]).key: record(seed0(G, LRS[1]), None, error="TrainingDiverged: nan"),
                seed0(G, LRS[2]).key: record(seed0(G, LRS[2]), 0.6)}
-    assert glue.choose_lr(G, LRS, records, S) == LRS[0]
+    assert glue_plan.choose_lr(G, LRS, records, S) == LRS[0]
     records[seed0(G, LRS[2]).key]["metric"] = 0.61
-    assert glue.choose_lr(G, LRS, records, S) == LRS[2]
+    assert glue_plan.choose_lr(G, LRS, records, S) == LRS[2]
     records[seed0(G, LRS[2]).key]["metric"] = float("nan")  # an undefined correlation never wins
-    assert glue.choose_lr(G, LRS, records, S) == LRS[0]
+    assert glue_plan.choose_lr(G, LRS, records, S) == LRS[0]
     for lr in LRS:
         records[seed0(G, lr).key] = record(seed0(G, lr), None, error="TrainingDiverged: nan")
-    assert glue.pending_runs(G, LRS, records, S) == [] and glue.remaining(G, LRS, records, S) == 0
+    assert glue_plan.pending_runs(G, LRS, records, S) == [] and glue_plan.remaining(G, LRS, records, S) == 0
 
 
 def test_keys_separate_settings() -> None:
     a = seed0(G, 1e-4)
-    assert a.key != seed0(G, 1e-4, glue.Settings(steps=6, seeds=3, lr_mults=(1.0,))).key
-    assert a.key != seed0(G, 1e-4, glue.Settings(5, 3, (1.0,), train_limit=32)).key
-    assert a.key != glue._make_run(G, 1e-4, 1, S).key
-    assert a.key == glue.Run("sparse", "sst2", "r8", 1e-4, 0, 5).key
+    assert a.key != seed0(G, 1e-4, glue_plan.Settings(steps=6, seeds=3, lr_mults=(1.0,))).key
+    assert a.key != seed0(G, 1e-4, glue_plan.Settings(5, 3, (1.0,), train_limit=32)).key
+    assert a.key != glue_plan._make_run(G, 1e-4, 1, S).key
+    assert a.key == glue_plan.Run("sparse", "sst2", "r8", 1e-4, 0, 5).key
 
 
 def test_runs_file_appends_atomically_and_a_later_line_wins(tmp_path) -> None:
-    store = glue.RunStore(glue.runs_path(tmp_path / "out.json"))
+    store = glue_plan.RunStore(glue_plan.runs_path(tmp_path / "out.json"))
     assert store.path.name == "out.runs.jsonl" and store.load() == {}
     run = seed0(G, 1e-4)
     store.append(record(run, None, error="ValueError: x"))
@@ -103,11 +105,11 @@ def test_summary_mean_std_seeds_and_incomplete_sweeps() -> None:
     for lr, score in zip(LRS, (0.70, 0.80, 0.75), strict=True):
         records[seed0(G, lr).key] = record(seed0(G, lr), score)
     for seed, score in ((1, 0.90), (2, 0.85)):
-        run = glue._make_run(G, 2e-4, seed, S)
+        run = glue_plan._make_run(G, 2e-4, seed, S)
         records[run.key] = record(run, score, step_s=0.3)
-    lora = glue.Group("lora", "sst2", "r8")
+    lora = glue_plan.Group("lora", "sst2", "r8")
     records[seed0(lora, LRS[0]).key] = record(seed0(lora, LRS[0]), 0.9)
-    rows = glue.summarize([G, lora, glue.Group("lift", "sst2", "r8")], lambda m: LRS, records, S)
+    rows = glue.summarize([G, lora, glue_plan.Group("lift", "sst2", "r8")], lambda m: LRS, records, S)
     assert [r["method"] for r in rows] == ["sparse", "lora"]  # lift: nothing recorded, no row
     sp, lo = rows
     assert sp["lr"] == 2e-4 and sp["seeds"] == 3 and sp["sweep"] == "3/3" and sp["complete"]
@@ -148,19 +150,19 @@ def test_budget_rules_hit_the_target() -> None:
             return round(5000 * m["fraction"])
         raise AssertionError(method)
 
-    assert glue.budget_mapping("sparse", "r8", 4000, probe)["num_tunable"] == 4000
-    assert glue.budget_mapping("lift", "r32", 4000, probe)["lora_rank"] == 32
-    assert glue.budget_mapping("lora", "r32", None, probe) == {"r": 32, "alpha": 32.0, "targets": ["all-linear"]}
-    assert glue.budget_mapping("bitfit", "r8", 4000, probe) == {}
-    assert abs(probe("dsee", glue.budget_mapping("dsee", "r8", 8000, probe)) - 8000) <= 7
-    s2 = glue.budget_mapping("s2ft", "r8", 8000, probe)
+    assert glue_plan.budget_mapping("sparse", "r8", 4000, probe)["num_tunable"] == 4000
+    assert glue_plan.budget_mapping("lift", "r32", 4000, probe)["lora_rank"] == 32
+    assert glue_plan.budget_mapping("lora", "r32", None, probe) == {"r": 32, "alpha": 32.0, "targets": ["all-linear"]}
+    assert glue_plan.budget_mapping("bitfit", "r8", 4000, probe) == {}
+    assert abs(probe("dsee", glue_plan.budget_mapping("dsee", "r8", 8000, probe)) - 8000) <= 7
+    s2 = glue_plan.budget_mapping("s2ft", "r8", 8000, probe)
     assert s2["o_count"] == 5 and abs(probe("s2ft", s2) - 8000) <= 20
-    assert abs(probe("sara", glue.budget_mapping("sara", "r8", 400, probe)) - 400) <= 1
-    assert glue.solve_affine(lambda k: 3 * k + 10, 100) == 30
+    assert abs(probe("sara", glue_plan.budget_mapping("sara", "r8", 400, probe)) - 400) <= 1
+    assert glue_plan.solve_affine(lambda k: 3 * k + 10, 100) == 30
 
 
 class FakeExecutor:
-    calls: list[glue.Run] = []
+    calls: list[glue_plan.Run] = []
 
     def __call__(self, run, mapping, work):
         FakeExecutor.calls.append(run)
@@ -184,9 +186,9 @@ def test_main_resumes_skipping_recorded_runs(tmp_path, monkeypatch) -> None:
     FakeExecutor.calls = []
     glue.main(argv)
     assert len(FakeExecutor.calls) == 2 * (3 + 1)
-    recs = glue.RunStore(glue.runs_path(out)).load()
+    recs = glue_plan.RunStore(glue_plan.runs_path(out)).load()
     assert len(recs) == 8 and sum("error" in r for r in recs.values()) == 1
-    assert recs[glue.Run("lora", "sst2", "r8", 1e-3, 0, 3).key]["metric"] is None  # NaN stored as None
+    assert recs[glue_plan.Run("lora", "sst2", "r8", 1e-3, 0, 3).key]["metric"] is None  # NaN stored as None
     assert {r.lr for r in FakeExecutor.calls if r.seed == 1} == {5e-4}  # best seed-0 LR (default 5e-4)
     FakeExecutor.calls = []
     glue.main(argv)
@@ -216,7 +218,7 @@ def test_run_one_times_steps_and_restores_the_method(tmp_path, data_dir, minilm_
     """One real 1-step LoRA run on 16 SST-2 rows, in this process (no log redirection): the timing hooks come off."""
     import deltatune as dt
 
-    run = glue.Run("lora", "sst2", "r8", 5e-4, 0, 1, train_limit=16, eval_limit=16)
+    run = glue_plan.Run("lora", "sst2", "r8", 5e-4, 0, 1, train_limit=16, eval_limit=16)
     rec = glue.run_one(glue.dataclasses.asdict(run), {"r": 2, "alpha": 2.0}, str(tmp_path))
     assert rec["metric_name"] == "accuracy" and 0 <= rec["metric"] <= 1 and rec["trainable"] > 0
     assert rec["step_s"] > 0 and rec["peak_mb"] >= 0 and rec["wall_s"] > 0
@@ -231,7 +233,7 @@ def test_tiny_real_run_in_fresh_processes(tmp_path, data_dir, minilm_path) -> No
     glue.main(["--tasks", "sst2", "--methods", "lora", "sparse", "--budgets", "r8", "--steps", "2", "--seeds", "1",
                "--lrs", "1", "--train-limit", "32", "--eval-limit", "32", "--out", str(out),
                "--work", str(tmp_path / "work")])
-    recs = list(glue.RunStore(glue.runs_path(out)).load().values())
+    recs = list(glue_plan.RunStore(glue_plan.runs_path(out)).load().values())
     assert [r.get("error") for r in recs] == [None, None]
     assert {r["method"]: r["trainable"] for r in recs} == {"lora": 337920, "sparse": 337920}
     assert all(0 <= r["metric"] <= 1 and r["step_s"] > 0 and r["peak_mb"] > 0 for r in recs)
