@@ -21,17 +21,20 @@ through forward hooks on the whole model.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from deltatune.errors import ConfigError
+from deltatune.errors import ConfigError, DeltaTuneError
 from deltatune.parts.base import Part, route_rows
-from deltatune.routing import Routing, current_routing
+from deltatune.parts.layers import LayerKind, layer_kind
+from deltatune.routing import Routing, current_routing, row_index
 
 INPUT_KEYWORDS = ("hidden_states", "input", "x", "input_ids")
 
@@ -113,16 +116,19 @@ class PartHolder(nn.Module):
         super().__init__()
         self.parts = nn.ModuleDict()
         self.active: list[str] = []
+        self._version = 0  # bumped when parts come or go (routing plans are rebuilt)
 
     def add(self, name: str, part: Part, activate: bool = True) -> None:
         part.train(self.training)  # a part joins in the holder's mode: no dropout in an eval model
         self.parts[name] = part
+        self._version += 1
         if activate and name not in self.active:
             self.active.append(name)
 
     def remove(self, name: str) -> Part:
         part = self.parts[name]
         del self.parts[name]
+        self._version += 1
         if name in self.active:
             self.active.remove(name)
         return part
@@ -167,24 +173,41 @@ class DeltaLayer(PartHolder):
         return lambda x: stage(x, call)
 
     # --- a routed forward: each row (token) its own delta --------------------------------------------
+    def _plan(self, routing: Routing) -> _Plan:
+        """What this layer does under ``routing`` — its parts per id, grouped by kind — worked out once per routing
+        context (a decode step calls every layer with the same routing) and again only when parts change."""
+        plan = routing.plans.get(id(self))
+        if plan is None or plan.version != self._version:
+            if plan is not None:  # parts came or went: what the kinds prepared for the old parts is stale
+                for cls, _, _ in plan.kinds:
+                    routing.cache.pop((id(self), cls.kind), None)
+            plan = routing.plans[id(self)] = _Plan.of(self, routing)
+        return plan
+
     def _routed(self, routing: Routing, args: tuple, kwargs: dict[str, Any]) -> Any:
-        parts = [self.parts[n] if n is not None and n in self.parts else None for n in routing.names]
-        if all(p is None for p in parts):
+        plan = self._plan(routing)
+        if not plan.kinds:
             return self.base(*args, **kwargs)
+        parts = plan.parts
         call = Call.of(args, kwargs)
         batch = routing.ids.shape[0]
         if call.x.dim() and call.x.shape[0] == 1 and batch > 1:  # broadcast over the batch (position ids)
             call = replace(call, x=call.x.expand(batch, *call.x.shape[1:]))
-        ids = routing.ids_for(call.x)
-        kinds = {type(p) for p in parts if p is not None}
-        rows_apart = call.plain and not self.nests()  # rows may be run apart: nothing inside routes them again
-        if len(kinds) == 1 and rows_apart:
-            cls = kinds.pop()
+        ids = plan.ids_for(routing, call.x)
+        rows_apart = call.plain and not plan.nests  # rows may be run apart: nothing inside routes them again
+        if rows_apart and len(plan.kinds) == 1 and plan.own_mixed_forward:
+            cls, _, _ = plan.kinds[0]
             cache = routing.cache.setdefault((id(self), cls.kind), {})
             base = self.base if cls.additive else Inner(self.base, _bare(self.base), call)
             return cls.mixed_forward(call.x, base, parts, ids, cache)
-        # several kinds, or extra arguments: each part on its rows (on the whole batch when the other
-        # arguments cannot be split by rows), then the rows kept
+        if rows_apart and all(onto is not None for _, _, onto in plan.kinds):
+            # the base once for the whole batch; each kind changes only its own rows (rows are disjoint)
+            out = self.base(call.x)
+            for cls, own, onto in plan.kinds:
+                out = onto(call.x, out, self.base, own, ids, routing.cache.setdefault((id(self), cls.kind), {}))
+            return out
+        # extra arguments, or a kind that cannot start from the shared output: each part on its rows (on the
+        # whole batch when the other arguments cannot be split by rows), then the rows kept
         a, k = call.arguments(call.x)
         out = self.base(*a, **k)
         runs = [None if p is None else self.stack([p], call) for p in parts]
@@ -196,6 +219,118 @@ class DeltaLayer(PartHolder):
             mask = (ids == pid).reshape(*ids.shape, *([1] * (first(out).dim() - ids.dim())))
             out = replace_first(out, torch.where(mask, first(run(call.x)).to(first(out).dtype), first(out)))
         return out
+
+
+Onto = Callable[[Tensor, Any, nn.Module, list, Tensor, dict], Any]
+
+
+@dataclass
+class _Plan:
+    """A layer's parts under one routing: ``parts[k]`` for id ``k``; ``kinds``: per part class, the parts of that
+    class (``None`` elsewhere) and how it applies them onto the shared base output (``None``: it cannot)."""
+
+    parts: list[Part | None]
+    kinds: list[tuple[type[Part], list[Part | None], Onto | None]]
+    nests: bool
+    own_mixed_forward: bool
+    version: int
+    ids: dict[Any, Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, layer: DeltaLayer, routing: Routing) -> _Plan:
+        parts = [layer.parts[n] if n is not None and n in layer.parts else None for n in routing.names]
+        classes = list(dict.fromkeys(type(p) for p in parts if p is not None))
+        kinds = [(c, [p if type(p) is c else None for p in parts], _onto(c, layer.base)) for c in classes]
+        own = len(classes) == 1 and getattr(classes[0].mixed_forward, "__func__", None) is not _GENERIC_MIXED
+        return cls(parts, kinds, layer.nests() if classes else False, own, layer._version)
+
+    def ids_for(self, routing: Routing, x: Tensor) -> Tensor:
+        """The routing's ids on ``x``'s device, checked against ``x``'s leading dimensions (kept per device)."""
+        ids = self.ids.get(x.device)
+        if ids is None:
+            ids = self.ids[x.device] = routing.ids.to(x.device)
+        if tuple(x.shape[: ids.dim()]) != tuple(ids.shape):
+            return routing.ids_for(x)  # raises the routing's own error
+        return ids
+
+
+_GENERIC_MIXED = Part.mixed_forward.__func__  # type: ignore[attr-defined]
+
+
+def _onto(cls: type[Part], base: nn.Module) -> Onto | None:
+    """How parts of ``cls`` apply onto the base output of a whole batch: the kind's own ``mixed_onto``, or for an
+    additive kind (not an alias: a tied alias keeps its own exact forward) on a Linear/Conv1D module,
+    :func:`update_onto`; ``None`` otherwise."""
+    own = getattr(cls, "mixed_onto", None)
+    if own is not None:
+        return own
+    if cls.additive and not cls.is_alias and layer_kind(base) in (LayerKind.LINEAR, LayerKind.CONV1D):
+        return update_onto
+    return None
+
+
+#: Updates at most this dense are applied as a sparse (CSR) matrix, denser ones as a dense one.
+CSR_MAX_DENSITY = 0.25
+
+
+def update_onto(x: Tensor, out: Tensor, base: nn.Module, parts: Sequence[Part | None], row_ids: Tensor,
+                cache: dict[Any, Any]) -> Tensor:
+    """``out`` with each part's rows given ``x ΔWᵀ + Δb`` (its :meth:`~deltatune.parts.base.Part.updates`, prepared
+    once per routing context: a CSR matrix when at most :data:`CSR_MAX_DENSITY` of it is non-zero — a 1 % sparse
+    delta then costs ~1 % of a weight read per step instead of a merged copy of the weight — else dense), rows of
+    ``None`` unchanged.  With a gradient to compute, each part runs its own forward on its rows."""
+    present = [p for p in parts if p is not None]
+    if torch.is_grad_enabled() and any(t.requires_grad for p in present for t in p.parameters()):
+        return route_rows(x, out, row_ids, [None if p is None else (lambda sub, p=p: p(sub, base)) for p in parts])
+    key = ("updates", out.dtype)
+    prepared = cache.get(key)
+    if prepared is None:
+        prepared = cache[key] = [None if p is None else _prepared_update(p, base, out.dtype) for p in parts]
+    if any(u is None for p, u in zip(parts, prepared, strict=True) if p is not None):  # updates beyond weight/bias
+        return route_rows(x, out, row_ids, [None if p is None else (lambda sub, p=p: p(sub, base)) for p in parts])
+    rows = row_index(row_ids, len(parts), cache)
+    lead = row_ids.dim()
+    flat = out.reshape(-1, *out.shape[lead:])
+    xs = x.reshape(-1, *x.shape[lead:])
+    for k, update in enumerate(prepared):
+        if update is None or rows[k] is None:
+            continue
+        weight, bias = update
+        if weight is None:
+            flat = flat.index_add(0, rows[k], bias.expand(rows[k].numel(), *flat.shape[1:]).to(flat.dtype))
+            continue
+        sub = xs.index_select(0, rows[k])
+        inner = sub.reshape(-1, sub.shape[-1]).to(out.dtype)
+        delta = (weight @ inner.t()).t() if weight.layout == torch.sparse_csr else F.linear(inner, weight)
+        if bias is not None:
+            delta = delta + bias
+        flat = flat.index_add(0, rows[k], delta.reshape(*sub.shape[:-1], delta.shape[-1]).to(flat.dtype))
+    return flat.reshape(out.shape)
+
+
+def _prepared_update(part: Part, base: nn.Module, dtype: torch.dtype) -> tuple[Tensor | None, Tensor | None] | None:
+    """``(ΔW (out, in) — CSR or dense — or None, Δb or None)`` of ``part`` on ``base`` in ``dtype``; ``None`` when it
+    has no dense update here or its update touches other tensors."""
+    with torch.no_grad():
+        try:
+            updates = part.updates(base)
+        except (NotImplementedError, DeltaTuneError):  # no dense update here: the part runs its own forward
+            return None
+        if not updates or not set(updates) <= {"weight", "bias"}:
+            return None
+        weight = updates.get("weight")
+        if weight is None:
+            bias = updates["bias"].to(dtype)
+            return None, bias
+        if layer_kind(base) is LayerKind.CONV1D:
+            weight = weight.t()
+        weight = weight.to(dtype).contiguous()
+        if int(torch.count_nonzero(weight)) <= CSR_MAX_DENSITY * weight.numel():
+            with warnings.catch_warnings():  # "sparse CSR support is in beta": the product used here is exact
+                warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+                weight = weight.to_sparse_csr()
+        bias = updates.get("bias")
+        return weight, None if bias is None else bias.to(dtype)
 
 
 def _bare(module: nn.Module) -> Callable[[Tensor, Call], Any]:

@@ -111,6 +111,7 @@ def attach_parts(model: nn.Module, parts: dict[str, Part], name: str = DEFAULT, 
     """Wrap each target module and add its part under ``name``, on the base module's device.
 
     A model-level part (stored under the module name ``""``) goes to the model's :class:`ModelParts`."""
+    owners = weight_owners(model)  # one walk of the model for every part's tied aliases
     for module_name, part in parts.items():
         if part.model_level:
             part.check_base(model, "model")
@@ -131,10 +132,21 @@ def attach_parts(model: nn.Module, parts: dict[str, Part], name: str = DEFAULT, 
             part.to(ref.device)
         part.train(base.training)
         _wrapper(model, module_name).add(name, part, activate)
-        for alias in tied_aliases(model, module_name):
+        weight = getattr(base, "weight", None)
+        for alias in [] if weight is None else [n for n in owners.get(id(weight), []) if n != module_name]:
             # a tied module with a part of its own keeps it and sees this one too, under its own name
             alias_name = name if alias not in parts else f"{name}{TIED_SUFFIX}{module_name.replace('.', '_')}"
             _wrapper(model, alias).add(alias_name, TiedAlias(part, module_name), activate)
+
+
+def weight_owners(model: nn.Module) -> dict[int, list[str]]:
+    """``id(weight tensor)`` → the logical modules whose ``weight`` it is (more than one: tied embeddings)."""
+    owners: dict[int, list[str]] = {}
+    for n, m in logical_modules(model):
+        weight = getattr(m, "weight", None)
+        if weight is not None:
+            owners.setdefault(id(weight), []).append(n)
+    return owners
 
 
 def tied_aliases(model: nn.Module, name: str) -> list[str]:

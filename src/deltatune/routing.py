@@ -32,6 +32,8 @@ class Routing:
     names: list[str | None]
     ids: Tensor
     cache: dict[Any, Any] = field(default_factory=dict)
+    #: Each wrapped layer's parts under this routing, worked out on its first call (see ``DeltaLayer._routed``).
+    plans: dict[int, Any] = field(default_factory=dict)
 
     @classmethod
     def per_row(cls, row_names: Sequence[str | None]) -> Routing:
@@ -67,6 +69,22 @@ class Routing:
             raise ConfigError(f"routing has ids of shape {tuple(ids.shape)} but a layer got input of shape "
                               f"{tuple(x.shape)}; the batch does not match the routing")
         return ids
+
+
+def row_index(row_ids: Tensor, n: int, cache: dict[Any, Any] | None = None) -> list[Tensor | None]:
+    """For each id ``k < n``, the positions of the flattened ``row_ids`` equal to ``k`` (``None`` when there are
+    none); kept in ``cache`` (the ids of a routing context never change)."""
+    key = ("rows", n, row_ids.device)
+    if cache is not None and key in cache:
+        return cache[key]
+    flat = row_ids.reshape(-1)
+    found: list[Tensor | None] = []
+    for k in range(n):
+        idx = (flat == k).nonzero(as_tuple=True)[0]
+        found.append(idx if idx.numel() else None)
+    if cache is not None:
+        cache[key] = found
+    return found
 
 
 _CURRENT: ContextVar[Routing | None] = ContextVar("deltatune_routing", default=None)

@@ -35,6 +35,7 @@ from deltatune.layer import Call, first, replace_first
 from deltatune.parts.base import Part
 from deltatune.parts.layers import LayerKind, in_out_features, layer_kind
 from deltatune.parts.meta_checks import check_keys, check_shape, check_state, meta_int, meta_number, short
+from deltatune.routing import row_index
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu,
                                                       "tanh": torch.tanh}
@@ -116,7 +117,8 @@ class AdapterPart(Part):
     def __init__(self, features: int, bottleneck: int, scale: float = 1.0, source: str = "output",
                  act: str = "relu", dropout: float = 0.0, bias: bool = True, init: str = "bert",
                  dtype: torch.dtype | None = torch.float32, device: torch.device | str | None = None,
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None, empty: bool = False) -> None:
+        """``empty``: leave the tensors uninitialised (a loader that fills them at once skips the init)."""
         super().__init__()
         if source not in SOURCES or act not in ACTIVATIONS or init not in INITS:
             raise ConfigError(f"adapter part: source {source!r} / act {act!r} / init {init!r} not in "
@@ -128,7 +130,8 @@ class AdapterPart(Part):
         self.up_weight = nn.Parameter(torch.zeros(features, bottleneck, dtype=dtype, device=device))
         self.down_bias = nn.Parameter(torch.zeros(bottleneck, dtype=dtype, device=device)) if bias else None
         self.up_bias = nn.Parameter(torch.zeros(features, dtype=dtype, device=device)) if bias else None
-        self.reset_parameters(generator)
+        if not empty:
+            self.reset_parameters(generator)
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """``W_down`` per ``init``; ``W_up`` and both biases zero."""
@@ -166,17 +169,24 @@ class AdapterPart(Part):
         residual argument runs through the layer's per-part path (its call has other arguments)."""
         if any(p is not None and p.source == "residual" for p in parts):
             raise TargetError("a parallel adapter reading the residual argument cannot run on a plain module(x) call")
-        out = base(x)
+        return cls.mixed_onto(x, base(x), base, parts, row_ids, cache)
+
+    @classmethod
+    def mixed_onto(cls, x: Tensor, out: Any, base: Any, parts: Sequence[Part | None], row_ids: Tensor,
+                   cache: dict[Any, Any] | None = None) -> Any:
+        """``out`` (the output of everything inside the adapters, on the whole batch) with ``y_i + Δh_{a_i}(u_i)`` on
+        each adapter's rows (or tokens); rows of ``None`` unchanged.  Plain calls ``module(x)`` only."""
+        if any(p is not None and p.source == "residual" for p in parts):
+            raise TargetError("a parallel adapter reading the residual argument cannot run on a plain module(x) call")
         y = first(out)
-        lead, flat_ids = row_ids.dim(), row_ids.reshape(-1)
+        lead = row_ids.dim()
         ys = y.reshape(-1, *y.shape[lead:])
         xs = x.reshape(-1, *x.shape[lead:])
         new = ys
+        rows_of = row_index(row_ids, len(parts), cache if not torch.is_grad_enabled() else None)
         for pid, part in enumerate(parts):
-            if part is None:
-                continue
-            rows = (flat_ids == pid).nonzero(as_tuple=True)[0]
-            if not rows.numel():
+            rows = rows_of[pid]
+            if part is None or rows is None:
                 continue
             y_rows = ys.index_select(0, rows)
             u = y_rows if part.source == "output" else xs.index_select(0, rows)
@@ -211,7 +221,7 @@ class AdapterPart(Part):
         check_state(state, cls.expected_state(meta), cls.kind)
         part = cls(meta["features"], meta["bottleneck"], float(meta["scale"]), source=meta["source"],
                    act=meta["act"], dropout=float(meta.get("dropout", 0.0)), bias=meta.get("bias", True),
-                   dtype=state["down_weight"].dtype)
+                   dtype=state["down_weight"].dtype, empty=True)
         part.load_tensors(state, "adapter")
         return part
 

@@ -35,10 +35,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deltatune.errors import ConfigError, NotMergeable, ShapeMismatch
-from deltatune.parts.base import Part, base_layer_kind
+from deltatune.parts.base import Part, base_layer_kind, route_rows
 from deltatune.parts.layers import LayerKind, in_out_features, is_transposed, to_native
-from deltatune.parts.lora import LowRankFactors, lora_delta, lora_hidden
+from deltatune.parts.lora import (
+    LowRankFactors,
+    concat_lora_weights,
+    concat_pays,
+    decode_shaped,
+    lora_concat_delta,
+    lora_delta,
+    lora_hidden,
+)
 from deltatune.parts.meta_checks import check_keys, check_shape, check_state, meta_int, meta_layer, meta_number
+from deltatune.routing import row_index
 
 
 # --------------------------------------------------------------------------------------------------
@@ -99,8 +108,9 @@ class DoRAPart(LowRankFactors):
         init: str = "kaiming",
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        empty: bool = False,
     ) -> None:
-        super().__init__(in_features, out_features, rank, scale, layer, dropout, init, dtype, device)
+        super().__init__(in_features, out_features, rank, scale, layer, dropout, init, dtype, device, empty)
         self.magnitude = nn.Parameter(torch.ones(out_features, dtype=dtype, device=device))
         # norms recorded by merge_into, per base module (a stack: merges of one part may be stacked)
         self._merged_norms: weakref.WeakKeyDictionary[nn.Module, list[Tensor]] = weakref.WeakKeyDictionary()
@@ -155,6 +165,59 @@ class DoRAPart(LowRankFactors):
     def delta_weight(self) -> Tensor:
         """None without the base: ``NotImplementedError`` (the protocol's "no base-free dense update")."""
         raise NotImplementedError(f"a {self.kind} part's ΔW depends on the base weight W: use updates(base)")
+
+    @classmethod
+    def mixed_onto(
+        cls, x: Tensor, out: Tensor, base: nn.Module, parts: Sequence[Part | None], row_ids: Tensor,
+        cache: dict[Any, Any] | None = None,
+    ) -> Tensor:
+        """``out`` (the base output on the whole batch) with each row of a DoRA part ``a`` made
+        ``out + (g_a − 1) ⊙ (out − b) + g_a ⊙ s_a (x A_aᵀ) B_aᵀ`` (:meth:`forward`'s formula, ``g = m / ‖W + s·BA‖_c``);
+        rows of ``None`` unchanged.  The scales ``g`` and the concatenated factors are computed once per routing
+        context (``cache``) when no gradient flows — the norm is a full pass over ``W`` — and decode-shaped batches
+        (one token per row) run all parts in two GEMMs (:func:`~deltatune.parts.lora.lora_concat_delta`)."""
+        doras = [p for p in parts if p is not None]
+        if not doras:
+            return out
+        if doras[0].layer is LayerKind.EMBEDDING or any(p.training and p.dropout_p > 0 for p in doras):
+            runs = [None if p is None else (lambda sub, p=p: p(sub, base)) for p in parts]
+            return route_rows(x, out, row_ids, runs)
+        dtype = out.dtype
+        reuse = cache is not None and not (torch.is_grad_enabled() and any(
+            t.requires_grad for p in doras for t in (p.lora_A, p.lora_B, p.magnitude)))
+        key = ("dora", dtype)
+        if reuse and key in cache:
+            g_stack, weights = cache[key]
+        else:
+            w = doras[0]._weight(base)
+            g_stack = torch.ones(len(parts), doras[0].out_features, dtype=doras[0].magnitude.dtype, device=out.device)
+            for k, p in enumerate(parts):
+                if p is not None:
+                    g_stack[k] = p.magnitude / dora_norm(w, p.lora_A, p.lora_B, p.scale).to(p.magnitude.dtype)
+            weights = concat_lora_weights(parts, dtype)
+            if reuse:
+                cache[key] = (g_stack, weights)
+        bias = getattr(base, "bias", None)
+        plain = out - bias if bias is not None else out
+        if decode_shaped(x, row_ids) and concat_pays(doras):
+            g = g_stack[row_ids]
+            while g.dim() < out.dim():
+                g = g.unsqueeze(row_ids.dim())
+            lora = lora_concat_delta(x, row_ids, *weights)
+            return out + ((g - 1) * plain + g * lora).to(out.dtype)
+        rows = row_index(row_ids, len(parts), cache if reuse else None)
+        lead = row_ids.dim()
+        flat, flat_plain = out.reshape(-1, *out.shape[lead:]), plain.reshape(-1, *out.shape[lead:])
+        xs = x.reshape(-1, *x.shape[lead:])
+        for k, p in enumerate(parts):
+            if p is None or rows[k] is None:
+                continue
+            sub = xs.index_select(0, rows[k])
+            lora = F.linear(lora_hidden(sub, p.lora_A, p.layer), p.lora_B) * p.scale
+            g = g_stack[k]
+            delta = (g - 1) * flat_plain.index_select(0, rows[k]) + g * lora
+            flat = flat.index_add(0, rows[k], delta.to(flat.dtype))
+        return flat.reshape(out.shape)
 
     # --- algebra ---------------------------------------------------------------------------
     def updates(self, base: nn.Module | None = None) -> dict[str, Tensor]:
@@ -261,7 +324,7 @@ class DoRAPart(LowRankFactors):
         part = cls(
             meta["in_features"], meta["out_features"], meta["rank"], meta["scale"],
             layer=LayerKind(meta["layer"]), dropout=float(meta.get("dropout", 0.0)),
-            dtype=state["lora_A"].dtype,
+            dtype=state["lora_A"].dtype, empty=True,
         )
         part.load_tensors(state, "dora")
         return part

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from deltatune.errors import ConfigError, DeltaFormatError, NotMergeable, ShapeMismatch
-from deltatune.parts.base import Part, promote_dtypes
+from deltatune.parts.base import Part, promote_dtypes, route_rows
 from deltatune.parts.layers import LayerKind, in_out_features, is_transposed, layer_kind
 from deltatune.parts.meta_checks import check_keys, check_state, meta_int, meta_layer, short
 
@@ -257,6 +257,29 @@ class IA3Part(Part):
             return base(ia3_input(x, scales))
         out = base(x)
         return ia3_output(out, row_scales(vectors, row_ids, ia3[0].features, out.dim(), dtype, out.device))  # type: ignore[attr-defined]
+
+    @classmethod
+    def mixed_onto(
+        cls, x: Tensor, out: Tensor, base: nn.Module, parts: Sequence[Part | None], row_ids: Tensor,
+        cache: dict[Any, Any] | None = None,
+    ) -> Tensor:
+        """``out`` (the base output on the whole batch) with the rows of each part rescaled: output position
+        ``l_a ⊙ out`` (ones elsewhere, so other rows are unchanged); input position ``base(x ⊙ l_a)`` recomputed
+        on the part's rows only."""
+        ia3 = [p for p in parts if p is not None]
+        if not ia3:
+            return out
+        dtype = promote_dtypes([p.ia3_l for p in ia3])  # type: ignore[attr-defined]
+        outputs = [p if p is not None and p.position == "output" else None for p in parts]  # type: ignore[attr-defined]
+        if any(p is not None for p in outputs):
+            vectors = [None if p is None else p.ia3_l for p in outputs]  # type: ignore[attr-defined]
+            n = next(p for p in outputs if p is not None).features  # type: ignore[union-attr]
+            out = ia3_output(out, row_scales(vectors, row_ids, n, out.dim(), dtype, out.device))
+        inputs = [p if p is not None and p.position == "input" else None for p in parts]  # type: ignore[attr-defined]
+        if any(p is not None for p in inputs):
+            runs = [None if p is None else (lambda sub, p=p: base(ia3_input(sub, p.ia3_l))) for p in inputs]
+            out = route_rows(x, out, row_ids, runs)
+        return out
 
     # --- serialisation -------------------------------------------------------------------
     def meta(self) -> dict[str, Any]:

@@ -70,15 +70,18 @@ class LowRankFactors(Part):
         init: str = "kaiming",
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        empty: bool = False,
     ) -> None:
+        """``empty``: leave ``A`` and ``B`` uninitialised (a loader that fills them at once skips the init)."""
         super().__init__()
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.scale, self.layer, self.init = float(scale), LayerKind(layer), init
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.dropout_p = dropout
         self.lora_A = nn.Parameter(torch.empty(rank, in_features, dtype=dtype, device=device))
-        self.lora_B = nn.Parameter(torch.zeros(out_features, rank, dtype=dtype, device=device))
-        init_lora_factors(self.lora_A, self.lora_B, self.layer, self.init)
+        self.lora_B = nn.Parameter(torch.empty(out_features, rank, dtype=dtype, device=device))
+        if not empty:
+            init_lora_factors(self.lora_A, self.lora_B, self.layer, self.init)
 
     def reset_parameters(self) -> None:
         """PEFT's defaults (:func:`init_lora_factors`)."""
@@ -146,20 +149,40 @@ class LoRAPart(LowRankFactors):
         cls, x: Tensor, base: nn.Module, parts: Sequence[Part | None], row_ids: Tensor,
         cache: dict[Any, Any] | None = None,
     ) -> Tensor:
-        """One pass over a batch whose rows (or tokens) use different LoRAs (BGMV-style gather).
+        """One pass over a batch whose rows (or tokens) use different LoRAs: the base output once, then
+        :meth:`mixed_onto`."""
+        return cls.mixed_onto(x, base(x), base, parts, row_ids, cache)
 
-        Ranks are zero-padded to ``r_max`` and scales folded into ``B``; row ``i`` computes
-        ``y_i = base(x_i) + (x_i A_{a_i}ᵀ) B_{a_i}ᵀ`` with ``A``/``B`` gathered per row.  A ``None``
-        part contributes zeros (the base model).  Per-token ids (``(batch, seq)``) gather per token.  The
-        stacked weights are prepared once per routing context (``cache``) when no gradient flows.
+    @classmethod
+    def mixed_onto(
+        cls, x: Tensor, out: Tensor, base: nn.Module, parts: Sequence[Part | None], row_ids: Tensor,
+        cache: dict[Any, Any] | None = None,
+    ) -> Tensor:
+        """``out`` (the base module's output on the whole batch) with row ``i`` (or token) given
+        ``+ s_a (x_i A_aᵀ) B_aᵀ`` for its LoRA ``a = parts[row_ids[i]]``; rows of ``None`` are returned unchanged.
+
+        Linear/Conv1D layers with one token per row (decode), when :func:`concat_pays`, run :func:`lora_concat_delta`:
+        every LoRA of the batch concatenated along the rank, two GEMMs and a row mask — no per-row weight copies, no
+        padding to the largest rank.  Many distinct small LoRAs, longer rows (prefill) and embeddings gather
+        ``A``/``B`` per row (ranks zero-padded to ``r_max``, scales folded into ``B``; BGMV-style, for prefill the copy
+        is amortised over the row's tokens).  The prepared weights are kept in ``cache`` (the routing context's) when
+        no gradient flows.
         """
-        out = base(x)
         loras = [p for p in parts if p is not None]
         if not loras:
             return out
         dtype = out.dtype if out.is_floating_point() else None
         reuse = cache is not None and not (torch.is_grad_enabled() and any(
             t.requires_grad for p in loras for t in (p.lora_A, p.lora_B)))
+        if loras[0].layer is not LayerKind.EMBEDDING and decode_shaped(x, row_ids) and concat_pays(loras):
+            key = ("concat", dtype)
+            if reuse and key in cache:
+                weights = cache[key]
+            else:
+                weights = concat_lora_weights(parts, dtype)
+                if reuse:
+                    cache[key] = weights
+            return out + lora_concat_delta(x, row_ids, *weights).to(out.dtype)
         key = ("stack", dtype)
         if reuse and key in cache:
             a_stack, b_stack = cache[key]
@@ -204,7 +227,7 @@ class LoRAPart(LowRankFactors):
         part = cls(
             meta["in_features"], meta["out_features"], meta["rank"], meta["scale"],
             layer=LayerKind(meta["layer"]), dropout=float(meta.get("dropout", 0.0)),
-            dtype=state["lora_A"].dtype,
+            dtype=state["lora_A"].dtype, empty=True,
         )
         part.load_tensors(state, "lora")
         return part
@@ -260,3 +283,47 @@ def stack_lora_weights(parts: Sequence[Part | None], dtype: torch.dtype | None) 
         a_stack[i, : p.rank] = p.lora_A.to(dt)
         b_stack[i, :, : p.rank] = (p.lora_B * p.scale).to(dt)
     return a_stack, b_stack
+
+
+def decode_shaped(x: Tensor, row_ids: Tensor) -> bool:
+    """Whether each id covers one token: per-token ids, or per-row ids over ``(rows, in)`` / ``(rows, 1, in)``."""
+    return row_ids.dim() == 2 or x.dim() == 2 or (x.dim() == 3 and x.shape[1] == 1)
+
+
+def concat_pays(parts: Sequence[LowRankFactors]) -> bool:
+    """Whether the concatenated kernel beats the per-row gather: every row multiplies against all ``Σr`` rank
+    columns there, against ``r_max`` (copied per row) here — concatenate when ``Σr ≤ 4 r_max`` (a few distinct
+    parts, or one large rank beside small ones, which the gather would pad every row to)."""
+    ranks = [p.rank for p in parts]
+    return sum(ranks) <= 4 * max(ranks)
+
+
+def concat_lora_weights(parts: Sequence[Part | None], dtype: torch.dtype | None) -> tuple[Tensor, Tensor, Tensor]:
+    """``(A_cat (Σr, in), B_cat (out, Σr), member (n, Σr))``: every part's ``A`` stacked along the rank, its
+    ``s·B`` beside the others, and ``member[k, j] = 1`` when rank column ``j`` belongs to ``parts[k]`` (``None``:
+    a row of zeros)."""
+    loras = [p for p in parts if p is not None]
+    for p in loras:
+        if not isinstance(p, LowRankFactors):
+            raise TypeError(f"mixed LoRA batch got a {type(p).__name__}")
+    dt = dtype or loras[0].lora_A.dtype
+    a_cat = torch.cat([p.lora_A.to(dt) for p in loras], dim=0)
+    b_cat = torch.cat([(p.lora_B * p.scale).to(dt) for p in loras], dim=1)
+    member = torch.zeros(len(parts), a_cat.shape[0], dtype=dt, device=a_cat.device)
+    col = 0
+    for k, p in enumerate(parts):
+        if p is not None:
+            member[k, col:col + p.rank] = 1
+            col += p.rank
+    return a_cat, b_cat, member
+
+
+def lora_concat_delta(x: Tensor, row_ids: Tensor, a_cat: Tensor, b_cat: Tensor, member: Tensor) -> Tensor:
+    """``((x A_catᵀ) ⊙ member[ids]) B_catᵀ``: row ``i`` gets ``s_a (x_i A_aᵀ) B_aᵀ`` of its own part ``a`` only (the
+    other parts' rank columns are multiplied by exact zeros); ``row_ids`` per row or per token."""
+    h = F.linear(x.to(a_cat.dtype), a_cat)
+    mask = member[row_ids]
+    while mask.dim() < h.dim():
+        mask = mask.unsqueeze(row_ids.dim())
+    return F.linear(h * mask, b_cat)
+

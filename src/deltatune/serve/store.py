@@ -8,9 +8,13 @@ an LRU cache bounded by ``max_bytes``; a registered delta that was evicted is lo
 
 Every resident copy is attached under its own key (``name@n``).  A request *leases* the key it started with
 (:meth:`DeltaStore.acquire`), so loading a new version under the same name, or unloading the name, never changes
-the delta of a request already running: the old copy is detached when its last lease is released.  Attaching
-and detaching take ``lock``, the lock the engine holds while it runs the model, so the model never changes
-during a forward.
+the delta of a request already running: the old copy is detached when its last lease is released.  Detaching,
+and any attach that changes the model's structure (wrapping a module for the first time, tied weights, task heads,
+an eviction), take ``lock``, the lock the engine holds while it runs the model, so the model never changes under a
+forward.  A delta whose parts all go to modules that are already wrapped is attached *without* waiting for the
+running step: its parts join those wrappers under a fresh key, inactive, which no forward in flight routes to (the
+engine picks them up when it rebuilds its routing for the new ``version``).  The store's own books have a lock of
+their own, always taken after ``lock`` when both are needed.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from torch import nn
 
 from deltatune.delta import Delta
 from deltatune.fingerprint import check_fingerprint
-from deltatune.model import attach_heads, attach_parts, check_heads, detach
+from deltatune.layer import DeltaLayer
+from deltatune.model import attach_heads, attach_parts, check_heads, detach, logical_modules, physical_path
 from deltatune.parts.capabilities import require_capability
 from deltatune.serve.errors import BadRequest, UnknownDelta
 
@@ -59,7 +64,9 @@ class DeltaStore:
     def __init__(self, model: nn.Module, base_name: str, max_bytes: int | None = None, verify: bool = True,
                  lock: threading.RLock | None = None) -> None:
         self.model, self.base_name, self.max_bytes, self.verify = model, base_name, max_bytes, verify
-        self.lock = lock or threading.RLock()
+        self.lock = lock or threading.RLock()  # the model's: held by the engine while it runs a step
+        self._book = threading.RLock()  # the store's books; taken after ``lock`` when both are needed
+        self._tied: set[int] | None = None  # ids of weights shared by several modules (found on first use)
         self._sources: dict[str, str | Delta] = {}
         self._resident: OrderedDict[str, Entry] = OrderedDict()  # least recently used first
         self._retiring: list[Entry] = []
@@ -111,7 +118,15 @@ class DeltaStore:
                              f"{self.base_name!r}", "name")
         src: str | Delta = source if isinstance(source, Delta) else str(source)
         delta = self._read(name, src) if preload else None
-        with self.lock:
+        if delta is not None and name not in self._resident and self._fits(delta):
+            wrappers = self._wrappers(delta)
+            if wrappers is not None:
+                with self._book:
+                    if name not in self._resident:  # still a fresh name: attach beside the running step
+                        self._sources[name] = src
+                        self._attach(name, delta, wrappers)
+                        return
+        with self.lock, self._book:
             old = self._resident.pop(name, None)
             if old is not None:
                 self._retire(old)
@@ -121,7 +136,7 @@ class DeltaStore:
 
     def remove(self, name: str) -> None:
         """Forget ``name``: new requests for it get :class:`UnknownDelta`; running ones finish with their copy."""
-        with self.lock:
+        with self.lock, self._book:
             if name not in self._sources:
                 raise UnknownDelta(name, self.names())
             del self._sources[name]
@@ -135,7 +150,13 @@ class DeltaStore:
         bare base (no lease needed)."""
         if name is None or name == self.base_name:
             return Lease(None)
-        with self.lock:
+        with self._book:  # resident (the usual case): no need to wait for the running step
+            entry = self._resident.get(name)
+            if entry is not None:
+                self._resident.move_to_end(name)
+                entry.users += 1
+                return Lease(entry.key, entry)
+        with self.lock, self._book:
             if name not in self._sources:
                 raise UnknownDelta(name, [self.base_name, *self.names()])
             entry = self._resident.get(name)
@@ -149,11 +170,14 @@ class DeltaStore:
         if lease.released or lease.entry is None:
             lease.released = True
             return
-        with self.lock:
+        with self._book:
             lease.released = True
             entry = lease.entry
             entry.users -= 1
-            if entry.retired and entry.users == 0:
+            if not ((entry.retired and entry.users == 0) or (not entry.retired and self._over())):
+                return
+        with self.lock, self._book:  # something to detach
+            if entry.retired and entry.users == 0 and entry in self._retiring:
                 self._detach(entry)
             elif not entry.retired:
                 self._evict()
@@ -177,17 +201,59 @@ class DeltaStore:
         check_heads(self.model, delta, where)
         return delta
 
-    def _attach(self, name: str, delta: Delta) -> Entry:
+    def _fits(self, delta: Delta) -> bool:
+        """Whether ``delta`` can be attached with no eviction (no byte bound, or room under it)."""
+        return self.max_bytes is None or self.nbytes + delta.nbytes <= self.max_bytes
+
+    def _wrappers(self, delta: Delta) -> dict[str, DeltaLayer] | None:
+        """``{module name: its wrapper}`` when attaching ``delta`` changes no structure of the model — every part goes
+        to a module already wrapped, none with a weight tied to another module, no task heads, no model-level
+        parts; ``None`` otherwise (the attach then waits for the running step)."""
+        if delta.heads or not delta.parts:
+            return None
+        if self._tied is None:
+            seen: dict[int, int] = {}
+            for _, module in logical_modules(self.model):
+                weight = getattr(module, "weight", None)
+                if weight is not None:
+                    seen[id(weight)] = seen.get(id(weight), 0) + 1
+            self._tied = {k for k, n in seen.items() if n > 1}
+        found: dict[str, DeltaLayer] = {}
+        for module_name, part in delta.parts.items():
+            if part.model_level or not module_name:
+                return None
+            try:
+                layer = self.model.get_submodule(physical_path(self.model, module_name))
+            except AttributeError:
+                return None  # attach_parts raises the typed error
+            if not isinstance(layer, DeltaLayer) or id(getattr(layer.base, "weight", None)) in self._tied:
+                return None
+            found[module_name] = layer
+        return found
+
+    def _attach(self, name: str, delta: Delta, wrappers: dict[str, DeltaLayer] | None = None) -> Entry:
+        """Attach ``delta`` inactive under a fresh key: into the existing ``wrappers`` (:meth:`_wrappers`), or with
+        :func:`~deltatune.model.attach_parts` (the caller then holds ``lock``)."""
         self._count += 1
         key = f"{name}@{self._count}"
-        attach_parts(self.model, delta.parts, key, activate=False)
-        attach_heads(self.model, delta, key, activate=False)
-        self.model.eval()
+        if wrappers is not None:
+            for module_name, part in delta.parts.items():
+                layer = wrappers[module_name]
+                part.check_base(layer.base, module_name)
+                ref = next(layer.base.parameters(), None)
+                if ref is not None:
+                    part.to(ref.device)
+                layer.add(key, part, activate=False)  # the part takes the layer's train/eval mode
+        else:
+            attach_parts(self.model, delta.parts, key, activate=False)
+            attach_heads(self.model, delta, key, activate=False)
+            self.model.eval()
         self.version += 1
         entry = Entry(name, key, delta, delta.nbytes + sum(t.numel() * t.element_size() for h in delta.heads.values()
                                                              for t in h.values()))
         self._resident[name] = entry
-        self._evict(keep=name)
+        if wrappers is None:  # an eviction detaches: only with ``lock`` held (the caller checked _fits otherwise)
+            self._evict(keep=name)
         return entry
 
     def _retire(self, entry: Entry) -> None:
@@ -202,6 +268,9 @@ class DeltaStore:
         self.version += 1
         if entry in self._retiring:
             self._retiring.remove(entry)
+
+    def _over(self) -> bool:
+        return self.max_bytes is not None and self.nbytes > self.max_bytes
 
     def _evict(self, keep: str | None = None) -> None:
         """Detach least recently used idle deltas until the resident bytes fit ``max_bytes``."""

@@ -1,0 +1,153 @@
+"""The serving fast paths: one-token-per-row (decode) batches of LoRA/DoRA run the concatenated-rank kernel, a
+mixed batch of several kinds runs the base module once and each kind onto its own rows (sparse through a cached
+CSR update), per-layer plans are kept per routing context and rebuilt when a layer's parts change, and a delta whose
+modules are already wrapped attaches without waiting for the engine's step lock."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+from conftest import randomize_delta, tiny_llama
+
+import deltatune
+from deltatune.layer import DeltaLayer
+from deltatune.methods import make_config
+from deltatune.model import attach_parts
+from deltatune.routing import Routing, routed
+from deltatune.serve import DeltaStore
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+KINDS = {"lora2": ("lora", {"r": 2, "alpha": 4.0}), "lora8": ("lora", {"r": 8, "alpha": 8.0}),
+         "sparse": ("sparse", {"num_tunable": 777, "regrow": False}), "dora": ("dora", {"r": 2, "alpha": 4.0}),
+         "ia3": ("ia3", {}), "adapter": ("adapter", {"bottleneck": 8})}
+
+
+@pytest.fixture(scope="module")
+def deltas():
+    return {name: randomize_delta(tiny_llama(), make_config(method, cfg), seed=i + 1, std=0.3)
+            for i, (name, (method, cfg)) in enumerate(KINDS.items())}
+
+
+def _model(deltas):
+    model = tiny_llama()
+    for name, d in deltas.items():
+        deltatune.apply_delta(model, d, name=name)
+        for layer in [m for m in model.modules() if isinstance(m, DeltaLayer)]:
+            if name in layer.active:
+                layer.active.remove(name)  # attached inactive, as the store does
+    return model
+
+
+def _alone(deltas, name, ids):
+    model = tiny_llama()
+    if name is not None:
+        deltatune.apply_delta(model, deltas[name])
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("seq", [1, 5], ids=["decode", "prefill"])
+def test_every_kind_in_one_batch_equals_each_row_alone(deltas, seq):
+    """Each row of a batch mixing all kinds (and a base row) equals the row run alone with its delta applied;
+    one-token rows take the decode kernels, longer ones the prefill paths."""
+    names = [None, *KINDS, "lora2"]
+    ids = torch.randint(1, 128, (len(names), seq), generator=torch.Generator().manual_seed(3))
+    model = _model(deltas)
+    with torch.no_grad(), routed(Routing.per_row(names)):
+        mixed = model(input_ids=ids).logits
+    for i, name in enumerate(names):
+        alone = _alone(deltas, name, ids[i:i + 1])
+        assert (mixed[i:i + 1] - alone).abs().max().item() <= 1e-5, (name, seq)
+
+
+def test_decode_lora_concat_matches_each_part(deltas):
+    """The concatenated-rank kernel gives each row its own LoRA's ``s (x Aᵀ) Bᵀ`` and leaves base rows alone."""
+    from deltatune.parts.lora import LoRAPart
+
+    model = _model({k: deltas[k] for k in ("lora2", "lora8")})
+    layer = model.model.layers[0].self_attn.q_proj
+    parts = [layer.parts["lora2"], None, layer.parts["lora8"]]
+    x = torch.randn(3, 1, 64, generator=torch.Generator().manual_seed(0))
+    cache: dict = {}
+    with torch.no_grad():
+        got = LoRAPart.mixed_forward(x, layer.base, parts, torch.tensor([0, 1, 2]), cache)
+        want = torch.cat([parts[0](x[0:1], layer.base), layer.base(x[1:2]), parts[2](x[2:3], layer.base)])
+    assert ("concat", torch.float32) in cache
+    assert torch.equal(got[1], layer.base(x)[1])  # exact zeros added to the base row
+    assert (got - want).abs().max().item() <= 1e-6
+
+
+def test_sparse_rows_use_a_cached_csr_update(deltas):
+    model = _model({"sparse": deltas["sparse"], "lora2": deltas["lora2"]})
+    routing = Routing.per_row(["sparse", "lora2", None])
+    ids = torch.randint(1, 128, (3, 1), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), routed(routing):
+        model(input_ids=ids)
+    prepared = [v[("updates", torch.float32)] for k, v in routing.cache.items() if k[1] == "sparse"]
+    assert prepared and all(u[0][0].layout == torch.sparse_csr for u in prepared)
+
+
+def test_plans_are_kept_per_routing_and_rebuilt_when_parts_change(deltas):
+    model = tiny_llama()
+    attach_parts(model, deltas["lora2"].parts, "a", activate=False)
+    routing = Routing.per_row(["a", "b"])
+    ids = torch.randint(1, 128, (2, 4), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), routed(routing):
+        first = model(input_ids=ids).logits
+        plans = dict(routing.plans)
+        again = model(input_ids=ids).logits
+        assert plans and all(routing.plans[k] is v for k, v in plans.items())  # reused, not rebuilt
+        attach_parts(model, deltas["lora8"].parts, "b", activate=False)
+        after = model(input_ids=ids).logits
+    assert torch.equal(first, again)
+    assert (after[0] - first[0]).abs().max().item() <= 1e-5  # row "a" as before (its rank now padded to b's)
+    assert (after[1] - first[1]).abs().max().item() > 1e-4  # row "b" now has its delta
+    assert (after[1:2] - _alone(deltas, "lora8", ids[1:2])).abs().max().item() <= 1e-5
+
+
+def test_a_delta_on_wrapped_modules_attaches_while_a_step_holds_the_lock(deltas, tmp_path):
+    """The first delta wraps modules (it waits for the model's lock); a second one on the same modules joins the
+    existing wrappers without waiting for the running step, and serves at once."""
+    model = tiny_llama()
+    store = DeltaStore(model, "base")
+    paths = {n: deltas[n].save(tmp_path / n) for n in ("lora2", "lora8", "ia3")}
+    held, release = threading.Event(), threading.Event()
+
+    def step() -> None:  # what the engine does during a step
+        with store.lock:
+            held.set()
+            release.wait(30)
+
+    def add_while_held(name: str) -> float:
+        worker = threading.Thread(target=step)
+        worker.start()
+        held.wait(30)
+        done = threading.Event()
+        adder = threading.Thread(target=lambda: (store.add(name, paths[name]), done.set()))
+        t0 = time.perf_counter()
+        adder.start()
+        finished = done.wait(5)
+        waited = time.perf_counter() - t0
+        release.set()
+        adder.join(30)
+        worker.join(30)
+        held.clear(), release.clear()
+        return finished, waited
+
+    finished, _ = add_while_held("lora2")
+    assert not finished  # structural: had to wait for the step
+    finished, _ = add_while_held("lora8")
+    assert finished  # same modules, already wrapped: no wait
+    assert store.resident().keys() == {"lora2", "lora8"}
+    lease = store.acquire("lora8")
+    ids = torch.randint(1, 128, (1, 4), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad(), routed(Routing.per_row([lease.key])):
+        got = model(input_ids=ids).logits
+    assert (got - _alone(deltas, "lora8", ids)).abs().max().item() <= 1e-5
+    store.release(lease)
+    store.remove("lora8")
+    assert "lora8" not in store.resident()
