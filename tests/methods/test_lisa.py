@@ -169,3 +169,57 @@ def test_minilm_run_resumes_bit_exactly_across_a_redraw(tmp_path, monkeypatch, d
 
     delta = crash_and_resume(tmp_path, monkeypatch, "lisa", {"layers": 1, "interval": 2})
     assert len({n.split(".")[3] for n in delta.parts if n.startswith("bert.encoder.layer.")}) > 1
+
+
+def test_always_trained_embedding_looks_up_rows_without_a_dense_sum():
+    """The embedding's dense part adds the looked-up rows of ``ΔW`` to those of ``W`` (no ``vocab × dim`` sum):
+    the same output and gradient as autograd through ``W + ΔW``, and the base unchanged."""
+    from deltatune.parts.dense import DensePart
+
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(50, 8, padding_idx=3).requires_grad_(False)
+    before = emb.weight.detach().clone()
+    part = DensePart.for_module(emb)
+    with torch.no_grad():
+        part.delta_for("weight").normal_()
+    ids = torch.tensor([[1, 3, 7, 7], [3, 0, 49, 1]])
+    target = torch.randn(2, 4, 8)
+    out = part(ids, emb)
+    (out * target).sum().backward()
+    delta = part.delta_for("weight").detach().clone().requires_grad_(True)
+    ref = torch.nn.functional.embedding(ids, emb.weight + delta, padding_idx=3)
+    (ref * target).sum().backward()
+    assert torch.equal(out.detach(), ref.detach())
+    assert torch.allclose(part.delta_for("weight").grad, delta.grad, rtol=0, atol=1e-6)
+    assert torch.equal(emb.weight, before)
+
+
+@pytest.mark.parametrize("conv1d", [False, True])
+def test_large_head_forms_the_sum_block_by_block(conv1d, monkeypatch):
+    """An always-trained head above ``DENSE_BLOCK`` entries forms ``W + ΔW`` a block of output features at a time:
+    output and gradients equal autograd through the whole sum."""
+    from transformers.pytorch_utils import Conv1D
+
+    import deltatune.parts.dense as dense_mod
+
+    monkeypatch.setattr(dense_mod, "DENSE_BLOCK", 100)  # 40 × 24 entries: blocks of 4 output features
+    torch.manual_seed(1)
+    head = (Conv1D(40, 24) if conv1d else torch.nn.Linear(24, 40)).requires_grad_(False)
+    with torch.no_grad():
+        head.bias.normal_()
+    part = dense_mod.DensePart.for_module(head)
+    with torch.no_grad():
+        for name in ("weight", "bias"):
+            part.delta_for(name).normal_()
+    x = torch.randn(3, 5, 24, requires_grad=True)
+    target = torch.randn(3, 5, 40)
+    (part(x, head) * target).sum().backward()
+    deltas = {k: part.delta_for(k).detach().clone().requires_grad_(True) for k in ("weight", "bias")}
+    x_ref = x.detach().clone().requires_grad_(True)
+    w, b = head.weight + deltas["weight"], head.bias + deltas["bias"]
+    ref = x_ref @ w + b if conv1d else torch.nn.functional.linear(x_ref, w, b)
+    (ref * target).sum().backward()
+    assert torch.allclose(part(x, head), ref, rtol=0, atol=1e-5)
+    assert torch.allclose(x.grad, x_ref.grad, rtol=0, atol=1e-5)
+    for k in ("weight", "bias"):
+        assert torch.allclose(part.delta_for(k).grad, deltas[k].grad, rtol=0, atol=1e-5)

@@ -11,8 +11,8 @@ import deltatune.parts.sparse as sparse_mod
 from deltatune.parts.layers import LayerKind, weight_grad
 from deltatune.parts.sparse import (
     SAMPLED_GRAD_MAX_DENSITY,
+    SparseDeltaFunction,
     SparsePart,
-    _SparseDeltaFunction,
     sampled_weight_grad,
     use_sampled_grad,
 )
@@ -107,7 +107,7 @@ def test_gradcheck_float64(kind, monkeypatch):
     x = torch.randn(2, 3, d_in, dtype=torch.float64, requires_grad=True)
     values = torch.randn(6, dtype=torch.float64, requires_grad=True)
     weight = base.weight.detach().clone()
-    fn = lambda x_, v_: _SparseDeltaFunction.apply(x_, v_, idx, weight, base, kind, None)  # noqa: E731
+    fn = lambda x_, v_: SparseDeltaFunction.apply(x_, v_, idx, weight, base, kind, None)  # noqa: E731
     monkeypatch.setattr(sparse_mod, "SAMPLED_GRAD_MAX_DENSITY", 1.0)  # 6 of 35 entries: take the sampled path
     monkeypatch.setattr(sparse_mod, "weight_grad", None)  # … and only that one
     assert torch.autograd.gradcheck(fn, (x, values), eps=1e-6, atol=1e-8)
@@ -136,3 +136,47 @@ def test_dense_path_above_the_density_threshold(monkeypatch):
     x = torch.randn(2, 8)
     part(x, base).sum().backward()
     assert not calls and part.values.grad.shape == (64,)
+
+
+@pytest.mark.parametrize("kind", [LayerKind.LINEAR, LayerKind.CONV1D])
+def test_training_pass_patches_the_base_in_place_and_restores_it_bit_for_bit(kind):
+    """The training forward/backward adds the values into ``W`` for one kernel call (no dense copy) and writes
+    the saved entries back: the base is bit-identical afterwards, outputs and gradients equal the copy path."""
+    base = _base(kind, 24, 40)
+    before = base.weight.detach().clone()
+    version = base.weight._version
+    part = SparsePart(tuple(base.weight.shape), _support(24 * 40, 30, 8), kind)
+    with torch.no_grad():
+        part.values.normal_()
+    x = torch.randn(2, 5, 24, requires_grad=True)
+    out = part(x, base)
+    assert torch.equal(base.weight, before)  # restored right after the forward kernel
+    (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+    assert torch.equal(base.weight, before) and base.weight._version == version
+    with torch.no_grad():  # the copy path (no gradients): the same output
+        assert torch.equal(part(x, base), out.detach())
+    vals = part.values.detach().clone().requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    w = base.weight + sparse_mod.scatter_delta(base.weight.shape, part.indices, vals)
+    ref = nn.functional.linear(x_ref, w, base.bias) if kind is LayerKind.LINEAR else x_ref @ w + base.bias
+    (ref * torch.linspace(-1, 1, ref.shape[-1])).sum().backward()
+    assert (out.detach() - ref.detach()).abs().max() <= 1e-5
+    assert (x.grad - x_ref.grad).abs().max() <= 1e-5 and (part.values.grad - vals.grad).abs().max() <= 1e-4
+
+
+def test_csr_support_is_cached_until_the_indices_change():
+    part = SparsePart((40, 24), _support(40 * 24, 30, 9), LayerKind.LINEAR)
+    first = part.support()
+    assert part.support() is first  # cached
+
+    def flat(support):
+        crow, col = support
+        return torch.repeat_interleave(torch.arange(40), crow.diff().long()) * 24 + col.long()
+
+    assert int(first[0][-1]) == 30 and torch.equal(flat(first), part.indices.long())
+    free = next(i for i in range(40 * 24) if i not in set(part.indices.tolist()))
+    with torch.no_grad():  # a reselection writes the indices in place
+        part.indices[0] = free
+        part.indices.copy_(part.indices.sort().values)
+    again = part.support()
+    assert again is not first and torch.equal(flat(again), part.indices.long())

@@ -121,7 +121,12 @@ class SparseAdamW(torch.optim.Optimizer):
                 v.mul_(b2).addcmul_(g, g, value=1 - b2)
                 bc1 = 1 - torch.pow(b1, age)
                 bc2 = 1 - torch.pow(b2, age)
-                update = (m / bc1) / ((v / bc2).sqrt_().add_(eps))
+                update = (m / bc1).div_((v / bc2).sqrt_().add_(eps))
+                if positions is None and p.dtype == torch.float32:  # in place: no fp32 copy of p
+                    if wd:
+                        p.mul_(1 - lr * wd)
+                    p.add_(update, alpha=-lr)
+                    continue
                 p32 = p.float() if positions is None else p.reshape(-1).index_select(0, positions).float()
                 if wd:
                     p32.mul_(1 - lr * wd)

@@ -5,16 +5,21 @@ forward runs the module with ``θ + Δθ`` through ``torch.func.functional_call`
 module type and the base tensors stay untouched.  A full fine-tuned checkpoint is this part on
 every module (``checkpoint − base``).
 
-On ``nn.Linear`` and GPT-2 ``Conv1D`` the weight goes through :class:`_DenseLinearFunction`, which forms
-``W + ΔW`` transiently in the forward and again in the backward instead of keeping the sum alive for the
-backward (autograd through ``W + ΔW`` would save that copy for every module until its backward runs).
+An ``nn.Embedding`` (without ``max_norm``) looks its ids up in ``W`` and in ``ΔW`` and adds the rows, never
+forming the ``vocab × dim`` sum.  On ``nn.Linear`` and GPT-2 ``Conv1D`` the weight goes through
+:class:`_DenseLinearFunction`, which forms ``W + ΔW`` transiently in the forward and again in the backward
+instead of keeping the sum alive for the backward (autograd through ``W + ΔW`` would save that copy for every
+module until its backward runs); a weight above :data:`DENSE_BLOCK` entries (an LM head) forms it in blocks of
+output features, one at a time.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -26,6 +31,36 @@ from deltatune.parts.meta_checks import check_keys, check_shape, check_state, sh
 
 def _key(name: str) -> str:
     return name.replace(".", "__")
+
+
+#: a Linear/Conv1D weight of more entries than this (a large LM head: vocab × hidden) forms ``W + ΔW`` in blocks
+#: of output features of about this many entries, so the transient sum is never a whole copy of the weight.
+#: 2²⁴ entries (64 MiB in fp32): on CPU, blocks under glibc's 32 MiB mmap ceiling would raise its dynamic mmap
+#: threshold and keep freed activations in the heap (measured: +45 to +100 MB peak RSS on the ~50M Llama with
+#: 2²² blocks), so smaller heads (that one's 32000 × 512) keep the one transient sum
+DENSE_BLOCK = 1 << 24
+
+
+def _out_dim(weight: Tensor, kind: LayerKind) -> int:
+    return weight.shape[0] if kind is LayerKind.LINEAR else weight.shape[1]
+
+
+def _in_blocks(x: Tensor, weight: Tensor) -> bool:
+    """Whether to go block by block (a large weight, outside autocast, the input in the weight's dtype)."""
+    return weight.numel() > DENSE_BLOCK and x.dtype == weight.dtype and not torch.is_autocast_enabled(x.device.type)
+
+
+def _weight_blocks(weight: Tensor, delta: Tensor, kind: LayerKind) -> Iterator[tuple[slice, Tensor]]:
+    """``(output features, (W + ΔW) restricted to them)`` block by block, in the native layout: rows of a Linear
+    weight ``(out, in)``, columns of a Conv1D weight ``(in, out)``."""
+    n_out = _out_dim(weight, kind)
+    step = max(1, DENSE_BLOCK // (weight.numel() // n_out))
+    for start in range(0, n_out, step):
+        cols = slice(start, min(start + step, n_out))
+        if kind is LayerKind.LINEAR:
+            yield cols, weight[cols] + delta[cols].to(weight.dtype)
+        else:
+            yield cols, weight[:, cols] + delta[:, cols].to(weight.dtype)
 
 
 class _DenseLinearFunction(torch.autograd.Function):
@@ -40,6 +75,14 @@ class _DenseLinearFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, delta: Tensor, weight: Tensor, bias: Tensor | None, kind: LayerKind) -> Tensor:
         ctx.save_for_backward(x, delta, weight)
         ctx.kind, ctx.bias_dtype = kind, None if bias is None else bias.dtype
+        if _in_blocks(x, weight):
+            x2 = x.reshape(-1, x.shape[-1])
+            out = torch.empty(x2.shape[0], _out_dim(weight, kind), dtype=weight.dtype, device=x.device)
+            for cols, block in _weight_blocks(weight, delta, kind):
+                torch.mm(x2, block.t() if kind is LayerKind.LINEAR else block, out=out[:, cols])
+            if bias is not None:
+                out.add_(bias)
+            return out.reshape(*x.shape[:-1], out.shape[-1])
         w = weight + delta.to(weight.dtype)
         if kind is LayerKind.LINEAR:
             return torch.nn.functional.linear(x, w, bias)
@@ -52,7 +95,13 @@ class _DenseLinearFunction(torch.autograd.Function):
         x, delta, weight = ctx.saved_tensors
         g = grad_out.to(weight.dtype)
         grad_x = grad_delta = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and _in_blocks(x, weight):
+            g2 = g.reshape(-1, g.shape[-1])
+            grad_x = torch.zeros(g2.shape[0], x.shape[-1], dtype=weight.dtype, device=g.device)
+            for cols, block in _weight_blocks(weight, delta, ctx.kind):
+                grad_x.addmm_(g2[:, cols], block if ctx.kind is LayerKind.LINEAR else block.t())
+            grad_x = grad_x.reshape(*x.shape[:-1], x.shape[-1]).to(x.dtype)
+        elif ctx.needs_input_grad[0]:
             grad_x = input_grad(ctx.kind, g, weight + delta.to(weight.dtype)).to(x.dtype)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             grad_w = weight_grad(ctx.kind, x, g, weight.shape)
@@ -95,6 +144,12 @@ class DensePart(Part):
             if bias is not None and "bias" in self.shapes:
                 bias = bias + self.delta_for("bias").to(bias.dtype)
             return _DenseLinearFunction.apply(x, self.delta_for("weight"), base.weight, bias, kind)
+        if kind is LayerKind.EMBEDDING and set(self.shapes) == {"weight"} and base.max_norm is None:
+            # (W + ΔW)[ids] = W[ids] + ΔW[ids] element for element (one rounding either way), without forming
+            # the vocab × dim sum; the gradient reaches ΔW through its own lookup, as it did through the sum
+            w = base.weight
+            args = (base.padding_idx, None, base.norm_type, base.scale_grad_by_freq, base.sparse)
+            return F.embedding(x, w, *args) + F.embedding(x, self.delta_for("weight").to(w.dtype), *args)
         return self.forward_args(base, x)
 
     def forward_args(self, base: nn.Module, *args: object, **kwargs: object) -> Tensor:

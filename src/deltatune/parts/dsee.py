@@ -23,7 +23,7 @@ from deltatune.parts.layers import LayerKind, functional_forward, in_out_feature
 from deltatune.parts.lora import LowRankFactors, lora_delta, lora_hidden
 from deltatune.parts.meta_checks import check_keys, check_shape, check_state, meta_int, meta_layer, meta_number
 from deltatune.parts.sparse import (
-    _SparseDeltaFunction,
+    SparseDeltaFunction,
     check_indices,
     effective_weight,
     scatter_delta,
@@ -51,7 +51,7 @@ class DSEEPart(LowRankFactors):
 
     def forward(self, x: Tensor, base: nn.Module) -> Tensor:
         if torch.is_grad_enabled() and self.values.requires_grad:
-            out = _SparseDeltaFunction.apply(x, self.values, self.indices, base.weight, base, self.layer, None)
+            out = SparseDeltaFunction.apply(x, self.values, self.indices, base.weight, base, self.layer, None)
         else:
             out = functional_forward(base, self.layer, x, effective_weight(base.weight, self.indices, self.values))
         inp = x if self.layer is LayerKind.EMBEDDING else self.dropout(x)

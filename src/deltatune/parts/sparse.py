@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -50,19 +51,26 @@ def _rows_cols(x: Tensor, grad_out: Tensor, kind: LayerKind) -> tuple[Tensor, Te
     return (g2.t(), x2) if kind is LayerKind.LINEAR else (x2.t(), g2)
 
 
-def _sddmm(a: Tensor, b: Tensor, indices: Tensor) -> Tensor:
-    """``(a @ b).flat[indices]`` without forming ``a @ b``: a sampled dense-dense matmul on the CSR support of
-    the sorted flat ``indices`` (``torch.sparse.sampled_addmm``; each entry is one dot product of length
-    ``tokens``, no gathered temporaries)."""
-    rows, cols = a.shape[0], b.shape[1]
-    r, c = indices // cols, indices % cols
-    crow = torch.zeros(rows + 1, dtype=indices.dtype, device=indices.device)
-    crow[1:] = torch.bincount(r, minlength=rows).cumsum(0)
+def csr_support(indices: Tensor, shape: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """``(crow_indices, col_indices)`` of the sorted flat ``indices`` of a weight of ``shape`` viewed as the
+    ``(shape[0], rest)`` matrix (CSR, in the indices' dtype)."""
+    cols = math.prod(shape[1:]) if len(shape) > 1 else 1
+    r = torch.div(indices, cols, rounding_mode="floor")
+    crow = torch.zeros(int(shape[0]) + 1, dtype=indices.dtype, device=indices.device)
+    crow[1:] = torch.bincount(r, minlength=int(shape[0])).cumsum(0)
+    return crow, indices - r * cols
+
+
+def _sddmm(a: Tensor, b: Tensor, support: tuple[Tensor, Tensor]) -> Tensor:
+    """``(a @ b)`` at the CSR ``support`` (:func:`csr_support`) without forming ``a @ b``: a sampled dense-dense
+    matmul (``torch.sparse.sampled_addmm``; each entry is one dot product of length ``tokens``, no gathered
+    temporaries)."""
+    crow, col = support
     with warnings.catch_warnings():  # "sparse CSR support is in beta"
         warnings.simplefilter("ignore", UserWarning)
-        support = torch.sparse_csr_tensor(crow, c, torch.zeros(indices.numel(), dtype=a.dtype, device=a.device),
-                                          (rows, cols), check_invariants=False)
-        return torch.sparse.sampled_addmm(support, a, b, beta=0.0).values()
+        pattern = torch.sparse_csr_tensor(crow, col, torch.zeros(col.numel(), dtype=a.dtype, device=a.device),
+                                          (a.shape[0], b.shape[1]), check_invariants=False)
+        return torch.sparse.sampled_addmm(pattern, a, b, beta=0.0).values()
 
 
 def _embedding_sampled(x: Tensor, grad_out: Tensor, weight_shape: tuple[int, ...], indices: Tensor) -> Tensor:
@@ -83,20 +91,22 @@ def _embedding_sampled(x: Tensor, grad_out: Tensor, weight_shape: tuple[int, ...
 
 
 def sampled_weight_grad(kind: LayerKind, x: Tensor, grad_out: Tensor, weight_shape: tuple[int, ...],
-                        indices: Tensor) -> Tensor:
+                        indices: Tensor, support: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """``(∂L/∂W).flat[indices]`` computed on the support only, never the dense ``∂L/∂W``.
 
     Linear (``W`` is (out, in), flat ``i = r·in + c``): ``∂L/∂W.flat[i] = Σ_n g[n, r] · x[n, c]``;
     Conv1D (``W`` is (in, out), flat ``i = r·out + c``): ``Σ_n x[n, r] · g[n, c]``; both a sampled dense-dense
     matmul (SDDMM) over the ``tokens`` axis.  Embedding: the looked-up rows' gradient, gathered.  The SpIEL
     backward (Ansell et al., 2024, §3) with the dense ``gᵀx`` replaced by its ``k`` needed entries.
-    ``indices`` must be sorted (they are in every :class:`SparsePart`).  Returns fp32 (fp64 for fp64 input)."""
+    ``indices`` must be sorted (they are in every :class:`SparsePart`); ``support`` is their
+    :func:`csr_support` when the caller keeps it (a :class:`SparsePart` caches it between reselections).
+    Returns fp32 (fp64 for fp64 input)."""
     if not indices.numel():
         return torch.zeros(0, dtype=torch.float32, device=grad_out.device)
     if kind is LayerKind.EMBEDDING:
         return _embedding_sampled(x, grad_out, weight_shape, indices)
     a, b = _rows_cols(x, grad_out, kind)
-    return _sddmm(a, b, indices)
+    return _sddmm(a, b, support if support is not None else csr_support(indices, weight_shape))
 
 
 def use_sampled_grad(kind: LayerKind, k: int, numel: int) -> bool:
@@ -117,34 +127,67 @@ def effective_weight(weight: Tensor, indices: Tensor, values: Tensor) -> Tensor:
     return flat.index_add_(0, indices, values.detach().to(weight.dtype)).view_as(weight)
 
 
-class _SparseDeltaFunction(torch.autograd.Function):
+@contextmanager
+def patched_weight(weight: Tensor, indices: Tensor, values: Tensor) -> Iterator[Tensor]:
+    """``W + scatter(values)`` for the duration of the block, written into ``W`` itself where that is safe.
+
+    In place (a contiguous weight; the caller leaves out an embedding with ``max_norm``, whose lookup
+    renormalises rows in place): the ``k`` entries ``W.flat[indices]`` are saved, ``values`` added (the same
+    one rounding as :func:`effective_weight`), and the saved entries written back afterwards, so the base is
+    restored bit for bit and no dense copy of ``W`` is made.  The change goes
+    through ``.data`` (invisible to autograd's version counters) and lasts only for one kernel call of the
+    training forward or backward; a forward without gradients (serving, evaluation) uses
+    :func:`effective_weight`, so concurrent
+    readers of the base never see it.  Otherwise a fresh :func:`effective_weight`."""
+    if not weight.is_contiguous() or weight.is_inference():
+        yield effective_weight(weight, indices, values)
+        return
+    flat = weight.data.view(-1)
+    saved = flat.index_select(0, indices)
+    flat.index_add_(0, indices, values.detach().to(weight.dtype))
+    try:
+        yield weight.data
+    finally:
+        flat.index_put_((indices,), saved)
+
+
+class SparseDeltaFunction(torch.autograd.Function):
+    """``y = f(x; W + scatter(values))`` saving ``x``, ``values``, ``indices`` and ``W`` by reference (no dense
+    ``ΔW``, no ``W_eff``); an optional last argument is the part's cached :func:`csr_support`."""
+
     @staticmethod
     def forward(ctx, x: Tensor, values: Tensor, indices: Tensor, weight: Tensor, base: nn.Module,
-                kind: LayerKind, observer: GradObserver | None) -> Tensor:
+                kind: LayerKind, observer: GradObserver | None, *support: tuple[Tensor, Tensor] | None) -> Tensor:
         ctx.save_for_backward(x, values, indices, weight)
         ctx.base, ctx.kind, ctx.observer = base, kind, observer
+        ctx.n_support, ctx.support = len(support), support[0] if support else None
+        in_place = kind is not LayerKind.EMBEDDING or getattr(base, "max_norm", None) is None
         with torch.no_grad():
-            return functional_forward(base, kind, x, effective_weight(weight, indices, values))
+            if not in_place:
+                return functional_forward(base, kind, x, effective_weight(weight, indices, values))
+            with patched_weight(weight, indices, values) as w_eff:
+                return functional_forward(base, kind, x, w_eff)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         x, values, indices, weight = ctx.saved_tensors
         grad_out = grad_out.to(weight.dtype)  # under autocast the output (and its gradient) is low precision
         grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = input_grad(ctx.kind, grad_out, effective_weight(weight, indices, values))
+        if ctx.needs_input_grad[0] and ctx.kind is not LayerKind.EMBEDDING:
+            with patched_weight(weight, indices, values) as w_eff:
+                grad_x = input_grad(ctx.kind, grad_out, w_eff)
             grad_x = None if grad_x is None else grad_x.to(x.dtype)
         if ctx.needs_input_grad[1]:
             grad_values = _values_grad(ctx, x, grad_out, indices, weight).to(values.dtype)
         else:
             grad_values = None
-        return grad_x, grad_values, None, None, None, None, None
+        return (grad_x, grad_values, None, None, None, None, None) + (None,) * ctx.n_support
 
 
 def _values_grad(ctx: Any, x: Tensor, grad_out: Tensor, indices: Tensor, weight: Tensor) -> Tensor:
     """``∂L/∂values``: dense ``∂L/∂W`` gathered when the observer needs it (or the support is dense), else SDDMM."""
     if ctx.observer is None and use_sampled_grad(ctx.kind, indices.numel(), weight.numel()):
-        return sampled_weight_grad(ctx.kind, x, grad_out, tuple(weight.shape), indices)
+        return sampled_weight_grad(ctx.kind, x, grad_out, tuple(weight.shape), indices, ctx.support)
     grad_w = weight_grad(ctx.kind, x, grad_out, weight.shape)
     if ctx.observer is not None:
         ctx.observer(grad_w)
@@ -196,6 +239,21 @@ class SparsePart(Part):
         self.register_buffer("indices", indices.to(index_dtype(self.numel_base)))
         self.values = nn.Parameter(torch.zeros(indices.numel(), dtype=dtype, device=indices.device))
         self.grad_observer: GradObserver | None = None
+        self._support: tuple[Any, tuple[Tensor, Tensor]] | None = None
+
+    def support(self) -> tuple[Tensor, Tensor] | None:
+        """The :func:`csr_support` of the indices when the backward takes the sampled path (``None`` otherwise),
+        cached until the indices change (a reselection writes them in place: their version moves on)."""
+        if self.layer is LayerKind.EMBEDDING or not use_sampled_grad(self.layer, self.indices.numel(),
+                                                                      self.numel_base):
+            return None
+        idx = self.indices
+        key = (idx._version, idx.data_ptr(), idx.device, idx.numel())
+        cached = getattr(self, "_support", None)
+        if cached is None or cached[0] != key:
+            cached = (key, csr_support(idx, self.weight_shape))
+            self._support = cached
+        return cached[1]
 
     @property
     def numel_base(self) -> int:
@@ -204,8 +262,8 @@ class SparsePart(Part):
     def forward(self, x: Tensor, base: nn.Module) -> Tensor:
         if not torch.is_grad_enabled() or not self.values.requires_grad:
             return functional_forward(base, self.layer, x, effective_weight(base.weight, self.indices, self.values))
-        return _SparseDeltaFunction.apply(x, self.values, self.indices, base.weight, base, self.layer,
-                                          self.grad_observer)
+        return SparseDeltaFunction.apply(x, self.values, self.indices, base.weight, base, self.layer,
+                                          self.grad_observer, self.support())
 
     def delta_weight(self) -> Tensor:
         return scatter_delta(self.weight_shape, self.indices, self.values)
