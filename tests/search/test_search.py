@@ -201,6 +201,9 @@ def test_repeated_configuration_is_not_trained_again(tmp_path, data_dir, one_thr
     assert len(trained) == 1 and trained[0].state == optuna.trial.TrialState.COMPLETE
     assert len(repeats) == 5 and all(t.values == trained[0].values for t in repeats)  # 3 × trials draws in all
     assert counted_trials(result.study) == 1 and any("fewer distinct configurations" in m for m in said)
+    from deltatune.search.front import all_points, front_rows
+
+    assert [r["trial"] for r in front_rows(result)] == [trained[0].number] and len(all_points(result)) == 1
     assert sum("not trained again" in m for m in said) == 5
 
 

@@ -16,9 +16,12 @@ from deltatune.search.study import SearchResult
 
 
 def front_rows(result: SearchResult) -> list[dict[str, Any]]:
-    """One row per Pareto-optimal complete trial (optuna's non-dominated set), sorted by parameter count."""
+    """One row per Pareto-optimal trained trial (optuna's non-dominated set; a repeat of a configuration, which
+    has its first trial's values, is left out), sorted by parameter count."""
     rows = []
     for trial in result.study.best_trials:
+        if "duplicate_of" in trial.user_attrs:
+            continue
         row: dict[str, Any] = {"trial": trial.number, "method": trial.user_attrs["method_config"]}
         row.update(dict(zip(result.objectives, trial.values, strict=True)))
         row["params"] = int(row["params"])
@@ -27,7 +30,9 @@ def front_rows(result: SearchResult) -> list[dict[str, Any]]:
 
 
 def all_points(result: SearchResult) -> list[tuple[int, float]]:
-    done = result.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    """``(params, metric)`` of every trained complete trial (repeats left out), for the plot."""
+    done = [t for t in result.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+            if "duplicate_of" not in t.user_attrs]
     i, j = result.objectives.index("params"), result.objectives.index("metric")
     return [(int(t.values[i]), float(t.values[j])) for t in done]
 
