@@ -26,7 +26,7 @@ import torch
 
 from deltatune.api import as_delta, base_model_path, load_base_for
 from deltatune.delta import Delta
-from deltatune.errors import ConfigError
+from deltatune.errors import ConfigError, DataError
 from deltatune.model import apply_delta, mixed_batch
 
 
@@ -64,15 +64,12 @@ def check_chat_template(tokenizer: Any, delta: Delta, where: str, model: str) ->
 
 def chat_prompt(tokenizer: Any, prompt: str) -> str:
     """``prompt`` as one user turn in the tokenizer's chat template, ending with the generation prompt."""
+    from deltatune.train.chat import render_chat
+
     try:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
-    except Exception as exc:  # noqa: BLE001  (jinja2 raises TemplateError and whatever the template raises)
-        raise ConfigError(f"the chat template cannot render the prompt {prompt[:40]!r} as a user turn "
-                          f"({type(exc).__name__}: {str(exc)[:120]}); pass --raw to send it as is") from None
-    if not isinstance(text, str):
-        raise ConfigError(f"the chat template returned {type(text).__name__}, not text")
-    return text
+        return render_chat(tokenizer, [{"role": "user", "content": prompt}], True, f"the prompt {prompt[:40]!r}")
+    except DataError as exc:
+        raise ConfigError(f"{exc}; pass --raw to send it as is") from None
 
 
 def encode_rows(tokenizer: Any, texts: Sequence[str], special: Sequence[bool]) -> dict[str, torch.Tensor]:

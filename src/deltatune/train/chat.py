@@ -92,7 +92,9 @@ def _messages(value: Any, column: str, where: str) -> list[dict[str, str]]:
     return out
 
 
-def _render(tokenizer: Any, messages: list[dict[str, str]], prompt: bool, where: str) -> str:
+def render_chat(tokenizer: Any, messages: list[dict[str, str]], prompt: bool, where: str) -> str:
+    """``messages`` rendered by the tokenizer's chat template (with the generation prompt when ``prompt``);
+    DataError naming ``where`` when the template fails."""
     try:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt)
     except Exception as exc:  # noqa: BLE001  (jinja2 raises TemplateError and whatever the template raises)
@@ -106,13 +108,13 @@ def _render(tokenizer: Any, messages: list[dict[str, str]], prompt: bool, where:
 def assistant_spans(tokenizer: Any, messages: list[dict[str, str]], where: str) -> tuple[str, list[tuple[int, int]]]:
     """``(R(m), spans)``: the rendered conversation and the character span of each assistant turn (module
     docstring); ConfigError when the template does not render prefixes as prefixes."""
-    full = _render(tokenizer, messages, False, where)
+    full = render_chat(tokenizer, messages, False, where)
     spans = []
     for k, message in enumerate(messages):
         if message["role"] != ASSISTANT:
             continue
-        before = _render(tokenizer, messages[:k], True, where)
-        through = _render(tokenizer, messages[:k + 1], False, where)
+        before = render_chat(tokenizer, messages[:k], True, where)
+        through = render_chat(tokenizer, messages[:k + 1], False, where)
         if not through.startswith(before) or not full.startswith(through):
             raise ConfigError(f"{where}, message {k + 1}: the chat template does not render the conversation up to "
                               "this assistant turn as a prefix of the whole, so its tokens cannot be told apart; "
