@@ -29,7 +29,7 @@ from deltatune.commands.options import NoVerify, Overwrite
 from deltatune.commands.rebase import rebase_command
 from deltatune.commands.search import search_command
 from deltatune.commands.serve import serve_command
-from deltatune.config import brief, read_yaml
+from deltatune.config import brief, read_sections
 from deltatune.errors import ConfigError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -59,19 +59,8 @@ def _split_sets(sets: list[str]) -> dict[str, str]:
 
 def _read_run_yaml(config_file: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """``{train: {...}, method: {name: ..., ...}}`` from a bounded, safe YAML read (see ``config.read_yaml``)."""
-    doc = read_yaml(config_file) or {}
-    if not isinstance(doc, dict):
-        raise ConfigError(f"{config_file}: expected a mapping with 'train' and 'method', got {brief(doc)}")
-    unknown = sorted(set(doc) - {"train", "method"}, key=str)
-    if unknown:
-        raise ConfigError(f"{config_file}: unknown top-level key(s) {brief(unknown)}; expected 'train' and 'method'")
-    sections = []
-    for section in ("train", "method"):
-        value = doc.get(section) or {}
-        if not isinstance(value, dict):
-            raise ConfigError(f"{config_file}: '{section}' must be a mapping of fields, got {brief(value)}")
-        sections.append(dict(value))
-    return sections[0], sections[1]
+    train, method = read_sections(config_file, ("train", "method"))
+    return train, method
 
 
 def _train_configs(method: str, config_file: Path | None, flags: dict[str, Any], sets: list[str]):

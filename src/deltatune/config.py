@@ -241,3 +241,22 @@ def read_yaml(path: str | Path) -> Any:
         raise
     except (ValueError, OverflowError) as exc:  # an integer of thousands of digits, a date out of range
         raise ConfigError(f"{path}: a YAML value cannot be read ({str(exc)[:120]})") from None
+
+
+def read_sections(path: str | Path, names: tuple[str, ...]) -> tuple[dict[str, Any], ...]:
+    """The mappings under the top-level keys ``names`` of the YAML file ``path`` (read by :func:`read_yaml`), in
+    that order (``{}`` for a missing one); ConfigError naming the file for any other key or a non-mapping."""
+    expected = " and ".join(f"'{n}'" for n in names)
+    doc = read_yaml(path) or {}
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: expected a mapping with {expected}, got {brief(doc)}")
+    unknown = sorted(set(doc) - set(names), key=str)
+    if unknown:
+        raise ConfigError(f"{path}: unknown top-level key(s) {brief(unknown)}; expected {expected}")
+    sections = []
+    for name in names:
+        value = doc.get(name) or {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: '{name}' must be a mapping of fields, got {brief(value)}")
+        sections.append(dict(value))
+    return tuple(sections)

@@ -21,22 +21,10 @@ SEARCH_ENTRIES = ("study.db", "trials", "front", "front.json", "front.png")
 
 def read_search_yaml(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(train mapping, search mapping)`` of a ``{train: {...}, search: {...}}`` file."""
-    from deltatune.config import brief, read_yaml
-    from deltatune.errors import ConfigError
+    from deltatune.config import read_sections
 
-    doc = read_yaml(path) or {}
-    if not isinstance(doc, dict):
-        raise ConfigError(f"{path}: expected a mapping with 'train' and 'search', got {brief(doc)}")
-    unknown = sorted(set(doc) - {"train", "search"}, key=str)
-    if unknown:
-        raise ConfigError(f"{path}: unknown top-level key(s) {brief(unknown)}; expected 'train' and 'search'")
-    sections = []
-    for key in ("train", "search"):
-        value = doc.get(key) or {}
-        if not isinstance(value, dict):
-            raise ConfigError(f"{path}: '{key}' must be a mapping, got {brief(value)}")
-        sections.append(dict(value))
-    return sections[0], sections[1]
+    train, search = read_sections(path, ("train", "search"))
+    return train, search
 
 
 def search_command(

@@ -37,7 +37,6 @@ from deltatune.search.space import SearchSpace, StudyMismatch, modules_label
 
 STUDY = "deltatune-search"
 FINGERPRINT_ATTR = "deltatune_space_fingerprint"
-SEARCH_KIND = "search_run"
 ABANDONED_ATTR = "deltatune_abandoned_trials"
 
 
