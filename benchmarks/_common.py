@@ -26,8 +26,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-_STATUS = Path("/proc/self/status")
-_CLEAR_REFS = Path("/proc/self/clear_refs")
 _CONTEXT: Any = None
 
 
@@ -138,19 +136,11 @@ def run_lockstep(jobs: Sequence[tuple[Callable[..., Any], tuple[Any, ...]]],
 
 
 # --- memory ------------------------------------------------------------------------------------
-def _status_kb(field: str) -> int | None:
-    try:
-        for line in _STATUS.read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
 def rss_mb() -> float:
     """Current resident set size in MB (psutil where /proc is missing)."""
-    kb = _status_kb("VmRSS")
+    from deltatune.search.peak import status_kib
+
+    kb = status_kib("VmRSS")
     if kb is not None:
         return kb / 1024
     import psutil
@@ -159,20 +149,13 @@ def rss_mb() -> float:
 
 
 def _maxrss_mb() -> float:
-    kb = _status_kb("VmHWM")
+    from deltatune.search.peak import status_kib
+
+    kb = status_kib("VmHWM")
     if kb is not None:
         return kb / 1024
     scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark to the current RSS (Linux ≥ 4.0); False if not possible."""
-    try:
-        _CLEAR_REFS.write_text("5")
-        return True
-    except OSError:
-        return False
 
 
 class PeakMemory:
@@ -199,7 +182,9 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated() / 2**20
         else:
-            self.reset_ok = _reset_peak_rss()
+            from deltatune.search.peak import reset_peak_rss
+
+            self.reset_ok = reset_peak_rss()
             self.base = rss_mb()
 
     def peak_mb(self) -> float:

@@ -17,21 +17,27 @@ STATUS = Path("/proc/self/status")
 CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
-def _status_kib(field: str) -> int:
-    match = re.search(rf"^{field}:\s+(\d+) kB", STATUS.read_text(), re.MULTILINE)
-    if match is None:
-        raise OSError(f"{STATUS}: no {field} line")
-    return int(match.group(1))
+def status_kib(field: str) -> int | None:
+    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``, …); ``None`` where there is none."""
+    try:
+        match = re.search(rf"^{field}:\s+(\d+) kB", STATUS.read_text(), re.MULTILINE)
+    except OSError:
+        return None
+    return None if match is None else int(match.group(1))
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (``VmHWM``) to the current RSS (Linux ≥ 4.0); False where it cannot."""
+    try:
+        CLEAR_REFS.write_text("5")
+    except OSError:
+        return False
+    return True
 
 
 def cpu_peak_supported() -> bool:
     """Whether this process can reset and read its peak resident set."""
-    try:
-        CLEAR_REFS.write_text("5")
-        _status_kib("VmHWM")
-    except OSError:
-        return False
-    return True
+    return reset_peak_rss() and status_kib("VmHWM") is not None
 
 
 class PeakMemory:
@@ -46,12 +52,12 @@ class PeakMemory:
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
         else:
-            CLEAR_REFS.write_text("5")
-            self._start = _status_kib("VmRSS")
+            reset_peak_rss()
+            self._start = status_kib("VmRSS") or 0
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self.cuda:
             self.bytes = int(torch.cuda.max_memory_allocated())
         else:
-            self.bytes = max(0, _status_kib("VmHWM") - self._start) * 1024
+            self.bytes = max(0, (status_kib("VmHWM") or 0) - self._start) * 1024
