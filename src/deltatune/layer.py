@@ -279,15 +279,18 @@ def update_onto(x: Tensor, out: Tensor, base: nn.Module, parts: Sequence[Part | 
     once per routing context: a CSR matrix when at most :data:`CSR_MAX_DENSITY` of it is non-zero — a 1 % sparse
     delta then costs ~1 % of a weight read per step instead of a merged copy of the weight — else dense), rows of
     ``None`` unchanged.  With a gradient to compute, each part runs its own forward on its rows."""
+    def each_part_on_its_rows() -> Tensor:
+        return route_rows(x, out, row_ids, [None if p is None else (lambda sub, p=p: p(sub, base)) for p in parts])
+
     present = [p for p in parts if p is not None]
     if torch.is_grad_enabled() and any(t.requires_grad for p in present for t in p.parameters()):
-        return route_rows(x, out, row_ids, [None if p is None else (lambda sub, p=p: p(sub, base)) for p in parts])
+        return each_part_on_its_rows()
     key = ("updates", out.dtype)
     prepared = cache.get(key)
     if prepared is None:
         prepared = cache[key] = [None if p is None else _prepared_update(p, base, out.dtype) for p in parts]
     if any(u is None for p, u in zip(parts, prepared, strict=True) if p is not None):  # updates beyond weight/bias
-        return route_rows(x, out, row_ids, [None if p is None else (lambda sub, p=p: p(sub, base)) for p in parts])
+        return each_part_on_its_rows()
     rows = row_index(row_ids, len(parts), cache)
     lead = row_ids.dim()
     flat = out.reshape(-1, *out.shape[lead:])
