@@ -4,22 +4,24 @@ Run ``python benchmarks/serve.py [--quick] [--out FILE.json]``; writes ``FILE.js
 ``benchmarks/results/serve.json``).  Everything runs on CPU unless a GPU is present (then the model is moved there;
 the issue's GPU setting, a ~1B config in bf16, is not built in).
 
-1. **Throughput** (output tokens/s, best of ``rounds``): a random ``LlamaForCausalLM`` of ~50 M parameters (hidden
-   640, 8 layers, vocabulary 8192; ``--quick``: a tiny one), 16 requests of 32 random prompt tokens each, 32
-   greedy tokens each (EOS ignored), all submitted at once to :class:`deltatune.serve.Engine` (batch 16):
-   base only; base rows with 16 deltas attached; one LoRA merged; one LoRA unmerged on every row; 16 distinct
-   LoRA r=8 deltas (one per row); a heterogeneous mix (LoRA r=8 and r=64, sparse 1 %, DoRA, (IA)³, adapter,
-   round-robin over the rows).  Baselines with PEFT 0.21 on the same base and prompts: ``transformers``
-   ``generate`` of the bare base, PEFT's ``adapter_names`` mixed batch with the 16 LoRAs, and PEFT generating
-   per adapter (``set_adapter`` + ``generate`` on its row).  ``equal_alone`` checks every row's tokens against the
-   same request served alone (fp32 greedy).
+1. **Throughput** (output tokens/s): a random ``LlamaForCausalLM`` of ~50 M parameters (hidden 640, 8 layers,
+   vocabulary 8192; ``--quick``: a tiny one), 16 requests of 32 random prompt tokens each, 32 greedy tokens each
+   (EOS ignored), all submitted at once to :class:`deltatune.serve.Engine` (batch 16): base only; base rows with 16
+   deltas attached; one LoRA merged; one LoRA unmerged on every row; 16 distinct LoRA r=8 deltas (one per row); a
+   heterogeneous mix (LoRA r=8 and r=64, sparse 1 %, DoRA, (IA)³, adapter, round-robin over the rows).  Baselines
+   with PEFT 0.21 on the same base and prompts: ``transformers`` ``generate`` of the bare base, PEFT's
+   ``adapter_names`` mixed batch with the 16 LoRAs, and PEFT generating per adapter (``set_adapter`` + ``generate``
+   on its row).  Every mode has its own copy of the base; ``rounds`` interleaved rounds run every mode once each.
+   ``equal_alone`` checks every row's tokens against the same request served alone (fp32 greedy).
 2. **Load while serving**: ``DeltaStore.add`` of a LoRA (r=16 on q/k/v/o, ~2.6 MB safetensors at full size)
    while the engine thread decodes 16 base requests; median and max of 5 loads.
 3. **Open-loop load over loopback**: ``deltatune serve`` in its own process (8 LoRA deltas), a load generator in
    another process sending streaming completions with Poisson arrivals at three rates (bounded count and time),
    each request to a random delta or the base; p50/p99 time to first token and inter-token latency, output tok/s.
+4. **Co-serving**: decode step latency with and without a LoRA fine-tuning job in the engine, and the job's steps per
+   minute.
 
-Not measured here (not implemented): co-serving a fine-tuning job, merging the hottest delta on the fly.
+Not measured here (not implemented): merging the hottest delta on the fly.
 """
 
 from __future__ import annotations
@@ -94,16 +96,22 @@ class _NullTok:
         return ""
 
 
-def _timed(fn, rounds: int) -> tuple[float, Any]:
-    best, out = float("inf"), None
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
+def _interleaved(modes: list[tuple[str, Any]], rounds: int) -> dict[str, list[float]]:
+    """Seconds of each mode's callable per round; every round runs every mode once (the order rotated each round),
+    so background load on a shared machine hits all modes alike."""
+    times: dict[str, list[float]] = {name: [] for name, _ in modes}
+    for r in range(rounds):
+        for name, fn in modes[r % len(modes):] + modes[:r % len(modes)]:
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
 
 
 def throughput(cfg: dict[str, Any], n: int, prompt: int, new: int, rounds: int) -> list[dict[str, Any]]:
+    """Every mode on its own copy of the base model (so wrapping one never slows another), warmed up, then timed
+    in interleaved rounds: ``tok_per_s`` from the best round, ``vs_base`` the median over rounds of the mode's
+    speed relative to the base-only engine in the same round."""
     import copy
 
     import torch
@@ -118,74 +126,80 @@ def throughput(cfg: dict[str, Any], n: int, prompt: int, new: int, rounds: int) 
     n_params = sum(p.numel() for p in base.parameters())
     loras = {f"lora{i}": _delta(base, "lora", {"r": 8}, seed=i) for i in range(16)}
     hetero = {f"h{i}": _delta(base, m, c, seed=100 + i) for i, (m, c) in enumerate(HETERO)}
-    rows: list[dict[str, Any]] = []
-
-    def run(mode: str, model, deltas: dict[str, Any], names: list[str | None], check: bool = False) -> None:
-        engine = _engine(model, deltas)
-        engine.generate(prompts[:2], names[:2], params)  # warm-up
-        secs, outs = _timed(lambda: engine.generate(prompts, names, params), rounds)
-        row = {"mode": mode, "distinct_deltas": len({x for x in names if x}), "seconds": round(secs, 3),
-               "tok_per_s": round(n * new / secs, 1)}
-        if check:
-            alone = [engine.generate([p], [name], params)[0].token_ids for p, name in zip(prompts, names, strict=True)]
-            row["equal_alone"] = alone == [o.token_ids for o in outs]
-        rows.append(row)
-        for key in list(engine.store.names()):
-            engine.store.remove(key)
-
-    run("base only", base, {}, [None] * n)
-    run("base rows, 16 deltas attached", base, loras, [None] * n)
+    names16 = [f"lora{i % 16}" for i in range(n)]
     merged = copy.deepcopy(base)
     deltatune.merge_delta(merged, loras["lora0"])
-    run("one LoRA merged", merged, {}, [None] * n)
-    del merged
-    run("one LoRA unmerged (every row)", base, {"lora0": loras["lora0"]}, ["lora0"] * n, check=True)
-    names16 = [f"lora{i % 16}" for i in range(n)]
-    run("16 LoRA r=8, one per row", base, loras, names16, check=True)
-    run("heterogeneous: LoRA r8/r64, sparse 1%, DoRA, IA3, adapter", base, hetero,
-        [f"h{i % len(HETERO)}" for i in range(n)], check=True)
-    rows += _peft_rows(cfg, prompts, new, rounds)
-    ref = rows[0]["tok_per_s"]
-    for r in rows:
-        r["vs_base"] = round(r["tok_per_s"] / ref, 3)
-        r["params_m"] = round(n_params / 1e6, 1)
+    engines = [  # (mode, model, deltas, row names, check each row against the request alone)
+        ("base only", base, {}, [None] * n, False),
+        ("base rows, 16 deltas attached", copy.deepcopy(base), loras, [None] * n, False),
+        ("one LoRA merged", merged, {}, [None] * n, False),
+        ("one LoRA unmerged (every row)", copy.deepcopy(base), {"lora0": loras["lora0"]}, ["lora0"] * n, True),
+        ("16 LoRA r=8, one per row", copy.deepcopy(base), loras, names16, True),
+        ("heterogeneous: LoRA r8/r64, sparse 1%, DoRA, IA3, adapter", copy.deepcopy(base), hetero,
+         [f"h{i % len(HETERO)}" for i in range(n)], True),
+    ]
+    modes: list[tuple[str, Any]] = []
+    rows: list[dict[str, Any]] = []
+    for mode, model, deltas, names, check in engines:
+        engine = _engine(model, deltas)
+        engine.generate(prompts[:2], names[:2], params)  # warm-up
+        row = {"mode": mode, "distinct_deltas": len({x for x in names if x})}
+        if check:
+            together = [o.token_ids for o in engine.generate(prompts, names, params)]
+            alone = [engine.generate([p], [name], params)[0].token_ids for p, name in zip(prompts, names, strict=True)]
+            row["equal_alone"] = alone == together
+        rows.append(row)
+        modes.append((mode, lambda e=engine, names=names: e.generate(prompts, names, params)))
+    peft_modes = _peft_modes(cfg, prompts, new)
+    rows += [{"mode": mode, "distinct_deltas": k} for mode, k, _ in peft_modes]
+    times = _interleaved(modes + [(mode, fn) for mode, _, fn in peft_modes], rounds)
+    ref = times["base only"]
+    for row in rows:
+        secs = times[row["mode"]]
+        row.update(seconds=round(min(secs), 3), tok_per_s=round(n * new / min(secs), 1),
+                   vs_base=round(statistics.median(b / s for b, s in zip(ref, secs, strict=True)), 3),
+                   params_m=round(n_params / 1e6, 1))
     return rows
 
 
-def _peft_rows(cfg: dict[str, Any], prompts: list[list[int]], new: int, rounds: int) -> list[dict[str, Any]]:
+def _peft_modes(cfg: dict[str, Any], prompts: list[list[int]], new: int) -> list[tuple[str, int, Any]]:
+    """``(mode, distinct adapters, callable)`` of the reference rows: HF ``generate`` of the bare base, PEFT's
+    ``adapter_names`` mixed batch of 16 LoRAs and PEFT generating per adapter (each on its own model copy)."""
     import peft
     import torch
 
-    model = _base(cfg)
+    plain = _base(cfg)
     ids = torch.tensor(prompts)
     n = len(prompts)
     opts = {"max_new_tokens": new, "min_new_tokens": new, "do_sample": False, "pad_token_id": 0, "eos_token_id": None}
-    with torch.no_grad():
-        secs, _ = _timed(lambda: model.generate(ids, **opts), rounds)
-    rows = [{"mode": "transformers generate, base only (reference)", "distinct_deltas": 0, "seconds": round(secs, 3),
-             "tok_per_s": round(n * new / secs, 1)}]
     lora = peft.LoraConfig(r=8, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
-    pm = peft.get_peft_model(model, lora, adapter_name="a0")
+    pm = peft.get_peft_model(_base(cfg), lora, adapter_name="a0")
     for i in range(1, 16):
         pm.add_adapter(f"a{i}", lora)
     pm.eval()
     names = [f"a{i % 16}" for i in range(n)]
-    with torch.no_grad():
-        secs, _ = _timed(lambda: pm.generate(input_ids=ids, adapter_names=names, **opts), rounds)
-    rows.append({"mode": "PEFT adapter_names mixed batch, 16 LoRA r=8", "distinct_deltas": 16,
-                 "seconds": round(secs, 3), "tok_per_s": round(n * new / secs, 1)})
 
+    @torch.no_grad()
+    def hf() -> None:
+        plain.generate(ids, **opts)
+
+    @torch.no_grad()
+    def mixed() -> None:
+        pm.generate(input_ids=ids, adapter_names=names, **opts)
+
+    @torch.no_grad()
     def per_adapter() -> None:
         for i in range(16):
             rows_i = [k for k, name in enumerate(names) if name == f"a{i}"]
             if rows_i:
                 pm.set_adapter(f"a{i}")
                 pm.generate(input_ids=ids[rows_i], **opts)
-    with torch.no_grad():
-        secs, _ = _timed(per_adapter, rounds)
-    rows.append({"mode": "PEFT generate per adapter, 16 LoRA r=8", "distinct_deltas": 16, "seconds": round(secs, 3),
-                 "tok_per_s": round(n * new / secs, 1)})
-    return rows
+
+    for fn in (hf, mixed):
+        fn()  # warm-up
+    return [("transformers generate, base only (reference)", 0, hf),
+            ("PEFT adapter_names mixed batch, 16 LoRA r=8", 16, mixed),
+            ("PEFT generate per adapter, 16 LoRA r=8", 16, per_adapter)]
 
 
 def load_while_serving(cfg: dict[str, Any], tmp: Path) -> list[dict[str, Any]]:
@@ -377,7 +391,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny model, few tokens, one round (a smoke run)")
     parser.add_argument("--out", default="benchmarks/results/serve.json", help="JSON report (Markdown beside it)")
-    parser.add_argument("--rounds", type=int, default=None, help="timed rounds per mode (best is reported)")
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (every mode once per round)")
     parser.add_argument("--skip-load-test", action="store_true", help="skip the open-loop HTTP load test")
     a = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -386,8 +400,11 @@ def main() -> None:
     new, prompt = (8, 16) if a.quick else (32, 32)
     sections = [{"title": "Output tokens per second at batch 16", "rows": throughput(cfg, 16, prompt, new, rounds),
                  "columns": ["mode", "distinct_deltas", "seconds", "tok_per_s", "vs_base", "equal_alone", "params_m"],
-                 "notes": [f"{prompt} prompt tokens and {new} greedy new tokens per request, 16 requests, best of "
-                           f"{rounds} round(s); deltatune rows run deltatune.serve.Engine, PEFT rows HF generate"]}]
+                 "notes": [f"{prompt} prompt tokens and {new} greedy new tokens per request, 16 requests; {rounds} "
+                           "interleaved round(s), every mode once per round: seconds and tok_per_s from the best "
+                           "round, vs_base the median over rounds of the speed relative to base only in the same "
+                           "round; deltatune rows run deltatune.serve.Engine (each mode on its own copy of the "
+                           "base), PEFT rows HF generate"]}]
     with tempfile.TemporaryDirectory() as tmp:
         sections.append({"title": "Loading a delta while serving", "rows": load_while_serving(cfg, Path(tmp)),
                          "columns": ["delta_mb", "load_ms_median", "load_ms_max", "requests_in_flight_at_load"]})

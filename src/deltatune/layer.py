@@ -276,9 +276,10 @@ CSR_MAX_DENSITY = 0.25
 def update_onto(x: Tensor, out: Tensor, base: nn.Module, parts: Sequence[Part | None], row_ids: Tensor,
                 cache: dict[Any, Any]) -> Tensor:
     """``out`` with each part's rows given ``x ΔWᵀ + Δb`` (its :meth:`~deltatune.parts.base.Part.updates`, prepared
-    once per routing context: a CSR matrix when at most :data:`CSR_MAX_DENSITY` of it is non-zero — a 1 % sparse
-    delta then costs ~1 % of a weight read per step instead of a merged copy of the weight — else dense), rows of
-    ``None`` unchanged.  With a gradient to compute, each part runs its own forward on its rows."""
+    once and kept on the part, :meth:`~deltatune.parts.base.Part.prepared`: a CSR matrix when at most
+    :data:`CSR_MAX_DENSITY` of it is non-zero — a 1 % sparse delta then costs ~1 % of a weight read per step instead
+    of a merged copy of the weight — else dense), rows of ``None`` unchanged.  With a gradient to compute, each
+    part runs its own forward on its rows."""
     def each_part_on_its_rows() -> Tensor:
         return route_rows(x, out, row_ids, [None if p is None else (lambda sub, p=p: p(sub, base)) for p in parts])
 
@@ -288,7 +289,7 @@ def update_onto(x: Tensor, out: Tensor, base: nn.Module, parts: Sequence[Part | 
     key = ("updates", out.dtype)
     prepared = cache.get(key)
     if prepared is None:
-        prepared = cache[key] = [None if p is None else _prepared_update(p, base, out.dtype) for p in parts]
+        prepared = cache[key] = [None if p is None else _kept_update(p, base, out.dtype) for p in parts]
     if any(u is None for p, u in zip(parts, prepared, strict=True) if p is not None):  # updates beyond weight/bias
         return each_part_on_its_rows()
     rows = row_index(row_ids, len(parts), cache)
@@ -309,6 +310,13 @@ def update_onto(x: Tensor, out: Tensor, base: nn.Module, parts: Sequence[Part | 
             delta = delta + bias
         flat = flat.index_add(0, rows[k], delta.reshape(*sub.shape[:-1], delta.shape[-1]).to(flat.dtype))
     return flat.reshape(out.shape)
+
+
+def _kept_update(part: Part, base: nn.Module, dtype: torch.dtype) -> tuple[Tensor | None, Tensor | None] | None:
+    """:func:`_prepared_update`, kept on the part across routing contexts (rebuilt when the part — or, for a
+    base-dependent kind, the base module's tensors — change)."""
+    depends = tuple(base.parameters(recurse=False)) if part.base_dependent else ()
+    return part.prepared(("update", dtype, id(base)), lambda: _prepared_update(part, base, dtype), *depends)
 
 
 def _prepared_update(part: Part, base: nn.Module, dtype: torch.dtype) -> tuple[Tensor | None, Tensor | None] | None:

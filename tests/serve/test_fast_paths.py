@@ -91,6 +91,52 @@ def test_sparse_rows_use_a_cached_csr_update(deltas):
     assert prepared and all(u[0][0].layout == torch.sparse_csr for u in prepared)
 
 
+def test_prepared_updates_outlive_the_routing_and_follow_every_change(deltas, monkeypatch):
+    """A sparse part's CSR update and a DoRA part's column scales are built once for all routing contexts, and built
+    again when the part's tensors — or, for DoRA, the base weight — change in place."""
+    import copy
+
+    from deltatune.parts import dora
+    from deltatune.parts.sparse import SparsePart
+
+    model = _model({k: copy.deepcopy(deltas[k]) for k in ("sparse", "dora")})
+    layers = [m for m in model.modules() if isinstance(m, DeltaLayer)]
+    names = ["sparse", "dora", None]
+    ids = torch.randint(1, 128, (3, 1), generator=torch.Generator().manual_seed(5))
+    built = {"sparse": 0, "dora": 0}
+    sparse_updates, scale = SparsePart.updates, dora.column_scale
+    monkeypatch.setattr(SparsePart, "updates", lambda *a, **k: (built.__setitem__("sparse", built["sparse"] + 1),
+                                                                sparse_updates(*a, **k))[1])
+    monkeypatch.setattr(dora, "column_scale", lambda *a: (built.__setitem__("dora", built["dora"] + 1), scale(*a))[1])
+
+    def mixed() -> torch.Tensor:
+        with torch.no_grad(), routed(Routing.per_row(names)):
+            return model(input_ids=ids).logits
+
+    def alone(i: int) -> torch.Tensor:  # each part's own forward (nothing kept), the row on its own
+        for layer in layers:
+            layer.active = [names[i]] if names[i] in layer.parts else []
+        with torch.no_grad():
+            out = model(input_ids=ids[i:i + 1]).logits
+        for layer in layers:
+            layer.active = []
+        return out
+
+    first = mixed()
+    once = dict(built)
+    assert once["sparse"] > 0 and once["dora"] > 0
+    assert torch.equal(mixed(), first) and built == once  # a new routing context reuses what was built
+    with torch.no_grad():
+        for layer in layers:
+            if "sparse" in layer.parts:
+                layer.parts["sparse"].values.mul_(3.0)
+        model.model.layers[0].self_attn.q_proj.base.weight.mul_(1.5)  # a DoRA module's base weight
+    changed = mixed()
+    assert built["sparse"] > once["sparse"] and built["dora"] > once["dora"]
+    for i in range(len(names)):
+        assert (changed[i:i + 1] - alone(i)).abs().max().item() <= 1e-5, names[i]
+
+
 def test_plans_are_kept_per_routing_and_rebuilt_when_parts_change(deltas):
     model = tiny_llama()
     attach_parts(model, deltas["lora2"].parts, "a", activate=False)

@@ -179,6 +179,24 @@ class Part(nn.Module):
         runs = [None if p is None else (lambda sub, p=p: p(sub, base)) for p in parts]
         return route_rows(x, base(x), row_ids, runs)
 
+    def prepared(self, key: Any, build: Any, *depends: Tensor) -> Any:
+        """``build()``, kept on the part under ``key`` for as long as neither its own tensors nor ``depends`` (e.g.
+        the base weight a base-dependent update reads) change — their version counters, bumped by every in-place
+        write (an optimiser step, ``load_state_dict``, a merge), decide.  Serving prepares a part's batched form
+        (a CSR update, DoRA's column scales) once for all routing contexts instead of once per batch change.
+        Inference-mode tensors keep no version counter: then nothing is kept."""
+        try:
+            versions = tuple((id(t), t._version) for t in (*self.parameters(), *self.buffers(), *depends))
+        except RuntimeError:  # an inference tensor
+            return build()
+        kept = self.__dict__.setdefault("_prepared", _Kept())
+        entry = kept.get(key)
+        if entry is not None and entry[0] == versions:
+            return entry[1]
+        value = build()
+        kept[key] = (versions, value)
+        return value
+
     # --- serialisation -------------------------------------------------------------------
     def state(self) -> dict[str, Tensor]:
         """Flat tensors to save (parameters and index buffers)."""
@@ -230,6 +248,17 @@ class Part(nn.Module):
 
     def check_base(self, base: nn.Module, where: str) -> None:
         """Raise :class:`ShapeMismatch` if this part cannot attach to ``base``."""
+
+
+class _Kept(dict):
+    """What :meth:`Part.prepared` keeps: a cache, so a copy or a pickle of the part starts without it (CSR tensors
+    cannot be deep-copied, and a copy's tensors are new ones anyway)."""
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _Kept:
+        return _Kept()
+
+    def __reduce__(self) -> tuple[type, tuple]:
+        return _Kept, ()
 
 
 def route_rows(x: Tensor, out: Tensor, ids: Tensor, runs: Sequence[Any]) -> Tensor:

@@ -90,6 +90,11 @@ def unmerge_dora(merged_out_in: Tensor, a: Tensor, b: Tensor, scale: float, magn
 # --------------------------------------------------------------------------------------------------
 # the part
 # --------------------------------------------------------------------------------------------------
+def column_scale(part: DoRAPart, weight_out_in: Tensor) -> Tensor:
+    """DoRA's per-output-column factor ``g = m / ‖W + s·BA‖_c`` (so the layer computes ``g ⊙ (W + s·BA) x``)."""
+    return part.magnitude / dora_norm(weight_out_in, part.lora_A, part.lora_B, part.scale).to(part.magnitude.dtype)
+
+
 class DoRAPart(LowRankFactors):
     """Trainable ``A`` (kaiming-uniform or gaussian), ``B`` (zeros) and magnitude ``m`` (``‖W‖_c`` from the base,
     :meth:`init_magnitude`); embeddings use ``A = 0, B ~ N(0, 1)`` as in PEFT."""
@@ -148,7 +153,7 @@ class DoRAPart(LowRankFactors):
     def forward(self, x: Tensor, base: nn.Module) -> Tensor:
         out = base(x)
         w = self._weight(base)
-        g = self.magnitude / dora_norm(w, self.lora_A, self.lora_B, self.scale).to(self.magnitude.dtype)
+        g = column_scale(self, w)
         if self.layer is LayerKind.EMBEDDING:
             lora = F.linear(lora_hidden(x, self.lora_A, self.layer), self.lora_B) * self.scale
             return (g * out + g * lora).to(out.dtype)
@@ -192,15 +197,16 @@ class DoRAPart(LowRankFactors):
             w = doras[0]._weight(base)
             g_stack = torch.ones(len(parts), doras[0].out_features, dtype=doras[0].magnitude.dtype, device=out.device)
             for k, p in enumerate(parts):
-                if p is not None:
-                    g_stack[k] = p.magnitude / dora_norm(w, p.lora_A, p.lora_B, p.scale).to(p.magnitude.dtype)
+                if p is not None:  # the norm reads all of W: kept on the part while neither it nor W changes
+                    g_stack[k] = column_scale(p, w) if not reuse else p.prepared(
+                        ("dora_g", id(base.weight)), lambda p=p: column_scale(p, w), base.weight)
             weights = concat_lora_weights(parts, dtype)
             if reuse:
                 cache[key] = (g_stack, weights)
         bias = getattr(base, "bias", None)
         plain = out - bias if bias is not None else out
         if decode_shaped(x, row_ids) and concat_pays(doras):
-            g = g_stack[row_ids]
+            g = g_stack.index_select(0, row_ids.reshape(-1)).reshape(*row_ids.shape, -1)
             while g.dim() < out.dim():
                 g = g.unsqueeze(row_ids.dim())
             lora = lora_concat_delta(x, row_ids, *weights)

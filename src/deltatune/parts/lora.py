@@ -164,9 +164,9 @@ class LoRAPart(LowRankFactors):
         Linear/Conv1D layers with one token per row (decode), when :func:`concat_pays`, run :func:`lora_concat_delta`:
         every LoRA of the batch concatenated along the rank, two GEMMs and a row mask — no per-row weight copies, no
         padding to the largest rank.  Many distinct small LoRAs, longer rows (prefill) and embeddings gather
-        ``A``/``B`` per row (ranks zero-padded to ``r_max``, scales folded into ``B``; BGMV-style, for prefill the copy
-        is amortised over the row's tokens).  The prepared weights are kept in ``cache`` (the routing context's) when
-        no gradient flows.
+        ``Aᵀ``/``(s·B)ᵀ`` per row (:func:`rows_of`; ranks zero-padded to ``r_max``; BGMV-style) and run two batched
+        products, ``out + (x Aᵀ)(s B)ᵀ`` in one ``baddbmm``.  The prepared weights (and, within a bound, the per-row
+        ones) are kept in ``cache`` (the routing context's) when no gradient flows.
         """
         loras = [p for p in parts if p is not None]
         if not loras:
@@ -190,15 +190,17 @@ class LoRAPart(LowRankFactors):
             a_stack, b_stack = stack_lora_weights(parts, dtype=dtype)
             if reuse:
                 cache[key] = (a_stack, b_stack)
-        xs, ids = x, row_ids
-        if row_ids.dim() == 2:  # per token: every token is a row of one
-            xs, ids = x.reshape(-1, 1, *x.shape[2:]), row_ids.reshape(-1)
-        a_rows, b_rows = a_stack[ids], b_stack[ids]  # (rows, r, in), (rows, out, r)
         if loras[0].layer is LayerKind.EMBEDDING:
-            h = torch.gather(a_rows, 2, xs.unsqueeze(1).expand(-1, a_rows.shape[1], -1)).transpose(1, 2)
-        else:
-            h = torch.einsum("b...i,bri->b...r", xs.to(a_rows.dtype), a_rows)
-        return out + torch.einsum("b...r,bor->b...o", h, b_rows).reshape(out.shape).to(out.dtype)
+            xs, ids = x, row_ids
+            if row_ids.dim() == 2:  # per token: every token is a row of one
+                xs, ids = x.reshape(-1, 1), row_ids.reshape(-1)
+            a_rows, b_rows = a_stack.index_select(0, ids), b_stack.index_select(0, ids)  # (rows, in, r), (rows, r, out)
+            h = torch.gather(a_rows, 1, xs.unsqueeze(-1).expand(-1, -1, a_rows.shape[2]))  # (rows, tokens, r)
+            return out + torch.bmm(h, b_rows).reshape(out.shape).to(out.dtype)
+        a_rows, b_rows = rows_of(a_stack, b_stack, row_ids, cache if reuse else None, dtype)
+        xs = x.reshape(a_rows.shape[0], -1, x.shape[-1]).to(a_rows.dtype)  # (rows, tokens, in)
+        flat = out.reshape(a_rows.shape[0], -1, out.shape[-1])
+        return torch.baddbmm(flat.to(b_rows.dtype), torch.bmm(xs, a_rows), b_rows).reshape(out.shape).to(out.dtype)
 
     def meta(self) -> dict[str, Any]:
         return {
@@ -268,21 +270,43 @@ def sum_lora(parts: Sequence[LoRAPart], where: str) -> LoRAPart:
 
 
 def stack_lora_weights(parts: Sequence[Part | None], dtype: torch.dtype | None) -> tuple[Tensor, Tensor]:
-    """Stack ``A`` as ``(n, r_max, in)`` and ``s·B`` as ``(n, out, r_max)``; ``None`` → zeros."""
+    """Stack ``Aᵀ`` as ``(n, in, r_max)`` and ``(s·B)ᵀ`` as ``(n, r_max, out)`` (the layouts ``bmm`` takes, so a
+    row's delta is ``x Aᵀ (s B)ᵀ``); ``None`` and ranks below ``r_max`` → zeros."""
     loras = [p for p in parts if p is not None]
     ref = loras[0]
     r_max = max(p.rank for p in loras)
     dt = dtype or ref.lora_A.dtype
-    a_stack = torch.zeros(len(parts), r_max, ref.in_features, dtype=dt, device=ref.lora_A.device)
-    b_stack = torch.zeros(len(parts), ref.out_features, r_max, dtype=dt, device=ref.lora_A.device)
+    a_stack = torch.zeros(len(parts), ref.in_features, r_max, dtype=dt, device=ref.lora_A.device)
+    b_stack = torch.zeros(len(parts), r_max, ref.out_features, dtype=dt, device=ref.lora_A.device)
     for i, p in enumerate(parts):
         if p is None:
             continue
         if not isinstance(p, LoRAPart):
             raise TypeError(f"mixed LoRA batch got a {type(p).__name__}")
-        a_stack[i, : p.rank] = p.lora_A.to(dt)
-        b_stack[i, :, : p.rank] = (p.lora_B * p.scale).to(dt)
+        a_stack[i, :, : p.rank] = p.lora_A.t().to(dt)
+        b_stack[i, : p.rank] = (p.lora_B * p.scale).t().to(dt)
     return a_stack, b_stack
+
+
+#: Per-row weights are kept for the routing context while they hold at most this many elements beyond the stack
+#: itself (per layer); a batch of many rows over few LoRAs gathers them again at every call instead.
+ROW_CACHE_EXTRA = 1 << 20
+
+
+def rows_of(a_stack: Tensor, b_stack: Tensor, row_ids: Tensor, cache: dict[Any, Any] | None,
+            dtype: torch.dtype | None) -> tuple[Tensor, Tensor]:
+    """Each row's (per-token ids: each token's) ``Aᵀ`` and ``(s·B)ᵀ`` — ``(rows, in, r_max)``, ``(rows, r_max, out)``,
+    BGMV-style — gathered with ``index_select`` and kept in ``cache`` (the routing context's: its ids never
+    change, so decode steps reuse them) when that costs at most the stack's size or :data:`ROW_CACHE_EXTRA`."""
+    ids = row_ids.reshape(-1)
+    key = ("rows", dtype, tuple(row_ids.shape))
+    if cache is not None and key in cache:
+        return cache[key]
+    rows = a_stack.index_select(0, ids), b_stack.index_select(0, ids)
+    per_row = a_stack[0].numel() + b_stack[0].numel()
+    if cache is not None and ids.numel() * per_row <= max(a_stack.shape[0] * per_row, ROW_CACHE_EXTRA):
+        cache[key] = rows
+    return rows
 
 
 def decode_shaped(x: Tensor, row_ids: Tensor) -> bool:
@@ -322,7 +346,7 @@ def lora_concat_delta(x: Tensor, row_ids: Tensor, a_cat: Tensor, b_cat: Tensor, 
     """``((x A_catᵀ) ⊙ member[ids]) B_catᵀ``: row ``i`` gets ``s_a (x_i A_aᵀ) B_aᵀ`` of its own part ``a`` only (the
     other parts' rank columns are multiplied by exact zeros); ``row_ids`` per row or per token."""
     h = F.linear(x.to(a_cat.dtype), a_cat)
-    mask = member[row_ids]
+    mask = member.index_select(0, row_ids.reshape(-1)).reshape(*row_ids.shape, -1)
     while mask.dim() < h.dim():
         mask = mask.unsqueeze(row_ids.dim())
     return F.linear(h * mask, b_cat)
