@@ -16,9 +16,18 @@ and caller ``position_ids`` are shifted to ``n_i + p`` (virtual slots ``0 … n_
 ``last_hidden_state``, ``hidden_states``, span ``start_logits``/``end_logits`` — are gathered back to the
 caller's ``T`` positions; sequence-level logits are untouched.  With one prompt this is PEFT's
 ``PROMPT_TUNING`` forward with the virtual positions stripped from the per-token outputs.  The model's
-``cache`` / ``past_key_values`` and ``attentions`` outputs keep the virtual layout; continuing from a
-non-empty cache (incremental decoding) is refused: generate with ``use_cache=False``.  Encoders that pool
+``cache`` / ``past_key_values`` and ``attentions`` outputs keep the virtual layout.  Encoders that pool
 position 0 (BERT) read the first virtual token, as PEFT's sequence classifier does.
+
+**Continuing from a cache** (incremental decoding, chunked prefill): the virtual tokens are prefilled once, by the
+first forward (on an empty cache), as the start of each row's history; a forward whose cache already holds
+positions continues that history and prepends nothing (:func:`continuation`).  Its inputs are then in the
+*cache's* layout, which the part cannot infer: the caller passes an ``attention_mask`` of width
+``past + T`` that covers the cached virtual columns and ``position_ids`` that count them (``n_i + t`` for the
+row's ``t``-th token).  Without both the continuation is refused with a :class:`ConfigError` — e.g.
+``generate()`` with a cache, whose mask covers only the caller's tokens: generate with ``use_cache=False``
+there.  :class:`deltatune.serve.Engine` prefills a prompted row on its own (no padding inside the row) and
+decodes it from its cache this way.
 """
 
 from __future__ import annotations
@@ -158,16 +167,43 @@ def _keywords(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str
     return out
 
 
-def _refuse_unsupported(kw: dict[str, Any]) -> None:
+def cached_positions(kw: dict[str, Any]) -> int:
+    """How many positions the forward's ``cache`` / ``past_key_values`` already holds (0: none or empty)."""
     for name in CACHE_ARGS:
         cache = kw.get(name)
         if cache is None:
             continue
         seen = cache.get_seq_length() if hasattr(cache, "get_seq_length") else len(cache)
         if int(seen):
-            raise ConfigError(f"prompt tuning: {name!r} holds {int(seen)} cached positions; continuing from a "
-                              "cache (incremental decoding) is not supported with virtual tokens; run the full "
-                              "sequence in one forward (generate(..., use_cache=False))")
+            return int(seen)
+    return 0
+
+
+def continuation(kw: dict[str, Any], past: int) -> None:
+    """Check a forward that continues from a cache holding ``past`` positions (see the module docstring): it
+    prepends nothing, so its ``attention_mask`` must be ``(B, past + T)`` — covering the cached virtual columns —
+    and its ``position_ids`` ``(B or 1, T)`` must be given (in the prompted layout: they count the virtual tokens)."""
+    tokens = kw.get("input_ids") if kw.get("input_ids") is not None else kw.get("inputs_embeds")
+    mask, positions = kw.get("attention_mask"), kw.get("position_ids")
+    hint = ("continuing from a cache that holds the virtual tokens needs an attention_mask of width cached + new "
+            "positions (it covers the virtual columns) and position_ids that count the virtual tokens; "
+            "generate() passes neither in that layout: generate with use_cache=False")
+    if not isinstance(tokens, Tensor) or tokens.dim() < 2:
+        raise ConfigError("prompt tuning needs input_ids (batch, seq) or inputs_embeds (batch, seq, dim)")
+    batch, seq = tokens.shape[:2]
+    if mask is None or positions is None:
+        missing = [n for n, v in (("attention_mask", mask), ("position_ids", positions)) if v is None]
+        raise ConfigError(f"prompt tuning: the cache holds {past} positions but the forward has no {missing}; {hint}")
+    if tuple(mask.shape) != (batch, past + seq):
+        raise ConfigError(f"prompt tuning: the cache holds {past} positions and the forward adds {seq}, so "
+                          f"attention_mask must be (batch, cached + new) = {(batch, past + seq)}, got "
+                          f"{tuple(mask.shape)}; {hint}")
+    if positions.dim() != 2 or positions.shape[0] not in (1, batch) or positions.shape[1] != seq:
+        raise ConfigError(f"prompt tuning: position_ids must be (batch, seq) = {(batch, seq)} or (1, seq) when "
+                          f"continuing from a cache, got {tuple(positions.shape)}")
+
+
+def _refuse_unsupported(kw: dict[str, Any]) -> None:
     for name in ("start_positions", "end_positions"):
         if kw.get(name) is not None:
             raise ConfigError(f"prompt tuning: {name!r} (span labels) are not shifted past the virtual tokens; "
@@ -213,10 +249,16 @@ class PromptPart(Part):
     @classmethod
     def model_pre_forward(cls, model: nn.Module, args: tuple, kwargs: dict[str, Any],
                           parts: Sequence[Part | None], row_ids: Tensor | None
-                          ) -> tuple[tuple, dict[str, Any], _Layout]:
+                          ) -> tuple[tuple, dict[str, Any], _Layout | None]:
         """The model's arguments with row ``i``'s prompt ``parts[row_ids[i]]`` (``row_ids=None``: ``parts[0]``
-        for every row) prepended; see the module docstring for the layout."""
+        for every row) prepended; see the module docstring for the layout.  A forward that continues from a
+        non-empty cache is checked (:func:`continuation`) and passed on unchanged, with no layout to undo
+        (``None``): its cache already holds the virtual tokens."""
         kw = _keywords(model, args, kwargs)
+        past = cached_positions(kw)
+        if past:
+            continuation(kw, past)
+            return (), kw, None
         _refuse_unsupported(kw)
         ids, embeds = kw.pop("input_ids", None), kw.pop("inputs_embeds", None)
         if (ids is None) == (embeds is None):

@@ -13,6 +13,18 @@ Each :meth:`Engine.step`
    its own cache, one chunk per step, so it never stalls the running rows' decoding.  A prompt whose last chunk
    is done samples its first token and joins the decode batch at the next step.
 
+**Model-level deltas** (prompt tuning's virtual tokens, :mod:`deltatune.parts.prompt`).  A prompted row's history
+is ``[P | prompt | generated]``: its ``n`` virtual tokens are prefilled once, as the first ``n`` positions of its
+KV cache, and its real length in :class:`~deltatune.serve.kv.BatchKV` is ``n + len(prompt) + generated``, so
+decode steps give it position ``n + t`` and a mask over the virtual columns like any other history.  Such a row
+is always prefilled on its own cache (the chunked path, even when its prompt fits the budget): prepending
+virtual tokens to a left-padded batch would put them before the padding and right-pad the shorter prompts,
+which breaks the "real positions at the right end" layout the decode batch relies on.  Its first chunk is the
+only forward on an empty cache, so the model-level hook prepends the virtual tokens there and nowhere else;
+later chunks and every decode step continue from the cache (the hook passes them on unchanged, with the mask
+and positions of the cache's layout, which the engine builds).  The virtual tokens count against the step's
+prefill budget and the model's context.
+
 Requests join and leave the batch at every step.  A row on the bare base is routed to ``None``: every wrapped
 layer runs its base module alone for it.  Outputs go to each request's ``sink`` from the engine's thread.
 
@@ -38,6 +50,8 @@ from transformers import DynamicCache
 
 from deltatune.config import require
 from deltatune.model import detach
+from deltatune.parts.base import MODEL_LEVEL
+from deltatune.parts.prompt import PromptPart
 from deltatune.routing import Routing, routed
 from deltatune.serve.encode import encode_group, row_routing
 from deltatune.serve.errors import BadRequest, EngineStopped
@@ -69,6 +83,7 @@ class _Seq:
     req: GenerateRequest
     lease: Lease
     generator: torch.Generator
+    virtual: int = 0  # virtual tokens of the row's delta (prompt tuning), prefilled before its first prompt token
     pos: int = 0  # prompt tokens prefilled
     cache: DynamicCache | None = None
     generated: list[int] = field(default_factory=list)
@@ -78,6 +93,13 @@ class _Seq:
     @property
     def params(self) -> SamplingParams:
         return self.req.params
+
+
+def virtual_tokens(lease: Lease) -> int:
+    """The number of virtual tokens (prompt tuning) the leased delta puts before every prompt; 0 for the base and
+    for deltas without a model-level part."""
+    part = None if lease.entry is None else lease.entry.delta.parts.get(MODEL_LEVEL)
+    return part.num_virtual_tokens if isinstance(part, PromptPart) else 0
 
 
 def eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
@@ -128,14 +150,12 @@ class Engine:
             raise BadRequest(f"{type(self.model).__name__} is not a causal language model; it cannot generate")
         if not req.prompt_ids:
             raise BadRequest("the prompt is empty (no tokens)", "prompt")
-        if self.max_positions is not None and len(req.prompt_ids) + req.params.max_tokens > self.max_positions:
-            raise BadRequest(f"prompt ({len(req.prompt_ids)} tokens) + max_tokens ({req.params.max_tokens}) exceeds "
-                             f"the model's context of {self.max_positions} positions", "max_tokens")
         lease = self.store.acquire(req.delta)  # the store's lock before the queue's, never the other way
+        virtual = virtual_tokens(lease)
         with self._queue:
-            refused = self._refusal()
+            refused = self._refusal() or self._too_long(req, virtual)
             if refused is None:
-                self._waiting.append(_Seq(req, lease, make_generator(req.params.seed)))
+                self._waiting.append(_Seq(req, lease, make_generator(req.params.seed), virtual))
                 self._inflight.add(req.request_id)
                 self._queue.notify_all()
         if refused is not None:
@@ -165,6 +185,14 @@ class Engine:
         if len(self._waiting) + len(self._encodes) >= self.config.max_waiting:
             return BadRequest(f"{self.config.max_waiting} requests are already waiting; retry later", status=429)
         return None
+
+    def _too_long(self, req: GenerateRequest, virtual: int) -> BadRequest | None:
+        """A refusal when the delta's virtual tokens, the prompt and ``max_tokens`` exceed the model's context."""
+        if self.max_positions is None or virtual + len(req.prompt_ids) + req.params.max_tokens <= self.max_positions:
+            return None
+        prefix = f"{virtual} virtual tokens of delta {req.delta!r} + " if virtual else ""
+        return BadRequest(f"{prefix}prompt ({len(req.prompt_ids)} tokens) + max_tokens ({req.params.max_tokens}) "
+                          f"exceeds the model's context of {self.max_positions} positions", "max_tokens")
 
     def cancel(self, request_id: str) -> None:
         """Stop a request (a client went away): its slot is freed at the next step."""
@@ -320,7 +348,8 @@ class Engine:
 
     def _prefill(self) -> None:
         """Whole prompts that fit the step's budget are prefilled together (one left-padded forward); a longer
-        prompt goes on in chunks on its own cache, one chunk per step."""
+        prompt, or any prompt on a delta with virtual tokens, goes on in chunks on its own cache, one chunk per
+        step (the virtual tokens, prefilled with the first chunk, count against the budget)."""
         budget = self.config.prefill_chunk
         together: list[_Seq] = []
         chunked: list[tuple[_Seq, int]] = []
@@ -328,30 +357,36 @@ class Engine:
             if budget <= 0:
                 break
             left = len(seq.req.prompt_ids) - seq.pos
-            if seq.pos == 0 and seq.cache is None and left <= budget:
+            extra = seq.virtual if seq.cache is None else 0  # virtual tokens go with the first chunk
+            if seq.pos == 0 and seq.cache is None and not seq.virtual and left <= budget:
                 together.append(seq)
+                n = left
             else:
-                chunked.append((seq, min(budget, left)))
-            budget -= min(budget, left)
+                n = min(left, max(1, budget - extra))  # at least one prompt token with the virtual ones
+                chunked.append((seq, n))
+            budget -= extra + n
         self._used += self.config.prefill_chunk - budget
         if together:
             self._prefill_together(together)
         device = self._device()
         for seq, n in chunked:
             prompt, start = seq.req.prompt_ids, seq.pos
+            # a fresh cache: the model-level hook prepends the row's virtual tokens; a filled one already holds
+            # them, so the mask covers them and positions count them (the cache's layout)
+            offset = 0 if seq.cache is None else seq.virtual
             if seq.cache is None:
                 seq.cache = DynamicCache(config=self.model.config)
             with routed(row_routing([seq.lease.key])):
                 logits = self.model(input_ids=torch.tensor([prompt[start:start + n]], device=device),
-                                    attention_mask=torch.ones(1, start + n, dtype=torch.long, device=device),
-                                    position_ids=torch.arange(start, start + n, device=device)[None],
+                                    attention_mask=torch.ones(1, offset + start + n, dtype=torch.long, device=device),
+                                    position_ids=torch.arange(offset + start, offset + start + n, device=device)[None],
                                     cache=seq.cache, use_cache=True, logits_to_keep=1).logits
             seq.pos += n
             if seq.pos < len(prompt):
                 continue
             self._prefilling.remove(seq)
             if not self._token(seq, logits[0, -1].float().cpu()):
-                self._kv.add(seq.cache, [len(prompt)])
+                self._kv.add(seq.cache, [seq.virtual + len(prompt)])
                 self._running.append(seq)
                 self._routing_version = -1
             seq.cache = None
@@ -395,7 +430,8 @@ class Engine:
         if stopped or (choice.token in self.eos and not params.ignore_eos):
             reason = "stop"
         elif len(seq.generated) >= params.max_tokens or (
-                self.max_positions is not None and len(seq.req.prompt_ids) + len(seq.generated) >= self.max_positions):
+                self.max_positions is not None
+                and seq.virtual + len(seq.req.prompt_ids) + len(seq.generated) >= self.max_positions):
             reason = "length"
         shown = text if reason else safe_prefix(text, params.stop)
         piece = shown[len(seq.sent):] if shown.startswith(seq.sent) and len(shown) > len(seq.sent) else ""

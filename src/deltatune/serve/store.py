@@ -26,12 +26,13 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from deltatune.delta import Delta
 from deltatune.fingerprint import check_fingerprint
 from deltatune.layer import DeltaLayer
-from deltatune.model import attach_heads, attach_parts, check_heads, detach, logical_modules, physical_path
+from deltatune.model import attach_heads, attach_parts, check_heads, detach, logical_modules
 from deltatune.parts.capabilities import require_capability
 from deltatune.serve.errors import BadRequest, UnknownDelta
 
@@ -194,9 +195,14 @@ class DeltaStore:
             delta = as_delta(src, verify=self.verify)
         where = f"delta {name!r}" + ("" if isinstance(src, Delta) else f" ({src})")
         require_capability(delta, "mixed_rows", f"serving {where}")
-        if any(p.model_level for p in delta.parts.values()):
-            raise BadRequest(f"{where}: model-level parts (virtual tokens) need the whole sequence in every "
-                             "forward and cannot continue from a KV cache; the engine does not serve them", "path")
+        from deltatune.parts.prompt import PromptPart
+
+        # the engine serves a model-level part by prefilling its virtual tokens into the row's KV cache
+        # (deltatune.serve.engine): it knows how many a prompt part puts there, and no other model-level kind
+        other = sorted({p.kind for p in delta.parts.values() if p.model_level and not isinstance(p, PromptPart)})
+        if other:
+            raise BadRequest(f"{where}: model-level parts of kind {other} cannot be served: the engine serves "
+                             "model-level parts of kind 'prompt' (virtual tokens) only", "path")
         check_fingerprint(delta.fingerprint, self.model, delta.heads, where)
         check_heads(self.model, delta, where)
         return delta
@@ -219,12 +225,12 @@ class DeltaStore:
                     seen[id(weight)] = seen.get(id(weight), 0) + 1
             self._tied = {k for k, n in seen.items() if n > 1}
         found: dict[str, DeltaLayer] = {}
+        resolved: dict[str, nn.Module | None] = {"": self.model}  # logical prefix → its module (prefixes are shared)
         for module_name, part in delta.parts.items():
             if part.model_level or not module_name:
                 return None
-            try:
-                layer = self.model.get_submodule(physical_path(self.model, module_name))
-            except AttributeError:
+            layer = _logical_module(resolved, module_name)
+            if layer is None:
                 return None  # attach_parts raises the typed error
             if not isinstance(layer, DeltaLayer) or id(getattr(layer.base, "weight", None)) in self._tied:
                 return None
@@ -241,7 +247,7 @@ class DeltaStore:
                 layer = wrappers[module_name]
                 part.check_base(layer.base, module_name)
                 ref = next(layer.base.parameters(), None)
-                if ref is not None:
+                if ref is not None and not _on_device(part, ref.device):
                     part.to(ref.device)
                 layer.add(key, part, activate=False)  # the part takes the layer's train/eval mode
         else:
@@ -283,3 +289,24 @@ class DeltaStore:
             if name != keep and entry.users == 0:
                 del self._resident[name]
                 self._detach(entry)
+
+
+def _logical_module(seen: dict[str, nn.Module | None], name: str) -> nn.Module | None:
+    """The module at the base model's logical path ``name`` (a ``DeltaLayer`` when it is wrapped), seeing through the
+    wrappers on the way as :func:`~deltatune.model.physical_path` does, or ``None`` when there is none; ``seen`` maps
+    the prefixes resolved so far (``""``: the model) and is extended, so the parts of one delta walk each prefix
+    once."""
+    head, _, last = name.rpartition(".")
+    if name in seen:
+        return seen[name]
+    parent = _logical_module(seen, head) if head else seen[""]
+    if isinstance(parent, DeltaLayer):
+        parent = parent.base
+    child = None if parent is None else parent._modules.get(last)
+    seen[name] = child
+    return child
+
+
+def _on_device(part: nn.Module, device: torch.device) -> bool:
+    """Whether every tensor of ``part`` is on ``device`` already (``part.to`` would walk it for nothing)."""
+    return all(t.device == device for t in part.parameters()) and all(t.device == device for t in part.buffers())
