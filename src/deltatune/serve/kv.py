@@ -2,7 +2,8 @@
 
 Rows have different histories, so row ``i`` holds ``lengths[i]`` real positions at the *right* end of the cache
 and padding before them; the attention mask hides the padding and every row gets its own position ids.  The
-cache grows by one column per decode step inside the model's forward (no copy of the history); it is rebuilt
+cache grows by one column per decode step inside the model's forward, written into spare room
+(:class:`~deltatune.serve.kv_buffer.GrowingLayer`: no copy of the history); it is rebuilt
 only when rows join (their prefilled cache is left-padded to the batch's length, or the batch to theirs) or
 leave (their rows are dropped and the columns that became padding for every row are trimmed).
 """
@@ -12,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 from transformers import DynamicCache
+
+from deltatune.serve.kv_buffer import growing_cache
 
 
 def _layers(cache: DynamicCache) -> list[tuple[Tensor, Tensor]]:
@@ -56,14 +59,14 @@ class BatchKV:
             return
         incoming = data[0][0].shape[-2]
         if self.cache is None:
-            self.cache, self.lengths = DynamicCache(ddp_cache_data=data, config=self.config), list(lengths)
+            self.cache, self.lengths = growing_cache(data, self.config), list(lengths)
             return
         width = max(self.width, incoming)
         old = _layers(self.cache)
         merged = [(torch.cat([_left_pad(ok, width - self.width), _left_pad(nk, width - incoming)]),
                    torch.cat([_left_pad(ov, width - self.width), _left_pad(nv, width - incoming)]))
                   for (ok, ov), (nk, nv) in zip(old, data, strict=True)]
-        self.cache = DynamicCache(ddp_cache_data=merged, config=self.config)
+        self.cache = growing_cache(merged, self.config)
         self.lengths += list(lengths)
 
     def keep(self, rows: list[int]) -> None:
@@ -77,7 +80,7 @@ class BatchKV:
         index = torch.tensor(rows, dtype=torch.long, device=self.cache.layers[0].keys.device)
         data = [(k.index_select(0, index)[..., cut:, :], v.index_select(0, index)[..., cut:, :])
                 for k, v in _layers(self.cache)]
-        self.cache, self.lengths = DynamicCache(ddp_cache_data=data, config=self.config), lengths
+        self.cache, self.lengths = growing_cache(data, self.config), lengths
 
     def step_inputs(self) -> tuple[Tensor, Tensor]:
         """``(attention_mask (rows, width + 1), position_ids (rows, 1))`` for the next decode step."""
