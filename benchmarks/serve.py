@@ -7,7 +7,8 @@ the issue's GPU setting, a ~1B config in bf16, is not built in).
 1. **Throughput** (output tokens/s): a random ``LlamaForCausalLM`` of ~50 M parameters (hidden 640, 8 layers,
    vocabulary 8192; ``--quick``: a tiny one), 16 requests of 32 random prompt tokens each, 32 greedy tokens each
    (EOS ignored), all submitted at once to :class:`deltatune.serve.Engine` (batch 16): base only; base rows with 16
-   deltas attached; one LoRA merged; one LoRA unmerged on every row; 16 distinct LoRA r=8 deltas (one per row); a
+   deltas attached; one LoRA merged; one LoRA unmerged on every row; the same with ``merge_hot`` (dLoRA: merged
+   while it carries the traffic); 16 distinct LoRA r=8 deltas (one per row); a
    heterogeneous mix (LoRA r=8 and r=64, sparse 1 %, DoRA, (IA)³, adapter, round-robin over the rows).  Baselines
    with PEFT 0.21 on the same base and prompts: ``transformers`` ``generate`` of the bare base, PEFT's
    ``adapter_names`` mixed batch with the 16 LoRAs, and PEFT generating per adapter (``set_adapter`` + ``generate``
@@ -21,7 +22,6 @@ the issue's GPU setting, a ~1B config in bf16, is not built in).
 4. **Co-serving**: decode step latency with and without a LoRA fine-tuning job in the engine, and the job's steps per
    minute.
 
-Not measured here (not implemented): merging the hottest delta on the fly.
 """
 
 from __future__ import annotations
@@ -78,13 +78,14 @@ def _delta(model, method: str, cfg: dict[str, Any], seed: int, std: float = 0.02
     return delta
 
 
-def _engine(model, deltas: dict[str, Any], max_batch: int = 16):
+def _engine(model, deltas: dict[str, Any], max_batch: int = 16, **config: Any):
     from deltatune.serve import DeltaStore, Engine, EngineConfig
 
     store = DeltaStore(model, "base")
     for name, d in deltas.items():
         store.add(name, d)
-    return Engine(model, _NullTok(), store, EngineConfig(max_batch=max_batch, prefill_chunk=1024), eos=set())
+    return Engine(model, _NullTok(), store, EngineConfig(max_batch=max_batch, prefill_chunk=1024, **config),
+                  eos=set())
 
 
 class _NullTok:
@@ -129,19 +130,21 @@ def throughput(cfg: dict[str, Any], n: int, prompt: int, new: int, rounds: int) 
     names16 = [f"lora{i % 16}" for i in range(n)]
     merged = copy.deepcopy(base)
     deltatune.merge_delta(merged, loras["lora0"])
-    engines = [  # (mode, model, deltas, row names, check each row against the request alone)
-        ("base only", base, {}, [None] * n, False),
-        ("base rows, 16 deltas attached", copy.deepcopy(base), loras, [None] * n, False),
-        ("one LoRA merged", merged, {}, [None] * n, False),
-        ("one LoRA unmerged (every row)", copy.deepcopy(base), {"lora0": loras["lora0"]}, ["lora0"] * n, True),
-        ("16 LoRA r=8, one per row", copy.deepcopy(base), loras, names16, True),
+    engines = [  # (mode, model, deltas, row names, check each row against the request alone, engine config)
+        ("base only", base, {}, [None] * n, False, {}),
+        ("base rows, 16 deltas attached", copy.deepcopy(base), loras, [None] * n, False, {}),
+        ("one LoRA merged", merged, {}, [None] * n, False, {}),
+        ("one LoRA unmerged (every row)", copy.deepcopy(base), {"lora0": loras["lora0"]}, ["lora0"] * n, True, {}),
+        ("one LoRA, merged while hot (merge_hot=0.9, window 8)", copy.deepcopy(base), {"lora0": loras["lora0"]},
+         ["lora0"] * n, True, {"merge_hot": 0.9, "hot_window": 8}),
+        ("16 LoRA r=8, one per row", copy.deepcopy(base), loras, names16, True, {}),
         ("heterogeneous: LoRA r8/r64, sparse 1%, DoRA, IA3, adapter", copy.deepcopy(base), hetero,
-         [f"h{i % len(HETERO)}" for i in range(n)], True),
+         [f"h{i % len(HETERO)}" for i in range(n)], True, {}),
     ]
     modes: list[tuple[str, Any]] = []
     rows: list[dict[str, Any]] = []
-    for mode, model, deltas, names, check in engines:
-        engine = _engine(model, deltas)
+    for mode, model, deltas, names, check, config in engines:
+        engine = _engine(model, deltas, **config)
         engine.generate(prompts[:2], names[:2], params)  # warm-up
         row = {"mode": mode, "distinct_deltas": len({x for x in names if x})}
         if check:

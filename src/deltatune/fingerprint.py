@@ -65,11 +65,12 @@ def fingerprint(model: nn.Module, exclude: Iterable[str] = ()) -> dict[str, Any]
 
 
 def check_fingerprint(expected: dict[str, Any] | None, model: nn.Module, exclude: Iterable[str],
-                      where: str) -> None:
-    """Raise :class:`FingerprintMismatch` naming what differs between ``expected`` and ``model``."""
+                      where: str, actual: dict[str, Any] | None = None) -> None:
+    """Raise :class:`FingerprintMismatch` naming what differs between ``expected`` and ``model`` (``actual``: the
+    model's fingerprint with ``exclude`` left out, when the caller keeps it)."""
     if not expected:
         return
-    actual = fingerprint(model, exclude)
+    actual = fingerprint(model, exclude) if actual is None else actual
     diffs = [k for k in ("model_type", "num_params", "shapes", "values") if expected.get(k) != actual.get(k)]
     if not diffs:
         return

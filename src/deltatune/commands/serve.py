@@ -29,6 +29,9 @@ def serve_command(
                                                                "folder's name)")] = None,
     max_batch: Annotated[int, typer.Option(help="generation requests decoded together")] = 16,
     prefill_chunk: Annotated[int, typer.Option(help="prompt tokens prefilled per engine step")] = 128,
+    merge_hot: Annotated[float, typer.Option(help="merge a delta into the base while every running request uses "
+                                                  "it and it carried this share of recent traffic (0: never)")]
+    = 0.0,
     max_tokens: Annotated[int, typer.Option(help="largest max_tokens a request may ask")] = 1024,
     max_prompt_tokens: Annotated[int, typer.Option(help="longest prompt in tokens")] = 4096,
     max_body_bytes: Annotated[str, typer.Option(help="largest request body, e.g. 1MiB")] = "1MiB",
@@ -51,7 +54,8 @@ def serve_command(
     cfg = ServeConfig(model=model, deltas=parse_deltas(delta or []), host=host, port=port,
                       served_name=served_model_name,
                       max_delta_bytes=parse_size(max_delta_bytes) if max_delta_bytes else None, preload=not lazy,
-                      verify=verify, engine=EngineConfig(max_batch=max_batch, prefill_chunk=prefill_chunk),
+                      verify=verify, engine=EngineConfig(max_batch=max_batch, prefill_chunk=prefill_chunk,
+                                          merge_hot=merge_hot),
                       limits=ServerLimits(max_body_bytes=parse_size(max_body_bytes),
                                           max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens, api_key=key,
                                           allow_load=allow_load))

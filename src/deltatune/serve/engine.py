@@ -55,6 +55,7 @@ from deltatune.parts.prompt import PromptPart
 from deltatune.routing import Routing, routed
 from deltatune.serve.encode import encode_group, row_routing
 from deltatune.serve.errors import BadRequest, EngineStopped
+from deltatune.serve.hot import HotMerge
 from deltatune.serve.kv import BatchKV
 from deltatune.serve.requests import EncodeRequest, EncodeResult, GenerateRequest, Output, TokenLogprob
 from deltatune.serve.sampling import Choice, SamplingParams, choose, make_generator, safe_prefix, stop_cut
@@ -69,11 +70,17 @@ class EngineConfig:
     prefill_chunk: int = field(default=128, metadata={"help": "prompt tokens prefilled per step, over all requests"})
     max_waiting: int = field(default=4096, metadata={"help": "requests queued before new ones are refused"})
     encode_batch: int = field(default=32, metadata={"help": "encoding requests run in one forward"})
+    merge_hot: float = field(default=0.0, metadata={
+        "help": "merge a delta into the base while every row uses it and it carried at least this share of the "
+                "rows of the last hot_window steps (dLoRA; 0: never merge)"})
+    hot_window: int = field(default=32, metadata={"help": "steps over which merge_hot measures a delta's share"})
 
     def __post_init__(self) -> None:
-        for name in ("max_batch", "prefill_chunk", "max_waiting", "encode_batch"):
+        for name in ("max_batch", "prefill_chunk", "max_waiting", "encode_batch", "hot_window"):
             value = getattr(self, name)
             require(isinstance(value, int) and value >= 1, f"EngineConfig.{name} must be an integer ≥ 1, got {value!r}")
+        require(isinstance(self.merge_hot, (int, float)) and 0.0 <= self.merge_hot <= 1.0,
+                f"EngineConfig.merge_hot must be a share in [0, 1] (0: off), got {self.merge_hot!r}")
 
 
 @dataclass
@@ -138,6 +145,10 @@ class Engine:
         self._routing: Routing | None = None
         self._routing_version = -1  # the store's version the routing was built for; -1: rebuild it
         self._jobs: list[Any] = []  # co-served training jobs (deltatune.serve.coserve.CoTrainJob)
+        self.hot = HotMerge(model, self.config.merge_hot, self.config.hot_window) if self.config.merge_hot else None
+        if self.hot is not None:
+            store.base_fingerprint()  # of the unmerged base, before anything is merged
+            store.restore_base = self.hot.release  # a later read of the base's values unmerges first
         self._used = 0  # inference tokens of the current step
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -226,6 +237,9 @@ class Engine:
         self._waiting.clear()
         self._prefilling, self._running = [], []
         self._kv.keep([])
+        if self.hot is not None:
+            with self.lock:
+                self.hot.release()
         while self._encodes:
             req, lease = self._encodes.popleft()
             self.store.release(lease)
@@ -284,6 +298,7 @@ class Engine:
             self._used = 0
             try:
                 self._drop(cancelled)
+                self._settle_hot(encodes)
                 if encodes:
                     self._encode(encodes)
                 if self._running:
@@ -294,6 +309,18 @@ class Engine:
                 self._fail_all(f"{type(exc).__name__}: {exc}")
             if self._jobs:
                 self._train()
+
+    def _settle_hot(self, encodes: list[tuple[EncodeRequest, Lease]]) -> None:
+        """Merge the hot delta, or unmerge it, for the rows this step runs (:mod:`deltatune.serve.hot`)."""
+        if self.hot is None:
+            return
+        leases = [s.lease for s in (*self._running, *self._prefilling)] + [lease for _, lease in encodes]
+        if self.hot.settle([(lease.key, lease.entry) for lease in leases], training=bool(self._jobs)):
+            self._routing_version = -1
+
+    def _route(self, key: str | None) -> str | None:
+        """The key a row's forward is routed to (the base for the delta merged while hot)."""
+        return key if self.hot is None else self.hot.route(key)
 
     def _train(self) -> None:
         """Co-served jobs get what the step's inference left of their token budget (inference first)."""
@@ -332,7 +359,7 @@ class Engine:
 
     def _decode(self) -> None:
         if self._routing_version != self.store.version:
-            self._routing = row_routing([s.lease.key for s in self._running])
+            self._routing = row_routing([self._route(s.lease.key) for s in self._running])
             self._routing_version = self.store.version
         device = self._device()
         tokens = torch.tensor([[s.generated[-1]] for s in self._running], device=device)
@@ -376,7 +403,7 @@ class Engine:
             offset = 0 if seq.cache is None else seq.virtual
             if seq.cache is None:
                 seq.cache = DynamicCache(config=self.model.config)
-            with routed(row_routing([seq.lease.key])):
+            with routed(row_routing([self._route(seq.lease.key)])):
                 logits = self.model(input_ids=torch.tensor([prompt[start:start + n]], device=device),
                                     attention_mask=torch.ones(1, offset + start + n, dtype=torch.long, device=device),
                                     position_ids=torch.arange(offset + start, offset + start + n, device=device)[None],
@@ -404,7 +431,7 @@ class Engine:
             mask[i, width - n:] = 1
             positions[i, width - n:] = torch.arange(n)
         cache = DynamicCache(config=self.model.config)
-        with routed(row_routing([s.lease.key for s in seqs])):
+        with routed(row_routing([self._route(s.lease.key) for s in seqs])):
             logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device),
                                 position_ids=positions.to(device), cache=cache, use_cache=True,
                                 logits_to_keep=1).logits[:, -1].float().cpu()
@@ -489,7 +516,7 @@ class Engine:
             try:
                 pad = getattr(self.tokenizer, "pad_token_id", None) or 0
                 results = encode_group(self.model, pad, self._device(), task,
-                                       [(r, lease.key) for r, lease in group])
+                                       [(r, self._route(lease.key)) for r, lease in group])
             except Exception as exc:  # noqa: BLE001 - the group's requests fail, the server goes on
                 results = [EncodeResult(r.request_id, error=f"{type(exc).__name__}: {exc}") for r, _ in group]
             for (req, lease), result in zip(group, results, strict=True):

@@ -23,14 +23,16 @@ import re
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from deltatune.delta import Delta
-from deltatune.fingerprint import check_fingerprint
+from deltatune.fingerprint import check_fingerprint, fingerprint
 from deltatune.layer import DeltaLayer
 from deltatune.model import attach_heads, attach_parts, check_heads, detach, logical_modules
 from deltatune.parts.capabilities import require_capability
@@ -74,6 +76,10 @@ class DeltaStore:
         self._count = 0
         #: Bumped whenever the model's attached parts change (the engine then rebuilds its routing).
         self.version = 0
+        #: Called under ``lock`` before the store reads the base's values while the base may hold a merged delta
+        #: (the engine's :class:`~deltatune.serve.hot.HotMerge` unmerges there).
+        self.restore_base: Callable[[], None] | None = None
+        self._fingerprints: dict[tuple[str, ...], dict[str, Any]] = {}
 
     # --- what the server holds (read without the lock: the HTTP handlers must not wait for a model step) ---
     def names(self) -> list[str]:
@@ -203,9 +209,22 @@ class DeltaStore:
         if other:
             raise BadRequest(f"{where}: model-level parts of kind {other} cannot be served: the engine serves "
                              "model-level parts of kind 'prompt' (virtual tokens) only", "path")
-        check_fingerprint(delta.fingerprint, self.model, delta.heads, where)
+        if delta.fingerprint:
+            check_fingerprint(delta.fingerprint, self.model, delta.heads, where, self.base_fingerprint(delta.heads))
         check_heads(self.model, delta, where)
         return delta
+
+    def base_fingerprint(self, heads: Iterable[str] = ()) -> dict[str, Any]:
+        """The base model's fingerprint without ``heads``, computed once per set of heads from the unmerged base
+        (under ``lock``, after :attr:`restore_base`): the store changes no base weight, so it stays valid."""
+        key = tuple(sorted(heads))
+        kept = self._fingerprints.get(key)
+        if kept is None:
+            with self.lock:
+                if self.restore_base is not None:
+                    self.restore_base()
+                kept = self._fingerprints[key] = fingerprint(self.model, key)
+        return kept
 
     def _fits(self, delta: Delta) -> bool:
         """Whether ``delta`` can be attached with no eviction (no byte bound, or room under it)."""
