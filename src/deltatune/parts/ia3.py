@@ -274,7 +274,14 @@ class IA3Part(Part):
         if any(p is not None for p in outputs):
             vectors = [None if p is None else p.ia3_l for p in outputs]  # type: ignore[attr-defined]
             n = next(p for p in outputs if p is not None).features  # type: ignore[union-attr]
-            out = ia3_output(out, row_scales(vectors, row_ids, n, out.dim(), dtype, out.device))
+            key = ("ia3_rows", dtype, out.dim(), tuple(row_ids.shape))
+            scales = None if cache is None else cache.get(key)
+            if scales is None:
+                scales = row_scales(vectors, row_ids, n, out.dim(), dtype, out.device)
+                if cache is not None and not (torch.is_grad_enabled() and any(v.requires_grad for v in vectors
+                                                                              if v is not None)):
+                    cache[key] = scales  # the routing context's ids never change: one per context
+            out = ia3_output(out, scales)
         inputs = [p if p is not None and p.position == "input" else None for p in parts]  # type: ignore[attr-defined]
         if any(p is not None for p in inputs):
             runs = [None if p is None else (lambda sub, p=p: base(ia3_input(sub, p.ia3_l))) for p in inputs]
