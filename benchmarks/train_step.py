@@ -7,6 +7,8 @@ Rows per model (every row runs in its own fresh process, same seed, same batches
                        as deltatune's default head);
 * ``deltatune_sparse`` deltatune ``SparseConfig(num_tunable=<LoRA's count on those targets>)``, SparseAdamW and
                        the SpIEL drop/regrow hooks (``before_step``/``after_step`` inside the timed step);
+* ``deltatune_sparse_ma`` the same with SpIEL-MA regrowth (``regrow_by="momentum"``: SM3 row/column accumulators
+                       instead of accumulated dense gradients in the selection windows);
 * ``deltatune_full``   deltatune ``FullConfig()`` (dense delta on every module), AdamW;
 * ``full_native``      plain HF full fine-tuning (every parameter trainable), AdamW;
 * ``peft_dora`` / ``deltatune_dora``  DoRA r=8 α=8 on the LoRA targets (PEFT ``use_dora=True``), AdamW;
@@ -48,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import PeakMemory, StepTimer, machine_meta, ratio, run_lockstep, write_report  # noqa: E402
 
-CONFIGS = ("peft_lora", "deltatune_lora", "deltatune_sparse", "deltatune_full", "full_native",
+CONFIGS = ("peft_lora", "deltatune_lora", "deltatune_sparse", "deltatune_sparse_ma", "deltatune_full", "full_native",
            "peft_dora", "deltatune_dora", "peft_ia3", "deltatune_ia3", "deltatune_s2ft", "deltatune_lisa")
 COLUMNS = ("name", "model", "step_s", "step_mean_s", "peak_mb", "trainable", "dev_metric",
            "step_vs_peft_lora", "peak_vs_peft_lora", "step_vs_peft_same", "peak_vs_peft_same", "device")
@@ -177,6 +179,8 @@ def setup(name: str, model, targets: list[str], heads: list[str], lrs: dict[str,
     config, lr = {
         "deltatune_lora": (lambda: LoRAConfig(r=RANK, alpha=RANK, targets=targets), lrs["lora"]),
         "deltatune_sparse": (lambda: SparseConfig(num_tunable=lora_count, targets=targets), lrs["sparse"]),
+        "deltatune_sparse_ma": (lambda: SparseConfig(num_tunable=lora_count, targets=targets, regrow_by="momentum"),
+                                lrs["sparse"]),
         "deltatune_full": (lambda: FullConfig(), lrs["full"]),
         "deltatune_dora": (lambda: make_config("dora", {"r": RANK, "alpha": RANK, "targets": targets}), lrs["lora"]),
         "deltatune_ia3": (lambda: make_config("ia3", {}), lrs["ia3"]),  # the model type's default targets
