@@ -7,13 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import randomize_delta, tiny_bert, tiny_llama
-from serve_tests_common import Tok
+from serve_tests_common import Tok, check_encoder_rows
 
 import deltatune
 from deltatune.methods import make_config
 from deltatune.serve import DeltaStore, Engine, EngineConfig, GenerateRequest, SamplingParams
 from deltatune.serve.errors import BadRequest, UnknownDelta
-from deltatune.serve.requests import EncodeRequest
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -180,31 +179,7 @@ def test_bad_requests_are_typed(deltas):
 def test_encoder_rows_use_their_own_delta_and_head():
     lora = randomize_delta(tiny_bert(), deltatune.LoRAConfig(r=2), seed=1, std=0.3)
     sparse = randomize_delta(tiny_bert(), deltatune.SparseConfig(num_tunable=300, regrow=False), seed=2, std=0.3)
-    with torch.no_grad():
-        for i, d in enumerate((lora, sparse)):
-            for t in d.heads["classifier"].values():
-                t.copy_(torch.randn(t.shape, generator=torch.Generator().manual_seed(10 + i)))
-    model = tiny_bert()
-    store = DeltaStore(model, "base")
-    store.add("lora", lora)
-    store.add("sparse", sparse)
-    engine = Engine(model, Tok(), store)
-    results = {}
-    rows = [([5, 6, 7, 8], "lora"), ([9, 10], "sparse"), ([5, 6, 7, 8], None), ([9, 10, 11], "lora")]
-    for i, (ids, name) in enumerate(rows):
-        engine.submit_encode(EncodeRequest(ids, "classify", name, sink=lambda r, i=i: results.__setitem__(i, r)))
-        engine.submit_encode(EncodeRequest(ids, "embed", name, sink=lambda r, i=i: results.__setitem__(i + 10, r)))
-    engine.run_until_idle()
-    for i, (ids, name) in enumerate(rows):
-        alone = tiny_bert()
-        if name:
-            deltatune.apply_delta(alone, {"lora": lora, "sparse": sparse}[name])
-        with torch.no_grad():
-            out = alone(input_ids=torch.tensor([ids]), output_hidden_states=True)
-        assert torch.allclose(torch.tensor(results[i].probs), out.logits.softmax(-1)[0], atol=1e-5)
-        pooled = torch.nn.functional.normalize(out.hidden_states[-1].mean(1), dim=-1)[0]
-        assert torch.allclose(torch.tensor(results[i + 10].embedding), pooled, atol=1e-5)
-    assert not torch.allclose(torch.tensor(results[0].probs), torch.tensor(results[2].probs))
+    check_encoder_rows({"lora": lora, "sparse": sparse}, seed=10)
 
 
 def test_an_all_base_batch_runs_unrouted_so_base_rows_cost_nothing_extra(deltas):

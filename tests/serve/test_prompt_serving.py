@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import randomize_delta, tiny_bert, tiny_llama
 from serve_helpers import API_KEY, greedy_text, served_root, small_llama, start_server  # noqa: F401 (fixtures)
-from serve_tests_common import Tok
+from serve_tests_common import Tok, check_encoder_rows
 from transformers import AutoTokenizer, DynamicCache, LlamaForCausalLM
 
 import deltatune
@@ -22,7 +22,6 @@ from deltatune.methods import make_config
 from deltatune.parts.base import MODEL_LEVEL, Part
 from deltatune.serve import DeltaStore, Engine, EngineConfig, GenerateRequest, Output, SamplingParams
 from deltatune.serve.errors import BadRequest
-from deltatune.serve.requests import EncodeRequest
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -177,32 +176,7 @@ def test_a_peft_prompt_tuning_folder_serves_peft_s_own_uncached_tokens(tmp_path)
 def test_encoder_requests_on_a_prompt_delta_equal_alone():
     prompt = _prompt_delta(4, seed=21, arch=tiny_bert)
     lora = randomize_delta(tiny_bert(), deltatune.LoRAConfig(r=2), seed=22, std=0.3)
-    with torch.no_grad():
-        for i, d in enumerate((prompt, lora)):
-            for t in d.heads["classifier"].values():
-                t.copy_(torch.randn(t.shape, generator=torch.Generator().manual_seed(30 + i)))
-    model = tiny_bert()
-    store = DeltaStore(model, "base")
-    store.add("prompt", prompt)
-    store.add("lora", lora)
-    engine = Engine(model, Tok(), store)
-    results = {}
-    rows = [([5, 6, 7, 8], "prompt"), ([9, 10], "lora"), ([5, 6, 7, 8], None), ([9, 10, 11], "prompt")]
-    for i, (ids, name) in enumerate(rows):
-        engine.submit_encode(EncodeRequest(ids, "classify", name, sink=lambda r, i=i: results.__setitem__(i, r)))
-        engine.submit_encode(EncodeRequest(ids, "embed", name, sink=lambda r, i=i: results.__setitem__(i + 10, r)))
-    engine.run_until_idle()
-    for i, (ids, name) in enumerate(rows):
-        alone = tiny_bert()
-        if name:
-            deltatune.apply_delta(alone, {"prompt": prompt, "lora": lora}[name])
-        with torch.no_grad():
-            out = alone(input_ids=torch.tensor([ids]), output_hidden_states=True)
-        assert results[i].error is None and results[i + 10].error is None
-        assert torch.allclose(torch.tensor(results[i].probs), out.logits.softmax(-1)[0], atol=1e-5)
-        pooled = torch.nn.functional.normalize(out.hidden_states[-1].mean(1), dim=-1)[0]
-        assert torch.allclose(torch.tensor(results[i + 10].embedding), pooled, atol=1e-5)
-    assert not torch.allclose(torch.tensor(results[0].probs), torch.tensor(results[2].probs))
+    check_encoder_rows({"prompt": prompt, "lora": lora}, seed=30)
 
 
 # --------------------------------------------------------------------------------------------------
