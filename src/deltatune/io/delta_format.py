@@ -7,8 +7,10 @@ tensor, by name, dtype, shape and bytes, and of the manifest itself; see :mod:`d
 Loading checks, in this order, so that nothing is allocated before it is known to be consistent:
 the manifest's fields and types, that every number in it is finite, each part's metadata against the
 tensor shapes it lists, those shapes and dtypes against the safetensors header (no data read), the
-manifest digest; then it reads each tensor, checks its digest and finiteness, and rebuilds the parts
-(sparse indices must be strictly increasing and in range).  Errors are typed
+manifest digest; then it reads the tensor file once, checks each tensor's digest and finiteness
+(:mod:`deltatune.io.tensor_file`: digests over the raw bytes, one finiteness pass per run of same-dtype
+tensors, tensors as views of the one buffer), and rebuilds the parts (sparse indices must be strictly
+increasing and in range).  The manifest is read and parsed once.  Errors are typed
 (:class:`DeltaFormatError` and its subclasses :class:`ShapeMismatch`, :class:`IntegrityError`,
 :class:`NonFiniteError`; :class:`InputTooLarge`) and name the file and the field or tensor at fault.
 
@@ -32,9 +34,10 @@ from torch import Tensor
 from deltatune.delta import Delta
 from deltatune.errors import DeltaFormatError, DeltaTuneError, NonFiniteError, ShapeMismatch
 from deltatune.io.atomic import atomic_dir
-from deltatune.io.digest import DIGEST_FIELD, build_digests, digest_key, read_digests, verify_manifest, verify_tensor
+from deltatune.io.digest import DIGEST_FIELD, build_digests, digest_key, read_digests, verify_manifest
 from deltatune.io.json_io import read_json_object
 from deltatune.io.outputs import DELTA_KIND
+from deltatune.io.tensor_file import read_tensors_checked
 from deltatune.parts.base import PART_KINDS, Part
 from deltatune.parts.meta_checks import check_finite, short
 from deltatune.provenance import Provenance
@@ -232,16 +235,25 @@ def part_from_state(name: str, spec: dict[str, Any], state: dict[str, Tensor], m
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
     """Read and validate ``manifest.json`` (fields, version, finite numbers, part kinds, tensor specs)."""
-    path = Path(path)
-    file = path / MANIFEST
-    manifest = read_json_object(file, "delta", f"{MANIFEST} and {PARTS_FILE}")
+    file = Path(path) / MANIFEST
+    manifest = check_manifest(_manifest_object(file), file)
+    read_digests(manifest, file)
+    return manifest
+
+
+def _manifest_object(file: Path) -> dict[str, Any]:
+    return read_json_object(file, "delta", f"{MANIFEST} and {PARTS_FILE}")
+
+
+def check_manifest(manifest: dict[str, Any], file: Path) -> dict[str, Any]:
+    """Validate the parsed ``manifest`` of ``file`` (all of :func:`read_manifest` but the reading and the digests
+    field, which the caller reads) and return it."""
     check_manifest_fields(manifest, file, FORMAT, FORMAT_VERSION, REQUIRED, OPTIONAL,
                           ("config", "parts", "heads", "metrics"))
     for name, spec in manifest["parts"].items():
         _check_specs(spec["tensors"], f"{file}: part {name!r}")
     for head, spec in manifest["heads"].items():
         _check_specs(spec, f"{file}: head {head!r}")
-    read_digests(manifest, file)
     return manifest
 
 
@@ -259,12 +271,12 @@ def _check_specs(specs: dict[str, Any], where: str) -> None:
 def _read_tensors(file: Path, expected: dict[str, dict[str, Any]], names: dict[str, str],
                   digests: dict[str, str] | None) -> dict[str, Tensor]:
     """Load exactly the tensors named in ``expected`` (key → spec): shapes and dtypes are checked against the
-    header before any data is read, then each tensor's digest (``names`` maps key → digest key) and finiteness."""
+    header before any data is read, then each tensor's digest (``names`` maps key → digest key) and finiteness
+    (:func:`deltatune.io.tensor_file.read_tensors_checked`: one read of the file, tensors are views of it)."""
     if not expected:
         return {}
     if not file.is_file():
         raise DeltaFormatError(f"{file}: missing")
-    out: dict[str, Tensor] = {}
     try:
         with safe_open(str(file), framework="pt") as fh:
             keys = set(fh.keys())
@@ -279,11 +291,7 @@ def _read_tensors(file: Path, expected: dict[str, dict[str, Any]], names: dict[s
                 if list(header.get_shape()) != list(spec["shape"]) or dtype != spec["dtype"]:
                     raise ShapeMismatch(f"{file}: tensor {key!r} is {dtype}{list(header.get_shape())}, the "
                                         f"manifest says {spec['dtype']}{spec['shape']}")
-            for key in expected:
-                out[key] = fh.get_tensor(key)
-                if digests is not None:
-                    verify_tensor(file, names[key], out[key], digests[names[key]])
-                check_finite(out[key], f"{file}: tensor {key!r}")
+        out = read_tensors_checked(file, expected, names, digests)  # one read; digests, finiteness
     except SafetensorError as exc:
         raise DeltaFormatError(f"{file}: truncated or corrupt safetensors file ({short(str(exc))})") from None
     except DeltaTuneError:
@@ -293,15 +301,6 @@ def _read_tensors(file: Path, expected: dict[str, dict[str, Any]], names: dict[s
     return out
 
 
-def _stored_format(path: Path) -> Any:
-    """The manifest's ``format`` field, or ``None`` when it cannot be read (``read_manifest`` then explains)."""
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except (OSError, ValueError, RecursionError):
-        return None
-    return manifest.get("format") if isinstance(manifest, dict) else None
-
-
 def load_delta(path: str | Path, verify: bool = True) -> Delta:
     """Load and validate a delta directory written by :func:`save_delta` (or, dispatching on the manifest's
     ``format``, a compact one written by :func:`deltatune.io.compact_format.save_compact`).
@@ -309,18 +308,20 @@ def load_delta(path: str | Path, verify: bool = True) -> Delta:
     ``verify`` checks the manifest's and every tensor's SHA-256 digest (:class:`IntegrityError` on a
     mismatch); a manifest without digests (written before they existed) loads unverified."""
     path = Path(path)
-    if _stored_format(path) == COMPACT_FORMAT:
+    file = path / MANIFEST
+    manifest = _manifest_object(file)  # read once: the format it names picks the loader
+    if manifest.get("format") == COMPACT_FORMAT:
         from deltatune.io.compact_format import load_compact
 
         return load_compact(path, verify=verify)
-    manifest = read_manifest(path)
-    file = path / MANIFEST
+    check_manifest(manifest, file)
     for name, spec in manifest["parts"].items():
         check_part_meta(name, spec, {k: s["shape"] for k, s in spec["tensors"].items()}, file)
     names = {f"{n}{SEP}{k}": digest_key("parts", n, k) for n, spec in manifest["parts"].items()
              for k in spec["tensors"]}
     head_names = {f"{h}{SEP}{k}": digest_key("heads", h, k) for h, spec in manifest["heads"].items() for k in spec}
-    digests = read_digests(manifest, file) if verify else None
+    stored = read_digests(manifest, file)  # its structure is checked even unverified
+    digests = stored if verify else None
     if digests is not None:
         verify_manifest(file, manifest, set(names.values()) | set(head_names.values()))
     expected = {f"{n}{SEP}{k}": s for n, spec in manifest["parts"].items() for k, s in spec["tensors"].items()}

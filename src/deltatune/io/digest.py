@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from typing import Any
 
 import numpy as np
@@ -22,9 +23,18 @@ from deltatune.parts.meta_checks import short
 DIGEST_FIELD = "digests"
 
 
-def tensor_digest(name: str, tensor: Tensor | np.ndarray) -> str:
-    """``sha256(name ‖ 0 ‖ dtype ‖ 0 ‖ shape ‖ 0 ‖ bytes)`` of one tensor (torch or numpy, any device)."""
+def bytes_digest(name: str, dtype: str, shape: list[int] | tuple[int, ...], data: Any) -> str:
+    """``sha256(name ‖ 0 ‖ dtype ‖ 0 ‖ shape ‖ 0 ‖ bytes)`` from the raw little-endian ``data`` (any buffer: bytes, a
+    ``uint8`` array) of a tensor of torch dtype name ``dtype`` (``"float32"``) and ``shape``."""
     h = hashlib.sha256()
+    h.update(name.encode("utf-8"))
+    h.update(b"\0" + dtype.encode() + b"\0" + json.dumps(list(shape)).encode() + b"\0")
+    h.update(data)
+    return h.hexdigest()
+
+
+def tensor_digest(name: str, tensor: Tensor | np.ndarray) -> str:
+    """:func:`bytes_digest` of one tensor (torch or numpy, any device)."""
     if isinstance(tensor, Tensor):
         t = tensor.detach().to("cpu").contiguous()
         dtype, shape = str(t.dtype).removeprefix("torch."), list(t.shape)
@@ -32,10 +42,7 @@ def tensor_digest(name: str, tensor: Tensor | np.ndarray) -> str:
     else:
         a = np.ascontiguousarray(tensor)
         dtype, shape, data = str(a.dtype), list(a.shape), a.reshape(-1).view(np.uint8)
-    h.update(name.encode("utf-8"))
-    h.update(b"\0" + dtype.encode() + b"\0" + json.dumps(shape).encode() + b"\0")
-    h.update(memoryview(data) if not isinstance(data, bytes) else data)
-    return h.hexdigest()
+    return bytes_digest(name, dtype, shape, data)
 
 
 def json_digest(obj: Any) -> str:
@@ -58,8 +65,13 @@ def verify_tensor(file: Any, name: str, tensor: Tensor | np.ndarray, expected: s
     """Raise :class:`IntegrityError` naming ``file`` and ``name`` unless the digest matches."""
     got = tensor_digest(name, tensor)
     if got != expected:
-        raise IntegrityError(f"{file}: tensor {name!r} fails its SHA-256 check (stored {expected[:12]}…, "
-                             f"read {got[:12]}…); the file is corrupt or was modified")
+        raise_mismatch(file, name, expected, got)
+
+
+def raise_mismatch(file: Any, name: str, expected: str, got: str) -> None:
+    """The :class:`IntegrityError` of tensor ``name`` of ``file`` whose digest is ``got``, not ``expected``."""
+    raise IntegrityError(f"{file}: tensor {name!r} fails its SHA-256 check (stored {expected[:12]}…, "
+                         f"read {got[:12]}…); the file is corrupt or was modified")
 
 
 def digest_key(group: str, owner: str, tensor: str) -> str:
@@ -75,8 +87,11 @@ def build_digests(manifest: dict[str, Any], tensors: dict[str, Tensor]) -> dict[
     return digests
 
 
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
 def _is_hex(value: Any) -> bool:
-    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+    return isinstance(value, str) and _HEX64.fullmatch(value) is not None
 
 
 def read_digests(manifest: dict[str, Any], file: Any) -> dict[str, str] | None:
