@@ -103,3 +103,43 @@ def test_classification_endpoint_routes_each_row_to_its_head(tmp_path):
         row = got[name]["data"][0]
         assert torch.allclose(torch.tensor([row["probs"][str(k)] for k in range(3)]), probs, atol=1e-5)
         assert row["label"] == str(int(probs.argmax()))
+
+
+def test_a_load_waiting_for_the_model_lock_gets_it_at_the_next_step_boundary():
+    """Python's locks are not fair: an engine taking its lock straight back could starve a structural load for many
+    steps; the engine lets announced waiters in between two steps instead."""
+    import threading
+    import time
+
+    from serve_tests_common import Tok
+
+    from deltatune.serve import Engine, GenerateRequest, SamplingParams
+
+    model = tiny_llama()
+    store = DeltaStore(model, "base")
+    engine = Engine(model, Tok(), store, eos=set())
+    step = engine.step
+
+    def slow_step() -> None:  # a step that keeps the lock for a while, as a real model's does
+        with engine.lock:
+            time.sleep(0.01)
+            step()
+    engine.step = slow_step
+    for _ in range(4):
+        engine.submit(GenerateRequest([5, 6, 7], SamplingParams(max_tokens=60)))
+    engine.start()
+    try:
+        time.sleep(0.05)
+        waited = []
+        for seed in range(3):
+            delta = randomize_delta(tiny_llama(), deltatune.LoRAConfig(r=2, targets=[f"layers.{seed % 2}.mlp.up_proj"]),
+                                    seed=seed, std=0.1)
+            before = engine.steps
+            t = threading.Thread(target=store.add, args=(f"d{seed}", delta))
+            t.start()
+            t.join(10)
+            waited.append(engine.steps - before)
+            store.remove(f"d{seed}")
+        assert max(waited) <= 2, waited
+    finally:
+        engine.stop()

@@ -147,7 +147,6 @@ class Engine:
         self._jobs: list[Any] = []  # co-served training jobs (deltatune.serve.coserve.CoTrainJob)
         self.hot = HotMerge(model, self.config.merge_hot, self.config.hot_window) if self.config.merge_hot else None
         if self.hot is not None:
-            store.base_fingerprint()  # of the unmerged base, before anything is merged
             store.restore_base = self.hot.release  # a later read of the base's values unmerges first
         self._used = 0  # inference tokens of the current step
         self._thread: threading.Thread | None = None
@@ -255,6 +254,7 @@ class Engine:
                 if self._stopping:
                     return
             self.step()
+            self.store.let_waiters_in()  # a load waiting for the model's lock takes it before the next step
 
     def _has_requests(self) -> bool:
         return bool(self._waiting or self._encodes or self._prefilling or self._running or self._cancelled)

@@ -23,7 +23,8 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,9 @@ class DeltaStore:
         #: (the engine's :class:`~deltatune.serve.hot.HotMerge` unmerges there).
         self.restore_base: Callable[[], None] | None = None
         self._fingerprints: dict[tuple[str, ...], dict[str, Any]] = {}
+        self._turn = threading.Condition()  # counts threads waiting for ``lock`` (see model_lock)
+        self._lock_waiters = 0
+        self.base_fingerprint()  # of the base as given, before anything can be merged into it
 
     # --- what the server holds (read without the lock: the HTTP handlers must not wait for a model step) ---
     def names(self) -> list[str]:
@@ -133,7 +137,7 @@ class DeltaStore:
                         self._sources[name] = src
                         self._attach(name, delta, wrappers)
                         return
-        with self.lock, self._book:
+        with self.model_lock(), self._book:
             old = self._resident.pop(name, None)
             if old is not None:
                 self._retire(old)
@@ -143,7 +147,7 @@ class DeltaStore:
 
     def remove(self, name: str) -> None:
         """Forget ``name``: new requests for it get :class:`UnknownDelta`; running ones finish with their copy."""
-        with self.lock, self._book:
+        with self.model_lock(), self._book:
             if name not in self._sources:
                 raise UnknownDelta(name, self.names())
             del self._sources[name]
@@ -163,7 +167,7 @@ class DeltaStore:
                 self._resident.move_to_end(name)
                 entry.users += 1
                 return Lease(entry.key, entry)
-        with self.lock, self._book:
+        with self.model_lock(), self._book:
             if name not in self._sources:
                 raise UnknownDelta(name, [self.base_name, *self.names()])
             entry = self._resident.get(name)
@@ -183,7 +187,7 @@ class DeltaStore:
             entry.users -= 1
             if not ((entry.retired and entry.users == 0) or (not entry.retired and self._over())):
                 return
-        with self.lock, self._book:  # something to detach
+        with self.model_lock(), self._book:  # something to detach
             if entry.retired and entry.users == 0 and entry in self._retiring:
                 self._detach(entry)
             elif not entry.retired:
@@ -214,13 +218,37 @@ class DeltaStore:
         check_heads(self.model, delta, where)
         return delta
 
+    @contextmanager
+    def model_lock(self) -> Iterator[None]:
+        """Hold ``lock`` (the model's), announced to the engine, which lets announced threads in between two steps
+        (:meth:`let_waiters_in`) instead of taking the lock straight back: Python's locks are not fair, and a
+        structural load would otherwise wait an unbounded number of steps."""
+        with self._turn:
+            self._lock_waiters += 1
+        try:
+            self.lock.acquire()
+        finally:
+            with self._turn:
+                self._lock_waiters -= 1
+                self._turn.notify_all()
+        try:
+            yield
+        finally:
+            self.lock.release()
+
+    def let_waiters_in(self, timeout: float = 0.05) -> None:
+        """Called by the engine between steps, without ``lock``: wait (at most ``timeout`` s) until every thread
+        announced by :meth:`model_lock` has taken the lock."""
+        with self._turn:
+            self._turn.wait_for(lambda: self._lock_waiters == 0, timeout)
+
     def base_fingerprint(self, heads: Iterable[str] = ()) -> dict[str, Any]:
         """The base model's fingerprint without ``heads``, computed once per set of heads from the unmerged base
         (under ``lock``, after :attr:`restore_base`): the store changes no base weight, so it stays valid."""
         key = tuple(sorted(heads))
         kept = self._fingerprints.get(key)
         if kept is None:
-            with self.lock:
+            with self.model_lock():
                 if self.restore_base is not None:
                     self.restore_base()
                 kept = self._fingerprints[key] = fingerprint(self.model, key)
