@@ -200,7 +200,7 @@ class DoRAPart(LowRankFactors):
                 if p is not None:  # the norm reads all of W: kept on the part while neither it nor W changes
                     g_stack[k] = column_scale(p, w) if not reuse else p.prepared(
                         ("dora_g", id(base.weight)), lambda p=p: column_scale(p, w), base.weight)
-            weights = concat_lora_weights(parts, dtype)
+            weights = concat_lora_weights(parts, dtype, kept=reuse)
             if reuse:
                 cache[key] = (g_stack, weights)
         bias = getattr(base, "bias", None)

@@ -179,15 +179,18 @@ class LoRAPart(LowRankFactors):
             if reuse and key in cache:
                 weights = cache[key]
             else:
-                weights = concat_lora_weights(parts, dtype)
+                weights = concat_lora_weights(parts, dtype, kept=reuse)
                 if reuse:
                     cache[key] = weights
+            if len(parts) == 1:  # every row on the one part: no row mask to apply
+                a_cat, b_cat, _ = weights
+                return out + F.linear(F.linear(x.to(a_cat.dtype), a_cat), b_cat).to(out.dtype)
             return out + lora_concat_delta(x, row_ids, *weights).to(out.dtype)
         key = ("stack", dtype)
         if reuse and key in cache:
             a_stack, b_stack = cache[key]
         else:
-            a_stack, b_stack = stack_lora_weights(parts, dtype=dtype)
+            a_stack, b_stack = stack_lora_weights(parts, dtype=dtype, kept=reuse)
             if reuse:
                 cache[key] = (a_stack, b_stack)
         if loras[0].layer is LayerKind.EMBEDDING:
@@ -269,23 +272,31 @@ def sum_lora(parts: Sequence[LoRAPart], where: str) -> LoRAPart:
     return out
 
 
-def stack_lora_weights(parts: Sequence[Part | None], dtype: torch.dtype | None) -> tuple[Tensor, Tensor]:
+def stack_lora_weights(parts: Sequence[Part | None], dtype: torch.dtype | None,
+                       kept: bool = False) -> tuple[Tensor, Tensor]:
     """Stack ``Aᵀ`` as ``(n, in, r_max)`` and ``(s·B)ᵀ`` as ``(n, r_max, out)`` (the layouts ``bmm`` takes, so a
-    row's delta is ``x Aᵀ (s B)ᵀ``); ``None`` and ranks below ``r_max`` → zeros."""
+    row's delta is ``x Aᵀ (s B)ᵀ``); ``None`` and ranks below ``r_max`` → zeros.  ``kept`` (no gradient flows): each
+    part's transposed pair is kept on the part (:meth:`~deltatune.parts.base.Part.prepared`), so a new routing
+    context (rows joining or leaving) only stacks them."""
     loras = [p for p in parts if p is not None]
+    for p in loras:
+        if not isinstance(p, LoRAPart):
+            raise TypeError(f"mixed LoRA batch got a {type(p).__name__}")
     ref = loras[0]
     r_max = max(p.rank for p in loras)
     dt = dtype or ref.lora_A.dtype
-    a_stack = torch.zeros(len(parts), ref.in_features, r_max, dtype=dt, device=ref.lora_A.device)
-    b_stack = torch.zeros(len(parts), r_max, ref.out_features, dtype=dt, device=ref.lora_A.device)
-    for i, p in enumerate(parts):
-        if p is None:
-            continue
-        if not isinstance(p, LoRAPart):
-            raise TypeError(f"mixed LoRA batch got a {type(p).__name__}")
-        a_stack[i, :, : p.rank] = p.lora_A.t().to(dt)
-        b_stack[i, : p.rank] = (p.lora_B * p.scale).t().to(dt)
-    return a_stack, b_stack
+
+    def transposed(p: LoRAPart) -> tuple[Tensor, Tensor]:
+        a, b = p.lora_A.t().to(dt), (p.lora_B * p.scale).t().to(dt)
+        if p.rank < r_max:  # zero rank columns: exact zeros added
+            a, b = F.pad(a, (0, r_max - p.rank)), F.pad(b, (0, 0, 0, r_max - p.rank))
+        return a, b
+
+    zeros = (ref.lora_A.new_zeros(ref.in_features, r_max, dtype=dt), ref.lora_A.new_zeros(r_max, ref.out_features,
+                                                                                         dtype=dt))
+    pairs = [zeros if p is None else p.prepared(("lora_t", dt, r_max, p.scale), lambda p=p: tuple(
+        t.detach().contiguous() for t in transposed(p))) if kept else transposed(p) for p in parts]
+    return torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs])
 
 
 #: Per-row weights are kept for the routing context while they hold at most this many elements beyond the stack
@@ -322,23 +333,28 @@ def concat_pays(parts: Sequence[LowRankFactors]) -> bool:
     return sum(ranks) <= 4 * max(ranks)
 
 
-def concat_lora_weights(parts: Sequence[Part | None], dtype: torch.dtype | None) -> tuple[Tensor, Tensor, Tensor]:
+def concat_lora_weights(parts: Sequence[Part | None], dtype: torch.dtype | None,
+                        kept: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """``(A_cat (Σr, in), B_cat (out, Σr), member (n, Σr))``: every part's ``A`` stacked along the rank, its
     ``s·B`` beside the others, and ``member[k, j] = 1`` when rank column ``j`` belongs to ``parts[k]`` (``None``:
-    a row of zeros)."""
+    a row of zeros).  ``kept`` (no gradient flows): each part's ``(A, s·B)`` in ``dtype`` is kept on the part
+    (:meth:`~deltatune.parts.base.Part.prepared`), so a new routing context only concatenates them."""
     loras = [p for p in parts if p is not None]
     for p in loras:
         if not isinstance(p, LowRankFactors):
             raise TypeError(f"mixed LoRA batch got a {type(p).__name__}")
     dt = dtype or loras[0].lora_A.dtype
-    a_cat = torch.cat([p.lora_A.to(dt) for p in loras], dim=0)
-    b_cat = torch.cat([(p.lora_B * p.scale).to(dt) for p in loras], dim=1)
-    member = torch.zeros(len(parts), a_cat.shape[0], dtype=dt, device=a_cat.device)
-    col = 0
-    for k, p in enumerate(parts):
-        if p is not None:
-            member[k, col:col + p.rank] = 1
-            col += p.rank
+
+    def factors(p: LowRankFactors) -> tuple[Tensor, Tensor]:
+        return p.lora_A.to(dt), (p.lora_B * p.scale).to(dt)
+
+    pairs = [p.prepared(("lora_cat", dt, p.scale), lambda p=p: tuple(t.detach() for t in factors(p)))
+             if kept else factors(p) for p in loras]
+    a_cat = torch.cat([a for a, _ in pairs], dim=0)
+    b_cat = torch.cat([b for _, b in pairs], dim=1)
+    owners = torch.repeat_interleave(torch.tensor([k for k, p in enumerate(parts) if p is not None]),
+                                     torch.tensor([p.rank for p in loras])).to(a_cat.device)
+    member = (torch.arange(len(parts), device=a_cat.device)[:, None] == owners[None, :]).to(dt)
     return a_cat, b_cat, member
 
 
