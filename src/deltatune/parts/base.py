@@ -246,6 +246,12 @@ class Part(nn.Module):
     def trainable_count(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
+    def cached_prefix(self) -> int | None:
+        """For a model-level part: how many positions it puts before the caller's tokens, which a forward on a KV
+        cache that already holds them continues from (the serving engine prefills them once per request);
+        ``None``: it cannot continue from a cache (it needs the whole sequence in every forward)."""
+        return None
+
     def check_base(self, base: nn.Module, where: str) -> None:
         """Raise :class:`ShapeMismatch` if this part cannot attach to ``base``."""
 

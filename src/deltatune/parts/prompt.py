@@ -326,6 +326,11 @@ class PromptPart(Part):
             output["hidden_states"] = tuple(take_original(h, state.positions.to(h.device)) for h in hidden)
         return output
 
+    def cached_prefix(self) -> int:
+        """The ``n`` virtual tokens: a forward whose cache already holds them continues from it
+        (:meth:`model_pre_forward` passes it on)."""
+        return self.num_virtual_tokens
+
     # --- serialisation ---------------------------------------------------------------------------
     def meta(self) -> dict[str, Any]:
         return {"num_virtual_tokens": self.num_virtual_tokens, "dim": self.dim}

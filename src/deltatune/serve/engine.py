@@ -51,7 +51,6 @@ from transformers import DynamicCache
 from deltatune.config import require
 from deltatune.model import detach
 from deltatune.parts.base import MODEL_LEVEL
-from deltatune.parts.prompt import PromptPart
 from deltatune.routing import Routing, routed
 from deltatune.serve.encode import encode_group, row_routing
 from deltatune.serve.errors import BadRequest, EngineStopped
@@ -106,7 +105,7 @@ def virtual_tokens(lease: Lease) -> int:
     """The number of virtual tokens (prompt tuning) the leased delta puts before every prompt; 0 for the base and
     for deltas without a model-level part."""
     part = None if lease.entry is None else lease.entry.delta.parts.get(MODEL_LEVEL)
-    return part.num_virtual_tokens if isinstance(part, PromptPart) else 0
+    return (part.cached_prefix() or 0) if part is not None else 0
 
 
 def eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:

@@ -205,14 +205,12 @@ class DeltaStore:
             delta = as_delta(src, verify=self.verify)
         where = f"delta {name!r}" + ("" if isinstance(src, Delta) else f" ({src})")
         require_capability(delta, "mixed_rows", f"serving {where}")
-        from deltatune.parts.prompt import PromptPart
-
-        # the engine serves a model-level part by prefilling its virtual tokens into the row's KV cache
-        # (deltatune.serve.engine): it knows how many a prompt part puts there, and no other model-level kind
-        other = sorted({p.kind for p in delta.parts.values() if p.model_level and not isinstance(p, PromptPart)})
+        # the engine serves a model-level part by prefilling the positions it puts before the prompt into the row's
+        # KV cache (deltatune.serve.engine): a kind that cannot continue from a cache is refused
+        other = sorted({p.kind for p in delta.parts.values() if p.model_level and p.cached_prefix() is None})
         if other:
             raise BadRequest(f"{where}: model-level parts of kind {other} cannot be served: the engine serves "
-                             "model-level parts of kind 'prompt' (virtual tokens) only", "path")
+                             "model-level parts that continue from a KV cache (virtual tokens) only", "path")
         if delta.fingerprint:
             check_fingerprint(delta.fingerprint, self.model, delta.heads, where, self.base_fingerprint(delta.heads))
         check_heads(self.model, delta, where)
