@@ -56,8 +56,9 @@ from deltatune.serve.encode import encode_group, row_routing
 from deltatune.serve.errors import BadRequest, EngineStopped
 from deltatune.serve.hot import HotMerge
 from deltatune.serve.kv import BatchKV
-from deltatune.serve.requests import EncodeRequest, EncodeResult, GenerateRequest, Output, TokenLogprob
-from deltatune.serve.sampling import Choice, SamplingParams, choose, make_generator, safe_prefix, stop_cut
+from deltatune.serve.outputs import eos_ids, token_output
+from deltatune.serve.requests import EncodeRequest, EncodeResult, GenerateRequest, Output
+from deltatune.serve.sampling import SamplingParams, choose, make_generator
 from deltatune.serve.store import DeltaStore, Lease
 
 
@@ -106,18 +107,6 @@ def virtual_tokens(lease: Lease) -> int:
     for deltas without a model-level part."""
     part = None if lease.entry is None else lease.entry.delta.parts.get(MODEL_LEVEL)
     return (part.cached_prefix() or 0) if part is not None else 0
-
-
-def eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
-    """The end-of-sequence ids of the model's generation config and of the tokenizer."""
-    ids: set[int] = set()
-    for value in (getattr(getattr(model, "generation_config", None), "eos_token_id", None),
-                  getattr(tokenizer, "eos_token_id", None)):
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            ids.update(int(v) for v in value)
-    return ids
 
 
 class Engine:
@@ -448,22 +437,11 @@ class Engine:
     # --- outputs ---------------------------------------------------------------------------------------
     def _token(self, seq: _Seq, logits: Tensor) -> bool:
         """Sample ``seq``'s next token from ``logits``, send what it adds, and say whether ``seq`` finished."""
-        params = seq.params
-        choice = choose(logits, params, seq.generator)
+        choice = choose(logits, seq.params, seq.generator)
         seq.generated.append(choice.token)
-        text, stopped = stop_cut(self._decode_text(seq.generated), params.stop)
-        reason = None
-        if stopped or (choice.token in self.eos and not params.ignore_eos):
-            reason = "stop"
-        elif len(seq.generated) >= params.max_tokens or (
-                self.max_positions is not None
-                and seq.virtual + len(seq.req.prompt_ids) + len(seq.generated) >= self.max_positions):
-            reason = "length"
-        shown = text if reason else safe_prefix(text, params.stop)
-        piece = shown[len(seq.sent):] if shown.startswith(seq.sent) and len(shown) > len(seq.sent) else ""
-        seq.sent += piece
-        out = Output(seq.req.request_id, piece, [choice.token], self._logprobs(choice, params),
-                     prompt_tokens=len(seq.req.prompt_ids), completion_tokens=len(seq.generated))
+        out, reason = token_output(seq.req.request_id, len(seq.req.prompt_ids), seq.generated, seq.sent, choice,
+                                   seq.params, self._decode_text, self.eos, self.max_positions, seq.virtual)
+        seq.sent += out.text
         if reason:
             self._finish(seq, reason, out)
         else:
@@ -472,12 +450,6 @@ class Engine:
 
     def _decode_text(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
-
-    def _logprobs(self, choice: Choice, params: SamplingParams) -> list[TokenLogprob]:
-        if params.logprobs is None:
-            return []
-        return [TokenLogprob(self._decode_text([choice.token]), choice.token, choice.logprob,
-                             [(self._decode_text([t]), lp) for t, lp in choice.top])]
 
     def _send(self, seq: _Seq, out: Output) -> None:
         if seq.req.sink is not None:
