@@ -292,8 +292,8 @@ def stack_lora_weights(parts: Sequence[Part | None], dtype: torch.dtype | None,
             a, b = F.pad(a, (0, r_max - p.rank)), F.pad(b, (0, 0, 0, r_max - p.rank))
         return a, b
 
-    zeros = (ref.lora_A.new_zeros(ref.in_features, r_max, dtype=dt), ref.lora_A.new_zeros(r_max, ref.out_features,
-                                                                                         dtype=dt))
+    zeros = None if len(loras) == len(parts) else (ref.lora_A.new_zeros(ref.in_features, r_max, dtype=dt),
+                                                    ref.lora_A.new_zeros(r_max, ref.out_features, dtype=dt))
     pairs = [zeros if p is None else p.prepared(("lora_t", dt, r_max, p.scale), lambda p=p: tuple(
         t.detach().contiguous() for t in transposed(p))) if kept else transposed(p) for p in parts]
     return torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs])
