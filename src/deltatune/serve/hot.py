@@ -54,7 +54,7 @@ class HotMerge:
             self._unmerge()
             return True
         if self.key is None and not training and len(keys) == 1:
-            (key, entry), = {k: (k, e) for k, e in rows}.values()
+            key, entry = rows[0]  # every row leases the same copy
             if key is not None and entry is not None and self._hot(key) and _mergeable(entry):
                 self._merge(key, entry)
                 return True
