@@ -201,8 +201,14 @@ class DeltaLayer(PartHolder):
             base = self.base if cls.additive else Inner(self.base, _bare(self.base), call)
             return cls.mixed_forward(call.x, base, parts, ids, cache)
         if rows_apart and all(onto is not None for _, _, onto in plan.kinds):
-            # the base once for the whole batch; each kind changes only its own rows (rows are disjoint)
-            out = self.base(call.x)
+            # the base once for the whole batch — on the input as kinds acting before the module (``mixed_before``)
+            # change their own rows of it; then each kind changes only its own rows of the output (rows are disjoint)
+            inp = call.x
+            for cls, own, _ in plan.kinds:
+                before = getattr(cls, "mixed_before", None)
+                if before is not None:
+                    inp = before(inp, own, ids, routing.cache.setdefault((id(self), cls.kind), {}))
+            out = self.base(inp)
             for cls, own, onto in plan.kinds:
                 out = onto(call.x, out, self.base, own, ids, routing.cache.setdefault((id(self), cls.kind), {}))
             return out
@@ -226,7 +232,7 @@ Onto = Callable[[Tensor, Any, nn.Module, list, Tensor, dict], Any]
 
 @dataclass
 class _Plan:
-    """A layer's parts under one routing: ``parts[k]`` for id ``k``; ``kinds``: per part class, the parts of that
+    """A layer's parts under one routing: ``parts[k]`` for id ``k``; ``kinds``: per part family, the parts of that
     class (``None`` elsewhere) and how it applies them onto the shared base output (``None``: it cannot)."""
 
     parts: list[Part | None]
@@ -239,8 +245,9 @@ class _Plan:
     @classmethod
     def of(cls, layer: DeltaLayer, routing: Routing) -> _Plan:
         parts = [layer.parts[n] if n is not None and n in layer.parts else None for n in routing.names]
-        classes = list(dict.fromkeys(type(p) for p in parts if p is not None))
-        kinds = [(c, [p if type(p) is c else None for p in parts], _onto(c, layer.base)) for c in classes]
+        classes = list(dict.fromkeys(_family(type(p)) for p in parts if p is not None))
+        kinds = [(c, [p if p is not None and _family(type(p)) is c else None for p in parts], _onto(c, layer.base))
+                 for c in classes]
         own = len(classes) == 1 and getattr(classes[0].mixed_forward, "__func__", None) is not _GENERIC_MIXED
         return cls(parts, kinds, layer.nests() if classes else False, own, layer._version)
 
@@ -257,8 +264,15 @@ class _Plan:
 _GENERIC_MIXED = Part.mixed_forward.__func__  # type: ignore[attr-defined]
 
 
+def _family(cls: type[Part]) -> type[Part]:
+    """The class whose batched pass runs parts of ``cls`` (:attr:`~deltatune.parts.base.Part.mixed_family`)."""
+    return cls.mixed_family or cls
+
+
 def _onto(cls: type[Part], base: nn.Module) -> Onto | None:
-    """How parts of ``cls`` apply onto the base output of a whole batch: the kind's own ``mixed_onto``, or for an
+    """How parts of ``cls`` apply onto the base output of a whole batch (computed on the input as every kind's
+    optional ``mixed_before(x, parts, ids, cache)`` left it: input-side kinds scale their own rows there): the
+    kind's own ``mixed_onto``, or for an
     additive kind (not an alias: a tied alias keeps its own exact forward) on a Linear/Conv1D module,
     :func:`update_onto`; ``None`` otherwise."""
     own = getattr(cls, "mixed_onto", None)
@@ -283,32 +297,34 @@ def update_onto(x: Tensor, out: Tensor, base: nn.Module, parts: Sequence[Part | 
     def each_part_on_its_rows() -> Tensor:
         return route_rows(x, out, row_ids, [None if p is None else (lambda sub, p=p: p(sub, base)) for p in parts])
 
-    present = [p for p in parts if p is not None]
-    if torch.is_grad_enabled() and any(t.requires_grad for p in present for t in p.parameters()):
+    if torch.is_grad_enabled() and any(t.requires_grad for p in parts if p is not None for t in p.parameters()):
         return each_part_on_its_rows()
     key = ("updates", out.dtype)
-    prepared = cache.get(key)
-    if prepared is None:
-        prepared = cache[key] = [None if p is None else _kept_update(p, base, out.dtype) for p in parts]
-    if any(u is None for p, u in zip(parts, prepared, strict=True) if p is not None):  # updates beyond weight/bias
+    steps = cache.get(key)
+    if steps is None:  # per routing context: (rows, ΔW, Δb) of each part with rows here
+        prepared = [None if p is None else _kept_update(p, base, out.dtype) for p in parts]
+        rows = row_index(row_ids, len(parts), cache)
+        dense = all(u is not None for p, u in zip(parts, prepared, strict=True) if p is not None)
+        steps = cache[key] = [(rows[k], *u) for k, u in enumerate(prepared) if u is not None and rows[k] is not None] \
+            if dense else False
+    if steps is False:  # a part's update touches more than weight and bias
         return each_part_on_its_rows()
-    rows = row_index(row_ids, len(parts), cache)
     lead = row_ids.dim()
     flat = out.reshape(-1, *out.shape[lead:])
     xs = x.reshape(-1, *x.shape[lead:])
-    for k, update in enumerate(prepared):
-        if update is None or rows[k] is None:
-            continue
-        weight, bias = update
+    for rows, weight, bias in steps:
         if weight is None:
-            flat = flat.index_add(0, rows[k], bias.expand(rows[k].numel(), *flat.shape[1:]).to(flat.dtype))
-            continue
-        sub = xs.index_select(0, rows[k])
-        inner = sub.reshape(-1, sub.shape[-1]).to(out.dtype)
-        delta = (weight @ inner.t()).t() if weight.layout == torch.sparse_csr else F.linear(inner, weight)
-        if bias is not None:
-            delta = delta + bias
-        flat = flat.index_add(0, rows[k], delta.reshape(*sub.shape[:-1], delta.shape[-1]).to(flat.dtype))
+            delta = bias.expand(rows.numel(), *flat.shape[1:])
+        else:
+            sub = xs.index_select(0, rows)
+            inner = sub.reshape(-1, sub.shape[-1]).to(out.dtype)
+            delta = (weight @ inner.t()).t() if weight.layout == torch.sparse_csr else F.linear(inner, weight)
+            if bias is not None:
+                delta = delta + bias
+            delta = delta.reshape(*sub.shape[:-1], delta.shape[-1])
+        # out is this forward's own fresh output: added to in place unless autograd needs it as it is
+        add = flat.index_add if flat.requires_grad else flat.index_add_
+        flat = add(0, rows, delta.to(flat.dtype))
     return flat.reshape(out.shape)
 
 

@@ -81,6 +81,41 @@ def test_decode_lora_concat_matches_each_part(deltas):
     assert (got - want).abs().max().item() <= 1e-6
 
 
+@pytest.mark.parametrize("seq", [1, 4], ids=["decode", "prefill"])
+def test_dora_rows_join_the_lora_pass_on_a_biased_layer(seq):
+    """DoRA is LoRA's family: one pass (one kind in the layer's plan) gives each DoRA row ``g ⊙ (x Wᵀ) + b +
+    g ⊙ s (x Aᵀ) Bᵀ`` and each LoRA row its own term, on a layer with a bias — values and gradients equal to each
+    part's own forward on its row."""
+    from torch import nn
+
+    from deltatune.parts.dora import DoRAPart
+    from deltatune.parts.lora import LoRAPart
+
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 12)
+    parts = {"a": LoRAPart(16, 12, 2, 2.0), "b": LoRAPart(16, 12, 5, 0.5), "d": DoRAPart(16, 12, 3, 1.5)}
+    parts["d"].init_magnitude(lin)
+    layer = DeltaLayer(lin)
+    with torch.no_grad():
+        for name, part in parts.items():
+            for t in part.parameters():
+                t.add_(torch.randn_like(t) * 0.3)
+            layer.add(name, part, activate=False)
+    names = ["a", None, "d", "b", "d"]
+    x = torch.randn(len(names), seq, 16)
+    routing = Routing.per_row(names)
+    with routed(routing):
+        got = layer(x)
+    assert len(routing.plans[id(layer)].kinds) == 1  # LoRA and DoRA rows in one pass
+    want = torch.cat([lin(x[i:i + 1]) if n is None else parts[n](x[i:i + 1], lin) for i, n in enumerate(names)])
+    assert (got - want).abs().max().item() <= 1e-5
+    grads = torch.autograd.grad(got.square().sum(), [parts["d"].magnitude, parts["d"].lora_B])
+    wants = torch.autograd.grad(want.square().sum(), [parts["d"].magnitude, parts["d"].lora_B])
+    assert all((g - w).abs().max().item() <= 1e-4 for g, w in zip(grads, wants, strict=True))
+    with torch.no_grad(), routed(Routing.per_row(names)):  # no gradient: the prepared (kept) factors and gains
+        assert (layer(x) - want).abs().max().item() <= 1e-5
+
+
 def test_sparse_rows_use_a_cached_csr_update(deltas):
     model = _model({"sparse": deltas["sparse"], "lora2": deltas["lora2"]})
     routing = Routing.per_row(["sparse", "lora2", None])
@@ -88,7 +123,7 @@ def test_sparse_rows_use_a_cached_csr_update(deltas):
     with torch.no_grad(), routed(routing):
         model(input_ids=ids)
     prepared = [v[("updates", torch.float32)] for k, v in routing.cache.items() if k[1] == "sparse"]
-    assert prepared and all(u[0][0].layout == torch.sparse_csr for u in prepared)
+    assert prepared and all(step[1].layout == torch.sparse_csr for steps in prepared for step in steps)
 
 
 def test_prepared_updates_outlive_the_routing_and_follow_every_change(deltas, monkeypatch):

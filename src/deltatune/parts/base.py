@@ -65,6 +65,10 @@ class Part(nn.Module):
     has_aux_loss: ClassVar[bool] = False
     is_alias: ClassVar[bool] = False
     model_level: ClassVar[bool] = False
+    #: Parts of classes with the same family are batched together by the family class's ``mixed_forward`` /
+    #: ``mixed_onto`` (``None``: the class is its own family) — e.g. DoRA rows join the LoRA rows' concatenated-rank
+    #: pass as a gain on the base output plus a low-rank term, instead of a second pass of their own.
+    mixed_family: ClassVar[type[Part] | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -35,19 +35,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deltatune.errors import ConfigError, NotMergeable, ShapeMismatch
-from deltatune.parts.base import Part, base_layer_kind, route_rows
+from deltatune.parts.base import Part, base_layer_kind
 from deltatune.parts.layers import LayerKind, in_out_features, is_transposed, to_native
-from deltatune.parts.lora import (
-    LowRankFactors,
-    concat_lora_weights,
-    concat_pays,
-    decode_shaped,
-    lora_concat_delta,
-    lora_delta,
-    lora_hidden,
-)
+from deltatune.parts.lora import LoRAPart, LowRankFactors, lora_delta, lora_hidden
 from deltatune.parts.meta_checks import check_keys, check_shape, check_state, meta_int, meta_layer, meta_number
-from deltatune.routing import row_index
 
 
 # --------------------------------------------------------------------------------------------------
@@ -101,6 +92,7 @@ class DoRAPart(LowRankFactors):
 
     kind = "dora"
     additive, base_dependent, mixed_rows, has_aux_loss = True, True, True, False
+    mixed_family, has_gain = LoRAPart, True  # DoRA rows join the LoRA rows' batched pass (a gain + a term)
 
     def __init__(
         self,
@@ -171,59 +163,19 @@ class DoRAPart(LowRankFactors):
         """None without the base: ``NotImplementedError`` (the protocol's "no base-free dense update")."""
         raise NotImplementedError(f"a {self.kind} part's ΔW depends on the base weight W: use updates(base)")
 
-    @classmethod
-    def mixed_onto(
-        cls, x: Tensor, out: Tensor, base: nn.Module, parts: Sequence[Part | None], row_ids: Tensor,
-        cache: dict[Any, Any] | None = None,
-    ) -> Tensor:
-        """``out`` (the base output on the whole batch) with each row of a DoRA part ``a`` made
-        ``out + (g_a − 1) ⊙ (out − b) + g_a ⊙ s_a (x A_aᵀ) B_aᵀ`` (:meth:`forward`'s formula, ``g = m / ‖W + s·BA‖_c``);
-        rows of ``None`` unchanged.  The scales ``g`` and the concatenated factors are computed once per routing
-        context (``cache``) when no gradient flows — the norm is a full pass over ``W`` — and decode-shaped batches
-        (one token per row) run all parts in two GEMMs (:func:`~deltatune.parts.lora.lora_concat_delta`)."""
-        doras = [p for p in parts if p is not None]
-        if not doras:
-            return out
-        if doras[0].layer is LayerKind.EMBEDDING or any(p.training and p.dropout_p > 0 for p in doras):
-            runs = [None if p is None else (lambda sub, p=p: p(sub, base)) for p in parts]
-            return route_rows(x, out, row_ids, runs)
-        dtype = out.dtype
-        reuse = cache is not None and not (torch.is_grad_enabled() and any(
-            t.requires_grad for p in doras for t in (p.lora_A, p.lora_B, p.magnitude)))
-        key = ("dora", dtype)
-        if reuse and key in cache:
-            g_stack, weights = cache[key]
-        else:
-            w = doras[0]._weight(base)
-            g_stack = torch.ones(len(parts), doras[0].out_features, dtype=doras[0].magnitude.dtype, device=out.device)
-            for k, p in enumerate(parts):
-                if p is not None:  # the norm reads all of W: kept on the part while neither it nor W changes
-                    g_stack[k] = column_scale(p, w) if not reuse else p.prepared(
-                        ("dora_g", id(base.weight)), lambda p=p: column_scale(p, w), base.weight)
-            weights = concat_lora_weights(parts, dtype, kept=reuse)
-            if reuse:
-                cache[key] = (g_stack, weights)
-        bias = getattr(base, "bias", None)
-        plain = out - bias if bias is not None else out
-        if decode_shaped(x, row_ids) and concat_pays(doras):
-            g = g_stack.index_select(0, row_ids.reshape(-1)).reshape(*row_ids.shape, -1)
-            while g.dim() < out.dim():
-                g = g.unsqueeze(row_ids.dim())
-            lora = lora_concat_delta(x, row_ids, *weights)
-            return out + ((g - 1) * plain + g * lora).to(out.dtype)
-        rows = row_index(row_ids, len(parts), cache if reuse else None)
-        lead = row_ids.dim()
-        flat, flat_plain = out.reshape(-1, *out.shape[lead:]), plain.reshape(-1, *out.shape[lead:])
-        xs = x.reshape(-1, *x.shape[lead:])
-        for k, p in enumerate(parts):
-            if p is None or rows[k] is None:
-                continue
-            sub = xs.index_select(0, rows[k])
-            lora = F.linear(lora_hidden(sub, p.lora_A, p.layer), p.lora_B) * p.scale
-            g = g_stack[k]
-            delta = (g - 1) * flat_plain.index_select(0, rows[k]) + g * lora
-            flat = flat.index_add(0, rows[k], delta.to(flat.dtype))
-        return flat.reshape(out.shape)
+    # --- the low-rank family's batched pass (deltatune.parts.lowrank_mixed) ------------------
+    def row_factors(self, base: nn.Module) -> tuple[Tensor, Tensor]:
+        """``(A, s·(g ⊙ B))``: DoRA's term ``g ⊙ s·(x Aᵀ) Bᵀ`` with the gain folded into ``B``'s rows."""
+        return self.lora_A, (self.lora_B * self.scale) * column_scale(self, self._weight(base)).unsqueeze(1)
+
+    def output_gain(self, base: nn.Module) -> Tensor:
+        """``g = m / ‖W + s·BA‖_c`` on the base output without its bias."""
+        return column_scale(self, self._weight(base))
+
+    def batches_in_family(self) -> bool:
+        """Not on an embedding (the gain scales ``W[ids]``, there is no bias-free output to rescale apart) nor
+        under active dropout (the rescaled base term must see the dropped-out input): there :meth:`forward` runs."""
+        return self.layer is not LayerKind.EMBEDDING and not (self.training and self.dropout_p > 0)
 
     # --- algebra ---------------------------------------------------------------------------
     def updates(self, base: nn.Module | None = None) -> dict[str, Tensor]:

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from deltatune.errors import ConfigError, DeltaFormatError, NotMergeable, ShapeMismatch
-from deltatune.parts.base import Part, promote_dtypes, route_rows
+from deltatune.parts.base import Part, promote_dtypes
 from deltatune.parts.layers import LayerKind, in_out_features, is_transposed, layer_kind
 from deltatune.parts.meta_checks import check_keys, check_state, meta_int, meta_layer, short
 
@@ -244,49 +244,27 @@ class IA3Part(Part):
         cls, x: Tensor, base: nn.Module, parts: Sequence[Part | None], row_ids: Tensor,
         cache: dict[Any, Any] | None = None,
     ) -> Tensor:
-        """One pass: row ``i`` is scaled by ``l_{a_i}`` (ones for the base), before the module (input
-        position) or after it (output position).  Parts at different positions: one pass per part."""
-        ia3 = [p for p in parts if p is not None]
-        positions = {p.position for p in ia3}  # type: ignore[attr-defined]
-        if not ia3 or len(positions) != 1:
-            return _each_on_its_rows(x, base, parts, row_ids)
-        vectors = [None if p is None else p.ia3_l for p in parts]  # type: ignore[attr-defined]
-        dtype = promote_dtypes([v for v in vectors if v is not None])
-        if positions == {"input"}:
-            scales = row_scales(vectors, row_ids, ia3[0].features, x.dim(), dtype, x.device)  # type: ignore[attr-defined]
-            return base(ia3_input(x, scales))
-        out = base(x)
-        return ia3_output(out, row_scales(vectors, row_ids, ia3[0].features, out.dim(), dtype, out.device))  # type: ignore[attr-defined]
+        """One pass: row ``i`` is scaled by ``l_{a_i}`` (ones for the base and for parts at the other position)
+        before the module (input position) and after it (output position) — rows are disjoint, so one module call
+        serves parts at both positions."""
+        return cls.mixed_onto(x, base(cls.mixed_before(x, parts, row_ids, cache)), base, parts, row_ids, cache)
+
+    @classmethod
+    def mixed_before(cls, x: Tensor, parts: Sequence[Part | None], row_ids: Tensor,
+                     cache: dict[Any, Any] | None = None) -> Tensor:
+        """The shared input of a mixed batch with the rows of each input-position part scaled, ``x_i ⊙ l_a`` (other
+        rows times exact ones): the module then runs once for every row (:meth:`mixed_onto`'s ``out``)."""
+        return _scaled_rows(x, parts, row_ids, cache, "input")
 
     @classmethod
     def mixed_onto(
         cls, x: Tensor, out: Tensor, base: nn.Module, parts: Sequence[Part | None], row_ids: Tensor,
         cache: dict[Any, Any] | None = None,
     ) -> Tensor:
-        """``out`` (the base output on the whole batch) with the rows of each part rescaled: output position
-        ``l_a ⊙ out`` (ones elsewhere, so other rows are unchanged); input position ``base(x ⊙ l_a)`` recomputed
-        on the part's rows only."""
-        ia3 = [p for p in parts if p is not None]
-        if not ia3:
-            return out
-        dtype = promote_dtypes([p.ia3_l for p in ia3])  # type: ignore[attr-defined]
-        outputs = [p if p is not None and p.position == "output" else None for p in parts]  # type: ignore[attr-defined]
-        if any(p is not None for p in outputs):
-            vectors = [None if p is None else p.ia3_l for p in outputs]  # type: ignore[attr-defined]
-            n = next(p for p in outputs if p is not None).features  # type: ignore[union-attr]
-            key = ("ia3_rows", dtype, out.dim(), tuple(row_ids.shape))
-            scales = None if cache is None else cache.get(key)
-            if scales is None:
-                scales = row_scales(vectors, row_ids, n, out.dim(), dtype, out.device)
-                if cache is not None and not (torch.is_grad_enabled() and any(v.requires_grad for v in vectors
-                                                                              if v is not None)):
-                    cache[key] = scales  # the routing context's ids never change: one per context
-            out = ia3_output(out, scales)
-        inputs = [p if p is not None and p.position == "input" else None for p in parts]  # type: ignore[attr-defined]
-        if any(p is not None for p in inputs):
-            runs = [None if p is None else (lambda sub, p=p: base(ia3_input(sub, p.ia3_l))) for p in inputs]
-            out = route_rows(x, out, row_ids, runs)
-        return out
+        """``out`` (the base output on the whole batch, computed on :meth:`mixed_before`'s input, so input-position
+        rows are already scaled) with the rows of each output-position part rescaled, ``l_a ⊙ out`` (ones
+        elsewhere, so other rows are unchanged)."""
+        return _scaled_rows(out, parts, row_ids, cache, "output")
 
     # --- serialisation -------------------------------------------------------------------
     def meta(self) -> dict[str, Any]:
@@ -338,15 +316,23 @@ class IA3Part(Part):
                                 f"but the base module has {'one' if has_bias else 'none'}")
 
 
-def _each_on_its_rows(x: Tensor, base: nn.Module, parts: Sequence[Part | None], ids: Tensor) -> Tensor:
-    """Each part's output where ``ids`` (rows, or rows × tokens) select it, the base output elsewhere (parts at
-    different positions of one module: one pass per part)."""
-    out = base(x)
-    for pid, part in enumerate(parts):
-        if part is not None and bool((ids == pid).any()):
-            mask = (ids == pid).reshape(*ids.shape, *([1] * (out.dim() - ids.dim())))
-            out = torch.where(mask, part(x, base).to(out.dtype), out)
-    return out
+def _scaled_rows(t: Tensor, parts: Sequence[Part | None], row_ids: Tensor, cache: dict[Any, Any] | None,
+                 position: str) -> Tensor:
+    """``t`` with the rows of each ``position`` part scaled by its ``l`` (the per-row scales kept in ``cache``, the
+    routing context's, while no gradient flows); ``t`` itself when no part is at ``position``."""
+    chosen = [p if p is not None and p.position == position else None for p in parts]  # type: ignore[attr-defined]
+    vectors = [None if p is None else p.ia3_l for p in chosen]  # type: ignore[attr-defined]
+    present = [v for v in vectors if v is not None]
+    if not present:
+        return t
+    dtype = promote_dtypes(present)
+    key = ("ia3_rows", position, dtype, t.dim(), tuple(row_ids.shape))
+    scales = None if cache is None else cache.get(key)
+    if scales is None:
+        scales = row_scales(vectors, row_ids, present[0].shape[0], t.dim(), dtype, t.device)
+        if cache is not None and not (torch.is_grad_enabled() and any(v.requires_grad for v in present)):
+            cache[key] = scales  # the routing context's ids never change: one per context
+    return ia3_input(t, scales) if position == "input" else ia3_output(t, scales)
 
 
 def _known(values: list[Any], what: str, where: str) -> Any:

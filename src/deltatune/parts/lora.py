@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from deltatune.errors import ShapeMismatch
 from deltatune.parts.base import Part, base_layer_kind, promote_dtypes
 from deltatune.parts.layers import LayerKind, in_out_features, is_transposed, to_native
+from deltatune.parts.lowrank_mixed import low_rank_onto
 from deltatune.parts.meta_checks import check_keys, check_shape, check_state, meta_int, meta_layer, meta_number
 from deltatune.parts.sparse import sparse_from_dense
 
@@ -86,6 +87,23 @@ class LowRankFactors(Part):
     def reset_parameters(self) -> None:
         """PEFT's defaults (:func:`init_lora_factors`)."""
         init_lora_factors(self.lora_A, self.lora_B, self.layer, self.init)
+
+    # --- one batched pass for the family (deltatune.parts.lowrank_mixed) -------------------
+    #: Whether :meth:`output_gain` is not 1 (DoRA): the batched pass then rescales the base output of its rows.
+    has_gain: ClassVar[bool] = False
+
+    def row_factors(self, base: nn.Module) -> tuple[Tensor, Tensor]:
+        """``(A, B')``: this part's low-rank term on a row is ``(x Aᵀ) B'ᵀ``, added after :meth:`output_gain`;
+        ``B' = s·B`` here."""
+        return self.lora_A, self.lora_B * self.scale
+
+    def output_gain(self, base: nn.Module) -> Tensor | None:
+        """``g`` (``(out,)``): the row's output is ``g ⊙ (base(x) − b) + b + (x Aᵀ) B'ᵀ``; ``None``: ``g = 1``."""
+        return None
+
+    def batches_in_family(self) -> bool:
+        """Whether the part can join the family's batched pass (else every part of the pass runs its own forward)."""
+        return True
 
 
 class LoRAPart(LowRankFactors):
@@ -159,51 +177,9 @@ class LoRAPart(LowRankFactors):
         cache: dict[Any, Any] | None = None,
     ) -> Tensor:
         """``out`` (the base module's output on the whole batch) with row ``i`` (or token) given
-        ``+ s_a (x_i A_aᵀ) B_aᵀ`` for its LoRA ``a = parts[row_ids[i]]``; rows of ``None`` are returned unchanged.
-
-        Linear/Conv1D layers with one token per row (decode), when :func:`concat_pays`, run :func:`lora_concat_delta`:
-        every LoRA of the batch concatenated along the rank, two GEMMs and a row mask — no per-row weight copies, no
-        padding to the largest rank.  Many distinct small LoRAs, longer rows (prefill) and embeddings gather
-        ``Aᵀ``/``(s·B)ᵀ`` per row (:func:`rows_of`; ranks zero-padded to ``r_max``; BGMV-style) and run two batched
-        products, ``out + (x Aᵀ)(s B)ᵀ`` in one ``baddbmm``.  The prepared weights (and, within a bound, the per-row
-        ones) are kept in ``cache`` (the routing context's) when no gradient flows.
-        """
-        loras = [p for p in parts if p is not None]
-        if not loras:
-            return out
-        dtype = out.dtype if out.is_floating_point() else None
-        reuse = cache is not None and not (torch.is_grad_enabled() and any(
-            t.requires_grad for p in loras for t in (p.lora_A, p.lora_B)))
-        if loras[0].layer is not LayerKind.EMBEDDING and decode_shaped(x, row_ids) and concat_pays(loras):
-            key = ("concat", dtype)
-            if reuse and key in cache:
-                weights = cache[key]
-            else:
-                weights = concat_lora_weights(parts, dtype, kept=reuse)
-                if reuse:
-                    cache[key] = weights
-            if len(parts) == 1:  # every row on the one part: no row mask to apply
-                a_cat, b_cat, _ = weights
-                return out + F.linear(F.linear(x.to(a_cat.dtype), a_cat), b_cat).to(out.dtype)
-            return out + lora_concat_delta(x, row_ids, *weights).to(out.dtype)
-        key = ("stack", dtype)
-        if reuse and key in cache:
-            a_stack, b_stack = cache[key]
-        else:
-            a_stack, b_stack = stack_lora_weights(parts, dtype=dtype, kept=reuse)
-            if reuse:
-                cache[key] = (a_stack, b_stack)
-        if loras[0].layer is LayerKind.EMBEDDING:
-            xs, ids = x, row_ids
-            if row_ids.dim() == 2:  # per token: every token is a row of one
-                xs, ids = x.reshape(-1, 1), row_ids.reshape(-1)
-            a_rows, b_rows = a_stack.index_select(0, ids), b_stack.index_select(0, ids)  # (rows, in, r), (rows, r, out)
-            h = torch.gather(a_rows, 1, xs.unsqueeze(-1).expand(-1, -1, a_rows.shape[2]))  # (rows, tokens, r)
-            return out + torch.bmm(h, b_rows).reshape(out.shape).to(out.dtype)
-        a_rows, b_rows = rows_of(a_stack, b_stack, row_ids, cache if reuse else None, dtype)
-        xs = x.reshape(a_rows.shape[0], -1, x.shape[-1]).to(a_rows.dtype)  # (rows, tokens, in)
-        flat = out.reshape(a_rows.shape[0], -1, out.shape[-1])
-        return torch.baddbmm(flat.to(b_rows.dtype), torch.bmm(xs, a_rows), b_rows).reshape(out.shape).to(out.dtype)
+        ``+ s_a (x_i A_aᵀ) B_aᵀ`` for its LoRA ``a = parts[row_ids[i]]`` — or, for a DoRA row (this family's other
+        member), DoRA's gain and term; rows of ``None`` are returned unchanged (:func:`low_rank_onto`)."""
+        return low_rank_onto(x, out, base, parts, row_ids, cache)
 
     def meta(self) -> dict[str, Any]:
         return {
@@ -270,100 +246,3 @@ def sum_lora(parts: Sequence[LoRAPart], where: str) -> LoRAPart:
         out.lora_A.copy_(a)
         out.lora_B.copy_(b)
     return out
-
-
-def stack_lora_weights(parts: Sequence[Part | None], dtype: torch.dtype | None,
-                       kept: bool = False) -> tuple[Tensor, Tensor]:
-    """Stack ``Aᵀ`` as ``(n, in, r_max)`` and ``(s·B)ᵀ`` as ``(n, r_max, out)`` (the layouts ``bmm`` takes, so a
-    row's delta is ``x Aᵀ (s B)ᵀ``); ``None`` and ranks below ``r_max`` → zeros.  ``kept`` (no gradient flows): each
-    part's transposed pair is kept on the part (:meth:`~deltatune.parts.base.Part.prepared`), so a new routing
-    context (rows joining or leaving) only stacks them."""
-    loras = [p for p in parts if p is not None]
-    for p in loras:
-        if not isinstance(p, LoRAPart):
-            raise TypeError(f"mixed LoRA batch got a {type(p).__name__}")
-    ref = loras[0]
-    r_max = max(p.rank for p in loras)
-    dt = dtype or ref.lora_A.dtype
-
-    def transposed(p: LoRAPart) -> tuple[Tensor, Tensor]:
-        a, b = p.lora_A.t().to(dt), (p.lora_B * p.scale).t().to(dt)
-        if p.rank < r_max:  # zero rank columns: exact zeros added
-            a, b = F.pad(a, (0, r_max - p.rank)), F.pad(b, (0, 0, 0, r_max - p.rank))
-        return a, b
-
-    zeros = None if len(loras) == len(parts) else (ref.lora_A.new_zeros(ref.in_features, r_max, dtype=dt),
-                                                    ref.lora_A.new_zeros(r_max, ref.out_features, dtype=dt))
-    pairs = [zeros if p is None else p.prepared(("lora_t", dt, r_max, p.scale), lambda p=p: tuple(
-        t.detach().contiguous() for t in transposed(p))) if kept else transposed(p) for p in parts]
-    return torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs])
-
-
-#: Per-row weights are kept for the routing context while they hold at most this many elements beyond the stack
-#: itself (per layer); a batch of many rows over few LoRAs gathers them again at every call instead.
-ROW_CACHE_EXTRA = 1 << 20
-
-
-def rows_of(a_stack: Tensor, b_stack: Tensor, row_ids: Tensor, cache: dict[Any, Any] | None,
-            dtype: torch.dtype | None) -> tuple[Tensor, Tensor]:
-    """Each row's (per-token ids: each token's) ``Aᵀ`` and ``(s·B)ᵀ`` — ``(rows, in, r_max)``, ``(rows, r_max, out)``,
-    BGMV-style — gathered with ``index_select`` and kept in ``cache`` (the routing context's: its ids never
-    change, so decode steps reuse them) when that costs at most the stack's size or :data:`ROW_CACHE_EXTRA`."""
-    ids = row_ids.reshape(-1)
-    key = ("rows", dtype, tuple(row_ids.shape))
-    if cache is not None and key in cache:
-        return cache[key]
-    rows = a_stack.index_select(0, ids), b_stack.index_select(0, ids)
-    per_row = a_stack[0].numel() + b_stack[0].numel()
-    if cache is not None and ids.numel() * per_row <= max(a_stack.shape[0] * per_row, ROW_CACHE_EXTRA):
-        cache[key] = rows
-    return rows
-
-
-def decode_shaped(x: Tensor, row_ids: Tensor) -> bool:
-    """Whether each id covers one token: per-token ids, or per-row ids over ``(rows, in)`` / ``(rows, 1, in)``."""
-    return row_ids.dim() == 2 or x.dim() == 2 or (x.dim() == 3 and x.shape[1] == 1)
-
-
-def concat_pays(parts: Sequence[LowRankFactors]) -> bool:
-    """Whether the concatenated kernel beats the per-row gather: every row multiplies against all ``Σr`` rank
-    columns there, against ``r_max`` (copied per row) here — concatenate when ``Σr ≤ 4 r_max`` (a few distinct
-    parts, or one large rank beside small ones, which the gather would pad every row to)."""
-    ranks = [p.rank for p in parts]
-    return sum(ranks) <= 4 * max(ranks)
-
-
-def concat_lora_weights(parts: Sequence[Part | None], dtype: torch.dtype | None,
-                        kept: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """``(A_cat (Σr, in), B_cat (out, Σr), member (n, Σr))``: every part's ``A`` stacked along the rank, its
-    ``s·B`` beside the others, and ``member[k, j] = 1`` when rank column ``j`` belongs to ``parts[k]`` (``None``:
-    a row of zeros).  ``kept`` (no gradient flows): each part's ``(A, s·B)`` in ``dtype`` is kept on the part
-    (:meth:`~deltatune.parts.base.Part.prepared`), so a new routing context only concatenates them."""
-    loras = [p for p in parts if p is not None]
-    for p in loras:
-        if not isinstance(p, LowRankFactors):
-            raise TypeError(f"mixed LoRA batch got a {type(p).__name__}")
-    dt = dtype or loras[0].lora_A.dtype
-
-    def factors(p: LowRankFactors) -> tuple[Tensor, Tensor]:
-        return p.lora_A.to(dt), (p.lora_B * p.scale).to(dt)
-
-    pairs = [p.prepared(("lora_cat", dt, p.scale), lambda p=p: tuple(t.detach() for t in factors(p)))
-             if kept else factors(p) for p in loras]
-    a_cat = torch.cat([a for a, _ in pairs], dim=0)
-    b_cat = torch.cat([b for _, b in pairs], dim=1)
-    owners = torch.repeat_interleave(torch.tensor([k for k, p in enumerate(parts) if p is not None]),
-                                     torch.tensor([p.rank for p in loras])).to(a_cat.device)
-    member = (torch.arange(len(parts), device=a_cat.device)[:, None] == owners[None, :]).to(dt)
-    return a_cat, b_cat, member
-
-
-def lora_concat_delta(x: Tensor, row_ids: Tensor, a_cat: Tensor, b_cat: Tensor, member: Tensor) -> Tensor:
-    """``((x A_catᵀ) ⊙ member[ids]) B_catᵀ``: row ``i`` gets ``s_a (x_i A_aᵀ) B_aᵀ`` of its own part ``a`` only (the
-    other parts' rank columns are multiplied by exact zeros); ``row_ids`` per row or per token."""
-    h = F.linear(x.to(a_cat.dtype), a_cat)
-    mask = member.index_select(0, row_ids.reshape(-1)).reshape(*row_ids.shape, -1)
-    while mask.dim() < h.dim():
-        mask = mask.unsqueeze(row_ids.dim())
-    return F.linear(h * mask, b_cat)
-
