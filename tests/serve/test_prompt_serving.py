@@ -235,6 +235,23 @@ def test_context_counts_the_virtual_tokens(deltas):
     engine.submit(GenerateRequest(fits + [1], SamplingParams(max_tokens=4), None))  # the base has the room
 
 
+def test_a_default_max_tokens_fits_what_the_virtual_tokens_leave(deltas):
+    """A ceiling (``fit_context``: the server's default when a request gives no ``max_tokens``) is lowered to what the
+    context leaves after the delta's virtual tokens and the prompt; a demanded ``max_tokens`` is refused instead."""
+    engine = _engine(deltas, ["p7"])
+    prompt = [1] * 50  # tiny Llama: 64 positions; 7 virtual + 50 prompt leave 7
+    with pytest.raises(BadRequest, match="7 virtual tokens"):
+        engine.generate([prompt], ["p7"], SamplingParams(max_tokens=256, ignore_eos=True))
+    events: list[Output] = []
+    req = GenerateRequest(prompt, SamplingParams(max_tokens=256, ignore_eos=True), "p7", sink=events.append,
+                          fit_context=True)
+    engine.submit(req)
+    assert req.params.max_tokens == 64 - 7 - 50
+    engine.run_until_idle()
+    done = _joined(events)
+    assert done.finish_reason == "length" and len(done.token_ids) == 7
+
+
 def test_continuing_a_cache_needs_the_cache_layout(deltas):
     """Outside the engine, a forward that continues from a cache holding the virtual tokens must say so with a
     mask over the cached columns and explicit positions; generate() with a cache does not, and is refused."""

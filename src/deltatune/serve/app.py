@@ -181,9 +181,8 @@ def _encode(state: ServerState, text: str, special: bool = True) -> list[int]:
 def _params(state: ServerState, body: Any, max_tokens: int | None, logprobs: int | None,
             prompt_tokens: int) -> SamplingParams:
     wanted = max_tokens
-    if wanted is None:  # what is left of the context, up to the default
-        room = (state.engine.max_positions or prompt_tokens + state.limits.default_max_tokens) - prompt_tokens
-        wanted = max(1, min(state.limits.default_max_tokens, state.limits.max_tokens, room))
+    if wanted is None:  # up to the default: the engine lowers it to what the context leaves (GenerateRequest)
+        wanted = min(state.limits.default_max_tokens, state.limits.max_tokens)
     if isinstance(wanted, int) and wanted > state.limits.max_tokens:
         raise BadRequest(f"max_tokens is {wanted}; the limit is {state.limits.max_tokens}", "max_tokens")
     try:
@@ -197,9 +196,10 @@ def _params(state: ServerState, body: Any, max_tokens: int | None, logprobs: int
 class _Run:
     """One submitted generation request and the queue its outputs arrive on (from the engine's thread)."""
 
-    def __init__(self, state: ServerState, ids: list[int], params: SamplingParams, delta: str | None) -> None:
+    def __init__(self, state: ServerState, ids: list[int], params: SamplingParams, delta: str | None,
+                 fit_context: bool = False) -> None:
         self.state, self.loop, self.queue = state, asyncio.get_running_loop(), asyncio.Queue()
-        self.req = GenerateRequest(ids, params, delta, sink=self._sink)
+        self.req = GenerateRequest(ids, params, delta, sink=self._sink, fit_context=fit_context)
         self.finished = False
 
     def _sink(self, out: Output) -> None:
@@ -270,7 +270,7 @@ def _routes(app: FastAPI, state: ServerState) -> None:
         encoded = [_encode(state, p) for p in prompts]
         params = _params(state, body, body.max_tokens, body.logprobs, max(len(ids) for ids in encoded))
         rid = f"cmpl-{uuid.uuid4().hex}"
-        runs = [await _Run(state, ids, params, delta).submit() for ids in encoded]
+        runs = [await _Run(state, ids, params, delta, body.max_tokens is None).submit() for ids in encoded]
         if not body.stream:
             outs = await asyncio.gather(*(r.collect() for r in runs))
             return R.completion(rid, body.model, list(outs), body.logprobs is not None)
@@ -299,7 +299,7 @@ def _routes(app: FastAPI, state: ServerState) -> None:
         ids = _encode(state, text, special=False)
         params = _params(state, body, body.max_completion_tokens or body.max_tokens, logprobs, len(ids))
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        run = await _Run(state, ids, params, delta).submit()
+        run = await _Run(state, ids, params, delta, not (body.max_completion_tokens or body.max_tokens)).submit()
         if not body.stream:
             return R.chat(rid, body.model, await run.collect(), body.logprobs)
 

@@ -41,7 +41,7 @@ from __future__ import annotations
 import threading
 from collections import Counter, deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -150,6 +150,9 @@ class Engine:
             raise BadRequest("the prompt is empty (no tokens)", "prompt")
         lease = self.store.acquire(req.delta)  # the store's lock before the queue's, never the other way
         virtual = virtual_tokens(lease)
+        room = None if self.max_positions is None else self.max_positions - virtual - len(req.prompt_ids)
+        if req.fit_context and room is not None and 1 <= room < req.params.max_tokens:
+            req.params = replace(req.params, max_tokens=room)
         with self._queue:
             refused = self._refusal() or self._too_long(req, virtual)
             if refused is None:

@@ -51,6 +51,9 @@ class GenerateRequest:
     delta: str | None = None
     sink: Sink | None = None
     request_id: str = field(default_factory=new_id)
+    #: ``params.max_tokens`` is a ceiling, not a demand: the engine lowers it to what the model's context leaves
+    #: after the delta's virtual tokens and the prompt (a server's default when the client gives none).
+    fit_context: bool = False
 
 
 @dataclass
