@@ -67,12 +67,13 @@ def low_rank_onto(x: Tensor, out: Tensor, base: nn.Module, parts: Sequence[Part 
     out = gained(out, base, gains, row_ids, keep)
     embedding = members[0].layer is LayerKind.EMBEDDING  # type: ignore[attr-defined]
     if not embedding and concat_pays(members, decode_shaped(x, row_ids)):
-        a_cat, b_cat, member = kept(("concat", dtype), lambda: concat_lora_weights(parts, base, dtype, kept=reuse))
-        if len(parts) == 1:  # every row on the one part: no row mask to apply
-            return out + F.linear(F.linear(x.to(a_cat.dtype), a_cat), b_cat).to(out.dtype)
-        h = F.linear(x.to(a_cat.dtype), a_cat)
-        mask = kept(("concat_mask", dtype, h.dim()), lambda: row_mask(member, row_ids, h.dim()))
-        return out + F.linear(h * mask, b_cat).to(out.dtype)
+        a_t, b_t, member = kept(("concat", dtype), lambda: concat_lora_weights(parts, base, dtype, kept=reuse))
+        h = x.reshape(-1, x.shape[-1]).to(a_t.dtype) @ a_t  # (tokens, Σr)
+        if len(parts) > 1:  # else every row is on the one part: no row mask to apply
+            mask = kept(("concat_mask", dtype, tuple(x.shape[:-1])), lambda: token_mask(member, row_ids, x))
+            h = h.mul_(mask) if keep is not None else h * mask
+        flat = out.reshape(-1, out.shape[-1]).to(b_t.dtype)
+        return torch.addmm(flat, h, b_t).reshape(out.shape).to(out.dtype)  # out + h B'_catᵀ in one product
     a_stack, b_stack = kept(("stack", dtype), lambda: stack_lora_weights(parts, base, dtype, kept=reuse))
     if embedding:
         xs, ids = x, row_ids
@@ -132,12 +133,12 @@ def gained(out: Tensor, base: nn.Module, gains: Tensor | None, row_ids: Tensor,
     return scaled.to(out.dtype)
 
 
-def row_mask(member: Tensor, row_ids: Tensor, dim: int) -> Tensor:
-    """``member[row_ids]`` shaped to broadcast over a hidden state of ``dim`` dimensions (per row or per token)."""
-    mask = member.index_select(0, row_ids.reshape(-1)).reshape(*row_ids.shape, -1)
-    while mask.dim() < dim:
-        mask = mask.unsqueeze(row_ids.dim())
-    return mask
+def token_mask(member: Tensor, row_ids: Tensor, x: Tensor) -> Tensor:
+    """``member[id]`` for every token of ``x`` flattened to ``(tokens, in)``: per-row ids repeated over each row's
+    tokens, per-token ids as they are — ``(tokens, Σr)``."""
+    tokens = x.reshape(-1, x.shape[-1]).shape[0]
+    mask = member.index_select(0, row_ids.reshape(-1))
+    return mask.repeat_interleave(tokens // mask.shape[0], dim=0) if mask.shape[0] != tokens else mask
 
 
 def stack_lora_weights(parts: Sequence[Part | None], base: nn.Module, dtype: torch.dtype | None,
@@ -196,10 +197,10 @@ def concat_pays(parts: Sequence[Any], decode: bool = True) -> bool:
 
 def concat_lora_weights(parts: Sequence[Part | None], base: nn.Module, dtype: torch.dtype | None,
                         kept: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """``(A_cat (Σr, in), B'_cat (out, Σr), member (n, Σr))``: every part's ``A`` stacked along the rank, its ``B'``
-    beside the others, and ``member[k, j] = 1`` when rank column ``j`` belongs to ``parts[k]`` (``None``: a row of
-    zeros).  ``kept`` (no gradient flows): each part's ``(A, B')`` in ``dtype`` is kept on the part, so a new
-    routing context only concatenates them."""
+    """``(A_catᵀ (in, Σr), B'_catᵀ (Σr, out), member (n, Σr))``: every part's ``A`` stacked along the rank, its
+    ``B'`` beside the others (both transposed and contiguous, as ``mm``/``addmm`` take them), and ``member[k, j] = 1``
+    when rank column ``j`` belongs to ``parts[k]`` (``None``: a row of zeros).  ``kept`` (no gradient flows): each
+    part's ``(A, B')`` in ``dtype`` is kept on the part, so a new routing context only concatenates them."""
     members = [_member(p) for p in parts if p is not None]
     dt = dtype or members[0].lora_A.dtype
 
@@ -209,12 +210,12 @@ def concat_lora_weights(parts: Sequence[Part | None], base: nn.Module, dtype: to
 
     pairs = [_kept_on_part(p, ("lora_cat", dt), lambda p=p: factors(p), base) if kept else factors(p)
              for p in members]
-    a_cat = torch.cat([a for a, _ in pairs], dim=0)
-    b_cat = torch.cat([b for _, b in pairs], dim=1)
+    a_t = torch.cat([a for a, _ in pairs], dim=0).t().contiguous()
+    b_t = torch.cat([b for _, b in pairs], dim=1).t().contiguous()
     owners = torch.repeat_interleave(torch.tensor([k for k, p in enumerate(parts) if p is not None]),
-                                     torch.tensor([p.rank for p in members])).to(a_cat.device)
-    member = (torch.arange(len(parts), device=a_cat.device)[:, None] == owners[None, :]).to(dt)
-    return a_cat, b_cat, member
+                                     torch.tensor([p.rank for p in members])).to(a_t.device)
+    member = (torch.arange(len(parts), device=a_t.device)[:, None] == owners[None, :]).to(dt)
+    return a_t, b_t, member
 
 
 def _member(part: Part) -> LowRankFactors:
