@@ -81,19 +81,26 @@ def test_decode_lora_concat_matches_each_part(deltas):
     assert (got - want).abs().max().item() <= 1e-6
 
 
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
 @pytest.mark.parametrize("seq", [1, 4], ids=["decode", "prefill"])
-def test_dora_rows_join_the_lora_pass_on_a_biased_layer(seq):
+def test_dora_rows_join_the_lora_pass_on_a_biased_layer(seq, kind):
     """DoRA is LoRA's family: one pass (one kind in the layer's plan) gives each DoRA row ``g ⊙ (x Wᵀ) + b +
     g ⊙ s (x Aᵀ) Bᵀ`` and each LoRA row its own term, on a layer with a bias — values and gradients equal to each
     part's own forward on its row."""
     from torch import nn
+    from transformers.pytorch_utils import Conv1D
 
     from deltatune.parts.dora import DoRAPart
+    from deltatune.parts.layers import LayerKind
     from deltatune.parts.lora import LoRAPart
 
     torch.manual_seed(0)
-    lin = nn.Linear(16, 12)
-    parts = {"a": LoRAPart(16, 12, 2, 2.0), "b": LoRAPart(16, 12, 5, 0.5), "d": DoRAPart(16, 12, 3, 1.5)}
+    lin = nn.Linear(16, 12) if kind == "linear" else Conv1D(12, 16)  # GPT-2's Conv1D(nf=out, nx=in), bias too
+    with torch.no_grad():
+        lin.bias.normal_()
+    layer_kind = LayerKind.LINEAR if kind == "linear" else LayerKind.CONV1D
+    parts = {"a": LoRAPart(16, 12, 2, 2.0, layer=layer_kind), "b": LoRAPart(16, 12, 5, 0.5, layer=layer_kind),
+             "d": DoRAPart(16, 12, 3, 1.5, layer=layer_kind)}
     parts["d"].init_magnitude(lin)
     layer = DeltaLayer(lin)
     with torch.no_grad():
