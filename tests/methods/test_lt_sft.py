@@ -161,7 +161,21 @@ def test_training_loop_writes_a_sparse_delta_of_k_entries(tmp_path, data_dir) ->
     cfg = TrainConfig(out_dir=str(tmp_path / "run"), task="sst2", max_steps=4, train_limit=32, eval_limit=16,
                       eval_every=0, eval_before=False, max_length=24, batch_size=8, progress=False,
                       checkpoint_every=0, lr=1e-3)
-    result = loop.train(cfg, deltatune.make_config("lt-sft", {"density": 0.001, "full_steps": 2}))
+    used: list[float] = []
+    parent = torch.optim.AdamW.step
+
+    def parent_step(self, closure=None):  # the LR the parent AdamW step really uses (LT-SFT's override in place)
+        used.append(self.param_groups[0]["lr"])
+        return parent(self, closure)
+
+    torch.optim.AdamW.step = parent_step
+    try:
+        result = loop.train(cfg, deltatune.make_config("lt-sft", {"density": 0.001, "full_steps": 2}))
+    finally:
+        torch.optim.AdamW.step = parent
+    # each record's lr is the one its step used — in the masked phase the replayed schedule, not the run's
+    assert [r["lr"] for r in result.history] == pytest.approx(used) and len(used) == 4
+    assert used[2] == pytest.approx(used[0])  # the masked phase restarts the schedule
     saved = deltatune.load_delta(result.delta_dir)
     assert {p.kind for p in saved.parts.values()} == {"sparse"}
     entries = sum(p.indices.numel() for p in saved.parts.values())

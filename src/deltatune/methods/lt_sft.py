@@ -174,6 +174,10 @@ class LTSFTAdamW(torch.optim.AdamW):
         self.l1_params: set[int] = set()
         self.lr_override: list[float] | None = None
 
+    def step_lrs(self) -> list[float]:
+        """The LR each group's next step uses: the override when one is set (the loop logs these)."""
+        return list(self.lr_override) if self.lr_override is not None else [g["lr"] for g in self.param_groups]
+
     @torch.no_grad()
     def step(self, closure=None):
         if self.l1_weight:

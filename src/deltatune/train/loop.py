@@ -129,6 +129,15 @@ def _rank_digests(digest: str, accelerator: Accelerator) -> list[str]:
     return out
 
 
+
+def step_lrs(optimizer: Any) -> list[float]:
+    """The LR of each parameter group for the optimiser step about to run: its ``lr``, or — for an optimiser that
+    puts other LRs in place for one step (LT-SFT's restarted masked phase) — what its ``step_lrs()`` says.  The
+    records of the loop carry these, so a logged ``lr`` is the one the step used."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds the optimiser it wraps
+    own = getattr(inner, "step_lrs", None)
+    return list(own()) if callable(own) else [float(g["lr"]) for g in inner.param_groups]
+
 def train(cfg: TrainConfig, method_config: Any,
           on_eval: Callable[[int, dict[str, float | None]], None] | None = None) -> TrainResult:
     """Train a delta of ``method_config.method`` on ``cfg.task``; write ``out_dir/delta`` (and ``best``).
@@ -213,6 +222,7 @@ def train(cfg: TrainConfig, method_config: Any,
                         raise TrainingDiverged(step + 1, float(loss.detach() * cfg.grad_accum), last_ckpt)
                     accelerator.backward(loss)
                 running += float(loss.detach())
+            used = step_lrs(optimizer)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -220,9 +230,9 @@ def train(cfg: TrainConfig, method_config: Any,
             for hook in hooks:
                 hook.after_step(step)
             log.advance(progress, running)
-            record: dict[str, Any] = {"step": step, "loss": running, "lr": scheduler.get_last_lr()[0]}
-            if len(optimizer.param_groups) > 1:
-                record["head_lr"] = scheduler.get_last_lr()[-1]
+            record: dict[str, Any] = {"step": step, "loss": running, "lr": used[0]}
+            if len(used) > 1:
+                record["head_lr"] = used[-1]
             if delta.has_aux_loss:
                 record["aux_loss"] = running_aux
             if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps:
