@@ -178,16 +178,19 @@ def _encode(state: ServerState, text: str, special: bool = True) -> list[int]:
     return ids
 
 
-def _params(state: ServerState, body: Any, max_tokens: int | None, logprobs: int | None,
-            prompt_tokens: int) -> SamplingParams:
+def _params(state: ServerState, body: Any, max_tokens: int | None,
+            logprobs: int | None) -> tuple[SamplingParams, bool]:
+    """The request's sampling parameters, and whether ``max_tokens`` is the server's default — a ceiling the engine
+    lowers to what the context leaves (:attr:`GenerateRequest.fit_context`) — rather than the client's demand."""
     wanted = max_tokens
-    if wanted is None:  # up to the default: the engine lowers it to what the context leaves (GenerateRequest)
+    if wanted is None:
         wanted = min(state.limits.default_max_tokens, state.limits.max_tokens)
     if isinstance(wanted, int) and wanted > state.limits.max_tokens:
         raise BadRequest(f"max_tokens is {wanted}; the limit is {state.limits.max_tokens}", "max_tokens")
     try:
         return SamplingParams(max_tokens=wanted, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-                              seed=body.seed, stop=body.stop_strings(), logprobs=logprobs, ignore_eos=body.ignore_eos)
+                              seed=body.seed, stop=body.stop_strings(), logprobs=logprobs,
+                              ignore_eos=body.ignore_eos), max_tokens is None
     except ConfigError as exc:
         param = str(exc).split(" ", 1)[0] if str(exc).split(" ", 1)[0].isidentifier() else None
         raise BadRequest(str(exc), param) from None
@@ -225,11 +228,7 @@ class _Run:
     async def collect(self) -> Output:
         total = Output(self.req.request_id)
         async for out in self.events():
-            total.text += out.text
-            total.token_ids += out.token_ids
-            total.logprobs += out.logprobs
-            total.finish_reason, total.error = out.finish_reason, out.error
-            total.prompt_tokens, total.completion_tokens = out.prompt_tokens, out.completion_tokens
+            total.extend(out)
         if total.finish_reason == "error":
             raise EngineFailure(f"generation failed: {total.error}")
         return total
@@ -268,9 +267,9 @@ def _routes(app: FastAPI, state: ServerState) -> None:
             raise BadRequest(f"give one prompt to stream, at most {MAX_ITEMS} otherwise", "prompt")
         delta = _delta(state, body.model)
         encoded = [_encode(state, p) for p in prompts]
-        params = _params(state, body, body.max_tokens, body.logprobs, max(len(ids) for ids in encoded))
+        params, fit = _params(state, body, body.max_tokens, body.logprobs)
         rid = f"cmpl-{uuid.uuid4().hex}"
-        runs = [await _Run(state, ids, params, delta, body.max_tokens is None).submit() for ids in encoded]
+        runs = [await _Run(state, ids, params, delta, fit).submit() for ids in encoded]
         if not body.stream:
             outs = await asyncio.gather(*(r.collect() for r in runs))
             return R.completion(rid, body.model, list(outs), body.logprobs is not None)
@@ -297,9 +296,9 @@ def _routes(app: FastAPI, state: ServerState) -> None:
                                                    add_generation_prompt=True, tokenize=False)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         ids = _encode(state, text, special=False)
-        params = _params(state, body, body.max_completion_tokens or body.max_tokens, logprobs, len(ids))
+        params, fit = _params(state, body, body.max_completion_tokens or body.max_tokens, logprobs)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        run = await _Run(state, ids, params, delta, not (body.max_completion_tokens or body.max_tokens)).submit()
+        run = await _Run(state, ids, params, delta, fit).submit()
         if not body.stream:
             return R.chat(rid, body.model, await run.collect(), body.logprobs)
 

@@ -150,9 +150,10 @@ class Engine:
             raise BadRequest("the prompt is empty (no tokens)", "prompt")
         lease = self.store.acquire(req.delta)  # the store's lock before the queue's, never the other way
         virtual = virtual_tokens(lease)
-        room = None if self.max_positions is None else self.max_positions - virtual - len(req.prompt_ids)
-        if req.fit_context and room is not None and 1 <= room < req.params.max_tokens:
-            req.params = replace(req.params, max_tokens=room)
+        if req.fit_context and self.max_positions is not None:  # a ceiling: lowered to what the context leaves
+            room = self.max_positions - virtual - len(req.prompt_ids)
+            if 1 <= room < req.params.max_tokens:
+                req.params = replace(req.params, max_tokens=room)
         with self._queue:
             refused = self._refusal() or self._too_long(req, virtual)
             if refused is None:
@@ -506,18 +507,7 @@ class Engine:
         """Run the requests to the end in the caller's thread; one merged :class:`Output` per request."""
         many = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
         results = [Output("") for _ in prompts]
-
-        def sink_for(i: int):
-            def sink(out: Output) -> None:
-                r = results[i]
-                r.request_id, r.text = out.request_id, r.text + out.text
-                r.token_ids += out.token_ids
-                r.logprobs += out.logprobs
-                r.finish_reason, r.error = out.finish_reason, out.error
-                r.prompt_tokens, r.completion_tokens = out.prompt_tokens, out.completion_tokens
-            return sink
-
-        for i, (prompt, delta, p) in enumerate(zip(prompts, deltas, many, strict=True)):
-            self.submit(GenerateRequest(list(prompt), p, delta, sink_for(i)))
+        for result, prompt, delta, p in zip(results, prompts, deltas, many, strict=True):
+            self.submit(GenerateRequest(list(prompt), p, delta, result.extend))
         self.run_until_idle()
         return results

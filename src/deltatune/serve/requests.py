@@ -34,6 +34,17 @@ class Output:
     prompt_tokens: int = 0
     completion_tokens: int = 0
 
+    def extend(self, later: Output) -> Output:
+        """Fold a later event of the same request into this one (text, tokens and logprobs appended; the finish
+        reason, error and token counts are the later event's); returns ``self``."""
+        self.request_id = later.request_id
+        self.text += later.text
+        self.token_ids += later.token_ids
+        self.logprobs += later.logprobs
+        self.finish_reason, self.error = later.finish_reason, later.error
+        self.prompt_tokens, self.completion_tokens = later.prompt_tokens, later.completion_tokens
+        return self
+
 
 Sink = Callable[[Output], None]
 
