@@ -233,7 +233,7 @@ Onto = Callable[[Tensor, Any, nn.Module, list, Tensor, dict], Any]
 @dataclass
 class _Plan:
     """A layer's parts under one routing: ``parts[k]`` for id ``k``; ``kinds``: per part family, the parts of that
-    class (``None`` elsewhere) and how it applies them onto the shared base output (``None``: it cannot)."""
+    family (``None`` elsewhere) and how it applies them onto the shared base output (``None``: it cannot)."""
 
     parts: list[Part | None]
     kinds: list[tuple[type[Part], list[Part | None], Onto | None]]

@@ -129,7 +129,6 @@ def _rank_digests(digest: str, accelerator: Accelerator) -> list[str]:
     return out
 
 
-
 def step_lrs(optimizer: Any) -> list[float]:
     """The LR of each parameter group for the optimiser step about to run: its ``lr``, or — for an optimiser that
     puts other LRs in place for one step (LT-SFT's restarted masked phase) — what its ``step_lrs()`` says.  The
@@ -137,6 +136,7 @@ def step_lrs(optimizer: Any) -> list[float]:
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds the optimiser it wraps
     own = getattr(inner, "step_lrs", None)
     return list(own()) if callable(own) else [float(g["lr"]) for g in inner.param_groups]
+
 
 def train(cfg: TrainConfig, method_config: Any,
           on_eval: Callable[[int, dict[str, float | None]], None] | None = None) -> TrainResult:
