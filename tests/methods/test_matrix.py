@@ -110,7 +110,9 @@ def trained(case: Case) -> Trained:
     at_init = logits(model, inputs)
     heads_before = {f"{h}.{k}": v.detach().clone() for h in HEADS[case.arch]
                     for k, v in model.get_submodule(h).state_dict().items()}
-    train_steps(model, delta, config, inputs, STEPS)
+    _, hooks = train_steps(model, delta, config, inputs, STEPS)
+    for hook in hooks:
+        hook.close()  # training is over (in-place training gives the base its tensors back)
     after = logits(model, inputs)
     delta.snapshot_heads(model)
     _CACHE[case.id] = Trained(case, base, model, delta, inputs, before, at_init, after, heads_before)

@@ -7,8 +7,10 @@ Everything outside the transformer blocks (embeddings, final norm, LM head) alwa
 As a delta: a dense part per trained module, created *lazily* the first time its block is drawn, so the delta
 and the memory hold only blocks that were ever trained.  When a block is re-frozen its part stays (its ``Δ`` is
 part of the result) but stops training, and its optimiser state is really freed (the reference implementation
-keeps it: OptimalScale/LMFlow#729, #768).  The optimiser holds one parameter group, re-listed at every draw as
-``always-trained + active blocks`` in a fixed order, so a resumed run rebuilds exactly the same optimiser.
+keeps it: OptimalScale/LMFlow#729, #768).  Parts train ``θ`` in the base's own storage
+(:mod:`deltatune.methods.in_place`), so a trained block costs its gradient and optimiser state, not a second copy
+of it.  The optimiser holds one parameter group, re-listed at every draw as ``always-trained + active blocks`` in a
+fixed order, so a resumed run rebuilds exactly the same optimiser.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from torch import Tensor, nn
 from deltatune.config import require
 from deltatune.errors import ConfigError, TargetError
 from deltatune.layer import PartHolder
+from deltatune.methods.in_place import InPlaceTraining
 from deltatune.methods.lift import require_single_process, unwrap_optimizer
 from deltatune.methods.registry import Method, TrainHook, register_method
 from deltatune.methods.targets import modules_with_parameters
@@ -43,6 +46,8 @@ class LisaConfig:
     layers_path: str | None = field(default=None, metadata={"help": "module path of the blocks' ModuleList "
                                                                     "(default: by model type)"})
     seed: int = field(default=0, metadata={"help": "seed of the draws (draw s uses seed and s)"})
+    in_place: bool = field(default=True, metadata={"help": "train θ in the base's own storage, θ₀ in a temporary "
+                                                           "file (see full); false: a separate Δθ per part"})
 
     def __post_init__(self) -> None:
         require(self.layers >= 1, f"lisa config.layers must be ≥ 1, got {self.layers}")
@@ -161,6 +166,7 @@ class LisaSampler(TrainHook):
         self.group = next((i for i, g in enumerate(groups) if any(id(p) in block_params for p in g["params"])), 0)
         self.always = [p for p in groups[self.group]["params"] if id(p) not in block_params]
         self._relist()
+        self.in_place = InPlaceTraining(model, delta, self.optimizer, config.in_place)
 
     def _parts(self, blocks) -> list[DensePart]:
         return [self.delta.parts[n] for b in blocks for n in self.plan.blocks[b] if n in self.delta.parts]
@@ -192,12 +198,16 @@ class LisaSampler(TrainHook):
                 parts.update(dense_parts(self.model, self.plan.blocks[b], self._seen))
             attach_parts(self.model, parts, self.name)
             self.delta.parts.update(parts)
+            self.in_place.bind(parts)
             self.visited = sorted(set(self.visited) | set(new))
         for part in self._parts(blocks):
             for p in part.parameters():
                 p.requires_grad_(True)
         self.active = list(blocks)
         self._relist()
+
+    def close(self) -> None:
+        self.in_place.close()
 
     def state_bytes(self) -> int:
         """Bytes of optimiser state held now."""

@@ -37,6 +37,10 @@ class TrainHook:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned (exact resume)."""
 
+    def close(self) -> None:
+        """After the last step, or when training stops early: give back what the hook took (the base's storage
+        lent to in-place training, :class:`deltatune.methods.in_place.InPlaceTraining`)."""
+
 
 class Method:
     name: ClassVar[str] = ""

@@ -80,6 +80,11 @@ class Part(nn.Module):
         """The wrapped module's output with this part applied; ``base(x)`` computes the output without it."""
         raise NotImplementedError
 
+    def forward_shared(self, base: nn.Module, kind: LayerKind, x: Tensor) -> Tensor:
+        """The output of ``base`` — a module sharing this part's weight (a tied alias, :class:`TiedAlias`) — with
+        this part's weight update: ``base`` computing with ``W + ΔW``."""
+        return forward_with_delta(base, kind, x, self.update("weight", base))
+
     def aux_loss(self) -> Tensor | None:
         """The auxiliary loss of the last training forward, already weighted by its coefficient (kinds with
         ``has_aux_loss``; e.g. a mixture's load-balancing loss), or ``None``.  The training loop adds it."""
@@ -161,6 +166,15 @@ class Part(nn.Module):
         return None
 
     # --- merging -------------------------------------------------------------------------
+    def bind(self, base: nn.Module) -> bool:
+        """Train in ``base``'s own storage where the kind can (dense parts: ``θ`` in place, ``θ₀`` spilled to disk),
+        so training holds no second copy of the module; ``False`` (the default) where it does not.  A bound part's
+        ``state``/``updates`` are still its ``Δθ``; :meth:`unbind` gives the base back."""
+        return False
+
+    def unbind(self) -> None:
+        """Undo :meth:`bind` (nothing for a part that is not bound)."""
+
     def merge_into(self, base: nn.Module) -> None:
         """``W ← W + ΔW`` in place, computed in fp32 and cast back."""
         _add_to_weight(base, self.delta_weight(), sign=1.0)

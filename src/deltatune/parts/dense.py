@@ -25,8 +25,9 @@ from torch.func import functional_call
 
 from deltatune.errors import DeltaFormatError, ShapeMismatch
 from deltatune.parts.base import Part
-from deltatune.parts.layers import LayerKind, input_grad, layer_kind, weight_grad
+from deltatune.parts.layers import LayerKind, functional_forward, input_grad, layer_kind, weight_grad
 from deltatune.parts.meta_checks import check_keys, check_shape, check_state, short
+from deltatune.parts.spill import TensorSpill
 
 
 def _key(name: str) -> str:
@@ -121,6 +122,8 @@ class DensePart(Part):
     def __init__(self, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None) -> None:
         super().__init__()
+        self._spill: TensorSpill | None = None  # θ₀ on disk while θ trains in the base's storage (bind)
+        self._bound_to: list[nn.Module] = []  # a list keeps the base module out of this module's children
         self.shapes = {k: tuple(int(s) for s in v) for k, v in shapes.items()}
         self.deltas = nn.ParameterDict(
             {_key(k): nn.Parameter(torch.zeros(v, dtype=dtype, device=device)) for k, v in self.shapes.items()}
@@ -133,10 +136,63 @@ class DensePart(Part):
         ref = next(iter(params.values()))
         return cls({k: tuple(p.shape) for k, p in params.items()}, dtype=dtype or ref.dtype, device=ref.device)
 
-    def delta_for(self, name: str) -> Tensor:
+    def _tensor(self, name: str) -> nn.Parameter:
+        """The trained tensor of parameter ``name``: ``Δθ``, or ``θ`` itself while bound."""
         return self.deltas[_key(name)]
 
+    def delta_for(self, name: str) -> Tensor:
+        """``Δθ_name``: the trained tensor, or while bound ``θ − θ₀`` (a fresh, detached tensor)."""
+        if self._spill is None:
+            return self._tensor(name)
+        return self._tensor(name).detach() - self._spill.get(name)
+
+    # --- θ trained in the base's own storage -------------------------------------------------
+    @property
+    def bound(self) -> bool:
+        return self._spill is not None
+
+    def bind(self, base: nn.Module) -> bool:
+        """Train ``θ = θ₀ + Δθ`` in ``base``'s own parameter storage instead of in a tensor of its own.
+
+        ``θ₀`` goes to a temporary file (:class:`TensorSpill`), so a dense delta trains with no second copy of the
+        module (full fine-tuning's memory and time); ``Δθ = θ − θ₀`` is computed whenever it is read (``state``,
+        ``updates``), and :meth:`unbind` gives the base its ``θ₀`` back with ``Δθ`` in the part's own storage.
+        While bound, ``base`` computes with ``θ``: it is no longer the base for anything else (training only).
+        Refused (``False``) when the part is bound already or its dtype or device differs from the base's."""
+        own = dict(base.named_parameters(recurse=False))
+        if self.bound or any(k not in own or own[k].dtype != self._tensor(k).dtype
+                             or own[k].device != self._tensor(k).device for k in self.shapes):
+            return False
+        spill = TensorSpill()
+        with torch.no_grad():
+            for k in self.shapes:
+                spill.put(k, own[k])
+                own[k].add_(self._tensor(k))  # θ = θ₀ + Δθ (Δθ is zero on a fresh part)
+                self._tensor(k).data = own[k].data
+        self._spill, self._bound_to = spill, [base]
+        return True
+
+    def unbind(self) -> None:
+        """Give the base module its ``θ₀`` back (from the spill) and keep ``Δθ = θ − θ₀`` in the part's storage."""
+        if self._spill is None:
+            return
+        own = dict(self._bound_to[0].named_parameters(recurse=False))
+        with torch.no_grad():
+            for k in self.shapes:
+                theta0 = self._spill.get(k)
+                self._tensor(k).data.sub_(theta0)  # the storage the base shared now holds Δθ
+                own[k].data = theta0
+        self._spill.close()
+        self._spill, self._bound_to = None, []
+
+    def forward_shared(self, base: nn.Module, kind: LayerKind, x: Tensor) -> Tensor:
+        if self._spill is None:
+            return super().forward_shared(base, kind, x)
+        return functional_forward(base, kind, x, self._tensor("weight"))
+
     def forward(self, x: Tensor, base: nn.Module) -> Tensor:
+        if self._spill is not None:
+            return self.forward_args(base, x)
         kind = layer_kind(base)
         if kind in (LayerKind.LINEAR, LayerKind.CONV1D) and "weight" in self.shapes and set(self.shapes) <= {
                 "weight", "bias"}:
@@ -153,7 +209,9 @@ class DensePart(Part):
         return self.forward_args(base, x)
 
     def forward_args(self, base: nn.Module, *args: object, **kwargs: object) -> Tensor:
-        """The module's own forward (any signature) with ``θ + Δθ``."""
+        """The module's own forward (any signature) with ``θ + Δθ`` (while bound: with the trained ``θ``)."""
+        if self._spill is not None:
+            return functional_call(base, {k: self._tensor(k) for k in self.shapes}, args, kwargs)
         own = dict(base.named_parameters(recurse=False))
         replaced = {k: own[k] + self.delta_for(k).to(own[k].dtype) for k in self.shapes}
         return functional_call(base, replaced, args, kwargs)
@@ -191,6 +249,7 @@ class DensePart(Part):
         self._add(base, -1.0)
 
     def _add(self, base: nn.Module, sign: float) -> None:
+        self.unbind()  # a bound base holds θ: give it θ₀ back first
         own = dict(base.named_parameters(recurse=False))
         with torch.no_grad():
             for k in self.shapes:
@@ -210,7 +269,10 @@ class DensePart(Part):
             for k, shape in self.shapes.items():
                 if tuple(state[k].shape) != shape:
                     raise ShapeMismatch(f"{where}.{k}: shape {tuple(state[k].shape)}, expected {shape}")
-                self.delta_for(k).copy_(state[k])
+                if self._spill is None:
+                    self._tensor(k).copy_(state[k])
+                else:  # θ = θ₀ + Δθ
+                    self._tensor(k).copy_(self._spill.get(k) + state[k].to(self._tensor(k).dtype))
 
     def meta(self) -> dict[str, Any]:
         return {"shapes": {k: list(v) for k, v in self.shapes.items()}}

@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from deltatune.parts.base import Part, base_layer_kind, forward_with_delta
+from deltatune.parts.base import Part, base_layer_kind
 
 
 class TiedAlias(Part):
@@ -32,7 +32,7 @@ class TiedAlias(Part):
         return self._owner[0]
 
     def forward(self, x: Tensor, base: nn.Module) -> Tensor:
-        return forward_with_delta(base, base_layer_kind(base, self.owner_name), x, self.owner.update("weight", base))
+        return self.owner.forward_shared(base, base_layer_kind(base, self.owner_name), x)
 
     def delta_weight(self) -> Tensor:
         return self.owner.delta_weight()

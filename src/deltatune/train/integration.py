@@ -26,6 +26,7 @@ and schedule hooks around each optimiser step (SpIEL's drop and regrow), and its
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -125,13 +126,24 @@ class Schedule:
         for hook, state in zip(self.hooks, states, strict=True):
             hook.load_state_dict(state)
 
+    def close(self) -> None:
+        """Call once training is over: hooks give back what they took (full fine-tuning and LISA train ``θ`` in the
+        base's own storage until then, :mod:`deltatune.methods.in_place`)."""
+        for hook in self.hooks:
+            hook.close()
+
 
 def schedule_for(model: nn.Module, delta: Delta, optimizer: torch.optim.Optimizer, total_steps: int,
                  grad_accum: int = 1, config: Any = None) -> Schedule:
     """The method's hooks for ``optimizer`` over ``total_steps`` steps, warning when ``optimizer`` is not the
-    method's own (e.g. a trainer's AdamW where SpIEL expects SparseAdamW)."""
+    method's own (e.g. a trainer's AdamW where SpIEL expects SparseAdamW).
+
+    A loop of the user's own keeps dense deltas in tensors of their own (``in_place`` off, where the method has
+    it): its checkpoints and resumes handle the model's tensors, which in-place training would change."""
     method = get_method(delta.method)
     config = config or method_config(delta)
+    if getattr(config, "in_place", False):
+        config = dataclasses.replace(config, in_place=False)
     expected = type(method.optimizer([nn.Parameter(torch.zeros(1))], 1e-3, 0.0, config))
     if not isinstance(optimizer, expected):
         warnings.warn(f"the {delta.method} method trains with {expected.__name__}, but the loop's optimizer is "
@@ -198,6 +210,7 @@ class DeltaTuneCallback(_callback_base()):  # type: ignore[misc]
             self.delta.save(Path(args.output_dir) / f"checkpoint-{state.global_step}" / "delta", overwrite=True)
 
     def on_train_end(self, args, state, control, **kwargs):
+        self.schedule.close()
         if self._aux is not None:
             self._aux.remove()
             self._aux = None

@@ -257,6 +257,8 @@ def train(cfg: TrainConfig, method_config: Any,
                                  before, best, history)
                 last_ckpt = str(out / "checkpoint")
     finally:
+        for hook in hooks:
+            hook.close()  # in-place training gives the base its tensors back (methods/in_place.py)
         log.close(progress)
         run_log.close()
 

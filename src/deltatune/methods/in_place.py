@@ -1,0 +1,63 @@
+"""Dense deltas trained in the base's own storage: full fine-tuning at native full fine-tuning's memory and time.
+
+A dense part trains ``Δθ`` beside ``θ₀``: one more copy of every trained module than native full fine-tuning, and
+``θ₀ + Δθ`` formed in each forward and backward.  :class:`InPlaceTraining` binds the parts instead
+(:meth:`deltatune.parts.base.Part.bind`): ``θ`` trains in the base tensor itself, ``θ₀`` waits in a temporary file,
+and ``Δθ = θ − θ₀`` is computed whenever the delta is read (saves, best snapshots).  :meth:`InPlaceTraining.close`
+(the loop calls it when training ends, however it ends) unbinds them: the base gets ``θ₀`` back and each part holds
+its ``Δθ``.  Checkpoints hold the trained ``θ``, so a resumed run continues bit for bit.
+
+Not bound (the parts keep their own ``Δθ``):
+
+* with weight decay on the delta's parameters: decoupled decay acts on the delta (``Δθ ← (1 − ηλ)Δθ``, towards the
+  base), which ``θ`` in place cannot do without ``θ₀`` in memory;
+* under FSDP or DeepSpeed, which shard or flatten the base's tensors;
+* when ``in_place`` is false in the method's config.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from deltatune.methods.registry import TrainHook
+from deltatune.model import get_module
+from deltatune.parts.base import Part
+
+#: environment flags of an ``accelerate launch`` that shards or flattens the model's tensors
+SHARDING_FLAGS = ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")
+
+
+def can_bind(optimizer: torch.optim.Optimizer, parts: dict[str, Part]) -> bool:
+    """Whether the parts may train in place: no sharding launch and no weight decay on their parameters."""
+    if any(os.environ.get(flag, "false").lower() == "true" for flag in SHARDING_FLAGS):
+        return False
+    ids = {id(p) for part in parts.values() for p in part.parameters()}
+    inner = getattr(optimizer, "optimizer", optimizer)
+    return not any(g.get("weight_decay", 0.0) and any(id(p) in ids for p in g["params"]) for g in inner.param_groups)
+
+
+class InPlaceTraining(TrainHook):
+    """Binds the delta's parts to their modules for the run (where :func:`can_bind`); :meth:`close` unbinds."""
+
+    def __init__(self, model: nn.Module, delta: Any, optimizer: torch.optim.Optimizer, enabled: bool = True) -> None:
+        self.model, self.delta = model, delta
+        self.enabled = enabled and can_bind(optimizer, delta.parts)
+        self.bound: list[Part] = []
+        self.bind(delta.parts)
+
+    def bind(self, parts: dict[str, Part]) -> None:
+        """Bind ``parts`` (module name → part; also the parts a schedule creates later, e.g. LISA's)."""
+        if not self.enabled:
+            return
+        for name, part in parts.items():
+            if part.bind(get_module(self.model, name)):
+                self.bound.append(part)
+
+    def close(self) -> None:
+        for part in self.bound:
+            part.unbind()
+        self.bound = []

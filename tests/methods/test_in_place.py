@@ -1,0 +1,121 @@
+"""Dense deltas trained in the base's own storage (methods/in_place.py): full fine-tuning and LISA hold no second
+copy of the model, train exactly as a separate ``Δθ`` would, and give the base back bit for bit."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import TINY_MODELS, hooked_steps, logits, max_diff, tiny_inputs
+
+import deltatune
+from deltatune.methods import get_method
+from deltatune.methods.in_place import InPlaceTraining
+from deltatune.model import get_module
+
+
+def _own(model, name: str) -> dict[str, torch.Tensor]:
+    return dict(get_module(model, name).named_parameters(recurse=False))
+
+
+def _run(arch: str, mapping: dict, method: str = "full", steps: int = 3, weight_decay: float = 0.0,
+         close: bool = True, sgd: bool = False):
+    model = TINY_MODELS[arch]().eval()  # no dropout: the two storages must see the same computation
+    base = copy.deepcopy(model)
+    config = deltatune.make_config(method, mapping)
+    delta = deltatune.attach(model, config)
+    m = get_method(method)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.1) if sgd else m.optimizer(params, 1e-2, weight_decay, config)
+    hooks = m.hooks(model, delta, config, opt, 40, 1)
+    hooked_steps(model, opt, hooks, tiny_inputs(arch), 0, steps)
+    if close:
+        for h in hooks:
+            h.close()
+    return base, model, delta, hooks
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
+def test_in_place_trains_the_same_delta_and_gives_the_base_back(arch: str) -> None:
+    # SGD: Adam's m/√v would turn ulp-level gradient differences into lr-sized steps where a gradient is ~0
+    base, model, delta, _ = _run(arch, {}, sgd=True)
+    _, ref_model, ref, _ = _run(arch, {"in_place": False}, sgd=True)
+    assert set(delta.parts) == set(ref.parts)
+    assert max(v.abs().max() for part in delta.parts.values() for v in part.state().values()) > 1e-3
+    for name, part in delta.parts.items():
+        assert not part.bound
+        for k, v in part.state().items():
+            assert torch.allclose(v, ref.parts[name].state()[k], atol=1e-6, rtol=1e-4), f"{name}.{k}"
+        for k, t in _own(model, name).items():  # θ₀ restored bit for bit from the spill
+            assert torch.equal(t, _own(base, name)[k]), f"{name}.{k} not restored"
+    inputs = tiny_inputs(arch)
+    assert max_diff(logits(model, inputs), logits(ref_model, inputs)) <= 1e-4
+    merged = copy.deepcopy(base)
+    deltatune.merge_delta(merged, delta, force=True)
+    assert max_diff(logits(merged, inputs), logits(model, inputs)) <= 1e-5
+
+
+def test_bound_parts_share_the_base_storage_and_read_as_their_delta() -> None:
+    base, model, delta, hooks = _run("gpt2", {}, close=False)  # GPT-2: lm_head's weight is tied to wte's
+    for name, part in delta.parts.items():
+        assert part.bound
+        own = _own(model, name)
+        for k in part.shapes:
+            assert part._tensor(k).data_ptr() == own[k].data_ptr(), "a second copy of the module"
+            assert torch.equal(part.state()[k], own[k].detach() - _own(base, name)[k])
+    assert not torch.equal(_own(model, "transformer.wte")["weight"], _own(base, "transformer.wte")["weight"])
+    hooks[0].close()
+    hooks[0].close()  # closing twice is harmless
+    assert not any(p.bound for p in delta.parts.values())
+
+
+def test_weight_decay_or_a_sharding_launch_keeps_a_separate_delta(monkeypatch) -> None:
+    _, _, delta, hooks = _run("llama", {}, weight_decay=0.1, close=False)
+    assert not hooks[0].enabled and not any(p.bound for p in delta.parts.values())
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    model = TINY_MODELS["llama"]()
+    config = deltatune.make_config("full", {})
+    d = deltatune.attach(model, config)
+    hook = InPlaceTraining(model, d, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]))
+    assert not hook.enabled and not any(p.bound for p in d.parts.values())
+
+
+def test_lisa_binds_the_blocks_it_draws_later_and_unbinds_all() -> None:
+    base, model, delta, hooks = _run("llama", {"layers": 1, "interval": 1}, method="lisa", steps=4, close=False)
+    (sampler,) = hooks
+    assert len(sampler.visited) == 2 and all(p.bound for p in delta.parts.values())
+    sampler.close()
+    for name, part in delta.parts.items():
+        assert not part.bound
+        assert all(torch.equal(t, _own(base, name)[k]) for k, t in _own(model, name).items())
+
+
+def test_loading_tensors_into_a_bound_part_sets_theta() -> None:
+    base, model, delta, hooks = _run("llama", {}, steps=1, close=False)
+    name, part = next(iter(delta.parts.items()))
+    want = {k: torch.full_like(v, 0.25) for k, v in part.state().items()}
+    part.load_tensors(want, "test")
+    for k, t in _own(model, name).items():
+        assert torch.equal(t, _own(base, name)[k] + 0.25)
+    hooks[0].close()  # Δθ = (θ₀ + 0.25) − θ₀, to the rounding of θ₀ + 0.25
+    assert all(torch.allclose(part.state()[k], v, rtol=0, atol=1e-6) for k, v in want.items())
+
+
+def test_the_training_loop_returns_an_unbound_delta_and_the_base(tmp_path, data_dir) -> None:
+    from deltatune.api import load_base_for
+    from deltatune.train import loop
+    from deltatune.train.config import TrainConfig
+
+    cfg = TrainConfig(out_dir=str(tmp_path / "run"), task="sst2", max_steps=2, train_limit=16, eval_limit=8,
+                      eval_every=0, eval_before=False, max_length=16, batch_size=4, progress=False,
+                      checkpoint_every=1, lr=1e-4)
+    result = loop.train(cfg, deltatune.make_config("full", {"targets": ["bert.encoder.layer.0.attention.self.query"]}))
+    assert result.delta.parts and not any(p.bound for p in result.delta.parts.values())
+    saved = deltatune.load_delta(result.delta_dir)
+    fresh = load_base_for(saved)
+    for name, part in saved.parts.items():
+        live = result.delta.parts[name]
+        assert all(torch.equal(v, live.state()[k]) for k, v in part.state().items())
+        assert any(v.abs().sum() > 0 for v in part.state().values())
+        assert {k: t.shape for k, t in _own(fresh, name).items()} == {k: tuple(s) for k, s in part.shapes.items()}
