@@ -119,3 +119,18 @@ def test_the_training_loop_returns_an_unbound_delta_and_the_base(tmp_path, data_
         assert all(torch.equal(v, live.state()[k]) for k, v in part.state().items())
         assert any(v.abs().sum() > 0 for v in part.state().values())
         assert {k: t.shape for k, t in _own(fresh, name).items()} == {k: tuple(s) for k, s in part.shapes.items()}
+
+
+def test_lt_sft_phase_one_trains_in_place_and_the_rewind_restores_the_base() -> None:
+    base, model, delta, hooks = _run("llama", {"density": 0.01, "full_steps": 2}, method="lt-sft", steps=1,
+                                     close=False)
+    (phases,) = hooks
+    name, part = next(iter(delta.parts.items()))
+    assert part.bound and part._tensor("weight").data_ptr() == _own(model, name)["weight"].data_ptr()
+    assert not torch.equal(_own(model, name)["weight"], _own(base, name)["weight"])
+    hooked_steps(model, phases.optimizer, hooks, tiny_inputs("llama"), 1, 2)  # the switch after step 2
+    assert phases.phase == 2 and {p.kind for p in delta.parts.values()} == {"sparse"}
+    for n in delta.parts:  # rewound: θ₀ back bit for bit
+        assert torch.equal(_own(model, n)["weight"], _own(base, n)["weight"])
+    l1 = _run("llama", {"density": 0.01, "full_steps": 2, "l1_full": 0.1}, method="lt-sft", steps=1, close=False)
+    assert not any(p.bound for p in l1[2].parts.values())  # the L1 pull needs sign(θ − θ₀): a separate Δ

@@ -1,8 +1,9 @@
 """LT-SFT: Lottery-Ticket Sparse Fine-Tuning (Ansell, Ponti, Korhonen, Vulić, "Composable Sparse Fine-Tuning for
 Cross-Lingual Transfer", ACL 2022, arXiv 2110.07560), in one training run of three phases:
 
-1. **full fine-tuning** of the target weights for ``full_steps`` optimiser steps: a dense part per target holds
-   ``Δ = θ − θ₀`` (the base ``θ₀`` stays frozen, so no copy of it is kept: the delta *is* ``θ − θ₀``);
+1. **full fine-tuning** of the target weights for ``full_steps`` optimiser steps: a dense part per target, trained
+   as full fine-tuning trains (``θ`` in the base's own storage, ``θ₀`` in a temporary file:
+   :mod:`deltatune.methods.in_place`; with the L1 pull, a separate ``Δ = θ − θ₀`` beside the frozen ``θ₀``);
 2. **selection and rewind**: the ``K`` entries with the largest ``|θ − θ₀| = |Δ|`` over all targets at once
    (:func:`top_k_positions`, exact, ties broken by module order then flat position) become the support; every
    value is rewound to ``θ₀`` (``Δ = 0``), the dense parts are replaced by sparse parts on that support, and the
@@ -61,6 +62,7 @@ from torch import Tensor, nn
 from deltatune.algebra.quantile import RadixSelect
 from deltatune.config import require
 from deltatune.errors import ConfigError, DeltaFormatError
+from deltatune.methods.in_place import InPlaceTraining
 from deltatune.methods.registry import Method, TrainHook, register_method
 from deltatune.methods.targets import select_modules
 from deltatune.model import attach_parts, delta_layers, detach, get_module
@@ -228,6 +230,8 @@ class LTSFTPhases(TrainHook):
         self.events: list[dict[str, Any]] = []
         self.lr_factors: list[list[float] | None] = []  # per completed-or-current step: each group's lr / initial_lr
         self._set_l1(config.l1_full)
+        # phase 1 trains θ in the base's storage, as full fine-tuning does (the L1 pull needs sign(θ − θ₀): not then)
+        self.in_place = InPlaceTraining(model, delta, optimizer, enabled=config.l1_full == 0)
 
     def _set_l1(self, lam: float) -> None:
         if isinstance(self.optimizer, LTSFTAdamW):
@@ -262,6 +266,7 @@ class LTSFTPhases(TrainHook):
     @torch.no_grad()
     def switch(self, chosen: dict[str, Tensor]) -> None:
         """Replace the dense parts by sparse parts at ``chosen`` flat positions, values 0 (rewound to ``θ₀``)."""
+        self.in_place.close()  # the rewind: each module gets its θ₀ back
         old = dict(self.delta.parts)
         name = _attached_name(self.model, old)
         new: dict[str, SparsePart] = {}
@@ -292,6 +297,9 @@ class LTSFTPhases(TrainHook):
         if not placed:
             self.optimizer.param_groups[0]["params"].extend(fresh)
         self.optimizer.state.clear()  # a fresh optimiser for the new phase (reference: one per phase)
+
+    def close(self) -> None:
+        self.in_place.close()
 
     def state_dict(self) -> dict[str, Any]:
         indices = None if self.phase == 1 else {n: p.indices.detach().cpu() for n, p in self.delta.parts.items()}
