@@ -13,6 +13,7 @@ import deltatune
 from deltatune.methods import get_method
 from deltatune.methods.in_place import InPlaceTraining
 from deltatune.model import get_module
+from deltatune.parts.spill import TensorSpill
 
 
 def _own(model, name: str) -> dict[str, torch.Tensor]:
@@ -65,8 +66,10 @@ def test_bound_parts_share_the_base_storage_and_read_as_their_delta() -> None:
             assert part._tensor(k).data_ptr() == own[k].data_ptr(), "a second copy of the module"
             assert torch.equal(part.state()[k], own[k].detach() - _own(base, name)[k])
     assert not torch.equal(_own(model, "transformer.wte")["weight"], _own(base, "transformer.wte")["weight"])
+    assert hooks[0].spill is not None  # one temporary file for every bound part
     hooks[0].close()
     hooks[0].close()  # closing twice is harmless
+    assert hooks[0].spill is None
     assert not any(p.bound for p in delta.parts.values())
 
 
@@ -134,3 +137,14 @@ def test_lt_sft_phase_one_trains_in_place_and_the_rewind_restores_the_base() -> 
         assert torch.equal(_own(model, n)["weight"], _own(base, n)["weight"])
     l1 = _run("llama", {"density": 0.01, "full_steps": 2, "l1_full": 0.1}, method="lt-sft", steps=1, close=False)
     assert not any(p.bound for p in l1[2].parts.values())  # the L1 pull needs sign(θ − θ₀): a separate Δ
+
+
+def test_the_spill_gives_back_every_dtype_and_shape_bit_for_bit() -> None:
+    spill = TensorSpill()
+    tensors = [torch.randn(5, 7), torch.randn(3, 4).to(torch.bfloat16), torch.randn(6, 4).t(),  # non-contiguous
+               torch.tensor(2.5, dtype=torch.float64), torch.arange(10, dtype=torch.int32), torch.zeros(0, 3)]
+    handles = [spill.put(t) for t in tensors]
+    for h, t in reversed(list(zip(handles, tensors, strict=True))):
+        got = spill.get(h)
+        assert got.dtype == t.dtype and got.shape == t.shape and torch.equal(got, t)
+    spill.close()

@@ -26,6 +26,7 @@ from torch import nn
 from deltatune.methods.registry import TrainHook
 from deltatune.model import get_module
 from deltatune.parts.base import Part
+from deltatune.parts.spill import TensorSpill
 
 #: environment flags of an ``accelerate launch`` that shards or flattens the model's tensors
 SHARDING_FLAGS = ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")
@@ -47,6 +48,7 @@ class InPlaceTraining(TrainHook):
         self.model, self.delta = model, delta
         self.enabled = enabled and can_bind(optimizer, delta.parts)
         self.bound: list[Part] = []
+        self.spill: TensorSpill | None = None  # every bound part's θ₀, one temporary file
         self.bind(delta.parts)
 
     def bind(self, parts: dict[str, Part]) -> None:
@@ -54,10 +56,14 @@ class InPlaceTraining(TrainHook):
         if not self.enabled:
             return
         for name, part in parts.items():
-            if part.bind(get_module(self.model, name)):
+            self.spill = self.spill or TensorSpill()
+            if part.bind(get_module(self.model, name), self.spill):
                 self.bound.append(part)
 
     def close(self) -> None:
         for part in self.bound:
             part.unbind()
         self.bound = []
+        if self.spill is not None:
+            self.spill.close()
+            self.spill = None

@@ -166,10 +166,11 @@ class Part(nn.Module):
         return None
 
     # --- merging -------------------------------------------------------------------------
-    def bind(self, base: nn.Module) -> bool:
-        """Train in ``base``'s own storage where the kind can (dense parts: ``θ`` in place, ``θ₀`` spilled to disk),
-        so training holds no second copy of the module; ``False`` (the default) where it does not.  A bound part's
-        ``state``/``updates`` are still its ``Δθ``; :meth:`unbind` gives the base back."""
+    def bind(self, base: nn.Module, spill: Any) -> bool:
+        """Train in ``base``'s own storage where the kind can (dense parts: ``θ`` in place, ``θ₀`` written to
+        ``spill``, a :class:`deltatune.parts.spill.TensorSpill`), so training holds no second copy of the module;
+        ``False`` (the default) where it does not.  A bound part's ``state``/``updates`` are still its ``Δθ``;
+        :meth:`unbind` gives the base back."""
         return False
 
     def unbind(self) -> None:

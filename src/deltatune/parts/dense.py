@@ -123,6 +123,7 @@ class DensePart(Part):
                  device: torch.device | str | None = None) -> None:
         super().__init__()
         self._spill: TensorSpill | None = None  # θ₀ on disk while θ trains in the base's storage (bind)
+        self._handles: dict[str, int] = {}  # parameter → its θ₀ in the spill
         self._bound_to: list[nn.Module] = []  # a list keeps the base module out of this module's children
         self.shapes = {k: tuple(int(s) for s in v) for k, v in shapes.items()}
         self.deltas = nn.ParameterDict(
@@ -144,29 +145,29 @@ class DensePart(Part):
         """``Δθ_name``: the trained tensor, or while bound ``θ − θ₀`` (a fresh, detached tensor)."""
         if self._spill is None:
             return self._tensor(name)
-        return self._tensor(name).detach() - self._spill.get(name)
+        return self._tensor(name).detach() - self._spill.get(self._handles[name])
 
     # --- θ trained in the base's own storage -------------------------------------------------
     @property
     def bound(self) -> bool:
         return self._spill is not None
 
-    def bind(self, base: nn.Module) -> bool:
+    def bind(self, base: nn.Module, spill: TensorSpill) -> bool:
         """Train ``θ = θ₀ + Δθ`` in ``base``'s own parameter storage instead of in a tensor of its own.
 
-        ``θ₀`` goes to a temporary file (:class:`TensorSpill`), so a dense delta trains with no second copy of the
-        module (full fine-tuning's memory and time); ``Δθ = θ − θ₀`` is computed whenever it is read (``state``,
-        ``updates``), and :meth:`unbind` gives the base its ``θ₀`` back with ``Δθ`` in the part's own storage.
+        ``θ₀`` goes to ``spill`` (a temporary file, :class:`TensorSpill`, closed by the caller after unbinding), so a
+        dense delta trains with no second copy of the module (full fine-tuning's memory and time); ``Δθ = θ − θ₀`` is
+        computed whenever it is read (``state``, ``updates``), and :meth:`unbind` gives the base its ``θ₀`` back with
+        ``Δθ`` in the part's own storage.
         While bound, ``base`` computes with ``θ``: it is no longer the base for anything else (training only).
         Refused (``False``) when the part is bound already or its dtype or device differs from the base's."""
         own = dict(base.named_parameters(recurse=False))
         if self.bound or any(k not in own or own[k].dtype != self._tensor(k).dtype
                              or own[k].device != self._tensor(k).device for k in self.shapes):
             return False
-        spill = TensorSpill()
         with torch.no_grad():
             for k in self.shapes:
-                spill.put(k, own[k])
+                self._handles[k] = spill.put(own[k])
                 own[k].add_(self._tensor(k))  # θ = θ₀ + Δθ (Δθ is zero on a fresh part)
                 self._tensor(k).data = own[k].data
         self._spill, self._bound_to = spill, [base]
@@ -179,11 +180,10 @@ class DensePart(Part):
         own = dict(self._bound_to[0].named_parameters(recurse=False))
         with torch.no_grad():
             for k in self.shapes:
-                theta0 = self._spill.get(k)
+                theta0 = self._spill.get(self._handles[k])
                 self._tensor(k).data.sub_(theta0)  # the storage the base shared now holds Δθ
                 own[k].data = theta0
-        self._spill.close()
-        self._spill, self._bound_to = None, []
+        self._spill, self._handles, self._bound_to = None, {}, []
 
     def forward_shared(self, base: nn.Module, kind: LayerKind, x: Tensor) -> Tensor:
         if self._spill is None:
@@ -272,7 +272,7 @@ class DensePart(Part):
                 if self._spill is None:
                     self._tensor(k).copy_(state[k])
                 else:  # θ = θ₀ + Δθ
-                    self._tensor(k).copy_(self._spill.get(k) + state[k].to(self._tensor(k).dtype))
+                    self._tensor(k).copy_(self._spill.get(self._handles[k]) + state[k].to(self._tensor(k).dtype))
 
     def meta(self) -> dict[str, Any]:
         return {"shapes": {k: list(v) for k, v in self.shapes.items()}}
