@@ -84,6 +84,16 @@ def test_weight_decay_or_a_sharding_launch_keeps_a_separate_delta(monkeypatch) -
     assert not hook.enabled and not any(p.bound for p in d.parts.values())
 
 
+def test_hft_trains_in_place_and_unbinds() -> None:
+    base, model, delta, hooks = _run("bert", {"stage_steps": 1}, method="hft", steps=3, close=False)
+    assert all(p.bound for p in delta.parts.values())
+    hooks[0].close()
+    for name, part in delta.parts.items():
+        assert not part.bound
+        assert all(torch.equal(t, _own(base, name)[k]) for k, t in _own(model, name).items())
+    assert any(v.abs().max() > 0 for part in delta.parts.values() for v in part.state().values())
+
+
 def test_lisa_binds_the_blocks_it_draws_later_and_unbinds_all() -> None:
     base, model, delta, hooks = _run("llama", {"layers": 1, "interval": 1}, method="lisa", steps=4, close=False)
     (sampler,) = hooks

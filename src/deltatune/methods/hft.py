@@ -1,9 +1,10 @@
 """HFT: Half Fine-Tuning (Hui et al., "HFT: Half Fine-Tuning for Large Language Models", 2024; ACL 2025), and
 the Half-Reset of an existing fine-tune.
 
-HFT trains a dense delta on every module (as full fine-tuning does, :class:`~deltatune.parts.dense.DensePart`),
-but in each **stage** only about half of them learn; the other half keeps its previous-stage values.  The
-selection is at the matrix (module) level, per transformer block and per category:
+HFT trains a dense delta on every module (as full fine-tuning does, :class:`~deltatune.parts.dense.DensePart`, θ in
+the base's own storage: :mod:`deltatune.methods.in_place`), but in each **stage** only about half of them learn;
+the other half keeps its previous-stage values.  The selection is at the matrix (module) level, per transformer
+block and per category:
 
 * groups: in every block its attention modules, its FFN modules and its norms; the modules outside the blocks
   (embeddings, final norm, pooler, an untied LM head) form one more group (``embeddings=True``) — the paper
@@ -52,6 +53,7 @@ from deltatune.config import require
 from deltatune.delta import Delta
 from deltatune.errors import ConfigError
 from deltatune.methods.full import Full, FullConfig
+from deltatune.methods.in_place import InPlaceTraining
 from deltatune.methods.registry import Method, TrainHook, register_method
 from deltatune.parts.base import Part
 from deltatune.parts.dense import DensePart
@@ -117,6 +119,8 @@ class HFTConfig:
         default="frozen", metadata={"help": "at a stage change drop the optimiser state of the frozen half (frozen) "
                                             "or of every parameter (all)"})
     seed: int = field(default=0, metadata={"help": "seed of the per-stage draws"})
+    in_place: bool = field(default=True, metadata={"help": "train θ in the base's own storage, θ₀ in a temporary "
+                                                           "file (see full); false: a separate Δθ per part"})
 
     def __post_init__(self) -> None:
         require(self.stage_steps >= 1, f"hft config.stage_steps must be ≥ 1, got {self.stage_steps}")
@@ -127,10 +131,12 @@ class HFTConfig:
 
 class HalfSchedule(TrainHook):
     """Per stage: which parts train; frozen ones have ``requires_grad=False`` from ``before_step`` to
-    ``after_step``; at a stage change the optimiser state is reset as ``reset_state`` says."""
+    ``after_step``; at a stage change the optimiser state is reset as ``reset_state`` says.  ``in_place`` (when
+    given) trains the parts in the base's own storage for the run and is closed with this hook."""
 
-    def __init__(self, parts: dict[str, Part], optimizer: torch.optim.Optimizer, config: HFTConfig) -> None:
-        self.parts, self.optimizer, self.config = parts, optimizer, config
+    def __init__(self, parts: dict[str, Part], optimizer: torch.optim.Optimizer, config: HFTConfig,
+                 in_place: InPlaceTraining | None = None) -> None:
+        self.parts, self.optimizer, self.config, self.in_place = parts, optimizer, config, in_place
         self.groups = half_groups(list(parts), norms=True, outside=True)
         self.stage = -1
         self.training: set[str] = set(parts)
@@ -163,6 +169,10 @@ class HalfSchedule(TrainHook):
                 for p in part.parameters():
                     self.optimizer.state.pop(p, None)
 
+    def close(self) -> None:
+        if self.in_place is not None:
+            self.in_place.close()
+
     def state_dict(self) -> dict[str, Any]:
         return {"stage": self.stage}
 
@@ -190,7 +200,7 @@ class HFT(Method):
         return {n: p for n, p in parts.items() if n in keep}
 
     def hooks(self, model, delta, config: HFTConfig, optimizer, total_steps, grad_accum) -> list[TrainHook]:
-        return [HalfSchedule(delta.parts, optimizer, config)]
+        return [HalfSchedule(delta.parts, optimizer, config, InPlaceTraining(model, delta, optimizer, config.in_place))]
 
 
 def half_reset(delta: Delta, seed: int = 0, fraction: float = 0.5, norms: bool = True,
