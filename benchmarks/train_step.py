@@ -9,13 +9,15 @@ Rows per model (every row runs in its own fresh process, same seed, same batches
                        the SpIEL drop/regrow hooks (``before_step``/``after_step`` inside the timed step);
 * ``deltatune_sparse_ma`` the same with SpIEL-MA regrowth (``regrow_by="momentum"``: SM3 row/column accumulators
                        instead of accumulated dense gradients in the selection windows);
-* ``deltatune_full``   deltatune ``FullConfig()`` (dense delta on every module), AdamW;
+* ``deltatune_full``   deltatune ``FullConfig()`` (dense delta on every module, θ trained in the base's storage), AdamW;
 * ``full_native``      plain HF full fine-tuning (every parameter trainable), AdamW;
 * ``peft_dora`` / ``deltatune_dora``  DoRA r=8 α=8 on the LoRA targets (PEFT ``use_dora=True``), AdamW;
 * ``peft_ia3`` / ``deltatune_ia3``    (IA)³ on the model type's default targets (keys, values, FFN down
                        projection; the same for both), AdamW;
 * ``deltatune_s2ft``   S2FT at LoRA's trainable count (attention-output heads and FFN-down channels), AdamW;
 * ``deltatune_lisa``   LISA, γ = 2 blocks re-drawn every 20 steps, plus everything outside the blocks, AdamW.
+* ``deltatune_hft``    Half Fine-Tuning: half of each block's attention, FFN and norm modules (and of the rest) train,
+                       re-drawn every 100 steps, AdamW.
 
 ``step_vs_peft_same`` / ``peak_vs_peft_same`` compare a deltatune row with PEFT's row of the same method
 (``deltatune_lora`` with ``peft_lora``, ``deltatune_dora`` with ``peft_dora``, ``deltatune_ia3`` with ``peft_ia3``).
@@ -51,7 +53,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import PeakMemory, StepTimer, machine_meta, ratio, run_lockstep, write_report  # noqa: E402
 
 CONFIGS = ("peft_lora", "deltatune_lora", "deltatune_sparse", "deltatune_sparse_ma", "deltatune_full", "full_native",
-           "peft_dora", "deltatune_dora", "peft_ia3", "deltatune_ia3", "deltatune_s2ft", "deltatune_lisa")
+           "peft_dora", "deltatune_dora", "peft_ia3", "deltatune_ia3", "deltatune_s2ft", "deltatune_lisa",
+           "deltatune_hft")
 COLUMNS = ("name", "model", "step_s", "step_mean_s", "peak_mb", "trainable", "dev_metric",
            "step_vs_peft_lora", "peak_vs_peft_lora", "step_vs_peft_same", "peak_vs_peft_same", "device")
 #: the PEFT row a deltatune row is compared with (same method)
@@ -186,6 +189,7 @@ def setup(name: str, model, targets: list[str], heads: list[str], lrs: dict[str,
         "deltatune_ia3": (lambda: make_config("ia3", {}), lrs["ia3"]),  # the model type's default targets
         "deltatune_s2ft": (lambda: budget_config(model, lora_count), lrs["sparse"]),  # LoRA's trainable count
         "deltatune_lisa": (lambda: make_config("lisa", {"layers": 2}), lrs["full"]),  # γ = 2 blocks + outside
+        "deltatune_hft": (lambda: make_config("hft", {"stage_steps": 100}), lrs["full"]),
     }[name]
     config = config()
     delta = attach(model, config)
