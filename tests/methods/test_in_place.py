@@ -158,3 +158,15 @@ def test_the_spill_gives_back_every_dtype_and_shape_bit_for_bit() -> None:
         got = spill.get(h)
         assert got.dtype == t.dtype and got.shape == t.shape and torch.equal(got, t)
     spill.close()
+
+
+@pytest.mark.parametrize("method", ["full", "lisa", "hft", "lt-sft"])
+def test_a_loop_of_your_own_keeps_a_separate_delta(method: str) -> None:
+    from deltatune.train.integration import prepare
+
+    model = TINY_MODELS["llama"]()
+    mapping = {"density": 0.01} if method == "lt-sft" else {}
+    delta = deltatune.attach(model, deltatune.make_config(method, mapping))
+    _, schedule = prepare(model, delta, total_steps=4)
+    assert not any(p.bound for p in delta.parts.values())  # its checkpoints save the model's tensors as they are
+    schedule.close()

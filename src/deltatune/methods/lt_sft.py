@@ -87,6 +87,8 @@ class LTSFTConfig:
         default="restart", metadata={"help": "LR of the masked phase: 'restart' replays the run's schedule over it "
                                              "(the reference's fresh scheduler per phase); 'continue' keeps the "
                                              "tail of the run's one schedule"})
+    in_place: bool = field(default=True, metadata={"help": "phase 1 trains θ in the base's own storage, θ₀ in a "
+                                                           "temporary file (as full; not with l1_full)"})
 
     def __post_init__(self) -> None:
         require(isinstance(self.density, float | int) and 0.0 < self.density <= 1.0,
@@ -231,7 +233,7 @@ class LTSFTPhases(TrainHook):
         self.lr_factors: list[list[float] | None] = []  # per completed-or-current step: each group's lr / initial_lr
         self._set_l1(config.l1_full)
         # phase 1 trains θ in the base's storage, as full fine-tuning does (the L1 pull needs sign(θ − θ₀): not then)
-        self.in_place = InPlaceTraining(model, delta, optimizer, enabled=config.l1_full == 0)
+        self.in_place = InPlaceTraining(model, delta, optimizer, enabled=config.in_place and config.l1_full == 0)
 
     def _set_l1(self, lam: float) -> None:
         if isinstance(self.optimizer, LTSFTAdamW):

@@ -127,8 +127,8 @@ class Schedule:
             hook.load_state_dict(state)
 
     def close(self) -> None:
-        """Call once training is over: hooks give back what they took (full fine-tuning and LISA train ``θ`` in the
-        base's own storage until then, :mod:`deltatune.methods.in_place`)."""
+        """Call once training is over: each hook gives back what it took (:meth:`TrainHook.close`; nothing here for
+        the built-in methods, whose in-place training is off in a loop of your own)."""
         for hook in self.hooks:
             hook.close()
 
