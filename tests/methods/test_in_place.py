@@ -94,6 +94,16 @@ def test_hft_trains_in_place_and_unbinds() -> None:
     assert any(v.abs().max() > 0 for part in delta.parts.values() for v in part.state().values())
 
 
+def test_a_half_precision_base_keeps_a_separate_delta() -> None:
+    model = TINY_MODELS["llama"]().to(torch.bfloat16)
+    config = deltatune.make_config("full", {})
+    delta = deltatune.attach(model, config)
+    params = [p for p in model.parameters() if p.requires_grad]
+    hook = InPlaceTraining(model, delta, torch.optim.AdamW(params, weight_decay=0.0))
+    assert hook.enabled and not hook.bound and not any(p.bound for p in delta.parts.values())
+    hook.close()
+
+
 def test_lisa_binds_the_blocks_it_draws_later_and_unbinds_all() -> None:
     base, model, delta, hooks = _run("llama", {"layers": 1, "interval": 1}, method="lisa", steps=4, close=False)
     (sampler,) = hooks
