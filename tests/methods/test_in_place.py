@@ -80,8 +80,10 @@ def test_weight_decay_or_a_sharding_launch_keeps_a_separate_delta(monkeypatch) -
     model = TINY_MODELS["llama"]()
     config = deltatune.make_config("full", {})
     d = deltatune.attach(model, config)
-    hook = InPlaceTraining(model, d, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]))
-    assert not hook.enabled and not any(p.bound for p in d.parts.values())
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], weight_decay=0.0)
+    assert not InPlaceTraining(model, d, opt).enabled and not any(p.bound for p in d.parts.values())
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    assert InPlaceTraining(model, d, opt).enabled  # the same run without the sharding launch
 
 
 def test_hft_trains_in_place_and_unbinds() -> None:
