@@ -17,6 +17,10 @@ sys.path.insert(0, str(BENCH))  # the script's children unpickle `glue.run_one` 
 import glue  # noqa: E402
 import glue_plan  # noqa: E402
 
+# the scripts put benchmarks/ first on the path; move it last, so that `fuzz` stays the tests' package for the
+# tests collected after this one (benchmarks/fuzz.py is a script of the same name)
+sys.path[:] = [p for p in sys.path if p != str(BENCH)] + [str(BENCH)]
+
 S = glue_plan.Settings(steps=5, seeds=3, lr_mults=(0.5, 1.0, 2.0))
 LRS = [1e-4, 2e-4, 4e-4]
 G = glue_plan.Group("sparse", "sst2", "r8")
