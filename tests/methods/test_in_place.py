@@ -1,5 +1,6 @@
-"""Dense deltas trained in the base's own storage (methods/in_place.py): full fine-tuning and LISA hold no second
-copy of the model, train exactly as a separate ``Δθ`` would, and give the base back bit for bit."""
+"""Dense deltas trained in the base's own storage (methods/in_place.py): full fine-tuning, LISA, HFT and LT-SFT's
+first phase hold no second copy of the model, train as a separate ``Δθ`` would, and give the base back bit for bit;
+the cases that must keep a separate ``Δθ`` do."""
 
 from __future__ import annotations
 
