@@ -128,7 +128,7 @@ def test_loading_tensors_into_a_bound_part_sets_theta() -> None:
     assert all(torch.allclose(part.state()[k], v, rtol=0, atol=1e-6) for k, v in want.items())
 
 
-def test_the_training_loop_returns_an_unbound_delta_and_the_base(tmp_path, data_dir) -> None:
+def test_the_training_loop_returns_an_unbound_delta_equal_to_the_saved_one(tmp_path, data_dir) -> None:
     from deltatune.api import load_base_for
     from deltatune.train import loop
     from deltatune.train.config import TrainConfig

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from deltatune.methods.lift import unwrap_optimizer
 from deltatune.methods.registry import TrainHook
 from deltatune.model import get_module
 from deltatune.parts.base import Part
@@ -37,15 +38,15 @@ def can_bind(optimizer: torch.optim.Optimizer, parts: dict[str, Part]) -> bool:
     if any(os.environ.get(flag, "false").lower() == "true" for flag in SHARDING_FLAGS):
         return False
     ids = {id(p) for part in parts.values() for p in part.parameters()}
-    inner = getattr(optimizer, "optimizer", optimizer)
-    return not any(g.get("weight_decay", 0.0) and any(id(p) in ids for p in g["params"]) for g in inner.param_groups)
+    groups = unwrap_optimizer(optimizer).param_groups
+    return not any(g.get("weight_decay", 0.0) and any(id(p) in ids for p in g["params"]) for g in groups)
 
 
 class InPlaceTraining(TrainHook):
     """Binds the delta's parts to their modules for the run (where :func:`can_bind`); :meth:`close` unbinds."""
 
     def __init__(self, model: nn.Module, delta: Any, optimizer: torch.optim.Optimizer, enabled: bool = True) -> None:
-        self.model, self.delta = model, delta
+        self.model = model
         self.enabled = enabled and can_bind(optimizer, delta.parts)
         self.bound: list[Part] = []
         self.spill: TensorSpill | None = None  # every bound part's θ₀, one temporary file
