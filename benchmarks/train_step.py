@@ -19,6 +19,10 @@ Rows per model (every row runs in its own fresh process, same seed, same batches
 * ``deltatune_hft``    Half Fine-Tuning: half of each block's attention, FFN and norm modules (and of the rest) train,
                        re-drawn every 100 steps, AdamW.
 
+The PEFT and native rows use torch's fused AdamW (``fused=True``), which is what the HF ``Trainer`` picks by default
+(``optim="adamw_torch_fused"`` with torch ≥ 2.8) and what deltatune's dense-state methods use
+(:func:`deltatune.methods.registry.adamw`); SpIEL keeps its own SparseAdamW.
+
 ``step_vs_peft_same`` / ``peak_vs_peft_same`` compare a deltatune row with PEFT's row of the same method
 (``deltatune_lora`` with ``peft_lora``, ``deltatune_dora`` with ``peft_dora``, ``deltatune_ia3`` with ``peft_ia3``).
 
@@ -174,11 +178,11 @@ def setup(name: str, model, targets: list[str], heads: list[str], lrs: dict[str,
             lr = lrs["lora"]
         model = get_peft_model(model, cfg)
         params = [p for p in model.parameters() if p.requires_grad]
-        return model, torch.optim.AdamW(params, lr=lr, weight_decay=0.0), []
+        return model, torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=True), []
     if name == "full_native":
         for p in model.parameters():
             p.requires_grad_(True)
-        return model, torch.optim.AdamW(model.parameters(), lr=lrs["full"], weight_decay=0.0), []
+        return model, torch.optim.AdamW(model.parameters(), lr=lrs["full"], weight_decay=0.0, fused=True), []
     config, lr = {
         "deltatune_lora": (lambda: LoRAConfig(r=RANK, alpha=RANK, targets=targets), lrs["lora"]),
         "deltatune_sparse": (lambda: SparseConfig(num_tunable=lora_count, targets=targets), lrs["sparse"]),

@@ -13,10 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-import torch
-
 from deltatune.config import require
-from deltatune.methods.registry import TrainHook, register_method
+from deltatune.methods.registry import TrainHook, adamw, register_method
 from deltatune.methods.sparse import Sparse
 from deltatune.parts.sparse import SparsePart
 
@@ -49,7 +47,7 @@ class RandomSparse(Sparse):
     def optimizer(self, params, lr, weight_decay, config):
         """Plain AdamW: the support never changes, so no per-element age is needed; state exists only for the
         ``K`` values (and task heads)."""
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        return adamw(params, lr, weight_decay)
 
     def hooks(self, model, delta, config, optimizer, total_steps, grad_accum) -> list[TrainHook]:
         return []
