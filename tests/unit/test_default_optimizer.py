@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from deltatune import get_method, make_config
+from deltatune.methods.lt_sft import LTSFTAdamW
 from deltatune.methods.registry import adamw
 
 
@@ -17,6 +18,7 @@ def test_fused_on_cpu_tensors_and_groups_and_unfused_elsewhere() -> None:
     meta = torch.nn.Parameter(torch.empty(3, device="meta"))
     assert not adamw([meta], 1e-3, 0.0).defaults["fused"]
     assert get_method("lora").optimizer([p], 1e-3, 0.0, make_config("lora", {})).defaults["fused"] is True
+    assert LTSFTAdamW(iter([p])).defaults["fused"] is True  # LT-SFT's own AdamW (L1 pull) follows the same rule
 
 
 def test_the_fused_update_is_adamw_up_to_rounding() -> None:

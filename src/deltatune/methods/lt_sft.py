@@ -63,7 +63,7 @@ from deltatune.algebra.quantile import RadixSelect
 from deltatune.config import require
 from deltatune.errors import ConfigError, DeltaFormatError
 from deltatune.methods.in_place import InPlaceTraining
-from deltatune.methods.registry import Method, TrainHook, register_method
+from deltatune.methods.registry import Method, TrainHook, fused_adamw_ok, register_method
 from deltatune.methods.targets import select_modules
 from deltatune.model import attach_parts, delta_layers, detach, get_module
 from deltatune.parts.dense import DensePart
@@ -170,10 +170,12 @@ class LTSFTAdamW(torch.optim.AdamW):
     tensors in :attr:`l1_params` (the subgradient of ``λ Σ |θ − θ₀| / N``, once per optimiser step).  The phase
     hook sets :attr:`l1_weight` (``λ/N``) and :attr:`l1_params`, and, in a restarted masked phase,
     :attr:`lr_override`: one LR per parameter group used for this step only (each group's ``lr`` is put back after
-    it, so the run's scheduler keeps its own values)."""
+    it, so the run's scheduler keeps its own values).  Fused where torch's kernel can run, like every method's default
+    optimiser (:func:`deltatune.methods.registry.adamw`)."""
 
     def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.0) -> None:
-        super().__init__(params, lr=lr, weight_decay=weight_decay)
+        params = list(params)
+        super().__init__(params, lr=lr, weight_decay=weight_decay, fused=fused_adamw_ok(params) or None)
         self.l1_weight = 0.0
         self.l1_params: set[int] = set()
         self.lr_override: list[float] | None = None
