@@ -15,6 +15,10 @@ def test_fused_on_cpu_tensors_and_groups_and_unfused_elsewhere() -> None:
     groups = [{"params": [p]}, {"params": [torch.nn.Parameter(torch.randn(2))], "lr": 1e-2}]
     opt = adamw(groups, 1e-3, 0.1)
     assert opt.defaults["fused"] is True and [g["lr"] for g in opt.param_groups] == [1e-3, 1e-2]
+    model = torch.nn.Linear(3, 2)  # a group whose params are a generator is read once for the check, not emptied
+    opt = adamw([{"params": model.parameters()}, {"params": p}], 1e-3, 0.0)
+    assert opt.defaults["fused"] is True and [len(g["params"]) for g in opt.param_groups] == [2, 1]
+    assert len(LTSFTAdamW([{"params": model.parameters()}]).param_groups[0]["params"]) == 2
     meta = torch.nn.Parameter(torch.empty(3, device="meta"))
     assert not adamw([meta], 1e-3, 0.0).defaults["fused"]
     assert get_method("lora").optimizer([p], 1e-3, 0.0, make_config("lora", {})).defaults["fused"] is True

@@ -63,7 +63,7 @@ from deltatune.algebra.quantile import RadixSelect
 from deltatune.config import require
 from deltatune.errors import ConfigError, DeltaFormatError
 from deltatune.methods.in_place import InPlaceTraining
-from deltatune.methods.registry import Method, TrainHook, fused_adamw_ok, register_method
+from deltatune.methods.registry import Method, TrainHook, fused_adamw_ok, param_list, register_method
 from deltatune.methods.targets import select_modules
 from deltatune.model import attach_parts, delta_layers, detach, get_module
 from deltatune.parts.dense import DensePart
@@ -174,7 +174,7 @@ class LTSFTAdamW(torch.optim.AdamW):
     optimiser (:func:`deltatune.methods.registry.adamw`)."""
 
     def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.0) -> None:
-        params = list(params)
+        params = param_list(params)
         super().__init__(params, lr=lr, weight_decay=weight_decay, fused=fused_adamw_ok(params) or None)
         self.l1_weight = 0.0
         self.l1_params: set[int] = set()
