@@ -6,7 +6,7 @@ import torch
 
 from deltatune import get_method, make_config
 from deltatune.methods.lt_sft import LTSFTAdamW
-from deltatune.methods.registry import adamw
+from deltatune.methods.registry import adamw, unwrap_optimizer
 
 
 def test_fused_on_cpu_tensors_and_groups_and_unfused_elsewhere() -> None:
@@ -39,3 +39,12 @@ def test_the_fused_update_is_adamw_up_to_rounding() -> None:
         loop.step()
     assert (a.detach() - start).abs().max() > 0.05  # 20 steps of lr 1e-2 moved it
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_unwrap_optimizer_sees_through_wrappers_that_are_optimizers_themselves() -> None:
+    class Wrapper(torch.optim.Optimizer):  # accelerate's AcceleratedOptimizer: an Optimizer holding `.optimizer`
+        def __init__(self, inner) -> None:
+            self.optimizer = inner
+
+    inner = adamw([torch.nn.Parameter(torch.randn(2))], 1e-3, 0.0)
+    assert unwrap_optimizer(Wrapper(Wrapper(inner))) is inner and unwrap_optimizer(inner) is inner

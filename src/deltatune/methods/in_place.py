@@ -23,8 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from deltatune.methods.lift import unwrap_optimizer
-from deltatune.methods.registry import TrainHook
+from deltatune.methods.registry import TrainHook, unwrap_optimizer
 from deltatune.model import get_module
 from deltatune.parts.base import Part
 from deltatune.parts.spill import TensorSpill

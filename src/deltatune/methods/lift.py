@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from deltatune.config import require
 from deltatune.errors import ConfigError
-from deltatune.methods.registry import Method, TrainHook, register_method
+from deltatune.methods.registry import Method, TrainHook, register_method, unwrap_optimizer
 from deltatune.methods.sparse_optim import SparseAdamW
 from deltatune.methods.targets import select_modules
 from deltatune.model import get_module
@@ -130,13 +130,6 @@ def require_single_process(method: str) -> None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         raise ConfigError(f"{method}: its trainable tensors change shape during training, which DDP does not "
                           "support; run it on one process")
-
-
-def unwrap_optimizer(optimizer: Any) -> Any:
-    """The optimizer itself, under any wrapper holding it as ``.optimizer`` (accelerate's AcceleratedOptimizer)."""
-    while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
-        optimizer = optimizer.optimizer
-    return optimizer
 
 
 def require_sparse_adamw(optimizer: Any, method: str) -> SparseAdamW:

@@ -25,8 +25,8 @@ from deltatune.config import require
 from deltatune.errors import ConfigError, TargetError
 from deltatune.layer import PartHolder
 from deltatune.methods.in_place import InPlaceTraining
-from deltatune.methods.lift import require_single_process, unwrap_optimizer
-from deltatune.methods.registry import Method, TrainHook, register_method
+from deltatune.methods.lift import require_single_process
+from deltatune.methods.registry import Method, TrainHook, register_method, unwrap_optimizer
 from deltatune.methods.targets import modules_with_parameters
 from deltatune.model import attach_parts, get_module
 from deltatune.parts.dense import DensePart

@@ -22,6 +22,14 @@ METHODS: dict[str, Method] = {}
 FUSED_ADAMW_DEVICES = ("cpu", "cuda")
 
 
+def unwrap_optimizer(optimizer: Any) -> Any:
+    """The optimizer itself, under any wrappers holding it as ``.optimizer`` (accelerate's AcceleratedOptimizer, which
+    is itself a ``torch.optim.Optimizer`` subclass, so the test is on what it holds, not on what it is)."""
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
 def param_list(params: Any) -> list[Any]:
     """``params`` as a list that can be read twice: parameters, or parameter groups whose ``params`` (a generator
     such as ``model.parameters()``, a list or one tensor) become a list."""

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from deltatune.delta import Delta
-from deltatune.methods.registry import TrainHook, get_method
+from deltatune.methods.registry import TrainHook, get_method, unwrap_optimizer
 
 
 def method_config(delta: Delta) -> Any:
@@ -190,7 +190,7 @@ class DeltaTuneCallback(_callback_base()):  # type: ignore[misc]
         self._aux = None
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper around the real one
+        optimizer = unwrap_optimizer(optimizer)  # under accelerate's wrapper
         self.schedule = schedule_for(model, self.delta, optimizer, state.max_steps,
                                      args.gradient_accumulation_steps)
         if self.delta.has_aux_loss and self._aux is None:

@@ -30,7 +30,7 @@ from deltatune.errors import DataError, DeltaFormatError, TrainingDiverged
 from deltatune.io.atomic import atomic_file, guard_output, recover_dir
 from deltatune.io.delta_format import save_delta
 from deltatune.io.outputs import write_marker
-from deltatune.methods.registry import get_method
+from deltatune.methods.registry import get_method, unwrap_optimizer
 from deltatune.model import attach
 from deltatune.provenance import Provenance
 from deltatune.train import checkpoint as ckpt
@@ -133,7 +133,7 @@ def step_lrs(optimizer: Any) -> list[float]:
     """The LR of each parameter group for the optimiser step about to run: its ``lr``, or — for an optimiser that
     puts other LRs in place for one step (LT-SFT's restarted masked phase) — what its ``step_lrs()`` says.  The
     records of the loop carry these, so a logged ``lr`` is the one the step used."""
-    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds the optimiser it wraps
+    inner = unwrap_optimizer(optimizer)  # under accelerate's wrapper
     own = getattr(inner, "step_lrs", None)
     return list(own()) if callable(own) else [float(g["lr"]) for g in inner.param_groups]
 
