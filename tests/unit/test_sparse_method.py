@@ -72,6 +72,8 @@ def test_first_event_replaces_the_whole_random_support_with_top_gradient_positio
         out.square().sum().backward()
         opt.step()
         opt.zero_grad()
+        if step == 0:  # window candidates take the part's compact index dtype, as its indices do
+            assert sel.windows["l"].candidates.dtype == part.indices.dtype == torch.int32
         sel.after_step(step + 1)
         if target_grad is None:
             w = (base.weight + part.delta_weight()).detach().requires_grad_()

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from deltatune.methods.registry import TrainHook
 from deltatune.methods.sparse_optim import SparseAdamW
-from deltatune.parts.sparse import SparsePart
+from deltatune.parts.sparse import SparsePart, index_dtype
 
 
 class _Window:
@@ -46,7 +46,8 @@ class _Window:
     def observe(self, grad_w: Tensor, k: int) -> None:
         flat = grad_w.reshape(-1)
         if self.candidates is None:
-            self.candidates = flat.abs().topk(min(k, flat.numel()), sorted=False).indices
+            top = flat.abs().topk(min(k, flat.numel()), sorted=False).indices
+            self.candidates = top.to(index_dtype(flat.numel()))  # int32 below 2³¹ entries: half the int64 bytes
             self.grad_sum = torch.zeros(self.candidates.numel(), dtype=torch.float32, device=flat.device)
             self.grad_sq = torch.zeros_like(self.grad_sum)
         g = flat.index_select(0, self.candidates).float()
