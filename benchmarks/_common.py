@@ -6,6 +6,9 @@
 * :class:`PeakMemory` measures the peak memory *increase* over a baseline: CUDA
   ``max_memory_allocated`` on a GPU, else the process's peak RSS (VmHWM, reset through
   ``/proc/self/clear_refs`` where Linux allows it, ``ru_maxrss`` otherwise);
+* :class:`LiveTensorPeak` is the CPU counterpart of ``max_memory_allocated``: the peak of the bytes held by
+  tensors allocated since :meth:`~LiveTensorPeak.start`, from the profiler's allocator events (no allocator
+  cache, no fragmentation, no malloc arenas — what a GPU would count);
 * :class:`StepTimer` collects per-step wall times (synchronising CUDA) and summarises them;
 * :func:`machine_meta`, :func:`markdown_table` and :func:`write_report` produce ``FILE.json`` and
   ``FILE.md`` side by side.
@@ -200,6 +203,52 @@ class PeakMemory:
         if self.cuda:
             return "torch.cuda.max_memory_allocated increase"
         return "peak RSS increase (VmHWM reset via clear_refs)" if self.reset_ok else "ru_maxrss - baseline RSS"
+
+
+class LiveTensorPeak:
+    """Peak bytes (MB) of live tensors allocated between :meth:`start` and :meth:`stop` — on CPU.
+
+    ``torch.profiler`` with ``profile_memory=True`` reports every allocation and free of PyTorch's CPU
+    allocator as a signed ``nbytes`` event.  In time order, the running sum ``L(t) = Σ_{events ≤ t} nbytes``
+    is the live tensor bytes above the state at ``start``; the result is ``max(0, max_t L(t))``.  Frees of
+    tensors allocated before ``start`` are not reported (the profiler does not know their size), so the figure
+    never drops below what ``start`` held: like ``max_memory_allocated − memory_allocated`` at start on CUDA.
+    The profiler slows every op down: measure in a pass of its own, never around timed steps.
+    """
+
+    def __init__(self) -> None:
+        self._prof: Any = None
+        self.peak_bytes: int | None = None
+
+    def start(self) -> None:
+        import gc
+
+        from torch.profiler import ProfilerActivity, profile
+
+        gc.collect()
+        self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        self._prof.__enter__()
+
+    def stop(self) -> float:
+        """Stop profiling; return the peak in MB (also kept in :attr:`peak_bytes`)."""
+        prof, self._prof = self._prof, None
+        if prof is None:
+            raise RuntimeError("LiveTensorPeak.stop() without start()")
+        prof.__exit__(None, None, None)
+        events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                        if e.name() == "[memory]" and e.device_type() == _cpu_device_type())
+        live = peak = 0
+        for _, nbytes in events:
+            live += nbytes
+            peak = max(peak, live)
+        self.peak_bytes = peak
+        return peak / 2**20
+
+
+def _cpu_device_type() -> Any:
+    from torch.autograd import DeviceType
+
+    return DeviceType.CPU
 
 
 # --- timing --------------------------------------------------------------------------------------

