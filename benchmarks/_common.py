@@ -89,14 +89,25 @@ def _lockstep_child(conn: Any, fn: Callable[..., Any], args: tuple[Any, ...]) ->
 
 
 def run_lockstep(jobs: Sequence[tuple[Callable[..., Any], tuple[Any, ...]]],
-                 preload: Sequence[str] = ("torch",)) -> list[Any]:
+                 preload: Sequence[str] = ("torch",), max_procs: int | None = None) -> list[Any]:
     """Run generator jobs in fresh processes, interleaved one step at a time (round-robin).
 
     Each ``fn(*args)`` is a generator: it sets up (all jobs concurrently), ``yield``s when ready, then
     does one unit of work (a timed step) per resume and ``yield``s again; its ``return`` value (after
     the last yield: e.g. peak memory, evaluation) is its result.  After set-up exactly one job runs at
     a time, and slow drifts in background load spread evenly over the jobs instead of biasing one.
+    With ``max_procs``, the jobs run in consecutive groups of at most that many live processes (each group
+    interleaved as above), for machines without the memory to hold every job at once; results keep the
+    order of ``jobs``.  A worker that fails or dies (even by SIGKILL) raises ``RuntimeError``.
     """
+    if max_procs is not None and max_procs < 1:
+        raise ValueError(f"max_procs must be ≥ 1, got {max_procs}")
+    step = max_procs or max(1, len(jobs))
+    return [r for k in range(0, len(jobs), step) for r in _lockstep_group(jobs[k:k + step], preload)]
+
+
+def _lockstep_group(jobs: Sequence[tuple[Callable[..., Any], tuple[Any, ...]]],
+                    preload: Sequence[str]) -> list[Any]:
     ctx = _context(preload)
     procs, conns = [], []
     for fn, args in jobs:
@@ -108,11 +119,17 @@ def run_lockstep(jobs: Sequence[tuple[Callable[..., Any], tuple[Any, ...]]],
         conns.append(parent)
 
     def receive(i: int) -> tuple[str, Any]:
+        # poll with the process's liveness: a worker killed outright (the OOM killer's SIGKILL) may leave its pipe
+        # open elsewhere, and a bare recv() would then wait forever
+        while not conns[i].poll(1.0) and procs[i].is_alive():
+            pass
         try:
-            status, payload = conns[i].recv()
+            status, payload = conns[i].recv() if conns[i].poll() else ("error", None)
         except EOFError:
+            status, payload = "error", None
+        if status == "error" and payload is None:
             procs[i].join()
-            status, payload = "error", f"worker died with exit code {procs[i].exitcode}"
+            payload = f"worker died with exit code {procs[i].exitcode} (-9: SIGKILL, e.g. out of memory)"
         if status == "error":
             for p in procs:
                 if p.is_alive():

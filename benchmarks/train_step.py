@@ -319,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", nargs="+", default=None, choices=CONFIGS, help="subset of the configurations")
     ap.add_argument("--steps", type=int, default=None, help="override the number of steps (smoke tests)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-procs", type=int, default=None,
+                    help="at most N configurations' processes at once (in lockstep groups; default: all of a model's). "
+                         "The 13 Llama processes need about 22 GB")
     ap.add_argument("--no-live", dest="live", action="store_false",
                     help="skip the CPU live-tensor pass (the live_mb column)")
     args = ap.parse_args(argv)
@@ -346,7 +349,9 @@ def main(argv: list[str] | None = None) -> int:
                            "allocator cache, fragmentation or malloc arenas: what max_memory_allocated counts on a "
                            "GPU), over set-up + live_steps untimed steps, in a second pass of fresh processes")
     meta["schedule"] = ("the configurations of one model run in separate fresh processes, interleaved step by "
-                        "step (step 0 of each, then step 1, ...); evaluation runs alone after the last step")
+                        "step (step 0 of each, then step 1, ...); evaluation runs alone after the last step"
+                        + (f"; at most {args.max_procs} processes at once (lockstep groups in CONFIGS order)"
+                           if args.max_procs else ""))
     meta["notes"] = [
         "LoRA targets: every nn.Linear inside the transformer blocks, as one explicit list for PEFT and deltatune",
         "MiniLM: the classifier is trained by every row (PEFT modules_to_save, deltatune default head)",
@@ -354,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         "bf16 models: PEFT keeps its LoRA weights in fp32 (autocast_adapter_dtype), deltatune LoRA uses bf16",
     ]
     rows: list[dict[str, Any]] = []
+    md = ""
     for model_key in models:
         spec = specs[model_key]
         if args.steps:
@@ -370,17 +376,26 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         train, dev = as_numpy(train), as_numpy(dev)
         jobs = [(run_job, (name, model_key, spec, train, dev, device, args.seed)) for name in args.only or CONFIGS]
-        timed = run_lockstep(jobs, preload=PRELOAD)
+        timed = run_lockstep(jobs, preload=PRELOAD, max_procs=args.max_procs)
         live = {}
         if args.live and not cuda:  # on CUDA, peak_mb is already max_memory_allocated
             live_jobs = [(live_job, (name, model_key, spec, train, device, args.seed)) for name in args.only or CONFIGS]
-            live = {r["name"]: r["live_mb"] for r in run_lockstep(live_jobs, preload=PRELOAD)}
+            live = {r["name"]: r["live_mb"] for r in run_lockstep(live_jobs, preload=PRELOAD, max_procs=args.max_procs)}
         for row in timed:
             rows.append(row | {"live_mb": live.get(row["name"])})
             print(f"  {model_key:10s} {row['name']:17s} step {row['step_s']:.4f}s (mean {row['step_mean_s']:.4f}s)  "
                   f"peak {row['peak_mb']:8.1f} MB  live {live.get(row['name'])} MB  dev {row['dev_metric']}",
                   flush=True)
         meta["models"][model_key]["wall_s"] = round(time.perf_counter() - t0, 1)
+        meta["wall_s"] = round(time.perf_counter() - t_start, 1)
+        md = write_rows(args.out, meta, rows, title=f"train_step ({'quick' if args.quick else 'full'}, {device})")
+    print(md)  # the report is rewritten after each model, so a later model's failure keeps the earlier rows
+    print(f"wrote {args.out} and {Path(args.out).with_suffix('.md')} in {meta['wall_s']}s")
+    return 0
+
+
+def write_rows(out: str, meta: dict[str, Any], rows: list[dict[str, Any]], title: str) -> str:
+    """Add the ratio columns (against PEFT LoRA, and against PEFT's row of the same method) and write the report."""
     for row in rows:
         ref = next((r for r in rows if r["model"] == row["model"] and r["name"] == "peft_lora"), None)
         row["step_vs_peft_lora"] = ratio(row["step_s"], ref and ref["step_s"])
@@ -389,13 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         same = next((r for r in rows if r["model"] == row["model"] and r["name"] == PEFT_SAME.get(row["name"])), None)
         row["step_vs_peft_same"] = ratio(row["step_s"], same and same["step_s"])
         row["peak_vs_peft_same"] = ratio(row["peak_mb"], same and same["peak_mb"])
-    rows = [{c: r.get(c) for c in COLUMNS} | r for r in rows]
-    meta["wall_s"] = round(time.perf_counter() - t_start, 1)
-    md = write_report(args.out, meta, rows, COLUMNS, title=f"train_step ({'quick' if args.quick else 'full'}, "
-                                                         f"{device})")
-    print(md)
-    print(f"wrote {args.out} and {Path(args.out).with_suffix('.md')} in {meta['wall_s']}s")
-    return 0
+    return write_report(out, meta, [{c: r.get(c) for c in COLUMNS} | r for r in rows], COLUMNS, title=title)
 
 
 if __name__ == "__main__":
