@@ -61,7 +61,6 @@ def test_train_step_writes_live_memory_beside_peak_rss(tmp_path, monkeypatch) ->
 def _counting_job(tag: str, steps: int):
     """A run_lockstep job: set up, ``steps`` resumes; returns its tag, pid and start and end times."""
     import os
-    import time
 
     start = time.monotonic()
     yield
@@ -75,7 +74,6 @@ def _killed_job():
     still holds its end of the pipe open, so the parent never sees end-of-file."""
     import os
     import signal
-    import time
 
     yield
     if os.fork() == 0:
