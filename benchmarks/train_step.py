@@ -224,6 +224,20 @@ def evaluate(model, batches: list[dict], device: str) -> float:
     return compute_metrics("sst2", np.concatenate(logits), np.concatenate(labels))["accuracy"]
 
 
+def train_step(model, optimizer, hooks: list, batch: dict, step: int):
+    """One optimiser step as the rows measure it: hooks.before_step, forward, backward, step, zero_grad,
+    hooks.after_step; returns the loss."""
+    for h in hooks:
+        h.before_step(step)
+    loss = model(**batch).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    for h in hooks:
+        h.after_step(step + 1)
+    return loss
+
+
 def run_job(name: str, model_key: str, spec: dict[str, Any], train: list[dict], dev: list[dict] | None,
             device: str, seed: int):
     """Generator for :func:`run_lockstep`: set up, ``yield``; one timed step per resume; return the row."""
@@ -245,14 +259,7 @@ def run_job(name: str, model_key: str, spec: dict[str, Any], train: list[dict], 
     for step in range(spec["steps"]):
         batch = train[step % len(train)]
         with timer.step():
-            for h in hooks:
-                h.before_step(step)
-            loss = model(**batch).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            for h in hooks:
-                h.after_step(step + 1)
+            loss = train_step(model, optimizer, hooks, batch, step)
         losses.append(loss.item())
         yield
     peak = mem.peak_mb()
@@ -288,13 +295,7 @@ def live_job(name: str, model_key: str, spec: dict[str, Any], train: list[dict],
         model.train()
         yield
         for step in range(spec["live_steps"]):
-            for h in hooks:
-                h.before_step(step)
-            model(**train[step % len(train)]).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            for h in hooks:
-                h.after_step(step + 1)
+            train_step(model, optimizer, hooks, train[step % len(train)], step)
             yield
     finally:
         live = mem.stop()
