@@ -38,10 +38,11 @@ are comparable only within one run of this script.
 Resumable: every finished run is appended at once (atomically) to ``FILE.runs.jsonl`` next to ``--out``, keyed by
 method, task, budget, LR, seed, steps and the row limits; a rerun skips what is recorded (``--retry-failed`` reruns
 failed ones) and the summary ``FILE.json`` / ``FILE.md`` is rebuilt from whatever is recorded after every run (and
-by ``--report-only``).  The runs in ``benchmarks/results/glue.runs.jsonl`` were recorded while the methods on an
-AdamW (``lora``, ``lt-sft``, ``dsee``, ``s2ft``, ``bitfit``, ``hft``, ``lisa``, ``random-sparse``) used torch's
-unfused AdamW loop; it is fused now (:func:`deltatune.methods.registry.adamw`: the same update up to the order of
-float operations), so a rerun of those rows can differ from the recorded ones in the last digits.
+by ``--report-only``).  The runs in ``benchmarks/results/glue.runs.jsonl`` whose ``finished`` is before
+2026-12-06T15:15Z were recorded while the methods on an AdamW (``lora``, ``lt-sft``, ``dsee``, ``s2ft``, ``bitfit``,
+``hft``, ``lisa``, ``random-sparse``) used torch's unfused AdamW loop; it is fused now
+(:func:`deltatune.methods.registry.adamw`: the same update up to the order of float operations), so a rerun of those
+rows can differ from the recorded ones in the last digits.
 
 Run::
 
