@@ -252,20 +252,16 @@ class LiveTensorPeak:
         if prof is None:
             raise RuntimeError("LiveTensorPeak.stop() without start()")
         prof.__exit__(None, None, None)
+        from torch.autograd import DeviceType
+
         events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                        if e.name() == "[memory]" and e.device_type() == _cpu_device_type())
+                        if e.name() == "[memory]" and e.device_type() == DeviceType.CPU)
         live = peak = 0
         for _, nbytes in events:
             live += nbytes
             peak = max(peak, live)
         self.peak_bytes = peak
         return peak / 2**20
-
-
-def _cpu_device_type() -> Any:
-    from torch.autograd import DeviceType
-
-    return DeviceType.CPU
 
 
 # --- timing --------------------------------------------------------------------------------------

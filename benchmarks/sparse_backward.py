@@ -26,16 +26,14 @@ Run::
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import machine_meta, ratio, write_report  # noqa: E402
+from _common import StepTimer, machine_meta, ratio, write_report  # noqa: E402
 
 COLUMNS = ("model", "d_out", "d_in", "tokens", "k", "row", "ms", "ratio_vs_lora")
 SHAPES = {"minilm": (640, [(384, 384), (1536, 384), (384, 1536)]),
@@ -43,17 +41,13 @@ SHAPES = {"minilm": (640, [(384, 384), (1536, 384), (384, 1536)]),
 RANK = 8
 
 
-def median_ms(fn: Callable[[], Any], repeats: int, sync: Callable[[], None]) -> float:
-    for _ in range(10):  # warm-up: allocator, thread pool, caches
-        fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
+def median_ms(fn: Callable[[], Any], repeats: int, cuda: bool) -> float:
+    """Median wall time of ``repeats`` calls after 10 warm-up calls (allocator, thread pool, caches), in ms."""
+    timer = StepTimer(cuda=cuda)
+    for _ in range(10 + repeats):
+        with timer.step():
+            fn()
+    return timer.summary(skip=10)["median_s"] * 1e3
 
 
 def layer_rows(model: str, tokens: int, d_out: int, d_in: int, repeats: int, device: str) -> list[dict[str, Any]]:
@@ -71,7 +65,6 @@ def layer_rows(model: str, tokens: int, d_out: int, d_in: int, repeats: int, dev
     a = torch.randn(RANK, d_in, generator=gen).to(device)
     b = torch.randn(d_out, RANK, generator=gen).to(device)
     flat = idx.long()
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
     def lora() -> None:
         gb = g @ b                    # (T, r)
@@ -90,7 +83,7 @@ def layer_rows(model: str, tokens: int, d_out: int, d_in: int, repeats: int, dev
     for name in ("sddmm_shipped", "sddmm_token_major"):  # every timed path computes the same k entries
         torch.testing.assert_close(variants[name](), reference, rtol=1e-4, atol=1e-3, msg=lambda m, n=name: f"{n}: {m}")
     rows = [{"model": model, "d_out": d_out, "d_in": d_in, "tokens": tokens, "k": k, "row": name,
-             "ms": round(median_ms(fn, repeats, sync), 4)} for name, fn in variants.items()]
+             "ms": round(median_ms(fn, repeats, device.startswith("cuda")), 4)} for name, fn in variants.items()]
     lora_ms = next(r["ms"] for r in rows if r["row"] == "lora_r8")
     for r in rows:
         r["ratio_vs_lora"] = ratio(r["ms"], lora_ms)

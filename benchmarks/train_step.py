@@ -238,19 +238,28 @@ def train_step(model, optimizer, hooks: list, batch: dict, step: int):
     return loss
 
 
+def prepare(name: str, model_key: str, spec: dict[str, Any], device: str, seed: int, meter: Any):
+    """The seeded model load, then ``meter.start()`` (the memory baseline is the loaded model), then the
+    configuration's set-up; returns ``(model in train mode, optimizer, hooks)``."""
+    import torch
+
+    torch.manual_seed(seed)
+    model, targets, heads = load_model(model_key, spec, device, seed)
+    meter.start()
+    model, optimizer, hooks = setup(name, model, targets, heads, spec["lrs"], spec["steps"])
+    model.train()
+    return model, optimizer, hooks
+
+
 def run_job(name: str, model_key: str, spec: dict[str, Any], train: list[dict], dev: list[dict] | None,
             device: str, seed: int):
     """Generator for :func:`run_lockstep`: set up, ``yield``; one timed step per resume; return the row."""
     import torch
 
     t_setup = time.perf_counter()
-    torch.manual_seed(seed)
-    model, targets, heads = load_model(model_key, spec, device, seed)
     train, dev = as_torch(train, device), as_torch(dev, device)
     mem = PeakMemory(device)
-    mem.start()
-    model, optimizer, hooks = setup(name, model, targets, heads, spec["lrs"], spec["steps"])
-    model.train()
+    model, optimizer, hooks = prepare(name, model_key, spec, device, seed, mem)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     timer = StepTimer(cuda=device.startswith("cuda"))
     losses = []
@@ -283,16 +292,10 @@ def live_job(name: str, model_key: str, spec: dict[str, Any], train: list[dict],
     """Generator for :func:`run_lockstep`: the same set-up and steps as :func:`run_job` (``live_steps`` of
     them, untimed) under :class:`LiveTensorPeak`, started where :func:`run_job` starts its peak; returns
     ``{"name", "model", "live_mb"}``."""
-    import torch
-
-    torch.manual_seed(seed)
-    model, targets, heads = load_model(model_key, spec, device, seed)
     train = as_torch(train, device)
     mem = LiveTensorPeak()
-    mem.start()
+    model, optimizer, hooks = prepare(name, model_key, spec, device, seed, mem)
     try:
-        model, optimizer, hooks = setup(name, model, targets, heads, spec["lrs"], spec["steps"])
-        model.train()
         yield
         for step in range(spec["live_steps"]):
             train_step(model, optimizer, hooks, train[step % len(train)], step)
