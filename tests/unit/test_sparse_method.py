@@ -108,3 +108,34 @@ def test_later_event_drops_smallest_magnitudes_at_the_scheduled_rate():
     assert int((part.values == 0).sum()) == 3
     assert set(kept_before) <= set(part.indices.tolist())
     assert sel.events[-1]["moved"] == 3
+
+
+def _event(values: list[float], cand: list[int], gsum: list[float], rate: float) -> tuple[SparsePart, SparseAdamW, int]:
+    """One drop/regrow event on a 4×4 part with support 0..3 and the given window (candidates and sums)."""
+    part = SparsePart((4, 4), torch.tensor([0, 1, 2, 3]))
+    with torch.no_grad():
+        part.values.copy_(torch.tensor(values))
+    opt = SparseAdamW([part.values])
+    opt.state_of(part.values)["exp_avg"].fill_(7.0)
+    sel = SpIELSelector({"w": part}, opt, SparseConfig(), total_steps=100, grad_accum=1)
+    g = torch.tensor(gsum)
+    moved = sel._regrow_part(part, torch.tensor(cand, dtype=torch.int32), g, g * g, 1.0, rate, 0.9, 0.999)
+    return part, opt, moved
+
+
+def test_a_dropped_entry_with_a_top_gradient_wins_its_place_back_and_keeps_its_value():
+    # select_rigl: candidates are those not *remaining* active; entry 0 is dropped (smallest |value|) but has the
+    # largest accumulated gradient, so it stays, with its value and moments; only one entry moves
+    part, opt, moved = _event([0.01, 0.5, 0.4, 0.3], [0, 8, 9, 10], [100.0, 1.0, 0.5, 0.1], 0.5)
+    assert moved == 1
+    assert part.indices.tolist() == [0, 1, 2, 8]
+    assert part.values.tolist()[0] == torch.tensor(0.01).item() and part.values.tolist()[3] == 0.0
+    assert opt.state_of(part.values)["exp_avg"][0] == 7.0
+
+
+def test_first_event_keeps_random_support_entries_that_are_top_gradient_candidates():
+    # p = 1: the support becomes exactly the top-k candidates, even where one of them was already in it
+    part, _, moved = _event([0.1, 0.5, 0.2, 0.3], [0, 5, 6, 7], [10.0, 3.0, 2.0, 1.0], 1.0)
+    assert moved == 3
+    assert part.indices.tolist() == [0, 5, 6, 7]
+    assert part.values.tolist() == [torch.tensor(0.1).item(), 0.0, 0.0, 0.0]

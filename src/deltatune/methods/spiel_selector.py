@@ -144,13 +144,27 @@ class SpIELSelector(TrainHook):
 
     def _regrow_part(self, part: SparsePart, cand: Tensor, gsum: Tensor, gsq: Tensor, age: float, rate: float,
                      b1: float, b2: float) -> int:
-        keep = ~torch.isin(cand, part.indices)
-        cand, gsum, gsq = cand[keep], gsum[keep], gsq[keep]
-        n = min(math.floor(part.indices.numel() * rate), cand.numel())
+        """One drop/regrow event of one part (SpIEL's ``select_rigl``, Ansell et al., 2024, §3): drop the
+        ``n = ⌊k·rate⌋`` entries of smallest ``|value|``; grow the top-``n`` by ``|accumulated gradient|`` among
+        the candidates that do not *remain* active (a dropped entry may win its place back); an entry both dropped
+        and regrown stays as it is (value and moments kept), so ``n`` shrinks by the overlap.  Grown entries start
+        at 0 with moments seeded from the window (the bias counter-correction ``m = ḡ·(1−β₁^age)``).  Returns how
+        many entries moved."""
+        n = math.floor(part.indices.numel() * rate)
         if n <= 0:
             return 0
-        grow = gsum.abs().topk(n).indices
-        slots = part.values.detach().abs().topk(n, largest=False).indices
+        slots = part.values.detach().abs().topk(n, largest=False, sorted=True).indices
+        outgoing = part.indices[slots]
+        remaining = part.indices[~torch.isin(part.indices, outgoing)]
+        valid = ~torch.isin(cand, remaining)
+        cand, gsum, gsq = cand[valid], gsum[valid], gsq[valid]
+        top = gsum.abs().topk(min(n, cand.numel())).indices
+        incoming = cand[top]
+        back = torch.isin(incoming, outgoing)  # dropped and regrown: stays as it is
+        grow = top[~back]
+        slots = slots[~torch.isin(outgoing, incoming)][:grow.numel()]
+        if not grow.numel():
+            return 0
         part.indices[slots] = cand[grow].to(part.indices.dtype)
         part.values.data[slots] = 0
         if isinstance(self.optimizer, SparseAdamW):
@@ -161,7 +175,7 @@ class SpIELSelector(TrainHook):
             st["exp_avg_sq"][slots] = mean_sq * (1 - b2**age)
             st["age"][slots] = age
         self._sort(part)
-        return n
+        return int(grow.numel())
 
     def _sort(self, part: SparsePart) -> None:
         order = part.indices.argsort()
