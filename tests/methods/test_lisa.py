@@ -223,3 +223,53 @@ def test_large_head_forms_the_sum_block_by_block(conv1d, monkeypatch):
     assert torch.allclose(x.grad, x_ref.grad, rtol=0, atol=1e-5)
     for k in ("weight", "bias"):
         assert torch.allclose(part.delta_for(k).grad, deltas[k].grad, rtol=0, atol=1e-5)
+
+
+def test_task_head_group_keeps_its_optimizer_state_across_draws():
+    # the loop's optimizer lists the task head in a group of its own: a draw must not free (and restart) it
+    from transformers import LlamaForSequenceClassification
+
+    from deltatune.train.integration import make_optimizer
+
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=N_BLOCKS, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, num_labels=2, pad_token_id=0))
+    config = deltatune.make_config("lisa", {"layers": 1, "interval": 1})
+    delta = deltatune.attach(model, config)
+    opt = make_optimizer(model, delta, 1e-2, config=config)
+    assert [g["name"] for g in opt.param_groups] == ["delta", "heads"]
+    (sampler,) = get_method("lisa").hooks(model, delta, config, opt, 40, 1)
+    head = model.score.weight
+    batch = {"input_ids": torch.randint(1, 128, (2, 8)), "labels": torch.tensor([0, 1])}
+    for step in range(3):
+        sampler.before_step(step)
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sampler.after_step(step + 1)
+    assert float(opt.state[head]["step"]) == 3
+    assert [id(p) for p in opt.param_groups[1]["params"]] == [id(head)]
+
+
+def test_block_parameters_stay_in_their_own_group_across_draws():
+    # a Trainer splits parameters into decay / no-decay groups: a block's norm stays in the no-decay group and is
+    # never listed twice; the state of a left-out block is freed from whichever group held it
+    model = llama6()
+    config = deltatune.make_config("lisa", {"layers": 2, "interval": 1})
+    delta = deltatune.attach(model, config)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in trainable if "norm" not in n]
+    no_decay = [p for n, p in trainable if "norm" in n]
+    opt = get_method("lisa").optimizer([{"params": decay, "weight_decay": 0.1},
+                                        {"params": no_decay, "weight_decay": 0.0}], 1e-2, 0.1, config)
+    (sampler,) = get_method("lisa").hooks(model, delta, config, opt, 40, 1)
+    norm_ids = {id(p) for n, p in model.named_parameters() if "norm" in n}
+    run(model, delta, opt, sampler, 0, 6)
+    listed = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert len(listed) == len(set(listed))
+    first_norms = {id(p) for p in no_decay}
+    assert all(i in norm_ids for i in map(id, opt.param_groups[1]["params"]) if i in first_norms)
+    assert all(id(p) not in first_norms for p in opt.param_groups[0]["params"])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert set(listed) == {id(p) for p in trainable} and {id(p) for p in opt.state} <= set(listed)

@@ -9,8 +9,9 @@ and the memory hold only blocks that were ever trained.  When a block is re-froz
 part of the result) but stops training, and its optimiser state is really freed (the reference implementation
 keeps it: OptimalScale/LMFlow#729, #768).  Parts train ``θ`` in the base's own storage
 (:mod:`deltatune.methods.in_place`), so a trained block costs its gradient and optimiser state, not a second copy
-of it.  The optimiser holds one parameter group, re-listed at every draw as ``always-trained + active blocks`` in a
-fixed order, so a resumed run rebuilds exactly the same optimiser.
+of it.  At every draw each optimiser group is re-listed as its own always-trained parameters (the delta's outside
+the blocks; the task heads in their group) followed by its share of the active blocks, in a fixed order, so the
+heads' state survives the draws and a resumed run rebuilds exactly the same optimiser.
 """
 
 from __future__ import annotations
@@ -161,10 +162,13 @@ class LisaSampler(TrainHook):
         self._seen = {id(p) for h in exclude for p in model.get_submodule(h).parameters()}
         self._seen |= {id(p) for n in delta.parts for p in get_module(model, n).parameters(recurse=False)}
         block_params = {id(p) for part in self._parts(self.active) for p in part.parameters()}
-        # an index, not the dict: Optimizer.load_state_dict replaces the group dicts
+        # indices, not the dicts: Optimizer.load_state_dict replaces the group dicts.  Each group keeps what it held
+        # outside the blocks (the task heads' group, a Trainer's no-decay group); a block parameter returns to the
+        # group it was first listed in, a lazily created one joins the group of the first block's parameters
         groups = self.optimizer.param_groups
         self.group = next((i for i, g in enumerate(groups) if any(id(p) in block_params for p in g["params"])), 0)
-        self.always = [p for p in groups[self.group]["params"] if id(p) not in block_params]
+        self.home = {id(p): i for i, g in enumerate(groups) for p in g["params"] if id(p) in block_params}
+        self.always = [[p for p in g["params"] if id(p) not in block_params] for g in groups]
         self._relist()
         self.in_place = InPlaceTraining(model, delta, self.optimizer, config.in_place)
 
@@ -172,14 +176,17 @@ class LisaSampler(TrainHook):
         return [self.delta.parts[n] for b in blocks for n in self.plan.blocks[b] if n in self.delta.parts]
 
     def _relist(self) -> None:
-        """The group's parameters: always-trained, then the active blocks' (block order); state of any other
-        parameter freed."""
-        params = self.always + [p for part in self._parts(self.active) for p in part.parameters()]
-        keep = {id(p) for p in params}
+        """Each group's parameters: its always-trained ones, then the active blocks' that belong to it (block
+        order); the state of a parameter left in no group is freed."""
+        block = [p for part in self._parts(self.active) for p in part.parameters()]
+        keep: set[int] = set()
+        for i, always in enumerate(self.always):
+            params = always + [p for p in block if self.home.get(id(p), self.group) == i]
+            keep.update(id(p) for p in params)
+            self.optimizer.param_groups[i]["params"] = params
         for p in list(self.optimizer.state):
             if id(p) not in keep:
                 del self.optimizer.state[p]
-        self.optimizer.param_groups[self.group]["params"] = params
 
     def before_step(self, step: int) -> None:
         if step and step % self.config.interval == 0 and step < self.total:
