@@ -134,6 +134,18 @@ def test_l1_pull_adds_the_sign_subgradient_once_per_step() -> None:
     assert p.grad.tolist() == [0.5, -0.5, 0.0]
 
 
+def test_l1_weight_divides_lambda_by_the_base_models_parameter_count() -> None:
+    # the reference's L_reg = λ·Σ|θ − θ₀| / N_total_params: N counts every base parameter (head, embeddings, norms;
+    # a tied weight once), not only the target weights, so the reference scripts' λ mean the same here
+    model = TINY_MODELS["gpt2"]()
+    n_total = sum(p.numel() for p in model.parameters())
+    config = deltatune.make_config("lt-sft", {"num_tunable": 50, "full_steps": 1, "l1_full": 0.1, "l1_sparse": 0.2})
+    delta = deltatune.attach(model, config)
+    opt, _ = _run(model, delta, config, tiny_inputs("gpt2"), 0, total=4)
+    targets = sum(p.delta_for("weight").numel() for p in delta.parts.values())
+    assert targets < n_total and opt.l1_weight == pytest.approx(0.1 / n_total, rel=1e-12)
+
+
 @pytest.mark.parametrize("bad", [{"density": 0.0}, {"density": 1.5}, {"density": -0.1}, {"num_tunable": 0},
                                  {"full_fraction": 1.0}, {"full_steps": 0}, {"l1_full": -1.0}])
 def test_bad_config_is_a_config_error(bad: dict) -> None:
@@ -212,3 +224,31 @@ def test_plain_loop_through_prepare_switches_inside_the_delta_group() -> None:
     assert values in groups and all(g == values or g <= heads for g in groups)
     assert sum(p.indices.numel() for p in delta.parts.values()) == 200
     assert all(torch.count_nonzero(p.values) for p in delta.parts.values())
+
+
+def test_phase_switch_selects_on_the_parts_own_storage_after_freeing_phase_one_state(monkeypatch) -> None:
+    # no second dense Δ of every layer at the switch: phase 1's moments are freed and θ₀ restored first, then the
+    # top-K reads each part's own tensor (Δθ in the storage θ trained in), not a fresh θ − θ₀ copy
+    import deltatune.methods.lt_sft as lt_sft
+
+    model = TINY_MODELS["llama"]()
+    config = deltatune.make_config("lt-sft", {"num_tunable": 500, "full_steps": 2})
+    delta = deltatune.attach(model, config)
+    calls = []
+    real = lt_sft.top_k_positions
+
+    def spy(tensors, k):
+        parts = delta.parts
+        calls.append((all(t.data_ptr() == parts[n].delta_for("weight").data_ptr() for n, t in tensors.items()),
+                      all(not p.bound for p in parts.values()), len(opt.state)))
+        return real(tensors, k)
+
+    monkeypatch.setattr(lt_sft, "top_k_positions", spy)
+    method = get_method("lt-sft")
+    opt = method.optimizer([p for p in model.parameters() if p.requires_grad], 1e-2, 0.0, config)
+    hooks = method.hooks(model, delta, config, opt, 4, 1)
+    assert all(p.bound for p in delta.parts.values()), "phase 1 should train θ in place"
+    model.train()
+    hooked_steps(model, opt, hooks, tiny_inputs("llama"), 0, 2)
+    assert calls == [(True, True, 0)]
+    assert all(isinstance(p, SparsePart) for p in delta.parts.values())

@@ -11,10 +11,14 @@ Cross-Lingual Transfer", ACL 2022, arXiv 2110.07560), in one training run of thr
 3. **masked fine-tuning** of those ``K`` entries only (a sparse part: values at sorted flat indices, optimiser
    state only for them, so AdamW's weight decay never moves an entry outside the support).
 
-``K`` is ``num_tunable`` or ``⌊density · Σ numel(target weights)⌋`` (the reference's ``ft_params_proportion`` of
-the maskable parameters).  Optional L1 pull toward ``θ₀`` (reference ``full_l1_reg`` / ``sparse_l1_reg``):
-``L = λ · Σ |θ − θ₀| / N`` with ``N`` the target entries, added once per optimiser step as its subgradient
-``λ · sign(Δ) / N`` (:class:`LTSFTAdamW`).  Task heads train densely in both phases and are not rewound (the
+``K`` is ``num_tunable`` or ``⌊density · Σ numel(target weights)⌋``.  The reference's "maskable" set is every
+base-model parameter (``ft_params_proportion`` of all of them, embeddings, biases and norms included); here it is the
+targets, by default every linear weight (``targets`` widens it, e.g. ``type:Embedding``), so the same density gives a
+smaller ``K`` where embeddings are large — give ``num_tunable`` to match a reference budget.  Optional L1 pull toward
+``θ₀`` (reference ``full_l1_reg`` / ``sparse_l1_reg``): ``L = λ · Σ |θ − θ₀| / N`` with ``N`` the number of the base
+model's parameters (the reference's ``_num_params``, so its λ carry over), added once per optimiser step as its
+subgradient ``λ · sign(Δ) / N`` (:class:`LTSFTAdamW`; the reference adds the loss on one micro-batch scaled by the
+accumulation steps, the same once-per-step pull).  Task heads train densely in both phases and are not rewound (the
 reference copies *every* parameter back, a fresh head to its random init; here the masked phase starts from the
 phase-1 head instead, so a short run does not spend its masked steps relearning the head — not compared against the
 reference's choice).
@@ -62,6 +66,7 @@ from torch import Tensor, nn
 from deltatune.algebra.quantile import RadixSelect
 from deltatune.config import require
 from deltatune.errors import ConfigError, DeltaFormatError
+from deltatune.fingerprint import base_parameters
 from deltatune.methods.in_place import InPlaceTraining
 from deltatune.methods.registry import Method, TrainHook, fused_adamw_ok, param_list, register_method
 from deltatune.methods.targets import select_modules
@@ -228,6 +233,7 @@ class LTSFTPhases(TrainHook):
         self.model, self.delta, self.config, self.optimizer = model, delta, config, optimizer
         self.switch_at = phase_one_steps(config, total_steps)
         self.entries = sum(p.delta_for("weight").numel() for p in delta.parts.values())
+        self.l1_denominator = sum(t.numel() for t in {id(t): t for _, t in base_parameters(model)}.values())
         self.k = budget(config, self.entries)
         self.total_steps = total_steps
         self.phase = 1
@@ -239,7 +245,7 @@ class LTSFTPhases(TrainHook):
 
     def _set_l1(self, lam: float) -> None:
         if isinstance(self.optimizer, LTSFTAdamW):
-            self.optimizer.l1_weight = lam / self.entries
+            self.optimizer.l1_weight = lam / self.l1_denominator
             self.optimizer.l1_params = {id(p) for part in self.delta.parts.values() for p in part.parameters()}
 
     def before_step(self, step: int) -> None:
@@ -262,8 +268,11 @@ class LTSFTPhases(TrainHook):
 
     def after_step(self, step: int) -> None:
         if self.phase == 1 and step >= self.switch_at:
-            dense = {n: p.delta_for("weight") for n, p in self.delta.parts.items()}
-            chosen = top_k_positions(dense, self.k)
+            # phase 1's moments go first, then the rewind: each module gets θ₀ back and each part's own storage (θ's
+            # until now) holds Δθ, so the selection reads the parts' tensors and no second dense Δ is made
+            self.optimizer.state.clear()
+            self.in_place.close()
+            chosen = top_k_positions({n: p.delta_for("weight") for n, p in self.delta.parts.items()}, self.k)
             self.events.append({"step": step, "k": self.k, "entries": self.entries})
             self.switch(chosen)
 
