@@ -115,7 +115,8 @@ def test_dsee_forward_and_gradients_equal_the_dense_reference(layer: LayerKind) 
     dw = part.delta_weight()
     low = 1.5 * part.lora_B.detach() @ part.lora_A.detach()
     expect = low if layer is LayerKind.LINEAR else low.t()
-    sparse = torch.zeros(dw.numel()).index_put_((idx,), part.values.detach()).view(dw.shape)
+    # ΔW = s·(BA + S) (reference forward and merge): the sparse term carries s = 1.5 too
+    sparse = torch.zeros(dw.numel()).index_put_((idx,), 1.5 * part.values.detach()).view(dw.shape)
     assert torch.allclose(dw - expect, sparse, atol=1e-6)
     dense = torch.zeros_like(module.weight, requires_grad=True)
     w_eff = module.weight.detach() + dw.detach() + dense
@@ -124,8 +125,21 @@ def test_dsee_forward_and_gradients_equal_the_dense_reference(layer: LayerKind) 
     grad = torch.randn_like(out)
     out.backward(grad)
     ref.backward(grad)
-    assert torch.allclose(part.values.grad, dense.grad.reshape(-1)[idx], atol=1e-5)
+    assert torch.allclose(part.values.grad, 1.5 * dense.grad.reshape(-1)[idx], atol=1e-5)
     assert part.lora_A.grad is not None and part.lora_B.grad is not None
+
+
+def test_dsee_file_without_sparse_scale_loads_as_it_was_written() -> None:
+    # files written before ``sparse_scale`` was recorded hold ΔW = s·BA + S: they load with S unscaled
+    part = DSEEPart(6, 5, 2, 2.0, (5, 6), torch.tensor([1, 4]))
+    with torch.no_grad():
+        part.values.copy_(torch.tensor([0.5, -1.0]))
+    meta = part.meta()
+    assert meta["sparse_scale"] == 2.0 and part.delta_weight().reshape(-1)[[1, 4]].tolist() == [1.0, -2.0]
+    state = {k: v.detach() for k, v in part.state_dict().items()}
+    legacy = DSEEPart.from_state(state, {k: v for k, v in meta.items() if k != "sparse_scale"})
+    assert legacy.delta_weight().reshape(-1)[[1, 4]].tolist() == [0.5, -1.0]
+    assert torch.equal(DSEEPart.from_state(state, meta).delta_weight(), part.delta_weight())
 
 
 def test_dsee_round_trip_compress_form_and_bad_input(tmp_path) -> None:

@@ -1,11 +1,13 @@
-"""DSEE part: a low-rank update and a sparse one on the same weight, ``ΔW = s · B A + S`` with ``S`` non-zero only on
-a fixed support ``Ω`` (Chen et al., "DSEE: Dually Sparsity-embedded Efficient Tuning of Pre-trained Language
+"""DSEE part: a low-rank update and a sparse one on the same weight, ``ΔW = s · (B A + S)`` with ``S`` non-zero only
+on a fixed support ``Ω`` (Chen et al., "DSEE: Dually Sparsity-embedded Efficient Tuning of Pre-trained Language
 Models", ACL 2023; arXiv 2111.00160).
 
 ``A ∈ R^{r×d_in}``, ``B ∈ R^{d_out×r}`` as in LoRA (PEFT's initialisation, ``B = 0``), ``S`` as trainable ``values``
 at sorted flat ``indices`` of the native weight (zeros at start), so ``ΔW = 0`` at init.  The forward runs the
 sparse part's autograd function (``W + S`` built transiently, the gradient of ``S`` gathered at ``Ω`` only) and adds
-the low-rank branch ``s · (x Aᵀ) Bᵀ``; no dense ``ΔW`` is kept.
+the low-rank branch ``s · (x Aᵀ) Bᵀ``; no dense ``ΔW`` is kept.  Both terms carry ``s = α/r``, as in the
+reference's forward and merge (``W += s·(BA + S₂⊙M)``), so ``S`` learns at the same effective rate as ``BA``.  A file
+written before ``sparse_scale`` was recorded holds ``ΔW = s · B A + S``: it loads with ``sparse_scale = 1``, unchanged.
 """
 
 from __future__ import annotations
@@ -32,15 +34,18 @@ from deltatune.parts.sparse import (
 
 
 class DSEEPart(LowRankFactors):
-    """``lora_A``, ``lora_B`` (low rank, scale ``s``) and ``values`` at ``indices`` (sparse ``S`` on ``Ω``)."""
+    """``lora_A``, ``lora_B`` (low rank, scale ``s``) and ``values`` at ``indices`` (sparse ``S`` on ``Ω``, scaled by
+    ``sparse_scale``, by default ``s``)."""
 
     kind = "dsee"
     additive, base_dependent, mixed_rows, has_aux_loss = True, False, True, False
 
     def __init__(self, in_features: int, out_features: int, rank: int, scale: float, weight_shape: tuple[int, ...],
                  indices: Tensor, layer: LayerKind = LayerKind.LINEAR, dropout: float = 0.0, init: str = "kaiming",
-                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+                 sparse_scale: float | None = None) -> None:
         super().__init__(in_features, out_features, rank, scale, layer, dropout, init, dtype, device)
+        self.sparse_scale = float(scale if sparse_scale is None else sparse_scale)
         self.weight_shape = tuple(int(s) for s in weight_shape)
         if math.prod(self.weight_shape) != in_features * out_features:
             raise ShapeMismatch(f"dsee part: weight {self.weight_shape} is not {out_features}×{in_features}")
@@ -49,19 +54,23 @@ class DSEEPart(LowRankFactors):
         self.register_buffer("indices", indices.to(device=self.lora_A.device, dtype=torch.int64))
         self.values = nn.Parameter(torch.zeros(indices.numel(), dtype=dtype, device=self.lora_A.device))
 
+    def _sparse(self) -> Tensor:
+        """The sparse term's entries, ``sparse_scale · values``."""
+        return self.values if self.sparse_scale == 1.0 else self.values * self.sparse_scale
+
     def forward(self, x: Tensor, base: nn.Module) -> Tensor:
         if torch.is_grad_enabled() and self.values.requires_grad:
-            out = SparseDeltaFunction.apply(x, self.values, self.indices, base.weight, base, self.layer, None)
+            out = SparseDeltaFunction.apply(x, self._sparse(), self.indices, base.weight, base, self.layer, None)
         else:
-            out = functional_forward(base, self.layer, x, effective_weight(base.weight, self.indices, self.values))
+            out = functional_forward(base, self.layer, x, effective_weight(base.weight, self.indices, self._sparse()))
         inp = x if self.layer is LayerKind.EMBEDDING else self.dropout(x)
         h = lora_hidden(inp, self.lora_A, self.layer)
         return out + (F.linear(h, self.lora_B) * self.scale).to(out.dtype)
 
     def delta_weight(self) -> Tensor:
-        """``s · B A + S`` in the native layout, fp32."""
+        """``s · B A + sparse_scale · S`` in the native layout, fp32."""
         low = to_native(lora_delta(self.lora_A, self.lora_B, self.scale), self.layer)
-        return low + scatter_delta(self.weight_shape, self.indices, self.values).to(low.device)
+        return low + scatter_delta(self.weight_shape, self.indices, self._sparse()).to(low.device)
 
     # --- algebra ---------------------------------------------------------------------------
     def updates(self, base: nn.Module | None = None) -> dict[str, Tensor]:
@@ -93,7 +102,8 @@ class DSEEPart(LowRankFactors):
         a = values["lora_A"]
         with torch.no_grad():
             out = DSEEPart(self.in_features, self.out_features, self.rank, self.scale, self.weight_shape,
-                           self.indices.cpu(), self.layer, self.dropout_p, dtype=a.dtype)
+                           self.indices.cpu(), self.layer, self.dropout_p, dtype=a.dtype,
+                           sparse_scale=self.sparse_scale)
             out.load_tensors({"lora_A": a, "lora_B": values["lora_B"].to(a.dtype), "indices": self.indices.cpu(),
                               "values": values["values"].to(a.dtype)}, where)
         return out
@@ -102,17 +112,20 @@ class DSEEPart(LowRankFactors):
     def meta(self) -> dict[str, Any]:
         return {"in_features": self.in_features, "out_features": self.out_features, "rank": self.rank,
                 "scale": self.scale, "layer": str(self.layer), "dropout": self.dropout_p,
-                "weight_shape": list(self.weight_shape), "k": int(self.indices.numel())}
+                "weight_shape": list(self.weight_shape), "k": int(self.indices.numel()),
+                "sparse_scale": self.sparse_scale}
 
     @classmethod
     def expected_state(cls, meta: Any) -> dict[str, tuple[int, ...]]:
         meta = check_keys(meta, {"in_features", "out_features", "rank", "scale", "layer", "weight_shape", "k"},
-                          {"dropout"})
+                          {"dropout", "sparse_scale"})
         d_in, d_out, rank = meta_int(meta, "in_features"), meta_int(meta, "out_features"), meta_int(meta, "rank")
         meta_number(meta, "scale")
         meta_layer(meta)
         if "dropout" in meta:
             meta_number(meta, "dropout", 0.0, 0.999)
+        if "sparse_scale" in meta:
+            meta_number(meta, "sparse_scale")
         shape = check_shape(meta["weight_shape"], "meta field 'weight_shape'", min_dim=1)
         if math.prod(shape) != d_in * d_out:
             raise DeltaFormatError(f"meta field 'weight_shape' {list(shape)} does not hold {d_out}×{d_in} entries")
@@ -128,7 +141,8 @@ class DSEEPart(LowRankFactors):
         idx = state["indices"]
         check_indices(idx, math.prod(meta["weight_shape"]), "dsee indices", require_sorted=True)
         part = cls(meta["in_features"], meta["out_features"], meta["rank"], meta["scale"], tuple(meta["weight_shape"]),
-                   idx, LayerKind(meta["layer"]), float(meta.get("dropout", 0.0)), dtype=state["lora_A"].dtype)
+                   idx, LayerKind(meta["layer"]), float(meta.get("dropout", 0.0)), dtype=state["lora_A"].dtype,
+                   sparse_scale=float(meta.get("sparse_scale", 1.0)))  # absent: written before it was recorded
         part.load_tensors({**state, "indices": idx.to(torch.int64)}, "dsee")
         return part
 
