@@ -1,4 +1,4 @@
-"""SaRA: the smallest-|W| entries train (fraction or threshold), a nuclear-norm penalty λ‖ΔW‖_* on one drawn
+"""SaRA: the smallest-|W| entries train (fraction or threshold), a nuclear-norm penalty λ‖W ⊙ M‖_* on one drawn
 matrix per step through the auxiliary loss, and progressive reselection that stops training entries grown past
 the threshold (they keep their value; weight decay never moves them)."""
 
@@ -69,8 +69,9 @@ def test_parts_cover_exactly_the_smallest_entries():
         assert float(chosen.max()) <= float(others.min())
 
 
-def test_one_matrix_per_step_adds_the_weighted_nuclear_norm_of_its_delta():
-    model, base, delta, opt, sched = setup({"fraction": 0.05, "nuclear_weight": 0.1, "progressive_step": 0})
+def test_one_matrix_per_step_adds_the_weighted_nuclear_norm_of_its_masked_weights():
+    model, base, delta, opt, sched = setup({"fraction": 0.05, "nuclear_weight": 0.1, "progressive_step": 0,
+                                            "nuclear_min_dim": 16})
     run(model, delta, opt, sched, 0, 2)  # non-zero deltas
     model.train()
     chosen = []
@@ -81,18 +82,46 @@ def test_one_matrix_per_step_adds_the_weighted_nuclear_norm_of_its_delta():
         chosen.append(flagged[0])
         model(**tiny_inputs("llama"))
         part = delta.parts[flagged[0]]
-        expect = 0.1 * nuclear_norm(scatter_delta(part.weight_shape, part.indices, part.values.detach()))
+        masked = base[flagged[0]].reshape(-1)[part.indices] + part.values.detach()
+        expect = 0.1 * nuclear_norm(scatter_delta(part.weight_shape, part.indices, masked))
         assert float(delta.aux_loss().detach()) == pytest.approx(float(expect), rel=1e-5) and float(expect) > 0
     assert len(set(chosen)) > 1, "the penalised matrix is drawn anew each step"
-    # its gradient reaches the values: the penalty alone shrinks the drawn delta's nuclear norm
+    # its gradient reaches the values: the penalty alone shrinks the drawn matrix's masked nuclear norm
     part = delta.parts[chosen[-1]]
-    before = float(nuclear_norm(part.delta_weight().detach()))
+    w0 = base[chosen[-1]].reshape(-1)[part.indices]
+
+    def masked_norm() -> float:
+        return float(nuclear_norm(scatter_delta(part.weight_shape, part.indices, w0 + part.values.detach())))
+
+    before = masked_norm()
     for p in model.parameters():
         p.grad = None
     delta.aux_loss().backward()
     with torch.no_grad():
         part.values -= 1e-3 * part.values.grad
-    assert float(nuclear_norm(part.delta_weight().detach())) < before
+    assert masked_norm() < before
+
+
+def test_penalty_gradient_at_a_zero_delta_is_that_of_the_masked_weights():
+    # ΔW = 0 at the start: ‖ΔW‖_* would give SVD's arbitrary subgradient (the identity on the mask); the reference's
+    # ‖W ⊙ M‖_* gives λ·(U Vᵀ)[M] of the masked pretrained weights
+    model, base, delta, opt, sched = setup({"fraction": 0.2, "nuclear_weight": 1.0, "progressive_step": 0,
+                                            "nuclear_min_dim": 16})
+    model.train()
+    sched.before_step(0)
+    (name,) = [n for n, p in delta.parts.items() if p.penalize]
+    part = delta.parts[name]
+    delta.aux_loss().backward()
+    masked = scatter_delta(part.weight_shape, part.indices, base[name].reshape(-1)[part.indices])
+    u, _, vh = torch.linalg.svd(masked.reshape(masked.shape[0], -1), full_matrices=False)
+    assert torch.allclose(part.values.grad, (u @ vh).reshape(-1)[part.indices], atol=1e-5)
+
+
+def test_matrices_with_a_short_side_of_64_are_not_penalised():
+    # the reference draws among 2-D weights whose min dimension is > 64: the tiny Llama's are all ≤ 64
+    model, base, delta, opt, sched = setup({"fraction": 0.05, "nuclear_weight": 0.1, "progressive_step": 0})
+    assert sched.eligible == []
+    assert setup({"fraction": 0.05, "nuclear_weight": 0.1, "nuclear_min_dim": 63})[4].eligible
 
 
 def test_no_penalty_when_off_or_in_eval():
@@ -129,7 +158,7 @@ def test_progressive_reselection_freezes_entries_that_grew_past_the_threshold():
 
 
 def test_resume_after_reselection_and_roundtrip(tmp_path):
-    cfg = {"fraction": 0.05, "progressive_step": 2, "nuclear_weight": 1e-3}
+    cfg = {"fraction": 0.05, "progressive_step": 2, "nuclear_weight": 1e-3, "nuclear_min_dim": 16}
     model, base, delta, opt, sched = setup(cfg, arch="gpt2")
     run(model, delta, opt, sched, 0, 3, arch="gpt2")
     model2, _, delta2, opt2, sched2 = setup(cfg, arch="gpt2")

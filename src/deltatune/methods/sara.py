@@ -5,9 +5,11 @@ The trained entries of each target matrix are its "ineffective" ones: ``|W₀| <
 ``fraction`` of ``|W₀|`` (then ``threshold_l`` is the largest chosen ``|W₀|``).  The delta is a sparse part at
 those entries (values 0 at init); the optimiser (:class:`SparseAdamW`) holds state only for them.
 
-* **Nuclear-norm penalty:** each step one target matrix (drawn among those whose short side is at least
-  ``nuclear_min_dim``) adds ``λ‖ΔW‖_*`` to the loss, through the part's auxiliary loss.  The reference code
-  penalises the masked *weights* ``‖W ⊙ M‖_*``; here it is the delta the method learns (``ΔW``).
+* **Nuclear-norm penalty:** each step one target matrix (drawn among those whose short side is greater than
+  ``nuclear_min_dim``, the reference's 64) adds ``λ‖W ⊙ M‖_*`` to the loss through the part's auxiliary loss: the
+  nuclear norm of the masked *weights* ``W₀ + ΔW`` on the trained entries ``M``, as the reference code computes it
+  (not of ``ΔW``, which is 0 at the start, where the SVD's subgradient ``U Vᵀ`` would be an arbitrary identity).
+  Its gradient reaches only the trained values: ``λ·(U Vᵀ)[M]``.
 * **Progressive reselection:** after ``progressive_step`` steps the mask is recomputed on the current weights:
   entries whose ``|W₀ + ΔW|`` grew past ``threshold_l`` stop training (their trained value stays in the delta);
   the others keep training and keep their Adam moments (the reference re-creates the optimiser and skips that
@@ -42,8 +44,9 @@ class SaraConfig:
                                                             "(ignored when threshold is set)"})
     threshold: float | None = field(default=None, metadata={"help": "train the entries with |W| < threshold "
                                                                     "(SaRA's 2e-3 for diffusion models)"})
-    nuclear_weight: float = field(default=5e-4, metadata={"help": "λ of the nuclear-norm penalty λ‖ΔW‖_* (0: off)"})
-    nuclear_min_dim: int = field(default=64, metadata={"help": "penalise only matrices whose short side is ≥ this"})
+    nuclear_weight: float = field(default=5e-4, metadata={"help": "λ of the nuclear-norm penalty λ‖W ⊙ M‖_* "
+                                                                  "(0: off)"})
+    nuclear_min_dim: int = field(default=64, metadata={"help": "penalise only matrices whose short side is > this"})
     progressive_step: int = field(default=2500, metadata={"help": "reselect the trained entries after this many "
                                                                   "steps (0: never)"})
     seed: int = field(default=0, metadata={"help": "seed of the per-step draw of the penalised matrix"})
@@ -58,10 +61,10 @@ class SaraConfig:
         require(self.progressive_step >= 0, f"sara config.progressive_step must be ≥ 0, got {self.progressive_step}")
 
 
-def nuclear_norm(delta: Tensor) -> Tensor:
-    """``‖ΔW‖_* = Σ σᵢ(ΔW)`` of the weight as a ``(shape[0], rest)`` matrix (fp32; differentiable, with the
+def nuclear_norm(matrix: Tensor) -> Tensor:
+    """``‖X‖_* = Σ σᵢ(X)`` of a weight-shaped ``X`` as a ``(shape[0], rest)`` matrix (fp32; differentiable, with the
     subgradient ``U Vᵀ`` at rank-deficient points)."""
-    return torch.linalg.matrix_norm(delta.float().reshape(delta.shape[0], -1), ord="nuc")
+    return torch.linalg.matrix_norm(matrix.float().reshape(matrix.shape[0], -1), ord="nuc")
 
 
 def small_entries(weight: Tensor, fraction: float, threshold: float | None) -> tuple[Tensor, float]:
@@ -76,8 +79,9 @@ def small_entries(weight: Tensor, fraction: float, threshold: float | None) -> t
 
 
 class SaRAPart(SparsePart):
-    """A sparse part that, while training, may add ``λ‖ΔW‖_*`` as its auxiliary loss (when its schedule
-    draws it for the step).  Saved, merged and composed exactly like a sparse part."""
+    """A sparse part that, while training, may add ``λ‖W ⊙ M‖_*`` as its auxiliary loss (when its schedule
+    draws it for the step and hands it ``W₀`` at its entries, :attr:`masked_base`).  Saved, merged and composed
+    exactly like a sparse part."""
 
     kind = "sara"
     has_aux_loss = True
@@ -87,20 +91,24 @@ class SaRAPart(SparsePart):
         super().__init__(weight_shape, indices, layer, dtype)
         self.nuclear_weight = nuclear_weight
         self.penalize = False  # set per step by the schedule (SaraSchedule)
+        #: ``W₀.flat[indices]`` (fp32) while :attr:`penalize` is set; ``None`` otherwise
+        self.masked_base: Tensor | None = None
 
     def aux_loss(self) -> Tensor | None:
         if not (self.penalize and self.nuclear_weight and self.training and torch.is_grad_enabled()):
             return None
+        if self.masked_base is None:
+            raise ConfigError("sara part: the penalty needs the base weight at its entries (SaraSchedule sets it)")
         flat = torch.zeros(self.numel_base, dtype=torch.float32, device=self.values.device)
-        delta = flat.index_add(0, self.indices, self.values.float()).view(self.weight_shape)
-        return self.nuclear_weight * nuclear_norm(delta)
+        masked = flat.index_add(0, self.indices, self.masked_base + self.values.float()).view(self.weight_shape)
+        return self.nuclear_weight * nuclear_norm(masked)
 
 
 @register_method
 class Sara(Method):
     name = "sara"
     config_cls = SaraConfig
-    summary = "SaRA: train the smallest-|W| entries, nuclear-norm penalty on ΔW, progressive reselection"
+    summary = "SaRA: train the smallest-|W| entries, nuclear-norm penalty on W ⊙ M, progressive reselection"
     part_kinds = (SaRAPart,)
     examples = {"": {"fraction": 0.05, "progressive_step": 2, "nuclear_weight": 1e-3},
                 "threshold": {"threshold": 0.01, "progressive_step": 0}}
@@ -133,7 +141,7 @@ class SaraSchedule(TrainHook):
         self.model, self.parts, self.config = model, dict(parts), config
         self.optimizer = require_sparse_adamw(optimizer, "sara")
         self.eligible = [n for n, p in self.parts.items()
-                         if min(p.weight_shape[0], math.prod(p.weight_shape[1:])) >= config.nuclear_min_dim]
+                         if min(p.weight_shape[0], math.prod(p.weight_shape[1:])) > config.nuclear_min_dim]
         self.limits = {n: small_entries(get_module(model, n).weight, config.fraction, config.threshold)[1]
                        for n in self.parts}
         self.active: dict[str, Tensor] | None = None
@@ -145,6 +153,11 @@ class SaraSchedule(TrainHook):
             chosen = self.eligible[int(torch.randint(len(self.eligible), (1,), generator=gen))]
         for name, part in self.parts.items():
             part.penalize = name == chosen
+            part.masked_base = None
+        if chosen is not None:
+            part = self.parts[chosen]
+            weight = get_module(self.model, chosen).weight.detach()
+            part.masked_base = weight.reshape(-1).index_select(0, part.indices).float()
 
     def after_step(self, step: int) -> None:
         if self.config.progressive_step and step == self.config.progressive_step:
