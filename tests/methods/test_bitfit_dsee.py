@@ -78,6 +78,30 @@ def test_bitfit_deltas_sum_exactly_and_bad_targets_are_refused() -> None:
         deltatune.attach(TINY_MODELS["llama"](), deltatune.make_config("bitfit", {"add_missing": False}))
 
 
+def test_bitfit_shifts_conv_and_group_norm_channels_on_axis_1_and_merges_exactly() -> None:
+    # (N, C, H, W) outputs: Δb belongs on the channel axis, as the modules' own biases; with W == C a last-axis shift
+    # would run silently and differ from the merged model
+    torch.manual_seed(0)
+    nn = torch.nn
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.GroupNorm(2, 4), nn.Conv2d(4, 4, 1, bias=False))
+    base = copy.deepcopy(model)
+    delta = deltatune.attach(model, deltatune.make_config("bitfit", {}))
+    assert set(delta.parts) == {"0", "1"}  # a bias-free Conv2d gets none added (add_missing is for Linear layers)
+    with torch.no_grad():
+        for part in delta.parts.values():
+            part.bias_delta.copy_(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    x = torch.randn(2, 3, 5, 4)
+    out = model(x)
+    conv, norm = base[0], base[1]
+    ref = base[2](torch.nn.functional.group_norm(
+        torch.nn.functional.conv2d(x, conv.weight, conv.bias + torch.tensor([1.0, 2.0, 3.0, 4.0])), 2, norm.weight,
+        norm.bias + torch.tensor([1.0, 2.0, 3.0, 4.0]), norm.eps))
+    assert max_diff(out, ref) <= 1e-5
+    merged = copy.deepcopy(base)
+    deltatune.merge_delta(merged, delta)
+    assert max_diff(merged(x), ref) <= 1e-5
+
+
 def test_bias_part_meta_is_checked() -> None:
     with pytest.raises(DeltaFormatError):
         BiasPart.expected_state({"features": 4, "has_bias": "yes"})

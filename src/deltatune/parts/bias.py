@@ -1,11 +1,14 @@
 """Bias part: a trainable shift of a module's output channels, ``y = f(x) + Δb`` (BitFit, Ben Zaken, Ravfogel,
 Goldberg, ACL 2022).
 
-For a module with a bias (``nn.Linear``/``Conv1D`` ``y = xW + b``, LayerNorm ``y = γ n(x) + β``) the shift is
+For a module with a bias (``nn.Linear``/``Conv1D`` ``y = xW + b``, LayerNorm ``y = γ n(x) + β``, a convolution, a
+batch / group / instance norm) the shift is
 exactly an update of that bias, ``b' = b + Δb``: merging adds ``Δb`` to it.  A module without one (Llama's
 ``nn.Linear`` layers, ``bias=False``) gets a bias *added* (``has_bias = False``): merging creates the bias
 parameter holding ``Δb``, and reverting the last such merge removes it again, so the module is the base once more
-(the module counts the merges that need the added bias in ``_deltatune_added_bias``).
+(the module counts the merges that need the added bias in ``_deltatune_added_bias``).  The shift runs along the
+module's channel axis (:func:`channel_axis`): the last for Linear, Conv1D and LayerNorm-like norms, axis 1 of the
+``(N, C, …)`` layouts of convolutions and batch / group / instance norms, as their own bias does.
 """
 
 from __future__ import annotations
@@ -22,13 +25,20 @@ from deltatune.parts.layers import LayerKind, in_out_features, layer_kind
 from deltatune.parts.meta_checks import check_keys, check_state, meta_int, short
 
 ADDED = "_deltatune_added_bias"
+#: modules whose output channels are axis 1 of an ``(N, C, …)`` output (their bias broadcasts there)
+CHANNEL_FIRST = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+                 nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.InstanceNorm1d,
+                 nn.InstanceNorm2d, nn.InstanceNorm3d, nn.GroupNorm)
 
 
 def output_features(module: nn.Module) -> int | None:
-    """Output channels of a Linear/Conv1D (``out_features``) or of a norm with a 1-D weight; else ``None``."""
+    """Output channels of a Linear/Conv1D (``out_features``), of a convolution (``out_channels``) or of a norm with a
+    1-D weight; else ``None``."""
     kind = layer_kind(module)
     if kind in (LayerKind.LINEAR, LayerKind.CONV1D):
         return in_out_features(module)[1]
+    if isinstance(module, CHANNEL_FIRST) and hasattr(module, "out_channels"):
+        return int(module.out_channels)
     weight = getattr(module, "weight", None)
     if kind is None and isinstance(weight, Tensor) and weight.dim() == 1:
         return int(weight.shape[0])
@@ -37,6 +47,15 @@ def output_features(module: nn.Module) -> int | None:
 
 def has_bias(module: nn.Module) -> bool:
     return isinstance(getattr(module, "bias", None), Tensor)
+
+
+def channel_shift(delta: Tensor, module: nn.Module, out: Tensor) -> Tensor:
+    """``Δb`` shaped to broadcast over ``out`` along ``module``'s channel axis: axis 1 of an ``(N, C, …)`` output of a
+    convolution or batch / group / instance norm (:data:`CHANNEL_FIRST`), else the last axis."""
+    delta = delta.to(out.dtype)
+    if isinstance(module, CHANNEL_FIRST) and out.dim() > 2:
+        return delta.view(1, -1, *([1] * (out.dim() - 2)))
+    return delta
 
 
 class BiasPart(Part):
@@ -54,7 +73,7 @@ class BiasPart(Part):
 
     def forward(self, x: Tensor, base: nn.Module) -> Tensor:
         out = base(x)
-        return out + self.bias_delta.to(out.dtype)
+        return out + channel_shift(self.bias_delta, base, out)
 
     # --- algebra ---------------------------------------------------------------------------
     def updates(self, base: nn.Module | None = None) -> dict[str, Tensor]:
