@@ -78,6 +78,22 @@ def test_accumulators_see_only_the_active_gradients():
     assert torch.equal(sel.acc["l"].row, row) and torch.equal(sel.acc["l"].col, col)
 
 
+def test_close_removes_the_accumulator_hooks_and_the_window_observer():
+    base, part, opt, sel = _part_and_selector()
+    sel.close()
+    before = (sel.acc["l"].row.clone(), sel.acc["l"].col.clone())
+    part(torch.randn(8, 6), base).square().sum().backward()
+    assert torch.equal(sel.acc["l"].row, before[0]) and torch.equal(sel.acc["l"].col, before[1])
+    # SpIEL-AG: a run that stops inside a selection window leaves no observer behind (it forced the dense gradient)
+    from deltatune.methods.spiel_selector import SpIELSelector
+
+    ag = SpIELSelector({"l": part}, opt, SparseConfig(reselection_steps=10, accumulation_steps=2), 100, 1)
+    ag.before_step(0)
+    assert part.grad_observer is not None
+    ag.close()
+    assert part.grad_observer is None and ag.windows is None
+
+
 def test_first_event_grows_the_top_outer_product_entries():
     base, part, opt, sel = _part_and_selector(k=4)
     acc: SM3Accumulator = sel.acc["l"]

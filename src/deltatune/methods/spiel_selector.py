@@ -112,6 +112,11 @@ class SpIELSelector(TrainHook):
         if self.windows is not None and step >= self.A and (step - self.A) % self.R == 0:
             self._regrow(step)
 
+    def close(self) -> None:
+        """Training ended (or stopped inside a selection window): no part keeps the window's gradient observer, so
+        a later backward takes the sampled path and feeds no dead window."""
+        self._close()
+
     # --- window ---------------------------------------------------------------------------
     def _open(self) -> None:
         self.windows = {n: _Window() for n in self.parts}
@@ -259,6 +264,13 @@ class MomentumSelector(SpIELSelector):
 
     def _observe(self, name: str, grad: Tensor) -> None:
         self.acc[name].observe(self.parts[name].indices, grad.detach())
+
+    def close(self) -> None:
+        """Remove the accumulators' gradient hooks from the values (a later backward no longer feeds them)."""
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+        super().close()
 
     def before_step(self, step: int) -> None:
         """No selection window: the accumulators see every backward."""
