@@ -236,6 +236,9 @@ def test_trained_slices_in_the_permuted_layout_are_dense_blocks_with_equal_outpu
                 continue
             perm = component_perm(block, comp, units[block.index], chans[block.index])
             new = permute_slice_part(delta.parts[name], perm)
+            old = delta.parts[name]
+            assert (new.block.device, new.block.dtype, new.indices.dtype) == \
+                (old.block.device, old.block.dtype, old.indices.dtype)
             idx = new.indices.tolist()
             segments = 1 + sum(1 for a, b in zip(idx, idx[1:], strict=False) if b != a + 1)
             # fused GPT-2 qkv keeps v in its own third: still one range inside it

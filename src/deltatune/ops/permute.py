@@ -192,14 +192,15 @@ def permute_slice_part(part: SlicePart, perm: Tensor) -> SlicePart:
     span = part.d_out if part.axis == "out" else part.d_in
     perm = perm.to(torch.int64)
     check_permutation(perm, span, f"slice {part.axis} permutation")
+    device = part.block.device  # the permuted part lives where the part does (a co-permuted model on a GPU)
     inverse = torch.empty_like(perm)
     inverse[perm] = torch.arange(span)
-    new = inverse[part.indices.cpu()]
+    new = inverse.to(device)[part.indices.to(device=device, dtype=torch.int64)]
     order = new.argsort()
-    out = SlicePart(part.d_in, part.d_out, part.axis, new[order], part.layer, dtype=part.block.dtype)
+    out = SlicePart(part.d_in, part.d_out, part.axis, new[order], part.layer, dtype=part.block.dtype, device=device)
     dim = 0 if part.axis == "out" else 1
     with torch.no_grad():
-        out.block.copy_(part.block.detach().cpu().index_select(dim, order))
+        out.block.copy_(part.block.detach().index_select(dim, order))
     return out
 
 
