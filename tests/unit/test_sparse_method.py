@@ -139,3 +139,11 @@ def test_first_event_keeps_random_support_entries_that_are_top_gradient_candidat
     assert moved == 3
     assert part.indices.tolist() == [0, 5, 6, 7]
     assert part.values.tolist() == [torch.tensor(0.1).item(), 0.0, 0.0, 0.0]
+
+
+def test_spiel_optimizer_uses_sftadamw_defaults():
+    from deltatune.methods import get_method
+
+    opt = get_method("sparse").optimizer([nn.Parameter(torch.zeros(3))], 1e-3, 0.0, SparseConfig())
+    assert isinstance(opt, SparseAdamW)
+    assert opt.param_groups[0]["eps"] == 1e-6 and opt.param_groups[0]["betas"] == (0.9, 0.999)

@@ -28,6 +28,10 @@ from deltatune.model import get_module
 from deltatune.parts.layers import layer_kind
 from deltatune.parts.sparse import SparsePart
 
+#: Adam's ε in SpIEL's ``SftAdamW`` (AlanAnsell/peft), larger than torch's 1e-8: it bounds the first steps of an entry
+#: grown with a small second moment
+SPIEL_EPS = 1e-6
+
 
 @dataclass
 class SparseConfig:
@@ -111,7 +115,8 @@ class Sparse(Method):
         return parts
 
     def optimizer(self, params, lr, weight_decay, config):
-        return SparseAdamW(params, lr=lr, weight_decay=weight_decay)
+        """:class:`SparseAdamW` with SpIEL's ``SftAdamW`` defaults: betas (0.9, 0.999), ``eps = 1e-6``."""
+        return SparseAdamW(params, lr=lr, weight_decay=weight_decay, eps=SPIEL_EPS)
 
     def hooks(self, model, delta, config: SparseConfig, optimizer, total_steps, grad_accum) -> list[TrainHook]:
         if not config.regrow:
