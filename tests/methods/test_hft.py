@@ -48,15 +48,34 @@ def test_groups_per_block_and_role() -> None:
     model = TINY_MODELS["llama"]()
     delta = deltatune.attach(model, HFTConfig())
     groups = half_groups(list(delta.parts))
-    assert groups["000000/attention"] == [f"model.layers.0.self_attn.{p}_proj" for p in "koqv"]
-    assert groups["000001/ffn"] == [f"model.layers.1.mlp.{p}_proj" for p in ("down", "gate", "up")]
-    assert groups["000000/norm"] == ["model.layers.0.input_layernorm", "model.layers.0.post_attention_layernorm"]
+    assert groups["model.layers.000000/attention"] == [f"model.layers.0.self_attn.{p}_proj" for p in "koqv"]
+    assert groups["model.layers.000001/ffn"] == [f"model.layers.1.mlp.{p}_proj" for p in ("down", "gate", "up")]
+    assert groups["model.layers.000000/norm"] == ["model.layers.0.input_layernorm",
+                                                  "model.layers.0.post_attention_layernorm"]
     assert set(groups["other"]) == {"model.embed_tokens", "model.norm", "lm_head"}
     assert module_role("bert.encoder.layer.3.attention.output.LayerNorm") == "norm"
     assert module_role("bert.encoder.layer.3.attention.output.dense") == "attention"
     assert module_role("bert.encoder.layer.3.output.dense") == "ffn"
     assert module_role("transformer.h.0.ln_2") == "norm"
     assert module_role("transformer.h.0.attn.c_attn") == "attention"
+
+
+def test_encoder_decoder_blocks_are_separate_groups_with_cross_attention_as_attention() -> None:
+    bart = [f"model.{side}.layers.0.{sub}.{p}_proj" for side in ("encoder", "decoder") for sub in ("self_attn",)
+            for p in "qv"] + ["model.decoder.layers.0.encoder_attn.q_proj", "model.decoder.layers.0.fc1",
+                              "model.encoder.layers.0.fc1"]
+    groups = half_groups(bart)
+    assert groups["model.decoder.layers.000000/attention"] == [
+        "model.decoder.layers.0.encoder_attn.q_proj", "model.decoder.layers.0.self_attn.q_proj",
+        "model.decoder.layers.0.self_attn.v_proj"]
+    assert groups["model.encoder.layers.000000/attention"] == [
+        "model.encoder.layers.0.self_attn.q_proj", "model.encoder.layers.0.self_attn.v_proj"]
+    assert groups["model.decoder.layers.000000/ffn"] == ["model.decoder.layers.0.fc1"]
+    t5 = half_groups(["encoder.block.0.layer.0.SelfAttention.q", "decoder.block.0.layer.1.EncDecAttention.k",
+                      "decoder.block.0.layer.2.DenseReluDense.wi"])
+    assert t5 == {"decoder.block.000000/attention": ["decoder.block.0.layer.1.EncDecAttention.k"],
+                  "decoder.block.000000/ffn": ["decoder.block.0.layer.2.DenseReluDense.wi"],
+                  "encoder.block.000000/attention": ["encoder.block.0.layer.0.SelfAttention.q"]}
 
 
 def test_each_stage_trains_half_of_every_group() -> None:
@@ -74,7 +93,7 @@ def test_each_stage_trains_half_of_every_group() -> None:
         draws.append(chosen)
         assert chosen == draw_half(groups, 0.5, seed=0, stage=stage), "a stage's draw is reproducible"
     assert len({frozenset(d) for d in draws}) > 4, "the half is re-drawn each stage"
-    ffn_counts = {len(draws[s] & set(groups["000000/ffn"])) for s in range(8)}
+    ffn_counts = {len(draws[s] & set(groups["m.layers.000000/ffn"])) for s in range(8)}
     assert ffn_counts == {1, 2}, "an odd group alternates between floor and ceil"
     assert draw_half(groups, 0.5, seed=1, stage=0) != draws[0]
 

@@ -59,7 +59,10 @@ from deltatune.parts.base import Part
 from deltatune.parts.dense import DensePart
 
 _BLOCK = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
-_ATTENTION = {"self_attn", "attn", "attention", "self_attention", "crossattention", "cross_attn"}
+#: sub-module names (lower-cased) of attention: decoder-only and BERT/GPT-2 names, BART's cross-attention
+#: (``encoder_attn``), T5's ``SelfAttention`` / ``EncDecAttention``
+_ATTENTION = {"self_attn", "attn", "attention", "self_attention", "crossattention", "cross_attn", "encoder_attn",
+              "selfattention", "encdecattention"}
 OTHER = "other"
 
 
@@ -69,12 +72,13 @@ def module_role(name: str) -> str:
     last = name.rsplit(".", 1)[-1].lower()
     if "norm" in last or last.startswith("ln"):
         return "norm"
-    return "attention" if _ATTENTION & set(name.split(".")) else "ffn"
+    return "attention" if _ATTENTION & {part.lower() for part in name.split(".")} else "ffn"
 
 
 def half_groups(names: Sequence[str], norms: bool = True, outside: bool = True) -> dict[str, list[str]]:
     """``{group: sorted module names}``: ``"<block>/attention"``, ``"<block>/ffn"``, ``"<block>/norm"`` for the
-    modules of each transformer block (found by ``layers.N`` / ``layer.N`` / ``h.N`` in the name) and
+    modules of each transformer block (found by ``layers.N`` / ``layer.N`` / ``h.N`` / ``block.N`` in the name;
+    ``<block>`` is the path up to it with ``N`` zero-padded, so an encoder's and a decoder's block ``N`` differ) and
     ``"other"`` for the modules outside the blocks; norms and outside modules are left out unless asked."""
     groups: dict[str, list[str]] = {}
     for name in sorted(names):
@@ -86,7 +90,7 @@ def half_groups(names: Sequence[str], norms: bool = True, outside: bool = True) 
         role = module_role(name)
         if role == "norm" and not norms:
             continue
-        groups.setdefault(f"{int(match.group(1)):06d}/{role}", []).append(name)
+        groups.setdefault(f"{name[:match.start(1)]}{int(match.group(1)):06d}/{role}", []).append(name)
     return dict(sorted(groups.items()))
 
 
