@@ -1,13 +1,14 @@
 """DSEE: sparse + low-rank together (Chen et al., "DSEE: Dually Sparsity-embedded Efficient Tuning of Pre-trained
-Language Models", ACL 2023; arXiv 2111.00160), ``ΔW = s · B A + S``, ``S`` on a fixed support ``Ω`` of ``N`` entries
-per target (the paper's ``num_sparse``).
+Language Models", ACL 2023; arXiv 2111.00160), ``ΔW = s · (B A + S)``, ``S`` on a fixed support ``Ω`` of ``N``
+entries per target (the paper's ``num_sparse``).
 
 ``Ω`` comes from a decomposition of the *pretrained* weight ``W ≈ L + S₀`` (``L`` of rank ``r_Ω``, ``S₀`` sparse):
 the reference uses GreBsmo (greedy bilateral smoothing, rank grown 5 rows at a time); here a fixed-rank GoDec-style
 alternation (Zhou & Tao, ICML 2011) computes the same kind of split, :func:`sparse_support`:
 ``L ← SVD_r(W − S₀)``, ``S₀ ← P_N(W − L)`` (the ``N`` largest-magnitude entries), ``Ω = supp(S₀)``.
 ``selection="magnitude"`` takes the ``N`` largest ``|W|`` instead, ``"random"`` a seeded random support.
-Defaults follow the paper's scripts on W_q and W_v: ``r = 16`` is lowered to 8 here, ``α = 2r``, ``N = 64``.
+Defaults: W_q and W_v as in the paper's scripts; ``r = 8`` (the scripts' 16, lowered for small models), ``α = 2r``
+(``s = 2``); ``N = 64``, between the RTE/SST-2 scripts' 16 and the code's default 128.
 """
 
 from __future__ import annotations

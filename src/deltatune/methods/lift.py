@@ -10,6 +10,9 @@ The delta is a sparse part over every entry that was ever in the mask: an entry 
 trained value (in LIFT the weights are updated in place) but stops training.  The optimiser
 (:class:`SparseAdamW`) holds moments only for the entries of the current mask; an entry that enters later
 starts at age 0, so its bias correction is its own (LIFT's reference code keeps a global step instead).
+Defaults are scaled for small models: LIFT's LLM scripts use ``k = (m + n)·128``, a filter rank of 64–128 and a
+refresh every 400 steps; on MiniLM (384-wide matrices) a rank-128 budget would train two thirds of each matrix, so
+``lora_rank`` and ``filter_rank`` default to 8 and the refresh to every 100 steps.
 """
 
 from __future__ import annotations

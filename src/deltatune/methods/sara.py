@@ -14,6 +14,12 @@ those entries (values 0 at init); the optimiser (:class:`SparseAdamW`) holds sta
   entries whose ``|W₀ + ΔW|`` grew past ``threshold_l`` stop training (their trained value stays in the delta);
   the others keep training and keep their Adam moments (the reference re-creates the optimiser and skips that
   step; per-element ages make that unnecessary here).
+
+Differences of scope from the reference (diffusion U-Nets): the targets are every linear weight by default (the
+reference takes every tensor handed to its optimiser; ``targets`` widens it, e.g. to convolutions); the selection
+defaults to the smallest ``fraction = 0.01`` of each matrix, since SaRA's ``threshold = 2e-3`` was set for diffusion
+weights' scales (give ``threshold`` for the reference's rule); the default LR is a fixed 5e-4, the reference's
+``1e-3·exp(−350·threshold)`` at its 2e-3, not recomputed for another threshold; weight decay is the run's.
 """
 
 from __future__ import annotations

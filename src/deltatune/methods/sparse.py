@@ -6,7 +6,10 @@ largest fractional shares so ``Σk_l = K`` exactly).  The support starts random 
 ``reselection_steps`` steps the :class:`~deltatune.methods.spiel_selector.SpIELSelector` drops the
 smallest-|value| entries and regrows by accumulated gradient (``regrow_by="grad"``, SpIEL-AG) or by SM3
 row/column accumulators of the active entries' squared gradients (``regrow_by="momentum"``, SpIEL-MA).
-Optimiser state lives only on the active values (:class:`SparseAdamW`, per-element age for bias correction).
+Optimiser state lives only on the active values (:class:`SparseAdamW`, per-element age for bias correction, SftAdamW's
+``eps = 1e-6``).  SpIEL-MA here takes MA's growth criterion only: its values still train with :class:`SparseAdamW`
+(two moments and an age per entry), where the reference trains MA with SM3, whose state is the row/column
+accumulators alone — so MA's smaller optimiser state is not reproduced (it saves the selection window instead).
 """
 
 from __future__ import annotations
