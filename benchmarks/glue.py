@@ -44,6 +44,14 @@ by ``--report-only``).  The runs in ``benchmarks/results/glue.runs.jsonl`` whose
 (:func:`deltatune.methods.registry.adamw`: the same update up to the order of float operations), so a rerun of those
 rows can differ from the recorded ones in the last digits.
 
+Every ``sparse``, ``dsee`` and ``sara`` run in ``benchmarks/results/glue.runs.jsonl`` was recorded before three fixes
+of 2026-12-06 that change those methods' training: SpIEL-AG's regrowth now follows the reference's ``select_rigl``
+(a dropped entry with a top gradient keeps its place; before, it could not be regrown in the same event) and its
+optimiser takes SftAdamW's ``eps = 1e-6`` (was 1e-8); DSEE's sparse term is scaled by ``s`` like its low-rank one
+(``ΔW = s·(BA + S)``; was ``s·BA + S``); SaRA's penalty is ``‖W ⊙ M‖_*`` (was ``‖ΔW‖_*``).  The other methods'
+runs are unaffected.  ``benchmarks/results/glue_spiel_rigl.*`` holds SpIEL under the current rule at ×1 LR and seed
+0, to be read beside the recorded runs of the same LR and seed.
+
 Run::
 
     python benchmarks/glue.py --quick --out benchmarks/results/glue_quick.json

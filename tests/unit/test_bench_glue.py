@@ -243,3 +243,28 @@ def test_tiny_real_run_in_fresh_processes(tmp_path, data_dir, minilm_path) -> No
     assert all(0 <= r["metric"] <= 1 and r["step_s"] > 0 and r["peak_mb"] > 0 for r in recs)
     assert [p.name for p in (tmp_path / "work").iterdir()] == ["logs"]  # run folders removed, logs kept
     assert all(Path(r["log"]).is_file() for r in recs)
+
+
+def test_glue_pair_matches_keys_and_averages_the_differences(tmp_path) -> None:
+    import glue_pair
+
+    def run(key: str, task: str, metric: float | None) -> dict:
+        return {"key": key, "method": "sparse", "task": task, "budget": "r8", "lr": 5e-4, "seed": 0,
+                "metric_name": "accuracy", "metric": metric}
+
+    before, after = tmp_path / "a.runs.jsonl", tmp_path / "b.runs.jsonl"
+    before.write_text("\n".join(json.dumps(r) for r in [run("k1", "sst2", 0.8), run("k2", "rte", 0.5),
+                                                          run("k3", "mrpc", 0.7)]) + "\n")
+    after.write_text("\n".join(json.dumps(r) for r in [run("k2", "rte", 0.56), run("k1", "sst2", 0.81),
+                                                         run("k4", "cola", 0.1), run("k3", "mrpc", None)]) + "\n")
+    out = tmp_path / "pair.json"
+    assert glue_pair.main([str(before), str(after), "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    summary, *pairs = report["rows"]
+    assert [(p["task"], p["diff"]) for p in pairs] == [("rte", 0.06), ("sst2", 0.01)]  # k3 failed, k4 unpaired
+    assert summary == {"method": "sparse", "budget": "r8", "tasks": 2, "before": 0.65, "after": 0.685,
+                       "diff": 0.035}
+    assert glue_pair.main([str(before), str(tmp_path / "a.runs.jsonl"), "--out", str(out)]) == 0
+    empty = tmp_path / "none.runs.jsonl"
+    empty.write_text("")
+    assert glue_pair.main([str(before), str(empty), "--out", str(out)]) == 2
