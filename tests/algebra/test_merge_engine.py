@@ -15,7 +15,7 @@ from deltatune.algebra.checkpoint import CheckpointReader
 from deltatune.algebra.engine import tensor_seed
 from deltatune.algebra.quantile import RadixSelect
 from deltatune.ops.merge import task_arithmetic, ties
-from deltatune.ops.sparsify import dare, keep_count
+from deltatune.ops.sparsify import dare
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -61,7 +61,8 @@ def test_paper_preset_trims_with_one_global_threshold_per_task(checkpoints, tmp_
                 out=tmp_path / "p")
     keys = CheckpointReader(checkpoints["base"]).names()
     flat = [torch.cat([taus(checkpoints, k)[i].reshape(-1) for k in keys]) for i in range(3)]
-    thresholds = [float(f.abs().kthvalue(f.numel() - keep_count(f.numel(), 0.1) + 1).values) for f in flat]
+    # the TIES authors' topk_values_mask: kthvalue(d − int(d·k)) of |τ| over the whole model, keep |τ| ≥ it
+    thresholds = [float(f.abs().kthvalue(f.numel() - int(f.numel() * 0.1)).values) for f in flat]
     for key in keys:
         t = [torch.where(x.abs() >= thr, x, torch.zeros_like(x)) for x, thr in zip(taus(checkpoints, key), thresholds,
                                                                                      strict=True)]
@@ -257,3 +258,47 @@ def test_radix_select_on_magnitudes_batches_small_tensors() -> None:
     for c in chunks:
         sel.feed(c)
     assert sel.values() == [float(every.sort().values[r]) for r in ranks]
+
+
+def test_sparsifying_merges_of_conv1d_and_embedding_lora_deltas_run_on_their_dense_updates() -> None:
+    # a Conv1D (GPT-2) or Embedding LoRA's update is a transposed view of B·A: the in-place kernels need it contiguous
+    from conftest import randomize_delta, tiny_gpt2
+
+    config = deltatune.LoRAConfig(r=2, targets=["c_attn", "wte"])
+    ds = [randomize_delta(tiny_gpt2(), config, seed, 0.05) for seed in (1, 2)]
+    for method, params in (("ties", {"density": 0.3}), ("dare_linear", {"density": 0.5}),
+                           ("dare_ties", {"density": 0.5}), ("ties", {"density": 1.0})):
+        merged = merge(ds, method, params=params, preset="mergekit", seed=0, force=True)
+        assert set(merged.parts) == set(ds[0].parts)
+    full = merge(ds, "ties", params={"density": 1.0}, preset="mergekit", force=True)
+    ta = merge(ds, "task_arithmetic", params={"lambda": 0.5}, force=True)  # density 1: a sign-agreeing mean
+    for name in ds[0].parts:
+        a, b = (d.parts[name].delta_weight() for d in ds)
+        agree = torch.sign(a) == torch.sign(b)
+        assert torch.allclose(full.parts[name].delta_weight()[agree], ta.parts[name].delta_weight()[agree],
+                              atol=1e-6), name
+
+
+def test_paper_dare_ties_takes_the_disjoint_mean_and_mergekit_sums() -> None:
+    d = random_delta(deltatune.LoRAConfig(r=2, targets=["q_proj"]), seed=1)
+    paper = merge([d, d], "dare_ties", params={"density": 1.0}, preset="paper", seed=0, force=True)
+    kit = merge([d, d], "dare_ties", params={"density": 1.0}, preset="mergekit", seed=0, force=True)
+    for name, part in d.parts.items():
+        assert torch.allclose(paper.parts[name].delta_weight(), part.delta_weight(), atol=1e-6)
+        assert torch.allclose(kit.parts[name].delta_weight(), 2 * part.delta_weight(), atol=1e-6)
+
+
+def test_della_rescale_none_keeps_the_survivors_unscaled_and_density_one_keeps_all() -> None:
+    d = random_delta(deltatune.LoRAConfig(r=2, targets=["q_proj"]), seed=1)
+    params = {"density": 0.5, "epsilon": 0.1}
+    plain = merge([d], "della_linear", params={**params, "rescale": "none"}, preset="paper", seed=0, force=True)
+    l1 = merge([d], "della_linear", params={**params, "rescale": "l1"}, preset="paper", seed=0, force=True)
+    for name, part in d.parts.items():
+        got, ref = plain.parts[name].delta_weight(), part.delta_weight()
+        kept = got != 0
+        assert torch.equal(got[kept], ref[kept])  # survivors as they were
+        assert float(got.abs().sum()) < 0.8 * float(ref.abs().sum()) and not torch.equal(got, l1.parts[name]
+                                                                                          .delta_weight())
+    whole = merge([d, d], "della", preset="mergekit", seed=0, force=True)  # mergekit's default density 1.0
+    for name, part in d.parts.items():
+        assert torch.allclose(whole.parts[name].delta_weight(), part.delta_weight(), atol=1e-6)

@@ -13,9 +13,14 @@ LARGE = 16 * topk.SAMPLE + 12_345  # above the size where the bracketing pass st
 
 
 def _reference_trim(tau: torch.Tensor, density: float, exact: bool) -> torch.Tensor:
-    """The previous implementation: ``kthvalue`` on ``|τ|``, boolean masks."""
-    k = keep_count(tau.numel(), density)
+    """``kthvalue`` on ``|τ|`` and boolean masks: exactly ``k`` (mergekit), or the TIES authors' ``topk_values_mask``
+    (``kthvalue(n − int(n·ρ))``, keep ``|τ| ≥`` it: ``int(n·ρ) + 1`` entries and ties)."""
     flat = tau.clone().view(-1)
+    if not exact:
+        mags = flat.abs()
+        threshold = mags.kthvalue(flat.numel() - int(flat.numel() * density)).values
+        return flat.masked_fill_(mags < threshold, 0.0).view_as(tau)
+    k = keep_count(tau.numel(), density)
     if k >= flat.numel():
         return flat.view_as(tau)
     mags = flat.abs()

@@ -78,15 +78,18 @@ class DeltaInput:
         return [m for m, p in self.delta.parts.items() if p.base_dependent and not p.is_alias]
 
     def tau(self, key: str, base_of: Callable[[str], Tensor] | None = None) -> Tensor:
-        """``τ`` for ``key`` in fp32, owned by the caller (kernels work in place): a copy only when the part
-        returned its own storage (a dense part's tensor); a LoRA's fresh ``B·A`` is not copied again.  A
+        """``τ`` for ``key`` in fp32, contiguous and owned by the caller (kernels work in place on flat views): a copy
+        only when the part returned its own storage (a dense part's tensor) or a transposed view (a Conv1D or
+        Embedding LoRA's ``(B·A)ᵀ``); a Linear LoRA's fresh ``B·A`` is not copied again.  A
         base-dependent part computes its update from the base tensors ``base_of("<module>.<p>")``."""
         module, p = self._keys[key]
         part = self.delta.parts[module]
         base = BaseTensors(module, base_of) if part.base_dependent and base_of is not None else None
         with torch.no_grad():
             value = part.update(p, base).detach().float()
-        if value.untyped_storage().data_ptr() in self._stored[module]:
+        if not value.is_contiguous():  # a Conv1D/Embedding LoRA's transposed B·A: the kernels work on flat views
+            value = value.contiguous()
+        elif value.untyped_storage().data_ptr() in self._stored[module]:
             value = value.clone()
         return _finite(value, f"{self.label}:{key}")
 

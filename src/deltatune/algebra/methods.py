@@ -162,9 +162,11 @@ def breadcrumbs_ties(job: TensorJob) -> Tensor:
 
 
 def _della(job: TensorJob) -> list[Tensor]:
-    rescale = "inverse_p" if job.params["rescale"] == "inverse" else "l1"
-    return ([dl.della(t, job.inputs[i]["density"], job.inputs[i].get("epsilon", 0.15), job.generator(i),
-                            rescale=rescale) for i, t in enumerate(job.taus)])
+    """Each input's MagPrune; ``density`` 1 leaves it whole (mergekit's default: no sparsification)."""
+    rescale = {"inverse": "inverse_p", "l1": "l1", "none": "none"}[job.params["rescale"]]
+    return [t if job.inputs[i]["density"] >= 1.0 else
+            dl.della(t, job.inputs[i]["density"], job.inputs[i].get("epsilon", 0.15), job.generator(i),
+                     rescale=rescale) for i, t in enumerate(job.taus)]
 
 
 def della(job: TensorJob) -> Tensor:

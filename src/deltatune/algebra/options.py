@@ -16,6 +16,11 @@ Breadcrumbs ``scope``     ``row``                          ``tensor``           
 density default           required                         1.0 (no sparsification)    required
 ========================  ===============================  =========================  ===================
 
+``dare_ties`` also takes its ``normalize`` default from the preset: ``paper`` averages the agreeing deltas (TIES'
+disjoint mean after DARE, MergeLM#38), ``mergekit`` sums them (its ``normalize: false``).  ``k_rule`` ``threshold``
+keeps ``|τ| ≥`` the ``(n − ⌊ρ·n⌋)``-th smallest magnitude, ``⌊ρ·n⌋ + 1`` entries as the TIES authors' ``kthvalue``
+mask does.
+
 Every number must be finite (a NaN weight or λ would write an all-NaN merge) and at most
 :data:`MAX_INPUTS` inputs are merged at once.
 """
@@ -41,6 +46,9 @@ SEMANTICS = {
 CHOICES = {"scope": ("global", "tensor", "row"), "k_rule": ("threshold", "count"),
            "sign_tie": ("plus", "majority"), "divide": ("weights", "count"),
            "rescale": ("inverse", "l1", "none"), "inter": ("raw", "normalized", "vision")}
+#: a method's defaults that depend on the preset: the DARE authors run TIES' disjoint *mean* after DARE (MergeLM#38),
+#: where mergekit's ``dare_ties`` defaults to ``normalize: false`` (agreeing deltas summed)
+PRESET_METHOD_DEFAULTS = {("paper", "dare_ties"): {"normalize": True}}
 PER_INPUT = {"weight", "density", "gamma", "epsilon"}
 NUMERIC = {"weight", "density", "gamma", "epsilon", "lambda", "t", "temperature", "clip_low", "clip_high"}
 BOOLEAN = {"normalize", "weighted_vote", "filter_wise", "int8_mask"}
@@ -111,7 +119,7 @@ def resolve_params(method: str, spec: MethodParams, preset: str, global_params: 
     for key in global_params:
         if key not in allowed:
             raise ConfigError(f"{method}: unknown parameter {brief(key)}; accepted: {sorted(spec.keys)}")
-    merged: dict[str, Any] = {**SEMANTICS[preset], **spec.defaults}
+    merged: dict[str, Any] = {**SEMANTICS[preset], **spec.defaults, **PRESET_METHOD_DEFAULTS.get((preset, method), {})}
     if method.startswith("breadcrumbs") and "scope" not in global_params:
         merged["scope"] = "row" if preset == "paper" else "tensor"
     merged.update({k: coerce_param(k, v, method) for k, v in global_params.items()})

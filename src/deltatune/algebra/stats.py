@@ -21,7 +21,7 @@ import torch
 from deltatune.algebra.methods import MergeMethod, TensorJob, sparsify_stack
 from deltatune.algebra.quantile import RadixSelect
 from deltatune.ops import pcb
-from deltatune.ops.sparsify import keep_count
+from deltatune.ops.sparsify import keep_count, threshold_count
 
 Visit = Callable[[Callable[[TensorJob], None]], None]
 
@@ -47,8 +47,9 @@ def gather_stats(method: MergeMethod, params: dict[str, Any], inputs: list[dict[
     stats: dict[str, Any] = {}
     n = len(inputs)
     if "thresholds" in method.stats and params["scope"] == "global":
+        kept = keep_count if params["k_rule"] == "count" else threshold_count  # the reference's kthvalue rank
         found = _two_pass(visit, n, lambda job, i: job.taus[i].abs(),
-                          lambda i, count: [count - keep_count(count, inputs[i]["density"])], nonnegative=True)
+                          lambda i, count: [count - kept(count, inputs[i]["density"])], nonnegative=True)
         stats["thresholds"] = [v[0] for v in found]
     if "pcb" in method.stats and params["scope"] == "global":
         lo, hi = params["clip_low"], params["clip_high"]

@@ -8,8 +8,9 @@ Magnitude-Based Sampling", arXiv 2406.11617 (repo declare-lab/della).  Per row a
   the reference divides 0 by 0);
 * keep probability ``p_i = (ρ − ε) + 2ε·r̃_i`` (mean ``ρ``; ``ε = 0`` is DARE);
 * ``m_i ~ Bernoulli(p_i)``;
-* rescale ``"inverse_p"``: ``δ̂_i = m_i δ_i / p_i`` (the authors' code, ``E[δ̂] = δ``) or ``"l1"``:
-  ``δ̂ = (m ⊙ δ)·‖δ‖₁/‖m ⊙ δ‖₁`` over the whole tensor (mergekit 0.1.5 ``della``).
+* rescale ``"inverse_p"``: ``δ̂_i = m_i δ_i / p_i`` (the authors' code, ``E[δ̂] = δ``), ``"l1"``:
+  ``δ̂ = (m ⊙ δ)·‖δ‖₁/‖m ⊙ δ‖₁`` over the whole tensor (mergekit 0.1.5 ``della``), or ``"none"``: ``m ⊙ δ``
+  (mergekit's ``rescale: false``).
 
 Merging then runs TIES sign election + disjoint merge and ``θ = θ₀ + λ·τ_m`` (the caller's job).
 The uniforms are drawn in fp32 on the CPU from ``generator`` (as :func:`deltatune.ops.sparsify.dare`),
@@ -56,10 +57,10 @@ def della_keep_probabilities(tau: Tensor, density: float, epsilon: float) -> Ten
 
 
 def della(tau: Tensor, density: float, epsilon: float, generator: torch.Generator | None = None,
-          rescale: Literal["inverse_p", "l1"] = "inverse_p") -> Tensor:
-    """DELLA MagPrune of one tensor (fp32); see the module docstring for the formula and the two rescales."""
-    if rescale not in ("inverse_p", "l1"):
-        raise ConfigError(f"DELLA rescale must be 'inverse_p' or 'l1', got {rescale!r}")
+          rescale: Literal["inverse_p", "l1", "none"] = "inverse_p") -> Tensor:
+    """DELLA MagPrune of one tensor (fp32); see the module docstring for the formula and the three rescales."""
+    if rescale not in ("inverse_p", "l1", "none"):
+        raise ConfigError(f"DELLA rescale must be 'inverse_p', 'l1' or 'none', got {rescale!r}")
     probs = della_keep_probabilities(tau, density, epsilon)
     x = tau.float()
     if x.numel() == 0:
@@ -70,6 +71,8 @@ def della(tau: Tensor, density: float, epsilon: float, generator: torch.Generato
     kept = torch.where(keep, x, torch.zeros_like(x))
     if rescale == "inverse_p":
         return kept / probs
+    if rescale == "none":
+        return kept
     kept_l1 = kept.abs().sum()
     if kept_l1 == 0:
         return kept

@@ -1,9 +1,9 @@
 """Sparsify one task vector ``τ = θ_ft − θ₀`` (per tensor).
 
 * :func:`magnitude_trim` — keep the largest ``|τ|`` (TIES' trim, Yadav et al., NeurIPS 2023).
-  ``exact=True`` keeps exactly ``k = max(1, ⌊ρ·n⌋)`` entries (mergekit 0.1.5); ``exact=False`` keeps
-  ``|τ| ≥ t_k``, the k-th largest magnitude, so ties at the threshold keep extra entries (the
-  authors' code).
+  ``exact=True`` keeps exactly ``k = max(1, ⌊ρ·n⌋)`` entries (mergekit 0.1.5); ``exact=False`` is the
+  authors' ``kthvalue`` mask: keep ``|τ| ≥`` the ``(n − ⌊ρ·n⌋)``-th smallest magnitude, i.e. ``⌊ρ·n⌋ + 1``
+  entries (:func:`threshold_count`), more where magnitudes tie at the threshold.
 * :func:`dare` — drop each entry with probability ``p = 1 − ρ`` and rescale the survivors
   (Yu et al., "Language Models are Super Mario", ICML 2024): by ``1/(1−p)`` (paper) or so that the
   L1 norm is unchanged (mergekit).
@@ -34,6 +34,13 @@ def keep_count(n: int, density: float) -> int:
     return max(1, int(density * n))
 
 
+def threshold_count(n: int, density: float) -> int:
+    """The rank from the top of the TIES reference's threshold (``kthvalue(n − ⌊ρ·n⌋)`` of ``|τ|``, 1-based from the
+    bottom): ``min(n, ⌊ρ·n⌋ + 1)``; keeping ``|τ| ≥`` it keeps that many entries, more with ties."""
+    _check_density(density)
+    return min(n, int(density * n) + 1)
+
+
 def magnitude_trim(tau: Tensor, density: float, exact: bool = True) -> Tensor:
     """``τ`` with all but the top-``k`` magnitudes zeroed (exact selection, no full sort)."""
     return magnitude_trim_(tau.clone(), density, exact)
@@ -43,10 +50,10 @@ def magnitude_trim_(tau: Tensor, density: float, exact: bool = True) -> Tensor:
     """In-place :func:`magnitude_trim` (the streaming engine owns its task vectors; saves one copy).
 
     Threshold ``t_k`` = the k-th largest ``|τ|`` (:func:`deltatune.ops.topk.kth_largest_abs`, exact,
-    no sort); ``exact`` keeps everything above it and then the first entries equal to it in flat order
-    until ``k`` are kept, otherwise every entry ``≥ t_k``.
+    no sort); ``exact`` (``k = max(1, ⌊ρ·n⌋)``) keeps everything above it and then the first entries equal to it in
+    flat order until ``k`` are kept; otherwise (``k`` = :func:`threshold_count`) every entry ``≥ t_k``.
     """
-    k = keep_count(tau.numel(), density)
+    k = keep_count(tau.numel(), density) if exact else threshold_count(tau.numel(), density)
     if k >= tau.numel():
         return tau
     flat = tau.view(-1)
