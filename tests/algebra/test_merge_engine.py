@@ -148,6 +148,19 @@ def test_lines_scales_deeper_blocks_more(checkpoints, tmp_path) -> None:  # noqa
         assert torch.allclose(merged_delta(out, checkpoints, key), expected, atol=1e-7), key
 
 
+def test_lines_takes_the_models_block_count_for_deltas_that_skip_blocks() -> None:
+    # a delta on block 0 of the 2-block tiny Llama: counted from its own names L would be 1 (block 0 gets α + β)
+    d = random_delta(deltatune.LoRAConfig(r=2, targets=["model.layers.0.self_attn.q_proj"]), seed=1)
+    name = "model.layers.0.self_attn.q_proj"
+    for layers, factor in ((None, 0.2 + 0.6), (2, 0.2)):
+        spec = {"alpha": 0.2, "beta": 0.6, **({} if layers is None else {"layers": layers})}
+        merged = merge([d], "task_arithmetic", lines=spec)
+        assert torch.allclose(merged.parts[name].delta_weight(), factor * d.parts[name].delta_weight(), atol=1e-6)
+    for bad in (0, 1.5, True):
+        with pytest.raises(deltatune.errors.ConfigError, match="layers"):
+            merge([d], "task_arithmetic", lines={"alpha": 0.2, "beta": 0.6, "layers": bad})
+
+
 def test_soup_of_same_task_deltas_averages_heads() -> None:
     from conftest import tiny_bert
 
@@ -302,3 +315,19 @@ def test_della_rescale_none_keeps_the_survivors_unscaled_and_density_one_keeps_a
     whole = merge([d, d], "della", preset="mergekit", seed=0, force=True)  # mergekit's default density 1.0
     for name, part in d.parts.items():
         assert torch.allclose(whole.parts[name].delta_weight(), part.delta_weight(), atol=1e-6)
+
+
+def test_a_tensor_the_base_lacks_is_named_in_a_warning(checkpoints, tmp_path) -> None:  # noqa: F811
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    head = tmp_path / "ft_head"
+    shutil.copytree(checkpoints["ft0"], head)
+    (weights,) = head.glob("*.safetensors")
+    state = load_file(weights)
+    state["score.weight"] = torch.zeros(2, 32)
+    save_file(state, weights, metadata={"format": "pt"})
+    with pytest.warns(UserWarning, match=r"1 tensor\(s\) the base lacks .*score\.weight"):
+        merge([head, checkpoints["ft1"]], "task_arithmetic", base=checkpoints["base"], output="checkpoint",
+              out=tmp_path / "m")

@@ -281,26 +281,36 @@ def run_merge(recipe: MergeSpec) -> Delta | Path:
     return result
 
 
-def lines_params(lines: Any, where: str) -> tuple[float | str, float]:
-    """LiNeS' ``(alpha, beta)`` from ``{alpha: number | 'auto', beta: number}`` (finite numbers), else
-    :class:`ConfigError` naming ``where``."""
-    if not isinstance(lines, Mapping) or set(lines) - {"alpha", "beta"} or "beta" not in lines:
-        raise ConfigError(f"{where}: takes 'alpha' (a number or 'auto') and 'beta'; got {brief(lines)}")
+def lines_params(lines: Any, where: str) -> tuple[float | str, float, int | None]:
+    """LiNeS' ``(alpha, beta, layers)`` from ``{alpha: number | 'auto', beta: number, layers: L}`` (finite numbers;
+    ``layers`` optional, a positive integer), else :class:`ConfigError` naming ``where``."""
+    if not isinstance(lines, Mapping) or set(lines) - {"alpha", "beta", "layers"} or "beta" not in lines:
+        raise ConfigError(f"{where}: takes 'alpha' (a number or 'auto'), 'beta' and optionally 'layers' (the "
+                          f"model's number of blocks); got {brief(lines)}")
     alpha = lines.get("alpha", "auto")
     if alpha != "auto":
         alpha = finite_float(alpha, f"{where}.alpha")
-    return alpha, finite_float(lines["beta"], f"{where}.beta")
+    layers = lines.get("layers")
+    if layers is not None and (isinstance(layers, bool) or not isinstance(layers, int) or layers < 1):
+        raise ConfigError(f"{where}.layers must be a positive integer (the model's blocks), got {brief(layers)}")
+    return alpha, finite_float(lines["beta"], f"{where}.beta"), layers
 
 
 def _lines_factor(lines: dict[str, Any] | None, plan: MergePlan) -> Callable[[str], float]:
     """LiNeS (Wang et al., ICLR 2025, arXiv 2410.17146): ``λ(ℓ) = α + β·ℓ/(L − 1)`` per block ``ℓ``.
 
-    ``alpha: auto`` is the multi-task rule ``α = ‖Σ_t τ_t‖₁ / (T·‖τ_m‖₁)`` (one extra pass).
+    ``alpha: auto`` is the multi-task rule ``α = ‖Σ_t τ_t‖₁ / (T·‖τ_m‖₁)`` (one extra pass).  ``L`` is ``layers``
+    when given, else counted from the merged tensors' names (1 + the largest block index): the whole model in a
+    checkpoint merge, but only the blocks the deltas touch in a delta merge — give ``layers`` for deltas that leave
+    out the last blocks (layer-restricted LoRA, S2FT, sparse deltas).
     """
     if not lines:
         return lambda key: 1.0
-    alpha, beta = lines_params(lines, "lines")
-    num_layers = lines_ops.count_layers(plan.shapes)
+    alpha, beta, layers = lines_params(lines, "lines")
+    counted = lines_ops.count_layers(plan.shapes)
+    if layers is not None and layers < counted:
+        raise ConfigError(f"lines.layers is {layers}, but the merged tensors reach block {counted - 1}")
+    num_layers = layers or counted
     if num_layers < 1:
         raise ConfigError("lines: no transformer blocks found in the tensor names (expected e.g. 'layers.3.')")
     if alpha == "auto":

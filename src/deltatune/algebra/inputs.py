@@ -13,6 +13,7 @@ align the rows of embedding-like tensors: ``truncate`` keeps the base's rows (ne
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -125,6 +126,11 @@ class CheckpointInput:
         missing = [k for k in base.names() if base.is_floating(k) and k not in self.reader]
         if missing:
             raise ShapeMismatch(f"{self.label} lacks {len(missing)} tensor(s) of the base, e.g. {missing[:3]}")
+        extra = [k for k in self.reader.names() if k not in base]
+        if extra:  # a task head the base lacks has no θ₀, so no task vector: say so rather than drop it unseen
+            warnings.warn(f"{self.label} has {len(extra)} tensor(s) the base lacks (e.g. a task head), which a merge "
+                          f"of task vectors cannot include and leaves out: {extra[:6]}{' …' if len(extra) > 6 else ''}",
+                          stacklevel=3)
         for k in self.names():
             self._check_shape(k)
 
