@@ -25,7 +25,7 @@ from torch.func import functional_call
 
 from deltatune.errors import DeltaFormatError, ShapeMismatch
 from deltatune.parts.base import Part
-from deltatune.parts.layers import LayerKind, functional_forward, input_grad, layer_kind, weight_grad
+from deltatune.parts.layers import LayerKind, functional_forward, input_grad, layer_kind, scaled_lookup, weight_grad
 from deltatune.parts.meta_checks import check_keys, check_shape, check_state, short
 from deltatune.parts.spill import TensorSpill
 
@@ -208,7 +208,8 @@ class DensePart(Part):
             # the vocab × dim sum; the gradient reaches ΔW through its own lookup, as it did through the sum
             w = base.weight
             args = (base.padding_idx, None, base.norm_type, base.scale_grad_by_freq, base.sparse)
-            return F.embedding(x, w, *args) + F.embedding(x, self.delta_for("weight").to(w.dtype), *args)
+            return scaled_lookup(F.embedding(x, w, *args) + F.embedding(x, self.delta_for("weight").to(w.dtype), *args),
+                                 base)
         return self.forward_args(base, x)
 
     def forward_args(self, base: nn.Module, *args: object, **kwargs: object) -> Tensor:

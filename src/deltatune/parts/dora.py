@@ -147,7 +147,7 @@ class DoRAPart(LowRankFactors):
         w = self._weight(base)
         g = column_scale(self, w)
         if self.layer is LayerKind.EMBEDDING:
-            lora = F.linear(lora_hidden(x, self.lora_A, self.layer), self.lora_B) * self.scale
+            lora = F.linear(lora_hidden(x, self.lora_A, self.layer, base), self.lora_B) * self.scale
             return (g * out + g * lora).to(out.dtype)
         dropped = self.training and not isinstance(self.dropout, nn.Identity)
         inp = self.dropout(x) if dropped else x

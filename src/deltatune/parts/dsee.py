@@ -64,7 +64,7 @@ class DSEEPart(LowRankFactors):
         else:
             out = functional_forward(base, self.layer, x, effective_weight(base.weight, self.indices, self._sparse()))
         inp = x if self.layer is LayerKind.EMBEDDING else self.dropout(x)
-        h = lora_hidden(inp, self.lora_A, self.layer)
+        h = lora_hidden(inp, self.lora_A, self.layer, base)
         return out + (F.linear(h, self.lora_B) * self.scale).to(out.dtype)
 
     def delta_weight(self) -> Tensor:

@@ -59,6 +59,22 @@ def to_native(delta_out_in: Tensor, kind: LayerKind) -> Tensor:
     return delta_out_in.t() if is_transposed(kind) else delta_out_in
 
 
+def embedding_scale(module: nn.Module) -> Tensor | float | None:
+    """The factor an embedding module multiplies its lookup by in its own forward (``embed_scale`` of Gemma's and
+    BART's scaled word embeddings, ``√d``), else ``None``."""
+    scale = getattr(module, "embed_scale", None)
+    return scale if isinstance(scale, Tensor | float | int) and not isinstance(scale, bool) else None
+
+
+def scaled_lookup(out: Tensor, module: nn.Module) -> Tensor:
+    """``out`` (an embedding lookup) times the module's :func:`embedding_scale`, as its own forward applies it: a
+    part's lookup term must carry it for the unmerged model to equal the merged one (PEFT does the same)."""
+    scale = embedding_scale(module)
+    if scale is None:
+        return out
+    return out * (scale.to(device=out.device, dtype=out.dtype) if isinstance(scale, Tensor) else scale)
+
+
 def functional_forward(module: nn.Module, kind: LayerKind, x: Tensor, weight: Tensor) -> Tensor:
     """Run ``module``'s computation with ``weight`` (native layout) in place of its own."""
     if kind is LayerKind.LINEAR:
@@ -68,9 +84,9 @@ def functional_forward(module: nn.Module, kind: LayerKind, x: Tensor, weight: Te
         if module.bias is not None:
             out = out + module.bias
         return out.reshape(*x.shape[:-1], weight.shape[1])
-    return F.embedding(
+    return scaled_lookup(F.embedding(
         x, weight, module.padding_idx, module.max_norm, module.norm_type, module.scale_grad_by_freq, module.sparse
-    )
+    ), module)
 
 
 def weight_grad(kind: LayerKind, x: Tensor, grad_out: Tensor, weight_shape: torch.Size) -> Tensor:

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from deltatune.errors import ShapeMismatch
 from deltatune.parts.base import Part, base_layer_kind, promote_dtypes
-from deltatune.parts.layers import LayerKind, in_out_features, is_transposed, to_native
+from deltatune.parts.layers import LayerKind, in_out_features, is_transposed, scaled_lookup, to_native
 from deltatune.parts.lowrank_mixed import low_rank_onto
 from deltatune.parts.meta_checks import check_keys, check_shape, check_state, meta_int, meta_layer, meta_number
 from deltatune.parts.sparse import sparse_from_dense
@@ -33,10 +33,15 @@ def lora_delta(a: Tensor, b: Tensor, scale: float) -> Tensor:
     return scale * (b.float() @ a.float())
 
 
-def lora_hidden(x: Tensor, a: Tensor, kind: LayerKind) -> Tensor:
-    """``h = x Aᵀ`` (or ``A[:, ids]ᵀ`` for embedding ids)."""
+def lora_hidden(x: Tensor, a: Tensor, kind: LayerKind, base: nn.Module | None = None) -> Tensor:
+    """``h = x Aᵀ``, or for embedding ids ``A[:, ids]ᵀ`` looked up as the ``base`` embedding looks up its rows (its
+    ``padding_idx`` gets no gradient, ``scale_grad_by_freq``) and times its ``embed_scale`` (:func:`scaled_lookup`:
+    Gemma, BART), as PEFT's LoRA embedding does."""
     if kind is LayerKind.EMBEDDING:
-        return F.embedding(x, a.t())
+        if base is None:
+            return F.embedding(x, a.t())
+        h = F.embedding(x, a.t(), padding_idx=base.padding_idx, scale_grad_by_freq=base.scale_grad_by_freq)
+        return scaled_lookup(h, base)
     return F.linear(x.to(a.dtype), a)
 
 
@@ -115,7 +120,7 @@ class LoRAPart(LowRankFactors):
     def forward(self, x: Tensor, base: nn.Module) -> Tensor:
         out = base(x)
         inp = x if self.layer is LayerKind.EMBEDDING else self.dropout(x)
-        h = lora_hidden(inp, self.lora_A, self.layer)
+        h = lora_hidden(inp, self.lora_A, self.layer, base)
         return out + (F.linear(h, self.lora_B) * self.scale).to(out.dtype)
 
     def delta_weight(self) -> Tensor:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deltatune.parts.base import Part, route_rows
-from deltatune.parts.layers import LayerKind
+from deltatune.parts.layers import LayerKind, scaled_lookup
 
 if TYPE_CHECKING:
     from deltatune.parts.lora import LowRankFactors
@@ -81,7 +81,7 @@ def low_rank_onto(x: Tensor, out: Tensor, base: nn.Module, parts: Sequence[Part 
             xs, ids = x.reshape(-1, 1), row_ids.reshape(-1)
         a_rows, b_rows = a_stack.index_select(0, ids), b_stack.index_select(0, ids)  # (rows, in, r), (rows, r, out)
         h = torch.gather(a_rows, 1, xs.unsqueeze(-1).expand(-1, -1, a_rows.shape[2]))  # (rows, tokens, r)
-        return out + torch.bmm(h, b_rows).reshape(out.shape).to(out.dtype)
+        return out + scaled_lookup(torch.bmm(h, b_rows).reshape(out.shape), base).to(out.dtype)
     a_rows, b_rows = rows_of(a_stack, b_stack, row_ids, keep, dtype)
     xs = x.reshape(a_rows.shape[0], -1, x.shape[-1]).to(a_rows.dtype)  # (rows, tokens, in)
     flat = out.reshape(a_rows.shape[0], -1, out.shape[-1])

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from deltatune.errors import DeltaFormatError, ShapeMismatch
 from deltatune.parts.base import Part, base_layer_kind, promote_dtypes
-from deltatune.parts.layers import LayerKind, functional_forward, input_grad, weight_grad
+from deltatune.parts.layers import LayerKind, functional_forward, input_grad, scaled_lookup, weight_grad
 from deltatune.parts.meta_checks import check_keys, check_shape, check_state, meta_int, meta_layer
 
 GradObserver = Callable[[Tensor], None]
@@ -172,6 +172,8 @@ class SparseDeltaFunction(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         x, values, indices, weight = ctx.saved_tensors
         grad_out = grad_out.to(weight.dtype)  # under autocast the output (and its gradient) is low precision
+        if ctx.kind is LayerKind.EMBEDDING:  # y = c·W[ids] for a scaled embedding (Gemma): ∂L/∂W = c·Σ g
+            grad_out = scaled_lookup(grad_out, ctx.base)
         grad_x = None
         if ctx.needs_input_grad[0] and ctx.kind is not LayerKind.EMBEDDING:
             with patched_weight(weight, indices, values) as w_eff:
