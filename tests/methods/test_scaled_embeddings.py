@@ -81,3 +81,11 @@ def test_sparse_embedding_gradient_is_the_scaled_lookups() -> None:
     w = emb.weight.detach().clone().requires_grad_()
     (8.0 * torch.nn.functional.embedding(ids, w) * g).sum().backward()
     assert torch.allclose(part.values.grad, w.grad.reshape(-1)[idx], atol=1e-5)
+
+
+def test_prompt_tuning_vocab_and_text_init_go_through_the_scaled_lookup() -> None:
+    from deltatune.methods.prompt_tuning import PromptTuningConfig, initial_prompt
+
+    model = tiny_gemma()
+    got = initial_prompt(model, PromptTuningConfig(num_virtual_tokens=3, init="text", init_token_ids=[5, 6, 7]))
+    assert torch.allclose(got, model.get_input_embeddings()(torch.tensor([5, 6, 7])), atol=1e-6)

@@ -81,7 +81,8 @@ def _text_ids(model: nn.Module, config: PromptTuningConfig) -> list[int]:
 
 def initial_prompt(model: nn.Module, config: PromptTuningConfig) -> torch.Tensor:
     """The ``(n, d)`` fp32 initial virtual tokens for ``config`` (see the module docstring)."""
-    table = input_embedding(model).weight
+    embedding = input_embedding(model)
+    table = embedding.weight
     vocab, dim = table.shape
     n = config.num_virtual_tokens
     gen = torch.Generator().manual_seed(config.seed)
@@ -94,7 +95,8 @@ def initial_prompt(model: nn.Module, config: PromptTuningConfig) -> torch.Tensor
         bad = sorted({int(i) for i in ids if not 0 <= int(i) < vocab})
         if bad:
             raise ConfigError(f"prompt_tuning config: init token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
-    return table.detach()[ids.to(table.device)].float().cpu()
+    with torch.no_grad():  # through the module, as PEFT does: a scaled embedding (Gemma) applies its embed_scale
+        return embedding(ids.to(table.device)).float().cpu()
 
 
 @register_method
