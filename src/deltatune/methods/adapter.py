@@ -42,6 +42,8 @@ from deltatune.methods.registry import Method, register_method
 from deltatune.methods.targets import select_modules
 from deltatune.parts.adapter import AdapterPart, module_width
 
+#: one default width for every placement, sized for small models: He et al.'s parallel FFN adapter uses 512 on
+#: BERT/RoBERTa-base and larger (more than MiniLM's 384-wide hidden state); give ``bottleneck`` for that setting
 DEFAULT_BOTTLENECK = 64
 PARALLEL_SCALE, SEQUENTIAL_SCALE = 4.0, 1.0
 

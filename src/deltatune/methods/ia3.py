@@ -4,9 +4,11 @@ values (module outputs) and the FFN's intermediate activation (the input of its 
 Defaults follow PEFT 0.21.2 (``TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING`` and
 ``..._FEEDFORWARD_MODULES_MAPPING`` in ``peft/utils/constants.py``): with ``targets`` unset, the model's
 ``config.model_type`` picks the modules from :data:`IA3_TARGETS`, and modules matching :data:`IA3_FEEDFORWARD`
-are scaled at their input.  As in PEFT, BERT's ``output.dense`` pattern also matches the attention output
-projection (``attention.output.dense``), so both are input-scaled.  Works on ``nn.Linear`` and GPT-2
-``Conv1D`` modules.
+are scaled at their input.  PEFT's table (kept here for parity) scales queries rather than keys for some model
+types (``q_proj, v_proj`` for qwen2/3, gemma/gemma2, phi, gptj, gpt_neo, bart; ``q_proj, k_proj`` for opt), unlike
+the paper's keys and values; give ``targets`` for the paper's choice.  As in PEFT, BERT's ``output.dense`` pattern
+also matches the attention output projection (``attention.output.dense``), so both are input-scaled.  Works on
+``nn.Linear`` and GPT-2 ``Conv1D`` modules.
 """
 
 from __future__ import annotations
