@@ -83,9 +83,14 @@ class Delta:
         return any(p.has_aux_loss for p in self.parts.values())
 
     def aux_loss(self) -> Tensor | None:
-        """``Σ_p λ_p L_p``: the auxiliary losses of the parts' last forward (each already weighted by its
-        coefficient, e.g. a mixture's load-balancing loss), or ``None`` when no part has one."""
-        losses = [loss for p in self.parts.values() if p.has_aux_loss and (loss := p.aux_loss()) is not None]
+        """The auxiliary losses of the parts' last forward, already weighted by their coefficients (e.g. a mixture's
+        load-balancing loss): per part class, :meth:`Part.combined_aux_loss` of its parts, summed; ``None`` when no
+        part has one."""
+        by_class: dict[type, list[Any]] = {}
+        for p in self.parts.values():
+            if p.has_aux_loss:
+                by_class.setdefault(type(p), []).append(p)
+        losses = [loss for cls, parts in by_class.items() if (loss := cls.combined_aux_loss(parts)) is not None]
         return torch.stack([loss.float() for loss in losses]).sum() if losses else None
 
     def part_kinds(self) -> dict[str, int]:

@@ -246,19 +246,22 @@ def test_load_balancing_loss_by_hand() -> None:
     assert abs(balanced.item() - 1.0) <= 1e-6
 
 
-def _hand_aux(x: torch.Tensor, part: MixLoRAPart, keep: list[bool] | None = None) -> float:
-    """``coef · N · Σ_e f_e P_e`` with python loops over the tokens."""
-    flat = x.reshape(-1, x.shape[-1]).double()
+def _hand_aux(x: torch.Tensor, part: MixLoRAPart, keep: list[bool] | None = None,
+              layers: list[tuple[torch.Tensor, MixLoRAPart]] | None = None) -> float:
+    """``coef · N · Σ_e f_e P_e`` with python loops over the tokens — of one layer, or (``layers``: each layer's
+    input and part) over every layer's tokens together, as the reference's loss on concatenated router logits."""
     n, k = part.num_experts, part.top_k
     counts, prob_sum, tokens = [0] * n, [0.0] * n, 0
-    for t in range(flat.shape[0]):
-        if keep is not None and not keep[t]:
-            continue
-        p = torch.softmax(flat[t] @ part.router.double().t(), dim=-1).tolist()
-        for e in sorted(range(n), key=lambda i: -p[i])[:k]:
-            counts[e] += 1
-        prob_sum = [s + q for s, q in zip(prob_sum, p, strict=True)]
-        tokens += 1
+    for inp, owner in layers or [(x, part)]:
+        flat = inp.reshape(-1, inp.shape[-1]).double()
+        for t in range(flat.shape[0]):
+            if keep is not None and not keep[t]:
+                continue
+            p = torch.softmax(flat[t] @ owner.router.double().t(), dim=-1).tolist()
+            for e in sorted(range(n), key=lambda i: -p[i])[:k]:
+                counts[e] += 1
+            prob_sum = [s + q for s, q in zip(prob_sum, p, strict=True)]
+            tokens += 1
     return part.aux_loss_coef * n * sum(counts[e] / (tokens * k) * prob_sum[e] / tokens for e in range(n))
 
 
@@ -282,14 +285,24 @@ def test_part_aux_loss_is_the_hand_count_and_masks_padding() -> None:
     keep = [bool(v) for v in mask.reshape(-1)]
     assert abs(part.aux_loss().item() - _hand_aux(seen[-1], part, keep)) <= 1e-6
     handle.remove()
-    total = sum(p.aux_loss() for p in mixtures(delta))
-    assert torch.allclose(delta.aux_loss(), total)
     # a copy (deepcopy, pickle) leaves out the transient loss, whose graph cannot be copied
     model_copy, delta_copy = copy.deepcopy((model, delta))
     assert delta_copy.aux_loss() is None and delta.aux_loss() is not None
     with token_mask(mask):
         model_copy(**{**inputs, "attention_mask": mask})
     assert torch.allclose(delta_copy.aux_loss(), delta.aux_loss())
+    # the delta's loss is one L_aux over both layers' tokens (the reference's concatenated logits), not a per-layer sum
+    parts = mixtures(delta)
+    inputs_of: dict[int, torch.Tensor] = {}
+    handles = [model.get_submodule(_physical(model, n)).register_forward_pre_hook(
+        lambda m, args, i=i: inputs_of.__setitem__(i, args[0].detach().clone()))
+        for i, n in enumerate(n for n, p in delta.parts.items() if isinstance(p, MixLoRAPart))]
+    model(**inputs)
+    for h in handles:
+        h.remove()
+    together = _hand_aux(inputs_of[0], parts[0], layers=[(inputs_of[i], p) for i, p in enumerate(parts)])
+    assert len(parts) == 2 and abs(delta.aux_loss().item() - together) <= 1e-6
+    assert abs(sum(p.aux_loss().item() for p in parts) - together) > 1e-3, "vacuous: the per-layer sum agrees"
 
 
 def test_training_hook_masks_padding_in_the_loss() -> None:

@@ -90,6 +90,14 @@ class Part(nn.Module):
         ``has_aux_loss``; e.g. a mixture's load-balancing loss), or ``None``.  The training loop adds it."""
         return None
 
+    @classmethod
+    def combined_aux_loss(cls, parts: Sequence[Part]) -> Tensor | None:
+        """The auxiliary loss of a delta's parts of this class together (:meth:`Delta.aux_loss`): by default the sum
+        of their :meth:`aux_loss`; a kind whose loss is defined over all layers at once (a mixture's load balancing
+        on the concatenated router logits) computes it from the parts' statistics instead."""
+        losses = [loss for p in parts if (loss := p.aux_loss()) is not None]
+        return torch.stack([loss.float() for loss in losses]).sum() if losses else None
+
     def delta_weight(self) -> Tensor:
         """Dense update of the base weight, native layout (``W' = W + ΔW``)."""
         raise NotImplementedError(f"{self.kind} parts have no dense weight update")

@@ -25,8 +25,11 @@ call (a context variable: nothing persistent, thread-safe).  Exact; costs one ex
 
 **Load balancing** (Switch/Mixtral style, the MixLoRA spec): ``L_aux = N · Σ_e f_e · P_e`` with ``f_e`` the fraction
 of (token, slot) assignments routed to ``e`` and ``P_e`` the mean router probability of ``e``; the part keeps
-``aux_loss_coef · L_aux`` of its last training forward (:meth:`MixLoRAPart.aux_loss`).  The reference code averages
-the one-hot assignments per slot and sums over slots, which is ``k`` times this ``f_e``.  Padding: the FFN block
+``aux_loss_coef · L_aux`` of its last training forward (:meth:`MixLoRAPart.aux_loss`).  A delta's loss is one
+``L_aux`` over every layer's routed tokens together (:meth:`MixLoRAPart.combined_aux_loss`, what the reference computes
+on the layers' concatenated router logits), not the sum of the per-layer losses, which would weigh the coefficient by
+the number of layers.  The reference code averages the one-hot assignments per slot and sums over slots, which is
+``k`` times this ``f_e``.  Padding: the FFN block
 sees hidden states only: the caller gives the attention mask with :func:`token_mask` (the training loop does, through
 the method's hook); without one every token counts.
 """
@@ -95,17 +98,28 @@ def route(logits: Tensor, top_k: int) -> tuple[Tensor, Tensor, Tensor]:
     return top / top.sum(-1, keepdim=True), experts, probs
 
 
+def routing_stats(probs: Tensor, experts: Tensor, num_experts: int, mask: Tensor | None = None
+                  ) -> tuple[Tensor, Tensor, int, int]:
+    """``(assignments per expert, Σ router probabilities per expert, tokens, assignments)`` over the tokens where
+    ``mask`` (``(T,)`` bool) is true: what :func:`balance_loss` needs, summable across layers."""
+    if mask is not None:
+        probs, experts = probs[mask], experts[mask]
+    counts = torch.bincount(experts.reshape(-1), minlength=num_experts).to(probs.dtype)
+    return counts, probs.sum(0), int(probs.shape[0]), int(experts.numel())
+
+
+def balance_loss(counts: Tensor, prob_sum: Tensor, tokens: int, assignments: int) -> Tensor:
+    """``N · Σ_e (counts_e / assignments) · (prob_sum_e / tokens)``; 0 (with the graph) when no token counted."""
+    if tokens == 0:
+        return prob_sum.sum() * 0.0
+    return counts.numel() * ((counts / assignments) * (prob_sum / tokens)).sum()
+
+
 def load_balancing_loss(probs: Tensor, experts: Tensor, num_experts: int, mask: Tensor | None = None) -> Tensor:
     """``L_aux = N · Σ_e f_e · P_e`` (Fedus et al., Switch Transformers, JMLR 2022, eq. 4, with top-k
     assignments as in Mixtral/MixLoRA): ``f_e`` = (token, slot) assignments to ``e`` / (tokens · k), ``P_e`` = mean
     router probability of ``e``, both over the tokens where ``mask`` (``(T,)`` bool) is true.  1 when balanced."""
-    if mask is not None:
-        probs, experts = probs[mask], experts[mask]
-    if probs.shape[0] == 0:
-        return probs.sum() * 0.0
-    counts = torch.bincount(experts.reshape(-1), minlength=num_experts).to(probs.dtype)
-    f = counts / experts.numel()
-    return num_experts * (f * probs.mean(0)).sum()
+    return balance_loss(*routing_stats(probs, experts, num_experts, mask))
 
 
 def dispatch(experts: Tensor, num_experts: int) -> tuple[Tensor, Tensor, list[int]]:
@@ -247,6 +261,7 @@ class MixLoRAPart(Part):
         self.aux_loss_coef, self.jitter_noise = float(aux_loss_coef), float(jitter_noise)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self._aux: Tensor | None = None
+        self._stats: tuple[Tensor, Tensor, int, int] | None = None  # routing_stats of the last training forward
         dtype = dtype or torch.float32
         self.router = nn.Parameter(torch.empty(num_experts, d_model, dtype=torch.float32, device=device))
         for p, (d_in, d_out) in self.projection_shapes().items():
@@ -276,12 +291,25 @@ class MixLoRAPart(Part):
 
     # --- computation -------------------------------------------------------------------------------
     def aux_loss(self) -> Tensor | None:
-        """``aux_loss_coef · L_aux`` of the last forward in training mode (``None`` before the first)."""
+        """``aux_loss_coef · L_aux`` of this layer's last forward in training mode (``None`` before the first)."""
         return self._aux
+
+    @classmethod
+    def combined_aux_loss(cls, parts: Sequence[Part]) -> Tensor | None:
+        """``aux_loss_coef · L_aux`` over every layer's last routed tokens together (the reference's loss on the
+        concatenated router logits); parts of different expert counts or coefficients form separate sums."""
+        groups: dict[tuple[int, float], list[tuple[Tensor, Tensor, int, int]]] = {}
+        for p in parts:
+            stats = getattr(p, "_stats", None)
+            if stats is not None:
+                groups.setdefault((p.num_experts, p.aux_loss_coef), []).append(stats)  # type: ignore[attr-defined]
+        losses = [coef * balance_loss(sum(s[0] for s in group), sum(s[1] for s in group), sum(s[2] for s in group),
+                                      sum(s[3] for s in group)) for (_, coef), group in groups.items()]
+        return torch.stack(losses).sum() if losses else None
 
     def __getstate__(self) -> dict[str, Any]:
         """Copies and pickles leave out the last aux loss (a transient graph node, which cannot be deep-copied)."""
-        return {**self.__dict__, "_aux": None}
+        return {**self.__dict__, "_aux": None, "_stats": None}
 
     def forward(self, x: Tensor, base: Any) -> Tensor:
         return self.mix(x, base)
@@ -322,7 +350,8 @@ class MixLoRAPart(Part):
         weights, experts, probs = route(F.linear(flat.float(), self.router), k)
         if self.training:
             mask = self._mask(lead, rows)
-            self._aux = self.aux_loss_coef * load_balancing_loss(probs, experts, self.num_experts, mask)
+            self._stats = routing_stats(probs, experts, self.num_experts, mask)
+            self._aux = self.aux_loss_coef * balance_loss(*self._stats)
         order, tokens, counts = dispatch(experts, self.num_experts)
         inv = torch.empty_like(order)
         inv[order] = torch.arange(order.numel(), device=order.device)
