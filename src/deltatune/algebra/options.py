@@ -21,6 +21,10 @@ disjoint mean after DARE, MergeLM#38), ``mergekit`` sums them (its ``normalize: 
 keeps ``|τ| ≥`` the ``(n − ⌊ρ·n⌋)``-th smallest magnitude, ``⌊ρ·n⌋ + 1`` entries as the TIES authors' ``kthvalue``
 mask does.
 
+Breadcrumbs' ``gamma`` (0.01) and DELLA's ``epsilon`` (0.15) default to mergekit's values under every preset; the
+papers' own runs use other values (Breadcrumbs' README: γ = 0.1 in its own convention; DELLA's README: ε = 0.14),
+so a ``paper`` merge that should match them gives them explicitly.
+
 Every number must be finite (a NaN weight or λ would write an all-NaN merge) and at most
 :data:`MAX_INPUTS` inputs are merged at once.
 """
