@@ -247,3 +247,39 @@ def test_a_full_queue_refuses_with_429_and_keeps_no_lease(deltas):
     assert refused.value.status == 429 and engine.store._resident["lora2"].users == 1
     engine.run_until_idle()
     assert engine.store._resident["lora2"].users == 0
+
+
+def test_a_row_whose_sampling_fails_ends_alone_and_a_tiny_temperature_is_greedy(deltas, monkeypatch):
+    import deltatune.serve.engine as engine_module
+
+    engine = _engine(deltas, ["lora2"])
+    greedy = engine.generate([PROMPTS[0]], ["lora2"], GREEDY)[0].token_ids
+    tiny = engine.generate([PROMPTS[0]], ["lora2"], SamplingParams(max_tokens=6, temperature=1e-40))[0]
+    assert tiny.finish_reason == "length" and tiny.token_ids == greedy  # T below 1e-5 decodes greedily (vLLM)
+    real = engine_module.choose
+
+    def choose(logits, params, generator):  # the second row's sampler fails (e.g. probabilities turned NaN)
+        if params.top_k == 7:
+            raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
+        return real(logits, params, generator)
+
+    monkeypatch.setattr(engine_module, "choose", choose)
+    outs = engine.generate([PROMPTS[0], PROMPTS[1]], ["lora2", None],
+                           [GREEDY, SamplingParams(max_tokens=6, top_k=7)])
+    assert outs[0].finish_reason == "length" and outs[0].token_ids == greedy
+    assert outs[1].finish_reason == "error" and "nan" in outs[1].error
+    assert engine.pending() == 0 and engine.store._resident["lora2"].users == 0
+
+
+def test_a_request_that_fails_before_queueing_keeps_no_lease_and_long_encoder_inputs_are_refused(deltas):
+    engine = _engine(deltas, ["lora2"])
+    with pytest.raises((ValueError, RuntimeError, OverflowError)):
+        engine.submit(GenerateRequest(PROMPTS[0], SamplingParams(max_tokens=2, seed=2**70), "lora2"))
+    assert engine.store._resident["lora2"].users == 0
+    from deltatune.serve import EncodeRequest
+
+    bert = tiny_bert()
+    store = DeltaStore(bert, "base")
+    encoder = Engine(bert, Tok(), store, EngineConfig(), eos=set())
+    with pytest.raises(BadRequest, match="context"):
+        encoder.submit_encode(EncodeRequest([5] * (bert.config.max_position_embeddings + 1), task="embed"))

@@ -106,6 +106,7 @@ def test_embeddings_through_the_openai_client(client):
     (json.dumps({"model": "a", "prompt": "word " * 200}).encode(), 400, "tokens; the limit is 64"),
     (json.dumps({"model": "a", "prompt": "x" * 70_000}).encode(), 413, "limit"),
     (b'{"model": "a", "prompt": "hi", "temperature": -1}', 400, "temperature"),
+    (b'{"model": "a", "prompt": "hi", "seed": 1180591620717411303424}', 400, "seed"),  # 2**70: past torch's seeds
     (b'[1, 2]', 400, "JSON object"),
     (b'{"prompt": "hi"}', 400, "model"),
 ])

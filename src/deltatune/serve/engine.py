@@ -149,15 +149,20 @@ class Engine:
         if not req.prompt_ids:
             raise BadRequest("the prompt is empty (no tokens)", "prompt")
         lease = self.store.acquire(req.delta)  # the store's lock before the queue's, never the other way
-        virtual = virtual_tokens(lease)
-        if req.fit_context and self.max_positions is not None:  # a ceiling: lowered to what the context leaves
-            room = self.max_positions - virtual - len(req.prompt_ids)
-            if 1 <= room < req.params.max_tokens:
-                req.params = replace(req.params, max_tokens=room)
+        try:
+            virtual = virtual_tokens(lease)
+            if req.fit_context and self.max_positions is not None:  # a ceiling: lowered to what the context leaves
+                room = self.max_positions - virtual - len(req.prompt_ids)
+                if 1 <= room < req.params.max_tokens:
+                    req.params = replace(req.params, max_tokens=room)
+            generator = make_generator(req.params.seed)
+        except Exception:
+            self.store.release(lease)  # a request that is not queued holds no lease
+            raise
         with self._queue:
             refused = self._refusal() or self._too_long(req, virtual)
             if refused is None:
-                self._waiting.append(_Seq(req, lease, make_generator(req.params.seed), virtual))
+                self._waiting.append(_Seq(req, lease, generator, virtual))
                 self._inflight.add(req.request_id)
                 self._queue.notify_all()
         if refused is not None:
@@ -168,6 +173,10 @@ class Engine:
     def submit_encode(self, req: EncodeRequest) -> str:
         if not req.input_ids:
             raise BadRequest("the input is empty (no tokens)", "input")
+        if self.max_positions is not None and len(req.input_ids) > self.max_positions:
+            # past a learned position table the shared forward would fail every request batched with this one
+            raise BadRequest(f"input ({len(req.input_ids)} tokens) exceeds the model's context of "
+                             f"{self.max_positions} positions", "input")
         lease = self.store.acquire(req.delta)
         with self._queue:
             refused = self._refusal()
@@ -403,8 +412,9 @@ class Engine:
             seq.pos += n
             if seq.pos < len(prompt):
                 continue
-            self._prefilling.remove(seq)
-            if not self._token(seq, logits[0, -1].float().cpu()):
+            finished = self._token(seq, logits[0, -1].float().cpu())
+            self._prefilling.remove(seq)  # after the token: a step that raises still finds it here (_fail_all)
+            if not finished:
                 self._kv.add(seq.cache, [seq.virtual + len(prompt)])
                 self._running.append(seq)
                 self._routing_version = -1
@@ -430,8 +440,9 @@ class Engine:
         joined = []
         for i, (seq, n) in enumerate(zip(seqs, lengths, strict=True)):
             seq.pos = n
+            finished = self._token(seq, logits[i])
             self._prefilling.remove(seq)
-            if not self._token(seq, logits[i]):
+            if not finished:
                 joined.append(i)
                 self._running.append(seq)
         if joined:
@@ -440,8 +451,13 @@ class Engine:
 
     # --- outputs ---------------------------------------------------------------------------------------
     def _token(self, seq: _Seq, logits: Tensor) -> bool:
-        """Sample ``seq``'s next token from ``logits``, send what it adds, and say whether ``seq`` finished."""
-        choice = choose(logits, seq.params, seq.generator)
+        """Sample ``seq``'s next token from ``logits``, send what it adds, and say whether ``seq`` finished (a row
+        whose sampling fails ends with ``error`` alone; the batch goes on)."""
+        try:
+            choice = choose(logits, seq.params, seq.generator)
+        except RuntimeError as exc:
+            self._finish(seq, "error", error=f"{type(exc).__name__}: {exc}")
+            return True
         seq.generated.append(choice.token)
         out, reason = token_output(seq.req.request_id, len(seq.req.prompt_ids), seq.generated, seq.sent, choice,
                                    seq.params, self._decode_text, self.eos, self.max_positions, seq.virtual)

@@ -49,7 +49,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """Arg-max decoding: ``temperature`` below :data:`GREEDY_BELOW` (vLLM's rule; ``logits / T`` would
+        overflow to ``inf`` for a tiny ``T``)."""
+        return self.temperature < GREEDY_BELOW
 
 
 def make_generator(seed: int | None) -> torch.Generator:
@@ -62,12 +64,16 @@ def make_generator(seed: int | None) -> torch.Generator:
     return g
 
 
+#: temperatures below this decode greedily (vLLM's ``_SAMPLING_EPS``): a smaller ``T`` divides the logits to ``inf``
+GREEDY_BELOW = 1e-5
+
+
 def filter_logits(logits: Tensor, temperature: float, top_k: int, top_p: float) -> Tensor:
     """``logits / T`` with every token outside the top-k and outside the top-p nucleus set to ``-inf``.
 
     Top-p (Holtzman et al., 2020, "The Curious Case of Neural Text Degeneration"): sort by probability, keep the
     smallest prefix whose cumulative mass reaches ``top_p`` (the most likely token is always kept)."""
-    out = logits.float() / temperature if temperature > 0 else logits.float().clone()
+    out = logits.float() / temperature if temperature >= GREEDY_BELOW else logits.float().clone()
     if 0 < top_k < out.shape[-1]:
         kth = torch.topk(out, top_k, dim=-1).values[..., -1:]
         out = out.masked_fill(out < kth, float("-inf"))
