@@ -283,3 +283,22 @@ def test_a_request_that_fails_before_queueing_keeps_no_lease_and_long_encoder_in
     encoder = Engine(bert, Tok(), store, EngineConfig(), eos=set())
     with pytest.raises(BadRequest, match="context"):
         encoder.submit_encode(EncodeRequest([5] * (bert.config.max_position_embeddings + 1), task="embed"))
+
+
+def test_sliding_window_models_run_one_row_at_a_time_and_match_each_request_alone():
+    # the batched cache cuts every layer by the full layers' width: a sliding layer would lose its history when a
+    # longer row leaves, so such a model generates one request at a time (exact), with a warning
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, sliding_window=6,
+                                             max_position_embeddings=64)).eval()
+    with pytest.warns(UserWarning, match="sliding-window"):
+        engine = Engine(model, Tok(), DeltaStore(model, "base"), EngineConfig(max_batch=8), eos=set())
+    assert engine.config.max_batch == 1
+    long, short = list(range(10, 30)), [5, 9, 17]
+    params = [SamplingParams(max_tokens=2), SamplingParams(max_tokens=12)]
+    both = engine.generate([long, short], [None, None], params)
+    alone = engine.generate([short], [None], params[1])[0]
+    assert both[1].token_ids == alone.token_ids

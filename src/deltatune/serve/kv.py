@@ -10,8 +10,12 @@ leave (their rows are dropped and the columns that became padding for every row 
 
 from __future__ import annotations
 
+import warnings
+from dataclasses import replace
+from typing import Any
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from transformers import DynamicCache
 
 from deltatune.serve.kv_buffer import growing_cache
@@ -93,3 +97,18 @@ class BatchKV:
     def advance(self) -> None:
         """Every row gained the position the last step wrote."""
         self.lengths = [n + 1 for n in self.lengths]
+
+
+def one_row_if_sliding(model: nn.Module, config: Any) -> Any:
+    """``config`` (an :class:`~deltatune.serve.engine.EngineConfig`) with ``max_batch = 1`` when the model's cache has
+    sliding-window layers (Mistral with ``sliding_window``, Gemma 2/3, Qwen2 with ``use_sliding_window``): the batch
+    cache cuts and pads every layer by the full layers' column count, which would drop a sliding layer's history when
+    a longer row leaves the batch.  One row at a time is exact (with a warning naming why)."""
+    if config.max_batch == 1:
+        return config
+    layers = getattr(DynamicCache(config=model.config), "layers", [])
+    if not any("Sliding" in type(layer).__name__ for layer in layers):
+        return config
+    warnings.warn(f"{type(model).__name__} has sliding-window attention layers: generation runs one request at a "
+                  "time (max_batch 1), since the batched cache cannot yet cut those layers exactly", stacklevel=3)
+    return replace(config, max_batch=1)
