@@ -349,3 +349,24 @@ def test_really_full_disk_keeps_the_previous_checkpoint(tiny_disk) -> None:
         write_sharded(target, big, 1 << 20)
     assert (target / "model.safetensors").read_bytes() == before
     assert _siblings(tiny_disk) == ["ckpt"]
+
+
+def test_outputs_get_the_modes_a_plain_write_would_not_the_temps_private_ones(tmp_path) -> None:
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        with atomic_dir(tmp_path / "out", "delta") as d:
+            (d / "x.txt").write_text("x")
+        with atomic_file(tmp_path / "history.json") as f:
+            f.write_text("{}")
+        kept = tmp_path / "kept.json"
+        kept.write_text("{}")
+        kept.chmod(0o640)
+        with atomic_file(kept) as f:
+            f.write_text("[]")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "history.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o640 and kept.read_text() == "[]"

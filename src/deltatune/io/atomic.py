@@ -24,6 +24,7 @@ import errno
 import os
 import secrets
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Iterator
@@ -188,6 +189,7 @@ def atomic_dir(target: str | Path, kind: str, overwrite: bool = False) -> Iterat
         recover_dir(target)
         guard_output(target, kind, overwrite)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
+        _public_mode(tmp, target, folder=True)
     except OSError as exc:
         if is_disk_full(exc):
             raise disk_full(target) from exc
@@ -203,6 +205,25 @@ def atomic_dir(target: str | Path, kind: str, overwrite: bool = False) -> Iterat
         if is_disk_full(exc) and not isinstance(exc, DiskFull):
             raise disk_full(target) from exc
         raise
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _public_mode(tmp: Path, target: Path, folder: bool) -> None:
+    """Give ``tmp`` the mode a plain ``mkdir``/``open`` would (``0o777``/``0o666`` less the umask), or the mode of the
+    file it replaces: ``mkdtemp``/``mkstemp`` create private (0700/0600) entries, which would make every output
+    unreadable to other users (a server under another account, a shared group folder)."""
+    try:
+        mode = stat.S_IMODE(target.stat().st_mode) if not folder and target.exists() else \
+            (0o777 if folder else 0o666) & ~_umask()
+        os.chmod(tmp, mode)
+    except OSError:
+        pass  # a filesystem without modes: the temp's own mode stays
 
 
 @contextmanager
@@ -221,6 +242,7 @@ def atomic_file(target: str | Path) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
+        _public_mode(tmp, target, folder=False)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, target)
