@@ -161,3 +161,20 @@ def test_macro_f1_and_per_class_report_by_hand():
     reg = metrics.user_metrics("regress", np.array([[1.0], [2.0], [4.0]]), np.array([1.0, 3.0, 2.0]))
     assert reg["spearman"] == pytest.approx(0.5) and reg["pearson"] == pytest.approx(metrics.pearson(
         np.array([1.0, 2.0, 4.0]), np.array([1.0, 3.0, 2.0])))
+
+
+def test_tsv_quotes_are_text_na_strings_are_values_and_a_bom_is_dropped(tmp_path) -> None:
+    from deltatune.train.user_data import read_table
+
+    quoted = tmp_path / "q.tsv"
+    quoted.write_text('text\tlabel\n"Hi\t1\nthere" she said\t0\nok\t1\nfine\t0\n')
+    table = read_table(str(quoted))
+    assert len(table) == 4 and table["text"][:2] == ['"Hi', 'there" she said']
+    na = tmp_path / "na.csv"
+    na.write_bytes("\ufefftext,label\nNA,null\nnull,None\nhello,NA\n".encode())
+    table = read_table(str(na))
+    assert table.column_names == ["text", "label"]
+    assert table["text"] == ["NA", "null", "hello"] and table["label"] == ["null", "None", "NA"]
+    empty = tmp_path / "empty.csv"
+    empty.write_text("text,label\n,pos\nhi,neg\n")
+    assert read_table(str(empty))["text"][0] is None  # an empty cell is still missing

@@ -17,6 +17,7 @@ Every file is turned into the columns ``text_a``, ``text_b`` (None without a pai
 
 from __future__ import annotations
 
+import csv
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,6 +33,19 @@ read by :mod:`deltatune.train.tokens`, ``chat`` by :mod:`deltatune.train.chat`."
 LABEL_ORDER = "sorted unique labels of the training file (numbers numerically, strings by code point)"
 HOLDOUT_FRACTION = 0.1
 _BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+def table_read_options(path: Path) -> dict[str, Any]:
+    """pandas options for a user's CSV/TSV: only an empty cell is missing (``NA``, ``null``, ``None``, ``nan`` are text,
+    labels included), a UTF-8 byte-order mark is dropped, and a TSV is read with quoting off, as GLUE's TSVs need (a
+    stray ``"`` would otherwise swallow the rows up to the next one); JSON and Parquet need none."""
+    suffix = path.suffix.lower()
+    if suffix not in (".csv", ".tsv"):
+        return {}
+    options: dict[str, Any] = {"keep_default_na": False, "na_values": [""], "encoding": "utf-8-sig"}
+    if suffix == ".tsv":
+        options.update(sep="\t", quoting=csv.QUOTE_NONE)
+    return options
 
 
 @dataclass(frozen=True)
@@ -117,7 +131,7 @@ def read_table(spec: str, pair_columns: tuple[str, str] = ("text", "label")) -> 
                             "or a folder written by datasets.save_to_disk")
         if path.stat().st_size == 0:
             raise DataError(f"{path}: file is empty")
-        kwargs = {"sep": "\t"} if path.suffix.lower() == ".tsv" else {}
+        kwargs = table_read_options(path)
         datasets.disable_progress_bars()
         try:
             table = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
