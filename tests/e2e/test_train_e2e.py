@@ -46,6 +46,35 @@ def test_exact_resume_matches_uninterrupted_run(tmp_path, monkeypatch, data_dir)
         assert torch.equal(a.parts[name].values, b.parts[name].values)
 
 
+def test_resume_with_other_settings_or_method_config_is_refused(tmp_path, monkeypatch, data_dir):
+    """A checkpoint records its run: a resume with another batch size, task, LR or method config would continue a
+    different run silently (wrong data offset, schedule, labels), so it is refused naming the setting."""
+    from deltatune.errors import ConfigError
+    from deltatune.methods import lora as lora_method
+
+    kw = dict(SMALL, train_limit=64, max_steps=4, checkpoint_every=2, out_dir=str(tmp_path / "r"))
+    mc = dt.LoRAConfig(r=2, targets=["query"])
+    armed = [True]
+
+    class Crash(TrainHook):
+        def after_step(self, step):
+            if armed[0] and step == 3:
+                raise KeyboardInterrupt
+
+    original = lora_method.LoRA.hooks
+    monkeypatch.setattr(lora_method.LoRA, "hooks", lambda self, *a, **k: original(self, *a, **k) + [Crash()])
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(TrainConfig(**kw), mc)
+    armed[0] = False
+    for change, needle in (({"batch_size": 4}, "batch_size"), ({"task": "mrpc"}, "task"), ({"lr": 1e-2}, "lr")):
+        with pytest.raises(ConfigError, match=needle):
+            loop.train(TrainConfig(**{**kw, **change}, resume=True), mc)
+    with pytest.raises(ConfigError, match="config"):
+        loop.train(TrainConfig(**kw, resume=True), dt.LoRAConfig(r=4, targets=["query"]))
+    resumed = loop.train(TrainConfig(**{**kw, "eval_every": 2}, resume=True), mc)  # free to change on resume
+    assert resumed.delta is not None
+
+
 def test_cli_train_info_eval_apply_export(tmp_path, data_dir, minilm_path):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer

@@ -39,6 +39,9 @@ LEGACY_FILE = "state.pt"
 FIELDS = {"format", "format_version", "state", DIGEST_FIELD}
 STATE_FIELDS = {"trainable", "optimizer", "scheduler", "hooks", "step", "epoch", "offset", "before", "best",
                 "history", "rng"}
+#: fields a checkpoint may carry beyond :data:`STATE_FIELDS`: ``run``, the settings a resume must match (absent in
+#: checkpoints written before it was recorded)
+OPTIONAL_STATE_FIELDS = {"run"}
 
 
 _WRAPPER_PREFIXES = ("_fsdp_wrapped_module.",)
@@ -176,9 +179,11 @@ def _check_finite(tensors: dict[str, Tensor], file: Path) -> None:
 
 def _check_state(state: Any, file: Path) -> None:
     """The top-level fields the training loop relies on, with their types."""
-    if not isinstance(state, dict) or set(state) != STATE_FIELDS:
+    if not isinstance(state, dict) or set(state) - OPTIONAL_STATE_FIELDS != STATE_FIELDS:
         got = sorted(map(str, state)) if isinstance(state, dict) else type(state).__name__
         raise DeltaFormatError(f"{file}: state must have the fields {sorted(STATE_FIELDS)}, got {str(got)[:80]}")
+    if "run" in state and not isinstance(state["run"], dict):
+        raise DeltaFormatError(f"{file}: state field 'run' must be a dict")
     for key in ("step", "epoch", "offset"):
         if type(state[key]) is not int or state[key] < 0:
             raise DeltaFormatError(f"{file}: state field {key!r} must be an integer ≥ 0, got {state[key]!r:.40}")

@@ -26,7 +26,7 @@ from accelerate.utils import set_seed
 from torch import nn
 
 from deltatune.delta import Delta
-from deltatune.errors import DataError, DeltaFormatError, TrainingDiverged
+from deltatune.errors import ConfigError, DataError, DeltaFormatError, TrainingDiverged
 from deltatune.io.atomic import atomic_file, guard_output, recover_dir
 from deltatune.io.delta_format import save_delta
 from deltatune.io.outputs import write_marker
@@ -186,8 +186,9 @@ def train(cfg: TrainConfig, method_config: Any,
 
     step, epoch, offset, history = 0, 0, 0, []
     before, best = {}, None
+    run = run_settings(cfg, delta)
     if cfg.resume:
-        state = _resume(out / "checkpoint", raw_model, delta, optimizer, scheduler, hooks, accelerator)
+        state = _resume(out / "checkpoint", raw_model, delta, optimizer, scheduler, hooks, accelerator, run)
         step, epoch, offset = state["step"], state["epoch"], state["offset"]
         before, best, history = state["before"], state["best"], state["history"]
         log.say(f"resumed from {out / 'checkpoint'} at step {step}")
@@ -254,7 +255,7 @@ def train(cfg: TrainConfig, method_config: Any,
                 if _any_rank(bad is not None, accelerator):
                     raise TrainingDiverged(step, float("nan"), last_ckpt, tensor=bad)
                 _save_checkpoint(out, accelerator, raw_model, delta, optimizer, scheduler, hooks, step, data,
-                                 before, best, history)
+                                 before, best, history, run)
                 last_ckpt = str(out / "checkpoint")
     finally:
         for hook in hooks:
@@ -286,14 +287,42 @@ def train_provenance(cfg: TrainConfig, task: Task) -> Provenance:
                       train=asdict(cfg))
 
 
+#: settings that may change between a run and its resume without changing what it computes
+FREE_ON_RESUME = frozenset({"out_dir", "resume", "overwrite", "progress", "report_to", "checkpoint_every",
+                            "eval_every", "eval_before", "eval_batch_size", "keep_best"})
+
+
+def run_settings(cfg: TrainConfig, delta: Delta) -> dict[str, Any]:
+    """What a checkpoint records of its run so that a resume can be refused when it differs (JSON values): the
+    training settings but :data:`FREE_ON_RESUME`, the method and its configuration."""
+    train = {k: v for k, v in asdict(cfg).items() if k not in FREE_ON_RESUME}
+    return json.loads(json.dumps({"train": train, "method": delta.method, "config": delta.config}, default=str))
+
+
+def _check_same_run(where: Path, recorded: dict[str, Any] | None, run: dict[str, Any]) -> None:
+    """:class:`ConfigError` naming the settings in which this run differs from the one that wrote the checkpoint
+    (``--resume`` continues bit for bit only with the same data, batches, schedule and method)."""
+    if recorded is None:
+        return  # written before checkpoints recorded their run
+    then = recorded.get("train", {})
+    differ = [(key, then.get(key), run["train"].get(key)) for key in sorted(set(then) | set(run["train"]))
+              if then.get(key) != run["train"].get(key)]
+    differ += [(key, recorded.get(key), run[key]) for key in ("method", "config") if recorded.get(key) != run[key]]
+    if differ:
+        shown = "; ".join(f"{n}: {str(o)[:40]} in the checkpoint, {str(v)[:40]} now" for n, o, v in differ[:4])
+        raise ConfigError(f"{where}: --resume needs the settings of the run that wrote the checkpoint ({shown}); "
+                          "give the same flags, or train afresh into another --out")
+
+
 def _resume(where: Path, model: nn.Module, delta: Delta, optimizer, scheduler, hooks,
-            accelerator: Accelerator) -> dict[str, Any]:
+            accelerator: Accelerator, run: dict[str, Any]) -> dict[str, Any]:
     """Load the checkpoint at ``where`` into the hooks (first: a schedule may change what trains), the delta's
-    tensors, the optimizer, scheduler and RNGs; return its state."""
+    tensors, the optimizer, scheduler and RNGs; return its state.  A checkpoint of other settings is refused."""
     if accelerator.is_main_process:
         recover_dir(where)  # roll back an interrupted swap once, before every rank reads the checkpoint
     accelerator.wait_for_everyone()
     state = ckpt.load_checkpoint(where, recover=False)  # rolled back above, once
+    _check_same_run(where, state.get("run"), run)
     if len(state["hooks"]) != len(hooks) or len(state["rng"]) != accelerator.num_processes:
         raise DeltaFormatError(f"{where}: checkpoint has {len(state['hooks'])} hook state(s) for "
                                f"{len(state['rng'])} process(es); this run has {len(hooks)} for "
@@ -315,7 +344,7 @@ def _resume(where: Path, model: nn.Module, delta: Delta, optimizer, scheduler, h
 
 
 def _save_checkpoint(out: Path, accelerator: Accelerator, model: nn.Module, delta: Delta, optimizer, scheduler,
-                     hooks, step: int, data: ShardedBatches, before, best, history) -> None:
+                     hooks, step: int, data: ShardedBatches, before, best, history, run: dict[str, Any]) -> None:
     rngs = [ckpt.rng_state()]
     if accelerator.num_processes > 1:
         rngs = [None] * accelerator.num_processes
@@ -325,7 +354,7 @@ def _save_checkpoint(out: Path, accelerator: Accelerator, model: nn.Module, delt
             "trainable": ckpt.trainable_state(model, delta), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "hooks": [h.state_dict() for h in hooks], "step": step,
             "epoch": data.epoch, "offset": data.offset, "before": before, "best": best, "history": history,
-            "rng": rngs,
+            "rng": rngs, "run": run,
         })
     accelerator.wait_for_everyone()
 
