@@ -115,3 +115,12 @@ def test_json_finite_values_load(tmp_path) -> None:
     file = _manifest(tmp_path, b'{"scale": 0.5, "rank": 4, "big": 1e308, "neg": -2.5e-300}')
     assert read_json_object(file, "delta", "manifest.json") == {"scale": 0.5, "rank": 4, "big": 1e308,
                                                                "neg": -2.5e-300}
+
+
+@pytest.mark.parametrize("field", ["train_limit", "eval_limit"])
+@pytest.mark.parametrize("value", [0, -3])
+def test_row_limits_below_one_are_refused(field: str, value: int) -> None:
+    # 0 meant "every row" for your own data but "no row" for GLUE; a negative limit emptied the training set and the
+    # error then blamed the batch size
+    with pytest.raises(ConfigError, match=field):
+        TrainConfig(**{field: value})

@@ -82,6 +82,9 @@ class TrainConfig:
         require(self.eval_every >= 0 and self.checkpoint_every >= 0,
                 "train config.eval_every and checkpoint_every must be ≥ 0")
         require(self.max_length >= 2, f"train config.max_length must be ≥ 2, got {self.max_length}")
+        for name in ("train_limit", "eval_limit"):  # 0 meant "all rows" for some tasks and "none" for GLUE: refused
+            limit = getattr(self, name)
+            require(limit is None or limit >= 1, f"train config.{name} must be ≥ 1 (unset: every row), got {limit}")
         require(self.mixed_precision in ("no", "bf16"),
                 f"train config.mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}")
         from deltatune.train.tracking import check_trackers
