@@ -178,3 +178,19 @@ def test_tsv_quotes_are_text_na_strings_are_values_and_a_bom_is_dropped(tmp_path
     empty = tmp_path / "empty.csv"
     empty.write_text("text,label\n,pos\nhi,neg\n")
     assert read_table(str(empty))["text"][0] is None  # an empty cell is still missing
+
+
+def test_hold_out_warns_when_repeated_rows_land_on_both_sides() -> None:
+    from deltatune.train.user_data import hold_out
+
+    rows = datasets.Dataset.from_dict({"text_a": ["same"] * 50 + [f"t{i}" for i in range(50)],
+                                       "text_b": [None] * 100, "label": [0] * 100})
+    with pytest.warns(UserWarning, match="held-out rows also occur among the training rows"):
+        hold_out(rows, 0, "f.csv")
+    unique = datasets.Dataset.from_dict({"text_a": [f"t{i}" for i in range(100)], "text_b": [None] * 100,
+                                         "label": [0] * 100})
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hold_out(unique, 0, "f.csv")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import json
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -234,13 +235,21 @@ def task_info(task: str, table: datasets.Dataset, where: str, text_column: str, 
 
 
 def hold_out(examples: datasets.Dataset, seed: int, where: str) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """A seeded ``HOLDOUT_FRACTION`` split ``(train, held_out)``; at least one row each side."""
+    """A seeded ``HOLDOUT_FRACTION`` split ``(train, held_out)``; at least one row each side.  Text rows repeated on
+    both sides (the same ``text_a``, ``text_b``) are counted in a warning."""
     n = len(examples)
     if n < 2:
         raise DataError(f"{where}: {n} row(s) cannot be split into training and held-out evaluation rows; "
                         "pass --eval-data")
     n_eval = min(n - 1, max(1, round(HOLDOUT_FRACTION * n)))
     parts = examples.train_test_split(test_size=n_eval, seed=seed, shuffle=True)
+    if "text_a" not in examples.column_names:  # token or chat rows: no text pair to compare
+        return parts["train"], parts["test"]
+    seen = set(zip(parts["train"]["text_a"], parts["train"]["text_b"], strict=True))
+    both = sum(pair in seen for pair in zip(parts["test"]["text_a"], parts["test"]["text_b"], strict=True))
+    if both:  # repeated rows (GLUE's SST-2 has hundreds) land on both sides and flatter the held-out score
+        warnings.warn(f"{where}: {both} of the {n_eval} held-out rows also occur among the training rows (repeated "
+                      "texts in the file); pass --eval-data for a clean evaluation", stacklevel=2)
     return parts["train"], parts["test"]
 
 
