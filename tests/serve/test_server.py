@@ -107,6 +107,7 @@ def test_embeddings_through_the_openai_client(client):
     (json.dumps({"model": "a", "prompt": "x" * 70_000}).encode(), 413, "limit"),
     (b'{"model": "a", "prompt": "hi", "temperature": -1}', 400, "temperature"),
     (b'{"model": "a", "prompt": "hi", "seed": 1180591620717411303424}', 400, "seed"),  # 2**70: past torch's seeds
+    (json.dumps({"model": "a", "prompt": "hi", "stop": [f"s{i}" for i in range(17)]}).encode(), 400, "stop"),
     (b'[1, 2]', 400, "JSON object"),
     (b'{"prompt": "hi"}', 400, "model"),
 ])
@@ -198,3 +199,23 @@ def test_many_concurrent_mixed_requests_finish(served):
         reasons += asyncio.run(_stream_all(served.url, model, 16, 3))
     assert reasons == ["length"] * 48
     assert _idle(served)
+
+
+def test_a_refused_prompt_of_several_cancels_the_ones_already_queued(served, monkeypatch):
+    engine = engine_of(served)
+    real, calls = engine.submit, []
+
+    def submit(req):  # the second prompt is refused (e.g. the context, a full queue) after the first was queued
+        calls.append(req)
+        if len(calls) == 2:
+            from deltatune.serve.errors import BadRequest
+
+            raise BadRequest("refused for the test", "prompt")
+        return real(req)
+
+    monkeypatch.setattr(engine, "submit", submit)
+    before = engine.finished["length"]
+    r = _post(served, "/v1/completions", json.dumps({"model": "a", "prompt": ["hi", "there"], "max_tokens": 50,
+                                                      "temperature": 0}).encode())
+    assert r.status_code == 400 and "refused for the test" in r.text
+    assert _idle(served) and engine.finished["length"] == before  # cancelled, not decoded to the end

@@ -234,6 +234,21 @@ class _Run:
         return total
 
 
+async def _submit_all(state: ServerState, encoded: list[list[int]], params: SamplingParams, delta: str | None,
+                      fit: bool) -> list[_Run]:
+    """Submit one run per prompt; when one is refused (context, a full queue, an unloaded delta), the runs already
+    queued are cancelled before the refusal propagates — nobody would read them, and they would decode to the end."""
+    runs: list[_Run] = []
+    try:
+        for ids in encoded:
+            runs.append(await _Run(state, ids, params, delta, fit).submit())
+    except BaseException:
+        for run in runs:
+            state.engine.cancel(run.req.request_id)
+        raise
+    return runs
+
+
 def _sse(data: Any) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
@@ -269,7 +284,7 @@ def _routes(app: FastAPI, state: ServerState) -> None:
         encoded = [_encode(state, p) for p in prompts]
         params, fit = _params(state, body, body.max_tokens, body.logprobs)
         rid = f"cmpl-{uuid.uuid4().hex}"
-        runs = [await _Run(state, ids, params, delta, fit).submit() for ids in encoded]
+        runs = await _submit_all(state, encoded, params, delta, fit)
         if not body.stream:
             outs = await asyncio.gather(*(r.collect() for r in runs))
             return R.completion(rid, body.model, list(outs), body.logprobs is not None)

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from deltatune.serve.sampling import MAX_LOGPROBS
 
 #: Most prompts (or inputs) one request may carry.
 MAX_ITEMS = 64
+#: stop strings per request (OpenAI allows 4; each is matched against every generated token on the engine's thread)
+MAX_STOPS = 16
 
 
 class _Body(BaseModel):
@@ -35,6 +37,14 @@ class _Sampling(_Body):
     def stop_strings(self) -> tuple[str, ...]:
         items = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return tuple(s for s in items if s)
+
+    @field_validator("stop")
+    @classmethod
+    def _few_stops(cls, value: str | list[str] | None) -> str | list[str] | None:
+        """At most :data:`MAX_STOPS` stop strings (every one is checked against every new token of the row)."""
+        if isinstance(value, list) and len(value) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop strings, got {len(value)}")
+        return value
 
 
 class CompletionBody(_Sampling):
