@@ -302,3 +302,30 @@ def test_sliding_window_models_run_one_row_at_a_time_and_match_each_request_alon
     both = engine.generate([long, short], [None, None], params)
     alone = engine.generate([short], [None], params[1])[0]
     assert both[1].token_ids == alone.token_ids
+
+
+def test_reloading_an_evicted_delta_reads_it_without_holding_the_model_lock(deltas, monkeypatch):
+    # a disk read (and its digest and fingerprint checks) under the model's lock would stall every running request
+    import threading
+
+    model = tiny_llama()
+    one = deltas["lora2"].nbytes
+    store = DeltaStore(model, "base", max_bytes=int(one * 1.5))
+    for name in ("a", "b"):
+        store.add(name, deltas["lora2"])
+    assert list(store.resident()) == ["b"]
+    real, held = store._read, []
+
+    def read(name, src):  # another thread can take the model's lock while the read runs
+        got = []
+        probe = threading.Thread(target=lambda: got.append(store.lock.acquire(timeout=1) and store.lock.release()
+                                                           is None))
+        probe.start()
+        probe.join()
+        held.append(not got[0])
+        return real(name, src)
+
+    monkeypatch.setattr(store, "_read", read)
+    lease = store.acquire("a")
+    assert held == [False] and "a" in store.resident()
+    store.release(lease)

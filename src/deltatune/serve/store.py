@@ -167,12 +167,18 @@ class DeltaStore:
                 self._resident.move_to_end(name)
                 entry.users += 1
                 return Lease(entry.key, entry)
+            src = self._sources.get(name)
+        if src is None:
+            raise UnknownDelta(name, [self.base_name, *self.names()])
+        delta = self._read(name, src)  # the disk read and its checks run beside the model's steps, as add()'s do
         with self.model_lock(), self._book:
             if name not in self._sources:
                 raise UnknownDelta(name, [self.base_name, *self.names()])
             entry = self._resident.get(name)
             if entry is None:
-                entry = self._attach(name, self._read(name, self._sources[name]))
+                if self._sources[name] is not src:  # replaced while it was read: read what the name holds now
+                    delta = self._read(name, self._sources[name])
+                entry = self._attach(name, delta)
             self._resident.move_to_end(name)
             entry.users += 1
             return Lease(entry.key, entry)
