@@ -219,3 +219,14 @@ def test_a_refused_prompt_of_several_cancels_the_ones_already_queued(served, mon
                                                       "temperature": 0}).encode())
     assert r.status_code == 400 and "refused for the test" in r.text
     assert _idle(served) and engine.finished["length"] == before  # cancelled, not decoded to the end
+
+
+def test_streams_end_with_a_usage_chunk_when_asked(client):
+    plain = client.completions.create(model="a", prompt="the cat", max_tokens=5, temperature=0)
+    pieces = list(client.completions.create(model="a", prompt="the cat", max_tokens=5, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert pieces[-1].choices == [] and pieces[-1].usage.completion_tokens == 5
+    assert pieces[-1].usage.prompt_tokens == plain.usage.prompt_tokens
+    assert all(p.usage is None for p in pieces[:-1])
+    without = list(client.completions.create(model="a", prompt="the cat", max_tokens=5, temperature=0, stream=True))
+    assert without[-1].choices and without[-1].usage is None

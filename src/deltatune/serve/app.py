@@ -290,12 +290,15 @@ def _routes(app: FastAPI, state: ServerState) -> None:
             return R.completion(rid, body.model, list(outs), body.logprobs is not None)
 
         async def chunks() -> AsyncIterator[str]:
-            offset = 0
+            offset, last = 0, None
             async for out in runs[0].events():
                 yield _sse(R.completion_chunk(rid, body.model, 0, out, body.logprobs is not None, offset))
                 offset += sum(len(t.token) for t in out.logprobs)
+                last = out
                 if out.finish_reason == "error":
                     yield _sse(error_body(out.error or "generation failed", 500))
+            if body.stream_usage and last is not None:
+                yield _sse(R.usage_chunk(rid, body.model, "text_completion", last))
             yield "data: [DONE]\n\n"
         return _stream(chunks())
 
@@ -319,11 +322,15 @@ def _routes(app: FastAPI, state: ServerState) -> None:
 
         async def chunks() -> AsyncIterator[str]:
             yield _sse(R.chat_chunk(rid, body.model, {"role": "assistant", "content": ""}, None))
+            last = None
             async for out in run.events():
                 yield _sse(R.chat_chunk(rid, body.model, {"content": out.text} if out.text else {}, out.finish_reason,
                                         out.logprobs if body.logprobs else None))
+                last = out
                 if out.finish_reason == "error":
                     yield _sse(error_body(out.error or "generation failed", 500))
+            if body.stream_usage and last is not None:
+                yield _sse(R.usage_chunk(rid, body.model, "chat.completion.chunk", last))
             yield "data: [DONE]\n\n"
         return _stream(chunks())
 

@@ -23,6 +23,10 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore", str_strip_whitespace=False)
 
 
+class StreamOptions(_Body):
+    include_usage: bool = False  # a last chunk with ``choices: []`` and the request's ``usage`` (OpenAI, vLLM)
+
+
 class _Sampling(_Body):
     model: str = Field(min_length=1, max_length=256)
     temperature: float = Field(default=1.0, ge=0.0, le=100.0, allow_inf_nan=False)
@@ -31,8 +35,13 @@ class _Sampling(_Body):
     seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)  # what torch.Generator.manual_seed takes
     stop: str | list[str] | None = None
     stream: bool = False
+    stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=1)
     ignore_eos: bool = False
+
+    @property
+    def stream_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
 
     def stop_strings(self) -> tuple[str, ...]:
         items = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

@@ -52,6 +52,12 @@ def chat(rid: str, model: str, out: Output, logprobs: bool) -> dict[str, Any]:
             "usage": usage(out.prompt_tokens, out.completion_tokens)}
 
 
+def usage_chunk(rid: str, model: str, kind: str, out: Output) -> dict[str, Any]:
+    """The last chunk of a stream asked for with ``stream_options.include_usage``: no choices, the usage."""
+    return {"id": rid, "object": kind, "created": int(time.time()), "model": model, "choices": [],
+            "usage": usage(out.prompt_tokens, out.completion_tokens)}
+
+
 def chat_chunk(rid: str, model: str, delta: dict[str, Any], finish: str | None,
                logprobs: list[TokenLogprob] | None = None) -> dict[str, Any]:
     choice = {"index": 0, "delta": delta, "finish_reason": finish,
