@@ -246,6 +246,7 @@ def atomic_file(target: str | Path) -> Iterator[Path]:
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, target)
+        _fsync_dir(target.parent)  # the rename itself survives a power loss
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
         if is_disk_full(exc) and not isinstance(exc, DiskFull):
