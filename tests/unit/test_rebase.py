@@ -195,3 +195,16 @@ def test_checkpoint_rebase_is_new_base_plus_the_fine_tuning_diff(tmp_path):
                                    str(tmp_path / "v1"), "--out", str(tmp_path / "out2")])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "out2" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("method", ["ia3", "dora"])
+def test_base_dependent_parts_are_refused(bases, method):
+    # their parameters give another Δθ on another base: copying them would not carry θ_ft − θ_v1 over
+    import deltatune
+    from deltatune.errors import NotMergeable
+
+    v1, v2, _ = bases
+    config = deltatune.make_config(method, {} if method == "ia3" else {"r": 2})
+    delta = deltatune.attach(copy.deepcopy(v1), config)
+    with pytest.raises(NotMergeable, match="depends on the base weights"):
+        rebase_delta(delta, v2, old_base=v1)

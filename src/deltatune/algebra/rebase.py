@@ -22,7 +22,7 @@ from torch import nn
 from deltatune.algebra.compose import check_fits, describe_fingerprint_diff, fingerprint_diff
 from deltatune.algebra.sum_deltas import clone_part
 from deltatune.delta import Delta
-from deltatune.errors import ConfigError, FingerprintMismatch
+from deltatune.errors import ConfigError, FingerprintMismatch, NotMergeable
 from deltatune.fingerprint import fingerprint
 from deltatune.parts.capabilities import require_capability
 
@@ -64,6 +64,12 @@ def rebase_delta(delta: Delta | str | Path, new_base: BaseLike, old_base: BaseLi
     where = f"delta {str(delta)!r}" if not isinstance(delta, Delta) else "the delta"
     d = as_delta(delta, verify=verify)
     require_capability(d, "additive", f"rebase ({where})")
+    dependent = sorted(name for name, part in d.parts.items() if part.base_dependent and not part.is_alias)
+    if dependent:  # DoRA, (IA)³, SSF: the same parameters give another Δθ on another base
+        shown = f"{dependent[:3]}{' …' if len(dependent) > 3 else ''}, {d.parts[dependent[0]].kind}"
+        raise NotMergeable(f"cannot rebase {where}: the update of {len(dependent)} part(s) depends on the base "
+                           f"weights ({shown}), so copying its parameters would not carry θ_ft − θ_old over; rebase "
+                           "transfers base-independent deltas (LoRA, sparse, dense, adapters)")
     heads = list(d.heads)
     old_fp: dict[str, Any] | None = d.fingerprint
     if old_base is None:
