@@ -109,6 +109,24 @@ def test_checkpoint_streamed_against_base(tiny, monkeypatch):
         inspect_deltas([tiny["ft"], tiny["lora"]], _opts(tiny))
 
 
+def test_a_bf16_fine_tune_of_an_fp32_base_counts_only_real_updates(tiny, tmp_path):
+    # RL update sparsity is measured "in the same dtype": against the fp32 base, every bf16 rounding would count
+    ft = tiny_llama(0).to(torch.bfloat16)
+    changed = {}
+    with torch.no_grad():
+        for name, p in ft.named_parameters():
+            flat = p.view(-1)
+            idx = torch.arange(0, flat.numel(), 20)  # 5 % of the entries move
+            flat[idx] += 0.5
+            changed[name] = idx.numel() / flat.numel()
+    ft.save_pretrained(tmp_path / "ft16")
+    report = inspect_deltas([tmp_path / "ft16"], _opts(tiny))
+    rows = {r["key"]: r for r in report["layers"]}
+    for key, share in changed.items():
+        assert rows[key]["density"] == pytest.approx(share, abs=0.01), key
+    assert any("rounded to torch.bfloat16" in n for n in report["notes"])
+
+
 def test_deltas_of_different_bases_are_refused(tiny):
     other = randomize_delta(tiny_llama(1), dt.LoRAConfig(r=4), 9, 0.05)
     with pytest.raises(FingerprintMismatch, match="different base models"):

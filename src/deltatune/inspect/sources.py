@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from deltatune.algebra.checkpoint import CheckpointReader, is_checkpoint
@@ -47,12 +48,28 @@ class Sources:
     def base_tensor(self, key: str) -> Tensor | None:
         return self.base_of(key) if self.base is not None else None
 
+    def _same_dtype_base(self, source: CheckpointInput, key: str, base_value: Tensor | None) -> Tensor | None:
+        """The base tensor as the fine-tune stores it: rounded to the fine-tune's dtype when that is narrower (an fp32
+        base, a bf16 fine-tune), so that the rounding of the save is not counted as an update — update sparsity is
+        measured on both checkpoints "in the same dtype" (Mukherjee et al., 2025).  Noted once per dtype pair."""
+        if base_value is None or self.base is None:
+            return base_value
+        mine, theirs = source.reader.dtype(key), self.base.dtype(key)
+        if not (mine.is_floating_point and theirs.is_floating_point) or torch.finfo(mine).bits >= \
+                torch.finfo(theirs).bits:
+            return base_value
+        note = (f"the base stores {theirs} and {source.label} {mine}: its delta is taken against the base rounded "
+                f"to {mine}, so the save's rounding does not count as an update")
+        if note not in self.notes:
+            self.notes.append(note)
+        return base_value.to(mine).float()
+
     def taus(self, key: str, base_value: Tensor | None) -> list[Tensor | None]:
         """``τ_i`` of ``key`` for every input (``None`` where input ``i`` leaves the tensor alone)."""
         out: list[Tensor | None] = []
         for s in self.sources:
             if isinstance(s, CheckpointInput):
-                out.append(s.tau(key, base_value))
+                out.append(s.tau(key, self._same_dtype_base(s, key, base_value)))
             else:
                 out.append(s.tau(key, self.base_of if self.base is not None else None) if key in s.keys_set
                            else None)
