@@ -249,3 +249,33 @@ def test_peak_memory_objective_on_cpu(tmp_path, data_dir, one_thread):
     (trial,) = [t for t in result.study.trials if "duplicate_of" not in t.user_attrs]
     assert result.directions == ["maximize", "minimize", "minimize"]
     assert trial.values[2] == trial.user_attrs["peak_memory"] > 1e6  # training MiniLM needs megabytes at least
+
+
+def test_a_resumed_study_does_not_replay_the_first_runs_random_draws(tmp_path):
+    path = tmp_path / "study.db"
+
+    def draw(study: optuna.Study, n: int) -> list[int]:
+        got = []
+        for _ in range(n):
+            trial = study.ask()
+            got.append(trial.suggest_int("x", 0, 10**6))
+            study.tell(trial, float(got[-1]))
+        return got
+
+    first = draw(load_study(open_storage(path), str(path), "a" * 64, ["maximize"], 0, 10), 3)
+    resumed = draw(load_study(open_storage(path), str(path), "a" * 64, ["maximize"], 0, 10), 3)
+    assert resumed != first and not set(resumed) & set(first)
+
+
+def test_cli_search_whose_trials_all_fail_exits_non_zero(tmp_path, monkeypatch):
+    import deltatune.search.front as front
+    import deltatune.search.study as study_module
+    from deltatune.cli import app
+
+    doc = {"train": TRAIN, "search": {"methods": {"bitfit": {}}, "trials": 1}}
+    cfg = tmp_path / "search.yaml"
+    cfg.write_text(yaml.safe_dump(doc))
+    monkeypatch.setattr(study_module, "run_search", lambda *a, **k: object())  # every trial failed: no front
+    monkeypatch.setattr(front, "front_rows", lambda result: [])
+    res = CliRunner().invoke(app, ["search", str(cfg), "--out", str(tmp_path / "out")])
+    assert res.exit_code == 1 and "no trial finished" in res.output

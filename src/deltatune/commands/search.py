@@ -65,8 +65,9 @@ def search_command(
                             on_trial=lambda done: bar.update(task, completed=done))
     rows = front_rows(result)
     if not rows:
-        err.print("no trial finished: the front is empty")
-        return
+        err.print("no trial finished: the front is empty (each trial's error is in its run folder's log and in the "
+                  "study)")
+        raise typer.Exit(code=1)
     save_front(result, out_dir)
     out.print(front_table(result, _with_configs(out_dir, rows)))
     out.print(str(out_dir / "front.png"))

@@ -75,6 +75,9 @@ def load_study(storage: optuna.storages.BaseStorage, where: str, fingerprint: st
             raise StudyMismatch(f"{where}: the optuna storage holds other studies ({names[:3]}), not a deltatune "
                                 "search; give another --storage file")
         study = optuna.load_study(study_name=STUDY, storage=storage, sampler=sampler)
+        if study.trials:  # a resume: the same seed would replay the random start-up draws of the first run
+            study.sampler = optuna.samplers.TPESampler(seed=seed * 1_000_003 + len(study.trials),
+                                                       n_startup_trials=startup)
         stored = study.user_attrs.get(FINGERPRINT_ATTR)
         if stored != fingerprint:
             raise StudyMismatch(f"{where}: the stored study was made by another search (space fingerprint "
