@@ -371,7 +371,7 @@ def _lowrank(delta: Delta, rank: int, dtype: str | None, seed: int, model: nn.Mo
                     dropped.extend(f"{name}.{p}" for p in params)
                     continue
                 kind = found
-                dropped.extend(f"{name}.{p}" for p in params if p != "weight")
+            dropped.extend(f"{name}.{p}" for p in params if p != "weight")  # (IA)³, SSF: their Δb has no LoRA form
             native = part.update("weight", _module_of(model, name) if part.base_dependent else None).detach().float()
             w = _finite(_out_in(native, kind), name)
             total = float(w.double().pow(2).sum())
