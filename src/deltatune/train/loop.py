@@ -315,14 +315,15 @@ def _check_same_run(where: Path, recorded: dict[str, Any] | None, run: dict[str,
 
 
 def _resume(where: Path, model: nn.Module, delta: Delta, optimizer, scheduler, hooks,
-            accelerator: Accelerator, run: dict[str, Any]) -> dict[str, Any]:
+            accelerator: Accelerator, run: dict[str, Any] | None = None) -> dict[str, Any]:
     """Load the checkpoint at ``where`` into the hooks (first: a schedule may change what trains), the delta's
     tensors, the optimizer, scheduler and RNGs; return its state.  A checkpoint of other settings is refused."""
     if accelerator.is_main_process:
         recover_dir(where)  # roll back an interrupted swap once, before every rank reads the checkpoint
     accelerator.wait_for_everyone()
     state = ckpt.load_checkpoint(where, recover=False)  # rolled back above, once
-    _check_same_run(where, state.get("run"), run)
+    if run is not None:  # None: a caller without a run of its own (a loader check)
+        _check_same_run(where, state.get("run"), run)
     if len(state["hooks"]) != len(hooks) or len(state["rng"]) != accelerator.num_processes:
         raise DeltaFormatError(f"{where}: checkpoint has {len(state['hooks'])} hook state(s) for "
                                f"{len(state['rng'])} process(es); this run has {len(hooks)} for "
