@@ -3,6 +3,10 @@
 ``shapes``: SHA-256 of the sorted ``name:shape`` lines of every base parameter (task heads
 excluded); ``values``: SHA-256 of the first 256 fp32 values of 8 evenly spaced tensors.  Two bases
 with the same architecture but different weights differ in ``values`` only, which the error says.
+``probe``: a digest per tensor of a few parameters chosen by the hash of their *names* among all of the model's
+parameters, so two fingerprints taken with different task heads left out (a language delta without heads, a task
+delta with a classifier) still share most probe tensors and can be compared on them
+(:func:`fingerprint_differences`); the other fields depend on which heads were left out.
 """
 
 from __future__ import annotations
@@ -44,6 +48,46 @@ def base_parameters(model: nn.Module, exclude: Iterable[str] = ()) -> Iterator[t
         yield name, p
 
 
+PROBE_TENSORS = 8
+#: the fields compared exactly (when both fingerprints have them); ``probe`` is compared on the tensors both hold
+EXACT_FIELDS = ("model_type", "num_params", "shapes", "values")
+
+
+def _probe(model: nn.Module, kept: dict[str, Tensor]) -> dict[str, str]:
+    """``{name: digest}`` of the first :data:`PROBE_TENSORS` of the model's parameters ordered by the hash of their
+    names (heads included in the ranking, left out of the result when excluded): the choice does not depend on
+    which heads a delta leaves out."""
+    ranked = sorted((hashlib.sha256(n.encode()).hexdigest(), n) for n, _ in base_parameters(model))
+    out = {}
+    with torch.no_grad():
+        for _, name in ranked[:PROBE_TENSORS]:
+            if name in kept and not kept[name].is_meta:  # a meta model (a streamed merge's) has no values to probe
+                t = kept[name]
+                sample = t.detach().reshape(-1)[:SAMPLED_VALUES].to(device="cpu", dtype=torch.float32)
+                out[name] = hashlib.sha256(f"{list(t.shape)}".encode() + sample.numpy().tobytes()).hexdigest()[:12]
+    return out
+
+
+def fingerprint_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """The fields on which two fingerprints disagree: each of :data:`EXACT_FIELDS` both have and that differ, and
+    ``probe`` when a tensor both probed differs (fingerprints without a field, e.g. written before ``probe`` or a
+    composed delta's partial one, are not compared on it)."""
+    diffs = [k for k in EXACT_FIELDS if k in a and k in b and a[k] != b[k]]
+    pa, pb = a.get("probe"), b.get("probe")
+    if isinstance(pa, dict) and isinstance(pb, dict) and any(pa[n] != pb[n] for n in set(pa) & set(pb)):
+        diffs.append("probe")
+    return diffs
+
+
+def describe_field(field: str, a: dict[str, Any], b: dict[str, Any], a_name: str, b_name: str) -> str:
+    """One differing field, for an error: ``"values: A has '…', B has '…'"``, or for ``probe`` the tensors whose
+    digests differ."""
+    if field == "probe":
+        names = sorted(n for n in set(a["probe"]) & set(b["probe"]) if a["probe"][n] != b["probe"][n])
+        return f"probe: {a_name} and {b_name} differ on {names[:3]}"
+    return f"{field}: {a_name} has {a.get(field)!r}, {b_name} has {b.get(field)!r}"
+
+
 def fingerprint(model: nn.Module, exclude: Iterable[str] = ()) -> dict[str, Any]:
     params = list(base_parameters(model, exclude))
     shapes = hashlib.sha256("\n".join(sorted(f"{n}:{list(p.shape)}" for n, p in params)).encode()).hexdigest()
@@ -61,6 +105,7 @@ def fingerprint(model: nn.Module, exclude: Iterable[str] = ()) -> dict[str, Any]
         "num_params": sum(p.numel() for _, p in params),
         "shapes": shapes[:16],
         "values": h.hexdigest()[:16],
+        "probe": _probe(model, dict(params)),
     }
 
 
@@ -71,14 +116,14 @@ def check_fingerprint(expected: dict[str, Any] | None, model: nn.Module, exclude
     if not expected:
         return
     actual = fingerprint(model, exclude) if actual is None else actual
-    diffs = [k for k in ("model_type", "num_params", "shapes", "values") if expected.get(k) != actual.get(k)]
+    diffs = fingerprint_differences(expected, actual)
     if not diffs:
         return
-    if diffs == ["values"]:
+    if set(diffs) <= {"values", "probe"}:
         what = "the architecture matches but the weights differ (another checkpoint of the same model?)"
     else:
         what = "the architecture differs"
-    detail = ", ".join(f"{k}: delta has {expected.get(k)!r}, model has {actual.get(k)!r}" for k in diffs)
+    detail = ", ".join(describe_field(k, expected, actual, "delta", "model") for k in diffs)
     raise FingerprintMismatch(
         f"{where} was trained on another base model: {what} ({detail}). "
         "Pass force=True (CLI: --force) to apply it anyway, or use `deltatune rebase`."

@@ -401,3 +401,32 @@ def test_merge_mode_gives_base_dependent_parts_the_base_as_attach_mode_does(meth
         merged = logits(model, "llama")
     assert torch.allclose(merged, attached, atol=1e-5)
     assert_same_state(model, base)
+
+
+def test_deltas_with_different_heads_are_compared_on_probe_tensors():
+    # Ansell's case: a language delta without heads plus a task delta with a classifier. Their fingerprints leave out
+    # different heads, so num_params/shapes/values differ by construction; the probe tensors (chosen independently
+    # of the heads) still tell two bases apart, and the sum keeps a partial fingerprint that is checked on apply
+    m0, m1 = TINY_MODELS["bert"](0), TINY_MODELS["bert"](1)
+    gen = torch.Generator().manual_seed(0)
+    q = "bert.encoder.layer.0.attention.self.query"
+    head = {"classifier": {k: v.detach().clone() for k, v in m0.classifier.state_dict().items()}}
+
+    def lang(m):
+        return Delta("lora", {}, {q: lora_part(get_module(m, q), 2, 1.0, gen)}, fingerprint=fingerprint(m))
+
+    def task(m):
+        return Delta("lora", {}, {q: lora_part(get_module(m, q), 2, 1.0, gen)}, heads=copy.deepcopy(head),
+                     fingerprint=fingerprint(m, exclude=["classifier"]))
+
+    with pytest.raises(FingerprintMismatch, match="probe"):
+        compose_deltas([lang(m0), task(m1)])
+    assert compose_deltas([lang(m0), task(m0)]).fingerprint == task(m0).fingerprint  # the union's own fingerprint
+    pooler = {"bert.pooler.dense": {k: v.detach().clone() for k, v in m0.bert.pooler.dense.state_dict().items()}}
+    other = Delta("lora", {}, {q: lora_part(get_module(m0, q), 2, 1.0, gen)}, heads=pooler,
+                  fingerprint=fingerprint(m0, exclude=["bert.pooler.dense"]))
+    summed = compose_deltas([task(m0), other])  # no input carries both heads: a partial fingerprint
+    assert set(summed.fingerprint) == {"model_type", "probe"} and summed.fingerprint["probe"]
+    apply_delta(TINY_MODELS["bert"](0), summed)  # its own base: accepted
+    with pytest.raises(FingerprintMismatch, match="probe"):
+        apply_delta(TINY_MODELS["bert"](1), summed)

@@ -25,14 +25,13 @@ from torch import Tensor, nn
 
 from deltatune.delta import Delta
 from deltatune.errors import ConfigError, FingerprintMismatch, ShapeMismatch, TargetError
-from deltatune.fingerprint import fingerprint
+from deltatune.fingerprint import describe_field, fingerprint, fingerprint_differences
 from deltatune.model import attach_parts, delta_layers, detach, get_module, load_heads
 from deltatune.parts.base import Part
 from deltatune.parts.bias import ADDED as ADDED_MARK
 from deltatune.parts.capabilities import require_capability
 
 Mode = Literal["attach", "merge"]
-FINGERPRINT_KEYS = ("model_type", "num_params", "shapes", "values")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -111,15 +110,15 @@ def _snapshot_heads(model: nn.Module, heads: Sequence[str], snap: _Snapshot) -> 
 # Fingerprints and checks
 # --------------------------------------------------------------------------------------------------
 def fingerprint_diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    """Fields (of ``model_type, num_params, shapes, values``) on which two fingerprints differ."""
-    return [k for k in FINGERPRINT_KEYS if a.get(k) != b.get(k)]
+    """Fields on which two fingerprints differ (:func:`deltatune.fingerprint.fingerprint_differences`)."""
+    return fingerprint_differences(a, b)
 
 
 def describe_fingerprint_diff(a: dict[str, Any], b: dict[str, Any], a_name: str, b_name: str) -> str:
     """``"same architecture, different weights (values: A has …, B has …)"``-style explanation."""
     diffs = fingerprint_diff(a, b)
-    what = ("same architecture, different weights" if diffs == ["values"] else "different architectures")
-    detail = ", ".join(f"{k}: {a_name} has {a.get(k)!r}, {b_name} has {b.get(k)!r}" for k in diffs)
+    what = "same architecture, different weights" if set(diffs) <= {"values", "probe"} else "different architectures"
+    detail = ", ".join(describe_field(k, a, b, a_name, b_name) for k in diffs)
     return f"{what} ({detail})"
 
 

@@ -74,25 +74,43 @@ def clone_part(part: Part) -> Part:
 def _check_fingerprints(deltas: Sequence[Delta], names: Sequence[str]) -> dict[str, Any] | None:
     """Raise :class:`FingerprintMismatch` naming two deltas whose bases differ; return the sum's fingerprint.
 
-    A fingerprint excludes the delta's own task heads, so two fingerprints taken with different head sets
-    are compared on ``model_type`` only.  The sum carries the union of the heads: its fingerprint is that of a
-    delta carrying exactly that union (``None`` if there is none).
+    A fingerprint excludes the delta's own task heads, so two fingerprints taken with different head sets differ in
+    ``num_params``, ``shapes`` and ``values`` by construction: they are compared on ``model_type`` and on the
+    ``probe`` tensors both hold (chosen independently of the heads; fingerprints written before ``probe`` existed:
+    on ``model_type`` alone).  The sum carries the union of the heads: its fingerprint is that of a delta carrying
+    exactly that union, else the partial ``{model_type, probe}`` every input agrees on (checked the same way when it
+    is applied).
     """
     first: dict[frozenset[str], int] = {}
     known = [i for i, d in enumerate(deltas) if d.fingerprint]
     for i in known:
         j = first.setdefault(frozenset(deltas[i].heads), i)
-        same_heads = not fingerprint_diff(deltas[j].fingerprint, deltas[i].fingerprint)
-        if same_heads and deltas[known[0]].fingerprint.get("model_type") == deltas[i].fingerprint.get("model_type"):
-            continue
-        j = j if not same_heads else known[0]
-        a, b = deltas[j].fingerprint, deltas[i].fingerprint
-        raise FingerprintMismatch(
-            f"{names[j]} and {names[i]} were trained on different base models: "
-            f"{describe_fingerprint_diff(a, b, names[j], names[i])}; rebase one of them first (`deltatune rebase`)"
-        )
+        if fingerprint_diff(deltas[j].fingerprint, deltas[i].fingerprint):  # same heads: every field compares
+            _mismatch(deltas, names, j, i)
+        for k in known[:known.index(i)]:  # other head sets: model_type and the probe tensors both hold
+            a, b = deltas[k].fingerprint, deltas[i].fingerprint
+            partial_a = {f: a[f] for f in ("model_type", "probe") if f in a}
+            partial_b = {f: b[f] for f in ("model_type", "probe") if f in b}
+            if fingerprint_diff(partial_a, partial_b):
+                _mismatch(deltas, names, k, i)
     union = frozenset(h for d in deltas for h in d.heads)
-    return dict(deltas[first[union]].fingerprint) if union in first else None
+    if union in first:
+        return dict(deltas[first[union]].fingerprint)
+    if not known:
+        return None
+    probe: dict[str, str] = {}
+    for i in known:
+        probe.update(deltas[i].fingerprint.get("probe") or {})
+    partial = {"model_type": deltas[known[0]].fingerprint.get("model_type")}
+    return {**partial, "probe": probe} if probe else partial
+
+
+def _mismatch(deltas: Sequence[Delta], names: Sequence[str], j: int, i: int) -> None:
+    a, b = deltas[j].fingerprint, deltas[i].fingerprint
+    raise FingerprintMismatch(
+        f"{names[j]} and {names[i]} were trained on different base models: "
+        f"{describe_fingerprint_diff(a, b, names[j], names[i])}; rebase one of them first (`deltatune rebase`)"
+    )
 
 
 def compose_deltas(deltas: Sequence[Delta], names: Sequence[str] | None = None) -> Delta:
