@@ -159,27 +159,44 @@ def _two_sparse() -> Delta:
 
 
 def test_compeft_global_scope_uses_one_sigma_and_threshold():
-    d = _two_sparse()
-    c = compress_delta(d, "compeft", density=0.4, alpha=1.0)  # N = 5, k = 2 → keep |3|, |−4|
-    sigma = math.sqrt(29.8 / 4)  # x̄ = −0.3, Σx² = 30.25, Σ(x − x̄)² = 30.25 − 5·0.09 = 29.8
+    # ComPEFT's σ and k = ⌊ρ·n⌋ are over every entry of the update: a sparse part's unstored entries are zeros
+    d = _two_sparse()  # a: 3 of 4×4 entries stored, b: 2 of 2×3; n = 22
+    c = compress_delta(d, "compeft", density=0.1, alpha=1.0)  # k = 2 → keep |3|, |−4|
+    dense = torch.tensor([1.0, -2.0, 3.0, -4.0, 0.5] + [0.0] * 17)
+    sigma = ops.sample_std(dense)  # Σ(x − x̄)² = 30.25 − 1.5²/22, over 21
+    assert sigma == pytest.approx(math.sqrt((30.25 - 1.5**2 / 22) / 21), rel=1e-12)
     s = float(torch.tensor(sigma))
     assert c.parts["a"].indices.tolist() == [9] and c.parts["a"].values.tolist() == [pytest.approx(s)]
     assert c.parts["b"].indices.tolist() == [0] and c.parts["b"].values.tolist() == [pytest.approx(-s)]
     result = c.metrics["compression"][-1]
     assert result["threshold"] == 3.0 and result["sigma"] == pytest.approx(sigma, rel=1e-12)
-    assert result["kept"] == 2 and result["density_achieved"] == pytest.approx(0.4)
+    assert result["kept"] == 2 and result["density_achieved"] == pytest.approx(2 / 22)
     assert c.config["compression"][-1]["method"] == "compeft" and c.config["density"] == 0.1
     assert c.fingerprint == d.fingerprint and torch.equal(c.heads["h"]["weight"], d.heads["h"]["weight"])
     assert d.parts["a"].values.tolist() == [1.0, -2.0, 3.0]  # input untouched
-    per = compress_delta(d, "compeft", density=0.4, alpha=1.0, scope="tensor")  # k = 1 per part
-    sa = ops.sample_std(torch.tensor([1.0, -2.0, 3.0]))
+    per = compress_delta(d, "compeft", density=0.1, alpha=1.0, scope="tensor")  # k = 1 per part
+    sa = ops.sample_std(torch.tensor([1.0, -2.0, 3.0] + [0.0] * 13))
     assert per.parts["a"].values.tolist() == [pytest.approx(sa)]
-    assert per.parts["b"].values.tolist() == [pytest.approx(-ops.sample_std(torch.tensor([-4.0, 0.5])))]
+    assert per.parts["b"].values.tolist() == [pytest.approx(-ops.sample_std(torch.tensor([-4.0, 0.5] + [0.0] * 4)))]
+
+
+def test_a_sparse_part_compresses_as_the_dense_update_it_stands_for():
+    torch.manual_seed(0)
+    w = torch.zeros(10, 10)
+    idx = torch.tensor([3, 17, 42, 58])
+    w.view(-1)[idx] = torch.tensor([0.5, -1.5, 2.0, -0.25])
+    dense = DensePart({"weight": (10, 10)})
+    with torch.no_grad():
+        dense.delta_for("weight").copy_(w)
+    as_dense = compress_delta(Delta("full", {}, {"m": dense}), "compeft", density=0.02, alpha=1.0)
+    as_sparse = compress_delta(Delta("sparse", {}, {"m": _sparse((10, 10), idx.tolist(), w.view(-1)[idx].tolist())}),
+                               "compeft", density=0.02, alpha=1.0)
+    assert torch.allclose(as_dense.parts["m"].delta_weight(), as_sparse.parts["m"].delta_weight(), atol=1e-6)
 
 
 def test_magnitude_keeps_values_and_dare_drops_zeros():
     d = _two_sparse()
-    m = compress_delta(d, "magnitude", density=0.4)
+    m = compress_delta(d, "magnitude", density=0.1)  # k = ⌊0.1·22⌋ = 2 of the update's entries
     assert m.parts["a"].values.tolist() == [3.0] and m.parts["b"].values.tolist() == [-4.0]
     q8 = compress_delta(d, "quantize", dtype="int8", scope="tensor")
     assert q8.parts["b"].values.tolist() == [-4.0, pytest.approx(4 / 127 * 16)]  # round(0.5·127/4) = 16
@@ -242,7 +259,7 @@ def test_masks_are_seeded_per_tensor_name_not_by_order():
 
 def test_alpha_sweep_by_eval_fn_and_q_calibration():
     d = _two_sparse()
-    sigma = ops.sample_std(torch.tensor([1.0, -2.0, 3.0, -4.0, 0.5]))
+    sigma = ops.sample_std(torch.tensor([1.0, -2.0, 3.0, -4.0, 0.5] + [0.0] * 17))  # the 22 entries of the update
 
     def eval_fn(cand: Delta) -> float:  # best when the kept magnitude is 2σ
         return -abs(float(cand.parts["a"].values.detach().abs().max()) / sigma - 2.0)

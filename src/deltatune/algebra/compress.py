@@ -69,10 +69,13 @@ EXACT_SVD_MAX_DIM = 1024
 
 @dataclass
 class _Slot:
-    """One tensor the method acts on: ``key`` names it (seeds, errors), ``get`` reads it."""
+    """One tensor the method acts on: ``key`` names it (seeds, errors), ``get`` reads it; ``implicit`` counts the
+    zero entries it stands for beside its stored ones (a sparse part's values at indices into a larger weight):
+    ComPEFT's ``σ`` and ``k = ⌊ρ·n⌋`` are over every entry of the update, zeros included."""
 
     key: str
     get: Callable[[], Tensor]
+    implicit: int = 0
 
 
 def _key(name: str, suffix: str) -> str:
@@ -87,7 +90,10 @@ def _slots(name: str, part: Part, target: str) -> list[_Slot]:
         suffixes = part.value_names(product)
     except NotImplementedError:
         raise ConfigError(f"part {name!r} is a {part.kind} part, which has no values to compress") from None
-    return [_Slot(_key(name, k), lambda k=k: part.values_view(product)[k]) for k in suffixes]
+    domain = part.values_domain(product)
+    stored = part.values_view(product) if domain else {}
+    return [_Slot(_key(name, k), lambda k=k: part.values_view(product)[k],
+                  domain[k] - stored[k].numel() if k in domain else 0) for k in suffixes]
 
 
 def _rebuild(name: str, part: Part, target: str, new: dict[str, Tensor]) -> Part:
@@ -108,13 +114,14 @@ class _Moments:
     def __init__(self) -> None:
         self.n, self.mean, self.m2 = 0, 0.0, 0.0
 
-    def add(self, t: Tensor) -> None:
+    def add(self, t: Tensor, zeros: int = 0) -> None:
+        """Add ``t``'s entries and ``zeros`` more zero entries."""
         x = t.detach().double().reshape(-1)
-        n_b = x.numel()
+        n_b = x.numel() + zeros
         if n_b == 0:
             return
-        mean_b = float(x.mean())
-        m2_b = float(((x - mean_b) ** 2).sum())
+        mean_b = float(x.sum()) / n_b
+        m2_b = float(((x - mean_b) ** 2).sum()) + zeros * mean_b * mean_b
         n = self.n + n_b
         d = mean_b - self.mean
         self.mean += d * n_b / n
@@ -127,23 +134,42 @@ class _Moments:
 
 
 def _global_stats(slots: list[_Slot], density: float, need_sigma: bool) -> dict[str, float]:
-    """Global ``σ`` (Bessel) and the k-th largest ``|τ|`` over every slot, ``k = max(1, ⌊ρ·N⌋)``."""
+    """Global ``σ`` (Bessel) and the k-th largest ``|τ|`` over every slot, ``k = max(1, ⌊ρ·N⌋)``, ``N`` counting
+    the slots' implicit zeros (the smallest magnitudes: a ``k`` past the stored values keeps them all)."""
     moments, select = _Moments(), RadixSelect(nonnegative=True)
 
     def feed_all(first: bool) -> None:
         for s in slots:
             t = s.get()
             if first and need_sigma:
-                moments.add(t)
+                moments.add(t, s.implicit)
             select.feed(t.detach().abs())
 
     feed_all(first=True)
+    total = select.count + sum(s.implicit for s in slots)
     if select.count == 0:
         return {"sigma": 0.0, "threshold": 0.0}
-    k = keep_count(select.count, density)
+    k = keep_count(total, density)
+    if k >= select.count:
+        return {"sigma": moments.std, "threshold": 0.0, "entries": total, "k": k}
     select.resolve([select.count - k])
     feed_all(first=False)
-    return {"sigma": moments.std, "threshold": select.values()[0], "entries": select.count, "k": k}
+    return {"sigma": moments.std, "threshold": select.values()[0], "entries": total, "k": k}
+
+
+def _tensor_sigma(s: _Slot) -> float:
+    """``σ`` of one slot's entries, its implicit zeros included."""
+    moments = _Moments()
+    moments.add(s.get(), s.implicit)
+    return moments.std
+
+
+def _tensor_threshold(s: _Slot, density: float) -> float:
+    """The k-th largest ``|τ|`` of one slot, ``k = max(1, ⌊ρ·n⌋)`` over its entries and implicit zeros (0 when ``k``
+    reaches past the stored values)."""
+    t = s.get()
+    k = keep_count(t.numel() + s.implicit, density)
+    return 0.0 if k >= t.numel() else ops.kth_largest_abs(t, k)
 
 
 def _post_cast(t: Tensor, dtype: str | None, per_row: bool = False) -> Tensor:
@@ -234,7 +260,7 @@ def _run_values(delta: Delta, cfg: CompressConfig, ctx: CompressContext, step: d
     eval_fn, calibration_fn = ctx.eval_fn, ctx.calibration_fn
     tgt = "product" if target == "product" else "factors"
     slots = [s for name, part in delta.parts.items() for s in _slots(name, part, tgt)]
-    entries = sum(_finite(s.get(), s.key).numel() for s in slots)
+    entries = sum(_finite(s.get(), s.key).numel() + s.implicit for s in slots)  # the update's, zeros included
     result: dict[str, Any] = {"method": method}
 
     def build(fn: Callable[[_Slot], Tensor]) -> tuple[dict[str, Part], dict[str, Tensor]]:
@@ -249,8 +275,8 @@ def _run_values(delta: Delta, cfg: CompressConfig, ctx: CompressContext, step: d
             result.update({k: v for k, v in stats.items() if k != "sigma" or method == "compeft"})
             sigma_of, thr_of = (lambda s: stats["sigma"]), (lambda s: stats["threshold"])
         else:
-            sigma_of = lambda s: ops.sample_std(s.get())  # noqa: E731
-            thr_of = lambda s: ops.kth_largest_abs(s.get(), keep_count(s.get().numel(), density))  # noqa: E731
+            sigma_of = _tensor_sigma
+            thr_of = lambda s: _tensor_threshold(s, density)  # noqa: E731
         if method == "magnitude":
             def trim(s: _Slot) -> Tensor:
                 t = s.get()

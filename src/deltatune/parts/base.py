@@ -156,6 +156,12 @@ class Part(nn.Module):
         """The keys of :meth:`values_view` without computing it."""
         return tuple(self.values_view(product))
 
+    def values_domain(self, product: bool = False) -> dict[str, int]:
+        """``{values_view key: entries of the update it stands for}`` where that is more than it stores (values at
+        indices into a weight: the other entries are zeros); a key left out stands for itself.  Compression counts
+        those zeros (ComPEFT's ``σ`` and ``k = ⌊ρ·n⌋`` are over the whole update)."""
+        return {}
+
     def with_values(self, values: dict[str, Tensor], product: bool = False, where: str = "part") -> Part:
         """A new part rebuilt from (compressed) ``values`` shaped like :meth:`values_view` (same ``product``)."""
         raise NotImplementedError(f"{self.kind} parts cannot be rebuilt from values")

@@ -293,6 +293,10 @@ class SparsePart(Part):
         """``{"": values}`` (the same with or without ``product``)."""
         return {"": self.values.detach()}
 
+    def values_domain(self, product: bool = False) -> dict[str, int]:
+        """The values stand for every entry of the weight."""
+        return {"": self.numel_base}
+
     def with_values(self, values: dict[str, Tensor], product: bool = False, where: str = "sparse") -> Part:
         """The same index set with new ``values``; entries that became exactly 0 are dropped."""
         vals = values[""].reshape(-1)
