@@ -430,3 +430,25 @@ def test_deltas_with_different_heads_are_compared_on_probe_tensors():
     apply_delta(TINY_MODELS["bert"](0), summed)  # its own base: accepted
     with pytest.raises(FingerprintMismatch, match="probe"):
         apply_delta(TINY_MODELS["bert"](1), summed)
+
+
+def test_a_push_with_new_heads_keeps_a_bias_an_earlier_merge_added():
+    # the base fingerprint for a new head set is taken with the stack undone; a bias a BitFit merge added to a
+    # bias-free Linear must be back afterwards
+    from deltatune.parts.bias import BiasPart
+
+    model = TINY_MODELS["llama"]()
+    q = "model.layers.0.self_attn.q_proj"
+    assert get_module(model, q).bias is None
+    bias = BiasPart(get_module(model, q).out_features, has_bias=False)
+    with torch.no_grad():
+        bias.bias_delta.fill_(1.0)
+    d1 = Delta("bitfit", {}, {q: bias}, fingerprint=fingerprint(model))
+    head = {"lm_head": {"weight": get_module(model, "lm_head").weight.detach().clone()}}
+    d2 = Delta("head", {}, {}, heads=head, fingerprint=fingerprint(model, exclude=["lm_head"]))
+    stack = DeltaStack(model, mode="merge")
+    stack.push(d1)
+    stack.push(d2)
+    assert get_module(model, q).bias is not None and torch.all(get_module(model, q).bias == 1.0)
+    stack.revert()
+    assert get_module(model, q).bias is None

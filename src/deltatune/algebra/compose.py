@@ -283,12 +283,20 @@ class DeltaStack:
                         current.take_whole(t)
                     for t, idx, _ in e.snapshot.at:
                         current.take_at(t, idx)
+                # tensors a merge added (a bias where a module had none) are taken off for the fingerprint and put
+                # back after: restore() deletes them
+                added = [(m, n, getattr(m, n), getattr(m, ADDED_MARK, None))
+                         for e in self._entries for m, n in e.snapshot.added]
                 for e in reversed(self._entries):
                     e.snapshot.restore()
                 try:
                     self._fingerprints[key] = fingerprint(self.model, exclude=key)
                 finally:
                     current.restore()
+                    for module, name, tensor, mark in added:
+                        setattr(module, name, tensor)
+                        if mark is not None:
+                            setattr(module, ADDED_MARK, mark)
             else:
                 self._fingerprints[key] = fingerprint(self.model, exclude=key)
         return self._fingerprints[key]
