@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from conftest import TINY_MODELS, logits, max_diff, tiny_inputs
+from conftest import TINY_MODELS, hooked_steps, logits, max_diff, tiny_inputs
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import deltatune
@@ -241,13 +241,9 @@ def test_task_head_group_keeps_its_optimizer_state_across_draws():
     assert [g["name"] for g in opt.param_groups] == ["delta", "heads"]
     (sampler,) = get_method("lisa").hooks(model, delta, config, opt, 40, 1)
     head = model.score.weight
-    batch = {"input_ids": torch.randint(1, 128, (2, 8)), "labels": torch.tensor([0, 1])}
-    for step in range(3):
-        sampler.before_step(step)
-        model(**batch).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sampler.after_step(step + 1)
+    model.train()
+    hooked_steps(model, opt, [sampler], {"input_ids": torch.randint(1, 128, (2, 8)), "labels": torch.tensor([0, 1])},
+                 0, 3)
     assert float(opt.state[head]["step"]) == 3
     assert [id(p) for p in opt.param_groups[1]["params"]] == [id(head)]
 
