@@ -79,6 +79,15 @@ def fingerprint_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     return diffs
 
 
+def same_base(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
+    """Whether two recorded fingerprints (``None``: unknown) name the same base: both unknown, or both known and
+    without :func:`fingerprint_differences` (fields one of them lacks, e.g. ``probe`` before it was recorded, are
+    not compared)."""
+    if a is None or b is None:
+        return a is None and b is None
+    return not fingerprint_differences(a, b)
+
+
 def describe_field(field: str, a: dict[str, Any], b: dict[str, Any], a_name: str, b_name: str) -> str:
     """One differing field, for an error: ``"values: A has '…', B has '…'"``, or for ``probe`` the tensors whose
     digests differ."""

@@ -331,3 +331,14 @@ def test_a_tensor_the_base_lacks_is_named_in_a_warning(checkpoints, tmp_path) ->
     with pytest.warns(UserWarning, match=r"1 tensor\(s\) the base lacks .*score\.weight"):
         merge([head, checkpoints["ft1"]], "task_arithmetic", base=checkpoints["base"], output="checkpoint",
               out=tmp_path / "m")
+
+
+def test_a_delta_fingerprinted_before_probes_merges_with_a_new_one_of_the_same_base() -> None:
+    new = random_delta(deltatune.LoRAConfig(r=2, targets=["q_proj"]), seed=1)
+    old = random_delta(deltatune.LoRAConfig(r=2, targets=["q_proj"]), seed=2)
+    old.fingerprint = {k: v for k, v in old.fingerprint.items() if k != "probe"}  # as written before 2026-12-06
+    merged = merge([new, old], "task_arithmetic")
+    assert set(merged.parts) == set(new.parts)
+    other = random_delta(deltatune.LoRAConfig(r=2, targets=["q_proj"]), seed=3, model_seed=1)
+    with pytest.raises(deltatune.errors.FingerprintMismatch):
+        merge([new, other], "task_arithmetic")

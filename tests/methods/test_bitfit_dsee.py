@@ -100,6 +100,13 @@ def test_bitfit_shifts_conv_and_group_norm_channels_on_axis_1_and_merges_exactly
     merged = copy.deepcopy(base)
     deltatune.merge_delta(merged, delta)
     assert max_diff(merged(x), ref) <= 1e-5
+    unbatched = torch.randn(3, 5, 4)  # Conv2d takes (C, H, W) too: the channel axis is then 0
+    wrapped = nn.Sequential(copy.deepcopy(base[0]))
+    conv_delta = deltatune.attach(wrapped, deltatune.make_config("bitfit", {}))
+    with torch.no_grad():
+        next(iter(conv_delta.parts.values())).bias_delta.copy_(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    want = torch.nn.functional.conv2d(unbatched, conv.weight, conv.bias + torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    assert max_diff(wrapped(unbatched), want) <= 1e-5
 
 
 def test_bias_part_meta_is_checked() -> None:

@@ -60,6 +60,13 @@ def test_groups_per_block_and_role() -> None:
     assert module_role("transformer.h.0.attn.c_attn") == "attention"
 
 
+def test_group_order_is_blocks_then_other_whatever_the_blocks_path() -> None:
+    # draw_half's systematic rounding walks the groups in order: it must not depend on how the path sorts
+    # against "other" (GPT-2's "transformer.h." sorts after it)
+    names = ["transformer.wte", "transformer.h.1.mlp.c_fc", "transformer.h.0.attn.c_attn", "transformer.ln_f"]
+    assert list(half_groups(names)) == ["transformer.h.000000/attention", "transformer.h.000001/ffn", "other"]
+
+
 def test_encoder_decoder_blocks_are_separate_groups_with_cross_attention_as_attention() -> None:
     bart = [f"model.{side}.layers.0.{sub}.{p}_proj" for side in ("encoder", "decoder") for sub in ("self_attn",)
             for p in "qv"] + ["model.decoder.layers.0.encoder_attn.q_proj", "model.decoder.layers.0.fc1",

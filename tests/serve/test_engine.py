@@ -302,6 +302,11 @@ def test_sliding_window_models_run_one_row_at_a_time_and_match_each_request_alon
     both = engine.generate([long, short], [None, None], params)
     alone = engine.generate([short], [None], params[1])[0]
     assert both[1].token_ids == alone.token_ids
+    long_window = MistralForCausalLM(MistralConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
+                                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                   sliding_window=64, max_position_embeddings=64)).eval()
+    kept = Engine(long_window, Tok(), DeltaStore(long_window, "base"), EngineConfig(max_batch=8), eos=set())
+    assert kept.config.max_batch == 8  # a window as long as the context never drops history: batching is exact
 
 
 def test_reloading_an_evicted_delta_reads_it_without_holding_the_model_lock(deltas, monkeypatch):

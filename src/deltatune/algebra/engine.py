@@ -30,6 +30,7 @@ from deltatune.algebra.workspace import Workspace
 from deltatune.config import brief, finite_float, parse_config
 from deltatune.delta import Delta
 from deltatune.errors import ConfigError, FingerprintMismatch, NotMergeable, ShapeMismatch
+from deltatune.fingerprint import same_base
 from deltatune.ops import lines as lines_ops
 from deltatune.ops.compress import stable_seed
 
@@ -68,7 +69,7 @@ def _check_same_base(sources: list[Any], force: bool) -> dict[str, Any] | None:
     prints = [s.fingerprint for s in sources]
     first = prints[0]
     for s, fp in zip(sources[1:], prints[1:], strict=True):
-        if fp != first and not force:
+        if not same_base(fp, first) and not force:
             raise FingerprintMismatch(f"{sources[0].label} and {s.label} were trained on different base models "
                                       f"({brief(first)} vs {brief(fp)}); pass force=True (CLI --force) to merge "
                                       "anyway")

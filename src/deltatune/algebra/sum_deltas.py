@@ -71,7 +71,7 @@ def clone_part(part: Part) -> Part:
     return clone.to(device) if device is not None else clone
 
 
-def _check_fingerprints(deltas: Sequence[Delta], names: Sequence[str]) -> dict[str, Any] | None:
+def check_same_bases(deltas: Sequence[Delta], names: Sequence[str]) -> dict[str, Any] | None:
     """Raise :class:`FingerprintMismatch` naming two deltas whose bases differ; return the sum's fingerprint.
 
     A fingerprint excludes the delta's own task heads, so two fingerprints taken with different head sets differ in
@@ -130,7 +130,7 @@ def compose_deltas(deltas: Sequence[Delta], names: Sequence[str] | None = None) 
         raise ConfigError(f"{len(names)} names for {len(deltas)} deltas")
     for name, d in zip(names, deltas, strict=True):
         require_capability(d, "additive", f"compose ({name})")
-    fp = _check_fingerprints(deltas, names)
+    fp = check_same_bases(deltas, names)
     heads: dict[str, dict[str, Tensor]] = {}
     head_owner: dict[str, str] = {}
     for name, d in zip(names, deltas, strict=True):

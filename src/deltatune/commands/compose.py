@@ -38,21 +38,12 @@ def compose_paths(deltas: list[Path], heads_of: int | None = None, verify: bool 
 
 
 def check_same_base(deltas: list, names: list[str]) -> None:
-    """:class:`~deltatune.errors.FingerprintMismatch` naming two deltas with the same task-head set (so comparable
-    fingerprints) whose bases differ — checked before ``--heads-of`` drops heads, which would make them
-    incomparable."""
-    from deltatune.algebra.compose import describe_fingerprint_diff, fingerprint_diff
-    from deltatune.errors import FingerprintMismatch
+    """:class:`~deltatune.errors.FingerprintMismatch` naming two deltas whose bases differ (the same check as
+    :func:`~deltatune.algebra.sum_deltas.check_same_bases`: every field for equal head sets, ``model_type`` and the
+    probe tensors across head sets) — made before ``--heads-of`` drops heads."""
+    from deltatune.algebra.sum_deltas import check_same_bases
 
-    first: dict[frozenset[str], int] = {}
-    for i, d in enumerate(deltas):
-        if not d.fingerprint:
-            continue
-        j = first.setdefault(frozenset(d.heads), i)
-        if fingerprint_diff(deltas[j].fingerprint, d.fingerprint):
-            what = describe_fingerprint_diff(deltas[j].fingerprint, d.fingerprint, names[j], names[i])
-            raise FingerprintMismatch(f"{names[j]} and {names[i]} were trained on different base models: {what}; "
-                                      "rebase one of them first (`deltatune rebase`)")
+    check_same_bases(deltas, names)
 
 
 def compose_command(

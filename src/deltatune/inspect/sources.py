@@ -26,6 +26,7 @@ from deltatune.algebra.options import check_input_count
 from deltatune.config import brief
 from deltatune.delta import Delta
 from deltatune.errors import ConfigError, FingerprintMismatch
+from deltatune.fingerprint import same_base
 from deltatune.inspect.options import InspectOptions
 from deltatune.parts.capabilities import require_capability
 
@@ -116,7 +117,7 @@ def _check_same_base(deltas: list[Delta], labels: list[str], force: bool) -> Non
     """:class:`FingerprintMismatch` when two deltas were trained on different bases (unless ``force``)."""
     first = deltas[0].fingerprint
     for d, label in zip(deltas[1:], labels[1:], strict=True):
-        if d.fingerprint != first and not force:
+        if not same_base(d.fingerprint, first) and not force:
             raise FingerprintMismatch(f"inspect: {labels[0]} and {label} were trained on different base models "
                                       f"({brief(first)} vs {brief(d.fingerprint)}); comparing their deltas would "
                                       "compare unrelated weights. Inspect them separately, or pass --force")

@@ -208,7 +208,15 @@ def atomic_dir(target: str | Path, kind: str, overwrite: bool = False) -> Iterat
 
 
 def _umask() -> int:
-    """The process's umask (read by setting it and putting it back)."""
+    """The process's umask: from ``/proc/self/status`` where Linux gives it (reading it by setting it would change
+    it for other threads for a moment), else by setting it and putting it back."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask

@@ -91,7 +91,7 @@ def half_groups(names: Sequence[str], norms: bool = True, outside: bool = True) 
         if role == "norm" and not norms:
             continue
         groups.setdefault(f"{name[:match.start(1)]}{int(match.group(1)):06d}/{role}", []).append(name)
-    return dict(sorted(groups.items()))
+    return dict(sorted(groups.items(), key=lambda item: (item[0] == OTHER, item[0])))  # blocks in order, then other
 
 
 def draw_half(groups: dict[str, list[str]], fraction: float, seed: int, stage: int) -> set[str]:

@@ -53,9 +53,11 @@ def channel_shift(delta: Tensor, module: nn.Module, out: Tensor) -> Tensor:
     """``Δb`` shaped to broadcast over ``out`` along ``module``'s channel axis: axis 1 of an ``(N, C, …)`` output of a
     convolution or batch / group / instance norm (:data:`CHANNEL_FIRST`), else the last axis."""
     delta = delta.to(out.dtype)
-    if isinstance(module, CHANNEL_FIRST) and out.dim() > 2:
-        return delta.view(1, -1, *([1] * (out.dim() - 2)))
-    return delta
+    if not isinstance(module, CHANNEL_FIRST) or out.dim() <= 1:
+        return delta
+    spatial = len(module.kernel_size) if hasattr(module, "kernel_size") else out.dim() - 2  # a conv may be unbatched
+    axis = out.dim() - spatial - 1
+    return delta.view(-1, *([1] * (out.dim() - axis - 1)))
 
 
 class BiasPart(Part):

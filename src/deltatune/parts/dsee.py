@@ -94,10 +94,6 @@ class DSEEPart(LowRankFactors):
     def value_names(self, product: bool = False) -> tuple[str, ...]:
         return ("",) if product else ("lora_A", "lora_B", "values")
 
-    def values_domain(self, product: bool = False) -> dict[str, int]:
-        """The sparse term's values stand for every entry of the weight (the product is dense)."""
-        return {} if product else {"values": math.prod(self.weight_shape)}
-
     def with_values(self, values: dict[str, Tensor], product: bool = False, where: str = "dsee") -> Part:
         """Same geometry and support with new tensors; with ``product``, a sparse part of the non-zero entries of
         the (compressed) ``ΔW``."""

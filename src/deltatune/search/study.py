@@ -76,8 +76,8 @@ def load_study(storage: optuna.storages.BaseStorage, where: str, fingerprint: st
                                 "search; give another --storage file")
         study = optuna.load_study(study_name=STUDY, storage=storage, sampler=sampler)
         if study.trials:  # a resume: the same seed would replay the random start-up draws of the first run
-            study.sampler = optuna.samplers.TPESampler(seed=seed * 1_000_003 + len(study.trials),
-                                                       n_startup_trials=startup)
+            study.sampler = optuna.samplers.TPESampler(seed=(seed * 1_000_003 + len(study.trials)) % 2**32,
+                                                       n_startup_trials=startup)  # numpy takes seeds < 2³²
         stored = study.user_attrs.get(FINGERPRINT_ATTR)
         if stored != fingerprint:
             raise StudyMismatch(f"{where}: the stored study was made by another search (space fingerprint "

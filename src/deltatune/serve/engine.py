@@ -109,6 +109,17 @@ def virtual_tokens(lease: Lease) -> int:
     return (part.cached_prefix() or 0) if part is not None else 0
 
 
+def encoder_positions(model: nn.Module, max_positions: int | None) -> int | None:
+    """The positions an encoder input may use: ``max_position_embeddings``, less RoBERTa's offset (its position ids
+    start at ``padding_idx + 1``: XLM-R's 514 leave 512)."""
+    if max_positions is None:
+        return None
+    for module in model.modules():
+        if hasattr(module, "position_embeddings") and isinstance(getattr(module, "padding_idx", None), int):
+            return max_positions - module.padding_idx - 1
+    return max_positions
+
+
 class Engine:
     """Continuous batching over ``model`` with the deltas of ``store`` (see the module docstring)."""
 
@@ -173,11 +184,15 @@ class Engine:
     def submit_encode(self, req: EncodeRequest) -> str:
         if not req.input_ids:
             raise BadRequest("the input is empty (no tokens)", "input")
-        if self.max_positions is not None and len(req.input_ids) > self.max_positions:
-            # past a learned position table the shared forward would fail every request batched with this one
-            raise BadRequest(f"input ({len(req.input_ids)} tokens) exceeds the model's context of "
-                             f"{self.max_positions} positions", "input")
         lease = self.store.acquire(req.delta)
+        limit = encoder_positions(self.model, self.max_positions)
+        if limit is not None and virtual_tokens(lease) + len(req.input_ids) > limit:
+            # past a learned position table the shared forward would fail every request batched with this one
+            self.store.release(lease)
+            virtual = virtual_tokens(lease)
+            prefix = f"{virtual} virtual tokens of delta {req.delta!r} + " if virtual else ""
+            raise BadRequest(f"{prefix}input ({len(req.input_ids)} tokens) exceeds the model's context of {limit} "
+                             "positions", "input")
         with self._queue:
             refused = self._refusal()
             if refused is None:

@@ -107,8 +107,10 @@ def one_row_if_sliding(model: nn.Module, config: Any) -> Any:
     if config.max_batch == 1:
         return config
     layers = getattr(DynamicCache(config=model.config), "layers", [])
-    if not any("Sliding" in type(layer).__name__ for layer in layers):
-        return config
+    context = int(getattr(model.config, "max_position_embeddings", 0) or 0)
+    windows = [getattr(layer, "sliding_window", None) for layer in layers if "Sliding" in type(layer).__name__]
+    if not windows or (context and all(isinstance(w, int) and w >= context for w in windows)):
+        return config  # no sliding layer, or windows as long as the context: they never drop history
     warnings.warn(f"{type(model).__name__} has sliding-window attention layers: generation runs one request at a "
                   "time (max_batch 1), since the batched cache cannot yet cut those layers exactly", stacklevel=3)
     return replace(config, max_batch=1)

@@ -3,7 +3,7 @@
 Each request carries its own :class:`SamplingParams` and its own seeded ``torch.Generator``, so rows of one batch
 sample independently and a request's tokens do not depend on what else is in the batch.  The logits of a row
 are processed in the order ``transformers`` uses for its warpers (temperature, then top-k, then top-p), then
-either the arg-max (greedy, ``temperature == 0``) or one multinomial draw is taken.
+either the arg-max (greedy, ``temperature`` below :data:`GREEDY_BELOW`, 1e-5) or one multinomial draw is taken.
 
 Reported logprobs are ``log softmax`` of the model's raw logits (before temperature and filtering), as vLLM
 and OpenAI report them.

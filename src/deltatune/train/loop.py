@@ -289,13 +289,19 @@ def train_provenance(cfg: TrainConfig, task: Task) -> Provenance:
 
 #: settings that may change between a run and its resume without changing what it computes
 FREE_ON_RESUME = frozenset({"out_dir", "resume", "overwrite", "progress", "report_to", "checkpoint_every",
-                            "eval_every", "eval_before", "eval_batch_size", "keep_best"})
+                            "eval_every", "eval_before", "eval_batch_size", "keep_best", "eval_data", "eval_limit"})
+#: settings holding paths, compared resolved (a relative path one time, an absolute one the next)
+PATH_SETTINGS = ("model", "data")
 
 
 def run_settings(cfg: TrainConfig, delta: Delta) -> dict[str, Any]:
     """What a checkpoint records of its run so that a resume can be refused when it differs (JSON values): the
     training settings but :data:`FREE_ON_RESUME`, the method and its configuration."""
     train = {k: v for k, v in asdict(cfg).items() if k not in FREE_ON_RESUME}
+    for key in PATH_SETTINGS:
+        if isinstance(train.get(key), str) and Path(train[key]).exists():
+            train[key] = str(Path(train[key]).resolve())
+    train["on"] = [str(Path(p).resolve()) if Path(p).exists() else p for p in train.get("on") or []]
     return json.loads(json.dumps({"train": train, "method": delta.method, "config": delta.config}, default=str))
 
 
