@@ -174,6 +174,11 @@ def test_compose_deltas_lora_concatenates_ranks_exactly():
     assert torch.allclose(out.delta_weight(), 0.5 * p1.lora_B @ p1.lora_A + 2.0 * p2.lora_B @ p2.lora_A, atol=1e-6)
     same = sum_lora([p1, lora_part(lin, 1, 0.5, gen)], "m")
     assert same.scale == 0.5 and same.rank == 3  # a shared scale is kept, B is concatenated as is
+    half = [p.to(torch.bfloat16) for p in (p1, p2)]  # s_t·B_t rounded back to bf16 would not be exact
+    summed = sum_lora(half, "m")
+    assert summed.lora_B.dtype == torch.float32
+    want = sum(p.scale * p.lora_B.float() @ p.lora_A.float() for p in half)
+    assert torch.allclose(summed.delta_weight(), want, rtol=0, atol=1e-6)  # bf16 B·s was off by ~5e-4
 
 
 def test_compose_deltas_sparse_unites_indices_and_adds_values():

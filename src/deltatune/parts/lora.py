@@ -229,7 +229,8 @@ class LoRAPart(LowRankFactors):
 
 def sum_lora(parts: Sequence[LoRAPart], where: str) -> LoRAPart:
     """``Σ_t s_t B_t A_t = B A`` with ``A = [A_1; …; A_n]`` (ranks stacked) and ``B = [s_1 B_1 | … | s_n B_n]``,
-    scale 1 — exact, rank ``Σ r_t``.  When every scale is the same ``s``, ``B = [B_1 | … | B_n]`` keeps ``s``."""
+    scale 1 — exact, rank ``Σ r_t``.  When every scale is the same ``s``, ``B = [B_1 | … | B_n]`` keeps ``s``.  With
+    different scales a half-precision input sums in fp32 (``s_t B_t`` rounded back to bf16 would not be exact)."""
     ref = parts[0]
     for p in parts[1:]:
         if (p.layer, p.in_features, p.out_features) != (ref.layer, ref.in_features, ref.out_features):
@@ -237,6 +238,8 @@ def sum_lora(parts: Sequence[LoRAPart], where: str) -> LoRAPart:
                                 f"{p.layer} {p.in_features}→{p.out_features} cannot be summed")
     dtype = promote_dtypes([t for p in parts for t in (p.lora_A, p.lora_B)])
     same_scale = all(p.scale == ref.scale for p in parts)
+    if not same_scale and dtype in (torch.float16, torch.bfloat16):
+        dtype = torch.float32
     a = torch.cat([p.lora_A.detach().to(dtype) for p in parts], dim=0)
     if same_scale:
         b = torch.cat([p.lora_B.detach().to(dtype) for p in parts], dim=1)
