@@ -457,3 +457,15 @@ def test_a_push_with_new_heads_keeps_a_bias_an_earlier_merge_added():
     assert get_module(model, q).bias is not None and torch.all(get_module(model, q).bias == 1.0)
     stack.revert()
     assert get_module(model, q).bias is None
+
+
+def test_summing_a_base_dependent_part_with_another_names_the_module():
+    import deltatune
+    from deltatune.errors import NotMergeable
+
+    k = "model.layers.0.self_attn.k_proj"
+    a = deltatune.attach(TINY_MODELS["llama"](), deltatune.make_config("ia3", {"targets": [k]}))
+    b = deltatune.attach(TINY_MODELS["llama"](), deltatune.LoRAConfig(r=2, targets=[k]))
+    with pytest.raises(NotMergeable, match=f"^{k}: ") as err:
+        compose_deltas([a, b])
+    assert err.value.kind == "ia3"

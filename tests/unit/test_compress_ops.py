@@ -87,6 +87,9 @@ def test_cast_values():
         ops.cast_values(torch.tensor([1e6]), "fp16")
     with pytest.raises(ConfigError, match="dtype"):
         ops.cast_values(torch.ones(1), "fp8")
+    big = Delta("sparse", {}, {"a.b": _sparse((4, 4), [1, 2], [1e6, 1.0])})
+    with pytest.raises(ConfigError, match=r"^a\.b: values up to .* overflow fp16"):  # names the tensor
+        compress_delta(big, "quantize", dtype="fp16")
 
 
 def test_lowrank_recovers_rank_two_exactly():

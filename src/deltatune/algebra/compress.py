@@ -264,7 +264,12 @@ def _run_values(delta: Delta, cfg: CompressConfig, ctx: CompressContext, step: d
     result: dict[str, Any] = {"method": method}
 
     def build(fn: Callable[[_Slot], Tensor]) -> tuple[dict[str, Part], dict[str, Tensor]]:
-        new = {s.key: fn(s) for s in slots}
+        new = {}
+        for s in slots:
+            try:
+                new[s.key] = fn(s)
+            except ConfigError as exc:  # e.g. an fp16 overflow: name the tensor
+                raise ConfigError(f"{s.key}: {exc}") from None
         parts = {name: _rebuild(name, part, tgt, new) for name, part in delta.parts.items()}
         return parts, new
 

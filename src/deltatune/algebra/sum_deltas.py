@@ -14,7 +14,7 @@ from torch import Tensor
 
 from deltatune.algebra.compose import describe_fingerprint_diff, fingerprint_diff, same_tensors
 from deltatune.delta import Delta
-from deltatune.errors import ConfigError, FingerprintMismatch, ShapeMismatch
+from deltatune.errors import ConfigError, FingerprintMismatch, NotMergeable, ShapeMismatch
 from deltatune.parts.base import Part, promote_dtypes
 from deltatune.parts.capabilities import require_capability
 from deltatune.parts.dense import DensePart
@@ -30,6 +30,8 @@ def _dense_tensors(part: Part, where: str) -> dict[str, Tensor]:
     except NotImplementedError:
         raise ConfigError(f"{where}: a {part.kind} part has no additive weight update, so it cannot be "
                           "summed") from None
+    except NotMergeable as exc:  # a base-dependent update (DoRA, (IA)³): name the module it was summed on
+        raise NotMergeable(f"{where}: {exc}", module=exc.module or where, kind=exc.kind or part.kind) from None
 
 
 def sum_dense(parts: Sequence[Part], where: str) -> DensePart:
