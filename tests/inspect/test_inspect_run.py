@@ -227,3 +227,20 @@ def test_gpt2_conv1d_weights_are_read_in_out_in_layout(tmp_path):
     assert row["shape"] == [192, 64]  # Conv1D stores (in, out) = (64, 192): transposed to (out, in)
     assert len(row["placement"]["head_counts"]) == 12  # q, k and v rows: 3 × 4 heads of 16
     assert report["head_dim"] == 16 and row["intruders"] is not None
+
+
+def test_conv1d_layout_is_decided_by_model_type_not_only_by_name(tiny, tmp_path):
+    # GPTBigCode and Qwen-1 name nn.Linear layers c_attn / c_proj / c_fc: only GPT-2's Conv1D is stored (in, out)
+    from conftest import tiny_gpt2
+
+    from deltatune.inspect.metrics import canonical
+    from deltatune.inspect.sources import open_sources
+
+    w = torch.randn(96, 32)
+    key = "transformer.h.0.attn.c_attn.weight"
+    assert canonical(key, w, conv1d=False).shape == (96, 32)
+    assert canonical(key, w, conv1d=True).shape == canonical(key, w).shape == (32, 96)
+    assert open_sources([tiny["lora"]], _opts(tiny)).conv1d is False  # a Llama base
+    tiny_gpt2(0).save_pretrained(tmp_path / "gpt2")
+    delta = randomize_delta(tiny_gpt2(0), dt.LoRAConfig(r=2), 1, 0.05)
+    assert open_sources([delta], InspectOptions(base=str(tmp_path / "gpt2"), plots=False)).conv1d is True

@@ -48,8 +48,8 @@ def analyze(src: Sources, opts: InspectOptions) -> dict[str, Any]:
         for key in _keys(src, opts.progress):
             base = src.base_tensor(key)
             taus = src.taus(key, base)
-            base = canonical(key, base) if base is not None else None
-            taus = [canonical(key, t) if t is not None else None for t in taus]
+            base = canonical(key, base, src.conv1d) if base is not None else None
+            taus = [canonical(key, t, src.conv1d) if t is not None else None for t in taus]
             present = [t for t in taus if t is not None]
             if not present:
                 continue

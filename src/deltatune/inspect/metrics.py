@@ -47,8 +47,12 @@ def locate(key: str) -> tuple[int | None, str]:
     return (int(match.group(2)), match.group(3)) if match else (None, key)
 
 
-def canonical(key: str, tensor: Tensor) -> Tensor:
-    """``tensor`` in the ``(out, in)`` layout: Conv1D weights (GPT-2) transposed, others unchanged."""
+def canonical(key: str, tensor: Tensor, conv1d: bool | None = None) -> Tensor:
+    """``tensor`` in the ``(out, in)`` layout: Conv1D weights (GPT-2) transposed, others unchanged.  ``conv1d``:
+    whether the model's ``c_attn``/``c_proj``/``c_fc`` are Conv1D (False for GPTBigCode or Qwen-1, whose modules of
+    those names are ``nn.Linear``); ``None`` (model type unknown) decides by the name alone."""
+    if conv1d is False:
+        return tensor
     module = key.rsplit(".", 2)[-2] if key.count(".") >= 1 else ""
     return tensor.mT if tensor.dim() == 2 and key.endswith(".weight") and module in CONV1D else tensor
 

@@ -45,6 +45,7 @@ class Sources:
     head_dim: int | None
     notes: list[str]
     described: list[dict[str, Any]]
+    conv1d: bool | None = None  # whether c_attn/c_proj/c_fc are GPT-2 Conv1D (by model type); None: unknown
 
     def base_tensor(self, key: str) -> Tensor | None:
         return self.base_of(key) if self.base is not None else None
@@ -96,13 +97,26 @@ def _is_full_checkpoint(item: Any) -> bool:
     return not isinstance(item, Delta) and is_checkpoint(item) and not (Path(item) / "manifest.json").is_file()
 
 
-def _head_dim(base: CheckpointReader | None) -> int | None:
-    """``hidden / heads`` (or ``head_dim``) from the base folder's ``config.json``; ``None`` when unknown."""
+#: model types whose ``c_attn``/``c_proj``/``c_fc`` are GPT-2 ``Conv1D`` modules (weights stored ``(in, out)``);
+#: GPTBigCode and Qwen-1 use the same names on ``nn.Linear``
+CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
+
+
+def _config(base: CheckpointReader | None) -> dict[str, Any]:
+    """The base folder's ``config.json`` (``{}`` when there is none or it cannot be read)."""
     if base is None or not (base.path / "config.json").is_file():
-        return None
+        return {}
     try:
         config = json.loads((base.path / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def _head_dim(base: CheckpointReader | None) -> int | None:
+    """``hidden / heads`` (or ``head_dim``) from the base folder's ``config.json``; ``None`` when unknown."""
+    config = _config(base)
+    if not config:
         return None
     if isinstance(config.get("head_dim"), int) and config["head_dim"] > 0:
         return config["head_dim"]
@@ -175,4 +189,8 @@ def open_sources(items: Sequence[Delta | str | Path], opts: InspectOptions) -> S
                      for lab, x, d in zip(labels, items, deltas, strict=True)]
     shapes = plan_keys(sources)
     base_of = base_lookup(base, shapes, {})
-    return Sources(sources, labels, kinds, shapes, base, base_of, _head_dim(base), notes, described)
+    model_type = _config(base).get("model_type") if base is not None else None
+    if model_type is None and kinds[0] == "delta":
+        model_type = (deltas[0].fingerprint or {}).get("model_type")
+    return Sources(sources, labels, kinds, shapes, base, base_of, _head_dim(base), notes, described,
+                   conv1d=None if model_type is None else model_type in CONV1D_MODEL_TYPES)
