@@ -279,3 +279,15 @@ def test_cli_search_whose_trials_all_fail_exits_non_zero(tmp_path, monkeypatch):
     monkeypatch.setattr(front, "front_rows", lambda result: [])
     res = CliRunner().invoke(app, ["search", str(cfg), "--out", str(tmp_path / "out")])
     assert res.exit_code == 1 and "no trial finished" in res.output
+
+
+def test_a_large_seed_resumes(tmp_path):
+    # the resume seed (seed·1,000,003 + trials) must stay below numpy's 2³²
+    path = tmp_path / "study.db"
+    study = load_study(open_storage(path), str(path), "a" * 64, ["maximize"], 5000, 2)
+    trial = study.ask()
+    study.tell(trial, float(trial.suggest_int("x", 0, 9)))
+    resumed = load_study(open_storage(path), str(path), "a" * 64, ["maximize"], 5000, 2)
+    trial = resumed.ask()
+    resumed.tell(trial, float(trial.suggest_int("x", 0, 9)))
+    assert len(resumed.trials) == 2
