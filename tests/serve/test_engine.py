@@ -339,7 +339,7 @@ def test_reloading_an_evicted_delta_reads_it_without_holding_the_model_lock(delt
 def test_encoder_positions_leave_out_roberta_s_offset():
     from transformers import RobertaConfig, RobertaModel
 
-    from deltatune.serve.engine import encoder_positions
+    from deltatune.serve.encode import encoder_positions
 
     roberta = RobertaModel(RobertaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                          intermediate_size=32, max_position_embeddings=34, pad_token_id=1))

@@ -46,3 +46,14 @@ def encode_group(model: nn.Module, pad_id: int, device: torch.device, task: str,
     pooled = torch.nn.functional.normalize((hidden * weights).sum(1) / weights.sum(1), dim=-1)
     return [EncodeResult(r.request_id, embedding=pooled[i].tolist(), tokens=len(r.input_ids))
             for i, (r, _) in enumerate(group)]
+
+
+def encoder_positions(model: nn.Module, max_positions: int | None) -> int | None:
+    """The positions an encoder input may use: ``max_position_embeddings``, less RoBERTa's offset (its position ids
+    start at ``padding_idx + 1``: XLM-R's 514 leave 512)."""
+    if max_positions is None:
+        return None
+    for module in model.modules():
+        if hasattr(module, "position_embeddings") and isinstance(getattr(module, "padding_idx", None), int):
+            return max_positions - module.padding_idx - 1
+    return max_positions

@@ -52,7 +52,7 @@ from deltatune.config import require
 from deltatune.model import detach
 from deltatune.parts.base import MODEL_LEVEL
 from deltatune.routing import Routing, routed
-from deltatune.serve.encode import encode_group, row_routing
+from deltatune.serve.encode import encode_group, encoder_positions, row_routing
 from deltatune.serve.errors import BadRequest, EngineStopped
 from deltatune.serve.hot import HotMerge
 from deltatune.serve.kv import BatchKV, one_row_if_sliding
@@ -109,17 +109,6 @@ def virtual_tokens(lease: Lease) -> int:
     return (part.cached_prefix() or 0) if part is not None else 0
 
 
-def encoder_positions(model: nn.Module, max_positions: int | None) -> int | None:
-    """The positions an encoder input may use: ``max_position_embeddings``, less RoBERTa's offset (its position ids
-    start at ``padding_idx + 1``: XLM-R's 514 leave 512)."""
-    if max_positions is None:
-        return None
-    for module in model.modules():
-        if hasattr(module, "position_embeddings") and isinstance(getattr(module, "padding_idx", None), int):
-            return max_positions - module.padding_idx - 1
-    return max_positions
-
-
 class Engine:
     """Continuous batching over ``model`` with the deltas of ``store`` (see the module docstring)."""
 
@@ -132,6 +121,7 @@ class Engine:
         self.classifier = type(model).__name__.endswith("ForSequenceClassification")
         self.generative = bool(getattr(model, "can_generate", lambda: False)())
         self.max_positions = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
+        self.encoder_positions = encoder_positions(model, self.max_positions)  # once: it walks the modules
         self._queue = threading.Condition()
         self._waiting: deque[_Seq] = deque()
         self._encodes: deque[tuple[EncodeRequest, Lease]] = deque()
@@ -185,7 +175,7 @@ class Engine:
         if not req.input_ids:
             raise BadRequest("the input is empty (no tokens)", "input")
         lease = self.store.acquire(req.delta)
-        limit = encoder_positions(self.model, self.max_positions)
+        limit = self.encoder_positions
         if limit is not None and virtual_tokens(lease) + len(req.input_ids) > limit:
             # past a learned position table the shared forward would fail every request batched with this one
             self.store.release(lease)
