@@ -88,6 +88,11 @@ def same_base(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
     return not fingerprint_differences(a, b)
 
 
+def weights_only(diffs: list[str]) -> bool:
+    """Whether :func:`fingerprint_differences` found only the weights differing (same architecture)."""
+    return set(diffs) <= {"values", "probe"}
+
+
 def describe_field(field: str, a: dict[str, Any], b: dict[str, Any], a_name: str, b_name: str) -> str:
     """One differing field, for an error: ``"values: A has '…', B has '…'"``, or for ``probe`` the tensors whose
     digests differ."""
@@ -128,7 +133,7 @@ def check_fingerprint(expected: dict[str, Any] | None, model: nn.Module, exclude
     diffs = fingerprint_differences(expected, actual)
     if not diffs:
         return
-    if set(diffs) <= {"values", "probe"}:
+    if weights_only(diffs):
         what = "the architecture matches but the weights differ (another checkpoint of the same model?)"
     else:
         what = "the architecture differs"

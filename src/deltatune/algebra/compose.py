@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from deltatune.delta import Delta
 from deltatune.errors import ConfigError, FingerprintMismatch, ShapeMismatch, TargetError
-from deltatune.fingerprint import describe_field, fingerprint, fingerprint_differences
+from deltatune.fingerprint import describe_field, fingerprint, fingerprint_differences, weights_only
 from deltatune.model import attach_parts, delta_layers, detach, get_module, load_heads
 from deltatune.parts.base import Part
 from deltatune.parts.bias import ADDED as ADDED_MARK
@@ -117,7 +117,7 @@ def fingerprint_diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
 def describe_fingerprint_diff(a: dict[str, Any], b: dict[str, Any], a_name: str, b_name: str) -> str:
     """``"same architecture, different weights (values: A has …, B has …)"``-style explanation."""
     diffs = fingerprint_diff(a, b)
-    what = "same architecture, different weights" if set(diffs) <= {"values", "probe"} else "different architectures"
+    what = "same architecture, different weights" if weights_only(diffs) else "different architectures"
     detail = ", ".join(describe_field(k, a, b, a_name, b_name) for k in diffs)
     return f"{what} ({detail})"
 
