@@ -291,3 +291,27 @@ def test_a_large_seed_resumes(tmp_path):
     trial = resumed.ask()
     resumed.tell(trial, float(trial.suggest_int("x", 0, 9)))
     assert len(resumed.trials) == 2
+
+
+def test_step_time_leaves_out_evaluation(tmp_path, data_dir, one_thread, monkeypatch):
+    """``step_time`` is the mean of the loop's per-step ``step_s`` (hooks, forward, backward, optimiser step):
+    a slow evaluation after every step does not count in it (before, it was the trial's wall time per step)."""
+    import time
+
+    from deltatune.search.study import mean_step_seconds, run_search
+    from deltatune.train import loop
+
+    real_evaluate = loop.evaluate
+
+    def slow_evaluate(*args, **kwargs):
+        time.sleep(0.5)
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "evaluate", slow_evaluate)
+    sp = space(methods={"lora": {"r": [1]}}, layers=["all"], modules=["default"], trials=1, pruner="none",
+               objectives=["metric", "params", "step_time"])
+    result = run_search(sp, dict(FAST, eval_every=1), tmp_path, tmp_path / "study.db", say=lambda _: None)
+    (trial,) = [t for t in result.study.trials if "duplicate_of" not in t.user_attrs]
+    assert 0 < trial.values[2] == trial.user_attrs["step_time"] < 0.5
+    assert mean_step_seconds([{"step": 1, "step_s": 0.25}, {"step": 2, "step_s": 0.75}], 99.0) == 0.5
+    assert mean_step_seconds([{"step": 1}, {"step": 2}], 3.0) == 1.5  # a history without step_s

@@ -222,7 +222,7 @@ def run_search(space: SearchSpace, train: dict[str, Any], out: Path, storage_pat
         finally:
             if not keep_runs:
                 shutil.rmtree(run_dir, ignore_errors=True)
-        seconds = (time.perf_counter() - start) / max(1, len(result.history))
+        seconds = mean_step_seconds(result.history, time.perf_counter() - start)
         scores = result.best or result.final
         value = scores.get(task.main_metric)
         if value is None:
@@ -252,6 +252,14 @@ def run_search(space: SearchSpace, train: dict[str, Any], out: Path, storage_pat
         study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=callbacks, show_progress_bar=False)
         draws += 1
     return SearchResult(study, directions, list(space.objectives), task.main_metric, dict(train))
+
+
+def mean_step_seconds(history: list[dict[str, Any]], total: float) -> float:
+    """Mean wall time of one optimiser step: the steps' own ``step_s`` (the loop's records: method hooks,
+    forward, backward and optimiser step, without model loading, evaluation or checkpoints), or ``total`` over
+    the step count for a history without them."""
+    timed = [r["step_s"] for r in history if "step_s" in r]
+    return sum(timed) / len(timed) if timed else total / max(1, len(history))
 
 
 def _short(mapping: dict[str, Any]) -> str:

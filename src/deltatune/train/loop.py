@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -206,6 +207,7 @@ def train(cfg: TrainConfig, method_config: Any,
     progress = log.progress(cfg.max_steps, step)
     try:
         while step < cfg.max_steps:
+            started = time.perf_counter()
             for hook in hooks:
                 hook.before_step(step)
             running, running_aux = 0.0, 0.0
@@ -231,7 +233,8 @@ def train(cfg: TrainConfig, method_config: Any,
             for hook in hooks:
                 hook.after_step(step)
             log.advance(progress, running)
-            record: dict[str, Any] = {"step": step, "loss": running, "lr": used[0]}
+            record: dict[str, Any] = {"step": step, "loss": running, "lr": used[0],
+                                      "step_s": time.perf_counter() - started}
             if len(used) > 1:
                 record["head_lr"] = used[-1]
             if delta.has_aux_loss:

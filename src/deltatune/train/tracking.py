@@ -1,8 +1,9 @@
 """What a training run records as it goes: ``metrics.jsonl`` in the run folder, always, and the experiment
 trackers of ``report_to`` (TensorBoard, Weights & Biases, MLflow) through accelerate's tracking API.
 
-``metrics.jsonl`` holds one JSON object per line: one per logged optimiser step (``step``, ``loss``, ``lr`` and,
-for parts with auxiliary losses, ``aux_loss``) and one per evaluation (``step`` and ``eval``: the task's
+``metrics.jsonl`` holds one JSON object per line: one per logged optimiser step (``step``, ``loss``, ``lr``,
+``step_s``: the step's wall time without evaluation or checkpointing, and, for parts with auxiliary losses,
+``aux_loss``) and one per evaluation (``step`` and ``eval``: the task's
 metrics).  It is flushed after every line, so a crashed run keeps what it logged; a resumed run first drops
 the lines past the checkpoint's step, so no step appears twice.  Trackers get the same values, flattened
 (``eval/accuracy``), at the same steps.
