@@ -12,13 +12,14 @@ from deltatune.inspect.linalg import (
     count_intruders,
     effective_rank,
     intruder_similarity,
+    numerical_rank,
     principal_cosines,
     stable_rank,
     svd,
 )
 from deltatune.inspect.metrics import canonical, energy_shares, locate, placement
 from deltatune.inspect.pairwise import PairTotals, chance_jaccard, conflict_terms, pair_metrics, trim
-from deltatune.inspect.summary import recommend_merge
+from deltatune.inspect.summary import layer_summary, recommend_merge
 
 
 def test_effective_rank_known_values():
@@ -128,3 +129,23 @@ def test_pair_totals_over_tensors_of_different_coverage():
     assert s["trimmed_jaccard_chance"] == pytest.approx((10 * 0.04 + 10 * 0.02) / (10 * 0.36 + 10 * 0.28))
     assert s["sign_agreement"] == pytest.approx(1 / 11)
     assert s["cosine"] == pytest.approx((-10 + 1) / math.sqrt(25 * 11))
+
+
+def test_numerical_rank_matches_torch_matrix_rank():
+    g = torch.Generator().manual_seed(0)
+    for shape, r in (((12, 20), 3), ((20, 12), 12), ((9, 9), 0)):
+        a = torch.randn(shape[0], max(r, 1), generator=g) @ torch.randn(max(r, 1), shape[1], generator=g) * (r > 0)
+        s = torch.linalg.svdvals(a)
+        assert numerical_rank(s, a.shape) == int(torch.linalg.matrix_rank(a)) == r
+
+
+def test_layer_summary_averages_tensors_not_entries():
+    """Mukherjee et al.'s per-layer sparsity: each tensor of the block counts once, whatever its size."""
+    rows = [{"input": "a", "layer": 0, "density": 1.0, "density_tol": 1.0, "rank_fraction": 1.0, "numel": 10_000},
+            {"input": "a", "layer": 0, "density": 0.0, "density_tol": 0.0, "numel": 10},  # a vector: no rank
+            {"input": "a", "layer": 1, "density": 0.5, "density_tol": 0.25, "rank_fraction": None, "numel": 100},
+            {"input": "a", "layer": None, "density": 0.9, "density_tol": 0.9, "numel": 100},  # embeddings
+            {"input": "b", "layer": 0, "density": 0.2, "density_tol": 0.2, "numel": 100}]
+    assert layer_summary(rows, "a") == [
+        {"input": "a", "layer": 0, "tensors": 2, "density": 0.5, "density_tol": 0.5, "rank_fraction": 1.0},
+        {"input": "a", "layer": 1, "tensors": 1, "density": 0.5, "density_tol": 0.25, "rank_fraction": None}]

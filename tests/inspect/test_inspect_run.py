@@ -65,6 +65,29 @@ def test_lora_and_sparse_numbers(tiny):
     json.dumps(report)
 
 
+def test_update_rank_and_per_block_sparsity(tiny):
+    """§6.2 of the methods reference: rank(ΔW)/min(m, n) per matrix (a rank-4 LoRA product: 4/min; full
+    fine-tuning: full rank) and the per-block means; the summary's intruder total is the ε sweep's at its ε."""
+    report = inspect_deltas([tiny["lora"], tiny["full"]], _opts(tiny, labels=["lora", "full"]))
+    lora = [r for r in report["layers"] if r["input"] == "lora"]
+    assert all(r["rank_fraction"] == pytest.approx(4 / min(r["shape"])) for r in lora)
+    full_mats = [r for r in report["layers"] if r["input"] == "full" and r["matrix"]]
+    assert full_mats and all(r["rank_fraction"] == 1.0 for r in full_mats)
+    blocks = [b for b in report["per_layer"] if b["input"] == "lora"]
+    assert [b["layer"] for b in blocks] == sorted({r["layer"] for r in lora if r["layer"] is not None})
+    for b in blocks:
+        mine = [r for r in lora if r["layer"] == b["layer"]]
+        assert b["tensors"] == len(mine) and b["density"] == pytest.approx(sum(r["density"] for r in mine) / len(mine))
+    summary = {s["input"]: s for s in report["summaries"]}
+    assert summary["full"]["rank_fraction_mean"] == 1.0
+    curve = report["intruder_curve"]
+    at = curve["epsilons"].index(report["options"]["epsilon"])
+    for label in ("lora", "full"):
+        assert summary[label]["intruders_total"] == curve[label][at]
+    approx = inspect_deltas([tiny["lora"]], _opts(tiny, svd_full_max=4, svd_rank=12))
+    assert all(r["rank_fraction"] is None for r in approx["layers"] if r["matrix"])  # no whole spectrum
+
+
 def test_numbers_match_a_direct_computation(tiny):
     report = inspect_deltas([tiny["lora"]], _opts(tiny))
     delta = dt.Delta.load(tiny["lora"])

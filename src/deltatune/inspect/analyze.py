@@ -22,7 +22,13 @@ from deltatune.inspect.metrics import canonical, tensor_metrics
 from deltatune.inspect.options import InspectOptions
 from deltatune.inspect.pairwise import PairTotals, conflict_terms, pair_metrics, trim
 from deltatune.inspect.sources import Sources, open_sources
-from deltatune.inspect.summary import common_matrices, delta_summary, intruder_curve, recommend_merge
+from deltatune.inspect.summary import (
+    common_matrices,
+    delta_summary,
+    intruder_curve,
+    layer_summary,
+    recommend_merge,
+)
 
 EPSILONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -76,10 +82,10 @@ def analyze(src: Sources, opts: InspectOptions) -> dict[str, Any]:
                 group.lost += lost
                 group.mass += mass
             del taus, trimmed, present, u
-    summaries = [delta_summary(rows, lab) for lab in src.labels]
     common = common_matrices(rows, src.labels)
     in_blocks = {r["key"] for r in rows if r["key"] in common and r["layer"] is not None}
     curve_keys = in_blocks or common  # the paper counts in the transformer blocks (the pooler/embeddings aside)
+    summaries = [delta_summary(rows, lab, intruder_keys=curve_keys) for lab in src.labels]
     pair_summary = [{"a": src.labels[i], "b": src.labels[j], **totals[(i, j)].summary()} for i, j in pairs]
     return {
         "inputs": src.described,
@@ -88,6 +94,7 @@ def analyze(src: Sources, opts: InspectOptions) -> dict[str, Any]:
         "options": {k: v for k, v in asdict(opts).items() if k not in ("out", "overwrite", "progress")},
         "summaries": summaries,
         "layers": rows,
+        "per_layer": [entry for lab in src.labels for entry in layer_summary(rows, lab)],
         "pairs": pair_rows,
         "pairs_summary": pair_summary,
         "group_conflict_mass": group.lost / group.mass if group.mass else None,

@@ -52,6 +52,17 @@ def effective_rank(singular_values: Tensor) -> float:
     return float(torch.exp(-(p * p.log()).sum()))
 
 
+def numerical_rank(singular_values: Tensor, shape: tuple[int, ...] | list[int]) -> int:
+    """``rank(A)`` as ``torch.linalg.matrix_rank`` counts it for an fp32 matrix: the singular values above
+    ``σ_max · max(m, n) · eps_fp32`` (Mukherjee et al. 2025 measure the rank of RL updates this way); needs
+    the whole spectrum (an exact SVD)."""
+    s = singular_values.float()
+    if not s.numel() or float(s.max()) <= 0:
+        return 0
+    tol = float(s.max()) * max(shape) * torch.finfo(torch.float32).eps
+    return int((s > tol).sum())
+
+
 def stable_rank(singular_values: Tensor) -> float:
     """Stable rank ``‖A‖_F² / ‖A‖₂² = Σ σ_i² / σ_1²`` (Rudelson & Vershynin 2007); 0 for a zero matrix."""
     s = singular_values.double()

@@ -5,7 +5,9 @@
 * concentration: the share of ``‖ΔW‖_F²`` held by the largest 1 % and 10 % of entries (1 % and 10 % for an
   update living on 1 % / 10 % of the entries; ≈ 8.5 % and 44 % for i.i.d. Gaussian entries), and quantiles of
   ``|ΔW_ij| / rms(W)`` (how large a typical entry's change is next to a typical weight);
-* matrices (2-D): the top singular values of ΔW, its effective rank (Roy & Vetterli 2007) and stable rank,
+* matrices (2-D): the top singular values of ΔW, its effective rank (Roy & Vetterli 2007) and stable rank, its
+  numerical rank over ``min(m, n)`` (``rank_fraction``: the "nearly full-rank updates" measure of Mukherjee et
+  al.; ``None`` when the SVD is randomised, which does not see the whole spectrum),
   intruder dimensions of ``W + ΔW`` (Shuttleworth et al. 2024) and the alignment of ΔW with W's top
   singular directions;
 * sparse tensors (density below ``sparse_below``): where the entries sit — rows and columns touched, the share
@@ -30,6 +32,7 @@ from deltatune.inspect.linalg import (
     count_intruders,
     effective_rank,
     intruder_similarity,
+    numerical_rank,
     stable_rank,
     svd,
 )
@@ -136,6 +139,7 @@ def tensor_metrics(key: str, label: str, delta: Tensor, base: Tensor | None, bas
         row["spectrum"] = [float(s) for s in d_svd.S[: opts.spectrum_len]]
         row["erank"] = effective_rank(d_svd.S) if norm > 0 else 0.0
         row["stable_rank"] = stable_rank(d_svd.S)
+        row["rank_fraction"] = numerical_rank(d_svd.S, delta.shape) / min(delta.shape) if d_svd.exact else None
         rank = min(opts.angles_rank, d_svd.U.shape[1], int((d_svd.S[0] * 1e-6 < d_svd.S).sum()) if norm > 0 else 0)
         u_delta = d_svd.U[:, :rank].contiguous()
         del d_svd

@@ -19,11 +19,14 @@ REPORT_KIND = "inspect_report"
 SUMMARY_COLUMNS = (("density", "density", "{:.4f}"), ("rel_norm", "‖ΔW‖/‖W‖", "{:.4g}"),
                    ("top1_energy", "energy top 1%", "{:.3f}"), ("top10_energy", "energy top 10%", "{:.3f}"),
                    ("rel_entry_q50", "median |Δ|/rms(W)", "{:.3g}"), ("erank_median", "erank (median)", "{:.1f}"),
+                   ("rank_fraction_mean", "rank / min(m,n)", "{:.3f}"),
                    ("alignment_median", "align top-k", "{:.3f}"), ("alignment_chance_median", "align chance", "{:.3f}"),
                    ("intruders_total", "intruders", "{}"), ("matrices_with_intruders", "matrices w/ intruders", "{}"))
 LAYER_COLUMNS = (("rel_norm", "‖ΔW‖/‖W‖", "{:.4g}"), ("density", "density", "{:.4f}"),
                  ("top10_energy", "energy top 10%", "{:.3f}"), ("erank", "erank", "{:.1f}"),
                  ("intruders", "intruders", "{}"), ("alignment", "align top-k", "{:.3f}"))
+BLOCK_COLUMNS = (("density", "density (mean over tensors)", "{:.4f}"), ("density_tol", "|Δ| > tol", "{:.4f}"),
+                 ("rank_fraction", "rank / min(m,n)", "{:.3f}"))
 PAIR_COLUMNS = (("cosine", "cosine", "{:.4f}"), ("subspace_overlap", "subspace overlap", "{:.3f}"),
                 ("sign_agreement", "sign agreement", "{:.3f}"), ("conflict_mass", "TIES conflict mass", "{:.3f}"),
                 ("support_jaccard", "support Jaccard", "{:.3f}"),
@@ -90,6 +93,9 @@ def render_html(report: dict[str, Any], images: dict[str, Path]) -> str:
                  f"(rule {rec['rule']}): {html.escape(rec['why'])}</p>")
     for note in report["notes"]:
         parts.append(f"<p><i>{html.escape(note)}</i></p>")
+    if report.get("per_layer"):
+        parts.append("<details><summary>per block</summary>"
+                     + _table(report["per_layer"], BLOCK_COLUMNS, ("input", "layer", "tensors")) + "</details>")
     parts.append("<details><summary>per tensor</summary>"
                  + _table(report["layers"], LAYER_COLUMNS, ("input", "key")) + "</details>")
     for name, path in images.items():

@@ -34,12 +34,16 @@ def _median(values: Iterable[float | None]) -> float | None:
     return statistics.median(found) if found else None
 
 
-def delta_summary(rows: list[dict[str, Any]], label: str, keys: set[str] | None = None) -> dict[str, Any]:
+def delta_summary(rows: list[dict[str, Any]], label: str, keys: set[str] | None = None,
+                  intruder_keys: set[str] | None = None) -> dict[str, Any]:
     """One input's numbers over its tensors (or only ``keys``): totals, medians over matrices, intruder counts.
 
     ``density`` is over all its tensors (entry-weighted), ``rel_norm`` = ``√(Σ‖ΔW‖² / Σ‖W‖²)`` over the tensors with a
     known, non-zero base norm and a non-zero update; ``top1_energy`` and
-    ``top10_energy`` are energy-weighted means of the per-tensor shares (concentration *within* tensors)."""
+    ``top10_energy`` are energy-weighted means of the per-tensor shares (concentration *within* tensors);
+    ``rank_fraction_mean`` the mean of ``rank(ΔW) / min(m, n)`` over the matrices with an exact SVD (Mukherjee et
+    al. 2025).  The intruder counts are over ``intruder_keys`` when given (the matrices the report's ε sweep
+    counts, so the two totals agree), else over every matrix."""
     mine = [r for r in rows if r["input"] == label and (keys is None or r["key"] in keys)]
     mats = [r for r in mine if r["matrix"]]
     numel = sum(r["numel"] for r in mine)
@@ -52,7 +56,9 @@ def delta_summary(rows: list[dict[str, Any]], label: str, keys: set[str] | None 
         total = sum(w for _, w in pairs)
         return sum(v * w for v, w in pairs) / total if total else None
 
-    intruders = [r["intruders"] for r in mats if r.get("intruders") is not None]
+    intruders = [r["intruders"] for r in mats
+                 if r.get("intruders") is not None and (intruder_keys is None or r["key"] in intruder_keys)]
+    ranks = [r["rank_fraction"] for r in mats if r.get("rank_fraction") is not None]
     return {"input": label, "tensors": len(mine), "matrices": len(mats),
             "density": sum(r["density"] * r["numel"] for r in mine) / numel if numel else None,
             "density_tol": sum(r["density_tol"] * r["numel"] for r in mine) / numel if numel else None,
@@ -61,10 +67,31 @@ def delta_summary(rows: list[dict[str, Any]], label: str, keys: set[str] | None 
             "rel_entry_q50": _median(r["rel_entry_q50"] for r in mine),
             "rel_entry_q99": _median(r["rel_entry_q99"] for r in mine),
             "erank_median": _median(r.get("erank") for r in mats),
+            "rank_fraction_mean": sum(ranks) / len(ranks) if ranks else None,
             "alignment_median": _median(r.get("alignment") for r in mats),
             "alignment_chance_median": _median(r.get("alignment_chance") for r in mats),
             "intruders_total": sum(intruders) if intruders else None,
             "matrices_with_intruders": sum(1 for n in intruders if n > 0) if intruders else None}
+
+
+def layer_summary(rows: list[dict[str, Any]], label: str) -> list[dict[str, Any]]:
+    """Per transformer block of one input (Mukherjee et al. 2025, §6.2 of the methods reference): the mean over
+    the block's tensors of their density (exact non-zeros) and ``density_tol`` (``|Δ| > tol``), each tensor
+    counting once whatever its size, and the mean ``rank(ΔW) / min(m, n)`` over its matrices with an exact SVD.
+    Tensors outside the blocks (embeddings, head, final norm) are left out."""
+    blocks: dict[int, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r["input"] == label and r["layer"] is not None:
+            blocks.setdefault(r["layer"], []).append(r)
+    out = []
+    for layer in sorted(blocks):
+        mine = blocks[layer]
+        ranks = [r["rank_fraction"] for r in mine if r.get("rank_fraction") is not None]
+        out.append({"input": label, "layer": layer, "tensors": len(mine),
+                    "density": sum(r["density"] for r in mine) / len(mine),
+                    "density_tol": sum(r["density_tol"] for r in mine) / len(mine),
+                    "rank_fraction": sum(ranks) / len(ranks) if ranks else None})
+    return out
 
 
 def common_matrices(rows: list[dict[str, Any]], labels: list[str]) -> set[str]:
