@@ -181,6 +181,9 @@ def test_dsee_round_trip_compress_form_and_bad_input(tmp_path) -> None:
     loaded = deltatune.load_delta(deltatune.save_delta(delta, tmp_path / "d"))
     for name, part in delta.parts.items():
         assert torch.equal(loaded.parts[name].delta_weight(), part.delta_weight())
+        assert part.indices.dtype == loaded.parts[name].indices.dtype == torch.int32  # as every sparse support
+        wide = {k: v.detach() for k, v in part.state_dict().items()} | {"indices": part.indices.long()}
+        assert DSEEPart.from_state(wide, part.meta()).indices.dtype == torch.int32  # an int64 file loads narrowed
         dense = part.values_view(product=True)
         sparse = part.with_values(dense, product=True)
         assert isinstance(sparse, SparsePart) and torch.equal(sparse.delta_weight(), part.delta_weight())

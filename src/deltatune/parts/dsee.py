@@ -28,6 +28,7 @@ from deltatune.parts.sparse import (
     SparseDeltaFunction,
     check_indices,
     effective_weight,
+    index_dtype,
     scatter_delta,
     sparse_from_dense,
 )
@@ -51,7 +52,8 @@ class DSEEPart(LowRankFactors):
             raise ShapeMismatch(f"dsee part: weight {self.weight_shape} is not {out_features}×{in_features}")
         indices = indices.sort().values
         check_indices(indices, math.prod(self.weight_shape), "dsee indices", require_sorted=True)
-        self.register_buffer("indices", indices.to(device=self.lora_A.device, dtype=torch.int64))
+        self.register_buffer("indices", indices.to(device=self.lora_A.device,
+                                                  dtype=index_dtype(math.prod(self.weight_shape))))
         self.values = nn.Parameter(torch.zeros(indices.numel(), dtype=dtype, device=self.lora_A.device))
 
     def _sparse(self) -> Tensor:
@@ -143,7 +145,7 @@ class DSEEPart(LowRankFactors):
         part = cls(meta["in_features"], meta["out_features"], meta["rank"], meta["scale"], tuple(meta["weight_shape"]),
                    idx, LayerKind(meta["layer"]), float(meta.get("dropout", 0.0)), dtype=state["lora_A"].dtype,
                    sparse_scale=float(meta.get("sparse_scale", 1.0)))  # absent: written before it was recorded
-        part.load_tensors({**state, "indices": idx.to(torch.int64)}, "dsee")
+        part.load_tensors({**state, "indices": idx.to(part.indices.dtype)}, "dsee")  # int64 files load as int32
         return part
 
     def check_base(self, base: nn.Module, where: str) -> None:
