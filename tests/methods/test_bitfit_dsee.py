@@ -215,5 +215,8 @@ def test_random_sparse_keeps_its_support_and_refuses_bad_budgets() -> None:
     for bad in ({"density": 0.0}, {"density": 1.01}, {"num_tunable": 0}):
         with pytest.raises(ConfigError):
             deltatune.make_config("random-sparse", bad)
-    with pytest.raises(ConfigError, match="targets hold only"):
+    with pytest.raises(ConfigError, match="random-sparse config asks for num_tunable 100000000 but the targets hold"):
         deltatune.attach(TINY_MODELS["gpt2"](), deltatune.make_config("random-sparse", {"num_tunable": 10**8}))
+    for method in ("random-sparse", "sparse"):  # a density that rounds to no entry at all trained nothing
+        with pytest.raises(ConfigError, match=f"{method} config.density: density 1e-07 of .* = 0 trainable"):
+            deltatune.attach(TINY_MODELS["gpt2"](), deltatune.make_config(method, {"density": 1e-7}))

@@ -102,11 +102,16 @@ class Sparse(Method):
         names = select_modules(model, config.targets, exclude)
         sizes = [get_module(model, n).weight.numel() for n in names]
         if config.num_tunable is not None:
-            total = config.num_tunable
+            total, asked = config.num_tunable, f"num_tunable {config.num_tunable}"
         else:
-            total = int(config.density * sum(p.numel() for _, p in base_parameters(model, exclude)))
+            n_base = sum(p.numel() for _, p in base_parameters(model, exclude))
+            total = int(config.density * n_base)
+            asked = f"density {config.density} of {n_base} base parameters = {total} trainable values"
+            if total < 1:
+                raise ConfigError(f"{config.method} config.density: {asked}; give a larger density or num_tunable")
         if total > sum(sizes):
-            raise ConfigError(f"sparse config asks for {total} trainable values but the targets hold only {sum(sizes)}")
+            raise ConfigError(f"{config.method} config asks for {asked} but the targets hold only {sum(sizes)} "
+                              f"({len(names)} module(s) matching {config.targets})")
         gen = torch.Generator().manual_seed(config.seed)
         parts = {}
         for name, size, k in zip(names, sizes, allocate(total, sizes), strict=True):
