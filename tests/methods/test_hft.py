@@ -168,6 +168,14 @@ def test_bad_config(mapping) -> None:
         deltatune.make_config("hft", mapping)
 
 
+def test_a_fraction_that_draws_no_module_in_some_stage_is_refused() -> None:
+    n = len(deltatune.attach(TINY_MODELS["gpt2"](), HFTConfig(norms=False, embeddings=False)).parts)
+    with pytest.raises(ConfigError, match=rf"hft config.fraction 0.01 of {n} modules trains none in some stages"):
+        deltatune.attach(TINY_MODELS["gpt2"](), HFTConfig(fraction=0.01, norms=False, embeddings=False))
+    smallest = HFTConfig(fraction=1 / n, norms=False, embeddings=False)
+    assert len(deltatune.attach(TINY_MODELS["gpt2"](), smallest).parts) == n
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
 def test_half_reset_restores_half_of_each_block_to_the_base(arch: str) -> None:
     base = TINY_MODELS[arch]()
