@@ -203,7 +203,7 @@ class HFT(Method):
             raise ConfigError("hft found no module to train in this model (no transformer blocks matched)")
         if config.fraction * len(keep) < 1:  # the systematic rounding then draws no module in some stages
             raise ConfigError(f"hft config.fraction {config.fraction} of {len(keep)} modules trains none in some "
-                              f"stages; give fraction ≥ {1 / len(keep):.3g}")
+                              f"stages; give fraction ≥ {math.ceil(1000 / len(keep)) / 1000:g}")
         return {n: p for n, p in parts.items() if n in keep}
 
     def hooks(self, model, delta, config: HFTConfig, optimizer, total_steps, grad_accum) -> list[TrainHook]:
