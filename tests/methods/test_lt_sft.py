@@ -195,6 +195,26 @@ def test_training_loop_writes_a_sparse_delta_of_k_entries(tmp_path, data_dir) ->
     assert saved.metrics["steps"] == 4
 
 
+def test_best_is_kept_only_from_the_masked_phase(tmp_path, data_dir, monkeypatch) -> None:
+    """An evaluation during the dense phase 1 scores the full fine-tune: it is neither saved as ``best`` (a dense
+    delta the size of the model) nor the score the masked phase must beat (here phase 1 scores higher)."""
+    from deltatune.train import loop
+    from deltatune.train.config import TrainConfig
+
+    scores = iter([0.9, 0.8, 0.6, 0.7])
+    monkeypatch.setattr(loop, "evaluate", lambda *args, **kwargs: {"accuracy": next(scores)})
+
+    cfg = TrainConfig(out_dir=str(tmp_path / "run"), task="sst2", max_steps=4, train_limit=32, eval_limit=16,
+                      eval_every=1, eval_before=False, max_length=24, batch_size=8, progress=False,
+                      checkpoint_every=0, lr=1e-3)
+    result = loop.train(cfg, deltatune.make_config("lt-sft", {"num_tunable": 500, "full_steps": 2}))
+    assert [("eval" in r) for r in result.history] == [True] * 4
+    assert result.best == {"accuracy": 0.8, "step": 2}  # step 2 evaluates the rewound support (phase 2)
+    best = deltatune.load_delta(result.best_dir)
+    assert {p.kind for p in best.parts.values()} == {"sparse"}
+    assert sum(p.indices.numel() for p in best.parts.values()) == 500
+
+
 def _minilm_linears(delta):
     from deltatune.api import load_base_for
     from deltatune.methods.targets import select_modules

@@ -314,6 +314,11 @@ class LTSFTPhases(TrainHook):
     def close(self) -> None:
         self.in_place.close()
 
+    def delta_is_final(self) -> bool:
+        """Only the masked phase's sparse parts may be kept as ``best``: a phase-1 evaluation scores the dense full
+        fine-tune, neither the delta this run saves nor comparable with it."""
+        return self.phase == 2
+
     def state_dict(self) -> dict[str, Any]:
         indices = None if self.phase == 1 else {n: p.indices.detach().cpu() for n, p in self.delta.parts.items()}
         return {"phase": self.phase, "events": list(self.events), "indices": indices,

@@ -71,6 +71,11 @@ class TrainHook:
     def after_step(self, step: int) -> None:
         """After ``optimizer.step()``; ``step`` is the new count of completed steps."""
 
+    def delta_is_final(self) -> bool:
+        """Whether the delta's parts now have the form the run ends with, so that an evaluation may keep them as
+        the run's ``best`` (False while a phase trains something else, e.g. LT-SFT's dense phase 1)."""
+        return True
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 

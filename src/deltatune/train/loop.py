@@ -245,7 +245,8 @@ def train(cfg: TrainConfig, method_config: Any,
                 log.say(f"step {step}: {_fmt(metrics)}")
                 if on_eval is not None:
                     on_eval(step, metrics)
-                if metrics and cfg.keep_best and _better(metrics, best, task):
+                final_form = all(hook.delta_is_final() for hook in hooks)  # LT-SFT's dense phase 1 is not kept
+                if metrics and cfg.keep_best and final_form and _better(metrics, best, task):
                     best = {**metrics, "step": step}
                     delta.snapshot_heads(raw_model)
                     if accelerator.is_main_process:
