@@ -277,8 +277,8 @@ def info(
         out.print_json(json.dumps(d, default=str))
         return
     head = Table(show_header=False, box=None)
-    for key in ("method", "parts", "part_kinds", "trainable", "head_params", "bytes", "base_params", "density",
-                "fingerprint", "metrics"):
+    for key in ("method", "parts", "part_kinds", "trainable", "head_params", "bytes", "disk_bytes", "base_params",
+                "density", "fingerprint", "metrics"):
         value = d[key]
         if key == "density" and value is not None:
             value = f"{value:.4%}"
