@@ -1,16 +1,19 @@
 """Where SpIEL's backward time goes, per layer: the sampled weight gradient against LoRA's weight-gradient matmuls.
 
 For one linear layer ``y = x Wᵀ`` with ``T`` tokens, the sparse delta needs ``(gᵀx).flat[indices]`` at its ``k``
-trained entries (``k`` = LoRA r=8's count on that layer, ``8·(d_in + d_out)``, random positions).  Rows (medians of
-``--repeats`` calls, milliseconds):
+trained entries (``k`` = LoRA r's count on that layer, ``r·(d_in + d_out)``, random positions; ``--rank``,
+default 8: 4 % of MiniLM's matrices, below the 5 % above which the backward switches to row blocks; r = 32 is
+17 %).  Rows (medians of ``--repeats`` calls, milliseconds):
 
 * ``sddmm_shipped``      ``deltatune.parts.sparse.sampled_weight_grad`` as the backward calls it (torch's
                          ``sampled_addmm`` on the token-major ``gᵀ`` and ``x``, with the cached CSR support);
 * ``sddmm_token_major``  the same kernel on operands we transpose to token-contiguous first (the copies included);
 * ``transposes``         those two copies alone (``gᵀ`` and ``xᵀ`` made contiguous);
-* ``dense_gather``       the dense ``gᵀx`` then the ``k`` entries gathered (the path above 5 % density);
-* ``lora_r8``            what LoRA r=8 computes in the same place: ``∂A = (g B)ᵀ x``-style thin matmuls for both
-                         factors and the extra input-gradient term ``(g B) A`` (α/r = 1).
+* ``dense_gather``       the dense ``gᵀx`` then the ``k`` entries gathered;
+* ``blocked_gather``     ``deltatune.parts.sparse.blocked_weight_grad``, the backward's path above 5 % density:
+                         ``gᵀx`` formed a block of rows (≤ 2¹⁷ entries) at a time, each block's entries gathered;
+* ``lora_r8``            what LoRA r (``lora_r8`` for r = 8) computes in the same place: ``∂A = (g B)ᵀ x``-style
+                         thin matmuls for both factors and the extra input-gradient term ``(g B) A`` (α/r = 1).
 
 ``ratio_vs_lora`` divides by the ``lora_r8`` row of the same shape.  Shapes: MiniLM's (384 wide, FFN 1536) at 640
 tokens (16 rows × 40, a typical SST-2 batch of ``benchmarks/train_step.py`` after padding to its longest row: its
@@ -21,6 +24,7 @@ it is not used as the typical case.  fp32 on CPU; on a CUDA machine with ``--dev
 Run::
 
     PYTHONPATH=src python benchmarks/sparse_backward.py --out benchmarks/results/sparse_backward.json
+    PYTHONPATH=src python benchmarks/sparse_backward.py --rank 32 --out benchmarks/results/sparse_backward_r32.json
 """
 
 from __future__ import annotations
@@ -38,7 +42,6 @@ from _common import StepTimer, machine_meta, ratio, write_report  # noqa: E402
 COLUMNS = ("model", "d_out", "d_in", "tokens", "k", "row", "ms", "ratio_vs_lora")
 SHAPES = {"minilm": (640, [(384, 384), (1536, 384), (384, 1536)]),
           "llama_50m": (512, [(512, 512), (1024, 512), (512, 1024)])}
-RANK = 8
 
 
 def median_ms(fn: Callable[[], Any], repeats: int, cuda: bool) -> float:
@@ -50,20 +53,21 @@ def median_ms(fn: Callable[[], Any], repeats: int, cuda: bool) -> float:
     return timer.summary(skip=10)["median_s"] * 1e3
 
 
-def layer_rows(model: str, tokens: int, d_out: int, d_in: int, repeats: int, device: str) -> list[dict[str, Any]]:
+def layer_rows(model: str, tokens: int, d_out: int, d_in: int, repeats: int, device: str,
+               rank: int = 8) -> list[dict[str, Any]]:
     import torch
 
     from deltatune.parts.layers import LayerKind
-    from deltatune.parts.sparse import _sddmm, csr_support, index_dtype, sampled_weight_grad
+    from deltatune.parts.sparse import _sddmm, blocked_weight_grad, csr_support, index_dtype, sampled_weight_grad
 
     gen = torch.Generator().manual_seed(0)
-    k = RANK * (d_in + d_out)
+    k = rank * (d_in + d_out)
     idx = torch.randperm(d_out * d_in, generator=gen)[:k].sort().values.to(index_dtype(d_out * d_in)).to(device)
     support = csr_support(idx, (d_out, d_in))
     g = torch.randn(tokens, d_out, generator=gen).to(device)
     x = torch.randn(tokens, d_in, generator=gen).to(device)
-    a = torch.randn(RANK, d_in, generator=gen).to(device)
-    b = torch.randn(d_out, RANK, generator=gen).to(device)
+    a = torch.randn(rank, d_in, generator=gen).to(device)
+    b = torch.randn(d_out, rank, generator=gen).to(device)
     flat = idx.long()
 
     def lora() -> None:
@@ -77,14 +81,15 @@ def layer_rows(model: str, tokens: int, d_out: int, d_in: int, repeats: int, dev
         "sddmm_token_major": lambda: _sddmm(g.t().contiguous(), x.t().contiguous().t(), support),
         "transposes": lambda: (g.t().contiguous(), x.t().contiguous()),
         "dense_gather": lambda: (g.t() @ x).reshape(-1).index_select(0, flat),
-        "lora_r8": lora,
+        "blocked_gather": lambda: blocked_weight_grad(LayerKind.LINEAR, x, g, (d_out, d_in), idx),
+        f"lora_r{rank}": lora,
     }
     reference = variants["dense_gather"]()
-    for name in ("sddmm_shipped", "sddmm_token_major"):  # every timed path computes the same k entries
+    for name in ("sddmm_shipped", "sddmm_token_major", "blocked_gather"):  # each computes the same k entries
         torch.testing.assert_close(variants[name](), reference, rtol=1e-4, atol=1e-3, msg=lambda m, n=name: f"{n}: {m}")
     rows = [{"model": model, "d_out": d_out, "d_in": d_in, "tokens": tokens, "k": k, "row": name,
              "ms": round(median_ms(fn, repeats, device.startswith("cuda")), 4)} for name, fn in variants.items()]
-    lora_ms = next(r["ms"] for r in rows if r["row"] == "lora_r8")
+    lora_ms = next(r["ms"] for r in rows if r["row"] == f"lora_r{rank}")
     for r in rows:
         r["ratio_vs_lora"] = ratio(r["ms"], lora_ms)
     return rows
@@ -96,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=100, help="timed calls per row (median reported)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--quick", action="store_true", help="10 repeats, MiniLM shapes only")
+    ap.add_argument("--rank", type=int, default=8, help="k = LoRA r's trainable count per layer, r·(d_in + d_out)")
     args = ap.parse_args(argv)
     repeats = 10 if args.quick else args.repeats
     rows = []
@@ -103,9 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.quick and model != "minilm":
             continue
         for d_out, d_in in shapes:
-            rows += layer_rows(model, tokens, d_out, d_in, repeats, args.device)
-    meta = {**machine_meta(), "repeats": repeats, "device": args.device, "rank": RANK}
-    print(write_report(args.out, meta, rows, COLUMNS, title=f"SpIEL's sampled weight gradient vs LoRA r={RANK}, "
+            rows += layer_rows(model, tokens, d_out, d_in, repeats, args.device, args.rank)
+    meta = {**machine_meta(), "repeats": repeats, "device": args.device, "rank": args.rank}
+    print(write_report(args.out, meta, rows, COLUMNS, title=f"SpIEL's sampled weight gradient vs LoRA r={args.rank}, "
                                                            f"per layer ({args.device})"))
     return 0
 

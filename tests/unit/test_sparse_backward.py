@@ -125,17 +125,29 @@ def test_bf16_autocast_sampled_equals_dense(kind, monkeypatch):
     assert (sampled - dense).abs().max() <= 1e-5 * dense.abs().max()
 
 
-def test_dense_path_above_the_density_threshold(monkeypatch):
-    base = _base(LayerKind.LINEAR, 8, 8)
+@pytest.mark.parametrize("kind", [LayerKind.LINEAR, LayerKind.CONV1D])
+def test_blocked_path_above_the_density_threshold(kind, monkeypatch):
+    """A dense support takes matmuls over blocks of rows (never the layer's whole dense gradient, never the
+    SDDMM), equal to the dense reference, for any block size."""
     assert not use_sampled_grad(LayerKind.LINEAR, 64, 64)
     assert use_sampled_grad(LayerKind.LINEAR, int(SAMPLED_GRAD_MAX_DENSITY * 6400), 6400)
     assert use_sampled_grad(LayerKind.EMBEDDING, 64, 64)
-    part = SparsePart((8, 8), torch.arange(64), LayerKind.LINEAR)  # density 1: one matmul beats 64 dot products
-    calls = []
-    monkeypatch.setattr(sparse_mod, "sampled_weight_grad", lambda *a: calls.append(a))
-    x = torch.randn(2, 8)
-    part(x, base).sum().backward()
-    assert not calls and part.values.grad.shape == (64,)
+    d_in, d_out = 12, 10
+    base = _base(kind, d_in, d_out)
+    idx = _support(d_in * d_out, 70, 3)  # 58 % dense
+    x = torch.randn(3, 4, d_in)
+    g = torch.randn(3, 4, d_out)
+    reference = weight_grad(kind, x, g, base.weight.shape).reshape(-1)[idx.long()]
+    for block in (1, 7, 12, 40, 10**6):  # fewer entries than a row, rows not dividing, one block
+        got = sparse_mod.blocked_weight_grad(kind, x, g, tuple(base.weight.shape), idx, block)
+        assert torch.allclose(got, reference, atol=1e-6)
+    part = SparsePart(tuple(base.weight.shape), idx, kind)
+    monkeypatch.setattr(sparse_mod, "sampled_weight_grad", None)
+    monkeypatch.setattr(sparse_mod, "weight_grad", None)  # the dense gradient is for observers only
+    monkeypatch.setattr(sparse_mod, "GRAD_BLOCK_ENTRIES", 2 * max(base.weight.shape))  # several blocks
+    x = x.requires_grad_(True)
+    (part(x, base) * g).sum().backward()
+    assert torch.allclose(part.values.grad, reference, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", [LayerKind.LINEAR, LayerKind.CONV1D])
