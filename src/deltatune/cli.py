@@ -104,7 +104,9 @@ def train(
     batch_size: Annotated[int | None, typer.Option(help="micro-batch size per process")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue from OUT/checkpoint")] = False,
     config: Annotated[Path | None, typer.Option(help="YAML file with train: and method: sections")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="key=value for any train or method field")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="key=value for any train or method field (lists "
+                                                               "comma-separated, mappings as YAML flow: "
+                                                               "'v_heads={0: [1, 3]}')")] = None,
     report_to: Annotated[list[str] | None, typer.Option(help="experiment tracker (repeatable): tensorboard, wandb, "
                                                              "mlflow; OUT/metrics.jsonl is always written")] = None,
     on: Annotated[list[str] | None, typer.Option("--on", help="delta folder to train on top of (repeatable): "

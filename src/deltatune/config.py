@@ -85,6 +85,8 @@ def _coerce(value: Any, tp: Any, field: str) -> Any:
             raise ConfigError(f"{field}: expected a list, got {brief(value)}")
         return [_coerce(v, item_tp, f"{field}[{i}]") for i, v in enumerate(value)]
     if origin is dict or tp is dict:
+        if isinstance(value, str):  # a mapping from the command line (``--set 'v_heads={0: [1, 3]}'``): YAML flow
+            value = parse_yaml(value, field)
         if not isinstance(value, Mapping):
             raise ConfigError(f"{field}: expected a mapping, got {brief(value)}")
         key_tp, value_tp = typing.get_args(tp) or (Any, Any)
@@ -223,24 +225,32 @@ def read_yaml(path: str | Path) -> Any:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})") from None
+    return parse_yaml(text, str(path))
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """The YAML document ``text`` (a file's contents, or a ``--set`` value), its alias-expanded size and depth
+    bounded before any object is built; every failure a :class:`ConfigError` naming ``where``."""
+    if len(text.encode("utf-8")) > MAX_YAML_BYTES:
+        raise InputTooLarge(f"{where}: larger than {MAX_YAML_BYTES:,} bytes; a config needs far less")
     try:
         loader = yaml.SafeLoader(text)  # checks for unprintable characters
         try:
             node = loader.get_single_node()
             if node is None:
                 return None
-            _expanded_size(node, str(path))
+            _expanded_size(node, where)
             return loader.construct_document(node)
         finally:
             loader.dispose()
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: cannot read YAML ({str(exc)[:200]})") from None
+        raise ConfigError(f"{where}: cannot read YAML ({str(exc)[:200]})") from None
     except RecursionError:
-        raise ConfigError(f"{path}: YAML nested too deeply (at most {MAX_YAML_DEPTH} levels)") from None
+        raise ConfigError(f"{where}: YAML nested too deeply (at most {MAX_YAML_DEPTH} levels)") from None
     except (ConfigError, InputTooLarge):
         raise
     except (ValueError, OverflowError) as exc:  # an integer of thousands of digits, a date out of range
-        raise ConfigError(f"{path}: a YAML value cannot be read ({str(exc)[:120]})") from None
+        raise ConfigError(f"{where}: a YAML value cannot be read ({str(exc)[:120]})") from None
 
 
 def read_sections(path: str | Path, names: tuple[str, ...]) -> tuple[dict[str, Any], ...]:

@@ -298,6 +298,23 @@ def test_a_selection_the_architecture_lacks_is_a_typed_error(mapping, match) -> 
         deltatune.attach(TINY_MODELS["llama"](), S2FTConfig(**{"o_ratio": 0.0, "d_ratio": 0.0, **mapping}))
 
 
+def test_a_selection_from_the_command_line_is_read_as_a_yaml_mapping(tmp_path, data_dir, minilm_path) -> None:
+    """``--set 'o_heads={0: [2]}'``: a mapping field given as text is YAML flow (as a --config file would hold)."""
+    from typer.testing import CliRunner
+
+    from deltatune.cli import app
+
+    config = deltatune.make_config("s2ft", {"o_ratio": 0.0, "d_ratio": 0.0, "o_heads": "{0: [1], 1: [0, 1]}"})
+    assert config.o_heads == {0: [1], 1: [0, 1]}
+    for bad, match in (("[1, 2]", "expected a mapping"), ("{0: [1", "cannot read YAML")):
+        with pytest.raises(ConfigError, match=match):
+            deltatune.make_config("s2ft", {"o_ratio": 0.0, "d_ratio": 0.0, "o_heads": bad})
+    res = CliRunner().invoke(app, ["train", "--method", "s2ft", "--model", minilm_path, "--task", "sst2",
+                                   "--data", str(data_dir / "glue"), "--steps", "1", "--out", str(tmp_path / "o"),
+                                   "--set", "o_ratio=0", "--set", "d_ratio=0", "--set", "o_heads={0: [12]}"])
+    assert isinstance(res.exception, TargetError) and "head (KV group) 12 of block 0 does not" in str(res.exception)
+
+
 def test_bad_config_and_architecture() -> None:
     with pytest.raises(ConfigError, match="o_ratio"):
         deltatune.make_config("s2ft", {"o_ratio": 1.5})
