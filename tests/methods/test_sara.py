@@ -147,6 +147,7 @@ def test_progressive_reselection_freezes_entries_that_grew_past_the_threshold():
         positions = sched.active[name]
         assert torch.equal(positions, small.nonzero().reshape(-1))
         assert opt.state_of(part.values)["age"].numel() == positions.numel()  # state only for trained entries
+        assert part.indices.dtype == torch.int32 and bool((part.indices.diff() > 0).all())
         frozen[name] = (~small, part.values.detach()[~small].clone(), part.values.detach()[small].clone())
         out_total += int((~small).sum())
     assert out_total > 0, "vacuous: no entry grew past the threshold"

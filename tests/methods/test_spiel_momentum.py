@@ -123,6 +123,7 @@ def test_later_event_drops_smallest_values_and_grown_entries_start_fresh():
     sel.after_step(5)  # rate 0.6·(1 − 5/20) = 0.45 → ⌊4·0.45⌋ = 1 moved
     assert sel.events[-1]["moved"] == 1
     assert part.indices.tolist() == [0, 1, 2, 28]  # |0.02| at index 3 dropped; (4, 4) = 9·8 grown
+    assert part.indices.dtype == torch.int32  # regrowth keeps the narrow index type
     st = opt.state_of(part.values)
     assert st["age"].tolist() == [2.0, 2.0, 2.0, 0.0] and float(st["exp_avg"][3]) == 0.0
     assert part.values.detach().tolist() == pytest.approx([0.4, -0.1, 0.3, 0.0])
