@@ -195,8 +195,8 @@ def _tokenizer_files(path: str) -> list[tuple[str, bytes]]:
 
 
 def folder_bytes(path: str | Path) -> int:
-    """The bytes of the files in a saved delta's folder (tensors, manifest, heads): its exact size on disk,
-    apparent size (what a copy or an upload moves)."""
+    """The bytes of the files in a saved delta's folder (tensors, manifest, heads): the files' exact sizes, what a
+    copy or an upload moves."""
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
