@@ -2,7 +2,8 @@
 
 * ``operation`` — what made it: ``train``, ``merge``, ``compose``, ``compress``, ``rebase``, ``import`` (a PEFT
   adapter) or ``attach`` (built in Python);
-* ``base`` — the base model's path or name, where known (``deltatune eval/apply`` load it by default);
+* ``base`` — the base model's path or name, where known (``deltatune eval/apply`` load it by default); a local
+  folder is recorded absolute (:func:`base_reference`), so the delta finds it from any working folder;
 * ``task`` — the task trained on: its name and, for a user's own data, the columns and the label map;
 * ``train`` — the training configuration (``TrainConfig`` as a mapping);
 * ``parents`` — for merges, compositions, compressions and rebases: one record per input delta (its method,
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from deltatune.errors import DeltaFormatError
@@ -23,6 +25,14 @@ from deltatune.errors import DeltaFormatError
 OPERATIONS = ("train", "merge", "compose", "compress", "rebase", "import", "attach", "half_reset")
 FIELDS = {"operation", "base", "task", "train", "parents"}
 PARENT_FIELDS = ("method", "operation", "base", "task", "fingerprint")
+
+
+def base_reference(base: str | Path | None) -> str | None:
+    """What a delta records as its base: a local folder as its absolute path (a relative one would resolve
+    against whatever folder the delta is later used from), anything else (a hub name) as given."""
+    if base is None or str(base) == "":
+        return None
+    return str(Path(base).resolve()) if Path(base).is_dir() else str(base)
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -158,6 +159,24 @@ def test_causal_lm_on_plain_text_learns(tmp_path, tiny_lm_dir, data_dir, method)
     mc = dt.LoRAConfig(r=4) if method == "lora" else dt.SparseConfig(num_tunable=20_000)
     result = loop.train(cfg, mc)
     assert result.final["loss"] < result.before["loss"] - 0.05
+
+
+def test_a_relative_model_folder_is_recorded_absolute(tmp_path, tiny_lm_dir, monkeypatch):
+    """Trained from the folder above the model with ``--model llama``, the delta still finds its base when used
+    from anywhere else (``deltatune generate/eval/apply`` load the recorded base)."""
+    rows = [{"prompt": f"Q: {i}?", "response": f" A: {i}"} for i in range(16)]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    shutil.copytree(tiny_lm_dir, tmp_path / "llama")
+    monkeypatch.chdir(tmp_path)
+    cfg = TrainConfig(model="llama", task="jsonl", data="train.jsonl", eval_data="train.jsonl", out_dir="o",
+                      max_steps=1, max_length=16, batch_size=4, eval_every=0, eval_before=False, eval_limit=4,
+                      progress=False, checkpoint_every=0)
+    loop.train(cfg, dt.LoRAConfig(r=2))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    delta = dt.load_delta(tmp_path / "o" / "delta")
+    assert delta.provenance.base == str((tmp_path / "llama").resolve())
+    assert dt.generate(tmp_path / "o" / "delta", "Q: 3?", max_new_tokens=2)  # the base is found from here
 
 
 def test_jsonl_masks_prompt_and_trains(tmp_path, tiny_lm_dir):

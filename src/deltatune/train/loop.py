@@ -33,7 +33,7 @@ from deltatune.io.delta_format import save_delta
 from deltatune.io.outputs import write_marker
 from deltatune.methods.registry import get_method, unwrap_optimizer
 from deltatune.model import attach
-from deltatune.provenance import Provenance
+from deltatune.provenance import Provenance, base_reference
 from deltatune.train import checkpoint as ckpt
 from deltatune.train import fsdp, zero
 from deltatune.train.config import TrainConfig
@@ -287,7 +287,7 @@ def train(cfg: TrainConfig, method_config: Any,
 
 def train_provenance(cfg: TrainConfig, task: Task) -> Provenance:
     """Base, task (name, and for a user's data its columns and label map) and training configuration."""
-    return Provenance(operation="train", base=cfg.model, task={"name": task.name, **(task.info or {})},
+    return Provenance(operation="train", base=base_reference(cfg.model), task={"name": task.name, **(task.info or {})},
                       train=asdict(cfg))
 
 
