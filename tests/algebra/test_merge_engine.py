@@ -179,8 +179,10 @@ def test_soup_of_same_task_deltas_averages_heads() -> None:
     assert merge([a, b], "linear", heads="none").heads == {}
 
 
-def test_cli_merges_a_native_recipe(tmp_path) -> None:
+def test_cli_merges_a_native_recipe(tmp_path, monkeypatch) -> None:
     from deltatune.cli import app
+
+    monkeypatch.chdir(tmp_path)  # the recipe's relative paths resolve from the working folder first
 
     a = random_delta(deltatune.LoRAConfig(r=2, alpha=4.0), seed=1)
     b = random_delta(deltatune.LoRAConfig(r=2, alpha=4.0), seed=2)
