@@ -122,19 +122,19 @@ def predict(deltas: Sequence[Delta | str | Path] | Delta | str | Path, data: str
         net = load_base_for(loaded[members[0]], path).eval()
         for j in members:
             attach_for_use(net, loaded[j], names[j], where=wheres[j])
-        pairs = [(i, j) for i in range(len(table)) for j in members]
-        for start in range(0, len(pairs), batch_size):
-            chunk = pairs[start:start + batch_size]
-            texts = [(str(table[i][readings[j].text_column]),
-                      str(table[i][readings[j].text_pair_column]) if readings[j].text_pair_column else None)
-                     for i, j in chunk]
-            firsts, seconds = [a for a, _ in texts], [b for _, b in texts]
-            batch = tokenizer(firsts, seconds if any(b is not None for b in seconds) else None, padding=True,
-                              truncation=True, max_length=max_length, return_tensors="pt")
-            with torch.no_grad(), mixed_batch(net, [names[j] for _, j in chunk]):
-                probs = net(**batch).logits.float().softmax(-1)
-            for (i, j), p in zip(chunk, probs, strict=True):
-                results[i][names[j]] = _entry(p, readings[j].label_names, top_k)
+        for pair_rows in (False, True):  # a tokenizer call takes a second text for every row or for none
+            kind = [j for j in members if bool(readings[j].text_pair_column) == pair_rows]
+            pairs = [(i, j) for i in range(len(table)) for j in kind]
+            for start in range(0, len(pairs), batch_size):
+                chunk = pairs[start:start + batch_size]
+                firsts = [str(table[i][readings[j].text_column]) for i, j in chunk]
+                seconds = [str(table[i][readings[j].text_pair_column]) for i, j in chunk] if pair_rows else None
+                batch = tokenizer(firsts, seconds, padding=True, truncation=True, max_length=max_length,
+                                  return_tensors="pt")
+                with torch.no_grad(), mixed_batch(net, [names[j] for _, j in chunk]):
+                    probs = net(**batch).logits.float().softmax(-1)
+                for (i, j), p in zip(chunk, probs, strict=True):
+                    results[i][names[j]] = _entry(p, readings[j].label_names, top_k)
     return _write(results, names, out)
 
 

@@ -76,6 +76,24 @@ def test_several_deltas_in_one_routed_run_equal_each_alone(deltas, tmp_path):
     assert {row["two"]["label"] for row in together} <= {"anger", "joy"}
 
 
+def test_single_sentence_and_sentence_pair_deltas_in_one_run(deltas, tmp_path, minilm_path):
+    """A pair delta beside single-sentence ones (SST-2 with MRPC): each kind is tokenized in batches of its own
+    (one mixed tokenizer call failed), and every row equals the delta alone."""
+    rows = [{**r, "second": f"and then {r['text']}"} for r in _rows(48, ["anger", "joy"])]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = TrainConfig(model=minilm_path, task="classify", data=str(data), text_pair_column="second",
+                      out_dir=str(tmp_path / "pair"), max_steps=2, batch_size=8, max_length=24, eval_every=0,
+                      eval_before=False, checkpoint_every=0, progress=False, keep_best=False)
+    pair = loop.train(cfg, deltatune.make_config("lora", {"r": 2})).delta_dir
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text("".join(json.dumps({"text": r["text"], "second": r["second"]}) + "\n" for r in rows[:5]))
+    together = predict([deltas["two"], pair], str(inputs), batch_size=4)  # two labels each: one model
+    for name, delta in (("two", deltas["two"]), ("pair", pair)):
+        for row, ref in zip(together, predict(delta, str(inputs)), strict=True):
+            assert row[name]["label"] == ref["label"] and abs(row[name]["score"] - ref["score"]) < 1e-5
+
+
 def test_cli_predict_with_several_deltas(deltas, tmp_path):
     from deltatune.cli import app
 
