@@ -426,3 +426,8 @@ class ModelParts(PartHolder):
     def _post(self, model: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
         cls, state = self._pending.pop()
         return output if state is None else cls.model_post_forward(model, output, state)
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The model's own module: the base a :class:`DeltaLayer` wraps, else ``module`` itself."""
+    return module.base if isinstance(module, DeltaLayer) else module

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from deltatune.config import require
 from deltatune.errors import ConfigError
+from deltatune.layer import unwrap
 from deltatune.routing import routed
 
 
@@ -87,7 +88,7 @@ def check_vocabularies(large_tok: Any, small_tok: Any, large_where: str, small_w
 def check_widths(models: dict[str, nn.Module], vocab_size: int) -> None:
     """Every model's output width covers the tokenizer (``where`` names the first that does not)."""
     for where, model in models.items():
-        width = model.get_output_embeddings().weight.shape[0]
+        width = unwrap(model.get_output_embeddings()).weight.shape[0]  # a delta on the head wraps it
         if width < vocab_size:
             raise VocabularyMismatch(f"{where}: {width} output logits do not cover the tokenizer's {vocab_size} "
                                      "tokens")

@@ -105,6 +105,20 @@ def test_generate_with_proxy_equals_hand_loop(setup):
     assert out[0]["text"] != plain  # the proxy steers the large model
 
 
+def test_a_full_fine_tune_as_the_tuned_small_model(setup, tmp_path):
+    """A full delta wraps the small model's LM head in a DeltaLayer: the width check reads the head it wraps."""
+    from deltatune.methods.full import FullConfig
+
+    root = setup
+    full = randomize_delta(_llama(32, 2, 2), FullConfig(), seed=4, std=0.02)
+    assert "lm_head" in full.parts
+    full.provenance.base = str(root / "small")
+    full.save(tmp_path / "full")
+    cfg = ProxyConfig(tuned=[str(tmp_path / "full")], scale=[1.0])
+    (out,) = generate([], "the cat", model=str(root / "large"), max_new_tokens=3, proxy=cfg)
+    assert out["prompt"] == "the cat" and out["text"]
+
+
 def test_mismatched_vocabulary_is_a_typed_error(setup):
     root = setup
     cfg = ProxyConfig(tuned=[str(root / "tuned")], base=str(root / "small-other"))

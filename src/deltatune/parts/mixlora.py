@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deltatune.errors import DeltaFormatError, ShapeMismatch, TargetError
-from deltatune.layer import DeltaLayer
+from deltatune.layer import unwrap
 from deltatune.parts.base import Part
 from deltatune.parts.layers import LayerKind, in_out_features, layer_kind
 from deltatune.parts.meta_checks import check_keys, check_shape, check_state, meta_int, meta_number, short
@@ -157,10 +157,6 @@ def token_mask(mask: Tensor | None) -> Iterator[None]:
         yield
     finally:
         reset_token_mask(token)
-
-
-def unwrap(module: nn.Module) -> nn.Module:
-    return module.base if isinstance(module, DeltaLayer) else module
 
 
 #: BertOutput module → (a weak reference to) its layer, remembered from the link's calls: a recomputation outside
