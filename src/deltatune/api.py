@@ -16,6 +16,7 @@ from torch import nn
 
 from deltatune.delta import Delta
 from deltatune.errors import ConfigError, NonFiniteError
+from deltatune.io import outputs
 from deltatune.io.delta_format import load_delta
 from deltatune.io.shards import parse_size, write_sharded
 from deltatune.model import DEFAULT, apply_delta
@@ -194,18 +195,12 @@ def _tokenizer_files(path: str) -> list[tuple[str, bytes]]:
     return [(n, (Path(path) / n).read_bytes()) for n in names if (Path(path) / n).is_file()]
 
 
-def folder_bytes(path: str | Path) -> int:
-    """The bytes of the files in a saved delta's folder (tensors, manifest, heads): the files' exact sizes, what a
-    copy or an upload moves."""
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
-
-
 def describe(delta: Delta | str | Path, verify: bool = True) -> dict[str, Any]:
     """What ``deltatune info`` prints: method, counts, bytes, fingerprint, metrics, per-layer rows.
 
     ``bytes`` is the tensors' size as loaded (every part and head tensor, ``numel × element size``); ``disk_bytes``
-    the saved folder's files (:func:`folder_bytes`; ``None`` for a delta object): the two differ by the headers
-    and manifest, and for a compact or compressed delta by its encoding."""
+    the saved folder's files (:func:`deltatune.io.outputs.folder_bytes`; ``None`` for a delta object): the two
+    differ by the headers and manifest, and for a compact or compressed delta by its encoding."""
     d = as_delta(delta, verify=verify)
     return {
         "method": d.method,
@@ -215,7 +210,7 @@ def describe(delta: Delta | str | Path, verify: bool = True) -> dict[str, Any]:
         "trainable": d.trainable_count,
         "head_params": d.head_count,
         "bytes": d.nbytes,
-        "disk_bytes": folder_bytes(delta) if isinstance(delta, str | Path) and Path(delta).is_dir() else None,
+        "disk_bytes": outputs.folder_bytes(delta) if isinstance(delta, str | Path) and Path(delta).is_dir() else None,
         "base_params": (d.fingerprint or {}).get("num_params"),
         "density": d.trainable_count / (d.fingerprint or {}).get("num_params", 0)
         if (d.fingerprint or {}).get("num_params") else None,

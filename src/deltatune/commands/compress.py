@@ -25,13 +25,7 @@ from typing import Annotated
 import typer
 
 from deltatune.commands.options import NoVerify, Overwrite
-
-
-def dir_bytes(path: Path) -> int:
-    """Bytes of the files under ``path`` (the output marker, bookkeeping of a few dozen bytes, excluded)."""
-    from deltatune.io.outputs import MARKER
-
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and p.name != MARKER)
+from deltatune.io.outputs import folder_bytes
 
 
 def compress_command(
@@ -102,11 +96,11 @@ def compress_command(
     report = None
     if method == "lowrank":
         compressed.save(out_dir, overwrite=overwrite)
-        new_bytes = dir_bytes(out_dir)
+        new_bytes = folder_bytes(out_dir)
     else:
         report = save_compact(compressed, out_dir, overwrite=overwrite)
         new_bytes = report.total_bytes
-    old_bytes = dir_bytes(delta)
+    old_bytes = folder_bytes(delta)
     result = compressed.metrics["compression"][-1]
     table = Table(show_header=False, box=None)
     rows = [("method", method), ("original bytes", f"{old_bytes:,}"), ("compressed bytes", f"{new_bytes:,}"),

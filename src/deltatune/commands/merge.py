@@ -36,11 +36,10 @@ def merge_command(
     from deltatune.algebra.output import output_kind
     from deltatune.algebra.recipe import load_recipe, run_recipe
     from deltatune.algebra.task_heads import task_names
-    from deltatune.commands.compress import dir_bytes
     from deltatune.commands.process import keep_freed_memory, skip_teardown
     from deltatune.delta import Delta
     from deltatune.errors import ConfigError
-    from deltatune.io.outputs import guard_output
+    from deltatune.io.outputs import folder_bytes, guard_output
 
     keep_freed_memory()
 
@@ -59,7 +58,7 @@ def merge_command(
     result = run_recipe(recipe, out=target, progress=progress, overwrite=overwrite)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     if isinstance(result, Delta):
-        disk = dir_bytes(Path(target))
+        disk = folder_bytes(Path(target))
         err.print(f"{recipe.method} ({recipe.preset}) of {len(recipe.inputs)} inputs → {recipe.output} delta, "
                   f"{len(result.parts)} parts, {disk:,} bytes on disk, in {time.perf_counter() - start:.1f} s")
         kept = task_names(result)

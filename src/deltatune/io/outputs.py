@@ -86,3 +86,9 @@ def guard_output(path: str | Path, kind: str, overwrite: bool = False) -> None:
     if foreign:
         raise OutputExists(f"output folder {path} holds entries that are not part of its earlier {kind} output "
                            f"({_listing(foreign)}); {hint}")
+
+
+def folder_bytes(path: str | Path) -> int:
+    """Bytes of the files under ``path``, the output marker (a few dozen bytes of bookkeeping) aside: a saved
+    delta's size on disk, what a copy or an upload moves."""
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file() and p.name != MARKER)
