@@ -16,6 +16,7 @@ field).  A delta saved before this field existed gets one rebuilt from its metri
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,11 +29,12 @@ PARENT_FIELDS = ("method", "operation", "base", "task", "fingerprint")
 
 
 def base_reference(base: str | Path | None) -> str | None:
-    """What a delta records as its base: a local folder as its absolute path (a relative one would resolve
-    against whatever folder the delta is later used from), anything else (a hub name) as given."""
+    """What a delta records as a path it refers to (its base model, its training data): a local file or folder
+    as its absolute path, symbolic links kept (a relative one would resolve against whatever folder the delta is
+    later used from), anything else (a hub name) as given."""
     if base is None or str(base) == "":
         return None
-    return str(Path(base).resolve()) if Path(base).is_dir() else str(base)
+    return os.path.abspath(base) if Path(base).exists() else str(base)
 
 
 @dataclass

@@ -162,8 +162,8 @@ def test_causal_lm_on_plain_text_learns(tmp_path, tiny_lm_dir, data_dir, method)
 
 
 def test_a_relative_model_folder_is_recorded_absolute(tmp_path, tiny_lm_dir, monkeypatch):
-    """Trained from the folder above the model with ``--model llama``, the delta still finds its base when used
-    from anywhere else (``deltatune generate/eval/apply`` load the recorded base)."""
+    """Trained from the folder above the model with ``--model llama``, the delta still finds its base (and its
+    data) when used from anywhere else (``deltatune generate/eval/apply`` load the recorded base)."""
     rows = [{"prompt": f"Q: {i}?", "response": f" A: {i}"} for i in range(16)]
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     shutil.copytree(tiny_lm_dir, tmp_path / "llama")
@@ -175,7 +175,8 @@ def test_a_relative_model_folder_is_recorded_absolute(tmp_path, tiny_lm_dir, mon
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
     delta = dt.load_delta(tmp_path / "o" / "delta")
-    assert delta.provenance.base == str((tmp_path / "llama").resolve())
+    assert delta.provenance.base == delta.provenance.train["model"] == str((tmp_path / "llama").resolve())
+    assert delta.provenance.train["data"] == delta.provenance.train["eval_data"] == str(tmp_path / "train.jsonl")
     assert dt.generate(tmp_path / "o" / "delta", "Q: 3?", max_new_tokens=2)  # the base is found from here
 
 

@@ -287,15 +287,18 @@ def train(cfg: TrainConfig, method_config: Any,
 
 def train_provenance(cfg: TrainConfig, task: Task) -> Provenance:
     """Base, task (name, and for a user's data its columns and label map) and training configuration."""
-    return Provenance(operation="train", base=base_reference(cfg.model), task={"name": task.name, **(task.info or {})},
-                      train=asdict(cfg))
+    train = asdict(cfg)
+    for key in PATH_SETTINGS:  # eval, compress calibration and predict read them later, from any folder
+        train[key] = base_reference(train.get(key)) if isinstance(train.get(key), str) else train.get(key)
+    return Provenance(operation="train", base=train["model"], task={"name": task.name, **(task.info or {})},
+                      train=train)
 
 
 #: settings that may change between a run and its resume without changing what it computes
 FREE_ON_RESUME = frozenset({"out_dir", "resume", "overwrite", "progress", "report_to", "checkpoint_every",
                             "eval_every", "eval_before", "eval_batch_size", "keep_best", "eval_data", "eval_limit"})
 #: settings holding paths, compared resolved (a relative path one time, an absolute one the next)
-PATH_SETTINGS = ("model", "data")
+PATH_SETTINGS = ("model", "data", "eval_data")
 
 
 def run_settings(cfg: TrainConfig, delta: Delta) -> dict[str, Any]:
