@@ -140,12 +140,21 @@ def test_numerical_rank_matches_torch_matrix_rank():
 
 
 def test_layer_summary_averages_tensors_not_entries():
-    """Mukherjee et al.'s per-layer sparsity: each tensor of the block counts once, whatever its size."""
-    rows = [{"input": "a", "layer": 0, "density": 1.0, "density_tol": 1.0, "rank_fraction": 1.0, "numel": 10_000},
-            {"input": "a", "layer": 0, "density": 0.0, "density_tol": 0.0, "numel": 10},  # a vector: no rank
-            {"input": "a", "layer": 1, "density": 0.5, "density_tol": 0.25, "rank_fraction": None, "numel": 100},
-            {"input": "a", "layer": None, "density": 0.9, "density_tol": 0.9, "numel": 100},  # embeddings
-            {"input": "b", "layer": 0, "density": 0.2, "density_tol": 0.2, "numel": 100}]
+    """Mukherjee et al.'s per-layer sparsity: each tensor of the block counts once, whatever its size; an encoder's
+    and a decoder's block 0 are two blocks."""
+    rows = [{"input": "a", "key": "encoder.block.0.q.weight", "layer": 0, "density": 1.0, "density_tol": 1.0,
+             "rank_fraction": 1.0},
+            {"input": "a", "key": "encoder.block.0.norm.weight", "layer": 0, "density": 0.0, "density_tol": 0.0},
+            {"input": "a", "key": "decoder.block.0.q.weight", "layer": 0, "density": 0.2, "density_tol": 0.1,
+             "rank_fraction": None},
+            {"input": "a", "key": "encoder.block.1.q.weight", "layer": 1, "density": 0.5, "density_tol": 0.25,
+             "rank_fraction": 0.5},
+            {"input": "a", "key": "shared.weight", "layer": None, "density": 0.9, "density_tol": 0.9},  # embeddings
+            {"input": "b", "key": "encoder.block.0.q.weight", "layer": 0, "density": 0.2, "density_tol": 0.2}]
     assert layer_summary(rows, "a") == [
-        {"input": "a", "layer": 0, "tensors": 2, "density": 0.5, "density_tol": 0.5, "rank_fraction": 1.0},
-        {"input": "a", "layer": 1, "tensors": 1, "density": 0.5, "density_tol": 0.25, "rank_fraction": None}]
+        {"input": "a", "block": "decoder.block.0", "layer": 0, "tensors": 1, "density": 0.2, "density_tol": 0.1,
+         "rank_fraction": None},
+        {"input": "a", "block": "encoder.block.0", "layer": 0, "tensors": 2, "density": 0.5, "density_tol": 0.5,
+         "rank_fraction": 1.0},
+        {"input": "a", "block": "encoder.block.1", "layer": 1, "tensors": 1, "density": 0.5, "density_tol": 0.25,
+         "rank_fraction": 0.5}]

@@ -50,6 +50,13 @@ def locate(key: str) -> tuple[int | None, str]:
     return (int(match.group(2)), match.group(3)) if match else (None, key)
 
 
+def block_path(key: str) -> str | None:
+    """The path of the block holding tensor ``key`` (``encoder.block.3``, ``decoder.block.3``), ``None`` outside the
+    blocks: an encoder's and a decoder's block N are different blocks."""
+    match = _BLOCK.match(key)
+    return match.group(1).rstrip(".") if match else None
+
+
 def canonical(key: str, tensor: Tensor, conv1d: bool | None = None) -> Tensor:
     """``tensor`` in the ``(out, in)`` layout: Conv1D weights (GPT-2) transposed, others unchanged.  ``conv1d``:
     whether the model's ``c_attn``/``c_proj``/``c_fc`` are Conv1D (False for GPTBigCode or Qwen-1, whose modules of

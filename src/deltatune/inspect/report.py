@@ -25,7 +25,7 @@ SUMMARY_COLUMNS = (("density", "density", "{:.4f}"), ("rel_norm", "‖ΔW‖/‖
 LAYER_COLUMNS = (("rel_norm", "‖ΔW‖/‖W‖", "{:.4g}"), ("density", "density", "{:.4f}"),
                  ("top10_energy", "energy top 10%", "{:.3f}"), ("erank", "erank", "{:.1f}"),
                  ("intruders", "intruders", "{}"), ("alignment", "align top-k", "{:.3f}"))
-BLOCK_COLUMNS = (("density", "density (mean over tensors)", "{:.4f}"), ("density_tol", "|Δ| > tol", "{:.4f}"),
+BLOCK_COLUMNS = (("density", "density (mean over changed tensors)", "{:.4f}"), ("density_tol", "|Δ| > tol", "{:.4f}"),
                  ("rank_fraction", "rank / min(m,n)", "{:.3f}"))
 PAIR_COLUMNS = (("cosine", "cosine", "{:.4f}"), ("subspace_overlap", "subspace overlap", "{:.3f}"),
                 ("sign_agreement", "sign agreement", "{:.3f}"), ("conflict_mass", "TIES conflict mass", "{:.3f}"),
@@ -95,7 +95,7 @@ def render_html(report: dict[str, Any], images: dict[str, Path]) -> str:
         parts.append(f"<p><i>{html.escape(note)}</i></p>")
     if report.get("per_layer"):
         parts.append("<details><summary>per block</summary>"
-                     + _table(report["per_layer"], BLOCK_COLUMNS, ("input", "layer", "tensors")) + "</details>")
+                     + _table(report["per_layer"], BLOCK_COLUMNS, ("input", "block", "tensors")) + "</details>")
     parts.append("<details><summary>per tensor</summary>"
                  + _table(report["layers"], LAYER_COLUMNS, ("input", "key")) + "</details>")
     for name, path in images.items():

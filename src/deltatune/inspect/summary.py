@@ -26,6 +26,8 @@ import statistics
 from collections.abc import Iterable
 from typing import Any
 
+from deltatune.inspect.metrics import block_path
+
 ALIGNED, CONFLICT, DISJOINT, SPARSE = 0.5, 0.15, 0.05, 0.5
 
 
@@ -76,18 +78,20 @@ def delta_summary(rows: list[dict[str, Any]], label: str, keys: set[str] | None 
 
 def layer_summary(rows: list[dict[str, Any]], label: str) -> list[dict[str, Any]]:
     """Per transformer block of one input (Mukherjee et al. 2025, §6.2 of the methods reference): the mean over
-    the block's tensors of their density (exact non-zeros) and ``density_tol`` (``|Δ| > tol``), each tensor
-    counting once whatever its size, and the mean ``rank(ΔW) / min(m, n)`` over its matrices with an exact SVD.
-    Tensors outside the blocks (embeddings, head, final norm) are left out."""
-    blocks: dict[int, list[dict[str, Any]]] = {}
+    the block's tensors that the input changes of their density (exact non-zeros) and ``density_tol``
+    (``|Δ| > tol``), each tensor counting once whatever its size, and the mean ``rank(ΔW) / min(m, n)`` over its
+    matrices with an exact SVD.  Blocks are told apart by path (an encoder's and a decoder's block N are two);
+    tensors outside the blocks (embeddings, head, final norm) are left out."""
+    blocks: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for r in rows:
-        if r["input"] == label and r["layer"] is not None:
-            blocks.setdefault(r["layer"], []).append(r)
+        path = block_path(r["key"])
+        if r["input"] == label and path is not None:
+            blocks.setdefault((path.rsplit(".", 1)[0], r["layer"]), []).append(r)
     out = []
-    for layer in sorted(blocks):
-        mine = blocks[layer]
+    for key in sorted(blocks):
+        mine = blocks[key]
         ranks = [r["rank_fraction"] for r in mine if r.get("rank_fraction") is not None]
-        out.append({"input": label, "layer": layer, "tensors": len(mine),
+        out.append({"input": label, "block": block_path(mine[0]["key"]), "layer": key[1], "tensors": len(mine),
                     "density": sum(r["density"] for r in mine) / len(mine),
                     "density_tol": sum(r["density_tol"] for r in mine) / len(mine),
                     "rank_fraction": sum(ranks) / len(ranks) if ranks else None})
