@@ -207,8 +207,11 @@ def test_best_is_kept_only_from_the_masked_phase(tmp_path, data_dir, monkeypatch
     cfg = TrainConfig(out_dir=str(tmp_path / "run"), task="sst2", max_steps=4, train_limit=32, eval_limit=16,
                       eval_every=1, eval_before=False, max_length=24, batch_size=8, progress=False,
                       checkpoint_every=0, lr=1e-3)
-    result = loop.train(cfg, deltatune.make_config("lt-sft", {"num_tunable": 500, "full_steps": 2}))
+    reported: list[int] = []
+    result = loop.train(cfg, deltatune.make_config("lt-sft", {"num_tunable": 500, "full_steps": 2}),
+                        on_eval=lambda step, metrics: reported.append(step))
     assert [("eval" in r) for r in result.history] == [True] * 4
+    assert reported == [2, 3, 4]  # search's pruner is not shown the dense phase's scores either
     assert result.best == {"accuracy": 0.8, "step": 2}  # step 2 evaluates the rewound support (phase 2)
     best = deltatune.load_delta(result.best_dir)
     assert {p.kind for p in best.parts.values()} == {"sparse"}

@@ -146,7 +146,8 @@ def train(cfg: TrainConfig, method_config: Any,
     A new run (not ``resume``) refuses an ``out_dir`` that holds anything but an earlier run, unless
     ``cfg.overwrite``.  Its subfolders (``delta``, ``best``, ``checkpoint``) are then the run's own and are
     replaced without a further check (``overwrite=True``).  ``on_eval(step, metrics)`` is called after each
-    evaluation (``deltatune search`` reports them to its pruner; raising there stops the run).
+    evaluation of the delta in its final form (not during LT-SFT's dense phase 1: ``TrainHook.delta_is_final``;
+    ``deltatune search`` reports them to its pruner; raising there stops the run).
     """
     out = Path(cfg.out_dir)
     if AcceleratorState._shared_state and AcceleratorState().mixed_precision != cfg.mixed_precision:
@@ -243,9 +244,9 @@ def train(cfg: TrainConfig, method_config: Any,
                 metrics = _defined(evaluate(eval_model, task, cfg.eval_batch_size, accelerator.device))
                 record["eval"] = metrics
                 log.say(f"step {step}: {_fmt(metrics)}")
-                if on_eval is not None:
-                    on_eval(step, metrics)
                 final_form = all(hook.delta_is_final() for hook in hooks)  # LT-SFT's dense phase 1 is not kept
+                if on_eval is not None and final_form:
+                    on_eval(step, metrics)
                 if metrics and cfg.keep_best and final_form and _better(metrics, best, task):
                     best = {**metrics, "step": step}
                     delta.snapshot_heads(raw_model)
