@@ -2,8 +2,8 @@
 
 For one linear layer ``y = x Wᵀ`` with ``T`` tokens, the sparse delta needs ``(gᵀx).flat[indices]`` at its ``k``
 trained entries (``k`` = LoRA r's count on that layer, ``r·(d_in + d_out)``, random positions; ``--rank``,
-default 8: 4 % of MiniLM's matrices, below the 5 % above which the backward switches to row blocks; r = 32 is
-17 %).  Rows (medians of ``--repeats`` calls, milliseconds):
+default 8: 4.2 % of MiniLM's 384×384 matrices and 2.6 % of its 1536×384 ones, below the 5 % above which the
+backward switches to row blocks; r = 32: 16.7 % and 10.4 %).  Rows (medians of ``--repeats`` calls, milliseconds):
 
 * ``sddmm_shipped``      ``deltatune.parts.sparse.sampled_weight_grad`` as the backward calls it (torch's
                          ``sampled_addmm`` on the token-major ``gᵀ`` and ``x``, with the cached CSR support);
@@ -15,7 +15,7 @@ default 8: 4 % of MiniLM's matrices, below the 5 % above which the backward swit
 * ``lora_r8``            what LoRA r (``lora_r8`` for r = 8) computes in the same place: ``∂A = (g B)ᵀ x``-style
                          thin matmuls for both factors and the extra input-gradient term ``(g B) A`` (α/r = 1).
 
-``ratio_vs_lora`` divides by the ``lora_r8`` row of the same shape.  Shapes: MiniLM's (384 wide, FFN 1536) at 640
+``ratio_vs_lora`` divides by the ``lora_r{rank}`` row of the same shape.  Shapes: MiniLM's (384 wide, FFN 1536) at 640
 tokens (16 rows × 40, a typical SST-2 batch of ``benchmarks/train_step.py`` after padding to its longest row: its
 steps have 600–700 tokens) and the ~54M Llama's (512 wide, FFN 1024) at 512 tokens (4 × 128, as there).  A
 power-of-two token count (1,024) makes the transposes several times slower on this CPU (cache-set conflicts), so

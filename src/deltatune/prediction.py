@@ -153,7 +153,7 @@ def _one_task_each(names: list[str], wheres: list[str],
 
 def _write(results: list[dict[str, Any]], names: list[str], out: str | Path | None) -> list[dict[str, Any]]:
     """Rows as returned (one delta: its entries; several: ``{name: entry}``), written as JSON Lines to ``out``."""
-    rows = [r[names[0]] for r in results] if len(names) == 1 else results
+    rows = [r[names[0]] for r in results] if len(names) == 1 else [{n: r[n] for n in names} for r in results]
     if out is not None:
         with atomic_file(Path(out)) as tmp:
             tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")

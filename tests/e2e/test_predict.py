@@ -88,7 +88,8 @@ def test_single_sentence_and_sentence_pair_deltas_in_one_run(deltas, tmp_path, m
     pair = loop.train(cfg, deltatune.make_config("lora", {"r": 2})).delta_dir
     inputs = tmp_path / "in.jsonl"
     inputs.write_text("".join(json.dumps({"text": r["text"], "second": r["second"]}) + "\n" for r in rows[:5]))
-    together = predict([deltas["two"], pair], str(inputs), batch_size=4)  # two labels each: one model
+    together = predict([pair, deltas["two"]], str(inputs), batch_size=4)  # two labels each: one model
+    assert all(list(row) == ["pair", "two"] for row in together)  # each row's keys in the order the deltas came
     for name, delta in (("two", deltas["two"]), ("pair", pair)):
         for row, ref in zip(together, predict(delta, str(inputs)), strict=True):
             assert row[name]["label"] == ref["label"] and abs(row[name]["score"] - ref["score"]) < 1e-5

@@ -310,8 +310,12 @@ def test_step_time_leaves_out_evaluation(tmp_path, data_dir, one_thread, monkeyp
     monkeypatch.setattr(loop, "evaluate", slow_evaluate)
     sp = space(methods={"lora": {"r": [1]}}, layers=["all"], modules=["default"], trials=1, pruner="none",
                objectives=["metric", "params", "step_time"])
-    result = run_search(sp, dict(FAST, eval_every=1), tmp_path, tmp_path / "study.db", say=lambda _: None)
+    result = run_search(sp, dict(FAST, eval_every=1), tmp_path, tmp_path / "study.db", say=lambda _: None,
+                        keep_runs=True)
     (trial,) = [t for t in result.study.trials if "duplicate_of" not in t.user_attrs]
-    assert 0 < trial.values[2] == trial.user_attrs["step_time"] < 0.5
-    assert mean_step_seconds([{"step": 1, "step_s": 0.25}, {"step": 2, "step_s": 0.75}], 99.0) == 0.5
+    history = [json.loads(line) for line in (tmp_path / "trials" / "0000" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step_s"] for r in history if "step_s" in r]
+    assert len(steps) == 4 and trial.values[2] == trial.user_attrs["step_time"] == pytest.approx(sum(steps[1:]) / 3)
+    assert mean_step_seconds([{"step": 1, "step_s": 9.0}, {"step": 2, "step_s": 0.25}, {"step": 3, "step_s": 0.75}],
+                             99.0) == 0.5  # the first step (warm-up) left out
     assert mean_step_seconds([{"step": 1}, {"step": 2}], 3.0) == 1.5  # a history without step_s

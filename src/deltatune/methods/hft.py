@@ -201,7 +201,7 @@ class HFT(Method):
         keep = {n for members in half_groups(list(parts), config.norms, config.embeddings).values() for n in members}
         if not keep:
             raise ConfigError("hft found no module to train in this model (no transformer blocks matched)")
-        if config.fraction * len(keep) < 1:  # the systematic rounding then draws no module in some stages
+        if config.fraction * len(keep) < 1 - 1e-9:  # the systematic rounding then draws none in some stages
             raise ConfigError(f"hft config.fraction {config.fraction} of {len(keep)} modules trains none in some "
                               f"stages; give fraction ≥ {math.ceil(1000 / len(keep)) / 1000:g}")
         return {n: p for n, p in parts.items() if n in keep}

@@ -37,10 +37,12 @@ GradObserver = Callable[[Tensor], None]
 #: at 10 % (1.2× on 384×384) and 2–4× at 20–50 %.  Not measured on GPU (cuSPARSE SDDMM).
 SAMPLED_GRAD_MAX_DENSITY = 0.05
 #: Above :data:`SAMPLED_GRAD_MAX_DENSITY` the weight gradient is formed this many entries at a time (a block of
-#: rows, :func:`blocked_weight_grad`): 512 KiB in fp32, never a layer's whole dense gradient (of a layer larger
-#: than that).  On CPU (1 thread, 640 tokens, 17 % density, MiniLM's 384×384, 1536×384 and 384×1536) it took
-#: 1.2–1.35× the time of the whole ``gᵀx`` + gather, the SDDMM 1.6–2.1×.
+#: rows, :func:`blocked_weight_grad`): 512 KiB in fp32 on CPU, never a layer's whole dense gradient (of a layer
+#: larger than that); ``benchmarks/sparse_backward.py --rank 32`` times it against the unblocked ``gᵀx`` + gather
+#: and the SDDMM.  On CUDA, where thin GEMMs waste the device, :data:`GRAD_BLOCK_ENTRIES_CUDA` (64 MiB; not
+#: measured: no GPU was lent to this work).
 GRAD_BLOCK_ENTRIES = 2**17
+GRAD_BLOCK_ENTRIES_CUDA = 2**24
 
 
 def index_dtype(numel: int) -> torch.dtype:
@@ -118,13 +120,15 @@ def sampled_weight_grad(kind: LayerKind, x: Tensor, grad_out: Tensor, weight_sha
 def blocked_weight_grad(kind: LayerKind, x: Tensor, grad_out: Tensor, weight_shape: tuple[int, ...],
                         indices: Tensor, block_entries: int | None = None) -> Tensor:
     """``(∂L/∂W).flat[indices]`` for a dense support, a block of rows at a time: ``∂L/∂W = A B``
-    (:func:`_rows_cols`) is formed ``⌊block_entries / cols⌋`` rows at a time (one GEMM each) and the support's
-    entries of those rows gathered (flat ``i`` of rows ``[r₀, r₁)`` sits at ``i − r₀·cols`` of the block), so at most
-    ``block_entries`` (:data:`GRAD_BLOCK_ENTRIES`) of the layer's dense gradient exist at once.  A matmul layer
+    (:func:`_rows_cols`, ``weight_shape`` its native layout) is formed ``max(1, ⌊block_entries / cols⌋)`` rows at a
+    time (one GEMM each) and the support's entries of those rows gathered (flat ``i`` of rows ``[r₀, r₁)`` sits at
+    ``i − r₀·cols`` of the block), so at most ``max(block_entries, cols)`` entries of the layer's dense gradient
+    exist at once (default :data:`GRAD_BLOCK_ENTRIES`, on CUDA :data:`GRAD_BLOCK_ENTRIES_CUDA`).  A matmul layer
     only; ``indices`` sorted.  Returns fp32 (fp64 for fp64 input)."""
     a, b = _rows_cols(x, grad_out, kind)
     rows, cols = a.shape[0], b.shape[1]
-    step = max(1, (block_entries or GRAD_BLOCK_ENTRIES) // cols)
+    default = GRAD_BLOCK_ENTRIES_CUDA if a.device.type == "cuda" else GRAD_BLOCK_ENTRIES
+    step = max(1, (block_entries or default) // cols)
     starts = torch.arange(0, rows + step, step, device=indices.device).clamp_(max=rows) * cols
     bounds = torch.searchsorted(indices, starts.to(indices.dtype)).tolist()
     out = torch.empty(indices.numel(), dtype=a.dtype, device=a.device)
@@ -221,8 +225,7 @@ def _values_grad(ctx: Any, x: Tensor, grad_out: Tensor, indices: Tensor, weight:
             return sampled_weight_grad(ctx.kind, x, grad_out, tuple(weight.shape), indices, ctx.support)
         return blocked_weight_grad(ctx.kind, x, grad_out, tuple(weight.shape), indices)
     grad_w = weight_grad(ctx.kind, x, grad_out, weight.shape)
-    if ctx.observer is not None:
-        ctx.observer(grad_w)
+    ctx.observer(grad_w)
     return grad_w.reshape(-1).index_select(0, indices)
 
 

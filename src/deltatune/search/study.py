@@ -256,9 +256,11 @@ def run_search(space: SearchSpace, train: dict[str, Any], out: Path, storage_pat
 
 def mean_step_seconds(history: list[dict[str, Any]], total: float) -> float:
     """Mean wall time of one optimiser step: the steps' own ``step_s`` (the loop's records: method hooks,
-    forward, backward and optimiser step, without model loading, evaluation or checkpoints), or ``total`` over
-    the step count for a history without them."""
+    forward, backward and optimiser step, without model loading, evaluation or checkpoints) but the first (its
+    warm-up: allocations, thread pools, kernel selection), or ``total`` over the step count for a history without
+    them."""
     timed = [r["step_s"] for r in history if "step_s" in r]
+    timed = timed[1:] if len(timed) > 1 else timed
     return sum(timed) / len(timed) if timed else total / max(1, len(history))
 
 

@@ -234,6 +234,8 @@ def train(cfg: TrainConfig, method_config: Any,
             for hook in hooks:
                 hook.after_step(step)
             log.advance(progress, running)
+            if accelerator.device.type == "cuda":
+                torch.cuda.synchronize()  # the step's kernels are counted in its own step_s
             record: dict[str, Any] = {"step": step, "loss": running, "lr": used[0],
                                       "step_s": time.perf_counter() - started}
             if len(used) > 1:
