@@ -2,15 +2,16 @@
 
 For one linear layer ``y = x Wᵀ`` with ``T`` tokens, the sparse delta needs ``(gᵀx).flat[indices]`` at its ``k``
 trained entries (``k`` = LoRA r's count on that layer, ``r·(d_in + d_out)``, random positions; ``--rank``,
-default 8: 4.2 % of MiniLM's 384×384 matrices and 2.6 % of its 1536×384 ones, below the 5 % above which the
-backward switches to row blocks; r = 32: 16.7 % and 10.4 %).  Rows (medians of ``--repeats`` calls, milliseconds):
+default 8: 4.2 % of MiniLM's 384×384 matrices and 2.6 % of its 1536×384 ones; r = 32: 16.7 % and 10.4 %, around
+the 13 % above which the backward switches from the SDDMM to row blocks).  Rows (medians of ``--repeats`` calls,
+milliseconds):
 
 * ``sddmm_shipped``      ``deltatune.parts.sparse.sampled_weight_grad`` as the backward calls it (torch's
                          ``sampled_addmm`` on the token-major ``gᵀ`` and ``x``, with the cached CSR support);
 * ``sddmm_token_major``  the same kernel on operands we transpose to token-contiguous first (the copies included);
 * ``transposes``         those two copies alone (``gᵀ`` and ``xᵀ`` made contiguous);
 * ``dense_gather``       the dense ``gᵀx`` then the ``k`` entries gathered;
-* ``blocked_gather``     ``deltatune.parts.sparse.blocked_weight_grad``, the backward's path above 5 % density:
+* ``blocked_gather``     ``deltatune.parts.sparse.blocked_weight_grad``, the backward's path above 13 % density:
                          ``gᵀx`` formed a block of rows (≤ 2¹⁷ entries) at a time, each block's entries gathered;
 * ``lora_r8``            what LoRA r (``lora_r8`` for r = 8) computes in the same place: ``∂A = (g B)ᵀ x``-style
                          thin matmuls for both factors and the extra input-gradient term ``(g B) A`` (α/r = 1).

@@ -31,11 +31,13 @@ from deltatune.parts.meta_checks import check_keys, check_shape, check_state, me
 
 GradObserver = Callable[[Tensor], None]
 
-#: Above this density (k / numel) the backward gathers from the dense weight gradient instead of the
-#: SDDMM.  Measured on CPU (2 shared cores, fp32, 2048 tokens, min of 9 runs; Linear 384×384, 1536×384, 384×1536
-#: and Conv1D 384×1536): the SDDMM took 0.45–0.86× the time of ``gᵀx`` + gather at 0.5–5 % density, about 1.0×
-#: at 10 % (1.2× on 384×384) and 2–4× at 20–50 %.  Not measured on GPU (cuSPARSE SDDMM).
-SAMPLED_GRAD_MAX_DENSITY = 0.05
+#: Above this density (k / numel) the backward forms the weight gradient in row blocks and gathers from them
+#: (:func:`blocked_weight_grad`) instead of the SDDMM.  Measured on CPU (``benchmarks/sparse_backward.py --rank 32``,
+#: one thread, 512–640 tokens, ``sparse_backward_r32.md``), the SDDMM's time over the blocked path's: 0.71–0.78 at
+#: 9.4 % (Llama 1024×512, 512×1024), 0.76 and 1.06 at 10.4 % (MiniLM 1536×384, 384×1536), 0.90 at 12.5 % (Llama
+#: 512²), 1.62 at 16.7 % (MiniLM 384²); below 5 % the SDDMM costs 0.45–0.86× the unblocked ``gᵀx`` + gather.
+#: Not measured on GPU.
+SAMPLED_GRAD_MAX_DENSITY = 0.13
 #: Above :data:`SAMPLED_GRAD_MAX_DENSITY` the weight gradient is formed this many entries at a time (a block of
 #: rows, :func:`blocked_weight_grad`): 512 KiB in fp32 on CPU, never a layer's whole dense gradient (of a layer
 #: larger than that); ``benchmarks/sparse_backward.py --rank 32`` times it against the unblocked ``gᵀx`` + gather
