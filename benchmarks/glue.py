@@ -50,7 +50,8 @@ of 2026-12-06 that change those methods' training: SpIEL-AG's regrowth now follo
 optimiser takes SftAdamW's ``eps = 1e-6`` (was 1e-8); DSEE's sparse term is scaled by ``s`` like its low-rank one
 (``ΔW = s·(BA + S)``; was ``s·BA + S``); SaRA's penalty is ``‖W ⊙ M‖_*`` (was ``‖ΔW‖_*``).  The other methods'
 runs are unaffected.  ``benchmarks/results/glue_spiel_rigl.*`` holds SpIEL under the current rule at ×1 LR and seed
-0, to be read beside the recorded runs of the same LR and seed.
+0, to be read beside the recorded runs of the same LR and seed; ``glue_sara_fix.*`` SaRA's r=32 runs at ×1 and seed 0
+under the current penalty (equal to the recorded ones on four tasks, RTE 1.4 points lower: ``glue_sara_fix_pair``).
 
 Run::
 
