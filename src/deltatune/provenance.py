@@ -3,7 +3,7 @@
 * ``operation`` — what made it: ``train``, ``merge``, ``compose``, ``compress``, ``rebase``, ``import`` (a PEFT
   adapter) or ``attach`` (built in Python);
 * ``base`` — the base model's path or name, where known (``deltatune eval/apply`` load it by default); a local
-  folder is recorded absolute (:func:`base_reference`), so the delta finds it from any working folder;
+  folder is recorded absolute (:func:`path_reference`), so the delta finds it from any working folder;
 * ``task`` — the task trained on: its name and, for a user's own data, the columns and the label map;
 * ``train`` — the training configuration (``TrainConfig`` as a mapping);
 * ``parents`` — for merges, compositions, compressions and rebases: one record per input delta (its method,
@@ -28,13 +28,13 @@ FIELDS = {"operation", "base", "task", "train", "parents"}
 PARENT_FIELDS = ("method", "operation", "base", "task", "fingerprint")
 
 
-def base_reference(base: str | Path | None) -> str | None:
+def path_reference(path: str | Path | None) -> str | None:
     """What a delta records as a path it refers to (its base model, its training data): a local file or folder
     as its absolute path, symbolic links kept (a relative one would resolve against whatever folder the delta is
     later used from), anything else (a hub name) as given."""
-    if base is None or str(base) == "":
+    if path is None or str(path) == "":
         return None
-    return os.path.abspath(base) if Path(base).exists() else str(base)
+    return os.path.abspath(path) if Path(path).exists() else str(path)
 
 
 @dataclass

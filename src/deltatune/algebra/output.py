@@ -25,7 +25,7 @@ from deltatune.parts.base import Part
 from deltatune.parts.dense import DensePart
 from deltatune.parts.layers import LayerKind, layer_kind
 from deltatune.parts.sparse import SparsePart
-from deltatune.provenance import Provenance, base_reference
+from deltatune.provenance import Provenance, path_reference
 
 RECORD_FILE = "deltatune_merge.json"
 #: The output kind (see :func:`deltatune.io.atomic.atomic_dir`) each merge ``output`` is written as.
@@ -208,7 +208,7 @@ def collect_delta(merged: Iterable[tuple[str, Tensor]], sources: Sequence[Any] |
             parts[module] = _dense_part(params)
     parents = [s.delta for s in sources or []]
     provenance = (parents[0].provenance.derived("merge", parents) if parents
-                  else Provenance(operation="merge", base=base_reference(base_path)))
+                  else Provenance(operation="merge", base=path_reference(base_path)))
     kept = getattr(heads, "kept", None)
     if kept:  # each input's task (columns, label map) beside its kept head
         record = {**record, CONFIG_KEY: kept}

@@ -25,7 +25,7 @@ from deltatune.delta import Delta
 from deltatune.errors import ConfigError, FingerprintMismatch, NotMergeable
 from deltatune.fingerprint import fingerprint
 from deltatune.parts.capabilities import require_capability
-from deltatune.provenance import base_reference
+from deltatune.provenance import path_reference
 
 BaseLike = nn.Module | str | Path
 
@@ -96,7 +96,7 @@ def rebase_delta(delta: Delta | str | Path, new_base: BaseLike, old_base: BaseLi
     metrics = copy.deepcopy(d.metrics)
     metrics["rebased_from"] = dict(old_fp) if old_fp else None
     provenance = d.provenance.derived("rebase", [d])
-    provenance.base = base_reference(_model_path(new_base))  # where `deltatune eval/apply` find the base by default
+    provenance.base = path_reference(_model_path(new_base))  # where `deltatune eval/apply` find the base by default
     provenance.train = copy.deepcopy(d.provenance.train)
     if provenance.train is not None:
         provenance.train["model"] = provenance.base

@@ -82,16 +82,16 @@ def layer_summary(rows: list[dict[str, Any]], label: str) -> list[dict[str, Any]
     (``|Δ| > tol``), each tensor counting once whatever its size, and the mean ``rank(ΔW) / min(m, n)`` over its
     matrices with an exact SVD.  Blocks are told apart by path (an encoder's and a decoder's block N are two);
     tensors outside the blocks (embeddings, head, final norm) are left out."""
-    blocks: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    blocks: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         path = block_path(r["key"])
         if r["input"] == label and path is not None:
-            blocks.setdefault((path.rsplit(".", 1)[0], r["layer"]), []).append(r)
+            blocks.setdefault(path, []).append(r)
     out = []
-    for key in sorted(blocks):
-        mine = blocks[key]
+    for path in sorted(blocks, key=lambda p: (p.rsplit(".", 1)[0], blocks[p][0]["layer"])):
+        mine = blocks[path]
         ranks = [r["rank_fraction"] for r in mine if r.get("rank_fraction") is not None]
-        out.append({"input": label, "block": block_path(mine[0]["key"]), "layer": key[1], "tensors": len(mine),
+        out.append({"input": label, "block": path, "layer": mine[0]["layer"], "tensors": len(mine),
                     "density": sum(r["density"] for r in mine) / len(mine),
                     "density_tol": sum(r["density_tol"] for r in mine) / len(mine),
                     "rank_fraction": sum(ranks) / len(ranks) if ranks else None})

@@ -33,7 +33,7 @@ from deltatune.io.delta_format import save_delta
 from deltatune.io.outputs import write_marker
 from deltatune.methods.registry import get_method, unwrap_optimizer
 from deltatune.model import attach
-from deltatune.provenance import Provenance, base_reference
+from deltatune.provenance import Provenance, path_reference
 from deltatune.train import checkpoint as ckpt
 from deltatune.train import fsdp, zero
 from deltatune.train.config import TrainConfig
@@ -292,7 +292,7 @@ def train_provenance(cfg: TrainConfig, task: Task) -> Provenance:
     """Base, task (name, and for a user's data its columns and label map) and training configuration."""
     train = asdict(cfg)
     for key in PATH_SETTINGS:  # eval, compress calibration and predict read them later, from any folder
-        train[key] = base_reference(train.get(key)) if isinstance(train.get(key), str) else train.get(key)
+        train[key] = path_reference(train[key])
     return Provenance(operation="train", base=train["model"], task={"name": task.name, **(task.info or {})},
                       train=train)
 
