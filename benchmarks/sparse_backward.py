@@ -7,9 +7,15 @@ the 13 % above which the backward switches from the SDDMM to row blocks).  Rows 
 milliseconds):
 
 * ``sddmm_shipped``      ``deltatune.parts.sparse.sampled_weight_grad`` as the backward calls it (torch's
-                         ``sampled_addmm`` on the token-major ``gᵀ`` and ``x``, with the cached CSR support);
-* ``sddmm_token_major``  the same kernel on operands we transpose to token-contiguous first (the copies included);
-* ``transposes``         those two copies alone (``gᵀ`` and ``xᵀ`` made contiguous);
+                         ``sampled_addmm`` on token-major copies of ``gᵀ`` and ``xᵀ`` that
+                         ``deltatune.parts.sparse.token_major`` makes, with the cached CSR support);
+* ``sddmm_padded``       the same on a padded batch: 63 % of the tokens (as in ``benchmarks/train_step.py``'s SST-2
+                         batches) have an all-zero output gradient, which the shipped path leaves out
+                         (``live_tokens``);
+* ``sddmm_views``        the path before ``token_major``: the same kernel given ``gᵀ`` and ``x`` as strided views,
+                         which it makes contiguous itself;
+* ``transposes``         ``token_major``'s two copies alone (``gᵀ`` and ``xᵀ``);
+* ``transposes_plain``   the same two copies as ``m.t().contiguous()``;
 * ``dense_gather``       the dense ``gᵀx`` then the ``k`` entries gathered;
 * ``blocked_gather``     ``deltatune.parts.sparse.blocked_weight_grad``, the backward's path above 13 % density:
                          ``gᵀx`` formed a block of rows (≤ 2¹⁷ entries) at a time, each block's entries gathered;
@@ -54,12 +60,33 @@ def median_ms(fn: Callable[[], Any], repeats: int, cuda: bool) -> float:
     return timer.summary(skip=10)["median_s"] * 1e3
 
 
+def sddmm_on_views(g: Any, x: Any, support: Any) -> Any:
+    """``(gᵀx)`` at the CSR ``support`` by torch's ``sampled_addmm`` on the strided views ``gᵀ`` and ``x`` (it makes
+    its own contiguous copies): the shipped path before ``token_major``."""
+    import warnings
+
+    import torch
+
+    crow, col = support
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        pattern = torch.sparse_csr_tensor(crow, col, torch.zeros(col.numel(), dtype=g.dtype, device=g.device),
+                                          (g.shape[1], x.shape[1]), check_invariants=False)
+        return torch.sparse.sampled_addmm(pattern, g.t(), x, beta=0.0).values()
+
+
 def layer_rows(model: str, tokens: int, d_out: int, d_in: int, repeats: int, device: str,
                rank: int = 8) -> list[dict[str, Any]]:
     import torch
 
     from deltatune.parts.layers import LayerKind
-    from deltatune.parts.sparse import _sddmm, blocked_weight_grad, csr_support, index_dtype, sampled_weight_grad
+    from deltatune.parts.sparse import (
+        blocked_weight_grad,
+        csr_support,
+        index_dtype,
+        sampled_weight_grad,
+        token_major,
+    )
 
     gen = torch.Generator().manual_seed(0)
     k = rank * (d_in + d_out)
@@ -70,6 +97,8 @@ def layer_rows(model: str, tokens: int, d_out: int, d_in: int, repeats: int, dev
     a = torch.randn(rank, d_in, generator=gen).to(device)
     b = torch.randn(d_out, rank, generator=gen).to(device)
     flat = idx.long()
+    padded = g.clone()
+    padded[torch.randperm(tokens, generator=gen)[:int(0.63 * tokens)].to(device)] = 0
 
     def lora() -> None:
         gb = g @ b                    # (T, r)
@@ -79,15 +108,19 @@ def layer_rows(model: str, tokens: int, d_out: int, d_in: int, repeats: int, dev
 
     variants = {
         "sddmm_shipped": lambda: sampled_weight_grad(LayerKind.LINEAR, x, g, (d_out, d_in), idx, support),
-        "sddmm_token_major": lambda: _sddmm(g.t().contiguous(), x.t().contiguous().t(), support),
-        "transposes": lambda: (g.t().contiguous(), x.t().contiguous()),
+        "sddmm_padded": lambda: sampled_weight_grad(LayerKind.LINEAR, x, padded, (d_out, d_in), idx, support),
+        "sddmm_views": lambda: sddmm_on_views(g, x, support),
+        "transposes": lambda: (token_major(g), token_major(x)),
+        "transposes_plain": lambda: (g.t().contiguous(), x.t().contiguous()),
         "dense_gather": lambda: (g.t() @ x).reshape(-1).index_select(0, flat),
         "blocked_gather": lambda: blocked_weight_grad(LayerKind.LINEAR, x, g, (d_out, d_in), idx),
         f"lora_r{rank}": lora,
     }
     reference = variants["dense_gather"]()
-    for name in ("sddmm_shipped", "sddmm_token_major", "blocked_gather"):  # each computes the same k entries
+    for name in ("sddmm_shipped", "sddmm_views", "blocked_gather"):  # each computes the same k entries
         torch.testing.assert_close(variants[name](), reference, rtol=1e-4, atol=1e-3, msg=lambda m, n=name: f"{n}: {m}")
+    torch.testing.assert_close(variants["sddmm_padded"](), (padded.t() @ x).reshape(-1).index_select(0, flat),
+                               rtol=1e-4, atol=1e-3)
     rows = [{"model": model, "d_out": d_out, "d_in": d_in, "tokens": tokens, "k": k, "row": name,
              "ms": round(median_ms(fn, repeats, device.startswith("cuda")), 4)} for name, fn in variants.items()]
     lora_ms = next(r["ms"] for r in rows if r["row"] == f"lora_r{rank}")

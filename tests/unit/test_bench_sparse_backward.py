@@ -16,9 +16,9 @@ def test_quick_run_writes_one_row_per_variant_and_shape(tmp_path, monkeypatch) -
     out = tmp_path / "sb.json"
     assert sparse_backward.main(["--quick", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert {r["row"] for r in rows} == {"sddmm_shipped", "sddmm_token_major", "transposes", "dense_gather",
-                                        "blocked_gather", "lora_r8"}
-    assert len(rows) == 6 * len(sparse_backward.SHAPES["minilm"][1])
+    assert {r["row"] for r in rows} == {"sddmm_shipped", "sddmm_padded", "sddmm_views", "transposes",
+                                        "transposes_plain", "dense_gather", "blocked_gather", "lora_r8"}
+    assert len(rows) == 8 * len(sparse_backward.SHAPES["minilm"][1])
     assert all(r["ms"] > 0 for r in rows) and all(r["ratio_vs_lora"] == 1 for r in rows if r["row"] == "lora_r8")
     assert all(r["k"] == 8 * (r["d_in"] + r["d_out"]) for r in rows)
     assert out.with_suffix(".md").read_text().count("sddmm_shipped") == 3

@@ -13,7 +13,9 @@ from deltatune.parts.sparse import (
     SAMPLED_GRAD_MAX_DENSITY,
     SparseDeltaFunction,
     SparsePart,
+    live_tokens,
     sampled_weight_grad,
+    token_major,
     use_sampled_grad,
 )
 
@@ -49,6 +51,50 @@ def test_sampled_grad_equals_dense_gather(kind, index_dtype):
     # the entries are where they belong: a 1-entry support picks exactly that (r, c) of the dense gradient
     one = sampled_weight_grad(kind, x, grad_out, shape, idx[7:8])
     assert torch.allclose(one, ref[7:8], rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("width", [48, 40])  # a multiple of the strip (two-pass copy) and not (plain transpose)
+def test_token_major_is_the_transpose_of_the_kept_rows(width):
+    m = torch.randn(29, width, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(token_major(m), m.t()) and token_major(m).is_contiguous()
+    rows = torch.tensor([0, 3, 4, 17, 28])
+    kept = token_major(m, rows)
+    assert kept.shape == (width, 5) and kept.is_contiguous() and torch.equal(kept, m[rows].t())
+    assert torch.equal(token_major(m.t().contiguous().t()), m.t())  # a strided source: the plain transpose
+    assert token_major(m, torch.zeros(0, dtype=torch.long)).shape == (width, 0)
+
+
+def test_live_tokens_finds_all_zero_rows_only_when_worth_a_gather():
+    g = torch.randn(40, 16, generator=torch.Generator().manual_seed(6))
+    assert live_tokens(g) is None  # no dead row
+    g[[1, 5, 6, 7, 30]] = 0  # 5 of 40 = 12.5 %: gathered
+    g[9, 0] = 0  # zero in column 0 only: live
+    g[11, 3] = float("nan")
+    g[11, 0] = 0  # a NaN row stays live (its NaN must reach the gradient)
+    live = live_tokens(g)
+    assert live is not None and set(range(40)) - set(live.tolist()) == {1, 5, 6, 7, 30}
+    g[30] = 1.0  # 4 of 40 dead: not worth a gather
+    assert live_tokens(g) is None
+
+
+@pytest.mark.parametrize("kind", [LayerKind.LINEAR, LayerKind.CONV1D])
+def test_sampled_grad_skips_dead_tokens_exactly(kind):
+    """A padded batch: positions whose output gradient is all zero are left out of the SDDMM (strip-width
+    features, so the two-pass transposes run), and the entries equal the dense reference; a batch of dead
+    positions only gives zeros."""
+    d_in, d_out, tokens = 32, 48, 50
+    shape = (d_out, d_in) if kind is LayerKind.LINEAR else (d_in, d_out)
+    g = torch.Generator().manual_seed(7)
+    x, grad_out = torch.randn(2, tokens, d_in, generator=g), torch.randn(2, tokens, d_out, generator=g)
+    grad_out[0, 20:] = 0
+    grad_out[1, 35:] = 0
+    idx = _support(d_in * d_out, 90, 8).to(torch.int32)
+    assert live_tokens(grad_out.reshape(-1, d_out)).numel() == 55
+    got = sampled_weight_grad(kind, x, grad_out, shape, idx)
+    ref = weight_grad(kind, x, grad_out, torch.Size(shape)).reshape(-1)[idx.long()]
+    assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+    zeros = sampled_weight_grad(kind, x, torch.zeros_like(grad_out), shape, idx)
+    assert zeros.shape == (90,) and not bool(zeros.any())
 
 
 def test_embedding_sampled_grad_equals_dense_gather():

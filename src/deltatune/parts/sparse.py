@@ -61,6 +61,62 @@ def _rows_cols(x: Tensor, grad_out: Tensor, kind: LayerKind) -> tuple[Tensor, Te
     return (g2.t(), x2) if kind is LayerKind.LINEAR else (x2.t(), g2)
 
 
+#: Columns per strip in :func:`token_major`'s two-pass transpose (16 fp32 entries: one 64-byte cache line).
+TRANSPOSE_STRIP = 16
+
+
+def token_major(m: Tensor, tokens: Tensor | None = None) -> Tensor:
+    """``m[tokens]ᵀ``: the (tokens, features) matrix ``m`` as a contiguous (features, tokens) one, keeping only the
+    rows ``tokens`` (all when ``None``), the layout the SDDMM reads (each entry one dot product of two contiguous
+    token vectors).
+
+    The rows are gathered first (whole rows, contiguous), then the transpose made in two passes through
+    ``(features / 16, tokens, 16)`` strips: the first copies whole cache lines, the second transposes
+    ``tokens × 16`` blocks.  ``benchmarks/sparse_backward.py`` times it (``transposes`` row) against
+    ``m.t().contiguous()`` (``transposes_plain``), which walks the strided source one entry at a time."""
+    if tokens is not None:
+        m = m.index_select(0, tokens)
+    n, d = m.shape
+    if d % TRANSPOSE_STRIP or not m.is_contiguous():
+        return m.t().contiguous()
+    strips = m.view(n, d // TRANSPOSE_STRIP, TRANSPOSE_STRIP).transpose(0, 1).contiguous()
+    return strips.transpose(1, 2).reshape(d, n)
+
+
+#: :func:`live_tokens` gathers only when at least this fraction of the tokens is dead: a causal LM's batch has one
+#: (each row's last position, which predicts nothing), not worth a gather.
+DEAD_TOKENS_MIN_FRACTION = 0.125
+
+
+def live_tokens(g2: Tensor) -> Tensor | None:
+    """The rows of the (tokens, features) output gradient ``g2`` that are not all zero, or ``None`` to keep every
+    row (then nothing is gathered).
+
+    ``∂L/∂W = Σ_t g_t x_tᵀ``: a token whose output gradient is exactly zero adds nothing, and a classifier's
+    padding positions are such tokens in every layer (masked as keys, read by no query that reaches the loss):
+    in ``benchmarks/train_step.py``'s SST-2 batches 63 % of the positions.  A first look at one column (a dead
+    row is zero there) skips the whole-matrix check when fewer than :data:`DEAD_TOKENS_MIN_FRACTION` of the rows
+    could be dead.  CPU only: on an accelerator the count is a host synchronisation per layer."""
+    n = g2.shape[0]
+    if g2.device.type != "cpu" or not n or int((g2[:, 0] == 0).sum()) < DEAD_TOKENS_MIN_FRACTION * n:
+        return None
+    live = (g2.amax(1) != 0) | (g2.amin(1) != 0)  # two reductions, no |g| copy; NaN rows stay live
+    n_live = int(live.sum())
+    return None if n - n_live < DEAD_TOKENS_MIN_FRACTION * n else live.nonzero().squeeze(1)
+
+
+def _token_major_pair(x: Tensor, grad_out: Tensor, kind: LayerKind) -> tuple[Tensor, Tensor]:
+    """``(A, B)``, both (·, live tokens) and contiguous, with ``∂L/∂W = A Bᵀ`` in the native layout (Linear
+    ``A = gᵀ, B = xᵀ``; Conv1D ``A = xᵀ, B = gᵀ``): :func:`_rows_cols`'s operands made token-major
+    (:func:`token_major`) over the :func:`live_tokens`."""
+    g2 = grad_out.reshape(-1, grad_out.shape[-1])
+    dtype = g2.dtype if g2.dtype in (torch.float32, torch.float64) else torch.float32
+    g2, x2 = g2.to(dtype), x.reshape(-1, x.shape[-1]).to(dtype)
+    tokens = live_tokens(g2)
+    gt, xt = token_major(g2, tokens), token_major(x2, tokens)
+    return (gt, xt) if kind is LayerKind.LINEAR else (xt, gt)
+
+
 def csr_support(indices: Tensor, shape: Sequence[int]) -> tuple[Tensor, Tensor]:
     """``(crow_indices, col_indices)`` of the sorted flat ``indices`` of a weight of ``shape`` viewed as the
     ``(shape[0], rest)`` matrix (CSR, in the indices' dtype)."""
@@ -72,15 +128,17 @@ def csr_support(indices: Tensor, shape: Sequence[int]) -> tuple[Tensor, Tensor]:
 
 
 def _sddmm(a: Tensor, b: Tensor, support: tuple[Tensor, Tensor]) -> Tensor:
-    """``(a @ b)`` at the CSR ``support`` (:func:`csr_support`) without forming ``a @ b``: a sampled dense-dense
-    matmul (``torch.sparse.sampled_addmm``; each entry is one dot product of length ``tokens``, no gathered
-    temporaries)."""
+    """``(a @ bᵀ)`` at the CSR ``support`` (:func:`csr_support`) without forming ``a @ bᵀ``: a sampled dense-dense
+    matmul (``torch.sparse.sampled_addmm``; each entry is one dot product of a row of ``a`` with a row of ``b``, both
+    contiguous when ``a`` and ``b`` are, as :func:`token_major` makes them, so the kernel copies nothing)."""
     crow, col = support
+    if not a.shape[1]:  # no live token: the gradient is zero
+        return torch.zeros(col.numel(), dtype=a.dtype, device=a.device)
     with warnings.catch_warnings():  # "sparse CSR support is in beta"
         warnings.simplefilter("ignore", UserWarning)
         pattern = torch.sparse_csr_tensor(crow, col, torch.zeros(col.numel(), dtype=a.dtype, device=a.device),
-                                          (a.shape[0], b.shape[1]), check_invariants=False)
-        return torch.sparse.sampled_addmm(pattern, a, b, beta=0.0).values()
+                                          (a.shape[0], b.shape[0]), check_invariants=False)
+        return torch.sparse.sampled_addmm(pattern, a, b.t(), beta=0.0).values()
 
 
 def _embedding_sampled(x: Tensor, grad_out: Tensor, weight_shape: tuple[int, ...], indices: Tensor) -> Tensor:
@@ -106,7 +164,8 @@ def sampled_weight_grad(kind: LayerKind, x: Tensor, grad_out: Tensor, weight_sha
 
     Linear (``W`` is (out, in), flat ``i = r·in + c``): ``∂L/∂W.flat[i] = Σ_n g[n, r] · x[n, c]``;
     Conv1D (``W`` is (in, out), flat ``i = r·out + c``): ``Σ_n x[n, r] · g[n, c]``; both a sampled dense-dense
-    matmul (SDDMM) over the ``tokens`` axis.  Embedding: the looked-up rows' gradient, gathered.  The SpIEL
+    matmul (SDDMM) over the ``tokens`` axis, on token-major copies of the live tokens only
+    (:func:`_token_major_pair`).  Embedding: the looked-up rows' gradient, gathered.  The SpIEL
     backward (Ansell et al., 2024, §3) with the dense ``gᵀx`` replaced by its ``k`` needed entries.
     ``indices`` must be sorted (they are in every :class:`SparsePart`); ``support`` is their
     :func:`csr_support` when the caller keeps it (a :class:`SparsePart` caches it between reselections).
@@ -115,7 +174,7 @@ def sampled_weight_grad(kind: LayerKind, x: Tensor, grad_out: Tensor, weight_sha
         return torch.zeros(0, dtype=torch.float32, device=grad_out.device)
     if kind is LayerKind.EMBEDDING:
         return _embedding_sampled(x, grad_out, weight_shape, indices)
-    a, b = _rows_cols(x, grad_out, kind)
+    a, b = _token_major_pair(x, grad_out, kind)
     return _sddmm(a, b, support if support is not None else csr_support(indices, weight_shape))
 
 
