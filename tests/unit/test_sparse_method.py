@@ -35,6 +35,32 @@ def test_sparse_adamw_equals_adamw_without_regrowth():
     assert torch.allclose(a, b, atol=1e-6)
 
 
+def test_sparse_adamw_foreach_step_equals_the_per_parameter_step_bit_for_bit():
+    """Parameters that train every element take one foreach update; it does the per-parameter update's
+    arithmetic exactly, with weight decay and with elements of different ages (a regrown entry)."""
+    gen = torch.Generator().manual_seed(9)
+    shapes = [(7,), (3, 5), (1,)]
+    fast = [nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    slow = [nn.Parameter(p.detach().clone()) for p in fast]
+    opt_fast = SparseAdamW(fast, lr=3e-2, weight_decay=0.05)
+    opt_slow = SparseAdamW(slow, lr=3e-2, weight_decay=0.05)
+    for step in range(6):
+        for pf, ps in zip(fast, slow, strict=True):
+            pf.grad = torch.randn(pf.shape, generator=gen)
+            ps.grad = pf.grad.clone()
+        if step == 3:  # a regrown element: its age restarts in both
+            for opt, p in ((opt_fast, fast[1]), (opt_slow, slow[1])):
+                opt.state_of(p)["age"][1, 2] = 0
+        opt_fast.step()
+        with torch.no_grad():
+            for p in slow:
+                opt_slow._step_one(p, opt_slow.param_groups[0])
+    for pf, ps in zip(fast, slow, strict=True):
+        assert torch.equal(pf, ps)
+        for key in ("exp_avg", "exp_avg_sq", "age"):
+            assert torch.equal(opt_fast.state[pf][key], opt_slow.state[ps][key])
+
+
 def test_sparse_adamw_new_element_gets_fresh_bias_correction():
     p = nn.Parameter(torch.zeros(2))
     opt = SparseAdamW([p], lr=0.1)

@@ -107,32 +107,65 @@ class SparseAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            b1, b2 = group["betas"]
-            lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+            whole, partial = [], []
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                positions = self.active.get(p)
-                g = p.grad.float() if positions is None else p.grad.reshape(-1).index_select(0, positions).float()
-                st = self.state_of(p)
-                m, v, age = st["exp_avg"], st["exp_avg_sq"], st["age"]
-                age.add_(1)
-                m.mul_(b1).add_(g, alpha=1 - b1)
-                v.mul_(b2).addcmul_(g, g, value=1 - b2)
-                bc1 = 1 - torch.pow(b1, age)
-                bc2 = 1 - torch.pow(b2, age)
-                update = (m / bc1).div_((v / bc2).sqrt_().add_(eps))
-                if positions is None and p.dtype == torch.float32:  # in place: no fp32 copy of p
-                    if wd:
-                        p.mul_(1 - lr * wd)
-                    p.add_(update, alpha=-lr)
-                    continue
-                p32 = p.float() if positions is None else p.reshape(-1).index_select(0, positions).float()
-                if wd:
-                    p32.mul_(1 - lr * wd)
-                p32.add_(update, alpha=-lr)
-                if positions is None:
-                    p.copy_(p32.to(p.dtype))
-                else:
-                    p.view(-1).index_copy_(0, positions, p32.to(p.dtype))
+                if p.grad is not None:
+                    plain = self.active.get(p) is None and p.dtype == torch.float32 and p.grad.dtype == torch.float32
+                    (whole if plain else partial).append(p)
+            if whole:
+                self._step_whole(whole, group)
+            for p in partial:
+                self._step_one(p, group)
         return loss
+
+    def _step_whole(self, params: list[Tensor], group: dict) -> None:
+        """The update for fp32 parameters that train every element, in place, as one ``torch._foreach_*`` call per
+        operation across all of them (the per-parameter loop's dispatch cost, dozens of parameters × a dozen
+        operations, was ~4 ms a step on MiniLM); the same arithmetic, operation for operation, as
+        :meth:`_step_one`."""
+        b1, b2 = group["betas"]
+        lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+        grads = [p.grad for p in params]
+        states = [self.state_of(p) for p in params]
+        m, v, age = ([st[key] for st in states] for key in STATE_KEYS)
+        torch._foreach_add_(age, 1)
+        torch._foreach_mul_(m, b1)
+        torch._foreach_add_(m, grads, alpha=1 - b1)
+        torch._foreach_mul_(v, b2)
+        torch._foreach_addcmul_(v, grads, grads, value=1 - b2)
+        bc1, bc2 = torch._foreach_pow(b1, age), torch._foreach_pow(b2, age)
+        for bc in (bc1, bc2):  # 1 − β^age (negation is exact: the same rounding as 1 − x)
+            torch._foreach_neg_(bc)
+            torch._foreach_add_(bc, 1)
+        update = torch._foreach_div(m, bc1)
+        denom = torch._foreach_div(v, bc2)
+        torch._foreach_sqrt_(denom)
+        torch._foreach_add_(denom, eps)
+        torch._foreach_div_(update, denom)
+        if wd:
+            torch._foreach_mul_(params, 1 - lr * wd)
+        torch._foreach_add_(params, update, alpha=-lr)
+
+    def _step_one(self, p: Tensor, group: dict) -> None:
+        """The update of one parameter: a low-precision one through an fp32 copy, a partly trained one
+        (:meth:`set_active`) at its active positions only."""
+        b1, b2 = group["betas"]
+        lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+        positions = self.active.get(p)
+        g = p.grad.float() if positions is None else p.grad.reshape(-1).index_select(0, positions).float()
+        st = self.state_of(p)
+        m, v, age = st["exp_avg"], st["exp_avg_sq"], st["age"]
+        age.add_(1)
+        m.mul_(b1).add_(g, alpha=1 - b1)
+        v.mul_(b2).addcmul_(g, g, value=1 - b2)
+        bc1 = 1 - torch.pow(b1, age)
+        bc2 = 1 - torch.pow(b2, age)
+        update = (m / bc1).div_((v / bc2).sqrt_().add_(eps))
+        p32 = p.float() if positions is None else p.reshape(-1).index_select(0, positions).float()
+        if wd:
+            p32.mul_(1 - lr * wd)
+        p32.add_(update, alpha=-lr)
+        if positions is None:
+            p.copy_(p32.to(p.dtype))
+        else:
+            p.view(-1).index_copy_(0, positions, p32.to(p.dtype))
