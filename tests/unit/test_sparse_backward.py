@@ -97,6 +97,32 @@ def test_sampled_grad_skips_dead_tokens_exactly(kind):
     assert zeros.shape == (90,) and not bool(zeros.any())
 
 
+def test_layers_reading_one_input_transpose_it_once(monkeypatch):
+    """q, k and v read the same hidden states: their backward makes the token-major copy of that input once
+    (and the gradients still equal the dense reference); another input is transposed afresh."""
+    calls = []
+    real = sparse_mod.token_major
+    monkeypatch.setattr(sparse_mod, "token_major", lambda m, tokens=None: calls.append(m.shape) or real(m, tokens))
+    bases = [_base(LayerKind.LINEAR, 32, 48) for _ in range(3)]
+    parts = [SparsePart((48, 32), _support(48 * 32, 60, seed), LayerKind.LINEAR) for seed in range(3)]
+    for p in parts:
+        with torch.no_grad():
+            p.values.normal_()
+    x = torch.randn(2, 9, 32, requires_grad=True)
+    loss = sum((p(x, b) * (i + 1)).square().sum() for i, (p, b) in enumerate(zip(parts, bases, strict=True)))
+    loss.backward()
+    assert len(calls) == 4  # three output gradients, one input
+    for i, (p, b) in enumerate(zip(parts, bases, strict=True)):
+        w = b.weight.detach() + p.delta_weight()
+        g = 2 * (i + 1) ** 2 * (x.detach() @ w.t() + b.bias)
+        ref = weight_grad(LayerKind.LINEAR, x.detach(), g, w.shape).reshape(-1)[p.indices.long()]
+        assert torch.allclose(p.values.grad, ref, rtol=1e-5, atol=1e-4)
+    calls.clear()
+    x2 = x.detach().clone().requires_grad_()  # another input: transposed afresh
+    parts[0](x2, bases[0]).sum().backward()
+    assert len(calls) == 2
+
+
 def test_embedding_sampled_grad_equals_dense_gather():
     vocab, dim = 50, 8
     g = torch.Generator().manual_seed(3)
