@@ -67,7 +67,7 @@ def sddmm_on_views(g: Any, x: Any, support: Any) -> Any:
 
     import torch
 
-    crow, col = support
+    crow, col = support.crow, support.col
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         pattern = torch.sparse_csr_tensor(crow, col, torch.zeros(col.numel(), dtype=g.dtype, device=g.device),

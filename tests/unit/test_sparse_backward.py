@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -257,7 +259,10 @@ def test_csr_support_is_cached_until_the_indices_change():
         crow, col = support
         return torch.repeat_interleave(torch.arange(40), crow.diff().long()) * 24 + col.long()
 
-    assert int(first[0][-1]) == 30 and torch.equal(flat(first), part.indices.long())
+    assert int(first.crow[-1]) == 30 and torch.equal(flat(first), part.indices.long())
+    assert first.pattern(torch.float32) is first.pattern(torch.float32)  # the SDDMM's CSR tensor, built once
+    assert torch.equal(first.pattern(torch.float32).crow_indices(), first.crow)
+    assert copy.deepcopy(part).support() is not None  # a copy rebuilds what it cannot copy
     free = next(i for i in range(40 * 24) if i not in set(part.indices.tolist()))
     with torch.no_grad():  # a reselection writes the indices in place
         part.indices[0] = free

@@ -140,28 +140,64 @@ def _token_major_pair(x: Tensor, grad_out: Tensor, kind: LayerKind) -> tuple[Ten
     return (gt, xt) if kind is LayerKind.LINEAR else (xt, gt)
 
 
-def csr_support(indices: Tensor, shape: Sequence[int]) -> tuple[Tensor, Tensor]:
-    """``(crow_indices, col_indices)`` of the sorted flat ``indices`` of a weight of ``shape`` viewed as the
-    ``(shape[0], rest)`` matrix (CSR, in the indices' dtype)."""
+_ZEROS: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+
+
+def _shared_zeros(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``n`` zeros as a view of one buffer per dtype and device (grown to the largest ``n`` asked for; nothing
+    writes to it), so a cached CSR pattern costs no values of its own."""
+    buf = _ZEROS.get((dtype, device))
+    if buf is None or buf.numel() < n:
+        buf = _ZEROS[(dtype, device)] = torch.zeros(max(n, 2 * (buf.numel() if buf is not None else 0)),
+                                                    dtype=dtype, device=device)
+    return buf[:n]
+
+
+class CsrSupport:
+    """The sorted flat ``indices`` of a weight of ``shape`` as a CSR pattern of the ``(shape[0], rest)`` matrix:
+    ``crow`` and ``col`` (in the indices' dtype; unpacks as ``crow, col``), and :meth:`pattern`, the sparse CSR
+    tensor :func:`_sddmm` samples with, built once per dtype."""
+
+    def __init__(self, crow: Tensor, col: Tensor, shape: tuple[int, int]) -> None:
+        self.crow, self.col, self.shape = crow, col, shape
+        self._patterns: dict[torch.dtype, Tensor] = {}
+
+    def __iter__(self) -> Iterator[Tensor]:
+        return iter((self.crow, self.col))
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies and pickles leave the patterns out (a sparse CSR tensor has no storage to copy); they are rebuilt
+        on first use."""
+        return {**self.__dict__, "_patterns": {}}
+
+    def pattern(self, dtype: torch.dtype) -> Tensor:
+        """The CSR tensor of the support with zero values of ``dtype`` (the SDDMM reads only its structure)."""
+        cached = self._patterns.get(dtype)
+        if cached is None:
+            with warnings.catch_warnings():  # "sparse CSR support is in beta"
+                warnings.simplefilter("ignore", UserWarning)
+                zeros = _shared_zeros(self.col.numel(), dtype, self.col.device)
+                cached = torch.sparse_csr_tensor(self.crow, self.col, zeros, self.shape, check_invariants=False)
+            self._patterns[dtype] = cached
+        return cached
+
+
+def csr_support(indices: Tensor, shape: Sequence[int]) -> CsrSupport:
+    """The :class:`CsrSupport` of the sorted flat ``indices`` of a weight of ``shape``."""
     cols = math.prod(shape[1:]) if len(shape) > 1 else 1
     r = torch.div(indices, cols, rounding_mode="floor")
     crow = torch.zeros(int(shape[0]) + 1, dtype=indices.dtype, device=indices.device)
     crow[1:] = torch.bincount(r, minlength=int(shape[0])).cumsum(0)
-    return crow, indices - r * cols
+    return CsrSupport(crow, indices - r * cols, (int(shape[0]), cols))
 
 
-def _sddmm(a: Tensor, b: Tensor, support: tuple[Tensor, Tensor]) -> Tensor:
+def _sddmm(a: Tensor, b: Tensor, support: CsrSupport) -> Tensor:
     """``(a @ bᵀ)`` at the CSR ``support`` (:func:`csr_support`) without forming ``a @ bᵀ``: a sampled dense-dense
     matmul (``torch.sparse.sampled_addmm``; each entry is one dot product of a row of ``a`` with a row of ``b``, both
     contiguous when ``a`` and ``b`` are, as :func:`token_major` makes them, so the kernel copies nothing)."""
-    crow, col = support
     if not a.shape[1]:  # no live token: the gradient is zero
-        return torch.zeros(col.numel(), dtype=a.dtype, device=a.device)
-    with warnings.catch_warnings():  # "sparse CSR support is in beta"
-        warnings.simplefilter("ignore", UserWarning)
-        pattern = torch.sparse_csr_tensor(crow, col, torch.zeros(col.numel(), dtype=a.dtype, device=a.device),
-                                          (a.shape[0], b.shape[0]), check_invariants=False)
-        return torch.sparse.sampled_addmm(pattern, a, b.t(), beta=0.0).values()
+        return torch.zeros(support.col.numel(), dtype=a.dtype, device=a.device)
+    return torch.sparse.sampled_addmm(support.pattern(a.dtype), a, b.t(), beta=0.0).values()
 
 
 def _embedding_sampled(x: Tensor, grad_out: Tensor, weight_shape: tuple[int, ...], indices: Tensor) -> Tensor:
@@ -182,7 +218,7 @@ def _embedding_sampled(x: Tensor, grad_out: Tensor, weight_shape: tuple[int, ...
 
 
 def sampled_weight_grad(kind: LayerKind, x: Tensor, grad_out: Tensor, weight_shape: tuple[int, ...],
-                        indices: Tensor, support: tuple[Tensor, Tensor] | None = None) -> Tensor:
+                        indices: Tensor, support: CsrSupport | None = None) -> Tensor:
     """``(∂L/∂W).flat[indices]`` computed on the support only, never the dense ``∂L/∂W``.
 
     Linear (``W`` is (out, in), flat ``i = r·in + c``): ``∂L/∂W.flat[i] = Σ_n g[n, r] · x[n, c]``;
@@ -272,7 +308,7 @@ class SparseDeltaFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, values: Tensor, indices: Tensor, weight: Tensor, base: nn.Module,
-                kind: LayerKind, observer: GradObserver | None, *support: tuple[Tensor, Tensor] | None) -> Tensor:
+                kind: LayerKind, observer: GradObserver | None, *support: CsrSupport | None) -> Tensor:
         ctx.save_for_backward(x, values, indices, weight)
         ctx.base, ctx.kind, ctx.observer = base, kind, observer
         ctx.n_support, ctx.support = len(support), support[0] if support else None
@@ -358,9 +394,9 @@ class SparsePart(Part):
         self.register_buffer("indices", indices.to(index_dtype(self.numel_base)))
         self.values = nn.Parameter(torch.zeros(indices.numel(), dtype=dtype, device=indices.device))
         self.grad_observer: GradObserver | None = None
-        self._support: tuple[Any, tuple[Tensor, Tensor]] | None = None
+        self._support: tuple[Any, CsrSupport] | None = None
 
-    def support(self) -> tuple[Tensor, Tensor] | None:
+    def support(self) -> CsrSupport | None:
         """The :func:`csr_support` of the indices when the backward takes the sampled path (``None`` otherwise),
         cached until the indices change (a reselection writes them in place: their version moves on)."""
         if self.layer is LayerKind.EMBEDDING or not use_sampled_grad(self.layer, self.indices.numel(),
