@@ -34,10 +34,10 @@ GradObserver = Callable[[Tensor], None]
 
 #: Above this density (k / numel) the backward forms the weight gradient in row blocks and gathers from them
 #: (:func:`blocked_weight_grad`) instead of the SDDMM.  Measured on CPU (``benchmarks/sparse_backward.py --rank 32``,
-#: one thread, 512–640 tokens, ``sparse_backward_r32.md``), the SDDMM's time over the blocked path's: 0.71–0.78 at
-#: 9.4 % (Llama 1024×512, 512×1024), 0.76 and 1.06 at 10.4 % (MiniLM 1536×384, 384×1536), 0.90 at 12.5 % (Llama
-#: 512²), 1.62 at 16.7 % (MiniLM 384²); below 5 % the SDDMM costs 0.45–0.86× the unblocked ``gᵀx`` + gather.
-#: Not measured on GPU.
+#: two threads, 512–640 tokens, ``sparse_backward_r32.md``), the SDDMM's time over the blocked path's: 0.67–0.68 at
+#: 9.4 % (Llama 1024×512, 512×1024), 0.70 and 0.80 at 10.4 % (MiniLM 1536×384, 384×1536), 0.82 at 12.5 % (Llama
+#: 512²), 1.00 at 16.7 % (MiniLM 384²); at r = 8 (2.6–4.2 %) it costs 0.37–0.67× the unblocked ``gᵀx`` + gather
+#: (``sparse_backward.md``).  Not measured on GPU.
 SAMPLED_GRAD_MAX_DENSITY = 0.13
 #: Above :data:`SAMPLED_GRAD_MAX_DENSITY` the weight gradient is formed this many entries at a time (a block of
 #: rows, :func:`blocked_weight_grad`): 512 KiB in fp32 on CPU, never a layer's whole dense gradient (of a layer
@@ -74,7 +74,8 @@ def token_major(m: Tensor, tokens: Tensor | None = None) -> Tensor:
     The rows are gathered first (whole rows, contiguous), then the transpose made in two passes through
     ``(features / 16, tokens, 16)`` strips: the first copies whole cache lines, the second transposes
     ``tokens × 16`` blocks.  ``benchmarks/sparse_backward.py`` times it (``transposes`` row) against
-    ``m.t().contiguous()`` (``transposes_plain``), which walks the strided source one entry at a time."""
+    ``m.t().contiguous()`` (``transposes_plain``), which walks the strided source one entry at a time: 0.44–0.66×
+    its time on MiniLM's and the ~54M Llama's shapes (``sparse_backward.md``)."""
     if tokens is not None:
         m = m.index_select(0, tokens)
     n, d = m.shape
