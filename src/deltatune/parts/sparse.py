@@ -53,12 +53,18 @@ def index_dtype(numel: int) -> torch.dtype:
     return torch.int32 if numel < 2**31 else torch.int64
 
 
-def _rows_cols(x: Tensor, grad_out: Tensor, kind: LayerKind) -> tuple[Tensor, Tensor]:
-    """``(A, B)`` with ``∂L/∂W = A @ B`` in the native layout: Linear ``gᵀ·x`` (out, in), Conv1D ``xᵀ·g``
-    (in, out); the inputs flattened to ``(tokens, features)`` and computed in fp32 (fp64 stays fp64)."""
+def _flat_pair(x: Tensor, grad_out: Tensor) -> tuple[Tensor, Tensor]:
+    """``(g, x)`` flattened to ``(tokens, features)`` and in fp32 (fp64 stays fp64), the dtype the weight gradient is
+    computed in."""
     g2 = grad_out.reshape(-1, grad_out.shape[-1])
     dtype = g2.dtype if g2.dtype in (torch.float32, torch.float64) else torch.float32
-    g2, x2 = g2.to(dtype), x.reshape(-1, x.shape[-1]).to(dtype)
+    return g2.to(dtype), x.reshape(-1, x.shape[-1]).to(dtype)
+
+
+def _rows_cols(x: Tensor, grad_out: Tensor, kind: LayerKind) -> tuple[Tensor, Tensor]:
+    """``(A, B)`` with ``∂L/∂W = A @ B`` in the native layout: Linear ``gᵀ·x`` (out, in), Conv1D ``xᵀ·g``
+    (in, out), from :func:`_flat_pair`."""
+    g2, x2 = _flat_pair(x, grad_out)
     return (g2.t(), x2) if kind is LayerKind.LINEAR else (x2.t(), g2)
 
 
@@ -133,9 +139,7 @@ def _token_major_pair(x: Tensor, grad_out: Tensor, kind: LayerKind) -> tuple[Ten
     """``(A, B)``, both (·, live tokens) and contiguous, with ``∂L/∂W = A Bᵀ`` in the native layout (Linear
     ``A = gᵀ, B = xᵀ``; Conv1D ``A = xᵀ, B = gᵀ``): :func:`_rows_cols`'s operands made token-major
     (:func:`token_major`) over the :func:`live_tokens`, the input's shared between layers that read it."""
-    g2 = grad_out.reshape(-1, grad_out.shape[-1])
-    dtype = g2.dtype if g2.dtype in (torch.float32, torch.float64) else torch.float32
-    g2, x2 = g2.to(dtype), x.reshape(-1, x.shape[-1]).to(dtype)
+    g2, x2 = _flat_pair(x, grad_out)
     tokens = live_tokens(g2)
     gt, xt = token_major(g2, tokens), _input_token_major(x, x2, tokens)
     return (gt, xt) if kind is LayerKind.LINEAR else (xt, gt)
