@@ -99,30 +99,66 @@ def test_sampled_grad_skips_dead_tokens_exactly(kind):
     assert zeros.shape == (90,) and not bool(zeros.any())
 
 
+def _parts_with_values(n: int, d_in: int = 32, d_out: int = 48) -> tuple[list[SparsePart], list[nn.Module]]:
+    bases = [_base(LayerKind.LINEAR, d_in, d_out) for _ in range(n)]
+    parts = [SparsePart((d_out, d_in), _support(d_out * d_in, 60, seed), LayerKind.LINEAR) for seed in range(n)]
+    for p in parts:
+        with torch.no_grad():
+            p.values.normal_()
+    return parts, bases
+
+
+def _dense_values_grad(part: SparsePart, base: nn.Module, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    w = base.weight.detach() + part.delta_weight()
+    return weight_grad(LayerKind.LINEAR, x.detach(), g, w.shape).reshape(-1)[part.indices.long()]
+
+
 def test_layers_reading_one_input_transpose_it_once(monkeypatch):
     """q, k and v read the same hidden states: their backward makes the token-major copy of that input once
     (and the gradients still equal the dense reference); another input is transposed afresh."""
     calls = []
     real = sparse_mod.token_major
     monkeypatch.setattr(sparse_mod, "token_major", lambda m, tokens=None: calls.append(m.shape) or real(m, tokens))
-    bases = [_base(LayerKind.LINEAR, 32, 48) for _ in range(3)]
-    parts = [SparsePart((48, 32), _support(48 * 32, 60, seed), LayerKind.LINEAR) for seed in range(3)]
-    for p in parts:
-        with torch.no_grad():
-            p.values.normal_()
-    x = torch.randn(2, 9, 32, requires_grad=True)
+    parts, bases = _parts_with_values(3)
+    leaf = torch.randn(2, 9, 32, requires_grad=True)
+    x = leaf * 1.0  # an activation, as hidden states are
     loss = sum((p(x, b) * (i + 1)).square().sum() for i, (p, b) in enumerate(zip(parts, bases, strict=True)))
     loss.backward()
     assert len(calls) == 4  # three output gradients, one input
     for i, (p, b) in enumerate(zip(parts, bases, strict=True)):
         w = b.weight.detach() + p.delta_weight()
         g = 2 * (i + 1) ** 2 * (x.detach() @ w.t() + b.bias)
-        ref = weight_grad(LayerKind.LINEAR, x.detach(), g, w.shape).reshape(-1)[p.indices.long()]
-        assert torch.allclose(p.values.grad, ref, rtol=1e-5, atol=1e-4)
+        assert torch.allclose(p.values.grad, _dense_values_grad(p, b, x, g), rtol=1e-5, atol=1e-4)
     calls.clear()
-    x2 = x.detach().clone().requires_grad_()  # another input: transposed afresh
+    x2 = leaf.detach().clone().requires_grad_() * 1.0  # another input: transposed afresh
     parts[0](x2, bases[0]).sum().backward()
     assert len(calls) == 2
+
+
+def test_an_input_refilled_in_place_is_not_served_from_an_old_copy():
+    """A leaf input reused across steps and refilled without a version change (``.data.copy_``): each step's
+    gradient is that step's, not one computed from the previous batch's transposed copy."""
+    parts, bases = _parts_with_values(2)
+    x = torch.randn(3, 8, 32)
+    for step in range(2):
+        x.data.copy_(torch.randn(3, 8, 32, generator=torch.Generator().manual_seed(step)))
+        for p in parts:
+            p.values.grad = None
+        sum(p(x, b).sum() for p, b in zip(parts, bases, strict=True)).backward()
+        for p, b in zip(parts, bases, strict=True):
+            ref = _dense_values_grad(p, b, x, torch.ones(3, 8, 48))
+            assert torch.allclose(p.values.grad, ref, rtol=1e-5, atol=1e-4)
+
+
+def test_the_shared_copy_of_a_one_token_input_does_not_outlive_it():
+    """With one token, ``x``'s token-major copy is a view of ``x``; kept in the cache it would keep its own weak key
+    alive, one entry per step."""
+    parts, bases = _parts_with_values(1)
+    for _ in range(3):
+        x = torch.randn(1, 32, requires_grad=True) * 1.0
+        parts[0](x, bases[0]).sum().backward()
+        del x
+        assert len(sparse_mod._SHARED_INPUTS) == 0
 
 
 def test_embedding_sampled_grad_equals_dense_gather():

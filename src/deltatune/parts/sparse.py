@@ -36,7 +36,7 @@ GradObserver = Callable[[Tensor], None]
 #: (:func:`blocked_weight_grad`) instead of the SDDMM.  Measured on CPU (``benchmarks/sparse_backward.py --rank 32``,
 #: two threads, 512–640 tokens, ``sparse_backward_r32.md``), the SDDMM's time over the blocked path's: 0.67–0.68 at
 #: 9.4 % (Llama 1024×512, 512×1024), 0.70 and 0.80 at 10.4 % (MiniLM 1536×384, 384×1536), 0.82 at 12.5 % (Llama
-#: 512²), 1.00 at 16.7 % (MiniLM 384²); at r = 8 (2.6–4.2 %) it costs 0.37–0.67× the unblocked ``gᵀx`` + gather
+#: 512²), 1.00 at 16.7 % (MiniLM 384²); at r = 8 (2.3–4.2 %) it costs 0.37–0.67× the unblocked ``gᵀx`` + gather
 #: (``sparse_backward.md``).  Not measured on GPU.
 SAMPLED_GRAD_MAX_DENSITY = 0.13
 #: Above :data:`SAMPLED_GRAD_MAX_DENSITY` the weight gradient is formed this many entries at a time (a block of
@@ -105,7 +105,8 @@ def live_tokens(g2: Tensor) -> Tensor | None:
     in ``benchmarks/train_step.py``'s SST-2 batches 63 % of the positions.  A first look at column 0 of 64 evenly
     spaced rows (a dead row is zero there) skips the whole-matrix check when fewer than
     :data:`DEAD_TOKENS_MIN_FRACTION` of them could be dead; a dead row it misses is only computed, never lost.
-    CPU only: on an accelerator the count is a host synchronisation per layer."""
+    CPU only: on an accelerator the count is a host synchronisation per layer.  A dead token's input is not read,
+    so an inf or NaN there (``0 · inf``) does not reach the gradient, as it would through the dense ``gᵀx``."""
     n = g2.shape[0]
     if g2.device.type != "cpu" or not n:
         return None
@@ -117,21 +118,28 @@ def live_tokens(g2: Tensor) -> Tensor | None:
     return None if n - n_live < DEAD_TOKENS_MIN_FRACTION * n else live.nonzero().squeeze(1)
 
 
-#: ``{input x: (x's version, tokens, token_major(x, tokens))}`` while ``x`` lives: layers that read one input (q, k
-#: and v; gate and up) transpose it once per backward.
+#: ``{activation x: (x's version, tokens, token_major(x, tokens))}`` while ``x`` lives: layers that read one input (q,
+#: k and v; gate and up) transpose it once per backward.
 _SHARED_INPUTS: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
 
 
 def _input_token_major(x: Tensor, x2: Tensor, tokens: Tensor | None) -> Tensor:
     """:func:`token_major` of ``x2`` (``x`` as (tokens, features) in the gradient's dtype) over ``tokens``, made once
     for every layer whose saved input is the same tensor ``x`` at the same version and the same live tokens, and
-    dropped with ``x`` (a weak key: once the last of those layers' backward has freed it)."""
+    dropped with ``x`` (a weak key: once the last of those layers' backward has freed it).
+
+    Only an activation (``x.grad_fn`` set: a new tensor every forward) is shared.  A leaf input may be refilled in
+    place between steps without a version change (``x.data.copy_``, a numpy buffer), and a copy that is a view of
+    ``x`` itself (one token) would keep its own key alive; both are made afresh each time."""
+    if x.grad_fn is None:
+        return token_major(x2, tokens)
     hit = _SHARED_INPUTS.get(x)
     if (hit is not None and hit[0] == x._version and hit[2].dtype == x2.dtype
             and (hit[1] is None if tokens is None else hit[1] is not None and torch.equal(hit[1], tokens))):
         return hit[2]
     xt = token_major(x2, tokens)
-    _SHARED_INPUTS[x] = (x._version, tokens, xt)
+    if xt.untyped_storage().data_ptr() != x.untyped_storage().data_ptr():
+        _SHARED_INPUTS[x] = (x._version, tokens, xt)
     return xt
 
 
