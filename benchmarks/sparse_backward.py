@@ -6,11 +6,13 @@ default 8: 4.2 % of MiniLM's 384×384 matrices and 2.6 % of its 1536×384 ones; 
 the 13 % above which the backward switches from the SDDMM to row blocks).  Rows (medians of ``--repeats`` calls,
 milliseconds):
 
-* ``sddmm_shipped``      ``deltatune.parts.sparse.sampled_weight_grad`` as the backward calls it (torch's
+* ``sddmm_shipped``      ``deltatune.parts.sparse.sampled_weight_grad`` as the backward calls it for a layer whose
+                         input no other layer shares (q, o, down; k and v reuse q's copy of ``xᵀ``): torch's
                          ``sampled_addmm`` on token-major copies of ``gᵀ`` and ``xᵀ`` that
-                         ``deltatune.parts.sparse.token_major`` makes, with the cached CSR support);
-* ``sddmm_padded``       the same on a padded batch: 63 % of the tokens (as in ``benchmarks/train_step.py``'s SST-2
-                         batches) have an all-zero output gradient, which the shipped path leaves out
+                         ``deltatune.parts.sparse.token_major`` makes, with the cached CSR support;
+* ``sddmm_padded``       the same on a padded batch: the share of the tokens that ``benchmarks/train_step.py``'s
+                         SST-2 batches pad (counted over its 300 batches, ``padded_fraction`` in the meta; 0.63
+                         with ``--quick``) have an all-zero output gradient, which the shipped path leaves out
                          (``live_tokens``);
 * ``sddmm_views``        the path before ``token_major``: the same kernel given ``gᵀ`` and ``x`` as strided views,
                          which it makes contiguous itself;
@@ -75,8 +77,18 @@ def sddmm_on_views(g: Any, x: Any, support: Any) -> Any:
         return torch.sparse.sampled_addmm(pattern, g.t(), x, beta=0.0).values()
 
 
+def padded_fraction() -> float:
+    """The share of the positions that are padding in ``benchmarks/train_step.py``'s MiniLM SST-2 batches (16 rows
+    padded to the longest, ≤ 64 tokens; 300 batches): what a classifier's backward can leave out."""
+    import train_step
+
+    batches, _ = train_step.sst2_batches(train_step.settings(False)["minilm"], 0)
+    total = sum(int(b["attention_mask"].numel()) for b in batches)
+    return 1 - sum(int(b["attention_mask"].sum()) for b in batches) / total
+
+
 def layer_rows(model: str, tokens: int, d_out: int, d_in: int, repeats: int, device: str,
-               rank: int = 8) -> list[dict[str, Any]]:
+               rank: int = 8, padding: float = 0.63) -> list[dict[str, Any]]:
     import torch
 
     from deltatune.parts.layers import LayerKind
@@ -98,7 +110,7 @@ def layer_rows(model: str, tokens: int, d_out: int, d_in: int, repeats: int, dev
     b = torch.randn(d_out, rank, generator=gen).to(device)
     flat = idx.long()
     padded = g.clone()
-    padded[torch.randperm(tokens, generator=gen)[:int(0.63 * tokens)].to(device)] = 0
+    padded[torch.randperm(tokens, generator=gen)[:round(padding * tokens)].to(device)] = 0
 
     def lora() -> None:
         gb = g @ b                    # (T, r)
@@ -138,13 +150,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rank", type=int, default=8, help="k = LoRA r's trainable count per layer, r·(d_in + d_out)")
     args = ap.parse_args(argv)
     repeats = 10 if args.quick else args.repeats
+    padding = 0.63 if args.quick else round(padded_fraction(), 4)
     rows = []
     for model, (tokens, shapes) in SHAPES.items():
         if args.quick and model != "minilm":
             continue
         for d_out, d_in in shapes:
-            rows += layer_rows(model, tokens, d_out, d_in, repeats, args.device, args.rank)
-    meta = {**machine_meta(), "repeats": repeats, "device": args.device, "rank": args.rank}
+            rows += layer_rows(model, tokens, d_out, d_in, repeats, args.device, args.rank, padding)
+    meta = {**machine_meta(), "repeats": repeats, "device": args.device, "rank": args.rank,
+            "padded_fraction": padding}
     print(write_report(args.out, meta, rows, COLUMNS, title=f"SpIEL's sampled weight gradient vs LoRA r={args.rank}, "
                                                            f"per layer ({args.device})"))
     return 0

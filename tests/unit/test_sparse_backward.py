@@ -64,6 +64,8 @@ def test_token_major_is_the_transpose_of_the_kept_rows(width):
     assert kept.shape == (width, 5) and kept.is_contiguous() and torch.equal(kept, m[rows].t())
     assert torch.equal(token_major(m.t().contiguous().t()), m.t())  # a strided source: the plain transpose
     assert token_major(m, torch.zeros(0, dtype=torch.long)).shape == (width, 0)
+    first, second = token_major(m), token_major(m * 2)  # the strips' scratch buffer is reused: results own memory
+    assert torch.equal(first, m.t()) and torch.equal(second, 2 * m.t())
 
 
 def test_live_tokens_finds_all_zero_rows_only_when_worth_a_gather():

@@ -16,6 +16,7 @@ SpIEL's ``SparseDelta``; older files with int64 indices load unchanged.
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -34,9 +35,9 @@ GradObserver = Callable[[Tensor], None]
 
 #: Above this density (k / numel) the backward forms the weight gradient in row blocks and gathers from them
 #: (:func:`blocked_weight_grad`) instead of the SDDMM.  Measured on CPU (``benchmarks/sparse_backward.py --rank 32``,
-#: two threads, 512–640 tokens, ``sparse_backward_r32.md``), the SDDMM's time over the blocked path's: 0.67–0.68 at
-#: 9.4 % (Llama 1024×512, 512×1024), 0.70 and 0.80 at 10.4 % (MiniLM 1536×384, 384×1536), 0.82 at 12.5 % (Llama
-#: 512²), 1.00 at 16.7 % (MiniLM 384²); at r = 8 (2.3–4.2 %) it costs 0.37–0.67× the unblocked ``gᵀx`` + gather
+#: two threads, 512–640 tokens, ``sparse_backward_r32.md``), the SDDMM's time over the blocked path's: 0.78 and 0.88
+#: at 9.4 % (Llama 1024×512, 512×1024), 0.81 and 1.19 at 10.4 % (MiniLM 1536×384, 384×1536), 0.91 at 12.5 % (Llama
+#: 512²), 1.17 at 16.7 % (MiniLM 384²); at r = 8 (2.3–4.2 %) it costs 0.53–0.98× the unblocked ``gᵀx`` + gather
 #: (``sparse_backward.md``).  Not measured on GPU.
 SAMPLED_GRAD_MAX_DENSITY = 0.13
 #: Above :data:`SAMPLED_GRAD_MAX_DENSITY` the weight gradient is formed this many entries at a time (a block of
@@ -80,15 +81,31 @@ def token_major(m: Tensor, tokens: Tensor | None = None) -> Tensor:
     The rows are gathered first (whole rows, contiguous), then the transpose made in two passes through
     ``(features / 16, tokens, 16)`` strips: the first copies whole cache lines, the second transposes
     ``tokens × 16`` blocks.  ``benchmarks/sparse_backward.py`` times it (``transposes`` row) against
-    ``m.t().contiguous()`` (``transposes_plain``), which walks the strided source one entry at a time: 0.44–0.66×
+    ``m.t().contiguous()`` (``transposes_plain``), which walks the strided source one entry at a time: 0.40–0.77×
     its time on MiniLM's and the ~54M Llama's shapes (``sparse_backward.md``)."""
     if tokens is not None:
         m = m.index_select(0, tokens)
     n, d = m.shape
     if d % TRANSPOSE_STRIP or not m.is_contiguous():
         return m.t().contiguous()
-    strips = m.view(n, d // TRANSPOSE_STRIP, TRANSPOSE_STRIP).transpose(0, 1).contiguous()
-    return strips.transpose(1, 2).reshape(d, n)
+    strips = _workspace(n * d, m.dtype, m.device).view(d // TRANSPOSE_STRIP, n, TRANSPOSE_STRIP)
+    strips.copy_(m.view(n, d // TRANSPOSE_STRIP, TRANSPOSE_STRIP).transpose(0, 1))
+    return strips.transpose(1, 2).reshape(d, n)  # not a view of the strips: a fresh tensor
+
+
+_WORKSPACE = threading.local()
+
+
+def _workspace(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``n`` entries of scratch memory, one buffer per thread, dtype and device, grown to the largest ``n`` asked
+    for and reused: :func:`token_major`'s intermediate strips.  A fresh multi-megabyte temporary per call can let
+    glibc hand its pages back and fault them in again on the next one: before this buffer, the copies of one shape
+    in ``benchmarks/sparse_backward.py`` took several times longer in some processes than in others."""
+    buffers = _WORKSPACE.__dict__.setdefault("buffers", {})
+    buf = buffers.get((dtype, device))
+    if buf is None or buf.numel() < n:
+        buf = buffers[(dtype, device)] = torch.empty(n, dtype=dtype, device=device)
+    return buf[:n]
 
 
 #: :func:`live_tokens` gathers only when at least this fraction of the tokens is dead: a causal LM's batch has one
@@ -102,7 +119,8 @@ def live_tokens(g2: Tensor) -> Tensor | None:
 
     ``∂L/∂W = Σ_t g_t x_tᵀ``: a token whose output gradient is exactly zero adds nothing, and a classifier's
     padding positions are such tokens in every layer (masked as keys, read by no query that reaches the loss):
-    in ``benchmarks/train_step.py``'s SST-2 batches 63 % of the positions.  A first look at column 0 of 64 evenly
+    in ``benchmarks/train_step.py``'s SST-2 batches 63 % of the positions (``padded_fraction`` in
+    ``benchmarks/results/sparse_backward.json``).  A first look at column 0 of 64 evenly
     spaced rows (a dead row is zero there) skips the whole-matrix check when fewer than
     :data:`DEAD_TOKENS_MIN_FRACTION` of them could be dead; a dead row it misses is only computed, never lost.
     CPU only: on an accelerator the count is a host synchronisation per layer.  A dead token's input is not read,
