@@ -68,6 +68,16 @@ def test_token_major_is_the_transpose_of_the_kept_rows(width):
     assert torch.equal(first, m.t()) and torch.equal(second, 2 * m.t())
 
 
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_token_major_of_one_strip_owns_its_memory(tokens):
+    """One 16-wide strip (or one token): the transposed strips would reshape to a view of the scratch buffer, which
+    the next call overwrites."""
+    m = torch.randn(tokens, 16)
+    first = token_major(m)
+    token_major(torch.zeros(tokens, 16))
+    assert torch.equal(first, m.t()) and first.is_contiguous()
+
+
 def test_live_tokens_finds_all_zero_rows_only_when_worth_a_gather():
     g = torch.randn(40, 16, generator=torch.Generator().manual_seed(6))
     assert live_tokens(g) is None  # no dead row

@@ -90,7 +90,9 @@ def token_major(m: Tensor, tokens: Tensor | None = None) -> Tensor:
         return m.t().contiguous()
     strips = _workspace(n * d, m.dtype, m.device).view(d // TRANSPOSE_STRIP, n, TRANSPOSE_STRIP)
     strips.copy_(m.view(n, d // TRANSPOSE_STRIP, TRANSPOSE_STRIP).transpose(0, 1))
-    return strips.transpose(1, 2).reshape(d, n)  # not a view of the strips: a fresh tensor
+    out = torch.empty(d, n, dtype=m.dtype, device=m.device)  # never a view of the scratch buffer
+    out.view(d // TRANSPOSE_STRIP, TRANSPOSE_STRIP, n).copy_(strips.transpose(1, 2))
+    return out
 
 
 _WORKSPACE = threading.local()
