@@ -6,10 +6,10 @@ default 8: 4.2 % of MiniLM's 384×384 matrices and 2.6 % of its 1536×384 ones; 
 the 13 % above which the backward switches from the SDDMM to row blocks).  Rows (medians of ``--repeats`` calls,
 milliseconds):
 
-* ``sddmm_shipped``      ``deltatune.parts.sparse.sampled_weight_grad`` as the backward calls it for a layer whose
+* ``sddmm_shipped``      ``deltatune.parts.sparse_grad.sampled_weight_grad`` as the backward calls it for a layer whose
                          input no other layer shares (q, o, down; k and v reuse q's copy of ``xᵀ``): torch's
                          ``sampled_addmm`` on token-major copies of ``gᵀ`` and ``xᵀ`` that
-                         ``deltatune.parts.sparse.token_major`` makes, with the cached CSR support;
+                         ``deltatune.parts.sparse_grad.token_major`` makes, with the cached CSR support;
 * ``sddmm_padded``       the same on a padded batch: the share of the tokens that ``benchmarks/train_step.py``'s
                          SST-2 batches pad (counted over its 300 batches, ``padded_fraction`` in the meta; 0.63
                          with ``--quick``) have an all-zero output gradient, which the shipped path leaves out
@@ -19,7 +19,7 @@ milliseconds):
 * ``transposes``         ``token_major``'s two copies alone (``gᵀ`` and ``xᵀ``);
 * ``transposes_plain``   the same two copies as ``m.t().contiguous()``;
 * ``dense_gather``       the dense ``gᵀx`` then the ``k`` entries gathered;
-* ``blocked_gather``     ``deltatune.parts.sparse.blocked_weight_grad``, the backward's path above 13 % density:
+* ``blocked_gather``     ``deltatune.parts.sparse_grad.blocked_weight_grad``, the backward's path above 13 % density:
                          ``gᵀx`` formed a block of rows (≤ 2¹⁷ entries) at a time, each block's entries gathered;
 * ``lora_r8``            what LoRA r (``lora_r8`` for r = 8) computes in the same place: ``∂A = (g B)ᵀ x``-style
                          thin matmuls for both factors and the extra input-gradient term ``(g B) A`` (α/r = 1).
@@ -65,16 +65,9 @@ def median_ms(fn: Callable[[], Any], repeats: int, cuda: bool) -> float:
 def sddmm_on_views(g: Any, x: Any, support: Any) -> Any:
     """``(gᵀx)`` at the CSR ``support`` by torch's ``sampled_addmm`` on the strided views ``gᵀ`` and ``x`` (it makes
     its own contiguous copies): the shipped path before ``token_major``."""
-    import warnings
-
     import torch
 
-    crow, col = support.crow, support.col
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        pattern = torch.sparse_csr_tensor(crow, col, torch.zeros(col.numel(), dtype=g.dtype, device=g.device),
-                                          (g.shape[1], x.shape[1]), check_invariants=False)
-        return torch.sparse.sampled_addmm(pattern, g.t(), x, beta=0.0).values()
+    return torch.sparse.sampled_addmm(support.pattern(g.dtype), g.t(), x, beta=0.0).values()
 
 
 def padded_fraction() -> float:
@@ -92,13 +85,8 @@ def layer_rows(model: str, tokens: int, d_out: int, d_in: int, repeats: int, dev
     import torch
 
     from deltatune.parts.layers import LayerKind
-    from deltatune.parts.sparse import (
-        blocked_weight_grad,
-        csr_support,
-        index_dtype,
-        sampled_weight_grad,
-        token_major,
-    )
+    from deltatune.parts.sparse import index_dtype
+    from deltatune.parts.sparse_grad import blocked_weight_grad, csr_support, sampled_weight_grad, token_major
 
     gen = torch.Generator().manual_seed(0)
     k = rank * (d_in + d_out)

@@ -10,11 +10,11 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import deltatune.parts.sparse as sparse_mod
+import deltatune.parts.sparse_grad as grad_mod
 from deltatune.parts.layers import LayerKind, weight_grad
-from deltatune.parts.sparse import (
+from deltatune.parts.sparse import SparseDeltaFunction, SparsePart
+from deltatune.parts.sparse_grad import (
     SAMPLED_GRAD_MAX_DENSITY,
-    SparseDeltaFunction,
-    SparsePart,
     live_tokens,
     sampled_weight_grad,
     token_major,
@@ -129,8 +129,8 @@ def test_layers_reading_one_input_transpose_it_once(monkeypatch):
     """q, k and v read the same hidden states: their backward makes the token-major copy of that input once
     (and the gradients still equal the dense reference); another input is transposed afresh."""
     calls = []
-    real = sparse_mod.token_major
-    monkeypatch.setattr(sparse_mod, "token_major", lambda m, tokens=None: calls.append(m.shape) or real(m, tokens))
+    real = grad_mod.token_major
+    monkeypatch.setattr(grad_mod, "token_major", lambda m, tokens=None: calls.append(m.shape) or real(m, tokens))
     parts, bases = _parts_with_values(3)
     leaf = torch.randn(2, 9, 32, requires_grad=True)
     x = leaf * 1.0  # an activation, as hidden states are
@@ -170,7 +170,7 @@ def test_the_shared_copy_of_a_one_token_input_does_not_outlive_it():
         x = torch.randn(1, 32, requires_grad=True) * 1.0
         parts[0](x, bases[0]).sum().backward()
         del x
-        assert len(sparse_mod._SHARED_INPUTS) == 0
+        assert len(grad_mod._SHARED_INPUTS) == 0
 
 
 def test_embedding_sampled_grad_equals_dense_gather():
@@ -230,7 +230,7 @@ def test_gradcheck_float64(kind, monkeypatch):
     values = torch.randn(6, dtype=torch.float64, requires_grad=True)
     weight = base.weight.detach().clone()
     fn = lambda x_, v_: SparseDeltaFunction.apply(x_, v_, idx, weight, base, kind, None)  # noqa: E731
-    monkeypatch.setattr(sparse_mod, "SAMPLED_GRAD_MAX_DENSITY", 1.0)  # 6 of 35 entries: take the sampled path
+    monkeypatch.setattr(grad_mod, "SAMPLED_GRAD_MAX_DENSITY", 1.0)  # 6 of 35 entries: take the sampled path
     monkeypatch.setattr(sparse_mod, "weight_grad", None)  # … and only that one
     assert torch.autograd.gradcheck(fn, (x, values), eps=1e-6, atol=1e-8)
 
@@ -261,12 +261,12 @@ def test_blocked_path_above_the_density_threshold(kind, monkeypatch):
     g = torch.randn(3, 4, d_out)
     reference = weight_grad(kind, x, g, base.weight.shape).reshape(-1)[idx.long()]
     for block in (1, 7, 12, 40, 10**6):  # fewer entries than a row, rows not dividing, one block
-        got = sparse_mod.blocked_weight_grad(kind, x, g, tuple(base.weight.shape), idx, block)
+        got = grad_mod.blocked_weight_grad(kind, x, g, tuple(base.weight.shape), idx, block)
         assert torch.allclose(got, reference, atol=1e-6)
     part = SparsePart(tuple(base.weight.shape), idx, kind)
     monkeypatch.setattr(sparse_mod, "sampled_weight_grad", None)
     monkeypatch.setattr(sparse_mod, "weight_grad", None)  # the dense gradient is for observers only
-    monkeypatch.setattr(sparse_mod, "GRAD_BLOCK_ENTRIES", 2 * max(base.weight.shape))  # several blocks
+    monkeypatch.setattr(grad_mod, "GRAD_BLOCK_ENTRIES", 2 * max(base.weight.shape))  # several blocks
     x = x.requires_grad_(True)
     (part(x, base) * g).sum().backward()
     assert torch.allclose(part.values.grad, reference, atol=1e-6)
@@ -304,7 +304,7 @@ def test_csr_support_is_cached_until_the_indices_change():
     assert part.support() is first  # cached
 
     def flat(support):
-        crow, col = support
+        crow, col = support.crow, support.col
         return torch.repeat_interleave(torch.arange(40), crow.diff().long()) * 24 + col.long()
 
     assert int(first.crow[-1]) == 30 and torch.equal(flat(first), part.indices.long())
