@@ -49,7 +49,7 @@ def test_accumulators_are_one_row_and_one_column_vector_per_matrix():
                                               "reselection_steps": 3, "accumulation_steps": 1})
     delta = deltatune.attach(model, config)
     opt = get_method("sparse").optimizer([p for p in model.parameters() if p.requires_grad], 1e-2, 0.0, config)
-    (sel,) = get_method("sparse").hooks(model, delta, config, opt, 10, 1)
+    *_, sel = get_method("sparse").hooks(model, delta, config, opt, 10, 1)  # in-place training, then the selector
     assert type(sel) is MomentumSelector
     extra = 0
     for name, part in delta.parts.items():
@@ -141,7 +141,7 @@ def test_momentum_regrowth_trains_and_resumes_state():
     delta = deltatune.attach(model, config)
     method = get_method("sparse")
     opt = method.optimizer([p for p in model.parameters() if p.requires_grad], 1e-2, 0.0, config)
-    (sel,) = method.hooks(model, delta, config, opt, 6, 1)
+    *_, sel = method.hooks(model, delta, config, opt, 6, 1)
     inputs = tiny_inputs("gpt2")
     model.train()
     for step in range(4):

@@ -229,7 +229,7 @@ def test_gradcheck_float64(kind, monkeypatch):
     x = torch.randn(2, 3, d_in, dtype=torch.float64, requires_grad=True)
     values = torch.randn(6, dtype=torch.float64, requires_grad=True)
     weight = base.weight.detach().clone()
-    fn = lambda x_, v_: SparseDeltaFunction.apply(x_, v_, idx, weight, base, kind, None)  # noqa: E731
+    fn = lambda x_, v_: SparseDeltaFunction.apply(x_, v_, idx, weight, base, kind, None, False)  # noqa: E731
     monkeypatch.setattr(grad_mod, "SAMPLED_GRAD_MAX_DENSITY", 1.0)  # 6 of 35 entries: take the sampled path
     monkeypatch.setattr(sparse_mod, "weight_grad", None)  # … and only that one
     assert torch.autograd.gradcheck(fn, (x, values), eps=1e-6, atol=1e-8)

@@ -1,4 +1,5 @@
-"""Dense deltas trained in the base's own storage: full fine-tuning at native full fine-tuning's memory and time.
+"""Deltas trained in the base's own storage: full fine-tuning at native full fine-tuning's memory and time, sparse
+fine-tuning without patching its values in and out of the weight at every call (:mod:`deltatune.parts.sparse_binding`).
 
 A dense part trains ``Δθ`` beside ``θ₀``: one more copy of every trained module than native full fine-tuning, and
 ``θ₀ + Δθ`` formed in each forward and backward.  :class:`InPlaceTraining` binds the parts instead
@@ -9,8 +10,9 @@ its ``Δθ``.  Checkpoints hold the trained ``θ``, so a resumed run continues b
 
 Not bound (the parts keep their own ``Δθ``):
 
-* with weight decay on the delta's parameters: decoupled decay acts on the delta (``Δθ ← (1 − ηλ)Δθ``, towards the
-  base), which ``θ`` in place cannot do without ``θ₀`` in memory;
+* with weight decay on a dense part's parameters: decoupled decay acts on the delta (``Δθ ← (1 − ηλ)Δθ``, towards
+  the base), which ``θ`` in place cannot do without ``θ₀`` in memory (a sparse part keeps its values as its own
+  parameter, so it binds with decay too);
 * under FSDP or DeepSpeed, which shard or flatten the base's tensors;
 * when ``in_place`` is false in the method's config.
 """
@@ -33,10 +35,11 @@ SHARDING_FLAGS = ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")
 
 
 def can_bind(optimizer: torch.optim.Optimizer, parts: dict[str, Part]) -> bool:
-    """Whether the parts may train in place: no sharding launch and no weight decay on their parameters."""
+    """Whether the parts may train in place: no sharding launch and no weight decay on the parameters of a part
+    that trains ``θ`` itself when bound (:attr:`Part.bound_trains_base`)."""
     if any(os.environ.get(flag, "false").lower() == "true" for flag in SHARDING_FLAGS):
         return False
-    ids = {id(p) for part in parts.values() for p in part.parameters()}
+    ids = {id(p) for part in parts.values() if part.bound_trains_base for p in part.parameters()}
     groups = unwrap_optimizer(optimizer).param_groups
     return not any(g.get("weight_decay", 0.0) and any(id(p) in ids for p in g["params"]) for g in groups)
 

@@ -9,7 +9,8 @@ Cross-Lingual Transfer", ACL 2022, arXiv 2110.07560), in one training run of thr
    value is rewound to ``θ₀`` (``Δ = 0``), the dense parts are replaced by sparse parts on that support, and the
    optimiser starts afresh (the reference builds a new optimiser for each phase);
 3. **masked fine-tuning** of those ``K`` entries only (a sparse part: values at sorted flat indices, optimiser
-   state only for them, so AdamW's weight decay never moves an entry outside the support).
+   state only for them, so AdamW's weight decay never moves an entry outside the support), with ``W + ΔW`` kept in
+   the base weight (:meth:`deltatune.parts.sparse.SparsePart.bind`).
 
 ``K`` is ``num_tunable`` or ``⌊density · Σ numel(target weights)⌋``.  The reference's "maskable" set is every
 base-model parameter (``ft_params_proportion`` of all of them, embeddings, biases and norms included); here it is the
@@ -93,7 +94,8 @@ class LTSFTConfig:
                                              "(the reference's fresh scheduler per phase); 'continue' keeps the "
                                              "tail of the run's one schedule"})
     in_place: bool = field(default=True, metadata={"help": "phase 1 trains θ in the base's own storage, θ₀ in a "
-                                                           "temporary file (as full; not with l1_full)"})
+                                                           "temporary file (as full; not with l1_full); phase 3 "
+                                                           "keeps W + ΔW in the base weight"})
 
     def __post_init__(self) -> None:
         require(isinstance(self.density, float | int) and 0.0 < self.density <= 1.0,
@@ -297,6 +299,8 @@ class LTSFTPhases(TrainHook):
         self._swap_optimizer_params(old, new)
         self.phase = 2
         self._set_l1(self.config.l1_sparse)
+        # the masked phase keeps W + ΔW in the base weight too (sparse parts bind with an L1 pull or decay)
+        self.in_place = InPlaceTraining(self.model, self.delta, self.optimizer, enabled=self.config.in_place)
 
     def _swap_optimizer_params(self, old: dict[str, Any], new: dict[str, SparsePart]) -> None:
         gone = {id(p) for part in old.values() for p in part.parameters()}

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from deltatune.config import require
+from deltatune.methods.in_place import InPlaceTraining
 from deltatune.methods.registry import TrainHook, adamw, register_method
 from deltatune.methods.sparse import Sparse
 from deltatune.parts.sparse import SparsePart
@@ -26,6 +27,8 @@ class RandomSparseConfig:
     num_tunable: int | None = field(default=None, metadata={"help": "exact trainable count (overrides density)"})
     targets: list[str] = field(default_factory=lambda: ["all-linear"], metadata={"help": "module-name patterns"})
     seed: int = field(default=0, metadata={"help": "seed of the random support"})
+    in_place: bool = field(default=True, metadata={"help": "keep W + ΔW in the base's own weight while training "
+                                                           "(rewritten once per step, not patched in every call)"})
 
     def __post_init__(self) -> None:
         require(isinstance(self.density, float | int) and 0.0 < self.density <= 1.0,
@@ -50,4 +53,5 @@ class RandomSparse(Sparse):
         return adamw(params, lr, weight_decay)
 
     def hooks(self, model, delta, config, optimizer, total_steps, grad_accum) -> list[TrainHook]:
-        return []
+        """In-place training only (:meth:`SparsePart.bind`): the support never changes."""
+        return [InPlaceTraining(model, delta, optimizer)] if config.in_place else []

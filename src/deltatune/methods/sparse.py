@@ -24,6 +24,7 @@ from torch import nn
 from deltatune.config import require
 from deltatune.errors import ConfigError
 from deltatune.fingerprint import base_parameters
+from deltatune.methods.in_place import InPlaceTraining
 from deltatune.methods.registry import Method, TrainHook, register_method
 from deltatune.methods.sparse_optim import SparseAdamW
 from deltatune.methods.targets import select_modules
@@ -51,6 +52,8 @@ class SparseConfig:
     initial_reselection_rate: float = field(default=0.2, metadata={"help": "rho0: fraction replaced at an event"})
     schedule: Literal["linear", "cosine"] = field(default="linear", metadata={"help": "decay of the rate"})
     seed: int = field(default=0, metadata={"help": "seed of the random initial support"})
+    in_place: bool = field(default=True, metadata={"help": "keep W + ΔW in the base's own weight while training "
+                                                           "(rewritten once per step, not patched in every call)"})
 
     def __post_init__(self) -> None:
         require(0.0 < self.density <= 1.0, f"sparse config.density must be in (0, 1], got {self.density}")
@@ -127,9 +130,11 @@ class Sparse(Method):
         return SparseAdamW(params, lr=lr, weight_decay=weight_decay, eps=SPIEL_EPS)
 
     def hooks(self, model, delta, config: SparseConfig, optimizer, total_steps, grad_accum) -> list[TrainHook]:
-        if not config.regrow:
-            return []
+        """In-place training (:meth:`SparsePart.bind`) and, with ``regrow``, SpIEL's drop/regrow events."""
         from deltatune.methods.spiel_selector import MomentumSelector, SpIELSelector
 
-        selector = MomentumSelector if config.regrow_by == "momentum" else SpIELSelector
-        return [selector(delta.parts, optimizer, config, total_steps, grad_accum)]
+        hooks: list[TrainHook] = [InPlaceTraining(model, delta, optimizer)] if config.in_place else []
+        if config.regrow:
+            selector = MomentumSelector if config.regrow_by == "momentum" else SpIELSelector
+            hooks.append(selector(delta.parts, optimizer, config, total_steps, grad_accum))
+        return hooks

@@ -69,6 +69,10 @@ class Part(nn.Module):
     #: ``mixed_onto`` (``None``: the class is its own family) — e.g. DoRA rows join the LoRA rows' concatenated-rank
     #: pass as a gain on the base output plus a low-rank term, instead of a second pass of their own.
     mixed_family: ClassVar[type[Part] | None] = None
+    #: Whether :meth:`bind` makes the base's own tensor the trained parameter (dense parts: ``θ`` trains, so weight
+    #: decay would pull ``θ`` rather than ``Δθ`` to zero and binding is refused with decay), rather than keeping the
+    #: part's own parameters (sparse parts: ``W + scatter(values)`` is only mirrored into the weight).
+    bound_trains_base: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

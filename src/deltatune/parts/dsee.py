@@ -62,7 +62,8 @@ class DSEEPart(LowRankFactors):
 
     def forward(self, x: Tensor, base: nn.Module) -> Tensor:
         if torch.is_grad_enabled() and self.values.requires_grad:
-            out = SparseDeltaFunction.apply(x, self._sparse(), self.indices, base.weight, base, self.layer, None)
+            out = SparseDeltaFunction.apply(x, self._sparse(), self.indices, base.weight, base, self.layer, None,
+                                              False)
         else:
             out = functional_forward(base, self.layer, x, effective_weight(base.weight, self.indices, self._sparse()))
         inp = x if self.layer is LayerKind.EMBEDDING else self.dropout(x)

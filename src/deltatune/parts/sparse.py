@@ -24,6 +24,7 @@ from deltatune.errors import DeltaFormatError, ShapeMismatch
 from deltatune.parts.base import Part, base_layer_kind, promote_dtypes
 from deltatune.parts.layers import LayerKind, functional_forward, input_grad, scaled_lookup, weight_grad
 from deltatune.parts.meta_checks import check_keys, check_shape, check_state, meta_int, meta_layer
+from deltatune.parts.sparse_binding import SparseBinding
 from deltatune.parts.sparse_grad import (
     CsrSupport,
     blocked_weight_grad,
@@ -78,16 +79,19 @@ def patched_weight(weight: Tensor, indices: Tensor, values: Tensor) -> Iterator[
 
 class SparseDeltaFunction(torch.autograd.Function):
     """``y = f(x; W + scatter(values))`` saving ``x``, ``values``, ``indices`` and ``W`` by reference (no dense
-    ``ΔW``, no ``W_eff``); an optional last argument is the part's cached :func:`csr_support`."""
+    ``ΔW``, no ``W_eff``); an optional last argument is the part's cached :func:`csr_support`.  With ``bound`` the
+    weight already holds ``W + scatter(values)`` (:meth:`SparsePart.bind`) and is used as it is."""
 
     @staticmethod
     def forward(ctx, x: Tensor, values: Tensor, indices: Tensor, weight: Tensor, base: nn.Module,
-                kind: LayerKind, observer: GradObserver | None, *support: CsrSupport | None) -> Tensor:
+                kind: LayerKind, observer: GradObserver | None, bound: bool, *support: CsrSupport | None) -> Tensor:
         ctx.save_for_backward(x, values, indices, weight)
-        ctx.base, ctx.kind, ctx.observer = base, kind, observer
+        ctx.base, ctx.kind, ctx.observer, ctx.bound = base, kind, observer, bound
         ctx.n_support, ctx.support = len(support), support[0] if support else None
         in_place = kind is not LayerKind.EMBEDDING or getattr(base, "max_norm", None) is None
         with torch.no_grad():
+            if bound:
+                return functional_forward(base, kind, x, weight)
             if not in_place:
                 return functional_forward(base, kind, x, effective_weight(weight, indices, values))
             with patched_weight(weight, indices, values) as w_eff:
@@ -101,14 +105,17 @@ class SparseDeltaFunction(torch.autograd.Function):
             grad_out = scaled_lookup(grad_out, ctx.base)
         grad_x = None
         if ctx.needs_input_grad[0] and ctx.kind is not LayerKind.EMBEDDING:
-            with patched_weight(weight, indices, values) as w_eff:
-                grad_x = input_grad(ctx.kind, grad_out, w_eff)
+            if ctx.bound:
+                grad_x = input_grad(ctx.kind, grad_out, weight)
+            else:
+                with patched_weight(weight, indices, values) as w_eff:
+                    grad_x = input_grad(ctx.kind, grad_out, w_eff)
             grad_x = None if grad_x is None else grad_x.to(x.dtype)
         if ctx.needs_input_grad[1]:
             grad_values = _values_grad(ctx, x, grad_out, indices, weight).to(values.dtype)
         else:
             grad_values = None
-        return (grad_x, grad_values, None, None, None, None, None) + (None,) * ctx.n_support
+        return (grad_x, grad_values, None, None, None, None, None, None) + (None,) * ctx.n_support
 
 
 def _values_grad(ctx: Any, x: Tensor, grad_out: Tensor, indices: Tensor, weight: Tensor) -> Tensor:
@@ -157,6 +164,7 @@ class SparsePart(Part):
 
     kind = "sparse"
     additive, base_dependent, mixed_rows, has_aux_loss = True, False, True, False
+    bound_trains_base = False
 
     def __init__(self, weight_shape: tuple[int, ...], indices: Tensor, layer: LayerKind = LayerKind.LINEAR,
                  dtype: torch.dtype = torch.float32) -> None:
@@ -169,6 +177,7 @@ class SparsePart(Part):
         self.values = nn.Parameter(torch.zeros(indices.numel(), dtype=dtype, device=indices.device))
         self.grad_observer: GradObserver | None = None
         self._support: tuple[Any, CsrSupport] | None = None
+        self._binding: SparseBinding | None = None
 
     def support(self) -> CsrSupport | None:
         """The :func:`csr_support` of the indices when the backward takes the sampled path (``None`` otherwise),
@@ -189,10 +198,53 @@ class SparsePart(Part):
         return math.prod(self.weight_shape)
 
     def forward(self, x: Tensor, base: nn.Module) -> Tensor:
+        return self._compute(base, self.layer, x)
+
+    def forward_shared(self, base: nn.Module, kind: LayerKind, x: Tensor) -> Tensor:
+        """A tied alias of a bound part's weight computes with it as it is (it holds ``W + ΔW`` already)."""
+        if self._binding is None:
+            return super().forward_shared(base, kind, x)
+        return self._compute(base, kind, x)
+
+    def _compute(self, base: nn.Module, kind: LayerKind, x: Tensor) -> Tensor:
+        bound = self.bound
+        if bound:
+            self._binding.sync(self.indices, self.values)
         if not torch.is_grad_enabled() or not self.values.requires_grad:
-            return functional_forward(base, self.layer, x, effective_weight(base.weight, self.indices, self.values))
-        return SparseDeltaFunction.apply(x, self.values, self.indices, base.weight, base, self.layer,
-                                          self.grad_observer, self.support())
+            weight = base.weight if bound else effective_weight(base.weight, self.indices, self.values)
+            return functional_forward(base, kind, x, weight)
+        own = kind is self.layer  # else a tied alias's use (its gradient is not a selection window's sample)
+        return SparseDeltaFunction.apply(x, self.values, self.indices, base.weight, base, kind,
+                                          self.grad_observer if own else None, bound, self.support() if own else None)
+
+    # --- in-place training ------------------------------------------------------------------
+    def bind(self, base: nn.Module, spill: Any) -> bool:
+        """Keep ``W + scatter(values)`` in ``base``'s weight while training (:class:`SparseBinding`): the forward and
+        backward then compute with the weight as it is, with no ``k``-entry patch in and out per call.
+
+        The values stay this part's own parameter (its optimiser state, weight decay and state are unchanged); only
+        ``W₀``'s ``k`` entries are kept aside (``spill`` is not needed).  While bound, ``base`` computes with ``W +
+        ΔW``: it is no longer the base for anything else (training only).  Refused (``False``) when bound already,
+        for a weight of another shape or device, not contiguous, an inference tensor, or an embedding with
+        ``max_norm`` (its lookup renormalises rows in place)."""
+        w = getattr(base, "weight", None)
+        if (self._binding is not None or not isinstance(w, Tensor) or tuple(w.shape) != self.weight_shape
+                or w.device != self.values.device or not w.is_contiguous() or w.is_inference()
+                or self.layer is LayerKind.EMBEDDING and getattr(base, "max_norm", None) is not None):
+            return False
+        self._binding = SparseBinding(base)
+        self._binding.sync(self.indices, self.values)
+        return True
+
+    @property
+    def bound(self) -> bool:
+        return self._binding is not None
+
+    def unbind(self) -> None:
+        """Give the base its own ``k`` entries back (bit for bit)."""
+        if self._binding is not None:
+            self._binding.release()
+            self._binding = None
 
     def delta_weight(self) -> Tensor:
         return scatter_delta(self.weight_shape, self.indices, self.values)

@@ -138,8 +138,8 @@ def schedule_for(model: nn.Module, delta: Delta, optimizer: torch.optim.Optimize
     """The method's hooks for ``optimizer`` over ``total_steps`` steps, warning when ``optimizer`` is not the
     method's own (e.g. a trainer's AdamW where SpIEL expects SparseAdamW).
 
-    A loop of the user's own keeps dense deltas in tensors of their own (``in_place`` off, where the method has
-    it): its checkpoints and resumes handle the model's tensors, which in-place training would change."""
+    A loop of the user's own keeps deltas out of the base's tensors (``in_place`` off, where the method has it): its
+    checkpoints and resumes handle the model's tensors, which in-place training would change."""
     method = get_method(delta.method)
     config = config or method_config(delta)
     if getattr(config, "in_place", False):

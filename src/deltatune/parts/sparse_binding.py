@@ -1,0 +1,53 @@
+"""A sparse part trained with ``W + scatter(values)`` kept in the base weight itself (in-place training).
+
+Unbound, every training forward and backward of a :class:`~deltatune.parts.sparse.SparsePart` writes its ``k``
+values into the base weight and takes them out again (:func:`~deltatune.parts.sparse.patched_weight`): a gather,
+an add and two scatters of ``k`` entries, twice per layer and step.  Bound (:meth:`SparsePart.bind`, lent by
+:class:`~deltatune.methods.in_place.InPlaceTraining` for a training run), the weight holds
+``W_eff = W₀ + scatter(values)`` throughout: :class:`SparseBinding` rewrites the ``k`` entries once per forward
+(one add and one scatter, whoever changed the values: any optimiser, a reselection, a resumed checkpoint) and gathers
+``W₀`` afresh only where the indices changed.  ``W₀``'s ``k`` entries wait in memory (``k`` values and their
+positions), and :meth:`SparseBinding.release` writes them back, so the base is restored bit for bit.  ``W_eff`` is
+rounded exactly as the patched weight is (``W₀ + values`` in the weight's dtype, once), so bound and unbound training
+compute the same numbers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class SparseBinding:
+    """The ``k`` base entries a bound sparse part has overwritten: their positions and ``W₀`` there."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.indices: Tensor | None = None  # a copy of the indices written (compared with the part's on each sync)
+        self.positions: Tensor | None = None  # the same as int64 (what scatter_ takes)
+        self.theta0: Tensor | None = None  # W₀ at those positions
+
+    def _flat(self) -> Tensor:
+        return self.module.weight.data.view(-1)
+
+    def sync(self, indices: Tensor, values: Tensor) -> None:
+        """Make the weight ``W₀ + scatter(values at indices)``.
+
+        The values are written every time (comparing them would cost as much as writing them, and no version counter
+        moves under every optimiser: torch's fused AdamW writes without one); ``W₀`` is gathered again only when
+        ``indices`` differ from the ones written (after the old entries are restored)."""
+        flat = self._flat()
+        with torch.no_grad():
+            if self.indices is None or self.indices.dtype != indices.dtype or not torch.equal(self.indices, indices):
+                self.release()
+                self.indices = indices.clone()
+                self.positions = self.indices.to(torch.int64)  # of the copy: never an alias of the part's indices
+                self.theta0 = flat.index_select(0, self.positions)
+            flat.scatter_(0, self.positions, self.theta0 + values.detach().to(flat.dtype))
+
+    def release(self) -> None:
+        """Write ``W₀`` back at the positions written (nothing when nothing was)."""
+        if self.positions is not None:
+            with torch.no_grad():
+                self._flat().scatter_(0, self.positions, self.theta0)
+        self.indices = self.positions = self.theta0 = None
