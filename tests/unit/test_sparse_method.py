@@ -173,3 +173,28 @@ def test_spiel_optimizer_uses_sftadamw_defaults():
     opt = get_method("sparse").optimizer([nn.Parameter(torch.zeros(3))], 1e-3, 0.0, SparseConfig())
     assert isinstance(opt, SparseAdamW)
     assert opt.param_groups[0]["eps"] == 1e-6 and opt.param_groups[0]["betas"] == (0.9, 0.999)
+
+
+def test_a_window_passes_every_layer_one_shared_dense_buffer_and_frees_it_at_the_event():
+    from deltatune.parts import sparse_grad
+
+    layers = [nn.Linear(6, 3, bias=False), nn.Linear(3, 8, bias=False)]  # the backward sees the larger first
+    parts = {f"l{i}": SparsePart(tuple(m.weight.shape), torch.arange(3)) for i, m in enumerate(layers)}
+    opt = SparseAdamW([p.values for p in parts.values()], lr=1e-2)
+    sel = SpIELSelector(parts, opt, SparseConfig(reselection_steps=10, accumulation_steps=2), 100, 1)
+    seen: list[tuple[int, tuple[int, ...]]] = []
+    sel.before_step(0)
+    for part in parts.values():
+        observe = part.grad_observer
+        part.grad_observer = lambda g, o=observe: seen.append((g.data_ptr(), tuple(g.shape))) or o(g)
+    x = torch.randn(5, 6)
+    (parts["l1"](parts["l0"](x, layers[0]), layers[1])).square().sum().backward()
+    assert [s for _, s in seen] == [(8, 3), (3, 6)] and seen[0][0] == seen[1][0]
+    assert sparse_grad._WINDOW_SCRATCH  # held while the window is open
+    opt.step()
+    sel.after_step(1)
+    sel.before_step(1)
+    (parts["l1"](parts["l0"](x, layers[0]), layers[1])).square().sum().backward()
+    opt.step()
+    sel.after_step(2)
+    assert sel.events and sel.windows is None and not sparse_grad._WINDOW_SCRATCH  # freed with the window

@@ -89,18 +89,20 @@ def functional_forward(module: nn.Module, kind: LayerKind, x: Tensor, weight: Te
     ), module)
 
 
-def weight_grad(kind: LayerKind, x: Tensor, grad_out: Tensor, weight_shape: torch.Size) -> Tensor:
-    """Dense gradient of the native weight given input ``x`` and output gradient.
+def weight_grad(kind: LayerKind, x: Tensor, grad_out: Tensor, weight_shape: torch.Size,
+                out: Tensor | None = None) -> Tensor:
+    """Dense gradient of the native weight given input ``x`` and output gradient, written into ``out`` when given
+    (of ``weight_shape`` and ``grad_out``'s dtype).
 
     Linear: ``∂L/∂W = gᵀ x`` (out, in); Conv1D: ``xᵀ g`` (in, out); Embedding: rows of ``g``
     summed into the looked-up ids.
     """
     g2 = grad_out.reshape(-1, grad_out.shape[-1])
     if kind is LayerKind.LINEAR:
-        return g2.t() @ x.reshape(-1, x.shape[-1]).to(g2.dtype)
+        return torch.mm(g2.t(), x.reshape(-1, x.shape[-1]).to(g2.dtype), out=out)
     if kind is LayerKind.CONV1D:
-        return x.reshape(-1, x.shape[-1]).to(g2.dtype).t() @ g2
-    grad = torch.zeros(weight_shape, dtype=g2.dtype, device=g2.device)
+        return torch.mm(x.reshape(-1, x.shape[-1]).to(g2.dtype).t(), g2, out=out)
+    grad = torch.zeros(weight_shape, dtype=g2.dtype, device=g2.device) if out is None else out.zero_()
     return grad.index_add_(0, x.reshape(-1), g2)
 
 

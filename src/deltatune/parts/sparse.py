@@ -31,8 +31,11 @@ from deltatune.parts.sparse_grad import (
     csr_support,
     sampled_weight_grad,
     use_sampled_grad,
+    window_scratch,
 )
 
+#: Called with a layer's dense weight gradient in a selection window: a shared scratch buffer, overwritten by the
+#: next layer's (the observer keeps no reference to it, and may itself write to it)
 GradObserver = Callable[[Tensor], None]
 
 
@@ -119,15 +122,17 @@ class SparseDeltaFunction(torch.autograd.Function):
 
 
 def _values_grad(ctx: Any, x: Tensor, grad_out: Tensor, indices: Tensor, weight: Tensor) -> Tensor:
-    """``∂L/∂values``: the dense ``∂L/∂W`` gathered only when the observer (a selection window) needs it; else the
-    SDDMM on a sparse support, the row-blocked gather on a dense one."""
+    """``∂L/∂values``: the dense ``∂L/∂W`` (in a :func:`window_scratch` buffer) gathered only when the observer (a
+    selection window) needs it; else the SDDMM on a sparse support, the row-blocked gather on a dense one."""
     if ctx.observer is None:
         if use_sampled_grad(ctx.kind, indices.numel(), weight.numel()):
             return sampled_weight_grad(ctx.kind, x, grad_out, tuple(weight.shape), indices, ctx.support)
         return blocked_weight_grad(ctx.kind, x, grad_out, tuple(weight.shape), indices)
-    grad_w = weight_grad(ctx.kind, x, grad_out, weight.shape)
-    ctx.observer(grad_w)
-    return grad_w.reshape(-1).index_select(0, indices)
+    scratch = window_scratch("grad", weight.numel(), grad_out.dtype, grad_out.device).view(weight.shape)
+    grad_w = weight_grad(ctx.kind, x, grad_out, weight.shape, out=scratch)
+    grad_values = grad_w.reshape(-1).index_select(0, indices)
+    ctx.observer(grad_w)  # after the gather: the observer may use the buffer as scratch
+    return grad_values
 
 
 def check_indices(indices: Tensor, numel: int, what: str, require_sorted: bool) -> None:

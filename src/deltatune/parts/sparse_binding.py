@@ -6,10 +6,11 @@ an add and two scatters of ``k`` entries, twice per layer and step.  Bound (:met
 :class:`~deltatune.methods.in_place.InPlaceTraining` for a training run), the weight holds
 ``W_eff = W₀ + scatter(values)`` throughout: :class:`SparseBinding` rewrites the ``k`` entries once per forward
 (one add and one scatter, whoever changed the values: any optimiser, a reselection, a resumed checkpoint) and gathers
-``W₀`` afresh only where the indices changed.  ``W₀``'s ``k`` entries wait in memory (``k`` values and their
-positions), and :meth:`SparseBinding.release` writes them back, so the base is restored bit for bit.  ``W_eff`` is
-rounded exactly as the patched weight is (``W₀ + values`` in the weight's dtype, once), so bound and unbound training
-compute the same numbers.
+``W₀`` afresh only where the indices changed.  ``W₀``'s ``k`` entries wait in memory (``k`` values and a copy of
+the indices: 8 bytes per entry with int32 indices; ``scatter_``'s int64 positions are made per call), and
+:meth:`SparseBinding.release` writes them back, so the base is restored bit for bit.  ``W_eff`` is rounded exactly as
+the patched weight is (``W₀ + values`` in the weight's dtype, once), so bound and unbound training compute the same
+numbers.
 """
 
 from __future__ import annotations
@@ -19,12 +20,12 @@ from torch import Tensor, nn
 
 
 class SparseBinding:
-    """The ``k`` base entries a bound sparse part has overwritten: their positions and ``W₀`` there."""
+    """The ``k`` base entries a bound sparse part has overwritten: their positions (a copy of the part's indices, so
+    they are never an alias of them) and ``W₀`` there."""
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
         self.indices: Tensor | None = None  # a copy of the indices written (compared with the part's on each sync)
-        self.positions: Tensor | None = None  # the same as int64 (what scatter_ takes)
         self.theta0: Tensor | None = None  # W₀ at those positions
 
     def _flat(self) -> Tensor:
@@ -41,13 +42,12 @@ class SparseBinding:
             if self.indices is None or self.indices.dtype != indices.dtype or not torch.equal(self.indices, indices):
                 self.release()
                 self.indices = indices.clone()
-                self.positions = self.indices.to(torch.int64)  # of the copy: never an alias of the part's indices
-                self.theta0 = flat.index_select(0, self.positions)
-            flat.scatter_(0, self.positions, self.theta0 + values.detach().to(flat.dtype))
+                self.theta0 = flat.index_select(0, self.indices)
+            flat.scatter_(0, self.indices.long(), self.theta0 + values.detach().to(flat.dtype))
 
     def release(self) -> None:
         """Write ``W₀`` back at the positions written (nothing when nothing was)."""
-        if self.positions is not None:
+        if self.indices is not None:
             with torch.no_grad():
-                self._flat().scatter_(0, self.positions, self.theta0)
-        self.indices = self.positions = self.theta0 = None
+                self._flat().scatter_(0, self.indices.long(), self.theta0)
+        self.indices = self.theta0 = None
