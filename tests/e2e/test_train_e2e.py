@@ -76,6 +76,47 @@ def test_resume_with_other_settings_or_method_config_is_refused(tmp_path, monkey
     assert resumed.delta is not None
 
 
+def test_a_checkpoint_from_before_in_place_sparse_training_resumes(tmp_path, monkeypatch, data_dir):
+    """A sparse run checkpointed by the code before in-place training (no ``InPlaceTraining`` hook state, no
+    ``in_place`` field in its recorded config) resumes to the uninterrupted run's delta; asking now for another value
+    than the default the old run trained with is refused."""
+    from deltatune.errors import ConfigError
+    from deltatune.methods import sparse as sparse_method
+
+    kw = dict(SMALL, train_limit=64, max_steps=4, checkpoint_every=2, lr=3e-3)
+    mc = dt.SparseConfig(density=0.002, reselection_steps=3, accumulation_steps=1)
+    full = loop.train(TrainConfig(out_dir=str(tmp_path / "a"), **kw), mc)
+
+    armed = [True]
+
+    class Crash(TrainHook):
+        def after_step(self, step):
+            if armed[0] and step == 3:
+                raise KeyboardInterrupt
+
+    hooks, settings = sparse_method.Sparse.hooks, loop.run_settings
+
+    def old_settings(cfg, delta):
+        run = settings(cfg, delta)
+        run["config"].pop("in_place")
+        return run
+
+    def with_crash(self, *a, **k):  # while armed, the code before: no stateless in-place hook
+        return [h for h in hooks(self, *a, **k) if armed[0] is False or not h.stateless] + [Crash()]
+
+    monkeypatch.setattr(sparse_method.Sparse, "hooks", with_crash)
+    with monkeypatch.context() as old:
+        old.setattr(loop, "run_settings", old_settings)
+        with pytest.raises(KeyboardInterrupt):
+            loop.train(TrainConfig(out_dir=str(tmp_path / "b"), **kw), mc)
+    armed[0] = False
+    with pytest.raises(ConfigError, match="config"):
+        loop.train(TrainConfig(out_dir=str(tmp_path / "b"), resume=True, **kw),
+                   dt.SparseConfig(density=0.002, reselection_steps=3, accumulation_steps=1, in_place=False))
+    resumed = loop.train(TrainConfig(out_dir=str(tmp_path / "b"), resume=True, **kw), mc)
+    assert resumed.delta.metrics["digest"] == full.delta.metrics["digest"]
+
+
 def test_cli_train_info_eval_apply_export(tmp_path, data_dir, minilm_path):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer

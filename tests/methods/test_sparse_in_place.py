@@ -103,8 +103,11 @@ def test_an_evaluation_between_steps_and_a_loaded_checkpoint_see_the_current_val
     inputs = tiny_inputs("gpt2")
     assert all(p.bound for p in delta.parts.values())
     assert torch.equal(logits(model, inputs), logits(ref_model, inputs))  # no-grad forward, weight as it is
-    for name, part in delta.parts.items():  # a resumed checkpoint writes new indices and values into the part
-        state = {"indices": ref.parts[name].indices.flip(0).sort().values, "values": torch.randn_like(part.values)}
+    gen = torch.Generator().manual_seed(0)
+    for name, part in delta.parts.items():  # a resumed checkpoint writes another support and values into the part
+        fresh = torch.randperm(part.numel_base, generator=gen)[:part.indices.numel()].sort().values
+        assert not torch.equal(fresh.to(part.indices.dtype), part.indices)
+        state = {"indices": fresh.to(part.indices.dtype), "values": torch.randn(part.values.shape, generator=gen)}
         for p in (part, ref.parts[name]):
             p.load_tensors(state, "test")
     assert torch.equal(logits(model, inputs), logits(ref_model, inputs))
@@ -139,3 +142,38 @@ def test_a_loop_of_your_own_leaves_the_sparse_part_unbound() -> None:
     _, schedule = prepare(model, delta, total_steps=4)
     assert not any(p.bound for p in delta.parts.values())
     schedule.close()
+
+
+def test_a_tied_alias_of_the_same_kind_feeds_no_selection_window() -> None:
+    from deltatune.parts import SparsePart
+    from deltatune.parts.layers import LayerKind
+
+    owner, alias = torch.nn.Embedding(20, 4), torch.nn.Embedding(20, 4)
+    alias.weight = owner.weight  # tied, as BART's encoder and decoder embeddings share one table
+    part = SparsePart((20, 4), torch.arange(0, 80, 3), LayerKind.EMBEDDING)
+    ids = torch.tensor([[1, 5, 5, 7]])
+    unbound = torch.autograd.grad(part.forward_shared(alias, LayerKind.EMBEDDING, ids).square().sum() +
+                                  part(ids, owner).sum(), part.values)[0]
+    seen: list[int] = []
+    part.grad_observer = lambda g: seen.append(g.shape[0])
+    assert part.bind(owner, None)
+    out = part.forward_shared(alias, LayerKind.EMBEDDING, ids).square().sum() + part(ids, owner).sum()
+    assert torch.allclose(torch.autograd.grad(out, part.values)[0], unbound)
+    assert seen == [20]  # the owner's own use only
+    part.unbind()
+
+
+def test_merging_a_bound_part_gives_the_base_back_first() -> None:
+    from deltatune.parts import SparsePart
+
+    module = torch.nn.Linear(6, 5)
+    w0 = module.weight.detach().clone()
+    part = SparsePart((5, 6), torch.arange(0, 30, 4))
+    with torch.no_grad():
+        part.values.uniform_(-1, 1)
+    assert part.bind(module, None)
+    part(torch.randn(2, 6), module)  # synced: the weight holds W₀ + ΔW
+    part.merge_into(module)  # W₀ + ΔW once, not twice, and no later restore over it
+    assert not part.bound
+    want = w0.reshape(-1).index_add(0, part.indices, part.values.detach()).view(5, 6)
+    assert torch.equal(module.weight.detach(), want)

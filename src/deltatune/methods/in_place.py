@@ -47,6 +47,8 @@ def can_bind(optimizer: torch.optim.Optimizer, parts: dict[str, Part]) -> bool:
 class InPlaceTraining(TrainHook):
     """Binds the delta's parts to their modules for the run (where :func:`can_bind`); :meth:`close` unbinds."""
 
+    stateless = True  # a resume binds afresh: the parts' tensors, which the checkpoint holds, are what train
+
     def __init__(self, model: nn.Module, delta: Any, optimizer: torch.optim.Optimizer, enabled: bool = True) -> None:
         self.model = model
         self.enabled = enabled and can_bind(optimizer, delta.parts)
@@ -59,7 +61,8 @@ class InPlaceTraining(TrainHook):
         if not self.enabled:
             return
         for name, part in parts.items():
-            self.spill = self.spill or TensorSpill()
+            if part.bound_trains_base:  # θ₀ of a dense part goes to a temporary file; a sparse part keeps its own
+                self.spill = self.spill or TensorSpill()
             if part.bind(get_module(self.model, name), self.spill):
                 self.bound.append(part)
 

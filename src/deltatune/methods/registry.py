@@ -65,6 +65,10 @@ class TrainHook:
     ``step`` is the number of optimiser steps completed so far.
     """
 
+    #: Whether the hook keeps nothing a resume needs (its :meth:`state_dict` is always empty): a checkpoint written
+    #: before such a hook joined a method's list resumes without it (:func:`deltatune.train.checkpoint.hooks_for`).
+    stateless: ClassVar[bool] = False
+
     def before_step(self, step: int) -> None:
         """Before the micro-batches of optimiser step ``step``."""
 

@@ -203,24 +203,26 @@ class SparsePart(Part):
         return math.prod(self.weight_shape)
 
     def forward(self, x: Tensor, base: nn.Module) -> Tensor:
-        return self._compute(base, self.layer, x)
+        return self._compute(base, self.layer, x, alias=False)
 
     def forward_shared(self, base: nn.Module, kind: LayerKind, x: Tensor) -> Tensor:
         """A tied alias of a bound part's weight computes with it as it is (it holds ``W + ΔW`` already)."""
         if self._binding is None:
             return super().forward_shared(base, kind, x)
-        return self._compute(base, kind, x)
+        return self._compute(base, kind, x, alias=True)
 
-    def _compute(self, base: nn.Module, kind: LayerKind, x: Tensor) -> Tensor:
+    def _compute(self, base: nn.Module, kind: LayerKind, x: Tensor, alias: bool) -> Tensor:
+        """The module's output with ``W + scatter(values)``; for a tied ``alias`` (another module sharing the weight)
+        the gradient reaches the values, but no selection window samples it (as unbound, through the dense ``ΔW``)."""
         bound = self.bound
         if bound:
             self._binding.sync(self.indices, self.values)
         if not torch.is_grad_enabled() or not self.values.requires_grad:
             weight = base.weight if bound else effective_weight(base.weight, self.indices, self.values)
             return functional_forward(base, kind, x, weight)
-        own = kind is self.layer  # else a tied alias's use (its gradient is not a selection window's sample)
         return SparseDeltaFunction.apply(x, self.values, self.indices, base.weight, base, kind,
-                                          self.grad_observer if own else None, bound, self.support() if own else None)
+                                          None if alias else self.grad_observer, bound,
+                                          self.support() if kind is self.layer else None)
 
     # --- in-place training ------------------------------------------------------------------
     def bind(self, base: nn.Module, spill: Any) -> bool:
@@ -295,10 +297,12 @@ class SparsePart(Part):
         return sum_sparse(parts, where)  # type: ignore[arg-type]
 
     def merge_into(self, base: nn.Module) -> None:
-        """``W.flat[indices] += values`` without forming a dense ``ΔW``."""
+        """``W.flat[indices] += values`` without forming a dense ``ΔW`` (a bound part gives the base back first)."""
+        self.unbind()
         self._scatter(base, 1.0)
 
     def unmerge_from(self, base: nn.Module) -> None:
+        self.unbind()
         self._scatter(base, -1.0)
 
     def _scatter(self, base: nn.Module, sign: float) -> None:

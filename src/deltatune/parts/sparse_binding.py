@@ -25,8 +25,9 @@ class SparseBinding:
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
-        self.indices: Tensor | None = None  # a copy of the indices written (compared with the part's on each sync)
+        self.indices: Tensor | None = None  # a copy of the indices written
         self.theta0: Tensor | None = None  # W₀ at those positions
+        self.seen: tuple[Tensor, int, int] | None = None  # the part's indices tensor, its version and storage then
 
     def _flat(self) -> Tensor:
         return self.module.weight.data.view(-1)
@@ -35,14 +36,20 @@ class SparseBinding:
         """Make the weight ``W₀ + scatter(values at indices)``.
 
         The values are written every time (comparing them would cost as much as writing them, and no version counter
-        moves under every optimiser: torch's fused AdamW writes without one); ``W₀`` is gathered again only when
-        ``indices`` differ from the ones written (after the old entries are restored)."""
+        moves under every optimiser: torch's fused AdamW writes without one).  ``W₀`` is gathered again only when
+        ``indices`` differ from the ones written (after the old entries are restored); they are compared only when
+        the tensor is another one or was written in place since (its autograd version moved on, as every write
+        through it does: a reselection, a loaded checkpoint), so a forward costs no host synchronisation."""
         flat = self._flat()
         with torch.no_grad():
-            if self.indices is None or self.indices.dtype != indices.dtype or not torch.equal(self.indices, indices):
-                self.release()
-                self.indices = indices.clone()
-                self.theta0 = flat.index_select(0, self.indices)
+            seen = (indices, indices._version, indices.data_ptr())
+            if self.seen is None or self.seen[0] is not indices or self.seen[1:] != seen[1:]:
+                if (self.indices is None or self.indices.dtype != indices.dtype
+                        or not torch.equal(self.indices, indices)):
+                    self.release()
+                    self.indices = indices.clone()
+                    self.theta0 = flat.index_select(0, self.indices)
+                self.seen = seen  # holds the tensor: its id is not reused while compared
             flat.scatter_(0, self.indices.long(), self.theta0 + values.detach().to(flat.dtype))
 
     def release(self) -> None:
@@ -50,4 +57,4 @@ class SparseBinding:
         if self.indices is not None:
             with torch.no_grad():
                 self._flat().scatter_(0, self.indices.long(), self.theta0)
-        self.indices = self.theta0 = None
+        self.indices = self.theta0 = self.seen = None

@@ -108,7 +108,7 @@ _WINDOW_SCRATCH: dict[tuple[str, int], dict[tuple[torch.dtype, torch.device], Te
 
 def window_scratch(role: str, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """``n`` entries of one reused buffer per ``role`` (``"grad"``: a layer's dense weight gradient in a selection
-    window; ``"abs"``: its magnitudes), backward thread, dtype and device, the size of the largest layer seen.  One
+    window; ``"abs"``: its magnitudes), backward thread, dtype and device, grown to hold the largest layer seen.  One
     buffer serves every layer in turn (never a dense gradient of all layers at once), and without a fresh
     multi-megabyte temporary per layer glibc keeps no freed pages of them: in ``benchmarks/train_step.py``'s ~54M
     Llama, SpIEL's peak RSS rose by ~50 MB in the windows before (an ad hoc probe of RSS per step)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import MISSING, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from deltatune.delta import Delta
-from deltatune.errors import DeltaFormatError, IntegrityError
+from deltatune.errors import ConfigError, DeltaFormatError, IntegrityError
 from deltatune.io.atomic import atomic_dir, recover_dir
 from deltatune.io.digest import DIGEST_FIELD, manifest_digest, tensor_digest, verify_tensor
 from deltatune.io.json_io import parse_json
@@ -213,3 +214,30 @@ def restore_trainable(model: nn.Module, state: dict[str, Tensor], where: Path, d
                 raise DeltaFormatError(f"{where}: checkpoint tensor {name[:80]!r} does not fit this model "
                                        f"(name, shape or dtype)")
             own[name].copy_(tensor)
+
+
+def hooks_for(hooks: list[Any], n_states: int) -> list[Any] | None:
+    """The hooks that ``n_states`` checkpointed hook states belong to, in order: all of them, or — for a checkpoint
+    written before a stateless hook (:attr:`TrainHook.stateless`, e.g. in-place training) joined the method's list —
+    the others; ``None`` when neither fits."""
+    if n_states == len(hooks):
+        return list(hooks)
+    stateful = [h for h in hooks if not h.stateless]
+    return stateful if n_states == len(stateful) else None
+
+
+def config_as_recorded(recorded: dict[str, Any], method: str) -> dict[str, Any]:
+    """A checkpoint's method configuration with the fields it predates filled in with their defaults (a field added
+    to the method later: the recorded run trained with its default), as JSON values."""
+    from deltatune.methods.registry import get_method
+
+    try:
+        cls = get_method(method).config_cls
+    except ConfigError:  # an unknown method: compared as recorded
+        return recorded
+    if not is_dataclass(cls):
+        return recorded
+    defaults = {f.name: f.default if f.default is not MISSING else f.default_factory()
+                for f in fields(cls) if f.name not in recorded
+                and (f.default is not MISSING or f.default_factory is not MISSING)}
+    return {**json.loads(json.dumps(defaults, default=str)), **recorded}

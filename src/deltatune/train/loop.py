@@ -323,7 +323,11 @@ def _check_same_run(where: Path, recorded: dict[str, Any] | None, run: dict[str,
     then = recorded.get("train", {})
     differ = [(key, then.get(key), run["train"].get(key)) for key in sorted(set(then) | set(run["train"]))
               if then.get(key) != run["train"].get(key)]
-    differ += [(key, recorded.get(key), run[key]) for key in ("method", "config") if recorded.get(key) != run[key]]
+    if recorded.get("method") != run["method"]:
+        differ.append(("method", recorded.get("method"), run["method"]))
+    elif isinstance(recorded.get("config"), dict) and ckpt.config_as_recorded(recorded["config"],
+                                                                             run["method"]) != run["config"]:
+        differ.append(("config", recorded["config"], run["config"]))
     if differ:
         shown = "; ".join(f"{n}: {str(o)[:40]} in the checkpoint, {str(v)[:40]} now" for n, o, v in differ[:4])
         raise ConfigError(f"{where}: --resume needs the settings of the run that wrote the checkpoint ({shown}); "
@@ -340,12 +344,13 @@ def _resume(where: Path, model: nn.Module, delta: Delta, optimizer, scheduler, h
     state = ckpt.load_checkpoint(where, recover=False)  # rolled back above, once
     if run is not None:  # None: a caller without a run of its own (a loader check)
         _check_same_run(where, state.get("run"), run)
-    if len(state["hooks"]) != len(hooks) or len(state["rng"]) != accelerator.num_processes:
+    loaded = ckpt.hooks_for(hooks, len(state["hooks"]))
+    if loaded is None or len(state["rng"]) != accelerator.num_processes:
         raise DeltaFormatError(f"{where}: checkpoint has {len(state['hooks'])} hook state(s) for "
                                f"{len(state['rng'])} process(es); this run has {len(hooks)} for "
                                f"{accelerator.num_processes} — was it written by another method or world size?")
     try:
-        for hook, hs in zip(hooks, state["hooks"], strict=True):
+        for hook, hs in zip(loaded, state["hooks"], strict=True):
             hook.load_state_dict(hs)
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
         raise DeltaFormatError(f"{where}: hook state does not fit this run ({str(exc)[:80]})") from None
