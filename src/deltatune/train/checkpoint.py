@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import MISSING, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -228,16 +227,13 @@ def hooks_for(hooks: list[Any], n_states: int) -> list[Any] | None:
 
 def config_as_recorded(recorded: dict[str, Any], method: str) -> dict[str, Any]:
     """A checkpoint's method configuration with the fields it predates filled in with their defaults (a field added
-    to the method later: the recorded run trained with its default), as JSON values."""
+    to the method later: the recorded run trained with its default), as JSON values: the method's own parser fills
+    them (:meth:`Method.parse`, as :func:`deltatune.train.integration.method_config` rebuilds a delta's config)."""
     from deltatune.methods.registry import get_method
 
     try:
-        cls = get_method(method).config_cls
-    except ConfigError:  # an unknown method: compared as recorded
+        method_ = get_method(method)
+        parsed = method_.config_dict(method_.parse(dict(recorded)))
+    except ConfigError:  # an unknown method, or a configuration it no longer takes: compared as recorded
         return recorded
-    if not is_dataclass(cls):
-        return recorded
-    defaults = {f.name: f.default if f.default is not MISSING else f.default_factory()
-                for f in fields(cls) if f.name not in recorded
-                and (f.default is not MISSING or f.default_factory is not MISSING)}
-    return {**json.loads(json.dumps(defaults, default=str)), **recorded}
+    return {**json.loads(json.dumps(parsed, default=str)), **recorded}

@@ -323,11 +323,11 @@ def _check_same_run(where: Path, recorded: dict[str, Any] | None, run: dict[str,
     then = recorded.get("train", {})
     differ = [(key, then.get(key), run["train"].get(key)) for key in sorted(set(then) | set(run["train"]))
               if then.get(key) != run["train"].get(key)]
-    if recorded.get("method") != run["method"]:
-        differ.append(("method", recorded.get("method"), run["method"]))
-    elif isinstance(recorded.get("config"), dict) and ckpt.config_as_recorded(recorded["config"],
-                                                                             run["method"]) != run["config"]:
-        differ.append(("config", recorded["config"], run["config"]))
+    config = recorded.get("config")
+    if isinstance(config, dict) and recorded.get("method") == run["method"]:
+        config = ckpt.config_as_recorded(config, run["method"])  # fields added since compare as their defaults
+    recorded_method = {"method": recorded.get("method"), "config": config}
+    differ += [(key, value, run[key]) for key, value in recorded_method.items() if value != run[key]]
     if differ:
         shown = "; ".join(f"{n}: {str(o)[:40]} in the checkpoint, {str(v)[:40]} now" for n, o, v in differ[:4])
         raise ConfigError(f"{where}: --resume needs the settings of the run that wrote the checkpoint ({shown}); "
