@@ -32,7 +32,7 @@ from torch import Tensor
 from deltatune.methods.registry import TrainHook
 from deltatune.methods.sparse_optim import SparseAdamW
 from deltatune.parts.sparse import SparsePart, index_dtype
-from deltatune.parts.sparse_grad import release_window_scratch, window_scratch
+from deltatune.parts.sparse_grad import WINDOW_ROLES, release_scratch, scratch
 
 
 class _Window:
@@ -47,7 +47,7 @@ class _Window:
     def observe(self, grad_w: Tensor, k: int) -> None:
         flat = grad_w.reshape(-1)
         if self.candidates is None:
-            magnitudes = torch.abs(flat, out=window_scratch("abs", flat.numel(), flat.dtype, flat.device))
+            magnitudes = torch.abs(flat, out=scratch("abs", flat.numel(), flat.dtype, flat.device))
             top = magnitudes.topk(min(k, flat.numel()), sorted=False).indices
             self.candidates = top.to(index_dtype(flat.numel()))  # int32 below 2³¹ entries: half the int64 bytes
             self.grad_sum = torch.zeros(self.candidates.numel(), dtype=torch.float32, device=flat.device)
@@ -133,7 +133,7 @@ class SpIELSelector(TrainHook):
         for part in self.parts.values():
             part.grad_observer = None
         self.windows = None
-        release_window_scratch()
+        release_scratch(WINDOW_ROLES)
 
     @torch.no_grad()
     def _regrow(self, step: int) -> None:

@@ -30,8 +30,8 @@ from deltatune.parts.sparse_grad import (
     blocked_weight_grad,
     csr_support,
     sampled_weight_grad,
+    scratch,
     use_sampled_grad,
-    window_scratch,
 )
 
 #: Called with a layer's dense weight gradient in a selection window: a shared scratch buffer, overwritten by the
@@ -122,14 +122,14 @@ class SparseDeltaFunction(torch.autograd.Function):
 
 
 def _values_grad(ctx: Any, x: Tensor, grad_out: Tensor, indices: Tensor, weight: Tensor) -> Tensor:
-    """``∂L/∂values``: the dense ``∂L/∂W`` (in a :func:`window_scratch` buffer) gathered only when the observer (a
+    """``∂L/∂values``: the dense ``∂L/∂W`` (in a :func:`scratch` buffer) gathered only when the observer (a
     selection window) needs it; else the SDDMM on a sparse support, the row-blocked gather on a dense one."""
     if ctx.observer is None:
         if use_sampled_grad(ctx.kind, indices.numel(), weight.numel()):
             return sampled_weight_grad(ctx.kind, x, grad_out, tuple(weight.shape), indices, ctx.support)
         return blocked_weight_grad(ctx.kind, x, grad_out, tuple(weight.shape), indices)
-    scratch = window_scratch("grad", weight.numel(), grad_out.dtype, grad_out.device).view(weight.shape)
-    grad_w = weight_grad(ctx.kind, x, grad_out, weight.shape, out=scratch)
+    buffer = scratch("grad", weight.numel(), grad_out.dtype, grad_out.device).view(weight.shape)
+    grad_w = weight_grad(ctx.kind, x, grad_out, weight.shape, out=buffer)
     grad_values = grad_w.reshape(-1).index_select(0, indices)
     ctx.observer(grad_w)  # after the gather: the observer may use the buffer as scratch
     return grad_values

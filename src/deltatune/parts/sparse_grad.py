@@ -72,7 +72,7 @@ def token_major(m: Tensor, tokens: Tensor | None = None) -> Tensor:
     n, d = m.shape
     if d % TRANSPOSE_STRIP or not m.is_contiguous():
         return m.t().contiguous()
-    strips = _workspace(n * d, m.dtype, m.device).view(d // TRANSPOSE_STRIP, n, TRANSPOSE_STRIP)
+    strips = scratch("strips", n * d, m.dtype, m.device).view(d // TRANSPOSE_STRIP, n, TRANSPOSE_STRIP)
     strips.copy_(m.view(n, d // TRANSPOSE_STRIP, TRANSPOSE_STRIP).transpose(0, 1))
     out = torch.empty(d, n, dtype=m.dtype, device=m.device)  # never a view of the scratch buffer
     out.view(d // TRANSPOSE_STRIP, TRANSPOSE_STRIP, n).copy_(strips.transpose(1, 2))
@@ -90,34 +90,29 @@ def _reused(store: dict[tuple[torch.dtype, torch.device], Tensor], n: int, dtype
     return buf[:n]
 
 
-_WORKSPACE = threading.local()
+#: ``{(role, thread): {(dtype, device): buffer}}``: the reused scratch buffers of the backward (:func:`scratch`)
+_SCRATCH: dict[tuple[str, int], dict[tuple[torch.dtype, torch.device], Tensor]] = {}
+#: the roles of SpIEL-AG's selection windows: a layer's dense weight gradient and its magnitudes
+WINDOW_ROLES = ("grad", "abs")
 
 
-def _workspace(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """``n`` entries of scratch memory from one reused buffer per thread, dtype and device: :func:`token_major`'s
-    intermediate strips.  A fresh multi-megabyte temporary per call can let glibc hand its pages back and fault them
-    in again on the next one: before this buffer, the copies of one shape in ``benchmarks/sparse_backward.py`` took
-    several times longer in some processes than in others."""
-    return _reused(_WORKSPACE.__dict__.setdefault("buffers", {}), n, dtype, device, torch.empty)
+def scratch(role: str, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``n`` entries of one reused buffer per ``role``, backward thread, dtype and device, grown to hold the largest
+    request seen: :func:`token_major`'s intermediate strips (``"strips"``), and in a selection window every layer's
+    dense weight gradient and its magnitudes (:data:`WINDOW_ROLES`: one buffer serves every layer in turn, never a
+    dense gradient of all layers at once).  A fresh multi-megabyte temporary per call can let glibc hand its pages
+    back and fault them in again on the next one, or keep them: before these buffers, the copies of one shape in
+    ``benchmarks/sparse_backward.py`` took several times longer in some processes than in others, and in
+    ``benchmarks/train_step.py``'s ~54M Llama SpIEL's peak RSS rose by ~50 MB in the windows (an ad hoc probe of RSS
+    per step)."""
+    return _reused(_SCRATCH.setdefault((role, threading.get_ident()), {}), n, dtype, device, torch.empty)
 
 
-#: ``{(role, thread): {(dtype, device): buffer}}``: the dense buffers of SpIEL-AG's selection windows
-#: (:func:`window_scratch`), dropped by :func:`release_window_scratch` when a window closes.
-_WINDOW_SCRATCH: dict[tuple[str, int], dict[tuple[torch.dtype, torch.device], Tensor]] = {}
-
-
-def window_scratch(role: str, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """``n`` entries of one reused buffer per ``role`` (``"grad"``: a layer's dense weight gradient in a selection
-    window; ``"abs"``: its magnitudes), backward thread, dtype and device, grown to hold the largest layer seen.  One
-    buffer serves every layer in turn (never a dense gradient of all layers at once), and without a fresh
-    multi-megabyte temporary per layer glibc keeps no freed pages of them: in ``benchmarks/train_step.py``'s ~54M
-    Llama, SpIEL's peak RSS rose by ~50 MB in the windows before (an ad hoc probe of RSS per step)."""
-    return _reused(_WINDOW_SCRATCH.setdefault((role, threading.get_ident()), {}), n, dtype, device, torch.empty)
-
-
-def release_window_scratch() -> None:
-    """Drop every :func:`window_scratch` buffer (a window closed: no dense gradient is needed until the next)."""
-    _WINDOW_SCRATCH.clear()
+def release_scratch(roles: Sequence[str]) -> None:
+    """Drop the :func:`scratch` buffers of ``roles`` in every thread (a window closed: no dense gradient is needed
+    until the next)."""
+    for key in [key for key in _SCRATCH if key[0] in roles]:
+        del _SCRATCH[key]
 
 
 #: :func:`live_tokens` gathers only when at least this fraction of the tokens is dead: a causal LM's batch has one
