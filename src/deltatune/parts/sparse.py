@@ -4,7 +4,9 @@
 Language Models", 2024).  The custom autograd function never stores a dense ``ΔW``: forward builds
 ``W_eff`` transiently and runs the base computation; backward rebuilds it and returns the input
 gradient.  ``∂L/∂values = (∂L/∂W_eff)[indices]`` is computed by :mod:`deltatune.parts.sparse_grad`, never as a
-layer's dense weight gradient; only an observer (SpIEL-AG's selection window) gets that.
+layer's dense weight gradient; only an observer (SpIEL-AG's selection window) gets that.  In deltatune's training
+loop a part is bound instead (:meth:`SparsePart.bind`, :mod:`deltatune.parts.sparse_binding`): the weight holds
+``W_eff`` for the run and the autograd function uses it as it is.
 
 Indices are stored sorted, as int32 when the weight has fewer than 2³¹ entries (int64 otherwise), like
 SpIEL's ``SparseDelta``; older files with int64 indices load unchanged.
