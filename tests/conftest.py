@@ -141,3 +141,20 @@ def hooked_steps(model, opt, hooks, inputs, start: int, stop: int, observe=None)
             observe(step + 1)
         for h in hooks:
             h.after_step(step + 1)
+
+
+class RecordingObserver:
+    """A :class:`deltatune.parts.sparse.GradObserver` that records copies of what the backward hands it: each dense
+    gradient (:meth:`observe`) and each gradient at ``wanted`` (:meth:`observe_at`); it wants the dense one unless
+    ``wanted`` is given."""
+
+    def __init__(self, wanted=None) -> None:
+        self.wanted = wanted
+        self.dense: list[torch.Tensor] = []
+        self.at: list[torch.Tensor] = []
+
+    def observe(self, grad_w: torch.Tensor) -> None:
+        self.dense.append(grad_w.clone())
+
+    def observe_at(self, grad_at: torch.Tensor) -> None:
+        self.at.append(grad_at.clone())

@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from conftest import TINY_MODELS, hooked_steps, logits, tiny_inputs
+from conftest import TINY_MODELS, RecordingObserver, hooked_steps, logits, tiny_inputs
 
 import deltatune
 from deltatune.methods import get_method
@@ -154,12 +154,12 @@ def test_a_tied_alias_of_the_same_kind_feeds_no_selection_window() -> None:
     ids = torch.tensor([[1, 5, 5, 7]])
     unbound = torch.autograd.grad(part.forward_shared(alias, LayerKind.EMBEDDING, ids).square().sum() +
                                   part(ids, owner).sum(), part.values)[0]
-    seen: list[int] = []
-    part.grad_observer = lambda g: seen.append(g.shape[0])
+    observer = RecordingObserver()
+    part.grad_observer = observer
     assert part.bind(owner, None)
     out = part.forward_shared(alias, LayerKind.EMBEDDING, ids).square().sum() + part(ids, owner).sum()
     assert torch.allclose(torch.autograd.grad(out, part.values)[0], unbound)
-    assert seen == [20]  # the owner's own use only
+    assert [tuple(g.shape) for g in observer.dense] == [(20, 4)]  # the owner's own use only
     part.unbind()
 
 

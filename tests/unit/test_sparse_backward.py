@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from conftest import RecordingObserver
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -202,9 +203,9 @@ def test_part_backward_never_forms_dense_gradient_outside_a_window(kind, monkeyp
     with torch.no_grad():
         part.values.normal_()
     x = torch.randn(4, 6, d_in, requires_grad=True)
-    seen: list[tuple[int, ...]] = []
-    dense = _values_grad(part, base, x, lambda gw: seen.append(tuple(gw.shape)))  # an observer: the dense path
-    assert seen == [tuple(base.weight.shape)]
+    observer = RecordingObserver()
+    dense = _values_grad(part, base, x, observer)  # an observer that wants the dense gradient
+    assert [g.shape for g in observer.dense] == [base.weight.shape]
 
     def no_dense(*args, **kwargs):
         raise AssertionError("dense weight gradient formed outside a selection window")
@@ -219,6 +220,36 @@ def test_part_backward_never_forms_dense_gradient_outside_a_window(kind, monkeyp
     out = nn.functional.linear(x, w, base.bias) if kind is LayerKind.LINEAR else x @ w + base.bias
     (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
     assert (sampled - vals.grad).abs().max() <= 1e-5 * vals.grad.abs().max()
+
+
+@pytest.mark.parametrize("kind", [LayerKind.LINEAR, LayerKind.CONV1D, LayerKind.EMBEDDING])
+def test_an_observer_with_candidates_gets_their_gradient_and_no_dense_one(kind, monkeypatch):
+    """After a window's first backward, the later ones compute the gradient at the candidates beside the values'
+    own, equal to the dense gradient at those positions, and form no dense gradient (issue 10)."""
+    d_in, d_out = 32, 48
+    if kind is LayerKind.EMBEDDING:
+        base, x = nn.Embedding(d_out, d_in).requires_grad_(False), torch.randint(0, d_out, (4, 6))
+    else:
+        base, x = _base(kind, d_in, d_out), torch.randn(4, 6, d_in)
+    shape = tuple(base.weight.shape)
+    part = SparsePart(shape, _support(d_in * d_out, 30, 5), kind)  # density 2 %
+    with torch.no_grad():
+        part.values.normal_()
+    dense_observer = RecordingObserver()
+    reference = _values_grad(part, base, x, dense_observer)
+    candidates = _support(d_in * d_out, 25, 9).to(torch.int32)  # overlapping the part's entries or not
+    dense_at = dense_observer.dense[0].reshape(-1)[candidates.long()]
+    assert bool((dense_at != 0).any())
+
+    def no_dense(*args, **kwargs):
+        raise AssertionError("dense weight gradient formed after the candidates were chosen")
+
+    monkeypatch.setattr(sparse_mod, "weight_grad", no_dense)
+    observer = RecordingObserver(wanted=(candidates, grad_mod.csr_support(candidates, shape)))
+    got = _values_grad(part, base, x, observer)
+    assert not observer.dense and len(observer.at) == 1
+    assert (observer.at[0] - dense_at).abs().max() <= 1e-5 * dense_at.abs().max()
+    assert (got - reference).abs().max() <= 1e-5 * reference.abs().max()
 
 
 @pytest.mark.parametrize("kind", [LayerKind.LINEAR, LayerKind.CONV1D])
@@ -241,7 +272,7 @@ def test_bf16_autocast_sampled_equals_dense(kind, monkeypatch):
     base = _base(kind, d_in, d_out)
     part = SparsePart(tuple(base.weight.shape), _support(d_in * d_out, 40, 7), kind)
     x = torch.randn(3, 5, d_in, requires_grad=True)
-    dense = _values_grad(part, base, x, lambda gw: None, autocast=True)
+    dense = _values_grad(part, base, x, RecordingObserver(), autocast=True)
     sampled = _values_grad(part, base, x, None, autocast=True)
     assert sampled.dtype == torch.float32
     assert (sampled - dense).abs().max() <= 1e-5 * dense.abs().max()

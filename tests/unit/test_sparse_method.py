@@ -175,27 +175,43 @@ def test_spiel_optimizer_uses_sftadamw_defaults():
     assert opt.param_groups[0]["eps"] == 1e-6 and opt.param_groups[0]["betas"] == (0.9, 0.999)
 
 
-def test_a_window_passes_every_layer_one_shared_dense_buffer_and_frees_it_at_the_event():
+def test_a_window_forms_dense_gradients_only_in_its_first_step_in_one_shared_buffer():
     from deltatune.parts import sparse_grad
 
     layers = [nn.Linear(6, 3, bias=False), nn.Linear(3, 8, bias=False)]  # the backward sees the larger first
     parts = {f"l{i}": SparsePart(tuple(m.weight.shape), torch.arange(3)) for i, m in enumerate(layers)}
     opt = SparseAdamW([p.values for p in parts.values()], lr=1e-2)
-    sel = SpIELSelector(parts, opt, SparseConfig(reselection_steps=10, accumulation_steps=2), 100, 1)
-    seen: list[tuple[int, tuple[int, ...]]] = []
-    sel.before_step(0)
-    for part in parts.values():
-        observe = part.grad_observer
-        part.grad_observer = lambda g, o=observe: seen.append((g.data_ptr(), tuple(g.shape))) or o(g)
+    sel = SpIELSelector(parts, opt, SparseConfig(reselection_steps=10, accumulation_steps=3), 100, 1)
+    dense: list[tuple[int, tuple[int, ...]]] = []
     x = torch.randn(5, 6)
-    (parts["l1"](parts["l0"](x, layers[0]), layers[1])).square().sum().backward()
-    assert [s for _, s in seen] == [(8, 3), (3, 6)] and seen[0][0] == seen[1][0]
-    assert any(role in sparse_grad.WINDOW_ROLES for role, _ in sparse_grad._SCRATCH)  # held while the window is open
-    opt.step()
-    sel.after_step(1)
-    sel.before_step(1)
-    (parts["l1"](parts["l0"](x, layers[0]), layers[1])).square().sum().backward()
-    opt.step()
-    sel.after_step(2)
-    assert sel.events and sel.windows is None  # freed with the window
-    assert not any(role in sparse_grad.WINDOW_ROLES for role, _ in sparse_grad._SCRATCH)
+    for step in range(3):
+        sel.before_step(step)
+        for window in sel.windows.values():
+            window.observe = lambda g, o=window.observe: dense.append((g.data_ptr(), tuple(g.shape))) or o(g)
+        (parts["l1"](parts["l0"](x, layers[0]), layers[1])).square().sum().backward()
+        if step == 0:  # both layers' dense gradients in one buffer, held while the window is open
+            assert [s for _, s in dense] == [(8, 3), (3, 6)] and dense[0][0] == dense[1][0]
+            assert any(role in sparse_grad.WINDOW_ROLES for role, _ in sparse_grad._SCRATCH)
+        opt.step()
+        opt.zero_grad()
+        sel.after_step(step + 1)
+        if step < 2:  # every layer has its candidates: the buffers go, and no later backward forms one
+            assert not any(role in sparse_grad.WINDOW_ROLES for role, _ in sparse_grad._SCRATCH)
+            assert all(w.samples == step + 1 for w in sel.windows.values())
+    assert len(dense) == 2
+    assert sel.events and sel.windows is None
+
+
+def test_a_window_saved_with_unsorted_candidates_loads_sorted_with_its_sums():
+    """Checkpoints written before the candidates were kept sorted hold them in topk order; loading sorts them and
+    their sums together, and builds the support the later backwards sample."""
+    part = SparsePart((4, 5), torch.tensor([1, 7]))
+    sel = SpIELSelector({"w": part}, SparseAdamW([part.values]), SparseConfig(), total_steps=100, grad_accum=1)
+    window = {"candidates": torch.tensor([9, 2, 14], dtype=torch.int32), "grad_sum": torch.tensor([0.9, 0.2, 1.4]),
+              "grad_sq": torch.tensor([9.0, 2.0, 14.0]), "samples": 2}
+    sel.load_state_dict({"windows": {"w": window}, "events": []})
+    loaded = sel.windows["w"]
+    assert loaded.candidates.tolist() == [2, 9, 14] and loaded.samples == 2
+    assert torch.allclose(loaded.grad_sum, torch.tensor([0.2, 0.9, 1.4]))
+    assert loaded.grad_sq.tolist() == [2.0, 9.0, 14.0]
+    assert part.grad_observer is loaded and loaded.wanted[1].col.tolist() == [2, 4, 4]

@@ -2,8 +2,9 @@
 
 Events happen after ``t_j = A + j·R`` completed steps (``t ≤ T``); the ``A`` steps before each event
 form a selection window.  In a window, the first backward of each layer picks ``k_l`` candidates by
-``|∂L/∂W|`` (from the transient dense gradient the sparse autograd function computes anyway); later
-backwards accumulate ``Σg`` and ``Σg²`` at those candidates.  At the event, with rate
+``|∂L/∂W|`` (from a transient dense gradient the sparse autograd function forms for it); later
+backwards accumulate ``Σg`` and ``Σg²`` at those candidates, computed at them alone (a sampled matmul beside the
+active entries' own; no dense gradient).  At the event, with rate
 ``p = 1`` for the first event (the random support is replaced) and then ``ρ₀(1 − t/T)`` (linear) or
 ``ρ₀(1 + cos(πt/T))/2`` (cosine):
 
@@ -32,41 +33,66 @@ from torch import Tensor
 from deltatune.methods.registry import TrainHook
 from deltatune.methods.sparse_optim import SparseAdamW
 from deltatune.parts.sparse import SparsePart, index_dtype
-from deltatune.parts.sparse_grad import WINDOW_ROLES, release_scratch, scratch
+from deltatune.parts.sparse_grad import (
+    WINDOW_ROLES,
+    CsrSupport,
+    csr_support,
+    release_scratch,
+    scratch,
+)
 
 
 class _Window:
-    """Accumulators of one layer in one selection window."""
+    """Accumulators of one layer in one selection window: the layer's :class:`~deltatune.parts.sparse.GradObserver`.
 
-    def __init__(self) -> None:
+    The first backward hands it the dense ``∂L/∂W`` (:meth:`observe`); it keeps the ``k`` positions of largest
+    ``|g|`` as candidates, sorted, with their CSR support (``wanted``), so every later backward of the window
+    computes the gradient at those alone (:meth:`observe_at`) and forms no dense gradient."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
         self.candidates: Tensor | None = None
+        self.support: CsrSupport | None = None
         self.grad_sum: Tensor | None = None
         self.grad_sq: Tensor | None = None
         self.samples = 0
 
-    def observe(self, grad_w: Tensor, k: int) -> None:
+    @property
+    def wanted(self) -> tuple[Tensor, CsrSupport] | None:
+        return None if self.candidates is None else (self.candidates, self.support)
+
+    def observe(self, grad_w: Tensor) -> None:
         flat = grad_w.reshape(-1)
-        if self.candidates is None:
-            magnitudes = torch.abs(flat, out=scratch("abs", flat.numel(), flat.dtype, flat.device))
-            top = magnitudes.topk(min(k, flat.numel()), sorted=False).indices
-            self.candidates = top.to(index_dtype(flat.numel()))  # int32 below 2³¹ entries: half the int64 bytes
-            self.grad_sum = torch.zeros(self.candidates.numel(), dtype=torch.float32, device=flat.device)
-            self.grad_sq = torch.zeros_like(self.grad_sum)
-        g = flat.index_select(0, self.candidates).float()
+        magnitudes = torch.abs(flat, out=scratch("abs", flat.numel(), flat.dtype, flat.device))
+        top = magnitudes.topk(min(self.k, flat.numel()), sorted=False).indices.sort().values
+        self._choose(top.to(index_dtype(flat.numel())), tuple(grad_w.shape))  # int32 below 2³¹: half the bytes
+        self.observe_at(flat.index_select(0, self.candidates))
+
+    def observe_at(self, grad_at: Tensor) -> None:
+        g = grad_at.float()
         self.grad_sum.add_(g)
         self.grad_sq.addcmul_(g, g)
         self.samples += 1
+
+    def _choose(self, candidates: Tensor, weight_shape: tuple[int, ...]) -> None:
+        self.candidates, self.support = candidates, csr_support(candidates, weight_shape)
+        self.grad_sum = torch.zeros(candidates.numel(), dtype=torch.float32, device=candidates.device)
+        self.grad_sq = torch.zeros_like(self.grad_sum)
 
     def state(self) -> dict[str, Any]:
         return {"candidates": self.candidates, "grad_sum": self.grad_sum, "grad_sq": self.grad_sq,
                 "samples": self.samples}
 
     @classmethod
-    def from_state(cls, st: dict[str, Any], device: torch.device) -> _Window:
-        """Rebuild from :meth:`state` (a checkpoint holds CPU tensors; they move to the part's ``device``)."""
-        w = cls()
-        w.candidates, w.grad_sum, w.grad_sq = (None if st[k] is None else st[k].to(device)
-                                               for k in ("candidates", "grad_sum", "grad_sq"))
+    def from_state(cls, st: dict[str, Any], part: SparsePart) -> _Window:
+        """Rebuild from :meth:`state` (a checkpoint holds CPU tensors; they move to the part's device).  Candidates
+        of a checkpoint written before they were kept sorted are sorted here, their sums with them."""
+        w, device = cls(part.indices.numel()), part.indices.device
+        if st["candidates"] is not None:
+            order = st["candidates"].argsort()
+            w._choose(st["candidates"][order].to(device), part.weight_shape)
+            w.grad_sum.copy_(st["grad_sum"][order])
+            w.grad_sq.copy_(st["grad_sq"][order])
         w.samples = st["samples"]
         return w
 
@@ -111,8 +137,12 @@ class SpIELSelector(TrainHook):
             self._open()
 
     def after_step(self, step: int) -> None:
-        if self.windows is not None and step >= self.A and (step - self.A) % self.R == 0:
+        if self.windows is None:
+            return
+        if step >= self.A and (step - self.A) % self.R == 0:
             self._regrow(step)
+        else:  # every layer that had a backward has its candidates: the dense buffers are not needed again
+            release_scratch(WINDOW_ROLES)
 
     def close(self) -> None:
         """Training ended (or stopped inside a selection window): no part keeps the window's gradient observer, so
@@ -121,13 +151,12 @@ class SpIELSelector(TrainHook):
 
     # --- window ---------------------------------------------------------------------------
     def _open(self) -> None:
-        self.windows = {n: _Window() for n in self.parts}
+        self.windows = {n: _Window(p.indices.numel()) for n, p in self.parts.items()}
         self._install()
 
     def _install(self) -> None:
         for name, part in self.parts.items():
-            window, k = self.windows[name], part.indices.numel()
-            part.grad_observer = lambda g, w=window, k=k: w.observe(g, k)
+            part.grad_observer = self.windows[name]
 
     def _close(self) -> None:
         for part in self.parts.values():
@@ -207,8 +236,7 @@ class SpIELSelector(TrainHook):
         if state["windows"] is None:
             self._close()
         else:
-            self.windows = {n: _Window.from_state(st, self.parts[n].indices.device)
-                            for n, st in state["windows"].items()}
+            self.windows = {n: _Window.from_state(st, self.parts[n]) for n, st in state["windows"].items()}
             self._install()
 
 

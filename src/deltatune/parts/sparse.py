@@ -15,9 +15,9 @@ SpIEL's ``SparseDelta``; older files with int64 indices load unchanged.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -32,13 +32,26 @@ from deltatune.parts.sparse_grad import (
     blocked_weight_grad,
     csr_support,
     sampled_weight_grad,
+    sampled_weight_grads,
     scratch,
     use_sampled_grad,
 )
 
-#: Called with a layer's dense weight gradient in a selection window: a shared scratch buffer, overwritten by the
-#: next layer's (the observer keeps no reference to it, and may itself write to it)
-GradObserver = Callable[[Tensor], None]
+
+class GradObserver(Protocol):
+    """A selection window's hold on one layer's weight gradient (SpIEL-AG's, :mod:`deltatune.methods.spiel_selector`).
+
+    Until it has chosen its candidate positions, ``wanted`` is ``None`` and the backward hands :meth:`observe` the
+    layer's dense ``∂L/∂W`` (a shared :func:`scratch` buffer, overwritten by the next layer's: the observer keeps no
+    reference to it, and may itself write to it).  Then ``wanted`` is the candidates' sorted flat positions and
+    their :class:`CsrSupport`, and the backward hands :meth:`observe_at` only ``(∂L/∂W).flat[positions]``, sampled
+    beside the part's own entries without the dense gradient (:func:`sampled_weight_grads`)."""
+
+    wanted: tuple[Tensor, CsrSupport] | None
+
+    def observe(self, grad_w: Tensor) -> None: ...
+
+    def observe_at(self, grad_at: Tensor) -> None: ...
 
 
 def index_dtype(numel: int) -> torch.dtype:
@@ -124,16 +137,28 @@ class SparseDeltaFunction(torch.autograd.Function):
 
 
 def _values_grad(ctx: Any, x: Tensor, grad_out: Tensor, indices: Tensor, weight: Tensor) -> Tensor:
-    """``∂L/∂values``: the dense ``∂L/∂W`` (in a :func:`scratch` buffer) gathered only when the observer (a
-    selection window) needs it; else the SDDMM on a sparse support, the row-blocked gather on a dense one."""
-    if ctx.observer is None:
-        if use_sampled_grad(ctx.kind, indices.numel(), weight.numel()):
-            return sampled_weight_grad(ctx.kind, x, grad_out, tuple(weight.shape), indices, ctx.support)
-        return blocked_weight_grad(ctx.kind, x, grad_out, tuple(weight.shape), indices)
-    buffer = scratch("grad", weight.numel(), grad_out.dtype, grad_out.device).view(weight.shape)
+    """``∂L/∂values``: the SDDMM on a sparse support, the row-blocked gather on a dense one.  A selection window's
+    observer (:class:`GradObserver`) gets the dense ``∂L/∂W`` (in a :func:`scratch` buffer) until it has chosen its
+    candidates, then the gradient at those, sampled with the values' own when both fit the sampled path."""
+    observer, shape, numel = ctx.observer, tuple(weight.shape), weight.numel()
+    wanted = None if observer is None else observer.wanted
+    if observer is None or (wanted is not None and use_sampled_grad(ctx.kind, indices.numel() + wanted[0].numel(),
+                                                                    numel)):
+        if wanted is not None:
+            grad_values, grad_wanted = sampled_weight_grads(ctx.kind, x, grad_out, shape,
+                                                            [(indices, ctx.support), wanted])
+            observer.observe_at(grad_wanted)
+            return grad_values
+        if use_sampled_grad(ctx.kind, indices.numel(), numel):
+            return sampled_weight_grad(ctx.kind, x, grad_out, shape, indices, ctx.support)
+        return blocked_weight_grad(ctx.kind, x, grad_out, shape, indices)
+    buffer = scratch("grad", numel, grad_out.dtype, grad_out.device).view(weight.shape)
     grad_w = weight_grad(ctx.kind, x, grad_out, weight.shape, out=buffer)
     grad_values = grad_w.reshape(-1).index_select(0, indices)
-    ctx.observer(grad_w)  # after the gather: the observer may use the buffer as scratch
+    if wanted is None:
+        observer.observe(grad_w)  # after the gather: the observer may use the buffer as scratch
+    else:
+        observer.observe_at(grad_w.reshape(-1).index_select(0, wanted[0]))
     return grad_values
 
 

@@ -263,12 +263,25 @@ def sampled_weight_grad(kind: LayerKind, x: Tensor, grad_out: Tensor, weight_sha
     ``indices`` must be sorted (they are in every :class:`SparsePart`); ``support`` is their
     :func:`csr_support` when the caller keeps it (a :class:`SparsePart` caches it between reselections).
     Returns fp32 (fp64 for fp64 input)."""
-    if not indices.numel():
-        return torch.zeros(0, dtype=torch.float32, device=grad_out.device)
-    if kind is LayerKind.EMBEDDING:
-        return _embedding_sampled(x, grad_out, weight_shape, indices)
-    a, b = _token_major_pair(x, grad_out, kind)
-    return _sddmm(a, b, support if support is not None else csr_support(indices, weight_shape))
+    return sampled_weight_grads(kind, x, grad_out, weight_shape, [(indices, support)])[0]
+
+
+def sampled_weight_grads(kind: LayerKind, x: Tensor, grad_out: Tensor, weight_shape: tuple[int, ...],
+                         sets: Sequence[tuple[Tensor, CsrSupport | None]]) -> list[Tensor]:
+    """:func:`sampled_weight_grad` at each ``(sorted indices, support or None)`` of ``sets``, the token-major copies
+    made once for all of them (a selection window's candidates beside a part's own entries)."""
+    out: list[Tensor | None] = [None] * len(sets)
+    for i, (indices, _) in enumerate(sets):
+        if not indices.numel():
+            out[i] = torch.zeros(0, dtype=torch.float32, device=grad_out.device)
+        elif kind is LayerKind.EMBEDDING:
+            out[i] = _embedding_sampled(x, grad_out, weight_shape, indices)
+    if any(g is None for g in out):
+        a, b = _token_major_pair(x, grad_out, kind)
+        for i, (indices, support) in enumerate(sets):
+            if out[i] is None:
+                out[i] = _sddmm(a, b, support if support is not None else csr_support(indices, weight_shape))
+    return out
 
 
 def blocked_weight_grad(kind: LayerKind, x: Tensor, grad_out: Tensor, weight_shape: tuple[int, ...],
