@@ -167,6 +167,41 @@ def test_first_event_keeps_random_support_entries_that_are_top_gradient_candidat
     assert part.values.tolist() == [torch.tensor(0.1).item(), 0.0, 0.0, 0.0]
 
 
+def _rigl_reference(active: list[int], values: list[float], cand: list[int], gsum: list[float],
+                    n: int) -> tuple[set[int], set[int]]:
+    """select_rigl on Python sets: the support after the event and the entries grown at value 0."""
+    by_size = sorted(range(len(active)), key=lambda i: abs(values[i]))
+    dropped = [active[i] for i in by_size[:n]]
+    remaining = set(active) - set(dropped)
+    eligible = sorted((c for c in cand if c not in remaining), key=lambda c: -abs(gsum[cand.index(c)]))
+    incoming = eligible[:n]
+    grown = [c for c in incoming if c not in dropped]
+    replaced = [d for d in dropped if d not in incoming][:len(grown)]
+    return (set(active) - set(replaced)) | set(grown), set(grown)
+
+
+def test_regrowth_matches_a_set_based_reference_on_random_events():
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(40):
+        numel, k = 200, int(torch.randint(5, 40, (1,), generator=gen))
+        active = torch.randperm(numel, generator=gen)[:k].sort().values
+        cand = torch.randperm(numel, generator=gen)[:int(torch.randint(1, 60, (1,), generator=gen))].sort().values
+        values, gsum = torch.randn(k, generator=gen), torch.randn(cand.numel(), generator=gen)
+        rate = [1.0, 0.5, 0.2][trial % 3]
+        part = SparsePart((10, 20), active)
+        with torch.no_grad():
+            part.values.copy_(values)
+        opt = SparseAdamW([part.values])
+        sel = SpIELSelector({"w": part}, opt, SparseConfig(), total_steps=100, grad_accum=1)
+        moved = sel._regrow_part(part, cand.to(torch.int32), gsum, gsum * gsum, 1.0, rate, 0.9, 0.999)
+        support, grown = _rigl_reference(active.tolist(), values.tolist(), cand.tolist(), gsum.tolist(),
+                                         int(k * rate))
+        assert set(part.indices.tolist()) == support and moved == len(grown)
+        after = dict(zip(part.indices.tolist(), part.values.tolist(), strict=True))
+        before = dict(zip(active.tolist(), values.tolist(), strict=True))
+        assert all(after[i] == (0.0 if i in grown else before[i]) for i in support)
+
+
 def test_spiel_optimizer_uses_sftadamw_defaults():
     from deltatune.methods import get_method
 

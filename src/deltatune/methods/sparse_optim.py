@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from deltatune.errors import ConfigError
+from deltatune.parts.sparse_grad import lookup_sorted
 
 STATE_KEYS = ("exp_avg", "exp_avg_sq", "age")
 
@@ -25,8 +26,7 @@ def remap_state(state: dict[str, Tensor], old_keys: Tensor, new_keys: Tensor) ->
     whose key is in both keeps its moments and age; a new key starts at zero (age 0, so its bias correction
     starts afresh)."""
     out = {}
-    pos = torch.searchsorted(old_keys, new_keys).clamp_(max=max(old_keys.numel() - 1, 0))
-    hit = old_keys[pos] == new_keys if old_keys.numel() else torch.zeros_like(new_keys, dtype=torch.bool)
+    pos, hit = lookup_sorted(old_keys, new_keys)
     for key in STATE_KEYS:
         fresh = torch.zeros(new_keys.numel(), dtype=torch.float32, device=new_keys.device)
         if old_keys.numel():

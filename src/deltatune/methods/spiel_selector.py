@@ -37,6 +37,7 @@ from deltatune.parts.sparse_grad import (
     WINDOW_ROLES,
     CsrSupport,
     csr_support,
+    lookup_sorted,
     release_scratch,
     scratch,
 )
@@ -190,16 +191,18 @@ class SpIELSelector(TrainHook):
         n = math.floor(part.indices.numel() * rate)
         if n <= 0:
             return 0
+        # membership by binary search in the sorted indices (no torch.isin: a sort per call)
         slots = part.values.detach().abs().topk(n, largest=False, sorted=True).indices
-        outgoing = part.indices[slots]
-        remaining = part.indices[~torch.isin(part.indices, outgoing)]
-        valid = ~torch.isin(cand, remaining)
+        stays = torch.ones_like(part.indices, dtype=torch.bool)
+        stays[slots] = False
+        valid = ~lookup_sorted(part.indices[stays], cand)[1]
         cand, gsum, gsq = cand[valid], gsum[valid], gsq[valid]
         top = gsum.abs().topk(min(n, cand.numel())).indices
-        incoming = cand[top]
-        back = torch.isin(incoming, outgoing)  # dropped and regrown: stays as it is
+        at, back = lookup_sorted(part.indices, cand[top])  # active yet not staying: dropped and regrown, kept as is
         grow = top[~back]
-        slots = slots[~torch.isin(outgoing, incoming)][:grow.numel()]
+        regrown = torch.zeros_like(stays)
+        regrown[at[back]] = True
+        slots = slots[~regrown[slots]][:grow.numel()]
         if not grow.numel():
             return 0
         part.indices[slots] = cand[grow].to(part.indices.dtype)

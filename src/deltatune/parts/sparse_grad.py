@@ -234,6 +234,15 @@ def _sddmm(a: Tensor, b: Tensor, support: CsrSupport) -> Tensor:
     return torch.sparse.sampled_addmm(support.pattern(a.dtype), a, b.t(), beta=0.0).values()
 
 
+def lookup_sorted(keys: Tensor, queries: Tensor) -> tuple[Tensor, Tensor]:
+    """Where each of ``queries`` sits in the sorted, distinct ``keys``: ``(pos, hit)`` with ``keys[pos[hit]] ==
+    queries[hit]`` and ``hit`` false where a query is not a key (a binary search each: ``O(q log k)``, no sort)."""
+    if not keys.numel():
+        return torch.zeros_like(queries, dtype=torch.long), torch.zeros_like(queries, dtype=torch.bool)
+    pos = torch.searchsorted(keys, queries).clamp_(max=keys.numel() - 1)
+    return pos, keys[pos] == queries
+
+
 def _embedding_sampled(x: Tensor, grad_out: Tensor, weight_shape: tuple[int, ...], indices: Tensor) -> Tensor:
     """Embedding ``∂L/∂W`` at ``indices`` from the looked-up rows only (``≤ tokens × dim``, not ``vocab × dim``):
     ``∂L/∂W[v, c] = Σ_{n: ids_n = v} g[n, c]`` (the same sum as :func:`weight_grad`)."""
@@ -244,8 +253,7 @@ def _embedding_sampled(x: Tensor, grad_out: Tensor, weight_shape: tuple[int, ...
     touched.index_add_(0, inverse, g2.to(dtype))
     idx = indices.long()
     r, c = idx // weight_shape[1], idx % weight_shape[1]
-    pos = torch.searchsorted(ids, r).clamp_(max=max(ids.numel() - 1, 0))
-    hit = ids[pos] == r if ids.numel() else torch.zeros_like(r, dtype=torch.bool)
+    pos, hit = lookup_sorted(ids, r)
     out = torch.zeros(idx.numel(), dtype=dtype, device=g2.device)
     out[hit] = touched[pos[hit], c[hit]]
     return out
