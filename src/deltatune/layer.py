@@ -109,6 +109,15 @@ def sum_updates(module: nn.Module, parts: Sequence[Part]) -> dict[str, Tensor]:
     return {k: own[k] + v.to(own[k].dtype) for k, v in total.items()}
 
 
+def _bound_error(module: nn.Module) -> ConfigError:
+    """A part bound for in-place training (:meth:`Part.bind`) keeps ``θ₀ + Δθ`` in ``module``'s own weight, so the
+    module is no longer the base: summing it with other parts or routing rows to other deltas would add its ``Δθ``
+    twice or give every row its delta."""
+    return ConfigError(f"{type(module).__name__}: a part bound for in-place training holds θ₀ + Δθ in the module's "
+                       "own weight; it runs alone, on a plain call — unbind it (the training loop does when it "
+                       "ends) before combining it with other parts or routing rows")
+
+
 class PartHolder(nn.Module):
     """Named parts and the names a plain forward uses (``active``); parts take the holder's train/eval mode."""
 
@@ -158,6 +167,8 @@ class DeltaLayer(PartHolder):
         """``f(x)``: the module called like ``call`` with ``parts`` — additive ones summed, then the others
         chained in order."""
         module = self.base
+        if any(p.bound for p in parts) and not (len(parts) == 1 and call.plain):
+            raise _bound_error(module)
         additive = [p for p in parts if p.additive]
 
         def summed(x: Tensor, c: Call) -> Any:
@@ -181,6 +192,8 @@ class DeltaLayer(PartHolder):
             if plan is not None:  # parts came or went: what the kinds prepared for the old parts is stale
                 for cls, _, _ in plan.kinds:
                     routing.cache.pop((id(self), cls.kind), None)
+            if any(p.bound for p in self.parts.values()):
+                raise _bound_error(self.base)
             plan = routing.plans[id(self)] = _Plan.of(self, routing)
         return plan
 

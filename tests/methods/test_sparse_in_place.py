@@ -177,3 +177,32 @@ def test_merging_a_bound_part_gives_the_base_back_first() -> None:
     assert not part.bound
     want = w0.reshape(-1).index_add(0, part.indices, part.values.detach()).view(5, 6)
     assert torch.equal(module.weight.detach(), want)
+
+
+def test_a_bound_part_refuses_to_be_summed_with_others_or_routed() -> None:
+    """A bound part's ΔW is already in the module's weight: a sum with another part, or rows routed to other deltas,
+    would add it twice or give it to every row, so both are refused; alone on a plain call it runs."""
+    from deltatune.errors import ConfigError
+    from deltatune.layer import DeltaLayer
+    from deltatune.parts import SparsePart
+    from deltatune.routing import Routing, routed
+
+    module = torch.nn.Linear(6, 5)
+    layer = DeltaLayer(module)
+    sparse, other = SparsePart((5, 6), torch.arange(0, 30, 4)), SparsePart((5, 6), torch.arange(1, 30, 5))
+    with torch.no_grad():
+        sparse.values.uniform_(-1, 1)
+        other.values.uniform_(-1, 1)
+    layer.add("s", sparse)
+    x = torch.randn(2, 6)
+    alone = layer(x)
+    assert sparse.bind(module, None)
+    assert torch.equal(layer(x), alone)
+    layer.add("o", other)
+    with pytest.raises(ConfigError, match="bound for in-place training"):
+        layer(x)
+    with routed(Routing.per_row(["s", "o"])), pytest.raises(ConfigError, match="bound for in-place training"):
+        layer(x)
+    sparse.unbind()
+    expected = torch.nn.functional.linear(x, module.weight + sparse.delta_weight() + other.delta_weight(), module.bias)
+    assert torch.allclose(layer(x), expected, atol=1e-6)

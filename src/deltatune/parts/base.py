@@ -191,6 +191,12 @@ class Part(nn.Module):
         :meth:`unbind` gives the base back."""
         return False
 
+    @property
+    def bound(self) -> bool:
+        """Whether :meth:`bind` holds this part's ``θ₀ + Δθ`` in the base's own tensor now (then the base module is
+        no longer ``θ₀`` for anything else)."""
+        return False
+
     def unbind(self) -> None:
         """Undo :meth:`bind` (nothing for a part that is not bound)."""
 
