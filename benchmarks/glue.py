@@ -52,6 +52,10 @@ optimiser takes SftAdamW's ``eps = 1e-6`` (was 1e-8); DSEE's sparse term is scal
 runs are unaffected.  ``benchmarks/results/glue_spiel_rigl.*`` holds SpIEL under the current rule at ×1 LR and seed
 0, to be read beside the recorded runs of the same LR and seed; ``glue_sara_fix.*`` SaRA's r=32 runs at ×1 and seed 0
 under the current penalty (equal to the recorded ones on four tasks, RTE 1.4 points lower: ``glue_sara_fix_pair``).
+Every ``sparse`` run was also recorded before SpIEL-AG's selection windows sampled the gradient at their candidates
+after the first step (2026-12-07; before, every window step formed the dense gradient and gathered it): the same sums
+up to the order of float additions, so a rerun can differ in the last digits and, through near-tied regrowth
+choices, slightly more.
 
 Run::
 
