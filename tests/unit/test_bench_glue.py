@@ -7,6 +7,9 @@ from __future__ import annotations
 import json
 import math
 import sys
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -166,9 +169,15 @@ def test_budget_rules_hit_the_target() -> None:
 
 
 class FakeExecutor:
+    """Runs complete at once; sparse at 1e-3 diverges."""
+
     calls: list[glue_plan.Run] = []
 
-    def __call__(self, run, mapping, work):
+    def __init__(self, workers: int = 1) -> None:
+        self.workers = workers
+
+    @staticmethod
+    def result(run, mapping):
         FakeExecutor.calls.append(run)
         score = {2.5e-4: 0.7, 5e-4: 0.8, 1e-3: float("nan")}.get(run.lr, 0.75) + 0.01 * run.seed
         if run.method == "sparse" and run.lr == 1e-3:
@@ -177,8 +186,65 @@ class FakeExecutor:
                 "trainable": mapping.get("num_tunable", 337920), "step_s": 0.1, "step_mean_s": 0.1,
                 "peak_mb": 10.0, "peak_method": "fake", "wall_s": 1.0, "device": "cpu"}
 
+    def submit(self, run, mapping, work) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(self.result(run, mapping))
+        except Exception as exc:  # noqa: BLE001 - as a child's error reaches the parent
+            future.set_exception(exc)
+        return future
+
     def close(self):
         pass
+
+
+class ThreadedFake(FakeExecutor):
+    """Runs take 50 ms each in threads, ``workers`` at a time; records when each started and ended."""
+
+    spans: dict[str, tuple[float, float]] = {}
+    in_flight = peak = 0
+    lock = threading.Lock()
+
+    def __init__(self, workers: int = 1) -> None:
+        super().__init__(workers)
+        self.pool = ThreadPoolExecutor(max_workers=8)  # more than asked: the scheduler must limit itself
+
+    def _run(self, run, mapping):
+        cls = ThreadedFake
+        with cls.lock:
+            cls.in_flight += 1
+            cls.peak = max(cls.peak, cls.in_flight)
+        t0 = time.perf_counter()
+        time.sleep(0.05)
+        try:
+            return self.result(run, mapping)
+        finally:
+            with cls.lock:
+                cls.in_flight -= 1
+                cls.spans[run.key] = (t0, time.perf_counter())
+
+    def submit(self, run, mapping, work) -> Future:
+        return self.pool.submit(self._run, run, mapping)
+
+    def close(self):
+        self.pool.shutdown(wait=True)
+
+
+def test_workers_run_at_once_and_seeds_wait_for_their_sweep(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(glue, "Executor", ThreadedFake)
+    monkeypatch.setattr(glue, "Prober", lambda: (lambda method, mapping: 337920))
+    out = tmp_path / "g.json"
+    FakeExecutor.calls, ThreadedFake.spans, ThreadedFake.peak = [], {}, 0
+    glue.main(["--tasks", "sst2", "rte", "--methods", "lora", "--budgets", "r8", "--steps", "3", "--seeds", "2",
+               "--workers", "2", "--out", str(out), "--work", str(tmp_path / "work")])
+    recs = glue_plan.RunStore(glue_plan.runs_path(out)).load()
+    assert len(recs) == len(FakeExecutor.calls) == 2 * (3 + 1) and ThreadedFake.peak == 2  # each run once
+    assert all(r["workers"] == 2 for r in recs.values())
+    for task in ("sst2", "rte"):
+        sweep_end = max(ThreadedFake.spans[k][1] for k, r in recs.items() if r["task"] == task and r["seed"] == 0)
+        seed1 = next(k for k, r in recs.items() if r["task"] == task and r["seed"] == 1)
+        assert ThreadedFake.spans[seed1][0] >= sweep_end and recs[seed1]["lr"] == 5e-4
+    assert json.loads(out.read_text())["meta"]["workers"] == 2
 
 
 def test_main_resumes_skipping_recorded_runs(tmp_path, monkeypatch) -> None:
@@ -232,11 +298,11 @@ def test_run_one_times_steps_and_restores_the_method(tmp_path, data_dir, minilm_
 
 @pytest.mark.slow  # 60–95 s measured on the shared 2-core machine (fresh processes, MiniLM loaded 3 times)
 def test_tiny_real_run_in_fresh_processes(tmp_path, data_dir, minilm_path) -> None:
-    """Two real 2-step runs (LoRA, SpIEL at LoRA's count) on 32 SST-2 rows, each in its own process."""
+    """Two real 2-step runs (LoRA, SpIEL at LoRA's count) on 32 SST-2 rows, each in its own process, both at once."""
     out = tmp_path / "g.json"
     glue.main(["--tasks", "sst2", "--methods", "lora", "sparse", "--budgets", "r8", "--steps", "2", "--seeds", "1",
                "--lrs", "1", "--train-limit", "32", "--eval-limit", "32", "--out", str(out),
-               "--work", str(tmp_path / "work")])
+               "--work", str(tmp_path / "work"), "--workers", "2"])
     recs = list(glue_plan.RunStore(glue_plan.runs_path(out)).load().values())
     assert [r.get("error") for r in recs] == [None, None]
     assert {r["method"]: r["trainable"] for r in recs} == {"lora": 337920, "sparse": 337920}
