@@ -36,9 +36,10 @@ task): peak RSS on CPU (``_common.PeakMemory``), ``max_memory_allocated`` on CUD
 are comparable only within one run of this script.
 
 ``--workers N`` runs N trainings at once, each in its own process (a group's seeds still wait until its LR sweep is
-recorded); the grid is ~30 CPU-core hours at ``OMP_NUM_THREADS=1``, so on a machine with many cores this is what
-makes it practical.  The runs then share the machine, so each record keeps its ``workers``: compare the cost columns
-of runs made with the same N.
+recorded).  The whole grid is 475 runs of about 5 minutes each on one core here (median ``wall_s`` per task in
+``benchmarks/results/glue.runs.jsonl``: CoLA 114 s to RTE 527 s), some 40 core-hours; on a machine with many cores
+this is what makes it practical.  The runs then share the machine, so each record keeps its ``workers``: compare
+the cost columns of runs made with the same N.
 
 Resumable: every finished run is appended at once (atomically) to ``FILE.runs.jsonl`` next to ``--out``, keyed by
 method, task, budget, LR, seed, steps and the row limits; a rerun skips what is recorded (``--retry-failed`` reruns
