@@ -18,6 +18,8 @@ from transformers import (
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
 )
 from transformers.utils import logging as hf_logging
 
@@ -83,6 +85,14 @@ def tiny_bert(seed: int = 0) -> BertForSequenceClassification:
     cfg = BertConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                      num_attention_heads=4, max_position_embeddings=64, num_labels=3)
     return BertForSequenceClassification(cfg).eval()
+
+
+def tiny_opt(seed: int = 0) -> OPTForCausalLM:
+    """OPT calls its positional embedding with extra arguments (mask, past length): not a plain ``module(x)``."""
+    torch.manual_seed(seed)
+    cfg = OPTConfig(vocab_size=128, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                    max_position_embeddings=64, word_embed_proj_dim=64)
+    return OPTForCausalLM(cfg).eval()
 
 
 TINY_MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}

@@ -100,22 +100,22 @@ def replace_first(out: Any, value: Tensor) -> Any:
 
 
 def sum_updates(module: nn.Module, parts: Sequence[Part]) -> dict[str, Tensor]:
-    """``{name: θ + Σ_p Δθ_p}`` for every direct parameter some part updates (``Δθ`` given the base module)."""
+    """``{name: θ + Σ_p Δθ_p}`` for every direct parameter some part updates (``Δθ`` given the base module; a part
+    bound for in-place training adds only what carries its gradient: :meth:`Part.forward_updates`)."""
     own = dict(module.named_parameters(recurse=False))
     total: dict[str, Tensor] = {}
     for part in parts:
-        for name, delta in part.updates(module).items():
+        for name, delta in part.forward_updates(module).items():
             total[name] = total.get(name, 0) + delta
     return {k: own[k] + v.to(own[k].dtype) for k, v in total.items()}
 
 
 def _bound_error(module: nn.Module) -> ConfigError:
     """A part bound for in-place training (:meth:`Part.bind`) keeps ``θ₀ + Δθ`` in ``module``'s own weight, so the
-    module is no longer the base: summing it with other parts or routing rows to other deltas would add its ``Δθ``
-    twice or give every row its delta."""
+    module is no longer the base: rows routed to other deltas (or to none) would get its ``Δθ`` too."""
     return ConfigError(f"{type(module).__name__}: a part bound for in-place training holds θ₀ + Δθ in the module's "
-                       "own weight; it runs alone, on a plain call — unbind it (the training loop does when it "
-                       "ends) before combining it with other parts or routing rows")
+                       "own weight, so rows cannot be routed to other deltas here — unbind it first (the training "
+                       "loop does when it ends)")
 
 
 class PartHolder(nn.Module):
@@ -167,8 +167,6 @@ class DeltaLayer(PartHolder):
         """``f(x)``: the module called like ``call`` with ``parts`` — additive ones summed, then the others
         chained in order."""
         module = self.base
-        if any(p.bound for p in parts) and not (len(parts) == 1 and call.plain):
-            raise _bound_error(module)
         additive = [p for p in parts if p.additive]
 
         def summed(x: Tensor, c: Call) -> Any:

@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from conftest import TINY_MODELS, hooked_steps, logits, max_diff, tiny_inputs
+from conftest import TINY_MODELS, hooked_steps, logits, max_diff, tiny_inputs, tiny_opt
 
 import deltatune
 from deltatune.methods import get_method
@@ -23,7 +23,7 @@ def _own(model, name: str) -> dict[str, torch.Tensor]:
 
 def _run(arch: str, mapping: dict, method: str = "full", steps: int = 3, weight_decay: float = 0.0,
          close: bool = True, sgd: bool = False):
-    model = TINY_MODELS[arch]().eval()  # no dropout: the two storages must see the same computation
+    model = (TINY_MODELS | {"opt": tiny_opt})[arch]().eval()  # no dropout: both storages compute alike
     base = copy.deepcopy(model)
     config = deltatune.make_config(method, mapping)
     delta = deltatune.attach(model, config)
@@ -56,6 +56,17 @@ def test_in_place_trains_the_same_delta_and_gives_the_base_back(arch: str) -> No
     merged = copy.deepcopy(base)
     deltatune.merge_delta(merged, delta, force=True)
     assert max_diff(logits(merged, inputs), logits(model, inputs)) <= 1e-5
+
+
+def test_a_module_called_with_extra_arguments_trains_in_place_too() -> None:
+    """OPT calls its positional embedding as ``embed_positions(mask, past_length, position_ids=…)``: a bound part
+    there runs the module's own forward on the trained θ (its Δθ was once added twice and never trained)."""
+    _, model, delta, _ = _run("opt", {}, sgd=True)
+    _, _, ref, _ = _run("opt", {"in_place": False}, sgd=True)
+    name = "model.decoder.embed_positions"
+    trained = delta.parts[name].state()["weight"]
+    assert trained.abs().max() > 1e-3
+    assert torch.allclose(trained, ref.parts[name].state()["weight"], atol=1e-6, rtol=1e-4)
 
 
 def test_bound_parts_share_the_base_storage_and_read_as_their_delta() -> None:

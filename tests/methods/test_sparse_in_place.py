@@ -179,9 +179,9 @@ def test_merging_a_bound_part_gives_the_base_back_first() -> None:
     assert torch.equal(module.weight.detach(), want)
 
 
-def test_a_bound_part_refuses_to_be_summed_with_others_or_routed() -> None:
-    """A bound part's ΔW is already in the module's weight: a sum with another part, or rows routed to other deltas,
-    would add it twice or give it to every row, so both are refused; alone on a plain call it runs."""
+def test_a_bound_part_sums_with_others_as_unbound_and_refuses_routing() -> None:
+    """A bound part's ΔW is already in the module's weight: a sum with another part adds only its gradient term, so
+    outputs and gradients equal the unbound ones; rows routed to other deltas would get it too: routing is refused."""
     from deltatune.errors import ConfigError
     from deltatune.layer import DeltaLayer
     from deltatune.parts import SparsePart
@@ -194,13 +194,17 @@ def test_a_bound_part_refuses_to_be_summed_with_others_or_routed() -> None:
         sparse.values.uniform_(-1, 1)
         other.values.uniform_(-1, 1)
     layer.add("s", sparse)
-    x = torch.randn(2, 6)
-    alone = layer(x)
-    assert sparse.bind(module, None)
-    assert torch.equal(layer(x), alone)
     layer.add("o", other)
-    with pytest.raises(ConfigError, match="bound for in-place training"):
-        layer(x)
+    x = torch.randn(2, 6)
+
+    def out_and_grads() -> tuple[torch.Tensor, ...]:
+        out = layer(x)
+        return (out.detach(), *torch.autograd.grad(out.square().sum(), [sparse.values, other.values]))
+
+    unbound = out_and_grads()
+    assert sparse.bind(module, None)
+    for got, want in zip(out_and_grads(), unbound, strict=True):
+        assert torch.allclose(got, want, atol=1e-6)
     with routed(Routing.per_row(["s", "o"])), pytest.raises(ConfigError, match="bound for in-place training"):
         layer(x)
     sparse.unbind()

@@ -113,6 +113,12 @@ class Part(nn.Module):
         storage with the part's own tensors (callers that write in place copy it first)."""
         raise NotImplementedError(f"{self.kind} parts have no additive parameter update")
 
+    def forward_updates(self, base: nn.Module) -> dict[str, Tensor]:
+        """What a combined forward (:func:`deltatune.layer.sum_updates`) adds to ``base``'s parameters *as they are*:
+        :meth:`updates`; a bound kind (:meth:`bind`), whose ``Δθ`` is in them already, overrides this with only what
+        still carries its gradient."""
+        return self.updates(base)
+
     def update(self, name: str, base: nn.Module | None = None) -> Tensor:
         """One entry ``Δθ_name`` of :meth:`updates` (kinds with several entries compute only this one)."""
         return self.updates(base)[name]

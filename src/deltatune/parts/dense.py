@@ -228,6 +228,13 @@ class DensePart(Part):
         """``{parameter: Δθ}`` for every parameter the part holds: the part's own tensors (not copies)."""
         return {k: self.delta_for(k) for k in self.shapes}
 
+    def forward_updates(self, base: nn.Module) -> dict[str, Tensor]:
+        """While bound, ``θ − θ.detach()``: ``base``'s parameters hold the trained ``θ`` already (in the same storage),
+        so the term adds zero and carries only ``θ``'s gradient."""
+        if self._spill is None:
+            return self.updates(base)
+        return {k: self._tensor(k) - self._tensor(k).detach() for k in self.shapes}
+
     def update(self, name: str, base: nn.Module | None = None) -> Tensor:
         return self.delta_for(name)
 

@@ -288,6 +288,14 @@ class SparsePart(Part):
         """``{"weight": ΔW}`` with ``ΔW.flat[indices] = values`` (dense, fp32; the base is not needed)."""
         return {"weight": self.delta_weight()}
 
+    def forward_updates(self, base: nn.Module) -> dict[str, Tensor]:
+        """While bound, ``ΔW − ΔW.detach()``: the weight holds ``W + ΔW`` already, so the term adds zero and carries
+        only the values' gradient."""
+        if self._binding is None:
+            return self.updates(base)
+        delta = self.delta_weight()
+        return {"weight": delta - delta.detach()}
+
     def update_shapes(self) -> dict[str, tuple[int, ...]]:
         return {"weight": self.weight_shape}
 
