@@ -35,11 +35,12 @@ its state before training starts (it includes loading MiniLM and the tokenised d
 task): peak RSS on CPU (``_common.PeakMemory``), ``max_memory_allocated`` on CUDA.  Timings on a shared machine
 are comparable only within one run of this script.
 
-``--workers N`` runs N trainings at once, each in its own process (a group's seeds still wait until its LR sweep is
-recorded).  The whole grid is 475 runs of about 5 minutes each on one core here (median ``wall_s`` per task in
-``benchmarks/results/glue.runs.jsonl``: CoLA 114 s to RTE 527 s), some 40 core-hours; on a machine with many cores
-this is what makes it practical.  The runs then share the machine, so each record keeps its ``workers``: compare
-the cost columns of runs made with the same N.
+``--workers N`` runs N trainings at once, each in its own process with ``cores // N`` torch threads unless
+``OMP_NUM_THREADS`` is set (a group's seeds still wait until its LR sweep is recorded).  The whole grid is 475 runs
+of about 5 minutes each on one core here (median ``wall_s`` per task in ``benchmarks/results/glue.runs.jsonl``: CoLA
+114 s to RTE 527 s), some 40 core-hours; on a machine with many cores this is what makes it practical.  The runs
+then share the machine, so each record keeps its ``workers`` and ``threads``: compare the cost columns of runs made
+with the same N.
 
 Resumable: every finished run is appended at once (atomically) to ``FILE.runs.jsonl`` next to ``--out``, keyed by
 method, task, budget, LR, seed, steps and the row limits; a rerun skips what is recorded (``--retry-failed`` reruns
@@ -130,10 +131,12 @@ def _sync(cuda: bool) -> None:
         torch.cuda.synchronize()
 
 
-def run_one(run: dict[str, Any], mapping: dict[str, Any], work: str, log: str | None = None) -> dict[str, Any]:
+def run_one(run: dict[str, Any], mapping: dict[str, Any], work: str, log: str | None = None,
+            threads: int | None = None) -> dict[str, Any]:
     """Train and score one run (called in a fresh process); return its record without the key fields.
 
-    ``log``: a file that takes this process's stdout and stderr (file descriptors 1 and 2: a child only)."""
+    ``log``: a file that takes this process's stdout and stderr (file descriptors 1 and 2: a child only);
+    ``threads``: torch's intra-op threads (``None``: torch's default, or ``OMP_NUM_THREADS``)."""
     if log is not None:
         Path(log).parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -148,6 +151,8 @@ def run_one(run: dict[str, Any], mapping: dict[str, Any], work: str, log: str | 
     from deltatune.train.config import TrainConfig
     from deltatune.train.metrics import main_metric
 
+    if threads is not None:
+        torch.set_num_threads(threads)
     cuda = torch.cuda.is_available()
     times: list[float] = []
     start: list[float] = [0.0]
@@ -186,7 +191,8 @@ def run_one(run: dict[str, Any], mapping: dict[str, Any], work: str, log: str | 
             "metrics": {k: v for k, v in result.final.items() if k != "loss"},
             "trainable": result.delta.trainable_count, "step_s": round(statistics.median(timed), 5),
             "step_mean_s": round(statistics.fmean(timed), 5), "peak_mb": round(peak.peak_mb(), 1),
-            "peak_method": peak.method, "wall_s": round(wall, 1), "device": "cuda" if cuda else "cpu"}
+            "peak_method": peak.method, "wall_s": round(wall, 1), "device": "cuda" if cuda else "cpu",
+            "threads": torch.get_num_threads()}
 
 
 def with_seed(method: str, mapping: dict[str, Any], seed: int) -> dict[str, Any]:
@@ -207,12 +213,15 @@ class Executor:
         import queue
         from concurrent.futures import ThreadPoolExecutor
 
+        #: each child's share of the cores when several run at once (unless OMP_NUM_THREADS says otherwise)
+        self.threads = (None if workers == 1 or os.environ.get("OMP_NUM_THREADS")
+                        else max(1, len(os.sched_getaffinity(0)) // workers))
         self.ctx = mp.get_context("forkserver")
         self.ctx.set_forkserver_preload(list(PRELOAD))
         self.slots: queue.SimpleQueue = queue.SimpleQueue()  # the idle one-process pools
         for _ in range(workers):
             self.slots.put(self._pool())
-        self.threads = ThreadPoolExecutor(max_workers=workers)  # each waits on one run
+        self.waiters = ThreadPoolExecutor(max_workers=workers)  # each waits on one run
 
     def _pool(self) -> Any:
         from concurrent.futures import ProcessPoolExecutor
@@ -221,7 +230,7 @@ class Executor:
 
     def submit(self, run: Run, mapping: dict[str, Any], work: str) -> Future:
         """Start ``run`` when a worker is free; the future's result is :func:`run_one`'s record and the log's path."""
-        return self.threads.submit(self._run, run, mapping, work)
+        return self.waiters.submit(self._run, run, mapping, work)
 
     def _run(self, run: Run, mapping: dict[str, Any], work: str) -> dict[str, Any]:
         from concurrent.futures.process import BrokenProcessPool
@@ -229,7 +238,8 @@ class Executor:
         pool = self.slots.get()
         try:
             log = str(Path(work) / "logs" / (run.key.replace("|", "_").replace("=", "-") + ".log"))
-            return pool.submit(run_one, dataclasses.asdict(run), mapping, work, log).result() | {"log": log}
+            future = pool.submit(run_one, dataclasses.asdict(run), mapping, work, log, self.threads)
+            return future.result() | {"log": log}
         except BrokenProcessPool as exc:
             pool.shutdown(wait=True)
             pool = self._pool()  # a fresh one for the next run
@@ -238,7 +248,7 @@ class Executor:
             self.slots.put(pool)
 
     def close(self) -> None:
-        self.threads.shutdown(wait=True)
+        self.waiters.shutdown(wait=True)
         while not self.slots.empty():
             self.slots.get().shutdown(wait=True)
 

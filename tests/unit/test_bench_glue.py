@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import threading
 import time
@@ -307,6 +308,8 @@ def test_tiny_real_run_in_fresh_processes(tmp_path, data_dir, minilm_path) -> No
     assert [r.get("error") for r in recs] == [None, None]
     assert {r["method"]: r["trainable"] for r in recs} == {"lora": 337920, "sparse": 337920}
     assert all(0 <= r["metric"] <= 1 and r["step_s"] > 0 and r["peak_mb"] > 0 for r in recs)
+    env = os.environ.get("OMP_NUM_THREADS")  # else each child gets its share of the cores
+    assert {r["threads"] for r in recs} == {int(env) if env else max(1, len(os.sched_getaffinity(0)) // 2)}
     assert [p.name for p in (tmp_path / "work").iterdir()] == ["logs"]  # run folders removed, logs kept
     assert all(Path(r["log"]).is_file() for r in recs)
 
