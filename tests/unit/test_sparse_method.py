@@ -210,31 +210,60 @@ def test_spiel_optimizer_uses_sftadamw_defaults():
     assert opt.param_groups[0]["eps"] == 1e-6 and opt.param_groups[0]["betas"] == (0.9, 0.999)
 
 
-def test_a_window_forms_dense_gradients_only_in_its_first_step_in_one_shared_buffer():
+def _window_steps(monkeypatch, shapes: list[tuple[int, int]], k: int, steps: int = 3) -> tuple[list[int], list]:
+    """A selection window of ``steps`` steps over layers of ``shapes`` with ``k`` entries each: the step of every dense
+    weight gradient formed, and after each step whether the window buffers are still held."""
+    from deltatune.parts import sparse as sparse_mod
     from deltatune.parts import sparse_grad
 
-    layers = [nn.Linear(6, 3, bias=False), nn.Linear(3, 8, bias=False)]  # the backward sees the larger first
-    parts = {f"l{i}": SparsePart(tuple(m.weight.shape), torch.arange(3)) for i, m in enumerate(layers)}
+    layers = [nn.Linear(d_in, d_out, bias=False) for d_out, d_in in shapes]
+    parts = {f"l{i}": SparsePart((d_out, d_in), torch.randperm(d_out * d_in)[:k]) for i, (d_out, d_in) in
+             enumerate(shapes)}
     opt = SparseAdamW([p.values for p in parts.values()], lr=1e-2)
-    sel = SpIELSelector(parts, opt, SparseConfig(reselection_steps=10, accumulation_steps=3), 100, 1)
-    dense: list[tuple[int, tuple[int, ...]]] = []
-    x = torch.randn(5, 6)
-    for step in range(3):
+    sel = SpIELSelector(parts, opt, SparseConfig(reselection_steps=10, accumulation_steps=steps), 100, 1)
+    dense_at: list[int] = []
+    held = []
+    step_now = [0]
+    real = sparse_mod.weight_grad
+    monkeypatch.setattr(sparse_mod, "weight_grad", lambda *a, **kw: dense_at.append(step_now[0]) or real(*a, **kw))
+    x = torch.randn(5, shapes[0][1])
+    for step in range(steps):
+        step_now[0] = step
         sel.before_step(step)
-        for window in sel.windows.values():
-            window.observe = lambda g, o=window.observe: dense.append((g.data_ptr(), tuple(g.shape))) or o(g)
-        (parts["l1"](parts["l0"](x, layers[0]), layers[1])).square().sum().backward()
-        if step == 0:  # both layers' dense gradients in one buffer, held while the window is open
-            assert [s for _, s in dense] == [(8, 3), (3, 6)] and dense[0][0] == dense[1][0]
-            assert any(role in sparse_grad.WINDOW_ROLES for role, _ in sparse_grad._SCRATCH)
+        h = x
+        for i, layer in enumerate(layers):
+            h = parts[f"l{i}"](h, layer)
+        h.square().sum().backward()
         opt.step()
         opt.zero_grad()
         sel.after_step(step + 1)
-        if step < 2:  # every layer has its candidates: the buffers go, and no later backward forms one
-            assert not any(role in sparse_grad.WINDOW_ROLES for role, _ in sparse_grad._SCRATCH)
-            assert all(w.samples == step + 1 for w in sel.windows.values())
-    assert len(dense) == 2
+        held.append(sorted({role for role, _ in sparse_grad._SCRATCH if role in sparse_grad.WINDOW_ROLES}))
     assert sel.events and sel.windows is None
+    return dense_at, held
+
+
+def test_a_window_forms_dense_gradients_only_in_its_first_step(monkeypatch):
+    dense_at, held = _window_steps(monkeypatch, [(40, 64), (96, 40)], k=20)  # 0.8 % and 0.5 % dense
+    assert dense_at == [0, 0]  # both layers, first step only
+    assert held == [[], [], []]  # freed after the first step (and at the event)
+
+
+def test_a_window_on_dense_supports_keeps_its_gradient_buffer_until_the_event(monkeypatch):
+    dense_at, held = _window_steps(monkeypatch, [(8, 6), (3, 8)], k=4)  # 8 % and 17 %: with candidates above 13 %
+    assert dense_at == [0, 0, 1, 1, 2, 2]  # gathered from the dense gradient at every step
+    assert held == [["grad"], ["grad"], []]  # one buffer through the window, not one per step
+
+
+def test_layers_of_a_window_share_one_dense_buffer():
+    layers = [nn.Linear(6, 3, bias=False), nn.Linear(3, 8, bias=False)]  # the backward sees the larger first
+    parts = {f"l{i}": SparsePart(tuple(m.weight.shape), torch.arange(3)) for i, m in enumerate(layers)}
+    sel = SpIELSelector(parts, SparseAdamW([p.values for p in parts.values()]), SparseConfig(), 100, 1)
+    sel.before_step(0)
+    seen: list[tuple[int, tuple[int, ...]]] = []
+    for window in sel.windows.values():
+        window.observe = lambda g, o=window.observe: seen.append((g.data_ptr(), tuple(g.shape))) or o(g)
+    (parts["l1"](parts["l0"](torch.randn(5, 6), layers[0]), layers[1])).square().sum().backward()
+    assert [s for _, s in seen] == [(8, 3), (3, 6)] and seen[0][0] == seen[1][0]
 
 
 def test_a_window_saved_with_unsorted_candidates_loads_sorted_with_its_sums():

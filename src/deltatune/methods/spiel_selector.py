@@ -3,8 +3,9 @@
 Events happen after ``t_j = A + j·R`` completed steps (``t ≤ T``); the ``A`` steps before each event
 form a selection window.  In a window, the first backward of each layer picks ``k_l`` candidates by
 ``|∂L/∂W|`` (from a transient dense gradient the sparse autograd function forms for it); later
-backwards accumulate ``Σg`` and ``Σg²`` at those candidates, computed at them alone (a sampled matmul beside the
-active entries' own; no dense gradient).  At the event, with rate
+backwards accumulate ``Σg`` and ``Σg²`` at those candidates, computed at them alone where the active entries and
+candidates together are sparse enough for the sampled path (a sampled matmul beside the active entries' own; no
+dense gradient).  At the event, with rate
 ``p = 1`` for the first event (the random support is replaced) and then ``ρ₀(1 − t/T)`` (linear) or
 ``ρ₀(1 + cos(πt/T))/2`` (cosine):
 
@@ -32,7 +33,8 @@ from torch import Tensor
 
 from deltatune.methods.registry import TrainHook
 from deltatune.methods.sparse_optim import SparseAdamW
-from deltatune.parts.sparse import SparsePart, index_dtype
+from deltatune.parts.layers import LayerKind
+from deltatune.parts.sparse import SparsePart, check_indices, index_dtype
 from deltatune.parts.sparse_grad import (
     WINDOW_ROLES,
     CsrSupport,
@@ -40,6 +42,7 @@ from deltatune.parts.sparse_grad import (
     lookup_sorted,
     release_scratch,
     scratch,
+    use_sampled_grad,
 )
 
 
@@ -48,10 +51,12 @@ class _Window:
 
     The first backward hands it the dense ``∂L/∂W`` (:meth:`observe`); it keeps the ``k`` positions of largest
     ``|g|`` as candidates, sorted, with their CSR support (``wanted``), so every later backward of the window
-    computes the gradient at those alone (:meth:`observe_at`) and forms no dense gradient."""
+    computes the gradient at those alone (:meth:`observe_at`): sampled, with no dense gradient, while the part's
+    entries and the candidates together stay within the sampled path's density
+    (:data:`~deltatune.parts.sparse_grad.SAMPLED_GRAD_MAX_DENSITY`), else gathered from it."""
 
-    def __init__(self, k: int) -> None:
-        self.k = k
+    def __init__(self, k: int, layer: LayerKind) -> None:
+        self.k, self.layer = k, layer
         self.candidates: Tensor | None = None
         self.support: CsrSupport | None = None
         self.grad_sum: Tensor | None = None
@@ -59,7 +64,7 @@ class _Window:
         self.samples = 0
 
     @property
-    def wanted(self) -> tuple[Tensor, CsrSupport] | None:
+    def wanted(self) -> tuple[Tensor, CsrSupport | None] | None:
         return None if self.candidates is None else (self.candidates, self.support)
 
     def observe(self, grad_w: Tensor) -> None:
@@ -76,7 +81,8 @@ class _Window:
         self.samples += 1
 
     def _choose(self, candidates: Tensor, weight_shape: tuple[int, ...]) -> None:
-        self.candidates, self.support = candidates, csr_support(candidates, weight_shape)
+        self.candidates = candidates
+        self.support = None if self.layer is LayerKind.EMBEDDING else csr_support(candidates, weight_shape)
         self.grad_sum = torch.zeros(candidates.numel(), dtype=torch.float32, device=candidates.device)
         self.grad_sq = torch.zeros_like(self.grad_sum)
 
@@ -88,8 +94,9 @@ class _Window:
     def from_state(cls, st: dict[str, Any], part: SparsePart) -> _Window:
         """Rebuild from :meth:`state` (a checkpoint holds CPU tensors; they move to the part's device).  Candidates
         of a checkpoint written before they were kept sorted are sorted here, their sums with them."""
-        w, device = cls(part.indices.numel()), part.indices.device
+        w, device = cls(part.indices.numel(), part.layer), part.indices.device
         if st["candidates"] is not None:
+            check_indices(st["candidates"], part.numel_base, "selection window candidates", require_sorted=False)
             order = st["candidates"].argsort()
             w._choose(st["candidates"][order].to(device), part.weight_shape)
             w.grad_sum.copy_(st["grad_sum"][order])
@@ -142,8 +149,8 @@ class SpIELSelector(TrainHook):
             return
         if step >= self.A and (step - self.A) % self.R == 0:
             self._regrow(step)
-        else:  # every layer that had a backward has its candidates: the dense buffers are not needed again
-            release_scratch(WINDOW_ROLES)
+        else:
+            release_scratch(self._spent_roles())
 
     def close(self) -> None:
         """Training ended (or stopped inside a selection window): no part keeps the window's gradient observer, so
@@ -152,12 +159,22 @@ class SpIELSelector(TrainHook):
 
     # --- window ---------------------------------------------------------------------------
     def _open(self) -> None:
-        self.windows = {n: _Window(p.indices.numel()) for n, p in self.parts.items()}
+        self.windows = {n: _Window(p.indices.numel(), p.layer) for n, p in self.parts.items()}
         self._install()
 
     def _install(self) -> None:
         for name, part in self.parts.items():
             part.grad_observer = self.windows[name]
+
+    def _spent_roles(self) -> tuple[str, ...]:
+        """The window buffers no later backward of the window needs: the magnitudes once every layer that had a backward
+        has its candidates; the dense gradient too, unless some layer's entries and candidates together are too
+        dense for the sampled path (it then gathers both from the dense gradient at every step)."""
+        dense_later = any(not use_sampled_grad(part.layer, part.indices.numel() + window.candidates.numel(),
+                                               part.numel_base)
+                          for part, window in zip(self.parts.values(), self.windows.values(), strict=True)
+                          if window.candidates is not None)
+        return ("abs",) if dense_later else WINDOW_ROLES
 
     def _close(self) -> None:
         for part in self.parts.values():

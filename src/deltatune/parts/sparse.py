@@ -44,10 +44,12 @@ class GradObserver(Protocol):
     Until it has chosen its candidate positions, ``wanted`` is ``None`` and the backward hands :meth:`observe` the
     layer's dense ``∂L/∂W`` (a shared :func:`scratch` buffer, overwritten by the next layer's: the observer keeps no
     reference to it, and may itself write to it).  Then ``wanted`` is the candidates' sorted flat positions and
-    their :class:`CsrSupport`, and the backward hands :meth:`observe_at` only ``(∂L/∂W).flat[positions]``, sampled
-    beside the part's own entries without the dense gradient (:func:`sampled_weight_grads`)."""
+    their :class:`CsrSupport` (``None``: built when needed), and the backward hands :meth:`observe_at` only
+    ``(∂L/∂W).flat[positions]``: sampled beside the part's own entries without the dense gradient
+    (:func:`sampled_weight_grads`) when both together fit the sampled path (:func:`use_sampled_grad`), else
+    gathered from the dense gradient."""
 
-    wanted: tuple[Tensor, CsrSupport] | None
+    wanted: tuple[Tensor, CsrSupport | None] | None
 
     def observe(self, grad_w: Tensor) -> None: ...
 

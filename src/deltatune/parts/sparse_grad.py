@@ -243,18 +243,22 @@ def lookup_sorted(keys: Tensor, queries: Tensor) -> tuple[Tensor, Tensor]:
     return pos, keys[pos] == queries
 
 
-def _embedding_sampled(x: Tensor, grad_out: Tensor, weight_shape: tuple[int, ...], indices: Tensor) -> Tensor:
-    """Embedding ``∂L/∂W`` at ``indices`` from the looked-up rows only (``≤ tokens × dim``, not ``vocab × dim``):
-    ``∂L/∂W[v, c] = Σ_{n: ids_n = v} g[n, c]`` (the same sum as :func:`weight_grad`)."""
+def _embedding_rows(x: Tensor, grad_out: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """The looked-up rows of an embedding's ``∂L/∂W`` (``≤ tokens × dim``, not ``vocab × dim``): their sorted ids and
+    ``∂L/∂W[v] = Σ_{n: ids_n = v} g[n]`` (the same sum as :func:`weight_grad`)."""
     g2 = grad_out.reshape(-1, grad_out.shape[-1])
     dtype = g2.dtype if g2.dtype in (torch.float32, torch.float64) else torch.float32
     ids, inverse = torch.unique(x.reshape(-1), sorted=True, return_inverse=True)
-    touched = torch.zeros(ids.numel(), weight_shape[1], dtype=dtype, device=g2.device)
-    touched.index_add_(0, inverse, g2.to(dtype))
+    touched = torch.zeros(ids.numel(), dim, dtype=dtype, device=g2.device)
+    return ids, touched.index_add_(0, inverse, g2.to(dtype))
+
+
+def _gather_rows(ids: Tensor, touched: Tensor, dim: int, indices: Tensor) -> Tensor:
+    """``∂L/∂W.flat[indices]`` from :func:`_embedding_rows` (zero in rows nothing looked up)."""
     idx = indices.long()
-    r, c = idx // weight_shape[1], idx % weight_shape[1]
+    r, c = idx // dim, idx % dim
     pos, hit = lookup_sorted(ids, r)
-    out = torch.zeros(idx.numel(), dtype=dtype, device=g2.device)
+    out = torch.zeros(idx.numel(), dtype=touched.dtype, device=touched.device)
     out[hit] = touched[pos[hit], c[hit]]
     return out
 
@@ -282,8 +286,10 @@ def sampled_weight_grads(kind: LayerKind, x: Tensor, grad_out: Tensor, weight_sh
     for i, (indices, _) in enumerate(sets):
         if not indices.numel():
             out[i] = torch.zeros(0, dtype=torch.float32, device=grad_out.device)
-        elif kind is LayerKind.EMBEDDING:
-            out[i] = _embedding_sampled(x, grad_out, weight_shape, indices)
+    if kind is LayerKind.EMBEDDING:
+        ids, touched = _embedding_rows(x, grad_out, weight_shape[1])
+        return [g if g is not None else _gather_rows(ids, touched, weight_shape[1], indices)
+                for g, (indices, _) in zip(out, sets, strict=True)]
     if any(g is None for g in out):
         a, b = _token_major_pair(x, grad_out, kind)
         for i, (indices, support) in enumerate(sets):
