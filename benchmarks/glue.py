@@ -62,7 +62,9 @@ under the current penalty (equal to the recorded ones on four tasks, RTE 1.4 poi
 Every ``sparse`` run was also recorded before SpIEL-AG's selection windows sampled the gradient at their candidates
 after the first step (2026-12-07; before, every window step formed the dense gradient and gathered it): the same sums
 up to the order of float additions, so a rerun can differ in the last digits and, through near-tied regrowth
-choices, slightly more.
+choices, slightly more.  ``lift`` and ``s2ft`` ran at 2e-4 (their LLaMA scripts' rate, then their default) until
+2026-12-07; their default is 5e-4 now, so their sweep is 2.5e-4, 5e-4 and 1e-3 and the recorded 2e-4 runs fall
+outside it (``benchmarks/results/glue_lr_probe.md``).
 
 Run::
 
