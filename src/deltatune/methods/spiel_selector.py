@@ -172,8 +172,7 @@ class SpIELSelector(TrainHook):
         dense for the sampled path (it then gathers both from the dense gradient at every step)."""
         dense_later = any(not use_sampled_grad(part.layer, part.indices.numel() + window.candidates.numel(),
                                                part.numel_base)
-                          for part, window in zip(self.parts.values(), self.windows.values(), strict=True)
-                          if window.candidates is not None)
+                          for name, part in self.parts.items() if (window := self.windows[name]).candidates is not None)
         return ("abs",) if dense_later else WINDOW_ROLES
 
     def _close(self) -> None:
