@@ -142,18 +142,16 @@ def _values_grad(ctx: Any, x: Tensor, grad_out: Tensor, indices: Tensor, weight:
     """``∂L/∂values``: the SDDMM on a sparse support, the row-blocked gather on a dense one.  A selection window's
     observer (:class:`GradObserver`) gets the dense ``∂L/∂W`` (in a :func:`scratch` buffer) until it has chosen its
     candidates, then the gradient at those, sampled with the values' own when both fit the sampled path."""
-    observer, shape, numel = ctx.observer, tuple(weight.shape), weight.numel()
-    wanted = None if observer is None else observer.wanted
-    if observer is None or (wanted is not None and use_sampled_grad(ctx.kind, indices.numel() + wanted[0].numel(),
-                                                                    numel)):
-        if wanted is not None:
-            grad_values, grad_wanted = sampled_weight_grads(ctx.kind, x, grad_out, shape,
-                                                            [(indices, ctx.support), wanted])
-            observer.observe_at(grad_wanted)
-            return grad_values
-        if use_sampled_grad(ctx.kind, indices.numel(), numel):
+    observer, shape, numel, k = ctx.observer, tuple(weight.shape), weight.numel(), indices.numel()
+    if observer is None:
+        if use_sampled_grad(ctx.kind, k, numel):
             return sampled_weight_grad(ctx.kind, x, grad_out, shape, indices, ctx.support)
         return blocked_weight_grad(ctx.kind, x, grad_out, shape, indices)
+    wanted = observer.wanted
+    if wanted is not None and use_sampled_grad(ctx.kind, k + wanted[0].numel(), numel):
+        grad_values, grad_wanted = sampled_weight_grads(ctx.kind, x, grad_out, shape, [(indices, ctx.support), wanted])
+        observer.observe_at(grad_wanted)
+        return grad_values
     buffer = scratch("grad", numel, grad_out.dtype, grad_out.device).view(weight.shape)
     grad_w = weight_grad(ctx.kind, x, grad_out, weight.shape, out=buffer)
     grad_values = grad_w.reshape(-1).index_select(0, indices)

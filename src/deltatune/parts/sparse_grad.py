@@ -282,20 +282,14 @@ def sampled_weight_grads(kind: LayerKind, x: Tensor, grad_out: Tensor, weight_sh
                          sets: Sequence[tuple[Tensor, CsrSupport | None]]) -> list[Tensor]:
     """:func:`sampled_weight_grad` at each ``(sorted indices, support or None)`` of ``sets``, the token-major copies
     made once for all of them (a selection window's candidates beside a part's own entries)."""
-    out: list[Tensor | None] = [None] * len(sets)
-    for i, (indices, _) in enumerate(sets):
-        if not indices.numel():
-            out[i] = torch.zeros(0, dtype=torch.float32, device=grad_out.device)
     if kind is LayerKind.EMBEDDING:
         ids, touched = _embedding_rows(x, grad_out, weight_shape[1])
-        return [g if g is not None else _gather_rows(ids, touched, weight_shape[1], indices)
-                for g, (indices, _) in zip(out, sets, strict=True)]
-    if any(g is None for g in out):
-        a, b = _token_major_pair(x, grad_out, kind)
-        for i, (indices, support) in enumerate(sets):
-            if out[i] is None:
-                out[i] = _sddmm(a, b, support if support is not None else csr_support(indices, weight_shape))
-    return out
+        return [_gather_rows(ids, touched, weight_shape[1], indices) for indices, _ in sets]
+    if not any(indices.numel() for indices, _ in sets):
+        return [torch.zeros(0, dtype=torch.float32, device=grad_out.device) for _ in sets]
+    a, b = _token_major_pair(x, grad_out, kind)
+    return [_sddmm(a, b, support if support is not None else csr_support(indices, weight_shape))
+            if indices.numel() else torch.zeros(0, dtype=a.dtype, device=a.device) for indices, support in sets]
 
 
 def blocked_weight_grad(kind: LayerKind, x: Tensor, grad_out: Tensor, weight_shape: tuple[int, ...],
