@@ -182,7 +182,7 @@ def test_soup_of_same_task_deltas_averages_heads() -> None:
 def test_cli_merges_a_native_recipe(tmp_path, monkeypatch) -> None:
     from deltatune.cli import app
 
-    monkeypatch.chdir(tmp_path)  # the recipe's relative paths resolve from the working folder first
+    monkeypatch.chdir(tmp_path)  # the recipe's relative paths exist from the working folder
 
     a = random_delta(deltatune.LoRAConfig(r=2, alpha=4.0), seed=1)
     b = random_delta(deltatune.LoRAConfig(r=2, alpha=4.0), seed=2)

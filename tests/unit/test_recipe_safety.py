@@ -302,3 +302,22 @@ def test_planning_does_not_densify_and_inputs_are_left_intact(monkeypatch) -> No
 def test_yaml_text_number_gets_a_hint(tmp_path) -> None:
     with pytest.raises(ConfigError, match=r"'density' must be a number, got '1e-3' \(YAML reads 1e-3 as text"):
         load_recipe(_write(tmp_path, "method: ties\ninputs: [{path: a, density: 1e-3}]\n"))
+
+
+def test_a_relative_path_is_read_from_wherever_it_exists_and_refused_where_it_names_two(tmp_path,
+                                                                                      monkeypatch) -> None:
+    recipes, elsewhere = tmp_path / "recipes", tmp_path / "elsewhere"
+    recipes.mkdir(), elsewhere.mkdir()
+    _deltas(recipes, 1)
+    text = "method: linear\ninputs:\n  - {path: d0, weight: 1.0}\n"
+    recipe = _write(recipes, text)
+    monkeypatch.chdir(elsewhere)  # d0 exists only beside the recipe
+    assert Path(load_recipe(recipe).inputs[0]).resolve() == (recipes / "d0").resolve()
+    monkeypatch.chdir(recipes)  # the same folder both ways: not ambiguous
+    assert Path(load_recipe(recipe).inputs[0]).resolve() == (recipes / "d0").resolve()
+    _deltas(elsewhere, 1)
+    monkeypatch.chdir(elsewhere)  # d0 from here is another delta than the recipe's own d0
+    with pytest.raises(ConfigError, match=r"inputs\[0\]\.path.*two different things.*absolute path"):
+        load_recipe(recipe)
+    absolute = _write(recipes, text.replace("d0", str(recipes / "d0")), "abs.yaml")
+    assert Path(load_recipe(absolute).inputs[0]) == recipes / "d0"

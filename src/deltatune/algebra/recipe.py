@@ -97,14 +97,30 @@ def _text(value: Any, where: str) -> str:
 
 
 def _path(value: Any, where: str, root: Path) -> str:
+    """A recipe's path: as given when absolute or when it exists only from the working folder (mergekit reads
+    them so), from the recipe's folder ``root`` when it exists only there; a relative path that exists from both
+    and names two different things is refused (:class:`ConfigError`), never resolved by a silent preference."""
     value = _text(value, where)
     if "+" in value and not _exists(Path(value)):
         raise ConfigError(f"{where}: {brief(value)} looks like mergekit's 'model+lora' reference; give the LoRA "
                           "adapter folder itself as an input (deltatune merges LoRA deltas directly)")
     p = Path(value)
-    if not p.is_absolute() and not _exists(p) and _exists(root / p):
+    if p.is_absolute() or not _exists(root / p):
+        return value
+    if not _exists(p):
         return str(root / p)
+    if not _same_path(value, str(root / p)):
+        raise ConfigError(f"{where}: the relative path {brief(value)} names two different things, "
+                          f"{_shown(p)} from the working folder and {_shown(root / p)} from the recipe's folder; "
+                          "give an absolute path, or run from the folder you mean")
     return value
+
+
+def _shown(path: Path) -> str:
+    try:
+        return str(path.resolve())
+    except (OSError, RuntimeError, ValueError):  # a symlink loop
+        return str(path)
 
 
 def _same_path(a: str, b: str) -> bool:
