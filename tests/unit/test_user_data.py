@@ -180,6 +180,31 @@ def test_tsv_quotes_are_text_na_strings_are_values_and_a_bom_is_dropped(tmp_path
     assert read_table(str(empty))["text"][0] is None  # an empty cell is still missing
 
 
+def test_a_tsv_written_with_csv_quoting_is_read_as_written_and_says_so(tmp_path) -> None:
+    import warnings
+
+    import pandas as pd
+
+    from deltatune.train.user_data import read_table
+
+    rows = {"text": ['He said "hi"', "plain", 'a "b" c\tand a tab', "last"], "label": ["x", "y", "x", "y"]}
+    pandas_tsv = tmp_path / "pandas.tsv"
+    pd.DataFrame(rows).to_csv(pandas_tsv, sep="\t", index=False)
+    with pytest.warns(UserWarning, match=r"pandas\.tsv: it cannot be read with quoting off .*read with CSV's quoting"):
+        table = read_table(str(pandas_tsv))
+    assert table["text"] == rows["text"] and table["label"] == rows["label"]
+    no_tabs = tmp_path / "no_tabs.tsv"  # every row parses with quoting off: the doubled quotes give it away
+    pd.DataFrame({k: v[:2] for k, v in rows.items()}).to_csv(no_tabs, sep="\t", index=False)
+    with pytest.warns(UserWarning, match=r"no_tabs\.tsv: row 1, column 'text' is quoted as CSV"):
+        assert read_table(str(no_tabs))["text"] == rows["text"][:2]
+    glue_style = tmp_path / "glue.tsv"  # quotes that are text: read with quoting off, no warning
+    glue_style.write_text('text\tlabel\n"We will win," he said.\t1\n"quoted whole"\t0\n')
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        table = read_table(str(glue_style))
+    assert table["text"] == ['"We will win," he said.', '"quoted whole"']
+
+
 def test_hold_out_warns_when_repeated_rows_land_on_both_sides() -> None:
     from deltatune.train.user_data import hold_out
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,17 +37,68 @@ HOLDOUT_FRACTION = 0.1
 _BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
-def table_read_options(path: Path) -> dict[str, Any]:
+def table_read_options(path: Path, quoted: bool = False) -> dict[str, Any]:
     """pandas options for a user's CSV/TSV: only an empty cell is missing (``NA``, ``null``, ``None``, ``nan`` are text,
     labels included), a UTF-8 byte-order mark is dropped, and a TSV is read with quoting off, as GLUE's TSVs need (a
-    stray ``"`` would otherwise swallow the rows up to the next one); JSON and Parquet need none."""
+    stray ``"`` would otherwise swallow the rows up to the next one) unless ``quoted`` (:func:`csv_quoted_cell`);
+    JSON and Parquet need none."""
     suffix = path.suffix.lower()
     if suffix not in (".csv", ".tsv"):
         return {}
     options: dict[str, Any] = {"keep_default_na": False, "na_values": [""], "encoding": "utf-8-sig"}
     if suffix == ".tsv":
-        options.update(sep="\t", quoting=csv.QUOTE_NONE)
+        options.update(sep="\t", quoting=csv.QUOTE_MINIMAL if quoted else csv.QUOTE_NONE)
     return options
+
+
+#: a cell as CSV quoting writes one that holds a ``"`` (pandas' ``to_csv(sep="\t")``, Python's ``csv``, spreadsheets):
+#: wrapped in quotes, the inner ones doubled.  Read with quoting off, no GLUE TSV has such a cell.
+CSV_QUOTED_CELL = re.compile(r'^".*"".*"$', re.S)
+
+
+def csv_quoted_cell(table: datasets.Dataset) -> tuple[int, str, str] | None:
+    """``(row, column, cell)`` of the first string cell of ``table`` that :data:`CSV_QUOTED_CELL` matches, or
+    ``None``: read with quoting off, such a cell is a TSV written with CSV's quoting."""
+    for column in table.column_names:
+        if getattr(table.features[column], "dtype", None) not in ("string", "large_string"):
+            continue
+        for row, cell in enumerate(table[column]):
+            if isinstance(cell, str) and CSV_QUOTED_CELL.match(cell):
+                return row, column, cell
+    return None
+
+
+def _tsv_table(path: Path, spec: str) -> datasets.Dataset:
+    """A TSV read with quoting off (GLUE's); read again with CSV's quoting, with a warning, where that fails (a
+    quoted cell holding a tab or a line break) or finds a cell quoted as CSV quotes one (:func:`csv_quoted_cell`)."""
+    try:
+        table = _load_file("csv", path, spec)
+    except DataError as exc:
+        if "has no rows" in str(exc):
+            raise
+        why = f"it cannot be read with quoting off ({str(exc).removeprefix(str(path) + ': ')[:160]})"
+    else:
+        quoted = csv_quoted_cell(table)
+        if quoted is None:
+            return table
+        row, column, cell = quoted
+        why = f"row {row + 1}, column {column!r} is quoted as CSV quotes a cell ({cell[:60]!r})"
+    table = _load_file("csv", path, spec, quoted=True)
+    warnings.warn(f"{path}: {why}; the file is read with CSV's quoting (a TSV like GLUE's is read with quoting off)",
+                  stacklevel=3)
+    return table
+
+
+def _load_file(builder: str, path: Path, spec: str, quoted: bool = False) -> datasets.Dataset:
+    datasets.disable_progress_bars()
+    try:
+        return datasets.load_dataset(builder, data_files=str(path), split="train",
+                                     **table_read_options(path, quoted))
+    except Exception as exc:  # noqa: BLE001  (pandas/pyarrow raise many kinds; all mean "cannot read")
+        if "corresponds to no data" in str(exc):  # a header without rows
+            raise DataError(f"{spec}: has no rows") from None
+        raise DataError(f"{path}: cannot be read as {path.suffix[1:].upper()} "
+                        f"({type(exc).__name__}: {str(exc)[:120]})") from None
 
 
 @dataclass(frozen=True)
@@ -132,15 +184,8 @@ def read_table(spec: str, pair_columns: tuple[str, str] = ("text", "label")) -> 
                             "or a folder written by datasets.save_to_disk")
         if path.stat().st_size == 0:
             raise DataError(f"{path}: file is empty")
-        kwargs = table_read_options(path)
-        datasets.disable_progress_bars()
-        try:
-            table = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
-        except Exception as exc:  # noqa: BLE001  (pandas/pyarrow raise many kinds; all mean "cannot read")
-            if "corresponds to no data" in str(exc):  # a header without rows
-                raise DataError(f"{spec}: has no rows") from None
-            raise DataError(f"{path}: cannot be read as {path.suffix[1:].upper()} "
-                            f"({type(exc).__name__}: {str(exc)[:120]})") from None
+        table = _tsv_table(path, spec) if builder == "csv" and path.suffix.lower() == ".tsv" else \
+            _load_file(builder, path, spec)
     if len(table) == 0:
         raise DataError(f"{spec}: has no rows")
     return table
