@@ -1,10 +1,11 @@
 """A user's own labelled files for ``--task classify`` and ``--task regress``, read through ``datasets``.
 
-Formats, chosen by the path: ``.csv``; ``.tsv`` (tab-separated); ``.json`` / ``.jsonl`` (JSON Lines or a JSON
-list of records); ``.parquet``; a folder written by ``datasets.save_to_disk``.  ``PATH:SPLIT`` picks a split of a
-saved ``DatasetDict`` folder, or of a JSON file holding an object of splits (``SPLIT`` may join several with
-``+``, e.g. CLINC150's ``data_full.json:train+oos_train``); rows of such a split may be ``[text, label]`` pairs,
-read as the columns the task uses (``--text-column``, ``--label-column``: ``text`` and ``label`` by default).
+Formats, chosen by the path: ``.csv``; ``.tsv`` (tab-separated; quoting off as in GLUE, unless cells quoted as CSV
+quotes them show); ``.json`` / ``.jsonl`` (JSON Lines or a JSON list of records); ``.parquet``; a folder written by
+``datasets.save_to_disk``. ``PATH:SPLIT`` picks a split of a saved ``DatasetDict`` folder, or of a JSON file holding
+an object of splits (``SPLIT`` may join several with ``+``, e.g. CLINC150's ``data_full.json:train+oos_train``); rows
+of such a split may be ``[text, label]`` pairs, read as the columns the task uses (``--text-column``,
+``--label-column``: ``text`` and ``label`` by default).
 
 Every file is turned into the columns ``text_a``, ``text_b`` (None without a pair column) and ``label``:
 
