@@ -220,3 +220,39 @@ def test_random_sparse_keeps_its_support_and_refuses_bad_budgets() -> None:
     for method in ("random-sparse", "sparse"):  # a density that rounds to no entry at all trained nothing
         with pytest.raises(ConfigError, match=f"{method} config.density: density 1e-07 of .* = 0 trainable"):
             deltatune.attach(TINY_MODELS["gpt2"](), deltatune.make_config(method, {"density": 1e-7}))
+
+
+def test_a_checkpoint_whose_parts_another_version_built_is_refused_on_resume(tmp_path, monkeypatch) -> None:
+    """A DSEE run checkpointed by a deltatune whose sparse term was unscaled (``ΔW = s·BA + S``, before
+    ``sparse_scale``) would resume with ``S`` scaled by ``s``: the part meta it recorded refuses it, naming the part
+    and the field."""
+    from schedule_resume import SMALL
+
+    from deltatune.methods.registry import TrainHook
+    from deltatune.train import loop
+    from deltatune.train.config import TrainConfig
+
+    armed = [True]
+
+    class Crash(TrainHook):
+        def after_step(self, step: int) -> None:
+            if armed[0] and step == 5:  # past the checkpoint at step 3
+                raise KeyboardInterrupt
+
+    mc = deltatune.make_config("dsee", {"r": 2, "num_sparse": 20})
+    cfg = TrainConfig(out_dir=str(tmp_path / "o"), **SMALL)
+    original_init, original_hooks = DSEEPart.__init__, type(get_method("dsee")).hooks
+    monkeypatch.setattr(type(get_method("dsee")), "hooks", lambda self, *a, **k: original_hooks(self, *a, **k)
+                        + [Crash()])
+
+    def as_before(self, *args, sparse_scale=None, **kwargs):
+        original_init(self, *args, sparse_scale=1.0 if sparse_scale is None else sparse_scale, **kwargs)
+
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+        m.setattr(DSEEPart, "__init__", as_before)
+        loop.train(cfg, mc)
+    armed[0] = False
+    with pytest.raises(DeltaFormatError, match=r"part '[^']+' \(dsee\) was written with sparse_scale = 1\.0 and is "
+                                               r"built with 8\.0 now"):
+        loop.train(TrainConfig(out_dir=str(tmp_path / "o"), resume=True, **SMALL), mc)
+    assert loop.train(TrainConfig(out_dir=str(tmp_path / "p"), **SMALL), mc).delta.parts  # the same run, afresh

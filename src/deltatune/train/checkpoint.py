@@ -1,4 +1,5 @@
-"""Resumable training state: trainable tensors, optimizer, scheduler, hooks, RNGs and position.
+"""Resumable training state: trainable tensors, optimizer, scheduler, hooks, RNGs and position, with the run's
+settings and each part's kind and meta, which a resume must match (:func:`check_parts`).
 
 A checkpoint is a directory ``out_dir/checkpoint`` holding ``tensors.safetensors`` (every tensor and
 NumPy array of the state) and ``state.json`` (everything else, with references to those tensors, see
@@ -39,9 +40,9 @@ LEGACY_FILE = "state.pt"
 FIELDS = {"format", "format_version", "state", DIGEST_FIELD}
 STATE_FIELDS = {"trainable", "optimizer", "scheduler", "hooks", "step", "epoch", "offset", "before", "best",
                 "history", "rng"}
-#: fields a checkpoint may carry beyond :data:`STATE_FIELDS`: ``run``, the settings a resume must match (absent in
-#: checkpoints written before it was recorded)
-OPTIONAL_STATE_FIELDS = {"run"}
+#: fields a checkpoint may carry beyond :data:`STATE_FIELDS` (absent in checkpoints written before they were
+#: recorded): ``run``, the settings a resume must match; ``parts``, each part's kind and meta (:func:`parts_record`)
+OPTIONAL_STATE_FIELDS = {"run", "parts"}
 
 
 _WRAPPER_PREFIXES = ("_fsdp_wrapped_module.",)
@@ -182,8 +183,9 @@ def _check_state(state: Any, file: Path) -> None:
     if not isinstance(state, dict) or set(state) - OPTIONAL_STATE_FIELDS != STATE_FIELDS:
         got = sorted(map(str, state)) if isinstance(state, dict) else type(state).__name__
         raise DeltaFormatError(f"{file}: state must have the fields {sorted(STATE_FIELDS)}, got {str(got)[:80]}")
-    if "run" in state and not isinstance(state["run"], dict):
-        raise DeltaFormatError(f"{file}: state field 'run' must be a dict")
+    for key in OPTIONAL_STATE_FIELDS & set(state):
+        if not isinstance(state[key], dict):
+            raise DeltaFormatError(f"{file}: state field {key!r} must be a dict")
     for key in ("step", "epoch", "offset"):
         if type(state[key]) is not int or state[key] < 0:
             raise DeltaFormatError(f"{file}: state field {key!r} must be an integer ≥ 0, got {state[key]!r:.40}")
@@ -213,6 +215,37 @@ def restore_trainable(model: nn.Module, state: dict[str, Tensor], where: Path, d
                 raise DeltaFormatError(f"{where}: checkpoint tensor {name[:80]!r} does not fit this model "
                                        f"(name, shape or dtype)")
             own[name].copy_(tensor)
+
+
+def parts_record(delta: Delta) -> dict[str, Any]:
+    """``{module: {"kind", "meta"}}`` of ``delta``'s parts, as the delta's manifest records them (JSON values): what
+    the tensors of :func:`trainable_state` mean (a LoRA's scale, a DSEE part's ``sparse_scale``)."""
+    record = {name: {"kind": part.kind, "meta": part.meta()} for name, part in delta.parts.items()}
+    return json.loads(json.dumps(record, default=str))
+
+
+def check_parts(recorded: dict[str, Any] | None, delta: Delta, where: Path) -> None:
+    """:class:`DeltaFormatError` where a part that the checkpoint recorded (:func:`parts_record`) is built otherwise
+    now, its tensors restored: its kind or a meta field differs, so its tensors would mean another update (the
+    checkpoint was written by another deltatune, or another version of the method).  Parts made since (a lazily
+    drawn block) and checkpoints written before parts were recorded are not compared."""
+    if recorded is None:
+        return
+    now = parts_record(delta)
+    for name in sorted(set(recorded) & set(now)):
+        then, current = recorded[name], now[name]
+        if then == current:
+            continue
+        if not isinstance(then, dict) or then.get("kind") != current["kind"]:
+            shown = then.get("kind") if isinstance(then, dict) else then
+            raise DeltaFormatError(f"{where}: part {name!r} is a {str(shown)[:40]} part in the checkpoint and a "
+                                   f"{current['kind']} part now; train afresh into another --out")
+        old, new = then.get("meta") if isinstance(then.get("meta"), dict) else {}, current["meta"]
+        field = next(k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
+        raise DeltaFormatError(f"{where}: part {name!r} ({current['kind']}) was written with {field} = "
+                               f"{str(old.get(field))[:40]} and is built with {str(new.get(field))[:40]} now, so its "
+                               "tensors would mean another update (a checkpoint of another deltatune or method "
+                               "version?); train afresh into another --out")
 
 
 def hooks_for(hooks: list[Any], n_states: int) -> list[Any] | None:

@@ -355,6 +355,7 @@ def _resume(where: Path, model: nn.Module, delta: Delta, optimizer, scheduler, h
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
         raise DeltaFormatError(f"{where}: hook state does not fit this run ({str(exc)[:80]})") from None
     ckpt.restore_trainable(model, state["trainable"], where, delta)
+    ckpt.check_parts(state.get("parts"), delta, where)
     try:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -376,7 +377,7 @@ def _save_checkpoint(out: Path, accelerator: Accelerator, model: nn.Module, delt
             "trainable": ckpt.trainable_state(model, delta), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "hooks": [h.state_dict() for h in hooks], "step": step,
             "epoch": data.epoch, "offset": data.offset, "before": before, "best": best, "history": history,
-            "rng": rngs, "run": run,
+            "rng": rngs, "run": run, "parts": ckpt.parts_record(delta),
         })
     accelerator.wait_for_everyone()
 
