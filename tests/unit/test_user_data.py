@@ -197,12 +197,20 @@ def test_a_tsv_written_with_csv_quoting_is_read_as_written_and_says_so(tmp_path)
     pd.DataFrame({k: v[:2] for k, v in rows.items()}).to_csv(no_tabs, sep="\t", index=False)
     with pytest.warns(UserWarning, match=r"no_tabs\.tsv: row 1, column 'text' is quoted as CSV"):
         assert read_table(str(no_tabs))["text"] == rows["text"][:2]
-    glue_style = tmp_path / "glue.tsv"  # quotes that are text: read with quoting off, no warning
-    glue_style.write_text('text\tlabel\n"We will win," he said.\t1\n"quoted whole"\t0\n')
+    quote_all = tmp_path / "all.tsv"  # csv.QUOTE_ALL: even the header is quoted
+    quote_all.write_text('"text"\t"label"\n"hello"\t"x"\n')
+    with pytest.warns(UserWarning, match=r"all\.tsv: its header is quoted"):
+        assert read_table(str(quote_all)).column_names == ["text", "label"]
+    glue_style = tmp_path / "glue.tsv"  # quotes that are text, one cell as CSV would quote it: quoting stays off
+    cells = ['"We will win," he said.', '"quoted whole"', '"Why is "" == 0 true?"', '"unclosed']
+    glue_style.write_text("text\tlabel\n" + "".join(f"{c}\t1\n" for c in cells))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        table = read_table(str(glue_style))
-    assert table["text"] == ['"We will win," he said.', '"quoted whole"']
+        assert read_table(str(glue_style))["text"] == cells
+    ragged = tmp_path / "ragged.tsv"  # neither way: the parser's own error, from quoting off
+    ragged.write_text("text\tlabel\na\t1\nb\t2\t3\n")
+    with pytest.raises(DataError, match=r"ragged\.tsv: cannot be read as TSV \(ParserError: .*Expected 2 fields"):
+        read_table(str(ragged))
 
 
 def test_hold_out_warns_when_repeated_rows_land_on_both_sides() -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import csv
 import json
-import re
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -52,45 +51,67 @@ def table_read_options(path: Path, quoted: bool = False) -> dict[str, Any]:
     return options
 
 
-#: a cell as CSV quoting writes one that holds a ``"`` (pandas' ``to_csv(sep="\t")``, Python's ``csv``, spreadsheets):
-#: wrapped in quotes, the inner ones doubled.  Read with quoting off, no GLUE TSV has such a cell.
-CSV_QUOTED_CELL = re.compile(r'^".*"".*"$', re.S)
+#: a cell as CSV's quoting writes it (pandas' ``to_csv(sep="\t")``, Python's ``csv``, spreadsheets): wrapped in
+#: quotes, every inner quote doubled
+CSV_QUOTED_CELL = r'^"(?:[^"]|"")*"$'
 
 
-def csv_quoted_cell(table: datasets.Dataset) -> tuple[int, str, str] | None:
-    """``(row, column, cell)`` of the first string cell of ``table`` that :data:`CSV_QUOTED_CELL` matches, or
-    ``None``: read with quoting off, such a cell is a TSV written with CSV's quoting."""
-    for column in table.column_names:
-        if getattr(table.features[column], "dtype", None) not in ("string", "large_string"):
+def csv_quoting_shown(table: datasets.Dataset) -> str | None:
+    """Where ``table``, read with quoting off, shows that its file was written with CSV's quoting, or ``None``: a
+    header whose names are all wrapped in quotes (``QUOTE_ALL``), or cells of which every one that holds a ``"`` is
+    quoted as :data:`CSV_QUOTED_CELL` and one at least doubles an inner quote (``QUOTE_MINIMAL`` quotes a cell only
+    for a quote, a tab or a line break).  A GLUE-style cell (``"We will win," he said.``) is not so quoted, and one
+    such cell keeps quoting off.  Vectorised over the Arrow columns."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    names = table.column_names
+    if names and all(len(n) >= 2 and n[0] == n[-1] == '"' for n in names):
+        return f"its header is quoted ({names[0][:40]!r})"
+    first = None
+    for name in names:
+        column = table.data.column(name)
+        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
             continue
-        for row, cell in enumerate(table[column]):
-            if isinstance(cell, str) and CSV_QUOTED_CELL.match(cell):
-                return row, column, cell
-    return None
+        quoted = pc.match_substring_regex(column, CSV_QUOTED_CELL).fill_null(False)
+        if pc.any(pc.and_(pc.match_substring(column, '"').fill_null(False), pc.invert(quoted))).as_py():
+            return None
+        doubled = np.flatnonzero(pc.and_(quoted, pc.match_substring(column, '""').fill_null(False))
+                                 .to_numpy(zero_copy_only=False))
+        if first is None and doubled.size:
+            row = int(doubled[0])
+            first = f"row {row + 1}, column {name!r} is quoted as CSV quotes a cell ({table[row][name][:60]!r})"
+    return first
 
 
 def _tsv_table(path: Path, spec: str) -> datasets.Dataset:
-    """A TSV read with quoting off (GLUE's); read again with CSV's quoting, with a warning, where that fails (a
-    quoted cell holding a tab or a line break) or finds a cell quoted as CSV quotes one (:func:`csv_quoted_cell`)."""
+    """A TSV read with quoting off (GLUE's); read again with CSV's quoting, with a warning, where that finds cells
+    quoted as CSV quotes them (:func:`csv_quoting_shown`) or where quoting off fails and CSV's quoting reads it (a
+    quoted cell holding a tab or a line break).  Where both fail, the error of quoting off."""
     try:
         table = _load_file("csv", path, spec)
     except DataError as exc:
         if "has no rows" in str(exc):
             raise
+        try:
+            table = _load_file("csv", path, spec, quoted=True)
+        except DataError:
+            raise exc from None
         why = f"it cannot be read with quoting off ({str(exc).removeprefix(str(path) + ': ')[:160]})"
     else:
-        quoted = csv_quoted_cell(table)
-        if quoted is None:
+        why = csv_quoting_shown(table)
+        if why is None:
             return table
-        row, column, cell = quoted
-        why = f"row {row + 1}, column {column!r} is quoted as CSV quotes a cell ({cell[:60]!r})"
-    table = _load_file("csv", path, spec, quoted=True)
+        table = _load_file("csv", path, spec, quoted=True)
     warnings.warn(f"{path}: {why}; the file is read with CSV's quoting (a TSV like GLUE's is read with quoting off)",
                   stacklevel=3)
     return table
 
 
 def _load_file(builder: str, path: Path, spec: str, quoted: bool = False) -> datasets.Dataset:
+    """``path`` through ``datasets``' ``builder`` with :func:`table_read_options`; DataError naming the file and the
+    innermost cause (pandas' parser error, not only ``datasets``' wrapper) where it cannot be read."""
     datasets.disable_progress_bars()
     try:
         return datasets.load_dataset(builder, data_files=str(path), split="train",
@@ -98,8 +119,11 @@ def _load_file(builder: str, path: Path, spec: str, quoted: bool = False) -> dat
     except Exception as exc:  # noqa: BLE001  (pandas/pyarrow raise many kinds; all mean "cannot read")
         if "corresponds to no data" in str(exc):  # a header without rows
             raise DataError(f"{spec}: has no rows") from None
+        cause: BaseException = exc
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
         raise DataError(f"{path}: cannot be read as {path.suffix[1:].upper()} "
-                        f"({type(exc).__name__}: {str(exc)[:120]})") from None
+                        f"({type(cause).__name__}: {str(cause).strip()[:160]})") from None
 
 
 @dataclass(frozen=True)
