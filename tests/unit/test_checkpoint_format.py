@@ -398,3 +398,21 @@ def test_malformed_python_rng_state_is_a_format_error(tmp_path: Path, python_sta
     with pytest.raises(DeltaFormatError, match="RNG state is malformed"):
         ckpt.set_rng_state(state, tmp_path / "c")
 
+
+
+def test_check_parts_names_the_part_and_what_differs(tmp_path: Path) -> None:
+    from conftest import tiny_llama
+
+    delta = deltatune.attach(tiny_llama(0), deltatune.LoRAConfig(r=2, alpha=4.0, targets=["q_proj"]))
+    record = ckpt.parts_record(delta)
+    ckpt.check_parts(record, delta, tmp_path)
+    ckpt.check_parts(None, delta, tmp_path)  # written before parts were recorded
+    name = sorted(record)[0]
+    cases = {"kind": ({"kind": "dora"}, "is a dora part in the checkpoint and a lora part now"),
+             "meta": ({"meta": {**record[name]["meta"], "scale": 1.0}}, "was written with scale = 1.0 and is built "
+                                                                         "with 2.0 now"),
+             "other": ({"added_later": 1}, "is recorded as .* and built as")}
+    for change, message in cases.values():
+        with pytest.raises(DeltaFormatError, match=f"part '{name}' .*{message}"):
+            ckpt.check_parts({**record, name: {**record[name], **change}}, delta, tmp_path)
+    ckpt.check_parts({"not.a.part.now": {"kind": "lora"}, **record}, delta, tmp_path)  # not made (yet) here

@@ -321,3 +321,6 @@ def test_a_relative_path_is_read_from_wherever_it_exists_and_refused_where_it_na
         load_recipe(recipe)
     absolute = _write(recipes, text.replace("d0", str(recipes / "d0")), "abs.yaml")
     assert Path(load_recipe(absolute).inputs[0]) == recipes / "d0"
+    (recipes / "d0").rename(recipes / "base+lora")  # a folder so named beside the recipe is no mergekit reference
+    plus = _write(recipes, text.replace("d0", "base+lora"), "plus.yaml")
+    assert Path(load_recipe(plus).inputs[0]) == recipes / "base+lora"

@@ -27,6 +27,7 @@ checks.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from dataclasses import fields as dataclass_fields
@@ -101,7 +102,7 @@ def _path(value: Any, where: str, root: Path) -> str:
     them so), from the recipe's folder ``root`` when it exists only there; a relative path that exists from both
     and names two different things is refused (:class:`ConfigError`), never resolved by a silent preference."""
     value = _text(value, where)
-    if "+" in value and not _exists(Path(value)):
+    if "+" in value and not _exists(Path(value)) and not _exists(root / value):
         raise ConfigError(f"{where}: {brief(value)} looks like mergekit's 'model+lora' reference; give the LoRA "
                           "adapter folder itself as an input (deltatune merges LoRA deltas directly)")
     p = Path(value)
@@ -109,11 +110,19 @@ def _path(value: Any, where: str, root: Path) -> str:
         return value
     if not _exists(p):
         return str(root / p)
-    if not _same_path(value, str(root / p)):
+    if not _same_file(p, root / p):
         raise ConfigError(f"{where}: the relative path {brief(value)} names two different things, "
                           f"{_shown(p)} from the working folder and {_shown(root / p)} from the recipe's folder; "
                           "give an absolute path, or run from the folder you mean")
     return value
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` are one file or folder (through links, hard links and other mounts)."""
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):
+        return False
 
 
 def _shown(path: Path) -> str:

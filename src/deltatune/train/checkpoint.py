@@ -241,11 +241,13 @@ def check_parts(recorded: dict[str, Any] | None, delta: Delta, where: Path) -> N
             raise DeltaFormatError(f"{where}: part {name!r} is a {str(shown)[:40]} part in the checkpoint and a "
                                    f"{current['kind']} part now; train afresh into another --out")
         old, new = then.get("meta") if isinstance(then.get("meta"), dict) else {}, current["meta"]
-        field = next(k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
-        raise DeltaFormatError(f"{where}: part {name!r} ({current['kind']}) was written with {field} = "
-                               f"{str(old.get(field))[:40]} and is built with {str(new.get(field))[:40]} now, so its "
-                               "tensors would mean another update (a checkpoint of another deltatune or method "
-                               "version?); train afresh into another --out")
+        field = next((k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)), None)
+        shown = (f"was written with {field} = {str(old.get(field))[:40]} and is built with "
+                 f"{str(new.get(field))[:40]} now" if field is not None else
+                 f"is recorded as {str(then)[:80]} and built as {str(current)[:80]} now")
+        raise DeltaFormatError(f"{where}: part {name!r} ({current['kind']}) {shown}, so its tensors would mean "
+                               "another update (a checkpoint of another deltatune or method version?); train afresh "
+                               "into another --out")
 
 
 def hooks_for(hooks: list[Any], n_states: int) -> list[Any] | None:
