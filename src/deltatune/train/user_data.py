@@ -40,7 +40,7 @@ _BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".
 def table_read_options(path: Path, quoted: bool = False) -> dict[str, Any]:
     """pandas options for a user's CSV/TSV: only an empty cell is missing (``NA``, ``null``, ``None``, ``nan`` are text,
     labels included), a UTF-8 byte-order mark is dropped, and a TSV is read with quoting off, as GLUE's TSVs need (a
-    stray ``"`` would otherwise swallow the rows up to the next one) unless ``quoted`` (:func:`csv_quoted_cell`);
+    stray ``"`` would otherwise swallow the rows up to the next one) unless ``quoted`` (:func:`csv_quoting_shown`);
     JSON and Parquet need none."""
     suffix = path.suffix.lower()
     if suffix not in (".csv", ".tsv"):
