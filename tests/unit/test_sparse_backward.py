@@ -301,6 +301,13 @@ def test_blocked_path_above_the_density_threshold(kind, monkeypatch):
     x = x.requires_grad_(True)
     (part(x, base) * g).sum().backward()
     assert torch.allclose(part.values.grad, reference, atol=1e-6)
+    blocks = part.support()  # the row blocks, found once for the support: no search (a CUDA sync) per backward
+    assert isinstance(blocks, grad_mod.RowBlocks) and part.support() is blocks and len(blocks.bounds) > 2
+    monkeypatch.setattr(sparse_mod, "row_blocks", None)
+    monkeypatch.setattr(grad_mod, "row_blocks", None)
+    part.values.grad = None
+    (part(x, base) * g).sum().backward()
+    assert torch.allclose(part.values.grad, reference, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", [LayerKind.LINEAR, LayerKind.CONV1D])

@@ -29,8 +29,10 @@ from deltatune.parts.meta_checks import check_keys, check_shape, check_state, me
 from deltatune.parts.sparse_binding import SparseBinding
 from deltatune.parts.sparse_grad import (
     CsrSupport,
+    RowBlocks,
     blocked_weight_grad,
     csr_support,
+    row_blocks,
     sampled_weight_grad,
     sampled_weight_grads,
     scratch,
@@ -99,12 +101,14 @@ def patched_weight(weight: Tensor, indices: Tensor, values: Tensor) -> Iterator[
 
 class SparseDeltaFunction(torch.autograd.Function):
     """``y = f(x; W + scatter(values))`` saving ``x``, ``values``, ``indices`` and ``W`` by reference (no dense
-    ``ΔW``, no ``W_eff``); an optional last argument is the part's cached :func:`csr_support`.  With ``bound`` the
-    weight already holds ``W + scatter(values)`` (:meth:`SparsePart.bind`) and is used as it is."""
+    ``ΔW``, no ``W_eff``); an optional last argument is the part's cached layout of its indices
+    (:meth:`SparsePart.support`).  With ``bound`` the weight already holds ``W + scatter(values)``
+    (:meth:`SparsePart.bind`) and is used as it is."""
 
     @staticmethod
     def forward(ctx, x: Tensor, values: Tensor, indices: Tensor, weight: Tensor, base: nn.Module,
-                kind: LayerKind, observer: GradObserver | None, bound: bool, *support: CsrSupport | None) -> Tensor:
+                kind: LayerKind, observer: GradObserver | None, bound: bool,
+                *support: CsrSupport | RowBlocks | None) -> Tensor:
         ctx.save_for_backward(x, values, indices, weight)
         ctx.base, ctx.kind, ctx.observer, ctx.bound = base, kind, observer, bound
         ctx.n_support, ctx.support = len(support), support[0] if support else None
@@ -143,13 +147,15 @@ def _values_grad(ctx: Any, x: Tensor, grad_out: Tensor, indices: Tensor, weight:
     observer (:class:`GradObserver`) gets the dense ``∂L/∂W`` (in a :func:`scratch` buffer) until it has chosen its
     candidates, then the gradient at those, sampled with the values' own when both fit the sampled path."""
     observer, shape, numel, k = ctx.observer, tuple(weight.shape), weight.numel(), indices.numel()
+    csr = ctx.support if isinstance(ctx.support, CsrSupport) else None
     if observer is None:
         if use_sampled_grad(ctx.kind, k, numel):
-            return sampled_weight_grad(ctx.kind, x, grad_out, shape, indices, ctx.support)
-        return blocked_weight_grad(ctx.kind, x, grad_out, shape, indices)
+            return sampled_weight_grad(ctx.kind, x, grad_out, shape, indices, csr)
+        blocks = ctx.support if isinstance(ctx.support, RowBlocks) else None
+        return blocked_weight_grad(ctx.kind, x, grad_out, shape, indices, blocks=blocks)
     wanted = observer.wanted
     if wanted is not None and use_sampled_grad(ctx.kind, k + wanted[0].numel(), numel):
-        grad_values, grad_wanted = sampled_weight_grads(ctx.kind, x, grad_out, shape, [(indices, ctx.support), wanted])
+        grad_values, grad_wanted = sampled_weight_grads(ctx.kind, x, grad_out, shape, [(indices, csr), wanted])
         observer.observe_at(grad_wanted)
         return grad_values
     buffer = scratch("grad", numel, grad_out.dtype, grad_out.device).view(weight.shape)
@@ -208,20 +214,21 @@ class SparsePart(Part):
         self.register_buffer("indices", indices.to(index_dtype(self.numel_base)))
         self.values = nn.Parameter(torch.zeros(indices.numel(), dtype=dtype, device=indices.device))
         self.grad_observer: GradObserver | None = None
-        self._support: tuple[Any, CsrSupport] | None = None
+        self._support: tuple[Any, CsrSupport | RowBlocks] | None = None
         self._binding: SparseBinding | None = None
 
-    def support(self) -> CsrSupport | None:
-        """The :func:`csr_support` of the indices when the backward takes the sampled path (``None`` otherwise),
-        cached until the indices change (a reselection writes them in place: their version moves on)."""
-        if self.layer is LayerKind.EMBEDDING or not use_sampled_grad(self.layer, self.indices.numel(),
-                                                                      self.numel_base):
+    def support(self) -> CsrSupport | RowBlocks | None:
+        """What the backward needs of the indices' layout, cached until the indices change (a reselection writes
+        them in place: their version moves on): their :func:`csr_support` on the sampled path, their
+        :func:`row_blocks` on the blocked one (``None`` for an embedding)."""
+        if self.layer is LayerKind.EMBEDDING:
             return None
         idx = self.indices
         key = (idx._version, idx.data_ptr(), idx.device, idx.numel())
         cached = getattr(self, "_support", None)
         if cached is None or cached[0] != key:
-            cached = (key, csr_support(idx, self.weight_shape))
+            sampled = use_sampled_grad(self.layer, idx.numel(), self.numel_base)
+            cached = (key, csr_support(idx, self.weight_shape) if sampled else row_blocks(idx, self.weight_shape))
             self._support = cached
         return cached[1]
 

@@ -292,20 +292,42 @@ def sampled_weight_grads(kind: LayerKind, x: Tensor, grad_out: Tensor, weight_sh
             if indices.numel() else torch.zeros(0, dtype=a.dtype, device=a.device) for indices, support in sets]
 
 
+class RowBlocks:
+    """The row blocks of :func:`blocked_weight_grad` for one sorted support: ``step`` rows a block, and ``bounds``,
+    where each block's entries start in the indices (host integers: found once per support, not once per backward,
+    which on CUDA would be a host synchronisation per layer and step)."""
+
+    def __init__(self, step: int, bounds: list[int]) -> None:
+        self.step, self.bounds = step, bounds
+
+
+def row_blocks(indices: Tensor, weight_shape: Sequence[int], block_entries: int | None = None) -> RowBlocks:
+    """:class:`RowBlocks` of the sorted flat ``indices`` of a weight of ``weight_shape`` (native layout): blocks of
+    ``max(1, ⌊block_entries / cols⌋)`` rows (default :data:`GRAD_BLOCK_ENTRIES`, on CUDA
+    :data:`GRAD_BLOCK_ENTRIES_CUDA`)."""
+    rows, cols = int(weight_shape[0]), math.prod(weight_shape[1:])
+    default = GRAD_BLOCK_ENTRIES_CUDA if indices.device.type == "cuda" else GRAD_BLOCK_ENTRIES
+    step = max(1, (block_entries or default) // cols)
+    starts = torch.arange(0, rows + step, step, device=indices.device).clamp_(max=rows) * cols
+    return RowBlocks(step, torch.searchsorted(indices, starts.to(indices.dtype)).tolist())
+
+
 def blocked_weight_grad(kind: LayerKind, x: Tensor, grad_out: Tensor, weight_shape: tuple[int, ...],
-                        indices: Tensor, block_entries: int | None = None) -> Tensor:
+                        indices: Tensor, block_entries: int | None = None, blocks: RowBlocks | None = None
+                        ) -> Tensor:
     """``(∂L/∂W).flat[indices]`` for a dense support, a block of rows at a time: ``∂L/∂W = A B``
     (:func:`_rows_cols`, ``weight_shape`` its native layout) is formed ``max(1, ⌊block_entries / cols⌋)`` rows at a
     time (one GEMM each) and the support's entries of those rows gathered (flat ``i`` of rows ``[r₀, r₁)`` sits at
     ``i − r₀·cols`` of the block), so at most ``max(block_entries, cols)`` entries of the layer's dense gradient
-    exist at once (default :data:`GRAD_BLOCK_ENTRIES`, on CUDA :data:`GRAD_BLOCK_ENTRIES_CUDA`).  A matmul layer
-    only; ``indices`` sorted.  Returns fp32 (fp64 for fp64 input)."""
+    exist at once (default :data:`GRAD_BLOCK_ENTRIES`, on CUDA :data:`GRAD_BLOCK_ENTRIES_CUDA`).  ``blocks``: the
+    support's :func:`row_blocks` when the caller keeps them (a :class:`SparsePart` caches them between
+    reselections); else they are found here.  A matmul layer only; ``indices`` sorted.  Returns fp32 (fp64 for
+    fp64 input)."""
     a, b = _rows_cols(x, grad_out, kind)
     rows, cols = a.shape[0], b.shape[1]
-    default = GRAD_BLOCK_ENTRIES_CUDA if a.device.type == "cuda" else GRAD_BLOCK_ENTRIES
-    step = max(1, (block_entries or default) // cols)
-    starts = torch.arange(0, rows + step, step, device=indices.device).clamp_(max=rows) * cols
-    bounds = torch.searchsorted(indices, starts.to(indices.dtype)).tolist()
+    if blocks is None:
+        blocks = row_blocks(indices, weight_shape, block_entries)
+    step, bounds = blocks.step, blocks.bounds
     out = torch.empty(indices.numel(), dtype=a.dtype, device=a.device)
     for block, r0 in enumerate(range(0, rows, step)):
         lo, hi = bounds[block], bounds[block + 1]
