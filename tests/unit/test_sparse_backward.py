@@ -355,3 +355,18 @@ def test_csr_support_is_cached_until_the_indices_change():
         part.indices.copy_(part.indices.sort().values)
     again = part.support()
     assert again is not first and torch.equal(flat(again), part.indices.long())
+
+
+def test_the_cached_layout_follows_the_indices_tensor_not_its_address(monkeypatch):
+    """Indices replaced twice between two backwards: the second tensor may get the freed first one's address,
+    version and length, and must still get its own row blocks (a stale layout gathers the wrong entries)."""
+    monkeypatch.setattr(grad_mod, "GRAD_BLOCK_ENTRIES", 24)  # two rows a block
+    part = SparsePart((10, 12), torch.arange(0, 70), LayerKind.LINEAR)
+    first = part.support()
+    for _ in range(200):  # the allocator soon hands a freed address out again
+        part.indices = torch.arange(50, 120, dtype=part.indices.dtype)
+        part.indices = torch.arange(50, 120, dtype=part.indices.dtype)
+        assert part.support().bounds == grad_mod.row_blocks(part.indices, (10, 12)).bounds
+        part.indices = torch.arange(0, 70, dtype=part.indices.dtype)
+        first = part.support()
+    assert first.bounds == grad_mod.row_blocks(part.indices, (10, 12)).bounds

@@ -214,7 +214,7 @@ class SparsePart(Part):
         self.register_buffer("indices", indices.to(index_dtype(self.numel_base)))
         self.values = nn.Parameter(torch.zeros(indices.numel(), dtype=dtype, device=indices.device))
         self.grad_observer: GradObserver | None = None
-        self._support: tuple[Any, CsrSupport | RowBlocks] | None = None
+        self._support: tuple[Tensor, int, CsrSupport | RowBlocks] | None = None
         self._binding: SparseBinding | None = None
 
     def support(self) -> CsrSupport | RowBlocks | None:
@@ -224,13 +224,13 @@ class SparsePart(Part):
         if self.layer is LayerKind.EMBEDDING:
             return None
         idx = self.indices
-        key = (idx._version, idx.data_ptr(), idx.device, idx.numel())
         cached = getattr(self, "_support", None)
-        if cached is None or cached[0] != key:
+        if cached is None or cached[0] is not idx or cached[1] != idx._version:
             sampled = use_sampled_grad(self.layer, idx.numel(), self.numel_base)
-            cached = (key, csr_support(idx, self.weight_shape) if sampled else row_blocks(idx, self.weight_shape))
+            layout = csr_support(idx, self.weight_shape) if sampled else row_blocks(idx, self.weight_shape)
+            cached = (idx, idx._version, layout)  # the tensor itself: a freed one's address may be reused
             self._support = cached
-        return cached[1]
+        return cached[2]
 
     @property
     def numel_base(self) -> int:
