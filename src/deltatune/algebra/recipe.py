@@ -126,6 +126,7 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def _shown(path: Path) -> str:
+    """``path`` resolved (as given where it cannot be: a symlink loop)."""
     try:
         return str(path.resolve())
     except (OSError, RuntimeError, ValueError):  # a symlink loop
@@ -133,10 +134,7 @@ def _shown(path: Path) -> str:
 
 
 def _same_path(a: str, b: str) -> bool:
-    try:
-        return Path(a).resolve() == Path(b).resolve()
-    except (OSError, RuntimeError, ValueError):  # a symlink loop
-        return a == b
+    return _shown(Path(a)) == _shown(Path(b))
 
 
 def _dtype(value: Any, where: str) -> str | None:

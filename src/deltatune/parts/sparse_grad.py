@@ -14,7 +14,7 @@ import math
 import threading
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -292,13 +292,13 @@ def sampled_weight_grads(kind: LayerKind, x: Tensor, grad_out: Tensor, weight_sh
             if indices.numel() else torch.zeros(0, dtype=a.dtype, device=a.device) for indices, support in sets]
 
 
-class RowBlocks:
+class RowBlocks(NamedTuple):
     """The row blocks of :func:`blocked_weight_grad` for one sorted support: ``step`` rows a block, and ``bounds``,
     where each block's entries start in the indices (host integers: found once per support, not once per backward,
     which on CUDA would be a host synchronisation per layer and step)."""
 
-    def __init__(self, step: int, bounds: list[int]) -> None:
-        self.step, self.bounds = step, bounds
+    step: int
+    bounds: list[int]
 
 
 def row_blocks(indices: Tensor, weight_shape: Sequence[int], block_entries: int | None = None) -> RowBlocks:
