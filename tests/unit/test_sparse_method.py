@@ -279,3 +279,26 @@ def test_a_window_saved_with_unsorted_candidates_loads_sorted_with_its_sums():
     assert torch.allclose(loaded.grad_sum, torch.tensor([0.2, 0.9, 1.4]))
     assert loaded.grad_sq.tolist() == [2.0, 9.0, 14.0]
     assert part.grad_observer is loaded and loaded.wanted[1].col.tolist() == [2, 4, 4]
+
+
+def test_sparse_adamw_bias_correction_matches_float64_at_every_age_the_table_grows_to():
+    """``1 − β^age`` comes from a table computed in float64 and rounded once (AdamW's scalar ``1 − β^step``), grown
+    past its first size when an element is older than it holds (a checkpoint from a long run)."""
+    p = nn.Parameter(torch.zeros(4))
+    opt = SparseAdamW([p], lr=0.1, betas=(0.9, 0.999))
+    ages = torch.tensor([0.0, 1.0, 700.0, 5000.0])
+    bc1, bc2 = opt.bias_corrections([ages], (0.9, 0.999))
+    for beta, got in ((0.9, bc1[0]), (0.999, bc2[0])):
+        want = torch.tensor([1 - beta ** int(a) for a in ages.tolist()], dtype=torch.float64).float()
+        assert torch.equal(got, want)
+    st = opt.state_of(p)
+    st["age"].copy_(torch.tensor([0.0, 9.0, 2999.0, 12000.0]))  # resumed: ages beyond the table's 5001 entries
+    st["exp_avg"].fill_(0.5)
+    st["exp_avg_sq"].fill_(0.25)
+    p.grad = torch.ones(4)
+    opt.step()
+    age = torch.tensor([1.0, 10.0, 3000.0, 12001.0], dtype=torch.float64)
+    m = 0.9 * 0.5 + 0.1
+    v = 0.999 * 0.25 + 0.001
+    want = -0.1 * (m / (1 - 0.9 ** age)) / ((v / (1 - 0.999 ** age)).sqrt() + 1e-8)
+    assert torch.allclose(p.detach().double(), want, rtol=1e-6, atol=0)
