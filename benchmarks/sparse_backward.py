@@ -86,12 +86,19 @@ def layer_rows(model: str, tokens: int, d_out: int, d_in: int, repeats: int, dev
 
     from deltatune.parts.layers import LayerKind
     from deltatune.parts.sparse import index_dtype
-    from deltatune.parts.sparse_grad import blocked_weight_grad, csr_support, sampled_weight_grad, token_major
+    from deltatune.parts.sparse_grad import (
+        blocked_weight_grad,
+        csr_support,
+        row_blocks,
+        sampled_weight_grad,
+        token_major,
+    )
 
     gen = torch.Generator().manual_seed(0)
     k = rank * (d_in + d_out)
     idx = torch.randperm(d_out * d_in, generator=gen)[:k].sort().values.to(index_dtype(d_out * d_in)).to(device)
     support = csr_support(idx, (d_out, d_in))
+    blocks = row_blocks(idx, (d_out, d_in))  # kept between backwards, as a SparsePart keeps them
     g = torch.randn(tokens, d_out, generator=gen).to(device)
     x = torch.randn(tokens, d_in, generator=gen).to(device)
     a = torch.randn(rank, d_in, generator=gen).to(device)
@@ -113,7 +120,7 @@ def layer_rows(model: str, tokens: int, d_out: int, d_in: int, repeats: int, dev
         "transposes": lambda: (token_major(g), token_major(x)),
         "transposes_plain": lambda: (g.t().contiguous(), x.t().contiguous()),
         "dense_gather": lambda: (g.t() @ x).reshape(-1).index_select(0, flat),
-        "blocked_gather": lambda: blocked_weight_grad(LayerKind.LINEAR, x, g, (d_out, d_in), idx),
+        "blocked_gather": lambda: blocked_weight_grad(LayerKind.LINEAR, x, g, (d_out, d_in), idx, blocks=blocks),
         f"lora_r{rank}": lora,
     }
     reference = variants["dense_gather"]()

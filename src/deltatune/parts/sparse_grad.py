@@ -24,11 +24,13 @@ from deltatune.parts.layers import LayerKind
 
 #: Above this density (k / numel) the backward forms the weight gradient in row blocks and gathers from them
 #: (:func:`blocked_weight_grad`) instead of the SDDMM.  Measured on CPU (``benchmarks/sparse_backward.py --rank 32``,
-#: two threads, 512–640 tokens, ``sparse_backward_r32.md``), the SDDMM's time over the blocked path's: 0.78 and 0.88
-#: at 9.4 % (Llama 1024×512, 512×1024), 0.81 and 1.19 at 10.4 % (MiniLM 1536×384, 384×1536), 0.91 at 12.5 % (Llama
-#: 512²), 1.17 at 16.7 % (MiniLM 384²); at r = 8 (2.3–4.2 %) it costs 0.53–0.98× the unblocked ``gᵀx`` + gather
-#: (``sparse_backward.md``).  Not measured on GPU.
-SAMPLED_GRAD_MAX_DENSITY = 0.13
+#: two threads, 512–640 tokens, none padded, the blocks' bounds kept as a part keeps them, ``sparse_backward_r32.md``;
+#: three runs), the SDDMM's time over the blocked path's: 0.79–0.82 and 0.91–0.92 at 9.4 % (Llama 1024×512,
+#: 512×1024), 0.75–0.80 and 1.12–1.15 at 10.4 % (MiniLM 1536×384, 384×1536: 0.95 for the pair), 1.10 at 12.5 %
+#: (Llama 512²), 1.39–1.44 at 16.7 % (MiniLM 384²); at r = 8 (2.3–4.2 %) it costs 0.53–0.98× the unblocked ``gᵀx`` +
+#: gather (``sparse_backward.md``).  A padded batch favours the SDDMM, which leaves out the all-zero tokens
+#: (:func:`live_tokens`).  Not measured on GPU.
+SAMPLED_GRAD_MAX_DENSITY = 0.11
 #: Above :data:`SAMPLED_GRAD_MAX_DENSITY` the weight gradient is formed this many entries at a time (a block of
 #: rows, :func:`blocked_weight_grad`): 512 KiB in fp32 on CPU, never a layer's whole dense gradient (of a layer
 #: larger than that); ``benchmarks/sparse_backward.py --rank 32`` times it against the unblocked ``gᵀx`` + gather
