@@ -15,6 +15,7 @@ import deltatune
 from deltatune.errors import ConfigError, TargetError
 from deltatune.methods import get_method
 from deltatune.methods.lisa import draw, find_blocks
+from deltatune.model import get_module
 from deltatune.train import checkpoint as ckpt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -269,3 +270,47 @@ def test_block_parameters_stay_in_their_own_group_across_draws():
     assert all(id(p) not in first_norms for p in opt.param_groups[0]["params"])
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert set(listed) == {id(p) for p in trainable} and {id(p) for p in opt.state} <= set(listed)
+
+
+def test_always_trained_embedding_trains_on_looked_up_rows_as_dense_adamw_would():
+    """Trained in place (no weight decay), the input embedding gets row-sparse gradients and optimiser state for the
+    rows looked up only.  The first step's update equals the dense-gradient run's (AdamW's update, row for row); the
+    losses of later steps agree (the two updates round differently, and Adam turns last-bit differences in tiny
+    gradients into step-sized ones); the module reads densely again once training ends."""
+    first, losses = {}, {}
+    inputs = tiny_inputs("llama")
+    for sparse in (True, False):
+        model = llama6()
+        config = deltatune.make_config("lisa", {"layers": 2, "interval": 3, "sparse_embeddings": sparse})
+        delta = deltatune.attach(model, config)
+        method = get_method("lisa")
+        opt = method.optimizer([p for p in model.parameters() if p.requires_grad], 1e-3, 0.0, config)
+        (sampler,) = method.hooks(model, delta, config, opt, 40, 1)
+        emb = get_module(model, "model.embed_tokens")
+        assert isinstance(emb, torch.nn.Embedding) and emb.sparse is sparse
+        model.train()
+        losses[sparse] = []
+        for step in range(7):
+            sampler.before_step(step)
+            loss = model(**inputs).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sampler.after_step(step + 1)
+            losses[sparse].append(float(loss))
+            if step == 0:
+                first[sparse] = {n: part.updates(get_module(model, n)) for n, part in delta.parts.items()}
+        (weight,) = delta.parts["model.embed_tokens"].parameters()  # θ, trained in the base's storage
+        st = opt.state[weight]
+        ids = inputs["input_ids"].unique()
+        if sparse:
+            assert torch.equal(st["rows"], ids) and st["exp_avg"].shape == (ids.numel(), emb.embedding_dim)
+        else:
+            assert st["exp_avg"].shape == weight.shape
+        sampler.close()
+        assert emb.sparse is False
+    assert first[True].keys() == first[False].keys()
+    for name, updates in first[True].items():
+        for key, value in updates.items():
+            torch.testing.assert_close(value, first[False][name][key], rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=1e-4, atol=0)

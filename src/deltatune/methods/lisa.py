@@ -25,9 +25,17 @@ from torch import Tensor, nn
 from deltatune.config import require
 from deltatune.errors import ConfigError, TargetError
 from deltatune.layer import PartHolder
+from deltatune.methods.adamw_rows import AdamWRows
 from deltatune.methods.in_place import InPlaceTraining
 from deltatune.methods.lift import require_single_process
-from deltatune.methods.registry import Method, TrainHook, register_method, unwrap_optimizer
+from deltatune.methods.registry import (
+    Method,
+    TrainHook,
+    fused_adamw_ok,
+    param_list,
+    register_method,
+    unwrap_optimizer,
+)
 from deltatune.methods.targets import modules_with_parameters
 from deltatune.model import attach_parts, get_module
 from deltatune.parts.dense import DensePart
@@ -49,6 +57,9 @@ class LisaConfig:
     seed: int = field(default=0, metadata={"help": "seed of the draws (draw s uses seed and s)"})
     in_place: bool = field(default=True, metadata={"help": "train θ in the base's own storage, θ₀ in a temporary "
                                                            "file (see full); false: a separate Δθ per part"})
+    sparse_embeddings: bool = field(default=True, metadata={
+        "help": "an always-trained embedding trained in place gets row-sparse gradients, and optimiser state only "
+                "for the rows looked up (exact AdamW); false: a dense gradient and dense moments"})
 
     def __post_init__(self) -> None:
         require(self.layers >= 1, f"lisa config.layers must be ≥ 1, got {self.layers}")
@@ -130,8 +141,30 @@ class Lisa(Method):
             raise TargetError("lisa: nothing to train (no parameters outside the blocks and in the drawn blocks)")
         return parts
 
+    def optimizer(self, params: list[nn.Parameter], lr: float, weight_decay: float,
+                  config: LisaConfig) -> torch.optim.Optimizer:
+        """AdamW that also takes the embeddings' row-sparse gradients (:class:`AdamWRows`), fused where AdamW is."""
+        params = param_list(params)
+        return AdamWRows(params, lr=lr, weight_decay=weight_decay, fused=fused_adamw_ok(params) or None)
+
     def hooks(self, model, delta, config: LisaConfig, optimizer, total_steps, grad_accum) -> list[TrainHook]:
         return [LisaSampler(model, delta, optimizer, config, total_steps)]
+
+
+def sparse_lookups(parts: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer) -> list[nn.Embedding]:
+    """The embeddings among ``parts`` to look up with ``sparse=True`` (set here; the caller sets it back): those
+    trained in place (their gradient is the module's own weight's) by an optimiser that takes row-sparse gradients
+    (:class:`AdamWRows`).  Their gradient is then the looked-up rows only, and AdamWRows keeps state for those rows
+    alone, instead of a vocab × dim gradient and two vocab × dim moments."""
+    if not isinstance(optimizer, AdamWRows):
+        return []
+    found = []
+    for name, part in parts.items():
+        module = get_module(model, name)
+        if isinstance(module, nn.Embedding) and getattr(part, "bound", False) and not module.sparse:
+            module.sparse = True
+            found.append(module)
+    return found
 
 
 def holder_name(model: nn.Module, part: nn.Module) -> str:
@@ -171,6 +204,8 @@ class LisaSampler(TrainHook):
         self.always = [[p for p in g["params"] if id(p) not in block_params] for g in groups]
         self._relist()
         self.in_place = InPlaceTraining(model, delta, self.optimizer, config.in_place)
+        outside = {n: delta.parts[n] for n in self.plan.outside if n in delta.parts}
+        self.sparse = sparse_lookups(outside, model, self.optimizer) if config.sparse_embeddings else []
 
     def _parts(self, blocks) -> list[DensePart]:
         return [self.delta.parts[n] for b in blocks for n in self.plan.blocks[b] if n in self.delta.parts]
@@ -214,6 +249,9 @@ class LisaSampler(TrainHook):
         self._relist()
 
     def close(self) -> None:
+        for module in self.sparse:
+            module.sparse = False
+        self.sparse = []
         self.in_place.close()
 
     def state_bytes(self) -> int:

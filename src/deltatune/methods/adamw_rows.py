@@ -1,0 +1,115 @@
+"""AdamW that keeps a row-sparse gradient row-sparse: an ``nn.Embedding(sparse=True)`` trained with exact AdamW and
+optimiser state only for the rows its batches have looked up.
+
+AdamW (Loshchilov & Hutter, 2019) on a row that no batch has looked up yet does nothing: its gradient has been zero at
+every step, so ``m = v = 0`` and the step ``η·m̂/(√v̂ + ε)`` is exactly zero (decoupled decay aside, which
+:meth:`AdamWRows._step_rows` applies to every row).  So the state of those rows need not exist.  For a parameter whose
+gradient arrives as a sparse tensor, this optimiser keeps ``exp_avg`` and ``exp_avg_sq`` for the rows ever looked up
+(``rows``, sorted), adds a row with zero moments the first time a batch looks it up, and at every step updates all of
+them with the batch's gradient (zero for a known row the batch did not look up, as dense AdamW does):
+``m ← β₁m + (1−β₁)g``, ``v ← β₂v + (1−β₂)g²``, ``θ ← θ(1 − ηλ) − η·(m / (1−β₁ᵗ)) / (√(v / (1−β₂ᵗ)) + ε)`` with the
+parameter's own step count ``t``, which is dense AdamW's update row for row.  A vocab × dim embedding then costs
+neither a dense gradient nor dense moments: LISA's always-trained embeddings (Pan et al., 2024) at a fraction of
+their dense cost on a small model, where they are half the parameters.
+
+Every other parameter (dense gradient) takes ``torch.optim.AdamW``'s own step, fused where it was built fused.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from deltatune.parts.sparse_grad import lookup_sorted
+
+#: the state of a row-sparse parameter besides torch's ``step``
+ROW_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+class AdamWRows(torch.optim.AdamW):
+    """``torch.optim.AdamW`` that also takes sparse (row) gradients: see the module docstring."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        rows = [(group, p) for group in self.param_groups for p in group["params"]
+                if p.grad is not None and p.grad.is_sparse]
+        for _, p in rows:
+            self.state[p]["_sparse_grad"], p.grad = p.grad, None  # hidden from AdamW's own step, which refuses it
+        for p in self._dense_again():
+            self._to_dense_state(p)
+        try:
+            super().step()
+        finally:
+            for _, p in rows:
+                p.grad = self.state[p].pop("_sparse_grad")
+        for group, p in rows:
+            self._step_rows(p, group)
+        return loss
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """AdamW's, then each row-sparse parameter's ``rows`` put back as int64 (AdamW casts every state tensor but
+        ``step`` to its parameter's dtype, which would make row ids floats, inexact in bf16)."""
+        saved = [i for g in state_dict["param_groups"] for i in g["params"]]
+        rows = {saved.index(i): st["rows"] for i, st in state_dict["state"].items() if "rows" in st}
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for position, ids in rows.items():
+            self.state[params[position]]["rows"] = ids.to(device=params[position].device, dtype=torch.long)
+
+    def _dense_again(self) -> list[Tensor]:
+        """Parameters holding row state whose gradient is dense this step (a tied weight read densely elsewhere too)."""
+        return [p for group in self.param_groups for p in group["params"]
+                if p.grad is not None and not p.grad.is_sparse and "rows" in self.state.get(p, {})]
+
+    def _to_dense_state(self, p: Tensor) -> None:
+        """Row state made AdamW's own dense state (zero moments in the rows never looked up)."""
+        st = self.state[p]
+        rows = st.pop("rows")
+        for key in ROW_KEYS:
+            st[key] = torch.zeros_like(p, memory_format=torch.preserve_format).index_copy_(0, rows, st[key])
+
+    def _step_rows(self, p: Tensor, group: dict) -> None:
+        """The AdamW step of ``p`` from its sparse gradient, on the rows ever looked up (the module docstring)."""
+        b1, b2 = group["betas"]
+        lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+        grad = p.grad.coalesce()
+        looked_up, values = grad.indices()[0], grad.values()
+        st = self.state[p]
+        if "exp_avg" not in st:  # first step: no row yet
+            st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            st["rows"] = torch.zeros(0, dtype=torch.long, device=p.device)
+            for key in ROW_KEYS:
+                st[key] = torch.zeros((0, *p.shape[1:]), dtype=p.dtype, device=p.device)
+        elif "rows" not in st:  # dense state (a checkpoint of a dense run): every row is known
+            st["rows"] = torch.arange(p.shape[0], device=p.device)
+        self._add_rows(st, looked_up)
+        pos, _ = lookup_sorted(st["rows"], looked_up)
+        g = torch.zeros_like(st["exp_avg"]).index_copy_(0, pos, values.to(p.dtype))
+        st["step"] += 1
+        t = float(st["step"])
+        m, v = st["exp_avg"], st["exp_avg_sq"]
+        m.lerp_(g, 1 - b1)
+        v.mul_(b2).addcmul_(g, g, value=1 - b2)
+        if wd:
+            p.mul_(1 - lr * wd)
+        denom = (v.sqrt() / math.sqrt(1 - b2**t)).add_(eps)  # torch's single-tensor AdamW, operation for operation
+        p.index_add_(0, st["rows"], m / denom, alpha=-lr / (1 - b1**t))
+
+    @staticmethod
+    def _add_rows(st: dict[str, Tensor], looked_up: Tensor) -> None:
+        """Rows of ``looked_up`` not yet in ``st["rows"]`` join it (sorted) with zero moments."""
+        known = st["rows"]
+        _, hit = lookup_sorted(known, looked_up)
+        if bool(hit.all()):
+            return
+        rows = torch.cat([known, looked_up[~hit]]).sort().values
+        pos, _ = lookup_sorted(rows, known)
+        for key in ROW_KEYS:
+            st[key] = st[key].new_zeros((rows.numel(), *st[key].shape[1:])).index_copy_(0, pos, st[key])
+        st["rows"] = rows

@@ -1,0 +1,83 @@
+"""AdamWRows: a row-sparse gradient (``nn.Embedding(sparse=True)``) trained with exact AdamW and state only for the
+rows looked up; dense parameters beside it take AdamW's own step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from deltatune.methods.adamw_rows import AdamWRows
+
+BATCHES = [[3, 7, 7, 1], [7, 9], [0, 3, 3, 3], [12], [5, 1, 9, 12, 13], [2]]
+
+
+def _pair(wd: float, lr: float = 1e-2):
+    torch.manual_seed(0)
+    dense = nn.Embedding(16, 4)
+    rows = nn.Embedding(16, 4, sparse=True)
+    rows.load_state_dict(dense.state_dict())
+    head_d, head_r = nn.Linear(4, 1), nn.Linear(4, 1)
+    head_r.load_state_dict(head_d.state_dict())
+    opt_d = torch.optim.AdamW([*dense.parameters(), *head_d.parameters()], lr=lr, weight_decay=wd)
+    opt_r = AdamWRows([*rows.parameters(), *head_r.parameters()], lr=lr, weight_decay=wd)
+    return (dense, head_d, opt_d), (rows, head_r, opt_r)
+
+
+def _step(emb, head, opt, ids, target):
+    loss = (head(emb(torch.tensor(ids))).squeeze(-1) - target).pow(2).mean()
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("wd", [0.0, 0.1])
+def test_row_sparse_steps_equal_dense_adamw_with_state_for_looked_up_rows_only(wd):
+    (dense, head_d, opt_d), (rows, head_r, opt_r) = _pair(wd)
+    seen: set[int] = set()
+    for i, ids in enumerate(BATCHES):
+        _step(dense, head_d, opt_d, ids, float(i))
+        _step(rows, head_r, opt_r, ids, float(i))
+        seen |= set(ids)
+        st = opt_r.state[rows.weight]
+        assert st["rows"].tolist() == sorted(seen)  # a row joins when first looked up, and stays
+        assert st["exp_avg"].shape == (len(seen), 4)
+        # a row looked up earlier keeps moving on momentum alone, as in dense AdamW
+        torch.testing.assert_close(rows.weight, dense.weight, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(head_r.weight, head_d.weight, rtol=1e-6, atol=1e-7)
+    never = sorted(set(range(16)) - seen)
+    torch.manual_seed(0)
+    start = nn.Embedding(16, 4).weight.detach()
+    decay = (1 - 1e-2 * wd) ** len(BATCHES)
+    torch.testing.assert_close(rows.weight.detach()[never], start[never] * decay)  # never looked up: decay alone
+
+
+def test_state_survives_a_save_and_load_with_int64_rows():
+    (_, _, _), (rows, head, opt) = _pair(0.0)
+    (_, _, _), (rows2, head2, opt2) = _pair(0.0)
+    for i, ids in enumerate(BATCHES[:3]):
+        _step(rows, head, opt, ids, float(i))
+        _step(rows2, head2, opt2, ids, float(i))
+    saved = opt.state_dict()
+    (_, _, _), (rows3, head3, opt3) = _pair(0.0)
+    rows3.load_state_dict(rows.state_dict())
+    head3.load_state_dict(head.state_dict())
+    opt3.load_state_dict(saved)
+    assert opt3.state[rows3.weight]["rows"].dtype == torch.long
+    for i, ids in enumerate(BATCHES[3:]):
+        _step(rows2, head2, opt2, ids, float(i))
+        _step(rows3, head3, opt3, ids, float(i))
+    assert torch.equal(rows3.weight, rows2.weight)
+
+
+def test_a_dense_gradient_after_row_steps_continues_as_dense_adamw():
+    (dense, head_d, opt_d), (rows, head_r, opt_r) = _pair(0.0)
+    for i, ids in enumerate(BATCHES[:3]):
+        _step(dense, head_d, opt_d, ids, float(i))
+        _step(rows, head_r, opt_r, ids, float(i))
+    rows.sparse = False  # now read densely (as a tied weight would be)
+    for i, ids in enumerate(BATCHES[3:]):
+        _step(dense, head_d, opt_d, ids, float(i))
+        _step(rows, head_r, opt_r, ids, float(i))
+    assert "rows" not in opt_r.state[rows.weight]
+    torch.testing.assert_close(rows.weight, dense.weight, rtol=1e-6, atol=1e-7)
