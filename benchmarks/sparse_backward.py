@@ -3,7 +3,7 @@
 For one linear layer ``y = x Wᵀ`` with ``T`` tokens, the sparse delta needs ``(gᵀx).flat[indices]`` at its ``k``
 trained entries (``k`` = LoRA r's count on that layer, ``r·(d_in + d_out)``, random positions; ``--rank``,
 default 8: 4.2 % of MiniLM's 384×384 matrices and 2.6 % of its 1536×384 ones; r = 32: 16.7 % and 10.4 %, around
-the 13 % above which the backward switches from the SDDMM to row blocks).  Rows (medians of ``--repeats`` calls,
+the 11 % above which the backward switches from the SDDMM to row blocks).  Rows (medians of ``--repeats`` calls,
 milliseconds):
 
 * ``sddmm_shipped``      ``deltatune.parts.sparse_grad.sampled_weight_grad`` as the backward calls it for a layer whose
@@ -19,7 +19,7 @@ milliseconds):
 * ``transposes``         ``token_major``'s two copies alone (``gᵀ`` and ``xᵀ``);
 * ``transposes_plain``   the same two copies as ``m.t().contiguous()``;
 * ``dense_gather``       the dense ``gᵀx`` then the ``k`` entries gathered;
-* ``blocked_gather``     ``deltatune.parts.sparse_grad.blocked_weight_grad``, the backward's path above 13 % density:
+* ``blocked_gather``     ``deltatune.parts.sparse_grad.blocked_weight_grad``, the backward's path above 11 % density:
                          ``gᵀx`` formed a block of rows (≤ 2¹⁷ entries) at a time, each block's entries gathered;
 * ``lora_r8``            what LoRA r (``lora_r8`` for r = 8) computes in the same place: ``∂A = (g B)ᵀ x``-style
                          thin matmuls for both factors and the extra input-gradient term ``(g B) A`` (α/r = 1).

@@ -5,6 +5,7 @@ re-draw."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -33,12 +34,13 @@ def blocks_of(delta) -> set[int]:
     return {int(n.split(".")[2]) for n in delta.parts if n.startswith("model.layers.")}
 
 
-def setup(config_map: dict, total: int = 40):
+def setup(config_map: dict, total: int = 40, weight_decay: float = 0.1):
+    """LISA on :func:`llama6`; with weight decay nothing trains in place (and no embedding looks up sparsely)."""
     model = llama6()
     config = deltatune.make_config("lisa", config_map)
     delta = deltatune.attach(model, config)
     method = get_method("lisa")
-    opt = method.optimizer([p for p in model.parameters() if p.requires_grad], 1e-2, 0.1, config)
+    opt = method.optimizer([p for p in model.parameters() if p.requires_grad], 1e-2, weight_decay, config)
     (sampler,) = method.hooks(model, delta, config, opt, total, 1)
     return model, delta, opt, sampler
 
@@ -128,12 +130,13 @@ def test_delta_holds_every_trained_block_and_reproduces_outputs(tmp_path):
     assert max_diff(logits(merged, inputs), logits(model, inputs)) <= 1e-5
 
 
-def test_resume_across_a_redraw_is_bit_exact(tmp_path):
+@pytest.mark.parametrize("wd", [0.1, 0.0])  # 0.0: in place, the embedding's rows looked up sparsely
+def test_resume_across_a_redraw_is_bit_exact(tmp_path, wd):
     cfg = {"layers": 2, "interval": 2}
-    straight = setup(cfg, total=8)
+    straight = setup(cfg, total=8, weight_decay=wd)
     run(*straight, 0, 8)
 
-    first = setup(cfg, total=8)
+    first = setup(cfg, total=8, weight_decay=wd)
     run(*first, 0, 3)
     model, delta, opt, sampler = first
     payload = {"trainable": ckpt.trainable_state(model, delta), "optimizer": opt.state_dict(), "scheduler": {},
@@ -141,7 +144,8 @@ def test_resume_across_a_redraw_is_bit_exact(tmp_path):
                "history": [], "rng": [ckpt.rng_state()]}
     ckpt.save_checkpoint(tmp_path / "ckpt", payload)
 
-    model2, delta2, opt2, sampler2 = setup(cfg, total=8)
+    model2, delta2, opt2, sampler2 = setup(cfg, total=8, weight_decay=wd)
+    assert get_module(model2, "model.embed_tokens").sparse is (wd == 0)
     state = ckpt.load_checkpoint(tmp_path / "ckpt")
     sampler2.load_state_dict(state["hooks"][0])
     ckpt.restore_trainable(model2, state["trainable"], tmp_path, delta2)
@@ -314,3 +318,17 @@ def test_always_trained_embedding_trains_on_looked_up_rows_as_dense_adamw_would(
         for key, value in updates.items():
             torch.testing.assert_close(value, first[False][name][key], rtol=1e-5, atol=1e-8)
     torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=1e-4, atol=0)
+
+
+def test_a_loop_of_your_own_with_torchs_adamw_is_not_warned():
+    """Out of deltatune's loop nothing trains in place, so no gradient is row-sparse and AdamW is LISA's optimiser."""
+    from deltatune.train.integration import schedule_for
+
+    model = llama6()
+    delta = deltatune.attach(model, deltatune.make_config("lisa", {"layers": 1}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        schedule = schedule_for(model, delta, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]),
+                                4)
+    schedule.close()
+    assert get_module(model, "model.embed_tokens").sparse is False

@@ -249,7 +249,7 @@ def test_a_window_forms_dense_gradients_only_in_its_first_step(monkeypatch):
 
 
 def test_a_window_on_dense_supports_keeps_its_gradient_buffer_until_the_event(monkeypatch):
-    dense_at, held = _window_steps(monkeypatch, [(8, 6), (3, 8)], k=4)  # 8 % and 17 %: with candidates above 13 %
+    dense_at, held = _window_steps(monkeypatch, [(8, 6), (3, 8)], k=4)  # 8 % and 17 %: with candidates above 11 %
     assert dense_at == [0, 0, 1, 1, 2, 2]  # gathered from the dense gradient at every step
     assert held == [["grad"], ["grad"], []]  # one buffer through the window, not one per step
 

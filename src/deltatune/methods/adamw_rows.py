@@ -8,9 +8,11 @@ gradient arrives as a sparse tensor, this optimiser keeps ``exp_avg`` and ``exp_
 (``rows``, sorted), adds a row with zero moments the first time a batch looks it up, and at every step updates all of
 them with the batch's gradient (zero for a known row the batch did not look up, as dense AdamW does):
 ``m ← β₁m + (1−β₁)g``, ``v ← β₂v + (1−β₂)g²``, ``θ ← θ(1 − ηλ) − η·(m / (1−β₁ᵗ)) / (√(v / (1−β₂ᵗ)) + ε)`` with the
-parameter's own step count ``t``, which is dense AdamW's update row for row.  A vocab × dim embedding then costs
-neither a dense gradient nor dense moments: LISA's always-trained embeddings (Pan et al., 2024) at a fraction of
-their dense cost on a small model, where they are half the parameters.
+parameter's own step count ``t``, which is dense AdamW's update row for row (in fp32; a bf16 or fp16 parameter rounds
+at other points than torch's fused kernel).  Once more than half the rows are known, all of them are (one copy, then
+none as rows come): the state is then AdamW's own size, and the gradient still row-sparse.  A vocab × dim embedding
+then costs neither a dense gradient nor dense moments: LISA's always-trained embeddings (Pan et al., 2024) at a
+fraction of their dense cost on a small model, where they are half the parameters.
 
 Every other parameter (dense gradient) takes ``torch.optim.AdamW``'s own step, fused where it was built fused.
 """
@@ -22,14 +24,19 @@ import math
 import torch
 from torch import Tensor
 
+from deltatune.errors import ConfigError
 from deltatune.parts.sparse_grad import lookup_sorted
 
 #: the state of a row-sparse parameter besides torch's ``step``
 ROW_KEYS = ("exp_avg", "exp_avg_sq")
+#: AdamW options the row step does not implement (refused for a parameter with a sparse gradient)
+UNSUPPORTED = ("amsgrad", "maximize", "capturable", "differentiable")
 
 
 class AdamWRows(torch.optim.AdamW):
-    """``torch.optim.AdamW`` that also takes sparse (row) gradients: see the module docstring."""
+    """``torch.optim.AdamW`` that also takes sparse (row) gradients: see the module docstring.  Under a ``GradScaler``
+    (which hands a fused optimiser ``grad_scale`` and ``found_inf`` instead of unscaling), the rows' gradients are
+    unscaled and a step with an inf or NaN gradient is skipped, as AdamW's fused step does."""
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -39,17 +46,27 @@ class AdamWRows(torch.optim.AdamW):
                 loss = closure()
         rows = [(group, p) for group in self.param_groups for p in group["params"]
                 if p.grad is not None and p.grad.is_sparse]
-        for _, p in rows:
-            self.state[p]["_sparse_grad"], p.grad = p.grad, None  # hidden from AdamW's own step, which refuses it
+        for group, _ in rows:
+            wanted = [k for k in UNSUPPORTED if group.get(k)]
+            if wanted:
+                raise ConfigError(f"AdamWRows: a parameter with a sparse (row) gradient cannot train with "
+                                  f"{', '.join(wanted)} (not implemented for rows); read it densely instead")
         for p in self._dense_again():
             self._to_dense_state(p)
+        sparse = {p: p.grad for _, p in rows}
+        for p in sparse:
+            p.grad = None  # hidden from AdamW's own step, which refuses a sparse gradient
         try:
-            super().step()
+            # AdamW's step without its hook wrapper: this class's own step already ran the optimizer's hooks
+            getattr(torch.optim.AdamW.step, "__wrapped__", torch.optim.AdamW.step)(self)
         finally:
-            for _, p in rows:
-                p.grad = self.state[p].pop("_sparse_grad")
+            for p, grad in sparse.items():
+                p.grad = grad
+        scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        if found_inf is not None and float(found_inf) > 0:
+            return loss
         for group, p in rows:
-            self._step_rows(p, group)
+            self._step_rows(p, group, scale)
         return loss
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -74,41 +91,47 @@ class AdamWRows(torch.optim.AdamW):
         for key in ROW_KEYS:
             st[key] = torch.zeros_like(p, memory_format=torch.preserve_format).index_copy_(0, rows, st[key])
 
-    def _step_rows(self, p: Tensor, group: dict) -> None:
+    def _step_rows(self, p: Tensor, group: dict, scale: Tensor | None) -> None:
         """The AdamW step of ``p`` from its sparse gradient, on the rows ever looked up (the module docstring)."""
         b1, b2 = group["betas"]
         lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
         grad = p.grad.coalesce()
-        looked_up, values = grad.indices()[0], grad.values()
+        looked_up, values = grad.indices()[0], grad.values().to(p.dtype)
+        if scale is not None:
+            values = values / scale.to(values.dtype)
         st = self.state[p]
-        if "exp_avg" not in st:  # first step: no row yet
-            st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        if "exp_avg" not in st:  # first step: no row yet; ``step`` where AdamW keeps it
+            on_device = group["fused"] or group["capturable"]
+            st["step"] = torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu")
             st["rows"] = torch.zeros(0, dtype=torch.long, device=p.device)
             for key in ROW_KEYS:
                 st[key] = torch.zeros((0, *p.shape[1:]), dtype=p.dtype, device=p.device)
         elif "rows" not in st:  # dense state (a checkpoint of a dense run): every row is known
             st["rows"] = torch.arange(p.shape[0], device=p.device)
-        self._add_rows(st, looked_up)
+        self._add_rows(st, looked_up, p.shape[0])
         pos, _ = lookup_sorted(st["rows"], looked_up)
-        g = torch.zeros_like(st["exp_avg"]).index_copy_(0, pos, values.to(p.dtype))
         st["step"] += 1
         t = float(st["step"])
         m, v = st["exp_avg"], st["exp_avg_sq"]
-        m.lerp_(g, 1 - b1)
-        v.mul_(b2).addcmul_(g, g, value=1 - b2)
+        m.mul_(b1).index_add_(0, pos, values, alpha=1 - b1)  # β₁m + (1−β₁)g, g zero off the looked-up rows
+        v.mul_(b2).index_add_(0, pos, values * values, alpha=1 - b2)
         if wd:
             p.mul_(1 - lr * wd)
-        denom = (v.sqrt() / math.sqrt(1 - b2**t)).add_(eps)  # torch's single-tensor AdamW, operation for operation
-        p.index_add_(0, st["rows"], m / denom, alpha=-lr / (1 - b1**t))
+        step = v.sqrt().div_(math.sqrt(1 - b2**t)).add_(eps)  # one temporary the size of the known rows
+        torch.div(m, step, out=step)
+        p.index_add_(0, st["rows"], step, alpha=-lr / (1 - b1**t))
 
     @staticmethod
-    def _add_rows(st: dict[str, Tensor], looked_up: Tensor) -> None:
-        """Rows of ``looked_up`` not yet in ``st["rows"]`` join it (sorted) with zero moments."""
+    def _add_rows(st: dict[str, Tensor], looked_up: Tensor, n_rows: int) -> None:
+        """Rows of ``looked_up`` not yet in ``st["rows"]`` join it (sorted) with zero moments; past half of the
+        ``n_rows``, every row joins (no more copies as rows come)."""
         known = st["rows"]
         _, hit = lookup_sorted(known, looked_up)
         if bool(hit.all()):
             return
         rows = torch.cat([known, looked_up[~hit]]).sort().values
+        if 2 * rows.numel() > n_rows:
+            rows = torch.arange(n_rows, device=known.device)
         pos, _ = lookup_sorted(rows, known)
         for key in ROW_KEYS:
             st[key] = st[key].new_zeros((rows.numel(), *st[key].shape[1:])).index_copy_(0, pos, st[key])

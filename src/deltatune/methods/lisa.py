@@ -31,6 +31,7 @@ from deltatune.methods.lift import require_single_process
 from deltatune.methods.registry import (
     Method,
     TrainHook,
+    adamw,
     fused_adamw_ok,
     param_list,
     register_method,
@@ -143,7 +144,10 @@ class Lisa(Method):
 
     def optimizer(self, params: list[nn.Parameter], lr: float, weight_decay: float,
                   config: LisaConfig) -> torch.optim.Optimizer:
-        """AdamW that also takes the embeddings' row-sparse gradients (:class:`AdamWRows`), fused where AdamW is."""
+        """AdamW, fused where it can be; one that also takes the embeddings' row-sparse gradients (:class:`AdamWRows`)
+        where they can arise (trained in place, ``sparse_embeddings``)."""
+        if not (config.in_place and config.sparse_embeddings):
+            return adamw(params, lr, weight_decay)
         params = param_list(params)
         return AdamWRows(params, lr=lr, weight_decay=weight_decay, fused=fused_adamw_ok(params) or None)
 

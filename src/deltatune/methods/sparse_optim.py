@@ -52,6 +52,14 @@ class SparseAdamW(torch.optim.Optimizer):
         once to fp32, grown to the largest age seen: two gathers over all the ages at once instead of two elementwise
         ``pow`` per tensor, which took three quarters of the step (scalar base, tensor exponent: a slow kernel on
         CPU; an ad hoc ``torch.profiler`` run over MiniLM's 36 SpIEL parts)."""
+        if len({a.device for a in ages}) > 1:  # one table per device: each device's ages on their own
+            out1: list[Tensor] = [torch.empty(0)] * len(ages)
+            out2 = list(out1)
+            for device in {a.device for a in ages}:
+                at = [i for i, a in enumerate(ages) if a.device == device]
+                for i, bc1, bc2 in zip(at, *self.bias_corrections([ages[i] for i in at], betas), strict=True):
+                    out1[i], out2[i] = bc1, bc2
+            return out1, out2
         flat = torch.cat([a.reshape(-1) for a in ages]).long() if ages else torch.zeros(0, dtype=torch.long)
         top = int(flat.max()) if flat.numel() else 0
         out = []
