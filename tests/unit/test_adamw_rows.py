@@ -125,3 +125,17 @@ def test_step_hooks_run_once_and_never_see_a_hidden_gradient():
     opt.register_step_post_hook(lambda o, a, k: calls.append(("post", rows.weight.grad is not None)))
     _step(rows, head, opt, [1, 2], 0.0)
     assert calls == [("pre", True), ("post", True)]
+
+
+def test_a_closure_is_evaluated_with_gradients_on_and_its_loss_returned():
+    _, (rows, head, opt) = _pair(0.0)
+
+    def closure():
+        opt.zero_grad(set_to_none=True)
+        loss = head(rows(torch.tensor([1, 2]))).sum()
+        loss.backward()
+        return loss
+
+    before = rows.weight.detach().clone()
+    loss = opt.step(closure)
+    assert loss.requires_grad and not torch.equal(rows.weight, before)

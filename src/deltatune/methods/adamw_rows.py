@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from deltatune.errors import ConfigError
+from deltatune.methods.sparse_optim import run_closure
 from deltatune.parts.sparse_grad import lookup_sorted
 
 #: the state of a row-sparse parameter besides torch's ``step``
@@ -40,10 +41,7 @@ class AdamWRows(torch.optim.AdamW):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         rows = [(group, p) for group in self.param_groups for p in group["params"]
                 if p.grad is not None and p.grad.is_sparse]
         for group, _ in rows:

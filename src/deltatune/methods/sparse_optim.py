@@ -13,6 +13,9 @@ nor the weight decay touches any other element.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -36,6 +39,14 @@ def remap_state(state: dict[str, Tensor], old_keys: Tensor, new_keys: Tensor) ->
     return out
 
 
+def run_closure(closure: Callable[[], Any] | None) -> Any:
+    """An optimiser step's ``closure`` (re-evaluating the loss) called with gradients on, as torch's optimisers do."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 class SparseAdamW(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0) -> None:
@@ -50,8 +61,8 @@ class SparseAdamW(torch.optim.Optimizer):
 
         Read from a table of ``1 − β^a`` computed in float64 (as AdamW computes its scalar ``1 − β^step``) and rounded
         once to fp32, grown to the largest age seen: two gathers over all the ages at once instead of two elementwise
-        ``pow`` per tensor, which took three quarters of the step (scalar base, tensor exponent: a slow kernel on
-        CPU; an ad hoc ``torch.profiler`` run over MiniLM's 36 SpIEL parts)."""
+        ``pow`` per tensor, which took three quarters of the optimiser step (scalar base, tensor exponent: a slow kernel
+        on CPU; an ad hoc ``torch.profiler`` run over MiniLM's 36 SpIEL parts)."""
         if len({a.device for a in ages}) > 1:  # one table per device: each device's ages on their own
             out1: list[Tensor] = [torch.empty(0)] * len(ages)
             out2 = list(out1)
@@ -135,10 +146,7 @@ class SparseAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         for group in self.param_groups:
             whole, partial = [], []
             for p in group["params"]:
