@@ -275,3 +275,35 @@ def test_resume_is_exact_when_a_schedule_changes_what_trains(tmp_path, monkeypat
     armed[0] = False
     resumed = loop.train(TrainConfig(out_dir=str(tmp_path / "b"), resume=True, **kw), mc)
     assert resumed.delta.metrics["digest"] == full.delta.metrics["digest"]
+
+
+def test_a_refused_resume_gives_the_base_its_tensors_back(tmp_path, monkeypatch, data_dir):
+    """The hooks exist before the checks of a resume: when one refuses (another run's settings), in-place training
+    is still closed — the base gets θ₀ back and the temporary file holding it is deleted — not left to the
+    garbage collector (a notebook's last traceback keeps the frame alive)."""
+    from deltatune.errors import ConfigError
+    from deltatune.methods import full, in_place
+
+    kw = dict(SMALL, train_limit=32, max_steps=4, checkpoint_every=2, out_dir=str(tmp_path / "r"))
+    mc = dt.make_config("full", {"targets": ["query"]})
+
+    class Crash(TrainHook):
+        def after_step(self, step):
+            if step == 3:
+                raise KeyboardInterrupt
+
+    original_hooks = full.Full.hooks
+    monkeypatch.setattr(full.Full, "hooks", lambda self, *a, **k: original_hooks(self, *a, **k) + [Crash()])
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(TrainConfig(**kw), mc)  # leaves the checkpoint of step 2
+    closed = []
+    original = in_place.InPlaceTraining.close
+
+    def close(self):
+        closed.append((len(self.bound), self.spill is not None))
+        original(self)
+
+    monkeypatch.setattr(in_place.InPlaceTraining, "close", close)
+    with pytest.raises(ConfigError, match="lr"):
+        loop.train(TrainConfig(**{**kw, "lr": 1e-2}, resume=True), mc)
+    assert closed == [(6, True)]  # the six bound query weights, and their θ₀ file

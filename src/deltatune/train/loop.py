@@ -31,7 +31,7 @@ from deltatune.errors import ConfigError, DataError, DeltaFormatError, TrainingD
 from deltatune.io.atomic import atomic_file, guard_output, recover_dir
 from deltatune.io.delta_format import save_delta
 from deltatune.io.outputs import write_marker
-from deltatune.methods.registry import get_method, unwrap_optimizer
+from deltatune.methods.registry import TrainHook, get_method, unwrap_optimizer
 from deltatune.model import attach
 from deltatune.provenance import Provenance, path_reference
 from deltatune.train import checkpoint as ckpt
@@ -178,34 +178,38 @@ def train(cfg: TrainConfig, method_config: Any,
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     hooks = method.hooks(model, delta, method_config, optimizer, cfg.max_steps, cfg.grad_accum)
     hooks += [stack.guard()] if stack is not None else []  # a resumed run checks its underlying deltas
-    if fsdp.requested():  # `accelerate launch` with an FSDP config: the frozen base is sharded (train/fsdp.py)
-        ddp_model, optimizer = fsdp.shard(accelerator, model, optimizer), accelerator.prepare(optimizer)
-    else:
-        zero.configure(accelerator, cfg.grad_accum, hooks, cfg.batch_size)  # a DeepSpeed launch: refuse what breaks
-        ddp_model, optimizer = accelerator.prepare(model, optimizer)
-    raw_model = accelerator.unwrap_model(ddp_model)
-    eval_model = ddp_model if fsdp.requested() else raw_model  # FSDP gathers its shards in its own forward
+    try:  # until the training loop's own try: a refusal here (a resume of another run) still closes the hooks
+        if fsdp.requested():  # `accelerate launch` with an FSDP config: the frozen base is sharded (train/fsdp.py)
+            ddp_model, optimizer = fsdp.shard(accelerator, model, optimizer), accelerator.prepare(optimizer)
+        else:
+            zero.configure(accelerator, cfg.grad_accum, hooks, cfg.batch_size)  # a DeepSpeed launch: refuse what breaks
+            ddp_model, optimizer = accelerator.prepare(model, optimizer)
+        raw_model = accelerator.unwrap_model(ddp_model)
+        eval_model = ddp_model if fsdp.requested() else raw_model  # FSDP gathers its shards in its own forward
 
-    step, epoch, offset, history = 0, 0, 0, []
-    before, best = {}, None
-    run = run_settings(cfg, delta)
-    if cfg.resume:
-        state = _resume(out / "checkpoint", raw_model, delta, optimizer, scheduler, hooks, accelerator, run)
-        step, epoch, offset = state["step"], state["epoch"], state["offset"]
-        before, best, history = state["before"], state["best"], state["history"]
-        log.say(f"resumed from {out / 'checkpoint'} at step {step}")
-    elif cfg.eval_before:
-        before = _defined(evaluate(eval_model, task, cfg.eval_batch_size, accelerator.device))
-        log.say(f"before training: {_fmt(before)}")
+        step, epoch, offset, history = 0, 0, 0, []
+        before, best = {}, None
+        run = run_settings(cfg, delta)
+        if cfg.resume:
+            state = _resume(out / "checkpoint", raw_model, delta, optimizer, scheduler, hooks, accelerator, run)
+            step, epoch, offset = state["step"], state["epoch"], state["offset"]
+            before, best, history = state["before"], state["best"], state["history"]
+            log.say(f"resumed from {out / 'checkpoint'} at step {step}")
+        elif cfg.eval_before:
+            before = _defined(evaluate(eval_model, task, cfg.eval_batch_size, accelerator.device))
+            log.say(f"before training: {_fmt(before)}")
 
-    run_log = RunLog(out, accelerator, asdict(cfg), step if cfg.resume else None)
-    if before and not cfg.resume:
-        run_log.record({"step": 0, "eval": before})
-    data = ShardedBatches(task, cfg.batch_size, cfg.seed, accelerator.process_index, accelerator.num_processes,
-                          accelerator.device, epoch, offset)
-    stream = iter(data)
-    last_ckpt: str | None = str(out / "checkpoint") if (out / "checkpoint").exists() and cfg.resume else None
-    progress = log.progress(cfg.max_steps, step)
+        run_log = RunLog(out, accelerator, asdict(cfg), step if cfg.resume else None)
+        if before and not cfg.resume:
+            run_log.record({"step": 0, "eval": before})
+        data = ShardedBatches(task, cfg.batch_size, cfg.seed, accelerator.process_index, accelerator.num_processes,
+                              accelerator.device, epoch, offset)
+        stream = iter(data)
+        last_ckpt: str | None = str(out / "checkpoint") if (out / "checkpoint").exists() and cfg.resume else None
+        progress = log.progress(cfg.max_steps, step)
+    except BaseException:
+        _close_hooks(hooks)  # in-place training gives the base its tensors back, its θ₀ file is deleted
+        raise
     try:
         while step < cfg.max_steps:
             started = time.perf_counter()
@@ -265,8 +269,7 @@ def train(cfg: TrainConfig, method_config: Any,
                                  before, best, history, run)
                 last_ckpt = str(out / "checkpoint")
     finally:
-        for hook in hooks:
-            hook.close()  # in-place training gives the base its tensors back (methods/in_place.py)
+        _close_hooks(hooks)
         log.close(progress)
         run_log.close()
 
@@ -286,6 +289,12 @@ def train(cfg: TrainConfig, method_config: Any,
     delta.metrics.update(summary)
     best_dir = out / "best" if best else None
     return TrainResult(delta, out / "delta", best_dir, before, final, best, history, accelerator.is_main_process)
+
+
+def _close_hooks(hooks: list[TrainHook]) -> None:
+    """Each hook gives back what it took: in-place training the base's tensors (``methods/in_place.py``)."""
+    for hook in hooks:
+        hook.close()
 
 
 def train_provenance(cfg: TrainConfig, task: Task) -> Provenance:
