@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from deltatune.errors import ConfigError
-from deltatune.methods.sparse_optim import run_closure
+from deltatune.methods.sparse_optim import remap_state, run_closure
 from deltatune.parts.sparse_grad import lookup_sorted
 
 #: the state of a row-sparse parameter besides torch's ``step``
@@ -130,7 +130,5 @@ class AdamWRows(torch.optim.AdamW):
         rows = torch.cat([known, looked_up[~hit]]).sort().values
         if 2 * rows.numel() > n_rows:
             rows = torch.arange(n_rows, device=known.device)
-        pos, _ = lookup_sorted(rows, known)
-        for key in ROW_KEYS:
-            st[key] = st[key].new_zeros((rows.numel(), *st[key].shape[1:])).index_copy_(0, pos, st[key])
+        st.update(remap_state({key: st[key] for key in ROW_KEYS}, known, rows))
         st["rows"] = rows

@@ -26,15 +26,15 @@ STATE_KEYS = ("exp_avg", "exp_avg_sq", "age")
 
 
 def remap_state(state: dict[str, Tensor], old_keys: Tensor, new_keys: Tensor) -> dict[str, Tensor]:
-    """Per-element state re-indexed from the sorted key set ``old_keys`` to the sorted ``new_keys``: an element
-    whose key is in both keeps its moments and age; a new key starts at zero (age 0, so its bias correction
-    starts afresh)."""
+    """Each state tensor of ``state`` (one entry, or one row, per key) re-indexed from the sorted key set
+    ``old_keys`` to the sorted ``new_keys``: an element whose key is in both keeps its moments and age; a new key
+    starts at zero (age 0, so its bias correction starts afresh)."""
     out = {}
     pos, hit = lookup_sorted(old_keys, new_keys)
-    for key in STATE_KEYS:
-        fresh = torch.zeros(new_keys.numel(), dtype=torch.float32, device=new_keys.device)
+    for key, old in state.items():
+        fresh = old.new_zeros((new_keys.numel(), *old.shape[1:]), device=new_keys.device)
         if old_keys.numel():
-            fresh[hit] = state[key][pos[hit]].to(fresh.device)
+            fresh[hit] = old[pos[hit]].to(fresh.device)
         out[key] = fresh
     return out
 
