@@ -28,15 +28,7 @@ from deltatune.layer import PartHolder
 from deltatune.methods.adamw_rows import AdamWRows
 from deltatune.methods.in_place import InPlaceTraining
 from deltatune.methods.lift import require_single_process
-from deltatune.methods.registry import (
-    Method,
-    TrainHook,
-    adamw,
-    fused_adamw_ok,
-    param_list,
-    register_method,
-    unwrap_optimizer,
-)
+from deltatune.methods.registry import Method, TrainHook, adamw, register_method, unwrap_optimizer
 from deltatune.methods.targets import modules_with_parameters
 from deltatune.model import attach_parts, get_module
 from deltatune.parts.dense import DensePart
@@ -146,10 +138,8 @@ class Lisa(Method):
                   config: LisaConfig) -> torch.optim.Optimizer:
         """AdamW, fused where it can be; one that also takes the embeddings' row-sparse gradients (:class:`AdamWRows`)
         where they can arise (trained in place, ``sparse_embeddings``)."""
-        if not (config.in_place and config.sparse_embeddings):
-            return adamw(params, lr, weight_decay)
-        params = param_list(params)
-        return AdamWRows(params, lr=lr, weight_decay=weight_decay, fused=fused_adamw_ok(params) or None)
+        rows = config.in_place and config.sparse_embeddings
+        return adamw(params, lr, weight_decay, AdamWRows if rows else torch.optim.AdamW)
 
     def hooks(self, model, delta, config: LisaConfig, optimizer, total_steps, grad_accum) -> list[TrainHook]:
         return [LisaSampler(model, delta, optimizer, config, total_steps)]
