@@ -34,13 +34,13 @@ def blocks_of(delta) -> set[int]:
     return {int(n.split(".")[2]) for n in delta.parts if n.startswith("model.layers.")}
 
 
-def setup(config_map: dict, total: int = 40, weight_decay: float = 0.1):
+def setup(config_map: dict, total: int = 40, weight_decay: float = 0.1, lr: float = 1e-2):
     """LISA on :func:`llama6`; with weight decay nothing trains in place (and no embedding looks up sparsely)."""
     model = llama6()
     config = deltatune.make_config("lisa", config_map)
     delta = deltatune.attach(model, config)
     method = get_method("lisa")
-    opt = method.optimizer([p for p in model.parameters() if p.requires_grad], 1e-2, weight_decay, config)
+    opt = method.optimizer([p for p in model.parameters() if p.requires_grad], lr, weight_decay, config)
     (sampler,) = method.hooks(model, delta, config, opt, total, 1)
     return model, delta, opt, sampler
 
@@ -284,12 +284,8 @@ def test_always_trained_embedding_trains_on_looked_up_rows_as_dense_adamw_would(
     first, losses = {}, {}
     inputs = tiny_inputs("llama")
     for sparse in (True, False):
-        model = llama6()
-        config = deltatune.make_config("lisa", {"layers": 2, "interval": 3, "sparse_embeddings": sparse})
-        delta = deltatune.attach(model, config)
-        method = get_method("lisa")
-        opt = method.optimizer([p for p in model.parameters() if p.requires_grad], 1e-3, 0.0, config)
-        (sampler,) = method.hooks(model, delta, config, opt, 40, 1)
+        model, delta, opt, sampler = setup({"layers": 2, "interval": 3, "sparse_embeddings": sparse},
+                                           weight_decay=0.0, lr=1e-3)
         emb = get_module(model, "model.embed_tokens")
         assert isinstance(emb, torch.nn.Embedding) and emb.sparse is sparse
         model.train()
