@@ -35,10 +35,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deltatune.errors import ConfigError, NotMergeable, ShapeMismatch
-from deltatune.parts.base import Part, base_layer_kind
-from deltatune.parts.layers import LayerKind, in_out_features, is_transposed, to_native
+from deltatune.parts.base import Part
+from deltatune.parts.layers import LayerKind, is_transposed, to_native
 from deltatune.parts.lora import LoRAPart, LowRankFactors, lora_delta, lora_hidden
-from deltatune.parts.meta_checks import check_keys, check_shape, check_state, meta_int, meta_layer, meta_number
+from deltatune.parts.meta_checks import meta_int
 
 
 # --------------------------------------------------------------------------------------------------
@@ -90,7 +90,7 @@ class DoRAPart(LowRankFactors):
     """Trainable ``A`` (kaiming-uniform or gaussian), ``B`` (zeros) and magnitude ``m`` (``‖W‖_c`` from the base,
     :meth:`init_magnitude`); embeddings use ``A = 0, B ~ N(0, 1)`` as in PEFT."""
 
-    kind = "dora"
+    kind, label = "dora", "DoRA"
     additive, base_dependent, mixed_rows, has_aux_loss = True, True, True, False
     mixed_family, has_gain = LoRAPart, True  # DoRA rows join the LoRA rows' batched pass (a gain + a term)
 
@@ -255,42 +255,7 @@ class DoRAPart(LowRankFactors):
             stack.pop()
 
     # --- serialisation -------------------------------------------------------------------
-    def meta(self) -> dict[str, Any]:
-        return {
-            "in_features": self.in_features,
-            "out_features": self.out_features,
-            "rank": self.rank,
-            "scale": self.scale,
-            "layer": str(self.layer),
-            "dropout": self.dropout_p,
-        }
-
     @classmethod
     def expected_state(cls, meta: Any) -> dict[str, tuple[int, ...]]:
-        meta = check_keys(meta, {"in_features", "out_features", "rank", "scale", "layer"}, {"dropout"})
-        d_in, d_out, rank = meta_int(meta, "in_features"), meta_int(meta, "out_features"), meta_int(meta, "rank")
-        meta_number(meta, "scale")
-        meta_layer(meta)
-        if "dropout" in meta:
-            meta_number(meta, "dropout", 0.0, 0.999)
-        check_shape([rank, d_in], "lora_A"), check_shape([d_out, rank], "lora_B")
-        return {"lora_A": (rank, d_in), "lora_B": (d_out, rank), "magnitude": (d_out,)}
-
-    @classmethod
-    def from_state(cls, state: dict[str, Tensor], meta: dict[str, Any]) -> DoRAPart:
-        check_state(state, cls.expected_state(meta), cls.kind)
-        part = cls(
-            meta["in_features"], meta["out_features"], meta["rank"], meta["scale"],
-            layer=LayerKind(meta["layer"]), dropout=float(meta.get("dropout", 0.0)),
-            dtype=state["lora_A"].dtype, empty=True,
-        )
-        part.load_tensors(state, "dora")
-        return part
-
-    def check_base(self, base: nn.Module, where: str) -> None:
-        kind = base_layer_kind(base, where)
-        if kind is not self.layer or in_out_features(base) != (self.in_features, self.out_features):
-            raise ShapeMismatch(
-                f"{where}: DoRA part for a {self.layer} {self.in_features}→{self.out_features} but the base "
-                f"module is a {kind} {in_out_features(base)[0]}→{in_out_features(base)[1]}"
-            )
+        """The factors' shapes (:meth:`LowRankFactors.expected_state`) and the magnitude's ``(out,)``."""
+        return {**super().expected_state(meta), "magnitude": (meta_int(meta, "out_features"),)}

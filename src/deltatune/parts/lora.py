@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 import torch
 import torch.nn.functional as F
@@ -96,6 +96,8 @@ class LowRankFactors(Part):
     # --- one batched pass for the family (deltatune.parts.lowrank_mixed) -------------------
     #: Whether :meth:`output_gain` is not 1 (DoRA): the batched pass then rescales the base output of its rows.
     has_gain: ClassVar[bool] = False
+    #: The kind's name in messages.
+    label: ClassVar[str] = "low-rank"
 
     def row_factors(self, base: nn.Module) -> tuple[Tensor, Tensor]:
         """``(A, B')``: this part's low-rank term on a row is ``(x Aᵀ) B'ᵀ``, added after :meth:`output_gain`;
@@ -110,11 +112,53 @@ class LowRankFactors(Part):
         """Whether the part can join the family's batched pass (else every part of the pass runs its own forward)."""
         return True
 
+    # --- serialisation (shared by LoRA and DoRA; DoRA adds its magnitude) ------------------
+    def meta(self) -> dict[str, Any]:
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "rank": self.rank,
+            "scale": self.scale,
+            "layer": str(self.layer),
+            "dropout": self.dropout_p,
+        }
+
+    @classmethod
+    def expected_state(cls, meta: Any) -> dict[str, tuple[int, ...]]:
+        """The factors' shapes from ``meta`` (checked: its keys, integers, scale, layer and dropout)."""
+        meta = check_keys(meta, {"in_features", "out_features", "rank", "scale", "layer"}, {"dropout"})
+        d_in, d_out, rank = meta_int(meta, "in_features"), meta_int(meta, "out_features"), meta_int(meta, "rank")
+        meta_number(meta, "scale")
+        meta_layer(meta)
+        if "dropout" in meta:
+            meta_number(meta, "dropout", 0.0, 0.999)
+        check_shape([rank, d_in], "lora_A"), check_shape([d_out, rank], "lora_B")
+        return {"lora_A": (rank, d_in), "lora_B": (d_out, rank)}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Tensor], meta: dict[str, Any]) -> Self:
+        check_state(state, cls.expected_state(meta), cls.kind)
+        part = cls(
+            meta["in_features"], meta["out_features"], meta["rank"], meta["scale"],
+            layer=LayerKind(meta["layer"]), dropout=float(meta.get("dropout", 0.0)),
+            dtype=state["lora_A"].dtype, empty=True,
+        )
+        part.load_tensors(state, cls.kind)
+        return part
+
+    def check_base(self, base: nn.Module, where: str) -> None:
+        kind = base_layer_kind(base, where)
+        if kind is not self.layer or in_out_features(base) != (self.in_features, self.out_features):
+            raise ShapeMismatch(
+                f"{where}: {self.label} part for a {self.layer} {self.in_features}→{self.out_features} but the base "
+                f"module is a {kind} {in_out_features(base)[0]}→{in_out_features(base)[1]}"
+            )
+
 
 class LoRAPart(LowRankFactors):
     """Trainable ``A`` (kaiming-uniform or gaussian) and ``B`` (zeros), so ``ΔW = 0`` at start."""
 
-    kind = "lora"
+    kind, label = "lora", "LoRA"
     additive, base_dependent, mixed_rows, has_aux_loss = True, False, True, False
 
     def forward(self, x: Tensor, base: nn.Module) -> Tensor:
@@ -185,46 +229,6 @@ class LoRAPart(LowRankFactors):
         ``+ s_a (x_i A_aᵀ) B_aᵀ`` for its LoRA ``a = parts[row_ids[i]]`` — or, for a DoRA row (this family's other
         member), DoRA's gain and term; rows of ``None`` are returned unchanged (:func:`low_rank_onto`)."""
         return low_rank_onto(x, out, base, parts, row_ids, cache)
-
-    def meta(self) -> dict[str, Any]:
-        return {
-            "in_features": self.in_features,
-            "out_features": self.out_features,
-            "rank": self.rank,
-            "scale": self.scale,
-            "layer": str(self.layer),
-            "dropout": self.dropout_p,
-        }
-
-    @classmethod
-    def expected_state(cls, meta: Any) -> dict[str, tuple[int, ...]]:
-        meta = check_keys(meta, {"in_features", "out_features", "rank", "scale", "layer"}, {"dropout"})
-        d_in, d_out, rank = meta_int(meta, "in_features"), meta_int(meta, "out_features"), meta_int(meta, "rank")
-        meta_number(meta, "scale")
-        meta_layer(meta)
-        if "dropout" in meta:
-            meta_number(meta, "dropout", 0.0, 0.999)
-        check_shape([rank, d_in], "lora_A"), check_shape([d_out, rank], "lora_B")
-        return {"lora_A": (rank, d_in), "lora_B": (d_out, rank)}
-
-    @classmethod
-    def from_state(cls, state: dict[str, Tensor], meta: dict[str, Any]) -> LoRAPart:
-        check_state(state, cls.expected_state(meta), cls.kind)
-        part = cls(
-            meta["in_features"], meta["out_features"], meta["rank"], meta["scale"],
-            layer=LayerKind(meta["layer"]), dropout=float(meta.get("dropout", 0.0)),
-            dtype=state["lora_A"].dtype, empty=True,
-        )
-        part.load_tensors(state, "lora")
-        return part
-
-    def check_base(self, base: nn.Module, where: str) -> None:
-        kind = base_layer_kind(base, where)
-        if kind is not self.layer or in_out_features(base) != (self.in_features, self.out_features):
-            raise ShapeMismatch(
-                f"{where}: LoRA part for a {self.layer} {self.in_features}→{self.out_features} but the base "
-                f"module is a {kind} {in_out_features(base)[0]}→{in_out_features(base)[1]}"
-            )
 
 
 def sum_lora(parts: Sequence[LoRAPart], where: str) -> LoRAPart:
