@@ -28,12 +28,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.numpy import save_file
 from torch import Tensor
 
 from deltatune.delta import Delta
-from deltatune.errors import DeltaFormatError, DeltaTuneError, InputTooLarge, ShapeMismatch
+from deltatune.errors import DeltaFormatError, InputTooLarge, ShapeMismatch
 from deltatune.io.atomic import atomic_dir
 from deltatune.io.compact_codecs import (
     BLOB_DTYPES,
@@ -59,6 +59,7 @@ from deltatune.io.digest import DIGEST_FIELD, build_digests, digest_key, read_di
 from deltatune.io.json_io import read_json_object
 from deltatune.io.outputs import COMPACT_KIND
 from deltatune.io.outputs import MARKER as OUTPUT_MARKER
+from deltatune.io.tensor_file import safetensors_errors
 from deltatune.parts.base import Part
 from deltatune.parts.meta_checks import MAX_NUMEL, check_finite, short
 
@@ -331,25 +332,18 @@ def _read_blobs(path: Path, expected: dict[str, int]) -> dict[str, np.ndarray]:
     file = path / DATA_FILE
     if not file.is_file():
         raise DeltaFormatError(f"{file}: missing")
-    try:
-        with safe_open(str(file), framework="numpy") as fh:
-            keys = set(fh.keys())
-            if keys != set(expected):
-                raise DeltaFormatError(f"{file}: holds {short(sorted(keys))}, the manifest's 'blobs' lists "
-                                       f"{sorted(expected)}")
-            for k, count in expected.items():
-                header = fh.get_slice(k)
-                shape, dtype = header.get_shape(), HEADER_DTYPES.get(header.get_dtype(), header.get_dtype())
-                if list(shape) != [count] or dtype != k:
-                    raise ShapeMismatch(f"{file}: blob {k!r} is {short(dtype)}{short(shape)}, the manifest says "
-                                        f"{k}[{count}]")
-            blobs = {k: fh.get_tensor(k) for k in expected}
-    except SafetensorError as exc:
-        raise DeltaFormatError(f"{file}: truncated or corrupt safetensors file ({short(str(exc))})") from None
-    except DeltaTuneError:
-        raise
-    except (OSError, ValueError, RuntimeError, TypeError, OverflowError) as exc:
-        raise DeltaFormatError(f"{file}: cannot be read as safetensors ({short(str(exc))})") from None
+    with safetensors_errors(file), safe_open(str(file), framework="numpy") as fh:
+        keys = set(fh.keys())
+        if keys != set(expected):
+            raise DeltaFormatError(f"{file}: holds {short(sorted(keys))}, the manifest's 'blobs' lists "
+                                   f"{sorted(expected)}")
+        for k, count in expected.items():
+            header = fh.get_slice(k)
+            shape, dtype = header.get_shape(), HEADER_DTYPES.get(header.get_dtype(), header.get_dtype())
+            if list(shape) != [count] or dtype != k:
+                raise ShapeMismatch(f"{file}: blob {k!r} is {short(dtype)}{short(shape)}, the manifest says "
+                                    f"{k}[{count}]")
+        blobs = {k: fh.get_tensor(k) for k in expected}
     for k, count in expected.items():
         if blobs[k].dtype.name != k or blobs[k].ndim != 1 or blobs[k].size != count:
             raise ShapeMismatch(f"{file}: blob {k!r} is {blobs[k].dtype.name}{list(blobs[k].shape)}, the manifest "

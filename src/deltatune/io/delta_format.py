@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
@@ -37,7 +37,7 @@ from deltatune.io.atomic import atomic_dir
 from deltatune.io.digest import DIGEST_FIELD, build_digests, digest_key, read_digests, verify_manifest
 from deltatune.io.json_io import read_json_object
 from deltatune.io.outputs import DELTA_KIND
-from deltatune.io.tensor_file import read_tensors_checked
+from deltatune.io.tensor_file import read_tensors_checked, safetensors_errors
 from deltatune.parts.base import PART_KINDS, Part
 from deltatune.parts.meta_checks import check_finite, short
 from deltatune.provenance import Provenance
@@ -277,7 +277,7 @@ def _read_tensors(file: Path, expected: dict[str, dict[str, Any]], names: dict[s
         return {}
     if not file.is_file():
         raise DeltaFormatError(f"{file}: missing")
-    try:
+    with safetensors_errors(file):
         with safe_open(str(file), framework="pt") as fh:
             keys = set(fh.keys())
             missing = sorted(set(expected) - keys)
@@ -292,12 +292,6 @@ def _read_tensors(file: Path, expected: dict[str, dict[str, Any]], names: dict[s
                     raise ShapeMismatch(f"{file}: tensor {key!r} is {dtype}{list(header.get_shape())}, the "
                                         f"manifest says {spec['dtype']}{spec['shape']}")
         out = read_tensors_checked(file, expected, names, digests)  # one read; digests, finiteness
-    except SafetensorError as exc:
-        raise DeltaFormatError(f"{file}: truncated or corrupt safetensors file ({short(str(exc))})") from None
-    except DeltaTuneError:
-        raise
-    except (OSError, ValueError, RuntimeError, TypeError, OverflowError) as exc:
-        raise DeltaFormatError(f"{file}: cannot be read as safetensors ({short(str(exc))})") from None
     return out
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
@@ -35,13 +35,13 @@ from deltatune.io.atomic import atomic_dir
 from deltatune.io.digest import tensor_digest, verify_tensor
 from deltatune.io.outputs import PEFT_KIND
 from deltatune.io.peft_config import CONFIG_NAME, DIGEST_METADATA_KEY, PREFIX, SAFETENSORS_NAME, config_digest
+from deltatune.io.tensor_file import safetensors_errors
 from deltatune.parts.meta_checks import check_finite, short
 
 BIN_NAME = "adapter_model.bin"
 #: The floating dtypes an adapter's trained tensors may have (safetensors header names → torch).
 FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 # What safetensors / torch raise on a corrupt or truncated file.
-_READ_ERRORS = (SafetensorError, OSError, ValueError, RuntimeError, TypeError, OverflowError)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -53,10 +53,6 @@ class TensorInfo:
 
     dtype: str
     shape: tuple[int, ...]
-
-
-def _corrupt(file: Path, exc: BaseException) -> DeltaFormatError:
-    return DeltaFormatError(f"{file}: truncated or corrupt safetensors file ({str(exc)[:80]})")
 
 
 def weights_file(path: Path) -> Path:
@@ -75,27 +71,21 @@ def weights_file(path: Path) -> Path:
 
 def read_header(file: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Every tensor's dtype and shape, and the metadata, from the safetensors header (no tensor data)."""
-    try:
-        with safe_open(str(file), framework="pt") as fh:
-            metadata = dict(fh.metadata() or {})
-            infos = {}
-            keys = fh.keys()
-            for key in keys:
-                sl = fh.get_slice(key)
-                infos[key] = TensorInfo(str(sl.get_dtype()), tuple(int(d) for d in sl.get_shape()))
-    except _READ_ERRORS as exc:
-        raise _corrupt(file, exc) from None
+    with safetensors_errors(file), safe_open(str(file), framework="pt") as fh:
+        metadata = dict(fh.metadata() or {})
+        infos = {}
+        keys = fh.keys()
+        for key in keys:
+            sl = fh.get_slice(key)
+            infos[key] = TensorInfo(str(sl.get_dtype()), tuple(int(d) for d in sl.get_shape()))
     return infos, metadata
 
 
 def read_values(file: Path, keys: list[str], record: dict[str, Any] | None) -> dict[str, Tensor]:
     """Read ``keys``; with a digest ``record``, check each tensor against it (:class:`IntegrityError`); then every
     value must be finite (:class:`~deltatune.errors.NonFiniteError` naming the tensor)."""
-    try:
-        with safe_open(str(file), framework="pt") as fh:
-            values = {key: fh.get_tensor(key) for key in keys}
-    except _READ_ERRORS as exc:
-        raise _corrupt(file, exc) from None
+    with safetensors_errors(file), safe_open(str(file), framework="pt") as fh:
+        values = {key: fh.get_tensor(key) for key in keys}
     if record is not None:
         for key, value in values.items():
             verify_tensor(file, key, value, record["tensors"][key])

@@ -21,14 +21,17 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from torch import Tensor
 
-from deltatune.errors import DeltaFormatError, NonFiniteError, ShapeMismatch
+from deltatune.errors import DeltaFormatError, DeltaTuneError, NonFiniteError, ShapeMismatch
 from deltatune.io.digest import bytes_digest, raise_mismatch
 from deltatune.parts.meta_checks import check_finite, short
 
@@ -43,6 +46,21 @@ STORED_DTYPES: dict[str, tuple[str, np.dtype | None]] = {
 }
 _ITEMSIZE = {"BF16": 2, **{k: v.itemsize for k, (_, v) in STORED_DTYPES.items() if v is not None}}
 _FLOAT = {"F64", "F32", "F16", "BF16"}
+
+
+@contextmanager
+def safetensors_errors(file: Path) -> Iterator[None]:
+    """Reading ``file`` inside the block: the safetensors library's errors and those of the OS or of a malformed
+    file as a :class:`DeltaFormatError` naming the file; deltatune's own errors (a manifest mismatch found while
+    reading) pass unchanged."""
+    try:
+        yield
+    except DeltaTuneError:
+        raise
+    except SafetensorError as exc:
+        raise DeltaFormatError(f"{file}: truncated or corrupt safetensors file ({short(str(exc))})") from None
+    except (OSError, ValueError, RuntimeError, TypeError, OverflowError) as exc:
+        raise DeltaFormatError(f"{file}: cannot be read as safetensors ({short(str(exc))})") from None
 
 
 def read_file_bytes(file: Path) -> np.ndarray:
