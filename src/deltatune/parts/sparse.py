@@ -26,7 +26,7 @@ from deltatune.errors import DeltaFormatError, ShapeMismatch
 from deltatune.parts.base import Part, base_layer_kind, promote_dtypes
 from deltatune.parts.layers import LayerKind, functional_forward, input_grad, scaled_lookup, weight_grad
 from deltatune.parts.meta_checks import check_keys, check_shape, check_state, meta_int, meta_layer
-from deltatune.parts.sparse_binding import SparseBinding
+from deltatune.parts.sparse_binding import SparseBinding, added
 from deltatune.parts.sparse_grad import (
     CsrSupport,
     RowBlocks,
@@ -70,9 +70,9 @@ def scatter_delta(shape: torch.Size | tuple[int, ...], indices: Tensor, values: 
 
 
 def effective_weight(weight: Tensor, indices: Tensor, values: Tensor) -> Tensor:
-    """``W + scatter(values)`` as a fresh tensor in the weight's dtype (``W`` is untouched)."""
+    """``W + scatter(values)`` as a fresh tensor in the weight's dtype (``W`` is untouched; :func:`added`)."""
     flat = weight.detach().reshape(-1).clone()
-    return flat.index_add_(0, indices, values.detach().to(weight.dtype)).view_as(weight)
+    return flat.scatter_(0, indices.long(), added(flat.index_select(0, indices), values)).view_as(weight)
 
 
 @contextmanager
@@ -81,8 +81,8 @@ def patched_weight(weight: Tensor, indices: Tensor, values: Tensor) -> Iterator[
 
     In place (a contiguous weight; the caller leaves out an embedding with ``max_norm``, whose lookup
     renormalises rows in place): the ``k`` entries ``W.flat[indices]`` are saved, ``values`` added (the same
-    one rounding as :func:`effective_weight`), and the saved entries written back afterwards, so the base is
-    restored bit for bit and no dense copy of ``W`` is made.  The change goes
+    one rounding as :func:`effective_weight`, :func:`~deltatune.parts.sparse_binding.added`), and the saved entries
+    written back afterwards, so the base is restored bit for bit and no dense copy of ``W`` is made.  The change goes
     through ``.data`` (invisible to autograd's version counters) and lasts only for one kernel call of the
     training forward or backward; a forward without gradients (serving, evaluation) uses
     :func:`effective_weight`, so concurrent
@@ -90,13 +90,13 @@ def patched_weight(weight: Tensor, indices: Tensor, values: Tensor) -> Iterator[
     if not weight.is_contiguous() or weight.is_inference():
         yield effective_weight(weight, indices, values)
         return
-    flat = weight.data.view(-1)
+    flat, positions = weight.data.view(-1), indices.long()  # scatter_ takes int64 positions only
     saved = flat.index_select(0, indices)
-    flat.index_add_(0, indices, values.detach().to(weight.dtype))
+    flat.scatter_(0, positions, added(saved, values))
     try:
         yield weight.data
     finally:
-        flat.index_put_((indices,), saved)
+        flat.scatter_(0, positions, saved)
 
 
 class SparseDeltaFunction(torch.autograd.Function):
@@ -353,8 +353,7 @@ class SparsePart(Part):
             raise ShapeMismatch(f"sparse delta for weight {self.weight_shape} applied to {tuple(w.shape)}")
         with torch.no_grad():
             flat = w.data.view(-1)
-            picked = flat.index_select(0, self.indices).float() + sign * self.values.float()
-            flat.index_copy_(0, self.indices.long(), picked.to(w.dtype))  # index_copy_ takes int64 only
+            flat.scatter_(0, self.indices.long(), added(flat.index_select(0, self.indices), sign * self.values))
 
     def meta(self) -> dict[str, Any]:
         return {"weight_shape": list(self.weight_shape), "layer": str(self.layer), "k": int(self.indices.numel())}

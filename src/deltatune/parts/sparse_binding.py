@@ -9,14 +9,24 @@ an add and two scatters of ``k`` entries, twice per layer and step.  Bound (:met
 ``W₀`` afresh only where the indices changed.  ``W₀``'s ``k`` entries wait in memory (``k`` values and a copy of
 the indices: 8 bytes per entry with int32 indices; ``scatter_``'s int64 positions are made per call), and
 :meth:`SparseBinding.release` writes them back, so the base is restored bit for bit.  ``W_eff`` is rounded exactly as
-the patched weight is (``W₀ + values`` in the weight's dtype, once), so bound and unbound training compute the same
-numbers.
+the patched weight and a merge are (:func:`added`: ``W₀ + values`` summed in fp32, rounded once to the weight's
+dtype), so bound and unbound training and the merged model compute the same numbers.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+
+
+def added(base_at: Tensor, values: Tensor) -> Tensor:
+    """``W.flat[indices] + values`` from ``base_at = W.flat[indices]``, summed in fp32 (fp64 where either is) and
+    rounded once to the weight's dtype.  Every path that writes ``W + scatter(values)`` — the training forward
+    (:func:`~deltatune.parts.sparse.effective_weight`, :func:`~deltatune.parts.sparse.patched_weight`, a bound
+    part), a merge and an unmerge — rounds this one way, so on a bf16 or fp16 base the merged model is the model that
+    was trained and evaluated (in fp32 it is the plain sum)."""
+    dtype = torch.promote_types(torch.promote_types(base_at.dtype, values.dtype), torch.float32)
+    return (base_at.to(dtype) + values.detach().to(dtype)).to(base_at.dtype)
 
 
 class SparseBinding:
@@ -50,7 +60,7 @@ class SparseBinding:
                     self.indices = indices.clone()
                     self.theta0 = flat.index_select(0, self.indices)
                 self.seen = seen  # holds the tensor: its id is not reused while compared
-            flat.scatter_(0, self.indices.long(), self.theta0 + values.detach().to(flat.dtype))
+            flat.scatter_(0, self.indices.long(), added(self.theta0, values))  # one rounding, as a merge
 
     def release(self) -> None:
         """Write ``W₀`` back at the positions written (nothing when nothing was)."""
