@@ -158,6 +158,27 @@ def test_progressive_reselection_freezes_entries_that_grew_past_the_threshold():
     assert any(not torch.equal(part.values.detach()[~frozen[n][0]], frozen[n][2]) for n, part in delta.parts.items())
 
 
+def test_after_the_reselection_the_penalty_is_on_the_entries_still_trained():
+    # SaRA's current_mask: ‖W ⊙ M‖_* over the entries that stayed small, none of those frozen at the reselection
+    cfg = {"threshold": 0.01, "progressive_step": 3, "nuclear_weight": 1.0, "nuclear_min_dim": 16}
+    model, base, delta, opt, sched = setup(cfg)
+    run(model, delta, opt, sched, 0, 3)
+    assert sched.active is not None
+    sched.before_step(3)
+    (name,) = [n for n, p in delta.parts.items() if p.penalize]
+    part, trained = delta.parts[name], sched.active[name]
+    frozen = torch.ones(part.values.numel(), dtype=torch.bool)
+    frozen[trained] = False
+    assert frozen.any(), "vacuous: no entry of the penalised matrix was frozen"
+    w = base[name].reshape(-1)[part.indices] + part.values.detach()
+    want = nuclear_norm(scatter_delta(part.weight_shape, part.indices[trained], w[trained]))
+    aux = delta.aux_loss()
+    assert torch.allclose(aux, want, rtol=1e-5)
+    aux.backward()
+    assert torch.count_nonzero(part.values.grad[frozen]) == 0
+    assert torch.count_nonzero(part.values.grad[trained]) > 0
+
+
 def test_resume_after_reselection_and_roundtrip(tmp_path):
     cfg = {"fraction": 0.05, "progressive_step": 2, "nuclear_weight": 1e-3, "nuclear_min_dim": 16}
     model, base, delta, opt, sched = setup(cfg, arch="gpt2")

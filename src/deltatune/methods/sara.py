@@ -97,16 +97,24 @@ class SaRAPart(SparsePart):
         super().__init__(weight_shape, indices, layer, dtype)
         self.nuclear_weight = nuclear_weight
         self.penalize = False  # set per step by the schedule (SaraSchedule)
-        #: ``W₀.flat[indices]`` (fp32) while :attr:`penalize` is set; ``None`` otherwise
+        #: the positions in :attr:`values` of the entries still trained (the mask ``M``), ``None``: all of them;
+        #: set by the schedule with :attr:`penalize`
+        self.trained: Tensor | None = None
+        #: ``W₀.flat`` at the trained entries (fp32) while :attr:`penalize` is set; ``None`` otherwise
         self.masked_base: Tensor | None = None
 
     def aux_loss(self) -> Tensor | None:
+        """``λ‖W ⊙ M‖_*`` with ``W = W₀ + ΔW`` and ``M`` the entries still trained: after the progressive
+        reselection, only those that stayed small (SaRA's ``current_mask``), not those frozen since."""
         if not (self.penalize and self.nuclear_weight and self.training and torch.is_grad_enabled()):
             return None
         if self.masked_base is None:
             raise ConfigError("sara part: the penalty needs the base weight at its entries (SaraSchedule sets it)")
+        indices, values = self.indices, self.values
+        if self.trained is not None:
+            indices, values = indices.index_select(0, self.trained), values.index_select(0, self.trained)
         flat = torch.zeros(self.numel_base, dtype=torch.float32, device=self.values.device)
-        masked = flat.index_add(0, self.indices, self.masked_base + self.values.float()).view(self.weight_shape)
+        masked = flat.index_add(0, indices, self.masked_base + values.float()).view(self.weight_shape)
         return self.nuclear_weight * nuclear_norm(masked)
 
 
@@ -159,11 +167,13 @@ class SaraSchedule(TrainHook):
             chosen = self.eligible[int(torch.randint(len(self.eligible), (1,), generator=gen))]
         for name, part in self.parts.items():
             part.penalize = name == chosen
-            part.masked_base = None
+            part.masked_base = part.trained = None
         if chosen is not None:
             part = self.parts[chosen]
+            part.trained = None if self.active is None else self.active[chosen]
+            indices = part.indices if part.trained is None else part.indices.index_select(0, part.trained)
             weight = get_module(self.model, chosen).weight.detach()
-            part.masked_base = weight.reshape(-1).index_select(0, part.indices).float()
+            part.masked_base = weight.reshape(-1).index_select(0, indices).float()
 
     def after_step(self, step: int) -> None:
         if self.config.progressive_step and step == self.config.progressive_step:
