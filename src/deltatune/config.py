@@ -122,13 +122,18 @@ def _integer(value: Any, field: str) -> int:
 
 
 def parse_config(cls: type[C], mapping: Mapping[str, Any], where: str = "config") -> C:
-    """Build ``cls`` from a mapping, coercing types; unknown keys are an error listing valid ones."""
+    """Build ``cls`` from a mapping, coercing types; unknown keys are an error listing valid ones, and a field with a
+    ``range`` in its metadata (:func:`seed_option`) is checked against it."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(mapping) - set(fields), key=str)
     if unknown:
         raise ConfigError(f"{where}: unknown field(s) {brief(unknown)}; valid fields are {sorted(fields)}")
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in mapping.items()}
+    for key, value in kwargs.items():
+        bounds = fields[key].metadata.get("range")
+        if bounds is not None and isinstance(value, int) and not bounds[0] <= value < bounds[1]:
+            raise ConfigError(f"{where}.{key} must be in [{bounds[0]}, {bounds[1]}), got {brief(value)}")
     try:
         return cls(**kwargs)
     except TypeError as exc:
@@ -141,6 +146,16 @@ def option(text: str, default: Any = None, *, default_factory: Any = None) -> An
     if default_factory is not None:
         return dataclasses.field(default_factory=default_factory, metadata={"help": text})
     return dataclasses.field(default=default, metadata={"help": text})
+
+
+#: What a config's ``seed`` may be: what every generator it reaches takes (numpy's ``[0, 2³²)``, the narrowest).
+SEED_RANGE = (0, 2**32)
+
+
+def seed_option(text: str) -> Any:
+    """A ``seed`` field (default 0) that :func:`parse_config` checks against :data:`SEED_RANGE` (a typed error, not
+    an overflow inside ``torch.Generator.manual_seed`` or numpy once training has started)."""
+    return dataclasses.field(default=0, metadata={"help": text, "range": SEED_RANGE})
 
 
 def describe_fields(cls: type) -> list[tuple[str, str, str, str]]:

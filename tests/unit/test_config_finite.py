@@ -6,6 +6,7 @@ short value rendering of error messages, and :mod:`deltatune.io.json_io` (manife
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,3 +125,21 @@ def test_row_limits_below_one_are_refused(field: str, value: int) -> None:
     # error then blamed the batch size
     with pytest.raises(ConfigError, match=field):
         TrainConfig(**{field: value})
+
+
+SEEDED = sorted(name for name, spec in deltatune.methods.METHODS.items()
+                if any(f.name == "seed" for f in dataclasses.fields(spec.config_cls)))
+
+
+@pytest.mark.parametrize("value", [-1, 2**32, 2**64, "18446744073709551616"])
+@pytest.mark.parametrize("method", SEEDED)
+def test_seeds_outside_what_the_generators_take_are_refused_at_parse(method: str, value: Any) -> None:
+    # not an overflow inside torch.Generator.manual_seed (HFT's and SaRA's at their first step)
+    with pytest.raises(ConfigError, match=rf"{method} config\.seed must be in \[0, 4294967296\)"):
+        deltatune.make_config(method, {"seed": value})
+    assert deltatune.make_config(method, {"seed": 2**32 - 1}).seed == 2**32 - 1
+
+
+def test_the_training_seed_is_checked_too() -> None:
+    with pytest.raises(ConfigError, match=r"train config\.seed"):
+        parse_config(TrainConfig, {"seed": 2**40}, "train config")

@@ -36,7 +36,7 @@ from typing import ClassVar, Literal, NamedTuple
 import torch
 from torch import nn
 
-from deltatune.config import require
+from deltatune.config import require, seed_option
 from deltatune.errors import TargetError
 from deltatune.methods.registry import Method, register_method
 from deltatune.methods.targets import select_modules
@@ -91,7 +91,7 @@ class AdapterConfig:
     bias: bool = field(default=True, metadata={"help": "biases in both projections"})
     targets: list[str] | None = field(default=None, metadata={
         "help": "module-name patterns, type:/role: targets overriding the per-architecture placement"})
-    seed: int = field(default=0, metadata={"help": "seed of W_down's init"})
+    seed: int = seed_option("seed of W_down's init")
 
     def __post_init__(self) -> None:
         require(self.placement in ("houlsby", "pfeiffer", "parallel"),

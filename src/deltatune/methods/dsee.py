@@ -19,7 +19,7 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from deltatune.config import require
+from deltatune.config import require, seed_option
 from deltatune.errors import ConfigError
 from deltatune.methods.registry import Method, register_method
 from deltatune.methods.targets import select_modules
@@ -46,7 +46,7 @@ class DSEEConfig:
     dropout: float = field(default=0.0, metadata={"help": "dropout on the low-rank branch input"})
     targets: list[str] | None = field(default=None, metadata={"help": "module-name patterns (default: the "
                                                                       "attention query and value projections)"})
-    seed: int = field(default=0, metadata={"help": "seed of the random support"})
+    seed: int = seed_option("seed of the random support")
 
     def __post_init__(self) -> None:
         require(self.r >= 1, f"dsee config.r must be ≥ 1, got {self.r}")

@@ -49,7 +49,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from deltatune.config import require
+from deltatune.config import require, seed_option
 from deltatune.delta import Delta
 from deltatune.errors import ConfigError
 from deltatune.methods.full import Full, FullConfig
@@ -122,7 +122,7 @@ class HFTConfig:
     reset_state: Literal["frozen", "all"] = field(
         default="frozen", metadata={"help": "at a stage change drop the optimiser state of the frozen half (frozen) "
                                             "or of every parameter (all)"})
-    seed: int = field(default=0, metadata={"help": "seed of the per-stage draws"})
+    seed: int = seed_option("seed of the per-stage draws")
     in_place: bool = field(default=True, metadata={"help": "train θ in the base's own storage, θ₀ in a temporary "
                                                            "file (see full); false: a separate Δθ per part"})
 

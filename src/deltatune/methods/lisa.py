@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from deltatune.config import require
+from deltatune.config import require, seed_option
 from deltatune.errors import ConfigError, TargetError
 from deltatune.layer import PartHolder
 from deltatune.methods.adamw_rows import AdamWRows
@@ -47,7 +47,7 @@ class LisaConfig:
                                                                 "(embeddings, final norm, LM head)"})
     layers_path: str | None = field(default=None, metadata={"help": "module path of the blocks' ModuleList "
                                                                     "(default: by model type)"})
-    seed: int = field(default=0, metadata={"help": "seed of the draws (draw s uses seed and s)"})
+    seed: int = seed_option("seed of the draws (draw s uses seed and s)")
     in_place: bool = field(default=True, metadata={"help": "train θ in the base's own storage, θ₀ in a temporary "
                                                            "file (see full); false: a separate Δθ per part"})
     sparse_embeddings: bool = field(default=True, metadata={

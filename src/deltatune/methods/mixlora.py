@@ -27,7 +27,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from deltatune.config import require
+from deltatune.config import require, seed_option
 from deltatune.errors import TargetError
 from deltatune.methods.registry import Method, TrainHook, register_method
 from deltatune.methods.targets import select_modules
@@ -78,7 +78,7 @@ class MixLoRAConfig:
         "help": "multiplicative U(1-ε, 1+ε) noise on the FFN input in training (0: off)"})
     attention_targets: list[str] | None = field(default=None, metadata={
         "help": "modules with a shared LoRA (unset: q, k, v, o per architecture; empty: none)"})
-    seed: int = field(default=0, metadata={"help": "seed of the router and LoRA A initialisation"})
+    seed: int = seed_option("seed of the router and LoRA A initialisation")
 
     def __post_init__(self) -> None:
         require(self.num_experts >= 1, f"mixlora config.num_experts must be ≥ 1, got {self.num_experts}")

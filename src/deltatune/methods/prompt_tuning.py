@@ -18,7 +18,7 @@ from typing import ClassVar, Literal
 import torch
 from torch import nn
 
-from deltatune.config import require
+from deltatune.config import require, seed_option
 from deltatune.errors import ConfigError
 from deltatune.methods.registry import Method, register_method
 from deltatune.parts.base import MODEL_LEVEL
@@ -40,7 +40,7 @@ class PromptTuningConfig:
                                                                   "(default: the model's name_or_path)"})
     init_token_ids: list[int] | None = field(default=None, metadata={"help": "token ids of the init text "
                                                                              "(init=text, instead of init_text)"})
-    seed: int = field(default=0, metadata={"help": "seed of the random/vocab initialisation"})
+    seed: int = seed_option("seed of the random/vocab initialisation")
 
     def __post_init__(self) -> None:
         require(self.num_virtual_tokens >= 1,

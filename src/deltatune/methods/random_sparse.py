@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from deltatune.config import require
+from deltatune.config import require, seed_option
 from deltatune.methods.in_place import InPlaceTraining
 from deltatune.methods.registry import TrainHook, adamw, register_method
 from deltatune.methods.sparse import Sparse
@@ -26,7 +26,7 @@ class RandomSparseConfig:
     density: float = field(default=0.01, metadata={"help": "trainable fraction of ALL base parameters"})
     num_tunable: int | None = field(default=None, metadata={"help": "exact trainable count (overrides density)"})
     targets: list[str] = field(default_factory=lambda: ["all-linear"], metadata={"help": "module-name patterns"})
-    seed: int = field(default=0, metadata={"help": "seed of the random support"})
+    seed: int = seed_option("seed of the random support")
     in_place: bool = field(default=True, metadata={"help": "keep W + ΔW in the base's own weight while training "
                                                            "(rewritten once per step, not patched in every call)"})
 

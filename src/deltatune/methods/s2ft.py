@@ -43,7 +43,7 @@ from typing import ClassVar, Literal
 import torch
 from torch import nn
 
-from deltatune.config import require
+from deltatune.config import require, seed_option
 from deltatune.errors import ConfigError, TargetError
 from deltatune.methods.registry import Method, register_method
 from deltatune.model import get_module
@@ -83,7 +83,7 @@ class S2FTConfig:
         default=None, metadata={"help": "explicit {block: [FFN channel, …]} for down (overrides d_count)"})
     criterion: Literal["random", "weight_norm"] = field(
         default="random", metadata={"help": "selection: random (global pool, seeded) or weight_norm (largest slices)"})
-    seed: int = field(default=0, metadata={"help": "seed of the random selection"})
+    seed: int = seed_option("seed of the random selection")
 
     def __post_init__(self) -> None:
         for ratio, count, _, _ in COMPONENTS.values():

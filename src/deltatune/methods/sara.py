@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from deltatune.config import require
+from deltatune.config import require, seed_option
 from deltatune.errors import ConfigError
 from deltatune.methods.lift import require_sparse_adamw
 from deltatune.methods.registry import Method, TrainHook, register_method
@@ -55,7 +55,7 @@ class SaraConfig:
     nuclear_min_dim: int = field(default=64, metadata={"help": "penalise only matrices whose short side is > this"})
     progressive_step: int = field(default=2500, metadata={"help": "reselect the trained entries after this many "
                                                                   "steps (0: never)"})
-    seed: int = field(default=0, metadata={"help": "seed of the per-step draw of the penalised matrix"})
+    seed: int = seed_option("seed of the per-step draw of the penalised matrix")
 
     def __post_init__(self) -> None:
         require(0.0 < self.fraction <= 1.0, f"sara config.fraction must be in (0, 1], got {self.fraction}")

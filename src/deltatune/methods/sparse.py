@@ -21,7 +21,7 @@ from typing import ClassVar, Literal
 import torch
 from torch import nn
 
-from deltatune.config import require
+from deltatune.config import require, seed_option
 from deltatune.errors import ConfigError
 from deltatune.fingerprint import base_parameters
 from deltatune.methods.in_place import InPlaceTraining
@@ -51,7 +51,7 @@ class SparseConfig:
     accumulation_steps: int = field(default=5, metadata={"help": "A: steps of gradient accumulation per event"})
     initial_reselection_rate: float = field(default=0.2, metadata={"help": "rho0: fraction replaced at an event"})
     schedule: Literal["linear", "cosine"] = field(default="linear", metadata={"help": "decay of the rate"})
-    seed: int = field(default=0, metadata={"help": "seed of the random initial support"})
+    seed: int = seed_option("seed of the random initial support")
     in_place: bool = field(default=True, metadata={"help": "keep W + ΔW in the base's own weight while training "
                                                            "(rewritten once per step, not patched in every call)"})
 

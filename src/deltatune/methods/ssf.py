@@ -18,7 +18,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from deltatune.config import require
+from deltatune.config import require, seed_option
 from deltatune.errors import TargetError
 from deltatune.methods.registry import Method, register_method
 from deltatune.methods.targets import select_modules
@@ -42,7 +42,7 @@ class SSFConfig:
                                                         "without one holds only the scale γ)"})
     init_std: float = field(default=0.0, metadata={"help": "σ of the init γ ~ N(1, σ²), β ~ N(0, σ²); 0 keeps the "
                                                            "output unchanged at attach (the paper uses 0.02)"})
-    seed: int = field(default=0, metadata={"help": "seed of the init noise (init_std > 0)"})
+    seed: int = seed_option("seed of the init noise (init_std > 0)")
 
     def __post_init__(self) -> None:
         require(self.targets is None or len(self.targets) > 0,

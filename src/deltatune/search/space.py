@@ -25,7 +25,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from deltatune.config import brief, require
+from deltatune.config import brief, require, seed_option
 from deltatune.errors import ConfigError
 
 #: method → {config field: choices}: the budget axis searched when the YAML names the method without choices
@@ -72,7 +72,7 @@ class SearchSpace:
     trials: int | None = field(default=20, metadata={"help": "total trials of the study (resumed ones count)"})
     minutes: float | None = field(default=None, metadata={"help": "wall-clock budget of this invocation"})
     pruner: str = field(default="median", metadata={"help": "median, hyperband or none (on intermediate evals)"})
-    seed: int = field(default=0, metadata={"help": "seed of the sampler"})
+    seed: int = seed_option("seed of the sampler")
 
     def __post_init__(self) -> None:
         require(isinstance(self.methods, dict), f"search.methods must be a mapping, got {brief(self.methods)}")

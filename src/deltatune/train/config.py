@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from deltatune.config import require
+from deltatune.config import require, seed_option
 
 
 def default_model_path() -> str:
@@ -63,7 +63,7 @@ class TrainConfig:
     resume: bool = field(default=False, metadata={"help": "continue from out_dir/checkpoint"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing out_dir that is not an "
                                                               "earlier training run"})
-    seed: int = field(default=0, metadata={"help": "seed of data order, init and dropout"})
+    seed: int = seed_option("seed of data order, init and dropout")
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
     mixed_precision: Literal["no", "bf16"] = field(default="no", metadata={
         "help": "bf16: forward and backward under bf16 autocast (CPU or GPU); the delta stays fp32"})
