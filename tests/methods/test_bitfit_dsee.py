@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 from conftest import TINY_MODELS, hooked_steps, logits, max_diff, randomize_delta, tiny_inputs
+from torch import nn
 
 import deltatune
 from deltatune.algebra.sum_deltas import compose_deltas
@@ -256,3 +257,16 @@ def test_a_checkpoint_whose_parts_another_version_built_is_refused_on_resume(tmp
                                                r"built with 8\.0 now"):
         loop.train(TrainConfig(out_dir=str(tmp_path / "o"), resume=True, **SMALL), mc)
     assert loop.train(TrainConfig(out_dir=str(tmp_path / "p"), **SMALL), mc).delta.parts  # the same run, afresh
+
+
+def test_a_module_s_own_bias_survives_the_revert_of_a_bias_part_made_for_a_bias_free_module() -> None:
+    # a part trained where the layer had no bias (Llama), merged where it has one: the revert must not remove it
+    layer = nn.Linear(4, 3)
+    own = layer.bias.detach().clone()
+    part = BiasPart(3, has_bias=False)
+    with torch.no_grad():
+        part.bias_delta.copy_(torch.tensor([0.5, -1.0, 2.0]))
+    part.merge_into(layer)
+    assert torch.equal(layer.bias.detach(), own + part.bias_delta.detach())
+    part.unmerge_from(layer)
+    assert layer.bias is not None and torch.equal(layer.bias.detach(), own)

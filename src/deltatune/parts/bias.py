@@ -124,8 +124,8 @@ class BiasPart(Part):
                 base.bias = nn.Parameter(torch.zeros(self.features, dtype=ref.dtype, device=ref.device),
                                          requires_grad=False)
                 setattr(base, ADDED, 0)
-            if not self.has_bias:
-                setattr(base, ADDED, getattr(base, ADDED, 0) + 1)
+            if not self.has_bias and hasattr(base, ADDED):  # a module's own bias is never counted (nor removed)
+                setattr(base, ADDED, getattr(base, ADDED) + 1)
             b = base.bias
             b.data.copy_((b.data.float() + self.bias_delta.float().to(b.device)).to(b.dtype))
 
