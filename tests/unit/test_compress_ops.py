@@ -197,6 +197,23 @@ def test_a_sparse_part_compresses_as_the_dense_update_it_stands_for():
     assert torch.allclose(as_dense.parts["m"].delta_weight(), as_sparse.parts["m"].delta_weight(), atol=1e-6)
 
 
+def test_dsee_s_sparse_values_compress_as_the_weight_sized_update_they_stand_for():
+    # ComPEFT's σ and k = ⌊ρ·n⌋ are over the whole update: DSEE's sparse term as a sparse part's, its factors alone
+    from deltatune.parts.dsee import DSEEPart
+
+    idx, vals = [3, 17, 42, 58], [0.5, -1.5, 2.0, -0.25]
+    dsee = DSEEPart(10, 10, 2, 1.0, (10, 10), torch.tensor(idx))
+    with torch.no_grad():
+        dsee.values.copy_(torch.tensor(vals))
+    assert dsee.values_domain() == {"values": 100} and dsee.values_domain(product=True) == {}
+    got = compress_delta(Delta("dsee", {}, {"m": dsee}), "compeft", density=0.02, alpha=1.0).parts["m"]
+    want = compress_delta(Delta("sparse", {}, {"m": _sparse((10, 10), idx, vals)}), "compeft", density=0.02,
+                          alpha=1.0).parts["m"]
+    kept = got.indices[got.values.detach() != 0]  # k = ⌊0.02 · 100⌋ = 2 of the 100 entries, not of the 4 stored
+    assert torch.equal(kept, want.indices) and kept.tolist() == [17, 42]
+    assert torch.equal(got.values.detach().sign(), torch.tensor([0.0, -1.0, 1.0, 0.0]))  # (σ also sees the factors)
+
+
 def test_magnitude_keeps_values_and_dare_drops_zeros():
     d = _two_sparse()
     m = compress_delta(d, "magnitude", density=0.1)  # k = ⌊0.1·22⌋ = 2 of the update's entries

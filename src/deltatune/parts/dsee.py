@@ -97,6 +97,11 @@ class DSEEPart(LowRankFactors):
     def value_names(self, product: bool = False) -> tuple[str, ...]:
         return ("",) if product else ("lora_A", "lora_B", "values")
 
+    def values_domain(self, product: bool = False) -> dict[str, int]:
+        """The sparse values stand for every entry of the weight (as a sparse part's do); the factors and the
+        product for themselves."""
+        return {} if product else {"values": math.prod(self.weight_shape)}
+
     def with_values(self, values: dict[str, Tensor], product: bool = False, where: str = "dsee") -> Part:
         """Same geometry and support with new tensors; with ``product``, a sparse part of the non-zero entries of
         the (compressed) ``ΔW``."""
