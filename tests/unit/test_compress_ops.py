@@ -214,6 +214,20 @@ def test_dsee_s_sparse_values_compress_as_the_weight_sized_update_they_stand_for
     assert torch.equal(got.values.detach().sign(), torch.tensor([0.0, -1.0, 1.0, 0.0]))  # (σ also sees the factors)
 
 
+def test_a_slice_part_compresses_as_the_dense_update_it_stands_for():
+    from deltatune.parts.slice import SlicePart
+
+    part = SlicePart(10, 8, "out", torch.tensor([1, 6]))
+    with torch.no_grad():
+        part.block.copy_(torch.randn(part.block.shape, generator=torch.Generator().manual_seed(0)))
+    dense = DensePart({"weight": (8, 10)})
+    with torch.no_grad():
+        dense.delta_for("weight").copy_(part.delta_weight())
+    as_dense = compress_delta(Delta("full", {}, {"m": dense}), "compeft", density=0.05, alpha=1.0)
+    as_slice = compress_delta(Delta("s2ft", {}, {"m": part}), "compeft", density=0.05, alpha=1.0)
+    assert torch.allclose(as_dense.parts["m"].delta_weight(), as_slice.parts["m"].delta_weight(), atol=1e-6)
+
+
 def test_magnitude_keeps_values_and_dare_drops_zeros():
     d = _two_sparse()
     m = compress_delta(d, "magnitude", density=0.1)  # k = ⌊0.1·22⌋ = 2 of the update's entries

@@ -157,6 +157,11 @@ class SlicePart(Part):
         """``{"": S}`` (the same with or without ``product``: the block is the update's only non-zero part)."""
         return {"": self.block.detach()}
 
+    def values_domain(self, product: bool = False) -> dict[str, int]:
+        """The block stands for the whole weight's update (zero outside its rows or columns), as a sparse part's
+        values do."""
+        return {"": self.d_in * self.d_out}
+
     def with_values(self, values: dict[str, Tensor], product: bool = False, where: str = "slice") -> Part:
         """The same rows/columns with a new block."""
         block = values[""]
