@@ -19,7 +19,7 @@ from deltatune.errors import ConfigError, NonFiniteError
 from deltatune.io import outputs
 from deltatune.io.delta_format import load_delta
 from deltatune.io.shards import parse_size, write_sharded
-from deltatune.model import DEFAULT, apply_delta
+from deltatune.model import DEFAULT
 from deltatune.train.config import TrainConfig, default_model_path
 
 
@@ -165,6 +165,7 @@ def apply_to_checkpoint(delta: Delta | str | Path, out: str | Path, model: str |
     from deltatune.algebra.task_heads import require_one_task
     from deltatune.io.outputs import CHECKPOINT_KIND, guard_output
     from deltatune.parts.capabilities import require_capability
+    from deltatune.train.stacking import merge_for_use
 
     guard_output(out, CHECKPOINT_KIND, overwrite)  # before the base model is loaded and merged
     d = as_delta(delta, verify=verify)
@@ -172,7 +173,7 @@ def apply_to_checkpoint(delta: Delta | str | Path, out: str | Path, model: str |
     require_capability(d, "additive", "apply with merging")  # before the base model is loaded
     require_one_task(d, f"apply {where}")
     net = load_base_for(d, model)
-    apply_delta(net, d, merge=True, force=force, where=where)
+    merge_for_use(net, d, force=force, where=where)  # a stacked delta with the deltas it was trained on beneath it
     describe_classifier(net, d.provenance.task)  # a classifier comes back as one, with its label names
     seen: set[int] = set()
 

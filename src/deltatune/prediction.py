@@ -29,7 +29,8 @@ from deltatune.delta import Delta
 from deltatune.errors import ConfigError, DataError
 from deltatune.io.atomic import atomic_file
 from deltatune.model import mixed_batch
-from deltatune.train.stacking import attach_for_use, recorded_stack
+from deltatune.provenance import recorded_stack
+from deltatune.train.stacking import attach_for_use
 
 
 @dataclass(frozen=True)

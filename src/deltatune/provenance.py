@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deltatune.errors import DeltaFormatError
+from deltatune.errors import ConfigError, DeltaFormatError
 
 OPERATIONS = ("train", "merge", "compose", "compress", "rebase", "import", "attach", "half_reset")
 FIELDS = {"operation", "base", "task", "train", "parents"}
@@ -99,3 +99,27 @@ def parent_record(delta: Any) -> dict[str, Any]:
     """What a derived delta records about one input: method, operation, base, task and fingerprint."""
     return {"method": delta.method, "operation": delta.provenance.operation, "base": delta.provenance.base,
             "task": copy.deepcopy(delta.provenance.task), "fingerprint": copy.deepcopy(delta.fingerprint)}
+
+
+#: The role of a parent record naming a delta another was trained on top of (``train --on``).
+ON_ROLE = "on"
+
+
+class StackedDeltaRefused(ConfigError):
+    """A delta trained on top of others, used where the deltas beneath it cannot come along."""
+
+
+def recorded_stack(delta: Any) -> list[dict[str, Any]]:
+    """The underlying-delta records of a stacked delta's provenance (empty for a delta trained on the bare base)."""
+    return [p for p in delta.provenance.parents if p.get("role") == ON_ROLE]
+
+
+def require_unstacked(delta: Any, what: str) -> None:
+    """Refuse ``what`` (:class:`StackedDeltaRefused`) for a delta trained on top of others: it would run on the bare
+    base without the deltas beneath it."""
+    under = [str(r.get("path"))[:200] for r in recorded_stack(delta)]
+    if under:
+        raise StackedDeltaRefused(
+            f"{what}: the delta was trained on top of {under}, which would be left out; write base + those deltas + "
+            "this one as one checkpoint (`deltatune apply`) and use that as the base")
+

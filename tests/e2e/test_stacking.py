@@ -240,3 +240,73 @@ def test_eval_and_predict_of_a_stacked_delta_use_its_underlying_delta(stacked, s
     with apply_stacked(net, b):
         ref = evaluate(net, _eval_task(b, small_base, None, None, 16), 64, torch.device("cpu"))
     assert metrics == ref
+
+
+@pytest.fixture()
+def stacked_ia3(tmp_path):
+    """An (IA)³ delta (its update depends on the weights it scales) trained on top of a sparse one: the stack merged
+    into the base, the scales set; returns the folders, the training-time logits and the inputs."""
+    from conftest import tiny_llama
+
+    from deltatune.provenance import Provenance
+
+    tiny_llama().save_pretrained(tmp_path / "base")
+    a = randomize_delta(tiny_llama(), dt.SparseConfig(num_tunable=3000, regrow=False), 0, 0.3)
+    a.provenance = Provenance(operation="train", base=str(tmp_path / "base"))
+    a.save(tmp_path / "a")
+    model = tiny_llama()
+    stack = prepare_stack(model, [tmp_path / "a"])
+    b = randomize_delta(model, dt.make_config("ia3", {}), 1, 0.5)
+    with torch.no_grad():
+        for part in b.parts.values():
+            for p in part.parameters():
+                p.add_(1.0)  # scales near 1
+    b.provenance = Provenance(operation="train", base=str(tmp_path / "base"))
+    stack.record(b)
+    inputs = tiny_inputs("llama")
+    trained = logits(model, inputs)
+    b.save(tmp_path / "b")
+    return tmp_path, trained, inputs
+
+
+@pytest.mark.parametrize("mode", ["attach", "merge"])
+def test_a_base_dependent_delta_on_top_is_applied_on_the_weights_it_was_trained_on(stacked_ia3, mode) -> None:
+    from conftest import tiny_llama
+
+    root, trained, inputs = stacked_ia3
+    net = tiny_llama()
+    ref = base_state(net, [])
+    b = dt.load_delta(root / "b")
+    with apply_stacked(net, b, mode=mode):
+        assert max_diff(logits(net, inputs), trained) <= 1e-5  # (IA)³ scales θ₀ + Δ_A, not θ₀
+    assert _same_base(net, ref, [])
+    with compose(net, [dt.load_delta(root / "a"), b], mode=mode, force=True):  # a sum scales θ₀: not the same
+        assert max_diff(logits(net, inputs), trained) > 1e-3
+
+
+def test_apply_writes_the_underlying_deltas_beneath_a_stacked_one(stacked_ia3) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from deltatune.api import apply_to_checkpoint
+
+    root, trained, inputs = stacked_ia3
+    apply_to_checkpoint(root / "b", root / "ckpt", model=str(root / "base"))
+    ckpt = AutoModelForCausalLM.from_pretrained(root / "ckpt").eval()
+    assert max_diff(logits(ckpt, inputs), trained) <= 1e-5
+
+
+def test_serving_or_exporting_a_stacked_delta_is_refused(stacked_ia3) -> None:
+    from conftest import tiny_llama
+
+    from deltatune.io.peft_export import export_peft
+    from deltatune.provenance import StackedDeltaRefused
+    from deltatune.serve.store import DeltaStore
+
+    root, _, _ = stacked_ia3
+    store = DeltaStore(tiny_llama(), "base")
+    with pytest.raises(StackedDeltaRefused, match=r"serving delta 'b'.*trained on top of"):
+        store.add("b", root / "b")
+    assert store.names() == []
+    with pytest.raises(StackedDeltaRefused, match="export to PEFT"):
+        export_peft(dt.load_delta(root / "b"), root / "peft")
+    assert not (root / "peft").exists()

@@ -209,9 +209,17 @@ class DeltaStack:
                 p.data.copy_((p.data.float() + delta.to(device=p.device, dtype=torch.float32)).to(p.dtype))
 
     # --- push / pop ---------------------------------------------------------------------------
-    def push(self, delta: Delta, where: str | None = None) -> None:
-        """Compose ``delta`` on top of the stack (checks capabilities, fingerprint, shapes and heads first)."""
+    def push(self, delta: Delta, where: str | None = None, mode: Mode | None = None, on_top: bool = False) -> None:
+        """Compose ``delta`` on top of the stack (checks capabilities, fingerprint, shapes and heads first).
+
+        ``mode``: this delta's own (default: the stack's).  ``on_top``: a base-dependent part (DoRA, (IA)³, SSF)
+        computes its update from the weights as the stack has made them, not as they were before it — a delta
+        trained on top of the merged deltas beneath it (:func:`deltatune.train.stacking.apply_stacked`); an
+        attached part always reads the weights as they are."""
         where = where or f"delta #{len(self._entries)} ({delta.method})"
+        mode = mode or self.mode
+        if mode not in ("attach", "merge"):
+            raise ConfigError(f"compose mode must be 'attach' or 'merge', got {mode!r}")
         require_capability(delta, "additive", f"compose ({where})")
         heads = tuple(delta.heads)
         if not self.force and delta.fingerprint:
@@ -229,10 +237,14 @@ class DeltaStack:
         name: str | None = None
         try:
             load_heads(self.model, delta, where)
-            if self.mode == "merge":
+            if mode == "merge":
                 _snapshot_parts(self.model, delta.parts, snap)
                 for module_name, part in delta.parts.items():
-                    self._merge_part(part, get_module(self.model, module_name))
+                    module = get_module(self.model, module_name)
+                    if on_top:
+                        part.merge_into(module)
+                    else:
+                        self._merge_part(part, module)
             else:
                 name = self._fresh_name()
                 attach_parts(self.model, delta.parts, name)

@@ -27,6 +27,7 @@ from deltatune.io.peft_files import exported_config_base, head_tensors, write_ad
 from deltatune.parts.dora import DoRAPart
 from deltatune.parts.layers import LayerKind
 from deltatune.parts.lora import LoRAPart
+from deltatune.provenance import require_unstacked
 
 
 def _json_number(x: float) -> int | float:
@@ -145,6 +146,7 @@ def export_peft(delta: Delta, path: str | Path, base_model_name_or_path: str | N
     kinds of two PEFT methods in one delta, is a :class:`DeltaFormatError` before anything is written."""
     if not delta.parts:
         raise DeltaFormatError("the delta has no parts; a PEFT adapter needs at least one adapted module")
+    require_unstacked(delta, "export to PEFT")  # an adapter holds its own update only, run on the bare base
     bad = sorted(f"{n} ({p.kind})" for n, p in delta.parts.items() if p.kind not in PEFT_WRITERS)
     if bad:
         raise DeltaFormatError(f"parts {bad[:5]} have no PEFT writer: LoRA, DoRA, (IA)³ and prompt-tuning deltas "

@@ -37,6 +37,7 @@ from deltatune.fingerprint import check_fingerprint, fingerprint
 from deltatune.layer import DeltaLayer
 from deltatune.model import attach_heads, attach_parts, check_heads, detach, logical_modules
 from deltatune.parts.capabilities import require_capability
+from deltatune.provenance import require_unstacked
 from deltatune.serve.errors import BadRequest, UnknownDelta
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
@@ -211,6 +212,7 @@ class DeltaStore:
             delta = as_delta(src, verify=self.verify)
         where = f"delta {name!r}" + ("" if isinstance(src, Delta) else f" ({src})")
         require_capability(delta, "mixed_rows", f"serving {where}")
+        require_unstacked(delta, f"serving {where}")  # its rows would need other deltas merged into the shared base
         # the engine serves a model-level part by prefilling the positions it puts before the prompt into the row's
         # KV cache (deltatune.serve.engine): a kind that cannot continue from a cache is refused
         other = sorted({p.kind for p in delta.parts.values() if p.model_level and p.cached_prefix() is None})

@@ -9,9 +9,12 @@ at test time the target-language delta is applied instead: ``θ = θ₀ + φ_lan
   merge), and its provenance lists each underlying delta as a parent with ``role: "on"``, its path and a digest of
   its content.  The :class:`StackGuard` hook stores those digests in every training checkpoint, so a resumed run
   whose underlying delta is gone or changed stops (:class:`UnderlyingDeltaMissing` / :class:`UnderlyingDeltaChanged`).
-* Inference: :func:`apply_stacked` puts the recorded underlying deltas (found by path, digest checked) or others
-  given explicitly (``on=[…]``: swapping the language delta) and then the stacked delta on a model, as a
-  :class:`~deltatune.algebra.compose.DeltaStack` (attach or merge; ``revert()`` restores the base bit for bit).
+* Inference: :func:`apply_stacked` merges the recorded underlying deltas (found by path, digest checked) or others
+  given explicitly (``on=[…]``: swapping the language delta) into a model and puts the stacked delta on top of them
+  (attached or merged), as a :class:`~deltatune.algebra.compose.DeltaStack` (``revert()`` restores the base bit for
+  bit); :func:`attach_for_use` (evaluation, prediction) and :func:`merge_for_use` (``deltatune apply``) do the same
+  for good.  Where the deltas beneath cannot come along — a shared base serving other deltas, a PEFT adapter — a
+  stacked delta is refused (:func:`deltatune.provenance.require_unstacked`).
 """
 
 from __future__ import annotations
@@ -24,16 +27,14 @@ from typing import Any
 
 from torch import nn
 
-from deltatune.algebra.compose import DeltaStack, Mode, compose
+from deltatune.algebra.compose import DeltaStack, Mode
 from deltatune.delta import Delta
 from deltatune.errors import ConfigError, FingerprintMismatch
 from deltatune.fingerprint import check_fingerprint, fingerprint
 from deltatune.methods.registry import TrainHook
 from deltatune.model import default_heads, merge_delta
 from deltatune.parts.capabilities import require_capability
-from deltatune.provenance import parent_record
-
-ROLE = "on"
+from deltatune.provenance import ON_ROLE, parent_record, recorded_stack
 
 
 class UnderlyingDeltaMissing(ConfigError):
@@ -72,7 +73,7 @@ class Stack:
     base_fingerprint: dict[str, Any]
 
     def records(self) -> list[dict[str, Any]]:
-        return [{**parent_record(d), "role": ROLE, "path": p, "digest": g}
+        return [{**parent_record(d), "role": ON_ROLE, "path": p, "digest": g}
                 for p, d, g in zip(self.paths, self.deltas, self.digests, strict=True)]
 
     def record(self, delta: Delta) -> None:
@@ -128,11 +129,6 @@ class StackGuard(TrainHook):
                                              "stack")
 
 
-def recorded_stack(delta: Delta) -> list[dict[str, Any]]:
-    """The underlying-delta records of a stacked delta's provenance (empty for a delta trained on the bare base)."""
-    return [p for p in delta.provenance.parents if p.get("role") == ROLE]
-
-
 def resolve_underlying(delta: Delta, where: str = "the delta") -> list[Delta]:
     """The deltas ``delta`` was trained on top of, loaded from their recorded paths and checked unchanged
     (:class:`UnderlyingDeltaMissing`, :class:`UnderlyingDeltaChanged`)."""
@@ -155,7 +151,10 @@ def _headless(d: Delta) -> Delta:
 
 def apply_stacked(model: nn.Module, delta: Delta, on: Sequence[Delta] | None = None, mode: Mode = "attach",
                   force: bool = False, where: str = "the delta") -> DeltaStack:
-    """``θ = θ₀ + Σ_on Δ + Δ_delta`` on ``model`` (underlying task heads ignored; ``delta``'s heads loaded).
+    """``θ = θ₀ + Σ_on Δ + Δ_delta`` on ``model`` (underlying task heads ignored; ``delta``'s heads loaded): the
+    underlying deltas merged into the base weights, then ``delta`` attached (``mode="attach"``) or merged on top,
+    so that a base-dependent kind (DoRA, (IA)³, SSF) computes its update from ``θ₀ + Σ_on Δ``, the weights it was
+    trained on, as training, evaluation and prediction do.
 
     ``on=None``: the deltas recorded in ``delta``'s provenance (by path, digest checked); ``on=[…]``: these
     instead (swap the underlying delta).  Every delta must belong to ``model``'s base
@@ -167,8 +166,32 @@ def apply_stacked(model: nn.Module, delta: Delta, on: Sequence[Delta] | None = N
         for i, d in enumerate(under):
             check_fingerprint(d.fingerprint, model, sorted({*d.heads, *heads}), f"underlying delta #{i + 1} "
                               f"({d.method})")
-    return compose(model, [*map(_headless, under), delta], mode=mode, force=force,
-                   names=[*(f"underlying delta #{i + 1}" for i in range(len(under))), where])
+    stack = DeltaStack(model, mode="merge", force=force)
+    try:
+        for i, d in enumerate(under):
+            stack.push(_headless(d), f"underlying delta #{i + 1}")
+        stack.push(delta, where, mode=mode, on_top=True)
+    except BaseException:
+        stack.revert()
+        raise
+    return stack
+
+
+def merge_for_use(model: nn.Module, delta: Delta, force: bool = False, where: str = "the delta") -> None:
+    """``θ₀ + Σ_on Δ + Δ_delta`` merged into ``model`` for good (``deltatune apply``): ``delta`` checked against the
+    pristine base (unless ``force``), the deltas it was trained on (recorded, digest-checked) merged, then ``delta``
+    merged on top, so a base-dependent kind computes its update from the weights it was trained on.  A delta trained
+    on the bare base is merged alone, as :func:`~deltatune.model.merge_delta` merges it."""
+    under = resolve_underlying(delta, where)
+    if not under:
+        merge_delta(model, delta, where=where, force=force)
+        return
+    require_capability(delta, "additive", f"merge ({where})")
+    if not force:
+        check_fingerprint(delta.fingerprint, model, delta.heads, where)
+    for u in under:
+        merge_delta(model, _headless(u), where=f"{where} (underlying)", force=True, heads=False)
+    merge_delta(model, delta, where=where, force=True)
 
 
 def attach_for_use(model: nn.Module, delta: Delta, name: str, where: str = "the delta") -> None:
