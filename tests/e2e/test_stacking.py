@@ -5,6 +5,7 @@ recorded or swapped underlying deltas, sum several sparse deltas and revert to t
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import shutil
 
@@ -310,3 +311,45 @@ def test_serving_or_exporting_a_stacked_delta_is_refused(stacked_ia3) -> None:
     with pytest.raises(StackedDeltaRefused, match="export to PEFT"):
         export_peft(dt.load_delta(root / "b"), root / "peft")
     assert not (root / "peft").exists()
+
+
+def test_the_underlying_delta_s_digest_sees_its_metadata_not_its_heads_or_index_width(tmp_path) -> None:
+    from conftest import tiny_llama
+
+    from deltatune.train.loop import delta_digest
+    from deltatune.train.stacking import digest_matches
+
+    lora = randomize_delta(tiny_llama(), dt.make_config("lora", {"r": 2}), 0, 0.1)
+    digest = content_digest(lora)
+    rescaled = copy.deepcopy(lora)
+    next(iter(rescaled.parts.values())).scale *= 2  # the same tensors, another update
+    assert content_digest(rescaled) != digest and not digest_matches(digest, rescaled)
+    headed = dataclasses.replace(lora, heads={"lm_head": {"weight": torch.ones(2, 2)}})
+    assert content_digest(headed) == digest  # an underlying delta's heads are never applied
+    sparse = randomize_delta(tiny_llama(), dt.SparseConfig(num_tunable=500, regrow=False), 0, 0.1)
+    wide = copy.deepcopy(sparse)
+    for part in wide.parts.values():
+        part.indices = part.indices.long()
+    assert content_digest(wide) == content_digest(sparse)
+    assert digest_matches(delta_digest(lora), lora)  # a record of the first version is still read
+    assert not digest_matches(delta_digest(lora), sparse)
+
+
+def test_a_changed_scale_of_the_underlying_delta_is_refused(tmp_path) -> None:
+    from conftest import tiny_llama
+
+    from deltatune.provenance import Provenance
+
+    a = randomize_delta(tiny_llama(), dt.make_config("lora", {"r": 2}), 0, 0.1)
+    a.provenance = Provenance(operation="train", base="tiny")
+    a.save(tmp_path / "a")
+    model = tiny_llama()
+    stack = prepare_stack(model, [tmp_path / "a"])
+    b = randomize_delta(model, dt.SparseConfig(num_tunable=500, regrow=False), 1, 0.1)
+    stack.record(b)
+    assert len(resolve_underlying(b)) == 1
+    changed = dt.load_delta(tmp_path / "a")
+    next(iter(changed.parts.values())).scale *= 2
+    changed.save(tmp_path / "a", overwrite=True)
+    with pytest.raises(UnderlyingDeltaChanged):
+        resolve_underlying(b)

@@ -20,11 +20,14 @@ at test time the target-language delta is applied instead: ``θ = θ₀ + φ_lan
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from deltatune.algebra.compose import DeltaStack, Mode
@@ -45,11 +48,36 @@ class UnderlyingDeltaChanged(FingerprintMismatch):
     """A delta that another was trained on top of has changed since (its content digest differs)."""
 
 
+#: The prefix of :func:`content_digest`'s digests; a recorded digest without it is the first version's
+#: (:func:`~deltatune.train.loop.delta_digest`: tensors and heads only), still accepted by :func:`digest_matches`.
+DIGEST_PREFIX = "v2:"
+
+
 def content_digest(delta: Delta) -> str:
-    """SHA-256 of a delta's parts and heads (names and bytes), the fingerprint of an underlying delta."""
+    """The fingerprint of an underlying delta: SHA-256 over each part's name, kind and metadata (a LoRA's scale, a
+    sparse part's shape: what changes its update besides the tensors) and tensors, integer tensors as int64 (a
+    re-save with other index widths is the same delta).  Task heads are left out: an underlying delta's heads are
+    never applied."""
+    h = hashlib.sha256()
+    for name in sorted(delta.parts):
+        part = delta.parts[name]
+        h.update(json.dumps([name, part.kind, part.meta()], sort_keys=True, default=str).encode())
+        for key, t in sorted(part.state().items()):
+            t = t.detach().cpu()
+            t = t.long() if not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool else t
+            h.update(f"{name}.{key}:{t.dtype}:{list(t.shape)}".encode())
+            h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+    return DIGEST_PREFIX + h.hexdigest()
+
+
+def digest_matches(recorded: str, delta: Delta) -> bool:
+    """Whether ``delta`` is the one a stack recorded: against :func:`content_digest`, or against the first
+    version's digest for a record written before it."""
+    if recorded.startswith(DIGEST_PREFIX):
+        return recorded == content_digest(delta)
     from deltatune.train.loop import delta_digest
 
-    return delta_digest(delta)
+    return recorded == delta_digest(delta)
 
 
 def load_underlying(path: str | Path, where: str) -> Delta:
@@ -122,8 +150,8 @@ class StackGuard(TrainHook):
         if [p for p, _ in recorded] != [p for p, _ in current]:
             raise UnderlyingDeltaChanged(f"the checkpoint was trained on top of {[p for p, _ in recorded]}, this run "
                                          f"on {[p for p, _ in current]}; resume with the same --on deltas")
-        for (path, old), (_, new) in zip(recorded, current, strict=True):
-            if old != new:
+        for (path, old), (_, new), delta in zip(recorded, current, self.stack.deltas, strict=True):
+            if not digest_matches(old, delta):
                 raise UnderlyingDeltaChanged(f"underlying delta {path} changed since the run started (content digest "
                                              f"{old[:12]}… then, {new[:12]}… now); resuming would train on another "
                                              "stack")
@@ -135,8 +163,8 @@ def resolve_underlying(delta: Delta, where: str = "the delta") -> list[Delta]:
     out = []
     for rec in recorded_stack(delta):
         d = load_underlying(rec["path"], f"{where} was trained on top of {rec['path']}")
-        digest = content_digest(d)
-        if digest != rec["digest"]:
+        if not digest_matches(str(rec["digest"]), d):
+            digest = content_digest(d)
             raise UnderlyingDeltaChanged(f"{where} was trained on top of {rec['path']}, which changed since (content "
                                          f"digest {rec['digest'][:12]}… then, {digest[:12]}… now); pass the "
                                          "underlying deltas explicitly (on=[…]) to use others")
