@@ -146,6 +146,19 @@ def test_l1_weight_divides_lambda_by_the_base_models_parameter_count() -> None:
     assert targets < n_total and opt.l1_weight == pytest.approx(0.1 / n_total, rel=1e-12)
 
 
+def test_all_linear_widens_with_other_targets_as_the_docstring_says() -> None:
+    # the reference's maskable set includes the embeddings: ``all-linear`` + ``type:Embedding`` gives both
+    from deltatune.methods.targets import select_modules
+
+    model = TINY_MODELS["llama"]()
+    linear, embedding = select_modules(model, ["all-linear"]), select_modules(model, ["type:Embedding"])
+    both = select_modules(model, ["all-linear", "type:Embedding"])
+    assert set(both) == set(linear) | set(embedding) and set(embedding) - set(linear)
+    delta = deltatune.attach(model, deltatune.make_config("lt-sft", {"num_tunable": 100,
+                                                                   "targets": ["all-linear", "type:Embedding"]}))
+    assert set(delta.parts) == set(both)
+
+
 @pytest.mark.parametrize("bad", [{"density": 0.0}, {"density": 1.5}, {"density": -0.1}, {"num_tunable": 0},
                                  {"full_fraction": 1.0}, {"full_steps": 0}, {"l1_full": -1.0}])
 def test_bad_config_is_a_config_error(bad: dict) -> None:

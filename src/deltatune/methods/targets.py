@@ -119,18 +119,18 @@ def select_modules(model: nn.Module, patterns: Sequence[Target], exclude: Iterab
     candidates = {n: m for n, m in logical_modules(model)
                   if (allowed is None or layer_kind(m) in allowed) and not _excluded(n, exclude)}
     what = "" if allowed is None else "/".join(sorted(k.value for k in allowed))
-    if list(patterns) == ["all-linear"]:
-        skip = output_layer_names(model)
-        chosen = [n for n, m in candidates.items()
-                  if layer_kind(m) in (LayerKind.LINEAR, LayerKind.CONV1D) and n not in skip]
-        if not chosen:
-            raise TargetError("all-linear matched no Linear/Conv1D module in this model")
-        return chosen
     chosen: set[str] = set()
     for target in patterns:
-        hits = _target_hits(target, candidates)
-        if not hits:
-            raise TargetError(_describe_miss(target, candidates, what))
+        if target == "all-linear":  # alone or beside other targets (``all-linear`` + ``type:Embedding``)
+            skip = output_layer_names(model)
+            hits = [n for n, m in candidates.items()
+                    if layer_kind(m) in (LayerKind.LINEAR, LayerKind.CONV1D) and n not in skip]
+            if not hits:
+                raise TargetError("all-linear matched no Linear/Conv1D module in this model")
+        else:
+            hits = _target_hits(target, candidates)
+            if not hits:
+                raise TargetError(_describe_miss(target, candidates, what))
         chosen.update(hits)
     return [n for n in candidates if n in chosen]
 
