@@ -24,6 +24,7 @@ from deltatune.methods.s2ft import (
     component_perm,
     s2ft_permutation,
     select,
+    unit_size,
 )
 from deltatune.model import get_module
 from deltatune.ops.permute import _permute, block_layouts, co_permute, expand, permute_slice_part, selection_order
@@ -424,6 +425,24 @@ def test_two_s2ft_deltas_compose_into_one_slice_delta_exactly() -> None:
     deltatune.merge_delta(two, d2, force=True)  # the base of d2 is the original, not base + d1
     assert max_diff(logits(one, inputs), logits(two, inputs)) <= 1e-5
     assert max_diff(logits(one, inputs), logits(TINY_MODELS["gpt2"](), inputs)) > 1e-3
+
+
+@pytest.mark.parametrize("comp", COMPONENTS)
+def test_a_unit_costs_what_it_trains_when_heads_times_head_dim_is_not_the_width(comp: str) -> None:
+    # Llama with an explicit head_dim: 4 heads of 32 on a 64-wide residual stream
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    block = block_layouts(model)[0]
+    assert (block.attn_width, block.model_dim) == (128, 64)
+    one = {"o_ratio": 0.0, "d_ratio": 0.0, f"{comp}_heads" if comp in "vo" else f"{comp}_channels": {0: [0]}}
+    delta = deltatune.attach(LlamaForCausalLM(config), deltatune.make_config("s2ft", one))
+    assert unit_size(block, comp) == delta.trainable_count
+    spent = deltatune.attach(LlamaForCausalLM(config), budget_config(model, 5000, {comp: 1.0})).trainable_count
+    assert abs(spent - 5000) <= unit_size(block, comp)
 
 
 def test_budget_config_matches_a_lora_count() -> None:

@@ -190,12 +190,12 @@ def select(model: nn.Module, config: S2FTConfig, blocks: list[BlockLayout] | Non
 def unit_size(block: BlockLayout, comp: str) -> int:
     """Trainable scalars one unit of ``comp`` adds: a KV group's ``v`` rows (``head_dim × hidden``) or its query
     heads' ``o`` columns (``hidden × group·head_dim``); an FFN channel's ``up`` row or ``down`` column
-    (``hidden``)."""
+    (``hidden``), with ``hidden`` the residual width (``hidden_size``, which need not be ``heads · head_dim``)."""
     if comp == "v":
-        return block.head_dim * block.hidden
+        return block.head_dim * block.model_dim
     if comp == "o":
-        return block.hidden * block.group * block.head_dim
-    return block.hidden
+        return block.model_dim * block.group * block.head_dim
+    return block.model_dim
 
 
 def budget_config(model: nn.Module, trainable: int, shares: dict[str, float] | None = None,

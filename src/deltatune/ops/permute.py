@@ -62,7 +62,8 @@ class BlockLayout:
     heads: int
     kv_heads: int
     head_dim: int
-    hidden: int
+    attn_width: int  # heads · head_dim: the query projection's output width (a fused qkv's q section)
+    model_dim: int  # the residual stream's width (hidden_size): the other side of v's rows, o's columns, FFN channels
     intermediate: int
 
     @property
@@ -80,7 +81,7 @@ class BlockLayout:
 
     def v_rows(self, units: Sequence[int]) -> list[int]:
         """Output channels of the value projection that belong to the KV groups ``units``."""
-        offset = 2 * self.hidden if self.qkv is not None else 0
+        offset = 2 * self.attn_width if self.qkv is not None else 0
         return [offset + u * self.head_dim + d for u in sorted(units) for d in range(self.head_dim)]
 
     def o_cols(self, units: Sequence[int]) -> list[int]:
@@ -110,7 +111,7 @@ def block_layouts(model: nn.Module) -> list[BlockLayout]:
         inter = up.weight.shape[1] if is_transposed(layer_kind(up)) else up.weight.shape[0]
         layouts.append(BlockLayout(index, full.get("q"), full.get("k"), full.get("v"), full.get("qkv"), full["o"],
                                    full.get("gate"), full["up"], full["down"], heads, kv_heads, head_dim,
-                                   heads * head_dim, int(inter)))
+                                   heads * head_dim, hidden, int(inter)))
     return layouts
 
 
@@ -166,7 +167,7 @@ def co_permute(model: nn.Module, unit_orders: dict[int, Sequence[int]] | None = 
         q_perm = expand(order, block.group * block.head_dim)
         kv_perm = expand(order, block.head_dim)
         if block.qkv is not None:
-            h = block.hidden
+            h = block.attn_width
             _permute(get_module(model, block.qkv), torch.cat([q_perm, h + kv_perm, 2 * h + kv_perm]), "out")
         else:
             _permute(get_module(model, block.q), q_perm, "out")  # type: ignore[arg-type]
@@ -209,5 +210,5 @@ def qkv_perm(block: BlockLayout, order: Sequence[int]) -> Tensor:
     kv_perm = expand(order, block.head_dim)
     if block.qkv is None:
         return kv_perm
-    h = block.hidden
+    h = block.attn_width
     return torch.cat([expand(order, block.group * block.head_dim), h + kv_perm, 2 * h + kv_perm])
