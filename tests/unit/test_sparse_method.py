@@ -149,6 +149,18 @@ def _event(values: list[float], cand: list[int], gsum: list[float], rate: float)
     return part, opt, moved
 
 
+def test_the_cosine_schedule_has_no_whole_replacement_at_the_first_event():
+    # the reference's SftSelector: p = 1 at step A under the linear policy only; cosine is ρ₀(1 + cos(πt/T))/2 always
+    import math
+
+    _, part = _layer_and_part(k=10)
+    opt = SparseAdamW(part.parameters(), lr=1e-2)
+    cfg = SparseConfig(reselection_steps=4, accumulation_steps=1, initial_reselection_rate=0.5, schedule="cosine")
+    sel = SpIELSelector({"l": part}, opt, cfg, total_steps=20, grad_accum=1)
+    for step in (1, 5):
+        assert abs(sel.rate(step) - 0.5 * (1 + math.cos(math.pi * step / 20)) / 2) < 1e-12
+
+
 def test_a_dropped_entry_with_a_top_gradient_wins_its_place_back_and_keeps_its_value():
     # select_rigl: candidates are those not *remaining* active; entry 0 is dropped (smallest |value|) but has the
     # largest accumulated gradient, so it stays, with its value and moments; only one entry moves

@@ -134,10 +134,13 @@ class SpIELSelector(TrainHook):
 
     # --- schedule ------------------------------------------------------------------------
     def rate(self, step: int) -> float:
-        if step == self.A:
-            return 1.0
+        """The fraction of each part's entries replaced at ``step`` (SpIEL's reference ``SftSelector``): linear
+        ``ρ₀·(1 − step/T)``, but 1 at the first event (``step = A``: the random initial support replaced whole);
+        cosine ``ρ₀·(1 + cos(π·step/T))/2`` at every event, the first too."""
         if self.schedule == "cosine":
             return self.rho0 * (1 + math.cos(math.pi * step / self.T)) / 2
+        if step == self.A:
+            return 1.0
         return self.rho0 * (1 - step / self.T)
 
     def before_step(self, step: int) -> None:
