@@ -353,3 +353,31 @@ def test_a_changed_scale_of_the_underlying_delta_is_refused(tmp_path) -> None:
     changed.save(tmp_path / "a", overwrite=True)
     with pytest.raises(UnderlyingDeltaChanged):
         resolve_underlying(b)
+
+
+def test_training_on_a_stacked_delta_trains_on_the_deltas_beneath_it_too(tmp_path) -> None:
+    from conftest import tiny_llama
+
+    from deltatune.provenance import Provenance
+
+    def trained(model, seed: int, under: list) -> dt.Delta:
+        stack = prepare_stack(model, under)
+        d = randomize_delta(model, dt.SparseConfig(num_tunable=400, regrow=False, seed=seed), seed, 0.3)
+        d.provenance = Provenance(operation="train", base="tiny")
+        if stack is not None:
+            stack.record(d)
+        return d
+
+    trained(tiny_llama(), 0, []).save(tmp_path / "a")
+    trained(tiny_llama(), 1, [tmp_path / "a"]).save(tmp_path / "b")  # B on A
+    model = tiny_llama()
+    stack = prepare_stack(model, [tmp_path / "b"])  # C on B: on θ₀ + Δ_A + Δ_B, the function B is
+    assert stack.paths == [str((tmp_path / p).resolve()) for p in ("a", "b")]
+    expected = tiny_llama()
+    for name in ("a", "b"):
+        dt.merge_delta(expected, dt.load_delta(tmp_path / name), force=True, heads=False)
+    inputs = tiny_inputs("llama")
+    assert torch.equal(logits(model, inputs), logits(expected, inputs))
+    c = randomize_delta(model, dt.SparseConfig(num_tunable=400, regrow=False, seed=2), 2, 0.3)
+    stack.record(c)
+    assert [content_digest(u) for u in resolve_underlying(c)] == stack.digests

@@ -113,8 +113,36 @@ class Stack:
         return StackGuard(self)
 
 
+#: How deep stacks of stacked deltas may go (a deeper chain is a cycle of recorded paths, or a mistake).
+MAX_STACK_DEPTH = 32
+
+
+def with_their_stacks(paths: Sequence[str]) -> tuple[list[str], list[Delta]]:
+    """The deltas at ``paths``, each preceded by the deltas it was itself trained on (recorded, digest-checked,
+    recursively), each path once: training on top of a stacked delta ``B`` (trained on ``A``) trains on
+    ``θ₀ + Δ_A + Δ_B``, the function ``B`` is, and the new delta records both."""
+    out_paths: list[str] = []
+    out_deltas: list[Delta] = []
+
+    def add(path: str, delta: Delta, depth: int) -> None:
+        if depth > MAX_STACK_DEPTH:
+            raise ConfigError(f"underlying delta {path}: its recorded stack is deeper than {MAX_STACK_DEPTH} (a cycle "
+                              "of recorded paths?)")
+        for rec, under in zip(recorded_stack(delta), resolve_underlying(delta, f"underlying delta {path}"),
+                              strict=True):
+            add(str(rec["path"]), under, depth + 1)
+        if path not in out_paths:
+            out_paths.append(path)
+            out_deltas.append(delta)
+
+    for i, path in enumerate(paths):
+        add(path, load_underlying(path, f"--on #{i + 1}"), 0)
+    return out_paths, out_deltas
+
+
 def prepare_stack(model: nn.Module, on: Sequence[str | Path], heads: Sequence[str] | None = None) -> Stack | None:
-    """Merge the deltas at ``on`` (in order) into ``model``'s base weights; ``None`` when ``on`` is empty.
+    """Merge the deltas at ``on`` (in order, each after the deltas it was itself trained on:
+    :func:`with_their_stacks`) into ``model``'s base weights; ``None`` when ``on`` is empty.
 
     Every underlying delta is checked against the pristine base first (another base:
     :class:`FingerprintMismatch`; a kind that cannot be merged: :class:`NotMergeable`), before any weight is
@@ -123,8 +151,7 @@ def prepare_stack(model: nn.Module, on: Sequence[str | Path], heads: Sequence[st
         return None
     heads = list(default_heads(model) if heads is None else heads)
     base_fp = fingerprint(model, exclude=heads)
-    paths = [str(Path(p).resolve()) for p in on]
-    deltas = [load_underlying(p, f"--on #{i + 1}") for i, p in enumerate(paths)]
+    paths, deltas = with_their_stacks([str(Path(p).resolve()) for p in on])
     for i, d in enumerate(deltas):
         where = f"underlying delta {paths[i]}"
         require_capability(d, "additive", f"training on top of {where}")
