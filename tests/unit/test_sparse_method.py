@@ -149,6 +149,21 @@ def _event(values: list[float], cand: list[int], gsum: list[float], rate: float)
     return part, opt, moved
 
 
+def test_a_window_of_fractional_steps_seeds_whole_step_ages_and_means_over_its_steps():
+    # a layer that missed a micro-batch: 5 samples at grad_accum 2 are 2.5 steps; the bias table counts whole steps
+    part = SparsePart((4, 4), torch.tensor([0, 1, 2, 3]))
+    with torch.no_grad():
+        part.values.copy_(torch.tensor([0.1, 5.0, 6.0, 7.0]))
+    opt = SparseAdamW([part.values])
+    sel = SpIELSelector({"w": part}, opt, SparseConfig(), total_steps=100, grad_accum=2)
+    g = torch.tensor([3.0])
+    assert sel._regrow_part(part, torch.tensor([9], dtype=torch.int32), g, g * g, 2.5, 0.25, 0.9, 0.999) == 1
+    st, slot = opt.state_of(part.values), int((part.indices == 9).nonzero())
+    assert float(st["age"][slot]) == 2.0
+    assert torch.allclose(st["exp_avg"][slot], torch.tensor(3.0 / 2.5 * (1 - 0.9**2)))
+    assert torch.allclose(st["exp_avg_sq"][slot], torch.tensor(9.0 * 2 / 2.5 * (1 - 0.999**2)))
+
+
 def test_the_cosine_schedule_has_no_whole_replacement_at_the_first_event():
     # the reference's SftSelector: p = 1 at step A under the linear policy only; cosine is ρ₀(1 + cos(πt/T))/2 always
     import math

@@ -194,18 +194,19 @@ class SpIELSelector(TrainHook):
             if window.candidates is None:
                 continue
             cand, gsum, gsq = _gather_windows(window)
-            age = max(1.0, window.samples / self.grad_accum)
-            moved += self._regrow_part(part, cand, gsum, gsq, age, rate, b1, b2)
+            steps = max(1.0, window.samples / self.grad_accum)  # fractional where a layer missed a micro-batch
+            moved += self._regrow_part(part, cand, gsum, gsq, steps, rate, b1, b2)
         self.events.append({"step": step, "rate": rate, "moved": moved})
         self._close()
 
-    def _regrow_part(self, part: SparsePart, cand: Tensor, gsum: Tensor, gsq: Tensor, age: float, rate: float,
+    def _regrow_part(self, part: SparsePart, cand: Tensor, gsum: Tensor, gsq: Tensor, steps: float, rate: float,
                      b1: float, b2: float) -> int:
         """One drop/regrow event of one part (SpIEL's ``select_rigl``, Ansell et al., 2024, §3): drop the
         ``n = ⌊k·rate⌋`` entries of smallest ``|value|``; grow the top-``n`` by ``|accumulated gradient|`` among
         the candidates that do not *remain* active (a dropped entry may win its place back); an entry both dropped
         and regrown stays as it is (value and moments kept), so ``n`` shrinks by the overlap.  Grown entries start
-        at 0 with moments seeded from the window (the bias counter-correction ``m = ḡ·(1−β₁^age)``).  Returns how
+        at 0 with moments seeded from the window (the bias counter-correction ``m = ḡ·(1−β₁^age)``, ``ḡ`` over the
+        window's ``steps``, ``age`` its whole steps, as the optimiser's bias correction counts them).  Returns how
         many entries moved."""
         n = math.floor(part.indices.numel() * rate)
         if n <= 0:
@@ -228,8 +229,9 @@ class SpIELSelector(TrainHook):
         part.values.data[slots] = 0
         if isinstance(self.optimizer, SparseAdamW):
             st = self.optimizer.state_of(part.values)
-            mean_g = gsum[grow] / age
-            mean_sq = gsq[grow] * self.grad_accum / age
+            mean_g = gsum[grow] / steps
+            mean_sq = gsq[grow] * self.grad_accum / steps
+            age = float(int(steps))  # whole steps, as SparseAdamW's bias-correction table counts them
             st["exp_avg"][slots] = mean_g * (1 - b1**age)
             st["exp_avg_sq"][slots] = mean_sq * (1 - b2**age)
             st["age"][slots] = age
