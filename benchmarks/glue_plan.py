@@ -25,9 +25,10 @@ WARMUP_STEPS = 2
 PRELOAD = ("torch", "transformers", "transformers.models.bert.modeling_bert", "deltatune", "deltatune.train.loop")
 QUICK = {"tasks": ["sst2", "stsb"], "methods": ["lora", "sparse", "s2ft", "bitfit"], "budgets": ["r8"],
          "steps": 10, "seeds": 1, "lrs": [1.0], "train_limit": 320, "eval_limit": 200}
-COLUMNS = ("method", "budget", "task", "trainable", "lr", "metric_name", "metric", "std", "seeds", "sweep",
-           "step_s", "peak_mb")
-AVG_COLUMNS = ("method", "budget", "tasks", "trainable", "metric", "vs_lora", "provisional", "step_s", "peak_mb")
+COLUMNS = ("method", "budget", "task", "trainable", "lr", "metric_name", "metric", "std", "seeds", "heldout",
+           "sweep", "step_s", "peak_mb")
+AVG_COLUMNS = ("method", "budget", "tasks", "trainable", "metric", "vs_lora", "heldout", "heldout_vs_lora",
+               "provisional", "step_s", "peak_mb")
 
 
 # --- the plan ---------------------------------------------------------------------------------------------------

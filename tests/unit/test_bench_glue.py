@@ -124,6 +124,7 @@ def test_summary_mean_std_seeds_and_incomplete_sweeps() -> None:
     assert sp["metric"] == pytest.approx((0.80 + 0.90 + 0.85) / 3, abs=1e-4)
     assert sp["std"] == pytest.approx(0.05, abs=1e-4)  # sample std of 0.80, 0.90, 0.85
     assert sp["step_s"] == 0.3  # median over the seeds' medians
+    assert sp["heldout"] == pytest.approx((0.90 + 0.85) / 2, abs=1e-4)  # seed 0 chose the LR: left out
     assert lo["sweep"] == "1/3" and lo["seeds"] == 1 and lo["std"] is None and not lo["complete"]
 
 
@@ -145,6 +146,20 @@ def test_averages_and_the_verdict_are_computed() -> None:
     assert "**yes**" in lines[0] and "sparse 0.7100" in lines[0]
     assert "**no**" in lines[1] and "provisional" in lines[1]
     assert "no LoRA" in glue.verdicts(list(avg.values()), ["r8", "r32"] + ["r64"])[2]
+    assert avg["s2ft", "r8"]["provisional"], "an average over 1 of 2 tasks is provisional"
+
+
+def test_the_verdict_compares_unrounded_averages_and_reports_the_held_out_seeds() -> None:
+    def row(method, task, metric, heldout):
+        return {"method": method, "task": task, "budget": "r8", "metric": metric, "heldout": heldout,
+                "trainable": 10, "step_s": 0.1, "peak_mb": 5.0, "complete": True}
+
+    rows = [row("lora", "sst2", 0.80000, 0.79), row("sparse", "sst2", 0.79996, 0.80)]  # 0.00004 below LoRA
+    avg = {r["method"]: r for r in glue.averages(rows, ["sst2"])}
+    assert avg["sparse"]["vs_lora"] == 0.0 and not avg["sparse"]["ge_lora"]
+    assert avg["sparse"]["heldout_vs_lora"] == pytest.approx(0.01) and avg["sparse"]["heldout_ge_lora"]
+    (line,) = glue.verdicts(list(avg.values()), ["r8"])
+    assert "average: **no**" in line and "did not choose the LR (seed 0 chose it): **yes**" in line
 
 
 def test_budget_rules_hit_the_target() -> None:
