@@ -382,7 +382,10 @@ def write_summary(out: str | Path, groups: list[Group], lrs_of: Callable[[str], 
     lines = verdicts(avg, budgets)
     notes = [f"{s.steps} steps, batch {BATCH}, LR sweep ×{', ×'.join(f'{m:g}' for m in s.lr_mults)} of each "
              f"method's default (best seed-0 dev metric), {s.seeds} seed(s) asked at that LR; `seeds`: recorded "
-             "so far, `sweep`: LRs recorded", "metric: mean over seeds; std: sample std (– with one seed)"]
+             "so far, `sweep`: LRs recorded", "metric: mean over seeds; std: sample std (– with one seed); heldout: "
+             "mean over the seeds after seed 0 (seed 0's score chose the LR)",
+             "step_s, peak_mb: medians over each row's runs, which may have run under different loads (workers, "
+             "threads, other jobs on the machine: each run records its own); compare costs in benchmarks/train_step.py"]
     if s.train_limit or s.eval_limit:
         notes.insert(0, f"**smoke settings** (training rows ≤ {s.train_limit or 'all'}, dev rows ≤ "
                         f"{s.eval_limit or 'all'}): these numbers do not measure quality")
