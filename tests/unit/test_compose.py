@@ -192,6 +192,21 @@ def test_compose_deltas_sparse_unites_indices_and_adds_values():
     assert out.values.tolist() == [1.0, 12.0, 20.0]
 
 
+def test_a_sara_part_sums_with_a_sparse_part_into_one_sparse_part():
+    # SaRA's part is stored as a sparse part is (indices, values): its sum family is the sparse part's
+    from deltatune.methods.sara import SaRAPart
+
+    a = SparsePart((2, 4), torch.tensor([1, 4]))
+    b = SaRAPart((2, 4), torch.tensor([4, 7]), nuclear_weight=1e-3)
+    with torch.no_grad():
+        a.values.copy_(torch.tensor([1.0, 2.0]))
+        b.values.copy_(torch.tensor([10.0, 20.0]))
+    for first, second in ((a, b), (b, a)):
+        out = first.sum_with([second], "m")
+        assert type(out) is SparsePart and out.indices.tolist() == [1, 4, 7]
+        assert out.values.tolist() == [1.0, 12.0, 20.0]
+
+
 def test_compose_deltas_mixed_kinds_become_dense_with_every_parameter():
     gen = torch.Generator().manual_seed(0)
     lin = nn.Linear(4, 3)

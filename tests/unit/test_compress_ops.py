@@ -209,9 +209,18 @@ def test_dsee_s_sparse_values_compress_as_the_weight_sized_update_they_stand_for
     got = compress_delta(Delta("dsee", {}, {"m": dsee}), "compeft", density=0.02, alpha=1.0).parts["m"]
     want = compress_delta(Delta("sparse", {}, {"m": _sparse((10, 10), idx, vals)}), "compeft", density=0.02,
                           alpha=1.0).parts["m"]
-    kept = got.indices[got.values.detach() != 0]  # k = ⌊0.02 · 100⌋ = 2 of the 100 entries, not of the 4 stored
-    assert torch.equal(kept, want.indices) and kept.tolist() == [17, 42]
-    assert torch.equal(got.values.detach().sign(), torch.tensor([0.0, -1.0, 1.0, 0.0]))  # (σ also sees the factors)
+    assert torch.equal(got.indices, want.indices) and got.indices.tolist() == [17, 42]  # k = ⌊0.02 · 100⌋ = 2
+    assert torch.equal(got.values.detach().sign(), torch.tensor([-1.0, 1.0]))  # (σ also sees the factors)
+
+
+def test_a_dsee_part_drops_the_sparse_entries_compression_zeroed():
+    from deltatune.parts.dsee import DSEEPart
+
+    dsee = DSEEPart(10, 10, 2, 1.0, (10, 10), torch.tensor([3, 17, 42, 58]))
+    with torch.no_grad():
+        dsee.values.copy_(torch.tensor([0.5, -1.5, 2.0, -0.25]))
+    got = compress_delta(Delta("dsee", {}, {"m": dsee}), "magnitude", density=0.02, scope="tensor").parts["m"]
+    assert got.indices.tolist() == [17, 42] and bool((got.values != 0).all())  # the zeros are not stored
 
 
 def test_a_slice_part_compresses_as_the_dense_update_it_stands_for():

@@ -91,6 +91,7 @@ class SaRAPart(SparsePart):
 
     kind = "sara"
     has_aux_loss = True
+    sum_family = SparsePart  # stored as a sparse part is (indices, values): sums with sparse parts into one
 
     def __init__(self, weight_shape: tuple[int, ...], indices: Tensor, layer: LayerKind = LayerKind.LINEAR,
                  dtype: torch.dtype = torch.float32, nuclear_weight: float = 0.0) -> None:

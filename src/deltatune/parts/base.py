@@ -69,6 +69,9 @@ class Part(nn.Module):
     #: ``mixed_onto`` (``None``: the class is its own family) — e.g. DoRA rows join the LoRA rows' concatenated-rank
     #: pass as a gain on the base output plus a low-rank term, instead of a second pass of their own.
     mixed_family: ClassVar[type[Part] | None] = None
+    #: The class whose exact sum (:meth:`sum_same_class`) covers this kind too: a subclass whose stored state is its
+    #: parent's (SaRA's sparse part sums with sparse parts); ``None``: its own class only.
+    sum_family: ClassVar[type[Part] | None] = None
     #: Whether :meth:`bind` makes the base's own tensor the trained parameter (dense parts: ``θ`` trains, so weight
     #: decay would pull ``θ`` rather than ``Δθ`` to zero and binding is refused with decay), rather than keeping the
     #: part's own parameters (sparse parts: ``W + scatter(values)`` is only mirrored into the weight).
@@ -178,12 +181,15 @@ class Part(nn.Module):
 
     def sum_with(self, others: Sequence[Part], where: str) -> Part | None:
         """``Δ = Δ_self + Σ Δ_other`` as one part of this kind when that is exact, else ``None`` (the caller
-        then sums the :meth:`updates` densely).  Only parts of exactly this class are summed as one (a subclass
-        may carry state, e.g. a magnitude, that the parent's sum would drop): see :meth:`sum_same_class`."""
+        then sums the :meth:`updates` densely).  Only parts of one sum family are summed as one — by default exactly
+        one class (a subclass may carry state, e.g. a magnitude, that the parent's sum would drop); a subclass whose
+        stored state is its parent's names the parent in :attr:`sum_family` — with that class's
+        :meth:`sum_same_class`."""
         parts = [self, *others]
-        if any(type(p) is not type(self) for p in parts):
+        families = {p.sum_family or type(p) for p in parts}
+        if len(families) != 1:
             return None
-        return self.sum_same_class(parts, where)
+        return families.pop().sum_same_class(self, parts, where)
 
     def sum_same_class(self, parts: Sequence[Part], where: str) -> Part | None:
         """The exact sum of ``parts`` (all of this class), or ``None`` when the kind has none."""

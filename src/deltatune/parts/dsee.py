@@ -103,17 +103,20 @@ class DSEEPart(LowRankFactors):
         return {} if product else {"values": math.prod(self.weight_shape)}
 
     def with_values(self, values: dict[str, Tensor], product: bool = False, where: str = "dsee") -> Part:
-        """Same geometry and support with new tensors; with ``product``, a sparse part of the non-zero entries of
-        the (compressed) ``ΔW``."""
+        """Same geometry with new tensors; sparse entries that became exactly 0 are dropped from the support (as a
+        sparse part drops them, so a sparsifying compression shrinks what is stored); with ``product``, a sparse
+        part of the non-zero entries of the (compressed) ``ΔW``."""
         if product:
             return sparse_from_dense(values[""], self.layer)
         a = values["lora_A"]
+        sparse = values["values"].reshape(-1)
+        keep = (sparse != 0).cpu()
+        indices = self.indices.cpu()[keep]
         with torch.no_grad():
             out = DSEEPart(self.in_features, self.out_features, self.rank, self.scale, self.weight_shape,
-                           self.indices.cpu(), self.layer, self.dropout_p, dtype=a.dtype,
-                           sparse_scale=self.sparse_scale)
-            out.load_tensors({"lora_A": a, "lora_B": values["lora_B"].to(a.dtype), "indices": self.indices.cpu(),
-                              "values": values["values"].to(a.dtype)}, where)
+                           indices, self.layer, self.dropout_p, dtype=a.dtype, sparse_scale=self.sparse_scale)
+            out.load_tensors({"lora_A": a, "lora_B": values["lora_B"].to(a.dtype), "indices": indices,
+                              "values": sparse[keep.to(sparse.device)].to(a.dtype)}, where)
         return out
 
     # --- serialisation ---------------------------------------------------------------------
