@@ -117,6 +117,48 @@ def test_a_checkpoint_from_before_in_place_sparse_training_resumes(tmp_path, mon
     assert resumed.delta.metrics["digest"] == full.delta.metrics["digest"]
 
 
+@pytest.mark.parametrize("method", ["full", "hft"])
+def test_a_checkpoint_from_before_in_place_dense_training_resumes_without_touching_the_base(
+        tmp_path, monkeypatch, data_dir, method):
+    """A full or HFT run checkpointed by the code before in-place training holds Δθ; resumed in place now, the parts
+    are bound (θ trains in the base's storage), and the checkpoint's Δθ is read as θ₀ + Δθ, not copied over θ (which
+    wrote Δθ into the base weights)."""
+    from deltatune.methods import get_method
+
+    kw = dict(SMALL, train_limit=64, max_steps=4, checkpoint_every=2, lr=1e-4)
+    old = dt.make_config(method, {"in_place": False})  # the code before: a separate Δθ
+    full = loop.train(TrainConfig(out_dir=str(tmp_path / "a"), **kw), old)
+    armed = [True]
+
+    class Crash(TrainHook):
+        def after_step(self, step):
+            if armed[0] and step == 3:
+                raise KeyboardInterrupt
+
+    cls = type(get_method(method))
+    hooks, settings = cls.hooks, loop.run_settings
+
+    def old_settings(cfg, delta):
+        run = settings(cfg, delta)
+        run["config"].pop("in_place")
+        return run
+
+    def with_crash(self, *a, **k):  # while armed, the code before: no stateless in-place hook
+        return [h for h in hooks(self, *a, **k) if armed[0] is False or not h.stateless] + [Crash()]
+
+    monkeypatch.setattr(cls, "hooks", with_crash)
+    with monkeypatch.context() as then:
+        then.setattr(loop, "run_settings", old_settings)
+        with pytest.raises(KeyboardInterrupt):
+            loop.train(TrainConfig(out_dir=str(tmp_path / "b"), **kw), old)
+    armed[0] = False
+    resumed = loop.train(TrainConfig(out_dir=str(tmp_path / "b"), resume=True, **kw), dt.make_config(method, {}))
+    assert [round(h["loss"], 4) for h in resumed.history] == [round(h["loss"], 4) for h in full.history]
+    worst = max((t - resumed.delta.parts[n].state()[k]).abs().max().item()
+                for n, p in full.delta.parts.items() for k, t in p.state().items())
+    assert worst <= 1e-5  # θ in place against a separate Δθ: rounding only (Δ itself is ~1e-4 here)
+
+
 def test_cli_train_info_eval_apply_export(tmp_path, data_dir, minilm_path):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer

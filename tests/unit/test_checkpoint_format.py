@@ -416,3 +416,33 @@ def test_check_parts_names_the_part_and_what_differs(tmp_path: Path) -> None:
         with pytest.raises(DeltaFormatError, match=f"part '{name}' .*{message}"):
             ckpt.check_parts({**record, name: {**record[name], **change}}, delta, tmp_path)
     ckpt.check_parts({"not.a.part.now": {"kind": "lora"}, **record}, delta, tmp_path)  # not made (yet) here
+
+
+def test_tensors_written_bound_are_read_as_delta_by_a_run_that_cannot_bind(tmp_path) -> None:
+    # θ trained in the base's storage (bound) then; a launch that cannot bind (FSDP, DeepSpeed) now: Δθ = θ − θ₀
+    from conftest import TINY_MODELS
+
+    from deltatune.parts.spill import TensorSpill
+
+    def setup():
+        model = TINY_MODELS["llama"]()
+        return model, deltatune.attach(model, deltatune.make_config("full", {}))
+
+    model, delta = setup()
+    spill = TensorSpill()
+    for name, part in delta.parts.items():
+        assert part.bind(deltatune.model.get_module(model, name), spill)
+    with torch.no_grad():
+        for p in delta.parts.values():
+            for t in p.parameters():
+                t.add_(0.01)  # "trained": θ = θ₀ + 0.01
+    state, record = ckpt.trainable_state(model, delta), ckpt.bound_record(delta)
+    assert sorted(record["parts"]) == sorted(delta.parts)
+    other, fresh = setup()  # not bound
+    ckpt.restore_trainable(other, state, tmp_path, fresh, set(record["parts"]))
+    for part in fresh.parts.values():
+        for t in part.parameters():
+            assert torch.allclose(t, torch.full_like(t, 0.01), atol=1e-6)
+    for part in delta.parts.values():
+        part.unbind()
+    spill.close()

@@ -212,6 +212,12 @@ class Part(nn.Module):
     def unbind(self) -> None:
         """Undo :meth:`bind` (nothing for a part that is not bound)."""
 
+    def trained_from(self, tensor: Tensor, trained: Tensor, base: nn.Module, bound_then: bool) -> Tensor:
+        """A checkpoint's ``tensor`` for this part's parameter ``trained``, written while the part was bound
+        (``bound_then``) or not, as ``trained`` holds it now.  The same here: only a part whose bound parameter is
+        ``θ`` itself (:attr:`bound_trains_base`) reads it otherwise when bound then and not now, or the reverse."""
+        return tensor
+
     def merge_into(self, base: nn.Module) -> None:
         """``W ← W + ΔW`` in place, computed in fp32 and cast back."""
         _add_to_weight(base, self.delta_weight(), sign=1.0)

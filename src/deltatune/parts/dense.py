@@ -188,6 +188,17 @@ class DensePart(Part):
                 own[k].data = theta0
         self._spill, self._handles, self._bound_to = None, {}, []
 
+    def trained_from(self, tensor: Tensor, trained: Tensor, base: nn.Module, bound_then: bool) -> Tensor:
+        """A checkpoint's tensor of ``trained`` as the part holds it now: ``θ₀ + Δθ`` when bound now and a ``Δθ``
+        then (a checkpoint written before in-place training, or by a launch that could not bind), ``θ − θ₀`` (``θ₀``
+        the base module's own parameter) when not bound now and ``θ`` then."""
+        if self.bound == bound_then:
+            return tensor
+        key = next(k for k in self.shapes if self._tensor(k) is trained)
+        if self.bound:
+            return self._spill.get(self._handles[key]) + tensor  # type: ignore[union-attr]
+        return tensor - dict(base.named_parameters(recurse=False))[key].detach()
+
     def forward_shared(self, base: nn.Module, kind: LayerKind, x: Tensor) -> Tensor:
         if self._spill is None:
             return super().forward_shared(base, kind, x)

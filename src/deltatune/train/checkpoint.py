@@ -28,6 +28,8 @@ from deltatune.io.atomic import atomic_dir, recover_dir
 from deltatune.io.digest import DIGEST_FIELD, manifest_digest, tensor_digest, verify_tensor
 from deltatune.io.json_io import parse_json
 from deltatune.layer import DeltaLayer, ModelParts
+from deltatune.model import get_module
+from deltatune.parts.base import Part
 from deltatune.parts.meta_checks import check_finite
 from deltatune.train.state_codec import decode, encode
 
@@ -41,8 +43,9 @@ FIELDS = {"format", "format_version", "state", DIGEST_FIELD}
 STATE_FIELDS = {"trainable", "optimizer", "scheduler", "hooks", "step", "epoch", "offset", "before", "best",
                 "history", "rng"}
 #: fields a checkpoint may carry beyond :data:`STATE_FIELDS` (absent in checkpoints written before they were
-#: recorded): ``run``, the settings a resume must match; ``parts``, each part's kind and meta (:func:`parts_record`)
-OPTIONAL_STATE_FIELDS = {"run", "parts"}
+#: recorded): ``run``, the settings a resume must match; ``parts``, each part's kind and meta (:func:`parts_record`);
+#: ``bound``, the parts whose tensors were ``θ`` itself, trained in the base's storage (:func:`bound_record`)
+OPTIONAL_STATE_FIELDS = {"run", "parts", "bound"}
 
 
 _WRAPPER_PREFIXES = ("_fsdp_wrapped_module.",)
@@ -186,6 +189,11 @@ def _check_state(state: Any, file: Path) -> None:
     for key in OPTIONAL_STATE_FIELDS & set(state):
         if not isinstance(state[key], dict):
             raise DeltaFormatError(f"{file}: state field {key!r} must be a dict")
+    bound = state.get("bound", {"parts": []})
+    if set(bound) != {"parts"} or not isinstance(bound["parts"], list) or not all(
+            isinstance(n, str) for n in bound["parts"]):
+        raise DeltaFormatError(f"{file}: state field 'bound' must be {{'parts': [module names]}}, got "
+                               f"{str(bound)[:80]}")
     for key in ("step", "epoch", "offset"):
         if type(state[key]) is not int or state[key] < 0:
             raise DeltaFormatError(f"{file}: state field {key!r} must be an integer ≥ 0, got {state[key]!r:.40}")
@@ -203,18 +211,40 @@ def _check_state(state: Any, file: Path) -> None:
         raise DeltaFormatError(f"{file}: state field 'rng' must be a non-empty list of per-process RNG states")
 
 
-def restore_trainable(model: nn.Module, state: dict[str, Tensor], where: Path, delta: Delta | None = None) -> None:
-    """Copy the checkpoint's tensors (:func:`trainable_state`) into ``model`` (names and shapes must match)."""
+def bound_record(delta: Delta) -> dict[str, Any]:
+    """``{"parts": [...]}``: the parts whose trained tensors are ``θ`` itself now (bound in the base's storage,
+    :attr:`~deltatune.parts.base.Part.bound_trains_base`), so a resume reads the checkpoint's tensors of those parts
+    as ``θ`` and of the others as ``Δθ``, whichever way it binds them itself."""
+    return {"parts": sorted(n for n, p in delta.parts.items() if p.bound_trains_base and p.bound)}
+
+
+def restore_trainable(model: nn.Module, state: dict[str, Tensor], where: Path, delta: Delta | None = None,
+                      bound_then: set[str] | None = None) -> None:
+    """Copy the checkpoint's tensors (:func:`trainable_state`) into ``model`` (names and shapes must match).
+
+    ``bound_then``: the parts the checkpoint's run had bound (:func:`bound_record`; ``None``: as this run binds
+    them); a part bound now and not then, or the reverse, reads its tensors through
+    :meth:`~deltatune.parts.base.Part.trained_from` (``θ₀ + Δθ`` or ``θ − θ₀``)."""
     own = {portable_name(n): t for n, t in [*model.named_parameters(), *model.named_buffers()]}
     missing = sorted(set(trainable_state(model, delta)) - set(state))
     if missing:
         raise DeltaFormatError(f"{where}: checkpoint lacks {missing[:5]} — was it written by another method?")
+    read_as: dict[int, tuple[Part, nn.Module, bool]] = {}
+    if delta is not None and bound_then is not None:
+        for name, part in delta.parts.items():
+            if part.bound_trains_base and part.bound != (name in bound_then):
+                for t in part.parameters():
+                    read_as[id(t)] = (part, get_module(model, name), name in bound_then)
     with torch.no_grad():
         for name, tensor in state.items():
             if name not in own or own[name].shape != tensor.shape or own[name].dtype != tensor.dtype:
                 raise DeltaFormatError(f"{where}: checkpoint tensor {name[:80]!r} does not fit this model "
                                        f"(name, shape or dtype)")
-            own[name].copy_(tensor)
+            target = own[name]
+            if id(target) in read_as:
+                part, base, then = read_as[id(target)]
+                tensor = part.trained_from(tensor, target, base, then)
+            target.copy_(tensor)
 
 
 def parts_record(delta: Delta) -> dict[str, Any]:

@@ -363,7 +363,10 @@ def _resume(where: Path, model: nn.Module, delta: Delta, optimizer, scheduler, h
             hook.load_state_dict(hs)
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
         raise DeltaFormatError(f"{where}: hook state does not fit this run ({str(exc)[:80]})") from None
-    ckpt.restore_trainable(model, state["trainable"], where, delta)
+    # a checkpoint older than in-place training (its hook states leave that stateless hook out) holds Δθ throughout
+    legacy = len(state["hooks"]) != len(hooks)
+    bound_then = set(state["bound"]["parts"]) if "bound" in state else (set() if legacy else None)
+    ckpt.restore_trainable(model, state["trainable"], where, delta, bound_then)
     ckpt.check_parts(state.get("parts"), delta, where)
     try:
         optimizer.load_state_dict(state["optimizer"])
@@ -386,7 +389,7 @@ def _save_checkpoint(out: Path, accelerator: Accelerator, model: nn.Module, delt
             "trainable": ckpt.trainable_state(model, delta), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "hooks": [h.state_dict() for h in hooks], "step": step,
             "epoch": data.epoch, "offset": data.offset, "before": before, "best": best, "history": history,
-            "rng": rngs, "run": run, "parts": ckpt.parts_record(delta),
+            "rng": rngs, "run": run, "parts": ckpt.parts_record(delta), "bound": ckpt.bound_record(delta),
         })
     accelerator.wait_for_everyone()
 
