@@ -329,3 +329,31 @@ def test_sparse_adamw_bias_correction_matches_float64_at_every_age_the_table_gro
     v = 0.999 * 0.25 + 0.001
     want = -0.1 * (m / (1 - 0.9 ** age)) / ((v / (1 - 0.999 ** age)).sqrt() + 1e-8)
     assert torch.allclose(p.detach().double(), want, rtol=1e-6, atol=0)
+
+
+def test_sparse_adamw_resumes_a_bf16_parameter_bit_for_bit():
+    # torch's load_state_dict casts floating state to the parameter's dtype; the moments and ages stay fp32
+    def make():
+        torch.manual_seed(0)
+        p = nn.Parameter(torch.randn(300).to(torch.bfloat16))
+        return p, SparseAdamW([p], lr=1e-3, weight_decay=0.1)
+
+    def steps(p, opt, a, b):
+        for s in range(a, b):
+            p.grad = torch.randn(300, generator=torch.Generator().manual_seed(s)).to(torch.bfloat16)
+            opt.step()
+            p.grad = None
+
+    p, opt = make()
+    steps(p, opt, 0, 30)
+    straight = p.detach().clone()
+    p, opt = make()
+    steps(p, opt, 0, 20)
+    saved, at = opt.state_dict(), p.detach().clone()
+    p2, opt2 = make()
+    with torch.no_grad():
+        p2.copy_(at)
+    opt2.load_state_dict(saved)
+    assert {v.dtype for v in opt2.state[p2].values()} == {torch.float32}
+    steps(p2, opt2, 20, 30)
+    assert torch.equal(p2.detach(), straight)

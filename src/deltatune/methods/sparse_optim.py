@@ -86,6 +86,20 @@ class SparseAdamW(torch.optim.Optimizer):
                         zip(table.index_select(0, flat).split([a.numel() for a in ages]), ages, strict=True)])
         return out[0], out[1]
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's, but the moments and ages of a bf16 or fp16 parameter come back in fp32, as :meth:`state_of` keeps
+        them (torch casts every floating state tensor to its parameter's dtype, which the step then refuses)."""
+        super().load_state_dict(state_dict)
+        ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for i, p in zip(ids, params, strict=True):
+            saved, st = state_dict["state"].get(i), self.state.get(p)
+            if not saved or not st:
+                continue
+            for key in STATE_KEYS:
+                if key in saved and st[key].dtype != saved[key].dtype:
+                    st[key] = saved[key].to(device=p.device, dtype=torch.float32, copy=True)
+
     def state_of(self, p: Tensor) -> dict[str, Tensor]:
         """Moments and age of ``p`` (one entry per trained element), created (zeros) on first use."""
         st = self.state[p]
