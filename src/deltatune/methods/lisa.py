@@ -52,7 +52,8 @@ class LisaConfig:
                                                            "file (see full); false: a separate Δθ per part"})
     sparse_embeddings: bool = field(default=True, metadata={
         "help": "an always-trained embedding trained in place gets row-sparse gradients, and optimiser state only "
-                "for the rows looked up (exact AdamW); false: a dense gradient and dense moments"})
+                "for the rows looked up (AdamW's update up to rounding, not lazy Adam's); false: a dense gradient "
+                "and dense moments"})
 
     def __post_init__(self) -> None:
         require(self.layers >= 1, f"lisa config.layers must be ≥ 1, got {self.layers}")
