@@ -194,3 +194,41 @@ def test_a_loop_of_your_own_keeps_a_separate_delta(method: str) -> None:
     _, schedule = prepare(model, delta, total_steps=4)
     assert not any(p.bound for p in delta.parts.values())  # its checkpoints save the model's tensors as they are
     schedule.close()
+
+
+def test_an_embedding_with_max_norm_is_not_bound() -> None:
+    # its lookup renormalises the rows of the weight it reads in place: bound, that would be θ itself
+    from torch import nn
+
+    from deltatune.parts.dense import DensePart
+
+    emb = nn.Embedding(10, 4, max_norm=1.0)
+    part = DensePart.for_module(emb)
+    spill = TensorSpill()
+    assert not part.bind(emb, spill) and not part.bound
+    spill.close()
+
+
+def test_closing_gives_everything_back_when_one_unbind_or_hook_fails(monkeypatch) -> None:
+    from deltatune.methods.registry import TrainHook
+    from deltatune.train import loop
+
+    model = TINY_MODELS["llama"]()
+    config = deltatune.make_config("full", {})
+    delta = deltatune.attach(model, config)
+    opt = get_method("full").optimizer([p for p in model.parameters() if p.requires_grad], 1e-2, 0.0, config)
+    hook = InPlaceTraining(model, delta, opt)
+    spill = hook.spill
+    assert hook.bound and spill is not None
+    first = hook.bound[0]
+    monkeypatch.setattr(first, "unbind", lambda: (_ for _ in ()).throw(RuntimeError("unbind failed")))
+    closed = []
+
+    class Other(TrainHook):
+        def close(self) -> None:
+            closed.append(True)
+
+    with pytest.raises(RuntimeError, match="unbind failed"):
+        loop._close_hooks([hook, Other()])
+    assert closed == [True] and hook.spill is None and hook.bound == []
+    assert spill._file.closed  # the θ₀ file is gone

@@ -67,9 +67,12 @@ class InPlaceTraining(TrainHook):
                 self.bound.append(part)
 
     def close(self) -> None:
-        for part in self.bound:
-            part.unbind()
-        self.bound = []
-        if self.spill is not None:
-            self.spill.close()
-            self.spill = None
+        """Unbind every bound part, then close the spill (its file is deleted), whatever fails on the way."""
+        try:
+            for part in self.bound:
+                part.unbind()
+        finally:
+            self.bound = []
+            if self.spill is not None:
+                self.spill.close()
+                self.spill = None

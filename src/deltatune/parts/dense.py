@@ -160,10 +160,13 @@ class DensePart(Part):
         computed whenever it is read (``state``, ``updates``), and :meth:`unbind` gives the base its ``θ₀`` back with
         ``Δθ`` in the part's own storage.
         While bound, ``base`` computes with ``θ``: it is no longer the base for anything else (training only).
-        Refused (``False``) when the part is bound already, its dtype or device differs from the base's, or the base
-        is in half precision: an update below a bf16/fp16 ``θ``'s rounding step would be lost in place, while a
+        Refused (``False``) when the part is bound already, the base is an embedding with ``max_norm`` (its lookup
+        would renormalise ``θ``'s rows in place), its dtype or device differs from the base's, or the base is in half
+        precision: an update below a bf16/fp16 ``θ``'s rounding step would be lost in place, while a
         separate ``Δθ`` (small, so finely resolved) keeps it."""
         own = dict(base.named_parameters(recurse=False))
+        if getattr(base, "max_norm", None) is not None:  # an embedding lookup that renormalises θ's rows in place
+            return False
         if self.bound or any(k not in own or own[k].dtype != self._tensor(k).dtype
                              or own[k].dtype not in (torch.float32, torch.float64)
                              or own[k].device != self._tensor(k).device for k in self.shapes):

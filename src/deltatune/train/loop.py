@@ -292,9 +292,16 @@ def train(cfg: TrainConfig, method_config: Any,
 
 
 def _close_hooks(hooks: list[TrainHook]) -> None:
-    """Each hook gives back what it took: in-place training the base's tensors (``methods/in_place.py``)."""
+    """Each hook gives back what it took: in-place training the base's tensors (``methods/in_place.py``).  Every
+    hook is closed even if one fails; the first failure is raised after."""
+    failure: BaseException | None = None
     for hook in hooks:
-        hook.close()
+        try:
+            hook.close()
+        except BaseException as exc:  # noqa: BLE001 - the others still give back what they took
+            failure = failure or exc
+    if failure is not None:
+        raise failure
 
 
 def train_provenance(cfg: TrainConfig, task: Task) -> Provenance:
