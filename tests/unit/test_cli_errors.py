@@ -20,7 +20,7 @@ import deltatune
 import deltatune.api as api
 from deltatune.cli import _train_configs, app, main
 from deltatune.errors import ConfigError, NonFiniteError, OutputExists
-from deltatune.io.outputs import MARKER
+from deltatune.io.outputs import MARKER, folder_bytes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 runner = CliRunner()
@@ -105,7 +105,10 @@ def test_apply_and_compress_replace_their_own_output_and_overwrite_on_request(ti
     small = tmp_path / "small"
     compress = ["compress", str(tiny["delta"]), "--method", "magnitude", "--density", "0.5", "--out", str(small)]
     assert runner.invoke(app, compress).exit_code == 0
-    assert runner.invoke(app, compress).exit_code == 0
+    res = runner.invoke(app, compress)
+    assert res.exit_code == 0
+    shown = res.output.split("compressed bytes")[1].split()[0]  # the size `deltatune info` reports, marker aside
+    assert int(shown.replace(",", "")) == folder_bytes(small)
     res = runner.invoke(app, ["compress", str(tiny["delta"]), "--method", "lowrank", "--rank", "1", "--out",
                               str(small)])
     assert isinstance(res.exception, OutputExists) and "compact output, not a delta one" in str(res.exception)

@@ -99,7 +99,7 @@ def compress_command(
         new_bytes = folder_bytes(out_dir)
     else:
         report = save_compact(compressed, out_dir, overwrite=overwrite)
-        new_bytes = report.total_bytes
+        new_bytes = folder_bytes(out_dir)  # as `deltatune info` and the original's size count it (marker aside)
     old_bytes = folder_bytes(delta)
     result = compressed.metrics["compression"][-1]
     table = Table(show_header=False, box=None)
