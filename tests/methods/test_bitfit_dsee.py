@@ -262,6 +262,8 @@ def test_a_checkpoint_whose_parts_another_version_built_is_refused_on_resume(tmp
 def test_a_module_s_own_bias_survives_the_revert_of_a_bias_part_made_for_a_bias_free_module() -> None:
     # a part trained where the layer had no bias (Llama), merged where it has one: the revert must not remove it
     layer = nn.Linear(4, 3)
+    with torch.no_grad():
+        layer.bias.copy_(torch.tensor([0.25, -0.5, 1.0]))  # (b + Δb) − Δb is b exactly for these
     own = layer.bias.detach().clone()
     part = BiasPart(3, has_bias=False)
     with torch.no_grad():
@@ -270,3 +272,25 @@ def test_a_module_s_own_bias_survives_the_revert_of_a_bias_part_made_for_a_bias_
     assert torch.equal(layer.bias.detach(), own + part.bias_delta.detach())
     part.unmerge_from(layer)
     assert layer.bias is not None and torch.equal(layer.bias.detach(), own)
+
+
+@pytest.mark.parametrize("output", ["dense", "sparse"])
+def test_merged_bitfit_deltas_of_a_bias_free_base_apply_as_bias_parts(output: str) -> None:
+    # Llama has no biases: a merge of BitFit deltas keeps each module's new bias a bias part, which creates it
+    from deltatune.algebra.engine import merge
+
+    a = randomize_delta(TINY_MODELS["llama"](), deltatune.make_config("bitfit", {}), 1, 0.1)
+    b = randomize_delta(TINY_MODELS["llama"](), deltatune.make_config("bitfit", {}), 2, 0.1)
+    merged = merge([a, b], "task_arithmetic", output=output)
+    assert merged.part_kinds() == {"bias": len(a.parts)}
+    model, live = TINY_MODELS["llama"](), TINY_MODELS["llama"]()
+    deltatune.merge_delta(model, merged)
+    deltatune.merge_delta(live, compose_deltas([a, b]))  # a sum of the two: what task arithmetic at weight 1 gives
+    assert max_diff(logits(model, tiny_inputs("llama")), logits(live, tiny_inputs("llama"))) <= 1e-5
+
+
+def test_a_bitfit_bias_of_a_bias_free_module_and_another_kind_are_not_summed_into_an_unusable_part() -> None:
+    a = randomize_delta(TINY_MODELS["llama"](), deltatune.make_config("bitfit", {}), 1, 0.1)
+    b = randomize_delta(TINY_MODELS["llama"](), deltatune.SparseConfig(num_tunable=500, regrow=False), 2, 0.1)
+    with pytest.raises(ConfigError, match="bias added to a bias-free module"):
+        compose_deltas([a, b])

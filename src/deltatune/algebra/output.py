@@ -22,6 +22,7 @@ from deltatune.io.atomic import atomic_dir
 from deltatune.io.outputs import CHECKPOINT_KIND, COMPACT_KIND, DELTA_KIND
 from deltatune.io.shards import PlannedShardWriter, parse_size
 from deltatune.parts.base import Part
+from deltatune.parts.bias import BiasPart
 from deltatune.parts.dense import DensePart
 from deltatune.parts.layers import LayerKind, layer_kind
 from deltatune.parts.sparse import SparsePart
@@ -164,6 +165,18 @@ def _sparse_part(tau: Tensor, kind: LayerKind) -> SparsePart:
     return part
 
 
+def _added_bias_part(module: str, params: dict[str, Tensor]) -> BiasPart:
+    """The merged bias of a module whose base has none (BitFit on Llama) as a bias part that creates it on merging;
+    a merged update with other tensors of that module too is refused (one part cannot carry both)."""
+    if set(params) != {"bias"}:
+        raise ConfigError(f"{module}: the merged update adds a bias the base does not have (BitFit) beside "
+                          f"{sorted(set(params) - {'bias'})}; one part cannot carry both: merge the BitFit deltas "
+                          "apart from the others, or compose them live (deltatune.algebra.compose)")
+    part = BiasPart(int(params["bias"].numel()), has_bias=False, dtype=params["bias"].dtype)
+    part.load_tensors({"bias_delta": params["bias"].reshape(-1)}, f"merged {module}")
+    return part
+
+
 def _dense_part(params: dict[str, Tensor]) -> DensePart:
     part = DensePart({k: tuple(v.shape) for k, v in params.items()})
     part.load_tensors(params, "merged")
@@ -199,10 +212,13 @@ def collect_delta(merged: Iterable[tuple[str, Tensor]], sources: Sequence[Any] |
     for key, tau in merged:
         module, param = key.rsplit(".", 1)
         by_module.setdefault(module, {})[param] = tau.detach().clone()
+    added = {m for s in sources or [] for m, p in s.delta.parts.items() if isinstance(p, BiasPart) and not p.has_bias}
     parts: dict[str, Part] = {}
     for module, params in by_module.items():
         kind = kinds.get(module)
-        if output == "sparse" and set(params) == {"weight"} and kind is not None:
+        if module in added:  # a bias BitFit added to a bias-free module: only a bias part can carry it
+            parts[module] = _added_bias_part(module, params)
+        elif output == "sparse" and set(params) == {"weight"} and kind is not None:
             parts[module] = _sparse_part(params["weight"], kind)
         else:
             parts[module] = _dense_part(params)

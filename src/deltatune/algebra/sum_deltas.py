@@ -16,6 +16,7 @@ from deltatune.algebra.compose import describe_fingerprint_diff, fingerprint_dif
 from deltatune.delta import Delta
 from deltatune.errors import ConfigError, FingerprintMismatch, NotMergeable, ShapeMismatch
 from deltatune.parts.base import Part, promote_dtypes
+from deltatune.parts.bias import BiasPart
 from deltatune.parts.capabilities import require_capability
 from deltatune.parts.dense import DensePart
 from deltatune.parts.lora import sum_lora
@@ -62,7 +63,13 @@ def sum_parts(parts: Sequence[Part], where: str) -> Part:
     :meth:`~deltatune.parts.base.Part.sum_with` (e.g. LoRA ranks concatenated, sparse index sets united),
     else :func:`sum_dense`."""
     same_kind = parts[0].sum_with(parts[1:], where)
-    return same_kind if same_kind is not None else sum_dense(parts, where)
+    if same_kind is not None:
+        return same_kind
+    if any(isinstance(p, BiasPart) and not p.has_bias for p in parts):
+        raise ConfigError(f"{where}: parts {sorted({p.kind for p in parts})} include a bias added to a bias-free "
+                          "module (BitFit); their sum cannot be one part (the base has no bias for a dense part to add "
+                          "to): compose them live (deltatune.algebra.compose), or sum the BitFit deltas apart")
+    return sum_dense(parts, where)
 
 
 def clone_part(part: Part) -> Part:
