@@ -14,8 +14,8 @@ Methods (the tensor math is in :mod:`deltatune.ops.compress`):
   ``q=None`` the grid ``[ρ … 1]`` is scored by ``calibration_fn`` (lower is better; see
   :func:`output_change_score` for the paper's unlabelled last-layer proxy).
 * ``magnitude`` — keep the top-ρ magnitudes (global or per tensor), values unchanged.
-* ``quantize`` — ``dtype`` int8 (absmax; one scale per tensor, or per row with ``scope="row"``), bf16
-  or fp16.
+* ``quantize`` — ``dtype`` int8 (absmax; one scale per tensor, or per row with ``scope="row"`` for matrices: a
+  sparse part's values are stored 1-D and keep one scale per tensor), bf16 or fp16.
 * ``lowrank`` — every part becomes a rank-``rank`` :class:`LoRAPart` with scale 1 (SVD split as
   ``√S`` on both factors), exportable with ``deltatune export --format peft``.
 

@@ -99,10 +99,12 @@ class DarexQConfig:
 
 @dataclass
 class QuantizeConfig:
-    """Quantise the values: int8 (absmax; one scale per tensor, or per row with ``scope=row``), bf16, fp16."""
+    """Quantise the values: int8 (absmax; one scale per tensor, or per row with ``scope=row`` — of a matrix: the
+    1-D values of a sparse part keep one scale per tensor), bf16, fp16."""
 
     dtype: Dtype | None = option("int8, bf16 or fp16 (required)")
-    scope: Literal["global", "tensor", "row"] = option("int8 scales: one per tensor (global, tensor) or per row",
+    scope: Literal["global", "tensor", "row"] = option("int8 scales: one per tensor (global, tensor) or per matrix "
+                                                      "row (row; a sparse part's 1-D values: one per tensor)",
                                                       "global")
     target: Literal["auto", "factors"] = option("LoRA parts are quantised in their factors", "auto")
     seed: int = option("unused (recorded)", 0)
