@@ -76,58 +76,12 @@ def test_resume_with_other_settings_or_method_config_is_refused(tmp_path, monkey
     assert resumed.delta is not None
 
 
-def test_a_checkpoint_from_before_in_place_sparse_training_resumes(tmp_path, monkeypatch, data_dir):
-    """A sparse run checkpointed by the code before in-place training (no ``InPlaceTraining`` hook state, no
-    ``in_place`` field in its recorded config) resumes to the uninterrupted run's delta; asking now for another value
-    than the default the old run trained with is refused."""
-    from deltatune.errors import ConfigError
-    from deltatune.methods import sparse as sparse_method
-
-    kw = dict(SMALL, train_limit=64, max_steps=4, checkpoint_every=2, lr=3e-3)
-    mc = dt.SparseConfig(density=0.002, reselection_steps=3, accumulation_steps=1)
-    full = loop.train(TrainConfig(out_dir=str(tmp_path / "a"), **kw), mc)
-
-    armed = [True]
-
-    class Crash(TrainHook):
-        def after_step(self, step):
-            if armed[0] and step == 3:
-                raise KeyboardInterrupt
-
-    hooks, settings = sparse_method.Sparse.hooks, loop.run_settings
-
-    def old_settings(cfg, delta):
-        run = settings(cfg, delta)
-        run["config"].pop("in_place")
-        return run
-
-    def with_crash(self, *a, **k):  # while armed, the code before: no stateless in-place hook
-        return [h for h in hooks(self, *a, **k) if armed[0] is False or not h.stateless] + [Crash()]
-
-    monkeypatch.setattr(sparse_method.Sparse, "hooks", with_crash)
-    with monkeypatch.context() as old:
-        old.setattr(loop, "run_settings", old_settings)
-        with pytest.raises(KeyboardInterrupt):
-            loop.train(TrainConfig(out_dir=str(tmp_path / "b"), **kw), mc)
-    armed[0] = False
-    with pytest.raises(ConfigError, match="config"):
-        loop.train(TrainConfig(out_dir=str(tmp_path / "b"), resume=True, **kw),
-                   dt.SparseConfig(density=0.002, reselection_steps=3, accumulation_steps=1, in_place=False))
-    resumed = loop.train(TrainConfig(out_dir=str(tmp_path / "b"), resume=True, **kw), mc)
-    assert resumed.delta.metrics["digest"] == full.delta.metrics["digest"]
-
-
-@pytest.mark.parametrize("method", ["full", "hft"])
-def test_a_checkpoint_from_before_in_place_dense_training_resumes_without_touching_the_base(
-        tmp_path, monkeypatch, data_dir, method):
-    """A full or HFT run checkpointed by the code before in-place training holds Δθ; resumed in place now, the parts
-    are bound (θ trains in the base's storage), and the checkpoint's Δθ is read as θ₀ + Δθ, not copied over θ (which
-    wrote Δθ into the base weights)."""
+def _crash_as_the_code_before_in_place_training(monkeypatch, method: str, out, kw: dict, config) -> None:
+    """Train ``config`` into ``out`` as the code before in-place training did — no ``InPlaceTraining`` hook state
+    and no ``in_place`` field in the recorded run — and crash after step 3 (its checkpoint at step 2 stays).  The
+    method's hooks keep a disarmed crash hook after (its state is in the checkpoint: a resume needs it)."""
     from deltatune.methods import get_method
 
-    kw = dict(SMALL, train_limit=64, max_steps=4, checkpoint_every=2, lr=1e-4)
-    old = dt.make_config(method, {"in_place": False})  # the code before: a separate Δθ
-    full = loop.train(TrainConfig(out_dir=str(tmp_path / "a"), **kw), old)
     armed = [True]
 
     class Crash(TrainHook):
@@ -144,14 +98,43 @@ def test_a_checkpoint_from_before_in_place_dense_training_resumes_without_touchi
         return run
 
     def with_crash(self, *a, **k):  # while armed, the code before: no stateless in-place hook
-        return [h for h in hooks(self, *a, **k) if armed[0] is False or not h.stateless] + [Crash()]
+        return [h for h in hooks(self, *a, **k) if not armed[0] or not h.stateless] + [Crash()]
 
     monkeypatch.setattr(cls, "hooks", with_crash)
     with monkeypatch.context() as then:
         then.setattr(loop, "run_settings", old_settings)
         with pytest.raises(KeyboardInterrupt):
-            loop.train(TrainConfig(out_dir=str(tmp_path / "b"), **kw), old)
+            loop.train(TrainConfig(out_dir=str(out), **kw), config)
     armed[0] = False
+
+
+def test_a_checkpoint_from_before_in_place_sparse_training_resumes(tmp_path, monkeypatch, data_dir):
+    """A sparse run checkpointed by the code before in-place training (no ``InPlaceTraining`` hook state, no
+    ``in_place`` field in its recorded config) resumes to the uninterrupted run's delta; asking now for another value
+    than the default the old run trained with is refused."""
+    from deltatune.errors import ConfigError
+
+    kw = dict(SMALL, train_limit=64, max_steps=4, checkpoint_every=2, lr=3e-3)
+    mc = dt.SparseConfig(density=0.002, reselection_steps=3, accumulation_steps=1)
+    full = loop.train(TrainConfig(out_dir=str(tmp_path / "a"), **kw), mc)
+    _crash_as_the_code_before_in_place_training(monkeypatch, "sparse", tmp_path / "b", kw, mc)
+    with pytest.raises(ConfigError, match="config"):
+        loop.train(TrainConfig(out_dir=str(tmp_path / "b"), resume=True, **kw),
+                   dt.SparseConfig(density=0.002, reselection_steps=3, accumulation_steps=1, in_place=False))
+    resumed = loop.train(TrainConfig(out_dir=str(tmp_path / "b"), resume=True, **kw), mc)
+    assert resumed.delta.metrics["digest"] == full.delta.metrics["digest"]
+
+
+@pytest.mark.parametrize("method", ["full", "hft"])
+def test_a_checkpoint_from_before_in_place_dense_training_resumes_without_touching_the_base(
+        tmp_path, monkeypatch, data_dir, method):
+    """A full or HFT run checkpointed by the code before in-place training holds Δθ; resumed in place now, the parts
+    are bound (θ trains in the base's storage), and the checkpoint's Δθ is read as θ₀ + Δθ, not copied over θ (which
+    wrote Δθ into the base weights)."""
+    kw = dict(SMALL, train_limit=64, max_steps=4, checkpoint_every=2, lr=1e-4)
+    old = dt.make_config(method, {"in_place": False})  # the code before: a separate Δθ
+    full = loop.train(TrainConfig(out_dir=str(tmp_path / "a"), **kw), old)
+    _crash_as_the_code_before_in_place_training(monkeypatch, method, tmp_path / "b", kw, old)
     resumed = loop.train(TrainConfig(out_dir=str(tmp_path / "b"), resume=True, **kw), dt.make_config(method, {}))
     assert [round(h["loss"], 4) for h in resumed.history] == [round(h["loss"], 4) for h in full.history]
     worst = max((t - resumed.delta.parts[n].state()[k]).abs().max().item()
