@@ -170,6 +170,24 @@ def test_cli_rebase_checks_and_writes_a_delta_for_the_new_base(saved):
     assert load_delta(saved / "z").fingerprint == moved.fingerprint
 
 
+def test_cli_rebase_keeps_a_compressed_delta_compressed(saved):
+    from deltatune.algebra.compress import compress_delta
+    from deltatune.cli import app
+    from deltatune.io.compact_format import compact_report, save_compact
+    from deltatune.io.delta_format import is_compact
+
+    small = compress_delta(load_delta(saved / "delta"), "quantize", dtype="int8")
+    save_compact(small, saved / "small")
+    res = CliRunner().invoke(app, ["rebase", str(saved / "small"), "--to", str(saved / "v2"), "--from",
+                                   str(saved / "v1"), "--out", str(saved / "moved")])
+    assert res.exit_code == 0, res.output
+    assert is_compact(saved / "moved")  # the same encodings: the tensors take the same bytes (the manifest grows)
+    assert compact_report(saved / "moved").payload_bytes == compact_report(saved / "small").payload_bytes
+    moved, before = load_delta(saved / "moved"), load_delta(saved / "small")
+    assert all(torch.equal(t, before.parts[n].state()[k]) for n, p in moved.parts.items()
+               for k, t in p.state().items())  # Δ unchanged
+
+
 def test_checkpoint_rebase_is_new_base_plus_the_fine_tuning_diff(tmp_path):
     """θ'_v2 = θ_v2 + (θ_ft − θ_v1) for every tensor of a full fine-tuned checkpoint (Lin et al. 2025)."""
     from deltatune.cli import app

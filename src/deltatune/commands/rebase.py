@@ -34,7 +34,9 @@ def rebase_command(
     from deltatune.algebra.rebase import rebase_checkpoint, rebase_delta
     from deltatune.commands.process import keep_freed_memory, skip_teardown
     from deltatune.errors import ConfigError
-    from deltatune.io.outputs import CHECKPOINT_KIND, DELTA_KIND, guard_output
+    from deltatune.io.compact_format import save_compact
+    from deltatune.io.delta_format import is_compact
+    from deltatune.io.outputs import CHECKPOINT_KIND, COMPACT_KIND, DELTA_KIND, guard_output
 
     is_delta = (delta / "manifest.json").is_file() or (delta / "adapter_config.json").is_file()
     if not is_delta and is_checkpoint(delta):
@@ -44,6 +46,10 @@ def rebase_command(
         guard_output(out_dir, CHECKPOINT_KIND, overwrite)
         keep_freed_memory()
         written = rebase_checkpoint(delta, to, from_, out_dir, overwrite=overwrite)
+    elif is_compact(delta):  # a compressed delta stays compressed: the same exact encodings, another base
+        guard_output(out_dir, COMPACT_KIND, overwrite)
+        rebased = rebase_delta(delta, to, old_base=from_, force=force, verify=verify)
+        written = save_compact(rebased, out_dir, overwrite=overwrite).path
     else:
         guard_output(out_dir, DELTA_KIND, overwrite)
         rebased = rebase_delta(delta, to, old_base=from_, force=force, verify=verify)

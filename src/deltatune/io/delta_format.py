@@ -295,6 +295,12 @@ def _read_tensors(file: Path, expected: dict[str, dict[str, Any]], names: dict[s
     return out
 
 
+def is_compact(path: str | Path) -> bool:
+    """Whether the delta folder ``path`` is in the compact format (its manifest says so)."""
+    file = Path(path) / MANIFEST
+    return file.is_file() and _manifest_object(file).get("format") == COMPACT_FORMAT
+
+
 def load_delta(path: str | Path, verify: bool = True) -> Delta:
     """Load and validate a delta directory written by :func:`save_delta` (or, dispatching on the manifest's
     ``format``, a compact one written by :func:`deltatune.io.compact_format.save_compact`).
