@@ -207,6 +207,25 @@ def test_a_sara_part_sums_with_a_sparse_part_into_one_sparse_part():
         assert out.values.tolist() == [1.0, 12.0, 20.0]
 
 
+@pytest.mark.parametrize("sparse_scales", [(2.0, 2.0), (2.0, 0.5)])
+def test_dsee_parts_sum_into_one_dsee_part(sparse_scales):
+    # ranks concatenated and index sets united, the scales folded where they differ: not a dense part
+    from deltatune.parts.dsee import DSEEPart
+
+    torch.manual_seed(0)
+    parts = []
+    for (scale, sparse_scale), idx in zip(((2.0, sparse_scales[0]), (0.5, sparse_scales[1])),
+                                          ([1, 5, 9], [5, 20]), strict=True):
+        p = DSEEPart(6, 4, 2, scale, (4, 6), torch.tensor(idx), sparse_scale=sparse_scale)
+        with torch.no_grad():
+            for t in (p.lora_A, p.lora_B, p.values):
+                t.copy_(torch.randn(t.shape))
+        parts.append(p)
+    out = parts[0].sum_with(parts[1:], "m")
+    assert type(out) is DSEEPart and out.rank == 4 and out.indices.tolist() == [1, 5, 9, 20]
+    torch.testing.assert_close(out.delta_weight(), parts[0].delta_weight() + parts[1].delta_weight())
+
+
 def test_compose_deltas_mixed_kinds_become_dense_with_every_parameter():
     gen = torch.Generator().manual_seed(0)
     lin = nn.Linear(4, 3)

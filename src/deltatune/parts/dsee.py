@@ -13,6 +13,7 @@ written before ``sparse_scale`` was recorded holds ``ΔW = s · B A + S``: it lo
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -22,15 +23,17 @@ from torch import Tensor, nn
 from deltatune.errors import DeltaFormatError, ShapeMismatch
 from deltatune.parts.base import Part, base_layer_kind
 from deltatune.parts.layers import LayerKind, functional_forward, in_out_features, to_native
-from deltatune.parts.lora import LowRankFactors, lora_delta, lora_hidden
+from deltatune.parts.lora import LowRankFactors, lora_delta, lora_hidden, sum_lora
 from deltatune.parts.meta_checks import check_keys, check_shape, check_state, meta_int, meta_layer, meta_number
 from deltatune.parts.sparse import (
     SparseDeltaFunction,
+    SparsePart,
     check_indices,
     effective_weight,
     index_dtype,
     scatter_delta,
     sparse_from_dense,
+    sum_sparse,
 )
 
 
@@ -96,6 +99,34 @@ class DSEEPart(LowRankFactors):
 
     def value_names(self, product: bool = False) -> tuple[str, ...]:
         return ("",) if product else ("lora_A", "lora_B", "values")
+
+    def sum_same_class(self, parts: Sequence[Part], where: str) -> Part | None:
+        """``Σ_t (s_t B_t A_t + c_t S_t)`` as one DSEE part, exactly: the low-rank terms with their ranks
+        concatenated (:func:`~deltatune.parts.lora.sum_lora`), the sparse terms with their index sets united
+        (:func:`~deltatune.parts.sparse.sum_sparse`, each ``c_t`` folded into its values where they differ)."""
+        dsee = [p for p in parts if isinstance(p, DSEEPart)]  # all of them: one sum family
+        for p in dsee:
+            if (p.weight_shape, p.layer) != (self.weight_shape, self.layer):
+                raise ShapeMismatch(f"{where}: dsee parts for weights {self.weight_shape} ({self.layer}) and "
+                                    f"{p.weight_shape} ({p.layer}) cannot be summed")
+        low = sum_lora(dsee, where)
+        same = all(p.sparse_scale == self.sparse_scale for p in dsee)
+        terms = []
+        for p in dsee:
+            term = SparsePart(self.weight_shape, p.indices.cpu(), self.layer, dtype=p.values.dtype).to(p.values.device)
+            with torch.no_grad():
+                term.values.copy_(p.values if same else p.values.float() * p.sparse_scale)
+            terms.append(term)
+        sparse = sum_sparse(terms, where)
+        dtype = low.lora_A.dtype
+        out = DSEEPart(self.in_features, self.out_features, low.rank, low.scale, self.weight_shape,
+                       sparse.indices.cpu(), self.layer, low.dropout_p, dtype=dtype, device=low.lora_A.device,
+                       sparse_scale=self.sparse_scale if same else 1.0)
+        with torch.no_grad():
+            out.lora_A.copy_(low.lora_A)
+            out.lora_B.copy_(low.lora_B)
+            out.values.copy_(sparse.values.to(dtype))
+        return out
 
     def values_domain(self, product: bool = False) -> dict[str, int]:
         """The sparse values stand for every entry of the weight (as a sparse part's do); the factors and the

@@ -231,8 +231,9 @@ class LoRAPart(LowRankFactors):
         return low_rank_onto(x, out, base, parts, row_ids, cache)
 
 
-def sum_lora(parts: Sequence[LoRAPart], where: str) -> LoRAPart:
-    """``Σ_t s_t B_t A_t = B A`` with ``A = [A_1; …; A_n]`` (ranks stacked) and ``B = [s_1 B_1 | … | s_n B_n]``,
+def sum_lora(parts: Sequence[LowRankFactors], where: str) -> LoRAPart:
+    """``Σ_t s_t B_t A_t = B A`` (LoRA parts, or the low-rank terms of DSEE parts; not DoRA's, which a magnitude
+    rescales) with ``A = [A_1; …; A_n]`` (ranks stacked) and ``B = [s_1 B_1 | … | s_n B_n]``,
     scale 1 — exact, rank ``Σ r_t``.  When every scale is the same ``s``, ``B = [B_1 | … | B_n]`` keeps ``s``.  With
     different scales a half-precision input sums in fp32 (``s_t B_t`` rounded back to bf16 would not be exact)."""
     ref = parts[0]
