@@ -54,12 +54,16 @@ class Provenance:
 
     def derived(self, operation: str, parents: list[Any]) -> Provenance:
         """A provenance for a delta made by ``operation`` from the deltas ``parents`` (keeping base and task when
-        every parent agrees on them)."""
+        every parent agrees on them, and the underlying-delta records of a stacked parent: what is compressed,
+        summed or merged from a delta trained on top of others still needs them beneath)."""
         bases = {p.provenance.base for p in parents}
         tasks = [p.provenance.task for p in parents]
+        stack: list[dict[str, Any]] = []  # a stacked parent's underlying deltas stay beneath what is made of it
+        for p in parents:
+            stack += [copy.deepcopy(r) for r in recorded_stack(p) if all(s.get("path") != r.get("path") for s in stack)]
         return Provenance(operation=operation, base=bases.pop() if len(bases) == 1 else None,
                           task=copy.deepcopy(tasks[0]) if tasks and all(t == tasks[0] for t in tasks) else None,
-                          parents=[parent_record(p) for p in parents])
+                          parents=[*stack, *(parent_record(p) for p in parents)])
 
     @classmethod
     def from_json(cls, value: Any, where: str) -> Provenance:

@@ -148,7 +148,8 @@ def load_proxy(cfg: ProxyConfig, verify: bool = True, large_tokenizer: Any = Non
     from transformers import AutoTokenizer
 
     from deltatune.api import as_delta, base_model_path, load_base_for
-    from deltatune.model import apply_delta
+    from deltatune.model import DEFAULT
+    from deltatune.train.stacking import attach_for_use
 
     deltas = [as_delta(p, verify=verify) for p in cfg.tuned]
     small = base_model_path(deltas[0], cfg.base)
@@ -165,7 +166,7 @@ def load_proxy(cfg: ProxyConfig, verify: bool = True, large_tokenizer: Any = Non
     experts = []
     for path, d in zip(cfg.tuned, deltas, strict=True):
         net = load_base_for(d, small).eval()
-        apply_delta(net, d, where=str(path))
+        attach_for_use(net, d, DEFAULT, where=str(path))  # a stacked delta with the deltas beneath it
         experts.append(net)
     return ProxyModels(experts, anti, tokenizer, small)
 

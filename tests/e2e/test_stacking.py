@@ -381,3 +381,20 @@ def test_training_on_a_stacked_delta_trains_on_the_deltas_beneath_it_too(tmp_pat
     c = randomize_delta(model, dt.SparseConfig(num_tunable=400, regrow=False, seed=2), 2, 0.3)
     stack.record(c)
     assert [content_digest(u) for u in resolve_underlying(c)] == stack.digests
+
+
+def test_what_is_made_of_a_stacked_delta_keeps_its_stack_and_rebasing_it_is_refused(stacked_ia3) -> None:
+    from deltatune.algebra.compress import compress_delta
+    from deltatune.algebra.rebase import rebase_delta
+    from deltatune.algebra.sum_deltas import compose_deltas
+    from deltatune.io.peft_export import export_peft
+    from deltatune.provenance import StackedDeltaRefused, recorded_stack
+
+    root, _, _ = stacked_ia3
+    b = dt.load_delta(root / "b")
+    for made in (compress_delta(b, "quantize", dtype="bf16"), compose_deltas([b, b])):
+        assert [r["path"] for r in recorded_stack(made)] == [r["path"] for r in recorded_stack(b)]
+        with pytest.raises(StackedDeltaRefused):
+            export_peft(made, root / "peft")
+    with pytest.raises(StackedDeltaRefused, match="rebase"):
+        rebase_delta(b, str(root / "base"), force=True)

@@ -25,7 +25,7 @@ from deltatune.delta import Delta
 from deltatune.errors import ConfigError, FingerprintMismatch, NotMergeable
 from deltatune.fingerprint import fingerprint
 from deltatune.parts.capabilities import require_capability
-from deltatune.provenance import path_reference
+from deltatune.provenance import path_reference, require_unstacked
 
 BaseLike = nn.Module | str | Path
 
@@ -65,6 +65,7 @@ def rebase_delta(delta: Delta | str | Path, new_base: BaseLike, old_base: BaseLi
     where = f"delta {str(delta)!r}" if not isinstance(delta, Delta) else "the delta"
     d = as_delta(delta, verify=verify)
     require_capability(d, "additive", f"rebase ({where})")
+    require_unstacked(d, f"rebase ({where}; rebase the deltas beneath it too, then train or compose on the new base)")
     dependent = sorted(name for name, part in d.parts.items() if part.base_dependent and not part.is_alias)
     if dependent:  # DoRA, (IA)³, SSF: the same parameters give another Δθ on another base
         shown = f"{dependent[:3]}{' …' if len(dependent) > 3 else ''}, {d.parts[dependent[0]].kind}"

@@ -125,15 +125,16 @@ def with_their_stacks(paths: Sequence[str]) -> tuple[list[str], list[Delta]]:
     out_deltas: list[Delta] = []
 
     def add(path: str, delta: Delta, depth: int) -> None:
+        if path in out_paths:  # its own stack came with it already: each delta is resolved once
+            return
         if depth > MAX_STACK_DEPTH:
             raise ConfigError(f"underlying delta {path}: its recorded stack is deeper than {MAX_STACK_DEPTH} (a cycle "
                               "of recorded paths?)")
         for rec, under in zip(recorded_stack(delta), resolve_underlying(delta, f"underlying delta {path}"),
                               strict=True):
             add(str(rec["path"]), under, depth + 1)
-        if path not in out_paths:
-            out_paths.append(path)
-            out_deltas.append(delta)
+        out_paths.append(path)
+        out_deltas.append(delta)
 
     for i, path in enumerate(paths):
         add(path, load_underlying(path, f"--on #{i + 1}"), 0)
@@ -207,7 +208,8 @@ def _headless(d: Delta) -> Delta:
 def apply_stacked(model: nn.Module, delta: Delta, on: Sequence[Delta] | None = None, mode: Mode = "attach",
                   force: bool = False, where: str = "the delta") -> DeltaStack:
     """``θ = θ₀ + Σ_on Δ + Δ_delta`` on ``model`` (underlying task heads ignored; ``delta``'s heads loaded): the
-    underlying deltas merged into the base weights, then ``delta`` attached (``mode="attach"``) or merged on top,
+    underlying deltas merged into the base weights, then ``delta`` attached (``mode="attach"``) or merged on top
+    (the returned stack's own mode is ``merge``: a later :meth:`~DeltaStack.push` merges unless given a mode),
     so that a base-dependent kind (DoRA, (IA)³, SSF) computes its update from ``θ₀ + Σ_on Δ``, the weights it was
     trained on, as training, evaluation and prediction do.
 

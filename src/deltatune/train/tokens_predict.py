@@ -64,7 +64,9 @@ def predict_tokens(loaded: list[Delta], readings: list[TokenReading], names: lis
     """``[{delta name: entry}]`` per input sentence (module docstring), every delta on the same base ``path``."""
     from transformers import AutoModelForTokenClassification, AutoTokenizer
 
-    from deltatune.model import apply_delta, mixed_batch
+    from deltatune.model import mixed_batch
+    from deltatune.provenance import recorded_stack
+    from deltatune.train.stacking import attach_for_use
     from deltatune.train.tasks import _quiet_transformers
 
     _quiet_transformers()
@@ -77,14 +79,14 @@ def predict_tokens(loaded: list[Delta], readings: list[TokenReading], names: lis
             read[r.tokens_column] = (sentences, encode(sentences, tokenizer, max_length, None))
     count = {len(s) for s, _ in read.values()}.pop()
     results: list[dict[str, dict[str, Any]]] = [{} for _ in range(count)]
-    groups: dict[int, list[int]] = {}
-    for j, r in enumerate(readings):
-        groups.setdefault(len(r.label_names), []).append(j)
-    for width, members in groups.items():
+    groups: dict[tuple[int, int], list[int]] = {}
+    for j, r in enumerate(readings):  # a stacked delta changes the base beneath it: a model of its own
+        groups.setdefault((len(r.label_names), j if recorded_stack(loaded[j]) else -1), []).append(j)
+    for (width, _), members in groups.items():
         torch.manual_seed(0)
         net = AutoModelForTokenClassification.from_pretrained(path, num_labels=width).eval()
         for j in members:
-            apply_delta(net, loaded[j], name=names[j], where=wheres[j])
+            attach_for_use(net, loaded[j], names[j], where=wheres[j])
         pairs = [(i, j) for i in range(count) for j in members]
         for start in range(0, len(pairs), batch_size):
             chunk = pairs[start:start + batch_size]
