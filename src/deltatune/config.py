@@ -130,14 +130,21 @@ def parse_config(cls: type[C], mapping: Mapping[str, Any], where: str = "config"
     if unknown:
         raise ConfigError(f"{where}: unknown field(s) {brief(unknown)}; valid fields are {sorted(fields)}")
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in mapping.items()}
-    for key, value in kwargs.items():
-        bounds = fields[key].metadata.get("range")
-        if bounds is not None and isinstance(value, int) and not bounds[0] <= value < bounds[1]:
-            raise ConfigError(f"{where}.{key} must be in [{bounds[0]}, {bounds[1]}), got {brief(value)}")
     try:
-        return cls(**kwargs)
+        config = cls(**kwargs)
     except TypeError as exc:
         raise ConfigError(f"{where}: {str(exc)[:200]}") from None
+    check_ranges(config, where)
+    return config
+
+
+def check_ranges(config: Any, where: str) -> None:
+    """:class:`ConfigError` unless every field of the dataclass ``config`` with a ``range`` in its metadata
+    (:func:`seed_option`) lies in it: at parse, and where a config built in Python is used (``attach``, training)."""
+    for f in dataclasses.fields(config):
+        bounds, value = f.metadata.get("range"), getattr(config, f.name, None)
+        if bounds is not None and isinstance(value, int) and not bounds[0] <= value < bounds[1]:
+            raise ConfigError(f"{where}.{f.name} must be in [{bounds[0]}, {bounds[1]}), got {brief(value)}")
 
 
 def option(text: str, default: Any = None, *, default_factory: Any = None) -> Any:

@@ -25,9 +25,12 @@ from typing import Any
 import torch
 
 from deltatune.api import as_delta, base_model_path, load_base_for
+from deltatune.config import SEED_RANGE
 from deltatune.delta import Delta
 from deltatune.errors import ConfigError, DataError
 from deltatune.model import apply_delta, mixed_batch
+from deltatune.provenance import require_unstacked
+from deltatune.train.stacking import attach_for_use
 
 
 def _name(item: Delta | str | Path, index: int) -> str:
@@ -125,6 +128,8 @@ def generate(deltas: Sequence[Delta | str | Path] | Delta | str | Path, prompts:
     if max_new_tokens < 1 or temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
         raise ConfigError(f"generate needs max_new_tokens ≥ 1, temperature ≥ 0, 0 < top_p ≤ 1 and top_k ≥ 0; got "
                           f"{max_new_tokens}, {temperature}, {top_p}, {top_k}")
+    if not SEED_RANGE[0] <= seed < SEED_RANGE[1]:  # before the model loads, not inside manual_seed after
+        raise ConfigError(f"generate needs a seed in [{SEED_RANGE[0]}, {SEED_RANGE[1]}), got {seed}")
     names = [_name(item, i) for i, item in enumerate(items)]
     if len(set(names)) != len(names):
         names = [f"{n}#{i}" for i, n in enumerate(names)]
@@ -137,8 +142,12 @@ def generate(deltas: Sequence[Delta | str | Path] | Delta | str | Path, prompts:
     net = load_base_for(loaded[0], path).eval() if loaded else _plain_lm(path)
     if not (hasattr(net, "can_generate") and net.can_generate()):
         raise ConfigError(f"{path}: not a causal language model ({type(net).__name__}); generate needs one")
-    for name, d, item in zip(names, loaded, items, strict=True):
-        apply_delta(net, d, name=name, where=str(item))
+    if len(loaded) == 1:  # alone on its model: a stacked delta with the deltas it was trained on beneath it
+        attach_for_use(net, loaded[0], names[0], where=str(items[0]))
+    else:  # one model serves the mixed batch: a stacked delta's beneath would change the base for the others
+        for name, d, item in zip(names, loaded, items, strict=True):
+            require_unstacked(d, f"generate with {len(loaded)} deltas in one batch ({item}; generate with it alone)")
+            apply_delta(net, d, name=name, where=str(item))
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:

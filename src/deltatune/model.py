@@ -176,10 +176,12 @@ def attach(model: nn.Module, config, heads: Sequence[str] | None = None, name: s
     ``heads`` are task-head modules trained densely and saved whole; by default the model's
     classifier/score head if it has one (see :func:`default_heads`).
     """
+    from deltatune.config import check_ranges
     from deltatune.methods.registry import get_method
 
     heads = list(default_heads(model) if heads is None else heads)
     method = get_method(config.method)
+    check_ranges(config, f"{config.method} config")  # a config built in Python, not parsed
     fp = fingerprint(model, exclude=heads)
     parts = method.create_parts(model, config, exclude=heads)
     attach_parts(model, parts, name)

@@ -143,3 +143,14 @@ def test_seeds_outside_what_the_generators_take_are_refused_at_parse(method: str
 def test_the_training_seed_is_checked_too() -> None:
     with pytest.raises(ConfigError, match=r"train config\.seed"):
         parse_config(TrainConfig, {"seed": 2**40}, "train config")
+
+
+def test_seeds_of_configs_built_in_python_are_checked_where_they_are_used() -> None:
+    from conftest import TINY_MODELS
+
+    with pytest.raises(ConfigError, match=r"train config\.seed"):
+        TrainConfig(seed=2**32)
+    with pytest.raises(ConfigError, match=r"sparse config\.seed"):
+        deltatune.attach(TINY_MODELS["llama"](), deltatune.SparseConfig(num_tunable=10, seed=-1))
+    with pytest.raises(ConfigError, match="seed"):  # before any model or delta is loaded
+        deltatune.generation.generate(["/nonexistent/delta"], ["hi"], seed=2**40)

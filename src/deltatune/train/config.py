@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from deltatune.config import require, seed_option
+from deltatune.config import check_ranges, require, seed_option
 
 
 def default_model_path() -> str:
@@ -73,6 +73,7 @@ class TrainConfig:
                                                                           "mlflow (metrics.jsonl is always written)"})
 
     def __post_init__(self) -> None:
+        check_ranges(self, "train config")
         require(self.max_steps >= 1, f"train config.max_steps must be ≥ 1, got {self.max_steps}")
         require(self.batch_size >= 1, f"train config.batch_size must be ≥ 1, got {self.batch_size}")
         require(self.grad_accum >= 1, f"train config.grad_accum must be ≥ 1, got {self.grad_accum}")
