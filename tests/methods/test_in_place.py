@@ -228,7 +228,15 @@ def test_closing_gives_everything_back_when_one_unbind_or_hook_fails(monkeypatch
         def close(self) -> None:
             closed.append(True)
 
+    others = [p for p in hook.bound if p is not first]
+    with torch.no_grad():
+        for p in others:
+            for t in p.parameters():
+                t.add_(0.5)  # trained: θ = θ₀ + 0.5
     with pytest.raises(RuntimeError, match="unbind failed"):
         loop._close_hooks([hook, Other()])
-    assert closed == [True] and hook.spill is None and hook.bound == []
-    assert spill._file.closed  # the θ₀ file is gone
+    assert closed == [True]
+    assert hook.bound == [first] and not spill._file.closed  # its θ₀ stays in the spill while it is bound
+    assert not any(p.bound for p in others)
+    for p in others:  # the others gave the base back and hold their Δθ
+        assert all(torch.allclose(t, torch.full_like(t, 0.5)) for t in p.parameters())

@@ -67,12 +67,19 @@ class InPlaceTraining(TrainHook):
                 self.bound.append(part)
 
     def close(self) -> None:
-        """Unbind every bound part, then close the spill (its file is deleted), whatever fails on the way."""
-        try:
-            for part in self.bound:
+        """Unbind every bound part (one failing does not stop the others), then close the spill (its file is
+        deleted) — unless a part is still bound: its ``θ₀`` stays in the spill, and the first failure is raised."""
+        failure: BaseException | None = None
+        still: list[Part] = []
+        for part in self.bound:
+            try:
                 part.unbind()
-        finally:
-            self.bound = []
-            if self.spill is not None:
-                self.spill.close()
-                self.spill = None
+            except BaseException as exc:  # noqa: BLE001 - the other parts still give the base back
+                failure = failure or exc
+                still.append(part)
+        self.bound = still
+        if not still and self.spill is not None:
+            self.spill.close()
+            self.spill = None
+        if failure is not None:
+            raise failure

@@ -243,7 +243,7 @@ def restore_trainable(model: nn.Module, state: dict[str, Tensor], where: Path, d
             target = own[name]
             if id(target) in read_as:
                 part, base, then = read_as[id(target)]
-                tensor = part.trained_from(tensor, target, base, then)
+                tensor = part.trained_from(tensor.to(target.device), target, base, then)
             target.copy_(tensor)
 
 
