@@ -212,7 +212,7 @@ def collect_delta(merged: Iterable[tuple[str, Tensor]], sources: Sequence[Any] |
     for key, tau in merged:
         module, param = key.rsplit(".", 1)
         by_module.setdefault(module, {})[param] = tau.detach().clone()
-    added = {m for s in sources or [] for m, p in s.delta.parts.items() if isinstance(p, BiasPart) and not p.has_bias}
+    added = {m for s in sources or [] for m, p in s.delta.parts.items() if p.adds_bias}
     parts: dict[str, Part] = {}
     for module, params in by_module.items():
         kind = kinds.get(module)

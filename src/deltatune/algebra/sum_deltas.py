@@ -16,7 +16,6 @@ from deltatune.algebra.compose import describe_fingerprint_diff, fingerprint_dif
 from deltatune.delta import Delta
 from deltatune.errors import ConfigError, FingerprintMismatch, NotMergeable, ShapeMismatch
 from deltatune.parts.base import Part, promote_dtypes
-from deltatune.parts.bias import BiasPart
 from deltatune.parts.capabilities import require_capability
 from deltatune.parts.dense import DensePart
 from deltatune.parts.lora import sum_lora
@@ -65,7 +64,7 @@ def sum_parts(parts: Sequence[Part], where: str) -> Part:
     same_kind = parts[0].sum_with(parts[1:], where)
     if same_kind is not None:
         return same_kind
-    if any(isinstance(p, BiasPart) and not p.has_bias for p in parts):
+    if any(p.adds_bias for p in parts):
         raise ConfigError(f"{where}: parts {sorted({p.kind for p in parts})} include a bias added to a bias-free "
                           "module (BitFit); their sum cannot be one part (the base has no bias for a dense part to add "
                           "to): compose them live (deltatune.algebra.compose), or sum the BitFit deltas apart")

@@ -204,6 +204,12 @@ class Part(nn.Module):
         return False
 
     @property
+    def adds_bias(self) -> bool:
+        """Whether merging creates a bias the base module lacks (BitFit's on Llama): only a part of this kind can
+        carry it, so it is never summed densely with another kind on its module."""
+        return False
+
+    @property
     def bound(self) -> bool:
         """Whether :meth:`bind` holds this part's ``θ₀ + Δθ`` in the base's own tensor now (then the base module is
         no longer ``θ₀`` for anything else)."""

@@ -110,6 +110,11 @@ class BiasPart(Part):
             out.bias_delta.copy_(sum(p.bias_delta.detach().to(dtype) for p in parts))  # type: ignore[attr-defined]
         return out
 
+    @property
+    def adds_bias(self) -> bool:
+        """Whether merging creates the bias (a part made for a module without one: BitFit on Llama)."""
+        return not self.has_bias
+
     def merge_sites(self) -> dict[str, Tensor] | None:
         """Every entry of the module's bias (whole-tensor snapshots would miss an added one: ``None`` there)."""
         if not self.has_bias:
