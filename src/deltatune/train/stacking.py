@@ -200,6 +200,13 @@ def resolve_underlying(delta: Delta, where: str = "the delta") -> list[Delta]:
     return out
 
 
+def merge_beneath(model: nn.Module, under: Sequence[Delta], where: str) -> None:
+    """Merge the deltas a stacked delta was trained on (recorded, digest-checked) into ``model``'s base weights, in
+    order, without their task heads."""
+    for u in under:
+        merge_delta(model, _headless(u), where=f"{where} (underlying)", force=True, heads=False)
+
+
 def _headless(d: Delta) -> Delta:
     """The delta without task heads or fingerprint (checked separately): an underlying delta adds only its parts."""
     return dataclasses.replace(d, heads={}, fingerprint=None)
@@ -246,8 +253,7 @@ def merge_for_use(model: nn.Module, delta: Delta, force: bool = False, where: st
     require_capability(delta, "additive", f"merge ({where})")
     if not force:
         check_fingerprint(delta.fingerprint, model, delta.heads, where)
-    for u in under:
-        merge_delta(model, _headless(u), where=f"{where} (underlying)", force=True, heads=False)
+    merge_beneath(model, under, where)
     merge_delta(model, delta, where=where, force=True)
 
 
@@ -260,5 +266,4 @@ def attach_for_use(model: nn.Module, delta: Delta, name: str, where: str = "the 
 
     under = resolve_underlying(delta, where)
     apply_delta(model, delta, name=name, where=where)
-    for u in under:
-        merge_delta(model, _headless(u), where=f"{where} (underlying)", force=True, heads=False)
+    merge_beneath(model, under, where)
