@@ -368,7 +368,7 @@ def _resume(where: Path, model: nn.Module, delta: Delta, optimizer, scheduler, h
     try:
         for hook, hs in zip(loaded, state["hooks"], strict=True):
             hook.load_state_dict(hs)
-    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as exc:
         raise DeltaFormatError(f"{where}: hook state does not fit this run ({str(exc)[:80]})") from None
     # a checkpoint older than in-place training (its hook states leave that stateless hook out) holds Δθ throughout
     legacy = len(state["hooks"]) != len(hooks)
@@ -378,7 +378,7 @@ def _resume(where: Path, model: nn.Module, delta: Delta, optimizer, scheduler, h
     try:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as exc:
         raise DeltaFormatError(f"{where}: optimizer or scheduler state does not fit this run "
                                f"({str(exc)[:80]})") from None
     ckpt.set_rng_state(state["rng"][accelerator.process_index], where)
