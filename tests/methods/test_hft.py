@@ -255,3 +255,13 @@ def test_real_loop_crash_after_a_stage_switch_resumes_bit_exactly(tmp_path, monk
 
     delta = crash_and_resume(tmp_path, monkeypatch, "hft", {"stage_steps": 2})
     assert delta.part_kinds() == {"dense": len(delta.parts)}
+
+
+def test_a_run_stopped_inside_a_step_leaves_no_part_frozen() -> None:
+    model, delta, opt, hooks = _hooked("llama", HFTConfig())
+    for h in hooks:
+        h.before_step(0)  # the frozen half: requires_grad off until after_step, which a crash never reaches
+    assert any(not p.requires_grad for part in delta.parts.values() for p in part.parameters())
+    for h in hooks:
+        h.close()
+    assert all(p.requires_grad for part in delta.parts.values() for p in part.parameters())

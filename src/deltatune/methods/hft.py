@@ -160,6 +160,10 @@ class HalfSchedule(TrainHook):
                     p.grad = None
 
     def after_step(self, step: int) -> None:
+        self._all_trainable()
+
+    def _all_trainable(self) -> None:
+        """Every part's parameters trainable again, as between steps (only one step freezes a half)."""
         for part in self.parts.values():
             for p in part.parameters():
                 p.requires_grad_(True)
@@ -174,6 +178,9 @@ class HalfSchedule(TrainHook):
                     self.optimizer.state.pop(p, None)
 
     def close(self) -> None:
+        """The frozen half trainable again (a run that stopped inside a step leaves it frozen), and the base's tensors
+        given back."""
+        self._all_trainable()
         if self.in_place is not None:
             self.in_place.close()
 
