@@ -126,4 +126,3 @@ def require_unstacked(delta: Any, what: str) -> None:
         raise StackedDeltaRefused(
             f"{what}: the delta was trained on top of {under}, which would be left out; write base + those deltas + "
             "this one as one checkpoint (`deltatune apply`) and use that as the base")
-
