@@ -152,6 +152,11 @@ class _Entry:
     heads: tuple[str, ...]
 
 
+def _check_mode(mode: str) -> None:
+    if mode not in ("attach", "merge"):
+        raise ConfigError(f"compose mode must be 'attach' or 'merge', got {mode!r}")
+
+
 class DeltaStack:
     """Deltas composed on one model, last in first out; :meth:`revert` restores the base bit for bit.
 
@@ -169,8 +174,7 @@ class DeltaStack:
     """
 
     def __init__(self, model: nn.Module, mode: Mode = "attach", force: bool = False) -> None:
-        if mode not in ("attach", "merge"):
-            raise ConfigError(f"compose mode must be 'attach' or 'merge', got {mode!r}")
+        _check_mode(mode)
         self.model, self.mode, self.force = model, mode, force
         self._entries: list[_Entry] = []
         self._fingerprints: dict[tuple[str, ...], dict[str, Any]] = {}
@@ -218,8 +222,7 @@ class DeltaStack:
         attached part always reads the weights as they are."""
         where = where or f"delta #{len(self._entries)} ({delta.method})"
         mode = mode or self.mode
-        if mode not in ("attach", "merge"):
-            raise ConfigError(f"compose mode must be 'attach' or 'merge', got {mode!r}")
+        _check_mode(mode)
         require_capability(delta, "additive", f"compose ({where})")
         heads = tuple(delta.heads)
         if not self.force and delta.fingerprint:

@@ -350,6 +350,10 @@ def _check_same_run(where: Path, recorded: dict[str, Any] | None, run: dict[str,
                           "give the same flags, or train afresh into another --out")
 
 
+#: What loading a hook, optimiser or scheduler state of the wrong shape raises (each a :class:`DeltaFormatError`).
+_STATE_ERRORS = (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError)
+
+
 def _resume(where: Path, model: nn.Module, delta: Delta, optimizer, scheduler, hooks,
             accelerator: Accelerator, run: dict[str, Any] | None = None) -> dict[str, Any]:
     """Load the checkpoint at ``where`` into the hooks (first: a schedule may change what trains), the delta's
@@ -368,7 +372,7 @@ def _resume(where: Path, model: nn.Module, delta: Delta, optimizer, scheduler, h
     try:
         for hook, hs in zip(loaded, state["hooks"], strict=True):
             hook.load_state_dict(hs)
-    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as exc:
+    except _STATE_ERRORS as exc:
         raise DeltaFormatError(f"{where}: hook state does not fit this run ({str(exc)[:80]})") from None
     # a checkpoint older than in-place training (its hook states leave that stateless hook out) holds Δθ throughout
     legacy = len(state["hooks"]) != len(hooks)
@@ -378,7 +382,7 @@ def _resume(where: Path, model: nn.Module, delta: Delta, optimizer, scheduler, h
     try:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as exc:
+    except _STATE_ERRORS as exc:
         raise DeltaFormatError(f"{where}: optimizer or scheduler state does not fit this run "
                                f"({str(exc)[:80]})") from None
     ckpt.set_rng_state(state["rng"][accelerator.process_index], where)
