@@ -9,8 +9,8 @@ gradient arrives as a sparse tensor, this optimiser keeps ``exp_avg`` and ``exp_
 them with the batch's gradient (zero for a known row the batch did not look up, as dense AdamW does):
 ``m ← β₁m + (1−β₁)g``, ``v ← β₂v + (1−β₂)g²``, ``θ ← θ(1 − ηλ) − η·(m / (1−β₁ᵗ)) / (√(v / (1−β₂ᵗ)) + ε)`` with the
 parameter's own step count ``t``, which is dense AdamW's update row for row up to float rounding (it orders the
-operations otherwise than torch's kernels: ``β₁m`` plus an added row where torch interpolates, about one ulp apart
-per step in fp32; a bf16 or fp16 parameter rounds at other points too).  Once more than half the rows are known,
+operations otherwise than torch's kernels: ``β₁m`` plus an added row where torch interpolates, so the results part in
+the last bits; a bf16 or fp16 parameter rounds at other points too).  Once more than half the rows are known,
 all of them are (one copy, then none as rows come): the state is then AdamW's own size, and the gradient still
 row-sparse.  A vocab × dim embedding then costs neither a dense gradient nor dense moments: LISA's always-trained
 embeddings (Pan et al., 2024) at a fraction of their dense cost on a small model, where they are half the
