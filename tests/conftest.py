@@ -119,6 +119,25 @@ def randomize_delta(model, config, seed: int, std: float):
     return delta
 
 
+def stacked_ia3_delta(model, on, base: str, seed: int):
+    """An (IA)³ delta (its update depends on the weights it scales: it tells θ₀ from θ₀ + Σ Δ_on) trained, as
+    ``train --on`` records it, on top of the deltas at ``on``: they are merged into ``model``, the scales drawn
+    near 1 (seeded) and the stack recorded in the delta's provenance. ``model`` keeps the stack merged."""
+    import deltatune
+    from deltatune.provenance import Provenance
+    from deltatune.train.stacking import prepare_stack
+
+    stack = prepare_stack(model, on)
+    delta = randomize_delta(model, deltatune.make_config("ia3", {}), seed, 0.5)
+    with torch.no_grad():
+        for part in delta.parts.values():
+            for p in part.parameters():
+                p.add_(1.0)
+    delta.provenance = Provenance(operation="train", base=base)
+    stack.record(delta)
+    return delta
+
+
 # --- helpers the method tests share ---------------------------------------------------------------
 def logits(model, inputs):
     """The model's logits on ``inputs`` (labels dropped), no gradient, a copy."""

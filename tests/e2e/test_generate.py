@@ -92,6 +92,23 @@ def test_one_row_streams(setup):
     assert "".join(pieces) == out[0]["text"] and len(pieces) >= 2
 
 
+def test_a_stacked_delta_generates_over_the_deltas_beneath_it(setup):
+    """A delta trained on top of ``a`` (``train --on``) generates from θ₀ + Δ_a + Δ_top, the weights it was trained
+    on: its recorded underlying delta merged beneath it, which changes the text."""
+    from conftest import stacked_ia3_delta
+
+    root, deltas = setup
+    top = stacked_ia3_delta(_base(), [deltas["a"]], str(root / "base"), 5).save(root / "top")
+    by_hand = LlamaForCausalLM.from_pretrained(root / "base").eval()
+    deltatune.merge_delta(by_hand, deltatune.load_delta(deltas["a"]))
+    deltatune.apply_delta(by_hand, deltatune.load_delta(top), force=True)
+    out = generate(top, "the cat sat on", max_new_tokens=6)
+    assert out == [{"prompt": "the cat sat on", "text": _greedy_by_base(root, by_hand, "the cat sat on", 6)}]
+    alone = LlamaForCausalLM.from_pretrained(root / "base").eval()
+    deltatune.apply_delta(alone, deltatune.load_delta(top))
+    assert out[0]["text"] != _greedy_by_base(root, alone, "the cat sat on", 6)  # without a beneath: another text
+
+
 def test_cli_generate(setup, tmp_path):
     from deltatune.cli import app
 

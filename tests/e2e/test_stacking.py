@@ -247,7 +247,7 @@ def test_eval_and_predict_of_a_stacked_delta_use_its_underlying_delta(stacked, s
 def stacked_ia3(tmp_path):
     """An (IA)³ delta (its update depends on the weights it scales) trained on top of a sparse one: the stack merged
     into the base, the scales set; returns the folders, the training-time logits and the inputs."""
-    from conftest import tiny_llama
+    from conftest import stacked_ia3_delta, tiny_llama
 
     from deltatune.provenance import Provenance
 
@@ -256,14 +256,7 @@ def stacked_ia3(tmp_path):
     a.provenance = Provenance(operation="train", base=str(tmp_path / "base"))
     a.save(tmp_path / "a")
     model = tiny_llama()
-    stack = prepare_stack(model, [tmp_path / "a"])
-    b = randomize_delta(model, dt.make_config("ia3", {}), 1, 0.5)
-    with torch.no_grad():
-        for part in b.parts.values():
-            for p in part.parameters():
-                p.add_(1.0)  # scales near 1
-    b.provenance = Provenance(operation="train", base=str(tmp_path / "base"))
-    stack.record(b)
+    b = stacked_ia3_delta(model, [tmp_path / "a"], str(tmp_path / "base"), 1)
     inputs = tiny_inputs("llama")
     trained = logits(model, inputs)
     b.save(tmp_path / "b")

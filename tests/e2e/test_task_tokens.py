@@ -228,3 +228,34 @@ def test_bad_input(run, tmp_path, minilm_path):
         predict(tmp_path / "encoder", str(unseen))
     with pytest.raises(ConfigError, match="cannot mix token-classification deltas"):
         predict([run / "run" / "delta", tmp_path / "encoder"], str(unseen))
+
+
+def test_a_stacked_token_delta_predicts_over_its_underlying_delta_on_a_model_of_its_own(run, tmp_path, minilm_path):
+    """A tokens delta trained on top of another (``on``) predicts from θ₀ + Δ_under + Δ_top; beside a plain delta
+    in one run it gets a model of its own, so the plain delta still sees the bare base."""
+    import dataclasses
+
+    import deltatune
+    from deltatune.provenance import ON_ROLE
+    from deltatune.train import loop
+    from deltatune.train.config import TrainConfig
+
+    under = run / "run" / "delta"
+    cfg = TrainConfig(model=minilm_path, task="tokens", data=str(run / "train.conll"), out_dir=str(tmp_path / "top"),
+                      max_steps=2, batch_size=8, lr=5e-2, max_length=24, eval_every=0, eval_before=False,
+                      checkpoint_every=0, progress=False, keep_best=False, seed=2, on=[str(under)])
+    top = loop.train(cfg, deltatune.make_config("ia3", {})).delta_dir
+    loaded = deltatune.load_delta(top)
+    loaded.provenance = dataclasses.replace(loaded.provenance, parents=[
+        p for p in loaded.provenance.parents if p.get("role") != ON_ROLE])
+    unstacked = loaded.save(tmp_path / "unstacked")  # the same parts and head, nothing beneath
+    bare = tmp_path / "in.conll"
+    _conll(bare, 300, 6, with_tags=False)
+    alone = predict(top, str(bare))
+    without = predict(unstacked, str(bare))
+    assert any(a["scores"] != pytest.approx(w["scores"], abs=1e-4) for a, w in zip(alone, without, strict=True))
+    together = predict([under, top], str(bare))
+    for name, path in (("run", under), ("top", top)):
+        ref = predict(path, str(bare))
+        for row, r in zip(together, ref, strict=True):
+            assert row[name]["labels"] == r["labels"] and row[name]["scores"] == pytest.approx(r["scores"], abs=1e-5)

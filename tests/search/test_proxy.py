@@ -105,6 +105,29 @@ def test_generate_with_proxy_equals_hand_loop(setup):
     assert out[0]["text"] != plain  # the proxy steers the large model
 
 
+def test_a_stacked_tuned_delta_steers_with_the_deltas_beneath_it(setup, tmp_path):
+    """The expert is a delta trained on top of ``tuned``: the small tuned model is θ₀ + Δ_tuned + Δ_top."""
+    from conftest import stacked_ia3_delta
+
+    root = setup
+    top = stacked_ia3_delta(_llama(32, 2, 2), [root / "tuned"], str(root / "small"), 6).save(tmp_path / "top")
+    tok = AutoTokenizer.from_pretrained(root / "large")
+    large, anti = (LlamaForCausalLM.from_pretrained(root / n).eval() for n in ("large", "small"))
+    expert = LlamaForCausalLM.from_pretrained(root / "small").eval()
+    deltatune.merge_delta(expert, deltatune.load_delta(root / "tuned"))
+    deltatune.apply_delta(expert, deltatune.load_delta(top), force=True)
+    ids = tok("the cat sat on", return_tensors="pt")["input_ids"]
+    start = ids.shape[1]
+    with torch.no_grad():
+        for _ in range(6):
+            s = [m(input_ids=ids).logits[:, -1] for m in (large, expert, anti)]
+            ids = torch.cat([ids, (s[0] + 2.0 * (s[1] - s[2])).argmax(-1, keepdim=True)], 1)
+    want = tok.decode(ids[0, start:], skip_special_tokens=True)
+    cfg = ProxyConfig(tuned=[str(top)], scale=[2.0])
+    out = generate([], "the cat sat on", model=str(root / "large"), max_new_tokens=6, proxy=cfg)
+    assert out == [{"prompt": "the cat sat on", "text": want}]
+
+
 def test_a_full_fine_tune_as_the_tuned_small_model(setup, tmp_path):
     """A full delta wraps the small model's LM head in a DeltaLayer: the width check reads the head it wraps."""
     from deltatune.methods.full import FullConfig
