@@ -192,6 +192,35 @@ def test_compose_deltas_sparse_unites_indices_and_adds_values():
     assert out.values.tolist() == [1.0, 12.0, 20.0]
 
 
+def test_cli_compose_keeps_compressed_inputs_compressed(one_thread, tmp_path):
+    """``deltatune compose`` of compressed (compact) deltas writes the compact format, the exact sum; a standard
+    input among them gives the standard format."""
+    from conftest import tiny_llama
+    from typer.testing import CliRunner
+
+    from deltatune.algebra.compress import compress_delta
+    from deltatune.cli import app
+    from deltatune.io.compact_format import save_compact
+    from deltatune.io.delta_format import is_compact, load_delta
+
+    model = tiny_llama()
+    sparse = make_deltas(model, "llama", 0)[1]
+    other = make_deltas(model, "llama", 1)[1]
+    for name, d in (("a", sparse), ("b", other)):
+        save_compact(compress_delta(d, "quantize", dtype="int8"), tmp_path / name)
+    other.save(tmp_path / "plain")
+    runner = CliRunner()
+    for inputs, out, compact in ((["a", "b"], "ab", True), (["a", "plain"], "a_plain", False)):
+        res = runner.invoke(app, ["compose", *(str(tmp_path / i) for i in inputs), "--out", str(tmp_path / out)])
+        assert res.exit_code == 0, res.output
+        assert is_compact(tmp_path / out) is compact
+        want = compose_deltas([load_delta(tmp_path / i) for i in inputs])
+        got = load_delta(tmp_path / out)
+        assert got.parts.keys() == want.parts.keys()
+        assert all(torch.equal(t, want.parts[n].state()[k]) for n, p in got.parts.items()
+                   for k, t in p.state().items())
+
+
 def test_a_sara_part_sums_with_a_sparse_part_into_one_sparse_part():
     # SaRA's part is stored as a sparse part is (indices, values): its sum family is the sparse part's
     from deltatune.methods.sara import SaRAPart

@@ -7,6 +7,8 @@ arXiv 2110.07560: sparse fine-tunings compose by summation).  Every input must b
 (:class:`~deltatune.errors.NotMergeable`).  Task heads are replaced, not summed: by default inputs may carry the
 same head only if it is identical; ``--heads-of N`` keeps the heads of input ``N`` (1-based) and drops the
 others' (e.g. a task delta composed with a language delta, or one task's score over several tasks' deltas).
+When every input is compressed (the compact format), so is the sum: only its non-zeros, exactly encoded
+(:func:`deltatune.io.compact_format.save_compact`); otherwise the standard delta format.
 """
 
 from __future__ import annotations
@@ -58,11 +60,15 @@ def compose_command(
     """Sum deltas of one base into one delta (sparse index sets united, LoRA ranks concatenated, else dense)."""
     from rich.console import Console
 
-    from deltatune.io.outputs import DELTA_KIND, guard_output
+    from deltatune.io.compact_format import save_compact
+    from deltatune.io.delta_format import is_compact
+    from deltatune.io.outputs import COMPACT_KIND, DELTA_KIND, guard_output
 
-    guard_output(out_dir, DELTA_KIND, overwrite)  # before any input is read
+    compact = all(is_compact(p) for p in deltas)  # compressed inputs: the sum stays compressed
+    guard_output(out_dir, COMPACT_KIND if compact else DELTA_KIND, overwrite)  # before any input is read
     composed = compose_paths(deltas, heads_of, verify)
-    written = composed.save(out_dir, overwrite=overwrite)
+    written = save_compact(composed, out_dir, overwrite=overwrite).path if compact else composed.save(
+        out_dir, overwrite=overwrite)
     Console(stderr=True, highlight=False, soft_wrap=True).print(
         f"composed {len(deltas)} deltas → {len(composed.parts)} parts {composed.part_kinds()}, "
         f"{composed.trainable_count:,} values")
