@@ -15,6 +15,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import deltatune
+from deltatune.algebra.sum_deltas import sum_parts
 from deltatune.errors import ConfigError, DeltaFormatError, ShapeMismatch, TargetError
 from deltatune.methods.s2ft import (
     COMPONENTS,
@@ -121,8 +122,12 @@ def test_slice_state_round_trip_sum_and_values() -> None:
     assert part.sum_with([other], "test") is not None
     rebuilt = part.with_values({"": part.values_view()[""] * 2})
     assert max_diff(rebuilt.delta_weight(), 2 * part.delta_weight()) <= 1e-6
+    columns = _random_part("conv1d", "in", [1], seed=3)
     with pytest.raises(ShapeMismatch):
-        sum_slices([part, _random_part("conv1d", "in", [1], seed=3)], "test")
+        sum_slices([part, columns], "test")
+    crossed = sum_parts([part, columns], "test")  # rows + columns of one weight: no slice, the dense sum
+    assert crossed.kind == "dense"
+    assert max_diff(crossed.updates(None)["weight"], part.delta_weight() + columns.delta_weight()) <= 1e-6
 
 
 @pytest.mark.parametrize("meta,error", [

@@ -175,7 +175,10 @@ class SlicePart(Part):
         return out
 
     def sum_same_class(self, parts: Sequence[Part], where: str) -> Part | None:
-        """Union of the index sets (same axis and weight), blocks added where they overlap (exact)."""
+        """Union of the index sets (same axis and weight), blocks added where they overlap (exact); slices of one
+        weight on different axes (rows and columns) are no slice of either: ``None``, summed densely."""
+        if len({p.axis for p in parts}) > 1:  # type: ignore[attr-defined]
+            return None
         return sum_slices(parts, where)  # type: ignore[arg-type]
 
     # --- merging -------------------------------------------------------------------------
