@@ -74,6 +74,32 @@ def test_integer_labels_sort_numerically_and_map_by_spelling(tmp_path):
     assert user_data.to_examples(user_data.read_table(str(ev)), info, str(ev))["label"] == [2, 0]
 
 
+def test_csv_cells_are_read_as_spelled_and_only_plain_integers_become_integers(tmp_path):
+    """Label codes with leading zeros keep their spelling (the same codes as JSON strings map); text cells that look
+    like numbers stay text; a column of plain integers is integers (numeric label order)."""
+    codes = tmp_path / "codes.csv"
+    codes.write_text("text,label,n\n007,001,3\nfever,002,-12\ncough,010,0\n")
+    table = user_data.read_table(str(codes))
+    assert table["text"] == ["007", "fever", "cough"] and table["n"] == [3, -12, 0]
+    info = user_data.task_info("classify", table, str(codes), "text", None, "label")
+    assert info.label_names == ["001", "002", "010"]
+    ev = tmp_path / "codes.jsonl"
+    ev.write_text('{"text": "x", "label": "010"}\n{"text": "y", "label": "001"}\n')
+    assert user_data.to_examples(user_data.read_table(str(ev)), info, str(ev))["label"] == [2, 0]
+    for spelled in ("1.0", "+1", "01"):  # not plain integers: the column keeps its text
+        other = tmp_path / "other.csv"
+        other.write_text(f"text,label\na,{spelled}\nb,2\n")
+        assert user_data.read_table(str(other))["label"] == [spelled, "2"]
+
+
+def test_a_first_row_longer_than_the_header_is_an_error_not_a_shifted_table(tmp_path):
+    """pandas makes the extra leading field an index and shifts the columns: every text would lose its start."""
+    shifted = tmp_path / "comma.csv"
+    shifted.write_text("text,label\nGreat movie, loved it,pos\nAwful, boring,neg\n")
+    with pytest.raises(DataError, match=r"comma\.csv: the first data row has more fields than the header \(2 columns"):
+        user_data.read_table(str(shifted))
+
+
 def test_missing_column_names_the_file_and_lists_columns(tmp_path):
     spec = _write(tmp_path, "csv")
     table = user_data.read_table(spec)
@@ -207,6 +233,11 @@ def test_a_tsv_written_with_csv_quoting_is_read_as_written_and_says_so(tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert read_table(str(glue_style))["text"] == cells
+    broken = tmp_path / "line_break.tsv"  # with quoting off a quoted line break splits a row into two short rows
+    pd.DataFrame({"text": ["first line\nsecond line", "plain"], "label": ["x", "y"]}).to_csv(broken, sep="\t",
+                                                                                            index=False)
+    with pytest.warns(UserWarning, match=r"line_break\.tsv: with quoting off row 1, column 'label' is missing"):
+        assert read_table(str(broken))["text"] == ["first line\nsecond line", "plain"]
     ragged = tmp_path / "ragged.tsv"  # neither way: the parser's own error, from quoting off
     ragged.write_text("text\tlabel\na\t1\nb\t2\t3\n")
     with pytest.raises(DataError, match=r"ragged\.tsv: cannot be read as TSV \(ParserError: .*Expected 2 fields"):

@@ -12,7 +12,8 @@ Every file is turned into the columns ``text_a``, ``text_b`` (None without a pai
 * **classify**: ``label`` is the class id, an index into ``label_names``.  The label order is stable and
   documented: **the sorted unique labels of the training file** (all rows, before any hold-out or limit) —
   numbers in numeric order, strings in code-point order (``sorted`` on ``str``).  The names are kept as
-  spelled in the file (int or str) and saved with the delta, so eval files map by the same table.
+  spelled in the file (int or str: a CSV/TSV column is integers only when every cell is a plain integer, so
+  ``001`` stays ``"001"``) and saved with the delta, so eval files map by the same table.
 * **regress**: ``label`` is the float32 value of the label column.
 """
 
@@ -38,14 +39,15 @@ _BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".
 
 
 def table_read_options(path: Path, quoted: bool = False) -> dict[str, Any]:
-    """pandas options for a user's CSV/TSV: only an empty cell is missing (``NA``, ``null``, ``None``, ``nan`` are text,
-    labels included), a UTF-8 byte-order mark is dropped, and a TSV is read with quoting off, as GLUE's TSVs need (a
-    stray ``"`` would otherwise swallow the rows up to the next one) unless ``quoted`` (:func:`csv_quoting_shown`);
-    JSON and Parquet need none."""
+    """``pandas.read_csv`` options for a user's CSV/TSV: every cell is read as spelled (text; :func:`_canonical_ints`
+    then makes whole columns of plain integers integers, so ``001`` stays ``001``), only an empty cell is missing
+    (``NA``, ``null``, ``None``, ``nan`` are text, labels included), a UTF-8 byte-order mark is dropped, and a TSV is
+    read with quoting off, as GLUE's TSVs need (a stray ``"`` would otherwise swallow the rows up to the next one)
+    unless ``quoted`` (:func:`csv_quoting_shown`); JSON and Parquet need none."""
     suffix = path.suffix.lower()
     if suffix not in (".csv", ".tsv"):
         return {}
-    options: dict[str, Any] = {"keep_default_na": False, "na_values": [""], "encoding": "utf-8-sig"}
+    options: dict[str, Any] = {"keep_default_na": False, "na_values": [""], "encoding": "utf-8-sig", "dtype": str}
     if suffix == ".tsv":
         options.update(sep="\t", quoting=csv.QUOTE_MINIMAL if quoted else csv.QUOTE_NONE)
     return options
@@ -102,20 +104,78 @@ def _tsv_table(path: Path, spec: str) -> datasets.Dataset:
     else:
         why = csv_quoting_shown(table)
         if why is None:
-            return table
-        table = _load_file("csv", path, spec, quoted=True)
+            short = _first_missing_cell(table)
+            if short is None:
+                return table
+            try:  # a quoted cell holding a line break splits its row in two short rows when quoting is off
+                quoted = _load_file("csv", path, spec, quoted=True)
+            except DataError:
+                return table
+            if _first_missing_cell(quoted) is not None:
+                return table
+            why = f"with quoting off {short} is missing, with CSV's quoting no cell is (a quoted line break?)"
+            table = quoted
+        else:
+            table = _load_file("csv", path, spec, quoted=True)
     warnings.warn(f"{path}: {why}; the file is read with CSV's quoting (a TSV like GLUE's is read with quoting off)",
                   stacklevel=3)
     return table
 
 
+def _first_missing_cell(table: datasets.Dataset) -> str | None:
+    """Where ``table`` first has an empty (missing) cell, as ``row N, column 'c'``, or ``None``."""
+    for name in table.column_names:
+        column = table.data.column(name)
+        if column.null_count:
+            row = next(i for i, v in enumerate(column.is_null().to_pylist()) if v)
+            return f"row {row + 1}, column {name!r}"
+    return None
+
+
+#: a cell that is a plain integer as written (no sign but ``-``, no leading zero, no decimal point), int64-sized
+_PLAIN_INT = r"^-?(0|[1-9][0-9]{0,17})$"
+
+
+def _canonical_ints(table: datasets.Dataset) -> datasets.Dataset:
+    """Columns of a CSV/TSV read as text whose every cell is a plain integer (:data:`_PLAIN_INT`) as ``int64``, the
+    label ids and numeric columns users mean; any other cell (``001``, ``1.0``, ``+1``, a word) keeps its column
+    text, as spelled."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    data = table.data.table
+    for i, name in enumerate(data.column_names):
+        column = data.column(i)
+        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)) or \
+                column.null_count == len(column):
+            continue
+        if pc.all(pc.match_substring_regex(column, _PLAIN_INT).fill_null(True)).as_py():
+            data = data.set_column(i, name, pc.cast(column, pa.int64()))
+    return datasets.Dataset(data)
+
+
 def _load_file(builder: str, path: Path, spec: str, quoted: bool = False) -> datasets.Dataset:
-    """``path`` through ``datasets``' ``builder`` with :func:`table_read_options`; DataError naming the file and the
-    innermost cause (pandas' parser error, not only ``datasets``' wrapper) where it cannot be read."""
+    """``path`` read (a CSV/TSV by pandas with :func:`table_read_options`, else through ``datasets``' ``builder``);
+    DataError naming the file and the innermost cause (pandas' parser error, not only ``datasets``' wrapper) where it
+    cannot be read, and where the first data row has more fields than the header (pandas would silently make the first
+    column an index and shift the others under the wrong names)."""
     datasets.disable_progress_bars()
     try:
-        return datasets.load_dataset(builder, data_files=str(path), split="train",
-                                     **table_read_options(path, quoted))
+        if builder == "csv":  # pandas itself: datasets' CSV builder cannot keep cells as spelled (no dtype)
+            import pandas as pd
+
+            frame = pd.read_csv(path, **table_read_options(path, quoted))
+            if not isinstance(frame.index, pd.RangeIndex):  # a first row longer than the header became an index
+                header = [str(c) for c in frame.columns]
+                raise DataError(f"{path}: the first data row has more fields than the header ({len(header)} "
+                                f"columns: {header}); quote cells that hold the separator, or name every column in "
+                                "the header")
+            if frame.empty:
+                raise DataError(f"{spec}: has no rows")
+            return _canonical_ints(datasets.Dataset.from_pandas(frame, preserve_index=False))
+        return datasets.load_dataset(builder, data_files=str(path), split="train")
+    except DataError:
+        raise
     except Exception as exc:  # noqa: BLE001  (pandas/pyarrow raise many kinds; all mean "cannot read")
         if "corresponds to no data" in str(exc):  # a header without rows
             raise DataError(f"{spec}: has no rows") from None
