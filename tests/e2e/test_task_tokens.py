@@ -67,6 +67,10 @@ def test_column_reader_handles_wnut_traps(tmp_path, data_dir):
     rows = tok.read_column_file(path)
     assert rows.tokens == [["EU", "rejects"], ["Peter"]] and rows.tags == [["B-ORG", "O"], ["B-PER"]]
     assert rows.where(0, 1) == f"{path}:4" and rows.where(1) == f"{path}:6"
+    marked = tmp_path / "bom.conll"  # a byte-order mark does not hide -DOCSTART- (nor start the first token)
+    marked.write_text("\ufeff" + path.read_text(), encoding="utf-8")
+    again = tok.read_column_file(marked)
+    assert again.tokens == rows.tokens and again.tags == rows.tags
     wnut = tok.read_sentences(str(data_dir / "wnut17" / "train.conll"), "tokens", "tags")
     assert len(wnut) == 3394  # 1,000 blank lines and 2,394 lines of a single tab all end sentences
     assert wnut.tokens[0][:3] == ["@paulwalk", "It", "'s"]

@@ -82,6 +82,21 @@ def test_instruction_pairs_masks_prompt(tmp_path: Path, tokenizer) -> None:
     assert short[0]["labels"][:6] == [-100] * 6 and short[0]["labels"][6] != -100
 
 
+def test_a_prompt_that_fills_max_length_is_skipped_not_trained_as_nan(tmp_path: Path, tokenizer, capsys) -> None:
+    """Its labels would all be -100 (loss 0/0 = NaN in a batch of such rows): skipped and counted; none left is an
+    error. A UTF-8 byte-order mark before the first record is not part of it."""
+    long = json.dumps({"prompt": "one two three four five six seven eight", "response": "nine"})
+    short = json.dumps({"prompt": "hi", "response": "there"})
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\ufeff" + "\n".join([long, short, long]) + "\n", encoding="utf-8")
+    ds = instruction_pairs(path, tokenizer, max_length=5)
+    assert len(ds) == 1 and any(t != -100 for t in ds[0]["labels"])
+    assert "skipped 2 of 3 records whose prompt fills --max-length 5 tokens (first: line 1)" in capsys.readouterr().err
+    only_long = _write_jsonl(tmp_path / "long.jsonl", [long])
+    with pytest.raises(DataError, match="every record's prompt fills --max-length 5"):
+        instruction_pairs(only_long, tokenizer, max_length=5)
+
+
 def test_instruction_pairs_custom_fields(tmp_path: Path, tokenizer) -> None:
     path = _write_jsonl(tmp_path / "qa.jsonl", [json.dumps({"q": "hello", "a": "world"})])
     ds = instruction_pairs(path, tokenizer, max_length=16, prompt_field="q", response_field="a")

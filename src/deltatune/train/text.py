@@ -37,7 +37,7 @@ def _read_text(path: Path) -> str:
     if not path.is_file():
         raise DataError(f"text file not found: {path}")
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not valid utf-8 ({exc})") from None
 
@@ -121,7 +121,8 @@ def instruction_pairs(
 
     ``input_ids = tok(prompt) + tok(response) + [eos or sep]`` (no other special tokens), ``labels = -100``
     on the prompt tokens and the ids elsewhere, ``attention_mask`` all ones; all three are truncated to the
-    first ``max_length`` tokens (a prompt longer than that leaves no supervised token). Empty lines are
+    first ``max_length`` tokens. A record whose prompt fills ``max_length`` (no supervised token left: its loss would
+    be 0/0) is skipped and counted on stderr, as ``--task chat`` does; DataError when none is left. Empty lines are
     skipped. A line that is not a JSON object or lacks a string field raises DataError naming file and line.
     """
     if max_length < 1:
@@ -131,7 +132,8 @@ def instruction_pairs(
         raise DataError(f"JSONL file not found: {path}")
     prompts: list[str] = []
     responses: list[str] = []
-    with path.open("r", encoding="utf-8") as handle:
+    lines: list[int] = []
+    with path.open("r", encoding="utf-8-sig") as handle:
         for line_no, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
@@ -149,6 +151,7 @@ def instruction_pairs(
                     raise DataError(f"{path}:{line_no}: field {field!r} must be a string, got {kind}")
             prompts.append(record[prompt_field])
             responses.append(record[response_field])
+            lines.append(line_no)
     if not prompts:
         raise DataError(f"{path}: no records")
 
@@ -158,11 +161,22 @@ def instruction_pairs(
     tail = [] if end is None else [end]
     input_ids: list[list[int]] = []
     labels: list[list[int]] = []
-    for p, r in zip(prompt_ids, response_ids, strict=True):
-        ids = (list(p) + list(r) + tail)[:max_length]
+    skipped: list[int] = []
+    for p, r, line_no in zip(prompt_ids, response_ids, lines, strict=True):
         lab = ([IGNORE_INDEX] * len(p) + list(r) + tail)[:max_length]
-        input_ids.append(ids)
+        if all(t == IGNORE_INDEX for t in lab):
+            skipped.append(line_no)
+            continue
+        input_ids.append((list(p) + list(r) + tail)[:max_length])
         labels.append(lab)
+    if skipped:
+        from deltatune.train.tasks import _say
+
+        if not input_ids:
+            raise DataError(f"{path}: every record's prompt fills --max-length {max_length} tokens (no response "
+                            "token left to learn); raise --max-length")
+        _say(f"{path}: skipped {len(skipped)} of {len(lines)} records whose prompt fills --max-length {max_length} "
+             f"tokens (first: line {skipped[0]})")
     return datasets.Dataset.from_dict(
         {"input_ids": input_ids, "attention_mask": [[1] * len(x) for x in input_ids], "labels": labels}
     )

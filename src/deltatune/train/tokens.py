@@ -87,7 +87,7 @@ def read_column_file(path: Path, need_tags: bool = True) -> Sentences:
     labels: list[str] = []
     width, first = 0, 0
     try:
-        handle = path.open(encoding="utf-8")
+        handle = path.open(encoding="utf-8-sig")
         with handle:
             for no, raw in enumerate(handle, start=1):
                 line = raw.rstrip("\r\n")
