@@ -332,3 +332,31 @@ def test_a_refused_resume_gives_the_base_its_tensors_back(tmp_path, monkeypatch,
     with pytest.raises(ConfigError, match="lr"):
         loop.train(TrainConfig(**{**kw, "lr": 1e-2}, resume=True), mc)
     assert closed == [(6, True)]  # the six bound query weights, and their θ₀ file
+
+
+def test_resume_refuses_adding_or_dropping_eval_data_where_it_changes_the_training_rows(tmp_path):
+    """A user task without ``eval_data`` holds 10 % of ``data`` out: adding ``--eval-data`` on resume would train on
+    other rows from the saved offset. Another eval file is free, so is a GLUE task's, and a checkpoint written before
+    runs recorded this still resumes."""
+    from deltatune.delta import Delta
+    from deltatune.errors import ConfigError
+
+    data, other = tmp_path / "train.csv", tmp_path / "eval.csv"
+    for f in (data, other):
+        f.write_text("text,label\na,x\nb,y\n")
+    from deltatune.train import checkpoint
+
+    delta = Delta("lora", checkpoint.config_as_recorded({}, "lora"), {})
+
+    def run(**kw):
+        return loop.run_settings(TrainConfig(out_dir=str(tmp_path / "o"), **kw), delta)
+
+    held = run(task="classify", data=str(data))
+    with pytest.raises(ConfigError, match="holds_out: True in the checkpoint, False now"):
+        loop._check_same_run(tmp_path, held, run(task="classify", data=str(data), eval_data=str(other)))
+    given = run(task="classify", data=str(data), eval_data=str(other))
+    loop._check_same_run(tmp_path, given, run(task="classify", data=str(data), eval_data=str(data)))  # another file
+    loop._check_same_run(tmp_path, run(task="sst2"), run(task="sst2", eval_data=str(other)))
+    older = json.loads(json.dumps(held))
+    del older["train"]["holds_out"]
+    loop._check_same_run(tmp_path, older, run(task="classify", data=str(data)))

@@ -42,6 +42,7 @@ from deltatune.train.integration import param_groups
 from deltatune.train.stacking import prepare_stack
 from deltatune.train.tasks import Task, build_task
 from deltatune.train.tracking import METRICS_FILE, RunLog
+from deltatune.train.user_data import USER_TASKS
 
 RUN_KIND = "train_run"
 #: What a run folder holds; its marker lists these, so a later run may replace them (and nothing else).
@@ -318,6 +319,10 @@ FREE_ON_RESUME = frozenset({"out_dir", "resume", "overwrite", "progress", "repor
                             "eval_every", "eval_before", "eval_batch_size", "keep_best", "eval_data", "eval_limit"})
 #: settings holding paths, compared resolved (a relative path one time, an absolute one the next)
 PATH_SETTINGS = ("model", "data", "eval_data")
+#: what a run records beyond its settings, compared only where the checkpoint recorded it (older ones did not):
+#: ``holds_out`` — a user task without ``eval_data`` holds 10 % of ``data`` out, so adding or dropping ``eval_data``
+#: changes the training rows (another eval file, or none for a task that never holds out, does not)
+RECORDED_SINCE = ("holds_out",)
 
 
 def run_settings(cfg: TrainConfig, delta: Delta) -> dict[str, Any]:
@@ -328,6 +333,8 @@ def run_settings(cfg: TrainConfig, delta: Delta) -> dict[str, Any]:
         if isinstance(train.get(key), str) and Path(train[key]).exists():
             train[key] = str(Path(train[key]).resolve())
     train["on"] = [str(Path(p).resolve()) if Path(p).exists() else p for p in train.get("on") or []]
+    if cfg.task in USER_TASKS:
+        train["holds_out"] = cfg.eval_data is None
     return json.loads(json.dumps({"train": train, "method": delta.method, "config": delta.config}, default=str))
 
 
@@ -338,7 +345,7 @@ def _check_same_run(where: Path, recorded: dict[str, Any] | None, run: dict[str,
         return  # written before checkpoints recorded their run
     then = recorded.get("train", {})
     differ = [(key, then.get(key), run["train"].get(key)) for key in sorted(set(then) | set(run["train"]))
-              if then.get(key) != run["train"].get(key)]
+              if then.get(key) != run["train"].get(key) and (key in then or key not in RECORDED_SINCE)]
     config = recorded.get("config")
     if isinstance(config, dict) and recorded.get("method") == run["method"]:
         config = ckpt.config_as_recorded(config, run["method"])  # fields added since compare as their defaults
