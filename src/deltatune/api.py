@@ -48,7 +48,7 @@ def load_base_for(delta: Delta, model: str | None = None) -> nn.Module:
     """The base architecture the delta needs: a classifier when it carries a head, else causal LM/encoder."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from deltatune.train.tasks import _quiet_transformers
+    from deltatune.train.tasks import _quiet_transformers, with_head
 
     _quiet_transformers()
     path = base_model_path(delta, model)
@@ -61,8 +61,8 @@ def load_base_for(delta: Delta, model: str | None = None) -> nn.Module:
         if (delta.provenance.task or {}).get("task") == "tokens":
             from transformers import AutoModelForTokenClassification
 
-            return AutoModelForTokenClassification.from_pretrained(path, num_labels=num_labels)
-        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+            return with_head(AutoModelForTokenClassification, path, num_labels)
+        return with_head(AutoModelForSequenceClassification, path, num_labels)
     archs = getattr(AutoConfig.from_pretrained(path), "architectures", None) or []
     if any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs):
         return AutoModelForCausalLM.from_pretrained(path)

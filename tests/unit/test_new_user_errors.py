@@ -36,3 +36,22 @@ def test_fewer_examples_than_one_batch(tmp_path, minilm_path):
         loop.train(cfg, __import__("deltatune").LoRAConfig(r=2))
     res = CliRunner().invoke(app, ["train", "--model", str(tmp_path), "--task", "sst2", "--out", str(tmp_path / "x")])
     assert res.exit_code != 0 and "no config.json" in str(res.exception or res.output)
+
+
+def test_a_fine_tuned_classifier_with_another_label_count_is_a_typed_error(tmp_path, minilm_path):
+    """A folder whose saved head has 2 outputs, a file with 3 classes: a ConfigError naming both sizes, not
+    transformers' raw size-mismatch RuntimeError."""
+    import shutil
+
+    from transformers import AutoModelForSequenceClassification
+
+    folder = tmp_path / "sst2_classifier"
+    AutoModelForSequenceClassification.from_pretrained(minilm_path, num_labels=2).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        shutil.copy(f"{minilm_path}/{name}", folder / name)
+    data = tmp_path / "three.csv"
+    data.write_text("text,label\n" + "".join(f"w{i},{'abc'[i % 3]}\n" for i in range(12)))
+    task = build_task(TrainConfig(model=str(folder), task="classify", data=str(data)))
+    with pytest.raises(ConfigError, match=r"sst2_classifier: its saved task head has 2 outputs, this task needs 3"):
+        task.load_model()
+    assert build_task(TrainConfig(model=str(folder), task="sst2")).load_model().num_labels == 2  # its own size

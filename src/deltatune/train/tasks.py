@@ -51,6 +51,23 @@ def _quiet_transformers() -> None:
     datasets.disable_progress_bars()
 
 
+def with_head(auto_class: Any, path: str, num_labels: int, **kwargs: Any) -> nn.Module:
+    """``auto_class.from_pretrained(path, num_labels=…)``: the base with a task head of ``num_labels`` outputs (new,
+    or the folder's own where it has one of that size).  A folder whose saved head has another size (a fine-tuned
+    classifier used with another label set) is a :class:`ConfigError` naming both sizes, not transformers' raw
+    size-mismatch error."""
+    try:
+        return auto_class.from_pretrained(path, num_labels=num_labels, **kwargs)
+    except RuntimeError as exc:
+        if "size mismatch" not in str(exc) and "ignore_mismatched_sizes" not in str(exc):
+            raise
+        from transformers import AutoConfig
+
+        saved = getattr(AutoConfig.from_pretrained(path), "num_labels", "?")
+        raise ConfigError(f"{path}: its saved task head has {saved} outputs, this task needs {num_labels}; start from "
+                          "the base model without that head (a delta trains its own head)") from None
+
+
 def build_task(cfg: TrainConfig, tokenizer: Any | None = None, recorded: dict[str, Any] | None = None) -> Task:
     """The task of ``cfg``; ``recorded`` is a delta's ``task_info`` (classify/regress eval: reuse its label map)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -84,7 +101,7 @@ def build_task(cfg: TrainConfig, tokenizer: Any | None = None, recorded: dict[st
                               cfg.max_length)
 
     def load() -> nn.Module:
-        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=spec.num_labels)
+        return with_head(AutoModelForSequenceClassification, path, spec.num_labels)
 
     def score(preds: np.ndarray, labels: np.ndarray, loss: float) -> dict[str, float]:
         return {**metrics.compute_metrics(spec.name, preds, labels), "loss": loss}
@@ -186,10 +203,9 @@ def _user_task(cfg: TrainConfig, tokenizer: Any, pad_id: int, recorded: dict[str
 
     def load() -> nn.Module:
         if names is None:
-            return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
-        return AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=info.num_labels, id2label=dict(enumerate(names)),
-            label2id={n: i for i, n in enumerate(names)})
+            return with_head(AutoModelForSequenceClassification, path, 1)
+        return with_head(AutoModelForSequenceClassification, path, info.num_labels, id2label=dict(enumerate(names)),
+                         label2id={n: i for i, n in enumerate(names)})
 
     def score(preds: np.ndarray, labels: np.ndarray, loss: float) -> dict[str, float]:
         return {**metrics.user_metrics(cfg.task, preds, labels), "loss": loss}

@@ -318,8 +318,10 @@ def build_tokens_task(cfg: Any, tokenizer: Any, pad_id: int, recorded: dict[str,
     path = cfg.model_path
 
     def load() -> Any:
-        return AutoModelForTokenClassification.from_pretrained(
-            path, num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
+        from deltatune.train.tasks import with_head
+
+        return with_head(AutoModelForTokenClassification, path, len(names), id2label=dict(enumerate(names)),
+                         label2id={n: i for i, n in enumerate(names)})
 
     score = scorer(dev_rows.tags or [], dev_features["positions"], names)
     return Task("tokens", train, dev, load, score, "entity_f1", True, pad_id, False, info.to_dict())

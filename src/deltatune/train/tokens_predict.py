@@ -67,7 +67,7 @@ def predict_tokens(loaded: list[Delta], readings: list[TokenReading], names: lis
     from deltatune.model import mixed_batch
     from deltatune.provenance import recorded_stack
     from deltatune.train.stacking import attach_for_use
-    from deltatune.train.tasks import _quiet_transformers
+    from deltatune.train.tasks import _quiet_transformers, with_head
 
     _quiet_transformers()
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -84,7 +84,7 @@ def predict_tokens(loaded: list[Delta], readings: list[TokenReading], names: lis
         groups.setdefault((len(r.label_names), j if recorded_stack(loaded[j]) else -1), []).append(j)
     for (width, _), members in groups.items():
         torch.manual_seed(0)
-        net = AutoModelForTokenClassification.from_pretrained(path, num_labels=width).eval()
+        net = with_head(AutoModelForTokenClassification, path, width).eval()
         for j in members:
             attach_for_use(net, loaded[j], names[j], where=wheres[j])
         pairs = [(i, j) for i in range(count) for j in members]
