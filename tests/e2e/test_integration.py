@@ -160,3 +160,33 @@ def test_trl_sft_trainer_with_the_callback(tmp_path, minilm_path):
     with torch.no_grad():
         assert torch.allclose(fresh(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5)
         assert not torch.allclose(base()(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["lora", "lisa"])
+def test_resuming_a_trainer_run_is_refused_where_the_schedule_holds_state(tmp_path, method):
+    """A Trainer checkpoint carries the model and optimizer, not the schedule's state (LISA's active and visited
+    blocks, the parts made for them): resuming such a run is a ConfigError; a stateless method (LoRA) resumes."""
+    import datasets
+    from conftest import tiny_llama
+
+    from deltatune.errors import ConfigError
+
+    ids = torch.randint(1, 100, (16, 8), generator=torch.Generator().manual_seed(0)).tolist()
+    rows = datasets.Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * 8] * 16, "labels": ids})
+    config = deltatune.make_config(method, {"layers": 1, "interval": 1} if method == "lisa" else {"r": 2})
+
+    def trainer(max_steps: int) -> Trainer:
+        model = tiny_llama()
+        delta = deltatune.attach(model, config)
+        args = TrainingArguments(output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=4,
+                                 save_strategy="steps", save_steps=1, report_to=[], use_cpu=True, disable_tqdm=True)
+        return Trainer(model=model, args=args, train_dataset=rows, callbacks=[DeltaTuneCallback(delta)],
+                       optimizers=(make_optimizer(model, delta, lr=1e-3), None))
+
+    trainer(1).train()
+    if method == "lisa":
+        with pytest.raises(ConfigError, match="resuming a Trainer run of the lisa method at step 1"):
+            trainer(2).train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
+    else:
+        trainer(2).train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
+        assert (tmp_path / "checkpoint-2" / "delta" / "manifest.json").is_file()

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from deltatune.delta import Delta
+from deltatune.errors import ConfigError
 from deltatune.methods.registry import TrainHook, get_method, unwrap_optimizer
 
 
@@ -182,7 +183,9 @@ def _callback_base() -> type:
 class DeltaTuneCallback(_callback_base()):  # type: ignore[misc]
     """HF ``Trainer`` (and TRL ``SFTTrainer``) callback: the method's hooks around every optimiser step, the parts'
     auxiliary losses in the loss, and the delta saved in deltatune's format — into ``<checkpoint>/delta`` with every
-    trainer checkpoint and into ``save_to`` (default ``<output_dir>/delta``) at the end."""
+    trainer checkpoint and into ``save_to`` (default ``<output_dir>/delta``) at the end.  ``resume_from_checkpoint``
+    works for methods whose schedule holds no state (LoRA, DoRA, (IA)³, BitFit, S2FT, full…); for the others (SpIEL,
+    LISA, HFT, LT-SFT, LIFT, SaRA) it is a :class:`ConfigError`, not a silently different run."""
 
     def __init__(self, delta: Delta, save_to: str | Path | None = None) -> None:
         self.delta, self.save_to = delta, save_to
@@ -193,6 +196,11 @@ class DeltaTuneCallback(_callback_base()):  # type: ignore[misc]
         optimizer = unwrap_optimizer(optimizer)  # under accelerate's wrapper
         self.schedule = schedule_for(model, self.delta, optimizer, state.max_steps,
                                      args.gradient_accumulation_steps)
+        if state.global_step > 0 and any(self.schedule.state_dict()):
+            raise ConfigError(f"resuming a Trainer run of the {self.delta.method} method at step {state.global_step}: "
+                              "its schedule holds state (which entries or layers train, parts made during training) "
+                              "that a Trainer checkpoint does not carry, so the run would continue as another one; "
+                              "train it with `deltatune train` (its --resume is exact) or start afresh")
         if self.delta.has_aux_loss and self._aux is None:
             self._aux = add_aux_loss(model, self.delta)
 
