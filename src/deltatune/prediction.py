@@ -95,7 +95,7 @@ def predict(deltas: Sequence[Delta | str | Path] | Delta | str | Path, data: str
     ``{delta name: {...}}`` for several."""
     from transformers import AutoTokenizer
 
-    from deltatune.train.user_data import read_table, require_columns
+    from deltatune.train.user_data import read_table, require_columns, text_cells
 
     items = list(deltas) if isinstance(deltas, (list, tuple)) else [deltas]
     if not items:
@@ -113,6 +113,7 @@ def predict(deltas: Sequence[Delta | str | Path] | Delta | str | Path, data: str
     table = read_table(data)
     for r in readings:
         require_columns(table, [r.text_column, *([r.text_pair_column] if r.text_pair_column else [])], data)
+    texts = {c: text_cells(table[c], c, data) for r in readings for c in (r.text_column, r.text_pair_column) if c}
     path = base_model_path(loaded[0], model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     results: list[dict[str, Any]] = [{} for _ in range(len(table))]
@@ -128,8 +129,8 @@ def predict(deltas: Sequence[Delta | str | Path] | Delta | str | Path, data: str
             pairs = [(i, j) for i in range(len(table)) for j in kind]
             for start in range(0, len(pairs), batch_size):
                 chunk = pairs[start:start + batch_size]
-                firsts = [str(table[i][readings[j].text_column]) for i, j in chunk]
-                seconds = [str(table[i][readings[j].text_pair_column]) for i, j in chunk] if pair_rows else None
+                firsts = [texts[readings[j].text_column][i] for i, j in chunk]
+                seconds = [texts[readings[j].text_pair_column][i] for i, j in chunk] if pair_rows else None
                 batch = tokenizer(firsts, seconds, padding=True, truncation=True, max_length=max_length,
                                   return_tensors="pt")
                 with torch.no_grad(), mixed_batch(net, [names[j] for _, j in chunk]):

@@ -112,6 +112,10 @@ def test_predict_bad_input(deltas, tmp_path, minilm_path):
     inputs.write_text(json.dumps({"sentence": "happy"}) + "\n")
     with pytest.raises(DataError, match="no column .text.*sentence"):
         predict(deltas["three"], str(inputs))
+    blank = tmp_path / "blank.csv"  # an empty text cell: an error, as in training, not a prediction for "None"
+    blank.write_text("text\nhappy\n\"\"\n")
+    with pytest.raises(DataError, match=r"blank\.csv: row 2, column 'text': missing text"):
+        predict(deltas["three"], str(blank))
     from transformers import AutoModel
 
     encoder = AutoModel.from_pretrained(minilm_path)

@@ -328,7 +328,8 @@ def _floats(values: list[Any], column: str, where: str) -> list[float]:
     return out
 
 
-def _texts(values: list[Any], column: str, where: str) -> list[str]:
+def text_cells(values: list[Any], column: str, where: str) -> list[str]:
+    """The cells of a text column as strings; a missing cell is a DataError naming the file, row and column."""
     for row, value in enumerate(values):
         if value is None:
             raise DataError(f"{where}: row {row + 1}, column {column!r}: missing text")
@@ -344,8 +345,8 @@ def to_examples(table: datasets.Dataset, info: TaskInfo, where: str) -> datasets
         labels: list[Any] = _class_ids(raw, info.label_names or [], info.label_column, where)
     else:
         labels = _floats(raw, info.label_column, where)
-    text_a = _texts(table[info.text_column], info.text_column, where)
-    text_b = _texts(table[pair], pair, where) if pair else [None] * len(text_a)
+    text_a = text_cells(table[info.text_column], info.text_column, where)
+    text_b = text_cells(table[pair], pair, where) if pair else [None] * len(text_a)
     features = datasets.Features({"text_a": datasets.Value("string"), "text_b": datasets.Value("string"),
                                   "label": datasets.Value("int64" if info.task == "classify" else "float32")})
     return datasets.Dataset.from_dict({"text_a": text_a, "text_b": text_b, "label": labels}, features=features)
