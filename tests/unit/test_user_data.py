@@ -61,6 +61,8 @@ def test_split_of_a_dataset_dict_folder_and_of_a_json_object_of_splits(tmp_path)
     assert named.column_names == ["utterance", "intent"] and len(named) == 2
     with pytest.raises(DataError, match="no split 'val'"):
         user_data.read_table(f"{clinc}:val")
+    with pytest.raises(DataError, match=r"full\.json: holds splits \['oos_train', 'train'\]; pick one"):
+        user_data.read_table(str(clinc))  # without :SPLIT, not pyarrow's JSON parse error
 
 
 def test_integer_labels_sort_numerically_and_map_by_spelling(tmp_path):

@@ -243,6 +243,18 @@ def _json_splits(path: Path, split: str, pair_columns: tuple[str, str]) -> datas
     raise DataError(f"{path}:{split}: rows must all be [text, label] pairs or all be objects")
 
 
+def _name_json_splits(path: Path) -> None:
+    """A DataError listing the splits where ``path`` is a JSON object of splits (CLINC150's ``data_full.json``) read
+    without ``:SPLIT``; nothing where it is not."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (OSError, ValueError):
+        return
+    splits = sorted(k for k, v in doc.items() if isinstance(v, list)) if isinstance(doc, dict) else []
+    if splits:
+        raise DataError(f"{path}: holds splits {splits}; pick one (or several joined by +) as {path}:SPLIT")
+
+
 def read_table(spec: str, pair_columns: tuple[str, str] = ("text", "label")) -> datasets.Dataset:
     """One table from a CSV/TSV/JSON/JSONL/Parquet file or a ``save_to_disk`` folder (``PATH[:SPLIT]``);
     ``[text, label]`` rows of a JSON split become the columns ``pair_columns``.
@@ -269,8 +281,13 @@ def read_table(spec: str, pair_columns: tuple[str, str] = ("text", "label")) -> 
                             "or a folder written by datasets.save_to_disk")
         if path.stat().st_size == 0:
             raise DataError(f"{path}: file is empty")
-        table = _tsv_table(path, spec) if builder == "csv" and path.suffix.lower() == ".tsv" else \
-            _load_file(builder, path, spec)
+        try:
+            table = _tsv_table(path, spec) if builder == "csv" and path.suffix.lower() == ".tsv" else \
+                _load_file(builder, path, spec)
+        except DataError:
+            if path.suffix.lower() == ".json":
+                _name_json_splits(path)
+            raise
     if len(table) == 0:
         raise DataError(f"{spec}: has no rows")
     return table
