@@ -252,7 +252,8 @@ def _name_json_splits(path: Path) -> None:
         return
     splits = sorted(k for k, v in doc.items() if isinstance(v, list)) if isinstance(doc, dict) else []
     if splits:
-        raise DataError(f"{path}: holds splits {splits}; pick one (or several joined by +) as {path}:SPLIT")
+        raise DataError(f"{path}: holds splits {splits}; pick one (or several joined by +) as {path}:SPLIT (rows go "
+                        "in a JSON list of objects or in JSON Lines)")
 
 
 def read_table(spec: str, pair_columns: tuple[str, str] = ("text", "label")) -> datasets.Dataset:
@@ -288,6 +289,9 @@ def read_table(spec: str, pair_columns: tuple[str, str] = ("text", "label")) -> 
             if path.suffix.lower() == ".json":
                 _name_json_splits(path)
             raise
+        if path.suffix.lower() == ".json" and len(table) == 1 and all(
+                isinstance(f, (datasets.Sequence, datasets.List)) for f in table.features.values()):
+            _name_json_splits(path)  # one object of lists (datasets reads it as one row): splits, not records
     if len(table) == 0:
         raise DataError(f"{spec}: has no rows")
     return table
