@@ -162,6 +162,20 @@ def test_mixed_label_types_are_an_error(tmp_path):
         user_data.task_info("classify", user_data.read_table(str(path)), str(path), "text", None, "label")
 
 
+def test_boolean_labels_are_classes_and_labels_differing_by_spaces_are_warned(tmp_path):
+    flags = tmp_path / "flags.jsonl"
+    flags.write_text('{"text": "a", "label": true}\n{"text": "b", "label": false}\n{"text": "c", "label": true}\n')
+    table = user_data.read_table(str(flags))
+    info = user_data.task_info("classify", table, str(flags), "text", None, "label")
+    assert info.label_names == [False, True]
+    assert user_data.to_examples(table, info, str(flags))["label"] == [1, 0, 1]
+    spaced = tmp_path / "spaced.csv"
+    spaced.write_text("text,label\nhello, pos\nbye,neg\nyes,pos\n")
+    with pytest.warns(UserWarning, match=r"spaced\.csv: column 'label' has labels that differ only by surrounding "
+                                         r"spaces \(\[\(' pos', 'pos'\)\]\)"):
+        user_data.task_info("classify", user_data.read_table(str(spaced)), str(spaced), "text", None, "label")
+
+
 def test_hold_out_is_seeded_and_sized():
     ds = datasets.Dataset.from_dict({"label": list(range(50))})
     train, held = user_data.hold_out(ds, seed=3, where="x")

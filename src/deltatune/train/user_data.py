@@ -313,13 +313,19 @@ def label_names(table: datasets.Dataset, column: str, where: str) -> list[Any]:
             raise DataError(f"{where}: row {row + 1}, column {column!r}: missing label")
         if isinstance(value, float) and value.is_integer():
             continue
-        if not isinstance(value, (str, int)) or isinstance(value, bool):
-            raise DataError(f"{where}: row {row + 1}, column {column!r}: label {value!r} is not a string or integer")
+        if not isinstance(value, (str, int)):  # bool is an int: JSON's true/false are labels too
+            raise DataError(f"{where}: row {row + 1}, column {column!r}: label {value!r} is not a string, integer or "
+                            "boolean")
     unique = {int(v) if isinstance(v, float) else v for v in values}
     kinds = {type(v) for v in unique}
     if len(kinds) > 1:
         raise DataError(f"{where}: column {column!r} mixes label types {sorted(k.__name__ for k in kinds)}")
-    return sorted(unique)
+    names = sorted(unique)
+    spaced = [n for n in names if isinstance(n, str) and n != n.strip() and n.strip() in unique]
+    if spaced:  # "pos" and " pos" (a space after a CSV comma) are two classes
+        warnings.warn(f"{where}: column {column!r} has labels that differ only by surrounding spaces "
+                      f"({[(n, n.strip()) for n in spaced[:3]]}): they are separate classes", stacklevel=2)
+    return names
 
 
 def _class_ids(values: list[Any], names: list[Any], column: str, where: str) -> list[int]:
