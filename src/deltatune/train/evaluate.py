@@ -24,7 +24,8 @@ def batches(ds: datasets.Dataset, order: list[int], batch_size: int, pad_id: int
 def eval_outputs(model: nn.Module, task: Task, batch_size: int, device: torch.device
                  ) -> tuple[np.ndarray, np.ndarray, float]:
     """``(logits, labels, loss)`` over ``task.eval`` in eval mode (the model's mode is restored); the loss is
-    the token-weighted mean for language modelling, whose logits and labels are left empty."""
+    the mean over what carries a label — rows, or tokens (language modelling, whose logits and labels are left
+    empty; token classification) — so it equals the loss of the whole set in one batch."""
     was_training = model.training
     model.eval()
     preds, labels, loss_sum, weight = [], [], 0.0, 0
@@ -32,12 +33,13 @@ def eval_outputs(model: nn.Module, task: Task, batch_size: int, device: torch.de
         out = model(**batch)
         if task.is_lm:
             n = int((batch["labels"][:, 1:] != -100).sum())
-        else:
-            n = batch["labels"].shape[0]
+        else:  # a label per row, or per token (tokens tasks: the loss is the mean over the labelled tokens)
+            n = int((batch["labels"] != -100).sum()) if batch["labels"].dim() > 1 else batch["labels"].shape[0]
             preds.append(out.logits.float().cpu().numpy())
             labels.append(batch["labels"].cpu().numpy())
-        loss_sum += float(out.loss) * n
-        weight += n
+        if n:  # a batch without a labelled token has loss 0/0: it weighs nothing
+            loss_sum += float(out.loss) * n
+            weight += n
     model.train(was_training)
     if task.is_lm:
         return np.empty(0), np.empty(0), loss_sum / max(weight, 1)
