@@ -178,6 +178,20 @@ def _encode(state: ServerState, text: str, special: bool = True) -> list[int]:
     return ids
 
 
+def _chat_text(state: ServerState, messages: list[dict[str, str]]) -> str:
+    """The prompt text the tokenizer's chat template makes of ``messages``; a template that refuses them (Llama 2's
+    "roles must alternate" ``raise_exception``, a ``ValueError`` of the tokenizer) is the client's error: a 400 naming
+    ``messages``, not a 500."""
+    from jinja2 import TemplateError
+
+    if not getattr(state.tokenizer, "chat_template", None):
+        raise BadRequest(f"the tokenizer of {state.base!r} has no chat template; use /v1/completions", "messages")
+    try:
+        return state.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except (TemplateError, ValueError, TypeError, KeyError) as exc:
+        raise BadRequest(f"messages: the chat template refused them: {exc}", "messages") from None
+
+
 def _params(state: ServerState, body: Any, max_tokens: int | None,
             logprobs: int | None) -> tuple[SamplingParams, bool]:
     """The request's sampling parameters, and whether ``max_tokens`` is the server's default — a ceiling the engine
@@ -249,6 +263,27 @@ async def _submit_all(state: ServerState, encoded: list[list[int]], params: Samp
     return runs
 
 
+#: Seconds between two looks at whether the client of a non-streaming request is still connected.
+DISCONNECT_POLL_S = 0.25
+
+
+async def _collect_while_connected(request: Request, runs: list[_Run]) -> list[Output]:
+    """Every run's merged output; the runs are cancelled (their batch slots freed at the next step) as soon as the
+    client goes away: the server does not cancel a non-streaming handler on a disconnect, and the runs would
+    otherwise decode to the end for nobody.  A client gone gets 499 (nobody reads it)."""
+    collected = asyncio.ensure_future(asyncio.gather(*(r.collect() for r in runs)))
+    while not collected.done():
+        await asyncio.wait({collected}, timeout=DISCONNECT_POLL_S)
+        if not collected.done() and await request.is_disconnected():
+            collected.cancel()
+            for run in runs:
+                run.state.engine.cancel(run.req.request_id)
+            await asyncio.wait({collected})  # the runs' cancellation is taken, not logged as never retrieved
+            _ = collected.cancelled() or collected.exception()
+            raise BadRequest("the client disconnected", status=499)
+    return list(collected.result())
+
+
 def _sse(data: Any) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
@@ -286,8 +321,8 @@ def _routes(app: FastAPI, state: ServerState) -> None:
         rid = f"cmpl-{uuid.uuid4().hex}"
         runs = await _submit_all(state, encoded, params, delta, fit)
         if not body.stream:
-            outs = await asyncio.gather(*(r.collect() for r in runs))
-            return R.completion(rid, body.model, list(outs), body.logprobs is not None)
+            outs = await _collect_while_connected(request, runs)
+            return R.completion(rid, body.model, outs, body.logprobs is not None)
 
         async def chunks() -> AsyncIterator[str]:
             offset, last = 0, None
@@ -307,18 +342,14 @@ def _routes(app: FastAPI, state: ServerState) -> None:
         _auth(state, request)
         body = await read_body(request, ChatBody, limits.max_body_bytes)
         delta = _delta(state, body.model)
-        template = getattr(state.tokenizer, "chat_template", None)
-        if not template:
-            raise BadRequest(f"the tokenizer of {state.base!r} has no chat template; use /v1/completions", "messages")
-        text = state.tokenizer.apply_chat_template([{"role": m.role, "content": m.text()} for m in body.messages],
-                                                   add_generation_prompt=True, tokenize=False)
+        text = _chat_text(state, [{"role": m.role, "content": m.text()} for m in body.messages])
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         ids = _encode(state, text, special=False)
         params, fit = _params(state, body, body.max_completion_tokens or body.max_tokens, logprobs)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         run = await _Run(state, ids, params, delta, fit).submit()
         if not body.stream:
-            return R.chat(rid, body.model, await run.collect(), body.logprobs)
+            return R.chat(rid, body.model, (await _collect_while_connected(request, [run]))[0], body.logprobs)
 
         async def chunks() -> AsyncIterator[str]:
             yield _sse(R.chat_chunk(rid, body.model, {"role": "assistant", "content": ""}, None))

@@ -24,8 +24,7 @@ import torch
 
 from deltatune.config import require
 from deltatune.delta import Delta
-from deltatune.fingerprint import fingerprint
-from deltatune.model import attach_parts, detach
+from deltatune.model import attach_parts
 from deltatune.routing import Routing, routed
 
 
@@ -55,8 +54,10 @@ class CoTrainJob:
         model = engine.model
         method = get_method(method_config.method)
         self.key = f"{config.name}@train"
-        with engine.lock:
-            fp = fingerprint(model)
+        with engine.lock:  # between two steps: the base is restored and the parts attached before the next one
+            if engine.store.restore_base is not None:
+                engine.store.restore_base()  # a hot delta merged into the base would be trained on (and fingerprinted)
+            fp = engine.store.base_fingerprint()
             parts = method.create_parts(model, method_config, exclude=[])
             attach_parts(model, parts, self.key, activate=False)
         self.delta = Delta(method=method_config.method, config=method.config_dict(method_config), parts=parts,
@@ -98,7 +99,7 @@ class CoTrainJob:
             part.requires_grad_(False)
         self.delta.metrics["coserve_losses"] = [round(x, 6) for x in self.losses]
         self.saved = self.delta.save(self.config.out, overwrite=True)
-        detach(self.engine.model, self.key)
+        self.engine.store.detach_key(self.key)
         self.engine.store.add(self.config.name, self.saved)
 
 

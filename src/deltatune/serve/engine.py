@@ -49,13 +49,12 @@ from torch import Tensor, nn
 from transformers import DynamicCache
 
 from deltatune.config import require
-from deltatune.model import detach
 from deltatune.parts.base import MODEL_LEVEL
 from deltatune.routing import Routing, routed
 from deltatune.serve.encode import encode_group, encoder_positions, row_routing
 from deltatune.serve.errors import BadRequest, EngineStopped
 from deltatune.serve.hot import HotMerge
-from deltatune.serve.kv import BatchKV, one_row_if_sliding
+from deltatune.serve.kv import BatchKV, context_length, one_row_if_sliding
 from deltatune.serve.outputs import eos_ids, token_output
 from deltatune.serve.requests import EncodeRequest, EncodeResult, GenerateRequest, Output
 from deltatune.serve.sampling import SamplingParams, choose, make_generator
@@ -95,6 +94,7 @@ class _Seq:
     cache: DynamicCache | None = None
     generated: list[int] = field(default_factory=list)
     sent: str = ""
+    decoded: str = ""  # the decode of ``generated`` (each token's logprob text is what it adds to the last one)
     done: bool = False
 
     @property
@@ -109,6 +109,14 @@ def virtual_tokens(lease: Lease) -> int:
     return (part.cached_prefix() or 0) if part is not None else 0
 
 
+def vocab_size(model: nn.Module) -> int | None:
+    """The rows of the model's input embedding (what ids a prompt may hold), or the config's ``vocab_size``."""
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(getattr(embedding, "base", embedding), "num_embeddings", None)
+    rows = rows if isinstance(rows, int) else getattr(model.config, "vocab_size", None)
+    return rows if isinstance(rows, int) and rows > 0 else None
+
+
 class Engine:
     """Continuous batching over ``model`` with the deltas of ``store`` (see the module docstring)."""
 
@@ -120,7 +128,8 @@ class Engine:
         self.lock = store.lock  # held while the model runs: deltas attach and detach between steps
         self.classifier = type(model).__name__.endswith("ForSequenceClassification")
         self.generative = bool(getattr(model, "can_generate", lambda: False)())
-        self.max_positions = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
+        self.max_positions = context_length(model.config)
+        self.vocab_size = vocab_size(model)
         self.encoder_positions = encoder_positions(model, self.max_positions)  # once: it walks the modules
         self._queue = threading.Condition()
         self._waiting: deque[_Seq] = deque()
@@ -149,6 +158,7 @@ class Engine:
             raise BadRequest(f"{type(self.model).__name__} is not a causal language model; it cannot generate")
         if not req.prompt_ids:
             raise BadRequest("the prompt is empty (no tokens)", "prompt")
+        self._check_ids(req.prompt_ids, "prompt")
         lease = self.store.acquire(req.delta)  # the store's lock before the queue's, never the other way
         try:
             virtual = virtual_tokens(lease)
@@ -174,6 +184,7 @@ class Engine:
     def submit_encode(self, req: EncodeRequest) -> str:
         if not req.input_ids:
             raise BadRequest("the input is empty (no tokens)", "input")
+        self._check_ids(req.input_ids, "input")
         lease = self.store.acquire(req.delta)
         limit = self.encoder_positions
         if limit is not None and virtual_tokens(lease) + len(req.input_ids) > limit:
@@ -193,6 +204,15 @@ class Engine:
             self.store.release(lease)
             raise refused
         return req.request_id
+
+    def _check_ids(self, ids: Sequence[int], param: str) -> None:
+        """Refuse (400) token ids outside the model's vocabulary at submit: in a batch, the embedding lookup would
+        fail every request sharing the forward."""
+        if self.vocab_size is None:
+            return
+        bad = next((t for t in ids if not isinstance(t, int) or not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise BadRequest(f"token id {bad!r} is outside the model's vocabulary [0, {self.vocab_size})", param)
 
     def _refusal(self) -> Exception | None:
         """Why a new request cannot be queued now (called with the queue's lock held), or ``None``."""
@@ -338,7 +358,7 @@ class Engine:
                     job.step(train_budget(job.config.step_tokens, self._used))
                 except Exception as exc:  # noqa: BLE001 - a failing job stops, serving goes on
                     job.error, job.done = f"{type(exc).__name__}: {exc}", True
-                    detach(self.model, job.key)
+                    self.store.detach_key(job.key)
                 if job.done:
                     with self._queue:
                         self._jobs.remove(job)
@@ -464,8 +484,9 @@ class Engine:
             self._finish(seq, "error", error=f"{type(exc).__name__}: {exc}")
             return True
         seq.generated.append(choice.token)
-        out, reason = token_output(seq.req.request_id, len(seq.req.prompt_ids), seq.generated, seq.sent, choice,
-                                   seq.params, self._decode_text, self.eos, self.max_positions, seq.virtual)
+        out, reason, seq.decoded = token_output(seq.req.request_id, len(seq.req.prompt_ids), seq.generated, seq.sent,
+                                                choice, seq.params, self._decode_text, self.eos, self.max_positions,
+                                                seq.virtual, seq.decoded)
         seq.sent += out.text
         if reason:
             self._finish(seq, reason, out)

@@ -99,6 +99,20 @@ class BatchKV:
         self.lengths = [n + 1 for n in self.lengths]
 
 
+#: The names model configs give their context length (GPT-2 and BLOOM-likes: ``n_positions``; MPT: ``max_seq_len``;
+#: ChatGLM, Qwen 1: ``seq_length``), first match wins.
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
+
+
+def context_length(config: Any) -> int | None:
+    """The model's context in positions, under whichever name its config uses (``None``: it records none)."""
+    for key in CONTEXT_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def one_row_if_sliding(model: nn.Module, config: Any) -> Any:
     """``config`` (an :class:`~deltatune.serve.engine.EngineConfig`) with ``max_batch = 1`` when the model's cache has
     sliding-window layers (Mistral with ``sliding_window``, Gemma 2/3, Qwen2 with ``use_sliding_window``): the batch
@@ -107,7 +121,7 @@ def one_row_if_sliding(model: nn.Module, config: Any) -> Any:
     if config.max_batch == 1:
         return config
     layers = getattr(DynamicCache(config=model.config), "layers", [])
-    context = int(getattr(model.config, "max_position_embeddings", 0) or 0)
+    context = context_length(model.config) or 0
     windows = [getattr(layer, "sliding_window", None) for layer in layers if "Sliding" in type(layer).__name__]
     if not windows or (context and all(isinstance(w, int) and w >= context for w in windows)):
         return config  # no sliding layer, or windows as long as the context: they never drop history

@@ -48,22 +48,37 @@ def new_piece(generated_text: str, sent: str, stop: Sequence[str], finished: boo
     return shown[len(sent):] if shown.startswith(sent) and len(shown) > len(sent) else ""
 
 
-def token_logprobs(choice: Choice, params: SamplingParams, text_of: TextOf) -> list[TokenLogprob]:
-    """The chosen token's log-probability and its top alternatives, when the request asked for them."""
+#: Tokens of context an alternative's text is decoded after (its text in context: a word piece's leading space, a
+#: continuation without its ``##``), without decoding the whole generation once per alternative.
+ALTERNATIVE_CONTEXT = 4
+
+
+def token_logprobs(choice: Choice, params: SamplingParams, text_of: TextOf, generated: Sequence[int], before: str,
+                   text: str) -> list[TokenLogprob]:
+    """The chosen token's log-probability and its top alternatives, when the request asked for them.  The chosen
+    token's text is what it adds to the decoded generation (``text`` less ``before``, the decode without it), so the
+    tokens' texts put together are the generated text and text offsets count right; an alternative's text is what
+    it would add after the last few tokens."""
     if params.logprobs is None:
         return []
-    return [TokenLogprob(text_of([choice.token]), choice.token, choice.logprob,
-                         [(text_of([t]), lp) for t, lp in choice.top])]
+    context = list(generated[-1 - ALTERNATIVE_CONTEXT:-1])
+    shown = text_of(context) if choice.top else ""
+    top = [(text_of([*context, t])[len(shown):], lp) for t, lp in choice.top]
+    return [TokenLogprob(text[len(before):], choice.token, choice.logprob, top)]
 
 
 def token_output(request_id: str, prompt_tokens: int, generated: list[int], sent: str, choice: Choice,
                  params: SamplingParams, text_of: TextOf, eos: set[int], max_positions: int | None,
-                 virtual: int = 0) -> tuple[Output, str | None]:
-    """``(output, finish reason or None)`` after ``choice.token`` was appended to ``generated``; ``output.text``
-    is the piece to send after ``sent``."""
-    text, stopped = stop_cut(text_of(generated), params.stop)
+                 virtual: int = 0, before: str = "") -> tuple[Output, str | None, str]:
+    """``(output, finish reason or None, the decoded generation)`` after ``choice.token`` was appended to
+    ``generated``; ``output.text`` is the piece to send after ``sent``; ``before`` is the decode of ``generated``
+    without its last token (the previous call's third value: the engine keeps it, so each token is decoded
+    against its prefix once)."""
+    decoded = text_of(generated)
+    text, stopped = stop_cut(decoded, params.stop)
     reason = finish_reason(stopped, choice.token, len(generated), virtual + prompt_tokens + len(generated), params,
                            eos, max_positions)
     piece = new_piece(text, sent, params.stop, reason is not None)
-    return Output(request_id, piece, [choice.token], token_logprobs(choice, params, text_of),
-                  prompt_tokens=prompt_tokens, completion_tokens=len(generated)), reason
+    logprobs = token_logprobs(choice, params, text_of, generated, before, decoded)
+    return Output(request_id, piece, [choice.token], logprobs, prompt_tokens=prompt_tokens,
+                  completion_tokens=len(generated)), reason, decoded

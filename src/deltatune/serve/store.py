@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from deltatune.delta import Delta
+from deltatune.errors import TargetError
 from deltatune.fingerprint import check_fingerprint, fingerprint
 from deltatune.layer import DeltaLayer
 from deltatune.model import attach_heads, attach_parts, check_heads, detach, logical_modules
@@ -130,21 +131,29 @@ class DeltaStore:
                              f"{self.base_name!r}", "name")
         src: str | Delta = source if isinstance(source, Delta) else str(source)
         delta = self._read(name, src) if preload else None
-        if delta is not None and name not in self._resident and self._fits(delta):
-            wrappers = self._wrappers(delta)
-            if wrappers is not None:
-                with self._book:
-                    if name not in self._resident:  # still a fresh name: attach beside the running step
-                        self._sources[name] = src
-                        self._attach(name, delta, wrappers)
-                        return
+        if delta is not None and self._add_beside_step(name, src, delta):
+            return
         with self.model_lock(), self._book:
-            old = self._resident.pop(name, None)
-            if old is not None:
-                self._retire(old)
-            self._sources[name] = src
             if delta is not None:
-                self._attach(name, delta)
+                self._attach(name, delta)  # checks every part first; retires the copy the name held
+            else:
+                self._unload(name)
+            self._sources[name] = src  # registered only once its delta is attached
+
+    def _add_beside_step(self, name: str, src: str | Delta, delta: Delta) -> bool:
+        """Attach ``delta`` under a fresh name without waiting for the running step, when that changes no structure
+        (:meth:`_wrappers`) and needs no eviction; whether it did.  The wrappers are found without the books, then
+        checked again with them held: a detach (which holds the books) may have unwrapped one meanwhile, and a part
+        added to a wrapper that is no longer in the model would never run."""
+        wrappers = self._wrappers(delta) if name not in self._resident else None
+        if wrappers is None:
+            return False
+        with self._book:
+            if name in self._resident or not self._fits(delta) or not self._installed(wrappers):
+                return False  # the slow path decides (it may evict, replace or wrap)
+            self._attach(name, delta, wrappers)
+            self._sources[name] = src
+            return True
 
     def remove(self, name: str) -> None:
         """Forget ``name``: new requests for it get :class:`UnknownDelta`; running ones finish with their copy."""
@@ -152,9 +161,15 @@ class DeltaStore:
             if name not in self._sources:
                 raise UnknownDelta(name, self.names())
             del self._sources[name]
-            entry = self._resident.pop(name, None)
-            if entry is not None:
-                self._retire(entry)
+            self._unload(name)
+
+    def detach_key(self, key: str) -> None:
+        """Detach the parts attached under ``key`` by someone other than the store (a co-served training job's
+        copy), holding ``lock`` and the books as every detach must: a fast-path :meth:`add` then never picks a
+        wrapper that this unwraps."""
+        with self.model_lock(), self._book:
+            detach(self.model, key)
+            self.version += 1
 
     # --- leases ---------------------------------------------------------------------------------------
     def acquire(self, name: str | None) -> Lease:
@@ -292,28 +307,69 @@ class DeltaStore:
 
     def _attach(self, name: str, delta: Delta, wrappers: dict[str, DeltaLayer] | None = None) -> Entry:
         """Attach ``delta`` inactive under a fresh key: into the existing ``wrappers`` (:meth:`_wrappers`), or with
-        :func:`~deltatune.model.attach_parts` (the caller then holds ``lock``)."""
+        :func:`~deltatune.model.attach_parts` (the caller then holds ``lock``), and retire the copy ``name`` held.
+        Every part is checked against its module first, and a failure on the way takes back what was attached:
+        a delta that cannot be served leaves the model and the books as they were."""
+        self._check_parts(delta, wrappers)
         self._count += 1
         key = f"{name}@{self._count}"
-        if wrappers is not None:
-            for module_name, part in delta.parts.items():
-                layer = wrappers[module_name]
-                part.check_base(layer.base, module_name)
-                ref = next(layer.base.parameters(), None)
-                if ref is not None and not _on_device(part, ref.device):
-                    part.to(ref.device)
-                layer.add(key, part, activate=False)  # the part takes the layer's train/eval mode
-        else:
-            attach_parts(self.model, delta.parts, key, activate=False)
-            attach_heads(self.model, delta, key, activate=False)
-            self.model.eval()
+        try:
+            if wrappers is not None:
+                for module_name, part in delta.parts.items():
+                    layer = wrappers[module_name]
+                    ref = next(layer.base.parameters(), None)
+                    if ref is not None and not _on_device(part, ref.device):
+                        part.to(ref.device)
+                    layer.add(key, part, activate=False)  # the part takes the layer's train/eval mode
+            else:
+                attach_parts(self.model, delta.parts, key, activate=False)
+                attach_heads(self.model, delta, key, activate=False)
+                self.model.eval()
+        except BaseException:
+            self._undo(key, wrappers)
+            raise
         self.version += 1
         entry = Entry(name, key, delta, delta.nbytes + sum(t.numel() * t.element_size() for h in delta.heads.values()
                                                              for t in h.values()))
+        self._unload(name)  # the fast path is taken for fresh names only: it never detaches here
         self._resident[name] = entry
         if wrappers is None:  # an eviction detaches: only with ``lock`` held (the caller checked _fits otherwise)
             self._evict(keep=name)
         return entry
+
+    def _check_parts(self, delta: Delta, wrappers: dict[str, DeltaLayer] | None) -> None:
+        """Raise :class:`~deltatune.errors.TargetError` or :class:`~deltatune.errors.ShapeMismatch` unless every
+        part of ``delta`` fits the module it goes to (``wrappers``' bases when given) — before any is attached."""
+        resolved: dict[str, nn.Module | None] = {"": self.model}
+        for module_name, part in delta.parts.items():
+            if part.model_level:
+                part.check_base(self.model, "model")
+                continue
+            module = wrappers[module_name] if wrappers is not None else _logical_module(resolved, module_name)
+            if module is None:
+                raise TargetError(f"the delta has a part for {module_name!r}, which is not a module of this model")
+            part.check_base(module.base if isinstance(module, DeltaLayer) else module, module_name)
+
+    def _undo(self, key: str, wrappers: dict[str, DeltaLayer] | None) -> None:
+        """Take back the parts attached under ``key`` by an attach that failed half-way."""
+        if wrappers is None:
+            detach(self.model, key)  # the caller holds ``lock``
+            return
+        for layer in wrappers.values():
+            if key in layer.parts:
+                layer.remove(key)  # the wrapper keeps its other parts: no structure changes
+
+    def _installed(self, wrappers: dict[str, DeltaLayer]) -> bool:
+        """Whether every wrapper of ``wrappers`` is still in the model at its module's path (a detach unwraps a
+        module whose last part it removes)."""
+        resolved: dict[str, nn.Module | None] = {"": self.model}
+        return all(_logical_module(resolved, name) is layer for name, layer in wrappers.items())
+
+    def _unload(self, name: str) -> None:
+        """Retire the resident copy of ``name``, if any (running requests keep it until they release it)."""
+        entry = self._resident.pop(name, None)
+        if entry is not None:
+            self._retire(entry)
 
     def _retire(self, entry: Entry) -> None:
         entry.retired = True
