@@ -329,8 +329,18 @@ def test_compress_acts_on_the_deviation_from_one() -> None:
         assert part.kind == "ia3"
     total = sum(int((p.ia3_l != 1).sum()) for p in kept.parts.values())
     assert total == sum(p.features for p in delta.parts.values()) // 2  # … and dropped ones back to l = 1
-    quant = compress_delta(delta, "quantize", dtype="bf16")
-    assert {p.ia3_l.dtype for p in quant.parts.values()} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("dtype,torch_dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_quantize_rounds_the_deviation_not_the_scale(dtype: str, torch_dtype: torch.dtype) -> None:
+    """``l = 1 + round(l − 1)`` kept in fp32: rounding ``l`` itself in bf16 (spacing 2⁻⁷ near 1) erased small
+    deviations (relative error 0.6 on ``l − 1`` with std 3e-3, most updates zeroed)."""
+    delta = randomise(random_ia3("llama", 6), seed=6, std=3e-3)
+    quant = compress_delta(delta, "quantize", dtype=dtype)
+    for name, part in quant.parts.items():
+        dev = delta.parts[name].ia3_l.detach() - 1
+        assert part.ia3_l.dtype == torch.float32
+        assert torch.equal(part.ia3_l - 1, dev.to(torch_dtype).float())
 
 
 def test_lowrank_and_engine_merge_need_the_base_and_say_so(tmp_path) -> None:

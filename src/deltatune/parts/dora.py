@@ -210,15 +210,22 @@ class DoRAPart(LowRankFactors):
                               "(target 'factors' or 'auto'), or merge the delta into its base first")
 
     def with_values(self, values: dict[str, Tensor], product: bool = False, where: str = "dora") -> Part:
-        """Same geometry and magnitude with new (compressed) factors."""
+        """Same geometry with new (compressed) factors, in their dtype, and this part's magnitude kept exactly, in
+        its own dtype (:meth:`keep_magnitude`: it is not compressed, see :meth:`values_view`)."""
         self._refuse_product(product)
         a, b = values["lora_A"], values["lora_B"]
         with torch.no_grad():
             out = DoRAPart(self.in_features, self.out_features, self.rank, self.scale, layer=self.layer,
-                           dropout=self.dropout_p, dtype=a.dtype)
-            out.load_tensors({"lora_A": a, "lora_B": b.to(a.dtype), "magnitude": self.magnitude.detach().to(a.dtype)},
-                             where)
+                           dropout=self.dropout_p, dtype=a.dtype, device=a.device)
+            out.load_tensors({"lora_A": a, "lora_B": b.to(a.dtype), "magnitude": self.magnitude.detach()}, where)
+        out.keep_magnitude(self.magnitude)
         return out
+
+    def keep_magnitude(self, magnitude: Tensor) -> None:
+        """Hold ``m`` exactly as given, in its own dtype, which may differ from the factors' (compressing the
+        factors to bf16 must not round ``m ≈ ‖W‖_c``: a relative error there scales whole output channels)."""
+        self.magnitude = nn.Parameter(magnitude.detach().clone().to(self.lora_A.device),
+                                      requires_grad=self.magnitude.requires_grad)
 
     def sum_same_class(self, parts: Sequence[Part], where: str) -> Part | None:
         """``None``: a sum of DoRA updates is not a DoRA update (each renormalises ``W`` on its own)."""
@@ -259,3 +266,10 @@ class DoRAPart(LowRankFactors):
     def expected_state(cls, meta: Any) -> dict[str, tuple[int, ...]]:
         """The factors' shapes (:meth:`LowRankFactors.expected_state`) and the magnitude's ``(out,)``."""
         return {**super().expected_state(meta), "magnitude": (meta_int(meta, "out_features"),)}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Tensor], meta: dict[str, Any]) -> DoRAPart:
+        """As :meth:`LowRankFactors.from_state`, with ``m`` kept in its stored dtype (:meth:`keep_magnitude`)."""
+        part = super().from_state(state, meta)
+        part.keep_magnitude(state["magnitude"])
+        return part

@@ -94,6 +94,15 @@ def row_scales(vectors: Sequence[Tensor | None], row_ids: Tensor, n: int, ndim: 
     return rows
 
 
+def one_plus(v: Tensor, dtype: torch.dtype) -> Tensor:
+    """``1 + v`` computed in fp32 and stored in ``dtype`` (the part's own dtype, not ``v``'s).
+
+    Compression rounds the deviation ``v = l − 1`` (which the update is linear in), e.g. to bf16; storing
+    ``1 + v`` in that dtype would round ``l`` instead, whose spacing near 1 (2⁻⁷ in bf16) erases every
+    ``|v| < 2⁻⁸``.  So the rounded ``v`` is added to 1 in fp32 and kept in the part's dtype."""
+    return (v.float() + 1.0).to(dtype)
+
+
 def _multiply(t: Tensor, scale: Tensor, axis: int | None) -> Tensor:
     """``t ⊙_axis l`` in fp32, cast back (``axis=None``: ``t`` is a vector like ``l``)."""
     s = scale.float() if axis is None else along(scale.float(), axis)
@@ -200,11 +209,12 @@ class IA3Part(Part):
         return ("ia3_l",)
 
     def with_values(self, values: dict[str, Tensor], product: bool = False, where: str = "ia3") -> Part:
-        """The same geometry with ``l = 1 + v``."""
+        """The same geometry and dtype with ``l = 1 + v`` (:func:`one_plus`: ``v``, not ``l``, carries the
+        compression's rounding)."""
         v = values["ia3_l"]
-        out = self._like(v.dtype if v.is_floating_point() else torch.float32, v.device)
+        out = self._like(self.ia3_l.dtype, v.device)
         with torch.no_grad():
-            out.load_tensors({"ia3_l": (v.float() + 1.0).to(out.ia3_l.dtype)}, where)
+            out.load_tensors({"ia3_l": one_plus(v, out.ia3_l.dtype)}, where)
         return out
 
     def sum_same_class(self, parts: Sequence[Part], where: str) -> Part | None:

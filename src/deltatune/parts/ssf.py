@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from deltatune.errors import ConfigError, DeltaFormatError, NotMergeable, ShapeMismatch
 from deltatune.parts.base import Part, promote_dtypes
+from deltatune.parts.ia3 import one_plus
 from deltatune.parts.layers import LayerKind, in_out_features, layer_kind
 from deltatune.parts.meta_checks import check_keys, check_state, meta_int, short
 
@@ -191,10 +192,11 @@ class SSFPart(Part):
         return ("ssf_scale", "ssf_shift") if self.shift else ("ssf_scale",)
 
     def with_values(self, values: dict[str, Tensor], product: bool = False, where: str = "ssf") -> Part:
-        """The same geometry with ``γ = 1 + v_scale`` and ``β = v_shift``."""
+        """The same geometry and dtype with ``γ = 1 + v_scale`` (:func:`~deltatune.parts.ia3.one_plus`: the
+        compression rounded ``γ − 1``, not ``γ``) and ``β = v_shift``."""
         v = values["ssf_scale"]
-        out = self._like(v.dtype if v.is_floating_point() else torch.float32, self.shift, v.device)
-        state = {"ssf_scale": (v.float() + 1.0).to(out.ssf_scale.dtype)}
+        out = self._like(self.ssf_scale.dtype, self.shift, v.device)
+        state = {"ssf_scale": one_plus(v, out.ssf_scale.dtype)}
         if self.shift:
             state["ssf_shift"] = values["ssf_shift"].to(out.ssf_scale.dtype)
         with torch.no_grad():
