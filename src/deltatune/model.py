@@ -215,10 +215,26 @@ def check_heads(model: nn.Module, delta: Delta, where: str = "delta") -> None:
 
 
 def load_heads(model: nn.Module, delta: Delta, where: str = "delta") -> None:
-    """Load ``delta``'s task heads into the model's head modules (merging; training)."""
+    """Load ``delta``'s task heads into the model's head modules (merging; training), each first given its own
+    copy of any tensor it shares with another module (:func:`untie_head`)."""
     check_heads(model, delta, where)
     for head, tensors in delta.heads.items():
-        get_module(model, head).load_state_dict(tensors, strict=True)
+        module = get_module(model, head)
+        untie_head(model, head, module)
+        module.load_state_dict(tensors, strict=True)
+
+
+def untie_head(model: nn.Module, head: str, module: nn.Module) -> None:
+    """Give ``module`` (the head at ``head``) its own copy of every parameter another module shares (GPT-2's
+    ``lm_head.weight`` *is* ``wte.weight``): loading the head writes into its tensors in place, so a shared one
+    would overwrite the embedding too, where PEFT's ``modules_to_save`` (and attaching, :class:`RoutedHead`)
+    changes the head alone.  The other module keeps the original tensor.  The tie is not restored: a loaded head
+    is not reverted (:func:`revert_delta` undoes parts only), and the model's config still says tied, so
+    ``save_pretrained`` of such a model stores one of the two."""
+    shared = {id(p) for n, m in logical_modules(model) if n != head for p in m.parameters(recurse=False)}
+    for key, param in list(module.named_parameters(recurse=False)):
+        if id(param) in shared:
+            setattr(module, key, nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad))
 
 
 def attach_heads(model: nn.Module, delta: Delta, name: str = DEFAULT, activate: bool = True,

@@ -458,3 +458,97 @@ def test_peft_rslora_adapter_scale_and_resave(llama, tmp_path):
     with safe_open(str(tmp_path / "resaved" / "adapter_model.safetensors"), framework="pt") as fh:
         assert DIGEST_METADATA_KEY not in (fh.metadata() or {})
     _assert_same_delta(delta, load_peft_adapter(tmp_path / "resaved"))
+
+
+# --------------------------------------------------------------------------------------------------
+# tied embeddings: deltatune updates the shared weight, PEFT only what ensure_weight_tying ties
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tied_llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    return model
+
+
+def _peft_adapter(base: torch.nn.Module, targets: list[str], out, tying: bool) -> torch.Tensor:
+    """A PEFT adapter with random factors saved to ``out``; returns PEFT's logits."""
+    torch.manual_seed(3)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=targets, ensure_weight_tying=tying, init_lora_weights=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Model has `tie_word_embeddings=True` …", "save_embedding_layers" …
+        peft_model = get_peft_model(copy.deepcopy(base), cfg).eval()
+        peft_model.save_pretrained(str(out))
+    return _logits(peft_model, _inputs(base))
+
+
+@pytest.mark.parametrize("with_model", [True, False])
+def test_deltatune_tied_embed_tokens_to_peft_sets_weight_tying(tied_llama, tmp_path, with_model):
+    """A LoRA on a tied ``embed_tokens`` changes ``lm_head`` too; PEFT does so only with ``ensure_weight_tying``
+    (without it: 21.9 logit difference)."""
+    inputs = _inputs(tied_llama)
+    model = copy.deepcopy(tied_llama)
+    delta = attach(model, LoRAConfig(r=4, alpha=8, targets=["embed_tokens", "q_proj"]))
+    _randomise(delta, seed=24)
+    ours = _logits(model, inputs)
+    out = export_peft(delta, tmp_path / "adapter", model=tied_llama if with_model else None)
+    assert json.loads((out / "adapter_config.json").read_text())["ensure_weight_tying"] is True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = _logits(PeftModel.from_pretrained(copy.deepcopy(tied_llama), str(out)), inputs)
+    assert _maxdiff(ours, theirs) <= TOL
+
+
+def test_deltatune_tied_gpt2_wte_does_not_export(gpt2, tmp_path):
+    """PEFT cannot tie GPT-2's ``wte`` to ``lm_head`` (its names are not ``embed_tokens``/``lm_head``): it would
+    adapt ``wte`` alone (21.5 logit difference), so the export is refused, naming the module."""
+    delta = attach(copy.deepcopy(gpt2), LoRAConfig(r=4, alpha=8, targets=["wte", "c_attn"]))
+    with pytest.raises(DeltaFormatError, match=r"'transformer\.wte' shares its weight with \['lm_head'\]"):
+        export_peft(delta, tmp_path / "adapter", model=gpt2)
+    assert not (tmp_path / "adapter").exists()
+    assert export_peft(delta, tmp_path / "untied", model=None).is_dir()  # no model: ties unknown, written as is
+
+
+def test_peft_tied_embed_tokens_with_weight_tying_to_deltatune(tied_llama, tmp_path):
+    """PEFT saves the tied ``lm_head``'s factors beside the embedding's (transposed): loaded as a second part, the
+    shared weight got ``ΔW`` twice (445 logit difference); the twin is dropped."""
+    ref = _peft_adapter(tied_llama, ["embed_tokens", "q_proj"], tmp_path / "a", tying=True)
+    fresh = copy.deepcopy(tied_llama)
+    delta = load_peft_adapter(tmp_path / "a", model=fresh)
+    assert "lm_head" not in delta.parts and "model.embed_tokens" in delta.parts
+    apply_delta(fresh, delta)
+    assert _maxdiff(_logits(fresh, _inputs(tied_llama)), ref) <= 1e-6 * float(ref.abs().max())
+
+
+@pytest.mark.parametrize("arch,target,tying", [("llama", "embed_tokens", False), ("gpt2", "wte", True)])
+def test_peft_tied_embedding_without_weight_tying_is_refused(tied_llama, gpt2, tmp_path, arch, target, tying):
+    """PEFT adapts the targeted embedding only (the tied ``lm_head`` keeps the base weight; for GPT-2's ``wte`` even
+    with ``ensure_weight_tying``, which PEFT cannot apply there); deltatune would update the shared weight (445 logit
+    difference): refused, naming the module."""
+    base = tied_llama if arch == "llama" else gpt2
+    _peft_adapter(base, [target], tmp_path / "a", tying=tying)
+    with pytest.raises(DeltaFormatError, match=rf"{target}' shares its weight with \['lm_head'\]"):
+        load_peft_adapter(tmp_path / "a", model=copy.deepcopy(base))
+
+
+def test_peft_tied_head_merges_into_the_head_alone(gpt2, tmp_path):
+    """GPT-2's ``lm_head`` saved as ``modules_to_save``: PEFT changes the head alone; merging loaded it into the
+    weight ``wte`` shares, so the embedding changed too (79.4 logit difference).  The head is untied first."""
+    inputs = _inputs(gpt2)
+    torch.manual_seed(3)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], modules_to_save=["lm_head"], init_lora_weights=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = get_peft_model(copy.deepcopy(gpt2), cfg).eval()
+        head = peft_model.base_model.model.lm_head.modules_to_save["default"]
+        with torch.no_grad():
+            head.weight.add_(torch.randn(head.weight.shape, generator=torch.Generator().manual_seed(5)))
+        ref = _logits(peft_model, inputs)
+        peft_model.save_pretrained(str(tmp_path / "a"))
+    merged = copy.deepcopy(gpt2)
+    apply_delta(merged, load_peft_adapter(tmp_path / "a", model=merged), merge=True)
+    assert torch.equal(merged.transformer.wte.weight, gpt2.transformer.wte.weight)
+    assert torch.equal(merged.lm_head.weight, head.weight)
+    assert _maxdiff(_logits(merged, inputs), ref) <= 1e-6 * float(ref.abs().max())

@@ -395,3 +395,44 @@ def test_export_refuses_a_foreign_directory_unless_overwrite(tmp_path):
     assert not (out / "notes.txt").exists()
     export_peft(_delta(seed=3), out)  # an earlier PEFT export is replaced without overwrite
     assert torch.equal(_load(out).parts["lin"].lora_A, _delta(seed=3).parts["lin"].lora_A)
+
+
+def _task_delta(seed: int) -> Delta:
+    """A LoRA delta on the tiny BERT with a trained classifier head, for task ``task{seed}``."""
+    from conftest import tiny_bert
+
+    from deltatune import LoRAConfig, attach, detach
+    from deltatune.provenance import Provenance
+
+    model = tiny_bert()
+    delta = attach(model, LoRAConfig(r=2, alpha=4, targets=["query", "value"]))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for part in delta.parts.values():
+            part.lora_B.copy_(torch.randn(part.lora_B.shape, generator=g) * 0.1)
+        model.classifier.weight.copy_(torch.randn(model.classifier.weight.shape, generator=g))
+    delta.snapshot_heads(model)
+    delta.provenance = Provenance(operation="train", task={"name": f"task{seed}", "num_labels": 3})
+    detach(model)
+    return delta
+
+
+def test_export_of_a_merge_keeping_several_tasks_heads_is_refused(tmp_path):
+    """PEFT's ``modules_to_save`` holds one head per module: the ``classifier@task`` heads were silently dropped
+    (PEFT loaded the base classifier).  Refused like every single-task path; one task's view exports its head."""
+    from conftest import tiny_bert
+
+    from deltatune.algebra.engine import merge
+    from deltatune.algebra.task_heads import for_task
+    from deltatune.errors import ConfigError
+
+    merged = merge([_task_delta(0), _task_delta(1)], "task_arithmetic", output="lowrank", rank=4)
+    assert sorted(merged.heads) == ["classifier@input0", "classifier@input1"]
+    with pytest.raises(ConfigError, match=r"export to PEFT .*\(input0, input1\).*for_task"):
+        export_peft(merged, tmp_path / "both")
+    assert not (tmp_path / "both").exists()
+    peft = pytest.importorskip("peft")
+    view = for_task(merged, "input1")
+    loaded = peft.PeftModel.from_pretrained(tiny_bert(), str(export_peft(view, tmp_path / "one")))
+    head = loaded.base_model.model.classifier.modules_to_save["default"].weight
+    assert torch.equal(head, view.heads["classifier"]["weight"])

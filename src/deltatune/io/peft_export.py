@@ -18,12 +18,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from torch import Tensor
+from torch import Tensor, nn
 
+from deltatune.algebra.task_heads import require_one_task
 from deltatune.delta import Delta
 from deltatune.errors import DeltaFormatError, NonFiniteError
 from deltatune.io.peft_config import PREFIX, finite_number, lazy_peft_function, pattern_value
 from deltatune.io.peft_files import exported_config_base, head_tensors, write_adapter
+from deltatune.io.peft_ties import needs_weight_tying
 from deltatune.parts.dora import DoRAPart
 from deltatune.parts.layers import LayerKind
 from deltatune.parts.lora import LoRAPart
@@ -51,7 +53,7 @@ def _patterns(values: dict[str, Any], default: Any) -> dict[str, Any]:
 
 
 def export_lora(delta: Delta, path: str | Path, base_model_name_or_path: str | None = None,
-                overwrite: bool = False) -> Path:
+                overwrite: bool = False, model: nn.Module | None = None) -> Path:
     """Write a LoRA or DoRA ``delta`` as a PEFT adapter directory (``PeftModel.from_pretrained`` loads it).
 
     ``r`` is the largest rank and ``lora_alpha`` the most common ``α`` among the modules of that rank
@@ -61,7 +63,9 @@ def export_lora(delta: Delta, path: str | Path, base_model_name_or_path: str | N
     magnitude as ``<module>.lora_magnitude_vector``; PEFT's ``use_dora`` holds for every module, so a delta
     mixing LoRA and DoRA parts is refused.  Heads are written as ``modules_to_save`` tensors.
     ``task_type`` is left ``null`` (the delta does not record the model class), so load it with
-    :class:`peft.PeftModel`.
+    :class:`peft.PeftModel`.  A LoRA part on a tied ``embed_tokens`` embedding sets ``ensure_weight_tying`` (PEFT
+    then adapts the tied ``lm_head`` too, as deltatune does); with ``model`` (the base), a part on any other tied
+    weight is refused (:func:`deltatune.io.peft_ties.needs_weight_tying`).
     The safetensors metadata ``deltatune.digests`` records a SHA-256 digest of every tensor and of the
     config, which :func:`load_peft_adapter` verifies (PEFT ignores it).  Non-finite scales or values are
     refused (:class:`NonFiniteError`).  The directory is written atomically; an existing ``path`` that
@@ -112,6 +116,7 @@ def export_lora(delta: Delta, path: str | Path, base_model_name_or_path: str | N
         "layers_pattern": None,
         "use_dora": dora,
         "lora_bias": False,
+        "ensure_weight_tying": needs_weight_tying(parts, model, f"export to PEFT ({path})"),
     }
     tensors: dict[str, Tensor] = {}
     for name, part in parts.items():
@@ -129,7 +134,7 @@ def export_lora(delta: Delta, path: str | Path, base_model_name_or_path: str | N
 
 
 #: part kind → ``writer(delta, path, base_model_name_or_path=None, overwrite=False) -> Path`` of the PEFT method
-#: whose adapters hold that kind.
+#: whose adapters hold that kind (:func:`export_lora` also takes the base ``model``, for tied weights).
 PEFT_WRITERS: dict[str, Callable[..., Path]] = {
     LoRAPart.kind: export_lora,
     DoRAPart.kind: export_lora,
@@ -139,14 +144,20 @@ PEFT_WRITERS: dict[str, Callable[..., Path]] = {
 
 
 def export_peft(delta: Delta, path: str | Path, base_model_name_or_path: str | None = None,
-                overwrite: bool = False) -> Path:
+                overwrite: bool = False, model: nn.Module | None = None) -> Path:
     """Write ``delta`` as a PEFT adapter directory with the writer :data:`PEFT_WRITERS` has for its part kinds:
     :func:`export_lora` for ``lora``/``dora`` parts (a ``LoraConfig``), ``deltatune.io.peft_ia3.export_ia3`` for
     ``ia3`` parts, ``deltatune.io.peft_prompt.export_prompt`` for a ``prompt`` part.  A kind without a writer, or
-    kinds of two PEFT methods in one delta, is a :class:`DeltaFormatError` before anything is written."""
+    kinds of two PEFT methods in one delta, is a :class:`DeltaFormatError` before anything is written; so is a
+    merge that kept several tasks' heads (:class:`ConfigError`: an adapter's ``modules_to_save`` holds one head per
+    module, and PEFT would silently load none of the ``classifier@task`` tensors).  With ``model`` (the base), a
+    part on a weight tied to another module is refused unless PEFT can tie it as deltatune does
+    (:mod:`deltatune.io.peft_ties`; without it only ``ensure_weight_tying`` is set for ``embed_tokens``)."""
     if not delta.parts:
         raise DeltaFormatError("the delta has no parts; a PEFT adapter needs at least one adapted module")
     require_unstacked(delta, "export to PEFT")  # an adapter holds its own update only, run on the bare base
+    require_one_task(delta, f"export to PEFT ({path})", holder="a PEFT adapter")
+    needs_weight_tying(delta.parts, model, f"export to PEFT ({path})")  # any kind: refused before writing
     bad = sorted(f"{n} ({p.kind})" for n, p in delta.parts.items() if p.kind not in PEFT_WRITERS)
     if bad:
         raise DeltaFormatError(f"parts {bad[:5]} have no PEFT writer: LoRA, DoRA, (IA)³ and prompt-tuning deltas "
@@ -158,4 +169,6 @@ def export_peft(delta: Delta, path: str | Path, base_model_name_or_path: str | N
         kinds = sorted({p.kind for p in delta.parts.values()})
         raise DeltaFormatError(f"the delta mixes part kinds {kinds} of different PEFT methods; one PEFT adapter "
                                "holds one method, so export them as separate deltas")
-    return writers.pop()(delta, path, base_model_name_or_path=base_model_name_or_path, overwrite=overwrite)
+    writer = writers.pop()
+    extra = {"model": model} if writer is export_lora else {}
+    return writer(delta, path, base_model_name_or_path=base_model_name_or_path, overwrite=overwrite, **extra)

@@ -72,6 +72,7 @@ from deltatune.io.peft_files import (
     weights_file,
 )
 from deltatune.io.peft_files import read_values as _read_values  # module-level name: tests swap it out
+from deltatune.io.peft_ties import drop_tied_twins
 from deltatune.parts.base import Part, base_layer_kind
 from deltatune.parts.dora import DoRAPart
 from deltatune.parts.layers import LayerKind, in_out_features
@@ -324,6 +325,10 @@ def load_lora_adapter(path: str | Path, model: nn.Module | None = None, verify: 
     Without it, the kind is inferred (``lora_embedding_*`` → embedding, else ``fan_in_fan_out`` →
     Conv1D, else Linear), and the fingerprint is ``None``: PEFT records no fingerprint of its base, so
     :func:`deltatune.model.apply_delta` then cannot check that the delta meets the right base model.
+    With ``model``, tied weights are matched to PEFT's semantics (:func:`deltatune.io.peft_ties.drop_tied_twins`):
+    with ``ensure_weight_tying`` the ``lm_head`` twin of a tied ``embed_tokens`` LoRA is dropped (deltatune updates
+    the shared weight once); any other part on a tied weight, which PEFT applies to its own module only, is a
+    :class:`DeltaFormatError`.
 
     With ``verify`` (the default), an adapter written by :func:`export_peft` is checked against the
     digests it carries (:class:`IntegrityError` naming the tensor or the config); adapters written by
@@ -357,6 +362,8 @@ def load_lora_adapter(path: str | Path, model: nn.Module | None = None, verify: 
         else:
             _check_base_copy(model, module, tensor, values[key], file, key)
     parts = {s.module: _build_part(s, values, cfg.dropout, file) for s in specs}
+    if model is not None:
+        parts = drop_tied_twins(parts, model, bool(cfg.raw.get("ensure_weight_tying", False)), file)
 
     missing_heads = [m for m in cfg.modules_to_save if not any(h.endswith(m) for h in heads)]
     if missing_heads and model is not None:
