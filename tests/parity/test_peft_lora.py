@@ -511,6 +511,25 @@ def test_deltatune_tied_gpt2_wte_does_not_export(gpt2, tmp_path):
     assert export_peft(delta, tmp_path / "untied", model=None).is_dir()  # no model: ties unknown, written as is
 
 
+def test_cli_export_sees_the_ties_of_the_recorded_base(gpt2, tmp_path):
+    """``deltatune export`` reads the base folder the delta records (its architecture on the meta device): GPT-2's
+    tied ``wte`` is refused there too, a delta touching no embedding exports without loading anything."""
+    from typer.testing import CliRunner
+
+    from deltatune.cli import app
+
+    gpt2.save_pretrained(tmp_path / "base")
+    runner = CliRunner()
+    for targets, ok in ((["wte", "c_attn"], False), (["c_attn"], True)):
+        delta = attach(copy.deepcopy(gpt2), LoRAConfig(r=4, alpha=8, targets=targets))
+        delta.provenance.base = str(tmp_path / "base")
+        folder = delta.save(tmp_path / f"d{len(targets)}")
+        res = runner.invoke(app, ["export", str(folder), "--out", str(tmp_path / f"a{len(targets)}")])
+        assert (res.exit_code == 0) is ok, res.output
+        if not ok:
+            assert "shares its weight with ['lm_head']" in str(res.exception or res.output)
+
+
 def test_peft_tied_embed_tokens_with_weight_tying_to_deltatune(tied_llama, tmp_path):
     """PEFT saves the tied ``lm_head``'s factors beside the embedding's (transposed): loaded as a second part, the
     shared weight got ``ΔW`` twice (445 logit difference); the twin is dropped."""
