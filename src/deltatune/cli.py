@@ -334,17 +334,20 @@ def export(
         raise ConfigError(f"--format {format[:40]!r} is not supported; formats: peft")
     guard_output(out_dir, PEFT_KIND, overwrite)
     d = as_delta(delta, verify=verify)
-    base = base_model_path(d, None)
-    export_peft(d, out_dir, base_model_name_or_path=base_name or base, overwrite=overwrite, model=tie_probe(d, base))
+    export_peft(d, out_dir, base_model_name_or_path=base_name or base_model_path(d, None), overwrite=overwrite,
+                model=tie_probe(d))
     out.print(str(out_dir))
 
 
-def tie_probe(d: Any, base: str) -> Any:
-    """The base's architecture without its weights (meta device), to tell which modules share a weight, where
-    ``d`` has a part on an embedding or an ``lm_head`` and the base folder is here; else ``None`` (ties unknown)."""
+def tie_probe(d: Any) -> Any:
+    """The architecture of the base ``d`` records (meta device: no weights read), to tell which modules share a
+    weight, where ``d`` has a part on an embedding or an ``lm_head`` and that base folder is here and has every
+    module ``d`` targets; else ``None`` (ties unknown)."""
+    from deltatune.model import logical_modules
     from deltatune.parts.layers import LayerKind
 
-    if not Path(base, "config.json").is_file() or not any(
+    base = d.provenance.base
+    if not base or not Path(base, "config.json").is_file() or not any(
             p.layer_kind() is LayerKind.EMBEDDING or n.rsplit(".", 1)[-1] == "lm_head" for n, p in d.parts.items()):
         return None
     import torch
@@ -353,7 +356,8 @@ def tie_probe(d: Any, base: str) -> Any:
     config = AutoConfig.from_pretrained(base)
     causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in getattr(config, "architectures", None) or [])
     with torch.device("meta"):
-        return (AutoModelForCausalLM if causal else AutoModel).from_config(config)
+        model = (AutoModelForCausalLM if causal else AutoModel).from_config(config)
+    return model if set(d.parts) <= {n for n, _ in logical_modules(model)} else None
 
 
 @app.command()
