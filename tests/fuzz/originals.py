@@ -9,6 +9,7 @@ adapters (Linear, Conv1D and embedding LoRA, ``modules_to_save``), training chec
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -68,7 +69,7 @@ method:
 
 def _deltas() -> dict[str, Delta]:
     bert = tiny_bert()
-    lora = randomize_delta(bert, dt.LoRAConfig(r=4, targets=["query", "value"]), seed=1, std=0.02)
+    lora = randomize_delta(bert, dt.LoRAConfig(r=4, targets=["query", "value", "word_embeddings"]), seed=1, std=0.02)
     lora.snapshot_heads(bert)
     sparse = randomize_delta(tiny_llama(), dt.SparseConfig(density=0.02), seed=2, std=0.02)
     full = randomize_delta(tiny_gpt2(), dt.FullConfig(targets=["c_attn", "c_fc"]), seed=3, std=0.02)
@@ -114,7 +115,11 @@ def compacts(root: Path) -> list[Path]:
 
 
 def pefts(root: Path) -> list[Path]:
+    """PEFT adapters of the LoRA deltas (an embedding LoRA: BERT's untied word embeddings). GPT-2's tied ``wte`` is
+    left out: PEFT would adapt it alone, so loading such an adapter with its model is refused by design."""
     made = _deltas()
+    gpt = made["gpt2-lora"]
+    made["gpt2-lora"] = dataclasses.replace(gpt, parts={n: p for n, p in gpt.parts.items() if n != "transformer.wte"})
     return [dt.export_peft(made[k], root / k) for k in ("bert-lora", "gpt2-lora")]
 
 
