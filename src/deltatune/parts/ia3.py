@@ -118,11 +118,11 @@ def _divide(t: Tensor, scale: Tensor, axis: int | None) -> Tensor:
 # --------------------------------------------------------------------------------------------------
 # the part
 # --------------------------------------------------------------------------------------------------
-def needs_base(kind: str) -> NotMergeable:
-    """The error for a base-dependent update asked for without its base module."""
-    return NotMergeable(f"a {kind!r} part's update depends on the base module's weights (ΔW = (l − 1) ⊙ W), and "
-                        "none was given: pass the base module (updates(base)); to add such deltas without a base, "
-                        "compose them (parts of one kind on one module sum exactly)", kind=kind)
+def needs_base(kind: str, formula: str = "ΔW = (l − 1) ⊙ W") -> NotMergeable:
+    """The error for a base-dependent update (``formula``) asked for without its base module."""
+    return NotMergeable(f"a {kind!r} part's update depends on the base module's weights ({formula}), and none was "
+                        "given: pass the base module (updates(base)); to add such deltas without a base, compose them "
+                        "(parts of one kind on one module sum exactly)", kind=kind)
 
 
 class IA3Part(Part):

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from deltatune.errors import ConfigError, DeltaFormatError, NotMergeable, ShapeMismatch
 from deltatune.parts.base import Part, promote_dtypes
-from deltatune.parts.ia3 import one_plus
+from deltatune.parts.ia3 import needs_base, one_plus
 from deltatune.parts.layers import LayerKind, in_out_features, layer_kind
 from deltatune.parts.meta_checks import check_keys, check_state, meta_int, short
 
@@ -105,14 +105,6 @@ def site_of(module: nn.Module) -> tuple[str, int, int | None] | None:
     return ("norm", n, None) if n is not None else None
 
 
-def needs_base(kind: str) -> NotMergeable:
-    """The error for a base-dependent update asked for without its base module."""
-    return NotMergeable(f"a {kind!r} part's update depends on the base module's weights (ΔW = (γ − 1) ⊙ W, "
-                        "Δb = (γ − 1) ⊙ b + β), and none was given: pass the base module (updates(base)); to add "
-                        "such deltas without a base, compose them (parts of one kind on one module sum exactly)",
-                        kind=kind)
-
-
 # --------------------------------------------------------------------------------------------------
 # the part
 # --------------------------------------------------------------------------------------------------
@@ -166,7 +158,7 @@ class SSFPart(Part):
         """``{"weight": (γ − 1) ⊙_out W, "bias": (γ − 1) ⊙ b + β}`` (no ``"bias"`` for a module without one), fp32,
         native layout, from ``base``'s own tensors."""
         if base is None:
-            raise needs_base(self.kind)
+            raise needs_base(self.kind, "ΔW = (γ − 1) ⊙ W, Δb = (γ − 1) ⊙ b + β")
         out = {"weight": ssf_weight_update(base.weight, self.ssf_scale, self.site)}
         if getattr(base, "bias", None) is not None:
             out["bias"] = ssf_bias_update(base.bias, self.ssf_scale, self.ssf_shift)
