@@ -158,3 +158,35 @@ def test_layer_summary_averages_tensors_not_entries():
          "rank_fraction": 1.0},
         {"input": "a", "block": "encoder.block.1", "layer": 1, "tensors": 1, "density": 0.5, "density_tol": 0.25,
          "rank_fraction": 0.5}]
+
+
+def test_a_subspace_inside_another_overlaps_fully_whatever_the_ranks():
+    """Mean cos² over the min(p, q) principal angles: an r=2 subspace inside an r=8 one is 1 (it read 2/8)."""
+    q = torch.linalg.qr(torch.randn(32, 8, generator=torch.Generator().manual_seed(0))).Q
+    a, b = torch.randn(32, 32), torch.randn(32, 32)
+    row = pair_metrics("t", a, b, a, b, q[:, :2], q, PairTotals())
+    assert row["subspace_overlap"] == pytest.approx(1.0)
+    assert pair_metrics("t", a, b, a, b, q[:, :2], q[:, 2:4], PairTotals())["subspace_overlap"] == pytest.approx(0.0,
+                                                                                                               abs=1e-6)
+
+
+def test_stable_rank_from_a_randomised_svd_counts_the_whole_frobenius_norm():
+    from deltatune.inspect.metrics import tensor_metrics
+    from deltatune.inspect.options import InspectOptions
+
+    m = torch.randn(120, 80, generator=torch.Generator().manual_seed(3))
+    exact, _ = tensor_metrics("model.layers.0.mlp.up_proj.weight", "x", m, None, None, InspectOptions())
+    approx, _ = tensor_metrics("model.layers.0.mlp.up_proj.weight", "x", m, None, None,
+                               InspectOptions(svd_full_max=16, svd_rank=8))
+    assert exact["svd_exact"] and not approx["svd_exact"]
+    assert approx["stable_rank"] == pytest.approx(exact["stable_rank"], rel=0.05)  # σ₁ from 8 values, ‖ΔW‖_F whole
+
+
+def test_the_json_report_is_strict_json_with_nulls_for_undefined_numbers():
+    import json
+
+    from deltatune.inspect.report import report_json
+
+    text = report_json({"rel_norm": float("nan"), "rows": [{"x": float("inf")}, 1.5]})
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c}")) == {"rel_norm": None,
+                                                                                   "rows": [{"x": None}, 1.5]}

@@ -9,7 +9,6 @@ command so ``deltatune --help`` stays fast.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -40,7 +39,7 @@ def inspect_command(
 
     from deltatune.config import parse_config
     from deltatune.inspect import InspectOptions, inspect_deltas
-    from deltatune.inspect.report import print_summary
+    from deltatune.inspect.report import print_summary, report_json
 
     opts = parse_config(InspectOptions, {
         "base": base, "out": str(out_dir) if out_dir is not None else None, "labels": label or None,
@@ -49,6 +48,6 @@ def inspect_command(
     report = inspect_deltas(deltas, opts)
     console = Console(highlight=False)
     if as_json:
-        console.print_json(json.dumps(report, default=str))
+        console.print_json(report_json(report))
         return
     print_summary(report, console)

@@ -63,11 +63,13 @@ def numerical_rank(singular_values: Tensor, shape: tuple[int, ...] | list[int]) 
     return int((s > tol).sum())
 
 
-def stable_rank(singular_values: Tensor) -> float:
-    """Stable rank ``‖A‖_F² / ‖A‖₂² = Σ σ_i² / σ_1²`` (Rudelson & Vershynin 2007); 0 for a zero matrix."""
+def stable_rank(singular_values: Tensor, frobenius: float | None = None) -> float:
+    """Stable rank ``‖A‖_F² / ‖A‖₂² = Σ σ_i² / σ_1²`` (Rudelson & Vershynin 2007); 0 for a zero matrix.  From a
+    truncated (randomised) SVD pass ``frobenius`` = ``‖A‖_F``: the top singular values alone undercount it."""
     s = singular_values.double()
     top = float(s.max()) if s.numel() else 0.0
-    return float((s * s).sum()) / (top * top) if top > 0 else 0.0
+    energy = frobenius ** 2 if frobenius is not None else float((s * s).sum())
+    return energy / (top * top) if top > 0 else 0.0
 
 
 def intruder_similarity(base_u: Tensor, tuned_u: Tensor, top_k: int) -> Tensor:

@@ -145,7 +145,7 @@ def tensor_metrics(key: str, label: str, delta: Tensor, base: Tensor | None, bas
         row["svd_exact"] = d_svd.exact
         row["spectrum"] = [float(s) for s in d_svd.S[: opts.spectrum_len]]
         row["erank"] = effective_rank(d_svd.S) if norm > 0 else 0.0
-        row["stable_rank"] = stable_rank(d_svd.S)
+        row["stable_rank"] = stable_rank(d_svd.S, None if d_svd.exact else norm)
         row["rank_fraction"] = numerical_rank(d_svd.S, delta.shape) / min(delta.shape) if d_svd.exact else None
         rank = min(opts.angles_rank, d_svd.U.shape[1], int((d_svd.S[0] * 1e-6 < d_svd.S).sum()) if norm > 0 else 0)
         u_delta = d_svd.U[:, :rank].contiguous()

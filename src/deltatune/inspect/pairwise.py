@@ -4,7 +4,8 @@ For two task vectors ``a``, ``b`` of one tensor:
 
 * ``cosine`` = ``⟨a, b⟩ / (‖a‖‖b‖)`` of the flattened tensors;
 * principal angles between the top-r left singular subspaces of the two ΔW (Björck & Golub 1973):
-  ``subspace_overlap`` = mean ``cos² θ_i`` (1: same subspace, ≈ r/m for random r-dim subspaces of R^m);
+  ``subspace_overlap`` = mean ``cos² θ_i`` over the ``min(p, q)`` angles (1: one subspace inside the other, as
+  the LoRA paper's φ; ≈ max(p, q)/m for random p- and q-dim subspaces of R^m);
 * ``sign_agreement`` = the share of coordinates where both are non-zero that have the same sign (0.5 by chance);
 * ``support_jaccard`` = ``|S_a ∩ S_b| / |S_a ∪ S_b|`` of the non-zero supports, next to its chance level
   ``d_a d_b / (d_a + d_b − d_a d_b)`` for independent supports of densities ``d_a``, ``d_b`` (over a model:
@@ -132,7 +133,7 @@ def pair_metrics(key: str, a: Tensor, b: Tensor, ta: Tensor, tb: Tensor, ua: Ten
     if ua is not None and ub is not None and ua.shape[1] and ub.shape[1]:
         cos = principal_cosines(ua, ub)
         row["principal_cos"] = [float(c) for c in cos]
-        row["subspace_overlap"] = float(cos.square().sum()) / max(ua.shape[1], ub.shape[1])
+        row["subspace_overlap"] = float(cos.square().mean())  # min(p, q) principal angles
         totals.overlaps.append(row["subspace_overlap"])
     totals.dot += dot
     totals.sq_a += sq_a

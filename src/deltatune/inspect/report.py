@@ -105,6 +105,21 @@ def render_html(report: dict[str, Any], images: dict[str, Path]) -> str:
     return "\n".join(parts)
 
 
+def report_json(report: Any, indent: int | None = None) -> str:
+    """``report`` as strict JSON: NaN and ±∞ (a zero update's relative numbers, an undefined ratio) become
+    ``null``, which every JSON parser reads (bare ``NaN`` is Python's extension, refused by strict parsers)."""
+    def clean(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        return value
+
+    return json.dumps(clean(report), indent=indent, default=str, allow_nan=False)
+
+
 def write_report(report: dict[str, Any], out: Path, opts: InspectOptions) -> Path:
     """``report.json`` (+ plots and ``report.html`` when ``opts.plots``) into ``out``, atomically."""
     from deltatune.inspect.plots import draw_all
@@ -112,7 +127,7 @@ def write_report(report: dict[str, Any], out: Path, opts: InspectOptions) -> Pat
 
     try:
         with atomic_dir(out, REPORT_KIND, overwrite=opts.overwrite) as tmp:
-            (tmp / "report.json").write_text(json.dumps(report, indent=1, default=str), encoding="utf-8")
+            (tmp / "report.json").write_text(report_json(report, indent=1), encoding="utf-8")
             if opts.plots:
                 images = draw_all(report, tmp)
                 (tmp / "report.html").write_text(render_html(report, images), encoding="utf-8")
