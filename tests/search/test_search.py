@@ -207,6 +207,25 @@ def test_repeated_configuration_is_not_trained_again(tmp_path, data_dir, one_thr
     assert sum("not trained again" in m for m in said) == 5
 
 
+def test_a_configuration_whose_trial_was_pruned_is_not_trained_again(tmp_path, data_dir, one_thread, monkeypatch):
+    """A repeat of a pruned configuration is pruned too, as a duplicate, without training (it trained each time and
+    counted toward the budget)."""
+    from deltatune.search.study import counted_trials, run_search
+    from deltatune.train import loop
+
+    trainings: list[int] = []
+    train = loop.train
+    monkeypatch.setattr(loop, "train", lambda *a, **k: trainings.append(1) or train(*a, **k))
+    monkeypatch.setattr(optuna.trial.Trial, "should_prune", lambda self: True)
+    sp = space(methods={"lora": {"r": [1]}}, layers=["all"], modules=["default"], trials=2)
+    result = run_search(sp, FAST, tmp_path, tmp_path / "study.db", say=lambda _: None)
+    assert len(trainings) == 1 and counted_trials(result.study) == 1
+    first, *repeats = result.study.trials
+    assert first.state == optuna.trial.TrialState.PRUNED and "duplicate_of" not in first.user_attrs
+    assert repeats and all(t.state == optuna.trial.TrialState.PRUNED and t.user_attrs["duplicate_of"] == first.number
+                           for t in repeats)
+
+
 def test_trials_left_running_by_a_killed_search_are_failed_and_not_counted(tmp_path, data_dir, one_thread):
     from deltatune.search.study import STUDY, counted_trials, run_search
 

@@ -107,9 +107,11 @@ def counted_trials(study: optuna.Study) -> int:
 
 
 def _earlier_run(study: optuna.Study, config: dict[str, Any]) -> optuna.trial.FrozenTrial | None:
-    """The first complete trial that trained exactly ``config`` (its resolved method config), if any."""
-    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-        if t.user_attrs.get("method_config") == config and "duplicate_of" not in t.user_attrs:
+    """The first trial that trained exactly ``config`` (its resolved method config) to the end or until it was
+    pruned, if any (not a repeat itself, nor a configuration refused before training)."""
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    for t in study.get_trials(deepcopy=False, states=states):
+        if t.user_attrs.get("method_config") == config and not {"duplicate_of", "invalid"} & t.user_attrs.keys():
             return t
     return None
 
@@ -184,6 +186,10 @@ def run_search(space: SearchSpace, train: dict[str, Any], out: Path, storage_pat
             for key in ("step_time", *(k for k in earlier.user_attrs if k.startswith("eval@"))):
                 if key in earlier.user_attrs:
                     trial.set_user_attr(key, earlier.user_attrs[key])
+            if earlier.state == optuna.trial.TrialState.PRUNED:  # its curve was cut: so is this one's, untrained
+                say(f"trial {trial.number}: same configuration as trial {earlier.number}, pruned then; not trained "
+                    "again")
+                raise optuna.TrialPruned(f"same configuration as the pruned trial {earlier.number}")
             say(f"trial {trial.number}: same configuration as trial {earlier.number}, not trained again")
             return tuple(earlier.values)
         if space.max_params is not None and cand.params > space.max_params:
