@@ -122,11 +122,19 @@ def test_pair_totals_over_tensors_of_different_coverage():
     b2[0] = 1.0
     for a, b in ((a1, b1), (a2, b2)):
         pair_metrics("t", a, b, trim(a, 0.2), trim(b, 0.2), None, None, totals)
-    totals.add_alone(torch.ones(5), first=True)
+    alone = torch.ones(5)
+    totals.add_alone(alone, trim(alone, 0.2), first=True)  # its top entry counts in the trimmed union and mass too
     s = totals.summary()
     assert s["support_jaccard"] == pytest.approx(11 / 25)
     assert s["support_jaccard_chance"] == pytest.approx((10 + 1) / (10 + 10 + 5))
-    assert s["trimmed_jaccard_chance"] == pytest.approx((10 * 0.04 + 10 * 0.02) / (10 * 0.36 + 10 * 0.28))
+    assert s["trimmed_jaccard_chance"] == pytest.approx((10 * 0.04 + 10 * 0.02) / (10 * 0.36 + 10 * 0.28 + 1))
+    pairs = [(trim(a1, 0.2) != 0, trim(b1, 0.2) != 0), (trim(a2, 0.2) != 0, trim(b2, 0.2) != 0)]
+    inter = sum(int((x & y).sum()) for x, y in pairs)
+    union = sum(int((x | y).sum()) for x, y in pairs) + 1
+    assert s["trimmed_jaccard"] == pytest.approx(inter / union)
+    lost_1, mass_1 = conflict_terms([trim(a1, 0.2), trim(b1, 0.2)])
+    lost_2, mass_2 = conflict_terms([trim(a2, 0.2), trim(b2, 0.2)])
+    assert s["conflict_mass"] == pytest.approx((lost_1 + lost_2) / (mass_1 + mass_2 + 1.0))
     assert s["sign_agreement"] == pytest.approx(1 / 11)
     assert s["cosine"] == pytest.approx((-10 + 1) / math.sqrt(25 * 11))
 

@@ -76,7 +76,8 @@ def analyze(src: Sources, opts: InspectOptions) -> dict[str, Any]:
                     row = pair_metrics(key, a, b, trimmed[i], trimmed[j], u[i], u[j], totals[(i, j)])
                     pair_rows.append({"a": src.labels[i], "b": src.labels[j], **row})
                 elif a is not None or b is not None:
-                    totals[(i, j)].add_alone(a if a is not None else b, first=a is not None)
+                    alone = i if a is not None else j
+                    totals[(i, j)].add_alone(taus[alone], trimmed[alone], first=a is not None)
             if n > 2 and len(present) == n:
                 lost, mass = conflict_terms([t for t in trimmed if t is not None])
                 group.lost += lost

@@ -84,15 +84,21 @@ class PairTotals:
     overlaps: list[float] = field(default_factory=list)
     tensors: int = 0
 
-    def add_alone(self, tau: Tensor, first: bool) -> None:
-        """A tensor only one side of the pair changes: it counts in the norms and supports (the other side is 0)."""
-        sq, nnz = float(tau.square().sum()), int((tau != 0).sum())
+    def add_alone(self, tau: Tensor, trimmed: Tensor, first: bool) -> None:
+        """A tensor only one side of the pair changes (``trimmed``: its top entries, as TIES keeps them): it counts in
+        the norms, the supports and the trimmed supports (the other side is 0), and its trimmed mass in the conflict
+        mass's denominator (nothing there conflicts) — every model-level number over the same tensors, as a TIES
+        merge of the whole model sees them."""
+        sq, nnz, t_nnz = float(tau.square().sum()), int((tau != 0).sum()), int((trimmed != 0).sum())
         if first:
             self.sq_a, self.nnz_a = self.sq_a + sq, self.nnz_a + nnz
         else:
             self.sq_b, self.nnz_b = self.sq_b + sq, self.nnz_b + nnz
         self.union += nnz
         self.exp_union += nnz
+        self.t_union += t_nnz
+        self.t_exp_union += t_nnz
+        self.mass += float(trimmed.abs().sum())
         self.numel += tau.numel()
 
     def summary(self) -> dict[str, Any]:
