@@ -161,6 +161,7 @@ def apply_to_checkpoint(delta: Delta | str | Path, out: str | Path, model: str |
     Tied tensors are written once (``transformers`` re-ties them on load).  An existing ``out`` must be an
     earlier checkpoint output unless ``overwrite`` (:class:`~deltatune.errors.OutputExists`).
     """
+    from deltatune.algebra.checkpoint import config_with_dtype
     from deltatune.algebra.labels import describe_classifier
     from deltatune.algebra.task_heads import require_one_task
     from deltatune.io.outputs import CHECKPOINT_KIND, guard_output
@@ -185,15 +186,19 @@ def apply_to_checkpoint(delta: Delta | str | Path, out: str | Path, model: str |
             seen.add(key)
             yield name, (t.to(dtype) if dtype is not None and t.is_floating_point() else t)
 
-    extra = [("config.json", net.config.to_json_string().encode())]
+    extra = [("config.json", config_with_dtype(net.config.to_json_string().encode(), dtype))]
     extra += _tokenizer_files(base_model_path(d, model))
     return write_sharded(out, tensors(), parse_size(shard_size), extra, overwrite=overwrite)
 
 
 def _tokenizer_files(path: str) -> list[tuple[str, bytes]]:
-    names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "merges.txt",
-             "vocab.json", "tokenizer.model", "generation_config.json")
-    return [(n, (Path(path) / n).read_bytes()) for n in names if (Path(path) / n).is_file()]
+    """The base's ``generation_config.json`` and every tokenizer artifact
+    (:func:`deltatune.algebra.checkpoint.tokenizer_files`)."""
+    from deltatune.algebra.checkpoint import tokenizer_files
+
+    generation = Path(path) / "generation_config.json"
+    found = [(generation.name, generation.read_bytes())] if generation.is_file() else []
+    return found + tokenizer_files(path)
 
 
 def describe(delta: Delta | str | Path, verify: bool = True) -> dict[str, Any]:

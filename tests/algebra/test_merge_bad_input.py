@@ -61,6 +61,29 @@ def test_vocabulary_mismatch_errors_then_aligns_on_request(checkpoints, tmp_path
     assert torch.allclose(extended.get(key)[:3], b[:3] + (f0[:3] - b[:3]) + (g[:3] - b[:3]), atol=1e-6)
 
 
+@pytest.mark.parametrize("vocab", ["truncate", "extend"])
+def test_vocabulary_alignment_skips_zero_dim_tensors(tmp_path, vocab) -> None:
+    """A 0-d tensor (CLIP's ``logit_scale``) has no vocabulary axis: aligning rows leaves it to the plain merge."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    state = {"text.embed_tokens.weight": torch.randn(10, 4, generator=g), "logit_scale": torch.tensor(2.5),
+             "proj.weight": torch.randn(4, 4, generator=g)}
+    paths = []
+    for name, rows, noise in (("base", 10, 0.0), ("ft0", 12, 0.01), ("ft1", 10, 0.02)):
+        folder = tmp_path / name
+        folder.mkdir()
+        tensors = {k: v + noise for k, v in state.items()}
+        extra = torch.randn(rows - 10, 4, generator=g)
+        tensors["text.embed_tokens.weight"] = torch.cat([tensors["text.embed_tokens.weight"], extra])
+        save_file(tensors, folder / "model.safetensors")
+        paths.append(folder)
+    out = CheckpointReader(merge(paths[1:], "task_arithmetic", base=paths[0], output="checkpoint",
+                                 out=tmp_path / "out", vocab=vocab))
+    assert torch.allclose(out.get("logit_scale"), torch.tensor(2.53))
+    assert out.shape("text.embed_tokens.weight") == ((12 if vocab == "extend" else 10), 4)
+
+
 def test_nan_in_an_input_names_input_and_tensor(tmp_path) -> None:
     a = random_delta(LORA, seed=1)
     module = next(iter(a.parts))
@@ -119,6 +142,8 @@ def test_disk_full_mid_write_leaves_no_partial_output(checkpoints, tmp_path, mon
      r"unknown key\(s\) \['merge_options'\]"),
     ("merge_method: ties\nslices: []\n", "slices.*not supported"),
     ("merge_method: ties\nmodels: [{model: 'a+lora'}]\n", "model\\+lora"),
+    ("merge_method: ties\nbase_model: b\nmodels: [{model: a}, {model: c}, {model: ./a}]\n",
+     r"models\[2\] \('./a'\) is the model models\[0\] already lists; mergekit refuses duplicate merge inputs"),
     ("method: ties\ninputs: [{path: a, strength: 2}]\n", None),
 ])
 def test_recipe_keys_are_checked(tmp_path, text, message) -> None:
@@ -142,6 +167,43 @@ def test_unknown_method_parameter_and_list_values_are_refused() -> None:
         merge([a], "ties", params={"density": 0.5, "gamma": 0.1})
     with pytest.raises(ConfigError, match="per-layer gradients"):
         merge([a], "ties", params={"density": [0.1, 0.5]})
+
+
+@pytest.mark.parametrize(("method", "preset", "params", "message"), [
+    ("ties", "mergekit", {"scope": "row"}, r"ties: scope 'row' is not implemented by ties"),
+    ("ties", "paper", {"rescale": "inverse"}, r"ties: rescale 'inverse' is not implemented by ties"),
+    ("breadcrumbs", "mergekit", {"scope": "global"}, r"breadcrumbs: scope 'global' is not implemented"),
+    ("breadcrumbs_ties", "paper", {"scope": "global"}, r"breadcrumbs_ties: scope 'global' is not implemented"),
+    ("pcb", "mergekit", {"scope": "row"}, r"pcb: scope 'row' is not implemented by pcb"),
+    ("ties", "peft", {"normalize": False}, r"ties: normalize false is not implemented with divide 'count'"),
+    ("dare_ties", "mergekit", {"normalize": False, "divide": "count"}, r"dare_ties: normalize false"),
+    ("task_arithmetic", "paper", {"density": 0.5}, r"task_arithmetic: unknown parameter 'density'"),
+])
+def test_options_a_method_does_not_implement_are_refused(method, preset, params, message) -> None:
+    """A value that would be read as another (TIES has no per-row trim, PEFT's count division always divides)
+    is refused, naming the option and the method; ``density`` is a no-op for ``task_arithmetic`` only where
+    mergekit's recipes need it (the mergekit preset)."""
+    a = random_delta(LORA, seed=1)
+    with pytest.raises(ConfigError, match=message):
+        merge([a], method, preset=preset, params={"density": 0.5, **params})
+
+
+def test_mergekit_rescale_booleans_and_no_op_density_are_taken(tmp_path) -> None:
+    """mergekit spells ``rescale`` true/false (L1 norm matching or none) and takes ``density`` for
+    ``task_arithmetic`` without effect; both recipes load and merge."""
+    from deltatune.algebra.options import coerce_param
+
+    assert coerce_param("rescale", True, "x") == "l1" and coerce_param("rescale", False, "x") == "none"
+    path = tmp_path / "r.yaml"
+    path.write_text("merge_method: dare_linear\nbase_model: b\nmodels: [{model: a, parameters: {density: 0.5}}]\n"
+                    "parameters: {rescale: false}\n")
+    assert load_recipe(path).params == {"rescale": "none"}
+    a = random_delta(LORA, seed=1)
+    plain = merge([a], "task_arithmetic", preset="mergekit")
+    ignored = merge([a], "task_arithmetic", preset="mergekit", params={"density": 0.3, "rescale": True})
+    for module, part in plain.parts.items():
+        for name, value in part.state_dict().items():
+            assert torch.equal(value, ignored.parts[module].state_dict()[name]), (module, name)
 
 
 def test_mixed_inputs_and_missing_base_are_refused(checkpoints, tmp_path) -> None:  # noqa: F811

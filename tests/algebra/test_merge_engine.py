@@ -232,6 +232,32 @@ def test_streamed_shards_load_in_transformers_and_safetensors(checkpoints, tmp_p
     assert torch.equal(on_disk[key], expected)
 
 
+TOKENIZER_FILES = {"tokenizer.json": "{}", "tokenizer_config.json": "{}", "special_tokens_map.json": "{}",
+                   "added_tokens.json": "{}", "chat_template.jinja": "{{ messages }}", "chat_template.json": "{}",
+                   "spiece.model": "sp", "sentencepiece.bpe.model": "bpe", "vocab.txt": "a", "merges.txt": "#"}
+
+
+def test_checkpoint_merge_records_its_dtype_and_copies_every_tokenizer_file(checkpoints, tmp_path) -> None:  # noqa: F811
+    """An fp32 base merged into bf16: ``config.json`` says bf16, so transformers (``dtype="auto"``) loads what was
+    written; every tokenizer artifact of the base (chat templates, added tokens, SentencePiece models) is copied."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    base = tmp_path / "base"
+    shutil.copytree(checkpoints["base"], base)
+    for name, text in TOKENIZER_FILES.items():
+        (base / name).write_text(text)
+    out = merge([checkpoints["ft0"], checkpoints["ft1"]], "task_arithmetic", base=base, output="checkpoint",
+                out=tmp_path / "m", out_dtype=torch.bfloat16)
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert AutoModelForCausalLM.from_pretrained(out).lm_head.weight.dtype == torch.bfloat16
+    for name, text in TOKENIZER_FILES.items():
+        assert (out / name).read_text() == text, name
+    plain = merge([checkpoints["ft0"]], "task_arithmetic", base=base, output="checkpoint", out=tmp_path / "p")
+    assert (plain / "config.json").read_bytes() == (base / "config.json").read_bytes()  # no out_dtype: unchanged
+
+
 def test_parts_on_both_tied_modules_attach_like_they_merge() -> None:
     """GPT-2's lm_head shares wte's weight: with a part on each, both modules must see W + Δ_wte + Δ_head."""
     from conftest import tiny_gpt2, tiny_inputs

@@ -22,6 +22,9 @@ from deltatune.errors import DeltaFormatError
 from deltatune.io.outputs import MARKER
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+#: every tokenizer artifact transformers may save next to a model (a chat model's template included)
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "added_tokens.json",
+                   "chat_template.jinja", "chat_template.json", "special_tokens_map.json", "spiece.model")
 
 CASES = [
     ("ties", "mergekit", {"density": 0.3}, None),
@@ -189,7 +192,8 @@ def bases(tmp_path_factory) -> dict[str, Path]:
     tiny_bert(0).bert.save_pretrained(root / "bert")
     tiny_bert(0).save_pretrained(root / "bert_cls")
     tiny_gpt2(0).save_pretrained(root / "gpt2")
-    (root / "gpt2" / "vocab.json").write_text("{}")  # a tokenizer file: copied as the model path copies it
+    for name in TOKENIZER_FILES:  # tokenizer files: copied as the model path copies them
+        (root / "gpt2" / name).write_text("{}")
     return {p.name: p for p in root.iterdir()}
 
 
@@ -278,8 +282,9 @@ def test_delta_merge_streams_what_the_model_path_writes(bases, tmp_path, monkeyp
         assert "score.weight" in written and "lm_head.weight" not in written
         labels = json.loads((expected / "config.json").read_text())["id2label"]
         assert labels == {str(i): f"LABEL_{i}" for i in range(3)}
-    if out_dtype is not None:
+    if out_dtype is not None:  # the config says what was written: transformers loads in the config's dtype
         assert {written.dtype(k) for k in written.names()} == {out_dtype}
+        assert json.loads((expected / "config.json").read_text())["dtype"] == str(out_dtype).removeprefix("torch.")
 
 
 def test_classifier_head_on_a_bare_encoder_streams_with_the_prefixed_names(bases, tmp_path, monkeypatch) -> None:
@@ -321,7 +326,8 @@ def test_tied_embeddings_stream_once_with_the_tokenizer_files(bases, tmp_path, m
     expected = _model_path(deltas, bases["gpt2"], tmp_path / "model", torch.bfloat16)
     streamed = _streamed(deltas, bases["gpt2"], tmp_path / "streamed", monkeypatch, torch.bfloat16)
     _same_output(streamed, expected)
-    assert "lm_head.weight" not in CheckpointReader(streamed) and (streamed / "vocab.json").is_file()
+    assert "lm_head.weight" not in CheckpointReader(streamed)
+    assert all((out / name).is_file() for out in (streamed, expected) for name in TOKENIZER_FILES)
 
 
 def test_streamed_delta_merge_writes_the_merged_parameters(bases, tmp_path, monkeypatch) -> None:

@@ -127,6 +127,11 @@ CASES: dict[str, dict[str, Any]] = {
     "breadcrumbs": {"method": "breadcrumbs", "per_model": {"density": 0.3, "gamma": 0.05}},
     "breadcrumbs_ties": {"method": "breadcrumbs_ties", "per_model": {"density": 0.3, "gamma": 0.05},
                          "params": {"normalize": True}},
+    "ties_rescale": {"method": "ties", "per_model": {"density": 0.2}, "params": {"rescale": True}},
+    "breadcrumbs_rescale": {"method": "breadcrumbs", "per_model": {"density": 0.3, "gamma": 0.05},
+                            "params": {"rescale": True}},
+    "task_arithmetic_density": {"method": "task_arithmetic", "per_model": {"density": 0.5},
+                                "params": {"rescale": False}},
     "model_stock": {"method": "model_stock"},
     "slerp": {"method": "slerp", "n": 1, "params": {"t": 0.3}},
 }

@@ -369,3 +369,56 @@ def test_dare_l1_tiny_norm_guard():
     ref = bernoulli(tau, 0.5, rescale_norm=RescaleNorm.l1)
     assert ref.abs().sum() < tau.abs().sum()  # mergekit left the survivors unscaled
     _close(dare(tau, 0.5, generator=torch.Generator().manual_seed(0), rescale="l1") * 1e9, ref * 1e9)
+
+
+# --------------------------------------------------------------------------------------------------
+# the engine's kernels under the mergekit preset: mergekit's defaults and its `rescale` option
+# --------------------------------------------------------------------------------------------------
+def _kernel(method: str, taus: Sequence[Tensor], per_input: dict, params: dict,
+            weights: Sequence[float] = (0.3, 1.0, 2.5)) -> Tensor:
+    """``method``'s engine kernel on one tensor, parameters resolved as a mergekit recipe's are (its preset)."""
+    from deltatune.algebra.methods import TensorJob, get_merge_method
+    from deltatune.algebra.options import coerce_param, resolve_params
+
+    spec = get_merge_method(method)
+    resolved, inputs = resolve_params(method, spec.params, "mergekit",
+                                      {k: coerce_param(k, v, "test") for k, v in params.items()},
+                                      [{**per_input, "weight": w} for w in weights])
+    job = TensorJob("t", [t.clone() for t in taus], resolved, inputs, base=lambda: None,
+                    generator=lambda i: torch.Generator().manual_seed(i))
+    return spec.kernel(job)
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs", "breadcrumbs_ties", "task_arithmetic"])
+@pytest.mark.parametrize("rescale", [None, True, False])
+@pytest.mark.parametrize("shape", [(16, 24), (3, 5, 8)])
+def test_rescale_and_mergekit_defaults_match_mergekit(method, rescale, shape):
+    """mergekit's ``rescale: true`` L1-rescales each trimmed/banded task vector (TIES, Breadcrumbs) before the
+    vote; its default per method (``false`` for these) is the preset's; ``task_arithmetic`` takes and ignores
+    ``density`` and ``rescale`` (nothing is masked)."""
+    base, fts, taus = _models(shape, seed=21)
+    per_input = {"density": 0.3, **({"gamma": 0.05} if method.startswith("breadcrumbs") else {})}
+    params = {} if rescale is None else {"rescale": rescale}
+    ref = _mk(base, fts, method, weight=[0.3, 1.0, 2.5], **per_input, **params)
+    ours = _kernel(method, taus, per_input, params)
+    _close(base + ours, ref)
+    if rescale and method != "task_arithmetic":  # not vacuous: the rescale changed the numbers
+        assert (_kernel(method, taus, per_input, {"rescale": False}) - ours).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("shape", [(16, 24), (37,), (3, 5, 8), (2, 3, 4, 5)])
+def test_della_exact_on_one_rng_stream(shape):
+    """DELLA ranks magnitudes along axis 1 as mergekit's ``della_magprune`` (``argsort(dim=1)``), so on one
+    RNG stream both keep the same entries with the same L1 rescale, for conv-like tensors of ≥ 3 dims too."""
+    from mergekit.sparsify import della_magprune
+
+    from deltatune.ops.della import della
+
+    if not _same_rng_stream(shape, 0.5, 7):
+        pytest.skip("this torch build draws Bernoulli masks from a different stream than torch.rand")
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(22))
+    torch.manual_seed(7)
+    ref = della_magprune(x, 0.5, 0.1, RescaleNorm.l1)
+    ours = della(x, 0.5, 0.1, torch.Generator().manual_seed(7), rescale="l1")
+    assert torch.equal(ours != 0, ref != 0)
+    _close(ours, ref)

@@ -8,6 +8,8 @@ stays bounded by the tensors in use, never the model.
 
 from __future__ import annotations
 
+import fnmatch
+import json
 from pathlib import Path
 
 import torch
@@ -17,8 +19,38 @@ from deltatune.errors import ConfigError, DeltaFormatError
 from deltatune.io.json_io import parse_json
 
 INDEX = "model.safetensors.index.json"
-COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                "special_tokens_map.json", "vocab.txt", "merges.txt", "vocab.json", "tokenizer.model")
+COPIED_FILES = ("config.json", "generation_config.json")
+#: every tokenizer artifact ``save_pretrained`` may write next to a model (``fnmatch`` patterns): the fast and slow
+#: tokenizers and their configs, added tokens, chat templates (transformers ≥ 4.43 writes ``chat_template.json``,
+#: ≥ 4.50 ``chat_template.jinja``), SentencePiece models (``tokenizer.model``, ``spiece.model``,
+#: ``sentencepiece.bpe.model``), BPE/WordPiece vocabularies and tiktoken files
+TOKENIZER_PATTERNS = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template*", "*.model",
+                      "vocab*", "merges.txt", "*.tiktoken")
+
+
+def tokenizer_files(folder: str | Path) -> list[tuple[str, bytes]]:
+    """``(name, bytes)`` of every file in ``folder`` matching :data:`TOKENIZER_PATTERNS` (sorted; none when
+    ``folder`` is not a local folder, e.g. a Hub id), so a merged checkpoint loads the base's tokenizer whole."""
+    root = Path(folder)
+    if not root.is_dir():
+        return []
+    names = sorted(p.name for p in root.iterdir()
+                   if p.is_file() and any(fnmatch.fnmatchcase(p.name, pat) for pat in TOKENIZER_PATTERNS))
+    return [(name, (root / name).read_bytes()) for name in names]
+
+
+def config_with_dtype(config: bytes, dtype: torch.dtype | None) -> bytes:
+    """``config.json`` with ``dtype`` (and ``torch_dtype``, where present) set to ``dtype``'s name; unchanged when
+    ``dtype`` is ``None``.  transformers' ``from_pretrained`` (``dtype="auto"``) loads in the config's dtype, so a
+    checkpoint written in another dtype than its base's must say so, or an fp32 merge of a bf16 base loads as bf16."""
+    if dtype is None:
+        return config
+    doc = parse_json(config.decode("utf-8"), "config.json")
+    name = str(dtype).removeprefix("torch.")
+    doc["dtype"] = name
+    if "torch_dtype" in doc:
+        doc["torch_dtype"] = name
+    return (json.dumps(doc, indent=2) + "\n").encode()
 
 
 def is_checkpoint(path: str | Path) -> bool:
@@ -155,7 +187,9 @@ class CheckpointReader:
         return self.get(name).float()
 
     def extra_files(self) -> list[tuple[str, bytes]]:
-        """``config.json``, tokenizer and generation files to copy next to a merged checkpoint."""
+        """``config.json``, generation and tokenizer files (:func:`tokenizer_files`) to copy next to a merged
+        checkpoint."""
         if not self.path.is_dir():
             return []
-        return [(n, (self.path / n).read_bytes()) for n in COPIED_FILES if (self.path / n).is_file()]
+        copied = [(n, (self.path / n).read_bytes()) for n in COPIED_FILES if (self.path / n).is_file()]
+        return copied + tokenizer_files(self.path)

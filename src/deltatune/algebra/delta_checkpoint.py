@@ -50,7 +50,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from deltatune.algebra.checkpoint import INDEX, CheckpointReader
+from deltatune.algebra.checkpoint import INDEX, CheckpointReader, config_with_dtype
 from deltatune.algebra.labels import describe_classifier
 from deltatune.algebra.output import write_planned
 from deltatune.algebra.task_heads import require_one_task
@@ -108,10 +108,12 @@ class StreamedCheckpoint:
         return [(n, self.written_dtype(n), self.shapes[n]) for n in names]
 
     def files(self) -> list[tuple[str, bytes]]:
-        """``config.json`` as the loaded model's config writes it, and the tokenizer files the model path copies."""
+        """``config.json`` as the loaded model's config writes it (with ``out_dtype`` as its dtype), and the
+        tokenizer files the model path copies."""
         from deltatune.api import _tokenizer_files
 
-        return [("config.json", self.config), *_tokenizer_files(str(self.reader.path))]
+        return [("config.json", config_with_dtype(self.config, self.out_dtype)),
+                *_tokenizer_files(str(self.reader.path))]
 
     def write(self, out: Path, merged: Iterable[tuple[str, Tensor]], shard_size: str | int,
               record: dict[str, Any], overwrite: bool = False) -> Path:

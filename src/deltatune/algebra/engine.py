@@ -20,7 +20,7 @@ from torch import Tensor
 
 from deltatune.algebra.checkpoint import CheckpointReader, is_checkpoint
 from deltatune.algebra.delta_checkpoint import streamable_base
-from deltatune.algebra.inputs import CheckpointInput, DeltaInput, VocabRule
+from deltatune.algebra.inputs import CheckpointInput, DeltaInput, VocabRule, has_vocab_axis
 from deltatune.algebra.methods import MergeMethod, TensorJob, get_merge_method
 from deltatune.algebra.options import check_input_count, resolve_params
 from deltatune.algebra.output import align_rows, collect_delta, merged_heads, save_output, write_checkpoint
@@ -129,6 +129,8 @@ def _vocab_rows(sources: list[Any], base: CheckpointReader | None, vocab: VocabR
         return {}
     rows: dict[str, int] = {}
     for key in sources[0].names():
+        if not has_vocab_axis(key, base.shape(key)):  # other tensors' shapes are checked equal to the base's
+            continue
         sizes = {s.rows(key) for s in sources} | {base.shape(key)[0]}
         if len(sizes) > 1:
             rows[key] = base.shape(key)[0] if vocab == "truncate" else max(sizes)

@@ -116,6 +116,12 @@ def _is_vocab_axis(key: str) -> bool:
     return any(s in key for s in ("embed", "lm_head", "wte", "word_embeddings", "output.weight"))
 
 
+def has_vocab_axis(key: str, shape: tuple[int, ...]) -> bool:
+    """Whether tensor ``key`` of ``shape`` has rows indexed by the vocabulary (embeddings, LM heads), the only
+    rows ``vocab: truncate | extend`` aligns; a 0-d tensor (CLIP's ``logit_scale``) has no axis at all."""
+    return len(shape) >= 1 and _is_vocab_axis(key)
+
+
 class CheckpointInput:
     """A fine-tuned checkpoint and its base, both read lazily: ``τ = θ_ft − θ₀`` per floating tensor."""
 

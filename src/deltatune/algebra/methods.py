@@ -31,7 +31,7 @@ from deltatune.ops import breadcrumbs as bc
 from deltatune.ops import della as dl
 from deltatune.ops import geometry, pcb
 from deltatune.ops.merge import consensus_merge
-from deltatune.ops.sparsify import dare_, magnitude_trim_
+from deltatune.ops.sparsify import dare_, l1_norm, l1_rescale_, magnitude_trim_
 from deltatune.ops.topk import chunks, trim_below_
 
 
@@ -96,15 +96,25 @@ def _consensus(job: TensorJob, taus: Sequence[Tensor]) -> Tensor:
     return out.view_as(taus[0])
 
 
+def _keeping_l1(job: TensorJob, tau: Tensor, sparsify: Callable[[Tensor], Tensor]) -> Tensor:
+    """``sparsify(τ)``, then with ``rescale: l1`` scaled by ``‖τ‖₁/‖sparsify(τ)‖₁`` (mergekit's ``rescale: true``
+    after its magnitude and outlier masks, :func:`~deltatune.ops.sparsify.l1_rescale_`); ``none`` leaves it."""
+    if job.params.get("rescale", "none") != "l1":
+        return sparsify(tau)
+    before = l1_norm(tau)  # before: sparsify may work in place
+    return l1_rescale_(sparsify(tau), before)
+
+
 def _trim(job: TensorJob, i: int, tau: Tensor) -> Tensor:
-    """Trim ``τ_i`` in place (the job owns it): global threshold, or per-tensor top-k."""
+    """Trim ``τ_i`` in place (the job owns it): global threshold, or per-tensor top-k; L1-rescaled on request.
+
+    A density of 1 keeps ``τ_i`` as it is, unscaled (mergekit returns the tensor before masking)."""
     density = job.inputs[i]["density"]
     if density >= 1.0:
         return tau
-    if job.params["scope"] == "global":
-        trim_below_(tau.view(-1), job.stats["thresholds"][i])  # keep |τ| ≥ the task's model-wide t_k
-        return tau
-    return magnitude_trim_(tau, density, exact=job.params["k_rule"] == "count")
+    if job.params["scope"] == "global":  # keep |τ| ≥ the task's model-wide t_k
+        return _keeping_l1(job, tau, lambda t: trim_below_(t.view(-1), job.stats["thresholds"][i]).view_as(t))
+    return _keeping_l1(job, tau, lambda t: magnitude_trim_(t, density, exact=job.params["k_rule"] == "count"))
 
 
 def _stack(parts: list[Tensor]) -> Tensor:
@@ -148,9 +158,12 @@ def dare_ties(job: TensorJob) -> Tensor:
 
 
 def _crumbs(job: TensorJob) -> list[Tensor]:
-    return ([bc.breadcrumbs(t, job.inputs[i]["density"], job.inputs[i].get("gamma", 0.01),
-                                  scope="row" if job.params["scope"] == "row" else "tensor")
-                   for i, t in enumerate(job.taus)])
+    """Each input's Breadcrumbs mask (scope ``row`` or ``tensor``, the method's limits), L1-rescaled on request."""
+    def crumbs(i: int) -> Callable[[Tensor], Tensor]:
+        p = job.inputs[i]
+        return lambda t: bc.breadcrumbs(t, p["density"], p.get("gamma", 0.01), scope=job.params["scope"])
+
+    return [_keeping_l1(job, t, crumbs(i)) for i, t in enumerate(job.taus)]
 
 
 def breadcrumbs(job: TensorJob) -> Tensor:
@@ -212,24 +225,36 @@ def slerp(job: TensorJob) -> Tensor:
 
 _LAMBDA = {"weight", "lambda", "normalize"}
 _SPARSE = _LAMBDA | {"density"}
+#: TIES trims per tensor or model-wide (no per-row trim); Breadcrumbs masks per row or per tensor (no model-wide
+#: band); both rescale by the L1 norm (mergekit's ``rescale: true``) or not at all, and default to not at all
+#: under every preset, as the papers, mergekit (``rescale: false``) and PEFT do
+_TIES_LIMITS = {"scope": ("global", "tensor"), "rescale": ("l1", "none")}
+_CRUMBS_LIMITS = {"scope": ("row", "tensor"), "rescale": ("l1", "none")}
+_NO_RESCALE = {"rescale": "none"}
 METHODS: dict[str, MergeMethod] = {m.name: m for m in (
     MergeMethod("linear", linear, MethodParams(frozenset({"weight", "normalize"}), {"normalize": True})),
-    MergeMethod("task_arithmetic", task_arithmetic, MethodParams(frozenset(_LAMBDA), {"normalize": False})),
-    MergeMethod("ties", ties, MethodParams(frozenset(_SPARSE), {"normalize": True}, sparsifies=True),
+    MergeMethod("task_arithmetic", task_arithmetic, MethodParams(frozenset(_LAMBDA), {"normalize": False},
+                                                                 mergekit_noops=frozenset({"density"}))),
+    MergeMethod("ties", ties, MethodParams(frozenset(_SPARSE), {"normalize": True, **_NO_RESCALE}, sparsifies=True,
+                                           limits=_TIES_LIMITS, votes=True),
                 stats=("thresholds", "majority_sign")),
     MergeMethod("dare_linear", dare_linear, MethodParams(frozenset(_SPARSE), {"normalize": False}, True)),
-    MergeMethod("dare_ties", dare_ties, MethodParams(frozenset(_SPARSE), {"normalize": False}, True),
+    MergeMethod("dare_ties", dare_ties, MethodParams(frozenset(_SPARSE), {"normalize": False}, True, votes=True),
                 stats=("majority_sign",)),
-    MergeMethod("breadcrumbs", breadcrumbs, MethodParams(frozenset(_SPARSE | {"gamma"}), {"normalize": False}, True)),
+    MergeMethod("breadcrumbs", breadcrumbs, MethodParams(frozenset(_SPARSE | {"gamma"}),
+                                                         {"normalize": False, **_NO_RESCALE}, True,
+                                                         limits=_CRUMBS_LIMITS)),
     MergeMethod("breadcrumbs_ties", breadcrumbs_ties,
-                MethodParams(frozenset(_SPARSE | {"gamma"}), {"normalize": False}, True), stats=("majority_sign",)),
-    MergeMethod("della", della, MethodParams(frozenset(_SPARSE | {"epsilon"}), {"normalize": True}, True),
-                stats=("majority_sign",)),
+                MethodParams(frozenset(_SPARSE | {"gamma"}), {"normalize": False, **_NO_RESCALE}, True,
+                             limits=_CRUMBS_LIMITS, votes=True), stats=("majority_sign",)),
+    MergeMethod("della", della, MethodParams(frozenset(_SPARSE | {"epsilon"}), {"normalize": True}, True,
+                                             votes=True), stats=("majority_sign",)),
     MergeMethod("della_linear", della_linear,
                 MethodParams(frozenset(_SPARSE | {"epsilon"}), {"normalize": False}, True)),
     MergeMethod("pcb", pcb_merge, MethodParams(
         frozenset({"weight", "density", "lambda", "temperature", "inter", "clip_low", "clip_high"}),
-        {"temperature": None, "inter": "raw", "clip_low": 1e-4, "clip_high": 1 - 1e-4}, True), stats=("pcb",)),
+        {"temperature": None, "inter": "raw", "clip_low": 1e-4, "clip_high": 1 - 1e-4}, True,
+        limits={"scope": ("global", "tensor")}), stats=("pcb",)),
     MergeMethod("model_stock", model_stock, MethodParams(frozenset({"filter_wise"}), {"filter_wise": False}),
                 needs_base=True, min_inputs=2),
     MergeMethod("slerp", slerp, MethodParams(frozenset({"t"}), {}), needs_base=True, max_inputs=2),

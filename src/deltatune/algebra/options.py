@@ -11,7 +11,7 @@ option                    ``paper`` (authors' code)        ``mergekit`` (0.1.5) 
 ``sign_tie`` (sum = 0)    ``majority`` (global)            ``plus``                   ``plus``
 ``weighted_vote``         false                            true                       false
 ``divide`` (disjoint)     ``weights``                      ``weights``                ``count``
-``rescale`` (DARE)        ``inverse`` (1/ρ)                ``l1`` (norm matching)     ``inverse``
+``rescale`` (DARE, DELLA)  ``inverse`` (1/ρ)                ``l1`` (norm matching)     ``inverse``
 Breadcrumbs ``scope``     ``row``                          ``tensor``                 ``tensor``
 density default           required                         1.0 (no sparsification)    required
 ========================  ===============================  =========================  ===================
@@ -20,6 +20,12 @@ density default           required                         1.0 (no sparsificatio
 disjoint mean after DARE, MergeLM#38), ``mergekit`` sums them (its ``normalize: false``).  ``k_rule`` ``threshold``
 keeps ``|τ| ≥`` the ``(n − ⌊ρ·n⌋)``-th smallest magnitude, ``⌊ρ·n⌋ + 1`` entries as the TIES authors' ``kthvalue``
 mask does.
+
+``rescale`` also takes mergekit's booleans (``true`` = ``l1``, ``false`` = ``none``).  TIES and Breadcrumbs take
+only ``l1`` (the L1 norm matched after their masks, mergekit's ``rescale: true``) or ``none``, and default to ``none``
+under every preset (the papers, PEFT and mergekit's own default for them).  A method refuses an option value it does
+not implement (:attr:`MethodParams.limits`: TIES has no ``row`` scope, Breadcrumbs no ``global`` one, PCB no ``row``
+one), and ``divide: count`` with an explicit ``normalize: false`` (the count division always divides).
 
 Breadcrumbs' ``gamma`` (0.01) and DELLA's ``epsilon`` (0.15) default to mergekit's values under every preset; the
 papers' own runs use other values (Breadcrumbs' README: γ = 0.1 in its own convention; DELLA's README: ε = 0.14),
@@ -32,7 +38,7 @@ Every number must be finite (a NaN weight or λ would write an all-NaN merge) an
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from deltatune.config import brief, finite_float
@@ -74,11 +80,21 @@ def check_input_count(count: int, where: str, limit: int = MAX_INPUTS) -> None:
 
 @dataclass(frozen=True)
 class MethodParams:
-    """Which keys a method reads (``keys``), its defaults and whether density must be given."""
+    """Which keys a method reads (``keys``), its defaults and whether density must be given.
+
+    ``limits`` narrows a preset option (:data:`CHOICES`) to the values the method implements (TIES has no
+    per-row trim, Breadcrumbs no global one): any other value is refused rather than silently read as another.
+    ``votes``: the method runs TIES' sign election and disjoint merge (reads ``divide``).  ``mergekit_noops``:
+    keys mergekit accepts for this method without effect (``density`` for ``task_arithmetic``), taken and
+    ignored under the ``mergekit`` preset only, so its recipes run unchanged.
+    """
 
     keys: frozenset[str]
     defaults: Mapping[str, Any]
     sparsifies: bool = False
+    limits: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    votes: bool = False
+    mergekit_noops: frozenset[str] = frozenset()
 
 
 def _looks_numeric(text: str) -> bool:
@@ -109,9 +125,30 @@ def coerce_param(key: str, value: Any, where: str) -> Any:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: {key!r} must be true or false, got {brief(value)}")
         return value
+    if key == "rescale" and isinstance(value, bool):  # mergekit's spelling: true is its L1 norm matching
+        return "l1" if value else "none"
     if key in CHOICES and value not in CHOICES[key]:
         raise ConfigError(f"{where}: {key!r} must be one of {list(CHOICES[key])}, got {brief(value)}")
     return value
+
+
+def _check_limits(method: str, spec: MethodParams, merged: Mapping[str, Any]) -> None:
+    """:class:`ConfigError` naming the option and ``method`` when a resolved option takes a value the method does
+    not implement (``spec.limits``)."""
+    for key, values in spec.limits.items():
+        if merged.get(key) not in values:
+            raise ConfigError(f"{method}: {key} {brief(merged.get(key))} is not implemented by {method}; "
+                              f"{key} must be one of {list(values)}")
+
+
+def _check_count_division(method: str, spec: MethodParams, merged: Mapping[str, Any],
+                          given: Mapping[str, Any]) -> None:
+    """``divide: count`` (PEFT's disjoint merge) always divides the agreeing sum by the number of agreeing
+    inputs, ``Σ_{t∈A} w_t τ_t / |A|``: an explicit ``normalize: false`` (the undivided sum) cannot be honoured
+    there and is refused, naming both options."""
+    if spec.votes and merged.get("divide") == "count" and given.get("normalize") is False:
+        raise ConfigError(f"{method}: normalize false is not implemented with divide 'count' (the PEFT preset's "
+                          "disjoint mean over the agreeing inputs); use divide: weights for the undivided sum")
 
 
 def resolve_params(method: str, spec: MethodParams, preset: str, global_params: Mapping[str, Any],
@@ -119,6 +156,8 @@ def resolve_params(method: str, spec: MethodParams, preset: str, global_params: 
     """``(global, per-input)`` parameter dicts: explicit values, then the method's and preset's defaults."""
     if preset not in PRESETS:
         raise ConfigError(f"preset must be one of {list(PRESETS)}, got {brief(preset)}")
+    if preset == "mergekit":
+        spec = replace(spec, keys=spec.keys | spec.mergekit_noops)
     allowed = spec.keys | set(SEMANTICS[preset]) | {"int8_mask"}
     for key in global_params:
         if key not in allowed:
@@ -127,6 +166,8 @@ def resolve_params(method: str, spec: MethodParams, preset: str, global_params: 
     if method.startswith("breadcrumbs") and "scope" not in global_params:
         merged["scope"] = "row" if preset == "paper" else "tensor"
     merged.update({k: coerce_param(k, v, method) for k, v in global_params.items()})
+    _check_limits(method, spec, merged)
+    _check_count_division(method, spec, merged, global_params)
     per_input = []
     for i, params in enumerate(input_params):
         for key in params:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from deltatune.algebra.checkpoint import CheckpointReader
+from deltatune.algebra.checkpoint import CheckpointReader, config_with_dtype
 from deltatune.algebra.task_heads import CONFIG_KEY, TaskHeads, keep_heads
 from deltatune.algebra.workspace import Workspace
 from deltatune.delta import Delta
@@ -63,7 +63,8 @@ def write_checkpoint(out: Path, merged: Iterable[tuple[str, Tensor]], target: Ch
     """
     plan = _checkpoint_plan(target, shapes, rows, out_dtype)
     tensors = _checkpoint_tensors(merged, target, shapes, rows, out_dtype, workspace)
-    return write_planned(out, plan, tensors, shard_size, lambda: _target_files(target, rows), record, overwrite)
+    return write_planned(out, plan, tensors, shard_size, lambda: _target_files(target, rows, out_dtype), record,
+                         overwrite)
 
 
 def write_planned(out: Path, plan: list[tuple[str, torch.dtype, tuple[int, ...]]],
@@ -117,17 +118,26 @@ def _checkpoint_tensors(merged: Iterable[tuple[str, Tensor]], target: Checkpoint
             yield key, target.get(key)
 
 
-def _target_files(target: CheckpointReader, rows: dict[str, int]) -> list[tuple[str, bytes]]:
-    """``target``'s config and tokenizer files; with grown/cut rows, ``vocab_size`` set to the new row count."""
+def _target_files(target: CheckpointReader, rows: dict[str, int], out_dtype: torch.dtype | None
+                  ) -> list[tuple[str, bytes]]:
+    """``target``'s config and tokenizer files; with grown/cut rows, ``vocab_size`` set to the new row count, and
+    with ``out_dtype`` the config's dtype set to it (:func:`~deltatune.algebra.checkpoint.config_with_dtype`)."""
     files = []
     for name, data in target.extra_files():
-        if name == "config.json" and rows:
-            config = json.loads(data)
-            if "vocab_size" in config:
-                config["vocab_size"] = max(rows.values())
-            data = json.dumps(config, indent=2).encode()
+        if name == "config.json":
+            data = config_with_dtype(_with_vocab_size(data, rows), out_dtype)
         files.append((name, data))
     return files
+
+
+def _with_vocab_size(config: bytes, rows: dict[str, int]) -> bytes:
+    """``config.json`` with ``vocab_size`` set to the grown/cut row count (unchanged without ``rows``)."""
+    if not rows:
+        return config
+    doc = json.loads(config)
+    if "vocab_size" in doc:
+        doc["vocab_size"] = max(rows.values())
+    return json.dumps(doc, indent=2).encode()
 
 
 def merged_heads(sources: Sequence[Any], per_input: list[dict[str, Any]], mode: str) -> TaskHeads:

@@ -183,6 +183,16 @@ def _build(fields: dict[str, Any], where: str) -> MergeRecipe:
     return recipe
 
 
+def _refuse_duplicate(seen: dict[str, int], path: str, i: int, where: str) -> None:
+    """:class:`ConfigError` when ``models[i]`` names a model an earlier entry named (``seen``: resolved path →
+    index), as mergekit refuses "Duplicate merge inputs": one model twice would vote twice in a sign election."""
+    key = _shown(Path(path))
+    if key in seen:
+        raise ConfigError(f"{where}: models[{i}] ({brief(path)}) is the model models[{seen[key]}] already lists; "
+                          "mergekit refuses duplicate merge inputs: list each model once")
+    seen[key] = i
+
+
 def _mergekit(doc: dict[Any, Any], root: Path, where: str, max_inputs: int) -> MergeRecipe:
     for key, what in MERGEKIT_REFUSED.items():
         if key in doc:
@@ -201,11 +211,12 @@ def _mergekit(doc: dict[Any, Any], root: Path, where: str, max_inputs: int) -> M
     method = doc.get("merge_method")
     if not isinstance(method, str):
         raise ConfigError(f"{where}: 'merge_method' is required (a string), got {brief(method)}")
-    inputs, params = [], []
+    inputs, params, seen = [], [], {}
     for i, entry in enumerate(models):
         if not isinstance(entry, dict) or "model" not in entry or set(entry) - {"model", "parameters"}:
             raise ConfigError(f"{where}: models[{i}] must have 'model' and optional 'parameters', got {brief(entry)}")
         path = _path(entry["model"], f"{where}: models[{i}].model", root)
+        _refuse_duplicate(seen, path, i, where)
         own = _mapping(entry.get("parameters"), f"{where}: models[{i}].parameters")
         if base is not None and method != "linear" and _same_path(path, base):
             continue  # the base may appear among the models: no task vector (linear averages it in, as mergekit)

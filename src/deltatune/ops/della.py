@@ -1,8 +1,10 @@
 """DELLA MagPrune: magnitude-ranked random drop of one task vector ``δ``.
 
 Deep, Bhardwaj & Poria, "DELLA-Merging: Reducing Interference in Model Merging through
-Magnitude-Based Sampling", arXiv 2406.11617 (repo declare-lab/della).  Per row along the last dimension
-(a 1-D tensor is one row, a 0-d tensor a row of one):
+Magnitude-Based Sampling", arXiv 2406.11617 (repo declare-lab/della).  Ranked along axis 1 as mergekit 0.1.5's
+``della_magprune`` ranks (``argsort(dim=1)``): the rows of a matrix, and for a tensor of 3 or more dims each
+line along its second axis (a conv kernel's input channels, not its last spatial axis); a 1-D tensor is one
+row, a 0-d tensor a row of one:
 
 * rank ``|δ|`` ascending, ``r_i ∈ {0, …, n−1}``, ``r̃_i = r_i/(n − 1)`` (``r̃ = ½`` for a row of one, where
   the reference divides 0 by 0);
@@ -26,7 +28,10 @@ import torch
 from torch import Tensor
 
 from deltatune.errors import ConfigError
-from deltatune.ops.sparsify import require_finite
+from deltatune.ops.sparsify import l1_norm, l1_rescale_, require_finite
+
+#: the axis magnitudes are ranked along in a tensor of ≥ 2 dims (mergekit's ``argsort(magnitudes, dim=1)``)
+RANK_AXIS = 1
 
 
 def _check(density: float, epsilon: float) -> None:
@@ -40,20 +45,22 @@ def _check(density: float, epsilon: float) -> None:
 
 
 def della_keep_probabilities(tau: Tensor, density: float, epsilon: float) -> Tensor:
-    """``p_i = (ρ − ε) + 2ε·r̃_i`` with ``r̃_i`` the normalised ascending rank of ``|τ_i|`` in its row (fp32)."""
+    """``p_i = (ρ − ε) + 2ε·r̃_i`` with ``r̃_i`` the normalised ascending rank of ``|τ_i|`` along
+    :data:`RANK_AXIS` (fp32)."""
     _check(density, epsilon)
     require_finite(tau, "DELLA task vector")
     if tau.numel() == 0:
         return torch.empty(tau.shape, dtype=torch.float32)
-    width = tau.shape[-1] if tau.dim() >= 1 else 1
-    rows = tau.detach().abs().float().reshape(-1, width)
+    mags = tau.detach().abs().float()
+    axis = RANK_AXIS if tau.dim() >= 2 else -1
+    lines = mags.reshape(1) if tau.dim() == 0 else mags.movedim(axis, -1)
+    width = lines.shape[-1]
     if width == 1:
-        rank_norm = torch.full_like(rows, 0.5)
+        rank_norm = torch.full_like(lines, 0.5)
     else:
-        ranks = rows.argsort(dim=-1).argsort(dim=-1).float()
-        rank_norm = ranks / (width - 1)
+        rank_norm = lines.argsort(dim=-1).argsort(dim=-1).float() / (width - 1)
     probs = (density - epsilon) + 2 * epsilon * rank_norm
-    return probs.reshape(tau.shape)
+    return probs.reshape(tau.shape) if tau.dim() == 0 else probs.movedim(-1, axis).contiguous()
 
 
 def della(tau: Tensor, density: float, epsilon: float, generator: torch.Generator | None = None,
@@ -73,7 +80,4 @@ def della(tau: Tensor, density: float, epsilon: float, generator: torch.Generato
         return kept / probs
     if rescale == "none":
         return kept
-    kept_l1 = kept.abs().sum()
-    if kept_l1 == 0:
-        return kept
-    return kept * (x.abs().sum() / kept_l1)
+    return l1_rescale_(kept, l1_norm(x))

@@ -91,9 +91,26 @@ def dare_(tau: Tensor, density: float, generator: torch.Generator | None = None,
             chunk.div_(density)
         elif rescale == "l1":
             after += float(chunk.abs().sum())
-    if rescale == "l1" and after >= L1_EPS and before >= L1_EPS:  # mergekit leaves near-zero updates unscaled
-        flat.mul_(before / after)
-    return tau
+    return l1_rescale_(tau, before, after) if rescale == "l1" else tau
+
+
+def l1_norm(tensor: Tensor) -> float:
+    """``‖τ‖₁``, summed chunk by chunk (:func:`~deltatune.ops.topk.chunks`) into a Python float."""
+    return sum(float(chunk.abs().sum()) for chunk in chunks(tensor.reshape(-1)))
+
+
+def l1_rescale_(masked: Tensor, before: float, after: float | None = None) -> Tensor:
+    """``m⊙τ ← (m⊙τ)·‖τ‖₁/‖m⊙τ‖₁`` in place, given ``before = ‖τ‖₁`` (``after`` computed when not given).
+
+    mergekit's ``rescale: true`` (``rescaled_masked_tensor`` with ``RescaleNorm.l1``) after any of its masks
+    (TIES' top-k, Breadcrumbs' band, DARE, DELLA): the sparsified task vector keeps the dense one's L1 norm,
+    so the merged update does not shrink with the density.  Like mergekit, a tensor whose norm before or
+    after the mask is below :data:`L1_EPS` is left unscaled (no blow-up of a near-zero update).
+    """
+    after = l1_norm(masked) if after is None else after
+    if after >= L1_EPS and before >= L1_EPS:
+        masked.mul_(before / after)
+    return masked
 
 
 def require_finite(tensor: Tensor, what: str) -> None:
