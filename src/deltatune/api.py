@@ -98,12 +98,22 @@ def evaluate_delta(delta: Delta | str | Path, model: str | None = None, task: st
 
 def _eval_task(d: Delta, model: str | None, task: str | None, data: str | None, limit: int | None):
     """The :class:`~deltatune.train.tasks.Task` to evaluate ``d`` on, as recorded at training time."""
-    from deltatune.train.tasks import build_task
+    from deltatune.train.tasks import _say, build_task
     from deltatune.train.user_data import USER_TASKS
 
     rec = recorded_train_config(d)
-    name = task or rec.get("task", "sst2")
+    name = task or rec.get("task")
+    if name is None:  # a PEFT import, a delta attached in Python: the embedded default, said
+        name = "sst2"
+        _say("the delta records no task; evaluating on sst2 (pass --task to choose another)")
     common = dict(model=base_model_path(d, model), task=name, eval_limit=limit, max_length=rec.get("max_length", 128))
+    if name == "jsonl":  # --data is the file to evaluate (its held-out rows come only from an eval file)
+        cfg = TrainConfig(data=rec.get("data") or data, eval_data=data or rec.get("eval_data"), train_limit=1,
+                          **common)
+        built = build_task(cfg)
+        if built.eval is None:
+            raise ConfigError("the jsonl delta records no eval file: pass --data FILE.jsonl to evaluate on")
+        return built
     if name not in USER_TASKS:
         cfg = TrainConfig(data=data or rec.get("data"), eval_data=rec.get("eval_data"), train_limit=1, **common)
         return build_task(cfg)

@@ -10,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 import deltatune as dt
-from deltatune.errors import DataError
+from deltatune.errors import ConfigError, DataError
 from deltatune.methods.registry import TrainHook
 from deltatune.train import loop
 from deltatune.train.config import TrainConfig
@@ -255,6 +255,20 @@ def test_jsonl_masks_prompt_and_trains(tmp_path, tiny_lm_dir):
                       eval_limit=16, progress=False, lr=1e-2)
     result = loop.train(cfg, dt.LoRAConfig(r=4))
     assert result.final["loss"] < result.before["loss"]
+    from deltatune.api import evaluate_delta  # eval --data evaluates that file, not the recorded eval file
+
+    other = tmp_path / "other.jsonl"
+    other.write_text("\n".join(json.dumps({"prompt": f"say {w}", "response": f" {w} {w}"}) for w in ("red", "blue")))
+    recorded = evaluate_delta(result.delta_dir, limit=16)["delta"]["loss"]
+    assert recorded == pytest.approx(result.final["loss"], rel=1e-5)
+    on_other = evaluate_delta(result.delta_dir, data=str(other))["delta"]["loss"]
+    moved = dt.load_delta(result.delta_dir)
+    moved.provenance.train = {**moved.provenance.train, "eval_data": str(other)}
+    assert on_other == pytest.approx(evaluate_delta(moved.save(tmp_path / "moved"))["delta"]["loss"], rel=1e-6)
+    assert on_other != pytest.approx(recorded, rel=1e-3)
+    moved.provenance.train = {**moved.provenance.train, "eval_data": None}
+    with pytest.raises(ConfigError, match="records no eval file: pass --data"):
+        evaluate_delta(moved.save(tmp_path / "no_eval"))
 
 
 def test_resume_is_exact_when_a_schedule_changes_what_trains(tmp_path, monkeypatch, data_dir):
