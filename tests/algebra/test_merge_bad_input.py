@@ -178,6 +178,10 @@ def test_unknown_method_parameter_and_list_values_are_refused() -> None:
     ("ties", "peft", {"normalize": False}, r"ties: normalize false is not implemented with divide 'count'"),
     ("dare_ties", "mergekit", {"normalize": False, "divide": "count"}, r"dare_ties: normalize false"),
     ("task_arithmetic", "paper", {"density": 0.5}, r"task_arithmetic: unknown parameter 'density'"),
+    ("dare_linear", "paper", {"scope": "global"}, r"dare_linear: scope has no effect on dare_linear \(it reads "
+                                                  r"\['rescale'\]\)"),
+    ("dare_linear", "mergekit", {"sign_tie": "majority"}, r"dare_linear: sign_tie has no effect"),
+    ("della", "paper", {"k_rule": "count"}, r"della: k_rule has no effect on della"),
 ])
 def test_options_a_method_does_not_implement_are_refused(method, preset, params, message) -> None:
     """A value that would be read as another (TIES has no per-row trim, PEFT's count division always divides)
@@ -186,6 +190,14 @@ def test_options_a_method_does_not_implement_are_refused(method, preset, params,
     a = random_delta(LORA, seed=1)
     with pytest.raises(ConfigError, match=message):
         merge([a], method, preset=preset, params={"density": 0.5, **params})
+
+
+def test_task_arithmetic_refuses_every_preset_option_outside_mergekit_s_no_ops() -> None:
+    a = random_delta(LORA, seed=1)
+    with pytest.raises(ConfigError, match=r"task_arithmetic: divide has no effect on task_arithmetic \(it reads "
+                                          r"none of the preset options\)"):
+        merge([a], "task_arithmetic", params={"divide": "count"})
+    merge([a], "ties", preset="paper", params={"density": 0.5, "k_rule": "count", "sign_tie": "plus"})  # it reads them
 
 
 def test_mergekit_rescale_booleans_and_no_op_density_are_taken(tmp_path) -> None:

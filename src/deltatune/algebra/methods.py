@@ -231,15 +231,18 @@ _SPARSE = _LAMBDA | {"density"}
 _TIES_LIMITS = {"scope": ("global", "tensor"), "rescale": ("l1", "none")}
 _CRUMBS_LIMITS = {"scope": ("row", "tensor"), "rescale": ("l1", "none")}
 _NO_RESCALE = {"rescale": "none"}
+_RESCALES = frozenset({"rescale"})  # DARE's and DELLA's 1/ρ or L1 rescale of the kept entries
 METHODS: dict[str, MergeMethod] = {m.name: m for m in (
     MergeMethod("linear", linear, MethodParams(frozenset({"weight", "normalize"}), {"normalize": True})),
     MergeMethod("task_arithmetic", task_arithmetic, MethodParams(frozenset(_LAMBDA), {"normalize": False},
-                                                                 mergekit_noops=frozenset({"density"}))),
+                                                                 mergekit_noops=frozenset({"density", "rescale"}))),
     MergeMethod("ties", ties, MethodParams(frozenset(_SPARSE), {"normalize": True, **_NO_RESCALE}, sparsifies=True,
-                                           limits=_TIES_LIMITS, votes=True),
+                                           limits=_TIES_LIMITS, votes=True, semantics=frozenset({"k_rule"})),
                 stats=("thresholds", "majority_sign")),
-    MergeMethod("dare_linear", dare_linear, MethodParams(frozenset(_SPARSE), {"normalize": False}, True)),
-    MergeMethod("dare_ties", dare_ties, MethodParams(frozenset(_SPARSE), {"normalize": False}, True, votes=True),
+    MergeMethod("dare_linear", dare_linear, MethodParams(frozenset(_SPARSE), {"normalize": False}, True,
+                                                         semantics=_RESCALES)),
+    MergeMethod("dare_ties", dare_ties, MethodParams(frozenset(_SPARSE), {"normalize": False}, True, votes=True,
+                                                     semantics=_RESCALES),
                 stats=("majority_sign",)),
     MergeMethod("breadcrumbs", breadcrumbs, MethodParams(frozenset(_SPARSE | {"gamma"}),
                                                          {"normalize": False, **_NO_RESCALE}, True,
@@ -248,9 +251,9 @@ METHODS: dict[str, MergeMethod] = {m.name: m for m in (
                 MethodParams(frozenset(_SPARSE | {"gamma"}), {"normalize": False, **_NO_RESCALE}, True,
                              limits=_CRUMBS_LIMITS, votes=True), stats=("majority_sign",)),
     MergeMethod("della", della, MethodParams(frozenset(_SPARSE | {"epsilon"}), {"normalize": True}, True,
-                                             votes=True), stats=("majority_sign",)),
+                                             votes=True, semantics=_RESCALES), stats=("majority_sign",)),
     MergeMethod("della_linear", della_linear,
-                MethodParams(frozenset(_SPARSE | {"epsilon"}), {"normalize": False}, True)),
+                MethodParams(frozenset(_SPARSE | {"epsilon"}), {"normalize": False}, True, semantics=_RESCALES)),
     MergeMethod("pcb", pcb_merge, MethodParams(
         frozenset({"weight", "density", "lambda", "temperature", "inter", "clip_low", "clip_high"}),
         {"temperature": None, "inter": "raw", "clip_low": 1e-4, "clip_high": 1 - 1e-4}, True,

@@ -59,6 +59,7 @@ CHOICES = {"scope": ("global", "tensor", "row"), "k_rule": ("threshold", "count"
 #: a method's defaults that depend on the preset: the DARE authors run TIES' disjoint *mean* after DARE (MergeLM#38),
 #: where mergekit's ``dare_ties`` defaults to ``normalize: false`` (agreeing deltas summed)
 PRESET_METHOD_DEFAULTS = {("paper", "dare_ties"): {"normalize": True}}
+VOTE_OPTIONS = frozenset({"sign_tie", "weighted_vote", "divide"})
 PER_INPUT = {"weight", "density", "gamma", "epsilon"}
 NUMERIC = {"weight", "density", "gamma", "epsilon", "lambda", "t", "temperature", "clip_low", "clip_high"}
 BOOLEAN = {"normalize", "weighted_vote", "filter_wise", "int8_mask"}
@@ -85,7 +86,7 @@ class MethodParams:
     ``limits`` narrows a preset option (:data:`CHOICES`) to the values the method implements (TIES has no
     per-row trim, Breadcrumbs no global one): any other value is refused rather than silently read as another.
     ``votes``: the method runs TIES' sign election and disjoint merge (reads ``divide``).  ``mergekit_noops``:
-    keys mergekit accepts for this method without effect (``density`` for ``task_arithmetic``), taken and
+    keys mergekit accepts for this method without effect (``density``, ``rescale`` for ``task_arithmetic``), taken and
     ignored under the ``mergekit`` preset only, so its recipes run unchanged.
     """
 
@@ -95,6 +96,12 @@ class MethodParams:
     limits: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     votes: bool = False
     mergekit_noops: frozenset[str] = frozenset()
+    semantics: frozenset[str] = frozenset()
+
+    def reads(self) -> frozenset[str]:
+        """The preset options (:data:`SEMANTICS`) this method reads: the sign election's when it votes, those it
+        narrows (``limits``) and those it names (``semantics``, e.g. DARE's ``rescale``, TIES' ``k_rule``)."""
+        return self.semantics | frozenset(self.limits) | (VOTE_OPTIONS if self.votes else frozenset())
 
 
 def _looks_numeric(text: str) -> bool:
@@ -162,6 +169,9 @@ def resolve_params(method: str, spec: MethodParams, preset: str, global_params: 
     for key in global_params:
         if key not in allowed:
             raise ConfigError(f"{method}: unknown parameter {brief(key)}; accepted: {sorted(spec.keys)}")
+        if key in SEMANTICS[preset] and key not in spec.reads() | spec.keys:  # a choice it would silently ignore
+            raise ConfigError(f"{method}: {key} has no effect on {method} (it reads "
+                              f"{sorted(spec.reads()) or 'none of the preset options'}); remove it")
     merged: dict[str, Any] = {**SEMANTICS[preset], **spec.defaults, **PRESET_METHOD_DEFAULTS.get((preset, method), {})}
     if method.startswith("breadcrumbs") and "scope" not in global_params:
         merged["scope"] = "row" if preset == "paper" else "tensor"
