@@ -234,7 +234,8 @@ def test_streamed_shards_load_in_transformers_and_safetensors(checkpoints, tmp_p
 
 TOKENIZER_FILES = {"tokenizer.json": "{}", "tokenizer_config.json": "{}", "special_tokens_map.json": "{}",
                    "added_tokens.json": "{}", "chat_template.jinja": "{{ messages }}", "chat_template.json": "{}",
-                   "spiece.model": "sp", "sentencepiece.bpe.model": "bpe", "vocab.txt": "a", "merges.txt": "#"}
+                   "spiece.model": "sp", "sentencepiece.bpe.model": "bpe", "vocab.txt": "a", "merges.txt": "#",
+                   "preprocessor_config.json": "{}", "processor_config.json": "{}"}
 
 
 def test_checkpoint_merge_records_its_dtype_and_copies_every_tokenizer_file(checkpoints, tmp_path) -> None:  # noqa: F811

@@ -25,7 +25,9 @@ COPIED_FILES = ("config.json", "generation_config.json")
 #: ≥ 4.50 ``chat_template.jinja``), SentencePiece models (``tokenizer.model``, ``spiece.model``,
 #: ``sentencepiece.bpe.model``), BPE/WordPiece vocabularies and tiktoken files
 TOKENIZER_PATTERNS = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template*", "*.model",
-                      "vocab*", "merges.txt", "*.tiktoken")
+                      "vocab*", "merges.txt", "*.tiktoken", "preprocessor_config.json", "processor_config.json")
+"""The base's files a merged or applied checkpoint needs beside its weights to be used as the base is: the
+tokenizer's (chat template included) and, for multimodal bases (CLIP-like), the processor's."""
 
 
 def tokenizer_files(folder: str | Path) -> list[tuple[str, bytes]]:
