@@ -168,10 +168,14 @@ def apply_to_checkpoint(delta: Delta | str | Path, out: str | Path, model: str |
     ``AutoModelForSequenceClassification.from_pretrained(out)`` gives the classifier with its labels.  A merged
     delta that keeps several tasks' heads is refused (pick one with
     :func:`deltatune.algebra.task_heads.for_task`).
-    Tied tensors are written once (``transformers`` re-ties them on load).  An existing ``out`` must be an
+    Tied tensors are written once (``transformers`` re-ties them on load).  Biases the delta adds to bias-free
+    modules (BitFit on Llama) turn on the config's flag that creates them, or raise
+    :class:`~deltatune.errors.NotMergeable` before anything is written where no flag can
+    (:func:`deltatune.algebra.delta_checkpoint.express_added_biases`).  An existing ``out`` must be an
     earlier checkpoint output unless ``overwrite`` (:class:`~deltatune.errors.OutputExists`).
     """
     from deltatune.algebra.checkpoint import config_with_dtype
+    from deltatune.algebra.delta_checkpoint import express_added_biases
     from deltatune.algebra.labels import describe_classifier
     from deltatune.algebra.task_heads import require_one_task
     from deltatune.io.outputs import CHECKPOINT_KIND, guard_output
@@ -186,6 +190,7 @@ def apply_to_checkpoint(delta: Delta | str | Path, out: str | Path, model: str |
     net = load_base_for(d, model)
     merge_for_use(net, d, force=force, where=where)  # a stacked delta with the deltas it was trained on beneath it
     describe_classifier(net, d.provenance.task)  # a classifier comes back as one, with its label names
+    express_added_biases(net, f"apply {where}")  # so the checkpoint loads the biases BitFit added
     seen: set[int] = set()
 
     def tensors():

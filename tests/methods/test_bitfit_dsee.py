@@ -4,6 +4,7 @@ sparse baseline: what each trains, exact merges, the math against dense referenc
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -294,3 +295,56 @@ def test_a_bitfit_bias_of_a_bias_free_module_and_another_kind_are_not_summed_int
     b = randomize_delta(TINY_MODELS["llama"](), deltatune.SparseConfig(num_tunable=500, regrow=False), 2, 0.1)
     with pytest.raises(ConfigError, match="bias added to a bias-free module"):
         compose_deltas([a, b])
+
+
+# --- BitFit biases of a bias-free base written as a checkpoint ----------------------------------------------------
+def _saved_llama(root) -> str:
+    TINY_MODELS["llama"]().save_pretrained(root / "base")
+    return str(root / "base")
+
+
+def _loaded_logits(path) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    return logits(AutoModelForCausalLM.from_pretrained(path).eval(), tiny_inputs("llama"))
+
+
+def test_apply_of_a_llama_bitfit_delta_writes_a_checkpoint_that_loads_its_added_biases(tmp_path) -> None:
+    # the config's attention_bias / mlp_bias create the biases on load; a group the delta leaves partly alone
+    # (here only q_proj of the attention group) gets zero biases on the other modules
+    from deltatune.api import apply_to_checkpoint
+
+    base = _saved_llama(tmp_path)
+    for name, config in (("all", {}), ("q", {"targets": [r".*q_proj"]})):
+        model = TINY_MODELS["llama"]()
+        delta = randomize_delta(model, deltatune.make_config("bitfit", config), 7, 0.05)
+        apply_to_checkpoint(delta, tmp_path / name, model=base)
+        written = json.loads((tmp_path / name / "config.json").read_text())
+        assert written["attention_bias"] is True and written["mlp_bias"] is (name == "all")
+        assert max_diff(_loaded_logits(tmp_path / name), logits(model, tiny_inputs("llama"))) <= 1e-5
+
+
+def test_apply_refuses_an_added_bias_the_config_cannot_create_before_writing(tmp_path, monkeypatch) -> None:
+    from deltatune.algebra import delta_checkpoint
+    from deltatune.api import apply_to_checkpoint
+    from deltatune.errors import NotMergeable
+
+    base = _saved_llama(tmp_path)
+    delta = randomize_delta(TINY_MODELS["llama"](), deltatune.make_config("bitfit", {}), 7, 0.05)
+    # a config with no attention_bias flag (raising=False: the old code had no BIAS_FLAGS and wrote the checkpoint)
+    monkeypatch.setattr(delta_checkpoint, "BIAS_FLAGS", ("mlp_bias",), raising=False)
+    with pytest.raises(NotMergeable, match=r"model\.layers\.0\.self_attn\.q_proj") as caught:
+        apply_to_checkpoint(delta, tmp_path / "out", model=base)
+    assert caught.value.module == "model.layers.0.self_attn.q_proj" and not (tmp_path / "out").exists()
+
+
+def test_a_merge_of_llama_bitfit_deltas_written_as_a_checkpoint_loads_its_added_biases(tmp_path) -> None:
+    from deltatune.algebra.engine import merge
+
+    base = _saved_llama(tmp_path)
+    a = randomize_delta(TINY_MODELS["llama"](), deltatune.make_config("bitfit", {}), 1, 0.1)
+    b = randomize_delta(TINY_MODELS["llama"](), deltatune.make_config("bitfit", {}), 2, 0.1)
+    merge([a, b], "task_arithmetic", output="checkpoint", out=tmp_path / "ck", base=base)
+    live = TINY_MODELS["llama"]()
+    deltatune.merge_delta(live, compose_deltas([a, b]))
+    assert max_diff(_loaded_logits(tmp_path / "ck"), logits(live, tiny_inputs("llama"))) <= 1e-5

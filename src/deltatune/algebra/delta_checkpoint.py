@@ -42,6 +42,7 @@ The two outputs differ only outside the checkpoint's content: the streamed one w
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,7 @@ from deltatune.algebra.checkpoint import INDEX, CheckpointReader, config_with_dt
 from deltatune.algebra.labels import describe_classifier
 from deltatune.algebra.output import write_planned
 from deltatune.algebra.task_heads import require_one_task
+from deltatune.errors import NotMergeable
 from deltatune.fingerprint import SAMPLED_TENSORS, base_parameters, check_fingerprint
 from deltatune.io.json_io import parse_json
 
@@ -272,7 +274,9 @@ def _tensor_sources(model: nn.Module, reader: CheckpointReader, stored: dict[str
 
 
 def _merged_keys_fit(model: nn.Module, sources: dict[str, Source], shapes: dict[str, tuple[int, ...]]) -> bool:
-    """Every merged tensor is a written, stored parameter of the same shape (what ``merge_into`` adds to)."""
+    """Every merged tensor is a written, stored parameter of the same shape (what ``merge_into`` adds to); a bias
+    the merge adds to a bias-free module is not, so such a merge takes the model path, whose
+    :func:`express_added_biases` makes the config create it."""
     params = dict(model.named_parameters())
     return all(isinstance(sources.get(k), str) and k in params and tuple(params[k].shape) == tuple(shape)
                for k, shape in shapes.items())
@@ -323,3 +327,67 @@ def streamable_base(reader: CheckpointReader | None, shapes: dict[str, tuple[int
     if not force and expected and not _check_fingerprint(model, reader, sources, heads, expected, where):
         return None
     return plan
+
+
+#: config flags that give every module of a group a bias (Llama, Mistral-style configs: ``attention_bias`` for
+#: q/k/v/o, ``mlp_bias`` for gate/up/down; the model class decides which modules each flag reaches)
+BIAS_FLAGS = ("attention_bias", "mlp_bias")
+
+
+def _bias_shapes(model: nn.Module, config: Any) -> dict[str, tuple[int, ...]]:
+    """``name → shape`` of the ``.bias`` tensors of ``type(model)`` built from ``config`` on ``meta``: what
+    ``from_pretrained`` of a checkpoint with that config creates (and loads stored biases into)."""
+    with torch.device("meta"):
+        built = type(model)._from_config(copy.deepcopy(config))
+    return {n: tuple(t.shape) for n, t in built.state_dict().items() if n.endswith(".bias")}
+
+
+def express_added_biases(model: nn.Module, where: str) -> None:
+    """Make ``model``'s config load the biases a merge added to bias-free modules (BitFit on Llama), before it is
+    written as a checkpoint: without it ``from_pretrained`` builds those modules without a bias and drops the
+    stored ones, so the checkpoint computes the base, not the merged model.
+
+    Each flag of :data:`BIAS_FLAGS` that is off in the config and would create one of the added biases is turned
+    on; a flag gives every module of its group a bias, so a module of the group that got none is given a zero bias
+    (the model computes the same).  An added bias no flag creates (an architecture without such flags, a module
+    outside every group) raises :class:`~deltatune.errors.NotMergeable` naming the modules — nothing is written.
+    A model without added biases is left alone."""
+    config = model.config
+    plain = _bias_shapes(model, config)
+    shapes = {n: tuple(t.shape) for n, t in model.state_dict().items() if n.endswith(".bias")}
+    added = {n for n in shapes if n not in plain}
+    if not added:
+        return
+    reached: dict[str, dict[str, tuple[int, ...]]] = {}
+    for flag in BIAS_FLAGS:
+        if getattr(config, flag, None) is False:
+            flagged = _bias_shapes(model, _with_flag(config, flag))
+            reached[flag] = {n: s for n, s in flagged.items() if n not in plain}
+    chosen = [flag for flag, names in reached.items() if added & set(names)]
+    created = {n: s for flag in chosen for n, s in reached[flag].items()}
+    wrong = [n for n in shapes if n in added and created.get(n) != shapes[n]]  # in model order
+    if wrong:
+        modules = [n.rsplit(".", 1)[0] for n in wrong]
+        raise NotMergeable(f"{where}: the delta adds biases to the bias-free modules {modules[:6]}"
+                           f"{' …' if len(modules) > 6 else ''}, which the config of {type(model).__name__} cannot "
+                           f"create (no flag among {list(BIAS_FLAGS)} gives exactly those modules a bias): a "
+                           "checkpoint would load without them; nothing was written. Use the delta attached, or "
+                           "train BitFit without add_missing", module=modules[0], kind="bias")
+    for flag in chosen:
+        setattr(config, flag, True)
+    for name in sorted(set(created) - added):
+        _add_zero_bias(model, name, created[name])
+
+
+def _with_flag(config: Any, flag: str) -> Any:
+    """A copy of ``config`` with ``flag`` on."""
+    flagged = copy.deepcopy(config)
+    setattr(flagged, flag, True)
+    return flagged
+
+
+def _add_zero_bias(model: nn.Module, name: str, shape: tuple[int, ...]) -> None:
+    """Give the module owning ``name`` a zero bias of ``shape`` (in its weight's dtype and device)."""
+    module = model.get_submodule(name.rsplit(".", 1)[0])
+    ref = module.weight
+    module.bias = nn.Parameter(torch.zeros(shape, dtype=ref.dtype, device=ref.device), requires_grad=False)
