@@ -267,3 +267,38 @@ def test_conv1d_layout_is_decided_by_model_type_not_only_by_name(tiny, tmp_path)
     tiny_gpt2(0).save_pretrained(tmp_path / "gpt2")
     delta = randomize_delta(tiny_gpt2(0), dt.LoRAConfig(r=2), 1, 0.05)
     assert open_sources([delta], InspectOptions(base=str(tmp_path / "gpt2"), plots=False)).conv1d is True
+
+
+def test_a_tied_lm_head_is_read_from_the_input_embedding_and_its_updates_are_summed_with_it(tmp_path):
+    # GPT-2 stores only transformer.wte.weight: lm_head.weight is that tensor, so a LoRA on both is one update
+    from conftest import tiny_gpt2
+
+    from deltatune.algebra.inputs import DeltaInput
+
+    tiny_gpt2(0).save_pretrained(tmp_path / "base")
+    wte = tiny_gpt2(0).transformer.wte.weight.detach()
+    head_only = randomize_delta(tiny_gpt2(0), dt.LoRAConfig(r=2, targets=["lm_head"]), 1, 0.2)
+    both = randomize_delta(tiny_gpt2(0), dt.LoRAConfig(r=2, targets=["transformer.wte", "lm_head"]), 2, 0.2)
+    report = inspect_deltas([head_only, both], InspectOptions(base=str(tmp_path / "base"), plots=False,
+                                                              labels=["head", "both"]))
+    rows = {(r["input"], r["key"]): r for r in report["layers"]}
+    assert set(rows) == {("head", "transformer.wte.weight"), ("both", "transformer.wte.weight")}
+    two = DeltaInput(both, "both")
+    expected = {"head": DeltaInput(head_only, "head").tau("lm_head.weight"),
+                "both": two.tau("lm_head.weight") + two.tau("transformer.wte.weight")}
+    for label, tau in expected.items():
+        row = rows[(label, "transformer.wte.weight")]
+        assert row["norm"] == pytest.approx(float(tau.norm()), rel=1e-5)
+        assert row["rel_norm"] == pytest.approx(float(tau.norm() / wte.norm()), rel=1e-5)
+    assert len(report["pairs"]) == 1  # the two inputs compared on the one shared tensor
+
+
+def test_a_llama_bitfit_delta_is_inspected_against_zero_biases(tiny):
+    # BitFit's default adds biases to Llama's bias-free layers: their θ₀ is zero, so relative numbers are undefined
+    delta = randomize_delta(tiny_llama(0), dt.make_config("bitfit", {}), 7, 0.05)
+    report = inspect_deltas([delta], _opts(tiny))
+    assert len(report["layers"]) == len(delta.parts) == 14
+    for row in report["layers"]:
+        part = delta.parts[row["key"].removesuffix(".bias")]
+        assert row["norm"] == pytest.approx(float(part.bias_delta.detach().norm()), rel=1e-5)
+        assert row["rel_norm"] is None and row["rel_entry_q50"] is None

@@ -89,39 +89,95 @@ def plan_keys(sources: list[Any]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def base_lookup(base: CheckpointReader | None, shapes: dict[str, tuple[int, ...]], rows: dict[str, int]
-                 ) -> Callable[..., Tensor]:
-    """``key → θ₀``, mapping a delta's module path onto the checkpoint's key names if needed.
+def added_bias_keys(sources: Sequence[Any]) -> frozenset[str]:
+    """``<module>.bias`` of every delta part that adds a bias its bias-free base module lacks (BitFit on Llama):
+    the base holds no such tensor, and ``θ₀`` there is zero."""
+    return frozenset(f"{module}.bias" for s in sources if isinstance(s, DeltaInput)
+                     for module, part in s.delta.parts.items() if part.adds_bias and not part.is_alias)
 
-    fp32: a new tensor, or with a ``workspace`` a view of its ``"base"`` buffer."""
-    cache: dict[str, str] = {}
 
-    def resolve(key: str) -> str:
-        if key in cache:
-            return cache[key]
-        assert base is not None
+def tied_weights(path: Path) -> dict[str, str]:
+    """``tied name → source name`` (state-dict names) of the model class the checkpoint's ``config.json`` names in
+    ``architectures``, built on ``meta``: transformers' ``get_expanded_tied_weights_keys``, which reads the config's
+    tie flags (``tie_word_embeddings``), so a tied ``lm_head.weight`` maps to the input embedding's name.  ``{}`` when
+    there is no config or the class cannot be built (a missing name then stays an error)."""
+    import transformers
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(path)
+        archs = getattr(config, "architectures", None) or []
+        cls = getattr(transformers, archs[0], None) if archs else None
+        if cls is None:
+            return {}
+        with torch.device("meta"):
+            model = cls._from_config(config)
+        return dict(model.get_expanded_tied_weights_keys(all_submodels=True))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, ImportError):
+        return {}
+
+
+class BaseLookup:
+    """``key → θ₀`` (fp32: a new tensor, or with a ``workspace`` a view of its ``"base"`` buffer), mapping a delta's
+    module path onto the checkpoint's key names (a model prefix the checkpoint lacks is dropped).
+
+    Two names a checkpoint does not store still have a ``θ₀``: a tied tensor (a tied ``lm_head.weight``, stored only
+    as the input embedding) reads its stored twin (:func:`tied_weights`), and a bias a delta part adds
+    (``added``, :func:`added_bias_keys`) reads as zeros of the inputs' shape.  Any other missing name is a
+    :class:`ShapeMismatch` naming it."""
+
+    def __init__(self, base: CheckpointReader | None, shapes: dict[str, tuple[int, ...]], rows: dict[str, int],
+                 added: frozenset[str] = frozenset()) -> None:
+        self.base, self.shapes, self.rows, self.added = base, shapes, rows, added
+        self._names: dict[str, str | None] = {}
+        self._tied: dict[str, str] | None = None
+
+    def _direct(self, key: str) -> str | None:
+        """The checkpoint's name for ``key`` itself, or for ``key`` without leading module names."""
+        assert self.base is not None
         candidates = [key] + [key.split(".", i)[-1] for i in range(1, key.count("."))]
-        found = next((c for c in candidates if c in base), None)
-        if found is None:
-            raise ShapeMismatch(f"base checkpoint {base.path} has no tensor for {key!r}")
-        cache[key] = found
-        return found
+        return next((c for c in candidates if c in self.base), None)
 
-    def get(key: str, workspace: Workspace | None = None) -> Tensor:
-        if base is None:
-            raise ConfigError("this merge needs the base weights: pass base (CLI: base_model / base in the YAML)")
-        name = resolve(key)
-        if workspace is not None and key not in rows:
-            value = workspace.read_float(base, name, "base")
+    def _twin(self, key: str) -> str | None:
+        """The stored name of the tensor ``key`` is tied to, if the base's model class ties it."""
+        assert self.base is not None
+        if self._tied is None:
+            self._tied = tied_weights(self.base.path)
+        source = next((src for name, src in self._tied.items() if key == name or key.endswith(f".{name}")), None)
+        return self._direct(source) if source is not None else None
+
+    def stored_name(self, key: str) -> str | None:
+        """The checkpoint tensor holding ``θ₀`` of ``key`` (its tied twin's for a tied name); ``None`` for an added
+        bias (zero base); :class:`ShapeMismatch` when the checkpoint holds neither."""
+        if key not in self._names:
+            if self.base is None:
+                raise ConfigError("this merge needs the base weights: pass base (CLI: base_model / base in the YAML)")
+            found = self._direct(key) or self._twin(key)
+            if found is None and key not in self.added:
+                raise ShapeMismatch(f"base checkpoint {self.base.path} has no tensor for {key!r}")
+            self._names[key] = found
+        return self._names[key]
+
+    def __call__(self, key: str, workspace: Workspace | None = None) -> Tensor:
+        name = self.stored_name(key)
+        assert self.base is not None
+        if name is None:
+            return torch.zeros(self.shapes[key])
+        if workspace is not None and key not in self.rows:
+            value = workspace.read_float(self.base, name, "base")
         else:
-            value = base.get_float(name)
-        if key in rows:
-            return align_rows(value, rows[key])
-        if key in shapes and tuple(value.shape) != shapes[key]:
-            raise ShapeMismatch(f"base tensor {key!r} has shape {tuple(value.shape)}, the inputs have {shapes[key]}")
+            value = self.base.get_float(name)
+        if key in self.rows:
+            return align_rows(value, self.rows[key])
+        if key in self.shapes and tuple(value.shape) != self.shapes[key]:
+            raise ShapeMismatch(f"base tensor {key!r} has shape {tuple(value.shape)}, the inputs have "
+                                f"{self.shapes[key]}")
         return value
 
-    return get
+
+def base_lookup(base: CheckpointReader | None, shapes: dict[str, tuple[int, ...]], rows: dict[str, int],
+                added: frozenset[str] = frozenset()) -> BaseLookup:
+    """The :class:`BaseLookup` of ``base`` for the planned tensors ``shapes``."""
+    return BaseLookup(base, shapes, rows, added)
 
 
 def _vocab_rows(sources: list[Any], base: CheckpointReader | None, vocab: VocabRule) -> dict[str, int]:
@@ -234,7 +290,7 @@ def run_merge(recipe: MergeSpec) -> Delta | Path:
     fingerprint = None if checkpoint_inputs else _check_same_base(sources, force)
     shapes = plan_keys(sources)
     rows = _vocab_rows(sources, base_reader, vocab)
-    base_of = base_lookup(base_reader, shapes, rows)
+    base_of = base_lookup(base_reader, shapes, rows, added_bias_keys(sources))
     if spec.needs_base and base_reader is None:
         raise ConfigError(f"{method} needs the base weights: pass base")
     dependent = [(s, m) for s in sources if isinstance(s, DeltaInput) for m in s.base_dependent]

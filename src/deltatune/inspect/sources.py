@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from deltatune.algebra.checkpoint import CheckpointReader, is_checkpoint
-from deltatune.algebra.engine import base_lookup, plan_keys
+from deltatune.algebra.engine import BaseLookup, added_bias_keys, base_lookup, plan_keys
 from deltatune.algebra.inputs import CheckpointInput, DeltaInput
 from deltatune.algebra.options import check_input_count
 from deltatune.config import brief
@@ -33,8 +33,9 @@ from deltatune.parts.capabilities import require_capability
 
 @dataclass
 class Sources:
-    """Opened inputs: ``sources[i]`` labelled ``labels[i]``; ``shapes`` the union of their tensors; ``base_of``
-    reads a base tensor (fp32) when ``base`` is set; ``head_dim`` from the base's config (for head placement)."""
+    """Opened inputs: ``sources[i]`` labelled ``labels[i]``; ``shapes`` the union of their tensors, one key per
+    base tensor (``members`` lists the input keys each stands for: tied names share one tensor); ``base_of`` reads a
+    base tensor (fp32) when ``base`` is set; ``head_dim`` from the base's config (for head placement)."""
 
     sources: list[Any]
     labels: list[str]
@@ -46,6 +47,7 @@ class Sources:
     notes: list[str]
     described: list[dict[str, Any]]
     conv1d: bool | None = None  # whether c_attn/c_proj/c_fc are GPT-2 Conv1D (by model type); None: unknown
+    members: dict[str, list[str]] | None = None  # report key → the input keys it sums; None: each key alone
 
     def base_tensor(self, key: str) -> Tensor | None:
         return self.base_of(key) if self.base is not None else None
@@ -67,15 +69,23 @@ class Sources:
         return base_value.to(mine).float()
 
     def taus(self, key: str, base_value: Tensor | None) -> list[Tensor | None]:
-        """``τ_i`` of ``key`` for every input (``None`` where input ``i`` leaves the tensor alone)."""
+        """``τ_i`` of ``key`` for every input (``None`` where input ``i`` leaves the tensor alone); a delta's
+        updates of the names tied to ``key`` are summed (they all land on the one tensor)."""
         out: list[Tensor | None] = []
         for s in self.sources:
             if isinstance(s, CheckpointInput):
                 out.append(s.tau(key, self._same_dtype_base(s, key, base_value)))
             else:
-                out.append(s.tau(key, self.base_of if self.base is not None else None) if key in s.keys_set
-                           else None)
+                out.append(self._delta_tau(s, key))
         return out
+
+    def _delta_tau(self, source: DeltaInput, key: str) -> Tensor | None:
+        """The sum of ``source``'s updates of the input keys ``key`` stands for (``None`` when it has none)."""
+        base_of = self.base_of if self.base is not None else None
+        found = [source.tau(k, base_of) for k in (self.members or {}).get(key, [key]) if k in source.keys_set]
+        if not found:
+            return None
+        return found[0] if len(found) == 1 else torch.stack(found).sum(0)
 
 
 def default_labels(items: Sequence[Delta | str | Path]) -> list[str]:
@@ -188,9 +198,28 @@ def open_sources(items: Sequence[Delta | str | Path], opts: InspectOptions) -> S
                       "method": d.method, "part_kinds": d.part_kinds(), "trainable": d.trainable_count}
                      for lab, x, d in zip(labels, items, deltas, strict=True)]
     shapes = plan_keys(sources)
-    base_of = base_lookup(base, shapes, {})
+    base_of = base_lookup(base, shapes, {}, added_bias_keys(sources))
+    members = _tied_members(shapes, base_of) if base is not None and kinds[0] == "delta" else None
+    if members is not None:
+        shapes = {key: shapes[key] for key in members}
     model_type = _config(base).get("model_type") if base is not None else None
     if model_type is None and kinds[0] == "delta":
         model_type = (deltas[0].fingerprint or {}).get("model_type")
     return Sources(sources, labels, kinds, shapes, base, base_of, _head_dim(base), notes, described,
-                   conv1d=None if model_type is None else model_type in CONV1D_MODEL_TYPES)
+                   conv1d=None if model_type is None else model_type in CONV1D_MODEL_TYPES, members=members)
+
+
+def _tied_members(shapes: dict[str, tuple[int, ...]], base_of: BaseLookup) -> dict[str, list[str]]:
+    """``report key → input keys`` grouping the deltas' keys by the base tensor they update: a tied ``lm_head.weight``
+    and the input embedding are one tensor, so their updates are one ``τ`` (reported under the key of the name the
+    checkpoint stores, else the first).  An added bias (no stored tensor) stays alone; a key the base lacks raises
+    :class:`~deltatune.errors.ShapeMismatch` here, before any tensor is read."""
+    groups: dict[str, list[str]] = {}
+    for key in shapes:
+        stored = base_of.stored_name(key)
+        groups.setdefault(key if stored is None else stored, []).append(key)
+    members: dict[str, list[str]] = {}
+    for stored, keys in groups.items():
+        direct = [k for k in keys if k == stored or k.endswith(f".{stored}")]
+        members[(direct or keys)[0]] = keys
+    return members
