@@ -184,7 +184,9 @@ def test_eval_of_an_overflowing_delta_exits_2(minilm, tmp_path, data_dir, monkey
     with pytest.raises(SystemExit) as done:
         main()
     assert done.value.code == 2
-    line = capsys.readouterr().err.strip()
+    err = capsys.readouterr().err.strip()
+    assert "records no task; evaluating on sst2" in " ".join(err.split())  # made in Python: the default task, said
+    line = err.splitlines()[-1]
     assert line.startswith("error (NonFiniteError):") and "of model 'delta' is nan" in line, line
 
 
