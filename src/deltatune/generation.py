@@ -28,7 +28,7 @@ from deltatune.api import as_delta, base_model_path, load_base_for
 from deltatune.config import SEED_RANGE
 from deltatune.delta import Delta
 from deltatune.errors import ConfigError, DataError
-from deltatune.model import apply_delta, mixed_batch
+from deltatune.model import apply_delta, mixed_batch, model_parts
 from deltatune.provenance import require_unstacked
 from deltatune.train.stacking import attach_for_use
 
@@ -85,6 +85,16 @@ def encode_rows(tokenizer: Any, texts: Sequence[str], special: Sequence[bool]) -
     pad = tokenizer.pad_token_id
     return {"input_ids": torch.tensor([[pad] * (width - len(x)) + x for x in ids], dtype=torch.long),
             "attention_mask": torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], dtype=torch.long)}
+
+
+def can_use_cache(net: torch.nn.Module) -> bool:
+    """Whether ``transformers``' ``generate`` may decode ``net`` from its KV cache: not when a model-level part
+    (prompt tuning's virtual tokens) is attached.  Its cache holds the virtual tokens, but ``generate`` continues
+    with an attention mask and positions that count only the caller's tokens, which the part refuses
+    (:func:`deltatune.parts.prompt.continuation`); without the cache every step is a full forward, which prepends
+    the virtual tokens afresh and so equals a hand-written greedy loop."""
+    container = model_parts(net)
+    return container is None or len(container.parts) == 0
 
 
 class _Stream:
@@ -163,7 +173,7 @@ def generate(deltas: Sequence[Delta | str | Path] | Delta | str | Path, prompts:
                         [not t for t in templated_rows])  # no token types for a decoder
     sampling = temperature > 0
     options: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=sampling,
-                                   pad_token_id=tokenizer.pad_token_id)
+                                   pad_token_id=tokenizer.pad_token_id, use_cache=can_use_cache(net))
     if sampling:
         options.update(temperature=temperature, top_p=top_p, top_k=top_k or None)
     if stop:

@@ -72,6 +72,23 @@ def test_several_deltas_and_prompts_in_one_batch_equal_each_alone(setup):
         assert [row[name] for row in together] == alone
 
 
+def test_a_prompt_tuning_delta_generates_as_a_hand_loop_of_full_forwards(setup):
+    """A prompt-tuning delta's virtual tokens sit in the KV cache, which ``generate`` continues with a mask of the
+    caller's tokens only: it decodes without the cache, each step a full forward, so it equals the hand loop; and
+    beside a LoRA delta in one batch, prompts of two lengths, each row equals itself alone."""
+    root, deltas = setup
+    delta = randomize_delta(_base(), deltatune.make_config("prompt_tuning", {"num_virtual_tokens": 3}), seed=4,
+                            std=0.8)
+    delta.provenance.base = str(root / "base")
+    prompted = delta.save(root / "prompted")
+    out = generate(prompted, "the cat sat on", max_new_tokens=4)
+    assert out == [{"prompt": "the cat sat on", "text": _greedy_by_hand(root, prompted, "the cat sat on", 4)}]
+    prompts = ["hello", "a much longer prompt about the weather"]
+    together = generate([prompted, deltas["a"]], prompts, max_new_tokens=3)
+    for name, path in (("prompted", prompted), ("a", deltas["a"])):
+        assert [row[name] for row in together] == [generate(path, p, max_new_tokens=3)[0]["text"] for p in prompts]
+
+
 def test_sampling_is_seeded_and_stop_strings_cut(setup):
     _, deltas = setup
     one = generate(deltas["a"], "hello", max_new_tokens=8, temperature=1.5, top_p=0.9, seed=3)
