@@ -28,7 +28,14 @@ from deltatune.methods import get_method, make_config
 from deltatune.methods.prompt_tuning import PromptTuning, PromptTuningConfig
 from deltatune.model import apply_delta, attach_parts, detach, merge_delta, model_parts
 from deltatune.parts.base import MODEL_LEVEL, PART_KINDS
-from deltatune.parts.prompt import PromptPart, place, take_original, virtual_layout
+from deltatune.parts.prompt import (
+    PromptPart,
+    leading_pads,
+    original_positions,
+    place,
+    take_original,
+    virtual_layout,
+)
 from deltatune.routing import Routing, routed
 
 ARCHS = ("llama", "gpt2", "bert")
@@ -86,6 +93,14 @@ def test_layout_places_each_row_after_its_own_prompt() -> None:
     positions = lengths[:, None] + torch.arange(3)
     feats = torch.randn(3, 3, 4)
     assert torch.equal(take_original(place(feats, region, source, 0.0, 0.0), positions), feats)
+    lead = leading_pads(lengths, True)  # pads first: every row ends at the last slot
+    region, source = virtual_layout(lengths, 3, lead)
+    assert region.tolist() == [[0, 0, 1, 1, 1], [2, 2, 1, 1, 1], [2, 0, 1, 1, 1]]
+    assert place(values, region, source, -1, -2).tolist() == [[-1, -1, 1, 2, 3], [-2, -2, 4, 5, 6],
+                                                              [-2, -1, 7, 8, 9]]
+    moved = place(feats, region, source, 0.0, 0.0)
+    assert torch.equal(take_original(moved, original_positions(lengths, 3, lead)), feats)
+    assert leading_pads(lengths, False) is None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -436,6 +451,47 @@ def test_mixed_batch_rows_equal_alone(arch: str) -> None:
     assert model_parts(model) is None and not model._forward_pre_hooks and not model._forward_hooks
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, base(**inputs).logits)
+
+
+def _decoder_classifier(arch: str) -> nn.Module:
+    """A tiny Llama / GPT-2 sequence classifier: it pools each row's last slot (given ``inputs_embeds``)."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    if arch == "llama":
+        return LlamaForSequenceClassification(LlamaConfig(
+            vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, num_labels=3, pad_token_id=0)).eval()
+    return GPT2ForSequenceClassification(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64,
+                                                    num_labels=3, pad_token_id=0)).eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_decoder_classifier_mixed_prompt_lengths_equal_alone(arch: str) -> None:
+    """Rows with a shorter prompt (or none) take their pads first, so the pooled last slot is their own last
+    token, and their positions skip the pads: every row's class logits equal its own forward alone."""
+    base = _decoder_classifier(arch)
+    model = copy.deepcopy(base)
+    parts = {"p": prompt_parts(model, 2, seed=1), "q": prompt_parts(model, 5, seed=2)}
+    for name, ps in parts.items():
+        attach_parts(model, ps, name, activate=False)
+    names = ["p", "q", None, "p"]
+    inputs = without_labels(tiny_inputs("llama", batch=len(names), seq=6))
+    inputs["attention_mask"][3, :2] = 0  # a left-padded row
+    labels = torch.tensor([0, 1, 2, 1])
+    with torch.no_grad():
+        with deltatune.mixed_batch(model, names):
+            out = model(**inputs, labels=labels)
+        losses = []
+        for i, name in enumerate(names):
+            row = {k: v[i:i + 1] for k, v in inputs.items()}
+            only = copy.deepcopy(base)
+            if name is not None:
+                attach_parts(only, copy.deepcopy(parts[name]), name)
+            alone = only(**row, labels=labels[i:i + 1])
+            losses.append(alone.loss)
+            assert max_diff(out.logits[i:i + 1], alone.logits) <= EXACT, (arch, i, name)
+        assert abs(float(out.loss) - float(torch.stack(losses).mean())) <= EXACT
 
 
 def test_mixed_batch_trains_each_prompt_on_its_rows() -> None:

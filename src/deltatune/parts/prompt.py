@@ -9,7 +9,13 @@ for a row without one) at the start, and rows are right-padded with masked slots
 
 so a mixed batch whose rows use prompts of different lengths (or none) gives every row exactly what it gets
 alone: its tokens keep their positions ``n_i + t``, and the trailing pads are masked (bidirectional
-encoders) or after it (causal decoders).  The attention mask gets ones for virtual slots and zeros for
+encoders) or after it (causal decoders).  A decoder's sequence classifier (:func:`pools_last_token`: Llama,
+GPT-2, … ``ForSequenceClassification``) pools each row's last slot, so there the pads go first instead, and the
+rows get explicit ``position_ids`` that skip them::
+
+    row i:  [ n_max − n_i masked pad slots | P_i | x_i ]
+
+The attention mask gets ones for virtual slots and zeros for
 pads, ``token_type_ids`` zeros, token-level labels ``−100`` on both (sequence-level labels are untouched),
 and caller ``position_ids`` are shifted to ``n_i + p`` (virtual slots ``0 … n_i − 1``).  After the forward
 (:meth:`PromptPart.model_post_forward`) per-token outputs — ``logits`` of shape ``(B, n_max + T, V)``,
@@ -25,9 +31,9 @@ positions continues that history and prepends nothing (:func:`continuation`).  I
 *cache's* layout, which the part cannot infer: the caller passes an ``attention_mask`` of width
 ``past + T`` that covers the cached virtual columns and ``position_ids`` that count them (``n_i + t`` for the
 row's ``t``-th token).  Without both the continuation is refused with a :class:`ConfigError` — e.g.
-``generate()`` with a cache, whose mask covers only the caller's tokens: generate with ``use_cache=False``
-there.  :class:`deltatune.serve.Engine` prefills a prompted row on its own (no padding inside the row) and
-decodes it from its cache this way.
+``transformers``' ``generate()`` with a cache, whose mask covers only the caller's tokens: generate with
+``use_cache=False`` there (:func:`deltatune.generate` does).  :class:`deltatune.serve.Engine` prefills a
+prompted row on its own (no padding inside the row) and decodes it from its cache this way.
 """
 
 from __future__ import annotations
@@ -54,20 +60,30 @@ PER_TOKEN_OUTPUTS = ("logits", "last_hidden_state", "start_logits", "end_logits"
 # --------------------------------------------------------------------------------------------------
 # the row layout: pure functions
 # --------------------------------------------------------------------------------------------------
-def virtual_layout(lengths: Tensor, seq: int) -> tuple[Tensor, Tensor]:
+def virtual_layout(lengths: Tensor, seq: int, lead: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``(region, source)`` of shape ``(B, n_max + T)`` for prompts of ``lengths`` ``n_i`` before ``T = seq``
-    tokens: slot ``j`` of row ``i`` is virtual (``j < n_i``), original token ``source[i, j] = j − n_i``
-    (``n_i ≤ j < n_i + T``) or a pad (after; its ``source`` is ``T − 1``, the last token)."""
+    tokens, after ``lead`` ``l_i`` pads (``None``: none): slot ``j`` of row ``i`` is a leading pad (``j < l_i``),
+    virtual (``l_i ≤ j < l_i + n_i``), original token ``source[i, j] = j − l_i − n_i`` (up to ``l_i + n_i + T``)
+    or a trailing pad (after).  A pad's ``source`` is the nearest token: ``0`` before, ``T − 1`` after."""
     width = int(lengths.max()) if lengths.numel() else 0
     j = torch.arange(width + seq, device=lengths.device)[None, :]
-    start = lengths[:, None]
-    region = torch.where(j < start, VIRTUAL, torch.where(j < start + seq, ORIGINAL, PAD))
+    first = lengths.new_zeros(lengths.shape)[:, None] if lead is None else lead[:, None]
+    start = first + lengths[:, None]
+    region = torch.where(j < first, PAD, torch.where(j < start, VIRTUAL, torch.where(j < start + seq, ORIGINAL,
+                                                                                      PAD)))
     return region, (j - start).clamp(0, seq - 1)
 
 
-def original_positions(lengths: Tensor, seq: int) -> Tensor:
-    """``(B, T)``: where row ``i``'s token ``t`` sits in the prompted layout, ``n_i + t``."""
-    return lengths[:, None] + torch.arange(seq, device=lengths.device)[None, :]
+def original_positions(lengths: Tensor, seq: int, lead: Tensor | None = None) -> Tensor:
+    """``(B, T)``: where row ``i``'s token ``t`` sits in the prompted layout, ``l_i + n_i + t``."""
+    start = lengths if lead is None else lead + lengths
+    return start[:, None] + torch.arange(seq, device=lengths.device)[None, :]
+
+
+def leading_pads(lengths: Tensor, left: bool) -> Tensor | None:
+    """Per row, the pads placed before its prompt: ``n_max − n_i`` when ``left`` (every row then ends at the last
+    slot), else ``None`` (the pads trail the row)."""
+    return lengths.max() - lengths if left and lengths.numel() else None
 
 
 def place(values: Tensor, region: Tensor, source: Tensor, virtual: Tensor | float, pad: Tensor | float | None
@@ -93,8 +109,10 @@ def take_original(values: Tensor, positions: Tensor) -> Tensor:
     return values.gather(1, idx)
 
 
-def prompted_embeddings(embeds: Tensor, prompts: Sequence[Tensor | None], rows: Tensor, width: int) -> Tensor:
-    """``(B, width + T, d)``: row ``i`` is ``[prompts[rows[i]]; embeds[i]; zeros]`` (``None``: no prompt).
+def prompted_embeddings(embeds: Tensor, prompts: Sequence[Tensor | None], rows: Tensor, width: int,
+                        left: bool = False) -> Tensor:
+    """``(B, width + T, d)``: row ``i`` is ``[prompts[rows[i]]; embeds[i]; zeros]`` (``None``: no prompt), or
+    ``[zeros; prompts[rows[i]]; embeds[i]]`` when ``left`` (:func:`leading_pads`).
 
     Built per prompt by concatenation, like PEFT's ``cat((prompts, inputs_embeds))``, so the backward pass sums
     each prompt's gradient over its rows in a fixed order: bit-identical reruns (an indexed gather from stacked
@@ -105,7 +123,8 @@ def prompted_embeddings(embeds: Tensor, prompts: Sequence[Tensor | None], rows: 
         p = prompts[k]
         n = 0 if p is None else p.shape[0]
         pieces = [] if p is None else [p.to(embeds.dtype).expand(count, -1, -1)]
-        return torch.cat([*pieces, tokens, embeds.new_zeros(count, width - n, dim)], 1)
+        pads = [embeds.new_zeros(count, width - n, dim)]
+        return torch.cat([*pads, *pieces, tokens] if left else [*pieces, tokens, *pads], 1)
 
     groups = rows.unique().tolist()
     if len(groups) == 1:
@@ -278,9 +297,10 @@ class PromptPart(Part):
         lengths = torch.tensor([0 if p is None else p.shape[0] for p in prompts], device=device)[rows]
         width = int(lengths.max())
         total = width + seq
-        region, source = virtual_layout(lengths, seq)
+        lead = leading_pads(lengths, width != int(lengths.min()) and pools_last_token(model))
+        region, source = virtual_layout(lengths, seq, lead)
 
-        kw["inputs_embeds"] = prompted_embeddings(embeds, prompts, rows, width)
+        kw["inputs_embeds"] = prompted_embeddings(embeds, prompts, rows, width, lead is not None)
         mask = kw.get("attention_mask")
         if mask is not None or width != int(lengths.min()) or kw.get("position_ids") is not None:
             if mask is None:
@@ -292,9 +312,11 @@ class PromptPart(Part):
         if kw.get("token_type_ids") is not None:
             kw["token_type_ids"] = place(kw["token_type_ids"].expand(batch, seq), region, source, 0, 0)
         positions = kw.get("position_ids")
+        if positions is None and lead is not None:  # explicit: a row's positions must not count its leading pads
+            positions = torch.arange(seq, device=device)[None, :]
         last = total
         if positions is not None:
-            kw["position_ids"] = shifted = _shift_positions(positions, lengths, region, source, batch, seq, mask)
+            kw["position_ids"] = shifted = _shift_positions(positions, lengths, lead, region, source, mask)
             last = int(shifted.max()) + 1
         labels = kw.get("labels")
         if isinstance(labels, Tensor) and not labels.is_floating_point() and tuple(labels.shape) == (batch, seq):
@@ -303,7 +325,7 @@ class PromptPart(Part):
         keep = kw.get("logits_to_keep") or 0
         if keep:
             kw["logits_to_keep"] = 0  # all logits: the last tokens of a prompted row are not the last slots
-        return (), kw, _Layout(original_positions(lengths, seq), batch, total, int(keep))
+        return (), kw, _Layout(original_positions(lengths, seq, lead), batch, total, int(keep))
 
     @classmethod
     def model_post_forward(cls, model: nn.Module, output: Any, state: _Layout) -> Any:
@@ -364,10 +386,11 @@ class PromptPart(Part):
                                 f"input in the model's context of {context[0]} positions (config.{context[1]})")
 
 
-def _shift_positions(positions: Tensor, lengths: Tensor, region: Tensor, source: Tensor, batch: int, seq: int,
+def _shift_positions(positions: Tensor, lengths: Tensor, lead: Tensor | None, region: Tensor, source: Tensor,
                      mask: Tensor | None) -> Tensor:
     """Caller ``position_ids`` ``p`` (``(B, T)`` or ``(1, T)``) in the layout: ``n_i + p`` for the tokens,
-    ``0 … n_i − 1`` for the virtual slots, the last token's again for the pads."""
+    ``0 … n_i − 1`` for the virtual slots (after ``lead`` pads), the nearest token's again for the pads."""
+    batch, seq = source.shape[0], region.shape[1] - int(lengths.max())
     if positions.dim() != 2 or positions.shape[1] != seq or positions.shape[0] not in (1, batch):
         raise ConfigError(f"prompt tuning: position_ids must be (batch, seq) = {(batch, seq)} or (1, seq), got "
                           f"{tuple(positions.shape)}")
@@ -375,8 +398,18 @@ def _shift_positions(positions: Tensor, lengths: Tensor, region: Tensor, source:
     if mask is None and seq > 1 and bool((positions.diff(dim=1) != 1).any()):
         raise ConfigError("prompt tuning: position_ids restart inside a row without an attention_mask (packed "
                           "sequences); one prompt cannot precede several packed sequences")
-    j = torch.arange(region.shape[1], device=positions.device)[None, :]
-    return place(positions + lengths[:, None], region, source, j.expand(batch, -1), None)
+    j = torch.arange(region.shape[1], device=positions.device)[None, :].expand(batch, -1)
+    virtual = j if lead is None else (j - lead[:, None]).clamp(min=0)
+    return place(positions + lengths[:, None], region, source, virtual, None)
+
+
+def pools_last_token(model: nn.Module) -> bool:
+    """Whether ``model`` is a decoder's sequence classifier (``*ForSequenceClassification`` with a ``score`` head:
+    Llama, GPT-2, Mistral, Qwen, …), which, given ``inputs_embeds``, pools the *last* slot of every row: a
+    trailing pad for a row with a shorter prompt in a mixed batch, so its rows take their pads first
+    (:func:`leading_pads`).  Encoders pool slot 0, which the pads must not take instead."""
+    return type(model).__name__.endswith("ForSequenceClassification") and isinstance(getattr(model, "score", None),
+                                                                                       nn.Module)
 
 
 def _check_context(model: nn.Module, width: int, seq: int, last: int) -> None:
