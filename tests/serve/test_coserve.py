@@ -72,3 +72,22 @@ def test_the_budget_puts_inference_first_and_bad_configs_are_typed(tmp_path):
         CoTrainConfig(name="x", out=str(tmp_path), steps=0)
     with pytest.raises(ConfigError):
         token_batches([[1]], max_len=8)
+
+
+def test_a_co_served_step_trains_its_parts_in_training_mode_with_their_aux_loss(tmp_path):
+    """The engine keeps the served model in eval mode; the job's parts train in training mode (dropout acts, MixLoRA
+    computes its load-balancing loss, which joins the loss) and go back to eval mode for serving."""
+    engine = _engine(randomize_delta(tiny_llama(), deltatune.LoRAConfig(r=2), seed=1, std=0.3))
+    job = CoTrainJob(engine, deltatune.make_config("mixlora", {"num_experts": 3, "r": 2, "dropout": 0.3}),
+                     [[1, 2, 3, 4, 5]], CoTrainConfig(name="mix", out=str(tmp_path / "mix"), steps=5))
+    modes: list[bool] = []
+    lm_losses: list[float] = []
+    for part in job.delta.parts.values():
+        part.register_forward_hook(lambda m, a, o: modes.append(m.training))
+    engine.model.register_forward_hook(lambda m, a, o: lm_losses.append(float(o.loss)))
+    assert job.step(100) == 5
+    aux = job.delta.aux_loss()
+    assert modes and all(modes) and not engine.model.training
+    assert not any(p.training for p in job.delta.parts.values())  # back to eval for serving
+    assert aux is not None and float(aux) > 0
+    assert job.losses == [pytest.approx(lm_losses[0] + float(aux), abs=1e-6)]

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from deltatune.config import require
 from deltatune.delta import Delta
@@ -81,8 +83,8 @@ class CoTrainJob:
         if self.done or len(self._next) > free_tokens:
             return 0
         ids = torch.tensor([self._next], device=next(self.engine.model.parameters()).device)
-        with torch.enable_grad(), routed(Routing.per_row([self.key])):
-            loss = self.engine.model(input_ids=ids, labels=ids).loss
+        with torch.enable_grad(), routed(Routing.per_row([self.key])), self._parts_training():
+            loss = self._loss(ids)
             loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -92,6 +94,27 @@ class CoTrainJob:
         if len(self.losses) >= self.config.steps:
             self._finish()
         return used
+
+    def _loss(self, ids: Tensor) -> Tensor:
+        """The causal-LM loss of the micro-batch ``ids`` plus the delta's auxiliary losses of that forward (e.g.
+        MixLoRA's load balancing, coefficients applied), as the training loop adds them."""
+        loss = self.engine.model(input_ids=ids, labels=ids).loss
+        aux = self.delta.aux_loss()
+        return loss if aux is None else loss + aux.to(loss.dtype)
+
+    @contextmanager
+    def _parts_training(self) -> Iterator[None]:
+        """The job's parts in training mode for its step (dropout acts, a mixture computes its load-balancing
+        loss), back in eval mode after it: the engine keeps the served model in eval, and the parts were attached
+        in its mode."""
+        parts = list(self.delta.parts.values())
+        for part in parts:
+            part.train(True)
+        try:
+            yield
+        finally:
+            for part in parts:
+                part.train(False)
 
     def _finish(self) -> None:
         self.done = True
