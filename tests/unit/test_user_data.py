@@ -88,10 +88,32 @@ def test_csv_cells_are_read_as_spelled_and_only_plain_integers_become_integers(t
     ev = tmp_path / "codes.jsonl"
     ev.write_text('{"text": "x", "label": "010"}\n{"text": "y", "label": "001"}\n')
     assert user_data.to_examples(user_data.read_table(str(ev)), info, str(ev))["label"] == [2, 0]
-    for spelled in ("1.0", "+1", "01"):  # not plain integers: the column keeps its text
+    for spelled in ("1.5", "+1", "01"):  # not plain integers: the column keeps its text
         other = tmp_path / "other.csv"
         other.write_text(f"text,label\na,{spelled}\nb,2\n")
         assert user_data.read_table(str(other))["label"] == [spelled, "2"]
+
+
+def test_integer_labels_written_with_a_zero_decimal_map_as_integers(tmp_path):
+    """pandas writes integer labels as 1.0/0.0 once the column held a NaN: they are the classes 0 and 1, so an eval
+    file spelling them 1/0 (or a delta trained before) maps."""
+    train, dev = tmp_path / "train.csv", tmp_path / "dev.csv"
+    train.write_text("text,label\na,1.0\nb,0.0\nc,1.0\n")
+    dev.write_text("text,label\nx,1\ny,0\n")
+    info = user_data.task_info("classify", user_data.read_table(str(train)), str(train), "text", None, "label")
+    assert info.label_names == [0, 1]
+    assert user_data.to_examples(user_data.read_table(str(dev)), info, str(dev))["label"] == [1, 0]
+
+
+def test_a_tsv_whose_stray_quotes_swallow_rows_keeps_its_rows(tmp_path):
+    """A missing cell with GLUE-style stray quotes: CSV's quoting would swallow rows (tabs and all) up to the next
+    quote; quoting stays off, every row is kept and the missing label is the error."""
+    path = tmp_path / "stray.tsv"
+    path.write_text('sentence\tlabel\n"Spirited Away is great\t1\nbad film\t\nawful\t0\nit\'s "fine\t1\nok\t1\n')
+    table = user_data.read_table(str(path))
+    assert len(table) == 5 and table["sentence"][0] == '"Spirited Away is great'
+    with pytest.raises(DataError, match=r"stray\.tsv: row 2, column 'label': missing label"):
+        user_data.task_info("classify", table, str(path), "sentence", None, "label")
 
 
 def test_a_first_row_longer_than_the_header_is_an_error_not_a_shifted_table(tmp_path):

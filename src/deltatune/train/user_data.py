@@ -111,8 +111,8 @@ def _tsv_table(path: Path, spec: str) -> datasets.Dataset:
                 quoted = _load_file("csv", path, spec, quoted=True)
             except DataError:
                 return table
-            if _first_missing_cell(quoted) is not None:
-                return table
+            if _first_missing_cell(quoted) is not None or not _only_line_breaks_joined(table, quoted):
+                return table  # the missing cell is the file's own (its error comes later), not a split row
             why = f"with quoting off {short} is missing, with CSV's quoting no cell is (a quoted line break?)"
             table = quoted
         else:
@@ -120,6 +120,24 @@ def _tsv_table(path: Path, spec: str) -> datasets.Dataset:
     warnings.warn(f"{path}: {why}; the file is read with CSV's quoting (a TSV like GLUE's is read with quoting off)",
                   stacklevel=3)
     return table
+
+
+def _only_line_breaks_joined(plain: datasets.Dataset, quoted: datasets.Dataset) -> bool:
+    """Whether CSV's quoting read ``quoted`` differs from the quoting-off read ``plain`` only by joining rows a
+    quoted line break split: no quoted cell holds the separator (a GLUE-style stray ``"`` swallows whole rows, tabs
+    and all, up to the next one) and the rows it has fewer are its cells' line breaks."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    breaks = 0
+    for name in quoted.column_names:
+        column = quoted.data.column(name)
+        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+            continue
+        if pc.any(pc.match_substring(column, "\t")).as_py():
+            return False
+        breaks += sum(pc.count_substring(column, "\n").fill_null(0).to_pylist())
+    return len(plain) - len(quoted) == breaks
 
 
 def _first_missing_cell(table: datasets.Dataset) -> str | None:
@@ -132,14 +150,15 @@ def _first_missing_cell(table: datasets.Dataset) -> str | None:
     return None
 
 
-#: a cell that is a plain integer as written (no sign but ``-``, no leading zero, no decimal point), int64-sized
-_PLAIN_INT = r"^-?(0|[1-9][0-9]{0,17})$"
+#: a cell that is a plain integer as written (no sign but ``-``, no leading zero), int64-sized, optionally with a
+#: zero decimal part (``1.0``: pandas' ``to_csv`` writes integer labels so once the column held a NaN)
+_PLAIN_INT = r"^-?(0|[1-9][0-9]{0,17})(\.0+)?$"
 
 
 def _canonical_ints(table: datasets.Dataset) -> datasets.Dataset:
     """Columns of a CSV/TSV read as text whose every cell is a plain integer (:data:`_PLAIN_INT`) as ``int64``, the
-    label ids and numeric columns users mean; any other cell (``001``, ``1.0``, ``+1``, a word) keeps its column
-    text, as spelled."""
+    label ids and numeric columns users mean (``1.0`` read as ``1``, as pandas' number parsing read it before); any
+    other cell (``001``, ``1.5``, ``+1``, a word) keeps its column text, as spelled."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -150,7 +169,8 @@ def _canonical_ints(table: datasets.Dataset) -> datasets.Dataset:
                 column.null_count == len(column):
             continue
         if pc.all(pc.match_substring_regex(column, _PLAIN_INT).fill_null(True)).as_py():
-            data = data.set_column(i, name, pc.cast(column, pa.int64()))
+            whole = pc.replace_substring_regex(column, r"\.0+$", "")
+            data = data.set_column(i, name, pc.cast(whole, pa.int64()))
     return datasets.Dataset(data)
 
 
