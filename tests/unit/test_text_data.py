@@ -92,6 +92,9 @@ def test_a_prompt_that_fills_max_length_is_skipped_not_trained_as_nan(tmp_path: 
     ds = instruction_pairs(path, tokenizer, max_length=5)
     assert len(ds) == 1 and any(t != -100 for t in ds[0]["labels"])
     assert "skipped 2 of 3 records whose prompt fills --max-length 5 tokens (first: line 1)" in capsys.readouterr().err
+    first_only = _write_jsonl(tmp_path / "first.jsonl", [json.dumps({"prompt": "", "response": "x y"})])
+    with pytest.raises(DataError, match="every record"):  # its one kept label is token 0, which nothing predicts
+        instruction_pairs(first_only, tokenizer, max_length=1)
     only_long = _write_jsonl(tmp_path / "long.jsonl", [long])
     with pytest.raises(DataError, match="every record's prompt fills --max-length 5"):
         instruction_pairs(only_long, tokenizer, max_length=5)

@@ -164,7 +164,7 @@ def instruction_pairs(
     skipped: list[int] = []
     for p, r, line_no in zip(prompt_ids, response_ids, lines, strict=True):
         lab = ([IGNORE_INDEX] * len(p) + list(r) + tail)[:max_length]
-        if all(t == IGNORE_INDEX for t in lab):
+        if all(t == IGNORE_INDEX for t in lab[1:]):  # the model predicts token i from those before it: none for 0
             skipped.append(line_no)
             continue
         input_ids.append((list(p) + list(r) + tail)[:max_length])
