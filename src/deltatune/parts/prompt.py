@@ -52,7 +52,10 @@ from deltatune.parts.meta_checks import check_keys, check_shape, check_state, me
 
 VIRTUAL, ORIGINAL, PAD = 0, 1, 2
 IGNORE_INDEX = -100  # the label HF losses ignore
-CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length")
+#: The names model configs give their context length, first match wins (GPT-2 and BLOOM-likes: ``n_positions`` /
+#: ``n_ctx``; MPT: ``max_seq_len``; ChatGLM, Qwen 1: ``seq_length``).
+CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "seq_length",
+                  "max_sequence_length")
 CACHE_ARGS = ("cache", "past_key_values")
 PER_TOKEN_OUTPUTS = ("logits", "last_hidden_state", "start_logits", "end_logits")
 
@@ -162,7 +165,11 @@ def input_embedding(model: nn.Module, where: str = "model") -> nn.Module:
 
 def model_context(model: nn.Module) -> tuple[int, str] | None:
     """``(positions, config field)``: the model's context length, or ``None`` where its config names none."""
-    config = getattr(model, "config", None)
+    return config_context(getattr(model, "config", None))
+
+
+def config_context(config: Any) -> tuple[int, str] | None:
+    """``(positions, field)``: the context length a model config records (:data:`CONTEXT_FIELDS`), or ``None``."""
     for name in CONTEXT_FIELDS:
         value = getattr(config, name, None)
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from deltatune.parts.prompt import pools_last_token
 from deltatune.routing import Routing, routed
 from deltatune.serve.requests import EncodeRequest, EncodeResult
 
@@ -22,10 +23,11 @@ def encode_group(model: nn.Module, pad_id: int, device: torch.device, task: str,
                  group: Sequence[tuple[EncodeRequest, str | None]]) -> list[EncodeResult]:
     """``task`` "classify": the softmax of each row's logits; "embed": the mean of the last hidden states over the
     row's tokens, L2-normalised.  ``group`` pairs each request with its delta key (``None``: the base).  Rows run
-    in padded batches, or — for a classifier that reads its prediction at the last token — in batches without
-    padding (:func:`padding_free`), so every row's result is the one it gets alone."""
+    in padded batches; a decoder classifier, which reads its prediction at the last token
+    (:func:`~deltatune.parts.prompt.pools_last_token`), in the batches :func:`padding_free` makes, so every row's
+    result is the one it gets alone."""
     every = [list(range(len(group)))]
-    batches = padding_free(model, group) if task == "classify" and reads_last_token(model) else every
+    batches = padding_free(model, group, pad_id) if task == "classify" and pools_last_token(model) else every
     results: list[EncodeResult | None] = [None] * len(group)
     for rows in batches:
         for i, result in zip(rows, _encode_batch(model, pad_id, device, task, [group[i] for i in rows]), strict=True):
@@ -33,18 +35,15 @@ def encode_group(model: nn.Module, pad_id: int, device: torch.device, task: str,
     return [r for r in results if r is not None]
 
 
-def reads_last_token(model: nn.Module) -> bool:
-    """Whether ``model`` is a decoder sequence classifier (``LlamaForSequenceClassification``, GPT-2's, OPT's...:
-    a ``score`` head), which classifies at the last token that is not ``config.pad_token_id``: with right padding
-    that is a padding column when the config's pad id is unset or is not the tokenizer's (encoders pool the first
-    token and are exact with any padding)."""
-    return isinstance(getattr(model, "score", None), nn.Module)
-
-
-def padding_free(model: nn.Module, group: Sequence[tuple[EncodeRequest, str | None]]) -> list[list[int]]:
-    """The rows of ``group`` (indices) in batches of one length each — no padding to misread — and one row per
-    batch when the model's config has no pad id (``transformers`` refuses batches of more rows then)."""
-    if getattr(model.config, "pad_token_id", None) is None:
+def padding_free(model: nn.Module, group: Sequence[tuple[EncodeRequest, str | None]], pad_id: int) -> list[list[int]]:
+    """The rows of ``group`` (indices) in batches a decoder classifier reads right: all in one padded batch where the
+    config's pad id is the one padding with (it then finds each row's last real token), else batches of one length
+    each — no padding to misread — and one row per batch when the config has no pad id (``transformers`` refuses
+    batches of more rows then)."""
+    config_pad = getattr(model.config, "pad_token_id", None)
+    if config_pad == pad_id:
+        return [list(range(len(group)))]
+    if config_pad is None:
         return [[i] for i in range(len(group))]
     by_length: dict[int, list[int]] = {}
     for i, (r, _) in enumerate(group):

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from transformers import DynamicCache
 
+from deltatune.parts.prompt import config_context
 from deltatune.serve.kv_buffer import growing_cache
 
 
@@ -99,18 +100,11 @@ class BatchKV:
         self.lengths = [n + 1 for n in self.lengths]
 
 
-#: The names model configs give their context length (GPT-2 and BLOOM-likes: ``n_positions``; MPT: ``max_seq_len``;
-#: ChatGLM, Qwen 1: ``seq_length``), first match wins.
-CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
-
-
 def context_length(config: Any) -> int | None:
-    """The model's context in positions, under whichever name its config uses (``None``: it records none)."""
-    for key in CONTEXT_KEYS:
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
+    """The model's context in positions, under whichever name its config uses
+    (:func:`deltatune.parts.prompt.config_context`; ``None``: it records none)."""
+    found = config_context(config)
+    return found[0] if found is not None else None
 
 
 def one_row_if_sliding(model: nn.Module, config: Any) -> Any:

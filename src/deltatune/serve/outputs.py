@@ -73,12 +73,15 @@ def token_output(request_id: str, prompt_tokens: int, generated: list[int], sent
     """``(output, finish reason or None, the decoded generation)`` after ``choice.token`` was appended to
     ``generated``; ``output.text`` is the piece to send after ``sent``; ``before`` is the decode of ``generated``
     without its last token (the previous call's third value: the engine keeps it, so each token is decoded
-    against its prefix once)."""
+    against its prefix once).  While the decode ends in an incomplete character (byte-level BPE splits one over
+    several tokens: ``\ufffd``), the token's text is ``""`` and ``before`` stays, so the token completing it carries
+    the whole character and the tokens' texts still add up to the text."""
     decoded = text_of(generated)
     text, stopped = stop_cut(decoded, params.stop)
+    complete = before if decoded.endswith("\ufffd") else decoded  # a character still missing bytes: text later
     reason = finish_reason(stopped, choice.token, len(generated), virtual + prompt_tokens + len(generated), params,
                            eos, max_positions)
     piece = new_piece(text, sent, params.stop, reason is not None)
-    logprobs = token_logprobs(choice, params, text_of, generated, before, decoded)
+    logprobs = token_logprobs(choice, params, text_of, generated, before, complete)
     return Output(request_id, piece, [choice.token], logprobs, prompt_tokens=prompt_tokens,
-                  completion_tokens=len(generated)), reason, decoded
+                  completion_tokens=len(generated)), reason, complete
