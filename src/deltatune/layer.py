@@ -34,9 +34,13 @@ from torch.func import functional_call
 from deltatune.errors import ConfigError, DeltaTuneError
 from deltatune.parts.base import Part, route_rows
 from deltatune.parts.layers import LayerKind, layer_kind
-from deltatune.routing import Routing, current_routing, row_index
+from deltatune.routing import Routing, current_routing, row_index, running_on
 
 INPUT_KEYWORDS = ("hidden_states", "input", "x", "input_ids")
+
+#: A delta with parts on two modules that share a weight (tied embeddings) also sees, on each, the other's update:
+#: under ``<name>@tied:<other module>`` (see :func:`deltatune.model.attach_parts`).
+TIED_SUFFIX = "@tied:"
 
 
 @dataclass
@@ -206,12 +210,13 @@ class DeltaLayer(PartHolder):
             call = replace(call, x=call.x.expand(batch, *call.x.shape[1:]))
         ids = plan.ids_for(routing, call.x)
         rows_apart = call.plain and not plan.nests  # rows may be run apart: nothing inside routes them again
-        if rows_apart and len(plan.kinds) == 1 and plan.own_mixed_forward:
+        batched = rows_apart and not plan.stacked  # one part per delta: the kinds' batched passes may run it
+        if batched and len(plan.kinds) == 1 and plan.own_mixed_forward:
             cls, _, _ = plan.kinds[0]
             cache = routing.cache.setdefault((id(self), cls.kind), {})
             base = self.base if cls.additive else Inner(self.base, _bare(self.base), call)
             return cls.mixed_forward(call.x, base, parts, ids, cache)
-        if rows_apart and all(onto is not None for _, _, onto in plan.kinds):
+        if batched and all(onto is not None for _, _, onto in plan.kinds):
             # the base once for the whole batch — on the input as kinds acting before the module (``mixed_before``)
             # change their own rows of it; then each kind changes only its own rows of the output (rows are disjoint)
             inp = call.x
@@ -223,18 +228,22 @@ class DeltaLayer(PartHolder):
             for cls, own, onto in plan.kinds:
                 out = onto(call.x, out, self.base, own, ids, routing.cache.setdefault((id(self), cls.kind), {}))
             return out
-        # extra arguments, or a kind that cannot start from the shared output: each part on its rows (on the
-        # whole batch when the other arguments cannot be split by rows), then the rows kept
+        # extra arguments, a kind that cannot start from the shared output, or a delta with several parts here: each
+        # delta's parts on its rows (on the whole batch when the other arguments cannot be split by rows), then the
+        # rows kept
         a, k = call.arguments(call.x)
         out = self.base(*a, **k)
-        runs = [None if p is None else self.stack([p], call) for p in parts]
+        runs = [self.stack(group, call) if group else None for group in plan.groups]
         if rows_apart:
             return route_rows(call.x, out, ids, runs)
         for pid, run in enumerate(runs):
-            if run is None or not bool((ids == pid).any()):
+            rows = ids == pid
+            if run is None or not bool(rows.any()):
                 continue
-            mask = (ids == pid).reshape(*ids.shape, *([1] * (first(out).dim() - ids.dim())))
-            out = replace_first(out, torch.where(mask, first(run(call.x)).to(first(out).dtype), first(out)))
+            with running_on(rows):
+                y = first(run(call.x))
+            mask = rows.reshape(*ids.shape, *([1] * (first(out).dim() - ids.dim())))
+            out = replace_first(out, torch.where(mask, y.to(first(out).dtype), first(out)))
         return out
 
 
@@ -243,10 +252,14 @@ Onto = Callable[[Tensor, Any, nn.Module, list, Tensor, dict], Any]
 
 @dataclass
 class _Plan:
-    """A layer's parts under one routing: ``parts[k]`` for id ``k``; ``kinds``: per part family, the parts of that
-    family (``None`` elsewhere) and how it applies them onto the shared base output (``None``: it cannot)."""
+    """A layer's parts under one routing: ``groups[k]``, every part delta ``k`` runs here (its own and its tied
+    aliases, as a plain forward runs them), ``parts[k]`` the first of them; ``stacked``: some delta has several
+    (they run stacked, each delta on its rows); ``kinds``: per part family, the parts of that family (``None``
+    elsewhere) and how it applies them onto the shared base output (``None``: it cannot)."""
 
+    groups: list[list[Part]]
     parts: list[Part | None]
+    stacked: bool
     kinds: list[tuple[type[Part], list[Part | None], Onto | None]]
     nests: bool
     own_mixed_forward: bool
@@ -255,12 +268,14 @@ class _Plan:
 
     @classmethod
     def of(cls, layer: DeltaLayer, routing: Routing) -> _Plan:
-        parts = [layer.parts[n] if n is not None and n in layer.parts else None for n in routing.names]
+        groups = [[] if n is None else _delta_parts(layer, n) for n in routing.names]
+        parts = [group[0] if group else None for group in groups]
         classes = list(dict.fromkeys(_family(type(p)) for p in parts if p is not None))
         kinds = [(c, [p if p is not None and _family(type(p)) is c else None for p in parts], _onto(c, layer.base))
                  for c in classes]
         own = len(classes) == 1 and getattr(classes[0].mixed_forward, "__func__", None) is not _GENERIC_MIXED
-        return cls(parts, kinds, layer.nests() if classes else False, own, layer._version)
+        stacked = any(len(group) > 1 for group in groups)
+        return cls(groups, parts, stacked, kinds, layer.nests() if classes else False, own, layer._version)
 
     def ids_for(self, routing: Routing, x: Tensor) -> Tensor:
         """The routing's ids on ``x``'s device, checked against ``x``'s leading dimensions (kept per device)."""
@@ -273,6 +288,14 @@ class _Plan:
 
 
 _GENERIC_MIXED = Part.mixed_forward.__func__  # type: ignore[attr-defined]
+
+
+def _delta_parts(layer: PartHolder, name: str) -> list[Part]:
+    """The parts of delta ``name`` on ``layer``, in attach order: its own and, on a module whose weight is tied to
+    another it also has a part on, that part's alias (``<name>@tied:…``) — a routed row runs them all, as a plain
+    forward of the delta does."""
+    tied = f"{name}{TIED_SUFFIX}"
+    return [part for key, part in layer.parts.items() if key == name or key.startswith(tied)]
 
 
 def _family(cls: type[Part]) -> type[Part]:

@@ -18,7 +18,7 @@ from torch import nn
 from deltatune.delta import Delta
 from deltatune.errors import DeltaFormatError, ShapeMismatch, TargetError
 from deltatune.fingerprint import check_fingerprint, fingerprint
-from deltatune.layer import DeltaLayer, ModelParts
+from deltatune.layer import TIED_SUFFIX, DeltaLayer, ModelParts
 from deltatune.parts.base import MODEL_LEVEL, Part
 from deltatune.parts.capabilities import require_capability
 from deltatune.parts.head import RoutedHead
@@ -104,9 +104,6 @@ def holders(model: nn.Module) -> list[DeltaLayer | ModelParts]:
     return [layer for _, layer in delta_layers(model)] + ([container] if container is not None else [])
 
 
-TIED_SUFFIX = "@tied:"
-
-
 def attach_parts(model: nn.Module, parts: dict[str, Part], name: str = DEFAULT, activate: bool = True) -> None:
     """Wrap each target module and add its part under ``name``, on the base module's device.
 
@@ -157,14 +154,18 @@ def tied_aliases(model: nn.Module, name: str) -> list[str]:
     return [n for n, m in logical_modules(model) if n != name and getattr(m, "weight", None) is weight]
 
 
-def freeze_base(model: nn.Module, trainable_heads: Iterable[str] = ()) -> None:
-    """Base tensors frozen; every attached part and every named head module trainable."""
+def freeze_base(model: nn.Module, trainable_heads: Iterable[str] = (), parts: Iterable[Part] | None = None) -> None:
+    """Base tensors frozen; ``parts`` (the delta just attached; ``None``: every attached part) and every named head
+    module trainable.  Other attached parts keep their state: attaching a second delta leaves the first as it was
+    (a delta kept frozen beside the one being trained stays frozen)."""
+    attached = [part for container in holders(model) for part in container.parts.values()]
+    own = {id(p) for part in attached for p in part.parameters()}
     for p in model.parameters():
-        p.requires_grad_(False)
-    for container in holders(model):
-        for part in container.parts.values():
-            for p in part.parameters():
-                p.requires_grad_(True)
+        if id(p) not in own:
+            p.requires_grad_(False)
+    for part in attached if parts is None else parts:
+        for p in part.parameters():
+            p.requires_grad_(True)
     for head in trainable_heads:
         for p in model.get_submodule(head).parameters():
             p.requires_grad_(True)
@@ -185,7 +186,7 @@ def attach(model: nn.Module, config, heads: Sequence[str] | None = None, name: s
     fp = fingerprint(model, exclude=heads)
     parts = method.create_parts(model, config, exclude=heads)
     attach_parts(model, parts, name)
-    freeze_base(model, heads)
+    freeze_base(model, heads, parts.values())
     delta = Delta(method=config.method, config=method.config_dict(config), parts=parts, fingerprint=fp)
     delta.bind_heads({h: get_module(model, h) for h in heads})  # saved as they are when saved: never stale
     return delta

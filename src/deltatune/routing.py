@@ -103,3 +103,23 @@ def routed(routing: Routing | None) -> Iterator[Routing | None]:
         yield routing
     finally:
         _CURRENT.reset(token)
+
+
+_OWN_ROWS: ContextVar[Tensor | None] = ContextVar("deltatune_own_rows", default=None)
+
+
+def own_rows() -> Tensor | None:
+    """Inside :func:`running_on`: which rows (tokens) of the batch a part running on the whole batch serves;
+    ``None`` elsewhere (the part serves every row it sees)."""
+    return _OWN_ROWS.get()
+
+
+@contextmanager
+def running_on(rows: Tensor) -> Iterator[None]:
+    """A routed layer runs one delta's parts on the whole batch and keeps only ``rows`` (bool, the ids' shape) of
+    their output: a part that gathers statistics over its input (MixLoRA's load balance) counts those rows only."""
+    token = _OWN_ROWS.set(rows)
+    try:
+        yield
+    finally:
+        _OWN_ROWS.reset(token)

@@ -523,3 +523,25 @@ def test_lora_on_gate_proj_nests_under_the_mixture(tmp_path) -> None:
     assert max_diff(logits(model, inputs), logits(only_lora, inputs)) <= 1e-6
     deltatune.detach(model)
     assert torch.equal(logits(model, inputs), logits(TINY_MODELS["llama"](), inputs))
+
+
+def test_the_load_balance_of_a_routed_mixture_nesting_another_delta_counts_its_own_rows() -> None:
+    """A mixture whose block nests another delta's wrapped projections runs on the whole batch (the nested layers
+    route the batch): its load-balancing statistics still count only the rows routed to it."""
+    lora = randomize_delta(TINY_MODELS["llama"](), deltatune.LoRAConfig(r=2), 41, 0.2)
+    mix = randomize_delta(TINY_MODELS["llama"](), small(attention_targets=[]), 42, 0.2)
+    model = TINY_MODELS["llama"]()
+    attach_parts(model, mix.parts, "m")
+    attach_parts(model, lora.parts, "l")
+    model.train()
+    inputs = {k: v for k, v in tiny_inputs("llama", batch=2, seq=6).items() if k != "labels"}
+    with torch.no_grad(), deltatune.mixed_batch(model, ["m", "l"]):
+        model(**inputs)
+    mixed = [v for p in mix.parts.values() if p.has_aux_loss for v in (float(p._stats[2]), float(p.aux_loss()))]
+    alone = TINY_MODELS["llama"]()
+    attach_parts(alone, mix.parts, "m")
+    alone.train()
+    with torch.no_grad():
+        alone(**{k: v[:1] for k, v in inputs.items()})
+    assert mixed == pytest.approx([v for p in mix.parts.values() if p.has_aux_loss
+                                   for v in (float(p._stats[2]), float(p.aux_loss()))], rel=1e-5)

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import randomize_delta, tiny_bert, tiny_inputs, tiny_llama
+from conftest import randomize_delta, tiny_bert, tiny_gpt2, tiny_inputs, tiny_llama
 from torch import Tensor, nn
 
 import deltatune
@@ -21,6 +21,7 @@ from deltatune.model import attach_parts, detach, get_module, physical_path, rou
 from deltatune.parts import LoRAPart, SparsePart
 from deltatune.parts.base import Part
 from deltatune.routing import Routing, current_routing
+from deltatune.train.integration import param_groups
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -232,3 +233,91 @@ def test_aux_losses_are_summed_from_the_parts() -> None:
     assert delta.has_aux_loss and delta.aux_loss() is None  # no forward yet
     logits(model, tiny_inputs("llama"))
     assert torch.allclose(delta.aux_loss(), torch.tensor(0.25 + 0.25))
+
+
+def _randomized(model: nn.Module, method: str, options: dict[str, Any], name: str, seed: int) -> Delta:
+    """``method`` attached to ``model`` under ``name`` with every part tensor drawn from N(0, 0.2²) (seeded)."""
+    delta = deltatune.attach(model, deltatune.make_config(method, options), name=name)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for part in delta.parts.values():
+            for p in part.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    return delta
+
+
+@pytest.mark.parametrize(("method", "names"), [("dora", ["a", None]), ("ssf", ["a", "l"])])
+def test_a_merge_renews_the_batched_forms_kept_from_the_old_base(method: str, names: list[str | None]) -> None:
+    """A base-dependent part keeps its batched form (DoRA's scales, SSF's dense update) keyed on the base tensors'
+    version counters: a merge into that base must bump them, or routed rows use the form of the old base."""
+    model = tiny_llama()
+    _randomized(model, method, {"r": 2} if method == "dora" else {}, "a", 1)
+    _randomized(model, "lora", {"r": 2}, "l", 3)
+    merged = _randomized(tiny_llama(), "lora", {"r": 2}, "m", 2)
+    model.eval()
+    inputs = tiny_inputs("llama", batch=2, seq=5)
+    with deltatune.mixed_batch(model, names):
+        logits(model, inputs)  # keeps the batched forms
+    deltatune.model.merge_delta(model, merged, force=True)
+    with deltatune.mixed_batch(model, names):
+        routed = logits(model, inputs)
+    detach(model, "l")
+    plain = logits(model, {k: v[:1] for k, v in inputs.items()})  # delta a alone, read from the merged base
+    assert torch.allclose(routed[:1], plain, atol=1e-5)
+
+
+def test_a_routed_row_runs_the_tied_aliases_of_its_delta() -> None:
+    """A delta with parts on both of GPT-2's tied modules (wte and lm_head) sees on each the other's update too,
+    under ``<name>@tied:…``: a routed row runs those aliases as a plain forward of the delta does."""
+    model = tiny_gpt2()
+    _randomized(model, "lora", {"r": 2, "targets": ["transformer.wte", "lm_head"]}, "a", 2)
+    assert any("@tied:" in n for m in ("lm_head", "transformer.wte") for n in model.get_submodule(m).parts)
+    model.eval()
+    inputs = tiny_inputs("gpt2", batch=2, seq=5)
+    plain = logits(model, inputs)
+    with deltatune.mixed_batch(model, ["a", None]):
+        routed = logits(model, inputs)
+    bare = logits(tiny_gpt2(), inputs)
+    assert torch.allclose(routed[:1], plain[:1], atol=1e-5)
+    assert torch.allclose(routed[1:], bare[1:], atol=1e-5)
+
+
+def test_all_linear_leaves_out_the_lm_head_once_another_delta_wrapped_it() -> None:
+    """``get_output_embeddings`` returns the wrapper of a wrapped LM head: ``all-linear`` still leaves it out."""
+    model = tiny_llama()
+    fresh = select_modules(model, ["all-linear"])
+    deltatune.attach(model, deltatune.make_config("lora", {"r": 2, "targets": ["lm_head"]}), name="head")
+    assert "lm_head" not in fresh
+    assert select_modules(model, ["all-linear"]) == fresh
+    assert "lm_head" not in deltatune.attach(model, deltatune.make_config("lora", {"r": 2}), name="second").parts
+
+
+def test_a_routed_training_row_drops_out_the_lora_input_as_a_plain_forward_does() -> None:
+    model = tiny_llama()
+    _randomized(model, "lora", {"r": 4, "alpha": 8.0, "dropout": 0.5}, "a", 1)
+    inputs = tiny_inputs("llama", batch=2, seq=5)
+    model.eval()
+    with deltatune.mixed_batch(model, ["a", None]):
+        evaluated = logits(model, inputs)
+    model.train()
+    torch.manual_seed(0)
+    with deltatune.mixed_batch(model, ["a", None]):
+        trained = logits(model, inputs)
+    assert not torch.allclose(trained[0], evaluated[0], atol=1e-3)  # the LoRA branch saw a dropped-out input
+    assert torch.allclose(trained[1], evaluated[1], atol=1e-6)  # a base row has no dropout
+
+
+def test_attaching_a_second_delta_leaves_the_first_alone() -> None:
+    """Attaching B keeps A's parts as they were (frozen here), and B's optimiser takes B's parts only — also while A
+    is trainable — so training B never changes A."""
+    model = tiny_llama()
+    first = deltatune.attach(model, deltatune.LoRAConfig(r=2), name="A")
+    first_params = [p for part in first.parts.values() for p in part.parameters()]
+    for p in first_params:
+        p.requires_grad_(False)
+    second = deltatune.attach(model, deltatune.LoRAConfig(r=2), name="B")
+    assert not any(p.requires_grad for p in first_params)
+    for p in first_params:
+        p.requires_grad_(True)
+    listed = {id(p) for group in param_groups(model, second, 1e-3) for p in group["params"]}
+    assert listed == {id(p) for part in second.parts.values() for p in part.parameters()}

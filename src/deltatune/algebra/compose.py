@@ -27,7 +27,7 @@ from deltatune.delta import Delta
 from deltatune.errors import ConfigError, FingerprintMismatch, ShapeMismatch, TargetError
 from deltatune.fingerprint import describe_field, fingerprint, fingerprint_differences, weights_only
 from deltatune.model import attach_parts, delta_layers, detach, get_module, load_heads
-from deltatune.parts.base import Part
+from deltatune.parts.base import Part, writable, write_in_place
 from deltatune.parts.bias import ADDED as ADDED_MARK
 from deltatune.parts.capabilities import require_capability
 
@@ -57,9 +57,9 @@ class _Snapshot:
         """Copy every saved value back; each copy holds the state *before* the delta, so order is free."""
         with torch.no_grad():
             for tensor, idx, values in self.at:
-                tensor.data.view(-1).index_copy_(0, idx, values)
+                writable(tensor).view(-1).index_copy_(0, idx, values)
             for tensor, copy in self.whole:
-                tensor.data.copy_(copy)
+                write_in_place(tensor, copy)
         for module, name in self.added:
             setattr(module, name, None)
             if hasattr(module, ADDED_MARK):
@@ -210,7 +210,7 @@ class DeltaStack:
         with torch.no_grad():
             for name, delta in part.updates(before).items():
                 p = own[name]
-                p.data.copy_((p.data.float() + delta.to(device=p.device, dtype=torch.float32)).to(p.dtype))
+                write_in_place(p, p.detach().float() + delta.to(device=p.device, dtype=torch.float32))
 
     # --- push / pop ---------------------------------------------------------------------------
     def push(self, delta: Delta, where: str | None = None, mode: Mode | None = None, on_top: bool = False) -> None:

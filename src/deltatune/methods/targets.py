@@ -62,11 +62,15 @@ def _excluded(name: str, exclude: Iterable[str]) -> bool:
 
 
 def output_layer_names(model: nn.Module) -> set[str]:
-    """The LM head (``get_output_embeddings``), which ``all-linear`` leaves out as PEFT does."""
+    """The LM head (``get_output_embeddings``), which ``all-linear`` leaves out as PEFT does.  Once a delta has
+    wrapped it, the getter returns the wrapper: the module compared is the one it wraps."""
+    from deltatune.layer import DeltaLayer
     from deltatune.model import logical_modules
 
     getter = getattr(model, "get_output_embeddings", None)
     out = getter() if callable(getter) else None
+    if isinstance(out, DeltaLayer):
+        out = out.base
     return {n for n, m in logical_modules(model) if out is not None and m is out}
 
 

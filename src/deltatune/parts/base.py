@@ -350,13 +350,28 @@ def route_rows(x: Tensor, out: Tensor, ids: Tensor, runs: Sequence[Any]) -> Tens
     return flat.reshape(out.shape)
 
 
+def writable(tensor: Tensor) -> Tensor:
+    """The tensor a merge or revert writes ``tensor``'s values through: ``tensor`` itself, so the write bumps its
+    version counter, which :meth:`Part.prepared` keys its kept batched forms on (a ``.data`` write leaves it as it
+    was, and a form read from the old base would be served again); an inference tensor, which has no counter and
+    refuses in-place writes outside inference mode, through ``.data``.  Write under ``torch.no_grad()``."""
+    return tensor.data if tensor.is_inference() else tensor
+
+
+def write_in_place(target: Tensor, value: Tensor) -> None:
+    """``target ← value`` (cast to its dtype and device) in place, as a write its version counter records (see
+    :func:`writable`): every merge and revert of a base tensor goes through here."""
+    with torch.no_grad():
+        writable(target).copy_(value.to(device=target.device, dtype=target.dtype))
+
+
 def _add_to_weight(base: nn.Module, delta_native: Tensor, sign: float) -> None:
     weight = base.weight
     if tuple(weight.shape) != tuple(delta_native.shape):
         raise ShapeMismatch(f"delta of shape {tuple(delta_native.shape)} for weight {tuple(weight.shape)}")
     with torch.no_grad():
-        merged = weight.data.float() + sign * delta_native.to(device=weight.device, dtype=torch.float32)
-        weight.data.copy_(merged.to(weight.dtype))
+        merged = weight.detach().float() + sign * delta_native.to(device=weight.device, dtype=torch.float32)
+    write_in_place(weight, merged)
 
 
 def promote_dtypes(tensors: Sequence[Tensor]) -> torch.dtype:

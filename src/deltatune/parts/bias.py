@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from deltatune.errors import DeltaFormatError, ShapeMismatch
-from deltatune.parts.base import Part, promote_dtypes
+from deltatune.parts.base import Part, promote_dtypes, write_in_place
 from deltatune.parts.layers import LayerKind, in_out_features, layer_kind
 from deltatune.parts.meta_checks import check_keys, check_state, meta_int, short
 
@@ -132,13 +132,13 @@ class BiasPart(Part):
             if not self.has_bias and hasattr(base, ADDED):  # a module's own bias is never counted (nor removed)
                 setattr(base, ADDED, getattr(base, ADDED) + 1)
             b = base.bias
-            b.data.copy_((b.data.float() + self.bias_delta.float().to(b.device)).to(b.dtype))
+            write_in_place(b, b.detach().float() + self.bias_delta.float().to(b.device))
 
     def unmerge_from(self, base: nn.Module) -> None:
         """``b ← b − Δb``; the last revert of an added bias removes it."""
         with torch.no_grad():
             b = base.bias
-            b.data.copy_((b.data.float() - self.bias_delta.float().to(b.device)).to(b.dtype))
+            write_in_place(b, b.detach().float() - self.bias_delta.float().to(b.device))
             if not self.has_bias and hasattr(base, ADDED):
                 left = getattr(base, ADDED) - 1
                 setattr(base, ADDED, left)

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from deltatune.errors import DeltaFormatError, ShapeMismatch
-from deltatune.parts.base import Part
+from deltatune.parts.base import Part, write_in_place
 from deltatune.parts.layers import LayerKind, functional_forward, input_grad, layer_kind, scaled_lookup, weight_grad
 from deltatune.parts.meta_checks import check_keys, check_shape, check_state, short
 from deltatune.parts.spill import TensorSpill
@@ -279,7 +279,7 @@ class DensePart(Part):
         with torch.no_grad():
             for k in self.shapes:
                 p = own[k]
-                p.data.copy_((p.data.float() + sign * self.delta_for(k).float().to(p.device)).to(p.dtype))
+                write_in_place(p, p.detach().float() + sign * self.delta_for(k).float().to(p.device))
 
     def state(self) -> dict[str, Tensor]:
         return {k: self.delta_for(k).detach() for k in self.shapes}

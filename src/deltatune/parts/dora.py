@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deltatune.errors import ConfigError, NotMergeable, ShapeMismatch
-from deltatune.parts.base import Part
+from deltatune.parts.base import Part, write_in_place
 from deltatune.parts.layers import LayerKind, is_transposed, to_native
 from deltatune.parts.lora import LoRAPart, LowRankFactors, lora_delta, lora_hidden
 from deltatune.parts.meta_checks import meta_int
@@ -175,7 +175,7 @@ class DoRAPart(LowRankFactors):
     def batches_in_family(self) -> bool:
         """Not on an embedding (the gain scales ``W[ids]``, there is no bias-free output to rescale apart) nor
         under active dropout (the rescaled base term must see the dropped-out input): there :meth:`forward` runs."""
-        return self.layer is not LayerKind.EMBEDDING and not (self.training and self.dropout_p > 0)
+        return self.layer is not LayerKind.EMBEDDING and super().batches_in_family()
 
     # --- algebra ---------------------------------------------------------------------------
     def updates(self, base: nn.Module | None = None) -> dict[str, Tensor]:
@@ -241,7 +241,7 @@ class DoRAPart(LowRankFactors):
             norm = dora_norm(w, self.lora_A, self.lora_B, self.scale)
             merged = w.float() + dora_update(w, self.lora_A, self.lora_B, self.scale, self.magnitude)
             self._merged_norms.setdefault(base, []).append(norm)
-            weight.data.copy_(to_native(merged, self.layer).to(weight.dtype))
+            write_in_place(weight, to_native(merged, self.layer))
 
     def unmerge_from(self, base: nn.Module) -> None:
         """``W ← W'/g − s·BA`` with the norm recorded by :meth:`merge_into` on this very module."""
@@ -258,7 +258,7 @@ class DoRAPart(LowRankFactors):
                                    "zeroed those output channels", kind=self.kind)
             w = self._weight(base)
             restored = unmerge_dora(w, self.lora_A, self.lora_B, self.scale, self.magnitude, norm)
-            weight.data.copy_(to_native(restored, self.layer).to(weight.dtype))
+            write_in_place(weight, to_native(restored, self.layer))
             stack.pop()
 
     # --- serialisation -------------------------------------------------------------------

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from deltatune.errors import ConfigError, DeltaFormatError, NotMergeable, ShapeMismatch
-from deltatune.parts.base import Part, promote_dtypes
+from deltatune.parts.base import Part, promote_dtypes, write_in_place
 from deltatune.parts.layers import LayerKind, in_out_features, is_transposed, layer_kind
 from deltatune.parts.meta_checks import check_keys, check_state, meta_int, meta_layer, short
 
@@ -233,9 +233,9 @@ class IA3Part(Part):
         The update is taken against the module as it is: merge a base-dependent delta before (not after)
         other deltas on the same module, or the scale applies to their updates too."""
         with torch.no_grad():
-            base.weight.data.copy_(_multiply(base.weight.data, self.ia3_l.to(base.weight.device), self.axis))
+            write_in_place(base.weight, _multiply(base.weight.detach(), self.ia3_l.to(base.weight.device), self.axis))
             if self.position == "output" and getattr(base, "bias", None) is not None:
-                base.bias.data.copy_(_multiply(base.bias.data, self.ia3_l.to(base.bias.device), None))
+                write_in_place(base.bias, _multiply(base.bias.detach(), self.ia3_l.to(base.bias.device), None))
 
     def unmerge_from(self, base: nn.Module) -> None:
         """``W ← W ⊘ l`` (and ``b ← b ⊘ l``); refused while ``l`` holds a zero (the merge lost those rows)."""
@@ -245,9 +245,9 @@ class IA3Part(Part):
                                f"{self.position} channels of the weight were zeroed and cannot be recovered",
                                kind=self.kind)
         with torch.no_grad():
-            base.weight.data.copy_(_divide(base.weight.data, self.ia3_l.to(base.weight.device), self.axis))
+            write_in_place(base.weight, _divide(base.weight.detach(), self.ia3_l.to(base.weight.device), self.axis))
             if self.position == "output" and getattr(base, "bias", None) is not None:
-                base.bias.data.copy_(_divide(base.bias.data, self.ia3_l.to(base.bias.device), None))
+                write_in_place(base.bias, _divide(base.bias.detach(), self.ia3_l.to(base.bias.device), None))
 
     @classmethod
     def mixed_forward(

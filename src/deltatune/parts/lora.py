@@ -109,8 +109,11 @@ class LowRankFactors(Part):
         return None
 
     def batches_in_family(self) -> bool:
-        """Whether the part can join the family's batched pass (else every part of the pass runs its own forward)."""
-        return True
+        """Whether the part can join the family's batched pass (else every part of the pass runs its own forward):
+        not under active dropout on its branch input (not on an embedding, which looks up ids), which the batched
+        pass does not apply — a routed training row then trains as a plain forward does."""
+        dropping = self.training and self.dropout_p > 0 and self.layer is not LayerKind.EMBEDDING
+        return not dropping
 
     # --- serialisation (shared by LoRA and DoRA; DoRA adds its magnitude) ------------------
     def meta(self) -> dict[str, Any]:

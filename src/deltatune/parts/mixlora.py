@@ -53,7 +53,7 @@ from deltatune.layer import unwrap
 from deltatune.parts.base import Part
 from deltatune.parts.layers import LayerKind, in_out_features, layer_kind
 from deltatune.parts.meta_checks import check_keys, check_shape, check_state, meta_int, meta_number, short
-from deltatune.routing import current_routing
+from deltatune.routing import current_routing, own_rows
 
 
 @dataclass(frozen=True)
@@ -333,8 +333,9 @@ class MixLoRAPart(Part):
         return a, procs, getattr(inter, self.layout.act), lambda y: base.LayerNorm(base.dropout(y) + a)
 
     def mix(self, x: Tensor, base: Any, rows: Tensor | None = None) -> Tensor:
-        """The block's output with the mixture; ``rows`` (bool, the input's leading shape) limits the tokens the
-        load-balancing loss counts (a mixed batch)."""
+        """The block's output with the mixture; ``rows`` (bool, the input's leading shape; default: the rows a routed
+        layer keeps of this run, :func:`~deltatune.routing.own_rows`) limits the tokens the load-balancing loss
+        counts (a mixed batch)."""
         if self.layout.name == "bert" and current_routing() is not None and \
                 id(base.module) not in (_LAYERS.get() or {}):
             return base(x)  # the routed base pass of the enclosing layer: its rows are recomputed with the link
@@ -345,7 +346,7 @@ class MixLoRAPart(Part):
         flat = h.reshape(-1, h.shape[-1])
         weights, experts, probs = route(F.linear(flat.float(), self.router), k)
         if self.training:
-            mask = self._mask(lead, rows)
+            mask = self._mask(lead, own_rows() if rows is None else rows)
             self._stats = routing_stats(probs, experts, self.num_experts, mask)
             self._aux = self.aux_loss_coef * balance_loss(*self._stats)
         order, tokens, counts = dispatch(experts, self.num_experts)

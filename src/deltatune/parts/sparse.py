@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from deltatune.errors import DeltaFormatError, ShapeMismatch
-from deltatune.parts.base import Part, base_layer_kind, promote_dtypes
+from deltatune.parts.base import Part, base_layer_kind, promote_dtypes, writable
 from deltatune.parts.layers import LayerKind, functional_forward, input_grad, scaled_lookup, weight_grad
 from deltatune.parts.meta_checks import check_keys, check_shape, check_state, meta_int, meta_layer
 from deltatune.parts.sparse_binding import SparseBinding, added
@@ -352,7 +352,7 @@ class SparsePart(Part):
         if tuple(w.shape) != self.weight_shape:
             raise ShapeMismatch(f"sparse delta for weight {self.weight_shape} applied to {tuple(w.shape)}")
         with torch.no_grad():
-            flat = w.data.view(-1)
+            flat = writable(w).view(-1)
             flat.scatter_(0, self.indices.long(), added(flat.index_select(0, self.indices), sign * self.values))
 
     def meta(self) -> dict[str, Any]:

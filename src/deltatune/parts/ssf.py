@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from deltatune.errors import ConfigError, DeltaFormatError, NotMergeable, ShapeMismatch
-from deltatune.parts.base import Part, promote_dtypes
+from deltatune.parts.base import Part, promote_dtypes, write_in_place
 from deltatune.parts.ia3 import needs_base, one_plus
 from deltatune.parts.layers import LayerKind, in_out_features, layer_kind
 from deltatune.parts.meta_checks import check_keys, check_state, meta_int, short
@@ -208,12 +208,12 @@ class SSFPart(Part):
         it is: merge a base-dependent delta before (not after) other deltas on the same module."""
         g = self.ssf_scale.detach().float().to(base.weight.device)
         with torch.no_grad():
-            base.weight.data.copy_(_scaled(base.weight.data, g, self.site))
+            write_in_place(base.weight, _scaled(base.weight.detach(), g, self.site))
             if getattr(base, "bias", None) is not None:
-                b = base.bias.data.float() * g
+                b = base.bias.detach().float() * g
                 if self.ssf_shift is not None:
                     b = b + self.ssf_shift.detach().float().to(b.device)
-                base.bias.data.copy_(b.to(base.bias.dtype))
+                write_in_place(base.bias, b)
 
     def unmerge_from(self, base: nn.Module) -> None:
         """``b ← (b − β) ⊘ γ``, ``W ← W ⊘_out γ``; refused while ``γ`` holds a zero."""
@@ -223,12 +223,12 @@ class SSFPart(Part):
                                "channels of the weight were zeroed and cannot be recovered", kind=self.kind)
         g = self.ssf_scale.detach().float().to(base.weight.device)
         with torch.no_grad():
-            base.weight.data.copy_(_scaled(base.weight.data, 1.0 / g, self.site))
+            write_in_place(base.weight, _scaled(base.weight.detach(), 1.0 / g, self.site))
             if getattr(base, "bias", None) is not None:
-                b = base.bias.data.float()
+                b = base.bias.detach().float()
                 if self.ssf_shift is not None:
                     b = b - self.ssf_shift.detach().float().to(b.device)
-                base.bias.data.copy_((b / g).to(base.bias.dtype))
+                write_in_place(base.bias, b / g)
 
     @classmethod
     def mixed_forward(

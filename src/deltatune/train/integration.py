@@ -79,13 +79,25 @@ def head_parameters(model: nn.Module, delta: Delta) -> list[nn.Parameter]:
     return params
 
 
+def part_parameters(delta: Delta, exclude: set[int]) -> list[nn.Parameter]:
+    """The trainable parameters of ``delta``'s own parts (each once, none of ``exclude``'s ids): not those of
+    another delta attached to the same model, which training this one must leave alone."""
+    seen = set(exclude)
+    params = []
+    for part in delta.parts.values():
+        for p in part.parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                params.append(p)
+    return params
+
+
 def param_groups(model: nn.Module, delta: Delta, lr: float, head_lr: float | None = None) -> list[dict[str, Any]]:
-    """Optimizer parameter groups: ``{"params": delta parameters, "lr": lr, "name": "delta"}`` and, when the delta
-    has trainable task heads, ``{"params": head parameters, "lr": head_lr, "name": "heads"}`` (``head_lr`` default:
-    :func:`default_head_lr`).  Every other trainable parameter of ``model`` joins the delta's group."""
+    """Optimizer parameter groups: ``{"params": delta parameters, "lr": lr, "name": "delta"}`` (its own parts'
+    trainable parameters, :func:`part_parameters`) and, when the delta has trainable task heads,
+    ``{"params": head parameters, "lr": head_lr, "name": "heads"}`` (``head_lr`` default: :func:`default_head_lr`)."""
     heads = head_parameters(model, delta)
-    head_ids = {id(p) for p in heads}
-    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
+    rest = part_parameters(delta, {id(p) for p in heads})
     groups: list[dict[str, Any]] = [{"params": rest, "lr": lr, "name": "delta"}]
     if heads:
         groups.append({"params": heads, "lr": default_head_lr(lr) if head_lr is None else head_lr, "name": "heads"})
