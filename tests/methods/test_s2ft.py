@@ -461,3 +461,14 @@ def test_budget_config_matches_a_lora_count() -> None:
         budget_config(model, 100, {"q": 1.0})
     with pytest.raises(ConfigError):
         budget_config(model, 0)
+
+
+def test_co_permutation_is_a_write_the_weights_version_records() -> None:
+    """Permuting writes through ``write_in_place``: a batched form kept from the unpermuted weights (keyed on the
+    tensor's version) is renewed, not served again."""
+    from deltatune.ops.permute import _permute
+
+    layer = torch.nn.Linear(4, 6)
+    before = (layer.weight._version, layer.bias._version)
+    _permute(layer, torch.tensor([5, 4, 3, 2, 1, 0]), "out")
+    assert layer.weight._version > before[0] and layer.bias._version > before[1]

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from deltatune.errors import ConfigError, TargetError
 from deltatune.model import get_module, logical_modules
+from deltatune.parts.base import write_in_place
 from deltatune.parts.layers import is_transposed, layer_kind
 from deltatune.parts.slice import SlicePart
 
@@ -143,11 +144,11 @@ def _permute(module: nn.Module, perm: Tensor, axis: str) -> None:
     kind = layer_kind(module)
     out_dim = 1 if is_transposed(kind) else 0
     dim = out_dim if axis == "out" else 1 - out_dim
-    with torch.no_grad():
-        w = module.weight
-        w.data.copy_(w.data.index_select(dim, perm.to(w.device)))
-        if axis == "out" and getattr(module, "bias", None) is not None:
-            module.bias.data.copy_(module.bias.data.index_select(0, perm.to(module.bias.device)))
+    w = module.weight  # through write_in_place: batched forms kept from the unpermuted weights are renewed
+    write_in_place(w, w.detach().index_select(dim, perm.to(w.device)))
+    if axis == "out" and getattr(module, "bias", None) is not None:
+        b = module.bias
+        write_in_place(b, b.detach().index_select(0, perm.to(b.device)))
 
 
 def co_permute(model: nn.Module, unit_orders: dict[int, Sequence[int]] | None = None,
