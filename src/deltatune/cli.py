@@ -350,14 +350,10 @@ def tie_probe(d: Any) -> Any:
     if not base or not Path(base, "config.json").is_file() or not any(
             p.layer_kind() is LayerKind.EMBEDDING or n.rsplit(".", 1)[-1] == "lm_head" for n, p in d.parts.items()):
         return None
-    import torch
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    from deltatune.algebra.checkpoint import meta_architecture
 
-    config = AutoConfig.from_pretrained(base)
-    causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in getattr(config, "architectures", None) or [])
-    with torch.device("meta"):
-        model = (AutoModelForCausalLM if causal else AutoModel).from_config(config)
-    return model if set(d.parts) <= {n for n, _ in logical_modules(model)} else None
+    model = meta_architecture(base)
+    return model if model is not None and set(d.parts) <= {n for n, _ in logical_modules(model)} else None
 
 
 @app.command()

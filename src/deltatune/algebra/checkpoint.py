@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from deltatune.errors import ConfigError, DeltaFormatError
 from deltatune.io.json_io import parse_json
@@ -39,6 +39,24 @@ def tokenizer_files(folder: str | Path) -> list[tuple[str, bytes]]:
     names = sorted(p.name for p in root.iterdir()
                    if p.is_file() and any(fnmatch.fnmatchcase(p.name, pat) for pat in TOKENIZER_PATTERNS))
     return [(name, (root / name).read_bytes()) for name in names]
+
+
+def meta_architecture(path: str | Path) -> nn.Module | None:
+    """The model class the folder's ``config.json`` names first in ``architectures``, built from that config on
+    ``meta`` (no weights read): which modules it has and which weights it ties.  ``None`` when there is no config,
+    no named class, or it cannot be built."""
+    import transformers
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(path)
+        archs = getattr(config, "architectures", None) or []
+        cls = getattr(transformers, archs[0], None) if archs else None
+        if cls is None:
+            return None
+        with torch.device("meta"):
+            return cls._from_config(config)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, ImportError):
+        return None
 
 
 def config_with_dtype(config: bytes, dtype: torch.dtype | None) -> bytes:

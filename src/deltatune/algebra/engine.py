@@ -101,19 +101,10 @@ def tied_weights(path: Path) -> dict[str, str]:
     ``architectures``, built on ``meta``: transformers' ``get_expanded_tied_weights_keys``, which reads the config's
     tie flags (``tie_word_embeddings``), so a tied ``lm_head.weight`` maps to the input embedding's name.  ``{}`` when
     there is no config or the class cannot be built (a missing name then stays an error)."""
-    import transformers
+    from deltatune.algebra.checkpoint import meta_architecture
 
-    try:
-        config = transformers.AutoConfig.from_pretrained(path)
-        archs = getattr(config, "architectures", None) or []
-        cls = getattr(transformers, archs[0], None) if archs else None
-        if cls is None:
-            return {}
-        with torch.device("meta"):
-            model = cls._from_config(config)
-        return dict(model.get_expanded_tied_weights_keys(all_submodels=True))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, ImportError):
-        return {}
+    model = meta_architecture(path)
+    return dict(model.get_expanded_tied_weights_keys(all_submodels=True)) if model is not None else {}
 
 
 class BaseLookup:
