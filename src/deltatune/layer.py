@@ -133,18 +133,27 @@ class PartHolder(nn.Module):
 
     def add(self, name: str, part: Part, activate: bool = True) -> None:
         part.train(self.training)  # a part joins in the holder's mode: no dropout in an eval model
-        self.parts[name] = part
+        self._replace_parts({**self.parts._modules, name: part})
         self._version += 1
         if activate and name not in self.active:
             self.active.append(name)
 
     def remove(self, name: str) -> Part:
         part = self.parts[name]
-        del self.parts[name]
+        self._replace_parts({k: v for k, v in self.parts._modules.items() if k != name})
         self._version += 1
         if name in self.active:
             self.active.remove(name)
         return part
+
+    def _replace_parts(self, parts: dict[str, nn.Module | None]) -> None:
+        """Swap in a new dict of parts instead of changing the one in use (copy-on-write): the serving store attaches
+        a delta into existing wrappers while the engine's step may be iterating their parts
+        (:meth:`~deltatune.serve.store.DeltaStore.add`), and a dict changed during iteration raises there."""
+        for name, part in parts.items():
+            if name not in self.parts._modules:
+                nn.ModuleDict().add_module(name, part)  # nn.Module's checks of a new name and part, on a bare dict
+        object.__setattr__(self.parts, "_modules", parts)
 
 
 class DeltaLayer(PartHolder):

@@ -239,3 +239,24 @@ def test_a_delta_on_wrapped_modules_attaches_while_a_step_holds_the_lock(deltas,
     store.release(lease)
     store.remove("lora8")
     assert "lora8" not in store.resident()
+
+
+def test_a_fast_path_add_leaves_a_running_steps_iteration_of_the_parts_intact(deltas, tmp_path):
+    """A fast-path add puts a part into wrappers whose parts a running step may be iterating (a routing plan is
+    built from ``layer.parts``): the wrapper swaps in a new dict of parts, so the step's iteration goes on over the
+    parts it started with instead of failing with "dictionary changed size during iteration"."""
+    model = tiny_llama()
+    store = DeltaStore(model, "base")
+    store.add("lora2", deltas["lora2"].save(tmp_path / "lora2"))
+    layer = next(m for m in model.modules() if isinstance(m, DeltaLayer))
+    running = iter(layer.parts.items())  # a step, half-way through the parts
+    first = next(running)
+    store.add("lora8", deltas["lora8"].save(tmp_path / "lora8"))  # the fast path: no model lock
+    assert [first, *running] == [first]  # the step saw the parts it started with
+    assert len(layer.parts) == 2 and all(isinstance(p, torch.nn.Module) for p in layer.parts.values())
+    store.remove("lora8")
+    assert list(layer.parts) == [first[0]] and layer.parts[first[0]] is first[1]
+    assert dict(model.named_modules())  # the module tree is still walkable
+    with pytest.raises(KeyError, match="contain"):
+        layer.add("a.b", first[1], activate=False)  # nn.Module's checks of a new name still run
+    assert list(layer.parts) == [first[0]]
