@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from deltatune.config import SEED_RANGE
 from deltatune.delta import Delta
 from deltatune.errors import ConfigError, DataError
 from deltatune.model import apply_delta, mixed_batch, model_parts
+from deltatune.parts.prompt import cached_positions, from_caller_layout
 from deltatune.provenance import require_unstacked
 from deltatune.train.stacking import attach_for_use
 
@@ -87,14 +89,48 @@ def encode_rows(tokenizer: Any, texts: Sequence[str], special: Sequence[bool]) -
             "attention_mask": torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], dtype=torch.long)}
 
 
-def can_use_cache(net: torch.nn.Module) -> bool:
-    """Whether ``transformers``' ``generate`` may decode ``net`` from its KV cache: not when a model-level part
-    (prompt tuning's virtual tokens) is attached.  Its cache holds the virtual tokens, but ``generate`` continues
-    with an attention mask and positions that count only the caller's tokens, which the part refuses
-    (:func:`deltatune.parts.prompt.continuation`); without the cache every step is a full forward, which prepends
-    the virtual tokens afresh and so equals a hand-written greedy loop."""
+def cache_prefixes(net: torch.nn.Module, names: Sequence[str | None]) -> list[int] | None:
+    """Per row (the delta ``names[i]``, ``None``: the base), how many positions its model-level part (prompt
+    tuning's virtual tokens) puts before the prompt — 0 without one — or ``None`` when some row's part cannot
+    continue from a KV cache (:meth:`~deltatune.parts.base.Part.cached_prefix`): then every step is a full forward."""
     container = model_parts(net)
-    return container is None or len(container.parts) == 0
+    if container is None or not container.parts:
+        return [0] * len(names)
+    parts = [container.parts[n] if n is not None and n in container.parts else None for n in names]
+    prefixes = [0 if p is None else p.cached_prefix() for p in parts]
+    return None if any(n is None for n in prefixes) else prefixes
+
+
+@contextmanager
+def continuing_past_prefixes(net: torch.nn.Module, prefixes: Sequence[int], first_seq: int) -> Iterator[None]:
+    """Within the block, ``transformers``' ``generate`` decodes ``net`` from its KV cache although rows have
+    model-level parts: the first forward prepends each row's ``prefixes[i]`` virtual tokens to the ``first_seq``
+    prompt tokens (and so puts them in the cache), and every later step continues with an attention mask and
+    positions that ``generate`` counts over the caller's tokens only — translated here (wrapping the model's
+    ``prepare_inputs_for_generation``) into the cache's layout, which the part checks
+    (:func:`deltatune.parts.prompt.from_caller_layout`, :func:`~deltatune.parts.prompt.continuation`).  A step
+    then costs one token's forward, not the whole sequence's."""
+    if not any(prefixes):
+        yield
+        return
+    lengths = torch.tensor(list(prefixes), dtype=torch.long)
+    prepare_inputs = net.prepare_inputs_for_generation
+
+    def prepare(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        inputs = prepare_inputs(*args, **kwargs)
+        past = cached_positions(inputs)
+        if past:
+            tokens = inputs["input_ids"] if inputs.get("input_ids") is not None else inputs["inputs_embeds"]
+            inputs["attention_mask"], inputs["position_ids"] = from_caller_layout(
+                lengths.to(tokens.device), first_seq, past, int(tokens.shape[1]), inputs.get("attention_mask"),
+                inputs.get("position_ids"))
+        return inputs
+
+    net.prepare_inputs_for_generation = prepare
+    try:
+        yield
+    finally:
+        del net.prepare_inputs_for_generation  # the class's own method again
 
 
 class _Stream:
@@ -172,8 +208,10 @@ def generate(deltas: Sequence[Delta | str | Path] | Delta | str | Path, prompts:
                                     for (i, _), t in zip(rows, templated_rows, strict=True)],
                         [not t for t in templated_rows])  # no token types for a decoder
     sampling = temperature > 0
+    row_names = [names[j] if items else None for _, j in rows]
+    prefixes = cache_prefixes(net, row_names)
     options: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=sampling,
-                                   pad_token_id=tokenizer.pad_token_id, use_cache=can_use_cache(net))
+                                   pad_token_id=tokenizer.pad_token_id, use_cache=prefixes is not None)
     if sampling:
         options.update(temperature=temperature, top_p=top_p, top_k=top_k or None)
     if stop:
@@ -188,7 +226,8 @@ def generate(deltas: Sequence[Delta | str | Path] | Delta | str | Path, prompts:
         options["logits_processor"] = LogitsProcessorList([proxy_processor(
             proxy, net, tokenizer, path, batch["attention_mask"], verify)])
     torch.manual_seed(seed)
-    with torch.no_grad(), mixed_batch(net, [names[j] if items else None for _, j in rows]):
+    with (torch.no_grad(), mixed_batch(net, row_names),
+          continuing_past_prefixes(net, prefixes or [], int(batch["input_ids"].shape[1]))):
         out = net.generate(**batch, **options)
     new = out[:, batch["input_ids"].shape[1]:]
     texts = [cut_at_stop(tokenizer.decode(t, skip_special_tokens=True), stop) for t in new]

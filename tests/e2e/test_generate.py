@@ -72,21 +72,43 @@ def test_several_deltas_and_prompts_in_one_batch_equal_each_alone(setup):
         assert [row[name] for row in together] == alone
 
 
-def test_a_prompt_tuning_delta_generates_as_a_hand_loop_of_full_forwards(setup):
-    """A prompt-tuning delta's virtual tokens sit in the KV cache, which ``generate`` continues with a mask of the
-    caller's tokens only: it decodes without the cache, each step a full forward, so it equals the hand loop; and
-    beside a LoRA delta in one batch, prompts of two lengths, each row equals itself alone."""
-    root, deltas = setup
-    delta = randomize_delta(_base(), deltatune.make_config("prompt_tuning", {"num_virtual_tokens": 3}), seed=4,
+def _prompted(root, name: str, n: int, seed: int) -> str:
+    delta = randomize_delta(_base(), deltatune.make_config("prompt_tuning", {"num_virtual_tokens": n}), seed=seed,
                             std=0.8)
     delta.provenance.base = str(root / "base")
-    prompted = delta.save(root / "prompted")
+    return delta.save(root / name)
+
+
+def test_a_prompt_tuning_delta_decodes_from_the_kv_cache_as_a_hand_loop_of_full_forwards(setup, monkeypatch):
+    """A prompt-tuning delta's virtual tokens go into the KV cache with the first forward; ``generate`` continues
+    with a mask and positions of the caller's tokens only, which are translated into the cache's layout: every
+    later step forwards one token, and the text equals a hand loop of full forwards; beside a LoRA delta and a
+    prompt of another length in one batch (trailing pads inside the cache), prompts of two lengths (left pads),
+    each row equals itself alone."""
+    from deltatune import generation
+
+    root, deltas = setup
+    prompted, longer = _prompted(root, "prompted", 3, 4), _prompted(root, "longer", 5, 6)
+    lengths: list[int] = []
+    load = generation.load_base_for
+
+    def counting(*args, **kwargs):
+        net = load(*args, **kwargs)
+        net.model.register_forward_pre_hook(lambda _, a, kw: lengths.append(kw["inputs_embeds"].shape[1]
+                                                                            if kw.get("inputs_embeds") is not None
+                                                                            else kw["input_ids"].shape[1]),
+                                            with_kwargs=True)
+        return net
+
+    monkeypatch.setattr(generation, "load_base_for", counting)
     out = generate(prompted, "the cat sat on", max_new_tokens=4)
     assert out == [{"prompt": "the cat sat on", "text": _greedy_by_hand(root, prompted, "the cat sat on", 4)}]
+    assert lengths[1:] == [1, 1, 1] and lengths[0] > 3  # one token a step after the prompted first forward
     prompts = ["hello", "a much longer prompt about the weather"]
-    together = generate([prompted, deltas["a"]], prompts, max_new_tokens=3)
-    for name, path in (("prompted", prompted), ("a", deltas["a"])):
+    together = generate([prompted, deltas["a"], longer], prompts, max_new_tokens=3)
+    for name, path in (("prompted", prompted), ("a", deltas["a"]), ("longer", longer)):
         assert [row[name] for row in together] == [generate(path, p, max_new_tokens=3)[0]["text"] for p in prompts]
+        assert [row[name] for row in together] == [_greedy_by_hand(root, path, p, 3) for p in prompts]
 
 
 def test_sampling_is_seeded_and_stop_strings_cut(setup):

@@ -30,10 +30,11 @@ first forward (on an empty cache), as the start of each row's history; a forward
 positions continues that history and prepends nothing (:func:`continuation`).  Its inputs are then in the
 *cache's* layout, which the part cannot infer: the caller passes an ``attention_mask`` of width
 ``past + T`` that covers the cached virtual columns and ``position_ids`` that count them (``n_i + t`` for the
-row's ``t``-th token).  Without both the continuation is refused with a :class:`ConfigError` — e.g.
-``transformers``' ``generate()`` with a cache, whose mask covers only the caller's tokens: generate with
-``use_cache=False`` there (:func:`deltatune.generate` does).  :class:`deltatune.serve.Engine` prefills a
-prompted row on its own (no padding inside the row) and decodes it from its cache this way.
+row's ``t``-th token).  Without both the continuation is refused with a :class:`ConfigError` — e.g. a plain
+``transformers`` ``generate()`` with a cache, whose mask covers only the caller's tokens: generate with
+``use_cache=False`` there, or through :func:`deltatune.generate`, which translates ``generate``'s mask and
+positions into this layout (:func:`from_caller_layout`).  :class:`deltatune.serve.Engine` prefills a prompted row
+on its own (no padding inside the row) and decodes it from its cache this way.
 """
 
 from __future__ import annotations
@@ -213,7 +214,8 @@ def continuation(kw: dict[str, Any], past: int) -> None:
     mask, positions = kw.get("attention_mask"), kw.get("position_ids")
     hint = ("continuing from a cache that holds the virtual tokens needs an attention_mask of width cached + new "
             "positions (it covers the virtual columns) and position_ids that count the virtual tokens; "
-            "generate() passes neither in that layout: generate with use_cache=False")
+            "a plain generate() passes neither in that layout: generate with use_cache=False, or with "
+            "deltatune.generate")
     if not isinstance(tokens, Tensor) or tokens.dim() < 2:
         raise ConfigError("prompt tuning needs input_ids (batch, seq) or inputs_embeds (batch, seq, dim)")
     batch, seq = tokens.shape[:2]
@@ -227,6 +229,29 @@ def continuation(kw: dict[str, Any], past: int) -> None:
     if positions.dim() != 2 or positions.shape[0] not in (1, batch) or positions.shape[1] != seq:
         raise ConfigError(f"prompt tuning: position_ids must be (batch, seq) = {(batch, seq)} or (1, seq) when "
                           f"continuing from a cache, got {tuple(positions.shape)}")
+
+
+def from_caller_layout(lengths: Tensor, first_seq: int, past: int, seq: int, mask: Tensor | None,
+                       positions: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The ``(attention_mask, position_ids)`` :func:`continuation` needs, from a caller that counts only its own
+    tokens (``transformers``' ``generate``): a causal LM's first forward prepended prompts of ``lengths`` ``n_i``
+    to ``first_seq`` tokens (row ``i``: ``[P_i | x_i | n_max − n_i pads]``, :func:`virtual_layout`), and the cache
+    now holds ``past`` positions.  The caller's ``mask`` is ``(B, past − n_max + seq)`` (``None``: all ones): its
+    first ``first_seq`` columns are placed as that forward placed them (virtual slots 1, pads 0) and the later
+    ones follow as they are.  Its ``positions`` ``p`` (``None``: counted from the mask, ``Σ mask − 1``) become
+    ``n_i + p``, as the first forward shifted them (:func:`_shift_positions`)."""
+    batch, width = lengths.shape[0], int(lengths.max())
+    own = past - width + seq
+    if mask is None:
+        mask = torch.ones(batch, own, dtype=torch.long, device=lengths.device)
+    if tuple(mask.shape) != (batch, own) or own < first_seq + seq:
+        raise ConfigError(f"prompt tuning: continuing a cache of {past} positions ({width} virtual) with {seq} "
+                          f"tokens needs the caller's attention_mask (batch, {own}), got {tuple(mask.shape)}")
+    region, source = virtual_layout(lengths, first_seq)
+    full = torch.cat([place(mask[:, :first_seq], region, source, 1, 0), mask[:, first_seq:]], 1)
+    if positions is None:
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq:]
+    return full, positions.expand(batch, seq) + lengths[:, None]
 
 
 def _refuse_unsupported(kw: dict[str, Any]) -> None:
