@@ -9,5 +9,5 @@ ruff check .
 if [ "${1:-}" = "all" ]; then
   python -m pytest -q
 else
-  python -m pytest -q -m "not slow"
+  python -m pytest -q -m "not slow" --durations=20
 fi
