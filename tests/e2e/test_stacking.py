@@ -147,6 +147,43 @@ def test_resuming_a_stacked_run_on_a_changed_underlying_delta_stops(stacked, tmp
         loop.train(TrainConfig(**cfg, resume=True), mc)
 
 
+def test_training_on_a_delta_inside_the_runs_own_output_is_refused(stacked, tmp_path, small_base) -> None:
+    """``train --on RUN/delta --out RUN`` would replace the delta it trains on (and leave its new delta's record of
+    it pointing at a delta that is gone): refused before anything in RUN changes, also for a delta the ``--on``
+    delta was itself trained on."""
+    _, a_dir, b_dir, _ = stacked
+    run = tmp_path / "run"
+    shutil.copytree(a_dir.parent, run)  # an earlier run's folder: marker, delta, …
+    before = {p.name: p.stat().st_mtime_ns for p in (run / "delta").iterdir()}
+    mc = dt.make_config("random-sparse", {"num_tunable": 1000})
+    for on in (run / "delta", run / "delta" / "."):
+        with pytest.raises(ConfigError, match="which this run writes"):
+            loop.train(TrainConfig(**dict(SMALL, model=small_base, out_dir=str(run), max_steps=1, on=[str(on)])), mc)
+    assert {p.name: p.stat().st_mtime_ns for p in (run / "delta").iterdir()} == before
+    b = dt.load_delta(b_dir)  # trained on a_dir: training on b into a_dir's run would replace b's underlying delta
+    assert b.provenance.parents[0]["path"] == str(a_dir)
+    with pytest.raises(ConfigError, match="which this run writes"):
+        loop.train(TrainConfig(**dict(SMALL, model=small_base, out_dir=str(a_dir.parent), max_steps=1,
+                                      on=[str(b_dir)])), mc)
+    assert dt.load_delta(a_dir).method == "random-sparse"
+
+
+def test_a_new_run_into_an_earlier_runs_folder_leaves_none_of_that_run_behind(tmp_path, small_base) -> None:
+    """A new run into an earlier run's folder (allowed without --overwrite) starts from an empty run: no ``best``
+    or checkpoint of the earlier run is left beside its own delta."""
+    run = tmp_path / "run"
+    first = dict(SMALL, model=small_base, out_dir=str(run), max_steps=2, checkpoint_every=1, eval_every=1,
+                 keep_best=True)
+    loop.train(TrainConfig(**first), dt.make_config("lora", {"r": 2}))
+    assert {"best", "checkpoint", "delta"} <= {p.name for p in run.iterdir()}
+    second = dict(first, checkpoint_every=0, eval_every=0, keep_best=False)
+    result = loop.train(TrainConfig(**second), dt.make_config("ia3", {}))
+    assert result.best_dir is None
+    assert not (run / "best").exists() and not (run / "checkpoint").exists()
+    assert dt.load_delta(run / "delta").method == "ia3"
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
 def test_sum_of_sparse_deltas_applies_and_reverts_bit_exactly_and_compose_verb(stacked, tmp_path, small_base,
                                                                                   tokenizer) -> None:
     from deltatune.cli import app

@@ -12,8 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -168,6 +169,10 @@ def train(cfg: TrainConfig, method_config: Any,
     model = task.load_model().to(accelerator.device)
     model.train()
     stack = prepare_stack(model, cfg.on)  # `train --on DELTA`: the underlying deltas merged into the base first
+    if stack is not None:
+        refuse_stack_inside(out, stack.paths)
+    if not cfg.resume and accelerator.is_main_process:
+        clear_earlier_run(out)
     method = get_method(method_config.method)
     delta = attach(model, method_config)
     delta.provenance = train_provenance(cfg, task)
@@ -290,6 +295,32 @@ def train(cfg: TrainConfig, method_config: Any,
     delta.metrics.update(summary)
     best_dir = out / "best" if best else None
     return TrainResult(delta, out / "delta", best_dir, before, final, best, history, accelerator.is_main_process)
+
+
+def refuse_stack_inside(out: Path, paths: Sequence[str]) -> None:
+    """:class:`ConfigError` when an underlying delta (``--on``, or a delta one of them was trained on) lies in one
+    of the entries this run writes into ``out`` (``delta``, ``best``, ``checkpoint``): the run would replace the
+    delta it trains on, and its own record of that delta (path and digest) would then name a delta that is gone."""
+    owned = [(out / name).resolve() for name in RUN_ENTRIES]
+    for path in paths:
+        resolved = Path(path).resolve()
+        inside = next((o for o in owned if resolved == o or o in resolved.parents), None)
+        if inside is not None:
+            raise ConfigError(f"underlying delta {path} lies in {inside}, which this run writes (--out {out}); "
+                              "train into another --out, or copy the underlying delta elsewhere first")
+
+
+def clear_earlier_run(out: Path) -> None:
+    """Remove what an earlier run left in ``out`` (:data:`RUN_ENTRIES`) before a new run there starts
+    (:func:`~deltatune.io.outputs.guard_output` let it in): a run that writes no ``best`` or no checkpoint would
+    otherwise leave the earlier run's beside its own delta, and a crash would leave the earlier ``delta`` looking
+    like this run's result."""
+    for name in RUN_ENTRIES:
+        target = out / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        elif target.exists() or target.is_symlink():
+            target.unlink()
 
 
 def _close_hooks(hooks: list[TrainHook]) -> None:
