@@ -246,6 +246,34 @@ def test_a_relative_model_folder_is_recorded_absolute(tmp_path, tiny_lm_dir, mon
     assert dt.generate(tmp_path / "o" / "delta", "Q: 3?", max_new_tokens=2)  # the base is found from here
 
 
+def test_resume_refuses_a_base_model_folder_rewritten_since(tmp_path, tiny_lm_dir):
+    """A checkpoint records the fingerprint of the base its delta trains on: a resume over another model saved
+    under the same path (fine-tuned, re-downloaded) would continue the delta on other weights, so it is refused
+    naming what differs; the model restored, the run resumes."""
+    from transformers import AutoModelForCausalLM
+
+    from deltatune.errors import FingerprintMismatch
+
+    rows = [{"prompt": f"Q: {i}?", "response": f" A: {i}"} for i in range(16)]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    shutil.copytree(tiny_lm_dir, tmp_path / "llama")
+    cfg = dict(model=str(tmp_path / "llama"), task="jsonl", data=str(tmp_path / "train.jsonl"),
+               out_dir=str(tmp_path / "o"), max_steps=2, max_length=16, batch_size=4, eval_every=0,
+               eval_before=False, eval_limit=4, progress=False, checkpoint_every=1)
+    loop.train(TrainConfig(**cfg), dt.LoRAConfig(r=2))
+    shutil.copytree(tmp_path / "llama", tmp_path / "kept")
+    other = AutoModelForCausalLM.from_pretrained(tmp_path / "llama")
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(1.5)
+    other.save_pretrained(tmp_path / "llama")
+    with pytest.raises(FingerprintMismatch, match="--resume needs the base model the run started on"):
+        loop.train(TrainConfig(**cfg, resume=True), dt.LoRAConfig(r=2))
+    shutil.rmtree(tmp_path / "llama")
+    shutil.copytree(tmp_path / "kept", tmp_path / "llama")
+    assert loop.train(TrainConfig(**cfg, resume=True), dt.LoRAConfig(r=2)).delta is not None
+
+
 def test_jsonl_masks_prompt_and_trains(tmp_path, tiny_lm_dir):
     rows = [{"prompt": f"Q: what is {i} plus {i}?", "response": f" A: {2 * i}"} for i in range(64)]
     path = tmp_path / "train.jsonl"

@@ -28,7 +28,8 @@ from accelerate.utils import set_seed
 from torch import nn
 
 from deltatune.delta import Delta
-from deltatune.errors import ConfigError, DataError, DeltaFormatError, TrainingDiverged
+from deltatune.errors import ConfigError, DataError, DeltaFormatError, FingerprintMismatch, TrainingDiverged
+from deltatune.fingerprint import describe_field, fingerprint_differences
 from deltatune.io.atomic import atomic_file, guard_output, recover_dir
 from deltatune.io.delta_format import save_delta
 from deltatune.io.outputs import write_marker
@@ -358,7 +359,8 @@ RECORDED_SINCE = ("holds_out",)
 
 def run_settings(cfg: TrainConfig, delta: Delta) -> dict[str, Any]:
     """What a checkpoint records of its run so that a resume can be refused when it differs (JSON values): the
-    training settings but :data:`FREE_ON_RESUME`, the method and its configuration."""
+    training settings but :data:`FREE_ON_RESUME`, the method and its configuration, and the fingerprint of the base
+    the delta trains on (a model folder rewritten since: another base under the same path)."""
     train = {k: v for k, v in asdict(cfg).items() if k not in FREE_ON_RESUME}
     for key in PATH_SETTINGS:
         if isinstance(train.get(key), str) and Path(train[key]).exists():
@@ -366,7 +368,8 @@ def run_settings(cfg: TrainConfig, delta: Delta) -> dict[str, Any]:
     train["on"] = [str(Path(p).resolve()) if Path(p).exists() else p for p in train.get("on") or []]
     if cfg.task in USER_TASKS:
         train["holds_out"] = cfg.eval_data is None
-    return json.loads(json.dumps({"train": train, "method": delta.method, "config": delta.config}, default=str))
+    return json.loads(json.dumps({"train": train, "method": delta.method, "config": delta.config,
+                                  "base": delta.fingerprint}, default=str))
 
 
 def _check_same_run(where: Path, recorded: dict[str, Any] | None, run: dict[str, Any]) -> None:
@@ -374,6 +377,13 @@ def _check_same_run(where: Path, recorded: dict[str, Any] | None, run: dict[str,
     (``--resume`` continues bit for bit only with the same data, batches, schedule and method)."""
     if recorded is None:
         return  # written before checkpoints recorded their run
+    then_base, now_base = recorded.get("base"), run.get("base")
+    diffs = fingerprint_differences(then_base, now_base) if then_base and now_base else []  # older: not recorded
+    if diffs:
+        detail = ", ".join(describe_field(k, then_base, now_base, "checkpoint", "now") for k in diffs)
+        raise FingerprintMismatch(f"{where}: --resume needs the base model the run started on, but "
+                                  f"{run['train'].get('model')} differs from it now ({detail}); restore that model, "
+                                  "or train afresh into another --out")
     then = recorded.get("train", {})
     differ = [(key, then.get(key), run["train"].get(key)) for key in sorted(set(then) | set(run["train"]))
               if then.get(key) != run["train"].get(key) and (key in then or key not in RECORDED_SINCE)]
