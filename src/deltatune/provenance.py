@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,13 +29,34 @@ FIELDS = {"operation", "base", "task", "train", "parents"}
 PARENT_FIELDS = ("method", "operation", "base", "task", "fingerprint")
 
 
+def split_spec(spec: str) -> tuple[str, str | None] | None:
+    """``(PATH, SPLIT)`` of a data reference ``PATH:SPLIT`` whose ``PATH`` is a local file (a JSON object of
+    splits), ``(spec, None)`` when ``spec`` itself is a local file or folder (so the split suffix is read only when
+    the whole does not exist); ``None`` when neither names one."""
+    if Path(spec).exists():
+        return spec, None
+    head, sep, split = spec.rpartition(":")
+    return (head, split) if sep and head and split and Path(head).exists() else None
+
+
+def local_reference(spec: str, absolute: Callable[[str], str] = os.path.abspath) -> str | None:
+    """``spec`` with its local path made ``absolute`` (``PATH:SPLIT`` keeps its split: :func:`split_spec`);
+    ``None`` when it names no local file or folder."""
+    parts = split_spec(spec)
+    if parts is None:
+        return None
+    path, split = parts
+    return absolute(path) if split is None else f"{absolute(path)}:{split}"
+
+
 def path_reference(path: str | Path | None) -> str | None:
     """What a delta records as a path it refers to (its base model, its training data): a local file or folder
-    as its absolute path, symbolic links kept (a relative one would resolve against whatever folder the delta is
-    later used from), anything else (a hub name) as given."""
+    (or ``FILE:SPLIT``) as its absolute path, symbolic links kept (a relative one would resolve against whatever
+    folder the delta is later used from), anything else (a hub name) as given."""
     if path is None or str(path) == "":
         return None
-    return os.path.abspath(path) if Path(path).exists() else str(path)
+    ref = local_reference(str(path))
+    return str(path) if ref is None else ref
 
 
 @dataclass

@@ -246,6 +246,27 @@ def test_a_relative_model_folder_is_recorded_absolute(tmp_path, tiny_lm_dir, mon
     assert dt.generate(tmp_path / "o" / "delta", "Q: 3?", max_new_tokens=2)  # the base is found from here
 
 
+def test_a_relative_json_split_reference_is_recorded_absolute_with_its_split(tmp_path, monkeypatch):
+    """``--data rows.json:train`` (a JSON object of splits, as CLINC150 ships) names a file that exists only without
+    its split: the delta records the file's absolute path with the split, so eval and predict find it from any
+    folder, and a resume spelling it absolute continues the run."""
+    from deltatune.delta import Delta
+    from deltatune.provenance import path_reference
+    from deltatune.train import checkpoint
+
+    (tmp_path / "rows.json").write_text(json.dumps({"train": [["a", "x"], ["b", "y"]], "val": [["c", "x"]]}))
+    monkeypatch.chdir(tmp_path)
+    assert path_reference("rows.json:train") == f"{tmp_path / 'rows.json'}:train"
+    assert path_reference("rows.json") == str(tmp_path / "rows.json")
+    assert path_reference("no-such.json:train") == "no-such.json:train"  # a hub name or a typo: as given
+    delta = Delta("lora", checkpoint.config_as_recorded({}, "lora"), {})
+    relative = loop.run_settings(TrainConfig(task="classify", data="rows.json:train", eval_data="rows.json:val"),
+                                 delta)
+    absolute = loop.run_settings(TrainConfig(task="classify", data=f"{tmp_path / 'rows.json'}:train",
+                                             eval_data=f"{tmp_path / 'rows.json'}:val"), delta)
+    assert relative == absolute and relative["train"]["data"] == f"{(tmp_path / 'rows.json').resolve()}:train"
+
+
 def test_resume_refuses_a_base_model_folder_rewritten_since(tmp_path, tiny_lm_dir):
     """A checkpoint records the fingerprint of the base its delta trains on: a resume over another model saved
     under the same path (fine-tuned, re-downloaded) would continue the delta on other weights, so it is refused

@@ -35,7 +35,7 @@ from deltatune.io.delta_format import save_delta
 from deltatune.io.outputs import write_marker
 from deltatune.methods.registry import TrainHook, get_method, unwrap_optimizer
 from deltatune.model import attach
-from deltatune.provenance import Provenance, path_reference
+from deltatune.provenance import Provenance, local_reference, path_reference
 from deltatune.train import checkpoint as ckpt
 from deltatune.train import fsdp, zero
 from deltatune.train.config import TrainConfig
@@ -363,8 +363,8 @@ def run_settings(cfg: TrainConfig, delta: Delta) -> dict[str, Any]:
     the delta trains on (a model folder rewritten since: another base under the same path)."""
     train = {k: v for k, v in asdict(cfg).items() if k not in FREE_ON_RESUME}
     for key in PATH_SETTINGS:
-        if isinstance(train.get(key), str) and Path(train[key]).exists():
-            train[key] = str(Path(train[key]).resolve())
+        if isinstance(train.get(key), str):
+            train[key] = local_reference(train[key], lambda p: str(Path(p).resolve())) or train[key]
     train["on"] = [str(Path(p).resolve()) if Path(p).exists() else p for p in train.get("on") or []]
     if cfg.task in USER_TASKS:
         train["holds_out"] = cfg.eval_data is None

@@ -29,6 +29,7 @@ from typing import Any
 import datasets
 
 from deltatune.errors import DataError
+from deltatune.provenance import split_spec
 
 USER_TASKS = ("classify", "regress", "tokens", "chat")
 """Tasks on a user's own files whose columns (and label map) are saved in the delta's provenance: ``tokens`` is
@@ -232,14 +233,12 @@ class TaskInfo:
 
 
 def _split_spec(spec: str) -> tuple[Path, str | None]:
-    """``PATH`` or ``PATH:SPLIT`` (the split suffix only when ``PATH`` itself does not exist)."""
-    path = Path(spec)
-    if path.exists():
-        return path, None
-    head, sep, split = spec.rpartition(":")
-    if sep and head and Path(head).exists() and split:
-        return Path(head), split
-    raise DataError(f"data file {spec!r} not found")
+    """``PATH`` or ``PATH:SPLIT`` (:func:`~deltatune.provenance.split_spec`); :class:`DataError` when neither
+    exists."""
+    parts = split_spec(spec)
+    if parts is None:
+        raise DataError(f"data file {spec!r} not found")
+    return Path(parts[0]), parts[1]
 
 
 def _json_splits(path: Path, split: str, pair_columns: tuple[str, str]) -> datasets.Dataset:
