@@ -107,6 +107,12 @@ class Provenance:
         parents = value["parents"]
         if not isinstance(parents, list) or not all(isinstance(p, dict) for p in parents):
             raise DeltaFormatError(f"{where}: provenance.parents must be a list of objects")
+        for i, parent in enumerate(parents):  # an underlying delta is found by its path and checked by its digest
+            if parent.get("role") == ON_ROLE and not all(isinstance(parent.get(k), str) and parent[k]
+                                                         for k in ("path", "digest")):
+                raise DeltaFormatError(f"{where}: provenance.parents[{i}] records an underlying delta (role "
+                                       f"{ON_ROLE!r}) and needs a non-empty string 'path' and 'digest', got "
+                                       f"{str({k: parent.get(k) for k in ('path', 'digest')})[:120]}")
         return cls(**copy.deepcopy(value))
 
     @classmethod

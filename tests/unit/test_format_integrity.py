@@ -502,3 +502,19 @@ def test_negative_zeros_left_by_a_mask_verify_after_the_round_trip(tmp_path, fmt
     assert bool((torch.signbit(a) & (a == 0)).any())
     loaded = _load(fmt, _save(fmt, delta, tmp_path / fmt))  # verify=True
     assert torch.equal(loaded.parts[LORA].lora_A, delta.parts[LORA].lora_A)
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("record", [{"role": "on"}, {"role": "on", "path": 5, "digest": "x"},
+                                    {"role": "on", "path": "/d", "digest": ""}], ids=["missing", "int", "empty"])
+def test_an_underlying_delta_record_without_a_path_or_digest_is_a_format_error(tmp_path, fmt, record) -> None:
+    """A stacked delta finds each underlying delta by its recorded path and checks it by its digest: a record
+    without them (a hand-edited or foreign manifest) is refused at load naming the entry, not a raw KeyError or
+    TypeError when the delta is used."""
+    delta = _delta()
+    delta.provenance.parents = [{"method": "lora"}, record]
+    path = _save(fmt, delta, tmp_path / "d")
+    with pytest.raises(DeltaFormatError, match=r"provenance.parents\[1\] records an underlying delta"):
+        _load(fmt, path)
+    delta.provenance.parents = [{"method": "lora"}, {"role": "on", "path": "/d", "digest": "ab" * 32}]
+    assert _load(fmt, _save(fmt, delta, tmp_path / "ok")).provenance.parents[1]["path"] == "/d"
