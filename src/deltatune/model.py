@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
+import torch
 from torch import nn
 
 from deltatune.delta import Delta
@@ -201,8 +202,22 @@ def default_heads(model: nn.Module) -> list[str]:
     return []
 
 
+def _dtype_class(dtype: torch.dtype) -> str:
+    """The kind of number a dtype holds: ``floating-point``, ``complex``, ``boolean`` or ``integer``."""
+    if dtype.is_floating_point:
+        return "floating-point"
+    if dtype.is_complex:
+        return "complex"
+    return "boolean" if dtype == torch.bool else "integer"
+
+
 def check_heads(model: nn.Module, delta: Delta, where: str = "delta") -> None:
-    """Every head of ``delta`` is a module of ``model`` with tensors of the same names and shapes."""
+    """Every head of ``delta`` is a module of ``model`` with tensors of the same names and shapes, and each tensor
+    of the same dtype class as the module's (:func:`_dtype_class`): a float head tensor may differ in precision
+    (an fp16/bf16 head on an fp32 model is cast when attached or loaded), an integer or boolean one where the
+    module holds a float (or the reverse) is refused with :class:`ShapeMismatch` naming the head, the tensor and
+    both dtypes.  Every consumer (:func:`apply_delta`, :func:`attach_heads`, :func:`load_heads` for merging and
+    composing, the serving store) calls this before it changes the model."""
     for head, tensors in delta.heads.items():
         try:
             module = model.get_submodule(physical_path(model, head))
@@ -213,11 +228,16 @@ def check_heads(model: nn.Module, delta: Delta, where: str = "delta") -> None:
             if k not in own or own[k].shape != t.shape:
                 got = tuple(own[k].shape) if k in own else "missing"
                 raise ShapeMismatch(f"{where}: head tensor {head}.{k} has shape {tuple(t.shape)}, model has {got}")
+            found, expected = _dtype_class(t.dtype), _dtype_class(own[k].dtype)
+            if found != expected:
+                raise ShapeMismatch(f"{where}: head tensor {head}.{k} has dtype {t.dtype}, model has "
+                                    f"{own[k].dtype}: head {head!r} needs a {expected} tensor here, not {found}")
 
 
 def load_heads(model: nn.Module, delta: Delta, where: str = "delta") -> None:
     """Load ``delta``'s task heads into the model's head modules (merging; training), each first given its own
-    copy of any tensor it shares with another module (:func:`untie_head`)."""
+    copy of any tensor it shares with another module (:func:`untie_head`).  Checked first (:func:`check_heads`);
+    a float head tensor of another precision is cast into the module's dtype by ``load_state_dict``."""
     check_heads(model, delta, where)
     for head, tensors in delta.heads.items():
         module = get_module(model, head)
@@ -241,14 +261,17 @@ def untie_head(model: nn.Module, head: str, module: nn.Module) -> None:
 def attach_heads(model: nn.Module, delta: Delta, name: str = DEFAULT, activate: bool = True,
                  where: str = "delta") -> None:
     """Attach ``delta``'s task heads as routable parts under ``name`` (:class:`RoutedHead`): the model's own
-    head modules are untouched, rows of a mixed batch may use different heads, detaching restores them."""
+    head modules are untouched, rows of a mixed batch may use different heads, detaching restores them.
+
+    Checked first (:func:`check_heads`): names, shapes and dtype class; each tensor is then cast to the device and
+    dtype of the module's own tensor of that name."""
     check_heads(model, delta, where)
     for head, tensors in delta.heads.items():
         if tensors:
-            ref = next(get_module(model, head).parameters(), None)
-            part = RoutedHead(tensors)
-            if ref is not None:
-                part.to(ref.device)
+            own = get_module(model, head).state_dict()
+            # each tensor on the device and in the dtype of the module's own (the class is checked above): an
+            # fp16 head on an fp32 model computes in fp32, as the merged (loaded) head does
+            part = RoutedHead({k: t.to(device=own[k].device, dtype=own[k].dtype) for k, t in tensors.items()})
             _wrapper(model, head).add(name, part, activate)
 
 

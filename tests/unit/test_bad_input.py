@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import tiny_bert
+from conftest import tiny_bert, tiny_inputs
 from safetensors.torch import load_file, save_file
 
 import deltatune
@@ -160,6 +160,42 @@ def test_head_of_another_shape(minilm, tmp_path) -> None:
     with pytest.raises(ShapeMismatch) as err:
         deltatune.apply_delta(minilm, delta, force=True)
     assert "classifier.weight" in str(err.value)
+
+
+def test_head_of_another_dtype(tmp_path) -> None:
+    """A head tensor of another dtype class (an int16 classifier weight on an fp32 model) is refused, naming the
+    head, the tensor and both dtypes, by every consumer before the model changes: attach, merge.  A float head of
+    another precision (saved in fp16, applied to the fp32 base) is cast: attached it computes, alone and in a
+    mixed batch, what the merged (loaded) head computes, instead of failing in the first forward."""
+    delta = lora_delta(tiny_bert())
+    own = {k: v.clone() for k, v in delta.heads["classifier"].items()}
+    inputs = {k: v for k, v in tiny_inputs("bert").items() if k != "labels"}
+
+    delta.heads = {"classifier": {**own, "weight": (own["weight"] * 1000).to(torch.int16)}}
+    for consume in (deltatune.apply_delta, deltatune.merge_delta):
+        model = tiny_bert()
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(ShapeMismatch, match=r"head tensor classifier\.weight has dtype torch\.int16, model has "
+                                                r"torch\.float32.*'classifier'.*floating-point"):
+            consume(model, delta, where="sst2-delta")
+        assert not any(isinstance(m, DeltaLayer) for m in model.modules())
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+    delta.heads = {"classifier": {k: (torch.randn_like(v) if k == "weight" else v).half() for k, v in own.items()}}
+    delta.save(tmp_path / "half")
+    loaded = deltatune.load_delta(tmp_path / "half")
+    assert loaded.heads["classifier"]["weight"].dtype == torch.float16
+    attached, merged = tiny_bert(), tiny_bert()
+    deltatune.apply_delta(attached, loaded, name="sst2")
+    deltatune.merge_delta(merged, loaded)
+    routed = attached.classifier.parts["sst2"].tensors()
+    assert {t.dtype for t in routed.values()} == {torch.float32}
+    with torch.no_grad():
+        want = merged(**inputs).logits
+        assert torch.allclose(attached(**inputs).logits, want, atol=1e-5)
+        with deltatune.mixed_batch(attached, ["sst2", None, "sst2"]):
+            mixed = attached(**inputs).logits
+    assert torch.allclose(mixed[[0, 2]], want[[0, 2]], atol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------------
