@@ -105,13 +105,17 @@ def replace_first(out: Any, value: Tensor) -> Any:
 
 def sum_updates(module: nn.Module, parts: Sequence[Part]) -> dict[str, Tensor]:
     """``{name: θ + Σ_p Δθ_p}`` for every direct parameter some part updates (``Δθ`` given the base module; a part
-    bound for in-place training adds only what carries its gradient: :meth:`Part.forward_updates`)."""
+    bound for in-place training adds only what carries its gradient: :meth:`Part.forward_updates`).  A parameter
+    the module does not have (BitFit's bias on a bias-free Llama Linear, ``bias=None``) is ``θ = 0``: ``Σ_p Δθ_p``
+    alone, in the weight's dtype."""
     own = dict(module.named_parameters(recurse=False))
     total: dict[str, Tensor] = {}
     for part in parts:
         for name, delta in part.forward_updates(module).items():
             total[name] = total.get(name, 0) + delta
-    return {k: own[k] + v.to(own[k].dtype) for k, v in total.items()}
+    dtype = getattr(module, "weight", next(iter(own.values()), None))
+    return {k: own[k] + v.to(own[k].dtype) if k in own else v.to(dtype.dtype if dtype is not None else v.dtype)
+            for k, v in total.items()}
 
 
 def _bound_error(module: nn.Module) -> ConfigError:

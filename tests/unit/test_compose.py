@@ -532,3 +532,41 @@ def test_summing_a_base_dependent_part_with_another_names_the_module():
     with pytest.raises(NotMergeable, match=f"^{k}: ") as err:
         compose_deltas([a, b])
     assert err.value.kind == "ia3"
+
+
+@pytest.mark.parametrize("other", ["bitfit", "lora", "ia3", "ssf"])
+def test_bitfit_biases_added_to_a_bias_free_llama_compose_with_another_delta_in_both_modes(other) -> None:
+    """BitFit on Llama adds biases its Linears do not have (``bias=None``).  Live beside another delta on the same
+    Linear, the summed update takes the missing bias as 0 (it raised ``KeyError: 'bias'``); merged first, the bias
+    it created does not count as the base's for the next delta: (IA)³ and SSF made for bias-free modules fit, and
+    scale what they scaled live (they were refused, or scaled BitFit's bias)."""
+    from conftest import randomize_delta, tiny_llama
+
+    from deltatune.methods import make_config
+    from deltatune.model import detach
+
+    def trained(method, seed):
+        model = tiny_llama()
+        delta = randomize_delta(model, make_config(method, {"r": 2} if method == "lora" else {}), seed, 0.05)
+        detach(model)
+        for part in delta.parts.values():  # (IA)³ and SSF scales away from 1: their updates then matter
+            for name in ("ia3_l", "ssf_scale"):
+                if hasattr(part, name):
+                    with torch.no_grad():
+                        getattr(part, name).add_(1.0)
+        return delta
+
+    bitfit, second = trained("bitfit", 1), trained(other, 2)
+    inputs = {k: v for k, v in tiny_inputs("llama").items() if k != "labels"}
+    outs = []
+    for order in ([bitfit, second], [second, bitfit]):
+        for mode in ("attach", "merge"):
+            model = tiny_llama()
+            with compose(model, order, mode=mode), torch.no_grad():
+                outs.append(model(**inputs).logits)
+    alone = tiny_llama()
+    with torch.no_grad():
+        base = alone(**inputs).logits
+    assert (outs[0] - base).abs().max().item() > 1e-3  # the deltas matter
+    for out in outs[1:]:
+        assert (out - outs[0]).abs().max().item() <= 1e-5

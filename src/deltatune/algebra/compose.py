@@ -15,7 +15,8 @@ ACL 2022, arXiv 2110.07560: a language delta plus a task delta, summed).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any, Literal
@@ -206,7 +207,8 @@ class DeltaStack:
             part.merge_into(module)
             return
         own = dict(module.named_parameters(recurse=False))
-        before = SimpleNamespace(**{n: self._before_stack(p) for n, p in own.items()})
+        with self._added_tensors_hidden():  # a tensor the stack created (BitFit's bias on Llama) was not there before
+            before = SimpleNamespace(**{n: self._before_stack(p) for n, p in module.named_parameters(recurse=False)})
         with torch.no_grad():
             for name, delta in part.updates(before).items():
                 p = own[name]
@@ -233,7 +235,8 @@ class DeltaStack:
                     f"{describe_fingerprint_diff(delta.fingerprint, actual, where, 'the model')}. "
                     "Pass force=True to compose it anyway, or rebase it first (`deltatune rebase`)."
                 )
-        check_fits(delta, self.model, where)
+        with self._added_tensors_hidden():  # a part fits the module as it was before the stack (attach mode's view)
+            check_fits(delta, self.model, where)
         self._check_heads(delta, where)
         snap = _Snapshot()
         _snapshot_heads(self.model, heads, snap)
@@ -298,23 +301,32 @@ class DeltaStack:
                         current.take_whole(t)
                     for t, idx, _ in e.snapshot.at:
                         current.take_at(t, idx)
-                # tensors a merge added (a bias where a module had none) are taken off for the fingerprint and put
-                # back after: restore() deletes them
-                added = [(m, n, getattr(m, n), getattr(m, ADDED_MARK, None))
-                         for e in self._entries for m, n in e.snapshot.added]
-                for e in reversed(self._entries):
-                    e.snapshot.restore()
-                try:
-                    self._fingerprints[key] = fingerprint(self.model, exclude=key)
-                finally:
-                    current.restore()
-                    for module, name, tensor, mark in added:
-                        setattr(module, name, tensor)
-                        if mark is not None:
-                            setattr(module, ADDED_MARK, mark)
+                with self._added_tensors_hidden():  # restore() deletes them: put back after
+                    for e in reversed(self._entries):
+                        e.snapshot.restore()
+                    try:
+                        self._fingerprints[key] = fingerprint(self.model, exclude=key)
+                    finally:
+                        current.restore()
             else:
                 self._fingerprints[key] = fingerprint(self.model, exclude=key)
         return self._fingerprints[key]
+
+    @contextmanager
+    def _added_tensors_hidden(self) -> Iterator[None]:
+        """Within the block, the tensors merges of the stack created (a bias where a Llama Linear had none: BitFit)
+        are off their modules, as before the stack; put back after."""
+        added = [(m, n, getattr(m, n), getattr(m, ADDED_MARK, None))
+                 for e in self._entries for m, n in e.snapshot.added]
+        for module, name, _, _ in added:
+            setattr(module, name, None)
+        try:
+            yield
+        finally:
+            for module, name, tensor, mark in added:
+                setattr(module, name, tensor)
+                if mark is not None:
+                    setattr(module, ADDED_MARK, mark)
 
     def _check_heads(self, delta: Delta, where: str) -> None:
         """A head is task-specific and replaced whole: two composed deltas may share one only if equal."""
