@@ -570,3 +570,48 @@ def test_bitfit_biases_added_to_a_bias_free_llama_compose_with_another_delta_in_
     assert (outs[0] - base).abs().max().item() > 1e-3  # the deltas matter
     for out in outs[1:]:
         assert (out - outs[0]).abs().max().item() <= 1e-5
+
+
+def test_half_precision_sparse_and_slice_sums_are_exact_and_run_on_their_half_precision_base() -> None:
+    """Values of bf16 sparse (slice) parts that share an index (a channel) are summed in fp32: the composed delta
+    is the exact sum (bf16 would round it), and it still attaches to and merges into a bf16 model as the two deltas
+    composed live do."""
+    from conftest import tiny_llama
+
+    from deltatune.parts.layers import layer_kind
+    from deltatune.parts.slice import SlicePart
+
+    model = tiny_llama().to(torch.bfloat16)
+    name = "model.layers.0.self_attn.q_proj"
+    module = get_module(model, name)
+    g = torch.Generator().manual_seed(0)
+
+    def delta(seed: int, kind: str) -> Delta:
+        if kind == "sparse":
+            part = SparsePart(tuple(module.weight.shape), torch.arange(0, 400), layer_kind(module),
+                              dtype=torch.bfloat16)
+            values = part.values
+        else:
+            part = SlicePart(module.in_features, module.out_features, "out", torch.tensor([1, 3, 5]),
+                             layer_kind(module), dtype=torch.bfloat16)
+            values = part.block
+        with torch.no_grad():
+            values.copy_(torch.randn(values.shape, generator=g) * 0.1 + seed)
+        return Delta(kind, {}, {name: part}, fingerprint=fingerprint(model))
+
+    inputs = {k: v for k, v in tiny_inputs("llama").items() if k != "labels"}
+    for kind in ("sparse", "slice"):
+        one, two = delta(1, kind), delta(2, kind)
+        summed = compose_deltas([one, two]).parts[name]
+        stored = summed.values if kind == "sparse" else summed.block
+        first, second = ((d.parts[name].values if kind == "sparse" else d.parts[name].block) for d in (one, two))
+        assert torch.equal(stored, first.float() + second.float())  # exact: bf16 would round
+        live = copy.deepcopy(model)
+        with compose(live, [one, two], mode="attach"), torch.no_grad():
+            want = live(**inputs).logits
+        for merge in (False, True):
+            target = copy.deepcopy(model)
+            apply_delta(target, Delta(kind, {}, {name: summed}, fingerprint=fingerprint(model)), merge=merge)
+            with torch.no_grad():
+                got = target(**inputs).logits
+            assert got.dtype == torch.bfloat16 and (got.float() - want.float()).abs().max().item() <= 0.05

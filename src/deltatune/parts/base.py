@@ -382,6 +382,14 @@ def promote_dtypes(tensors: Sequence[Tensor]) -> torch.dtype:
     return dtype
 
 
+def exact_sum_dtype(tensors: Sequence[Tensor], overlapping: bool) -> torch.dtype:
+    """The dtype a sum of ``tensors`` is stored in: their promoted dtype (:func:`promote_dtypes`), or fp32 where that
+    is bf16/fp16 and entries of different tensors add up (``overlapping``): a half-precision sum of two values is
+    rounded, so the summed delta would not be the sum of the deltas."""
+    dtype = promote_dtypes(tensors)
+    return torch.float32 if overlapping and dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def base_layer_kind(base: nn.Module, where: str) -> LayerKind:
     kind = layer_kind(base)
     if kind is None:

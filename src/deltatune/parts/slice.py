@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from deltatune.errors import DeltaFormatError, ShapeMismatch
-from deltatune.parts.base import Part, base_layer_kind, promote_dtypes
+from deltatune.parts.base import Part, base_layer_kind, exact_sum_dtype, promote_dtypes
 from deltatune.parts.layers import LayerKind, in_out_features, is_transposed
 from deltatune.parts.meta_checks import check_keys, check_shape, check_state, meta_int, meta_layer, short
 from deltatune.parts.sparse import check_indices
@@ -239,15 +239,17 @@ class SlicePart(Part):
 
 
 def sum_slices(parts: Sequence[SlicePart], where: str) -> SlicePart:
-    """``Σ ΔW`` of slice parts over the same axis of the same weight as one slice part (union of indices)."""
+    """``Σ ΔW`` of slice parts over the same axis of the same weight as one slice part (union of indices), exactly
+    (:func:`exact_sum_dtype`)."""
     ref = parts[0]
     for p in parts[1:]:
         if (p.d_in, p.d_out, p.axis, p.layer) != (ref.d_in, ref.d_out, ref.axis, ref.layer):
             raise ShapeMismatch(f"{where}: slice parts {ref.axis}/{ref.d_in}→{ref.d_out} ({ref.layer}) and "
                                 f"{p.axis}/{p.d_in}→{p.d_out} ({p.layer}) cannot be summed")
-    dtype = promote_dtypes([p.block for p in parts])
     device = ref.block.device
-    union = torch.unique(torch.cat([p.indices.to(device) for p in parts]), sorted=True)
+    every = torch.cat([p.indices.to(device) for p in parts])
+    union = torch.unique(every, sorted=True)
+    dtype = exact_sum_dtype([p.block for p in parts], overlapping=union.numel() < every.numel())
     out = SlicePart(ref.d_in, ref.d_out, ref.axis, union, ref.layer, dtype=dtype, device=device)
     dim = 0 if ref.axis == "out" else 1
     with torch.no_grad():

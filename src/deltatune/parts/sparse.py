@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from deltatune.errors import DeltaFormatError, ShapeMismatch
-from deltatune.parts.base import Part, base_layer_kind, promote_dtypes, writable
+from deltatune.parts.base import Part, base_layer_kind, exact_sum_dtype, writable
 from deltatune.parts.layers import LayerKind, functional_forward, input_grad, scaled_lookup, weight_grad
 from deltatune.parts.meta_checks import check_keys, check_shape, check_state, meta_int, meta_layer
 from deltatune.parts.sparse_binding import SparseBinding, added
@@ -398,17 +398,18 @@ def sparse_from_dense(delta: Tensor, layer: LayerKind) -> SparsePart:
 
 
 def sum_sparse(parts: Sequence[SparsePart], where: str) -> SparsePart:
-    """Union of the index sets; values at a shared index are added (in the promoted dtype)."""
+    """Union of the index sets; values at a shared index are added, exactly (:func:`exact_sum_dtype`: fp32 where
+    half-precision values share an index)."""
     ref = parts[0]
     for p in parts[1:]:
         if (p.weight_shape, p.layer) != (ref.weight_shape, ref.layer):
             raise ShapeMismatch(f"{where}: sparse parts for weights {ref.weight_shape} ({ref.layer}) and "
                                 f"{p.weight_shape} ({p.layer}) cannot be summed")
-    dtype = promote_dtypes([p.values for p in parts])
     device = ref.values.device
     idx = torch.cat([p.indices.to(device) for p in parts])
-    vals = torch.cat([p.values.detach().to(device=device, dtype=dtype) for p in parts])
     uniq, inverse = torch.unique(idx, sorted=True, return_inverse=True)
+    dtype = exact_sum_dtype([p.values for p in parts], overlapping=uniq.numel() < idx.numel())
+    vals = torch.cat([p.values.detach().to(device=device, dtype=dtype) for p in parts])
     summed = torch.zeros(uniq.numel(), dtype=dtype, device=device).index_add_(0, inverse, vals)
     out = SparsePart(ref.weight_shape, uniq, ref.layer, dtype=dtype)
     with torch.no_grad():
