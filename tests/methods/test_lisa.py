@@ -16,6 +16,7 @@ import deltatune
 from deltatune.errors import ConfigError, TargetError
 from deltatune.methods import get_method
 from deltatune.methods.lisa import draw, find_blocks
+from deltatune.methods.targets import modules_with_parameters
 from deltatune.model import get_module
 from deltatune.train import checkpoint as ckpt
 
@@ -57,9 +58,9 @@ def run(model, delta, opt, sampler, start: int, steps: int):
 
 
 def test_blocks_are_found_for_each_architecture():
-    assert find_blocks(TINY_MODELS["llama"](), None) == ("model.layers", 2)
-    assert find_blocks(TINY_MODELS["gpt2"](), None) == ("transformer.h", 2)
-    assert find_blocks(TINY_MODELS["bert"](), None) == ("bert.encoder.layer", 2)
+    assert find_blocks(TINY_MODELS["llama"](), None) == [("model.layers", 2)]
+    assert find_blocks(TINY_MODELS["gpt2"](), None) == [("transformer.h", 2)]
+    assert find_blocks(TINY_MODELS["bert"](), None) == [("bert.encoder.layer", 2)]
     with pytest.raises(TargetError, match="not a module"):
         find_blocks(TINY_MODELS["llama"](), "model.nothing")
     with pytest.raises(TargetError, match="not the ModuleList"):
@@ -328,3 +329,79 @@ def test_a_loop_of_your_own_with_torchs_adamw_is_not_warned():
                                 4)
     schedule.close()
     assert get_module(model, "model.embed_tokens").sparse is False
+
+
+# --- encoder–decoder: both stacks' blocks form one pool --------------------------------------------------------
+T5_STACKS = {"encoder": 2, "decoder": 3}
+
+
+def t5_setup(config_map: dict, total: int = 12):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(T5Config(
+        vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=T5_STACKS["encoder"],
+        num_decoder_layers=T5_STACKS["decoder"], num_heads=2, decoder_start_token_id=0))
+    config = deltatune.make_config("lisa", config_map)
+    delta = deltatune.attach(model, config)
+    method = get_method("lisa")
+    opt = method.optimizer([p for p in model.parameters() if p.requires_grad], 1e-2, 0.1, config)
+    (sampler,) = method.hooks(model, delta, config, opt, total, 1)
+    return model, delta, opt, sampler
+
+
+def t5_block(name: str) -> tuple[str, int] | None:
+    """``(stack, index)`` of the T5 block a module belongs to, or None outside the blocks."""
+    parts = name.split(".")
+    return (parts[0], int(parts[2])) if parts[1:2] == ["block"] else None
+
+
+def training_now(delta, opt) -> set[str]:
+    """The delta's modules whose parameters train now (require a gradient and are in the optimizer)."""
+    listed = {id(p) for g in opt.param_groups for p in g["params"]}
+    names = {n for n, part in delta.parts.items() if any(p.requires_grad for p in part.parameters())}
+    assert names == {n for n, part in delta.parts.items() if any(id(p) in listed for p in part.parameters())}
+    return names
+
+
+def test_encoder_decoder_trains_one_block_of_either_stack_besides_the_outside():
+    model, delta, opt, sampler = t5_setup({"layers": 1, "interval": 1})
+    every = {n: t5_block(n) for n in modules_with_parameters(model)}
+    outside = {n for n, b in every.items() if b is None}
+    assert {"shared", "encoder.final_layer_norm", "decoder.final_layer_norm"} <= outside
+    drawn = []
+    # the schedule alone (no forward: a T5 module reads ``self.wo.weight``, which a wrapped module lacks)
+    for step in range(12):
+        sampler.before_step(step)
+        now = training_now(delta, opt)
+        # exactly one block's modules (all of them) train, and the outside (its parts: a tied alias has none)
+        blocks = {every[n] for n in now if every[n] is not None}
+        assert len(blocks) == 1, f"step {step}: blocks {sorted(blocks)} train at once"
+        (block,) = blocks
+        assert {n for n in now if every[n] is not None} == {n for n, b in every.items() if b == block}
+        assert {n for n in now if every[n] is None} == outside & set(delta.parts)
+        drawn.append(block)
+        sampler.after_step(step + 1)
+    # one pool of 2 + 3 blocks, the encoder's first; the draws are the pool's, taking blocks of both stacks
+    assert sampler.plan.n == 5
+    pool = [t5_block(names[0]) for names in sampler.plan.blocks]
+    assert pool == [("encoder", 0), ("encoder", 1), ("decoder", 0), ("decoder", 1), ("decoder", 2)]
+    assert drawn == [pool[draw(5, 1, 0, step)[0]] for step in range(12)]
+    assert {stack for stack, _ in drawn} == {"encoder", "decoder"}
+    # the schedule resumes: a fresh run loading the sampler's state trains the same modules, with the same parts
+    model2, delta2, opt2, sampler2 = t5_setup({"layers": 1, "interval": 1})
+    sampler2.load_state_dict(sampler.state_dict())
+    assert set(delta2.parts) == set(delta.parts) and training_now(delta2, opt2) == training_now(delta, opt)
+
+
+def test_layers_path_names_the_pooled_lists_and_leaves_the_rest_outside():
+    model, delta, opt, sampler = t5_setup({"layers": 1, "layers_path": "decoder.block"})
+    assert sampler.plan.lists == [("decoder.block", 3)]
+    # the encoder's blocks are outside the pool: they always train
+    assert {f"encoder.block.{i}.layer.1.DenseReluDense.wi" for i in range(2)} <= set(sampler.plan.outside)
+    model, delta, opt, sampler = t5_setup({"layers": 4, "layers_path": "decoder.block, encoder.block"})
+    assert sampler.plan.lists == [("decoder.block", 3), ("encoder.block", 2)]
+    with pytest.raises(ConfigError, match="overlap"):
+        t5_setup({"layers": 1, "layers_path": "encoder.block,encoder.block.0.layer"})
+    with pytest.raises(ConfigError, match=r"has 5 blocks \(encoder.block: 2, decoder.block: 3\)"):
+        t5_setup({"layers": 6})

@@ -4,6 +4,15 @@ Everything outside the transformer blocks (embeddings, final norm, LM head) alwa
 ``γ`` (``layers``) drawn uniformly without replacement train, re-drawn every ``K`` (``interval``) steps
 (LMFlow's released sampler; the paper motivates importance sampling, the code samples uniformly).
 
+The blocks are those of every block list of the model, pooled: an encoder–decoder's (T5 ``encoder.block`` and
+``decoder.block``, BART ``model.encoder.layers`` and ``model.decoder.layers``) form one pool of
+``L = L_enc + L_dec`` blocks, numbered in list order (the encoder's ``0 … L_enc − 1``, then the decoder's), from
+which the ``γ`` are drawn, so a draw may take blocks of either stack.  The lists are ``layers_path`` (one
+module path, or several separated by commas, pooled in the order given; a stack left out of it is outside the
+blocks and always trains), else the model type's default (:data:`LAYER_PATHS`: decoder- and encoder-only
+models, one list), else every outermost ``nn.ModuleList`` holding parameters (not inside another such list nor
+inside a task head).
+
 As a delta: a dense part per trained module, created *lazily* the first time its block is drawn, so the delta
 and the memory hold only blocks that were ever trained.  When a block is re-frozen its part stays (its ``Δ`` is
 part of the result) but stops training, and its optimiser state is really freed (the reference implementation
@@ -16,6 +25,7 @@ heads' state survives the draws and a resumed run rebuilds exactly the same opti
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -30,10 +40,10 @@ from deltatune.methods.in_place import InPlaceTraining
 from deltatune.methods.lift import require_single_process
 from deltatune.methods.registry import Method, TrainHook, adamw, register_method, unwrap_optimizer
 from deltatune.methods.targets import modules_with_parameters
-from deltatune.model import attach_parts, get_module
+from deltatune.model import attach_parts, get_module, logical_modules
 from deltatune.parts.dense import DensePart
 
-#: where each architecture keeps its blocks (PEFT-style per-model_type defaults); others: the largest ModuleList
+#: where each architecture keeps its blocks (PEFT-style per-model_type defaults); others: every outermost ModuleList
 LAYER_PATHS = {"llama": "model.layers", "gpt2": "transformer.h", "bert": "bert.encoder.layer",
                "mistral": "model.layers", "qwen2": "model.layers", "gemma": "model.layers", "phi3": "model.layers"}
 
@@ -45,8 +55,9 @@ class LisaConfig:
     interval: int = field(default=20, metadata={"help": "K: steps between draws of the trained blocks"})
     train_outside: bool = field(default=True, metadata={"help": "always train what is outside the blocks "
                                                                 "(embeddings, final norm, LM head)"})
-    layers_path: str | None = field(default=None, metadata={"help": "module path of the blocks' ModuleList "
-                                                                    "(default: by model type)"})
+    layers_path: str | None = field(default=None, metadata={
+        "help": "module path of the blocks' ModuleList, or several separated by commas, whose blocks form one pool "
+                "(default: by model type, else every outermost ModuleList, e.g. an encoder's and a decoder's)"})
     seed: int = seed_option("seed of the draws (draw s uses seed and s)")
     in_place: bool = field(default=True, metadata={"help": "train θ in the base's own storage, θ₀ in a temporary "
                                                            "file (see full); false: a separate Δθ per part"})
@@ -60,23 +71,43 @@ class LisaConfig:
         require(self.interval >= 1, f"lisa config.interval must be ≥ 1, got {self.interval}")
 
 
-def find_blocks(model: nn.Module, path: str | None) -> tuple[str, int]:
-    """``(path, number)`` of the model's transformer blocks: ``path``, the model type's default, else the
-    largest ``nn.ModuleList``."""
+def find_blocks(model: nn.Module, path: str | None, exclude: Iterable[str] = ()) -> list[tuple[str, int]]:
+    """``[(path, number of blocks), …]``: the model's block lists, pooled by :class:`BlockPlan` in this order.
+
+    ``path`` (``config.layers_path``; several paths separated by commas, in the order given), else the model type's
+    default (:data:`LAYER_PATHS`), else every outermost ``nn.ModuleList`` holding parameters, in module order
+    (an encoder–decoder: the encoder's blocks, then the decoder's); lists inside ``exclude`` (the task heads) are
+    not blocks."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    path = path or LAYER_PATHS.get(model_type)
-    if path is None:
-        lists = [(n, len(m)) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
-        if not lists:
-            raise TargetError("lisa: the model has no ModuleList of blocks; give config.layers_path")
-        return max(lists, key=lambda item: item[1])
-    try:
-        blocks = get_module(model, path)
-    except AttributeError:
-        raise TargetError(f"lisa: {path!r} is not a module of this model; give config.layers_path") from None
-    if not isinstance(blocks, nn.ModuleList):
-        raise TargetError(f"lisa: {path!r} is a {type(blocks).__name__}, not the ModuleList of blocks")
-    return path, len(blocks)
+    spec = path or LAYER_PATHS.get(model_type)
+    paths = [p.strip() for p in (spec or "").split(",") if p.strip()]
+    if not paths:
+        return block_lists(model, list(exclude))
+    found = []
+    for p in paths:
+        try:
+            blocks = get_module(model, p)
+        except AttributeError:
+            raise TargetError(f"lisa: {p!r} is not a module of this model; give config.layers_path") from None
+        if not isinstance(blocks, nn.ModuleList):
+            raise TargetError(f"lisa: {p!r} is a {type(blocks).__name__}, not the ModuleList of blocks")
+        for q, _ in found:
+            if p == q or p.startswith(f"{q}.") or q.startswith(f"{p}."):
+                raise ConfigError(f"lisa config.layers_path {spec!r}: {q!r} and {p!r} overlap; give each list of "
+                                  "blocks once, none inside another")
+        found.append((p, len(blocks)))
+    return found
+
+
+def block_lists(model: nn.Module, exclude: list[str]) -> list[tuple[str, int]]:
+    """Every outermost ``nn.ModuleList`` holding parameters (not inside another one, nor inside ``exclude``), in
+    module order, as ``(path, length)``."""
+    lists = [n for n, m in logical_modules(model) if n and isinstance(m, nn.ModuleList)
+             and not any(n == e or n.startswith(f"{e}.") for e in exclude) and next(m.parameters(), None) is not None]
+    outer = [n for n in lists if not any(n.startswith(f"{o}.") for o in lists)]
+    if not outer:
+        raise TargetError("lisa: the model has no ModuleList of blocks; give config.layers_path")
+    return [(n, len(get_module(model, n))) for n in outer]
 
 
 def draw(n_blocks: int, gamma: int, seed: int, step: int) -> list[int]:
@@ -87,20 +118,29 @@ def draw(n_blocks: int, gamma: int, seed: int, step: int) -> list[int]:
 
 
 class BlockPlan:
-    """Which modules (with parameters of their own) are always trained and which belong to each block."""
+    """Which modules (with parameters of their own) are always trained and which belong to each block of the pool.
+
+    The pool numbers the blocks of :func:`find_blocks`' lists one after another: block ``i`` of the ``k``-th
+    list is ``offset_k + i``, ``offset_k`` the lengths of the lists before it (one list: its own indices)."""
 
     def __init__(self, model: nn.Module, config: LisaConfig, exclude: list[str]) -> None:
-        self.path, self.n = find_blocks(model, config.layers_path)
+        self.lists = find_blocks(model, config.layers_path, exclude)
+        self.n = sum(size for _, size in self.lists)
         if config.layers > self.n:
-            raise ConfigError(f"lisa config.layers is {config.layers}, but the model has {self.n} blocks")
+            counts = "" if len(self.lists) == 1 else f" ({', '.join(f'{p}: {k}' for p, k in self.lists)})"
+            raise ConfigError(f"lisa config.layers is {config.layers}, but the model has {self.n} blocks{counts}")
+        offsets = [sum(size for _, size in self.lists[:k]) for k in range(len(self.lists))]
         names = modules_with_parameters(model, exclude)
         self.blocks: list[list[str]] = [[] for _ in range(self.n)]
         self.outside: list[str] = []
         for name in names:
-            if name.startswith(f"{self.path}."):
-                self.blocks[int(name[len(self.path) + 1:].split(".")[0])].append(name)
-            elif config.train_outside:
-                self.outside.append(name)
+            for (path, _), offset in zip(self.lists, offsets, strict=True):
+                if name.startswith(f"{path}."):
+                    self.blocks[offset + int(name[len(path) + 1:].split(".")[0])].append(name)
+                    break
+            else:
+                if config.train_outside:
+                    self.outside.append(name)
 
 
 def dense_parts(model: nn.Module, names: list[str], seen: set[int]) -> dict[str, DensePart]:
