@@ -77,12 +77,17 @@ class Provenance:
     def derived(self, operation: str, parents: list[Any]) -> Provenance:
         """A provenance for a delta made by ``operation`` from the deltas ``parents`` (keeping base and task when
         every parent agrees on them, and the underlying-delta records of a stacked parent: what is compressed,
-        summed or merged from a delta trained on top of others still needs them beneath)."""
+        summed or merged from a delta trained on top of others still needs them beneath).
+
+        An underlying delta that is itself among ``parents`` is not kept beneath: composing ``B`` (trained on ``A``)
+        with ``A`` already holds ``Δ_A + Δ_B``, and ``A`` merged beneath again would count it twice
+        (:func:`_among`)."""
         bases = {p.provenance.base for p in parents}
         tasks = [p.provenance.task for p in parents]
         stack: list[dict[str, Any]] = []  # a stacked parent's underlying deltas stay beneath what is made of it
         for p in parents:
             stack += [copy.deepcopy(r) for r in recorded_stack(p) if all(s.get("path") != r.get("path") for s in stack)]
+        stack = [r for r in stack if not _among(r, parents)]
         return Provenance(operation=operation, base=bases.pop() if len(bases) == 1 else None,
                           task=copy.deepcopy(tasks[0]) if tasks and all(t == tasks[0] for t in tasks) else None,
                           parents=[*stack, *(parent_record(p) for p in parents)])
@@ -125,6 +130,16 @@ class Provenance:
         base = (train or {}).get("model")
         return cls(operation="train" if train else "attach", base=base if isinstance(base, str) else None,
                    task=task, train=copy.deepcopy(train))
+
+
+def _among(record: dict[str, Any], deltas: list[Any]) -> bool:
+    """Whether the underlying delta ``record`` names is one of ``deltas``: one of the same method whose content its
+    recorded digest matches (:func:`deltatune.train.stacking.digest_matches`, the check that finds it on use)."""
+    from deltatune.train.stacking import digest_matches
+
+    digest = record.get("digest")
+    return isinstance(digest, str) and any(d.method == record.get("method") and digest_matches(digest, d)
+                                           for d in deltas)
 
 
 def parent_record(delta: Any) -> dict[str, Any]:

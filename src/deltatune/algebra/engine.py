@@ -10,7 +10,7 @@ generator seeded from ``(seed, tensor name, input index)``, so results do not de
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,14 +23,21 @@ from deltatune.algebra.delta_checkpoint import streamable_base
 from deltatune.algebra.inputs import CheckpointInput, DeltaInput, VocabRule, has_vocab_axis
 from deltatune.algebra.methods import MergeMethod, TensorJob, get_merge_method
 from deltatune.algebra.options import check_input_count, resolve_params
-from deltatune.algebra.output import align_rows, collect_delta, merged_heads, save_output, write_checkpoint
+from deltatune.algebra.output import (
+    align_rows,
+    collect_delta,
+    fingerprint_heads,
+    merged_heads,
+    save_output,
+    write_checkpoint,
+)
 from deltatune.algebra.spec import MergeSpec
 from deltatune.algebra.stats import gather_stats, lines_norms
+from deltatune.algebra.sum_deltas import check_same_bases, output_fingerprint
 from deltatune.algebra.workspace import Workspace
 from deltatune.config import brief, finite_float, parse_config
 from deltatune.delta import Delta
 from deltatune.errors import ConfigError, FingerprintMismatch, NotMergeable, ShapeMismatch
-from deltatune.fingerprint import same_base
 from deltatune.ops import lines as lines_ops
 from deltatune.ops.compress import stable_seed
 
@@ -65,15 +72,18 @@ def _open_inputs(inputs: Sequence[Delta | str | Path], base: CheckpointReader | 
     return opened
 
 
-def _check_same_base(sources: list[Any], force: bool) -> dict[str, Any] | None:
-    prints = [s.fingerprint for s in sources]
-    first = prints[0]
-    for s, fp in zip(sources[1:], prints[1:], strict=True):
-        if not same_base(fp, first) and not force:
-            raise FingerprintMismatch(f"{sources[0].label} and {s.label} were trained on different base models "
-                                      f"({brief(first)} vs {brief(fp)}); pass force=True (CLI --force) to merge "
-                                      "anyway")
-    return first
+def _check_same_base(sources: list[Any], heads: Iterable[str] | None, force: bool) -> dict[str, Any] | None:
+    """The merged delta's base fingerprint, for an output carrying the task heads ``heads`` (``None``: kept per
+    task, :func:`~deltatune.algebra.output.fingerprint_heads`), after checking that the inputs share one base as
+    composing checks it (:func:`~deltatune.algebra.sum_deltas.check_same_bases`: inputs with other head sets
+    compared on the fields their heads do not change); ``force`` skips the check."""
+    deltas, labels = [s.delta for s in sources], [s.label for s in sources]
+    if force:
+        return output_fingerprint(deltas, heads)
+    try:
+        return check_same_bases(deltas, labels, heads)
+    except FingerprintMismatch as exc:
+        raise FingerprintMismatch(f"{exc}, or pass force=True (CLI --force) to merge anyway") from None
 
 
 def plan_keys(sources: list[Any]) -> dict[str, tuple[int, ...]]:
@@ -278,7 +288,8 @@ def run_merge(recipe: MergeSpec) -> Delta | Path:
     base_reader = CheckpointReader(base) if base is not None else None
     sources = _open_inputs(inputs, base_reader, vocab, verify)
     checkpoint_inputs = isinstance(sources[0], CheckpointInput)
-    fingerprint = None if checkpoint_inputs else _check_same_base(sources, force)
+    heads_out = None if checkpoint_inputs else merged_heads(sources, per_input, heads)
+    fingerprint = None if heads_out is None else _check_same_base(sources, fingerprint_heads(heads_out, sources), force)
     shapes = plan_keys(sources)
     rows = _vocab_rows(sources, base_reader, vocab)
     base_of = base_lookup(base_reader, shapes, rows, added_bias_keys(sources))
@@ -313,7 +324,7 @@ def run_merge(recipe: MergeSpec) -> Delta | Path:
                                 plan.workspace, overwrite=overwrite)
     if checkpoint_inputs:
         return collect_delta(merged(), None, output, rank, record, base_path=base, out=out, overwrite=overwrite)
-    heads_out = merged_heads(sources, per_input, heads)
+    assert heads_out is not None
     if output == "checkpoint":  # stream θ₀ + τ_m through the shard writer when the model path would match
         stream = streamable_base(base_reader, shapes, heads_out, out_dtype, fingerprint, force, "delta")
         if stream is not None:

@@ -143,12 +143,14 @@ def _with_vocab_size(config: bytes, rows: dict[str, int]) -> bytes:
 def merged_heads(sources: Sequence[Any], per_input: list[dict[str, Any]], mode: str) -> TaskHeads:
     """Task heads of the merged delta (:mod:`deltatune.algebra.task_heads`), never dropped silently.
 
-    ``auto``: the weighted average when every input has the same heads (same names and shapes) and was
-    trained on the same task (a soup); otherwise every input's heads are kept side by side, each under
-    ``<head>@<input name>`` (inputs trained on different tasks: each task keeps its own head, and
-    :func:`~deltatune.algebra.task_heads.for_task` picks one).  ``first``: the first input's heads;
-    ``none``: no heads.  The result's ``task`` is the task the heads' label names come from (``None`` for
-    kept heads: each has its own, recorded in ``kept``).
+    ``auto``: the weighted average ``h = Σ_t w_t·h_t / Σ_t w_t`` when every input has the same heads (same names
+    and shapes) and was trained on the same task (a soup); it is a convex combination of the inputs' heads only for
+    weights ``w_t ≥ 0`` with ``Σ_t w_t > 0``, so any other weights (task arithmetic's negation, ``[1, −1]``) are a
+    :class:`ConfigError` asking for ``heads='first'`` or ``'none'`` (a head of ``h_1 − h_2`` classifies nothing).
+    Otherwise every input's heads are kept side by side, each under ``<head>@<input name>`` (inputs trained on
+    different tasks: each task keeps its own head, and :func:`~deltatune.algebra.task_heads.for_task` picks one).
+    ``first``: the first input's heads; ``none``: no heads.  The result's ``task`` is the task the heads' label
+    names come from (``None`` for kept heads: each has its own, recorded in ``kept``).
     """
     if mode not in ("auto", "first", "none"):
         raise ConfigError(f"heads must be 'auto', 'first' or 'none', got {mode!r}")
@@ -161,10 +163,25 @@ def merged_heads(sources: Sequence[Any], per_input: list[dict[str, Any]], mode: 
     tasks = [d.provenance.task for d in deltas]
     if any(lay != layout[0] for lay in layout) or any(t != tasks[0] for t in tasks):
         return keep_heads(deltas, [s.label for s in sources])
-    w = [p["weight"] for p in per_input]
-    total = sum(w) or 1.0
+    w = [float(p["weight"]) for p in per_input]
+    total = sum(w)
+    if any(wi < 0 for wi in w) or total <= 0:
+        raise ConfigError(f"heads='auto' averages the inputs' task heads with the merge weights, which needs weights "
+                          f"≥ 0 with a positive sum; got {w}: merge with heads='first' (the first input's heads) or "
+                          "heads='none' (in a recipe: heads: first | none)")
     return TaskHeads({h: {k: sum(wi * d.heads[h][k].float() for wi, d in zip(w, deltas, strict=True)) / total
                           for k in t} for h, t in deltas[0].heads.items()}, task=tasks[0])
+
+
+def fingerprint_heads(heads: TaskHeads, sources: Sequence[Any]) -> frozenset[str] | None:
+    """The task heads the merged delta is applied with, which its base fingerprint must leave out
+    (:func:`~deltatune.algebra.sum_deltas.output_fingerprint`): the heads it carries; for heads kept per task, the
+    head set each task's view (:func:`~deltatune.algebra.task_heads.for_task`) carries — its input's — or ``None``
+    when those differ between tasks (no single full fingerprint fits them all)."""
+    if not heads.kept:
+        return frozenset(heads)
+    views = {frozenset(sources[info["index"]].delta.heads) for info in heads.kept.values()}
+    return next(iter(views)) if len(views) == 1 else None
 
 
 def _sparse_part(tau: Tensor, kind: LayerKind) -> SparsePart:

@@ -6,7 +6,8 @@ dense part (Ansell et al., ACL 2022, arXiv 2110.07560 compose sparse fine-tuning
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -21,7 +22,8 @@ from deltatune.parts.dense import DensePart
 from deltatune.parts.lora import sum_lora
 from deltatune.parts.sparse import sum_sparse
 
-__all__ = ["clone_part", "compose_deltas", "sum_dense", "sum_lora", "sum_parts", "sum_sparse"]
+__all__ = ["check_same_bases", "clone_part", "compose_deltas", "output_fingerprint", "sum_dense", "sum_lora",
+           "sum_parts", "sum_sparse"]
 
 
 def _dense_tensors(part: Part, where: str) -> dict[str, Tensor]:
@@ -79,15 +81,26 @@ def clone_part(part: Part) -> Part:
     return clone.to(device) if device is not None else clone
 
 
-def check_same_bases(deltas: Sequence[Delta], names: Sequence[str]) -> dict[str, Any] | None:
-    """Raise :class:`FingerprintMismatch` naming two deltas whose bases differ; return the sum's fingerprint.
+#: The fingerprint fields that do not depend on which task heads were left out (see :mod:`deltatune.fingerprint`).
+HEADS_ASIDE = ("model_type", "probe")
 
-    A fingerprint excludes the delta's own task heads, so two fingerprints taken with different head sets differ in
-    ``num_params``, ``shapes`` and ``values`` by construction: they are compared on ``model_type`` and on the
-    ``probe`` tensors both hold (chosen independently of the heads; fingerprints written before ``probe`` existed:
-    on ``model_type`` alone).  The sum carries the union of the heads: its fingerprint is that of a delta carrying
-    exactly that union, else the partial ``{model_type, probe}`` every input agrees on (checked the same way when it
-    is applied).
+
+def heads_aside(fp: dict[str, Any]) -> dict[str, Any]:
+    """The fields of ``fp`` that hold whichever heads it was taken without (:data:`HEADS_ASIDE`)."""
+    return {f: fp[f] for f in HEADS_ASIDE if f in fp}
+
+
+def check_same_bases(deltas: Sequence[Delta], names: Sequence[str],
+                     heads: Iterable[str] | None = None) -> dict[str, Any] | None:
+    """Raise :class:`FingerprintMismatch` naming two deltas whose bases differ; return the output's fingerprint
+    (:func:`output_fingerprint` for an output carrying the task heads ``heads``; default: the union of the inputs').
+
+    A delta's fingerprint is taken with *its own* task heads left out, so two fingerprints taken with different head
+    sets differ in ``num_params``, ``shapes`` and ``values`` by construction: they are compared on ``model_type`` and
+    on the ``probe`` tensors both hold (chosen independently of the heads; fingerprints written before ``probe``
+    existed: on ``model_type`` alone).  Deltas with the same head set are compared on every field; a ``None``
+    fingerprint (a PEFT import) is unknown and not compared.  One rule for every operation that combines deltas:
+    ``compose_deltas``, ``deltatune compose`` (``--heads-of``) and ``merge``.
     """
     first: dict[frozenset[str], int] = {}
     known = [i for i, d in enumerate(deltas) if d.fingerprint]
@@ -96,20 +109,33 @@ def check_same_bases(deltas: Sequence[Delta], names: Sequence[str]) -> dict[str,
         if fingerprint_diff(deltas[j].fingerprint, deltas[i].fingerprint):  # same heads: every field compares
             _mismatch(deltas, names, j, i)
         for k in known[:known.index(i)]:  # other head sets: model_type and the probe tensors both hold
-            a, b = deltas[k].fingerprint, deltas[i].fingerprint
-            partial_a = {f: a[f] for f in ("model_type", "probe") if f in a}
-            partial_b = {f: b[f] for f in ("model_type", "probe") if f in b}
-            if fingerprint_diff(partial_a, partial_b):
+            if fingerprint_diff(heads_aside(deltas[k].fingerprint), heads_aside(deltas[i].fingerprint)):
                 _mismatch(deltas, names, k, i)
-    union = frozenset(h for d in deltas for h in d.heads)
-    if union in first:
-        return dict(deltas[first[union]].fingerprint)
+    return output_fingerprint(deltas, {h for d in deltas for h in d.heads} if heads is None else heads)
+
+
+def output_fingerprint(deltas: Sequence[Delta], heads: Iterable[str] | None) -> dict[str, Any] | None:
+    """The base fingerprint of a delta made from ``deltas`` (of one base) that carries exactly the task heads
+    ``heads`` — what applying it compares against the model with ``heads`` left out.
+
+    That is the fingerprint of the first input carrying exactly ``heads`` (a fingerprint leaves out its delta's own
+    heads); without one, the partial ``{model_type, probe}`` (:func:`heads_aside`; the inputs' probe tensors united,
+    the first input's digest kept for a tensor several probed), which compares whatever heads the model leaves out.
+    ``heads=None``: the output is used with more than one head set (a merge keeping each task's heads): the partial
+    one.  ``None`` when no input has a fingerprint."""
+    known = [d.fingerprint for d in deltas if d.fingerprint]
     if not known:
         return None
+    if heads is not None:
+        want = frozenset(heads)
+        exact = next((d.fingerprint for d in deltas if d.fingerprint and frozenset(d.heads) == want), None)
+        if exact is not None:
+            return dict(exact)
     probe: dict[str, str] = {}
-    for i in known:
-        probe.update(deltas[i].fingerprint.get("probe") or {})
-    partial = {"model_type": deltas[known[0]].fingerprint.get("model_type")}
+    for fp in known:
+        for name, digest in (fp.get("probe") or {}).items():
+            probe.setdefault(name, digest)
+    partial = {"model_type": known[0].get("model_type")}
     return {**partial, "probe": probe} if probe else partial
 
 
@@ -121,31 +147,36 @@ def _mismatch(deltas: Sequence[Delta], names: Sequence[str], j: int, i: int) -> 
     )
 
 
-def compose_deltas(deltas: Sequence[Delta], names: Sequence[str] | None = None) -> Delta:
+def compose_deltas(deltas: Sequence[Delta], names: Sequence[str] | None = None, heads_of: int | None = None) -> Delta:
     """One :class:`Delta` equal to ``Σ_t Δ_t``; applying it equals composing the inputs.
 
     Every part must be additive (:class:`~deltatune.errors.NotMergeable`).  Per module: LoRA + LoRA → ranks
     concatenated (exact); sparse + sparse → index union with summed values;
-    any other mix → a dense part.  All known fingerprints must agree (:class:`FingerprintMismatch` naming
-    the two deltas; a ``None`` fingerprint, e.g. from a PEFT import, is unknown and not compared), LoRA and
-    sparse geometry must agree (:class:`ShapeMismatch`), and a task head carried by several deltas must be
-    identical (:class:`ConfigError`).
+    any other mix → a dense part.  All known fingerprints must agree (:func:`check_same_bases`:
+    :class:`FingerprintMismatch` naming the two deltas; a ``None`` fingerprint, e.g. from a PEFT import, is unknown
+    and not compared), LoRA and sparse geometry must agree (:class:`ShapeMismatch`).  Task heads are replaced, not
+    summed: by default the sum carries every input's heads, and a head carried by several deltas must be identical
+    (:class:`ConfigError`); ``heads_of=i`` (0-based) keeps only input ``i``'s heads, and its task (the heads' label
+    names).  The sum's fingerprint is the one for the heads it carries (:func:`output_fingerprint`).
     """
     if not deltas:
         raise ConfigError("compose_deltas needs at least one delta")
     names = list(names) if names is not None else [f"delta #{i} ({d.method})" for i, d in enumerate(deltas)]
     if len(names) != len(deltas):
         raise ConfigError(f"{len(names)} names for {len(deltas)} deltas")
+    if heads_of is not None and not 0 <= heads_of < len(deltas):
+        raise ConfigError(f"heads_of={heads_of} names no input: give 0 … {len(deltas) - 1}")
     for name, d in zip(names, deltas, strict=True):
         require_capability(d, "additive", f"compose ({name})")
-    fp = check_same_bases(deltas, names)
+    fp = check_same_bases(deltas, names, None if heads_of is None else deltas[heads_of].heads)
     heads: dict[str, dict[str, Tensor]] = {}
     head_owner: dict[str, str] = {}
-    for name, d in zip(names, deltas, strict=True):
-        for head, tensors in d.heads.items():
+    for i, (name, d) in enumerate(zip(names, deltas, strict=True)):
+        for head, tensors in (d.heads.items() if heads_of in (None, i) else ()):
             if head in heads and not same_tensors(heads[head], tensors):
                 raise ConfigError(f"{head_owner[head]} and {name} carry different task heads {head!r}; heads are "
-                                  "replaced, not summed, so they cannot be composed")
+                                  "replaced, not summed, so they cannot be composed (keep one input's: heads_of, "
+                                  "CLI --heads-of)")
             heads.setdefault(head, {k: v.detach().clone() for k, v in tensors.items()})
             head_owner.setdefault(head, name)
     grouped: dict[str, list[Part]] = {}
@@ -153,6 +184,9 @@ def compose_deltas(deltas: Sequence[Delta], names: Sequence[str] | None = None) 
         for module_name, part in d.parts.items():
             grouped.setdefault(module_name, []).append(part)
     parts = {m: clone_part(ps[0]) if len(ps) == 1 else sum_parts(ps, m) for m, ps in grouped.items()}
+    provenance = deltas[0].provenance.derived("compose", list(deltas))
+    if heads_of is not None and heads:  # the task the kept heads' label names come from
+        provenance.task = copy.deepcopy(deltas[heads_of].provenance.task)
     return Delta(
         method="compose",
         config={"inputs": [{"method": d.method, "config": d.config} for d in deltas]},
@@ -160,5 +194,5 @@ def compose_deltas(deltas: Sequence[Delta], names: Sequence[str] | None = None) 
         heads=heads,
         fingerprint=fp,
         metrics={"composed_from": list(names)},
-        provenance=deltas[0].provenance.derived("compose", list(deltas)),
+        provenance=provenance,
     )

@@ -5,15 +5,16 @@ concatenated; otherwise dense), :func:`deltatune.algebra.sum_deltas.compose_delt
 arXiv 2110.07560: sparse fine-tunings compose by summation).  Every input must belong to the same base
 (:class:`~deltatune.errors.FingerprintMismatch` naming the two that differ) and be additive
 (:class:`~deltatune.errors.NotMergeable`).  Task heads are replaced, not summed: by default inputs may carry the
-same head only if it is identical; ``--heads-of N`` keeps the heads of input ``N`` (1-based) and drops the
-others' (e.g. a task delta composed with a language delta, or one task's score over several tasks' deltas).
+same head only if it is identical; ``--heads-of N`` keeps the heads of input ``N`` (1-based) and its task (their
+label names) and drops the others' (e.g. a task delta composed with a language delta, or one task's score over several
+tasks' deltas).  The sum's base fingerprint is the one for the heads it keeps
+(:func:`~deltatune.algebra.sum_deltas.output_fingerprint`).
 When every input is compressed (the compact format), so is the sum: only its non-zeros, exactly encoded
 (:func:`deltatune.io.compact_format.save_compact`); otherwise the standard delta format.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Annotated
 
@@ -23,7 +24,10 @@ from deltatune.commands.options import NoVerify, Overwrite
 
 
 def compose_paths(deltas: list[Path], heads_of: int | None = None, verify: bool = True):
-    """The composed :class:`~deltatune.delta.Delta` of the delta folders ``deltas`` (see the module docstring)."""
+    """The composed :class:`~deltatune.delta.Delta` of the delta folders ``deltas`` (see the module docstring):
+    :func:`~deltatune.algebra.sum_deltas.compose_deltas` with ``heads_of`` 1-based here, so its one base check
+    sees every input with the heads its fingerprint was taken without, and the sum gets the fingerprint of the heads
+    it keeps."""
     from deltatune.algebra.sum_deltas import compose_deltas
     from deltatune.api import as_delta
     from deltatune.errors import ConfigError
@@ -33,19 +37,7 @@ def compose_paths(deltas: list[Path], heads_of: int | None = None, verify: bool 
     if heads_of is not None and not 1 <= heads_of <= len(deltas):
         raise ConfigError(f"--heads-of {heads_of} names no input: give 1 … {len(deltas)}")
     loaded = [as_delta(p, verify=verify) for p in deltas]
-    check_same_base(loaded, [str(p) for p in deltas])
-    if heads_of is not None:
-        loaded = [d if i == heads_of - 1 else dataclasses.replace(d, heads={}) for i, d in enumerate(loaded)]
-    return compose_deltas(loaded, names=[str(p) for p in deltas])
-
-
-def check_same_base(deltas: list, names: list[str]) -> None:
-    """:class:`~deltatune.errors.FingerprintMismatch` naming two deltas whose bases differ (the same check as
-    :func:`~deltatune.algebra.sum_deltas.check_same_bases`: every field for equal head sets, ``model_type`` and the
-    probe tensors across head sets) — made before ``--heads-of`` drops heads."""
-    from deltatune.algebra.sum_deltas import check_same_bases
-
-    check_same_bases(deltas, names)
+    return compose_deltas(loaded, names=[str(p) for p in deltas], heads_of=None if heads_of is None else heads_of - 1)
 
 
 def compose_command(
