@@ -8,8 +8,10 @@ stays bounded by the tensors in use, never the model.
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -201,6 +203,14 @@ class CheckpointReader:
         if got != end - begin:
             raise DeltaFormatError(f"{shard}: tensor {name!r} is truncated ({got} of {end - begin} bytes)")
         return into
+
+    def view(self, names: Mapping[str, tuple[CheckpointReader, str]]) -> CheckpointReader:
+        """A reader of this checkpoint's folder (its ``path``, config and tokenizer files) whose tensors are
+        ``names``: ``{name: (reader, its name there)}``, each read from that reader's shard, nothing copied.
+        Renames a fine-tune's tensors to its base's names, or adds a fine-tune's task head to a new base."""
+        out = copy.copy(self)
+        out._entries = {new: reader._entries[old] for new, (reader, old) in names.items()}
+        return out
 
     def get_float(self, name: str) -> Tensor:
         """The tensor as fp32 (a new tensor, safe to modify in place)."""

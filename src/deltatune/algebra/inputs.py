@@ -123,19 +123,53 @@ def has_vocab_axis(key: str, shape: tuple[int, ...]) -> bool:
 
 
 class CheckpointInput:
-    """A fine-tuned checkpoint and its base, both read lazily: ``τ = θ_ft − θ₀`` per floating tensor."""
+    """A fine-tuned checkpoint and its base, both read lazily: ``τ = θ_ft − θ₀`` per floating tensor.
 
-    def __init__(self, finetuned: str | Path, base: CheckpointReader, vocab: VocabRule = "error") -> None:
+    The fine-tune's tensors are matched to the base's names by the merge engine's rule for a delta's
+    (:class:`~deltatune.algebra.engine.BaseLookup`: the name itself, else the name without leading module
+    names), so a classifier saved by transformers (``bert.encoder…``) reads against its bare base
+    (``encoder…``); :attr:`reader` holds them under the base's names.  A floating base tensor the fine-tune
+    lacks is a :class:`ShapeMismatch`.  The fine-tune's tensors that match no base tensor stay in :attr:`reader`
+    under their own names.  A merge of task vectors leaves them out with a warning; a caller that keeps task heads
+    (a single-input rebase copies them) passes ``keep_heads=True``: :attr:`heads` then lists the floating ones the
+    base does not tie to a tensor it stores, and the warning names only the others.
+    """
+
+    def __init__(self, finetuned: str | Path, base: CheckpointReader, vocab: VocabRule = "error",
+                 keep_heads: bool = False) -> None:
+        from deltatune.algebra.engine import BaseLookup  # the engine imports this module
+
         self.label = str(finetuned)
-        self.reader = CheckpointReader(finetuned)
+        stored = CheckpointReader(finetuned)
         self.base, self.vocab = base, vocab
-        missing = [k for k in base.names() if base.is_floating(k) and k not in self.reader]
+        lookup = BaseLookup(base, {}, {})
+        matched = {k: k for k in stored.names() if k in base}  # base name → the fine-tune's
+        unmatched: list[str] = []
+        for name in stored.names():
+            if name in matched:
+                continue
+            found = lookup._direct(name)  # the engine's one matching rule, reused
+            if found is None or matched.get(found) == found:  # no base name, or the fine-tune stores it as is
+                unmatched.append(name)
+            elif found in matched:
+                raise ShapeMismatch(f"{self.label}: tensors {matched[found]!r} and {name!r} both stand for the "
+                                    f"base's {found!r} (the same name under other leading module names)")
+            else:
+                matched[found] = name
+        missing = [k for k in base.names() if base.is_floating(k) and k not in matched]
         if missing:
             raise ShapeMismatch(f"{self.label} lacks {len(missing)} tensor(s) of the base, e.g. {missing[:3]}")
-        extra = [k for k in self.reader.names() if k not in base]
-        if extra:  # a task head the base lacks has no θ₀, so no task vector: say so rather than drop it unseen
-            warnings.warn(f"{self.label} has {len(extra)} tensor(s) the base lacks (e.g. a task head), which a merge "
-                          f"of task vectors cannot include and leaves out: {extra[:6]}{' …' if len(extra) > 6 else ''}",
+        self.heads: list[str] = []
+        if keep_heads:  # a weight the base ties to one it stores is no head (its ties: a meta model, built once)
+            self.heads = [k for k in unmatched if stored.is_floating(k) and lookup._twin(k) is None]
+        self.reader = stored.view({**{k: (stored, v) for k, v in matched.items()},
+                                   **{k: (stored, k) for k in unmatched}})
+        left_out = [k for k in unmatched if k not in self.heads] if keep_heads else unmatched
+        if left_out:  # a tensor the base lacks has no θ₀, so no task vector: say so rather than drop it unseen
+            what = ("the base lacks that are no task head (a weight the base ties to another, a buffer)" if keep_heads
+                    else "the base lacks (e.g. a task head)")
+            warnings.warn(f"{self.label} has {len(left_out)} tensor(s) {what}, which a merge of task vectors "
+                          f"cannot include and leaves out: {left_out[:6]}{' …' if len(left_out) > 6 else ''}",
                           stacklevel=3)
         for k in self.names():
             self._check_shape(k)
