@@ -283,6 +283,161 @@ def test_temporaries_are_named_after_the_writer_pid(tmp_path) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+# a pid in a temporary's name is not enough: our own pid counts only for the temporaries this process is
+# using right now, and a running pid only if it started when the writer did (pids are reused: a container's
+# entrypoint is PID 1 on every restart)
+# --------------------------------------------------------------------------------------------------
+def _start_time(pid: int) -> int:
+    """The start time of ``pid`` as /proc/PID/stat gives it (field 22); skips the test where there is no /proc."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        pytest.skip("needs /proc/PID/stat (process start times)")
+    return int(text[text.rindex(b")") + 1:].split()[19])
+
+
+def _saved_version(folder: Path, text: str) -> None:
+    folder.mkdir()
+    (folder / "state.json").write_text(text)
+    (folder / MARKER).write_text(json.dumps({"kind": "checkpoint", "files": ["state.json"]}))
+
+
+@pytest.mark.parametrize("tagged", [False, True], ids=["old_format_name", "with_our_start_time"])
+def test_a_backup_with_our_own_pid_that_we_did_not_make_is_rolled_back(tmp_path, tagged: bool) -> None:
+    """A restarted container gets the same pid as the writer that died between the renames: the backup is
+    still rolled back (before the fix our own pid always counted as a live writer: the checkpoint stayed lost)."""
+    tag = f"S{_start_time(os.getpid())}_" if tagged else ""
+    old = tmp_path / f".ckpt.old-{os.getpid()}-{tag}abcd1234"
+    _saved_version(old, "previous")
+    (tmp_path / f".ckpt.tmp-{os.getpid()}-{tag}efgh5678").mkdir()  # the half-built new version: removed
+    assert recover_dir(tmp_path / "ckpt") is True
+    assert _contents(tmp_path / "ckpt") == {"state.json": "previous"}
+    assert _siblings(tmp_path) == ["ckpt"]
+
+
+def test_an_interrupt_between_the_renames_puts_the_previous_version_back(tmp_path, monkeypatch) -> None:
+    """Ctrl-C right after the first rename of the swap (a notebook, a long search): the previous version is back at
+    once, not left as a backup that this long-lived process would count as its own live write."""
+    target = tmp_path / "out"
+    with atomic_dir(target, "delta") as tmp:
+        _write(tmp, {"a": "old"})
+    real = os.replace
+
+    def replace(src, dst):
+        real(src, dst)
+        if os.path.basename(dst).startswith(".out.old-"):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(atomic.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt), atomic_dir(target, "delta") as tmp:
+        _write(tmp, {"a": "new"})
+    monkeypatch.undo()
+    assert _contents(target) == {"a": "old"}
+    assert _siblings(tmp_path) == ["out"]
+
+
+def test_a_backup_of_a_reused_pid_is_rolled_back(tmp_path) -> None:
+    """The pid in the backup's name runs, but it started at another time than the writer: a reused pid."""
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        began = _start_time(sleeper.pid)
+        old = tmp_path / f".ckpt.old-{sleeper.pid}-S{began - 1}_abcd1234"
+        _saved_version(old, "previous")
+        (tmp_path / f".ckpt.tmp-{sleeper.pid}-S{began - 1}_efgh5678").mkdir()
+        live = tmp_path / f".ckpt.tmp-{sleeper.pid}-S{began}_live0001"  # the running process's own: kept
+        live.mkdir()
+        assert recover_dir(tmp_path / "ckpt") is True
+        assert _contents(tmp_path / "ckpt") == {"state.json": "previous"}
+        assert _siblings(tmp_path) == sorted(["ckpt", live.name])
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_temporaries_of_an_exited_unreaped_process_are_stale(tmp_path) -> None:
+    """A writer killed between the renames whose parent has not reaped it yet (a zombie) writes nothing more."""
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        deadline = time.monotonic() + 60
+        while Path(f"/proc/{zombie.pid}/stat").read_bytes().split(b")")[-1].split()[0] != b"Z":
+            assert time.monotonic() < deadline, "the child did not exit"
+            time.sleep(0.05)
+        _saved_version(tmp_path / f".ckpt.old-{zombie.pid}-abcd1234", "previous")
+        assert recover_dir(tmp_path / "ckpt") is True
+        assert _contents(tmp_path / "ckpt") == {"state.json": "previous"}
+    except FileNotFoundError:
+        pytest.skip("needs /proc/PID/stat")
+    finally:
+        zombie.wait()
+
+
+PAUSE_BETWEEN_RENAMES = """
+import os, sys, time
+import deltatune.io.atomic as atomic
+real = os.replace
+def replace(src, dst):
+    real(src, dst)
+    if os.path.basename(dst).startswith(".out.old-"):
+        open(sys.argv[2], "w").close()
+        while not os.path.exists(sys.argv[3]):  # hold the swap half done until the test lets go
+            time.sleep(0.02)
+atomic.os.replace = replace
+with atomic.atomic_dir(sys.argv[1], "delta") as tmp:
+    (tmp / "a").write_text("new")
+"""
+
+
+def test_a_live_swap_of_another_process_is_left_alone(tmp_path) -> None:
+    """Another running process is between its two renames (named with its real pid and start time): recovery must
+    neither restore its backup nor delete its new version, and its swap then completes."""
+    work = tmp_path / "work"
+    target = work / "out"
+    with atomic_dir(target, "delta") as tmp:
+        _write(tmp, {"a": "old"})
+    paused, go = tmp_path / "paused", tmp_path / "go"
+    writer = subprocess.Popen([sys.executable, "-c", PAUSE_BETWEEN_RENAMES, str(target), str(paused), str(go)],
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not paused.exists():
+            if writer.poll() is not None:
+                pytest.fail(f"the writer exited before its swap: {writer.stderr.read()}")
+            assert time.monotonic() < deadline, "the writer did not reach its swap"
+            time.sleep(0.02)
+        left = _siblings(work)
+        assert "out" not in left and len(left) == 2, left
+        if Path("/proc").is_dir():  # the names carry the writer's real start time
+            assert all(f"-{writer.pid}-S{_start_time(writer.pid)}_" in n for n in left), left
+        assert recover_dir(target) is False
+        assert _siblings(work) == left
+        go.touch()
+        _, err = writer.communicate(timeout=120)
+        assert writer.returncode == 0, err
+    finally:
+        go.touch()
+        if writer.poll() is None:
+            writer.kill()
+            writer.wait()
+    assert _contents(target) == {"a": "new"}
+    assert _siblings(work) == ["out"]
+
+
+def test_our_own_write_in_progress_is_left_alone(tmp_path) -> None:
+    """Recovery run meanwhile (another thread writing the same target) does not touch this process's temporary."""
+    target = tmp_path / "out"
+    with atomic_dir(target, "delta") as tmp:
+        _write(tmp, {"a": "1"})
+        assert recover_dir(target) is False
+        assert tmp.is_dir() and _contents(tmp) == {"a": "1"}
+    assert _contents(target) == {"a": "1"}
+    with atomic_file(tmp_path / "f.json") as tmp:
+        tmp.write_text("{}")
+        recover_dir(tmp_path / "f.json")
+        assert tmp.exists()
+    assert _siblings(tmp_path) == ["f.json", "out"]
+
+
+# --------------------------------------------------------------------------------------------------
 # finding 9: a full disk is DiskFull naming the path
 # --------------------------------------------------------------------------------------------------
 class SafetensorError(Exception):
