@@ -158,6 +158,22 @@ def test_deltas_of_different_bases_are_refused(tiny):
     assert len(forced["pairs_summary"]) == 1
 
 
+def test_deltas_of_one_base_with_different_task_heads_are_compared(tiny):
+    """A fingerprint leaves its delta's own task heads out, so deltas of one base that carry different heads have
+    fingerprints that differ in their counts: they are compared on what both share (model type, probed tensors),
+    as merge and compose compare them, not refused as deltas of different bases."""
+    from deltatune.fingerprint import fingerprint
+
+    plain = dt.Delta.load(tiny["lora"])
+    model = tiny_llama(0)
+    headed = randomize_delta(tiny_llama(0), dt.LoRAConfig(r=4), 9, 0.05)
+    headed.heads = {"lm_head": {"weight": model.lm_head.weight.detach().clone()}}
+    headed.fingerprint = fingerprint(model, exclude=["lm_head"])
+    assert headed.fingerprint != plain.fingerprint
+    report = inspect_deltas([plain, headed], _opts(tiny))
+    assert len(report["pairs_summary"]) == 1
+
+
 def test_unwritable_report_folder_fails_before_any_work(tiny, tmp_path, monkeypatch):
     import deltatune.inspect.analyze as analyze
 

@@ -23,10 +23,9 @@ from deltatune.algebra.checkpoint import CheckpointReader, is_checkpoint
 from deltatune.algebra.engine import BaseLookup, added_bias_keys, base_lookup, plan_keys
 from deltatune.algebra.inputs import CheckpointInput, DeltaInput
 from deltatune.algebra.options import check_input_count
-from deltatune.config import brief
+from deltatune.algebra.sum_deltas import check_same_bases
 from deltatune.delta import Delta
 from deltatune.errors import ConfigError, FingerprintMismatch
-from deltatune.fingerprint import same_base
 from deltatune.inspect.options import InspectOptions
 from deltatune.parts.capabilities import require_capability
 
@@ -138,13 +137,16 @@ def _head_dim(base: CheckpointReader | None) -> int | None:
 
 
 def _check_same_base(deltas: list[Delta], labels: list[str], force: bool) -> None:
-    """:class:`FingerprintMismatch` when two deltas were trained on different bases (unless ``force``)."""
-    first = deltas[0].fingerprint
-    for d, label in zip(deltas[1:], labels[1:], strict=True):
-        if not same_base(d.fingerprint, first) and not force:
-            raise FingerprintMismatch(f"inspect: {labels[0]} and {label} were trained on different base models "
-                                      f"({brief(first)} vs {brief(d.fingerprint)}); comparing their deltas would "
-                                      "compare unrelated weights. Inspect them separately, or pass --force")
+    """:class:`FingerprintMismatch` when two deltas were trained on different bases (unless ``force``), by the rule
+    every operation on several deltas uses (:func:`~deltatune.algebra.sum_deltas.check_same_bases`: deltas that
+    carry different task heads compare on what their fingerprints share)."""
+    if force:
+        return
+    try:
+        check_same_bases(deltas, labels)
+    except FingerprintMismatch as exc:
+        raise FingerprintMismatch(f"inspect: {exc}; comparing their deltas would compare unrelated weights. "
+                                  "Inspect them separately, or pass --force") from None
 
 
 def open_sources(items: Sequence[Delta | str | Path], opts: InspectOptions) -> Sources:
