@@ -10,7 +10,7 @@ import torch
 from conftest import TINY_MODELS, base_state, hooked_steps, logits, max_diff, tiny_inputs
 
 import deltatune
-from deltatune.errors import ConfigError
+from deltatune.errors import ConfigError, NonFiniteError, TrainingDiverged
 from deltatune.fingerprint import base_parameters
 from deltatune.methods import get_method
 from deltatune.methods.lt_sft import LTSFTAdamW, top_k_positions
@@ -50,6 +50,44 @@ def test_top_k_positions_breaks_ties_in_order_and_keeps_exactly_k() -> None:
     assert got["a"].tolist() == [1, 2, 3] and got["b"].tolist() == [1]
     got = top_k_positions({"a": torch.zeros(5)}, 2)  # nothing moved: still exactly k, first positions
     assert got["a"].tolist() == [0, 1]
+
+
+def test_top_k_positions_ranks_inf_first_and_refuses_nan_instead_of_returning_fewer() -> None:
+    a = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    got = top_k_positions({"w": a.clone().index_fill_(0, torch.tensor([5]), float("inf"))}, 10)
+    assert got["w"].numel() == 10 and 5 in got["w"].tolist()
+    for where in (torch.tensor([5]), torch.arange(0, 1000, 3)):  # a short selection (9 of 10), an empty one (0)
+        with pytest.raises(NonFiniteError, match=r"10 entries: w hold"):
+            top_k_positions({"v": torch.ones(4), "w": a.clone().index_fill_(0, where, float("nan"))}, 10)
+
+
+@pytest.mark.parametrize("in_place", [True, False])
+def test_phase_switch_refuses_a_non_finite_phase_one_delta_naming_the_module(in_place: bool) -> None:
+    # the last phase-1 step's NaN is never seen by the loop's loss check (the rewind comes before the next forward);
+    # the selection used to come back short of K (empty with many NaN) and phase 2 trained nothing
+    from deltatune.model import get_module
+
+    model = TINY_MODELS["gpt2"]()
+    base = base_state(model, [])
+    config = deltatune.make_config("lt-sft", {"num_tunable": 300, "full_steps": 2, "in_place": in_place})
+    delta = deltatune.attach(model, config)
+    method = get_method("lt-sft")
+    opt = method.optimizer([p for p in model.parameters() if p.requires_grad], 1e-2, 0.0, config)
+    hooks = method.hooks(model, delta, config, opt, 4, 1)
+    bad = "transformer.h.1.mlp.c_fc"
+
+    def poison(step: int) -> None:  # after the optimiser's step, before the hooks': a diverged last phase-1 step
+        if step == 2:
+            with torch.no_grad():
+                next(delta.parts[bad].parameters()).view(-1)[7] = float("nan")
+
+    model.train()
+    with pytest.raises(TrainingDiverged, match=rf"{bad}.* at optimizer step 2"):
+        hooked_steps(model, opt, hooks, tiny_inputs("gpt2"), 0, 2, observe=poison)
+    for hook in hooks:  # the loop closes its hooks however training ends
+        hook.close()
+    assert all(isinstance(p, DensePart) for p in delta.parts.values()), "no switch on a non-finite Δ"
+    assert torch.equal(get_module(model, bad).weight, base[f"{bad}.weight"]), "θ₀ is back in the base"
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from deltatune.config import require, seed_option
 from deltatune.errors import ConfigError
 from deltatune.methods.registry import Method, register_method
-from deltatune.methods.targets import select_modules
+from deltatune.methods.targets import one_per_weight, select_modules
 from deltatune.model import get_module
 from deltatune.parts.dsee import DSEEPart
 from deltatune.parts.layers import in_out_features, layer_kind
@@ -103,7 +103,7 @@ class DSEE(Method):
             targets = DEFAULT_TARGETS.get(model_type, ["all-linear"])
         gen = torch.Generator().manual_seed(config.seed)
         parts = {}
-        for name in select_modules(model, targets, exclude):
+        for name in one_per_weight(model, select_modules(model, targets, exclude)):  # one part per weight tensor
             module = get_module(model, name)
             w = module.weight
             if config.num_sparse > w.numel():

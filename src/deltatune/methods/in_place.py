@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from deltatune.errors import ConfigError
 from deltatune.methods.registry import TrainHook, unwrap_optimizer
 from deltatune.model import get_module
 from deltatune.parts.base import Part
@@ -54,17 +55,44 @@ class InPlaceTraining(TrainHook):
         self.enabled = enabled and can_bind(optimizer, delta.parts)
         self.bound: list[Part] = []
         self.spill: TensorSpill | None = None  # every bound part's θ₀, one temporary file
+        #: ``id`` of each base tensor a bound part trains in place → that part's module name
+        self.owners: dict[int, str] = {}
+        self._tensors: dict[int, list[int]] = {}  # id(part) → the ids it holds in :attr:`owners`
         self.bind(delta.parts)
 
     def bind(self, parts: dict[str, Part]) -> None:
-        """Bind ``parts`` (module name → part; also the parts a schedule creates later, e.g. LISA's)."""
+        """Bind ``parts`` (module name → part; also the parts a schedule creates later, e.g. LISA's).
+
+        A base tensor is bound by one part at most: each binding keeps its own ``θ₀`` and writes the tensor, so a
+        second one (two parts on a tied weight) would overwrite the first's values — :class:`ConfigError` naming
+        both modules, raised before any of ``parts`` is bound (methods give a tied weight one part:
+        :func:`deltatune.methods.targets.one_per_weight`)."""
         if not self.enabled:
             return
+        modules = {name: get_module(self.model, name) for name in parts}
+        tensors = {name: [id(t) for k in self._binds(part)
+                          if isinstance(t := getattr(modules[name], k, None), torch.Tensor)]
+                   for name, part in parts.items()}
+        claimed = dict(self.owners)
+        for name, ids in tensors.items():
+            for t in ids:
+                if t in claimed:
+                    raise ConfigError(f"in-place training: the parts of {claimed[t]!r} and {name!r} would both train "
+                                      "one base tensor in place (a tied weight), each overwriting the other's "
+                                      "values; give a shared weight one part, or set in_place false")
+                claimed[t] = name
         for name, part in parts.items():
             if part.bound_trains_base:  # θ₀ of a dense part goes to a temporary file; a sparse part keeps its own
                 self.spill = self.spill or TensorSpill()
-            if part.bind(get_module(self.model, name), self.spill):
+            if part.bind(modules[name], self.spill):
                 self.bound.append(part)
+                self.owners.update(dict.fromkeys(tensors[name], name))
+                self._tensors[id(part)] = tensors[name]
+
+    @staticmethod
+    def _binds(part: Part) -> tuple[str, ...]:
+        """Names of the base parameters ``part`` would write when bound (none for a kind that never binds)."""
+        return () if type(part).bind is Part.bind else part.touched_parameters()
 
     def close(self) -> None:
         """Unbind every bound part (one failing does not stop the others), then close the spill (its file is
@@ -77,6 +105,9 @@ class InPlaceTraining(TrainHook):
             except BaseException as exc:  # noqa: BLE001 - the other parts still give the base back
                 failure = failure or exc
                 still.append(part)
+                continue
+            for t in self._tensors.pop(id(part), []):
+                self.owners.pop(t, None)
         self.bound = still
         if not still and self.spill is not None:
             self.spill.close()

@@ -31,7 +31,7 @@ from deltatune.config import require
 from deltatune.errors import ConfigError
 from deltatune.methods.registry import Method, TrainHook, register_method, unwrap_optimizer
 from deltatune.methods.sparse_optim import SparseAdamW
-from deltatune.methods.targets import select_modules
+from deltatune.methods.targets import one_per_weight, select_modules
 from deltatune.model import get_module
 from deltatune.parts.layers import LayerKind, layer_kind
 from deltatune.parts.sparse import SparsePart, effective_weight
@@ -110,6 +110,7 @@ class Lift(Method):
 
     def create_parts(self, model: nn.Module, config: LiftConfig, exclude: list[str]) -> dict[str, SparsePart]:
         names = select_modules(model, config.targets, exclude, kinds=(LayerKind.LINEAR, LayerKind.CONV1D))
+        names = one_per_weight(model, names)  # a tied weight: one part, seen by its other modules as an alias
         parts = {}
         for name in names:
             module = get_module(model, name)

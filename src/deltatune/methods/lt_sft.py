@@ -66,11 +66,11 @@ from torch import Tensor, nn
 
 from deltatune.algebra.quantile import RadixSelect
 from deltatune.config import require
-from deltatune.errors import ConfigError, DeltaFormatError
+from deltatune.errors import ConfigError, DeltaFormatError, NonFiniteError, TrainingDiverged
 from deltatune.fingerprint import base_parameters
 from deltatune.methods.in_place import InPlaceTraining
 from deltatune.methods.registry import Method, TrainHook, fused_adamw_ok, param_list, register_method
-from deltatune.methods.targets import select_modules
+from deltatune.methods.targets import one_per_weight, select_modules
 from deltatune.model import attach_parts, delta_layers, detach, get_module
 from deltatune.parts.dense import DensePart
 from deltatune.parts.layers import layer_kind
@@ -148,7 +148,9 @@ def top_k_positions(tensors: dict[str, Tensor], k: int) -> dict[str, Tensor]:
 
     The threshold ``t`` (the ``k``-th largest ``|x|``) comes from an exact two-pass radix selection over the
     stream of tensors (:class:`~deltatune.algebra.quantile.RadixSelect`: no concatenated copy); every entry with
-    ``|x| > t`` is kept, and entries equal to ``t`` fill the rest in ``tensors`` order, then flat order."""
+    ``|x| > t`` is kept, and entries equal to ``t`` fill the rest in ``tensors`` order, then flat order.  ``±inf``
+    ranks above every finite value; a NaN has no rank (it would fail every comparison and leave the selection short
+    of ``k``): :class:`NonFiniteError` naming the tensors that hold one."""
     total = sum(t.numel() for t in tensors.values())
     if not 0 < k <= total:
         raise ConfigError(f"top-k selection of {k} entries out of {total}")
@@ -169,6 +171,10 @@ def top_k_positions(tensors: dict[str, Tensor], k: int) -> dict[str, Tensor]:
             ties_left -= ties.numel()
             idx = torch.cat([idx, ties]).sort().values
         out[n] = idx
+    if sum(idx.numel() for idx in out.values()) != k:  # only a NaN leaves the count short
+        nan = [n for n, t in tensors.items() if bool(torch.isnan(t).any())]
+        raise NonFiniteError(f"top-k selection of {k} entries: {', '.join(nan) or 'the tensors'} hold(s) NaN, "
+                             "which has no rank by |x|")
     return out
 
 
@@ -274,7 +280,15 @@ class LTSFTPhases(TrainHook):
             # until now) holds Δθ, so the selection reads the parts' tensors and no second dense Δ is made
             self.optimizer.state.clear()
             self.in_place.close()
-            chosen = top_k_positions({n: p.delta_for("weight") for n, p in self.delta.parts.items()}, self.k)
+            deltas = {n: p.delta_for("weight") for n, p in self.delta.parts.items()}
+            # a step that diverged last in phase 1 is not seen by the loop's loss check (the rewind comes before the
+            # next forward): a NaN |Δ| would fail every comparison and leave the selection short of K, silently
+            bad = [n for n, t in deltas.items() if not bool(torch.isfinite(t).all())]
+            if bad:
+                shown = ", ".join(bad[:5]) + (f", … ({len(bad) - 5} more)" if len(bad) > 5 else "")
+                raise TrainingDiverged(step, float("nan"), None,
+                                       tensor=f"lt-sft phase-1 Δ of {shown} (the top-K selection needs finite |Δ|)")
+            chosen = top_k_positions(deltas, self.k)
             self.events.append({"step": step, "k": self.k, "entries": self.entries})
             self.switch(chosen)
 
@@ -349,13 +363,9 @@ class LTSFT(Method):
     default_lr = 5e-4
 
     def create_parts(self, model: nn.Module, config: LTSFTConfig, exclude: list[str]) -> dict[str, DensePart]:
-        parts, seen = {}, set()
-        for name in select_modules(model, config.targets, exclude):
-            module = get_module(model, name)
-            if id(module.weight) in seen:  # a tied weight gets the earlier module's part as an alias on attach
-                continue
-            seen.add(id(module.weight))
-            parts[name] = DensePart.for_module(module, names=["weight"])
+        parts = {}
+        for name in one_per_weight(model, select_modules(model, config.targets, exclude)):  # tied: one part
+            parts[name] = DensePart.for_module(get_module(model, name), names=["weight"])
         budget(config, sum(math.prod(p.shapes["weight"]) for p in parts.values()))
         return parts
 

@@ -36,7 +36,7 @@ from deltatune.errors import ConfigError
 from deltatune.methods.lift import require_sparse_adamw
 from deltatune.methods.registry import Method, TrainHook, register_method
 from deltatune.methods.sparse_optim import SparseAdamW
-from deltatune.methods.targets import select_modules
+from deltatune.methods.targets import one_per_weight, select_modules
 from deltatune.model import get_module
 from deltatune.parts.layers import LayerKind, layer_kind
 from deltatune.parts.sparse import SparsePart
@@ -131,7 +131,7 @@ class Sara(Method):
 
     def create_parts(self, model: nn.Module, config: SaraConfig, exclude: list[str]) -> dict[str, SaRAPart]:
         parts = {}
-        for name in select_modules(model, config.targets, exclude):
+        for name in one_per_weight(model, select_modules(model, config.targets, exclude)):  # one part per tensor
             module = get_module(model, name)
             indices, _ = small_entries(module.weight, config.fraction, config.threshold)
             if indices.numel():

@@ -27,7 +27,7 @@ from deltatune.fingerprint import base_parameters
 from deltatune.methods.in_place import InPlaceTraining
 from deltatune.methods.registry import Method, TrainHook, register_method
 from deltatune.methods.sparse_optim import SparseAdamW
-from deltatune.methods.targets import select_modules
+from deltatune.methods.targets import one_per_weight, select_modules
 from deltatune.model import get_module
 from deltatune.parts.layers import layer_kind
 from deltatune.parts.sparse import SparsePart
@@ -102,12 +102,15 @@ class Sparse(Method):
     default_lr = 5e-4
 
     def create_parts(self, model: nn.Module, config: SparseConfig, exclude: list[str]) -> dict[str, SparsePart]:
-        names = select_modules(model, config.targets, exclude)
+        """One part per target weight *tensor* (a tied weight's other modules see it as an alias:
+        :func:`~deltatune.methods.targets.one_per_weight`), ``K`` allocated over those distinct tensors; ``density``
+        counts each base tensor once."""
+        names = one_per_weight(model, select_modules(model, config.targets, exclude))
         sizes = [get_module(model, n).weight.numel() for n in names]
         if config.num_tunable is not None:
             total, asked = config.num_tunable, f"num_tunable {config.num_tunable}"
         else:
-            n_base = sum(p.numel() for _, p in base_parameters(model, exclude))
+            n_base = sum(t.numel() for t in {id(t): t for _, t in base_parameters(model, exclude)}.values())
             total = int(config.density * n_base)
             asked = f"density {config.density} of {n_base} base parameters = {total} trainable values"
             if total < 1:

@@ -139,6 +139,27 @@ def select_modules(model: nn.Module, patterns: Sequence[Target], exclude: Iterab
     return [n for n in candidates if n in chosen]
 
 
+def one_per_weight(model: nn.Module, names: Iterable[str]) -> list[str]:
+    """``names`` without every module whose ``weight`` is the very tensor (``id``) of an earlier one's: tied weights
+    (GPT-2's ``transformer.wte``/``lm_head``, T5's ``shared``/``encoder.embed_tokens``/``decoder.embed_tokens``)
+    keep only their first module in ``names``.  A method that trains a module's weight gives each weight tensor one
+    part: the other modules sharing it see that part as an alias on attach (:func:`deltatune.model.attach_parts`),
+    whereas a second part on the same tensor would train a second, overlapping update that a tied module without a
+    part of its own cannot see (it aliases one owner) and in-place training would overwrite (each binding keeps its
+    own ``W₀``).  Modules without a ``weight`` are kept."""
+    from deltatune.model import get_module
+
+    kept, seen = [], set()
+    for name in names:
+        weight = getattr(get_module(model, name), "weight", None)
+        if weight is not None:
+            if id(weight) in seen:
+                continue
+            seen.add(id(weight))
+        kept.append(name)
+    return kept
+
+
 def summarise_names(names: Sequence[str], limit: int = 40) -> str:
     """Names with layer numbers folded (``encoder.layer.{0..5}.attention.self.query``)."""
     folded: dict[str, list[str]] = {}
