@@ -38,6 +38,7 @@ class TrainingDiverged(DeltaTuneError, FloatingPointError):
         self.step = step
         self.loss = loss
         self.checkpoint = checkpoint
+        self.tensor = tensor
         where = f"; last good checkpoint kept at {checkpoint}" if checkpoint else "; no checkpoint was written yet"
         what = f"trainable tensor {tensor!r} is not finite" if tensor else f"loss is {loss}"
         super().__init__(f"{what} at optimizer step {step}{where}")

@@ -295,6 +295,28 @@ def test_resume_refuses_a_base_model_folder_rewritten_since(tmp_path, tiny_lm_di
     assert loop.train(TrainConfig(**cfg, resume=True), dt.LoRAConfig(r=2)).delta is not None
 
 
+def test_a_hook_that_finds_divergence_is_told_the_last_checkpoint(tmp_path, tiny_lm_dir, monkeypatch):
+    """A method's hook that stops a run (LT-SFT's non-finite phase-1 delta) does not know the run's checkpoints: the
+    loop names the last one in the error it passes on."""
+    from deltatune.errors import TrainingDiverged
+    from deltatune.methods import lora as lora_method
+
+    class Diverges(TrainHook):
+        def after_step(self, step):
+            if step == 3:
+                raise TrainingDiverged(step, float("nan"), None, tensor="a method's tensor")
+
+    original = lora_method.LoRA.hooks
+    monkeypatch.setattr(lora_method.LoRA, "hooks", lambda self, *a, **k: original(self, *a, **k) + [Diverges()])
+    rows = [{"prompt": f"Q: {i}?", "response": f" A: {i}"} for i in range(16)]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    cfg = TrainConfig(model=str(tiny_lm_dir), task="jsonl", data=str(tmp_path / "train.jsonl"),
+                      out_dir=str(tmp_path / "o"), max_steps=4, max_length=16, batch_size=4, eval_every=0,
+                      eval_before=False, eval_limit=4, progress=False, checkpoint_every=2)
+    with pytest.raises(TrainingDiverged, match=r"tensor.* step 3; last good checkpoint kept at .*checkpoint"):
+        loop.train(cfg, dt.LoRAConfig(r=2))
+
+
 def test_jsonl_masks_prompt_and_trains(tmp_path, tiny_lm_dir):
     rows = [{"prompt": f"Q: what is {i} plus {i}?", "response": f" A: {2 * i}"} for i in range(64)]
     path = tmp_path / "train.jsonl"

@@ -242,8 +242,13 @@ def train(cfg: TrainConfig, method_config: Any,
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            for hook in hooks:
-                hook.after_step(step)
+            try:
+                for hook in hooks:
+                    hook.after_step(step)
+            except TrainingDiverged as exc:  # a hook does not know the run's checkpoints: name the last one
+                if exc.checkpoint is not None or last_ckpt is None:
+                    raise
+                raise TrainingDiverged(exc.step, exc.loss, last_ckpt, exc.tensor) from exc
             log.advance(progress, running)
             if accelerator.device.type == "cuda":
                 torch.cuda.synchronize()  # the step's kernels are counted in its own step_s
