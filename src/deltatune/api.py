@@ -66,7 +66,20 @@ def load_base_for(delta: Delta, model: str | None = None) -> nn.Module:
     archs = getattr(AutoConfig.from_pretrained(path), "architectures", None) or []
     if any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs):
         return AutoModelForCausalLM.from_pretrained(path)
-    return AutoModel.from_pretrained(path)
+    net = AutoModel.from_pretrained(path)
+    if not _holds_modules(net, delta):  # parts named as the folder's own class names them (``bert.encoder…``)
+        from deltatune.algebra.checkpoint import meta_architecture
+
+        named = meta_architecture(path)
+        if named is not None and _holds_modules(named, delta):
+            return type(named).from_pretrained(path)
+    return net  # attaching names a module it lacks
+
+
+def _holds_modules(model: nn.Module, delta: Delta) -> bool:
+    """Whether ``model`` has a module for every part of ``delta`` (model-level parts aside)."""
+    names = {n for n, _ in model.named_modules()}
+    return all(not name or name in names for name in delta.parts)
 
 
 def evaluate_delta(delta: Delta | str | Path, model: str | None = None, task: str | None = None,

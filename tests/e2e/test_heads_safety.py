@@ -221,3 +221,34 @@ def test_predict_on_a_multi_task_merge_answers_once_per_kept_task(runs, minilm_p
         assert abs(row["m/feel"]["score"] - view["delta0"]["score"]) < 1e-5
     with pytest.raises(ConfigError, match="for_task"):
         apply_delta(load_base_for(merged).eval(), merged)
+
+
+def test_a_delta_without_heads_loads_its_base_as_the_class_its_parts_name(tmp_path):
+    """A delta whose task heads were dropped (``merge --heads none``) over a base saved as a classifier names its
+    modules as that class does (``bert.encoder…``): its base loads as the folder's own class, not as ``AutoModel``
+    (a bare ``BertModel`` without the ``bert.`` prefix), so apply writes the checkpoint."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                     max_position_embeddings=32, num_labels=2)
+    BertForSequenceClassification(cfg).save_pretrained(tmp_path / "base")
+    model = BertForSequenceClassification.from_pretrained(tmp_path / "base")
+    delta = deltatune.attach(model, deltatune.make_config("lora", {"r": 2, "targets": ["query"]}))
+    with torch.no_grad():
+        for part in delta.parts.values():
+            part.lora_B.normal_()
+    delta.heads = {}
+    delta.fingerprint = deltatune.fingerprint.fingerprint(BertForSequenceClassification.from_pretrained(
+        tmp_path / "base"))
+    delta.provenance.base = str(tmp_path / "base")
+    assert all(name.startswith("bert.") for name in delta.parts)
+    net = load_base_for(delta)
+    assert isinstance(net, BertForSequenceClassification)
+    apply_to_checkpoint(delta, tmp_path / "out")
+    out = BertForSequenceClassification.from_pretrained(tmp_path / "out")
+    want = BertForSequenceClassification.from_pretrained(tmp_path / "base")
+    deltatune.merge_delta(want, delta)
+    assert torch.equal(out.bert.encoder.layer[0].attention.self.query.weight,
+                       want.bert.encoder.layer[0].attention.self.query.weight)
