@@ -131,9 +131,14 @@ def attach_parts(model: nn.Module, parts: dict[str, Part], name: str = DEFAULT, 
         part.train(base.training)
         _wrapper(model, module_name).add(name, part, activate)
         weight = getattr(base, "weight", None)
-        for alias in [] if weight is None else [n for n in owners.get(id(weight), []) if n != module_name]:
-            # a tied module with a part of its own keeps it and sees this one too, under its own name
-            alias_name = name if alias not in parts else f"{name}{TIED_SUFFIX}{module_name.replace('.', '_')}"
+        tied = [] if weight is None else owners.get(id(weight), [])
+        first_owner = next((n for n in tied if n in parts), module_name)
+        for alias in [n for n in tied if n != module_name]:
+            # a tied module with a part of its own keeps it and sees this one too, under its own name; so does one
+            # without that several parts' modules share a weight with (T5's shared and encoder/decoder embeddings):
+            # each owner's alias gets its own name, none replaces another's
+            own_name = alias not in parts and module_name == first_owner
+            alias_name = name if own_name else f"{name}{TIED_SUFFIX}{module_name.replace('.', '_')}"
             _wrapper(model, alias).add(alias_name, TiedAlias(part, module_name), activate)
 
 

@@ -147,3 +147,23 @@ def test_in_place_training_refuses_two_parts_on_one_tensor_before_binding_either
     hook.bind({"transformer.wte": parts["transformer.wte"]})  # released on close: may be bound again
     assert parts["transformer.wte"].bound
     hook.close()
+
+
+def test_a_tied_module_without_a_part_sees_every_owner_s_part() -> None:
+    """A method that gives each module its own part (LoRA on ``type:Embedding``) puts three parts on T5's one
+    embedding tensor (``shared``, ``encoder.embed_tokens``, ``decoder.embed_tokens``); ``lm_head``, tied to it with
+    no part of its own, sees all three (each alias under its own name), as the merged tensor does — before, each
+    owner's alias replaced the previous one."""
+    from conftest import randomize_delta
+
+    model = tiny_t5()
+    delta = randomize_delta(tiny_t5(), deltatune.make_config("lora", {"r": 2, "targets": ["type:Embedding"]}), 3, 0.3)
+    assert {"shared", "encoder.embed_tokens", "decoder.embed_tokens"} <= set(delta.parts)
+    assert "lm_head" not in delta.parts
+    merged = tiny_t5()
+    merge_delta(merged, delta)
+    deltatune.apply_delta(model, delta)
+    inputs = t5_inputs()
+    assert max_diff(_logits(model, inputs), _logits(merged, inputs)) <= 1e-4
+    detach(model)
+    assert max_diff(_logits(model, inputs), _logits(tiny_t5(), inputs)) == 0.0
