@@ -166,6 +166,17 @@ class DeltaLayer(PartHolder):
         self.base = base
         self.train(base.training)
 
+    @property
+    def weight(self) -> Tensor:
+        """The wrapped module's ``weight``: model code reads it through the attribute it wrapped (T5's feed-forward
+        casts to ``self.wo.weight.dtype`` in its forward; ``get_input_embeddings().weight``)."""
+        return self.base.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        """The wrapped module's ``bias`` (``None`` where it has none)."""
+        return getattr(self.base, "bias", None)
+
     def nests(self) -> bool:
         """Whether wrapped modules sit inside this one (their routing needs the whole batch)."""
         return any(isinstance(m, DeltaLayer) for m in self.base.modules())

@@ -321,3 +321,28 @@ def test_attaching_a_second_delta_leaves_the_first_alone() -> None:
         p.requires_grad_(True)
     listed = {id(p) for group in param_groups(model, second, 1e-3) for p in group["params"]}
     assert listed == {id(p) for part in second.parts.values() for p in part.parameters()}
+
+
+def test_model_code_that_reads_a_wrapped_modules_weight_still_runs() -> None:
+    """T5's feed-forward casts to ``self.wo.weight.dtype`` inside its forward: with a part on ``wo`` that attribute is
+    the wrapper's, which gives the wrapped module's weight (and bias), so the model runs and equals the merge."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from deltatune.layer import DeltaLayer
+
+    def t5():
+        torch.manual_seed(0)
+        return T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1,
+                                                   num_decoder_layers=1, num_heads=4, decoder_start_token_id=0)).eval()
+
+    delta = randomize_delta(t5(), deltatune.make_config("lora", {"r": 2, "targets": ["wo", "wi"]}), 1, 0.3)
+    model, merged = t5(), t5()
+    deltatune.apply_delta(model, delta)
+    deltatune.merge_delta(merged, delta)
+    wo = model.encoder.block[0].layer[1].DenseReluDense.wo
+    assert isinstance(wo, DeltaLayer) and wo.weight is wo.base.weight and wo.bias is None
+    g = torch.Generator().manual_seed(1)
+    inputs = {"input_ids": torch.randint(1, 64, (2, 6), generator=g),
+              "labels": torch.randint(1, 64, (2, 5), generator=g)}
+    with torch.no_grad():
+        assert (model(**inputs).logits - merged(**inputs).logits).abs().max().item() <= 1e-5
