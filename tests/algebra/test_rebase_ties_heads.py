@@ -167,6 +167,14 @@ def test_rebase_checkpoint_copies_the_fine_tune_s_task_head(tmp_path):
     assert torch.allclose(got[q], v2.state_dict()[q] + 0.05, atol=1e-6)
     assert json.loads((out / "deltatune_merge.json").read_text())["copied_heads"] == ["classifier.bias",
                                                                                       "classifier.weight"]
+    from typer.testing import CliRunner
+
+    from deltatune.cli import app
+
+    res = CliRunner().invoke(app, ["rebase", str(tmp_path / "ft"), "--to", str(tmp_path / "v2"), "--from",
+                                   str(tmp_path / "v1"), "--out", str(tmp_path / "cli")])
+    assert res.exit_code == 0, res.output
+    assert "copied 2 task-head tensor(s) of the fine-tune unchanged: classifier.bias, classifier.weight" in res.output
 
 
 def test_a_prefixed_classifier_rebases_against_its_bare_base(tmp_path):

@@ -9,8 +9,9 @@ command so ``deltatune --help`` stays fast.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -46,6 +47,7 @@ def rebase_command(
         guard_output(out_dir, CHECKPOINT_KIND, overwrite)
         keep_freed_memory()
         written = rebase_checkpoint(delta, to, from_, out_dir, overwrite=overwrite)
+        _say_what_was_carried(Console(highlight=False, stderr=True), written)
     elif is_compact(delta):  # a compressed delta stays compressed: the same exact encodings, another base
         guard_output(out_dir, COMPACT_KIND, overwrite)
         rebased = rebase_delta(delta, to, old_base=from_, force=force, verify=verify)
@@ -56,3 +58,21 @@ def rebase_command(
         written = rebased.save(out_dir, overwrite=overwrite)
     Console(highlight=False).print(str(written))
     skip_teardown()
+
+
+def _say_what_was_carried(console: Any, written: Path) -> None:
+    """Name the tensors a checkpoint rebase copied or carried besides ``θ_new + τ`` (from its record file): the
+    fine-tune's task heads, copied unchanged, and untied twins given their tied weight's update."""
+    from deltatune.algebra.output import RECORD_FILE
+
+    try:
+        record = json.loads((Path(written) / RECORD_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    heads, ties = record.get("copied_heads") or [], record.get("carried_ties") or {}
+    if heads:
+        console.print(f"copied {len(heads)} task-head tensor(s) of the fine-tune unchanged: "
+                      f"{', '.join(heads[:6])}", soft_wrap=True)
+    for twin, source in list(ties.items())[:6]:
+        console.print(f"gave {twin} (untied in the new base) the update of {source}", soft_wrap=True)
+
