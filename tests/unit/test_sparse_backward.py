@@ -370,3 +370,28 @@ def test_the_cached_layout_follows_the_indices_tensor_not_its_address(monkeypatc
         part.indices = torch.arange(0, 70, dtype=part.indices.dtype)
         first = part.support()
     assert first.bounds == grad_mod.row_blocks(part.indices, (10, 12)).bounds
+
+
+@pytest.mark.parametrize("dense_window", [False, True], ids=["sampled", "dense"])
+def test_embedding_padding_row_gets_no_gradient_as_in_f_embedding(dense_window: bool):
+    """``nn.Embedding(padding_idx=p)`` never trains row ``p`` (``F.embedding``'s backward leaves it zero; GPT-2-style
+    models often pad with EOS): a sparse part's entries in that row get no gradient either, on the sampled path and
+    through a selection window's dense gradient."""
+    from deltatune.parts.layers import layer_kind
+    from deltatune.parts.sparse import SparsePart
+
+    torch.manual_seed(0)
+    emb = nn.Embedding(10, 4, padding_idx=0)
+    part = SparsePart((10, 4), torch.arange(40), layer_kind(emb))
+    observer = RecordingObserver() if dense_window else None
+    part.grad_observer = observer
+    with torch.no_grad():
+        part.values.normal_()
+    ids = torch.tensor([[0, 1, 2, 0, 3], [4, 0, 0, 1, 9]])
+    part(ids, emb).pow(2).sum().backward()
+    if observer is not None:
+        assert len(observer.dense) == 1 and torch.equal(observer.dense[0][0], torch.zeros(4))
+    ref = (emb.weight.detach().clone() + part.values.detach().view(10, 4)).requires_grad_(True)
+    nn.functional.embedding(ids, ref, padding_idx=0).pow(2).sum().backward()
+    assert torch.equal(part.values.grad.view(10, 4)[0], torch.zeros(4))
+    assert torch.allclose(part.values.grad.view(10, 4), ref.grad, atol=1e-6)

@@ -127,6 +127,9 @@ class SparseDeltaFunction(torch.autograd.Function):
         grad_out = grad_out.to(weight.dtype)  # under autocast the output (and its gradient) is low precision
         if ctx.kind is LayerKind.EMBEDDING:  # y = c·W[ids] for a scaled embedding (Gemma): ∂L/∂W = c·Σ g
             grad_out = scaled_lookup(grad_out, ctx.base)
+            pad = getattr(ctx.base, "padding_idx", None)
+            if pad is not None:  # as F.embedding's backward: the padding row gets no gradient
+                grad_out = grad_out.masked_fill((x == pad).unsqueeze(-1), 0)
         grad_x = None
         if ctx.needs_input_grad[0] and ctx.kind is not LayerKind.EMBEDDING:
             if ctx.bound:
