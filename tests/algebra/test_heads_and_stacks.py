@@ -107,6 +107,28 @@ def test_merge_without_heads_writes_a_checkpoint_of_its_base(tmp_path) -> None:
         assert "score.weight" not in got and torch.allclose(got.get(key), want, atol=1e-6)
 
 
+def test_a_merge_keeping_each_tasks_heads_applies_every_task_even_when_one_input_holds_all_heads() -> None:
+    """A merge that keeps each task's heads is used with more than one head set (one per task view), so it carries
+    the partial fingerprint — also when one input's heads happen to be all of them, and with or without force."""
+    from deltatune.algebra.task_heads import for_task, task_names
+
+    def make(seed: int, heads: list[str], task: str) -> Delta:
+        d = randomize_delta(tiny_bert(0), deltatune.make_config("lora", {"r": 2}), seed, 0.05)
+        ref = tiny_bert(0)
+        d.heads = {h: {k: v.detach().clone() + seed for k, v in ref.get_submodule(h).state_dict().items()}
+                   for h in heads}
+        d.fingerprint = fingerprint(tiny_bert(0), exclude=heads)
+        d.provenance.task = {"name": task}
+        return d
+
+    a, b = make(1, ["classifier"], "a"), make(2, ["classifier", "bert.pooler.dense"], "b")
+    for force in (False, True):
+        out = merge([a, b], "task_arithmetic", force=force)
+        assert sorted(out.fingerprint) == ["model_type", "probe"]
+        for name in task_names(out):
+            apply_delta(tiny_bert(0), for_task(out, name))
+
+
 def test_compose_heads_of_keeps_one_inputs_heads_with_their_fingerprint(tmp_path) -> None:
     from deltatune.commands.compose import compose_paths
 

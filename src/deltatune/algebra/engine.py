@@ -78,12 +78,12 @@ def _check_same_base(sources: list[Any], heads: Iterable[str] | None, force: boo
     composing checks it (:func:`~deltatune.algebra.sum_deltas.check_same_bases`: inputs with other head sets
     compared on the fields their heads do not change); ``force`` skips the check."""
     deltas, labels = [s.delta for s in sources], [s.label for s in sources]
-    if force:
-        return output_fingerprint(deltas, heads)
-    try:
-        return check_same_bases(deltas, labels, heads)
-    except FingerprintMismatch as exc:
-        raise FingerprintMismatch(f"{exc}, or pass force=True (CLI --force) to merge anyway") from None
+    if not force:
+        try:
+            check_same_bases(deltas, labels)
+        except FingerprintMismatch as exc:
+            raise FingerprintMismatch(f"{exc}, or pass force=True (CLI --force) to merge anyway") from None
+    return output_fingerprint(deltas, heads)  # heads=None (kept per task): the partial fingerprint
 
 
 def plan_keys(sources: list[Any]) -> dict[str, tuple[int, ...]]:
