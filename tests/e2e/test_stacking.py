@@ -177,6 +177,11 @@ def test_a_new_run_into_an_earlier_runs_folder_leaves_none_of_that_run_behind(tm
     loop.train(TrainConfig(**first), dt.make_config("lora", {"r": 2}))
     assert {"best", "checkpoint", "delta"} <= {p.name for p in run.iterdir()}
     second = dict(first, checkpoint_every=0, eval_every=0, keep_best=False)
+    from deltatune.errors import TargetError
+
+    with pytest.raises(TargetError):  # a run that fails to set up leaves the earlier one as it was
+        loop.train(TrainConfig(**second), dt.make_config("lora", {"r": 2, "targets": ["no_such_module"]}))
+    assert {"best", "checkpoint", "delta"} <= {p.name for p in run.iterdir()}
     result = loop.train(TrainConfig(**second), dt.make_config("ia3", {}))
     assert result.best_dir is None
     assert not (run / "best").exists() and not (run / "checkpoint").exists()

@@ -265,6 +265,9 @@ def test_a_relative_json_split_reference_is_recorded_absolute_with_its_split(tmp
     absolute = loop.run_settings(TrainConfig(task="classify", data=f"{tmp_path / 'rows.json'}:train",
                                              eval_data=f"{tmp_path / 'rows.json'}:val"), delta)
     assert relative == absolute and relative["train"]["data"] == f"{(tmp_path / 'rows.json').resolve()}:train"
+    older = json.loads(json.dumps(relative))  # recorded as given before the split was recorded resolved
+    older["train"]["data"] = "rows.json:train"
+    loop._check_same_run(tmp_path, older, absolute)  # still resumes
 
 
 def test_resume_refuses_a_base_model_folder_rewritten_since(tmp_path, tiny_lm_dir):

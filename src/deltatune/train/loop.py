@@ -147,8 +147,9 @@ def train(cfg: TrainConfig, method_config: Any,
     """Train a delta of ``method_config.method`` on ``cfg.task``; write ``out_dir/delta`` (and ``best``).
 
     A new run (not ``resume``) refuses an ``out_dir`` that holds anything but an earlier run, unless
-    ``cfg.overwrite``.  Its subfolders (``delta``, ``best``, ``checkpoint``) are then the run's own and are
-    replaced without a further check (``overwrite=True``).  ``on_eval(step, metrics)`` is called after each
+    ``cfg.overwrite``.  Once the new run is set up (data, model, method, hooks), the earlier run's entries are
+    removed (:func:`clear_earlier_run`); the subfolders (``delta``, ``best``, ``checkpoint``) are then the run's own
+    and are replaced without a further check (``overwrite=True``).  ``on_eval(step, metrics)`` is called after each
     evaluation of the delta in its final form (not during LT-SFT's dense phase 1: ``TrainHook.delta_is_final``;
     ``deltatune search`` reports them to its pruner; raising there stops the run).
     """
@@ -172,8 +173,6 @@ def train(cfg: TrainConfig, method_config: Any,
     stack = prepare_stack(model, cfg.on)  # `train --on DELTA`: the underlying deltas merged into the base first
     if stack is not None:
         refuse_stack_inside(out, stack.paths)
-    if not cfg.resume and accelerator.is_main_process:
-        clear_earlier_run(out)
     method = get_method(method_config.method)
     delta = attach(model, method_config)
     delta.provenance = train_provenance(cfg, task)
@@ -206,6 +205,8 @@ def train(cfg: TrainConfig, method_config: Any,
             before = _defined(evaluate(eval_model, task, cfg.eval_batch_size, accelerator.device))
             log.say(f"before training: {_fmt(before)}")
 
+        if not cfg.resume and accelerator.is_main_process:  # set up without error: the earlier run can go
+            clear_earlier_run(out)
         run_log = RunLog(out, accelerator, asdict(cfg), step if cfg.resume else None)
         if before and not cfg.resume:
             run_log.record({"step": 0, "eval": before})
@@ -367,14 +368,20 @@ def run_settings(cfg: TrainConfig, delta: Delta) -> dict[str, Any]:
     training settings but :data:`FREE_ON_RESUME`, the method and its configuration, and the fingerprint of the base
     the delta trains on (a model folder rewritten since: another base under the same path)."""
     train = {k: v for k, v in asdict(cfg).items() if k not in FREE_ON_RESUME}
-    for key in PATH_SETTINGS:
-        if isinstance(train.get(key), str):
-            train[key] = local_reference(train[key], lambda p: str(Path(p).resolve())) or train[key]
+    _resolve_paths(train)
     train["on"] = [str(Path(p).resolve()) if Path(p).exists() else p for p in train.get("on") or []]
     if cfg.task in USER_TASKS:
         train["holds_out"] = cfg.eval_data is None
     return json.loads(json.dumps({"train": train, "method": delta.method, "config": delta.config,
                                   "base": delta.fingerprint}, default=str))
+
+
+def _resolve_paths(train: dict[str, Any]) -> None:
+    """:data:`PATH_SETTINGS` of ``train`` that name local files (or ``FILE:SPLIT``) made absolute and resolved, in
+    place: a relative path one time and an absolute one the next compare equal."""
+    for key in PATH_SETTINGS:
+        if isinstance(train.get(key), str):
+            train[key] = local_reference(train[key], lambda p: str(Path(p).resolve())) or train[key]
 
 
 def _check_same_run(where: Path, recorded: dict[str, Any] | None, run: dict[str, Any]) -> None:
@@ -389,7 +396,8 @@ def _check_same_run(where: Path, recorded: dict[str, Any] | None, run: dict[str,
         raise FingerprintMismatch(f"{where}: --resume needs the base model the run started on, but "
                                   f"{run['train'].get('model')} differs from it now ({detail}); restore that model, "
                                   "or train afresh into another --out")
-    then = recorded.get("train", {})
+    then = dict(recorded.get("train", {}))
+    _resolve_paths(then)  # a checkpoint written before ``FILE:SPLIT`` was recorded resolved kept it as given
     differ = [(key, then.get(key), run["train"].get(key)) for key in sorted(set(then) | set(run["train"]))
               if then.get(key) != run["train"].get(key) and (key in then or key not in RECORDED_SINCE)]
     config = recorded.get("config")
