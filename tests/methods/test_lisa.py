@@ -370,7 +370,7 @@ def test_encoder_decoder_trains_one_block_of_either_stack_besides_the_outside():
     outside = {n for n, b in every.items() if b is None}
     assert {"shared", "encoder.final_layer_norm", "decoder.final_layer_norm"} <= outside
     drawn = []
-    # the schedule alone (no forward: a T5 module reads ``self.wo.weight``, which a wrapped module lacks)
+    # the schedule alone: which modules train at each stage (the forward is the method-independent core's)
     for step in range(12):
         sampler.before_step(step)
         now = training_now(delta, opt)

@@ -574,8 +574,8 @@ def test_bitfit_biases_added_to_a_bias_free_llama_compose_with_another_delta_in_
 
 def test_half_precision_sparse_and_slice_sums_are_exact_and_run_on_their_half_precision_base() -> None:
     """Values of bf16 sparse (slice) parts that share an index (a channel) are summed in fp32: the composed delta
-    is the exact sum (bf16 would round it), and it still attaches to and merges into a bf16 model as the two deltas
-    composed live do."""
+    is their fp32 sum (exact for these values; bf16 would round it to 8 bits), and it still attaches to and merges
+    into a bf16 model as the two deltas composed live do."""
     from conftest import tiny_llama
 
     from deltatune.parts.layers import layer_kind

@@ -384,8 +384,9 @@ def promote_dtypes(tensors: Sequence[Tensor]) -> torch.dtype:
 
 def exact_sum_dtype(tensors: Sequence[Tensor], overlapping: bool) -> torch.dtype:
     """The dtype a sum of ``tensors`` is stored in: their promoted dtype (:func:`promote_dtypes`), or fp32 where that
-    is bf16/fp16 and entries of different tensors add up (``overlapping``): a half-precision sum of two values is
-    rounded, so the summed delta would not be the sum of the deltas."""
+    is bf16/fp16 and entries of different tensors add up (``overlapping``).  A half-precision sum of two values is
+    rounded to 8 (bf16) or 11 (fp16) significant bits; in fp32 it is exact unless the two values' exponents lie
+    more than 24 bits apart (then rounded once, at fp32's precision)."""
     dtype = promote_dtypes(tensors)
     return torch.float32 if overlapping and dtype in (torch.float16, torch.bfloat16) else dtype
 

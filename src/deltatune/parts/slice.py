@@ -239,8 +239,8 @@ class SlicePart(Part):
 
 
 def sum_slices(parts: Sequence[SlicePart], where: str) -> SlicePart:
-    """``Σ ΔW`` of slice parts over the same axis of the same weight as one slice part (union of indices), exactly
-    (:func:`exact_sum_dtype`)."""
+    """``Σ ΔW`` of slice parts over the same axis of the same weight as one slice part (union of indices), in fp32
+    where half-precision blocks share a channel (:func:`exact_sum_dtype`)."""
     ref = parts[0]
     for p in parts[1:]:
         if (p.d_in, p.d_out, p.axis, p.layer) != (ref.d_in, ref.d_out, ref.axis, ref.layer):

@@ -401,8 +401,8 @@ def sparse_from_dense(delta: Tensor, layer: LayerKind) -> SparsePart:
 
 
 def sum_sparse(parts: Sequence[SparsePart], where: str) -> SparsePart:
-    """Union of the index sets; values at a shared index are added, exactly (:func:`exact_sum_dtype`: fp32 where
-    half-precision values share an index)."""
+    """Union of the index sets; values at a shared index are added (:func:`exact_sum_dtype`: in fp32 where
+    half-precision values share an index, not rounded back to half precision)."""
     ref = parts[0]
     for p in parts[1:]:
         if (p.weight_shape, p.layer) != (ref.weight_shape, ref.layer):
