@@ -152,11 +152,14 @@ def weight_owners(model: nn.Module) -> dict[int, list[str]]:
     return owners
 
 
-def tied_aliases(model: nn.Module, name: str) -> list[str]:
-    """Other modules whose ``weight`` is the very tensor of module ``name`` (tied embeddings)."""
+def tied_aliases(model: nn.Module, name: str, owners: dict[int, list[str]] | None = None) -> list[str]:
+    """Other modules whose ``weight`` is the very tensor of module ``name`` (tied embeddings); ``owners``: the
+    model's :func:`weight_owners` when the caller keeps them (one walk for many modules)."""
     weight = getattr(get_module(model, name), "weight", None)
     if weight is None:
         return []
+    if owners is not None:
+        return [n for n in owners.get(id(weight), []) if n != name]
     return [n for n, m in logical_modules(model) if n != name and getattr(m, "weight", None) is weight]
 
 

@@ -33,7 +33,7 @@ from deltatune.algebra.workspace import Workspace
 from deltatune.delta import Delta
 from deltatune.errors import ConfigError, FingerprintMismatch, NotMergeable, ShapeMismatch
 from deltatune.fingerprint import fingerprint
-from deltatune.model import get_module, weight_owners
+from deltatune.model import tied_aliases, weight_owners
 from deltatune.parts.capabilities import require_capability
 from deltatune.provenance import path_reference, require_unstacked
 
@@ -59,13 +59,6 @@ def _model_path(base: BaseLike) -> str | None:
     return str(path) if path else None
 
 
-def _ties(model: nn.Module, module: str, owners: dict[int, list[str]]) -> list[str]:
-    """The other modules whose ``weight`` is module ``module``'s very tensor (:func:`~deltatune.model.weight_owners`,
-    the ties :func:`~deltatune.model.attach_parts` gives a part's update to)."""
-    weight = getattr(get_module(model, module), "weight", None)
-    return sorted(n for n in owners.get(id(weight), []) if n != module) if weight is not None else []
-
-
 def _check_ties(d: Delta, old_model: nn.Module, new_model: nn.Module, where: str, old_name: str,
                 new_name: str) -> None:
     """Every part's module shares its weight with the same modules in both bases (:class:`NotMergeable` naming the
@@ -76,10 +69,10 @@ def _check_ties(d: Delta, old_model: nn.Module, new_model: nn.Module, where: str
         if part.is_alias or part.model_level:
             continue
         try:
-            old = _ties(old_model, module, old_owners)
+            old = sorted(tied_aliases(old_model, module, old_owners))
         except AttributeError:  # forced onto an old base without the module: nothing to compare
             continue
-        new = _ties(new_model, module, new_owners)
+        new = sorted(tied_aliases(new_model, module, new_owners))
         if old == new:
             continue
         shown = " and ".join(f"with {ties or 'no other module'} in {name}"
