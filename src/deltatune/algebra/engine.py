@@ -37,7 +37,7 @@ from deltatune.algebra.sum_deltas import check_same_bases, output_fingerprint
 from deltatune.algebra.workspace import Workspace
 from deltatune.config import brief, finite_float, parse_config
 from deltatune.delta import Delta
-from deltatune.errors import ConfigError, FingerprintMismatch, NotMergeable, ShapeMismatch
+from deltatune.errors import ConfigError, NotMergeable, ShapeMismatch
 from deltatune.ops import lines as lines_ops
 from deltatune.ops.compress import stable_seed
 
@@ -79,10 +79,7 @@ def _check_same_base(sources: list[Any], heads: Iterable[str] | None, force: boo
     compared on the fields their heads do not change); ``force`` skips the check."""
     deltas, labels = [s.delta for s in sources], [s.label for s in sources]
     if not force:
-        try:
-            check_same_bases(deltas, labels)
-        except FingerprintMismatch as exc:
-            raise FingerprintMismatch(f"{exc}, or pass force=True (CLI --force) to merge anyway") from None
+        check_same_bases(deltas, labels, hint=", or pass force=True (CLI --force) to merge anyway")
     return output_fingerprint(deltas, heads)  # heads=None (kept per task): the partial fingerprint
 
 

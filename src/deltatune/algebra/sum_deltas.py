@@ -91,7 +91,7 @@ def heads_aside(fp: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_same_bases(deltas: Sequence[Delta], names: Sequence[str],
-                     heads: Iterable[str] | None = None) -> dict[str, Any] | None:
+                     heads: Iterable[str] | None = None, hint: str = "") -> dict[str, Any] | None:
     """Raise :class:`FingerprintMismatch` naming two deltas whose bases differ; return the output's fingerprint
     (:func:`output_fingerprint` for an output carrying the task heads ``heads``; default: the union of the inputs').
 
@@ -107,10 +107,10 @@ def check_same_bases(deltas: Sequence[Delta], names: Sequence[str],
     for i in known:
         j = first.setdefault(frozenset(deltas[i].heads), i)
         if fingerprint_diff(deltas[j].fingerprint, deltas[i].fingerprint):  # same heads: every field compares
-            _mismatch(deltas, names, j, i)
+            _mismatch(deltas, names, j, i, hint)
         for k in known[:known.index(i)]:  # other head sets: model_type and the probe tensors both hold
             if fingerprint_diff(heads_aside(deltas[k].fingerprint), heads_aside(deltas[i].fingerprint)):
-                _mismatch(deltas, names, k, i)
+                _mismatch(deltas, names, k, i, hint)
     return output_fingerprint(deltas, {h for d in deltas for h in d.heads} if heads is None else heads)
 
 
@@ -139,11 +139,11 @@ def output_fingerprint(deltas: Sequence[Delta], heads: Iterable[str] | None) -> 
     return {**partial, "probe": probe} if probe else partial
 
 
-def _mismatch(deltas: Sequence[Delta], names: Sequence[str], j: int, i: int) -> None:
+def _mismatch(deltas: Sequence[Delta], names: Sequence[str], j: int, i: int, hint: str) -> None:
     a, b = deltas[j].fingerprint, deltas[i].fingerprint
     raise FingerprintMismatch(
         f"{names[j]} and {names[i]} were trained on different base models: "
-        f"{describe_fingerprint_diff(a, b, names[j], names[i])}; rebase one of them first (`deltatune rebase`)"
+        f"{describe_fingerprint_diff(a, b, names[j], names[i])}; rebase one of them first (`deltatune rebase`){hint}"
     )
 
 

@@ -25,7 +25,7 @@ from deltatune.algebra.inputs import CheckpointInput, DeltaInput
 from deltatune.algebra.options import check_input_count
 from deltatune.algebra.sum_deltas import check_same_bases
 from deltatune.delta import Delta
-from deltatune.errors import ConfigError, FingerprintMismatch
+from deltatune.errors import ConfigError
 from deltatune.inspect.options import InspectOptions
 from deltatune.parts.capabilities import require_capability
 
@@ -140,13 +140,9 @@ def _check_same_base(deltas: list[Delta], labels: list[str], force: bool) -> Non
     """:class:`FingerprintMismatch` when two deltas were trained on different bases (unless ``force``), by the rule
     every operation on several deltas uses (:func:`~deltatune.algebra.sum_deltas.check_same_bases`: deltas that
     carry different task heads compare on what their fingerprints share)."""
-    if force:
-        return
-    try:
-        check_same_bases(deltas, labels)
-    except FingerprintMismatch as exc:
-        raise FingerprintMismatch(f"inspect: {exc}; comparing their deltas would compare unrelated weights. "
-                                  "Inspect them separately, or pass --force") from None
+    if not force:
+        check_same_bases(deltas, labels, hint="; inspect compares their deltas only on one base: inspect them "
+                                              "separately, or pass --force")
 
 
 def open_sources(items: Sequence[Delta | str | Path], opts: InspectOptions) -> Sources:
