@@ -121,9 +121,12 @@ def continuing_past_prefixes(net: torch.nn.Module, prefixes: Sequence[int], firs
         past = cached_positions(inputs)
         if past:
             tokens = inputs["input_ids"] if inputs.get("input_ids") is not None else inputs["inputs_embeds"]
+            seq = int(tokens.shape[1])
             inputs["attention_mask"], inputs["position_ids"] = from_caller_layout(
-                lengths.to(tokens.device), first_seq, past, int(tokens.shape[1]), inputs.get("attention_mask"),
+                lengths.to(tokens.device), first_seq, past, seq, inputs.get("attention_mask"),
                 inputs.get("position_ids"))
+            if inputs.get("cache_position") is not None:  # transformers 4.x: the cache's slots, counted in it
+                inputs["cache_position"] = torch.arange(past, past + seq, device=tokens.device)
         return inputs
 
     net.prepare_inputs_for_generation = prepare
