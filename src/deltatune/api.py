@@ -63,17 +63,19 @@ def load_base_for(delta: Delta, model: str | None = None) -> nn.Module:
 
             return with_head(AutoModelForTokenClassification, path, num_labels)
         return with_head(AutoModelForSequenceClassification, path, num_labels)
-    archs = getattr(AutoConfig.from_pretrained(path), "architectures", None) or []
+    config = AutoConfig.from_pretrained(path)
+    archs = getattr(config, "architectures", None) or []
     if any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs):
         return AutoModelForCausalLM.from_pretrained(path)
-    net = AutoModel.from_pretrained(path)
-    if not _holds_modules(net, delta):  # parts named as the folder's own class names them (``bert.encoder…``)
+    with torch.device("meta"):
+        bare = AutoModel.from_config(config)
+    if not _holds_modules(bare, delta):  # parts named as the folder's own class names them (``bert.encoder…``)
         from deltatune.algebra.checkpoint import meta_architecture
 
         named = meta_architecture(path)
         if named is not None and _holds_modules(named, delta):
             return type(named).from_pretrained(path)
-    return net  # attaching names a module it lacks
+    return AutoModel.from_pretrained(path)  # where it lacks a module too, attaching names it
 
 
 def _holds_modules(model: nn.Module, delta: Delta) -> bool:
