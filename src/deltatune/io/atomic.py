@@ -269,16 +269,12 @@ def atomic_dir(target: str | Path, kind: str, overwrite: bool = False) -> Iterat
     """
     target = Path(target)
     with _claimed(_sibling(target, "tmp")) as tmp:
-        try:
+        with _full_disk_named(target):
             target.parent.mkdir(parents=True, exist_ok=True)
             recover_dir(target)
             guard_output(target, kind, overwrite)
             os.mkdir(tmp, 0o700)
             _public_mode(tmp, target, folder=True)
-        except OSError as exc:
-            if is_disk_full(exc):
-                raise disk_full(target) from exc
-            raise
         try:
             yield tmp
             write_marker(tmp, kind)
@@ -290,6 +286,17 @@ def atomic_dir(target: str | Path, kind: str, overwrite: bool = False) -> Iterat
             if is_disk_full(exc) and not isinstance(exc, DiskFull):
                 raise disk_full(target) from exc
             raise
+
+
+@contextmanager
+def _full_disk_named(target: Path) -> Iterator[None]:
+    """Within the block, a full disk (``ENOSPC``) is raised as :class:`DiskFull` naming ``target``."""
+    try:
+        yield
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise disk_full(target) from exc
+        raise
 
 
 def _umask() -> int:
@@ -324,14 +331,10 @@ def atomic_file(target: str | Path) -> Iterator[Path]:
     """Yield a temp file path next to ``target``; renamed over it on success (a full disk: :class:`DiskFull`)."""
     target = Path(target)
     with _claimed(_sibling(target, "tmp")) as tmp:
-        try:
+        with _full_disk_named(target):
             target.parent.mkdir(parents=True, exist_ok=True)
             recover_dir(target)
             os.close(os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600))
-        except OSError as exc:
-            if is_disk_full(exc):
-                raise disk_full(target) from exc
-            raise
         try:
             yield tmp
             _public_mode(tmp, target, folder=False)
