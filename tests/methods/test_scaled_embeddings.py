@@ -89,3 +89,36 @@ def test_prompt_tuning_vocab_and_text_init_go_through_the_scaled_lookup() -> Non
     model = tiny_gemma()
     got = initial_prompt(model, PromptTuningConfig(num_virtual_tokens=3, init="text", init_token_ids=[5, 6, 7]))
     assert torch.allclose(got, model.get_input_embeddings()(torch.tensor([5, 6, 7])), atol=1e-6)
+
+
+@pytest.mark.parametrize("method, config", [("full", {}), ("lora", {"r": 2, "targets": ["type:Embedding"]}),
+                                            ("sparse", {"num_tunable": 500, "regrow": False,
+                                                        "targets": ["type:Embedding"]})])
+def test_a_learned_positional_embedding_is_no_lookup_of_the_input_ids(method: str, config: dict) -> None:
+    """BART's learned positional embedding subclasses nn.Embedding with a forward that computes positions from its
+    input (plus an offset): parts that look ids up leave it alone (``type:Embedding`` takes the scaled word
+    embeddings only), a dense part runs it through its own forward — the attached delta equals its merge."""
+    from conftest import randomize_delta
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    from deltatune.parts.layers import layer_kind
+
+    def bart() -> BartForConditionalGeneration:
+        torch.manual_seed(0)
+        return BartForConditionalGeneration(BartConfig(
+            vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+            decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32)).eval()
+
+    model = bart()
+    assert layer_kind(model.model.encoder.embed_positions) is None
+    assert layer_kind(model.model.encoder.embed_tokens) is LayerKind.EMBEDDING
+    delta = randomize_delta(bart(), deltatune.make_config(method, config), 1, 0.1)
+    assert not any("embed_positions" in n for n in delta.parts) or method == "full"
+    merged = bart()
+    deltatune.apply_delta(model, delta)
+    deltatune.merge_delta(merged, delta)
+    g = torch.Generator().manual_seed(1)
+    inputs = {"input_ids": torch.randint(3, 64, (2, 6), generator=g),
+              "labels": torch.randint(3, 64, (2, 5), generator=g)}
+    with torch.no_grad():
+        assert max_diff(model(**inputs).logits, merged(**inputs).logits) <= 1e-5

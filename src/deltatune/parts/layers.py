@@ -27,10 +27,16 @@ class LayerKind(StrEnum):
 
 
 def layer_kind(module: nn.Module) -> LayerKind | None:
-    """Return the kind of a supported module, or ``None``."""
+    """Return the kind of a supported module, or ``None``.  An ``nn.Embedding`` subclass with a forward of its own
+    is an embedding only where that forward is a scaled lookup (:func:`embedding_scale`: BART's and Gemma's word
+    embeddings): another one (BART's and OPT's learned positional embeddings compute positions from their input and
+    add an offset) is no lookup of its input's ids, so parts that look ids up leave it alone (a dense part runs it
+    through its own forward)."""
     if isinstance(module, nn.Linear):
         return LayerKind.LINEAR
     if isinstance(module, nn.Embedding):
+        if type(module).forward is not nn.Embedding.forward and embedding_scale(module) is None:
+            return None
         return LayerKind.EMBEDDING
     if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
         return LayerKind.CONV1D
