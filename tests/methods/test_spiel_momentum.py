@@ -61,28 +61,34 @@ def test_accumulators_are_one_row_and_one_column_vector_per_matrix():
     assert set(state) == {"events", "acc"}  # no candidate buffers, no dense gradient kept
     model.train()
     model(**tiny_inputs("llama")).loss.backward()
-    assert all(float(a.row.sum()) > 0 for a in sel.acc.values()), "backward did not feed the accumulators"
+    assert all(float(a.row.sum()) == 0 for a in sel.acc.values()), "fed before the optimiser's step"
+    opt.step()
+    assert all(float(a.row.sum()) > 0 for a in sel.acc.values()), "the step did not feed the accumulators"
     for name, part in delta.parts.items():  # only rows/columns holding an active entry were touched
         rows = torch.unique(part.indices // part.weight_shape[1])
         touched = (sel.acc[name].row > 0).nonzero().reshape(-1)
         assert set(touched.tolist()) <= set(rows.tolist())
 
 
-def test_accumulators_see_only_the_active_gradients():
+def test_accumulators_see_only_the_active_gradients_of_each_step():
+    """SM3 updates its accumulators once per optimiser step with the step's gradient: with two micro-batches,
+    ``ν = min(r, c) + (g₁ + g₂)²``, not two updates with ``g₁`` and ``g₂``."""
     base, part, opt, sel = _part_and_selector()
-    x = torch.randn(8, 6)
-    part(x, base).square().sum().backward()
-    g = part.values.grad.detach()
+    for _ in range(2):  # gradient accumulation: two micro-batches, one step
+        part(torch.randn(8, 6), base).square().sum().backward()
+    g = part.values.grad.detach().clone()
+    opt.step()
     row, col = torch.zeros(5), torch.zeros(6)
     sm3_update(row, col, part.indices // 6, part.indices % 6, g)
     assert torch.equal(sel.acc["l"].row, row) and torch.equal(sel.acc["l"].col, col)
 
 
-def test_close_removes_the_accumulator_hooks_and_the_window_observer():
+def test_close_removes_the_accumulator_hook_and_the_window_observer():
     base, part, opt, sel = _part_and_selector()
     sel.close()
     before = (sel.acc["l"].row.clone(), sel.acc["l"].col.clone())
     part(torch.randn(8, 6), base).square().sum().backward()
+    opt.step()
     assert torch.equal(sel.acc["l"].row, before[0]) and torch.equal(sel.acc["l"].col, before[1])
     # SpIEL-AG: a run that stops inside a selection window leaves no observer behind (it forced the dense gradient)
     from deltatune.methods.spiel_selector import SpIELSelector

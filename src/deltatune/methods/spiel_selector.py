@@ -307,21 +307,25 @@ class SM3Accumulator:
 
 class MomentumSelector(SpIELSelector):
     """SpIEL-MA: the same drop rule and schedule (events after ``A + j·R`` steps), but growth picks the inactive
-    entries of largest ``r_i · c_j`` from SM3 accumulators fed by the active values' gradients at every backward
-    — no selection window, no dense gradient, ``O(d_out + d_in)`` extra memory per matrix.  Grown entries start
-    with zero moments and age 0 (their own bias correction)."""
+    entries of largest ``r_i · c_j`` from SM3 accumulators fed by the active values' gradient of every optimiser
+    step, as SM3 updates its accumulators in its step (the gradient summed over the step's micro-batches, after
+    DDP's all-reduce) — no selection window, no dense gradient, ``O(d_out + d_in)`` extra memory per matrix.  Grown
+    entries start with zero moments and age 0 (their own bias correction)."""
 
     def __init__(self, parts: dict[str, SparsePart], optimizer: torch.optim.Optimizer, config: Any,
                  total_steps: int, grad_accum: int) -> None:
         super().__init__(parts, optimizer, config, total_steps, grad_accum)
         self.acc = {n: SM3Accumulator(p.weight_shape, p.values.device) for n, p in self.parts.items()}
-        self.handles = [p.values.register_hook(lambda g, n=n: self._observe(n, g)) for n, p in self.parts.items()]
+        self.handles = [optimizer.register_step_pre_hook(lambda *_: self._observe_step())]
 
-    def _observe(self, name: str, grad: Tensor) -> None:
-        self.acc[name].observe(self.parts[name].indices, grad.detach())
+    def _observe_step(self) -> None:
+        """Feed each part's accumulators the gradient the optimiser is about to step with."""
+        for name, part in self.parts.items():
+            if part.values.grad is not None:
+                self.acc[name].observe(part.indices, part.values.grad.detach())
 
     def close(self) -> None:
-        """Remove the accumulators' gradient hooks from the values (a later backward no longer feeds them)."""
+        """Remove the accumulators' optimiser hook (a later step no longer feeds them)."""
         for handle in self.handles:
             handle.remove()
         self.handles = []
