@@ -320,6 +320,29 @@ def test_a_hook_that_finds_divergence_is_told_the_last_checkpoint(tmp_path, tiny
         loop.train(cfg, dt.LoRAConfig(r=2))
 
 
+@pytest.mark.parametrize("method", ["lora", "bitfit"])
+def test_a_base_stored_in_bf16_trains_in_fp32_and_its_delta_applies_to_the_bf16_checkpoint(tmp_path, tiny_lm_dir,
+                                                                                          method):
+    """transformers 5 loads a checkpoint in its stored dtype: a delta created on a bf16 base would train in bf16
+    (AdamW loses updates under 2⁻⁸ of a value). The loop trains in fp32; the upcast is exact, so the delta's base
+    fingerprint is the bf16 checkpoint's and it applies there."""
+    from transformers import AutoModelForCausalLM
+
+    shutil.copytree(tiny_lm_dir, tmp_path / "bf16")  # its tokenizer; the weights saved again in bf16
+    AutoModelForCausalLM.from_pretrained(tiny_lm_dir).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "bf16").dtype == torch.bfloat16
+    rows = [{"prompt": f"Q: {i}?", "response": f" A: {i}"} for i in range(16)]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    cfg = TrainConfig(model=str(tmp_path / "bf16"), task="jsonl", data=str(tmp_path / "train.jsonl"),
+                      out_dir=str(tmp_path / "o"), max_steps=2, max_length=16, batch_size=4, eval_every=0,
+                      eval_before=False, eval_limit=4, progress=False, checkpoint_every=0)
+    result = loop.train(cfg, dt.make_config(method, {"r": 2} if method == "lora" else {}))
+    saved = dt.load_delta(result.delta_dir)
+    assert all(t.dtype == torch.float32 for part in saved.parts.values() for t in part.state().values())
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16")
+    dt.apply_delta(base, saved)  # the fingerprint of the bf16 checkpoint: no FingerprintMismatch
+
+
 def test_jsonl_masks_prompt_and_trains(tmp_path, tiny_lm_dir):
     rows = [{"prompt": f"Q: what is {i} plus {i}?", "response": f" A: {2 * i}"} for i in range(64)]
     path = tmp_path / "train.jsonl"

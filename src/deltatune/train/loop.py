@@ -168,7 +168,7 @@ def train(cfg: TrainConfig, method_config: Any,
     log = _Logger(accelerator, cfg.progress)
     task = build_task(cfg)
     set_seed(cfg.seed)
-    model = task.load_model().to(accelerator.device)
+    model = in_full_precision(task.load_model(), log).to(accelerator.device)
     model.train()
     stack = prepare_stack(model, cfg.on)  # `train --on DELTA`: the underlying deltas merged into the base first
     if stack is not None:
@@ -302,6 +302,24 @@ def train(cfg: TrainConfig, method_config: Any,
     delta.metrics.update(summary)
     best_dir = out / "best" if best else None
     return TrainResult(delta, out / "delta", best_dir, before, final, best, history, accelerator.is_main_process)
+
+
+HALF_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def in_full_precision(model: nn.Module, log: _Logger | None = None) -> nn.Module:
+    """``model`` in fp32 where its checkpoint stored half-precision weights: transformers 5 loads a checkpoint in
+    its stored dtype, and a delta created on a bf16 base would train in bf16, where AdamW loses every update smaller
+    than 2⁻⁸ of a value.  Training runs in fp32 (as transformers 4 loaded every model); ``--mixed-precision bf16``
+    runs the forward and backward under bf16 autocast while the delta and optimiser stay fp32.  The upcast is exact,
+    so the base's fingerprint (and applying the delta to the bf16 checkpoint later) is unchanged."""
+    half = {p.dtype for p in model.parameters() if p.dtype in HALF_PRECISION}
+    if not half:
+        return model
+    if log is not None:
+        log.say(f"the base's weights are {', '.join(sorted(str(d).removeprefix('torch.') for d in half))}: "
+                "training in fp32 (--mixed-precision bf16 for bf16 compute)")
+    return model.float()
 
 
 def refuse_stack_inside(out: Path, paths: Sequence[str]) -> None:
