@@ -144,9 +144,9 @@ def one_per_weight(model: nn.Module, names: Iterable[str]) -> list[str]:
     (GPT-2's ``transformer.wte``/``lm_head``, T5's ``shared``/``encoder.embed_tokens``/``decoder.embed_tokens``)
     keep only their first module in ``names``.  A method that trains a module's weight gives each weight tensor one
     part: the other modules sharing it see that part as an alias on attach (:func:`deltatune.model.attach_parts`),
-    whereas a second part on the same tensor would train a second, overlapping update that a tied module without a
-    part of its own cannot see (it aliases one owner) and in-place training would overwrite (each binding keeps its
-    own ``W₀``).  Modules without a ``weight`` are kept."""
+    whereas a second part on the same tensor would train a second, overlapping update that counts the tensor twice
+    in the budget and that in-place training would overwrite (each binding keeps its own ``W₀``).  Modules without a
+    ``weight`` are kept."""
     from deltatune.model import get_module
 
     kept, seen = [], set()
