@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 import deltatune as dt
 from deltatune.errors import ConfigError, DataError
 from deltatune.methods.registry import TrainHook
-from deltatune.train import loop
+from deltatune.train import loop, run_record
 from deltatune.train.config import TrainConfig
 
 SMALL = dict(train_limit=600, eval_limit=64, eval_every=0, eval_before=False, max_length=32, batch_size=8,
@@ -267,7 +267,7 @@ def test_a_relative_json_split_reference_is_recorded_absolute_with_its_split(tmp
     assert relative == absolute and relative["train"]["data"] == f"{(tmp_path / 'rows.json').resolve()}:train"
     older = json.loads(json.dumps(relative))  # recorded as given before the split was recorded resolved
     older["train"]["data"] = "rows.json:train"
-    loop._check_same_run(tmp_path, older, absolute)  # still resumes
+    run_record.check_same_run(tmp_path, older, absolute)  # still resumes
 
 
 def test_resume_refuses_a_base_model_folder_rewritten_since(tmp_path, tiny_lm_dir):
@@ -464,10 +464,11 @@ def test_resume_refuses_adding_or_dropping_eval_data_where_it_changes_the_traini
 
     held = run(task="classify", data=str(data))
     with pytest.raises(ConfigError, match="holds_out: True in the checkpoint, False now"):
-        loop._check_same_run(tmp_path, held, run(task="classify", data=str(data), eval_data=str(other)))
+        run_record.check_same_run(tmp_path, held, run(task="classify", data=str(data), eval_data=str(other)))
     given = run(task="classify", data=str(data), eval_data=str(other))
-    loop._check_same_run(tmp_path, given, run(task="classify", data=str(data), eval_data=str(data)))  # another file
-    loop._check_same_run(tmp_path, run(task="sst2"), run(task="sst2", eval_data=str(other)))
+    # another file
+    run_record.check_same_run(tmp_path, given, run(task="classify", data=str(data), eval_data=str(data)))
+    run_record.check_same_run(tmp_path, run(task="sst2"), run(task="sst2", eval_data=str(other)))
     older = json.loads(json.dumps(held))
     del older["train"]["holds_out"]
-    loop._check_same_run(tmp_path, older, run(task="classify", data=str(data)))
+    run_record.check_same_run(tmp_path, older, run(task="classify", data=str(data)))
