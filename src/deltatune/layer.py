@@ -113,8 +113,8 @@ def sum_updates(module: nn.Module, parts: Sequence[Part]) -> dict[str, Tensor]:
     for part in parts:
         for name, delta in part.forward_updates(module).items():
             total[name] = total.get(name, 0) + delta
-    dtype = getattr(module, "weight", next(iter(own.values()), None))
-    return {k: own[k] + v.to(own[k].dtype) if k in own else v.to(dtype.dtype if dtype is not None else v.dtype)
+    ref = own.get("weight", next(iter(own.values()), None))  # a missing parameter takes the weight's dtype
+    return {k: own[k] + v.to(own[k].dtype) if k in own else v.to(v.dtype if ref is None else ref.dtype)
             for k, v in total.items()}
 
 
