@@ -218,3 +218,30 @@ def test_composing_or_merging_a_stacked_delta_with_the_one_beneath_counts_it_onc
     for made in (compose_deltas([b, c]), merge([b, c], "task_arithmetic")):  # A is not an input: it stays beneath
         assert [r["path"] for r in recorded_stack(made)] == [str((root / "A").resolve())]
         assert torch.allclose(_used(made), _by_hand(a, b, c), atol=1e-5)
+
+
+def test_a_weighted_or_base_reading_merge_of_deltas_on_different_stacks_is_refused(stack) -> None:
+    """``B`` (on ``A``) beside ``A`` or beside ``C`` (bare base): only the plain sum is defined; deltas on one stack
+    merge in that stack's space, unless the method reads the base (θ₀ + Δ_A, which the merge never reads)."""
+    from deltatune.provenance import StackedDeltaRefused
+
+    root, a, b, c = stack
+    for inputs in ([a, b], [b, c]):
+        for method, options in (("task_arithmetic", {"weights": [0.5, 0.5]}), ("linear", {}),
+                                ("task_arithmetic", {"params": {"lambda": 0.7}}),
+                                ("ties", {"params": {"density": 0.5}})):
+            with pytest.raises(StackedDeltaRefused, match="different stacks"):
+                merge(inputs, method, **options)
+    with pytest.raises(StackedDeltaRefused, match="reads the base"):
+        merge([b, b], "model_stock", base=None)
+    d = copy.deepcopy(b)  # a second delta on the same stack as B: a weighted merge works in A's space
+    for p in d.parts.values():
+        for t in p.parameters():
+            t.data.mul_(-0.5)
+    made = merge([b, d], "linear")
+    assert [r["path"] for r in recorded_stack(made)] == [str((root / "A").resolve())]
+    half = copy.deepcopy(b)
+    for p in half.parts.values():
+        for t in p.parameters():
+            t.data.mul_(0.25)  # (Δ_B − ½Δ_B) / 2
+    assert torch.allclose(_used(made), _by_hand(a, half), atol=1e-5)

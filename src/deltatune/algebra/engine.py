@@ -32,6 +32,7 @@ from deltatune.algebra.output import (
     write_checkpoint,
 )
 from deltatune.algebra.spec import MergeSpec
+from deltatune.algebra.stacked_inputs import check_stacked_inputs
 from deltatune.algebra.stats import gather_stats, lines_norms
 from deltatune.algebra.sum_deltas import check_same_bases, output_fingerprint
 from deltatune.algebra.workspace import Workspace
@@ -285,6 +286,9 @@ def run_merge(recipe: MergeSpec) -> Delta | Path:
     base_reader = CheckpointReader(base) if base is not None else None
     sources = _open_inputs(inputs, base_reader, vocab, verify)
     checkpoint_inputs = isinstance(sources[0], CheckpointInput)
+    if not checkpoint_inputs:
+        check_stacked_inputs([s.delta for s in sources], [s.label for s in sources], method, spec.needs_base,
+                             resolved, per_input)
     heads_out = None if checkpoint_inputs else merged_heads(sources, per_input, heads)
     fingerprint = None if heads_out is None else _check_same_base(sources, fingerprint_heads(heads_out, sources), force)
     shapes = plan_keys(sources)
