@@ -180,11 +180,29 @@ def freeze_base(model: nn.Module, trainable_heads: Iterable[str] = (), parts: It
             p.requires_grad_(True)
 
 
-def attach(model: nn.Module, config, heads: Sequence[str] | None = None, name: str = DEFAULT) -> Delta:
+#: floating dtypes whose rounding step (2⁻⁸ of a bf16 value, 2⁻¹¹ of an fp16 one) swallows small optimiser updates
+HALF_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def in_trainable_precision(parts: Iterable[Part]) -> None:
+    """Cast the fp16/bf16 floating tensors of freshly created ``parts`` to fp32, in place (PEFT's
+    ``autocast_adapter_dtype=True``, its default): AdamW on a bf16 value loses every update below its rounding step,
+    while the base may stay in half precision (each part's forward casts its update to the base's dtype).  A part
+    over a half-precision base then does not train in place (:meth:`~deltatune.parts.base.Part.bind` refuses a
+    dtype mismatch): it keeps its own, finely resolved ``Δθ``."""
+    for part in parts:
+        if any(t.dtype in HALF_PRECISION for t in (*part.parameters(), *part.buffers())):
+            part.float()
+
+
+def attach(model: nn.Module, config, heads: Sequence[str] | None = None, name: str = DEFAULT,
+           autocast_dtype: bool = True) -> Delta:
     """Create a method's parts on ``model`` and return the live :class:`Delta`.
 
     ``heads`` are task-head modules trained densely and saved whole; by default the model's
-    classifier/score head if it has one (see :func:`default_heads`).
+    classifier/score head if it has one (see :func:`default_heads`).  ``autocast_dtype``: parts created on a
+    half-precision base get fp32 tensors (:func:`in_trainable_precision`; ``False`` keeps the base's dtype, at the
+    cost of updates lost to rounding).  Task heads stay in the model's dtype, as PEFT's ``modules_to_save`` do.
     """
     from deltatune.config import check_ranges
     from deltatune.methods.registry import get_method
@@ -194,6 +212,8 @@ def attach(model: nn.Module, config, heads: Sequence[str] | None = None, name: s
     check_ranges(config, f"{config.method} config")  # a config built in Python, not parsed
     fp = fingerprint(model, exclude=heads)
     parts = method.create_parts(model, config, exclude=heads)
+    if autocast_dtype:
+        in_trainable_precision(parts.values())
     attach_parts(model, parts, name)
     freeze_base(model, heads, parts.values())
     delta = Delta(method=config.method, config=method.config_dict(config), parts=parts, fingerprint=fp)

@@ -40,7 +40,7 @@ from deltatune.methods.in_place import InPlaceTraining
 from deltatune.methods.lift import require_single_process
 from deltatune.methods.registry import Method, TrainHook, adamw, register_method, unwrap_optimizer
 from deltatune.methods.targets import modules_with_parameters
-from deltatune.model import attach_parts, get_module, logical_modules
+from deltatune.model import HALF_PRECISION, attach_parts, get_module, in_trainable_precision, logical_modules
 from deltatune.parts.dense import DensePart
 
 #: where each architecture keeps its blocks (PEFT-style per-model_type defaults); others: every outermost ModuleList
@@ -225,6 +225,9 @@ class LisaSampler(TrainHook):
         exclude = list(delta.heads)
         self.plan = BlockPlan(model, config, exclude)
         self.name = holder_name(model, next(iter(delta.parts.values())))
+        #: parts created later take the precision attach gave the first ones (fp32 over a half-precision base
+        #: unless ``autocast_dtype=False``: :func:`~deltatune.model.in_trainable_precision`)
+        self.in_fp32 = any(p.dtype not in HALF_PRECISION for part in delta.parts.values() for p in part.parameters())
         self.active = draw(self.plan.n, config.layers, config.seed, 0)
         self.visited = list(self.active)
         self._seen = {id(p) for h in exclude for p in model.get_submodule(h).parameters()}
@@ -273,6 +276,8 @@ class LisaSampler(TrainHook):
             parts = {}
             for b in new:
                 parts.update(dense_parts(self.model, self.plan.blocks[b], self._seen))
+            if self.in_fp32:
+                in_trainable_precision(parts.values())
             attach_parts(self.model, parts, self.name)
             self.delta.parts.update(parts)
             self.in_place.bind(parts)

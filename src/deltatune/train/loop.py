@@ -33,7 +33,7 @@ from deltatune.io.atomic import atomic_file, guard_output, recover_dir
 from deltatune.io.delta_format import save_delta
 from deltatune.io.outputs import write_marker
 from deltatune.methods.registry import TrainHook, get_method, unwrap_optimizer
-from deltatune.model import attach
+from deltatune.model import HALF_PRECISION, attach
 from deltatune.provenance import Provenance, path_reference
 from deltatune.train import checkpoint as ckpt
 from deltatune.train import fsdp, zero
@@ -301,9 +301,6 @@ def train(cfg: TrainConfig, method_config: Any,
     delta.metrics.update(summary)
     best_dir = out / "best" if best else None
     return TrainResult(delta, out / "delta", best_dir, before, final, best, history, accelerator.is_main_process)
-
-
-HALF_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def in_full_precision(model: nn.Module, log: _Logger | None = None) -> nn.Module:
