@@ -494,6 +494,34 @@ def test_decoder_classifier_mixed_prompt_lengths_equal_alone(arch: str) -> None:
         assert abs(float(out.loss) - float(torch.stack(losses).mean())) <= EXACT
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_decoder_classifier_right_padded_rows_pool_their_last_token(arch: str) -> None:
+    """Given ``inputs_embeds`` a decoder classifier pools each row's last slot: the caller's right padding goes
+    first, so a right-padded row (prompted, of another prompt length, or bare in a mixed batch) scores as its
+    unpadded tokens alone, and its per-token hidden states come back at its own positions."""
+    base = _decoder_classifier(arch)
+    model = copy.deepcopy(base)
+    parts = {"p": prompt_parts(model, 2, seed=1), "q": prompt_parts(model, 5, seed=2)}
+    for name, ps in parts.items():
+        attach_parts(model, ps, name, activate=False)
+    inputs = without_labels(tiny_inputs("llama", batch=4, seq=6))
+    real = [6, 3, 4, 1]  # right padding: row i attends its first real[i] tokens
+    for i, n in enumerate(real):
+        inputs["attention_mask"][i, n:] = 0
+    for names in (["p", "q", None, "p"], ["q"] * 4):
+        with torch.no_grad(), deltatune.mixed_batch(model, names):
+            out = model(**inputs, output_hidden_states=True)
+        for i, name in enumerate(names):
+            row = {k: v[i:i + 1, :real[i]] for k, v in inputs.items()}
+            only = copy.deepcopy(base)
+            if name is not None:
+                attach_parts(only, copy.deepcopy(parts[name]), name)
+            with torch.no_grad():
+                alone = only(**row, output_hidden_states=True)
+            assert max_diff(out.logits[i:i + 1], alone.logits) <= EXACT, (arch, names, i)
+            assert max_diff(out.hidden_states[-1][i:i + 1, :real[i]], alone.hidden_states[-1]) <= EXACT
+
+
 def test_mixed_batch_trains_each_prompt_on_its_rows() -> None:
     _, model, parts = _mixed_setup("llama")
     inputs = tiny_inputs("llama", batch=3)

@@ -10,10 +10,11 @@ for a row without one) at the start, and rows are right-padded with masked slots
 so a mixed batch whose rows use prompts of different lengths (or none) gives every row exactly what it gets
 alone: its tokens keep their positions ``n_i + t``, and the trailing pads are masked (bidirectional
 encoders) or after it (causal decoders).  A decoder's sequence classifier (:func:`pools_last_token`: Llama,
-GPT-2, … ``ForSequenceClassification``) pools each row's last slot, so there the pads go first instead, and the
-rows get explicit ``position_ids`` that skip them::
+GPT-2, … ``ForSequenceClassification``) pools each row's last slot, so there the pads go first instead — the
+caller's own right padding too (given ``inputs_embeds`` it no longer finds a row's last real token by its id, and
+would pool a pad) — and the rows get explicit ``position_ids`` that skip them::
 
-    row i:  [ n_max − n_i masked pad slots | P_i | x_i ]
+    row i:  [ the caller's r_i trailing pads | n_max − n_i masked pad slots | P_i | x_i without its r_i pads ]
 
 The attention mask gets ones for virtual slots and zeros for
 pads, ``token_type_ids`` zeros, token-level labels ``−100`` on both (sequence-level labels are untouched),
@@ -88,6 +89,25 @@ def leading_pads(lengths: Tensor, left: bool) -> Tensor | None:
     """Per row, the pads placed before its prompt: ``n_max − n_i`` when ``left`` (every row then ends at the last
     slot), else ``None`` (the pads trail the row)."""
     return lengths.max() - lengths if left and lengths.numel() else None
+
+
+def trailing_pads(mask: Tensor) -> Tensor | None:
+    """Per row of a caller's ``(B, T)`` attention mask, the masked slots after its last attended one (right
+    padding; ``0`` for a row without any attended slot); ``None`` when no row has any."""
+    seq = mask.shape[1]
+    attended = mask != 0
+    last = torch.where(attended, torch.arange(seq, device=mask.device)[None, :], -1).amax(dim=1)
+    count = torch.where(last >= 0, seq - 1 - last, 0)
+    return count if bool(count.any()) else None
+
+
+def rotate_rows(values: Tensor, shift: Tensor) -> Tensor:
+    """``values`` ``(B, S, …)`` with row ``i`` rotated right by ``shift[i]`` slots: slot ``j`` takes slot
+    ``(j − shift_i) mod S``, so a row's last ``shift_i`` slots come first."""
+    size = values.shape[1]
+    idx = (torch.arange(size, device=values.device)[None, :] - shift[:, None].to(values.device)) % size
+    extra = values.dim() - 2
+    return values.gather(1, idx.reshape(*idx.shape, *([1] * extra)).expand(*idx.shape, *values.shape[2:]))
 
 
 def place(values: Tensor, region: Tensor, source: Tensor, virtual: Tensor | float, pad: Tensor | float | None
@@ -329,11 +349,12 @@ class PromptPart(Part):
         lengths = torch.tensor([0 if p is None else p.shape[0] for p in prompts], device=device)[rows]
         width = int(lengths.max())
         total = width + seq
-        lead = leading_pads(lengths, width != int(lengths.min()) and pools_last_token(model))
+        mask = kw.get("attention_mask")
+        shift = trailing_pads(mask) if pools_last_token(model) and mask is not None else None
+        lead = leading_pads(lengths, pools_last_token(model) and (width != int(lengths.min()) or shift is not None))
         region, source = virtual_layout(lengths, seq, lead)
 
         kw["inputs_embeds"] = prompted_embeddings(embeds, prompts, rows, width, lead is not None)
-        mask = kw.get("attention_mask")
         if mask is not None or width != int(lengths.min()) or kw.get("position_ids") is not None:
             if mask is None:
                 mask = torch.ones(batch, seq, dtype=torch.long, device=device)
@@ -357,7 +378,14 @@ class PromptPart(Part):
         keep = kw.get("logits_to_keep") or 0
         if keep:
             kw["logits_to_keep"] = 0  # all logits: the last tokens of a prompted row are not the last slots
-        return (), kw, _Layout(original_positions(lengths, seq, lead), batch, total, int(keep))
+        positions = original_positions(lengths, seq, lead)
+        if shift is not None:  # the caller's trailing pads go first: each row's last token in the last slot
+            for name in ("inputs_embeds", "attention_mask", "token_type_ids", "position_ids", "labels"):
+                value = kw.get(name)
+                if isinstance(value, Tensor) and tuple(value.shape[:2]) == (batch, total):
+                    kw[name] = rotate_rows(value, shift)
+            positions = (positions + shift[:, None]) % total
+        return (), kw, _Layout(positions, batch, total, int(keep))
 
     @classmethod
     def model_post_forward(cls, model: nn.Module, output: Any, state: _Layout) -> Any:
