@@ -501,6 +501,67 @@ def test_deltatune_tied_embed_tokens_to_peft_sets_weight_tying(tied_llama, tmp_p
     assert _maxdiff(ours, theirs) <= TOL
 
 
+@pytest.mark.parametrize("with_model", [True, False])
+def test_tied_embed_tokens_of_its_own_rank_and_scale_exports_them_to_the_tied_lm_head(tied_llama, tmp_path,
+                                                                                       with_model):
+    """PEFT takes the tied ``lm_head``'s r and α from the patterns under ``lm_head``'s own name: an embedding LoRA
+    of another rank or scale than the config's defaults gave ``lm_head`` the default α / r (5.9 logits off)."""
+    inputs = _inputs(tied_llama)
+    for rank, alpha in ((2, 4), (4, 2)):  # another rank at the same scale; another scale at the same rank
+        model = copy.deepcopy(tied_llama)
+        delta = attach(model, LoRAConfig(r=4, alpha=8, targets=["q_proj"]))
+        emb = get_module(model, "model.embed_tokens")
+        d_in, d_out = in_out_features(emb)
+        delta.parts["model.embed_tokens"] = LoRAPart(d_in, d_out, rank, alpha / rank, layer=layer_kind(emb))
+        _randomise(delta, seed=25, std=0.2)
+        fresh = copy.deepcopy(tied_llama)
+        apply_delta(fresh, delta)
+        ours = _logits(fresh, inputs)
+        out = export_peft(delta, tmp_path / f"a{rank}", model=tied_llama if with_model else None)
+        cfg = json.loads((out / "adapter_config.json").read_text())
+        assert cfg["alpha_pattern"]["lm_head"] == alpha
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            peft_model = PeftModel.from_pretrained(copy.deepcopy(tied_llama), str(out))
+            theirs = _logits(peft_model, inputs)
+            peft_model.save_pretrained(str(tmp_path / f"p{rank}"))  # PEFT saves lm_head's factors too
+        tol = TOL * float(ours.abs().max())
+        assert _maxdiff(ours, theirs) <= tol
+        back = copy.deepcopy(tied_llama)  # and PEFT's own save, twin of another rank than r, reads back
+        apply_delta(back, load_peft_adapter(tmp_path / f"p{rank}", model=back))
+        assert _maxdiff(_logits(back, inputs), theirs) <= tol
+
+
+def test_peft_tied_lm_head_twin_of_the_embeddings_rank_reads_back(tied_llama, tmp_path):
+    """PEFT gives the tied ``lm_head`` the embedding's factors (rank 2 here) but scales it by the α and r its own name
+    gets (the defaults, 8 / 4 = the embedding's 4 / 2): a valid adapter, refused before for "rank 4 by field 'r'"."""
+    torch.manual_seed(3)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"], rank_pattern={"embed_tokens": 2},
+                     alpha_pattern={"embed_tokens": 4}, ensure_weight_tying=True, init_lora_weights=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = get_peft_model(copy.deepcopy(tied_llama), cfg).eval()
+        peft_model.save_pretrained(str(tmp_path / "a"))
+    ref = _logits(peft_model, _inputs(tied_llama))
+    fresh = copy.deepcopy(tied_llama)
+    apply_delta(fresh, load_peft_adapter(tmp_path / "a", model=fresh))
+    assert _maxdiff(_logits(fresh, _inputs(tied_llama)), ref) <= TOL * float(ref.abs().max())
+
+
+def test_a_head_whose_name_ends_an_adapted_module_does_not_export(tmp_path):
+    """PEFT wraps every module whose name ends in a ``modules_to_save`` entry: DistilBERT's ``classifier`` head also
+    matches ``pre_classifier``, which the default LoRA adapts, and PEFT then failed to load the adapter."""
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    model = DistilBertForSequenceClassification(DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=1, n_heads=2,
+                                                                 hidden_dim=64, num_labels=2))
+    delta = attach(model, LoRAConfig(r=2, alpha=4))
+    assert "pre_classifier" in delta.parts and "classifier" in delta.heads
+    with pytest.raises(DeltaFormatError, match=r"head 'classifier'.*\['pre_classifier'\]"):
+        export_peft(delta, tmp_path / "adapter", model=model)
+    assert not (tmp_path / "adapter").exists()
+
+
 def test_deltatune_tied_gpt2_wte_does_not_export(gpt2, tmp_path):
     """PEFT cannot tie GPT-2's ``wte`` to ``lm_head`` (its names are not ``embed_tokens``/``lm_head``): it would
     adapt ``wte`` alone (21.5 logit difference), so the export is refused, naming the module."""

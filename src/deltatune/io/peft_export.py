@@ -24,8 +24,8 @@ from deltatune.algebra.task_heads import require_one_task
 from deltatune.delta import Delta
 from deltatune.errors import DeltaFormatError, NonFiniteError
 from deltatune.io.peft_config import PREFIX, finite_number, lazy_peft_function, pattern_value
-from deltatune.io.peft_files import exported_config_base, head_tensors, write_adapter
-from deltatune.io.peft_ties import needs_weight_tying
+from deltatune.io.peft_files import check_head_names, exported_config_base, head_tensors, write_adapter
+from deltatune.io.peft_ties import needs_weight_tying, tied_twins
 from deltatune.parts.dora import DoRAPart
 from deltatune.parts.layers import LayerKind
 from deltatune.parts.lora import LoRAPart
@@ -94,6 +94,12 @@ def export_lora(delta: Delta, path: str | Path, base_model_name_or_path: str | N
         alphas[name] = _json_number(alpha)
     r = max(ranks.values())
     lora_alpha = Counter(alphas[n] for n in sorted(parts) if ranks[n] == r).most_common(1)[0][0]
+    weight_tying = needs_weight_tying(parts, model, f"export to PEFT ({path})")
+    for owner, twin in tied_twins(parts, model) if weight_tying else ():
+        # PEFT builds the tied lm_head from the embedding's factors but takes its r and α from the patterns
+        # under the twin's own name: give it the embedding's, or its scale would be the default α / r
+        ranks.setdefault(twin, ranks[owner])
+        alphas.setdefault(twin, alphas[owner])
     dropouts = {p.dropout_p for p in parts.values()}
     dropout = finite_number(delta.config.get("dropout", max(dropouts)), f"cannot export to {path}: delta config "
                             "field 'dropout'")
@@ -116,7 +122,7 @@ def export_lora(delta: Delta, path: str | Path, base_model_name_or_path: str | N
         "layers_pattern": None,
         "use_dora": dora,
         "lora_bias": False,
-        "ensure_weight_tying": needs_weight_tying(parts, model, f"export to PEFT ({path})"),
+        "ensure_weight_tying": weight_tying,
     }
     tensors: dict[str, Tensor] = {}
     for name, part in parts.items():
@@ -158,6 +164,7 @@ def export_peft(delta: Delta, path: str | Path, base_model_name_or_path: str | N
     require_unstacked(delta, "export to PEFT")  # an adapter holds its own update only, run on the bare base
     require_one_task(delta, f"export to PEFT ({path})", holder="a PEFT adapter")
     needs_weight_tying(delta.parts, model, f"export to PEFT ({path})")  # any kind: refused before writing
+    check_head_names(delta.heads, delta.parts, f"export to PEFT ({path})")
     bad = sorted(f"{n} ({p.kind})" for n, p in delta.parts.items() if p.kind not in PEFT_WRITERS)
     if bad:
         raise DeltaFormatError(f"parts {bad[:5]} have no PEFT writer: LoRA, DoRA, (IA)³ and prompt-tuning deltas "

@@ -21,6 +21,7 @@ values, digests recorded, the folder written atomically).  Errors are typed (:cl
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -231,6 +232,20 @@ def exported_config_base(peft_type: str, base_model_name_or_path: str | None, ta
     recorded revision); ``task_type`` ``None`` means loading it with :class:`peft.PeftModel`."""
     return {"peft_type": peft_type, "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
             "revision": None, "inference_mode": True}
+
+
+def check_head_names(heads: Iterable[str], modules: Iterable[str], where: str) -> None:
+    """:class:`DeltaFormatError` when a head's name ends another adapted module's name (``classifier`` and
+    DistilBERT's ``pre_classifier``): PEFT 0.21 wraps every module whose name *ends with* a ``modules_to_save``
+    entry (no dot boundary), so it would wrap that module too and fail to load the adapter (or save a copy of it)."""
+    names = list(modules)
+    for head in heads:
+        clash = sorted(n for n in names if n != head and n.endswith(head))
+        if clash:
+            raise DeltaFormatError(f"{where}: head {head!r} would be written as modules_to_save, and PEFT would also "
+                                   f"wrap {clash[:3]} (it matches every module name ending in {head!r}), which this "
+                                   "delta adapts: PEFT cannot load that adapter. Train with targets that leave "
+                                   "those modules out to export it")
 
 
 def head_tensors(heads: dict[str, dict[str, Tensor]], prefix: str) -> dict[str, Tensor]:

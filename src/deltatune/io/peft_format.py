@@ -72,7 +72,7 @@ from deltatune.io.peft_files import (
     weights_file,
 )
 from deltatune.io.peft_files import read_values as _read_values  # module-level name: tests swap it out
-from deltatune.io.peft_ties import drop_tied_twins
+from deltatune.io.peft_ties import OUTPUT, drop_tied_twins
 from deltatune.parts.base import Part, base_layer_kind
 from deltatune.parts.dora import DoRAPart
 from deltatune.parts.layers import LayerKind, in_out_features
@@ -239,10 +239,13 @@ def _part_spec(module: str, keys: dict[str, str], embedding: bool, infos: dict[s
     cfg_file = file.parent / CONFIG_NAME
     r_cfg = pattern_value(cfg.rank_pattern, module, cfg.r, f"{cfg_file}: field 'rank_pattern'")
     alpha = pattern_value(cfg.alpha_pattern, module, cfg.alpha, f"{cfg_file}: field 'alpha_pattern'")
-    if r_cfg != rank:
+    # a tied lm_head twin holds the embedding's factors (of the embedding's rank), while PEFT scales it by the
+    # α and r its own name gets (:mod:`deltatune.io.peft_ties`); drop_tied_twins then checks its ΔW
+    twin = bool(cfg.raw.get("ensure_weight_tying", False)) and module.rsplit(".", 1)[-1] == OUTPUT
+    if r_cfg != rank and not twin:
         raise DeltaFormatError(f"{cfg_file}: module {module!r} has rank {short(r_cfg)} by field 'r'/'rank_pattern' "
                                f"but its tensors in {file.name} have rank {rank}")
-    scale = lora_scale(alpha, rank, cfg.rslora)
+    scale = lora_scale(alpha, r_cfg if twin else rank, cfg.rslora)
     if model is not None:
         base = model_module(model, module, file, "LoRA tensors")
         layer = base_layer_kind(base, f"{file}: {module}")

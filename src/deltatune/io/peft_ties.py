@@ -73,6 +73,16 @@ def needs_weight_tying(parts: Mapping[str, Part], model: nn.Module | None, where
     return bool(ties)
 
 
+def tied_twins(parts: Mapping[str, Part], model: nn.Module | None) -> list[tuple[str, str]]:
+    """``(embedding, twin)`` for each LoRA part PEFT's ``ensure_weight_tying`` ties (:func:`peft_ties`): the
+    embedding's ``lm_head`` aliases in ``model``, or, without ``model``, ``lm_head`` (the name PEFT's causal-LM
+    classes give it)."""
+    if model is None:
+        return [(n, OUTPUT) for n, p in parts.items() if peft_ties(p, n, [])]
+    return [(n, twin) for n, aliases in tied_modules(model, list(parts)).items() if peft_ties(parts[n], n, aliases)
+            for twin in aliases]
+
+
 def drop_tied_twins(parts: dict[str, Part], model: nn.Module, weight_tying: bool, file: Path) -> dict[str, Part]:
     """The adapter's parts as deltatune must hold them on ``model``: with ``ensure_weight_tying`` the ``lm_head``
     twin of a tied ``embed_tokens`` LoRA (PEFT saves both; deltatune updates the shared weight once, so keeping
