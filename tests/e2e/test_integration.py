@@ -190,3 +190,41 @@ def test_resuming_a_trainer_run_is_refused_where_the_schedule_holds_state(tmp_pa
     else:
         trainer(2).train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
         assert (tmp_path / "checkpoint-2" / "delta" / "manifest.json").is_file()
+
+
+def test_the_aux_loss_weighs_the_same_under_gradient_accumulation_in_a_trainer(tmp_path) -> None:
+    """A causal LM takes ``num_items_in_batch`` from the Trainer, which then does not divide its loss by the
+    accumulation steps: MixLoRA's load-balancing loss added to each micro-batch weighed ×2 at 2 steps. Now the
+    loss the Trainer backpropagates for two identical rows is the same at batch 2 as at 2 × batch 1."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from deltatune.methods.mixlora import MixLoRAConfig
+
+    ids = torch.randint(0, 64, (8,), generator=torch.Generator().manual_seed(1))
+    rows = [{"input_ids": ids, "labels": ids} for _ in range(2)]
+
+    def collate(features):
+        return {k: torch.stack([f[k] for f in features]) for k in ("input_ids", "labels")}
+
+    losses = {}
+    for accumulation, batch in ((1, 2), (2, 1)):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64))
+        delta = deltatune.attach(model, MixLoRAConfig(num_experts=4, top_k=1, r=2, dropout=0.0, aux_loss_coef=10.0,
+                                                      seed=0))
+        args = TrainingArguments(output_dir=str(tmp_path / f"ga{accumulation}"), per_device_train_batch_size=batch,
+                                 gradient_accumulation_steps=accumulation, max_steps=1, learning_rate=0.0,
+                                 save_strategy="no", report_to=[], use_cpu=True, logging_steps=1,
+                                 remove_unused_columns=False, max_grad_norm=0.0)
+        trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collate,
+                          callbacks=[DeltaTuneCallback(delta, save_to=tmp_path / f"d{accumulation}")],
+                          optimizers=(make_optimizer(model, delta, 0.0), None))
+        assert trainer.model_accepts_loss_kwargs
+        trainer.train()
+        losses[accumulation] = next(h["loss"] for h in trainer.state.log_history if "loss" in h)
+        model.train()
+        with torch.no_grad():
+            lm = float(model(**collate(rows)).loss)
+        assert float(delta.aux_loss()) > 1.0 and losses[accumulation] > lm + 1.0  # the aux loss is in there
+    assert losses[1] == pytest.approx(losses[2], rel=1e-5)

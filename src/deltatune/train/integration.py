@@ -174,16 +174,33 @@ def prepare(model: nn.Module, delta: Delta, lr: float | None = None, total_steps
     return optimizer, schedule_for(model, delta, optimizer, total_steps, grad_accum, config)
 
 
-def add_aux_loss(model: nn.Module, delta: Delta) -> Any:
+def add_aux_loss(model: nn.Module, delta: Delta, window_scale: float = 1.0) -> Any:
     """Make ``model``'s returned loss include the delta's auxiliary losses (a forward hook; returns its handle).
-    For trainers, which call ``model(**inputs).loss`` themselves."""
-    def hook(module: nn.Module, args: Any, output: Any) -> Any:
+    For trainers, which call ``model(**inputs).loss`` themselves.
+
+    A forward given ``num_items_in_batch`` (HF ``Trainer``, for models that take loss kwargs: causal LMs) returns
+    its micro-batch's summed token loss divided by the whole accumulation window's token count, which the Trainer
+    does not divide by the accumulation steps again; there the auxiliary loss is added × ``window_scale``
+    (:class:`DeltaTuneCallback` passes ``1 / (accumulation steps × processes)``), so that over a window it weighs
+    the mean of its micro-batches' auxiliary losses, as in deltatune's loop (``(loss + aux) / accumulation``) and as
+    the Trainer weighs it for models without loss kwargs.  Without ``num_items_in_batch`` it is added as it is."""
+    def hook(module: nn.Module, args: Any, kwargs: dict[str, Any], output: Any) -> Any:
         aux = delta.aux_loss() if module.training else None
         if aux is not None and getattr(output, "loss", None) is not None:
-            output.loss = output.loss + aux.to(output.loss.dtype)
+            scale = window_scale if kwargs.get("num_items_in_batch") is not None else 1.0
+            output.loss = output.loss + (aux * scale).to(output.loss.dtype)
         return output
 
-    return model.register_forward_hook(hook)
+    return model.register_forward_hook(hook, with_kwargs=True)
+
+
+def trainer_window_scale(args: Any) -> float:
+    """``1 / (gradient_accumulation_steps × world size)`` for a ``Trainer``'s ``args``: the Trainer multiplies a
+    loss normalised by ``num_items_in_batch`` by the number of processes when it averages tokens across devices
+    (``average_tokens_across_devices``), and DDP then averages the processes' gradients.  (An epoch's last window
+    may hold fewer micro-batches; its auxiliary loss then weighs that fraction less.)"""
+    processes = int(getattr(args, "world_size", 1) or 1) if getattr(args, "average_tokens_across_devices", False) else 1
+    return 1.0 / (max(1, int(args.gradient_accumulation_steps)) * processes)
 
 
 def _callback_base() -> type:
@@ -214,7 +231,7 @@ class DeltaTuneCallback(_callback_base()):  # type: ignore[misc]
                               "that a Trainer checkpoint does not carry, so the run would continue as another one; "
                               "train it with `deltatune train` (its --resume is exact) or start afresh")
         if self.delta.has_aux_loss and self._aux is None:
-            self._aux = add_aux_loss(model, self.delta)
+            self._aux = add_aux_loss(model, self.delta, trainer_window_scale(args))
 
     def on_step_begin(self, args, state, control, **kwargs):
         for hook in self.schedule.hooks:
