@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from deltatune.errors import ConfigError, DeltaTuneError
-from deltatune.parts.base import Part, route_rows
+from deltatune.parts.base import Part, per_row_outputs, route_rows
 from deltatune.parts.layers import LayerKind, layer_kind
 from deltatune.routing import Routing, current_routing, row_index, running_on
 
@@ -265,10 +265,18 @@ class DeltaLayer(PartHolder):
             if run is None or not bool(rows.any()):
                 continue
             with running_on(rows):
-                y = first(run(call.x))
-            mask = rows.reshape(*ids.shape, *([1] * (first(out).dim() - ids.dim())))
-            out = replace_first(out, torch.where(mask, y.to(first(out).dtype), first(out)))
+                y = run(call.x)
+            out = _blend_rows(out, y, rows, ids)
         return out
+
+
+def _blend_rows(out: Any, y: Any, rows: Tensor, ids: Tensor) -> Any:
+    """``out`` with ``y``'s values on ``rows`` (a mask of ``ids``' shape), in every per-row tensor of the output
+    (:func:`~deltatune.parts.base.per_row_outputs`: all of a router's tuple, whose choices the delta changes too)."""
+    items, news = (list(out), list(y)) if isinstance(out, tuple) else ([out], [first(y)])
+    blended = [torch.where(rows.reshape(*ids.shape, *([1] * (o.dim() - ids.dim()))), n.to(o.dtype), o) if r else o
+               for o, n, r in zip(items, news, per_row_outputs(out, ids), strict=False)]
+    return tuple(blended) if isinstance(out, tuple) else blended[0]
 
 
 Onto = Callable[[Tensor, Any, nn.Module, list, Tensor, dict], Any]
@@ -307,7 +315,9 @@ class _Plan:
         if ids is None:
             ids = self.ids[x.device] = routing.ids.to(x.device)
         if tuple(x.shape[: ids.dim()]) != tuple(ids.shape):
-            return routing.ids_for(x)  # raises the routing's own error
+            return routing.ids_for(x)  # flattened inputs (a mixture-of-experts block), or the routing's own error
+        if ids.dim() == 1 and x.dim() >= 3:
+            routing.tokens = int(x.shape[1])  # what a flattened input later in this forward is made of
         return ids
 
 

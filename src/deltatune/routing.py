@@ -34,6 +34,10 @@ class Routing:
     cache: dict[Any, Any] = field(default_factory=dict)
     #: Each wrapped layer's parts under this routing, worked out on its first call (see ``DeltaLayer._routed``).
     plans: dict[int, Any] = field(default_factory=dict)
+    #: The token count ``T`` of the last ``(batch, T, …)`` input a routed layer saw (:meth:`ids_for`): a layer fed
+    #: the same activations flattened to ``(batch·T, …)`` (a mixture-of-experts block's router and experts) gets
+    #: each row's id repeated ``T`` times.
+    tokens: int | None = None
 
     @classmethod
     def per_row(cls, row_names: Sequence[str | None]) -> Routing:
@@ -63,12 +67,21 @@ class Routing:
         return [self.names[i] for i in self.ids.tolist()]
 
     def ids_for(self, x: Tensor) -> Tensor:
-        """The ids on ``x``'s device, checked against ``x``'s leading dimensions."""
+        """The ids on ``x``'s device, checked against ``x``'s leading dimensions: ``(batch, …)`` (per row) or
+        ``(batch, seq, …)`` (per token), or the same activations flattened row-major to ``(batch·T, …)`` (``T``:
+        :attr:`tokens`; ``view(-1, d)`` keeps each row's tokens together), where each row's id repeats ``T`` times
+        (per token: the ids flattened alike).  A count of inputs that is neither is a :class:`ConfigError`."""
         ids = self.ids.to(x.device)
-        if tuple(x.shape[: ids.dim()]) != tuple(ids.shape):
-            raise ConfigError(f"routing has ids of shape {tuple(ids.shape)} but a layer got input of shape "
-                              f"{tuple(x.shape)}; the batch does not match the routing")
-        return ids
+        if tuple(x.shape[: ids.dim()]) == tuple(ids.shape):
+            if ids.dim() == 1 and x.dim() >= 3:
+                self.tokens = int(x.shape[1])
+            return ids
+        if x.dim() == 2 and ids.dim() == 2 and x.shape[0] == ids.numel():
+            return ids.reshape(-1)
+        if x.dim() == 2 and ids.dim() == 1 and self.tokens is not None and x.shape[0] == ids.shape[0] * self.tokens:
+            return ids.repeat_interleave(self.tokens)
+        raise ConfigError(f"routing has ids of shape {tuple(ids.shape)} but a layer got input of shape "
+                          f"{tuple(x.shape)}; the batch does not match the routing")
 
 
 def row_index(row_ids: Tensor, n: int, cache: dict[Any, Any] | None = None) -> list[Tensor | None]:

@@ -346,3 +346,34 @@ def test_model_code_that_reads_a_wrapped_modules_weight_still_runs() -> None:
               "labels": torch.randint(1, 64, (2, 5), generator=g)}
     with torch.no_grad():
         assert (model(**inputs).logits - merged(**inputs).logits).abs().max().item() <= 1e-5
+
+
+def _tiny_mixtral():
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    return MixtralForCausalLM(MixtralConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                            num_local_experts=4, num_experts_per_tok=2)).eval()
+
+
+def test_a_mixture_of_experts_block_routes_its_flattened_tokens_and_its_routers_choices() -> None:
+    """Mixtral's sparse block flattens ``(batch, T, d)`` to ``(batch·T, d)`` before its router and experts: per-row
+    routing refused every row of a full fine-tune there (even served alone); and the router's tuple (logits,
+    weights, chosen experts) must come from each row's own delta. Every row of a mixed batch equals it alone."""
+    full = randomize_delta(_tiny_mixtral(), deltatune.make_config("full", {}), seed=1, std=0.05)
+    lora = randomize_delta(_tiny_mixtral(), deltatune.make_config("lora", {}), seed=2, std=0.05)
+    model = _tiny_mixtral()
+    attach_parts(model, copy.deepcopy(full.parts), "full", activate=False)
+    attach_parts(model, copy.deepcopy(lora.parts), "lora", activate=False)
+    ids = torch.randint(0, 128, (4, 5), generator=torch.Generator().manual_seed(3))
+    names = ["full", "lora", None, "full"]
+    with torch.no_grad(), deltatune.mixed_batch(model, names):
+        mixed = model(input_ids=ids).logits
+    for i, (name, delta) in enumerate(zip(names, [full, lora, None, full], strict=True)):
+        alone = _tiny_mixtral()
+        if delta is not None:
+            deltatune.apply_delta(alone, delta)
+        with torch.no_grad():
+            want = alone(input_ids=ids[i:i + 1]).logits
+        assert torch.allclose(mixed[i:i + 1], want, atol=1e-5), (i, name)

@@ -334,20 +334,34 @@ class _Kept(dict):
         return _Kept, ()
 
 
-def route_rows(x: Tensor, out: Tensor, ids: Tensor, runs: Sequence[Any]) -> Tensor:
+def per_row_outputs(out: Any, ids: Tensor) -> list[bool]:
+    """For each element of a module's output (a tensor, or a tuple: a router's logits, weights and choices), whether
+    it is a tensor with one entry per routed row or token (leading dims ``ids.shape``): those are routed."""
+    items = out if isinstance(out, tuple) else (out,)
+    return [isinstance(o, Tensor) and tuple(o.shape[: ids.dim()]) == tuple(ids.shape) for o in items]
+
+
+def route_rows(x: Tensor, out: Any, ids: Tensor, runs: Sequence[Any]) -> Any:
     """``out`` with the rows (``ids`` of shape ``(batch,)``) or tokens (``(batch, seq)``) of id ``k`` replaced by
-    ``runs[k](x on those rows)`` (``None``: keep ``out``).  Rows are gathered along the flattened leading dims."""
+    ``runs[k](x on those rows)`` (``None``: keep ``out``).  Rows are gathered along the flattened leading dims; of a
+    tuple output, every per-row tensor (:func:`per_row_outputs`) is routed."""
     lead = ids.dim()
     flat_ids = ids.reshape(-1)
     xs = x.reshape(-1, *x.shape[lead:])
-    flat = out.reshape(-1, *out.shape[lead:])
+    items = list(out) if isinstance(out, tuple) else [out]
+    routed = per_row_outputs(out, ids)
+    flats = [o.reshape(-1, *o.shape[lead:]) if r else o for o, r in zip(items, routed, strict=True)]
     for pid, run in enumerate(runs):
         if run is None:
             continue
         rows = (flat_ids == pid).nonzero(as_tuple=True)[0]
         if rows.numel():
-            flat = flat.index_copy(0, rows, run(xs.index_select(0, rows)).to(flat.dtype))
-    return flat.reshape(out.shape)
+            ys = run(xs.index_select(0, rows))
+            ys = list(ys) if isinstance(ys, tuple) else [ys]
+            flats = [f.index_copy(0, rows, y.to(f.dtype)) if r else f
+                     for f, y, r in zip(flats, ys, routed, strict=True)]
+    back = [f.reshape(o.shape) if r else f for f, o, r in zip(flats, items, routed, strict=True)]
+    return tuple(back) if isinstance(out, tuple) else back[0]
 
 
 def writable(tensor: Tensor) -> Tensor:
