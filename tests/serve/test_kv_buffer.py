@@ -53,7 +53,7 @@ def test_appending_reallocates_logarithmically_often_and_keeps_the_history():
 
 def test_selecting_rows_and_cropping_keep_appending_correctly():
     k = torch.randn(4, 2, 6, 8, generator=torch.Generator().manual_seed(2))
-    cache = growing_cache([(k, k + 1)], config=None)
+    cache = growing_cache([(k, k + 1)], config=None, columns=6)
     layer = cache.layers[0]
     assert isinstance(layer, GrowingLayer)
     layer.batch_select_indices(torch.tensor([3, 1]))

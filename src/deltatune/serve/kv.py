@@ -26,6 +26,23 @@ def _layers(cache: DynamicCache) -> list[tuple[Tensor, Tensor]]:
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
+def _columns(cache: DynamicCache) -> int:
+    """How many positions (columns, padding included) ``cache`` covers: a full-attention layer's key count.  A
+    sliding-window layer keeps only its last ``window - 1`` columns, so its key count is not the width; with no
+    full layer (every layer sliding, as Mistral), the sliding layers' own count of positions seen
+    (``cumulative_length``, which :func:`~deltatune.serve.kv_buffer.growing_cache` keeps across rebuilds)."""
+    layers = [layer for layer in cache.layers if getattr(layer, "is_initialized", False)]
+    full = [layer for layer in layers if not getattr(layer, "is_sliding", False)]
+    return (full or layers)[0].get_seq_length() if layers else 0
+
+
+def _tail(t: Tensor, columns: int) -> Tensor:
+    """The last ``min(kept, columns)`` columns of a layer's ``t`` (``kept`` of them): a cache cut to its last
+    ``columns`` columns.  A full layer (``kept`` = the width) drops its first ``width − columns``; a sliding layer
+    drops only what falls outside ``columns`` (its kept columns are the last ones already)."""
+    return t[..., max(0, t.shape[-2] - columns):, :]
+
+
 def _left_pad(t: Tensor, width: int) -> Tensor:
     if width == 0:
         return t
@@ -34,7 +51,12 @@ def _left_pad(t: Tensor, width: int) -> Tensor:
 
 
 class BatchKV:
-    """Left-padded KV cache of the decode batch, with each row's real length."""
+    """Left-padded KV cache of the decode batch, with each row's real length.
+
+    The cache covers :attr:`width` columns; row ``i``'s ``lengths[i]`` real positions are the last ones.  A full
+    layer holds all ``width`` columns, a sliding-window layer only the last ``min(width, window − 1)``: joining
+    left-pads each layer of both sides to the larger kept count of the two (the columns a shorter side lacks are
+    padding for all its rows), and leaving keeps each layer's last ``min(kept, new width)`` columns."""
 
     def __init__(self, config) -> None:
         self.config = config
@@ -47,31 +69,33 @@ class BatchKV:
 
     @property
     def width(self) -> int:
-        return 0 if self.cache is None else self.cache.get_seq_length()
+        """Columns of the batch cache, padding included (:func:`_columns`)."""
+        return 0 if self.cache is None else _columns(self.cache)
 
     def add(self, new: DynamicCache, lengths: list[int], rows: list[int] | None = None) -> None:
         """Append prefilled rows: ``new`` is a left-padded cache whose row ``i`` holds ``lengths[i]`` real positions
         (``rows``: only those rows of it, in that order)."""
+        incoming = _columns(new)
         if rows is not None:
             index = torch.tensor(rows, dtype=torch.long, device=new.layers[0].keys.device)
             lengths = [lengths[i] for i in rows]
-            cut = new.get_seq_length() - max(lengths)
-            data = [(k.index_select(0, index)[..., cut:, :], v.index_select(0, index)[..., cut:, :])
+            incoming = max(lengths, default=0)
+            data = [(_tail(k.index_select(0, index), incoming), _tail(v.index_select(0, index), incoming))
                     for k, v in _layers(new)]
         else:
             data = _layers(new)
         if not lengths:
             return
-        incoming = data[0][0].shape[-2]
         if self.cache is None:
-            self.cache, self.lengths = growing_cache(data, self.config), list(lengths)
+            self.cache, self.lengths = growing_cache(data, self.config, incoming), list(lengths)
             return
         width = max(self.width, incoming)
-        old = _layers(self.cache)
-        merged = [(torch.cat([_left_pad(ok, width - self.width), _left_pad(nk, width - incoming)]),
-                   torch.cat([_left_pad(ov, width - self.width), _left_pad(nv, width - incoming)]))
-                  for (ok, ov), (nk, nv) in zip(old, data, strict=True)]
-        self.cache = growing_cache(merged, self.config)
+        merged = []
+        for (ok, ov), (nk, nv) in zip(_layers(self.cache), data, strict=True):
+            kept = max(ok.shape[-2], nk.shape[-2])
+            merged.append((torch.cat([_left_pad(ok, kept - ok.shape[-2]), _left_pad(nk, kept - nk.shape[-2])]),
+                           torch.cat([_left_pad(ov, kept - ov.shape[-2]), _left_pad(nv, kept - nv.shape[-2])])))
+        self.cache = growing_cache(merged, self.config, width)
         self.lengths += list(lengths)
 
     def keep(self, rows: list[int]) -> None:
@@ -81,11 +105,11 @@ class BatchKV:
             return
         assert self.cache is not None
         lengths = [self.lengths[i] for i in rows]
-        cut = self.width - max(lengths)
+        width = max(lengths)
         index = torch.tensor(rows, dtype=torch.long, device=self.cache.layers[0].keys.device)
-        data = [(k.index_select(0, index)[..., cut:, :], v.index_select(0, index)[..., cut:, :])
+        data = [(_tail(k.index_select(0, index), width), _tail(v.index_select(0, index), width))
                 for k, v in _layers(self.cache)]
-        self.cache, self.lengths = growing_cache(data, self.config), lengths
+        self.cache, self.lengths = growing_cache(data, self.config, width), lengths
 
     def step_inputs(self) -> tuple[Tensor, Tensor]:
         """``(attention_mask (rows, width + 1), position_ids (rows, 1))`` for the next decode step."""
@@ -109,9 +133,11 @@ def context_length(config: Any) -> int | None:
 
 def one_row_if_sliding(model: nn.Module, config: Any) -> Any:
     """``config`` (an :class:`~deltatune.serve.engine.EngineConfig`) with ``max_batch = 1`` when the model's cache has
-    sliding-window layers (Mistral with ``sliding_window``, Gemma 2/3, Qwen2 with ``use_sliding_window``): the batch
-    cache cuts and pads every layer by the full layers' column count, which would drop a sliding layer's history when
-    a longer row leaves the batch.  One row at a time is exact (with a warning naming why)."""
+    sliding-window layers (Mistral with ``sliding_window``, Gemma 2/3, Qwen2 with ``use_sliding_window``), with a
+    warning.  The batch cache once cut and padded every layer by the full layers' column count, which dropped a
+    sliding layer's history when a longer row left the batch; :class:`BatchKV` now cuts and pads each layer by its
+    own kept columns (batched Gemma 2, Mistral and Qwen2 match transformers' ``generate`` in
+    ``tests/serve/test_sliding_cache.py``), so this restriction is a precaution that may be lifted."""
     if config.max_batch == 1:
         return config
     layers = getattr(DynamicCache(config=model.config), "layers", [])

@@ -79,10 +79,16 @@ class GrowingLayer(DynamicLayer):
         self._adopt()
 
 
-def growing_cache(data: list[tuple[Tensor, Tensor]], config) -> DynamicCache:
-    """A ``DynamicCache`` holding ``data`` (per layer ``(keys, values)``, ``(batch, heads, length, head_dim)``) whose
-    plain full-attention layers append in place (:class:`GrowingLayer`); sliding-window and other special layers
-    stay as transformers builds them."""
+def growing_cache(data: list[tuple[Tensor, Tensor]], config, columns: int) -> DynamicCache:
+    """A ``DynamicCache`` holding ``data`` (per layer ``(keys, values)``, ``(batch, heads, kept, head_dim)``) that
+    covers ``columns`` positions, whose plain full-attention layers append in place (:class:`GrowingLayer`);
+    sliding-window and other special layers stay as transformers builds them.
+
+    A full layer keeps every column (``kept = columns``); a sliding-window layer keeps only the last
+    ``kept = min(columns, window - 1)`` of them, and its mask and ``get_seq_length`` read its own count of the
+    positions seen, ``cumulative_length``.  Replaying ``kept`` columns into a fresh layer would restart that count
+    at ``kept``; it is set to ``columns`` instead (``cumulative_length = columns - kept`` before the replay, which
+    adds ``kept``), so the rebuilt cache masks and positions the next steps as the original did."""
     cache = DynamicCache(config=config)
     layers = cache.layers
     for i, (keys, values) in enumerate(data):
@@ -90,5 +96,7 @@ def growing_cache(data: list[tuple[Tensor, Tensor]], config) -> DynamicCache:
             layers.append(GrowingLayer())
         elif type(layers[i]) is DynamicLayer:
             layers[i] = GrowingLayer()
+        if hasattr(layers[i], "cumulative_length"):
+            layers[i].cumulative_length = columns - keys.shape[-2]
         layers[i].update(keys, values)
     return cache
