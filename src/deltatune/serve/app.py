@@ -192,15 +192,16 @@ def _chat_text(state: ServerState, messages: list[dict[str, str]]) -> str:
         raise BadRequest(f"messages: the chat template refused them: {exc}", "messages") from None
 
 
-def _params(state: ServerState, body: Any, max_tokens: int | None,
-            logprobs: int | None) -> tuple[SamplingParams, bool]:
+def _params(state: ServerState, body: Any, max_tokens: int | None, logprobs: int | None,
+            field: str = "max_tokens") -> tuple[SamplingParams, bool]:
     """The request's sampling parameters, and whether ``max_tokens`` is the server's default — a ceiling the engine
-    lowers to what the context leaves (:attr:`GenerateRequest.fit_context`) — rather than the client's demand."""
+    lowers to what the context leaves (:attr:`GenerateRequest.fit_context`) — rather than the client's demand
+    (``field``: the body's name for it, which an over-limit 400 names)."""
     wanted = max_tokens
     if wanted is None:
         wanted = min(state.limits.default_max_tokens, state.limits.max_tokens)
     if isinstance(wanted, int) and wanted > state.limits.max_tokens:
-        raise BadRequest(f"max_tokens is {wanted}; the limit is {state.limits.max_tokens}", "max_tokens")
+        raise BadRequest(f"{field} is {wanted}; the limit is {state.limits.max_tokens}", field)
     try:
         return SamplingParams(max_tokens=wanted, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
                               seed=body.seed, stop=body.stop_strings(), logprobs=logprobs,
@@ -345,7 +346,8 @@ def _routes(app: FastAPI, state: ServerState) -> None:
         text = _chat_text(state, [{"role": m.role, "content": m.text()} for m in body.messages])
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         ids = _encode(state, text, special=False)
-        params, fit = _params(state, body, body.max_completion_tokens or body.max_tokens, logprobs)
+        field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        params, fit = _params(state, body, getattr(body, field), logprobs, field)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         run = await _Run(state, ids, params, delta, fit).submit()
         if not body.stream:

@@ -2,7 +2,8 @@
 
 Fields the OpenAI API defines keep its names and defaults (``temperature`` defaults to 1, as there); ``top_k`` is
 an extension, as in vLLM.  Unknown fields are ignored, as OpenAI-compatible servers do, so that newer clients
-keep working; every known field is typed and bounded.
+keep working; every known field is typed and bounded.  Numbers are strict: a JSON ``true`` is not the integer 1
+(nor the float 1.0), as pydantic's lax mode would read it, and a string is not a number.
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ from deltatune.serve.sampling import MAX_LOGPROBS
 MAX_ITEMS = 64
 #: stop strings per request (OpenAI allows 4; each is matched against every generated token on the engine's thread)
 MAX_STOPS = 16
+#: characters per stop string: at every new token each stop string is looked for in the text and as a start still
+#: forming at its end (:func:`~deltatune.serve.sampling.safe_prefix`), a cost that grows with its length and that
+#: every other row of the batch waits for (16 strings of 60k characters slowed them twentyfold)
+MAX_STOP_CHARS = 1024
 
 
 class _Body(BaseModel):
@@ -29,14 +34,14 @@ class StreamOptions(_Body):
 
 class _Sampling(_Body):
     model: str = Field(min_length=1, max_length=256)
-    temperature: float = Field(default=1.0, ge=0.0, le=100.0, allow_inf_nan=False)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
-    top_k: int = Field(default=0, ge=0)
-    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)  # what torch.Generator.manual_seed takes
+    temperature: float = Field(default=1.0, ge=0.0, le=100.0, allow_inf_nan=False, strict=True)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False, strict=True)
+    top_k: int = Field(default=0, ge=0, strict=True)
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64, strict=True)  # what torch.Generator.manual_seed takes
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(default=1, ge=1, le=1)
+    n: int = Field(default=1, ge=1, le=1, strict=True)
     ignore_eos: bool = False
 
     @property
@@ -50,16 +55,22 @@ class _Sampling(_Body):
     @field_validator("stop")
     @classmethod
     def _few_stops(cls, value: str | list[str] | None) -> str | list[str] | None:
-        """At most :data:`MAX_STOPS` stop strings (every one is checked against every new token of the row)."""
+        """At most :data:`MAX_STOPS` stop strings of at most :data:`MAX_STOP_CHARS` characters each (every one is
+        checked against every new token of the row)."""
         if isinstance(value, list) and len(value) > MAX_STOPS:
             raise ValueError(f"at most {MAX_STOPS} stop strings, got {len(value)}")
+        items = [value] if isinstance(value, str) else value or []
+        for i, item in enumerate(items):
+            if len(item) > MAX_STOP_CHARS:
+                which = "the stop string" if isinstance(value, str) else f"stop string {i}"
+                raise ValueError(f"{which} has {len(item)} characters; the limit is {MAX_STOP_CHARS}")
         return value
 
 
 class CompletionBody(_Sampling):
     prompt: str | list[str] = Field(min_length=1)
-    max_tokens: int | None = Field(default=16)
-    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    max_tokens: int | None = Field(default=16, ge=1, strict=True)
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS, strict=True)
     echo: Literal[False] = False
 
     def prompts(self) -> list[str]:
@@ -78,10 +89,11 @@ class Message(_Body):
 
 class ChatBody(_Sampling):
     messages: list[Message] = Field(min_length=1, max_length=1024)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_tokens: int | None = Field(default=None, ge=1, strict=True)
+    # OpenAI's newer name for max_tokens; given, it wins over max_tokens
+    max_completion_tokens: int | None = Field(default=None, ge=1, strict=True)
     logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS, strict=True)
 
 
 class EmbeddingBody(_Body):
@@ -94,7 +106,7 @@ class EmbeddingBody(_Body):
 
 
 class ClassificationBody(EmbeddingBody):
-    top_k: int | None = Field(default=None, ge=1)
+    top_k: int | None = Field(default=None, ge=1, strict=True)
 
 
 class LoadBody(_Body):

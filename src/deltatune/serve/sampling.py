@@ -122,12 +122,27 @@ def stop_cut(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
 
 def safe_prefix(text: str, stop: tuple[str, ...]) -> str:
     """The part of ``text`` that can be sent now: not a possible start of a stop string still forming, and not an
-    unfinished multi-byte character (decoded as U+FFFD)."""
-    hold = 0
+    unfinished multi-byte character (decoded as U+FFFD).
+
+    Held back: ``hold = max over s in stop of max{k : 1 ≤ k ≤ len(s) − 1, text ends with s[:k]}`` (0 if none).
+    Only the last ``len(s) − 1`` characters can begin such a suffix, and only where they equal ``s[0]``: those
+    candidate starts are found with ``str.find`` and tried longest first, the first that matches ends the search for
+    ``s``, and a candidate no longer than the ``hold`` found so far is never tried.  A token costs one scan of
+    ``len(s) − 1`` characters per stop string plus one comparison per candidate start (ordinary text: a few), instead
+    of building and comparing every prefix ``s[:k]`` (``O(len(s)²)`` always).  Text where ``s[0]`` recurs at every
+    character and most of ``s`` matches (``"aaa…"`` against ``"aa…ab…"``) still costs up to ``O(len(s)²)``; the
+    HTTP API bounds a stop string's length (:data:`deltatune.serve.protocol.MAX_STOP_CHARS`)."""
+    n, hold = len(text), 0
     for s in stop:
-        for k in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:k]):
-                hold = max(hold, k)
+        if len(s) < 2:
+            continue
+        first, j = s[0], n - min(len(s) - 1, n)  # the leftmost start of a proper prefix of s that fits
+        while n - j > hold:
+            j = text.find(first, j)
+            if j < 0 or n - j <= hold:
                 break
-    out = text[:len(text) - hold]
-    return out.rstrip("\ufffd")
+            if s.startswith(text[j:]):
+                hold = n - j
+                break
+            j += 1
+    return text[:n - hold].rstrip("\ufffd")
