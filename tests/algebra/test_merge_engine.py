@@ -371,3 +371,38 @@ def test_a_delta_fingerprinted_before_probes_merges_with_a_new_one_of_the_same_b
     other = random_delta(deltatune.LoRAConfig(r=2, targets=["q_proj"]), seed=3, model_seed=1)
     with pytest.raises(deltatune.errors.FingerprintMismatch):
         merge([new, other], "task_arithmetic")
+
+
+def test_a_trimming_merge_sees_a_tied_tensors_two_names_as_one_task_vector(tmp_path) -> None:
+    """GPT-2's ``lm_head`` *is* ``wte``: a delta with parts on both updates that tensor by their sum, which TIES must
+    trim and vote on as one task vector — as it does for the fine-tuned checkpoints (one stored tensor); it trimmed
+    the two names apart. The ties come from the base (``base=``, or the base folder a delta records)."""
+    from conftest import randomize_delta, tiny_gpt2, tiny_inputs
+    from transformers import GPT2LMHeadModel
+
+    base = tmp_path / "base"
+    tiny_gpt2().save_pretrained(base)
+    deltas = [randomize_delta(tiny_gpt2(), deltatune.LoRAConfig(r=2, alpha=4, targets=targets), seed, 0.3)
+              for seed, targets in ((1, ["wte", "lm_head", "c_attn"]), (2, ["wte", "c_attn"]))]
+    assert {"transformer.wte", "lm_head"} <= set(deltas[0].parts)
+    tuned = []
+    for i, d in enumerate(deltas):  # the same deltas as fine-tuned checkpoints
+        model = tiny_gpt2()
+        deltatune.merge_delta(model, d, force=True)
+        model.save_pretrained(tmp_path / f"ft{i}")
+        tuned.append(tmp_path / f"ft{i}")
+    options = {"params": {"density": 0.5}, "preset": "mergekit", "seed": 0}
+    want_dir = merge(tuned, "ties", base=base, output="checkpoint", out=tmp_path / "want", **options)
+    inputs = tiny_inputs("gpt2")
+    with torch.no_grad():
+        want = GPT2LMHeadModel.from_pretrained(want_dir)(**inputs).logits
+    for d in deltas:
+        d.provenance.base = str(base)
+    for given in ({"base": base}, {}):
+        merged = merge(deltas, "ties", force=True, **given, **options)
+        assert "lm_head" not in merged.parts  # one task vector, under the tensor's own name
+        model = tiny_gpt2()
+        deltatune.apply_delta(model, merged, force=True)
+        with torch.no_grad():
+            got = model(**inputs).logits
+        assert torch.allclose(got, want, atol=1e-4), float((got - want).abs().max())

@@ -115,6 +115,26 @@ def tied_weights(path: Path) -> dict[str, str]:
     return dict(model.get_expanded_tied_weights_keys(all_submodels=True)) if model is not None else {}
 
 
+def fold_tied_keys(sources: Sequence[DeltaInput], base: CheckpointReader | None) -> None:
+    """Key each input's updates of a tied tensor by its owner's name (:meth:`DeltaInput.fold_ties`), the ties read
+    from the base's model class (:func:`tied_weights`): ``base``, else the first base folder an input's provenance
+    names that is here.  Without either the ties are unknown and every name stays its own key."""
+    recorded = [Path(b) for s in sources if isinstance(b := s.delta.provenance.base, str)]
+    path = base.path if base is not None else next((p for p in recorded if (p / "config.json").is_file()), None)
+    ties = tied_weights(Path(path)) if path is not None else {}
+    if not ties:
+        return
+
+    def owner_of(key: str) -> str | None:
+        for tied, source in ties.items():
+            if key == tied or key.endswith(f".{tied}"):
+                return key[: len(key) - len(tied)] + source
+        return None
+
+    for s in sources:
+        s.fold_ties(owner_of)
+
+
 class BaseLookup:
     """``key → θ₀`` (fp32: a new tensor, or with a ``workspace`` a view of its ``"base"`` buffer), mapping a delta's
     module path onto the checkpoint's key names (a model prefix the checkpoint lacks is dropped).
@@ -289,6 +309,7 @@ def run_merge(recipe: MergeSpec) -> Delta | Path:
     if not checkpoint_inputs:
         check_stacked_inputs([s.delta for s in sources], [s.label for s in sources], method, spec.needs_base,
                              resolved, per_input)
+        fold_tied_keys(sources, base_reader)
     heads_out = None if checkpoint_inputs else merged_heads(sources, per_input, heads)
     fingerprint = None if heads_out is None else _check_same_base(sources, fingerprint_heads(heads_out, sources), force)
     shapes = plan_keys(sources)

@@ -48,13 +48,13 @@ class DeltaInput:
     def __init__(self, delta: Delta, label: str) -> None:
         require_capability(delta, "additive", f"merge ({label})")
         self.delta, self.label = delta, label
-        self._keys: dict[str, tuple[str, str]] = {}
+        self._keys: dict[str, list[tuple[str, str]]] = {}  # key → the (module, parameter) updates summed into it
         self._stored: dict[str, frozenset[int]] = {}  # per module: storages its part owns (see tau)
         for module, part in delta.parts.items():
             if part.is_alias:
                 continue
             for p in part.touched_parameters():
-                self._keys[f"{module}.{p}"] = (module, p)
+                self._keys[f"{module}.{p}"] = [(module, p)]
             self._stored[module] = frozenset(t.untyped_storage().data_ptr()
                                              for t in (*part.parameters(), *part.buffers()))
         self.keys_set = set(self._keys)
@@ -66,11 +66,22 @@ class DeltaInput:
     def names(self) -> list[str]:
         return list(self._keys)
 
+    def fold_ties(self, owner_of: Callable[[str], str | None]) -> None:
+        """Key every update of a tied tensor by its owner's name (``owner_of(key)``: the name of the tensor ``key``
+        is, e.g. a tied ``lm_head.weight`` → ``model.embed_tokens.weight``; ``None``: not tied): a delta with parts
+        on both names updates that one tensor by their sum, which a trimming or voting merge must see as one task
+        vector, not as two it trims apart."""
+        for key in list(self._keys):
+            owner = owner_of(key)
+            if owner is not None and owner != key:
+                self._keys.setdefault(owner, []).extend(self._keys.pop(key))
+        self.keys_set = set(self._keys)
+
 
     def shape(self, key: str) -> tuple[int, ...]:
         """The native shape of ``τ`` for ``key``, from the part's metadata (never densified: planning a merge
         of many LoRA inputs once computed every ``B·A`` just for its shape)."""
-        module, p = self._keys[key]
+        module, p = self._keys[key][0]
         return self.delta.parts[module].update_shapes()[p]
 
     @property
@@ -82,17 +93,21 @@ class DeltaInput:
         """``τ`` for ``key`` in fp32, contiguous and owned by the caller (kernels work in place on flat views): a copy
         only when the part returned its own storage (a dense part's tensor) or a transposed view (a Conv1D or
         Embedding LoRA's ``(B·A)ᵀ``); a Linear LoRA's fresh ``B·A`` is not copied again.  A
-        base-dependent part computes its update from the base tensors ``base_of("<module>.<p>")``."""
-        module, p = self._keys[key]
-        part = self.delta.parts[module]
-        base = BaseTensors(module, base_of) if part.base_dependent and base_of is not None else None
-        with torch.no_grad():
-            value = part.update(p, base).detach().float()
-        if not value.is_contiguous():  # a Conv1D/Embedding LoRA's transposed B·A: the kernels work on flat views
-            value = value.contiguous()
-        elif value.untyped_storage().data_ptr() in self._stored[module]:
-            value = value.clone()
-        return _finite(value, f"{self.label}:{key}")
+        base-dependent part computes its update from the base tensors ``base_of("<module>.<p>")``.  A key that
+        names a tied tensor (:meth:`fold_ties`) is the sum of its names' updates."""
+        total: Tensor | None = None
+        for module, p in self._keys[key]:
+            part = self.delta.parts[module]
+            base = BaseTensors(module, base_of) if part.base_dependent and base_of is not None else None
+            with torch.no_grad():
+                value = part.update(p, base).detach().float()
+            if not value.is_contiguous():  # a Conv1D/Embedding LoRA's transposed B·A: the kernels work on flat views
+                value = value.contiguous()
+            elif value.untyped_storage().data_ptr() in self._stored[module]:
+                value = value.clone()
+            total = value if total is None else total.add_(value)
+        assert total is not None
+        return _finite(total, f"{self.label}:{key}")
 
 
 class BaseTensors:
