@@ -87,7 +87,8 @@ def compress_command(
     guard_output(out_dir, DELTA_KIND if method == "lowrank" else COMPACT_KIND, overwrite)  # before the work
     d = as_delta(delta, verify=verify)
     base = None
-    if method == "lowrank" and any(p.factors() is None and p.layer_kind() is None for p in d.parts.values()):
+    if method == "lowrank" and any(p.base_dependent or (p.factors() is None and p.layer_kind() is None)
+                                   for p in d.parts.values()):  # DoRA's, (IA)³'s, SSF's ΔW reads the base
         base = load_base_for(d, model)
     if needs_calibration(method, options):  # no lossy default: alpha / q chosen on eval data (or refused)
         compressed = calibrated_compress(d, method, data=data, model=model, limit=calibration_rows, **options)
