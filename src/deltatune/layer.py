@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from deltatune.errors import ConfigError, DeltaTuneError
-from deltatune.parts.base import Part, per_row_outputs, route_rows
+from deltatune.parts.base import Part, blend_rows, route_rows
 from deltatune.parts.layers import LayerKind, layer_kind
 from deltatune.routing import Routing, current_routing, row_index, running_on
 
@@ -266,17 +266,8 @@ class DeltaLayer(PartHolder):
                 continue
             with running_on(rows):
                 y = run(call.x)
-            out = _blend_rows(out, y, rows, ids)
+            out = blend_rows(out, y, rows, ids)
         return out
-
-
-def _blend_rows(out: Any, y: Any, rows: Tensor, ids: Tensor) -> Any:
-    """``out`` with ``y``'s values on ``rows`` (a mask of ``ids``' shape), in every per-row tensor of the output
-    (:func:`~deltatune.parts.base.per_row_outputs`: all of a router's tuple, whose choices the delta changes too)."""
-    items, news = (list(out), list(y)) if isinstance(out, tuple) else ([out], [first(y)])
-    blended = [torch.where(rows.reshape(*ids.shape, *([1] * (o.dim() - ids.dim()))), n.to(o.dtype), o) if r else o
-               for o, n, r in zip(items, news, per_row_outputs(out, ids), strict=False)]
-    return tuple(blended) if isinstance(out, tuple) else blended[0]
 
 
 Onto = Callable[[Tensor, Any, nn.Module, list, Tensor, dict], Any]

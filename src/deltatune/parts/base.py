@@ -341,6 +341,16 @@ def per_row_outputs(out: Any, ids: Tensor) -> list[bool]:
     return [isinstance(o, Tensor) and tuple(o.shape[: ids.dim()]) == tuple(ids.shape) for o in items]
 
 
+def blend_rows(out: Any, y: Any, rows: Tensor, ids: Tensor) -> Any:
+    """``out`` with ``y``'s values on ``rows`` (a mask of ``ids``' shape), in every per-row tensor of the output
+    (:func:`per_row_outputs`: all of a router's tuple, whose choices the delta changes too)."""
+    items = list(out) if isinstance(out, tuple) else [out]
+    news = list(y) if isinstance(out, tuple) else [y[0] if isinstance(y, tuple) else y]
+    blended = [torch.where(rows.reshape(*ids.shape, *([1] * (o.dim() - ids.dim()))), n.to(o.dtype), o) if r else o
+               for o, n, r in zip(items, news, per_row_outputs(out, ids), strict=False)]
+    return tuple(blended) if isinstance(out, tuple) else blended[0]
+
+
 def route_rows(x: Tensor, out: Any, ids: Tensor, runs: Sequence[Any]) -> Any:
     """``out`` with the rows (``ids`` of shape ``(batch,)``) or tokens (``(batch, seq)``) of id ``k`` replaced by
     ``runs[k](x on those rows)`` (``None``: keep ``out``).  Rows are gathered along the flattened leading dims; of a
