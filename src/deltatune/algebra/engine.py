@@ -115,6 +115,12 @@ def tied_weights(path: Path) -> dict[str, str]:
     return dict(model.get_expanded_tied_weights_keys(all_submodels=True)) if model is not None else {}
 
 
+def tied_match(ties: Mapping[str, str], key: str) -> tuple[str, str] | None:
+    """``(tied name, source name)`` of the entry of ``ties`` (:func:`tied_weights`) that ``key`` names, itself or
+    under a leading model prefix; ``None`` when ``key`` is not tied."""
+    return next(((tied, source) for tied, source in ties.items() if key == tied or key.endswith(f".{tied}")), None)
+
+
 def fold_tied_keys(sources: Sequence[DeltaInput], base: CheckpointReader | None) -> None:
     """Key each input's updates of a tied tensor by its owner's name (:meth:`DeltaInput.fold_ties`), the ties read
     from the base's model class (:func:`tied_weights`): ``base``, else the first base folder an input's provenance
@@ -125,11 +131,9 @@ def fold_tied_keys(sources: Sequence[DeltaInput], base: CheckpointReader | None)
     if not ties:
         return
 
-    def owner_of(key: str) -> str | None:
-        for tied, source in ties.items():
-            if key == tied or key.endswith(f".{tied}"):
-                return key[: len(key) - len(tied)] + source
-        return None
+    def owner_of(key: str) -> str | None:  # the source's name under the key's own prefix
+        match = tied_match(ties, key)
+        return None if match is None else key[: len(key) - len(match[0])] + match[1]
 
     for s in sources:
         s.fold_ties(owner_of)
@@ -161,8 +165,8 @@ class BaseLookup:
         assert self.base is not None
         if self._tied is None:
             self._tied = tied_weights(self.base.path)
-        source = next((src for name, src in self._tied.items() if key == name or key.endswith(f".{name}")), None)
-        return self._direct(source) if source is not None else None
+        match = tied_match(self._tied, key)
+        return self._direct(match[1]) if match is not None else None
 
     def stored_name(self, key: str) -> str | None:
         """The checkpoint tensor holding ``θ₀`` of ``key`` (its tied twin's for a tied name); ``None`` for an added
