@@ -349,9 +349,9 @@ class PromptPart(Part):
         lengths = torch.tensor([0 if p is None else p.shape[0] for p in prompts], device=device)[rows]
         width = int(lengths.max())
         total = width + seq
-        mask = kw.get("attention_mask")
-        shift = trailing_pads(mask) if pools_last_token(model) and mask is not None else None
-        lead = leading_pads(lengths, pools_last_token(model) and (width != int(lengths.min()) or shift is not None))
+        mask, last_slot = kw.get("attention_mask"), pools_last_token(model)
+        shift = trailing_pads(mask) if last_slot and mask is not None else None
+        lead = leading_pads(lengths, last_slot and (width != int(lengths.min()) or shift is not None))
         region, source = virtual_layout(lengths, seq, lead)
 
         kw["inputs_embeds"] = prompted_embeddings(embeds, prompts, rows, width, lead is not None)
