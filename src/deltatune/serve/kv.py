@@ -43,6 +43,12 @@ def _tail(t: Tensor, columns: int) -> Tensor:
     return t[..., max(0, t.shape[-2] - columns):, :]
 
 
+def _rows_tail(cache: DynamicCache, rows: Tensor, columns: int) -> list[tuple[Tensor, Tensor]]:
+    """Per layer, the ``(keys, values)`` of ``rows`` cut to their last ``columns`` columns (:func:`_tail`)."""
+    return [(_tail(k.index_select(0, rows), columns), _tail(v.index_select(0, rows), columns))
+            for k, v in _layers(cache)]
+
+
 def _left_pad(t: Tensor, width: int) -> Tensor:
     if width == 0:
         return t
@@ -80,8 +86,7 @@ class BatchKV:
             index = torch.tensor(rows, dtype=torch.long, device=new.layers[0].keys.device)
             lengths = [lengths[i] for i in rows]
             incoming = max(lengths, default=0)
-            data = [(_tail(k.index_select(0, index), incoming), _tail(v.index_select(0, index), incoming))
-                    for k, v in _layers(new)]
+            data = _rows_tail(new, index, incoming)
         else:
             data = _layers(new)
         if not lengths:
@@ -107,8 +112,7 @@ class BatchKV:
         lengths = [self.lengths[i] for i in rows]
         width = max(lengths)
         index = torch.tensor(rows, dtype=torch.long, device=self.cache.layers[0].keys.device)
-        data = [(_tail(k.index_select(0, index), width), _tail(v.index_select(0, index), width))
-                for k, v in _layers(self.cache)]
+        data = _rows_tail(self.cache, index, width)
         self.cache, self.lengths = growing_cache(data, self.config, width), lengths
 
     def step_inputs(self) -> tuple[Tensor, Tensor]:
