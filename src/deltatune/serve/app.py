@@ -21,7 +21,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -241,12 +241,32 @@ class _Run:
                 self.state.engine.cancel(self.req.request_id)
 
     async def collect(self) -> Output:
+        """The run's events folded into one output; a run that ended in one of :data:`FAILED_ENDINGS` raises its
+        error (:class:`EngineFailure`, 500; :class:`EngineStopped`, 503)."""
         total = Output(self.req.request_id)
         async for out in self.events():
             total.extend(out)
-        if total.finish_reason == "error":
-            raise EngineFailure(f"generation failed: {total.error}")
+        status = FAILED_ENDINGS.get(total.finish_reason or "")
+        if status is not None:
+            raise (EngineFailure if status == 500 else EngineStopped)(f"generation {total.finish_reason}: "
+                                                                      f"{total.error or 'no reason given'}")
         return total
+
+
+#: The engine's endings that are failures, not one of OpenAI's finish reasons, and the HTTP status a client gets in
+#: their place: ``error`` (a model step or the row's sampling failed: 500) and ``cancelled`` (a run cancelled while
+#: someone still reads it: the engine stopped, 503).
+FAILED_ENDINGS = {"error": 500, "cancelled": 503}
+
+
+def stream_ending(out: Output) -> tuple[Output, dict[str, Any] | None]:
+    """A streamed event as the client sees it: unchanged, or for a :data:`FAILED_ENDINGS` ending the event with no
+    finish reason (its text and tokens still sent) and the error event that follows it in OpenAI's error shape."""
+    status = FAILED_ENDINGS.get(out.finish_reason or "")
+    if status is None:
+        return out, None
+    return replace(out, finish_reason=None), error_body(f"generation {out.finish_reason}: "
+                                                        f"{out.error or 'no reason given'}", status)
 
 
 async def _submit_all(state: ServerState, encoded: list[list[int]], params: SamplingParams, delta: str | None,
@@ -258,8 +278,7 @@ async def _submit_all(state: ServerState, encoded: list[list[int]], params: Samp
         for ids in encoded:
             runs.append(await _Run(state, ids, params, delta, fit).submit())
     except BaseException:
-        for run in runs:
-            state.engine.cancel(run.req.request_id)
+        _cancel(runs)
         raise
     return runs
 
@@ -271,18 +290,26 @@ DISCONNECT_POLL_S = 0.25
 async def _collect_while_connected(request: Request, runs: list[_Run]) -> list[Output]:
     """Every run's merged output; the runs are cancelled (their batch slots freed at the next step) as soon as the
     client goes away: the server does not cancel a non-streaming handler on a disconnect, and the runs would
-    otherwise decode to the end for nobody.  A client gone gets 499 (nobody reads it)."""
+    otherwise decode to the end for nobody.  A client gone gets 499 (nobody reads it).  When one run fails, the
+    request fails with its error (:meth:`_Run.collect`) and the other runs are cancelled the same way."""
     collected = asyncio.ensure_future(asyncio.gather(*(r.collect() for r in runs)))
     while not collected.done():
         await asyncio.wait({collected}, timeout=DISCONNECT_POLL_S)
         if not collected.done() and await request.is_disconnected():
             collected.cancel()
-            for run in runs:
-                run.state.engine.cancel(run.req.request_id)
+            _cancel(runs)
             await asyncio.wait({collected})  # the runs' cancellation is taken, not logged as never retrieved
             _ = collected.cancelled() or collected.exception()
             raise BadRequest("the client disconnected", status=499)
+    if collected.exception() is not None:
+        _cancel(runs)  # gather raises the first failure and leaves the others running
     return list(collected.result())
+
+
+def _cancel(runs: list[_Run]) -> None:
+    """Ask the engine to drop ``runs`` (a run already finished is not affected)."""
+    for run in runs:
+        run.state.engine.cancel(run.req.request_id)
 
 
 def _sse(data: Any) -> str:
@@ -327,12 +354,13 @@ def _routes(app: FastAPI, state: ServerState) -> None:
 
         async def chunks() -> AsyncIterator[str]:
             offset, last = 0, None
-            async for out in runs[0].events():
+            async for event in runs[0].events():
+                out, failure = stream_ending(event)
                 yield _sse(R.completion_chunk(rid, body.model, 0, out, body.logprobs is not None, offset))
                 offset += sum(len(t.token) for t in out.logprobs)
                 last = out
-                if out.finish_reason == "error":
-                    yield _sse(error_body(out.error or "generation failed", 500))
+                if failure is not None:
+                    yield _sse(failure)
             if body.stream_usage and last is not None:
                 yield _sse(R.usage_chunk(rid, body.model, "text_completion", last))
             yield "data: [DONE]\n\n"
@@ -356,12 +384,13 @@ def _routes(app: FastAPI, state: ServerState) -> None:
         async def chunks() -> AsyncIterator[str]:
             yield _sse(R.chat_chunk(rid, body.model, {"role": "assistant", "content": ""}, None))
             last = None
-            async for out in run.events():
+            async for event in run.events():
+                out, failure = stream_ending(event)
                 yield _sse(R.chat_chunk(rid, body.model, {"content": out.text} if out.text else {}, out.finish_reason,
                                         out.logprobs if body.logprobs else None))
                 last = out
-                if out.finish_reason == "error":
-                    yield _sse(error_body(out.error or "generation failed", 500))
+                if failure is not None:
+                    yield _sse(failure)
             if body.stream_usage and last is not None:
                 yield _sse(R.usage_chunk(rid, body.model, "chat.completion.chunk", last))
             yield "data: [DONE]\n\n"
