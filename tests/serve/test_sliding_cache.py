@@ -5,8 +5,6 @@ cache keeps each sliding layer's count of positions seen, and the batch width is
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 import torch
 from serve_tests_common import Tok
@@ -21,7 +19,7 @@ from transformers import (
 
 from deltatune.serve import DeltaStore, Engine, EngineConfig, GenerateRequest, SamplingParams
 
-pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore:.*sliding-window")]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 COMMON = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=64)
@@ -56,13 +54,15 @@ def test_prompts_longer_than_the_window_generate_as_hf(name, chunk):
     assert [g.token_ids for g in got] == _hf(model, PROMPTS, COUNTS)
 
 
-@pytest.mark.parametrize("name", ["gemma2", "mistral", "qwen2"])
-def test_the_batch_cache_joins_and_cuts_sliding_layers_exactly(name):
-    # the engine runs such models one row at a time (kv.one_row_if_sliding); the batch cache itself is exact with
-    # rows of different lengths joining and leaving: each sliding layer keeps its last min(kept, width) columns
-    model = _model(name)
-    engine = Engine(model, Tok(), DeltaStore(model, "base"), EngineConfig(max_batch=4, prefill_chunk=5), eos=set())
-    engine.config = replace(engine.config, max_batch=4)
+@pytest.mark.parametrize("name,window", [("gemma2", 4), ("gemma2", 6), ("mistral", 6), ("qwen2", 4)])
+@pytest.mark.parametrize("max_batch", [2, 3])
+def test_rows_join_and_leave_a_running_batch_of_sliding_layers_exactly(name, window, max_batch):
+    # more prompts than batch slots: rows of different lengths join while others decode and leave; each sliding
+    # layer keeps its last min(kept, width) columns through every rebuild
+    model = _model(name, window)
+    engine = Engine(model, Tok(), DeltaStore(model, "base"), EngineConfig(max_batch=max_batch, prefill_chunk=5),
+                    eos=set())
+    assert engine.config.max_batch == max_batch  # batched, not one row at a time
     got = engine.generate(PROMPTS, [None] * 4, [SamplingParams(max_tokens=n) for n in COUNTS])
     assert [g.token_ids for g in got] == _hf(model, PROMPTS, COUNTS)
 

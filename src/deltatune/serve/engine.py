@@ -54,7 +54,7 @@ from deltatune.routing import Routing, routed
 from deltatune.serve.encode import encode_group, encoder_positions, row_routing
 from deltatune.serve.errors import BadRequest, EngineStopped
 from deltatune.serve.hot import HotMerge
-from deltatune.serve.kv import BatchKV, context_length, one_row_if_sliding
+from deltatune.serve.kv import BatchKV, context_length
 from deltatune.serve.outputs import eos_ids, token_output
 from deltatune.serve.requests import EncodeRequest, EncodeResult, GenerateRequest, Output
 from deltatune.serve.sampling import SamplingParams, choose, make_generator
@@ -123,7 +123,7 @@ class Engine:
     def __init__(self, model: nn.Module, tokenizer: Any, store: DeltaStore, config: EngineConfig | None = None,
                  eos: set[int] | None = None) -> None:
         self.model, self.tokenizer, self.store = model.eval(), tokenizer, store
-        self.config = one_row_if_sliding(model, config or EngineConfig())
+        self.config = config or EngineConfig()
         self.eos = eos_ids(model, tokenizer) if eos is None else set(eos)
         self.lock = store.lock  # held while the model runs: deltas attach and detach between steps
         self.classifier = type(model).__name__.endswith("ForSequenceClassification")

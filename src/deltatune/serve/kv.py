@@ -10,12 +10,10 @@ leave (their rows are dropped and the columns that became padding for every row 
 
 from __future__ import annotations
 
-import warnings
-from dataclasses import replace
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from transformers import DynamicCache
 
 from deltatune.parts.prompt import config_context
@@ -133,22 +131,3 @@ def context_length(config: Any) -> int | None:
     (:func:`deltatune.parts.prompt.config_context`; ``None``: it records none)."""
     found = config_context(config)
     return found[0] if found is not None else None
-
-
-def one_row_if_sliding(model: nn.Module, config: Any) -> Any:
-    """``config`` (an :class:`~deltatune.serve.engine.EngineConfig`) with ``max_batch = 1`` when the model's cache has
-    sliding-window layers (Mistral with ``sliding_window``, Gemma 2/3, Qwen2 with ``use_sliding_window``), with a
-    warning.  The batch cache once cut and padded every layer by the full layers' column count, which dropped a
-    sliding layer's history when a longer row left the batch; :class:`BatchKV` now cuts and pads each layer by its
-    own kept columns (batched Gemma 2, Mistral and Qwen2 match transformers' ``generate`` in
-    ``tests/serve/test_sliding_cache.py``), so this restriction is a precaution that may be lifted."""
-    if config.max_batch == 1:
-        return config
-    layers = getattr(DynamicCache(config=model.config), "layers", [])
-    context = context_length(model.config) or 0
-    windows = [getattr(layer, "sliding_window", None) for layer in layers if "Sliding" in type(layer).__name__]
-    if not windows or (context and all(isinstance(w, int) and w >= context for w in windows)):
-        return config  # no sliding layer, or windows as long as the context: they never drop history
-    warnings.warn(f"{type(model).__name__} has sliding-window attention layers: generation runs one request at a "
-                  "time (max_batch 1), since the batched cache cannot yet cut those layers exactly", stacklevel=3)
-    return replace(config, max_batch=1)
