@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -184,15 +184,18 @@ def freeze_base(model: nn.Module, trainable_heads: Iterable[str] = (), parts: It
 HALF_PRECISION = (torch.float16, torch.bfloat16)
 
 
-def in_trainable_precision(parts: Iterable[Part]) -> None:
-    """Cast the fp16/bf16 floating tensors of freshly created ``parts`` to fp32, in place (PEFT's
-    ``autocast_adapter_dtype=True``, its default): AdamW on a bf16 value loses every update below its rounding step,
-    while the base may stay in half precision (each part's forward casts its update to the base's dtype).  A part
-    over a half-precision base then does not train in place (:meth:`~deltatune.parts.base.Part.bind` refuses a
-    dtype mismatch): it keeps its own, finely resolved ``Δθ``."""
-    for part in parts:
+def in_trainable_precision(model: nn.Module, parts: Mapping[str, Part]) -> None:
+    """Cast the fp16/bf16 floating tensors of freshly created ``parts`` (module name → part) to fp32, in place
+    (PEFT's ``autocast_adapter_dtype=True``, its default): AdamW on a bf16 value loses every update below its rounding
+    step, while the base may stay in half precision (each part's forward casts its update to the base's dtype).  A
+    cast part derives its base-dependent values again in fp32 (:meth:`~deltatune.parts.base.Part.init_from_base`:
+    DoRA's magnitude, which rounded to bf16 would scale every output channel by up to 1 ± 2⁻⁸ from the start).  A
+    part over a half-precision base then does not train in place (:meth:`~deltatune.parts.base.Part.bind` refuses
+    a dtype mismatch): it keeps its own, finely resolved ``Δθ``."""
+    for name, part in parts.items():
         if any(t.dtype in HALF_PRECISION for t in (*part.parameters(), *part.buffers())):
             part.float()
+            part.init_from_base(get_module(model, name))
 
 
 def attach(model: nn.Module, config, heads: Sequence[str] | None = None, name: str = DEFAULT,
@@ -213,7 +216,7 @@ def attach(model: nn.Module, config, heads: Sequence[str] | None = None, name: s
     fp = fingerprint(model, exclude=heads)
     parts = method.create_parts(model, config, exclude=heads)
     if autocast_dtype:
-        in_trainable_precision(parts.values())
+        in_trainable_precision(model, parts)
     attach_parts(model, parts, name)
     freeze_base(model, heads, parts.values())
     delta = Delta(method=config.method, config=method.config_dict(config), parts=parts, fingerprint=fp)

@@ -78,7 +78,7 @@ def _part(module: nn.Module, seed: int = 1, dropout: float = 0.0) -> DoRAPart:
     kind = layer_kind(module)
     d_in, d_out = in_out_features(module)
     part = DoRAPart(d_in, d_out, 3, 0.7, layer=kind, dropout=dropout)
-    part.init_magnitude(module)
+    part.init_from_base(module)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         part.lora_A.copy_(torch.randn(part.lora_A.shape, generator=g) * 0.5)
@@ -174,7 +174,7 @@ def test_dropout_rescales_the_dropped_out_base_term():
 def test_pure_update_is_exactly_zero_at_initialisation():
     module = _module(LayerKind.LINEAR)
     part = DoRAPart(6, 5, 2, 2.0)
-    part.init_magnitude(module)
+    part.init_from_base(module)
     assert torch.equal(part.magnitude.detach(), module.weight.detach().norm(dim=1))
     assert torch.equal(dora_update(module.weight, part.lora_A, part.lora_B, 2.0, part.magnitude),
                        torch.zeros(5, 6))

@@ -101,7 +101,7 @@ def test_dora_rows_join_the_lora_pass_on_a_biased_layer(seq, kind):
     layer_kind = LayerKind.LINEAR if kind == "linear" else LayerKind.CONV1D
     parts = {"a": LoRAPart(16, 12, 2, 2.0, layer=layer_kind), "b": LoRAPart(16, 12, 5, 0.5, layer=layer_kind),
              "d": DoRAPart(16, 12, 3, 1.5, layer=layer_kind)}
-    parts["d"].init_magnitude(lin)
+    parts["d"].init_from_base(lin)
     layer = DeltaLayer(lin)
     with torch.no_grad():
         for name, part in parts.items():

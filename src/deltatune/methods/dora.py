@@ -70,6 +70,6 @@ class DoRA(Method):
             part = DoRAPart(d_in, d_out, config.r, config.scale, layer=layer_kind(module), dropout=config.dropout,
                             init=config.init, dtype=ref.dtype if ref.dtype.is_floating_point else None,
                             device=ref.device)
-            part.init_magnitude(module)
+            part.init_from_base(module)
             parts[name] = part
         return parts

@@ -277,7 +277,7 @@ class LisaSampler(TrainHook):
             for b in new:
                 parts.update(dense_parts(self.model, self.plan.blocks[b], self._seen))
             if self.in_fp32:
-                in_trainable_precision(parts.values())
+                in_trainable_precision(self.model, parts)
             attach_parts(self.model, parts, self.name)
             self.delta.parts.update(parts)
             self.in_place.bind(parts)

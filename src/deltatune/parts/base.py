@@ -92,6 +92,12 @@ class Part(nn.Module):
         this part's weight update: ``base`` computing with ``W + ΔW``."""
         return forward_with_delta(base, kind, x, self.update("weight", base))
 
+    def init_from_base(self, base: nn.Module) -> None:
+        """Set the values a fresh part derives from its ``base`` module (none here; DoRA's magnitude ``‖W‖_c``).
+        Called when the part is created and again after a fresh part's precision changed
+        (:func:`~deltatune.model.in_trainable_precision`), so they are computed in the precision the part trains
+        in, not rounded to the base's first."""
+
     def aux_loss(self) -> Tensor | None:
         """The auxiliary loss of the last training forward, already weighted by its coefficient (kinds with
         ``has_aux_loss``; e.g. a mixture's load-balancing loss), or ``None``.  The training loop adds it."""

@@ -88,7 +88,7 @@ def column_scale(part: DoRAPart, weight_out_in: Tensor) -> Tensor:
 
 class DoRAPart(LowRankFactors):
     """Trainable ``A`` (kaiming-uniform or gaussian), ``B`` (zeros) and magnitude ``m`` (``‖W‖_c`` from the base,
-    :meth:`init_magnitude`); embeddings use ``A = 0, B ~ N(0, 1)`` as in PEFT."""
+    :meth:`init_from_base`); embeddings use ``A = 0, B ~ N(0, 1)`` as in PEFT."""
 
     kind, label = "dora", "DoRA"
     additive, base_dependent, mixed_rows, has_aux_loss = True, True, True, False
@@ -122,7 +122,7 @@ class DoRAPart(LowRankFactors):
         super().__setstate__(state)
         self._merged_norms = weakref.WeakKeyDictionary()
 
-    def init_magnitude(self, base: nn.Module) -> None:
+    def init_from_base(self, base: nn.Module) -> None:
         """``m ← ‖W + s·B A‖_c`` (PEFT's ``DoraLinearLayer.update_layer``), so that ``W' = W``."""
         with torch.no_grad():
             self.magnitude.copy_(dora_norm(self._weight(base), self.lora_A, self.lora_B, self.scale))
