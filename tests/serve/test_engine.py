@@ -285,28 +285,26 @@ def test_a_request_that_fails_before_queueing_keeps_no_lease_and_long_encoder_in
         encoder.submit_encode(EncodeRequest([5] * (bert.config.max_position_embeddings + 1), task="embed"))
 
 
-def test_sliding_window_models_run_one_row_at_a_time_and_match_each_request_alone():
-    # the batched cache cuts every layer by the full layers' width: a sliding layer would lose its history when a
-    # longer row leaves, so such a model generates one request at a time (exact), with a warning
+def test_sliding_window_models_batch_and_match_each_request_alone():
+    # each sliding layer keeps its own last columns when a longer row leaves the batch (test_sliding_cache.py
+    # compares with transformers' generate), so such a model batches without a warning
+    import warnings
+
     from transformers import MistralConfig, MistralForCausalLM
 
     torch.manual_seed(0)
     model = MistralForCausalLM(MistralConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                              num_attention_heads=4, num_key_value_heads=2, sliding_window=6,
                                              max_position_embeddings=64)).eval()
-    with pytest.warns(UserWarning, match="sliding-window"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         engine = Engine(model, Tok(), DeltaStore(model, "base"), EngineConfig(max_batch=8), eos=set())
-    assert engine.config.max_batch == 1
+    assert engine.config.max_batch == 8
     long, short = list(range(10, 30)), [5, 9, 17]
     params = [SamplingParams(max_tokens=2), SamplingParams(max_tokens=12)]
     both = engine.generate([long, short], [None, None], params)
     alone = engine.generate([short], [None], params[1])[0]
     assert both[1].token_ids == alone.token_ids
-    long_window = MistralForCausalLM(MistralConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
-                                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                                   sliding_window=64, max_position_embeddings=64)).eval()
-    kept = Engine(long_window, Tok(), DeltaStore(long_window, "base"), EngineConfig(max_batch=8), eos=set())
-    assert kept.config.max_batch == 8  # a window as long as the context never drops history: batching is exact
 
 
 def test_reloading_an_evicted_delta_reads_it_without_holding_the_model_lock(deltas, monkeypatch):
