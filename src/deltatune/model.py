@@ -17,10 +17,10 @@ import torch
 from torch import nn
 
 from deltatune.delta import Delta
-from deltatune.errors import DeltaFormatError, ShapeMismatch, TargetError
+from deltatune.errors import DeltaFormatError, NotMergeable, ShapeMismatch, TargetError
 from deltatune.fingerprint import check_fingerprint, fingerprint
 from deltatune.layer import TIED_SUFFIX, DeltaLayer, ModelParts
-from deltatune.parts.base import MODEL_LEVEL, Part
+from deltatune.parts.base import MODEL_LEVEL, Part, write_in_place
 from deltatune.parts.capabilities import require_capability
 from deltatune.parts.head import RoutedHead
 from deltatune.parts.tied import TiedAlias
@@ -349,12 +349,59 @@ def merge_delta(model: nn.Module, delta: Delta, where: str = "delta", force: boo
         part.check_base(get_module(model, module_name), f"{where}:{module_name}")
     if heads:
         load_heads(model, delta, where)
-    for module_name, part in delta.parts.items():
-        part.merge_into(get_module(model, module_name))
+    for group in _weight_groups(model, delta.parts):
+        if _reads_shared_weight(group):
+            _merge_on_one_base(model, group)
+        else:
+            for module_name, part in group:
+                part.merge_into(get_module(model, module_name))
+
+
+def _weight_groups(model: nn.Module, parts: dict[str, Part]) -> list[list[tuple[str, Part]]]:
+    """The parts grouped by the weight tensor their module holds (modules with tied weights share one; a part on
+    a module without a weight is alone), in the parts' order."""
+    groups: dict[int, list[tuple[str, Part]]] = {}
+    for name, part in parts.items():
+        weight = getattr(get_module(model, name), "weight", None)
+        groups.setdefault(id(weight) if isinstance(weight, torch.Tensor) else id(part), []).append((name, part))
+    return list(groups.values())
+
+
+def _reads_shared_weight(group: list[tuple[str, Part]]) -> bool:
+    """Whether several parts update one (tied) weight and some part's update reads it (DoRA, (IA)³): merged one after
+    another, each would read the weight the previous one rewrote, while the unmerged forward computes every
+    update from the base weight (:func:`~deltatune.layer.sum_updates`)."""
+    return len(group) > 1 and any(part.base_dependent for _, part in group)
+
+
+def _merge_on_one_base(model: nn.Module, group: list[tuple[str, Part]]) -> None:
+    """``θ ← θ + Σ_p Δθ_p`` with every ``Δθ_p`` computed from the unmerged base first (as the forward computes
+    them), summed in fp32 and rounded once."""
+    pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(tensor) → (tensor, Σ Δθ in fp32)
+    for name, part in group:
+        module = get_module(model, name)
+        for tensor_name, update in part.updates(module).items():
+            tensor = getattr(module, tensor_name, None)
+            if not isinstance(tensor, torch.Tensor):
+                raise NotMergeable(f"{name}: a {part.kind} part updates {tensor_name!r}, which the module does not "
+                                   "have", kind=part.kind)
+            _, total = pending.get(id(tensor), (tensor, 0))
+            pending[id(tensor)] = (tensor, total + update.to(device=tensor.device, dtype=torch.float32))
+    with torch.no_grad():
+        for tensor, total in pending.values():
+            write_in_place(tensor, tensor.detach().float() + total)
 
 
 def revert_delta(model: nn.Module, delta: Delta) -> None:
-    """``W ← W − ΔW``: undo :func:`merge_delta` (apply stacks in reverse order to restore the base)."""
+    """``W ← W − ΔW``: undo :func:`merge_delta` (apply stacks in reverse order to restore the base).  Parts that
+    update one tied weight and read it (:func:`_reads_shared_weight`) cannot be undone from the merged weight alone:
+    :class:`~deltatune.errors.NotMergeable` before anything is written (reload the base instead)."""
+    for group in _weight_groups(model, delta.parts):
+        if _reads_shared_weight(group):
+            names = [name for name, _ in group]
+            raise NotMergeable(f"parts on {names} update one tied weight and read it ({group[0][1].kind}): the merged "
+                               "weight does not determine their updates, so the merge cannot be undone; reload the "
+                               "base model", kind=group[0][1].kind)
     for module_name, part in reversed(list(delta.parts.items())):
         part.unmerge_from(get_module(model, module_name))
 

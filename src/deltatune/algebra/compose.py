@@ -193,22 +193,28 @@ class DeltaStack:
         """Bytes held to make :meth:`revert` exact."""
         return sum(e.snapshot.nbytes for e in self._entries)
 
-    def _before_stack(self, tensor: Tensor) -> Tensor:
-        """The value ``tensor`` had before this stack wrote into it (its snapshots undone, latest first)."""
+    def _before(self, tensor: Tensor, current: _Snapshot, on_top: bool) -> Tensor:
+        """The value ``tensor`` had before the delta being pushed wrote into it (``current``, its snapshot, undone)
+        and, unless ``on_top``, before this stack wrote into it (every snapshot undone, latest first)."""
         value = tensor.detach().clone()
-        for entry in reversed(self._entries):
+        current.restore_into(tensor, value)
+        for entry in () if on_top else reversed(self._entries):
             entry.snapshot.restore_into(tensor, value)
         return value
 
-    def _merge_part(self, part: Part, module: nn.Module) -> None:
+    def _merge_part(self, part: Part, module: nn.Module, current: _Snapshot, on_top: bool) -> None:
         """``θ ← θ + Δθ``.  A base-dependent part's ``Δθ`` is computed from the module's tensors as they were
-        before the stack (as attach mode computes it), not from what earlier merged deltas made of them."""
+        before the stack (as attach mode computes it), not from what earlier merged deltas made of them; ``on_top``,
+        as they were before this delta (a delta trained on the merged ones beneath it).  Either way never from what
+        the delta's own earlier parts wrote: parts on modules that share one tied weight each read it unchanged, as
+        the forward does (``current``: this delta's snapshot)."""
         if not part.base_dependent:
             part.merge_into(module)
             return
         own = dict(module.named_parameters(recurse=False))
         with self._added_tensors_hidden():  # a tensor the stack created (BitFit's bias on Llama) was not there before
-            before = SimpleNamespace(**{n: self._before_stack(p) for n, p in module.named_parameters(recurse=False)})
+            before = SimpleNamespace(**{n: self._before(p, current, on_top)
+                                        for n, p in module.named_parameters(recurse=False)})
         with torch.no_grad():
             for name, delta in part.updates(before).items():
                 p = own[name]
@@ -246,11 +252,7 @@ class DeltaStack:
             if mode == "merge":
                 _snapshot_parts(self.model, delta.parts, snap)
                 for module_name, part in delta.parts.items():
-                    module = get_module(self.model, module_name)
-                    if on_top:
-                        part.merge_into(module)
-                    else:
-                        self._merge_part(part, module)
+                    self._merge_part(part, get_module(self.model, module_name), snap, on_top)
             else:
                 name = self._fresh_name()
                 attach_parts(self.model, delta.parts, name)
