@@ -163,7 +163,7 @@ def test_sites_shapes_and_unchanged_output_at_attach(arch: str) -> None:
 
 
 def test_unknown_architecture_and_missing_link_are_refused() -> None:
-    model = TINY_MODELS["llama"]()
+    model = TINY_MODELS["gpt2"]()  # an ungated MLP under a model_type the table lacks
     model.config.model_type = "t5"
     with pytest.raises(TargetError, match="no FFN layout for model_type 't5'"):
         deltatune.attach(model, small())
@@ -545,3 +545,31 @@ def test_the_load_balance_of_a_routed_mixture_nesting_another_delta_counts_its_o
         alone(**{k: v[:1] for k, v in inputs.items()})
     assert mixed == pytest.approx([v for p in mix.parts.values() if p.has_aux_loss
                                    for v in (float(p._stats[2]), float(p.aux_loss()))], rel=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gemma", "qwen3"])
+def test_models_with_llamas_gated_ffn_take_its_site(family: str, tmp_path) -> None:
+    # no table entry: the feed-forward blocks' gate/up/down/act children say where the experts go
+    import transformers
+
+    def build():
+        torch.manual_seed(0)
+        common = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+        return (transformers.GemmaForCausalLM(transformers.GemmaConfig(**common)) if family == "gemma" else
+                transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**common))).eval()
+
+    inputs = tiny_inputs("llama")
+    before = logits(build(), inputs)
+    model = build()
+    delta = deltatune.attach(model, small())
+    assert len(mixtures(delta)) == 2 and max_diff(logits(model, inputs), before) <= 1e-6  # the base at init
+    delta = randomize_delta(build(), small(), seed=3, std=0.3)
+    loaded = deltatune.load_delta(delta.save(tmp_path / "d"))
+    fresh = build()
+    deltatune.apply_delta(fresh, loaded)
+    out = logits(fresh, inputs)
+    assert max_diff(out, before) > 1e-3
+    with deltatune.mixed_batch(fresh, ["default", None, "default"]), torch.no_grad():
+        mixed = fresh(**inputs).logits
+    assert max_diff(mixed[0], out[0]) <= 1e-5 and max_diff(mixed[1], before[1]) <= 1e-5

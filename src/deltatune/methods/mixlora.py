@@ -5,7 +5,8 @@ One :class:`~deltatune.parts.mixlora.MixLoRAPart` per FFN (see that module for t
 auxiliary loss), one :class:`~deltatune.parts.lora.LoRAPart` per attention target.  Where each architecture's FFN
 is, per ``model.config.model_type`` (:data:`FFN_SITES`):
 
-* Llama-like: the ``mlp`` block (``gate_proj``/``up_proj``/``down_proj``/``act_fn``), gated experts;
+* Llama-like: the ``mlp`` block (``gate_proj``/``up_proj``/``down_proj``/``act_fn``), gated experts — also any
+  model type not in the table whose feed-forward blocks have those children (Gemma, Qwen3 …);
 * GPT-2: the ``mlp`` block (``c_fc``/``act``/``c_proj``, Conv1D), ungated experts, the block's dropout after;
 * BERT-like: ``encoder.layer.N.output`` (``BertOutput``, called as ``output(h, a)`` with ``a`` the FFN input) holds
   the mixture, and a tensor-less link part on ``encoder.layer.N`` lends it the sibling ``intermediate`` module —
@@ -103,12 +104,27 @@ class MixLoRAConfig:
         return self.alpha / self.r
 
 
+#: the children of a Llama-like gated FFN (``down(act(gate(x)) · up(x))``): Gemma, Qwen3, OLMo, Granite … have it
+GATED_FFN_CHILDREN = ("gate_proj", "up_proj", "down_proj", "act_fn")
+
+
 def ffn_site(model: nn.Module) -> FFNSite:
+    """The FFN site of ``model``: from :data:`FFN_SITES` by ``model_type``, else the Llama-like site where every
+    feed-forward block (``role:mlp``) has :data:`GATED_FFN_CHILDREN`; a :class:`TargetError` otherwise."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     site = FFN_SITES.get(model_type)
-    if site is None:
-        raise TargetError(f"mixlora: no FFN layout for model_type {model_type!r} (known: {sorted(FFN_SITES)})")
-    return site
+    if site is not None:
+        return site
+    from deltatune.model import get_module
+
+    try:
+        blocks = [get_module(model, n) for n in select_modules(model, [_LLAMA_LIKE.target], kinds=None)]
+    except TargetError:
+        blocks = []
+    if blocks and all(all(hasattr(b, c) for c in GATED_FFN_CHILDREN) for b in blocks):
+        return _LLAMA_LIKE
+    raise TargetError(f"mixlora: no FFN layout for model_type {model_type!r} (known: {sorted(FFN_SITES)}, and any "
+                      f"model whose feed-forward blocks have {', '.join(GATED_FFN_CHILDREN)})")
 
 
 class PaddingMask(TrainHook):
