@@ -484,3 +484,24 @@ def test_detach_restores_the_base() -> None:
     randomise(deltatune.attach(model, SSFConfig()), 9)
     detach(model)
     assert all(torch.equal(p, ref[n]) for n, p in model.state_dict().items())
+
+
+def test_default_targets_leave_out_norms_a_scale_cannot_fold_into() -> None:
+    # Gemma's norms compute (1 + w) ⊙ n(x): the default takes its linear layers (the method was refused outright)
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.GemmaForCausalLM(transformers.GemmaConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8)).eval()
+    inputs = {"input_ids": torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(1))}
+    delta = deltatune.attach(model, SSFConfig(init_std=0.2))
+    names = list(delta.parts)
+    assert names and all(isinstance(deltatune.model.get_module(model, n), nn.Linear) for n in names)
+    with torch.no_grad():
+        want = model(**inputs).logits
+    merged = copy.deepcopy(model)
+    deltatune.detach(merged)
+    deltatune.merge_delta(merged, delta)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**inputs).logits, want, rtol=0, atol=1e-5)

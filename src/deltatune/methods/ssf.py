@@ -2,8 +2,9 @@
 after the linear layers and the LayerNorms, re-parameterised into their weights and biases on merge.
 
 Targets default to every Linear/Conv1D module (``all-linear``: task heads and the LM head excluded) and every
-LayerNorm/RMSNorm module.  Name patterns, ``type:LayerNorm`` / ``type:RMSNorm`` targets and predicates select
-other sets; each selected module must be a Linear, a Conv1D or a norm computing ``w ⊙ n(x) (+ b)``.  A module
+LayerNorm/RMSNorm module computing ``w ⊙ n(x) (+ b)`` (Gemma's ``(1 + w) ⊙ n(x)`` norms are left out of the
+default: a scale does not fold into their weight).  Name patterns, ``type:LayerNorm`` / ``type:RMSNorm`` targets
+and predicates select other sets; each selected module must be a Linear, a Conv1D or a norm computing ``w ⊙ n(x) (+ b)``.  A module
 without a bias (Llama's Linear layers, RMSNorm) gets only the scale ``γ``: a shift there could not be merged.
 
 Init: ``γ = 1, β = 0`` (the output is unchanged at attach time).  The paper's ``γ ~ N(1, σ²)``,
@@ -58,8 +59,9 @@ def ssf_modules(model: nn.Module, targets: list[str] | None, exclude: list[str])
 
     order = {n: i for i, (n, _) in enumerate(logical_modules(model))}
     if targets is None:
-        chosen = set(select_modules(model, [ALL_LINEAR], exclude)) | set(select_modules(model, [is_norm], exclude,
-                                                                                        kinds=None))
+        norms = select_modules(model, [is_norm], exclude, kinds=None)
+        chosen = set(select_modules(model, [ALL_LINEAR], exclude)) | {
+            n for n in norms if norm_is_affine_in_weight(get_module(model, n))}
     else:
         others = [t for t in targets if t != ALL_LINEAR]
         chosen = set(select_modules(model, [ALL_LINEAR], exclude)) if ALL_LINEAR in targets else set()
