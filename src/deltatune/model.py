@@ -205,7 +205,8 @@ def attach(model: nn.Module, config, heads: Sequence[str] | None = None, name: s
     ``heads`` are task-head modules trained densely and saved whole; by default the model's
     classifier/score head if it has one (see :func:`default_heads`).  ``autocast_dtype``: parts created on a
     half-precision base get fp32 tensors (:func:`in_trainable_precision`; ``False`` keeps the base's dtype, at the
-    cost of updates lost to rounding).  Task heads stay in the model's dtype, as PEFT's ``modules_to_save`` do.
+    cost of updates lost to rounding, except prompt tuning's virtual tokens: fp32 either way).  Task heads stay in
+    the model's dtype, as PEFT's ``modules_to_save`` do.
     """
     from deltatune.config import check_ranges
     from deltatune.methods.registry import get_method
