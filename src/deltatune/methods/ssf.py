@@ -5,7 +5,8 @@ Targets default to every Linear/Conv1D module (``all-linear``: task heads and th
 LayerNorm/RMSNorm module computing ``w ⊙ n(x) (+ b)`` (Gemma's ``(1 + w) ⊙ n(x)`` norms are left out of the
 default: a scale does not fold into their weight).  Name patterns, ``type:LayerNorm`` / ``type:RMSNorm`` targets
 and predicates select other sets; each selected module must be a Linear, a Conv1D or a norm computing
-``w ⊙ n(x) (+ b)``.  A module without a bias (Llama's Linear layers, RMSNorm) gets only the scale ``γ``: a shift there could not be merged.
+``w ⊙ n(x) (+ b)``.  A module without a bias (Llama's Linear layers, RMSNorm) gets only the scale ``γ``: a shift
+there could not be merged.
 
 Init: ``γ = 1, β = 0`` (the output is unchanged at attach time).  The paper's ``γ ~ N(1, σ²)``,
 ``β ~ N(0, σ²)`` with ``σ = 0.02`` is ``init_std=0.02``.
