@@ -78,11 +78,12 @@ def test_integer_labels_sort_numerically_and_map_by_spelling(tmp_path):
 
 def test_csv_cells_are_read_as_spelled_and_only_plain_integers_become_integers(tmp_path):
     """Label codes with leading zeros keep their spelling (the same codes as JSON strings map); text cells that look
-    like numbers stay text; a column of plain integers is integers (numeric label order)."""
+    like numbers stay text; a label column of plain integers is integers (numeric label order), any other column
+    stays text."""
     codes = tmp_path / "codes.csv"
     codes.write_text("text,label,n\n007,001,3\nfever,002,-12\ncough,010,0\n")
     table = user_data.read_table(str(codes))
-    assert table["text"] == ["007", "fever", "cough"] and table["n"] == [3, -12, 0]
+    assert table["text"] == ["007", "fever", "cough"] and table["n"] == ["3", "-12", "0"]
     info = user_data.task_info("classify", table, str(codes), "text", None, "label")
     assert info.label_names == ["001", "002", "010"]
     ev = tmp_path / "codes.jsonl"
@@ -259,7 +260,7 @@ def test_a_tsv_written_with_csv_quoting_is_read_as_written_and_says_so(tmp_path)
     assert table["text"] == rows["text"] and table["label"] == rows["label"]
     no_tabs = tmp_path / "no_tabs.tsv"  # every row parses with quoting off: the doubled quotes give it away
     pd.DataFrame({k: v[:2] for k, v in rows.items()}).to_csv(no_tabs, sep="\t", index=False)
-    with pytest.warns(UserWarning, match=r"no_tabs\.tsv: row 1, column 'text' is quoted as CSV"):
+    with pytest.warns(UserWarning, match=r"no_tabs\.tsv: line 2 holds a cell quoted as CSV quotes one"):
         assert read_table(str(no_tabs))["text"] == rows["text"][:2]
     quote_all = tmp_path / "all.tsv"  # csv.QUOTE_ALL: even the header is quoted
     quote_all.write_text('"text"\t"label"\n"hello"\t"x"\n')
@@ -274,7 +275,8 @@ def test_a_tsv_written_with_csv_quoting_is_read_as_written_and_says_so(tmp_path)
     broken = tmp_path / "line_break.tsv"  # with quoting off a quoted line break splits a row into two short rows
     pd.DataFrame({"text": ["first line\nsecond line", "plain"], "label": ["x", "y"]}).to_csv(broken, sep="\t",
                                                                                             index=False)
-    with pytest.warns(UserWarning, match=r"line_break\.tsv: with quoting off row 1, column 'label' is missing"):
+    with pytest.warns(UserWarning, match=r"line_break\.tsv: line 2 holds a cell quoted as CSV quotes one "
+                                         r"\('first line\\nsecond line'\)"):
         assert read_table(str(broken))["text"] == ["first line\nsecond line", "plain"]
     ragged = tmp_path / "ragged.tsv"  # neither way: the parser's own error, from quoting off
     ragged.write_text("text\tlabel\na\t1\nb\t2\t3\n")

@@ -134,17 +134,11 @@ def _jsonl_lines(path: Path) -> list[int] | None:
         return [no for no, line in enumerate(handle, start=1) if line.strip()]
 
 
-def _tag_names(table: datasets.Dataset, column: str) -> list[str] | None:
-    """Names of a ``ClassLabel`` tag feature (tags stored as class ids), else None."""
-    inner = getattr(table.features.get(column), "feature", None)
-    return list(inner.names) if isinstance(inner, datasets.ClassLabel) else None
-
-
 def read_records(spec: str, tokens_column: str, tags_column: str, need_tags: bool = True) -> Sentences:
     """Sentences of a table of records (JSON, JSONL, Parquet, ``save_to_disk``); DataError for a missing column
     (listing those that exist), a row that is not a list of strings, or a row whose token and tag counts differ
     (naming the row, and for JSONL its line)."""
-    from deltatune.train.user_data import read_table, require_columns
+    from deltatune.train.user_data import class_label_names, read_table, require_columns
 
     table = read_table(spec, (tokens_column, tags_column))
     require_columns(table, [tokens_column, *([tags_column] if need_tags else [])], spec)
@@ -155,7 +149,7 @@ def read_records(spec: str, tokens_column: str, tags_column: str, need_tags: boo
     tokens = [_strings(v, tokens_column, w, split=True) for v, w in zip(table[tokens_column], where, strict=True)]
     if not need_tags or tags_column not in table.column_names:
         return Sentences(spec, tokens, None, None, rows)
-    names = _tag_names(table, tags_column)
+    names = class_label_names(table.features.get(tags_column))
     tags = []
     for i, (value, w) in enumerate(zip(table[tags_column], where, strict=True)):
         if names is not None and isinstance(value, list):

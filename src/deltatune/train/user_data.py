@@ -5,15 +5,17 @@ quotes them show); ``.json`` / ``.jsonl`` (JSON Lines or a JSON list of records)
 ``datasets.save_to_disk``. ``PATH:SPLIT`` picks a split of a saved ``DatasetDict`` folder, or of a JSON file holding
 an object of splits (``SPLIT`` may join several with ``+``, e.g. CLINC150's ``data_full.json:train+oos_train``); rows
 of such a split may be ``[text, label]`` pairs, read as the columns the task uses (``--text-column``,
-``--label-column``: ``text`` and ``label`` by default).
+``--label-column``: ``text`` and ``label`` by default).  ``:SPLIT`` on a file or folder that holds one table is an
+error, never ignored.  Text files are UTF-8 (a byte-order mark is dropped); other bytes are an error naming the file.
 
 Every file is turned into the columns ``text_a``, ``text_b`` (None without a pair column) and ``label``:
 
 * **classify**: ``label`` is the class id, an index into ``label_names``.  The label order is stable and
   documented: **the sorted unique labels of the training file** (all rows, before any hold-out or limit) —
   numbers in numeric order, strings in code-point order (``sorted`` on ``str``).  The names are kept as
-  spelled in the file (int or str: a CSV/TSV column is integers only when every cell is a plain integer, so
-  ``001`` stays ``"001"``) and saved with the delta, so eval files map by the same table.
+  spelled in the file (int or str: a CSV/TSV label column is integers only when every cell is a plain integer,
+  ``1`` or pandas' ``1.0``, so ``001`` and ``-0`` stay ``"001"`` and ``"-0"``; every other column stays text; a
+  ``ClassLabel`` column is read as its names) and saved with the delta, so eval files map by the same table.
 * **regress**: ``label`` is the float32 value of the label column.
 """
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,11 +43,11 @@ _BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".
 
 
 def table_read_options(path: Path, quoted: bool = False) -> dict[str, Any]:
-    """``pandas.read_csv`` options for a user's CSV/TSV: every cell is read as spelled (text; :func:`_canonical_ints`
-    then makes whole columns of plain integers integers, so ``001`` stays ``001``), only an empty cell is missing
-    (``NA``, ``null``, ``None``, ``nan`` are text, labels included), a UTF-8 byte-order mark is dropped, and a TSV is
-    read with quoting off, as GLUE's TSVs need (a stray ``"`` would otherwise swallow the rows up to the next one)
-    unless ``quoted`` (:func:`csv_quoting_shown`); JSON and Parquet need none."""
+    """``pandas.read_csv`` options for a user's CSV/TSV: every cell is read as spelled (text; only the label column
+    may then become integers, :func:`_canonical_ints`), only an empty cell is missing (``NA``, ``null``, ``None``,
+    ``nan`` are text, labels included), a UTF-8 byte-order mark is dropped, and a TSV is read with quoting off, as
+    GLUE's TSVs need (a stray ``"`` would otherwise swallow the rows up to the next one) unless ``quoted``
+    (:func:`csv_quoting`); JSON and Parquet need none."""
     suffix = path.suffix.lower()
     if suffix not in (".csv", ".tsv"):
         return {}
@@ -54,132 +57,164 @@ def table_read_options(path: Path, quoted: bool = False) -> dict[str, Any]:
     return options
 
 
-#: a cell as CSV's quoting writes it (pandas' ``to_csv(sep="\t")``, Python's ``csv``, spreadsheets): wrapped in
-#: quotes, every inner quote doubled
-CSV_QUOTED_CELL = r'^"(?:[^"]|"")*"$'
+def require_utf8(path: Path) -> None:
+    """DataError naming ``path``, the byte offset and the line of its first byte sequence that is not UTF-8 (a
+    Latin-1 or Windows-1252 export); nothing for UTF-8 (a byte-order mark included).  Read in 1 MiB chunks."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, line = 0, 1  # bytes fed to the decoder before ``chunk``, line of the first of them
+    with path.open("rb") as handle:
+        while True:
+            chunk = handle.read(1 << 20)
+            pending = len(decoder.getstate()[0])  # a character's first bytes held back from the chunk before
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as exc:
+                before = chunk[:max(0, exc.start - pending)]
+                at, line = offset - pending + exc.start, line + before.count(b"\n")
+                raise DataError(f"{path}: not UTF-8 text (byte {at}, line {line}: "
+                                f"{exc.object[exc.start:exc.end]!r}); save it as UTF-8 (e.g. `iconv -f latin1 -t "
+                                "utf-8`)") from None
+            if not chunk:
+                return
+            offset += len(chunk)
+            line += chunk.count(b"\n")
 
 
-def csv_quoting_shown(table: datasets.Dataset) -> str | None:
-    """Where ``table``, read with quoting off, shows that its file was written with CSV's quoting, or ``None``: a
-    header whose names are all wrapped in quotes (``QUOTE_ALL``), or cells of which every one that holds a ``"`` is
-    quoted as :data:`CSV_QUOTED_CELL` and one at least doubles an inner quote (``QUOTE_MINIMAL`` quotes a cell only
-    for a quote, a tab or a line break).  A GLUE-style cell (``"We will win," he said.``) is not so quoted, and one
-    such cell keeps quoting off.  Vectorised over the Arrow columns."""
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.compute as pc
+#: one cell of a TSV as CSV's quoting writes it — quoted (group 1: its inside, inner quotes doubled), or holding no
+#: quote, tab or line break — and the tab or line end after it (group 2; empty at the end of the text)
+_TSV_CELL = re.compile(r'(?:"([^"]*(?:""[^"]*)*)"|[^"\t\r\n]*)(\t|\r\n|\n|\r|\Z)')
 
-    names = table.column_names
-    if names and all(len(n) >= 2 and n[0] == n[-1] == '"' for n in names):
-        return f"its header is quoted ({names[0][:40]!r})"
-    first = None
-    for name in names:
-        column = table.data.column(name)
-        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+
+@dataclass(frozen=True)
+class CsvQuoting:
+    """What :func:`csv_quoting` finds in a TSV.  ``flaw``: where the file is not well-formed under CSV's quoting
+    (None where it is); ``shown``: where it shows a CSV writer's quoting (None where nothing does); ``rows``: the data
+    rows a read with CSV's quoting gives (blank lines skipped), counted where the file is well-formed."""
+
+    flaw: str | None
+    shown: str | None
+    rows: int
+
+
+def csv_quoting(path: Path) -> CsvQuoting:
+    """Whether a TSV was written with CSV's quoting (pandas' ``to_csv(sep="\\t")``, Python's ``csv``, spreadsheets),
+    from its text.  Well-formed under CSV's quoting: every ``"`` opens a cell, is doubled inside a quoted cell, or
+    closes one right before a tab or a line end, and every row has the header's number of cells.  Shown: the header's
+    names are all quoted (``QUOTE_ALL``), or a quoted cell holds a doubled quote, a tab or a line break — what
+    ``QUOTE_MINIMAL`` quotes a cell for, and what quoting off misreads (a tab or line break inside quotes splits the
+    cell, and can leave every row as wide as the header: nothing else shows it).  A GLUE-style cell (``"We will win,"
+    he said.``, ``"unclosed``) is a flaw, so one such cell keeps quoting off."""
+    text = path.read_text(encoding="utf-8-sig")
+    if '"' not in text:  # both readings are the same
+        return CsvQuoting(None, None, 0)
+    pos, start, cells, width, rows = 0, 0, [], 0, 0
+    shown: str | None = None
+
+    def line(at: int) -> int:
+        return text.count("\n", 0, at) + 1
+
+    while True:
+        match = _TSV_CELL.match(text, pos)
+        if match is None:
+            if text[pos] == '"':
+                what = "the quote opening a cell is not closed right before a tab or a line end"
+            else:  # the unquoted cell stopped at a quote (at a tab or a line end it would have matched)
+                what, pos = "a quote inside a cell that does not start with one", text.index('"', pos)
+            return CsvQuoting(f"line {line(pos)}: {what} ({text[pos:pos + 40]!r})", None, 0)
+        inside, end = match.group(1), match.group(2)
+        cells.append(inside is not None)
+        if shown is None and inside is not None and any(c in inside for c in ('""', "\t", "\n", "\r")):
+            shown = f"line {line(match.start())} holds a cell quoted as CSV quotes one ({inside[:60]!r})"
+        pos = match.end()
+        if end == "\t":
             continue
-        quoted = pc.match_substring_regex(column, CSV_QUOTED_CELL).fill_null(False)
-        if pc.any(pc.and_(pc.match_substring(column, '"').fill_null(False), pc.invert(quoted))).as_py():
-            return None
-        doubled = np.flatnonzero(pc.and_(quoted, pc.match_substring(column, '""').fill_null(False))
-                                 .to_numpy(zero_copy_only=False))
-        if first is None and doubled.size:
-            row = int(doubled[0])
-            first = f"row {row + 1}, column {name!r} is quoted as CSV quotes a cell ({table[row][name][:60]!r})"
-    return first
+        if len(cells) > 1 or match.group(0) != end:  # not a blank line
+            if not width:
+                width = len(cells)
+                if all(cells):
+                    shown = shown or f"its header is quoted ({text[:pos].rstrip()[:40]!r})"
+            elif len(cells) != width:
+                return CsvQuoting(f"line {line(start)} has {len(cells)} cells with CSV's quoting, the header {width}",
+                                  None, 0)
+            else:
+                rows += 1
+        if not end or pos >= len(text):
+            return CsvQuoting(None, shown, rows)
+        cells, start = [], pos
 
 
 def _tsv_table(path: Path, spec: str) -> datasets.Dataset:
-    """A TSV read with quoting off (GLUE's); read again with CSV's quoting, with a warning, where that finds cells
-    quoted as CSV quotes them (:func:`csv_quoting_shown`) or where quoting off fails and CSV's quoting reads it (a
-    quoted cell holding a tab or a line break).  Where both fail, the error of quoting off."""
+    """A TSV read with quoting off (GLUE's), or with CSV's quoting and a warning where :func:`csv_quoting` finds the
+    file well-formed under it and written with it; that read must give the rows the file's cells make.  Where quoting
+    off fails and CSV's quoting is not shown, the error of quoting off (its line), never a read that swallows rows."""
     try:
-        table = _load_file("csv", path, spec)
+        table, failure = _load_file("csv", path, spec), None
     except DataError as exc:
         if "has no rows" in str(exc):
             raise
-        try:
-            table = _load_file("csv", path, spec, quoted=True)
-        except DataError:
-            raise exc from None
-        why = f"it cannot be read with quoting off ({str(exc).removeprefix(str(path) + ': ')[:160]})"
-    else:
-        why = csv_quoting_shown(table)
-        if why is None:
-            short = _first_missing_cell(table)
-            if short is None:
-                return table
-            try:  # a quoted cell holding a line break splits its row in two short rows when quoting is off
-                quoted = _load_file("csv", path, spec, quoted=True)
-            except DataError:
-                return table
-            if _first_missing_cell(quoted) is not None or not _only_line_breaks_joined(table, quoted):
-                return table  # the missing cell is the file's own (its error comes later), not a split row
-            why = f"with quoting off {short} is missing, with CSV's quoting no cell is (a quoted line break?)"
-            table = quoted
-        else:
-            table = _load_file("csv", path, spec, quoted=True)
-    warnings.warn(f"{path}: {why}; the file is read with CSV's quoting (a TSV like GLUE's is read with quoting off)",
-                  stacklevel=3)
-    return table
+        table, failure = None, exc
+    quoting = csv_quoting(path)
+    if quoting.shown is None:
+        if failure is None:
+            return table
+        if quoting.flaw is None:
+            raise failure
+        raise DataError(f"{failure}; nor is it written with CSV's quoting ({quoting.flaw})") from None
+    quoted = _load_file("csv", path, spec, quoted=True)
+    if len(quoted) != quoting.rows:
+        raise DataError(f"{path}: read with CSV's quoting it gives {len(quoted)} rows where its cells make "
+                        f"{quoting.rows}; check its quotes")
+    why = f"it cannot be read with quoting off ({str(failure).removeprefix(str(path) + ': ')[:160]}) and " \
+        if failure is not None else ""
+    warnings.warn(f"{path}: {why}{quoting.shown}; the file is read with CSV's quoting (a TSV like GLUE's is read with "
+                  "quoting off)", stacklevel=3)
+    return quoted
 
 
-def _only_line_breaks_joined(plain: datasets.Dataset, quoted: datasets.Dataset) -> bool:
-    """Whether CSV's quoting read ``quoted`` differs from the quoting-off read ``plain`` only by joining rows a
-    quoted line break split: no quoted cell holds the separator (a GLUE-style stray ``"`` swallows whole rows, tabs
-    and all, up to the next one) and the rows it has fewer are its cells' line breaks."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    breaks = 0
-    for name in quoted.column_names:
-        column = quoted.data.column(name)
-        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
-            continue
-        if pc.any(pc.match_substring(column, "\t")).as_py():
-            return False
-        breaks += sum(pc.count_substring(column, "\n").fill_null(0).to_pylist())
-    return len(plain) - len(quoted) == breaks
+#: a label as pandas writes an integer: a plain integer (no sign but ``-``, no leading zero, not ``-0``: no integer
+#: is written so), int64-sized, optionally with a zero decimal part (``1.0``: pandas' ``to_csv`` writes integer
+#: labels so once the column held a NaN)
+_PLAIN_INT = r"^(0|-?[1-9][0-9]{0,17})(\.0+)?$"
 
 
-def _first_missing_cell(table: datasets.Dataset) -> str | None:
-    """Where ``table`` first has an empty (missing) cell, as ``row N, column 'c'``, or ``None``."""
-    for name in table.column_names:
-        column = table.data.column(name)
-        if column.null_count:
-            row = next(i for i, v in enumerate(column.is_null().to_pylist()) if v)
-            return f"row {row + 1}, column {name!r}"
-    return None
-
-
-#: a cell that is a plain integer as written (no sign but ``-``, no leading zero), int64-sized, optionally with a
-#: zero decimal part (``1.0``: pandas' ``to_csv`` writes integer labels so once the column held a NaN)
-_PLAIN_INT = r"^-?(0|[1-9][0-9]{0,17})(\.0+)?$"
-
-
-def _canonical_ints(table: datasets.Dataset) -> datasets.Dataset:
-    """Columns of a CSV/TSV read as text whose every cell is a plain integer (:data:`_PLAIN_INT`) as ``int64``, the
-    label ids and numeric columns users mean (``1.0`` read as ``1``, as pandas' number parsing read it before); any
-    other cell (``001``, ``1.5``, ``+1``, a word) keeps its column text, as spelled."""
+def _canonical_ints(table: datasets.Dataset, column: str) -> datasets.Dataset:
+    """``table`` (a CSV/TSV read as text) with its label ``column`` as ``int64`` where every cell is an integer as
+    written (:data:`_PLAIN_INT`; ``1.0`` read as ``1``, as pandas' number parsing read it before), so integer labels
+    sort numerically and map to another file's ``1``; any other cell (``001``, ``1.5``, ``+1``, ``-0``, a word) keeps
+    the column text, as spelled.  Every other column stays text, as spelled."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     data = table.data.table
-    for i, name in enumerate(data.column_names):
-        column = data.column(i)
-        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)) or \
-                column.null_count == len(column):
-            continue
-        if pc.all(pc.match_substring_regex(column, _PLAIN_INT).fill_null(True)).as_py():
-            whole = pc.replace_substring_regex(column, r"\.0+$", "")
-            data = data.set_column(i, name, pc.cast(whole, pa.int64()))
-    return datasets.Dataset(data)
+    if column not in data.column_names:
+        return table
+    i = data.column_names.index(column)
+    cells = data.column(i)
+    if not (pa.types.is_string(cells.type) or pa.types.is_large_string(cells.type)) or \
+            cells.null_count == len(cells) or \
+            not pc.all(pc.match_substring_regex(cells, _PLAIN_INT).fill_null(True)).as_py():
+        return table
+    whole = pc.replace_substring_regex(cells, r"\.0+$", "")
+    return datasets.Dataset(data.set_column(i, column, pc.cast(whole, pa.int64())))
+
+
+def _header(path: Path, quoted: bool) -> list[str]:
+    """The names of a CSV/TSV's header row, as the file spells them (pandas renames a repeated one ``label.1``)."""
+    tsv = path.suffix.lower() == ".tsv"
+    with path.open(encoding="utf-8-sig", newline="") as handle:
+        reader = csv.reader(handle, delimiter="\t" if tsv else ",",
+                            quoting=csv.QUOTE_NONE if tsv and not quoted else csv.QUOTE_MINIMAL)
+        return next(reader, [])
 
 
 def _load_file(builder: str, path: Path, spec: str, quoted: bool = False) -> datasets.Dataset:
     """``path`` read (a CSV/TSV by pandas with :func:`table_read_options`, else through ``datasets``' ``builder``);
     DataError naming the file and the innermost cause (pandas' parser error, not only ``datasets``' wrapper) where it
-    cannot be read, and where the first data row has more fields than the header (pandas would silently make the first
-    column an index and shift the others under the wrong names)."""
+    cannot be read, where the first data row has more fields than the header (pandas would silently make the first
+    column an index and shift the others under the wrong names), and where the header names a column twice (pandas
+    would rename the second ``label.1`` and the first would be used)."""
     datasets.disable_progress_bars()
     try:
         if builder == "csv":  # pandas itself: datasets' CSV builder cannot keep cells as spelled (no dtype)
@@ -191,9 +226,14 @@ def _load_file(builder: str, path: Path, spec: str, quoted: bool = False) -> dat
                 raise DataError(f"{path}: the first data row has more fields than the header ({len(header)} "
                                 f"columns: {header}); quote cells that hold the separator, or name every column in "
                                 "the header")
+            names = [n for n in _header(path, quoted) if n]  # empty names (an index column, a trailing comma) aside
+            twice = sorted({n for n in names if names.count(n) > 1})
+            if twice:
+                raise DataError(f"{path}: the header names column {twice[0]!r} more than once (header: "
+                                f"{_header(path, quoted)}); give each column its own name")
             if frame.empty:
                 raise DataError(f"{spec}: has no rows")
-            return _canonical_ints(datasets.Dataset.from_pandas(frame, preserve_index=False))
+            return datasets.Dataset.from_pandas(frame, preserve_index=False)
         return datasets.load_dataset(builder, data_files=str(path), split="train")
     except DataError:
         raise
@@ -244,9 +284,10 @@ def _split_spec(spec: str) -> tuple[Path, str | None]:
 def _json_splits(path: Path, split: str, pair_columns: tuple[str, str]) -> datasets.Dataset:
     """Rows of one or more splits (``a+b``) of a JSON object of splits; ``[text, label]`` rows become columns."""
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        doc = json.loads(path.read_text(encoding="utf-8-sig"))  # a byte-order mark dropped, as everywhere
     except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: not a JSON file ({str(exc)[:80]})") from None
+        raise DataError(f"{path}: {path.name}:{split} needs a JSON object of splits; the file is not one JSON "
+                        f"document ({str(exc)[:80]})") from None
     if not isinstance(doc, dict):
         raise DataError(f"{path}: {path.name}:{split} needs a JSON object of splits, got a {type(doc).__name__}")
     rows: list[Any] = []
@@ -277,10 +318,13 @@ def _name_json_splits(path: Path) -> None:
 
 def read_table(spec: str, pair_columns: tuple[str, str] = ("text", "label")) -> datasets.Dataset:
     """One table from a CSV/TSV/JSON/JSONL/Parquet file or a ``save_to_disk`` folder (``PATH[:SPLIT]``);
-    ``[text, label]`` rows of a JSON split become the columns ``pair_columns``.
+    ``[text, label]`` rows of a JSON split become the columns ``pair_columns``, and ``pair_columns[1]`` is the label
+    column a CSV/TSV may read as integers (:func:`_canonical_ints`).
 
-    Raises DataError for a missing or unreadable file, an unknown extension, a folder of several splits
-    without ``:SPLIT``, or a table with no rows."""
+    Raises DataError for a missing or unreadable file, a text file that is not UTF-8, an unknown extension, a folder
+    of several splits without ``:SPLIT``, a ``:SPLIT`` that names no split (on a file that holds one table: CSV, TSV,
+    JSONL, Parquet, a JSON list; on a ``save_to_disk`` folder of one dataset, unless it is that dataset's split), or a
+    table with no rows."""
     path, split = _split_spec(spec)
     if path.is_dir():
         try:
@@ -291,26 +335,39 @@ def read_table(spec: str, pair_columns: tuple[str, str] = ("text", "label")) -> 
             if split is None or split not in loaded:
                 raise DataError(f"{path}: holds splits {sorted(loaded)}; pick one as {path}:SPLIT")
             loaded = loaded[split]
+        elif split is not None and split != str(loaded.split):
+            own = f"its split is {str(loaded.split)!r}" if loaded.split is not None else "it records no split"
+            raise DataError(f"{path}: holds one dataset, not splits ({own}), so {path}:{split} picks nothing; pass "
+                            f"{path} itself")
         table = loaded
-    elif split is not None and path.suffix.lower() == ".json":
-        table = _json_splits(path, split, pair_columns)
     else:
-        builder = _BUILDERS.get(path.suffix.lower())
+        suffix = path.suffix.lower()
+        builder = _BUILDERS.get(suffix)
         if builder is None:
             raise DataError(f"{path}: unknown data format {path.suffix!r}; use one of {sorted(_BUILDERS)} "
                             "or a folder written by datasets.save_to_disk")
+        if split is not None and suffix != ".json":
+            raise DataError(f"{path}: a {suffix[1:].upper()} file holds one table, not splits, so {path}:{split} "
+                            f"picks nothing; pass {path} itself (splits are read from a folder written by "
+                            "DatasetDict.save_to_disk or from a JSON object of splits)")
         if path.stat().st_size == 0:
             raise DataError(f"{path}: file is empty")
-        try:
-            table = _tsv_table(path, spec) if builder == "csv" and path.suffix.lower() == ".tsv" else \
-                _load_file(builder, path, spec)
-        except DataError:
-            if path.suffix.lower() == ".json":
-                _name_json_splits(path)
-            raise
-        if path.suffix.lower() == ".json" and len(table) == 1 and all(
-                isinstance(f, (datasets.Sequence, datasets.List)) for f in table.features.values()):
-            _name_json_splits(path)  # one object of lists (datasets reads it as one row): splits, not records
+        if builder != "parquet":
+            require_utf8(path)
+        if split is not None:
+            table = _json_splits(path, split, pair_columns)
+        else:
+            try:
+                table = _tsv_table(path, spec) if suffix == ".tsv" else _load_file(builder, path, spec)
+            except DataError:
+                if suffix == ".json":
+                    _name_json_splits(path)
+                raise
+            if suffix == ".json" and len(table) == 1 and all(
+                    isinstance(f, (datasets.Sequence, datasets.List)) for f in table.features.values()):
+                _name_json_splits(path)  # one object of lists (datasets reads it as one row): splits, not records
+            if builder == "csv":
+                table = _canonical_ints(table, pair_columns[1])
     if len(table) == 0:
         raise DataError(f"{spec}: has no rows")
     return table
@@ -324,9 +381,33 @@ def require_columns(table: datasets.Dataset, columns: list[str], where: str) -> 
                             "choose one with --text-column / --text-pair-column / --label-column")
 
 
-def label_names(table: datasets.Dataset, column: str, where: str) -> list[Any]:
-    """The sorted unique labels of a training table (see the module docstring for the order)."""
+def class_label_names(feature: Any) -> list[str] | None:
+    """The names of a ``datasets.ClassLabel`` feature (cells stored as class ids) — the feature itself, or the items
+    of a list feature (``--task tokens``' tag sequences) — else None."""
+    inner = getattr(feature, "feature", feature)
+    return list(inner.names) if isinstance(inner, datasets.ClassLabel) else None
+
+
+def label_values(table: datasets.Dataset, column: str, where: str) -> list[Any]:
+    """The cells of a classify label ``column``; the class ids of a ``ClassLabel`` column read as its names (a
+    missing cell stays None; an id that names no class, as ``-1`` marks an unlabelled row in a hub test split, is a
+    DataError naming the file, the row and the column)."""
     values = list(table[column])
+    feature = table.features.get(column)
+    if not isinstance(feature, datasets.ClassLabel):
+        return values
+    names = list(feature.names)
+    for row, value in enumerate(values):
+        if value is not None and not 0 <= value < len(names):
+            raise DataError(f"{where}: row {row + 1}, column {column!r}: class id {value} is not one of the "
+                            f"{len(names)} of its ClassLabel (-1 marks an unlabelled row)")
+    return [None if v is None else names[v] for v in values]
+
+
+def label_names(table: datasets.Dataset, column: str, where: str) -> list[Any]:
+    """The sorted unique labels of a training table (see the module docstring for the order); a ``ClassLabel``
+    column's labels are its names (:func:`label_values`)."""
+    values = label_values(table, column, where)
     for row, value in enumerate(values):
         if value is None or (isinstance(value, str) and not value.strip()):
             raise DataError(f"{where}: row {row + 1}, column {column!r}: missing label")
@@ -386,11 +467,11 @@ def to_examples(table: datasets.Dataset, info: TaskInfo, where: str) -> datasets
     """Columns ``text_a``, ``text_b``, ``label`` (class id or float) ready for ``glue.tokenize_pairs``."""
     pair = info.text_pair_column
     require_columns(table, [info.text_column, *([pair] if pair else []), info.label_column], where)
-    raw = list(table[info.label_column])
     if info.task == "classify":
+        raw = label_values(table, info.label_column, where)
         labels: list[Any] = _class_ids(raw, info.label_names or [], info.label_column, where)
     else:
-        labels = _floats(raw, info.label_column, where)
+        labels = _floats(list(table[info.label_column]), info.label_column, where)
     text_a = text_cells(table[info.text_column], info.text_column, where)
     text_b = text_cells(table[pair], pair, where) if pair else [None] * len(text_a)
     features = datasets.Features({"text_a": datasets.Value("string"), "text_b": datasets.Value("string"),
