@@ -182,7 +182,8 @@ def add_aux_loss(model: nn.Module, delta: Delta, window_scale: float = 1.0) -> A
     its micro-batch's summed token loss divided by the whole accumulation window's token count, which the Trainer
     does not divide by the accumulation steps again; there the auxiliary loss is added × ``window_scale``
     (:class:`DeltaTuneCallback` passes ``1 / (accumulation steps × processes)``), so that over a window it weighs
-    the mean of its micro-batches' auxiliary losses, as in deltatune's loop (``(loss + aux) / accumulation``) and as
+    the mean of its micro-batches' auxiliary losses, as in deltatune's loop (``aux / accumulation`` per micro-batch,
+    beside the loss weighted by its labelled items: :mod:`deltatune.train.accumulate`) and as
     the Trainer weighs it for models without loss kwargs.  Without ``num_items_in_batch`` it is added as it is."""
     def hook(module: nn.Module, args: Any, kwargs: dict[str, Any], output: Any) -> Any:
         aux = delta.aux_loss() if module.training else None

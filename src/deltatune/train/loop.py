@@ -2,9 +2,14 @@
 
 The delta's parameters train at ``lr`` and the task heads in their own optimizer group at ``head_lr`` (default
 10 × ``lr``, at most 2e-2: a fresh head starts at random).  Per optimiser step: method hooks ``before_step`` →
-``grad_accum`` micro-batches (forward, NaN/Inf check, backward; gradients synchronised only on the last) →
-optimiser and LR-schedule step → hooks ``after_step`` → periodic eval (keep-best) and checkpoint.  The data
-order is a seeded permutation per epoch, sharded by rank, so a resumed run sees exactly the batches it would have.
+the window's ``grad_accum`` micro-batches fetched → for each: forward, NaN/Inf check, backward (gradients
+synchronised only on the last) → optimiser and LR-schedule step → hooks ``after_step`` → periodic eval (keep-best)
+and checkpoint.  The data order is a seeded permutation per epoch, sharded by rank, so a resumed run sees exactly
+the batches it would have.
+
+A window's loss is the mean over its labelled items, as one batch of its rows (and HF ``Trainer``) would give:
+micro-batch ``i`` backpropagates ``ℓ_i · n_i / N + aux_i / grad_accum`` (:mod:`deltatune.train.accumulate`;
+under DDP per process, the processes' gradients then averaged).  The logged ``loss`` is what was backpropagated.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from deltatune.model import HALF_PRECISION, attach
 from deltatune.provenance import Provenance, path_reference
 from deltatune.train import checkpoint as ckpt
 from deltatune.train import fsdp, zero
+from deltatune.train.accumulate import labelled_items, window_share
 from deltatune.train.config import TrainConfig
 from deltatune.train.evaluate import batches, evaluate
 from deltatune.train.integration import param_groups
@@ -223,18 +229,20 @@ def train(cfg: TrainConfig, method_config: Any,
             for hook in hooks:
                 hook.before_step(step)
             running, running_aux = 0.0, 0.0
-            for micro in range(cfg.grad_accum):
-                batch = next(stream)
+            window = [next(stream) for _ in range(cfg.grad_accum)]  # all first: their items weigh each one
+            items = [labelled_items(batch["labels"], task.is_lm) for batch in window]
+            total = sum(items)  # N: the window's labelled items on this process
+            for micro, batch in enumerate(window):
                 sync = micro == cfg.grad_accum - 1
                 with nullcontext() if sync else accelerator.no_sync(ddp_model):
-                    loss = ddp_model(**batch).loss
+                    own = ddp_model(**batch).loss  # the mean over this micro-batch's labelled items
+                    loss = window_share(own, items[micro], total)
                     aux = delta.aux_loss()  # parts' auxiliary losses (e.g. load balancing), coefficients applied
-                    if aux is not None:
+                    if aux is not None:  # the window's mean of its micro-batches' auxiliary losses
                         running_aux += float(aux.detach()) / cfg.grad_accum
-                        loss = loss + aux
-                    loss = loss / cfg.grad_accum
+                        own, loss = own + aux, loss + aux / cfg.grad_accum
                     if _any_rank(not torch.isfinite(loss).item(), accelerator):
-                        raise TrainingDiverged(step + 1, float(loss.detach() * cfg.grad_accum), last_ckpt)
+                        raise TrainingDiverged(step + 1, float(own.detach()), last_ckpt)
                     accelerator.backward(loss)
                 running += float(loss.detach())
             used = step_lrs(optimizer)
