@@ -238,3 +238,13 @@ def test_truncated_checkpoint_shard_names_the_file(checkpoints, tmp_path) -> Non
     with pytest.raises(DeltaFormatError, match=r"broken/model\.safetensors: tensor .* does not hold"):
         merge([broken], "task_arithmetic", base=checkpoints["base"], output="checkpoint", out=tmp_path / "o")
     assert not (tmp_path / "o").exists()
+
+
+def test_mergekit_tokenizer_source_base_keeps_the_bases_vocabulary(tmp_path) -> None:
+    # mergekit's tokenizer_source: base drops the rows a fine-tune added: deltatune's vocab: truncate (it was
+    # accepted and ignored, and the merge then failed on the added rows)
+    path = tmp_path / "r.yaml"
+    path.write_text("merge_method: task_arithmetic\nbase_model: b\nmodels: [{model: a}]\ntokenizer_source: base\n")
+    assert load_recipe(path).vocab == "truncate"
+    path.write_text("merge_method: task_arithmetic\nbase_model: b\nmodels: [{model: a}]\n")
+    assert load_recipe(path).vocab == "error"

@@ -14,8 +14,9 @@ deltatune form::
     verify: true            # check the inputs' digests
 
 mergekit form: ``merge_method``, ``base_model``, ``models: [{model, parameters}]``, ``parameters``,
-``dtype``, ``out_dtype`` (slices, LoRA ``model+adapter`` references and tokenizer surgery are refused
-with a clear error).  Unknown keys are errors, never ignored.
+``dtype``, ``out_dtype``, ``tokenizer_source: base`` (the base's vocabulary: ``vocab: truncate``; slices, LoRA
+``model+adapter`` references and tokenizer surgery are refused with a clear error).  Unknown keys are errors, never
+ignored.
 
 A recipe is untrusted input.  :func:`deltatune.config.read_yaml` reads it (UTF-8, at most 1 MiB, at most
 100,000 nodes after alias expansion, nested at most 32 deep: an alias bomb is refused before anything is
@@ -225,8 +226,10 @@ def _mergekit(doc: dict[Any, Any], root: Path, where: str, max_inputs: int) -> M
     gparams = _mapping(doc.get("parameters"), f"{where}: parameters")
     gparams.pop("int8_mask", None)  # a memory optimisation in mergekit; the numbers do not change
     out_dtype = _dtype(doc.get("out_dtype") or doc.get("dtype"), where)
+    # tokenizer_source: base keeps the base's vocabulary: rows a fine-tune added are dropped (deltatune's truncate)
+    vocab = {"vocab": "truncate"} if doc.get("tokenizer_source") == "base" else {}
     return _build({"method": method, "inputs": inputs, "input_params": params, "base": base, "preset": "mergekit",
-                   "params": gparams, "output": "checkpoint", "out_dtype": out_dtype}, where)
+                   "params": gparams, "output": "checkpoint", "out_dtype": out_dtype, **vocab}, where)
 
 
 def _native(doc: dict[Any, Any], root: Path, where: str, max_inputs: int) -> MergeRecipe:
