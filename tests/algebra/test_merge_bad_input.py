@@ -248,3 +248,16 @@ def test_mergekit_tokenizer_source_base_keeps_the_bases_vocabulary(tmp_path) -> 
     assert load_recipe(path).vocab == "truncate"
     path.write_text("merge_method: task_arithmetic\nbase_model: b\nmodels: [{model: a}]\n")
     assert load_recipe(path).vocab == "error"
+
+
+@pytest.mark.parametrize("method", ["slerp", "model_stock"])
+def test_a_per_input_weight_a_method_does_not_read_is_refused_or_warned(method) -> None:
+    # slerp and model_stock read no weights: weight 0.1 and 1.0 gave bit-identical merges without a word
+    from deltatune.algebra.methods import METHODS
+    from deltatune.algebra.options import resolve_params
+
+    spec, params = METHODS[method].params, {"t": 0.5} if method == "slerp" else {}
+    with pytest.raises(ConfigError, match=f"{method}: input 0: unknown per-input parameter 'weight'"):
+        resolve_params(method, spec, "paper", params, [{"weight": 0.1}, {}])
+    with pytest.warns(UserWarning, match="weight is ignored"):  # mergekit's own recipes may carry it: as mergekit
+        resolve_params(method, spec, "mergekit", params, [{"weight": 0.1}, {}])

@@ -37,6 +37,7 @@ Every number must be finite (a NaN weight or λ would write an all-NaN merge) an
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -180,10 +181,13 @@ def resolve_params(method: str, spec: MethodParams, preset: str, global_params: 
     _check_count_division(method, spec, merged, global_params)
     per_input = []
     for i, params in enumerate(input_params):
-        for key in params:
-            if key not in PER_INPUT or key not in spec.keys | {"weight"}:
+        for key in params:  # a weight too where the method reads none (slerp, model_stock): it would be ignored
+            if key == "weight" and key not in spec.keys and preset == "mergekit":
+                warnings.warn(f"{method}: input {i}'s weight is ignored ({method} reads no weights; mergekit "
+                              "ignores it too)", stacklevel=2)
+            elif key not in PER_INPUT or key not in spec.keys:
                 raise ConfigError(f"{method}: input {i}: unknown per-input parameter {brief(key)}; accepted: "
-                                  f"{sorted(PER_INPUT & (spec.keys | {'weight'}))}")
+                                  f"{sorted(PER_INPUT & spec.keys) or 'none'}")
         own = {k: merged[k] for k in PER_INPUT if k in merged}
         own.update({k: coerce_param(k, v, f"{method} input {i}") for k, v in params.items()})
         own.setdefault("weight", 1.0)
