@@ -20,7 +20,7 @@ from deltatune.io import outputs
 from deltatune.io.delta_format import load_delta
 from deltatune.io.shards import parse_size, write_sharded
 from deltatune.model import DEFAULT
-from deltatune.train.config import TrainConfig, default_model_path
+from deltatune.train.config import TrainConfig, check_max_length, default_model_path
 
 
 def as_delta(delta: Delta | str | Path, verify: bool = True) -> Delta:
@@ -38,6 +38,14 @@ def as_delta(delta: Delta | str | Path, verify: bool = True) -> Delta:
 
 def recorded_train_config(delta: Delta) -> dict[str, Any]:
     return dict(delta.provenance.train or {})
+
+
+def recorded_max_length(delta: Delta) -> int:
+    """Tokens per input the delta was trained with (its recorded ``max_length``; 128, the training default, for a
+    delta that records none: a PEFT import, a delta attached in Python).  ``eval`` and ``predict`` truncate inputs
+    to it, as training did."""
+    value = recorded_train_config(delta).get("max_length")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else 128
 
 
 def base_model_path(delta: Delta, model: str | None) -> str:
@@ -86,13 +94,15 @@ def _holds_modules(model: nn.Module, delta: Delta) -> bool:
 
 def evaluate_delta(delta: Delta | str | Path, model: str | None = None, task: str | None = None,
                    data: str | None = None, limit: int | None = None, batch_size: int = 64,
-                   with_base: bool = False, verify: bool = True) -> dict[str, dict[str, float]]:
+                   with_base: bool = False, verify: bool = True) -> dict[str, dict[str, float | None]]:
     """Task metrics of base + delta (and of the bare base when ``with_base``).
 
     For a ``classify``/``regress`` delta, ``data`` is the file to evaluate; the task, columns and label map
     come from the delta's ``task_info`` (without ``data``: the recorded eval file, else the recorded seeded
-    hold-out of the training file).  A NaN or infinite metric is an error, not a result:
-    :class:`NonFiniteError` names the metric and row.
+    hold-out of the training file, refused when that file changed since training:
+    :func:`~deltatune.train.run_record.check_data_unchanged`).  A NaN or infinite loss is an error, not a result
+    (:class:`NonFiniteError` names it and the row); a metric undefined on finite outputs (Pearson or Spearman of
+    constant targets or predictions, of one row) is ``None`` (:func:`check_finite_metrics`).
     """
     from deltatune.train.evaluate import evaluate
 
@@ -107,8 +117,7 @@ def evaluate_delta(delta: Delta | str | Path, model: str | None = None, task: st
 
     attach_for_use(net, d, DEFAULT, where=str(delta) if not isinstance(delta, Delta) else "delta")
     results["delta"] = evaluate(net, built, batch_size, torch.device("cpu"))
-    check_finite_metrics(results, str(delta) if not isinstance(delta, Delta) else "the delta")
-    return results
+    return check_finite_metrics(results, str(delta) if not isinstance(delta, Delta) else "the delta")
 
 
 def _eval_task(d: Delta, model: str | None, task: str | None, data: str | None, limit: int | None):
@@ -121,7 +130,10 @@ def _eval_task(d: Delta, model: str | None, task: str | None, data: str | None, 
     if name is None:  # a PEFT import, a delta attached in Python: the embedded default, said
         name = "sst2"
         _say("the delta records no task; evaluating on sst2 (pass --task to choose another)")
-    common = dict(model=base_model_path(d, model), task=name, eval_limit=limit, max_length=rec.get("max_length", 128))
+    common = dict(model=base_model_path(d, model), task=name, eval_limit=limit, max_length=recorded_max_length(d))
+    check_max_length(common["max_length"], common["model"], "the delta's recorded max_length")  # before any data
+    if data is None and (name == "text" or (name in USER_TASKS and not rec.get("eval_data"))):
+        _check_held_out_source(rec)
     if name == "jsonl":  # --data is the file to evaluate (its held-out rows come only from an eval file)
         cfg = TrainConfig(data=rec.get("data") or data, eval_data=data or rec.get("eval_data"), train_limit=1,
                           **common)
@@ -164,13 +176,36 @@ def classification_report(delta: Delta | str | Path, data: str | None = None, mo
     return per_class_report(logits, labels, names)
 
 
-def check_finite_metrics(results: dict[str, dict[str, float]], where: str) -> None:
-    """Raise :class:`NonFiniteError` naming the first metric (and model row) that is NaN or ±Inf."""
+def _check_held_out_source(rec: dict[str, Any]) -> None:
+    """:class:`~deltatune.errors.DataError` naming the training file when ``eval`` would rebuild the delta's
+    held-out rows (a seeded 10 % of ``data``; ``text``: its last blocks) from a file whose content changed since
+    training: they would be other rows, some of them trained on."""
+    from deltatune.train.run_record import check_data_unchanged
+
+    check_data_unchanged(rec.get("data"), rec.get("data_fingerprint"), "the delta was trained",
+                         "its held-out rows cannot be rebuilt from it (they would include rows it trained on); "
+                         "pass --data FILE to evaluate on a file of your own")
+
+
+def check_finite_metrics(results: dict[str, dict[str, float]], where: str) -> dict[str, dict[str, float | None]]:
+    """``results`` with every metric that is undefined on these outputs as ``None``; :class:`NonFiniteError` naming
+    the metric and model row when the outputs themselves are not finite.
+
+    The witness of the outputs is the ``loss`` (the mean over every labelled row or token of its cross-entropy or
+    squared error, NaN or +Inf as soon as one output is): a NaN/±Inf loss, or any ±Inf metric, is an error.  A NaN
+    metric beside a finite loss is undefined, not damage: Pearson ``cov(x, y) / (σx σy)`` and Spearman are 0/0 when
+    the targets or the predictions are constant (a file of one score, ``--limit 1``).  A row without a ``loss``
+    has no witness: every NaN there is an error, as before."""
+    checked: dict[str, dict[str, float | None]] = {}
     for row, metrics in results.items():
+        witnessed = isinstance(metrics.get("loss"), numbers.Real)
         for key, value in metrics.items():
-            if isinstance(value, numbers.Real) and not math.isfinite(value):
+            if isinstance(value, numbers.Real) and not math.isfinite(value) and (
+                    key == "loss" or not witnessed or math.isinf(value)):
                 raise NonFiniteError(f"evaluating {where[:80]}: metric {key!r} of model {row!r} is {value}; "
                                      "the model's outputs are not finite (a damaged or diverged delta?)")
+        checked[row] = {k: None if isinstance(v, numbers.Real) and math.isnan(v) else v for k, v in metrics.items()}
+    return checked
 
 
 def apply_to_checkpoint(delta: Delta | str | Path, out: str | Path, model: str | None = None,

@@ -157,7 +157,8 @@ def eval_(
                                                          "metric name (with --base, the base's under 'base')")] = False,
     verify: NoVerify = True,
 ) -> None:
-    """Evaluate base + delta on the task's dev data with its official metric (a NaN metric is an error).
+    """Evaluate base + delta on the task's dev data with its official metric (a NaN loss is an error; a metric
+    undefined on these rows, such as Pearson of constant scores, shows as undefined, null with --json).
 
     For a classify, regress, tokens or chat delta, --data is the file to evaluate; task, columns and label map are
     as trained."""
@@ -172,8 +173,8 @@ def eval_(
         return
     keys = sorted({k for r in results.values() for k in r})
     table = Table("model", *keys)
-    for name, metrics in results.items():
-        table.add_row(name, *(f"{metrics.get(k, float('nan')):.4f}" for k in keys))
+    for name, metrics in results.items():  # None: undefined on these outputs (a correlation of constant targets)
+        table.add_row(name, *("undefined" if metrics.get(k) is None else f"{metrics[k]:.4f}" for k in keys))
     out.print(table)
 
 
@@ -188,6 +189,8 @@ def predict(
     top_k: Annotated[int, typer.Option("--top-k", help="also list the k most probable labels")] = 1,
     model: Annotated[str | None, typer.Option(help="base-model folder (default: as trained)")] = None,
     batch_size: Annotated[int, typer.Option(help="rows per forward pass")] = 32,
+    max_length: Annotated[int | None, typer.Option(help="tokens per input (default: each delta's, as trained)")]
+    = None,
     verify: NoVerify = True,
 ) -> None:
     """Predict a label for every row of --data: one JSON line per input, in input order, with the label (spelled as
@@ -199,7 +202,8 @@ def predict(
         raise ConfigError("predict needs a delta folder (argument or --delta)")
     if not data:
         raise ConfigError("predict needs --data FILE")
-    rows = run_predict(deltas, data, out=out, model=model, top_k=top_k, batch_size=batch_size, verify=verify)
+    rows = run_predict(deltas, data, out=out, model=model, top_k=top_k, batch_size=batch_size, max_length=max_length,
+                       verify=verify)
     if out is None:
         for row in rows:
             print(json.dumps(row, ensure_ascii=False))

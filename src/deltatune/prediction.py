@@ -6,7 +6,9 @@ Token-classification deltas (``--task tokens``) give per-word tags instead: see
 What a delta needs to read a new file is in its provenance: the task (a user's ``classify`` task with its text
 columns and label map, or a GLUE classification task with its columns), so ``data`` is the only input.  Each
 line holds ``label`` (the predicted label, spelled as in the training file) and ``score`` (its softmax
-probability), and with ``top_k > 1`` the ``top`` labels with their scores.
+probability), and with ``top_k > 1`` the ``top`` labels with their scores.  Inputs are truncated to the
+``max_length`` each delta was trained with (:func:`deltatune.api.recorded_max_length`, as ``eval`` truncates them),
+unless ``max_length`` is given; deltas of different lengths run in separate passes.
 
 Several deltas in one run share one base model and one pass per batch: the rows of a batch are
 ``(input, delta)`` pairs, each routed to its own delta and its own task head through the routing context
@@ -24,7 +26,7 @@ from typing import Any
 
 import torch
 
-from deltatune.api import as_delta, base_model_path, load_base_for
+from deltatune.api import as_delta, base_model_path, load_base_for, recorded_max_length
 from deltatune.delta import Delta
 from deltatune.errors import ConfigError, DataError
 from deltatune.io.atomic import atomic_file
@@ -87,12 +89,13 @@ def _name(item: Delta | str | Path, index: int) -> str:
 
 
 def predict(deltas: Sequence[Delta | str | Path] | Delta | str | Path, data: str, out: str | Path | None = None,
-            model: str | None = None, top_k: int = 1, batch_size: int = 32, max_length: int = 128,
+            model: str | None = None, top_k: int = 1, batch_size: int = 32, max_length: int | None = None,
             verify: bool = True) -> list[dict[str, Any]]:
     """Predict the label of every row of ``data`` with each delta; write JSON Lines to ``out`` when given.
 
-    Returns one dict per input row, in input order: ``{"label", "score"[, "top"]}`` for one delta, or
-    ``{delta name: {...}}`` for several."""
+    Each input is truncated to ``max_length`` tokens: by default the delta's own, as trained (and as ``eval``
+    reads it); a length beyond the model's positions is a :class:`ConfigError`.  Returns one dict per input row, in
+    input order: ``{"label", "score"[, "top"]}`` for one delta, or ``{delta name: {...}}`` for several."""
     from transformers import AutoTokenizer
 
     from deltatune.train.user_data import read_table, require_columns, text_cells
@@ -102,25 +105,29 @@ def predict(deltas: Sequence[Delta | str | Path] | Delta | str | Path, data: str
         raise ConfigError("predict needs at least one delta")
     if top_k < 1:
         raise ConfigError(f"top_k must be ≥ 1, got {top_k}")
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
+                                   or max_length < 2):
+        raise ConfigError(f"max_length must be an integer ≥ 2 (tokens per input), got {max_length!r}")
     names = [_name(item, i) for i, item in enumerate(items)]
     if len(set(names)) != len(names):
         names = [f"{n}#{i}" for i, n in enumerate(names)]
     names, wheres, loaded = _one_task_each(names, [str(item) for item in items],
                                            [as_delta(item, verify=verify) for item in items])
+    path = base_model_path(loaded[0], model)
+    lengths = _lengths(loaded, wheres, max_length, path)
     if any(_is_tokens(d) for d in loaded):
-        return _predict_tokens(loaded, wheres, names, data, out, model, top_k, batch_size, max_length)
+        return _predict_tokens(loaded, wheres, names, data, out, path, top_k, batch_size, lengths)
     readings = [reading_of(d, where) for d, where in zip(loaded, wheres, strict=True)]
     table = read_table(data)
     for r in readings:
         require_columns(table, [r.text_column, *([r.text_pair_column] if r.text_pair_column else [])], data)
     texts = {c: text_cells(table[c], c, data) for r in readings for c in (r.text_column, r.text_pair_column) if c}
-    path = base_model_path(loaded[0], model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     results: list[dict[str, Any]] = [{} for _ in range(len(table))]
-    groups: dict[tuple[int, int], list[int]] = {}
+    groups: dict[tuple[int, int, int], list[int]] = {}
     for j, r in enumerate(readings):  # a stacked delta changes the base beneath it: a model of its own
-        groups.setdefault((r.num_labels, j if recorded_stack(loaded[j]) else -1), []).append(j)
-    for members in groups.values():
+        groups.setdefault((r.num_labels, lengths[j], j if recorded_stack(loaded[j]) else -1), []).append(j)
+    for (_, length, _), members in groups.items():
         net = load_base_for(loaded[members[0]], path).eval()
         for j in members:
             attach_for_use(net, loaded[j], names[j], where=wheres[j])
@@ -131,13 +138,27 @@ def predict(deltas: Sequence[Delta | str | Path] | Delta | str | Path, data: str
                 chunk = pairs[start:start + batch_size]
                 firsts = [texts[readings[j].text_column][i] for i, j in chunk]
                 seconds = [texts[readings[j].text_pair_column][i] for i, j in chunk] if pair_rows else None
-                batch = tokenizer(firsts, seconds, padding=True, truncation=True, max_length=max_length,
+                batch = tokenizer(firsts, seconds, padding=True, truncation=True, max_length=length,
                                   return_tensors="pt")
                 with torch.no_grad(), mixed_batch(net, [names[j] for _, j in chunk]):
                     probs = net(**batch).logits.float().softmax(-1)
                 for (i, j), p in zip(chunk, probs, strict=True):
                     results[i][names[j]] = _entry(p, readings[j].label_names, top_k)
     return _write(results, names, out)
+
+
+def _lengths(loaded: list[Delta], wheres: list[str], max_length: int | None, path: str) -> list[int]:
+    """Tokens per input for each delta: ``max_length`` when given, else the delta's recorded one; each checked
+    against the positions of the model at ``path`` (:func:`deltatune.train.config.check_max_length`)."""
+    from deltatune.train.config import check_max_length
+
+    if max_length is not None:
+        check_max_length(max_length, path, "--max-length")
+        return [max_length] * len(loaded)
+    lengths = [recorded_max_length(d) for d in loaded]
+    for length, where in {length: where for length, where in zip(lengths, wheres, strict=True)}.items():
+        check_max_length(length, path, f"{where}: the delta's recorded max_length (pass --max-length to override)")
+    return lengths
 
 
 def _one_task_each(names: list[str], wheres: list[str],
@@ -163,8 +184,8 @@ def _write(results: list[dict[str, Any]], names: list[str], out: str | Path | No
 
 
 def _predict_tokens(loaded: list[Delta], wheres: list[str], names: list[str], data: str, out: str | Path | None,
-                    model: str | None, top_k: int, batch_size: int, max_length: int) -> list[dict[str, Any]]:
-    """Token-classification deltas: per-word tags (:mod:`deltatune.train.tokens_predict`)."""
+                    path: str, top_k: int, batch_size: int, lengths: list[int]) -> list[dict[str, Any]]:
+    """Token-classification deltas: per-word tags (:mod:`deltatune.train.tokens_predict`), one run per length."""
     from deltatune.train.tokens_predict import predict_tokens, token_reading
 
     for d, where in zip(loaded, wheres, strict=True):
@@ -176,8 +197,12 @@ def _predict_tokens(loaded: list[Delta], wheres: list[str], names: list[str], da
         raise ConfigError("--top-k applies to sentence classification; token deltas give each word its most "
                           "probable tag and its score")
     readings = [token_reading(d, head_width(d, w), w) for d, w in zip(loaded, wheres, strict=True)]
-    path = base_model_path(loaded[0], model)
-    results = predict_tokens(loaded, readings, names, wheres, data, path, batch_size, max_length)
+    results: list[dict[str, Any]] = []
+    for length in dict.fromkeys(lengths):  # a sentence is encoded once per length
+        js = [j for j, n in enumerate(lengths) if n == length]
+        part = predict_tokens([loaded[j] for j in js], [readings[j] for j in js], [names[j] for j in js],
+                              [wheres[j] for j in js], data, path, batch_size, length)
+        results = part if not results else [{**a, **b} for a, b in zip(results, part, strict=True)]
     return _write(results, names, out)
 
 

