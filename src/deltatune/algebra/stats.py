@@ -1,9 +1,7 @@
 """Global statistics that some scopes need before the merge pass, each gathered by streaming passes.
 
 * ``thresholds`` — per input, the k-th largest ``|τ_t|`` over the whole model with
-  ``k = max(1, ⌊ρ_t·N_t⌋)`` (TIES' trim as the authors run it: one threshold per task vector), ``N_t`` the entries
-  of the tensors some input changes (:func:`unchanged` tensors are left out, as a delta leaves out what it does not
-  touch).
+  ``k = max(1, ⌊ρ_t·N_t⌋)`` (TIES' trim as the authors run it: one threshold per task vector).
 * ``majority_sign`` — ``sgn(Σ_p γ_p)`` over every coordinate of the model, used where the elected sign
   sum is exactly 0 (the TIES authors' ``resolve_zero_signs(…, "majority")``).
 * ``pcb`` — per input the clip quantiles of ``|τ_t|`` and then the ``(1 − r)`` quantile and maximum of
@@ -28,20 +26,11 @@ from deltatune.ops.sparsify import keep_count, threshold_count
 Visit = Callable[[Callable[[TensorJob], None]], None]
 
 
-def unchanged(job: TensorJob) -> bool:
-    """Whether no input changes this tensor (every ``τ_t`` is exactly 0 there): such a tensor is not part of any task
-    vector and counts in no ``N_t``, so a fine-tune given as a checkpoint (every tensor, the untouched ones equal to
-    the base's) and the same fine-tune given as a delta (only the tensors it touches) trim to the same entries."""
-    return not any(bool(t.any()) for t in job.taus)
-
-
 def _two_pass(visit: Visit, n_inputs: int, values: Callable[[TensorJob, int], torch.Tensor],
               ranks: Callable[[int, int], list[int]], nonnegative: bool = False) -> list[list[float]]:
     selects = [RadixSelect(nonnegative) for _ in range(n_inputs)]
 
     def feed(job: TensorJob) -> None:
-        if unchanged(job):
-            return
         for i in range(n_inputs):
             selects[i].feed(values(job, i))
 
