@@ -1,7 +1,10 @@
 """Global statistics that some scopes need before the merge pass, each gathered by streaming passes.
 
 * ``thresholds`` — per input, the k-th largest ``|τ_t|`` over the whole model with
-  ``k = max(1, ⌊ρ_t·N_t⌋)`` (TIES' trim as the authors run it: one threshold per task vector).
+  ``k = max(1, ⌊ρ_t·N_t⌋)`` (TIES' trim as the authors run it: one threshold per task vector).  ``N_t`` counts the
+  entries of the tensors visited: every tensor of a checkpoint input (the untouched ones as zeros, as the authors'
+  flattened state dict does), only the touched ones of a delta input, so a delta and the same fine-tune merged into
+  a checkpoint keep different counts at one density (the per-tensor scope of the other presets agrees on both).
 * ``majority_sign`` — ``sgn(Σ_p γ_p)`` over every coordinate of the model, used where the elected sign
   sum is exactly 0 (the TIES authors' ``resolve_zero_signs(…, "majority")``).
 * ``pcb`` — per input the clip quantiles of ``|τ_t|`` and then the ``(1 − r)`` quantile and maximum of
