@@ -229,13 +229,16 @@ class DeltaLayer(PartHolder):
             return self.base(*args, **kwargs)
         parts = plan.parts
         call = Call.of(args, kwargs)
+        one = _one_group(plan, routing)
+        if one is not None:  # every row runs the same parts here: the plain forward, whatever the call's shapes
+            return self.stack(one, call)(call.x) if one else self.base(*args, **kwargs)
         batch = routing.ids.shape[0]
         if call.x.dim() and call.x.shape[0] == 1 and batch > 1:  # broadcast over the batch (position ids)
             call = replace(call, x=call.x.expand(batch, *call.x.shape[1:]))
         try:
             ids = plan.ids_for(routing, call.x)
         except ConfigError:  # an input without the batch's rows (T5's relative attention bias: a (q, k) grid)
-            return self._batch_wide(plan, routing, call)
+            return self._batch_wide(routing, call)
         rows_apart = call.plain and not plan.nests  # rows may be run apart: nothing inside routes them again
         batched = rows_apart and not plan.stacked  # one part per delta: the kinds' batched passes may run it
         if batched and len(plan.kinds) == 1 and plan.own_mixed_forward:
@@ -261,7 +264,7 @@ class DeltaLayer(PartHolder):
         a, k = call.arguments(call.x)
         out = self.base(*a, **k)
         if not any(per_row_outputs(out, ids)):  # one output for every row (BART's learned positions)
-            return self._batch_wide(plan, routing, call, out)
+            return self._batch_wide(routing, call)
         runs = [self.stack(group, call) if group else None for group in plan.groups]
         if rows_apart:
             return route_rows(call.x, out, ids, runs)
@@ -274,32 +277,27 @@ class DeltaLayer(PartHolder):
             out = blend_rows(out, y, rows, ids)
         return out
 
-    def _batch_wide(self, plan: _Plan, routing: Routing, call: Call, base_out: Any = None) -> Any:
+    def _batch_wide(self, routing: Routing, call: Call) -> Any:
         """A call made once for the whole batch — its input has no row of the routed batch (T5's relative attention
         bias takes a ``(q, k)`` grid of buckets) or its output none (BART's learned positions: one ``(T, d)`` for
-        every row) — cannot give rows different deltas.  Where the rows' deltas all run the same parts here (one
-        delta for the whole batch, or deltas without a part on this module), those run on the whole call, as a
-        plain forward of that delta does; otherwise a :class:`ConfigError` naming the module and the deltas.
-        ``base_out``: the base's output of the call, when already computed."""
-        key = ("present ids", routing.ids.device)
-        present = routing.cache.get(key)
-        if present is None:
-            present = routing.cache[key] = routing.ids.unique().tolist()  # once per routing: its ids never change
-        groups = {tuple(map(id, plan.groups[k])) for k in present}
-        if len(groups) > 1:
-            names = [routing.names[k] for k in present]
-            raise ConfigError(
-                f"{type(self.base).__name__}: its input of shape {tuple(call.x.shape)} or its output has no entry "
-                f"per row of the {routing.ids.shape[0]} routed rows (one computation for the whole batch), so rows "
-                f"of different deltas cannot differ in it, and the batch's deltas {names} change it differently; "
-                "run each delta's rows in a batch of their own")
-        group = plan.groups[present[0]]
-        if group:
-            return self.stack(group, call)(call.x)
-        if base_out is not None:
-            return base_out
-        a, k = call.arguments(call.x)
-        return self.base(*a, **k)
+        every row) — cannot give rows different deltas, and here they have different parts (:func:`_one_group`
+        ran the call where they share them): a :class:`ConfigError` naming the module and the deltas."""
+        names = [routing.names[k] for k in routing.present_ids()]
+        raise ConfigError(
+            f"{type(self.base).__name__}: its input of shape {tuple(call.x.shape)} or its output has no entry per row "
+            f"of the {routing.ids.shape[0]} routed rows — the batch does not match the routing, or the module "
+            f"computes once for the whole batch — so rows of different deltas cannot differ in it, and the batch's "
+            f"deltas {names} change it differently; give one delta name per row, or run each delta's rows in a "
+            "batch of their own")
+
+
+def _one_group(plan: _Plan, routing: Routing) -> list[Part] | None:
+    """The parts every routed row runs on this layer when they are the same for all rows (one delta for the whole
+    batch, or deltas without a part here: ``[]``), else ``None``."""
+    groups = [plan.groups[k] for k in routing.present_ids()]
+    first = groups[0]
+    return first if all(len(g) == len(first) and all(a is b for a, b in zip(g, first, strict=True))
+                         for g in groups[1:]) else None
 
 
 Onto = Callable[[Tensor, Any, nn.Module, list, Tensor, dict], Any]

@@ -38,6 +38,8 @@ class Routing:
     #: the same activations flattened to ``(batch·T, …)`` (a mixture-of-experts block's router and experts) gets
     #: each row's id repeated ``T`` times.
     tokens: int | None = None
+    #: :meth:`present_ids`, once found
+    present: list[int] | None = None
 
     @classmethod
     def per_row(cls, row_names: Sequence[str | None]) -> Routing:
@@ -55,6 +57,12 @@ class Routing:
             raise ConfigError(f"per-token routing needs rows of one length, got lengths {sorted(lengths)}")
         ids = torch.tensor([[names.index(n) for n in row] for row in token_names], dtype=torch.long)
         return cls(names, ids)
+
+    def present_ids(self) -> list[int]:
+        """The ids some row (or token) uses, sorted; found once (the ids of a routing never change)."""
+        if self.present is None:
+            self.present = self.ids.unique().tolist()
+        return self.present
 
     @property
     def per_token_ids(self) -> bool:

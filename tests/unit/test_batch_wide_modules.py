@@ -64,3 +64,16 @@ def test_rows_of_different_deltas_there_are_refused_by_name(build, target, modul
     with torch.no_grad(), deltatune.mixed_batch(model, ["default", None]), \
             pytest.raises(ConfigError, match=f"{module}: .*deltas \\['default', None\\]"):
         model(**_inputs())
+
+
+def test_t5_generates_under_a_routing_of_one_delta_as_without():
+    # at a decode step the bias grid is (1, k): it looked like one row to broadcast and failed; rows that share
+    # their parts on a layer now run the plain forward there, whatever the call's shapes
+    model = _t5()
+    _perturbed(model, ["relative_attention_bias", "q"])
+    ids = _inputs()["input_ids"]
+    with torch.no_grad():
+        plain = model.generate(ids, max_new_tokens=4, do_sample=False)
+        with deltatune.mixed_batch(model, ["default", "default"]):
+            routed = model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert torch.equal(routed, plain)
