@@ -167,6 +167,14 @@ def test_unknown_architecture_and_missing_link_are_refused() -> None:
     model.config.model_type = "t5"
     with pytest.raises(TargetError, match="no FFN layout for model_type 't5'"):
         deltatune.attach(model, small())
+    # Llama's children, but another computation between them (Gemma 3n sparsifies the activation)
+    model = TINY_MODELS["llama"]()
+    model.config.model_type = "t5"
+    for layer in model.model.layers:
+        layer.mlp.forward = lambda x, mlp=layer.mlp: mlp.down_proj(torch.relu(mlp.act_fn(mlp.gate_proj(x)) - 0.01)
+                                                                  * mlp.up_proj(x))
+    with pytest.raises(TargetError, match="compute down"):
+        deltatune.attach(model, small())
     # a BERT mixture part alone (its layer's link part not attached): a clear error, not a silent base output
     bert = TINY_MODELS["bert"]()
     delta = deltatune.attach(bert, small(attention_targets=[]))

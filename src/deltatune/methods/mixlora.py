@@ -108,6 +108,21 @@ class MixLoRAConfig:
 GATED_FFN_CHILDREN = ("gate_proj", "up_proj", "down_proj", "act_fn")
 
 
+def _computes_gated(block: nn.Module) -> bool:
+    """Whether ``block(x) = down(act(gate(x)) · up(x))`` on a probe input: the children alone do not say it (Gemma 3n's
+    MLP sparsifies the activation between them, which the mixture would leave out)."""
+    weight = block.gate_proj.weight
+    probe = torch.randn(1, 3, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight)
+    try:
+        with torch.no_grad():
+            want = block.down_proj(block.act_fn(block.gate_proj(probe)) * block.up_proj(probe))
+            got = block(probe)
+    except (RuntimeError, TypeError, ValueError):
+        return False
+    return isinstance(got, Tensor) and got.shape == want.shape and bool(torch.allclose(got, want, rtol=1e-3,
+                                                                                         atol=1e-5))
+
+
 def ffn_site(model: nn.Module) -> FFNSite:
     """The FFN site of ``model``: from :data:`FFN_SITES` by ``model_type``, else the Llama-like site where every
     feed-forward block (``role:mlp``) has :data:`GATED_FFN_CHILDREN`; a :class:`TargetError` otherwise."""
@@ -121,10 +136,11 @@ def ffn_site(model: nn.Module) -> FFNSite:
         blocks = [get_module(model, n) for n in select_modules(model, [_LLAMA_LIKE.target], kinds=None)]
     except TargetError:
         blocks = []
-    if blocks and all(all(hasattr(b, c) for c in GATED_FFN_CHILDREN) for b in blocks):
+    if blocks and all(all(hasattr(b, c) for c in GATED_FFN_CHILDREN) for b in blocks) and _computes_gated(blocks[0]):
         return _LLAMA_LIKE
     raise TargetError(f"mixlora: no FFN layout for model_type {model_type!r} (known: {sorted(FFN_SITES)}, and any "
-                      f"model whose feed-forward blocks have {', '.join(GATED_FFN_CHILDREN)})")
+                      f"model whose feed-forward blocks have {', '.join(GATED_FFN_CHILDREN)} and compute "
+                      "down(act(gate(x)) · up(x)))")
 
 
 class PaddingMask(TrainHook):
