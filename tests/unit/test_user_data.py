@@ -260,7 +260,7 @@ def test_a_tsv_written_with_csv_quoting_is_read_as_written_and_says_so(tmp_path)
     assert table["text"] == rows["text"] and table["label"] == rows["label"]
     no_tabs = tmp_path / "no_tabs.tsv"  # every row parses with quoting off: the doubled quotes give it away
     pd.DataFrame({k: v[:2] for k, v in rows.items()}).to_csv(no_tabs, sep="\t", index=False)
-    with pytest.warns(UserWarning, match=r"no_tabs\.tsv: line 2 holds a cell quoted as CSV quotes one"):
+    with pytest.warns(UserWarning, match=r"no_tabs\.tsv: line 2 holds a doubled quote in a quoted cell"):
         assert read_table(str(no_tabs))["text"] == rows["text"][:2]
     quote_all = tmp_path / "all.tsv"  # csv.QUOTE_ALL: even the header is quoted
     quote_all.write_text('"text"\t"label"\n"hello"\t"x"\n')

@@ -14,14 +14,25 @@ from deltatune.errors import DataError
 from deltatune.train import user_data
 
 
-def test_a_pandas_tsv_cell_holding_a_tab_and_a_line_break_is_one_row(tmp_path):
-    """With quoting off both halves of the split cell's row are as wide as the header (nothing is missing): the quoted
-    tab and line break show the file's CSV quoting, so it is read as pandas wrote it."""
-    path = tmp_path / "tabnl.tsv"
+def test_a_tsv_that_reads_two_ways_is_refused_unless_its_quoting_shows(tmp_path):
+    """A pandas cell holding a tab and a line break leaves every row as wide as the header with quoting off (4 rows
+    read as 5, inventing a class), and so does a GLUE-style stray quote pair (CSV's quoting would merge three rows
+    into one): nothing in either file says which reading is meant, so both are refused, naming the two readings.
+    Written with every cell quoted (or holding a doubled quote), the file shows CSV's quoting and reads as written."""
+    import csv
+
     rows = {"text": ["good film", "col1\tcol2\nsecond line", "bad film", "fine"], "label": [1, 0, 0, 1]}
+    path = tmp_path / "tabnl.tsv"
     pd.DataFrame(rows).to_csv(path, sep="\t", index=False)
-    with pytest.warns(UserWarning, match=r"tabnl\.tsv: line 3 holds a cell quoted as CSV quotes one .*read with "
-                                         r"CSV's quoting"):
+    with pytest.raises(DataError, match=r"tabnl\.tsv: reads two ways .* 5 rows; with CSV's quoting 4 .*QUOTE_ALL"):
+        user_data.read_table(str(path))
+    glue = tmp_path / "glue.tsv"
+    glue.write_text('sentence\tlabel\n" it \'s a charming journey\t1\na solid movie\t1\nthe ending feels forced "\t0\n'
+                    "fine\t1\n")
+    with pytest.raises(DataError, match=r"glue\.tsv: reads two ways .* 4 rows; with CSV's quoting 2"):
+        user_data.read_table(str(glue))
+    pd.DataFrame(rows).to_csv(path, sep="\t", index=False, quoting=csv.QUOTE_ALL)
+    with pytest.warns(UserWarning, match=r"tabnl\.tsv: its header is quoted .*read with CSV's quoting"):
         table = user_data.read_table(str(path))
     assert table["text"] == rows["text"] and table["label"] == rows["label"]
     info = user_data.task_info("classify", table, str(path), "text", None, "label")

@@ -96,6 +96,9 @@ class CsvQuoting:
     flaw: str | None
     shown: str | None
     rows: int
+    #: shown by what only a CSV writer makes (a doubled quote inside a quoted cell, or every header name quoted), not
+    #: only by a quoted span holding a tab or a line break, which a GLUE-style stray quote pair can make too
+    strong: bool = False
 
 
 def csv_quoting(path: Path) -> CsvQuoting:
@@ -111,6 +114,7 @@ def csv_quoting(path: Path) -> CsvQuoting:
         return CsvQuoting(None, None, 0)
     pos, start, cells, width, rows = 0, 0, [], 0, 0
     shown: str | None = None
+    strong = False
 
     def line(at: int) -> int:
         return text.count("\n", 0, at) + 1
@@ -125,7 +129,9 @@ def csv_quoting(path: Path) -> CsvQuoting:
             return CsvQuoting(f"line {line(pos)}: {what} ({text[pos:pos + 40]!r})", None, 0)
         inside, end = match.group(1), match.group(2)
         cells.append(inside is not None)
-        if shown is None and inside is not None and any(c in inside for c in ('""', "\t", "\n", "\r")):
+        if inside is not None and '""' in inside and not strong:
+            shown, strong = f"line {line(match.start())} holds a doubled quote in a quoted cell ({inside[:60]!r})", True
+        if shown is None and inside is not None and any(c in inside for c in ("\t", "\n", "\r")):
             shown = f"line {line(match.start())} holds a cell quoted as CSV quotes one ({inside[:60]!r})"
         pos = match.end()
         if end == "\t":
@@ -134,20 +140,30 @@ def csv_quoting(path: Path) -> CsvQuoting:
             if not width:
                 width = len(cells)
                 if all(cells):
-                    shown = shown or f"its header is quoted ({text[:pos].rstrip()[:40]!r})"
+                    shown = shown if strong else f"its header is quoted ({text[:pos].rstrip()[:40]!r})"
+                    strong = True
             elif len(cells) != width:
                 return CsvQuoting(f"line {line(start)} has {len(cells)} cells with CSV's quoting, the header {width}",
                                   None, 0)
             else:
                 rows += 1
         if not end or pos >= len(text):
-            return CsvQuoting(None, shown, rows)
+            return CsvQuoting(None, shown, rows, strong)
         cells, start = [], pos
+
+
+def _full_width(path: Path) -> bool:
+    """Whether every non-blank line of a TSV has as many tab-separated cells as its header, as quoting off reads it
+    (a line break inside a CSV-quoted cell leaves two short lines)."""
+    lines = [line for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+    return all(line.count("\t") == lines[0].count("\t") for line in lines[1:])
 
 
 def _tsv_table(path: Path, spec: str) -> datasets.Dataset:
     """A TSV read with quoting off (GLUE's), or with CSV's quoting and a warning where :func:`csv_quoting` finds the
-    file well-formed under it and written with it; that read must give the rows the file's cells make.  Where quoting
+    file well-formed under it and written with it; that read must give the rows the file's cells make.  A file that
+    reads both ways with full rows, shown only by a quoted span holding a tab or a line break (a stray GLUE-style
+    quote pair makes one too), is refused naming both readings.  Where quoting
     off fails and CSV's quoting is not shown, the error of quoting off (its line), never a read that swallows rows."""
     try:
         table, failure = _load_file("csv", path, spec), None
@@ -163,6 +179,11 @@ def _tsv_table(path: Path, spec: str) -> datasets.Dataset:
             raise failure
         raise DataError(f"{failure}; nor is it written with CSV's quoting ({quoting.flaw})") from None
     quoted = _load_file("csv", path, spec, quoted=True)
+    if failure is None and not quoting.strong and len(quoted) != len(table) and _full_width(path):
+        raise DataError(f"{path}: reads two ways — with quoting off, as GLUE's TSVs are read, {len(table)} rows; with "
+                        f"CSV's quoting {len(quoted)} ({quoting.shown}) — and nothing else in it says which: a stray "
+                        "quote pair, or a cell quoted by a CSV writer?  Remove the stray quotes, or write the file "
+                        "with every cell quoted (pandas: quoting=csv.QUOTE_ALL)")
     if len(quoted) != quoting.rows:
         raise DataError(f"{path}: read with CSV's quoting it gives {len(quoted)} rows where its cells make "
                         f"{quoting.rows}; check its quotes")
