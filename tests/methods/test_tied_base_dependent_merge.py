@@ -36,19 +36,29 @@ def test_parts_on_one_tied_weight_merge_into_the_unmerged_model(method):
             torch.testing.assert_close(merged(**inputs).logits, bare, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("beneath", [False, True])
 @pytest.mark.parametrize("on_top", [False, True])
-def test_composing_them_merged_gives_the_unmerged_model_and_reverts_bit_for_bit(on_top):
+def test_composing_them_merged_gives_the_unmerged_model_and_reverts_bit_for_bit(on_top, beneath):
+    # beneath: a LoRA delta on the same tied weight first, so on_top (read the weights as the stack made them) and
+    # not (read the base's) give different models; neither may read what the DoRA delta's own first part wrote
     from deltatune.algebra.compose import DeltaStack
 
+    under = randomize_delta(tiny_gpt2(), deltatune.make_config("lora", {"r": 2, "targets": ["wte"]}), seed=2, std=0.5)
     config = deltatune.make_config("dora", {"r": 2, "alpha": 4.0, "targets": ["wte", "lm_head"]})
     delta = randomize_delta(tiny_gpt2(), config, seed=1, std=0.5)
     inputs = tiny_inputs("gpt2")
-    unmerged = tiny_gpt2()
-    deltatune.apply_delta(unmerged, delta)
+    want = tiny_gpt2()
+    if beneath and on_top:  # the DoRA delta over the merged LoRA delta
+        deltatune.merge_delta(want, under)
+    elif beneath:  # both computed from the base
+        deltatune.apply_delta(want, under, name="under")
+    deltatune.apply_delta(want, delta)
     model, base = tiny_gpt2(), tiny_gpt2().state_dict()
     stack = DeltaStack(model, mode="merge")
+    if beneath:
+        stack.push(under)
     stack.push(delta, on_top=on_top)
     with torch.no_grad():
-        torch.testing.assert_close(model(**inputs).logits, unmerged(**inputs).logits, rtol=0, atol=1e-4)
+        torch.testing.assert_close(model(**inputs).logits, want(**inputs).logits, rtol=0, atol=1e-4)
     stack.revert()
     assert all(torch.equal(t, base[k]) for k, t in model.state_dict().items())
