@@ -342,4 +342,5 @@ def test_encoder_positions_leave_out_roberta_s_offset():
     roberta = RobertaModel(RobertaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                          intermediate_size=32, max_position_embeddings=34, pad_token_id=1))
     assert encoder_positions(roberta, 34) == 32  # position ids start at padding_idx + 1 = 2
-    assert encoder_positions(tiny_bert(), 64) == 64 and encoder_positions(tiny_bert(), None) is None
+    assert encoder_positions(tiny_bert(), 64) == 64 and encoder_positions(tiny_bert(), None) == 64  # its table
+    assert encoder_positions(tiny_llama(), None) is None  # rotary: no table bounds it

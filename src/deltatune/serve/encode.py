@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from deltatune.parts.prompt import pools_last_token
+from deltatune.positions import table_positions
 from deltatune.routing import Routing, routed
 from deltatune.serve.requests import EncodeRequest, EncodeResult
 
@@ -81,11 +82,8 @@ def _encode_batch(model: nn.Module, pad_id: int, device: torch.device, task: str
 
 
 def encoder_positions(model: nn.Module, max_positions: int | None) -> int | None:
-    """The positions an encoder input may use: ``max_position_embeddings``, less RoBERTa's offset (its position ids
-    start at ``padding_idx + 1``: XLM-R's 514 leave 512)."""
-    if max_positions is None:
-        return None
-    for module in model.modules():
-        if hasattr(module, "position_embeddings") and isinstance(getattr(module, "padding_idx", None), int):
-            return max_positions - module.padding_idx - 1
-    return max_positions
+    """The positions an encoder input may use: its tables of absolute positions' usable rows
+    (:func:`~deltatune.positions.table_positions`: RoBERTa's start at ``padding_idx + 1``, so XLM-R's 514 leave
+    512), else the config's ``max_positions``."""
+    found = table_positions(model)
+    return found if found is not None else max_positions

@@ -10,11 +10,10 @@ from typing import Literal
 
 from deltatune.config import check_ranges, require, seed_option
 from deltatune.errors import ConfigError
+from deltatune.positions import table_positions
 
 #: ``config.json`` fields that give a model's count of positions (BERT & co., GPT-2, fairseq-style models)
 POSITION_FIELDS = ("max_position_embeddings", "n_positions", "max_positions")
-#: names of the learned (or fixed) tables of absolute positions, one row per position
-POSITION_TABLES = ("position_embeddings", "wpe", "embed_positions")
 
 
 def default_model_path() -> str:
@@ -30,11 +29,10 @@ def default_model_path() -> str:
 
 
 def position_limit(path: str) -> int | None:
-    """Tokens per input the model folder ``path`` can take at most: the rows of its table of absolute positions
-    (``nn.Embedding`` named as in :data:`POSITION_TABLES`) less the rows it skips — ``offset`` (OPT, BART: 2) and,
-    for a table with a ``padding_idx`` (RoBERTa: positions start at ``padding_idx + 1``), ``padding_idx + 1``; the
-    smallest over the model's tables.  ``None`` when nothing bounds it: rotary, relative or ALiBi positions (Llama,
-    T5), or a folder that is not a readable local model (loading it reports that)."""
+    """Tokens per input the model folder ``path`` can take at most (:func:`deltatune.positions.table_positions` of
+    its architecture).  ``None`` when no table of absolute positions bounds it (Llama, T5: GPT-J's rotary table is
+    bounded by ``n_positions`` but not checked here), or for a folder that is not a readable local model (loading it
+    reports that)."""
     config_file = Path(path) / "config.json"
     try:
         stat = config_file.stat()
@@ -56,11 +54,7 @@ def _position_limit(config_file: str, _mtime_ns: int, _size: int) -> int | None:
             model = AutoModel.from_config(config)
     except Exception:  # noqa: BLE001 - an architecture transformers cannot build: the run's own loading says why
         return None
-    limits = [m.num_embeddings - int(getattr(m, "offset", 0) or 0)
-              - (m.padding_idx + 1 if m.padding_idx is not None else 0)
-              for name, m in model.named_modules()
-              if isinstance(m, torch.nn.Embedding) and name.rsplit(".", 1)[-1] in POSITION_TABLES]
-    return min(limits) if limits else None
+    return table_positions(model)
 
 
 def check_max_length(max_length: int, path: str, where: str) -> None:
