@@ -187,3 +187,19 @@ class RecordingObserver:
 
     def observe_at(self, grad_at: torch.Tensor) -> None:
         self.at.append(grad_at.clone())
+
+
+@pytest.fixture(scope="module")
+def tiny_lm_dir(tmp_path_factory, minilm_path):
+    """A tiny random Llama with MiniLM's tokenizer, saved to a folder (causal-LM training runs)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tok = AutoTokenizer.from_pretrained(minilm_path)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      pad_token_id=tok.pad_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

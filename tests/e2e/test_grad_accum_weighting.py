@@ -54,21 +54,6 @@ def test_window_share_weighs_by_items_and_an_empty_micro_batch_weighs_nothing() 
 # --------------------------------------------------------------------------------------------------
 # one step of deltatune's loop: b × k against b·k × 1
 # --------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_lm_dir(tmp_path_factory, minilm_path):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tok = AutoTokenizer.from_pretrained(minilm_path)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      pad_token_id=tok.pad_token_id)
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
 def _qa(path) -> str:
     """Prompt/response rows whose responses have 2 to ~26 tokens: micro-batches of very different token counts."""
     r = random.Random(1)

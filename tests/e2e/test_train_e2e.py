@@ -200,21 +200,6 @@ def test_qnli_has_no_train_split(tmp_path, data_dir):
         loop.train(TrainConfig(task="qnli", out_dir=str(tmp_path), max_steps=1, progress=False), dt.LoRAConfig())
 
 
-@pytest.fixture(scope="module")
-def tiny_lm_dir(tmp_path_factory, minilm_path):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tok = AutoTokenizer.from_pretrained(minilm_path)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      pad_token_id=tok.pad_token_id)
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
 @pytest.mark.parametrize("method", ["lora", "sparse"])
 def test_causal_lm_on_plain_text_learns(tmp_path, tiny_lm_dir, data_dir, method):
     text = tmp_path / "shakespeare.txt"
