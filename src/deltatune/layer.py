@@ -227,7 +227,7 @@ class DeltaLayer(PartHolder):
             return self.base(*args, **kwargs)
         parts = plan.parts
         call = Call.of(args, kwargs)
-        one = _one_group(plan, routing)
+        one = plan.shared
         if one is not None:  # every row runs the same parts here: the plain forward, whatever the call's shapes
             return self.stack(one, call)(call.x) if one else self.base(*args, **kwargs)
         batch = routing.ids.shape[0]
@@ -278,7 +278,7 @@ class DeltaLayer(PartHolder):
     def _batch_wide(self, routing: Routing, call: Call) -> Any:
         """A call made once for the whole batch — its input has no row of the routed batch (T5's relative attention
         bias takes a ``(q, k)`` grid of buckets) or its output none (BART's learned positions: one ``(T, d)`` for
-        every row) — cannot give rows different deltas, and here they have different parts (:func:`_one_group`
+        every row) — cannot give rows different deltas, and here they have different parts (:attr:`_Plan.shared`
         ran the call where they share them): a :class:`ConfigError` naming the module and the deltas."""
         names = [routing.names[k] for k in routing.present_ids()]
         raise ConfigError(
@@ -289,13 +289,13 @@ class DeltaLayer(PartHolder):
             "batch of their own")
 
 
-def _one_group(plan: _Plan, routing: Routing) -> list[Part] | None:
-    """The parts every routed row runs on this layer when they are the same for all rows (one delta for the whole
-    batch, or deltas without a part here: ``[]``), else ``None``."""
-    groups = [plan.groups[k] for k in routing.present_ids()]
-    first = groups[0]
+def _one_group(groups: list[list[Part]], routing: Routing) -> list[Part] | None:
+    """The parts every routed row runs on this layer (of ``groups``, indexed by delta id) when they are the same for
+    all rows (one delta for the whole batch, or deltas without a part here: ``[]``), else ``None``."""
+    present = [groups[k] for k in routing.present_ids()]
+    first = present[0]
     return first if all(len(g) == len(first) and all(a is b for a, b in zip(g, first, strict=True))
-                         for g in groups[1:]) else None
+                         for g in present[1:]) else None
 
 
 Onto = Callable[[Tensor, Any, nn.Module, list, Tensor, dict], Any]
@@ -315,6 +315,8 @@ class _Plan:
     nests: bool
     own_mixed_forward: bool
     version: int
+    #: the parts every row runs here when all rows share them (:func:`_one_group`), else ``None``
+    shared: list[Part] | None
     ids: dict[Any, Tensor] = field(default_factory=dict)
 
     @classmethod
@@ -326,7 +328,8 @@ class _Plan:
                  for c in classes]
         own = len(classes) == 1 and getattr(classes[0].mixed_forward, "__func__", None) is not _GENERIC_MIXED
         stacked = any(len(group) > 1 for group in groups)
-        return cls(groups, parts, stacked, kinds, layer.nests() if classes else False, own, layer._version)
+        return cls(groups, parts, stacked, kinds, layer.nests() if classes else False, own, layer._version,
+                   _one_group(groups, routing))
 
     def ids_for(self, routing: Routing, x: Tensor) -> Tensor:
         """The routing's ids on ``x``'s device, checked against ``x``'s leading dimensions (kept per device)."""
