@@ -248,8 +248,7 @@ class _Run:
             total.extend(out)
         status = FAILED_ENDINGS.get(total.finish_reason or "")
         if status is not None:
-            raise (EngineFailure if status == 500 else EngineStopped)(f"generation {total.finish_reason}: "
-                                                                      f"{total.error or 'no reason given'}")
+            raise (EngineFailure if status == 500 else EngineStopped)(_failure_message(total))
         return total
 
 
@@ -265,8 +264,12 @@ def stream_ending(out: Output) -> tuple[Output, dict[str, Any] | None]:
     status = FAILED_ENDINGS.get(out.finish_reason or "")
     if status is None:
         return out, None
-    return replace(out, finish_reason=None), error_body(f"generation {out.finish_reason}: "
-                                                        f"{out.error or 'no reason given'}", status)
+    return replace(out, finish_reason=None), error_body(_failure_message(out), status)
+
+
+def _failure_message(out: Output) -> str:
+    """What a client is told of a run that ended in one of :data:`FAILED_ENDINGS`."""
+    return f"generation {out.finish_reason}: {out.error or 'no reason given'}"
 
 
 async def _submit_all(state: ServerState, encoded: list[list[int]], params: SamplingParams, delta: str | None,
